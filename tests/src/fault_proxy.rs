@@ -1,0 +1,1 @@
+//! Fault proxy (filled by the brokers work).

@@ -1,0 +1,2 @@
+//! testkit
+pub mod fault_proxy;
