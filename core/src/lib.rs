@@ -1,1 +1,24 @@
-//! core
+//! # tidemill-core
+//!
+//! The core of Tidemill, a broker-agnostic messaging framework: the [`Message`] model, the
+//! object-safe [`Publisher`] and [`Subscriber`] traits, [`Delivery`] acknowledgements, the
+//! embedded [`MemoryBroker`], and the errors they share.
+//!
+//! Delivery is **at least once**: a message is acknowledged to the broker only after the
+//! application acked it; a nacked or dropped delivery is redelivered.
+#![warn(missing_docs)]
+
+mod delivery;
+mod error;
+pub mod memory;
+mod message;
+mod pubsub;
+
+pub use delivery::{AckFuture, AckHandle, Acknowledger, Delivery};
+pub use error::{is_permanent, permanent, BoxError, Error, PermanentError, Result};
+pub use memory::{MemoryBroker, MemoryConfig, MemoryPublisher, MemorySubscriber};
+pub use message::{new_uuid, HandlerInfo, Message, MessageContext, Metadata, MetadataParseError};
+pub use pubsub::{DeliveryStream, Publisher, SubscribeOptions, Subscriber};
+
+/// Re-exported so adapters and users name the same cancellation token type.
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,364 @@
+//! The embedded in-memory broker: Tidemill's default backend, not a test double.
+//!
+//! - **Broadcast and groups.** A subscription without a consumer group gets its own queue and
+//!   sees every message published while it exists. Subscriptions sharing a group share one
+//!   queue and compete for its messages; the group's queue outlives its subscribers (for the
+//!   life of the broker), so a group keeps receiving across subscriber restarts.
+//! - **Order per key.** Messages with the same key are handed out one at a time, in publish
+//!   order: the next one only after the previous one is acked, also across nacks. Messages
+//!   without a key flow as fast as consumers take them.
+//! - **Redelivery.** A nacked (or dropped) delivery is handed out again before anything
+//!   else, after its delay if one was asked for; the delivery attempt counts up from 1.
+//! - **Backpressure.** Each queue holds at most [`MemoryConfig::capacity`] messages (waiting
+//!   plus in flight). When a subscriber is slow and its queue is full, `publish` waits until
+//!   the subscriber catches up, so memory stays flat however fast publishers are. A
+//!   subscriber that never acks therefore eventually stalls publishers of its topic.
+//! - **No subscribers.** Messages published to a topic nobody subscribes to are discarded,
+//!   unless [`MemoryConfig::retention`] keeps the last N per topic for new subscriptions to
+//!   replay. [`Subscriber::initialize`] creates a group's queue ahead of publishing.
+//!
+//! ```
+//! use tidemill_core::{MemoryBroker, Message, Publisher, SubscribeOptions, Subscriber};
+//! use futures::StreamExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> tidemill_core::Result<()> {
+//! let broker = MemoryBroker::new();
+//! let (publisher, subscriber) = (broker.publisher(), broker.subscriber());
+//! let mut stream = subscriber.subscribe("greetings", SubscribeOptions::new()).await?;
+//! publisher.publish_one("greetings", Message::new("hello")).await?;
+//! let delivery = stream.next().await.expect("stream open")?;
+//! assert_eq!(delivery.message().payload().as_ref(), b"hello");
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+
+mod queue;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{DeliveryStream, Error, Message, Publisher, Result, SubscribeOptions, Subscriber};
+use queue::{deliver, Entry, Queue};
+
+const BROKER: &str = "memory";
+
+/// How many ready messages a consumer takes from its queue per lock (its local prefetch).
+const TAKE_BATCH: usize = 64;
+
+/// Configuration of the in-memory broker.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Maximum messages a subscription's queue holds (waiting + in flight) before publishers
+    /// wait. Default 16,384.
+    pub capacity: usize,
+    /// How many of the most recent messages per topic are kept and replayed to every new
+    /// subscription (and new consumer group). Default 0: none.
+    pub retention: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            capacity: 16_384,
+            retention: 0,
+        }
+    }
+}
+
+/// The in-memory broker. Cheap to clone; clones share topics and queues.
+#[derive(Clone, Default)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    config: MemoryConfig,
+    topics: Mutex<HashMap<String, Arc<Topic>>>,
+}
+
+#[derive(Default)]
+struct Topic {
+    state: Mutex<TopicState>,
+}
+
+#[derive(Default)]
+struct TopicState {
+    broadcast: Vec<Arc<Queue>>,
+    groups: HashMap<String, Arc<Queue>>,
+    retained: VecDeque<Message>,
+}
+
+impl Shared {
+    fn topic(&self, name: &str) -> Arc<Topic> {
+        let mut topics = self.topics.lock();
+        match topics.get(name) {
+            Some(t) => t.clone(),
+            None => {
+                let t = Arc::new(Topic::default());
+                topics.insert(name.to_owned(), t.clone());
+                t
+            }
+        }
+    }
+
+    fn new_queue(&self, retained: &VecDeque<Message>) -> Arc<Queue> {
+        let queue = Queue::new(self.config.capacity);
+        queue.replay(retained.iter().cloned());
+        queue
+    }
+}
+
+impl MemoryBroker {
+    /// A broker with the default configuration.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A broker with `config`.
+    pub fn with_config(config: MemoryConfig) -> Self {
+        MemoryBroker {
+            shared: Arc::new(Shared {
+                config,
+                topics: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The broker's configuration.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.shared.config
+    }
+
+    /// A new publisher handle.
+    pub fn publisher(&self) -> MemoryPublisher {
+        MemoryPublisher {
+            shared: self.shared.clone(),
+            state: Arc::new(PublisherState::default()),
+        }
+    }
+
+    /// A new subscriber handle.
+    pub fn subscriber(&self) -> MemorySubscriber {
+        MemorySubscriber {
+            shared: self.shared.clone(),
+            closing: CancellationToken::new(),
+        }
+    }
+
+    /// How many messages consumer group `group` of `topic` holds (waiting, in flight or
+    /// delayed); `None` if the group does not exist.
+    pub fn group_backlog(&self, topic: &str, group: &str) -> Option<usize> {
+        let topic = self.shared.topics.lock().get(topic)?.clone();
+        let state = topic.state.lock();
+        state.groups.get(group).map(|q| q.len())
+    }
+}
+
+/// Publishes to a [`MemoryBroker`]. Cheap to clone; clones share the closed state.
+#[derive(Clone)]
+pub struct MemoryPublisher {
+    shared: Arc<Shared>,
+    state: Arc<PublisherState>,
+}
+
+#[derive(Default)]
+struct PublisherState {
+    closed: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// Decrements the in-flight count even if a publish future is dropped midway.
+struct InFlight<'a>(&'a PublisherState);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryPublisher {
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _in_flight = InFlight(&self.state);
+        if self.state.closed.load(Ordering::Acquire) {
+            return Err(Error::PublisherClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        let topic_ref = self.shared.topic(topic);
+        let targets: Vec<Arc<Queue>> = {
+            let mut state = topic_ref.state.lock();
+            let retention = self.shared.config.retention;
+            if retention > 0 {
+                for m in messages.iter().rev().take(retention).rev() {
+                    if state.retained.len() == retention {
+                        state.retained.pop_front();
+                    }
+                    state.retained.push_back(m.clone());
+                }
+            }
+            state
+                .broadcast
+                .iter()
+                .chain(state.groups.values())
+                .cloned()
+                .collect()
+        };
+        if targets.is_empty() {
+            tracing::trace!(topic, count = messages.len(), "memory: no subscribers");
+            return Ok(());
+        }
+        let last = targets.len() - 1;
+        for queue in &targets[..last] {
+            queue.push_all(messages.iter().cloned()).await;
+        }
+        targets[last].push_all(messages).await;
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.state.closed.store(true, Ordering::Release);
+        // Wait for publishes already under way (they may be waiting on backpressure).
+        loop {
+            let idle = self.state.idle.notified();
+            if self.state.in_flight.load(Ordering::Acquire) == 0 {
+                return Ok(());
+            }
+            idle.await;
+        }
+    }
+}
+
+/// Subscribes to a [`MemoryBroker`].
+#[derive(Clone)]
+pub struct MemorySubscriber {
+    shared: Arc<Shared>,
+    closing: CancellationToken,
+}
+
+impl MemorySubscriber {
+    fn check_open(&self, topic: &str) -> Result<()> {
+        if self.closing.is_cancelled() {
+            return Err(Error::SubscriberClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemorySubscriber {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
+        self.check_open(topic)?;
+        let topic_ref = self.shared.topic(topic);
+        let consumer = {
+            let mut state = topic_ref.state.lock();
+            match options.consumer_group() {
+                None => {
+                    let queue = self.shared.new_queue(&state.retained);
+                    state.broadcast.push(queue.clone());
+                    Consumer::new(queue, Some(topic_ref.clone()))
+                }
+                Some(group) => {
+                    let queue = match state.groups.get(group) {
+                        Some(q) => q.clone(),
+                        None => {
+                            let q = self.shared.new_queue(&state.retained);
+                            state.groups.insert(group.to_owned(), q.clone());
+                            q
+                        }
+                    };
+                    Consumer::new(queue, None)
+                }
+            }
+        };
+        let stream = futures::stream::unfold(consumer, |mut consumer| async move {
+            let delivery = consumer.next().await?;
+            Some((Ok(delivery), consumer))
+        });
+        Ok(DeliveryStream::new(stream)
+            .until_cancelled(self.closing.clone())
+            .with_options(&options))
+    }
+
+    async fn initialize(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.check_open(topic)?;
+        if let Some(group) = options.consumer_group() {
+            let topic_ref = self.shared.topic(topic);
+            let mut state = topic_ref.state.lock();
+            if !state.groups.contains_key(group) {
+                let q = self.shared.new_queue(&state.retained);
+                state.groups.insert(group.to_owned(), q);
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closing.cancel();
+        Ok(())
+    }
+}
+
+/// One subscription's reading end. Dropping it returns prefetched messages to the queue and,
+/// for a broadcast subscription, removes the queue from its topic.
+struct Consumer {
+    queue: Arc<Queue>,
+    buffer: VecDeque<Entry>,
+    /// Set for broadcast subscriptions, whose queue lives only as long as the consumer.
+    owner: Option<Arc<Topic>>,
+}
+
+impl Consumer {
+    fn new(queue: Arc<Queue>, owner: Option<Arc<Topic>>) -> Self {
+        Consumer {
+            queue,
+            buffer: VecDeque::with_capacity(TAKE_BATCH),
+            owner,
+        }
+    }
+
+    async fn next(&mut self) -> Option<crate::Delivery> {
+        if self.buffer.is_empty() && !self.queue.take(&mut self.buffer, TAKE_BATCH).await {
+            return None;
+        }
+        let entry = self.buffer.pop_front()?;
+        Some(deliver(&self.queue, entry))
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        match self.owner.take() {
+            Some(topic) => {
+                topic
+                    .state
+                    .lock()
+                    .broadcast
+                    .retain(|q| !Arc::ptr_eq(q, &self.queue));
+                self.queue.close();
+            }
+            None => self.queue.untake(&mut self.buffer),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,452 @@
+//! The message model: uuid, metadata, payload and an optional ordering key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// How many payload bytes `Debug` shows before eliding the rest.
+const DEBUG_PAYLOAD_PREVIEW: usize = 64;
+
+/// A message: a unique id, string metadata, an opaque payload and an optional key.
+///
+/// Cloning is cheap: the uuid, metadata, payload and key are reference counted, and metadata
+/// is copied only when a clone is modified.
+///
+/// ```
+/// use tidemill_core::Message;
+///
+/// let msg = Message::new("hello")
+///     .with_metadata("content-type", "text/plain")
+///     .with_key("customer-42");
+/// assert_eq!(msg.payload().as_ref(), b"hello");
+/// assert_eq!(msg.metadata().get("content-type"), Some("text/plain"));
+/// assert_eq!(msg.key_str(), Some("customer-42"));
+/// assert_eq!(msg.uuid().len(), 36); // a UUIDv7: ids sort by creation time
+/// ```
+#[derive(Clone)]
+pub struct Message {
+    uuid: Arc<str>,
+    metadata: Metadata,
+    payload: Bytes,
+    key: Option<Bytes>,
+    context: Option<MessageContext>,
+}
+
+impl Message {
+    /// A new message with a fresh time-ordered uuid (UUIDv7) and empty metadata.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Self::with_uuid(new_uuid(), payload)
+    }
+
+    /// A message with the given uuid (as received from a broker, or chosen by the caller).
+    pub fn with_uuid(uuid: impl Into<Arc<str>>, payload: impl Into<Bytes>) -> Self {
+        Message {
+            uuid: uuid.into(),
+            metadata: Metadata::new(),
+            payload: payload.into(),
+            key: None,
+            context: None,
+        }
+    }
+
+    /// Adds (or replaces) a metadata entry; builder style.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl ToString) -> Self {
+        self.metadata.set(key, value);
+        self
+    }
+
+    /// Replaces all metadata; builder style.
+    pub fn with_metadata_map(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Sets the ordering/partitioning key; builder style. Messages with the same key keep
+    /// their order (Kafka key, Pub/Sub ordering key, router per-key sequencing).
+    pub fn with_key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.key = Some(Bytes::copy_from_slice(key.as_ref()));
+        self
+    }
+
+    /// Sets the key from bytes without copying.
+    pub fn with_key_bytes(mut self, key: Bytes) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// The message's unique id.
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Replaces the payload.
+    pub fn set_payload(&mut self, payload: impl Into<Bytes>) {
+        self.payload = payload.into();
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// The metadata, mutably.
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        &mut self.metadata
+    }
+
+    /// The ordering key, if any.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+
+    /// The ordering key as UTF-8, if it is set and valid UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key.as_ref().and_then(|k| std::str::from_utf8(k).ok())
+    }
+
+    /// Sets or clears the key.
+    pub fn set_key(&mut self, key: Option<Bytes>) {
+        self.key = key;
+    }
+
+    /// Where this message was received (handler, topic, delivery attempt), set by the
+    /// router for the handler and its layers. Never sent to a broker.
+    pub fn context(&self) -> Option<&MessageContext> {
+        self.context.as_ref()
+    }
+
+    /// Sets the receive context (the router does this; layers and tests may too).
+    pub fn set_context(&mut self, context: Option<MessageContext>) {
+        self.context = context;
+    }
+
+    /// Splits the message into uuid, metadata, payload and key (adapters use this to
+    /// encode without copying).
+    pub fn into_parts(self) -> (Arc<str>, Metadata, Bytes, Option<Bytes>) {
+        (self.uuid, self.metadata, self.payload, self.key)
+    }
+}
+
+/// Generates a new time-ordered message id (UUIDv7, hyphenated lowercase).
+pub fn new_uuid() -> Arc<str> {
+    let mut buf = uuid::Uuid::encode_buffer();
+    let s = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+    Arc::from(&*s)
+}
+
+impl PartialEq for Message {
+    /// Messages are equal when uuid, metadata, payload and key are; the receive context is
+    /// not part of a message's identity.
+    fn eq(&self, other: &Self) -> bool {
+        self.uuid == other.uuid
+            && self.payload == other.payload
+            && self.key == other.key
+            && self.metadata == other.metadata
+    }
+}
+
+impl Eq for Message {}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("Message");
+        s.field("uuid", &&*self.uuid);
+        if let Some(key) = &self.key {
+            s.field("key", &PreviewBytes(key));
+        }
+        s.field("metadata", &self.metadata);
+        s.field("payload", &PreviewBytes(&self.payload));
+        if let Some(ctx) = &self.context {
+            s.field("context", ctx);
+        }
+        s.finish()
+    }
+}
+
+impl fmt::Display for Message {
+    /// A one-line summary: uuid, key, metadata count and payload size — never the payload.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "message {}", self.uuid)?;
+        if let Some(key) = &self.key {
+            write!(f, " key={:?}", PreviewBytes(key))?;
+        }
+        write!(
+            f,
+            " ({} metadata entries, {} payload bytes)",
+            self.metadata.len(),
+            self.payload.len()
+        )
+    }
+}
+
+/// Debug-formats bytes as a string when printable, truncated to a preview.
+struct PreviewBytes<'a>(&'a Bytes);
+
+impl fmt::Debug for PreviewBytes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bytes = self.0;
+        let shown = &bytes[..bytes.len().min(DEBUG_PAYLOAD_PREVIEW)];
+        match std::str::from_utf8(shown) {
+            Ok(text) => write!(f, "{text:?}")?,
+            Err(_) => write!(f, "{shown:02x?}")?,
+        }
+        if bytes.len() > shown.len() {
+            write!(f, "… ({} bytes)", bytes.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Where and how a message was received; set by the router before the handler runs.
+#[derive(Clone, Debug)]
+pub struct MessageContext {
+    handler: Arc<HandlerInfo>,
+    attempt: Option<u32>,
+}
+
+impl MessageContext {
+    /// A context for a message received by `handler`, on its `attempt`-th delivery if known.
+    pub fn new(handler: Arc<HandlerInfo>, attempt: Option<u32>) -> Self {
+        MessageContext { handler, attempt }
+    }
+
+    /// The handler processing the message.
+    pub fn handler(&self) -> &HandlerInfo {
+        &self.handler
+    }
+
+    /// The delivery attempt (1 for the first delivery) where the broker reports it.
+    pub fn attempt(&self) -> Option<u32> {
+        self.attempt
+    }
+}
+
+/// Static facts about a router handler, shared by every message it processes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerInfo {
+    /// The handler's unique name.
+    pub name: String,
+    /// The topic it consumes.
+    pub topic: String,
+    /// Its consumer group, if any.
+    pub group: Option<String>,
+    /// The topic its output is published to, if any.
+    pub publish_topic: Option<String>,
+}
+
+/// String→string message metadata (headers). Cloning is cheap: the map is shared until a
+/// clone is modified.
+///
+/// ```
+/// use tidemill_core::Metadata;
+///
+/// let mut md = Metadata::new();
+/// md.set("retries", 3);
+/// assert_eq!(md.get_as::<u32>("retries").unwrap(), Some(3));
+/// assert!(md.get_as::<u32>("missing").unwrap().is_none());
+/// ```
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    map: Option<Arc<BTreeMap<String, String>>>,
+}
+
+/// A metadata value that did not parse as the requested type.
+#[derive(Debug, thiserror::Error)]
+#[error("metadata `{key}` = {value:?} is not a valid {expected}: {reason}")]
+pub struct MetadataParseError {
+    /// The metadata key.
+    pub key: String,
+    /// The raw value.
+    pub value: String,
+    /// The requested type's name.
+    pub expected: &'static str,
+    /// The parser's explanation.
+    pub reason: String,
+}
+
+impl Metadata {
+    /// Empty metadata (does not allocate).
+    pub fn new() -> Self {
+        Metadata { map: None }
+    }
+
+    /// The value for `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.map.as_ref()?.get(key).map(String::as_str)
+    }
+
+    /// The value for `key` parsed as `T`; `Ok(None)` when absent, an error naming the key
+    /// and value when present but unparsable.
+    pub fn get_as<T>(&self, key: &str) -> Result<Option<T>, MetadataParseError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        match self.get(key) {
+            None => Ok(None),
+            Some(raw) => raw
+                .parse()
+                .map(Some)
+                .map_err(|e: T::Err| MetadataParseError {
+                    key: key.to_owned(),
+                    value: raw.to_owned(),
+                    expected: std::any::type_name::<T>(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Sets `key` to `value` (any `Display` value), replacing a previous value.
+    pub fn set(&mut self, key: impl Into<String>, value: impl ToString) {
+        self.map_mut().insert(key.into(), value.to_string());
+    }
+
+    /// Sets `key` only if absent; returns the value now stored.
+    pub fn set_if_absent(&mut self, key: impl Into<String>, value: impl ToString) -> &str {
+        self.map_mut()
+            .entry(key.into())
+            .or_insert_with(|| value.to_string())
+    }
+
+    /// Removes `key`, returning its value.
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        let map = self.map.as_mut()?;
+        if !map.contains_key(key) {
+            return None;
+        }
+        Arc::make_mut(map).remove(key)
+    }
+
+    /// Whether `key` is present.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.map.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.map
+            .iter()
+            .flat_map(|m| m.iter())
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Copies every entry of `other` into `self`, replacing existing keys.
+    pub fn extend_from(&mut self, other: &Metadata) {
+        if other.is_empty() {
+            return;
+        }
+        if self.is_empty() {
+            self.map = other.map.clone();
+            return;
+        }
+        let map = self.map_mut();
+        for (k, v) in other.iter() {
+            map.insert(k.to_owned(), v.to_owned());
+        }
+    }
+
+    fn map_mut(&mut self) -> &mut BTreeMap<String, String> {
+        Arc::make_mut(self.map.get_or_insert_with(Default::default))
+    }
+}
+
+impl fmt::Debug for Metadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<K: Into<String>, V: ToString> FromIterator<(K, V)> for Metadata {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut md = Metadata::new();
+        for (k, v) in iter {
+            md.set(k, v);
+        }
+        md
+    }
+}
+
+impl<K: Into<String>, V: ToString> Extend<(K, V)> for Metadata {
+    fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, iter: I) {
+        for (k, v) in iter {
+            self.set(k, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_are_unique_and_sort_by_creation() {
+        let ids: Vec<String> = (0..1000)
+            .map(|_| Message::new("x").uuid().to_owned())
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted, "UUIDv7 ids must sort by creation time");
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len());
+    }
+
+    #[test]
+    fn clones_share_metadata_until_modified() {
+        let a = Message::new("p").with_metadata("k", "v");
+        let mut b = a.clone();
+        b.metadata_mut().set("k", "changed");
+        assert_eq!(a.metadata().get("k"), Some("v"));
+        assert_eq!(b.metadata().get("k"), Some("changed"));
+    }
+
+    #[test]
+    fn typed_metadata_reports_bad_values() {
+        let md: Metadata = [("n", "twelve")].into_iter().collect();
+        let err = md.get_as::<u32>("n").unwrap_err();
+        assert!(err.to_string().contains("`n`"), "{err}");
+        assert!(err.to_string().contains("twelve"), "{err}");
+    }
+
+    #[test]
+    fn debug_and_display_do_not_dump_large_payloads() {
+        let msg = Message::with_uuid("id-1", vec![b'a'; 10_000]).with_key("k");
+        let debug = format!("{msg:?}");
+        assert!(debug.len() < 300, "{debug}");
+        assert!(debug.contains("10000 bytes"), "{debug}");
+        let display = msg.to_string();
+        assert_eq!(
+            display,
+            "message id-1 key=\"k\" (0 metadata entries, 10000 payload bytes)"
+        );
+    }
+
+    #[test]
+    fn metadata_remove_and_extend() {
+        let mut md = Metadata::new();
+        assert_eq!(md.remove("x"), None);
+        md.set("a", 1);
+        let other: Metadata = [("b", "2")].into_iter().collect();
+        md.extend_from(&other);
+        assert_eq!(md.len(), 2);
+        assert_eq!(md.remove("a").as_deref(), Some("1"));
+        assert_eq!(md.iter().collect::<Vec<_>>(), vec![("b", "2")]);
+    }
+}

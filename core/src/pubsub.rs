@@ -1,0 +1,211 @@
+//! The publisher and subscriber traits every broker adapter implements.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use futures::stream::{BoxStream, Stream};
+use futures::FutureExt;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::{Delivery, Message, Result};
+
+/// Publishes messages to topics.
+///
+/// `publish` returns `Ok` only once the broker has durably accepted every message (Kafka
+/// delivery report with `acks=all`, RabbitMQ publisher confirm, JetStream PubAck, Pub/Sub
+/// publish response; for the in-memory broker: enqueued for every subscription). On error,
+/// some messages of the batch may have been accepted: retrying the whole batch is safe under
+/// at-least-once delivery (consumers may see duplicates, never gaps).
+///
+/// Object safe: pick a broker at run time and pass `Arc<dyn Publisher>` around.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publishes `messages` to `topic`, in order.
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()>;
+
+    /// Publishes one message.
+    async fn publish_one(&self, topic: &str, message: Message) -> Result<()> {
+        self.publish(topic, vec![message]).await
+    }
+
+    /// Flushes whatever is still in flight and releases the connection. Publishing afterwards
+    /// fails with [`Error::PublisherClosed`](crate::Error::PublisherClosed). Idempotent.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Subscribes to topics.
+///
+/// Object safe: pick a broker at run time and pass `Arc<dyn Subscriber>` around.
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// Starts consuming `topic`. With no consumer group the subscription sees every message
+    /// published while it exists; with a group, the group's subscribers compete and the group
+    /// as a whole sees every message once (at least once).
+    ///
+    /// The stream ends when the subscriber is closed or the options' cancellation token
+    /// fires; dropping the stream unsubscribes. Deliveries already handed out stay valid.
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream>;
+
+    /// Creates what a subscription needs (queue, consumer group, subscription) without
+    /// consuming, so that messages published afterwards are kept for it. Brokers where a
+    /// subscription only exists while consuming (Pub/Sub, AMQP queues) need this before the
+    /// first publish; for others it does nothing.
+    async fn initialize(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        let _ = (topic, options);
+        Ok(())
+    }
+
+    /// Ends every stream of this subscriber and releases its connection. Idempotent.
+    async fn close(&self) -> Result<()>;
+}
+
+#[async_trait]
+impl<P: Publisher + ?Sized> Publisher for Arc<P> {
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        (**self).publish(topic, messages).await
+    }
+    async fn publish_one(&self, topic: &str, message: Message) -> Result<()> {
+        (**self).publish_one(topic, message).await
+    }
+    async fn close(&self) -> Result<()> {
+        (**self).close().await
+    }
+}
+
+#[async_trait]
+impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
+        (**self).subscribe(topic, options).await
+    }
+    async fn initialize(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        (**self).initialize(topic, options).await
+    }
+    async fn close(&self) -> Result<()> {
+        (**self).close().await
+    }
+}
+
+/// Options for [`Subscriber::subscribe`].
+///
+/// ```
+/// use tidemill_core::SubscribeOptions;
+/// let opts = SubscribeOptions::group("billing");
+/// assert_eq!(opts.consumer_group(), Some("billing"));
+/// assert_eq!(SubscribeOptions::new().consumer_group(), None);
+/// ```
+#[derive(Clone, Default)]
+pub struct SubscribeOptions {
+    group: Option<String>,
+    cancel: Option<CancellationToken>,
+}
+
+impl SubscribeOptions {
+    /// No consumer group: the subscription sees every message.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Subscribe as a member of consumer group `name`.
+    pub fn group(name: impl Into<String>) -> Self {
+        Self::new().with_group(Some(name.into()))
+    }
+
+    /// Sets or clears the consumer group.
+    pub fn with_group(mut self, group: Option<String>) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// Ends the subscription's stream when `token` is cancelled.
+    pub fn with_cancellation(mut self, token: CancellationToken) -> Self {
+        self.cancel = Some(token);
+        self
+    }
+
+    /// The consumer group, if any.
+    pub fn consumer_group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
+    /// The cancellation token, if any.
+    pub fn cancellation(&self) -> Option<&CancellationToken> {
+        self.cancel.as_ref()
+    }
+}
+
+impl fmt::Debug for SubscribeOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscribeOptions")
+            .field("group", &self.group)
+            .field("cancellable", &self.cancel.is_some())
+            .finish()
+    }
+}
+
+/// The stream of deliveries returned by [`Subscriber::subscribe`].
+///
+/// Items are `Err` for failures the subscriber reports without ending the stream (it keeps
+/// reconnecting); the stream ends when the subscription is closed or cancelled.
+pub struct DeliveryStream {
+    inner: Option<BoxStream<'static, Result<Delivery>>>,
+    stops: Vec<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl DeliveryStream {
+    /// Wraps an adapter's stream.
+    pub fn new(stream: impl Stream<Item = Result<Delivery>> + Send + 'static) -> Self {
+        DeliveryStream {
+            inner: Some(Box::pin(stream)),
+            stops: Vec::new(),
+        }
+    }
+
+    /// Ends the stream (dropping the adapter's stream) once `token` is cancelled.
+    pub fn until_cancelled(mut self, token: CancellationToken) -> Self {
+        self.stops.push(Box::pin(token.cancelled_owned()));
+        self
+    }
+
+    /// Applies the cancellation token from `options`, if any.
+    pub fn with_options(self, options: &SubscribeOptions) -> Self {
+        match options.cancellation() {
+            Some(token) => self.until_cancelled(token.clone()),
+            None => self,
+        }
+    }
+}
+
+impl Stream for DeliveryStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.inner.is_none() {
+            return Poll::Ready(None);
+        }
+        if this.stops.iter_mut().any(|s| s.poll_unpin(cx).is_ready()) {
+            this.inner = None;
+            this.stops.clear();
+            return Poll::Ready(None);
+        }
+        let polled = match this.inner.as_mut() {
+            Some(inner) => inner.as_mut().poll_next(cx),
+            None => Poll::Ready(None),
+        };
+        if let Poll::Ready(None) = polled {
+            this.inner = None;
+        }
+        polled
+    }
+}
+
+impl fmt::Debug for DeliveryStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeliveryStream")
+            .field("ended", &self.inner.is_none())
+            .finish()
+    }
+}
