@@ -1,0 +1,41 @@
+# Test brokers (tests/brokers/). Included by the root Makefile.
+#
+#   make brokers-up                  install if missing and start all four
+#   make brokers-status              report each one (exit 1 unless all healthy)
+#   make brokers-restart NAME=kafka  restart one, keeping its data
+#   make brokers-restart kafka       (same; so is NAME="nats kafka")
+#   make brokers-down                stop all; no process or port left
+#
+# Every target takes NAME=... (or trailing broker names) to act on some only:
+# rabbitmq, nats, kafka, pubsub.
+
+BROKERS_MK_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
+BROKERS_SH := bash $(BROKERS_MK_DIR)/brokers.sh
+BROKER_NAMES := rabbitmq nats kafka pubsub
+BROKER_ARGS = $(NAME) $(filter $(BROKER_NAMES),$(MAKECMDGOALS))
+
+.PHONY: brokers-up brokers-down brokers-status brokers-restart
+
+## brokers-up: install (first time) and start RabbitMQ, NATS, Kafka (Tansu), Pub/Sub emulator
+brokers-up:
+	@$(BROKERS_SH) up $(BROKER_ARGS)
+
+## brokers-down: stop the brokers started by brokers-up
+brokers-down:
+	@$(BROKERS_SH) down $(BROKER_ARGS)
+
+## brokers-status: health of each broker
+brokers-status:
+	@$(BROKERS_SH) status $(BROKER_ARGS)
+
+## brokers-restart NAME=...: restart a broker, keeping its data
+brokers-restart:
+	@$(BROKERS_SH) restart $(BROKER_ARGS)
+
+# `make brokers-restart kafka`: the broker names given as goals are arguments,
+# not things to build.
+ifneq ($(filter brokers-%,$(MAKECMDGOALS)),)
+.PHONY: $(filter $(BROKER_NAMES),$(MAKECMDGOALS))
+$(filter $(BROKER_NAMES),$(MAKECMDGOALS)):
+	@:
+endif

@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# Test brokers for Tidemill's adapter suites: RabbitMQ, NATS (JetStream), a
+# Kafka-protocol broker (Tansu) and a Google Cloud Pub/Sub emulator, all on
+# 127.0.0.1. See tests/brokers/README.md.
+#
+#   brokers.sh up [NAME...]       install if missing, start, wait until ready
+#   brokers.sh down [NAME...]     stop (by recorded PID); no process, no port left
+#   brokers.sh status [NAME...]   report each; exit 1 unless all are healthy
+#   brokers.sh restart NAME...    stop and start again, keeping data on disk
+#   brokers.sh env                print `export VAR=...` lines for the addresses
+#   brokers.sh running            print the names of the brokers running now
+#
+# NAME is one of: rabbitmq nats kafka pubsub (default: all four).
+# Exit status 3 from restart: the broker is external (not ours to restart).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=tests/brokers/env.sh
+source "$HERE/env.sh"
+# shellcheck source=tests/brokers/lib.sh
+source "$HERE/lib.sh"
+for _b in $TIDEMILL_BROKERS; do
+  # shellcheck source=/dev/null
+  source "$HERE/$_b.sh"
+done
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+names() { # validate NAME args, default to all
+  if (($# == 0)); then echo "$TIDEMILL_BROKERS"; return; fi
+  local n out=()
+  for n in "$@"; do
+    case " $TIDEMILL_BROKERS " in
+      *" $n "*) out+=("$n") ;;
+      *) log "unknown broker '$n' (known: $TIDEMILL_BROKERS)"; exit 2 ;;
+    esac
+  done
+  echo "${out[@]}"
+}
+
+healthy() { "$1_running" && "$1_ready"; }
+
+# Ports of a broker that are taken although our broker is not running.
+foreign_ports() {
+  local p busy=()
+  for p in $("$1_ports"); do
+    tcp_open "$p" && busy+=("$p")
+  done
+  echo "${busy[@]:-}"
+}
+
+cmd_up() {
+  local list n pkgs=() kafka_build_pid=
+  read -r -a list <<<"$(names "$@")"
+  mkdir -p "$TIDEMILL_BROKERS_DIR"
+  local t0=$SECONDS
+
+  # 1. Install what is missing. The Tansu build (minutes, only the first
+  #    time) runs in the background while the rest installs and starts.
+  for n in "${list[@]}"; do
+    tidemill_external "$n" && continue
+    if [[ $n == kafka ]] && ! kafka_installed; then
+      log "kafka: installing Tansu in the background (log: $TIDEMILL_BROKERS_DIR/kafka-install.log)"
+      (kafka_install) >"$TIDEMILL_BROKERS_DIR/kafka-install.log" 2>&1 &
+      kafka_build_pid=$!
+    fi
+    if [[ $n == rabbitmq ]] && ! rabbitmq_installed; then pkgs+=($(rabbitmq_apt_packages)); fi
+    if [[ $n == pubsub ]]; then pkgs+=($(pubsub_apt_packages)); fi
+  done
+  if ((${#pkgs[@]})); then apt_install "${pkgs[@]}"; fi
+  for n in "${list[@]}"; do
+    tidemill_external "$n" && continue
+    case $n in
+      nats) nats_installed || { log "nats: installing"; nats_install; } ;;
+      pubsub) pubsub_installed || { log "pubsub: building the emulator"; pubsub_install; } ;;
+      rabbitmq) rabbitmq_installed || die "rabbitmq-server is not installed" ;;
+    esac
+  done
+
+  # 2. Start; the Kafka broker last, once its build is done.
+  local failed=0 started=()
+  for n in "${list[@]}"; do
+    [[ $n == kafka && -n $kafka_build_pid ]] && continue
+    up_one "$n" || failed=1
+  done
+  if [[ -n $kafka_build_pid ]]; then
+    log "kafka: waiting for the Tansu build"
+    if wait "$kafka_build_pid"; then
+      up_one kafka || failed=1
+    else
+      log "kafka: building Tansu failed; see $TIDEMILL_BROKERS_DIR/kafka-install.log"
+      tail -n 30 "$TIDEMILL_BROKERS_DIR/kafka-install.log" >&2 || true
+      failed=1
+    fi
+  fi
+  log "brokers-up took $((SECONDS - t0))s"
+  return "$failed"
+}
+
+up_one() {
+  local n=$1 busy
+  if tidemill_external "$n"; then
+    printf '%-9s external  %s (not managed here)\n' "$n" "$("${n}_addr")"
+    return 0
+  fi
+  if healthy "$n"; then
+    printf '%-9s running   %s\n' "$n" "$("${n}_addr")"
+    return 0
+  fi
+  if ! "${n}_running"; then
+    "${n}_stop" # clear stale PID files (and leftovers of a half-dead start)
+    busy=$(foreign_ports "$n")
+    if [[ -n $busy ]]; then
+      log "$n: port(s) $busy already in use by a process these scripts did not start;"
+      log "  stop it, or set the address variable to use it (see tests/brokers/README.md)"
+      return 1
+    fi
+    "${n}_start"
+  fi
+  if ! wait_for "$("${n}_start_timeout")" "$n to be ready" healthy "$n"; then
+    log "$n: not ready; last lines of its log:"
+    tail -n 30 "$(log_of "$n")" >&2 || true
+    return 1
+  fi
+  "${n}_after_ready"
+  printf '%-9s started   %s\n' "$n" "$("${n}_addr")"
+}
+
+log_of() {
+  case $1 in
+    rabbitmq) echo "$RABBITMQ_DIR/log/server.log" ;;
+    nats) echo "$NATS_DIR/log/nats.log" ;;
+    kafka) echo "$KAFKA_DIR/log/tansu.log" ;;
+    pubsub) echo "$PUBSUB_DIR/log/pubsub.log" ;;
+  esac
+}
+
+down_one() {
+  local n=$1 p failed=0
+  if tidemill_external "$n"; then
+    printf '%-9s external  (left alone)\n' "$n"
+    return 0
+  fi
+  "${n}_stop"
+  for p in $("${n}_ports"); do
+    if ! wait_port_free "$p" 15; then
+      log "$n: port $p is still in use (by a process these scripts did not start?)"
+      failed=1
+    fi
+  done
+  printf '%-9s stopped\n' "$n"
+  return "$failed"
+}
+
+cmd_down() {
+  local list n failed=0
+  read -r -a list <<<"$(names "$@")"
+  for n in "${list[@]}"; do down_one "$n" || failed=1; done
+  return "$failed"
+}
+
+cmd_status() {
+  local list n failed=0 addr
+  read -r -a list <<<"$(names "$@")"
+  for n in "${list[@]}"; do
+    addr=$("${n}_addr")
+    if tidemill_external "$n"; then
+      local hp=$addr
+      case $n in
+        rabbitmq) hp=${addr#*://}; hp=${hp#*@}; hp=${hp%%/*} ;;
+        nats) hp=${addr#*://}; hp=${hp#*@}; hp=${hp%%/*}; hp=${hp%%,*} ;;
+        kafka) hp=${addr%%,*} ;;
+      esac
+      if tcp_open_addr "$hp"; then
+        printf '%-9s external  %s (reachable)\n' "$n" "$addr"
+      else
+        printf '%-9s external  %s (UNREACHABLE)\n' "$n" "$addr"
+        failed=1
+      fi
+    elif healthy "$n"; then
+      printf '%-9s healthy   %s (pid %s)\n' "$n" "$addr" "$(main_pid "$n")"
+    elif "${n}_running"; then
+      printf '%-9s starting  %s (running, not ready)\n' "$n" "$addr"
+      failed=1
+    else
+      printf '%-9s down\n' "$n"
+      failed=1
+    fi
+  done
+  return "$failed"
+}
+
+main_pid() {
+  case $1 in
+    rabbitmq) pidfile_pid "$RABBITMQ_DIR/run/server.pid" ;;
+    nats) pidfile_pid "$NATS_DIR/run/nats.pid" ;;
+    kafka) pidfile_pid "$KAFKA_DIR/run/tansu.pid" ;;
+    pubsub) pidfile_pid "$PUBSUB_DIR/run/pubsub.pid" ;;
+  esac
+}
+
+cmd_restart() {
+  (($# > 0)) || { log "restart: name a broker ($TIDEMILL_BROKERS)"; exit 2; }
+  local list n t0
+  read -r -a list <<<"$(names "$@")"
+  for n in "${list[@]}"; do
+    if tidemill_external "$n"; then
+      log "$n is external ($("${n}_addr")): not restarting it"
+      exit 3
+    fi
+  done
+  for n in "${list[@]}"; do
+    t0=$SECONDS
+    down_one "$n" || return 1
+    up_one "$n" || return 1
+    log "$n restarted in $((SECONDS - t0))s"
+  done
+}
+
+cmd_env() {
+  printf 'export TIDEMILL_AMQP_URL=%q\n' "$TIDEMILL_AMQP_URL"
+  printf 'export TIDEMILL_NATS_URL=%q\n' "$TIDEMILL_NATS_URL"
+  printf 'export TIDEMILL_KAFKA_BROKERS=%q\n' "$TIDEMILL_KAFKA_BROKERS"
+  printf 'export PUBSUB_EMULATOR_HOST=%q\n' "$PUBSUB_EMULATOR_HOST"
+}
+
+cmd_running() {
+  local n out=()
+  for n in $TIDEMILL_BROKERS; do
+    tidemill_external "$n" && continue
+    "${n}_running" && out+=("$n")
+  done
+  echo "${out[@]:-}"
+}
+
+(($# > 0)) || usage
+cmd=$1
+shift
+case $cmd in
+  up) cmd_up "$@" ;;
+  down) cmd_down "$@" ;;
+  status) cmd_status "$@" ;;
+  restart) cmd_restart "$@" ;;
+  env) cmd_env ;;
+  running) cmd_running ;;
+  -h | --help | help) usage ;;
+  *) log "unknown command '$cmd'"; usage ;;
+esac

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# with-brokers.sh CMD [ARG...]
+#
+# Brings the test brokers up (installing them if needed), exports their
+# addresses (TIDEMILL_AMQP_URL, TIDEMILL_NATS_URL, TIDEMILL_KAFKA_BROKERS,
+# PUBSUB_EMULATOR_HOST), runs CMD, and then always takes down the brokers it
+# started itself (also when CMD fails or the run is interrupted); brokers
+# that were already running, or that are external (address variable set),
+# are left as they were. Exits with CMD's status.
+#
+# TIDEMILL_BROKERS_ONLY="nats kafka" limits which brokers are started.
+set -uo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+BROKERS="$HERE/brokers.sh"
+
+if (($# == 0)); then
+  echo "usage: $0 CMD [ARG...]" >&2
+  exit 2
+fi
+
+before=" $(bash "$BROKERS" running) "
+
+cleanup() {
+  local n now mine=()
+  # Our output may go to a pipe that is gone already (e.g. `| tee` killed by
+  # Ctrl-C): do not let SIGPIPE stop the cleanup.
+  trap '' PIPE
+  now=$(bash "$BROKERS" running)
+  for n in $now; do
+    [[ $before == *" $n "* ]] || mine+=("$n")
+  done
+  if ((${#mine[@]})); then
+    echo "with-brokers: stopping ${mine[*]}" >&2
+    bash "$BROKERS" down "${mine[@]}" >&2 || echo "with-brokers: warning: brokers-down failed" >&2
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# shellcheck disable=SC2086 # word splitting of the name list is intended
+if ! bash "$BROKERS" up ${TIDEMILL_BROKERS_ONLY:-}; then
+  echo "with-brokers: the brokers did not all come up (see above); not running: $*" >&2
+  exit 1
+fi
+eval "$(bash "$BROKERS" env)"
+
+"$@"
+rc=$?
+exit "$rc"
