@@ -7,7 +7,7 @@
 #   brokers.sh down [NAME...]     stop (by recorded PID); no process, no port left
 #   brokers.sh status [NAME...]   report each; exit 1 unless all are healthy
 #   brokers.sh restart NAME...    stop and start again, keeping data on disk
-#   brokers.sh env                print `export VAR=...` lines for the addresses
+#   brokers.sh env [NAME...]      print `export VAR=...` lines for the addresses
 #   brokers.sh running            print the names of the brokers running now
 #
 # NAME is one of: rabbitmq nats kafka pubsub (default: all four).
@@ -64,8 +64,12 @@ cmd_up() {
       (kafka_install) >"$TIDEMILL_BROKERS_DIR/kafka-install.log" 2>&1 &
       kafka_build_pid=$!
     fi
-    if [[ $n == rabbitmq ]] && ! rabbitmq_installed; then pkgs+=($(rabbitmq_apt_packages)); fi
-    if [[ $n == pubsub ]]; then pkgs+=($(pubsub_apt_packages)); fi
+    local more=()
+    case $n in
+      rabbitmq) rabbitmq_installed || read -r -a more <<<"$(rabbitmq_apt_packages)" || true ;;
+      pubsub) read -r -a more <<<"$(pubsub_apt_packages)" || true ;;
+    esac
+    pkgs+=("${more[@]}")
   done
   if ((${#pkgs[@]})); then apt_install "${pkgs[@]}"; fi
   for n in "${list[@]}"; do
@@ -78,7 +82,7 @@ cmd_up() {
   done
 
   # 2. Start; the Kafka broker last, once its build is done.
-  local failed=0 started=()
+  local failed=0
   for n in "${list[@]}"; do
     [[ $n == kafka && -n $kafka_build_pid ]] && continue
     up_one "$n" || failed=1
@@ -218,10 +222,17 @@ cmd_restart() {
 }
 
 cmd_env() {
-  printf 'export TIDEMILL_AMQP_URL=%q\n' "$TIDEMILL_AMQP_URL"
-  printf 'export TIDEMILL_NATS_URL=%q\n' "$TIDEMILL_NATS_URL"
-  printf 'export TIDEMILL_KAFKA_BROKERS=%q\n' "$TIDEMILL_KAFKA_BROKERS"
-  printf 'export PUBSUB_EMULATOR_HOST=%q\n' "$PUBSUB_EMULATOR_HOST"
+  local list n var
+  read -r -a list <<<"$(names "$@")"
+  for n in "${list[@]}"; do
+    case $n in
+      rabbitmq) var=TIDEMILL_AMQP_URL ;;
+      nats) var=TIDEMILL_NATS_URL ;;
+      kafka) var=TIDEMILL_KAFKA_BROKERS ;;
+      pubsub) var=PUBSUB_EMULATOR_HOST ;;
+    esac
+    printf 'export %s=%q\n' "$var" "${!var}"
+  done
 }
 
 cmd_running() {
@@ -241,7 +252,7 @@ case $cmd in
   down) cmd_down "$@" ;;
   status) cmd_status "$@" ;;
   restart) cmd_restart "$@" ;;
-  env) cmd_env ;;
+  env) cmd_env "$@" ;;
   running) cmd_running ;;
   -h | --help | help) usage ;;
   *) log "unknown command '$cmd'"; usage ;;

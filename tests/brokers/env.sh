@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034 # the variables are used by the scripts that source this
 # The one place that defines where the test brokers listen and live.
 # Sourced by the scripts in tests/brokers/ (and usable by anyone:
 # `source tests/brokers/env.sh` exports the four address variables).

@@ -38,7 +38,7 @@ kafka_start() {
   # absolute path gets the working directory put in front of it): start it
   # from its data dir with a relative path.
   (
-    cd "$KAFKA_DIR/data"
+    cd "$KAFKA_DIR/data" || exit 1
     start_bg "$KAFKA_DIR/log/tansu.log" "$KAFKA_DIR/run/tansu.pid" "$TANSU_BIN" \
       "$TANSU_BIN" broker \
       --listener-url "tcp://127.0.0.1:$TIDEMILL_KAFKA_PORT" \

@@ -42,7 +42,7 @@ pubsub_install() {
   log "  go build pubsub-emulator (GOPATH mode, Debian's golang-google-cloud-dev)"
   (
     cd "$PUBSUB_SRC"
-    GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= GOTOOLCHAIN=local \
+    GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS='' GOTOOLCHAIN=local \
       "$go" build -overlay "$build/overlay.json" -o "$PUBSUB_BIN.tmp" .
   ) >&2 || die "building the Pub/Sub emulator failed"
   mv -f "$PUBSUB_BIN.tmp" "$PUBSUB_BIN"

@@ -69,7 +69,7 @@ rabbitmq_start() {
   rabbitmq_prepare
   (
     rabbitmq_env
-    cd "$RABBITMQ_DIR"
+    cd "$RABBITMQ_DIR" || exit 1
     # Our own epmd, started first so that the node does not spawn one we
     # could not stop by PID (epmd outlives the node otherwise).
     if ! pidfile_alive "$RABBITMQ_DIR/run/epmd.pid"; then

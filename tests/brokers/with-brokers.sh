@@ -21,6 +21,7 @@ fi
 
 before=" $(bash "$BROKERS" running) "
 
+# shellcheck disable=SC2317 # invoked by the trap
 cleanup() {
   local n now mine=()
   # Our output may go to a pipe that is gone already (e.g. `| tee` killed by
@@ -45,7 +46,10 @@ if ! bash "$BROKERS" up ${TIDEMILL_BROKERS_ONLY:-}; then
   echo "with-brokers: the brokers did not all come up (see above); not running: $*" >&2
   exit 1
 fi
-eval "$(bash "$BROKERS" env)"
+# Only the addresses of the brokers that are up: a test whose variable is
+# unset skips itself.
+# shellcheck disable=SC2086
+eval "$(bash "$BROKERS" env ${TIDEMILL_BROKERS_ONLY:-})"
 
 "$@"
 rc=$?

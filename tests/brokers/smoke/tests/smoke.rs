@@ -239,7 +239,10 @@ async fn nats_jetstream_round_trip() {
         .unwrap();
     assert_eq!(msg.payload.as_ref(), b"hello nats");
     assert_eq!(
-        msg.headers.as_ref().and_then(|h| h.get("k")).map(|v| v.as_str()),
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get("k"))
+            .map(|v| v.as_str()),
         Some("v")
     );
     msg.ack().await.unwrap();
