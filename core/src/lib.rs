@@ -13,12 +13,14 @@ mod error;
 pub mod memory;
 mod message;
 mod pubsub;
+pub mod router;
 
 pub use delivery::{AckFuture, AckHandle, Acknowledger, Delivery};
 pub use error::{is_permanent, permanent, BoxError, Error, PermanentError, Result};
 pub use memory::{MemoryBroker, MemoryConfig, MemoryPublisher, MemorySubscriber};
 pub use message::{new_uuid, HandlerInfo, Message, MessageContext, Metadata, MetadataParseError};
 pub use pubsub::{DeliveryStream, Publisher, SubscribeOptions, Subscriber};
+pub use router::{handler_fn, HandlerResult, Router, RouterConfig, RouterError};
 
 /// Re-exported so adapters and users name the same cancellation token type.
 pub use tokio_util::sync::CancellationToken;

@@ -336,6 +336,9 @@ impl Consumer {
     }
 
     async fn next(&mut self) -> Option<crate::Delivery> {
+        // This stream never waits while messages are ready (redeliveries included): spend
+        // tokio's cooperative budget so a hot consumer cannot starve its runtime thread.
+        tokio::task::consume_budget().await;
         if self.buffer.is_empty() && !self.queue.take(&mut self.buffer, TAKE_BATCH).await {
             return None;
         }

@@ -1,0 +1,677 @@
+//! The router: runs handlers (tower services) on subscriptions, publishes their output, and
+//! settles every message by the outcome rules.
+//!
+//! - Handler `Ok(out)` → `out` is published to the handler's output topic (confirmed by the
+//!   broker) → the input is acked.
+//! - Handler error, publish error, or panic → the input is nacked (redelivered). Panics are
+//!   caught; the router keeps running.
+//! - A consumer-only handler (no output) that returns messages is a bug: logged, nacked.
+//! - Per handler, up to `concurrency` messages are in flight (default 1: sequential);
+//!   messages with the same key are processed one after another.
+//! - Graceful shutdown: stop taking deliveries → let in-flight messages finish (bounded by
+//!   [`RouterConfig::close_timeout`]; past it they are abandoned and nacked) → close the
+//!   publishers and subscribers the handlers used.
+//!
+//! ```
+//! use tidemill_core::router::{HandlerResult, Router};
+//! use tidemill_core::{MemoryBroker, Message, Publisher};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = MemoryBroker::new();
+//! let router = Router::new();
+//! router
+//!     .add_handler("shout")
+//!     .subscribe(broker.subscriber(), "words")
+//!     .publish(broker.publisher(), "shouts")
+//!     .handler(|msg: Message| async move {
+//!         let text = String::from_utf8_lossy(msg.payload()).to_uppercase();
+//!         HandlerResult::Ok(Message::new(text))
+//!     })
+//!     .await?;
+//! let running = router.clone();
+//! tokio::spawn(async move { running.run().await });
+//! router.running().await;
+//! broker.publisher().publish_one("words", Message::new("hi")).await?;
+//! router.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod handler;
+mod run;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::layer::util::{Identity, Stack};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+
+pub use handler::{
+    handler_fn, BoxHandler, BoxHandlerFuture, HandlerFn, HandlerResult, IntoMessages,
+};
+
+use crate::{
+    BoxError, DeliveryStream, Error, HandlerInfo, Message, Publisher, SubscribeOptions, Subscriber,
+};
+use run::{run_handler, HandlerCtx};
+
+/// Router settings.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// How long in-flight messages may take to finish once shutdown (or a handler stop)
+    /// begins; past it they are abandoned and nacked. Default 30 s.
+    pub close_timeout: Duration,
+    /// Close the publishers and subscribers given to handlers when the router closes.
+    /// Default true.
+    pub close_clients: bool,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            close_timeout: Duration::from_secs(30),
+            close_clients: true,
+        }
+    }
+}
+
+/// Errors from building or running a router.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouterError {
+    /// Two handlers with one name.
+    #[error("a handler named `{0}` already exists")]
+    DuplicateHandler(String),
+    /// A handler without a subscription.
+    #[error("handler `{0}` has no subscription: call .subscribe(subscriber, topic)")]
+    MissingSubscriber(String),
+    /// Subscribing failed when the handler started.
+    #[error("handler `{handler}`: cannot subscribe to topic `{topic}`: {source}")]
+    Subscribe {
+        /// The handler's name.
+        handler: String,
+        /// Its topic.
+        topic: String,
+        /// The subscriber's error.
+        #[source]
+        source: Error,
+    },
+    /// The router is closing or closed.
+    #[error("the router is closed; cannot {0}")]
+    Closed(&'static str),
+    /// `run` was called twice.
+    #[error("the router is already running")]
+    AlreadyRunning,
+    /// No handler with that name is registered.
+    #[error("no handler named `{0}`")]
+    UnknownHandler(String),
+    /// Closing a publisher or subscriber failed.
+    #[error("closing the router's clients failed: {0}")]
+    Close(#[source] Error),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum State {
+    Created,
+    Running,
+    Closing,
+    Closed,
+}
+
+type RouterLayer = Arc<dyn Fn(BoxHandler) -> BoxHandler + Send + Sync>;
+type Runner = Box<dyn FnOnce(HandlerRun) -> BoxFuture<'static, ()> + Send>;
+
+/// Everything a handler loop needs once started.
+pub(crate) struct HandlerRun {
+    stream: DeliveryStream,
+    ctx: Arc<HandlerCtx>,
+    layers: Vec<RouterLayer>,
+    stop: CancellationToken,
+    force: CancellationToken,
+}
+
+struct Slot {
+    info: Arc<HandlerInfo>,
+    pending: Option<Pending>,
+    stop: CancellationToken,
+    force: CancellationToken,
+    finished: CancellationToken,
+}
+
+struct Pending {
+    subscriber: Arc<dyn Subscriber>,
+    options: SubscribeOptions,
+    output: Option<Arc<dyn Publisher>>,
+    concurrency: usize,
+    runner: Runner,
+}
+
+struct Inner {
+    config: RouterConfig,
+    layers: Mutex<Vec<RouterLayer>>,
+    handlers: Mutex<HashMap<String, Slot>>,
+    state: watch::Sender<State>,
+    stop: CancellationToken,
+    force: CancellationToken,
+    tasks: TaskTracker,
+    active: AtomicUsize,
+    all_stopped: Notify,
+    publishers: Mutex<Vec<Arc<dyn Publisher>>>,
+    subscribers: Mutex<Vec<Arc<dyn Subscriber>>>,
+}
+
+/// Runs handlers; cheap to clone (clones control the same router).
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Router {
+    /// A router with the default configuration.
+    pub fn new() -> Self {
+        Self::with_config(RouterConfig::default())
+    }
+
+    /// A router with `config`.
+    pub fn with_config(config: RouterConfig) -> Self {
+        Router {
+            inner: Arc::new(Inner {
+                config,
+                layers: Mutex::default(),
+                handlers: Mutex::default(),
+                state: watch::Sender::new(State::Created),
+                stop: CancellationToken::new(),
+                force: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                active: AtomicUsize::new(0),
+                all_stopped: Notify::new(),
+                publishers: Mutex::default(),
+                subscribers: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Adds a router-level layer: it wraps every handler started afterwards, outside the
+    /// handler's own layers. The first layer added is the outermost.
+    pub fn layer<L>(&self, layer: L) -> &Self
+    where
+        L: Layer<BoxHandler> + Send + Sync + 'static,
+        L::Service: Service<Message, Response = Vec<Message>> + Send + 'static,
+        <L::Service as Service<Message>>::Error: Into<BoxError>,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        let wrap: RouterLayer =
+            Arc::new(move |inner| BoxHandler::new(layer.layer(inner).map_err(Into::into)));
+        self.inner.layers.lock().push(wrap);
+        self
+    }
+
+    /// Starts describing a handler named `name` (unique within the router).
+    pub fn add_handler(&self, name: impl Into<String>) -> HandlerBuilder<'_, Identity> {
+        HandlerBuilder {
+            router: self,
+            name: name.into(),
+            subscription: None,
+            options: SubscribeOptions::new(),
+            output: None,
+            concurrency: 1,
+            layers: ServiceBuilder::new(),
+        }
+    }
+
+    /// Starts every handler and runs until [`close`](Router::close) is called (or a signal
+    /// arrives, see [`close_on_signals`](Router::close_on_signals)) or every handler has
+    /// stopped; then shuts down gracefully. Handlers added while running start at once.
+    pub async fn run(&self) -> Result<(), RouterError> {
+        let mut started = false;
+        self.inner.state.send_if_modified(|s| {
+            if *s == State::Created {
+                *s = State::Running;
+                started = true;
+            }
+            started
+        });
+        if !started {
+            return Err(match *self.inner.state.borrow() {
+                State::Running => RouterError::AlreadyRunning,
+                _ => RouterError::Closed("run"),
+            });
+        }
+        let names: Vec<String> = self.inner.handlers.lock().keys().cloned().collect();
+        for name in names {
+            if let Err(e) = self.start(&name).await {
+                self.shutdown().await?;
+                return Err(e);
+            }
+        }
+        tracing::info!(
+            handlers = self.inner.active.load(Ordering::Acquire),
+            "router running"
+        );
+        loop {
+            let stopped = self.inner.all_stopped.notified();
+            if self.inner.stop.is_cancelled() {
+                break;
+            }
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => break,
+                _ = stopped => {
+                    if self.inner.active.load(Ordering::Acquire) == 0 {
+                        tracing::info!("every handler stopped; closing the router");
+                        break;
+                    }
+                }
+            }
+        }
+        self.shutdown().await
+    }
+
+    /// Resolves once the router runs (every initial handler subscribed), or has closed.
+    pub async fn running(&self) {
+        let mut rx = self.inner.state.subscribe();
+        let _ = rx.wait_for(|s| *s >= State::Running).await;
+    }
+
+    /// Resolves once the router has closed.
+    pub async fn closed(&self) {
+        let mut rx = self.inner.state.subscribe();
+        let _ = rx.wait_for(|s| *s == State::Closed).await;
+    }
+
+    /// Whether the router is running.
+    pub fn is_running(&self) -> bool {
+        *self.inner.state.borrow() == State::Running
+    }
+
+    /// Whether the router has closed.
+    pub fn is_closed(&self) -> bool {
+        *self.inner.state.borrow() == State::Closed
+    }
+
+    /// Shuts down gracefully and waits until closed. Idempotent.
+    pub async fn close(&self) -> Result<(), RouterError> {
+        let was_created = self.inner.state.send_if_modified(|s| {
+            if *s == State::Created {
+                *s = State::Closing;
+                return true;
+            }
+            false
+        });
+        if was_created {
+            // Never ran: nothing to drain.
+            return self.shutdown().await;
+        }
+        self.inner.stop.cancel();
+        self.closed().await;
+        Ok(())
+    }
+
+    /// Closes the router on SIGINT (Ctrl-C) or SIGTERM.
+    pub fn close_on_signals(&self) {
+        let router = self.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown signal received; closing the router");
+            if let Err(e) = router.close().await {
+                tracing::error!(error = %e, "router shutdown failed");
+            }
+        });
+    }
+
+    /// Stops one handler gracefully (its in-flight messages finish, bounded by the close
+    /// timeout) and waits until it has stopped. Its name can be used again afterwards.
+    pub async fn stop_handler(&self, name: &str) -> Result<(), RouterError> {
+        let (stop, force, finished, pending) = {
+            let mut handlers = self.inner.handlers.lock();
+            let slot = handlers
+                .get_mut(name)
+                .ok_or_else(|| RouterError::UnknownHandler(name.to_owned()))?;
+            let pending = slot.pending.is_some();
+            (
+                slot.stop.clone(),
+                slot.force.clone(),
+                slot.finished.clone(),
+                pending,
+            )
+        };
+        if pending {
+            // Registered but never started.
+            self.inner.handlers.lock().remove(name);
+            return Ok(());
+        }
+        stop.cancel();
+        let timeout = self.inner.config.close_timeout;
+        if tokio::time::timeout(timeout, finished.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                handler = name,
+                ?timeout,
+                "handler did not finish in time; abandoning its in-flight messages"
+            );
+            force.cancel();
+            finished.cancelled().await;
+        }
+        Ok(())
+    }
+
+    /// Names of the registered handlers (pending or running).
+    pub fn handlers(&self) -> Vec<String> {
+        self.inner.handlers.lock().keys().cloned().collect()
+    }
+
+    fn register(
+        &self,
+        name: String,
+        info: HandlerInfo,
+        pending: Pending,
+    ) -> Result<(), RouterError> {
+        if *self.inner.state.borrow() >= State::Closing {
+            return Err(RouterError::Closed("add a handler"));
+        }
+        let mut handlers = self.inner.handlers.lock();
+        if handlers.contains_key(&name) {
+            return Err(RouterError::DuplicateHandler(name));
+        }
+        handlers.insert(
+            name,
+            Slot {
+                info: Arc::new(info),
+                pending: Some(pending),
+                stop: self.inner.stop.child_token(),
+                force: self.inner.force.child_token(),
+                finished: CancellationToken::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Subscribes a registered handler and spawns its loop.
+    async fn start(&self, name: &str) -> Result<(), RouterError> {
+        let (info, pending, stop, force, finished) = {
+            let mut handlers = self.inner.handlers.lock();
+            let Some(slot) = handlers.get_mut(name) else {
+                return Ok(());
+            };
+            let Some(pending) = slot.pending.take() else {
+                return Ok(());
+            };
+            (
+                slot.info.clone(),
+                pending,
+                slot.stop.clone(),
+                slot.force.clone(),
+                slot.finished.clone(),
+            )
+        };
+        let options = pending.options.clone().with_cancellation(stop.clone());
+        let stream = match pending.subscriber.subscribe(&info.topic, options).await {
+            Ok(stream) => stream,
+            Err(source) => {
+                self.inner.handlers.lock().remove(name);
+                return Err(RouterError::Subscribe {
+                    handler: info.name.clone(),
+                    topic: info.topic.clone(),
+                    source,
+                });
+            }
+        };
+        self.inner
+            .subscribers
+            .lock()
+            .push(pending.subscriber.clone());
+        if let Some(p) = &pending.output {
+            self.inner.publishers.lock().push(p.clone());
+        }
+        let run = HandlerRun {
+            stream,
+            ctx: Arc::new(HandlerCtx {
+                info: info.clone(),
+                output: pending.output,
+                concurrency: pending.concurrency,
+            }),
+            layers: self.inner.layers.lock().clone(),
+            stop,
+            force,
+        };
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        let started = info.clone();
+        let fut = (pending.runner)(run);
+        self.inner.active.fetch_add(1, Ordering::AcqRel);
+        self.inner.tasks.spawn(async move {
+            fut.await;
+            {
+                let mut handlers = inner.handlers.lock();
+                // Only remove our own slot: the name may have been reused since.
+                if handlers
+                    .get(&name)
+                    .is_some_and(|s| Arc::ptr_eq(&s.info, &started))
+                {
+                    handlers.remove(&name);
+                }
+            }
+            finished.cancel();
+            if inner.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+                inner.all_stopped.notify_waiters();
+            }
+        });
+        tracing::debug!(handler = %info.name, topic = %info.topic, "handler started");
+        Ok(())
+    }
+
+    /// Stops intake, drains (bounded by the close timeout), closes clients. Idempotent.
+    async fn shutdown(&self) -> Result<(), RouterError> {
+        self.inner.state.send_if_modified(|s| {
+            if *s < State::Closing {
+                *s = State::Closing;
+                return true;
+            }
+            false
+        });
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        let timeout = self.inner.config.close_timeout;
+        if tokio::time::timeout(timeout, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?timeout,
+                "handlers did not finish in time; abandoning in-flight messages (they are nacked)"
+            );
+            self.inner.force.cancel();
+            self.inner.tasks.wait().await;
+        }
+        self.inner.handlers.lock().clear();
+        let mut result = Ok(());
+        if self.inner.config.close_clients {
+            let publishers = std::mem::take(&mut *self.inner.publishers.lock());
+            for p in publishers {
+                if let Err(e) = p.close().await {
+                    tracing::error!(error = %e, "closing a publisher failed");
+                    result = Err(RouterError::Close(e));
+                }
+            }
+            let subscribers = std::mem::take(&mut *self.inner.subscribers.lock());
+            for s in subscribers {
+                if let Err(e) = s.close().await {
+                    tracing::error!(error = %e, "closing a subscriber failed");
+                    result = Err(RouterError::Close(e));
+                }
+            }
+        }
+        self.inner.state.send_replace(State::Closed);
+        tracing::info!("router closed");
+        result
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C closes the router");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Describes one handler; finish with [`service`](HandlerBuilder::service) or
+/// [`handler`](HandlerBuilder::handler).
+#[must_use = "a handler is added only by .service(..) or .handler(..)"]
+pub struct HandlerBuilder<'r, L> {
+    router: &'r Router,
+    name: String,
+    subscription: Option<(Arc<dyn Subscriber>, String)>,
+    options: SubscribeOptions,
+    output: Option<(Arc<dyn Publisher>, String)>,
+    concurrency: usize,
+    layers: ServiceBuilder<L>,
+}
+
+impl<'r, L> HandlerBuilder<'r, L> {
+    /// Consumes `topic` through `subscriber`.
+    pub fn subscribe(
+        mut self,
+        subscriber: impl Subscriber + 'static,
+        topic: impl Into<String>,
+    ) -> Self {
+        self.subscription = Some((Arc::new(subscriber), topic.into()));
+        self
+    }
+
+    /// Consumes as a member of consumer group `group`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.options = self.options.with_group(Some(group.into()));
+        self
+    }
+
+    /// Publishes the handler's output to `topic` through `publisher`. Without this the
+    /// handler is consumer-only.
+    pub fn publish(
+        mut self,
+        publisher: impl Publisher + 'static,
+        topic: impl Into<String>,
+    ) -> Self {
+        self.output = Some((Arc::new(publisher), topic.into()));
+        self
+    }
+
+    /// Up to `n` messages in flight (default 1); same-key messages stay sequential.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Adds a handler-level layer (inside router-level layers; first added is outermost).
+    pub fn layer<T>(self, layer: T) -> HandlerBuilder<'r, Stack<T, L>> {
+        HandlerBuilder {
+            router: self.router,
+            name: self.name,
+            subscription: self.subscription,
+            options: self.options,
+            output: self.output,
+            concurrency: self.concurrency,
+            layers: self.layers.layer(layer),
+        }
+    }
+
+    /// Adds the handler with an async function as its service (see [`handler_fn`]).
+    pub async fn handler<F, Fut, R, E>(self, f: F) -> Result<(), RouterError>
+    where
+        F: Fn(Message) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+        R: IntoMessages + 'static,
+        E: Into<BoxError> + 'static,
+        L: Layer<HandlerFn<F, R, E>>,
+        L::Service: Service<Message, Response = Vec<Message>> + Send + 'static,
+        <L::Service as Service<Message>>::Error: Into<BoxError>,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        self.service(handler_fn(f)).await
+    }
+
+    /// Adds the handler with `service`, wrapped in this builder's layers. If the router is
+    /// running, the handler starts (subscribes) before this returns.
+    pub async fn service<S>(self, service: S) -> Result<(), RouterError>
+    where
+        L: Layer<S>,
+        L::Service: Service<Message, Response = Vec<Message>> + Send + 'static,
+        <L::Service as Service<Message>>::Error: Into<BoxError>,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        let (subscriber, topic) = self
+            .subscription
+            .ok_or_else(|| RouterError::MissingSubscriber(self.name.clone()))?;
+        let service = self.layers.service(service);
+        let runner: Runner = Box::new(move |run: HandlerRun| {
+            if run.layers.is_empty() {
+                Box::pin(run_handler(service, run))
+            } else {
+                let mut boxed = BoxHandler::new(service.map_err(Into::into));
+                for wrap in run.layers.iter().rev() {
+                    boxed = wrap(boxed);
+                }
+                Box::pin(run_handler(boxed, run))
+            }
+        });
+        let info = HandlerInfo {
+            name: self.name.clone(),
+            topic,
+            group: self.options.consumer_group().map(str::to_owned),
+            publish_topic: self.output.as_ref().map(|(_, t)| t.clone()),
+        };
+        let (output, _) = match self.output {
+            Some((p, t)) => (Some(p), Some(t)),
+            None => (None, None),
+        };
+        let router = self.router;
+        router.register(
+            self.name.clone(),
+            info,
+            Pending {
+                subscriber,
+                options: self.options,
+                output,
+                concurrency: self.concurrency,
+                runner,
+            },
+        )?;
+        if *router.inner.state.borrow() == State::Running {
+            router.start(&self.name).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

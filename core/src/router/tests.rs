@@ -1,0 +1,733 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::{MemoryBroker, MemoryPublisher};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Spawns `router.run()` and waits until it runs.
+async fn start(router: &Router) -> tokio::task::JoinHandle<Result<(), RouterError>> {
+    let r = router.clone();
+    let handle = tokio::spawn(async move { r.run().await });
+    tokio::time::timeout(WAIT, router.running())
+        .await
+        .expect("router runs");
+    handle
+}
+
+async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("within 10s")
+        .expect("channel open")
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn text(m: &Message) -> String {
+    String::from_utf8_lossy(m.payload()).into_owned()
+}
+
+/// A publisher whose publishes fail while `failing` is set, otherwise forwards.
+struct FlakyPublisher {
+    inner: MemoryPublisher,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Publisher for FlakyPublisher {
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> crate::Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(Error::transient(
+                "flaky",
+                topic,
+                "publish",
+                "injected failure",
+            ));
+        }
+        self.inner.publish(topic, messages).await
+    }
+    async fn close(&self) -> crate::Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[tokio::test]
+async fn output_is_published_then_input_acked() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("upper")
+        .subscribe(broker.subscriber(), "in")
+        .group("upper")
+        .publish(broker.publisher(), "out")
+        .handler(|m: Message| async move {
+            let mut out = Message::new(text(&m).to_uppercase());
+            out.metadata_mut().set("source", m.uuid());
+            HandlerResult::Ok(out)
+        })
+        .await
+        .unwrap();
+    router
+        .add_handler("sink")
+        .subscribe(broker.subscriber(), "out")
+        .handler(move |m: Message| {
+            let tx = tx.clone();
+            async move {
+                let ctx = m.context().expect("router sets the context");
+                assert_eq!(ctx.handler().name, "sink");
+                assert_eq!(ctx.attempt(), Some(1));
+                tx.send(m).unwrap();
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let run = start(&router).await;
+    let input = Message::new("hello");
+    broker
+        .publisher()
+        .publish_one("in", input.clone())
+        .await
+        .unwrap();
+    let out = recv(&mut rx).await;
+    assert_eq!(text(&out), "HELLO");
+    assert_eq!(out.metadata().get("source"), Some(input.uuid()));
+    eventually("the input is acked", || {
+        broker.group_backlog("in", "upper") == Some(0)
+    })
+    .await;
+    router.close().await.unwrap();
+    run.await.unwrap().unwrap();
+    assert!(router.is_closed());
+}
+
+#[tokio::test]
+async fn handler_error_nacks_and_the_message_comes_back() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("fails-once")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .handler(move |m: Message| {
+            let tx = tx.clone();
+            async move {
+                let attempt = m.context().and_then(|c| c.attempt()).unwrap_or(0);
+                tx.send(attempt).unwrap();
+                if attempt == 1 {
+                    return Err("first attempt fails".into());
+                }
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, 1);
+    assert_eq!(recv(&mut rx).await, 2);
+    eventually("acked after the retry", || {
+        broker.group_backlog("in", "g") == Some(0)
+    })
+    .await;
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn publish_error_nacks_the_input() {
+    let broker = MemoryBroker::new();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let router = Router::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    router
+        .add_handler("forward")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .publish(
+            FlakyPublisher {
+                inner: broker.publisher(),
+                failing: failing.clone(),
+            },
+            "out",
+        )
+        .handler(move |m: Message| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async move { HandlerResult::Ok(Message::new(m.payload().clone())) }
+        })
+        .await
+        .unwrap();
+    let mut out = broker
+        .subscriber()
+        .subscribe("out", SubscribeOptions::new())
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
+    eventually("several failed attempts", || {
+        calls.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    assert_eq!(
+        broker.group_backlog("in", "g"),
+        Some(1),
+        "input not acked while publishing fails"
+    );
+    failing.store(false, Ordering::SeqCst);
+    let d = tokio::time::timeout(WAIT, out.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.message().payload().as_ref(), b"x");
+    eventually("acked once published", || {
+        broker.group_backlog("in", "g") == Some(0)
+    })
+    .await;
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn panics_nack_and_the_router_keeps_running() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("panicky")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .handler(move |m: Message| {
+            let tx = tx.clone();
+            // A panic before the future exists (in the synchronous part of the call).
+            if text(&m) == "sync" && m.context().and_then(|c| c.attempt()) == Some(1) {
+                panic!("sync panic");
+            }
+            async move {
+                let attempt = m.context().and_then(|c| c.attempt()).unwrap_or(0);
+                if text(&m) == "async" && attempt == 1 {
+                    panic!("async panic");
+                }
+                tx.send((text(&m), attempt)).unwrap();
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    let p = broker.publisher();
+    p.publish(
+        "in",
+        vec![
+            Message::new("sync"),
+            Message::new("async"),
+            Message::new("fine"),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut got = vec![
+        recv(&mut rx).await,
+        recv(&mut rx).await,
+        recv(&mut rx).await,
+    ];
+    got.sort();
+    assert_eq!(
+        got,
+        vec![("async".into(), 2), ("fine".into(), 1), ("sync".into(), 2)],
+        "panicked messages are redelivered and processed"
+    );
+    assert!(router.is_running());
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn consumer_only_handler_returning_messages_is_an_error() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    router
+        .add_handler("sink")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .handler(move |m: Message| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async move { HandlerResult::Ok(m) }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
+    eventually("redeliveries", || calls.load(Ordering::SeqCst) >= 2).await;
+    assert_eq!(broker.group_backlog("in", "g"), Some(1), "never acked");
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicate_names_and_missing_subscription_are_rejected() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let h = |_m: Message| async { HandlerResult::Ok(()) };
+    router
+        .add_handler("a")
+        .subscribe(broker.subscriber(), "t")
+        .handler(h)
+        .await
+        .unwrap();
+    let err = router
+        .add_handler("a")
+        .subscribe(broker.subscriber(), "t")
+        .handler(h)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RouterError::DuplicateHandler(ref n) if n == "a"),
+        "{err}"
+    );
+    assert_eq!(err.to_string(), "a handler named `a` already exists");
+    let err = router.add_handler("b").handler(h).await.unwrap_err();
+    assert!(matches!(err, RouterError::MissingSubscriber(_)), "{err}");
+}
+
+#[tokio::test]
+async fn concurrency_keeps_order_per_key_and_runs_keys_in_parallel() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let seen: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let (in_flight, max_in_flight) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (s, f, mx) = (seen.clone(), in_flight.clone(), max_in_flight.clone());
+    router
+        .add_handler("ordered")
+        .subscribe(broker.subscriber(), "in")
+        .concurrency(8)
+        .handler(move |m: Message| {
+            let (s, f, mx) = (s.clone(), f.clone(), mx.clone());
+            async move {
+                let now = f.fetch_add(1, Ordering::SeqCst) + 1;
+                mx.fetch_max(now, Ordering::SeqCst);
+                let seq: usize = m.metadata().get_as("seq")?.unwrap_or_default();
+                // Random-ish delays (from the uuid's random bits) shuffle completion order.
+                let jitter = m.uuid().bytes().rev().take(4).map(u64::from).sum::<u64>() % 7;
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+                s.lock()
+                    .entry(m.key_str().unwrap_or_default().to_owned())
+                    .or_default()
+                    .push(seq);
+                f.fetch_sub(1, Ordering::SeqCst);
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    let per_key = 30;
+    let msgs: Vec<Message> = (0..per_key)
+        .flat_map(|seq| {
+            (0..6).map(move |k| {
+                Message::new("x")
+                    .with_key(format!("k{k}"))
+                    .with_metadata("seq", seq)
+            })
+        })
+        .collect();
+    broker.publisher().publish("in", msgs).await.unwrap();
+    eventually("all processed", || {
+        seen.lock().values().map(Vec::len).sum::<usize>() == 6 * per_key
+    })
+    .await;
+    for (key, seqs) in seen.lock().iter() {
+        assert_eq!(*seqs, (0..per_key).collect::<Vec<_>>(), "order of {key}");
+    }
+    assert!(
+        max_in_flight.load(Ordering::SeqCst) > 1,
+        "different keys ran in parallel"
+    );
+    assert!(
+        max_in_flight.load(Ordering::SeqCst) <= 8,
+        "never above the limit"
+    );
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrency_limit_orders_keys_even_when_the_broker_does_not_gate() {
+    // The router's own per-key sequencing, independent of the broker: messages of one key
+    // delivered together (no gating) still run one after another.
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let s = seen.clone();
+    router
+        .add_handler("h")
+        .subscribe(broker.subscriber(), "in")
+        .concurrency(4)
+        .handler(move |m: Message| {
+            let s = s.clone();
+            async move {
+                let seq: usize = m.metadata().get_as("seq")?.unwrap_or_default();
+                tokio::time::sleep(Duration::from_millis((5 - seq as u64 % 5) * 2)).await;
+                s.lock().push(seq);
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    // Keyless messages: no ordering promise, but all are processed.
+    let msgs: Vec<Message> = (0..20)
+        .map(|i| Message::new("x").with_metadata("seq", i))
+        .collect();
+    broker.publisher().publish("in", msgs).await.unwrap();
+    eventually("all processed", || seen.lock().len() == 20).await;
+    let mut got = seen.lock().clone();
+    got.sort();
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_and_starts_nothing_new() {
+    let broker = MemoryBroker::new();
+    let router = Router::with_config(RouterConfig {
+        close_timeout: Duration::from_secs(30),
+        ..Default::default()
+    });
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let fin = finished.clone();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let rel = release.clone();
+    router
+        .add_handler("slow")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .handler(move |m: Message| {
+            let (tx, fin, rel) = (started_tx.clone(), fin.clone(), rel.clone());
+            async move {
+                tx.send(text(&m)).unwrap();
+                rel.notified().await;
+                fin.fetch_add(1, Ordering::SeqCst);
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    broker
+        .publisher()
+        .publish("in", vec![Message::new("first"), Message::new("second")])
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut started_rx).await, "first");
+    let closing = tokio::spawn({
+        let r = router.clone();
+        async move { r.close().await }
+    });
+    eventually("closing", || !router.is_running()).await;
+    release.notify_one();
+    tokio::time::timeout(WAIT, closing)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        1,
+        "the in-flight message finished"
+    );
+    assert!(
+        started_rx.try_recv().is_err(),
+        "nothing new started after shutdown began"
+    );
+    assert_eq!(
+        broker.group_backlog("in", "g"),
+        Some(1),
+        "first acked, second kept for later"
+    );
+}
+
+#[tokio::test]
+async fn close_timeout_abandons_and_nacks_stuck_handlers() {
+    let broker = MemoryBroker::new();
+    let router = Router::with_config(RouterConfig {
+        close_timeout: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("stuck")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .concurrency(2)
+        .handler(move |_m: Message| {
+            let tx = tx.clone();
+            async move {
+                tx.send(()).unwrap();
+                std::future::pending::<()>().await;
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
+    recv(&mut rx).await;
+    tokio::time::timeout(WAIT, router.close())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(broker.group_backlog("in", "g"), Some(1), "not acked");
+    // The abandoned message is back in the group for the next consumer.
+    let mut s = broker
+        .subscriber()
+        .subscribe("in", SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(WAIT, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.attempt(), Some(2));
+}
+
+#[tokio::test]
+async fn handlers_can_be_added_and_stopped_while_running() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
+    let make = |name: &'static str| {
+        let tx = tx.clone();
+        move |m: Message| {
+            let tx = tx.clone();
+            async move {
+                tx.send((name.to_owned(), text(&m))).unwrap();
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    router
+        .add_handler("a")
+        .subscribe(broker.subscriber(), "t")
+        .handler(make("a"))
+        .await
+        .unwrap();
+    let run = start(&router).await;
+    router
+        .add_handler("b")
+        .subscribe(broker.subscriber(), "t")
+        .handler(make("b"))
+        .await
+        .unwrap();
+    let p = broker.publisher();
+    p.publish_one("t", Message::new("1")).await.unwrap();
+    let mut got = vec![recv(&mut rx).await, recv(&mut rx).await];
+    got.sort();
+    assert_eq!(
+        got,
+        vec![("a".into(), "1".into()), ("b".into(), "1".into())]
+    );
+    router.stop_handler("a").await.unwrap();
+    assert_eq!(router.handlers(), vec!["b".to_owned()]);
+    p.publish_one("t", Message::new("2")).await.unwrap();
+    assert_eq!(recv(&mut rx).await, ("b".into(), "2".into()));
+    assert!(matches!(
+        router.stop_handler("nope").await,
+        Err(RouterError::UnknownHandler(_))
+    ));
+    router.stop_handler("b").await.unwrap();
+    // Every handler stopped: the router closes by itself.
+    tokio::time::timeout(WAIT, router.closed()).await.unwrap();
+    run.await.unwrap().unwrap();
+    let err = router
+        .add_handler("c")
+        .subscribe(broker.subscriber(), "t")
+        .handler(make("c"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RouterError::Closed(_)), "{err}");
+}
+
+#[tokio::test]
+async fn tower_layers_work_out_of_the_box() {
+    use tower::limit::{ConcurrencyLimitLayer, RateLimitLayer};
+    use tower::timeout::TimeoutLayer;
+
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let (f, mx) = (in_flight.clone(), max_seen.clone());
+    router
+        .add_handler("layered")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .concurrency(8)
+        .layer(TimeoutLayer::new(Duration::from_millis(300)))
+        .layer(ConcurrencyLimitLayer::new(2))
+        .layer(RateLimitLayer::new(1000, Duration::from_secs(1)))
+        .handler(move |m: Message| {
+            let (tx, f, mx) = (tx.clone(), f.clone(), mx.clone());
+            async move {
+                let now = f.fetch_add(1, Ordering::SeqCst) + 1;
+                mx.fetch_max(now, Ordering::SeqCst);
+                let attempt = m.context().and_then(|c| c.attempt()).unwrap_or(0);
+                if text(&m) == "slow" && attempt == 1 {
+                    // Longer than the timeout: the timeout layer fails it, it is redelivered.
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                f.fetch_sub(1, Ordering::SeqCst);
+                tx.send((text(&m), attempt)).unwrap();
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    let mut msgs: Vec<Message> = (0..10).map(|i| Message::new(format!("m{i}"))).collect();
+    msgs.push(Message::new("slow"));
+    broker.publisher().publish("in", msgs).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..11 {
+        got.push(recv(&mut rx).await);
+    }
+    assert!(
+        got.contains(&("slow".into(), 2)),
+        "timed out once, then succeeded: {got:?}"
+    );
+    assert!(
+        max_seen.load(Ordering::SeqCst) <= 2,
+        "concurrency limit held"
+    );
+    eventually("all acked", || broker.group_backlog("in", "g") == Some(0)).await;
+    router.close().await.unwrap();
+}
+
+/// A pass-through layer that records the order layers run in.
+#[derive(Clone)]
+struct Tag(&'static str, Arc<Mutex<Vec<&'static str>>>);
+
+impl<S> Layer<S> for Tag {
+    type Service = Tagged<S>;
+    fn layer(&self, inner: S) -> Tagged<S> {
+        Tagged(self.clone(), inner)
+    }
+}
+
+struct Tagged<S>(Tag, S);
+
+impl<S: Service<Message>> Service<Message> for Tagged<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.1.poll_ready(cx)
+    }
+    fn call(&mut self, m: Message) -> S::Future {
+        self.0 .1.lock().push(self.0 .0);
+        self.1.call(m)
+    }
+}
+
+#[tokio::test]
+async fn router_layers_wrap_handler_layers_in_order() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    router.layer(Tag("router-1", order.clone()));
+    router.layer(Tag("router-2", order.clone()));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("h")
+        .subscribe(broker.subscriber(), "in")
+        .layer(Tag("handler-1", order.clone()))
+        .layer(Tag("handler-2", order.clone()))
+        .handler(move |_m: Message| {
+            let tx = tx.clone();
+            async move {
+                tx.send(()).unwrap();
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
+    recv(&mut rx).await;
+    assert_eq!(
+        *order.lock(),
+        vec!["router-1", "router-2", "handler-1", "handler-2"]
+    );
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn close_before_run_and_run_after_close() {
+    let router = Router::new();
+    router.close().await.unwrap();
+    assert!(router.is_closed());
+    assert!(matches!(router.run().await, Err(RouterError::Closed(_))));
+}
+
+#[tokio::test]
+async fn failing_subscription_fails_run_with_the_handler_and_topic() {
+    let broker = MemoryBroker::new();
+    let subscriber = broker.subscriber();
+    subscriber.close().await.unwrap();
+    let router = Router::new();
+    router
+        .add_handler("h")
+        .subscribe(subscriber, "orders")
+        .handler(|_m: Message| async { HandlerResult::Ok(()) })
+        .await
+        .unwrap();
+    let err = router.run().await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("`h`") && text.contains("`orders`"), "{text}");
+    assert!(router.is_closed());
+}
