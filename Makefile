@@ -23,3 +23,8 @@ fmt:
 	$(CARGO) fmt --all
 
 -include tests/brokers/brokers.mk
+
+.PHONY: bench-memory
+## bench-memory: router throughput and peak RSS on the in-memory broker (release build)
+bench-memory:
+	$(CARGO) bench -p tidemill-core --bench router

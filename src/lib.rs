@@ -25,3 +25,8 @@
 #![warn(missing_docs)]
 
 pub use tidemill_core::*;
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
