@@ -10,6 +10,7 @@
 
 mod delivery;
 mod error;
+pub mod headers;
 pub mod memory;
 mod message;
 mod pubsub;
