@@ -1,0 +1,1 @@
+//! tidemill-amqp (work in progress)

@@ -1,0 +1,1 @@
+//! tidemill-googlecloud (work in progress)

@@ -1,0 +1,1 @@
+//! tidemill-kafka (work in progress)

@@ -1,0 +1,1 @@
+//! tidemill-nats (work in progress)
