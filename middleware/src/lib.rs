@@ -1,0 +1,1 @@
+//! tidemill-middleware (work in progress)
