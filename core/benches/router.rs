@@ -3,7 +3,7 @@
 //! Scenarios (N messages of 100 bytes, published in batches of 1,000 by one publisher):
 //! - plain:  one consumer-only handler on "in" counts messages;
 //! - hop:    a handler republishes each message as a new message to "out", a consumer
-//!           handler on "out" counts;
+//!   handler on "out" counts;
 //! - layers: plain with three layers (tower's timeout and two pass-through layers).
 //!
 //! Each figure is the time from the first publish to the N-th message handled. Peak RSS is

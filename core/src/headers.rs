@@ -45,7 +45,10 @@ pub fn stable_uuid(parts: &[&[u8]]) -> Arc<str> {
         name.extend_from_slice(part);
     }
     let id = uuid::Uuid::new_v5(&NAMESPACE, &name);
-    Arc::from(&*id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()))
+    Arc::from(
+        &*id.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    )
 }
 
 /// Stores a received header: as is when `value` is UTF-8, otherwise base64-encoded under

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -83,12 +83,28 @@ pub struct MemoryBroker {
 #[derive(Default)]
 struct Shared {
     config: MemoryConfig,
-    topics: Mutex<HashMap<String, Arc<Topic>>>,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
 }
 
 #[derive(Default)]
 struct Topic {
     state: Mutex<TopicState>,
+    /// Every queue of the topic (broadcast and groups), rebuilt whenever one is added or
+    /// removed, so publishing takes no lock on the topic's state when nothing is retained.
+    targets: RwLock<Arc<[Arc<Queue>]>>,
+}
+
+impl Topic {
+    /// Rebuilds the publish targets; call with `state` locked after changing its queues.
+    fn refresh_targets(&self, state: &TopicState) {
+        let all: Arc<[Arc<Queue>]> = state
+            .broadcast
+            .iter()
+            .chain(state.groups.values())
+            .cloned()
+            .collect();
+        *self.targets.write() = all;
+    }
 }
 
 #[derive(Default)]
@@ -100,15 +116,14 @@ struct TopicState {
 
 impl Shared {
     fn topic(&self, name: &str) -> Arc<Topic> {
-        let mut topics = self.topics.lock();
-        match topics.get(name) {
-            Some(t) => t.clone(),
-            None => {
-                let t = Arc::new(Topic::default());
-                topics.insert(name.to_owned(), t.clone());
-                t
-            }
+        if let Some(t) = self.topics.read().get(name) {
+            return t.clone();
         }
+        self.topics
+            .write()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     fn new_queue(&self, retained: &VecDeque<Message>) -> Arc<Queue> {
@@ -129,7 +144,7 @@ impl MemoryBroker {
         MemoryBroker {
             shared: Arc::new(Shared {
                 config,
-                topics: Mutex::default(),
+                topics: RwLock::default(),
             }),
         }
     }
@@ -158,7 +173,7 @@ impl MemoryBroker {
     /// How many messages consumer group `group` of `topic` holds (waiting, in flight or
     /// delayed); `None` if the group does not exist.
     pub fn group_backlog(&self, topic: &str, group: &str) -> Option<usize> {
-        let topic = self.shared.topics.lock().get(topic)?.clone();
+        let topic = self.shared.topics.read().get(topic)?.clone();
         let state = topic.state.lock();
         state.groups.get(group).map(|q| q.len())
     }
@@ -201,23 +216,20 @@ impl Publisher for MemoryPublisher {
             });
         }
         let topic_ref = self.shared.topic(topic);
-        let targets: Vec<Arc<Queue>> = {
+        let retention = self.shared.config.retention;
+        let targets = if retention > 0 {
+            // Retain and snapshot under one lock, so a new subscription either replays a
+            // message or receives it live, never both and never neither.
             let mut state = topic_ref.state.lock();
-            let retention = self.shared.config.retention;
-            if retention > 0 {
-                for m in messages.iter().rev().take(retention).rev() {
-                    if state.retained.len() == retention {
-                        state.retained.pop_front();
-                    }
-                    state.retained.push_back(m.clone());
+            for m in messages.iter().rev().take(retention).rev() {
+                if state.retained.len() == retention {
+                    state.retained.pop_front();
                 }
+                state.retained.push_back(m.clone());
             }
-            state
-                .broadcast
-                .iter()
-                .chain(state.groups.values())
-                .cloned()
-                .collect()
+            topic_ref.targets.read().clone()
+        } else {
+            topic_ref.targets.read().clone()
         };
         if targets.is_empty() {
             tracing::trace!(topic, count = messages.len(), "memory: no subscribers");
@@ -274,6 +286,7 @@ impl Subscriber for MemorySubscriber {
                 None => {
                     let queue = self.shared.new_queue(&state.retained);
                     state.broadcast.push(queue.clone());
+                    topic_ref.refresh_targets(&state);
                     Consumer::new(queue, Some(topic_ref.clone()))
                 }
                 Some(group) => {
@@ -282,6 +295,7 @@ impl Subscriber for MemorySubscriber {
                         None => {
                             let q = self.shared.new_queue(&state.retained);
                             state.groups.insert(group.to_owned(), q.clone());
+                            topic_ref.refresh_targets(&state);
                             q
                         }
                     };
@@ -306,6 +320,7 @@ impl Subscriber for MemorySubscriber {
             if !state.groups.contains_key(group) {
                 let q = self.shared.new_queue(&state.retained);
                 state.groups.insert(group.to_owned(), q);
+                topic_ref.refresh_targets(&state);
             }
         }
         Ok(())
@@ -351,11 +366,10 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         match self.owner.take() {
             Some(topic) => {
-                topic
-                    .state
-                    .lock()
-                    .broadcast
-                    .retain(|q| !Arc::ptr_eq(q, &self.queue));
+                let mut state = topic.state.lock();
+                state.broadcast.retain(|q| !Arc::ptr_eq(q, &self.queue));
+                topic.refresh_targets(&state);
+                drop(state);
                 self.queue.close();
             }
             None => self.queue.untake(&mut self.buffer),

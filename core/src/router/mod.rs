@@ -102,7 +102,7 @@ pub enum RouterError {
         topic: String,
         /// The subscriber's error.
         #[source]
-        source: Error,
+        source: Box<Error>,
     },
     /// The router is closing or closed.
     #[error("the router is closed; cannot {0}")]
@@ -115,7 +115,7 @@ pub enum RouterError {
     UnknownHandler(String),
     /// Closing a publisher or subscriber failed.
     #[error("closing the router's clients failed: {0}")]
-    Close(#[source] Error),
+    Close(#[source] Box<Error>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -427,7 +427,7 @@ impl Router {
                 return Err(RouterError::Subscribe {
                     handler: info.name.clone(),
                     topic: info.topic.clone(),
-                    source,
+                    source: Box::new(source),
                 });
             }
         };
@@ -505,14 +505,14 @@ impl Router {
             for p in publishers {
                 if let Err(e) = p.close().await {
                     tracing::error!(error = %e, "closing a publisher failed");
-                    result = Err(RouterError::Close(e));
+                    result = Err(RouterError::Close(Box::new(e)));
                 }
             }
             let subscribers = std::mem::take(&mut *self.inner.subscribers.lock());
             for s in subscribers {
                 if let Err(e) = s.close().await {
                     tracing::error!(error = %e, "closing a subscriber failed");
-                    result = Err(RouterError::Close(e));
+                    result = Err(RouterError::Close(Box::new(e)));
                 }
             }
         }

@@ -67,20 +67,37 @@ where
             Next::Skip => continue,
             Next::Ended => break,
         };
-        let Some((span, handle, fut)) = start(&mut service, &ctx, delivery, &force).await else {
-            break;
-        };
         // Yield now and then even when every step completes at once (e.g. a message nacked
         // and redelivered in a loop), so the handler cannot starve its runtime thread.
         tokio::task::consume_budget().await;
-        let work = settle(&ctx, handle, fut).instrument(span);
-        tokio::select! {
+        let keep_going = tokio::select! {
             biased;
-            _ = work => {}
+            going = process(&mut service, &ctx, delivery, &force) => going,
             // Past the close timeout: dropping the work nacks the message.
-            _ = force.cancelled() => break,
+            _ = force.cancelled() => false,
+        };
+        if !keep_going {
+            break;
         }
     }
+}
+
+/// Runs one delivery through the service and settles it; `false` means the handler must stop.
+async fn process<S>(
+    service: &mut S,
+    ctx: &HandlerCtx,
+    delivery: Delivery,
+    force: &CancellationToken,
+) -> bool
+where
+    S: Service<Message, Response = Vec<Message>>,
+    S::Error: Into<BoxError>,
+{
+    let Some((span, handle, fut)) = start(service, ctx, delivery, force).await else {
+        return false;
+    };
+    settle(ctx, handle, fut).instrument(span).await;
+    true
 }
 
 /// Up to `concurrency` messages in flight; messages with the same key one after another.
@@ -282,7 +299,8 @@ where
                 match &ctx.output {
                     Some(publisher) => {
                         let topic = ctx.info.publish_topic.as_deref().unwrap_or_default();
-                        if let Err(e) = publisher.publish(topic, out).await {
+                        // Through the trait object itself: calling on the Arc would box the future twice.
+                        if let Err(e) = (**publisher).publish(topic, out).await {
                             tracing::error!(error = %e, "publishing the handler's output failed; nacking");
                             return nack(handle).await;
                         }
