@@ -9,6 +9,7 @@
 #   brokers.sh restart NAME...    stop and start again, keeping data on disk
 #   brokers.sh env [NAME...]      print `export VAR=...` lines for the addresses
 #   brokers.sh running            print the names of the brokers running now
+#   brokers.sh rabbitmqctl ARG... run rabbitmqctl against our RabbitMQ node
 #
 # NAME is one of: rabbitmq nats kafka pubsub (default: all four).
 # Exit status 3 from restart: the broker is external (not ours to restart).
@@ -24,7 +25,7 @@ for _b in $TIDEMILL_BROKERS; do
   source "$HERE/$_b.sh"
 done
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 names() { # validate NAME args, default to all
   if (($# == 0)); then echo "$TIDEMILL_BROKERS"; return; fi
@@ -254,6 +255,10 @@ case $cmd in
   restart) cmd_restart "$@" ;;
   env) cmd_env "$@" ;;
   running) cmd_running ;;
+  rabbitmqctl)
+    rabbitmq_env
+    exec "$RABBITMQ_SBIN/rabbitmqctl" "$@"
+    ;;
   -h | --help | help) usage ;;
   *) log "unknown command '$cmd'"; usage ;;
 esac

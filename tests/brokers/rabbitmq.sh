@@ -59,10 +59,12 @@ rabbitmq_running() {
 }
 
 rabbitmq_ready() {
-  (
+  # The AMQP listener opens at the end of the boot; only then ask
+  # rabbitmqctl (an Erlang VM of its own, too heavy to poll with).
+  tcp_open "$TIDEMILL_RABBITMQ_PORT" && (
     rabbitmq_env
-    timeout 20 "$RABBITMQ_SBIN/rabbitmqctl" -q await_startup --timeout 5 >/dev/null 2>&1
-  ) && tcp_open "$TIDEMILL_RABBITMQ_PORT"
+    timeout 30 "$RABBITMQ_SBIN/rabbitmqctl" -q await_startup --timeout 20 >/dev/null 2>&1
+  )
 }
 
 rabbitmq_start() {
