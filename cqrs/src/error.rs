@@ -1,0 +1,112 @@
+//! CQRS errors.
+
+use tidemill_core::router::RouterError;
+use tidemill_core::BoxError;
+
+/// Errors from buses and processors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CqrsError {
+    /// The value could not be encoded.
+    #[error("cannot marshal {kind} `{name}`: {source}")]
+    Marshal {
+        /// "command" or "event".
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// The marshaler's error.
+        #[source]
+        source: BoxError,
+    },
+    /// Publishing failed.
+    #[error("cannot publish {kind} `{name}` to topic `{topic}`: {source}")]
+    Publish {
+        /// "command" or "event".
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// The topic.
+        topic: String,
+        /// The publisher's error (names the broker).
+        #[source]
+        source: Box<tidemill_core::Error>,
+    },
+    /// A second handler for one command type.
+    #[error("command `{0}` already has a handler: a command type has exactly one handler")]
+    DuplicateCommandHandler(String),
+    /// Two handlers with one name.
+    #[error("a handler named `{0}` is already registered")]
+    DuplicateHandlerName(String),
+    /// An event group whose event types map to different topics.
+    #[error(
+        "event group `{group}` would need two subscriptions: `{first}` is on topic `{first_topic}` \
+         but `{second}` is on `{second_topic}`; name the group's events onto one topic \
+         (e.g. EventProcessor::with_topic_naming)"
+    )]
+    GroupSpansTopics {
+        /// The group.
+        group: String,
+        /// First event type.
+        first: String,
+        /// Its topic.
+        first_topic: String,
+        /// The event type on another topic.
+        second: String,
+        /// That topic.
+        second_topic: String,
+    },
+    /// An event group without handlers.
+    #[error("event group `{0}` has no handlers")]
+    EmptyGroup(String),
+    /// Registering on the router failed.
+    #[error(transparent)]
+    Router(#[from] RouterError),
+}
+
+/// Why a received message could not become a typed command or event. Handlers return it
+/// marked permanent ([`tidemill_core::permanent`]), so poison-queue middleware routes the
+/// message to the poison topic with this text as the reason instead of retrying it.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The payload did not decode as the type its name says.
+    #[error("cannot decode {kind} `{name}` from message {uuid} on topic `{topic}`: {source}")]
+    Payload {
+        /// "command" or "event".
+        kind: &'static str,
+        /// The type name from the metadata.
+        name: String,
+        /// Message uuid.
+        uuid: String,
+        /// Topic it arrived on.
+        topic: String,
+        /// The marshaler's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The message carries no type name.
+    #[error(
+        "message {uuid} on topic `{topic}` has no `{key}` metadata: cannot tell which {kind} it is"
+    )]
+    MissingName {
+        /// "command" or "event".
+        kind: &'static str,
+        /// Message uuid.
+        uuid: String,
+        /// Topic it arrived on.
+        topic: String,
+        /// The metadata key that was expected.
+        key: &'static str,
+    },
+    /// No handler knows the type and the policy is to reject it.
+    #[error("no handler for {kind} `{name}` (message {uuid} on topic `{topic}`)")]
+    UnknownType {
+        /// "command" or "event".
+        kind: &'static str,
+        /// The type name.
+        name: String,
+        /// Message uuid.
+        uuid: String,
+        /// Topic it arrived on.
+        topic: String,
+    },
+}

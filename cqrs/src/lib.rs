@@ -1,0 +1,39 @@
+//! # tidemill-cqrs
+//!
+//! Typed commands and events over any Tidemill broker, in the spirit of Watermill's
+//! `components/cqrs`:
+//!
+//! - [`CommandBus::send`] / [`EventBus::publish`] marshal a value (JSON by default, Protobuf
+//!   with the `protobuf` feature), tag the message with the type's name (metadata
+//!   [`NAME_KEY`]) and publish it to the topic the name maps to (`commands.<Name>` /
+//!   `events.<Name>` by default, replaceable with [`TopicNaming`]).
+//! - [`CommandProcessor`] runs exactly one handler per command type; [`EventProcessor`] runs
+//!   any number of handlers per event type, each with its own consumer group, and event
+//!   groups whose handlers share one subscription (and keep their relative order). Both run
+//!   on the [`Router`](tidemill_core::Router), so router layers (retry, poison queue, ...)
+//!   apply.
+//! - A message that does not decode (or carries no type name) fails with a permanent
+//!   [`DecodeError`], so poison-queue middleware routes it to the poison topic with the
+//!   error as the reason; it never panics and is never silently dropped. Types no handler
+//!   knows follow an explicit [`UnknownTypePolicy`].
+#![warn(missing_docs)]
+
+mod bus;
+mod error;
+mod marshal;
+mod name;
+mod processor;
+
+pub use bus::{CommandBus, EventBus};
+pub use error::{CqrsError, DecodeError};
+#[cfg(feature = "protobuf")]
+pub use marshal::Protobuf;
+pub use marshal::{Json, Marshal};
+pub use name::{short_type_name, Command, Event, TopicNaming};
+pub use processor::{CommandProcessor, Context, EventGroup, EventProcessor, UnknownTypePolicy};
+
+/// Metadata key holding the command or event name.
+pub const NAME_KEY: &str = "cqrs-name";
+
+/// Metadata key holding the payload's content type.
+pub const CONTENT_TYPE_KEY: &str = "content-type";

@@ -1,0 +1,525 @@
+//! Command and event processors: typed handlers running on the router.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tidemill_core::router::Router;
+use tidemill_core::{permanent, BoxError, Message, Subscriber};
+
+use crate::{Command, CqrsError, DecodeError, Event, Json, Marshal, TopicNaming, NAME_KEY};
+
+/// What a typed handler gets besides the decoded value: the message it came in.
+#[derive(Clone, Debug)]
+pub struct Context {
+    message: Message,
+}
+
+impl Context {
+    /// The received message (metadata, uuid, key, receive context).
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The delivery attempt (1 = first), where the broker reports it.
+    pub fn attempt(&self) -> Option<u32> {
+        self.message.context().and_then(|c| c.attempt())
+    }
+}
+
+/// What a processor does with a message whose type none of its handlers knows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnknownTypePolicy {
+    /// Acknowledge it, log a warning and count it ([`CommandProcessor::unknown_count`]).
+    #[default]
+    AckAndCount,
+    /// Fail it with a permanent error: poison-queue middleware sends it to the poison topic;
+    /// without it the router nacks it (redelivered).
+    Reject,
+}
+
+type Call = Arc<dyn Fn(Message) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
+
+/// One typed handler, erased.
+#[derive(Clone)]
+struct Registration {
+    /// The command/event type name it handles.
+    type_name: String,
+    call: Call,
+}
+
+/// Builds the erased call: decode with `marshaler`, then run `f`.
+fn erase<T, M, F, Fut>(kind: &'static str, type_name: String, marshaler: M, f: F) -> Call
+where
+    T: Send + 'static,
+    M: Marshal<T>,
+    F: Fn(T, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    Arc::new(
+        move |message: Message| match marshaler.unmarshal(message.payload()) {
+            Ok(value) => Box::pin(f(value, Context { message })),
+            Err(source) => {
+                let err = DecodeError::Payload {
+                    kind,
+                    name: type_name.clone(),
+                    uuid: message.uuid().to_owned(),
+                    topic: topic_of(&message),
+                    source,
+                };
+                Box::pin(std::future::ready(Err(permanent(err))))
+            }
+        },
+    )
+}
+
+fn topic_of(message: &Message) -> String {
+    message
+        .context()
+        .map(|c| c.handler().topic.clone())
+        .unwrap_or_default()
+}
+
+/// Shared dispatch for one router handler serving `handlers` (one, or a whole event group).
+#[derive(Clone)]
+struct Dispatcher {
+    kind: &'static str,
+    handlers: Arc<Vec<Registration>>,
+    /// Types handled elsewhere in the same processor: acked silently (they are not unknown).
+    siblings: Arc<HashSet<String>>,
+    policy: UnknownTypePolicy,
+    unknown: Arc<AtomicU64>,
+}
+
+impl Dispatcher {
+    async fn dispatch(self, message: Message) -> Result<(), BoxError> {
+        let Some(name) = message.metadata().get(NAME_KEY) else {
+            return Err(permanent(DecodeError::MissingName {
+                kind: self.kind,
+                uuid: message.uuid().to_owned(),
+                topic: topic_of(&message),
+                key: NAME_KEY,
+            }));
+        };
+        if let Some(h) = self.handlers.iter().find(|h| h.type_name == name) {
+            return (h.call)(message).await;
+        }
+        if self.siblings.contains(name) {
+            tracing::trace!(kind = self.kind, name, "not for this handler; acking");
+            return Ok(());
+        }
+        match self.policy {
+            UnknownTypePolicy::AckAndCount => {
+                self.unknown.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    kind = self.kind,
+                    name,
+                    uuid = message.uuid(),
+                    "no handler for this type; acking it (UnknownTypePolicy::AckAndCount)"
+                );
+                Ok(())
+            }
+            UnknownTypePolicy::Reject => Err(permanent(DecodeError::UnknownType {
+                kind: self.kind,
+                name: name.to_owned(),
+                uuid: message.uuid().to_owned(),
+                topic: topic_of(&message),
+            })),
+        }
+    }
+
+    async fn add_to(
+        self,
+        router: &Router,
+        handler_name: String,
+        subscriber: Arc<dyn Subscriber>,
+        topic: String,
+        group: String,
+    ) -> Result<(), CqrsError> {
+        router
+            .add_handler(handler_name)
+            .subscribe(subscriber, topic)
+            .group(group)
+            .handler(move |message: Message| self.clone().dispatch(message))
+            .await?;
+        Ok(())
+    }
+}
+
+type GroupNaming = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+/// Runs command handlers on a router: exactly one handler per command type, each with its
+/// own subscription (consumer group named after the handler by default).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use tidemill_core::{router::Router, MemoryBroker};
+/// use tidemill_cqrs::{Command, CommandProcessor, Context};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct BookRoom { room: u32 }
+/// impl Command for BookRoom {}
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tidemill_cqrs::CqrsError> {
+/// let broker = MemoryBroker::new();
+/// let router = Router::new();
+/// let mut commands = CommandProcessor::new(broker.subscriber());
+/// commands.handle(|cmd: BookRoom, _ctx: Context| async move {
+///     println!("booking room {}", cmd.room);
+///     Ok(())
+/// })?;
+/// assert!(commands.handle(|_: BookRoom, _| async { Ok(()) }).is_err(), "one handler per type");
+/// commands.add_to(&router).await?;
+/// # Ok(()) }
+/// ```
+pub struct CommandProcessor<M = Json> {
+    subscriber: Arc<dyn Subscriber>,
+    marshaler: M,
+    naming: TopicNaming,
+    group: GroupNaming,
+    policy: UnknownTypePolicy,
+    handlers: Vec<Registration>,
+    unknown: Arc<AtomicU64>,
+}
+
+impl CommandProcessor<Json> {
+    /// A processor consuming through `subscriber`, decoding JSON.
+    pub fn new(subscriber: impl Subscriber + 'static) -> Self {
+        CommandProcessor {
+            subscriber: Arc::new(subscriber),
+            marshaler: Json,
+            naming: TopicNaming::commands(),
+            group: Arc::new(str::to_owned),
+            policy: UnknownTypePolicy::default(),
+            handlers: Vec::new(),
+            unknown: Arc::default(),
+        }
+    }
+}
+
+impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
+    /// Uses `marshaler` (must match the bus's). Call before adding handlers.
+    pub fn with_marshaler<N>(self, marshaler: N) -> CommandProcessor<N> {
+        CommandProcessor {
+            subscriber: self.subscriber,
+            marshaler,
+            naming: self.naming,
+            group: self.group,
+            policy: self.policy,
+            handlers: self.handlers,
+            unknown: self.unknown,
+        }
+    }
+
+    /// Replaces how command names map to topics (must match the bus's).
+    pub fn with_topic_naming(mut self, naming: TopicNaming) -> Self {
+        self.naming = naming;
+        self
+    }
+
+    /// Replaces how handler names map to consumer groups (default: the handler name).
+    pub fn with_group_naming(mut self, f: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
+        self.group = Arc::new(f);
+        self
+    }
+
+    /// Sets the policy for commands no handler knows.
+    pub fn with_unknown_type_policy(mut self, policy: UnknownTypePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How many messages of unknown type were acked under [`UnknownTypePolicy::AckAndCount`].
+    pub fn unknown_count(&self) -> u64 {
+        self.unknown.load(Ordering::Relaxed)
+    }
+
+    /// The router handler name used for command `name`.
+    pub fn handler_name(name: &str) -> String {
+        format!("{name}-handler")
+    }
+
+    /// Registers the handler of command `C`. A second handler for the same command type is
+    /// an error.
+    pub fn handle<C, F, Fut>(&mut self, f: F) -> Result<&mut Self, CqrsError>
+    where
+        C: Command,
+        M: Marshal<C>,
+        F: Fn(C, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        let name = C::name().into_owned();
+        if self.handlers.iter().any(|h| h.type_name == name) {
+            return Err(CqrsError::DuplicateCommandHandler(name));
+        }
+        let call = erase("command", name.clone(), self.marshaler.clone(), f);
+        self.handlers.push(Registration {
+            type_name: name,
+            call,
+        });
+        Ok(self)
+    }
+
+    /// Adds every handler to `router` (each its own router handler and consumer group).
+    pub async fn add_to(&self, router: &Router) -> Result<(), CqrsError> {
+        let siblings: Arc<HashSet<String>> =
+            Arc::new(self.handlers.iter().map(|h| h.type_name.clone()).collect());
+        for h in &self.handlers {
+            let handler_name = Self::handler_name(&h.type_name);
+            let group = (self.group)(&handler_name);
+            let dispatcher = Dispatcher {
+                kind: "command",
+                handlers: Arc::new(vec![h.clone()]),
+                siblings: siblings.clone(),
+                policy: self.policy,
+                unknown: self.unknown.clone(),
+            };
+            dispatcher
+                .add_to(
+                    router,
+                    handler_name,
+                    self.subscriber.clone(),
+                    self.naming.topic(&h.type_name),
+                    group,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A handler registration of an [`EventProcessor`]: a lone handler or a group.
+struct EventHandlerSpec {
+    name: String,
+    handlers: Vec<Registration>,
+}
+
+/// Runs event handlers on a router. Every handler gets every event of its type (its own
+/// consumer group, named after it by default); an [`EventGroup`] shares one subscription
+/// among several handlers so their relative order holds.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use tidemill_core::{router::Router, MemoryBroker};
+/// use tidemill_cqrs::{Context, Event, EventProcessor};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct RoomBooked { room: u32 }
+/// impl Event for RoomBooked {}
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tidemill_cqrs::CqrsError> {
+/// let broker = MemoryBroker::new();
+/// let router = Router::new();
+/// let mut events = EventProcessor::new(broker.subscriber());
+/// events.handle("send-invoice", |e: RoomBooked, _ctx: Context| async move {
+///     println!("invoice for room {}", e.room);
+///     Ok(())
+/// })?;
+/// events.handle("notify-guest", |e: RoomBooked, _ctx: Context| async move { Ok(()) })?;
+/// events.add_to(&router).await?;
+/// # Ok(()) }
+/// ```
+pub struct EventProcessor<M = Json> {
+    subscriber: Arc<dyn Subscriber>,
+    marshaler: M,
+    naming: TopicNaming,
+    group: GroupNaming,
+    policy: UnknownTypePolicy,
+    specs: Vec<EventHandlerSpec>,
+    unknown: Arc<AtomicU64>,
+}
+
+impl EventProcessor<Json> {
+    /// A processor consuming through `subscriber`, decoding JSON.
+    pub fn new(subscriber: impl Subscriber + 'static) -> Self {
+        EventProcessor {
+            subscriber: Arc::new(subscriber),
+            marshaler: Json,
+            naming: TopicNaming::events(),
+            group: Arc::new(str::to_owned),
+            policy: UnknownTypePolicy::default(),
+            specs: Vec::new(),
+            unknown: Arc::default(),
+        }
+    }
+}
+
+impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
+    /// Uses `marshaler` (must match the bus's). Call before adding handlers.
+    pub fn with_marshaler<N>(self, marshaler: N) -> EventProcessor<N> {
+        EventProcessor {
+            subscriber: self.subscriber,
+            marshaler,
+            naming: self.naming,
+            group: self.group,
+            policy: self.policy,
+            specs: self.specs,
+            unknown: self.unknown,
+        }
+    }
+
+    /// Replaces how event names map to topics (must match the bus's).
+    pub fn with_topic_naming(mut self, naming: TopicNaming) -> Self {
+        self.naming = naming;
+        self
+    }
+
+    /// Replaces how handler/group names map to consumer groups (default: the name itself).
+    pub fn with_group_naming(mut self, f: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
+        self.group = Arc::new(f);
+        self
+    }
+
+    /// Sets the policy for events no handler of the subscription knows.
+    pub fn with_unknown_type_policy(mut self, policy: UnknownTypePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How many messages of unknown type were acked under [`UnknownTypePolicy::AckAndCount`].
+    pub fn unknown_count(&self) -> u64 {
+        self.unknown.load(Ordering::Relaxed)
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), CqrsError> {
+        if self.specs.iter().any(|s| s.name == name) {
+            return Err(CqrsError::DuplicateHandlerName(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Adds handler `name` for event `E`, with its own subscription.
+    pub fn handle<E, F, Fut>(
+        &mut self,
+        name: impl Into<String>,
+        f: F,
+    ) -> Result<&mut Self, CqrsError>
+    where
+        E: Event,
+        M: Marshal<E>,
+        F: Fn(E, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        let name = name.into();
+        self.check_name(&name)?;
+        let type_name = E::name().into_owned();
+        let call = erase("event", type_name.clone(), self.marshaler.clone(), f);
+        self.specs.push(EventHandlerSpec {
+            name,
+            handlers: vec![Registration { type_name, call }],
+        });
+        Ok(self)
+    }
+
+    /// Starts event group `name`: its handlers share one subscription (and so one topic:
+    /// the group's event types must map to the same topic) and see events in order.
+    pub fn group(&mut self, name: impl Into<String>) -> EventGroup<'_, M> {
+        EventGroup {
+            processor: self,
+            name: name.into(),
+            handlers: Vec::new(),
+        }
+    }
+
+    /// Adds every handler and group to `router`.
+    pub async fn add_to(&self, router: &Router) -> Result<(), CqrsError> {
+        for spec in &self.specs {
+            let mut topics = spec
+                .handlers
+                .iter()
+                .map(|h| (h.type_name.as_str(), self.naming.topic(&h.type_name)));
+            let Some((first, topic)) = topics.next() else {
+                return Err(CqrsError::EmptyGroup(spec.name.clone()));
+            };
+            if let Some((second, other)) = topics.find(|(_, t)| *t != topic) {
+                return Err(CqrsError::GroupSpansTopics {
+                    group: spec.name.clone(),
+                    first: first.to_owned(),
+                    first_topic: topic,
+                    second: second.to_owned(),
+                    second_topic: other,
+                });
+            }
+            // Other event types sharing the topic are someone else's business: lone
+            // handlers ack them silently; groups apply the unknown-type policy.
+            let lone = spec.handlers.len() == 1;
+            let siblings: HashSet<String> = if lone {
+                self.specs
+                    .iter()
+                    .flat_map(|s| s.handlers.iter().map(|h| h.type_name.clone()))
+                    .collect()
+            } else {
+                HashSet::new()
+            };
+            let dispatcher = Dispatcher {
+                kind: "event",
+                handlers: Arc::new(spec.handlers.clone()),
+                siblings: Arc::new(siblings),
+                policy: self.policy,
+                unknown: self.unknown.clone(),
+            };
+            dispatcher
+                .add_to(
+                    router,
+                    spec.name.clone(),
+                    self.subscriber.clone(),
+                    topic,
+                    (self.group)(&spec.name),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Handlers sharing one subscription; see [`EventProcessor::group`]. Finish with
+/// [`done`](EventGroup::done).
+pub struct EventGroup<'p, M> {
+    processor: &'p mut EventProcessor<M>,
+    name: String,
+    handlers: Vec<Registration>,
+}
+
+impl<M: Clone + Send + Sync + 'static> EventGroup<'_, M> {
+    /// Adds the group's handler for event `E` (one per event type).
+    pub fn handle<E, F, Fut>(mut self, f: F) -> Result<Self, CqrsError>
+    where
+        E: Event,
+        M: Marshal<E>,
+        F: Fn(E, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        let type_name = E::name().into_owned();
+        if self.handlers.iter().any(|h| h.type_name == type_name) {
+            return Err(CqrsError::DuplicateHandlerName(format!(
+                "{}/{type_name}",
+                self.name
+            )));
+        }
+        let call = erase(
+            "event",
+            type_name.clone(),
+            self.processor.marshaler.clone(),
+            f,
+        );
+        self.handlers.push(Registration { type_name, call });
+        Ok(self)
+    }
+
+    /// Adds the group to its processor.
+    pub fn done(self) -> Result<(), CqrsError> {
+        self.processor.check_name(&self.name)?;
+        if self.handlers.is_empty() {
+            return Err(CqrsError::EmptyGroup(self.name));
+        }
+        self.processor.specs.push(EventHandlerSpec {
+            name: self.name,
+            handlers: self.handlers,
+        });
+        Ok(())
+    }
+}
