@@ -5,6 +5,10 @@
 //! is external (the script then refuses to restart it, exit status 3). The
 //! Pub/Sub emulator is in memory and is not tested here: a restart loses
 //! everything by design.
+//!
+//! Restarting a broker breaks every other test using it, so these tests are
+//! `#[ignore]`d: `make test` runs the ignored tests after the others, one at
+//! a time (`cargo test -- --ignored --test-threads 1`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -52,6 +56,7 @@ async fn restart(name: &str) -> bool {
 }
 
 #[tokio::test]
+#[ignore = "restarts a shared broker: run alone (make test does)"]
 async fn kafka_keeps_messages_and_committed_offsets() {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -127,6 +132,7 @@ async fn kafka_keeps_messages_and_committed_offsets() {
 }
 
 #[tokio::test]
+#[ignore = "restarts a shared broker: run alone (make test does)"]
 async fn rabbitmq_keeps_durable_queues_and_persistent_messages() {
     use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
     use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
@@ -190,6 +196,7 @@ async fn rabbitmq_keeps_durable_queues_and_persistent_messages() {
 }
 
 #[tokio::test]
+#[ignore = "restarts a shared broker: run alone (make test does)"]
 async fn nats_keeps_jetstream_streams() {
     use async_nats::jetstream::{self, consumer::pull, stream};
 
