@@ -1,0 +1,265 @@
+//! The publisher: one batching Pub/Sub publisher per topic over one shared connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use google_cloud_gax::error::rpc::Code;
+use google_cloud_pubsub::client::{BasePublisher, Publisher as TopicPublisher};
+use google_cloud_pubsub::error::PublishError;
+use parking_lot::RwLock;
+use tidemill_core::{Error, Message, Publisher, Result};
+use tokio_util::task::TaskTracker;
+
+use crate::client::{self, Admin, Endpoint};
+use crate::config::GoogleCloudConfig;
+use crate::convert::{encode, Encoded};
+use crate::names::{topic_name, TopicName};
+use crate::BROKER;
+
+/// Publishes to Pub/Sub topics. Cheap to clone (clones share the connection and the
+/// per-topic batching publishers).
+///
+/// `publish` returns once Pub/Sub answered the publish request of every message (each has
+/// a message id). Topics are created on first use unless `create_topics` is off.
+///
+/// ```no_run
+/// use tidemill_core::{Message, Publisher};
+/// use tidemill_googlecloud::{GoogleCloudConfig, GoogleCloudPublisher};
+///
+/// # async fn run() -> tidemill_core::Result<()> {
+/// let publisher = GoogleCloudPublisher::connect(GoogleCloudConfig::new("my-project")).await?;
+/// publisher.publish_one("orders", Message::new("tea").with_key("ord-1")).await?;
+/// publisher.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct GoogleCloudPublisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: GoogleCloudConfig,
+    endpoint: Endpoint,
+    base: BasePublisher,
+    admin: Admin,
+    topics: RwLock<HashMap<String, Topic>>,
+    /// `true` once `close` began; read-locked while a publish registers itself.
+    closed: RwLock<bool>,
+    in_flight: TaskTracker,
+}
+
+#[derive(Clone)]
+struct Topic {
+    name: Arc<TopicName>,
+    publisher: TopicPublisher,
+}
+
+impl GoogleCloudPublisher {
+    /// Validates `config`, connects and checks that the service answers (within
+    /// `connect_timeout`; the error names the address).
+    pub async fn connect(config: GoogleCloudConfig) -> Result<Self> {
+        config.validate()?;
+        let endpoint = Endpoint::resolve(&config);
+        let topics = endpoint.topic_admin().await?;
+        endpoint
+            .probe(&topics, &config.project_id, config.connect_timeout)
+            .await?;
+        let base = endpoint.base_publisher(config.publish_timeout).await?;
+        tracing::debug!(address = %endpoint.address, project = %config.project_id, "pubsub publisher connected");
+        Ok(GoogleCloudPublisher {
+            inner: Arc::new(Inner {
+                admin: Admin {
+                    topics,
+                    subscriptions: None,
+                    timeout: config.operation_timeout,
+                },
+                config,
+                endpoint,
+                base,
+                topics: RwLock::new(HashMap::new()),
+                closed: RwLock::new(false),
+                in_flight: TaskTracker::new(),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &GoogleCloudConfig {
+        &self.inner.config
+    }
+
+    /// The address errors name: the emulator's `host:port` or the endpoint URL.
+    pub fn address(&self) -> &str {
+        &self.inner.endpoint.address
+    }
+}
+
+impl Inner {
+    /// The batching publisher of `topic`, making sure the topic exists on first use.
+    async fn topic(&self, topic: &str) -> Result<Topic> {
+        if let Some(t) = self.topics.read().get(topic) {
+            return Ok(t.clone());
+        }
+        let name = topic_name(&self.config.project_id, topic)?;
+        self.admin
+            .ensure_topic(&name, self.config.create_topics)
+            .await?;
+        let publisher = self
+            .base
+            .publisher(name.path.clone())
+            .set_message_count_threshold(self.config.batch_max_messages)
+            .set_byte_threshold(self.config.batch_max_bytes)
+            .set_delay_threshold(self.config.batch_max_delay)
+            .build();
+        let t = Topic {
+            name: Arc::new(name),
+            publisher,
+        };
+        Ok(self
+            .topics
+            .write()
+            .entry(topic.to_owned())
+            .or_insert(t)
+            .clone())
+    }
+
+    /// Publishes `batch` through `topic`'s publisher; the indexes (into `batch`) and errors
+    /// of the messages that failed.
+    async fn send(&self, topic: &Topic, batch: Vec<Encoded>) -> Vec<(usize, PublishError)> {
+        let mut keys = Vec::new();
+        let futures: Vec<_> = batch
+            .into_iter()
+            .map(|e| {
+                keys.push(e.ordering_key);
+                topic.publisher.publish(e.message)
+            })
+            .collect();
+        let results = futures::future::join_all(futures).await;
+        let mut failed = Vec::new();
+        for (i, r) in results.into_iter().enumerate() {
+            if let Err(e) = r {
+                if let Some(key) = keys[i].take() {
+                    // A failure pauses the ordering key; resume it so a retry can go through.
+                    topic.publisher.resume_publish(key);
+                }
+                failed.push((i, e));
+            }
+        }
+        failed
+    }
+
+    fn publish_error(&self, topic: &str, err: PublishError) -> Error {
+        match err {
+            PublishError::Rpc(e) => {
+                let transient = client::is_transient(&e);
+                let source = format!("{e}");
+                if transient {
+                    Error::transient(BROKER, topic, "publish", source)
+                } else {
+                    Error::permanent(BROKER, topic, "publish", source)
+                }
+            }
+            PublishError::Shutdown => Error::PublisherClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            },
+            other => Error::transient(BROKER, topic, "publish", other),
+        }
+    }
+}
+
+fn is_not_found(err: &PublishError) -> bool {
+    matches!(err, PublishError::Rpc(e) if client::code(e) == Some(Code::NotFound))
+}
+
+#[async_trait]
+impl Publisher for GoogleCloudPublisher {
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        let inner = &self.inner;
+        let _in_flight = {
+            let closed = inner.closed.read();
+            if *closed {
+                return Err(Error::PublisherClosed {
+                    broker: BROKER,
+                    topic: topic.to_owned(),
+                });
+            }
+            inner.in_flight.token()
+        };
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let t = inner.topic(topic).await?;
+        let config = &inner.config;
+        let encode_all = |msgs: &mut dyn Iterator<Item = Message>| {
+            msgs.map(|m| {
+                encode(
+                    m,
+                    config.message_ordering,
+                    config.max_message_bytes,
+                    &t.name.path,
+                )
+            })
+            .collect::<Result<Vec<_>>>()
+        };
+        // Messages are cheap to clone (reference counted): kept to send again if the topic
+        // has to be re-created.
+        let encoded = encode_all(&mut messages.iter().cloned())?;
+        let publish = async {
+            let mut failed = inner.send(&t, encoded).await;
+            if !failed.is_empty()
+                && config.create_topics
+                && failed.iter().all(|(_, e)| is_not_found(e))
+            {
+                // The topic vanished (deleted, or an emulator restarted): create it again
+                // and send what failed once more.
+                tracing::warn!(topic = %t.name.path, "topic not found while publishing; creating it again");
+                inner.admin.ensure_topic(&t.name, true).await?;
+                let retry = encode_all(&mut failed.iter().map(|(i, _)| messages[*i].clone()))?;
+                failed = inner.send(&t, retry).await;
+            }
+            match failed.into_iter().next() {
+                None => Ok(()),
+                Some((_, e)) => Err(inner.publish_error(&t.name.path, e)),
+            }
+        };
+        // The client retries transient failures for `publish_timeout`; the outer limit only
+        // guards against a batch that never completes.
+        let limit = config.publish_timeout + config.operation_timeout;
+        match tokio::time::timeout(limit, publish).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::transient(
+                BROKER,
+                &t.name.path,
+                "publish",
+                format!(
+                    "no confirmation from {} within {limit:?}",
+                    inner.endpoint.address
+                ),
+            )),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        *inner.closed.write() = true;
+        inner.in_flight.close();
+        inner.in_flight.wait().await;
+        let topics: Vec<Topic> = inner.topics.write().drain().map(|(_, t)| t).collect();
+        for t in &topics {
+            t.publisher.flush().await;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for GoogleCloudPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GoogleCloudPublisher")
+            .field("address", &self.inner.endpoint.address)
+            .field("project", &self.inner.config.project_id)
+            .field("closed", &*self.inner.closed.read())
+            .finish()
+    }
+}
