@@ -6,7 +6,8 @@
 //!   handler on "out" counts;
 //! - layers: plain with three layers (tower's timeout and two pass-through layers).
 //!
-//! Each figure is the time from the first publish to the N-th message handled. Peak RSS is
+//! Each figure is the median of three runs, each timed from the first publish to the N-th
+//! message handled. Peak RSS is
 //! the process's high-water mark during the scenario (reset between scenarios through
 //! /proc/self/clear_refs). Set `BENCH_MESSAGES` to change N (default 1,000,000).
 
@@ -21,6 +22,8 @@ use tokio::sync::Notify;
 use tower::{Layer, Service};
 
 const BATCH: usize = 1_000;
+/// Measured runs per scenario; the median is reported.
+const RUNS: usize = 3;
 
 /// Counts handled messages and signals when the target is reached.
 #[derive(Clone)]
@@ -190,7 +193,7 @@ fn main() {
         .build()
         .unwrap_or_else(|e| panic!("cannot build the runtime: {e}"));
     println!(
-        "router on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, {} cores",
+        "router on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, median of {RUNS} runs, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
@@ -203,10 +206,14 @@ fn main() {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
-        // Warm-up run (allocator, page faults) before the measured one.
+        // Warm-up run (allocator, page faults), then the median of three measured runs.
         runtime.block_on(run(scenario, n / 10));
         reset_peak_rss();
-        let elapsed = runtime.block_on(run(scenario, n));
+        let mut runs: Vec<Duration> = (0..RUNS)
+            .map(|_| runtime.block_on(run(scenario, n)))
+            .collect();
+        runs.sort();
+        let elapsed = runs[RUNS / 2];
         let rate = n as f64 / elapsed.as_secs_f64();
         let rss = peak_rss().map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0));
         let ratio = match (scenario, plain_rate) {
