@@ -248,6 +248,20 @@ cmd_running() {
 (($# > 0)) || usage
 cmd=$1
 shift
+
+# One up/down/restart at a time (two test runs starting the brokers at once
+# would otherwise race for the same ports and PID files). The first `up`
+# may build Tansu for many minutes, hence the long wait.
+case $cmd in
+  up | down | restart)
+    mkdir -p "$TIDEMILL_BROKERS_DIR"
+    exec 9>"$TIDEMILL_BROKERS_DIR/.lock"
+    if ! flock -w 1800 9; then
+      log "another brokers.sh $cmd holds $TIDEMILL_BROKERS_DIR/.lock; gave up waiting"
+      exit 1
+    fi
+    ;;
+esac
 case $cmd in
   up) cmd_up "$@" ;;
   down) cmd_down "$@" ;;

@@ -75,7 +75,8 @@ start_bg() {
   printf '\n=== %s: %s\n' "$(date '+%F %T')" "$*" >>"$logf"
   # Job control is off in scripts, so the background subshell is not a
   # process group leader and setsid execs in place: $! is CMD's PID.
-  setsid "$@" </dev/null >>"$logf" 2>&1 &
+  # fd 9 is brokers.sh's lock: the broker must not keep holding it.
+  setsid "$@" </dev/null >>"$logf" 2>&1 9>&- &
   record_pid "$pidf" "$!" "$marker"
 }
 
