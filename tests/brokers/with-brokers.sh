@@ -37,6 +37,7 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
+# Until CMD runs, a signal just ends the script (and cleanup runs).
 trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
@@ -51,6 +52,27 @@ fi
 # shellcheck disable=SC2086
 eval "$(bash "$BROKERS" env ${TIDEMILL_BROKERS_ONLY:-})"
 
-"$@"
-rc=$?
-exit "$rc"
+# CMD runs in a session of its own, so that a signal sent to this script
+# alone (by CI, `timeout`, kill) can be passed on to CMD's whole process tree
+# (cargo and the test binaries it runs) before the brokers go down. Ctrl-C in
+# a terminal reaches this script and is passed on the same way.
+setsid "$@" <&0 &
+child=$!
+sig=
+# shellcheck disable=SC2317 # invoked by the traps
+forward() {
+  sig=$1
+  kill -TERM -- "-$child" 2>/dev/null || kill -TERM "$child" 2>/dev/null || true
+}
+trap 'forward 130' INT
+trap 'forward 143' TERM
+trap 'forward 129' HUP
+rc=0
+while :; do
+  wait "$child"
+  rc=$?
+  # wait returns early when a trapped signal arrives: wait again until CMD
+  # has really finished.
+  kill -0 "$child" 2>/dev/null || break
+done
+exit "${sig:-$rc}"
