@@ -37,21 +37,31 @@ fn unique(prefix: &str) -> String {
 async fn restart(name: &str) -> bool {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../brokers.sh");
     let name = name.to_owned();
-    let status = tokio::task::spawn_blocking(move || {
+    let out = tokio::task::spawn_blocking(move || {
         Command::new("bash")
             .arg(script)
             .arg("restart")
             .arg(&name)
-            .status()
+            .output()
     })
     .await
     .unwrap()
     .unwrap();
-    if status.code() == Some(3) {
+    // Through the test harness, so that it is captured like other output.
+    eprint!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.code() == Some(3) {
         eprintln!("skipped: the broker is external, not restarted");
         return false;
     }
-    assert!(status.success(), "brokers.sh restart failed: {status}");
+    assert!(
+        out.status.success(),
+        "brokers.sh restart failed: {}",
+        out.status
+    );
     true
 }
 
