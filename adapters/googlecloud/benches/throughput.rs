@@ -1,1 +1,310 @@
-fn main() {}
+//! Raw `google-cloud-pubsub` vs Tidemill on the Pub/Sub emulator, same settings, same run.
+//!
+//! `make bench-googlecloud` (or `cargo bench -p tidemill-googlecloud --bench throughput`
+//! with `PUBSUB_EMULATOR_HOST` set). Each round, for each side on a fresh topic with one
+//! subscription:
+//!
+//! - publish: N messages of 100 bytes, in batches of 1,000 (raw: 1,000 `publish` futures
+//!   awaited together; Tidemill: `publish(topic, batch)`), timed until every publish is
+//!   confirmed;
+//! - consume: the N messages, from opening the stream until the N-th is received and
+//!   acked (raw: `MessageStream::next` + `Handler::ack`; Tidemill: `DeliveryStream` +
+//!   `Delivery::ack`).
+//!
+//! Both sides use the same client settings: batches of up to 100 messages / 1 MB / 10 ms,
+//! streaming pull with 1,000 outstanding messages and 100 MiB, 60 s lease extension, ack
+//! deadline 10 s. Sides alternate which goes first; the best round of each is reported.
+//!
+//! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 20,000), `TIDEMILL_BENCH_ROUNDS`
+//! (default 3).
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use google_cloud_auth::credentials::anonymous::Builder as Anonymous;
+use google_cloud_pubsub::client::{BasePublisher, Subscriber as RawSubscriber, SubscriptionAdmin, TopicAdmin};
+use google_cloud_pubsub::model::Message as RawMessage;
+use google_cloud_pubsub::subscriber::ShutdownBehavior;
+use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
+use tidemill_googlecloud::{GoogleCloudConfig, GoogleCloudPublisher, GoogleCloudSubscriber};
+
+const PROJECT: &str = "tidemill-bench";
+const PAYLOAD: usize = 100;
+const BATCH: usize = 1_000;
+const LIMIT: Duration = Duration::from_secs(600);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+fn main() -> Result<(), BoxError> {
+    let Some(host) = std::env::var("PUBSUB_EMULATOR_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())
+    else {
+        eprintln!("SKIP: PUBSUB_EMULATOR_HOST is not set (run `make bench-googlecloud`)");
+        return Ok(());
+    };
+    let n = env_usize("TIDEMILL_BENCH_MESSAGES", 20_000);
+    let rounds = env_usize("TIDEMILL_BENCH_ROUNDS", 3);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(host, n, rounds))
+}
+
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    publish: f64,
+    consume: f64,
+}
+
+impl Figures {
+    fn best(self, other: Figures) -> Figures {
+        Figures {
+            publish: self.publish.max(other.publish),
+            consume: self.consume.max(other.consume),
+        }
+    }
+}
+
+async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
+    println!(
+        "Pub/Sub emulator at {host}: {n} messages of {PAYLOAD} bytes, batches of {BATCH}, {rounds} rounds"
+    );
+    let raw = Raw::connect(&host).await?;
+    let config = GoogleCloudConfig::emulator(PROJECT, &host);
+    let tm = Tidemill {
+        publisher: GoogleCloudPublisher::connect(config.clone()).await?,
+        subscriber: GoogleCloudSubscriber::connect(config).await?,
+    };
+    let (mut best_raw, mut best_tm) = (Figures::default(), Figures::default());
+    // Profiling aid: run one side only (`raw` or `tidemill`).
+    if let Ok(only) = std::env::var("TIDEMILL_BENCH_ONLY") {
+        for round in 1..=rounds {
+            let f = if only == "raw" {
+                raw.round(n).await?
+            } else {
+                tm.round(n, &raw).await?
+            };
+            println!("round {round} ({only}): publish {:.0} msg/s, consume {:.0} msg/s", f.publish, f.consume);
+        }
+        return Ok(());
+    }
+    for round in 1..=rounds {
+        let (r, t) = if round % 2 == 1 {
+            let r = raw.round(n).await?;
+            (r, tm.round(n, &raw).await?)
+        } else {
+            let t = tm.round(n, &raw).await?;
+            (raw.round(n).await?, t)
+        };
+        println!(
+            "round {round}: publish raw {:>9.0} msg/s  tidemill {:>9.0} msg/s | consume raw {:>9.0} msg/s  tidemill {:>9.0} msg/s",
+            r.publish, t.publish, r.consume, t.consume
+        );
+        best_raw = best_raw.best(r);
+        best_tm = best_tm.best(t);
+    }
+    println!();
+    println!("best of {rounds} rounds          raw msg/s   tidemill msg/s   ratio");
+    println!(
+        "publish  {n:>8} x {PAYLOAD} B  {:>11.0}   {:>14.0}   {:.2}",
+        best_raw.publish,
+        best_tm.publish,
+        best_tm.publish / best_raw.publish
+    );
+    println!(
+        "consume  {n:>8} x {PAYLOAD} B  {:>11.0}   {:>14.0}   {:.2}",
+        best_raw.consume,
+        best_tm.consume,
+        best_tm.consume / best_raw.consume
+    );
+    tm.publisher.close().await?;
+    tm.subscriber.close().await?;
+    Ok(())
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    let mut p = format!("{i:010}").into_bytes();
+    p.resize(PAYLOAD, b'x');
+    p
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+/// The raw client, set up like the adapter.
+struct Raw {
+    /// Carry the same `tidemill-uuid` attribute as Tidemill's messages.
+    with_uuid: bool,
+    endpoint: String,
+    topics: TopicAdmin,
+    subscriptions: SubscriptionAdmin,
+    base: BasePublisher,
+    subscriber: RawSubscriber,
+}
+
+impl Raw {
+    async fn connect(host: &str) -> Result<Raw, BoxError> {
+        let endpoint = format!("http://{host}");
+        Ok(Raw {
+            with_uuid: std::env::var_os("TIDEMILL_BENCH_RAW_UUID").is_some(),
+            topics: TopicAdmin::builder()
+                .with_endpoint(&endpoint)
+                .with_credentials(Anonymous::new().build())
+                .build()
+                .await?,
+            subscriptions: SubscriptionAdmin::builder()
+                .with_endpoint(&endpoint)
+                .with_credentials(Anonymous::new().build())
+                .build()
+                .await?,
+            base: BasePublisher::builder()
+                .with_endpoint(&endpoint)
+                .with_credentials(Anonymous::new().build())
+                .build()
+                .await?,
+            subscriber: RawSubscriber::builder()
+                .with_endpoint(&endpoint)
+                .with_credentials(Anonymous::new().build())
+                .build()
+                .await?,
+            endpoint,
+        })
+    }
+
+    async fn round(&self, n: usize) -> Result<Figures, BoxError> {
+        let topic = format!("projects/{PROJECT}/topics/{}", unique("raw"));
+        let sub = format!("projects/{PROJECT}/subscriptions/{}", unique("raw"));
+        self.topics.create_topic().set_name(&topic).send().await?;
+        self.subscriptions
+            .create_subscription()
+            .set_name(&sub)
+            .set_topic(&topic)
+            .set_ack_deadline_seconds(10)
+            .send()
+            .await?;
+        let publisher = self
+            .base
+            .publisher(topic.clone())
+            .set_message_count_threshold(100_u32)
+            .set_byte_threshold(1_000_000_u32)
+            .set_delay_threshold(Duration::from_millis(10))
+            .build();
+        // Messages are built outside the timed section, as for Tidemill.
+        let batches: Vec<Vec<RawMessage>> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(BATCH)
+            .map(|c| {
+                c.iter()
+                    .map(|i| {
+                        let m = RawMessage::new().set_data(payload(*i));
+                        if self.with_uuid {
+                            m.set_attributes([("tidemill-uuid", uuid::Uuid::now_v7().to_string())])
+                        } else {
+                            m
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let started = Instant::now();
+        for batch in batches {
+            let futures: Vec<_> = batch.into_iter().map(|m| publisher.publish(m)).collect();
+            for r in futures::future::join_all(futures).await {
+                r?;
+            }
+        }
+        let publish = rate(n, started.elapsed());
+
+        let started = Instant::now();
+        let mut stream = self
+            .subscriber
+            .subscribe(&sub)
+            .set_max_outstanding_messages(1000)
+            .set_max_outstanding_bytes(100 * 1024 * 1024)
+            .set_max_lease_extension(Duration::from_secs(60))
+            .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
+            .build();
+        let mut received = 0;
+        while received < n {
+            let item = tokio::time::timeout(LIMIT, stream.next())
+                .await
+                .map_err(|_| format!("raw: stalled after {received} of {n} ({})", self.endpoint))?;
+            let (_m, h) = item.ok_or("raw: stream ended")??;
+            h.ack();
+            received += 1;
+        }
+        let consume = rate(n, started.elapsed());
+        drop(stream);
+        self.subscriptions
+            .delete_subscription()
+            .set_subscription(&sub)
+            .send()
+            .await?;
+        self.topics.delete_topic().set_topic(&topic).send().await?;
+        Ok(Figures { publish, consume })
+    }
+}
+
+struct Tidemill {
+    publisher: GoogleCloudPublisher,
+    subscriber: GoogleCloudSubscriber,
+}
+
+impl Tidemill {
+    async fn round(&self, n: usize, raw: &Raw) -> Result<Figures, BoxError> {
+        let topic = unique("tm");
+        let group = SubscribeOptions::group("bench");
+        self.subscriber.initialize(&topic, &group).await?;
+        // Messages are built outside the timed section, as for the raw client.
+        let batches: Vec<Vec<Message>> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(BATCH)
+            .map(|c| c.iter().map(|i| Message::new(payload(*i))).collect())
+            .collect();
+        let started = Instant::now();
+        for batch in batches {
+            self.publisher.publish(&topic, batch).await?;
+        }
+        let publish = rate(n, started.elapsed());
+
+        let started = Instant::now();
+        let mut stream = self.subscriber.subscribe(&topic, group).await?;
+        let mut received = 0;
+        while received < n {
+            let item = tokio::time::timeout(LIMIT, stream.next())
+                .await
+                .map_err(|_| format!("tidemill: stalled after {received} of {n}"))?;
+            let d = item.ok_or("tidemill: stream ended")??;
+            d.ack().await?;
+            received += 1;
+        }
+        let consume = rate(n, started.elapsed());
+        drop(stream);
+        let sub = self.subscriber.subscription_name(&topic, "bench")?;
+        raw.subscriptions
+            .delete_subscription()
+            .set_subscription(sub)
+            .send()
+            .await?;
+        raw.topics
+            .delete_topic()
+            .set_topic(format!("projects/{PROJECT}/topics/{topic}"))
+            .send()
+            .await?;
+        Ok(Figures { publish, consume })
+    }
+}

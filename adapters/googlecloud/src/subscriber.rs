@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use futures::Stream;
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_pubsub::error::AckError;
@@ -17,7 +18,6 @@ use tidemill_core::{
     AckFuture, Acknowledger, CancellationToken, Delivery, DeliveryStream, Error, Result,
     SubscribeOptions, Subscriber,
 };
-use tokio::sync::mpsc;
 use tokio_util::sync::DropGuard;
 use tokio_util::task::TaskTracker;
 
@@ -26,10 +26,6 @@ use crate::config::GoogleCloudConfig;
 use crate::convert::{attempt, decode};
 use crate::names::{group_subscription, topic_name, unique_subscription, TopicName};
 use crate::BROKER;
-
-/// Deliveries read ahead of the application, per stream. They are leased (the client
-/// extends their deadlines) and nacked when the stream ends before they are handed out.
-const READ_AHEAD: usize = 64;
 
 /// Consumes Pub/Sub subscriptions. Cheap to clone (clones share the connection and are
 /// closed together).
@@ -184,31 +180,23 @@ impl Subscriber for GoogleCloudSubscriber {
         }
 
         let stop = inner.closed.child_token();
-        if let Some(user) = options.cancellation().cloned() {
-            let stop = stop.clone();
-            inner.tasks.spawn(async move {
-                tokio::select! {
-                    _ = user.cancelled() => stop.cancel(),
-                    _ = stop.cancelled() => {}
-                }
-            });
-        }
-        let (tx, rx) = mpsc::channel(READ_AHEAD);
-        let inbox = Arc::new(Mutex::new(rx));
-        let pump = Pump {
+        let ctx = Arc::new(PullContext {
             inner: inner.clone(),
             topic: Arc::new(name),
             subscription,
             unique,
-            tx,
-            inbox: inbox.clone(),
-            stop: stop.clone(),
-        };
-        let stream = pump.open();
-        tracing::debug!(topic = %pump.topic.path, subscription = %pump.subscription, "subscribed");
-        inner.tasks.spawn(pump.run(stream));
+        });
+        let pull = Arc::new(Pull {
+            state: Mutex::new(PullState::Idle(ctx.open())),
+            ctx,
+        });
+        tracing::debug!(topic = %pull.ctx.topic.path, subscription = %pull.ctx.subscription, "subscribed");
+        inner.tasks.spawn(
+            pull.clone()
+                .watch(stop.clone(), options.cancellation().cloned()),
+        );
         Ok(DeliveryStream::new(Inbox {
-            rx: inbox,
+            pull,
             _stop_on_drop: stop.drop_guard(),
         })
         .with_options(&options))
@@ -266,12 +254,13 @@ impl std::fmt::Debug for GoogleCloudSubscriber {
     }
 }
 
-/// The application's end of a subscription: deliveries read ahead by the pump.
+/// The application's end of a subscription. The application's task polls the streaming
+/// pull directly (no hand-off between tasks); the pull state is shared with a watcher
+/// task that drops it the moment the subscription stops, whether or not the application
+/// still polls.
 struct Inbox {
-    /// Shared with the pump, which drains it when the subscription stops so that nothing
-    /// read ahead stays leased while nobody reads.
-    rx: Arc<Mutex<mpsc::Receiver<Result<Delivery>>>>,
-    /// Dropping the stream stops the pump.
+    pull: Arc<Pull>,
+    /// Dropping the stream stops the subscription.
     _stop_on_drop: DropGuard,
 }
 
@@ -279,23 +268,116 @@ impl Stream for Inbox {
     type Item = Result<Delivery>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.lock().poll_recv(cx)
+        self.pull.poll_next(cx)
     }
 }
 
-/// Drives one streaming pull: reads messages, hands them to the inbox, re-opens the pull
-/// after failures, and cleans up when the subscription stops.
-struct Pump {
+/// One subscription's streaming pull and what it needs to recover.
+struct Pull {
+    ctx: Arc<PullContext>,
+    /// Locked only while polling (never across an await), so the watcher can always take
+    /// the pull away.
+    state: Mutex<PullState>,
+}
+
+struct PullContext {
     inner: Arc<Inner>,
     topic: Arc<TopicName>,
     subscription: String,
     unique: bool,
-    tx: mpsc::Sender<Result<Delivery>>,
-    inbox: Arc<Mutex<mpsc::Receiver<Result<Delivery>>>>,
-    stop: CancellationToken,
 }
 
-impl Pump {
+enum PullState {
+    /// Ready to read the next message.
+    Idle(MessageStream),
+    /// Reading (or recovering); the future owns the message stream meanwhile.
+    Busy(BoxFuture<'static, (Option<Result<Delivery>>, Next)>),
+    /// Must recover before reading again.
+    Recover(Recovery),
+    /// Ended: stopped, or failed for good.
+    Done,
+}
+
+/// What follows a step of the pull.
+enum Next {
+    Read(MessageStream),
+    Recover(Recovery),
+    Done,
+}
+
+#[derive(Clone, Copy)]
+enum Recovery {
+    /// The subscription vanished: create it again, then re-open the pull.
+    Recreate,
+    /// A transient failure ended the pull: re-open it after a pause.
+    Reopen,
+}
+
+impl Pull {
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
+        let mut state = self.state.lock();
+        loop {
+            match std::mem::replace(&mut *state, PullState::Done) {
+                PullState::Idle(stream) => {
+                    *state = PullState::Busy(Box::pin(self.ctx.clone().read(stream)));
+                }
+                PullState::Recover(how) => {
+                    *state = PullState::Busy(Box::pin(self.ctx.clone().recover(how)));
+                }
+                PullState::Busy(mut step) => match step.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        *state = PullState::Busy(step);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready((item, next)) => {
+                        *state = match next {
+                            Next::Read(stream) => PullState::Idle(stream),
+                            Next::Recover(how) => PullState::Recover(how),
+                            Next::Done => PullState::Done,
+                        };
+                        if let Some(item) = item {
+                            return Poll::Ready(Some(item));
+                        }
+                    }
+                },
+                PullState::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    /// Ends the pull: the message stream is dropped, which closes the streaming pull; the
+    /// client keeps leasing only deliveries the application still holds, until settled.
+    fn stop(&self) {
+        let old = std::mem::replace(&mut *self.state.lock(), PullState::Done);
+        drop(old);
+    }
+
+    /// Waits for the subscription to stop, stops the pull and cleans up.
+    async fn watch(self: Arc<Self>, stop: CancellationToken, user: Option<CancellationToken>) {
+        match user {
+            Some(user) => tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = user.cancelled() => {}
+            },
+            None => stop.cancelled().await,
+        }
+        self.stop();
+        let ctx = &self.ctx;
+        if ctx.unique && ctx.inner.config.delete_unique_subscriptions {
+            if let Err(e) = ctx
+                .inner
+                .admin
+                .delete_subscription(&ctx.topic.path, &ctx.subscription)
+                .await
+            {
+                tracing::warn!(error = %e, "could not delete subscription {}", ctx.subscription);
+            }
+        }
+        tracing::debug!(subscription = %ctx.subscription, "subscription stream ended");
+    }
+}
+
+impl PullContext {
     /// A new streaming pull (it connects when first read).
     fn open(&self) -> MessageStream {
         let c = &self.inner.config;
@@ -311,51 +393,71 @@ impl Pump {
             .build()
     }
 
-    async fn run(self, mut stream: MessageStream) {
-        loop {
-            let item = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                item = stream.next() => item,
-            };
-            match item {
-                Some(Ok((message, handler))) => {
-                    let delivery = self.delivery(message, handler);
-                    if !self.hand_out(Ok(delivery)).await {
-                        break;
+    /// Reads the next message.
+    async fn read(self: Arc<Self>, mut stream: MessageStream) -> (Option<Result<Delivery>>, Next) {
+        match stream.next().await {
+            Some(Ok((message, handler))) => (
+                Some(Ok(self.delivery(message, handler))),
+                Next::Read(stream),
+            ),
+            Some(Err(e)) => {
+                // The client retries connection failures itself; what reaches us ended the
+                // pull.
+                let not_found = client::code(&e) == Some(Code::NotFound);
+                let transient = client::is_transient(&e);
+                let err = client::broker_error(
+                    &self.topic.path,
+                    format!("receive from subscription `{}`", self.subscription),
+                    e,
+                );
+                tracing::warn!(error = %err, "pubsub streaming pull failed");
+                let next = if not_found && self.inner.config.create_subscriptions {
+                    // The subscription vanished (deleted, expired, emulator restarted).
+                    Next::Recover(Recovery::Recreate)
+                } else if transient {
+                    Next::Recover(Recovery::Reopen)
+                } else {
+                    Next::Done
+                };
+                (Some(Err(err)), next)
+            }
+            None => (None, Next::Done),
+        }
+    }
+
+    /// Recovers from a failed pull.
+    async fn recover(self: Arc<Self>, how: Recovery) -> (Option<Result<Delivery>>, Next) {
+        match how {
+            Recovery::Reopen => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                (None, Next::Read(self.open()))
+            }
+            Recovery::Recreate => {
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    tracing::warn!(subscription = %self.subscription, "subscription not found; creating it again");
+                    match self
+                        .inner
+                        .admin
+                        .ensure_subscription(
+                            &self.inner.config,
+                            &self.topic,
+                            &self.subscription,
+                            self.unique,
+                        )
+                        .await
+                    {
+                        Ok(()) => return (None, Next::Read(self.open())),
+                        Err(e) if e.is_transient() => {
+                            tracing::warn!(error = %e, "re-creating the subscription failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                        Err(e) => return (Some(Err(e)), Next::Done),
                     }
                 }
-                Some(Err(e)) => {
-                    // The client retries connection failures itself; what reaches us ended
-                    // the pull.
-                    let not_found = client::code(&e) == Some(Code::NotFound);
-                    let transient = client::is_transient(&e);
-                    let err = client::broker_error(
-                        &self.topic.path,
-                        format!("receive from subscription `{}`", self.subscription),
-                        e,
-                    );
-                    tracing::warn!(error = %err, "pubsub streaming pull failed");
-                    if !self.hand_out(Err(err)).await {
-                        break;
-                    }
-                    let recover = if not_found && self.inner.config.create_subscriptions {
-                        // The subscription vanished (deleted, expired, emulator restarted).
-                        self.recreate().await
-                    } else if transient {
-                        self.pause(Duration::from_secs(1)).await
-                    } else {
-                        false
-                    };
-                    if !recover {
-                        break;
-                    }
-                    stream = self.open();
-                }
-                None => break,
             }
         }
-        self.clean_up(stream).await;
     }
 
     fn delivery(&self, message: PubsubMessage, handler: Handler) -> Delivery {
@@ -372,76 +474,6 @@ impl Pump {
             Some(n) => delivery.with_attempt(n),
             None => delivery,
         }
-    }
-
-    /// Hands an item to the application; `false` when the subscription stopped meanwhile
-    /// (a delivery not handed out is dropped, which nacks it).
-    async fn hand_out(&self, item: Result<Delivery>) -> bool {
-        tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => false,
-            sent = self.tx.send(item) => sent.is_ok(),
-        }
-    }
-
-    /// Sleeps `d`; `false` if the subscription stopped meanwhile.
-    async fn pause(&self, d: Duration) -> bool {
-        tokio::select! {
-            _ = self.stop.cancelled() => false,
-            _ = tokio::time::sleep(d) => true,
-        }
-    }
-
-    /// Re-creates the topic and subscription, retrying transient failures with backoff.
-    async fn recreate(&self) -> bool {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let config = &self.inner.config;
-            tracing::warn!(subscription = %self.subscription, "subscription not found; creating it again");
-            match self
-                .inner
-                .admin
-                .ensure_subscription(config, &self.topic, &self.subscription, self.unique)
-                .await
-            {
-                Ok(()) => return true,
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, "re-creating the subscription failed; retrying");
-                    if !self.pause(backoff).await {
-                        return false;
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-                Err(e) => {
-                    let _ = self.hand_out(Err(e)).await;
-                    return false;
-                }
-            }
-        }
-    }
-
-    async fn clean_up(self, stream: MessageStream) {
-        // Dropping the message stream ends the pull; the client keeps leasing only the
-        // deliveries the application still holds, until they are settled.
-        drop(stream);
-        let left: Vec<Result<Delivery>> = {
-            let mut rx = self.inbox.lock();
-            rx.close();
-            std::iter::from_fn(|| rx.try_recv().ok()).collect()
-        };
-        // Read ahead but never handed out: nacked (dropping a delivery nacks it).
-        drop(left);
-        if self.unique && self.inner.config.delete_unique_subscriptions {
-            if let Err(e) = self
-                .inner
-                .admin
-                .delete_subscription(&self.topic.path, &self.subscription)
-                .await
-            {
-                tracing::warn!(error = %e, "could not delete subscription {}", self.subscription);
-            }
-        }
-        tracing::debug!(subscription = %self.subscription, "subscription stream ended");
     }
 }
 
