@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::router::Settlement;
+use crate::AckHandle;
+
 /// How many payload bytes `Debug` shows before eliding the rest.
 const DEBUG_PAYLOAD_PREVIEW: usize = 64;
 
@@ -210,12 +213,59 @@ impl fmt::Debug for PreviewBytes<'_> {
 pub struct MessageContext {
     handler: Arc<HandlerInfo>,
     attempt: Option<u32>,
+    settlement: Option<Settlement>,
 }
 
 impl MessageContext {
     /// A context for a message received by `handler`, on its `attempt`-th delivery if known.
     pub fn new(handler: Arc<HandlerInfo>, attempt: Option<u32>) -> Self {
-        MessageContext { handler, attempt }
+        MessageContext {
+            handler,
+            attempt,
+            settlement: None,
+        }
+    }
+
+    /// Makes the input's acknowledgement reachable through [`take_ack`](Self::take_ack)
+    /// (the router does this); builder style.
+    pub fn with_settlement(mut self, settlement: Settlement) -> Self {
+        self.settlement = Some(settlement);
+        self
+    }
+
+    /// Takes the input's acknowledgement handle away from the router, so the caller settles
+    /// the input itself, before the handler finishes (an instant-ack layer acks it before
+    /// the handler runs). The router still publishes the handler's output but no longer
+    /// acks or nacks the input. `None` if someone took it already, or if the message was
+    /// not received by a router.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tidemill_core::router::Settlement;
+    /// use tidemill_core::{HandlerInfo, MemoryBroker, Message, MessageContext};
+    /// # use tidemill_core::{Publisher, SubscribeOptions, Subscriber};
+    /// # use futures::StreamExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> tidemill_core::Result<()> {
+    /// # let broker = MemoryBroker::new();
+    /// # let mut stream = broker.subscriber().subscribe("t", SubscribeOptions::new()).await?;
+    /// # broker.publisher().publish_one("t", Message::new("x")).await?;
+    /// # let delivery = stream.next().await.expect("open")?;
+    /// let (mut msg, handle) = delivery.into_parts();
+    /// let info = Arc::new(HandlerInfo {
+    ///     name: "h".into(), topic: "t".into(), group: None, publish_topic: None,
+    /// });
+    /// msg.set_context(Some(
+    ///     MessageContext::new(info, handle.attempt()).with_settlement(Settlement::new(handle)),
+    /// ));
+    /// let ctx = msg.context().expect("set above");
+    /// let early = ctx.take_ack().expect("first taker gets it");
+    /// early.ack().await?;
+    /// assert!(ctx.take_ack().is_none());
+    /// # Ok(()) }
+    /// ```
+    pub fn take_ack(&self) -> Option<AckHandle> {
+        self.settlement.as_ref().and_then(Settlement::take)
     }
 
     /// The handler processing the message.

@@ -5,6 +5,9 @@
 //!   broker) → the input is acked.
 //! - Handler error, publish error, or panic → the input is nacked (redelivered). Panics are
 //!   caught; the router keeps running.
+//! - Hooks for middleware that settles differently: an error wrapped by [`redeliver_after`]
+//!   nacks with that delay; [`MessageContext::take_ack`](crate::MessageContext::take_ack)
+//!   lets a layer settle the input itself before the handler finishes (see [`Settlement`]).
 //! - A consumer-only handler (no output) that returns messages is a bug: logged, nacked.
 //! - Per handler, up to `concurrency` messages are in flight (default 1: sequential);
 //!   messages with the same key are processed one after another.
@@ -38,6 +41,7 @@
 //! ```
 
 mod handler;
+mod outcome;
 mod run;
 
 use std::collections::HashMap;
@@ -57,6 +61,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 pub use handler::{
     handler_fn, BoxHandler, BoxHandlerFuture, HandlerFn, HandlerResult, IntoMessages,
 };
+pub use outcome::{redeliver_after, redelivery_delay, RedeliverAfter, Settlement};
 
 use crate::{
     BoxError, DeliveryStream, Error, HandlerInfo, Message, Publisher, SubscribeOptions, Subscriber,

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::Instrument;
 
+use super::outcome::{redelivery_delay, Settlement};
 use super::HandlerRun;
-use crate::{AckHandle, BoxError, Delivery, HandlerInfo, Message, MessageContext, Publisher};
+use crate::{BoxError, Delivery, HandlerInfo, Message, MessageContext, Publisher};
 
 /// What every message of one handler shares.
 pub(crate) struct HandlerCtx {
@@ -93,10 +94,10 @@ where
     S: Service<Message, Response = Vec<Message>>,
     S::Error: Into<BoxError>,
 {
-    let Some((span, handle, fut)) = start(service, ctx, delivery, force).await else {
+    let Some((span, settlement, fut)) = start(service, ctx, delivery, force).await else {
         return false;
     };
-    settle(ctx, handle, fut).instrument(span).await;
+    settle(ctx, settlement, fut).instrument(span).await;
     true
 }
 
@@ -217,13 +218,13 @@ where
     S::Future: Send + 'static,
 {
     let key = delivery.message().key().cloned();
-    let Some((span, handle, fut)) = start(service, ctx, delivery, force).await else {
+    let Some((span, settlement, fut)) = start(service, ctx, delivery, force).await else {
         return false;
     };
     let ctx = ctx.clone();
     tasks.spawn(
         async move {
-            settle(&ctx, handle, fut).await;
+            settle(&ctx, settlement, fut).await;
             key
         }
         .instrument(span),
@@ -238,7 +239,7 @@ async fn start<S>(
     ctx: &HandlerCtx,
     delivery: Delivery,
     force: &CancellationToken,
-) -> Option<(tracing::Span, AckHandle, CallFuture<S::Future>)>
+) -> Option<(tracing::Span, Settlement, CallFuture<S::Future>)>
 where
     S: Service<Message, Response = Vec<Message>>,
     S::Error: Into<BoxError>,
@@ -251,10 +252,11 @@ where
         uuid = %msg.uuid(),
         attempt = handle.attempt(),
     );
-    msg.set_context(Some(MessageContext::new(
-        ctx.info.clone(),
-        handle.attempt(),
-    )));
+    let attempt = handle.attempt();
+    let settlement = Settlement::new(handle);
+    msg.set_context(Some(
+        MessageContext::new(ctx.info.clone(), attempt).with_settlement(settlement.clone()),
+    ));
     let ready = tokio::select! {
         biased;
         r = poll_fn(|cx| service.poll_ready(cx)) => r,
@@ -270,7 +272,7 @@ where
         Ok(fut) => CallFuture::Called(fut),
         Err(panic) => CallFuture::Panicked(panic_message(&*panic)),
     };
-    Some((span, handle, fut))
+    Some((span, settlement, fut))
 }
 
 /// A handler call, or the panic its synchronous part raised.
@@ -280,12 +282,18 @@ enum CallFuture<F> {
 }
 
 /// Applies the outcome rules: output published (confirmed) then input acked; handler error,
-/// publish error or panic nack the input.
-async fn settle<F, E>(ctx: &HandlerCtx, handle: AckHandle, call: CallFuture<F>)
+/// publish error or panic nack the input (after the delay a [`redeliver_after`] error asks
+/// for). An input settled early through its context is no longer settled here.
+///
+/// [`redeliver_after`]: super::redeliver_after
+async fn settle<F, E>(ctx: &HandlerCtx, settlement: Settlement, call: CallFuture<F>)
 where
     F: Future<Output = Result<Vec<Message>, E>>,
     E: Into<BoxError>,
 {
+    // If this future is dropped (close timeout), the handle is dropped too, which nacks,
+    // even while clones of the input (and so of the settlement) live on elsewhere.
+    let settlement = DropNacks(settlement);
     let outcome: Result<Result<Vec<Message>, BoxError>, String> = match call {
         CallFuture::Called(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
             Ok(result) => Ok(result.map_err(Into::into)),
@@ -302,7 +310,7 @@ where
                         // Through the trait object itself: calling on the Arc would box the future twice.
                         if let Err(e) = (**publisher).publish(topic, out).await {
                             tracing::error!(error = %e, "publishing the handler's output failed; nacking");
-                            return nack(handle).await;
+                            return nack(&settlement.0, None).await;
                         }
                     }
                     None => {
@@ -311,27 +319,59 @@ where
                             "consumer-only handler returned messages it cannot publish; nacking \
                              (add an output with .publish(publisher, topic) or return nothing)"
                         );
-                        return nack(handle).await;
+                        return nack(&settlement.0, None).await;
                     }
                 }
             }
-            if let Err(e) = handle.ack().await {
-                tracing::warn!(error = %e, "ack failed; the broker will redeliver");
+            match settlement.0.take() {
+                Some(handle) => {
+                    if let Err(e) = handle.ack().await {
+                        tracing::warn!(error = %e, "ack failed; the broker will redeliver");
+                    }
+                }
+                None => tracing::debug!("input was settled early; nothing left to ack"),
             }
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %ErrorChain(&*e), "handler failed; nacking");
-            nack(handle).await;
+            let delay = redelivery_delay(&*e);
+            match delay {
+                Some(delay) => {
+                    tracing::warn!(error = %ErrorChain(&*e), ?delay, "handler failed; nacking with delay")
+                }
+                None => tracing::warn!(error = %ErrorChain(&*e), "handler failed; nacking"),
+            }
+            nack(&settlement.0, delay).await;
         }
         Err(panic) => {
             tracing::error!(panic = %panic, "handler panicked; nacking");
-            nack(handle).await;
+            nack(&settlement.0, None).await;
         }
     }
 }
 
-async fn nack(handle: AckHandle) {
-    if let Err(e) = handle.nack().await {
+/// Takes (and so drops, which nacks) a handle nobody settled when the settling future is
+/// dropped midway.
+struct DropNacks(Settlement);
+
+impl Drop for DropNacks {
+    fn drop(&mut self) {
+        drop(self.0.take());
+    }
+}
+
+async fn nack(settlement: &Settlement, delay: Option<std::time::Duration>) {
+    let Some(handle) = settlement.take() else {
+        tracing::warn!(
+            "the input was settled early (e.g. instant ack), so this failure does not lead to \
+             a redelivery"
+        );
+        return;
+    };
+    let result = match delay {
+        Some(delay) => handle.nack_with_delay(delay).await,
+        None => handle.nack().await,
+    };
+    if let Err(e) = result {
         tracing::warn!(error = %e, "nack failed; the broker will redeliver after its timeout");
     }
 }

@@ -731,3 +731,187 @@ async fn failing_subscription_fails_run_with_the_handler_and_topic() {
     assert!(text.contains("`h`") && text.contains("`orders`"), "{text}");
     assert!(router.is_closed());
 }
+
+#[tokio::test]
+async fn redeliver_after_nacks_with_the_delay() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("delayed")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .handler(move |m: Message| {
+            let tx = tx.clone();
+            async move {
+                let attempt = m.context().and_then(|c| c.attempt()).unwrap_or(0);
+                tx.send((attempt, tokio::time::Instant::now())).unwrap();
+                if attempt == 1 {
+                    // Deep in a chain: the router still finds the delay.
+                    let inner = redeliver_after(Duration::from_millis(300), "busy");
+                    return Err(Box::new(Error::transient("db", "", "query", inner)) as BoxError);
+                }
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
+    let (first, t1) = recv(&mut rx).await;
+    let (second, t2) = recv(&mut rx).await;
+    assert_eq!((first, second), (1, 2));
+    assert!(
+        t2 - t1 >= Duration::from_millis(300),
+        "redelivered after {:?}, before the requested delay",
+        t2 - t1
+    );
+    eventually("acked", || broker.group_backlog("in", "g") == Some(0)).await;
+    router.close().await.unwrap();
+}
+
+/// A layer that acks the input before the handler runs, through the context hook.
+#[derive(Clone)]
+struct AckFirst;
+
+impl<S> Layer<S> for AckFirst {
+    type Service = AckFirstService<S>;
+    fn layer(&self, inner: S) -> AckFirstService<S> {
+        AckFirstService(inner)
+    }
+}
+
+struct AckFirstService<S>(S);
+
+impl<S> Service<Message> for AckFirstService<S>
+where
+    S: Service<Message, Response = Vec<Message>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Vec<Message>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Vec<Message>, BoxError>>;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx)
+    }
+    fn call(&mut self, m: Message) -> Self::Future {
+        let handle = m.context().and_then(|c| c.take_ack());
+        let fut = self.0.call(m);
+        Box::pin(async move {
+            if let Some(handle) = handle {
+                handle.ack().await?;
+            }
+            fut.await
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_input_taken_from_the_context_is_not_settled_again() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stash = Arc::new(Mutex::new(Vec::new()));
+    let kept = stash.clone();
+    router
+        .add_handler("early")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .publish(broker.publisher(), "out")
+        .layer(AckFirst)
+        .handler(move |m: Message| {
+            let (tx, kept) = (tx.clone(), kept.clone());
+            async move {
+                // The handle is gone already; a clone of the input cannot take it again.
+                assert!(m.context().and_then(|c| c.take_ack()).is_none());
+                kept.lock().push(m.clone());
+                tx.send(text(&m)).unwrap();
+                if text(&m) == "fails" {
+                    return Err("fails after the early ack".into());
+                }
+                HandlerResult::Ok(Message::new(format!("out-{}", text(&m))))
+            }
+        })
+        .await
+        .unwrap();
+    let mut out = broker
+        .subscriber()
+        .subscribe("out", SubscribeOptions::new())
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    broker
+        .publisher()
+        .publish("in", vec![Message::new("fails"), Message::new("ok")])
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, "fails");
+    assert_eq!(recv(&mut rx).await, "ok");
+    // The output of the successful one is still published.
+    let d = tokio::time::timeout(WAIT, out.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(text(d.message()), "out-ok");
+    eventually("both acked", || broker.group_backlog("in", "g") == Some(0)).await;
+    // The failed one is not redelivered: it was acked before the handler ran.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.try_recv().is_err(), "no redelivery after an early ack");
+    router.close().await.unwrap();
+    assert_eq!(stash.lock().len(), 2);
+}
+
+#[tokio::test]
+async fn abandoned_inputs_are_nacked_even_when_clones_are_kept() {
+    let broker = MemoryBroker::new();
+    let router = Router::with_config(RouterConfig {
+        close_timeout: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let stash = Arc::new(Mutex::new(Vec::new()));
+    let kept = stash.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("stuck")
+        .subscribe(broker.subscriber(), "in")
+        .group("g")
+        .handler(move |m: Message| {
+            let (tx, kept) = (tx.clone(), kept.clone());
+            async move {
+                kept.lock().push(m);
+                tx.send(()).unwrap();
+                std::future::pending::<()>().await;
+                HandlerResult::Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let _run = start(&router).await;
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
+    recv(&mut rx).await;
+    router.close().await.unwrap();
+    assert_eq!(stash.lock().len(), 1, "the clone is still alive");
+    let mut s = broker
+        .subscriber()
+        .subscribe("in", SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(WAIT, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.attempt(), Some(2), "nacked when abandoned");
+}
