@@ -1,0 +1,152 @@
+//! Correlation id propagation.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tidemill_core::{new_uuid, BoxError, Message};
+use tower::{Layer, Service};
+
+use crate::headers;
+
+/// Copies the input's correlation id into every message the handler returns, so a chain of
+/// handlers can be followed end to end. An input without one gets a new id (a UUIDv7)
+/// before the handler runs, so the handler and its logs see it too. Outputs that already
+/// carry a correlation id keep theirs.
+///
+/// The metadata key is [`headers::CORRELATION_ID`] (`correlation-id`) unless
+/// [`key`](CorrelationId::key) says otherwise; [`correlation_id`] reads it.
+///
+/// ```
+/// use tidemill_core::{HandlerResult, MemoryBroker, Message, Router};
+/// use tidemill_middleware::{correlation_id, CorrelationId};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = MemoryBroker::new();
+/// let router = Router::new();
+/// router.layer(CorrelationId::new()); // every handler
+/// router
+///     .add_handler("enrich")
+///     .subscribe(broker.subscriber(), "orders")
+///     .publish(broker.publisher(), "orders.enriched")
+///     .handler(|msg: Message| async move {
+///         tracing::info!(correlation_id = ?correlation_id(&msg), "enriching");
+///         HandlerResult::Ok(Message::new(msg.payload().clone())) // gets the same id
+///     })
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct CorrelationId {
+    key: Arc<str>,
+}
+
+impl Default for CorrelationId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CorrelationId {
+    /// Propagates [`headers::CORRELATION_ID`].
+    pub fn new() -> Self {
+        CorrelationId {
+            key: Arc::from(headers::CORRELATION_ID),
+        }
+    }
+
+    /// Propagates the metadata entry `key` instead.
+    pub fn key(key: impl AsRef<str>) -> Self {
+        CorrelationId {
+            key: Arc::from(key.as_ref()),
+        }
+    }
+}
+
+/// The correlation id of `msg` under the default key, if it has one.
+pub fn correlation_id(msg: &Message) -> Option<&str> {
+    msg.metadata().get(headers::CORRELATION_ID)
+}
+
+impl<S> Layer<S> for CorrelationId {
+    type Service = CorrelationIdService<S>;
+
+    fn layer(&self, inner: S) -> CorrelationIdService<S> {
+        CorrelationIdService {
+            inner,
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// The service made by [`CorrelationId`].
+#[derive(Clone, Debug)]
+pub struct CorrelationIdService<S> {
+    inner: S,
+    key: Arc<str>,
+}
+
+impl<S> Service<Message> for CorrelationIdService<S>
+where
+    S: Service<Message, Response = Vec<Message>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Vec<Message>;
+    type Error = BoxError;
+    type Future = CorrelationFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut msg: Message) -> Self::Future {
+        let id: Arc<str> = match msg.metadata().get(&self.key) {
+            Some(id) => Arc::from(id),
+            None => {
+                let id = new_uuid();
+                msg.metadata_mut().set(&*self.key, &*id);
+                id
+            }
+        };
+        CorrelationFuture {
+            fut: self.inner.call(msg),
+            key: self.key.clone(),
+            id,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`CorrelationIdService`].
+    pub struct CorrelationFuture<F> {
+        #[pin]
+        fut: F,
+        key: Arc<str>,
+        id: Arc<str>,
+    }
+}
+
+impl<F, E> Future for CorrelationFuture<F>
+where
+    F: Future<Output = Result<Vec<Message>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Vec<Message>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.fut.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+            Poll::Ready(Ok(mut out)) => {
+                for m in &mut out {
+                    m.metadata_mut().set_if_absent(&**this.key, &**this.id);
+                }
+                Poll::Ready(Ok(out))
+            }
+        }
+    }
+}

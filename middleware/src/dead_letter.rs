@@ -1,0 +1,495 @@
+//! Dead letter after N deliveries, on every backend.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use moka::sync::Cache;
+use tidemill_core::router::{redeliver_after, redelivery_delay};
+use tidemill_core::{BoxError, Message, Publisher};
+use tower::{Layer, Service};
+
+use crate::headers;
+use crate::util::{
+    epoch_millis, error_chain, from_epoch_millis, handler_and_topic, timestamp, truncate, LayerFuture, OnError,
+};
+
+/// The longest error text kept per failed delivery.
+const MAX_ERROR: usize = 300;
+/// The longest reason written into the dead-letter message.
+const MAX_REASON: usize = 1_000;
+/// How many messages' failure histories are remembered in-process (broker counting).
+const HISTORY_CAPACITY: u64 = 10_000;
+/// How long an in-process failure history is remembered.
+const HISTORY_TTL: Duration = Duration::from_secs(3_600);
+
+/// How [`DeadLetter`] counts the deliveries of a message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Counting {
+    /// The broker's delivery attempt where the broker reports one
+    /// ([`MessageContext::attempt`](tidemill_core::MessageContext::attempt)), otherwise
+    /// [`Republish`](Counting::Republish). The default.
+    #[default]
+    Auto,
+    /// Always the broker's delivery attempt; a delivery without one counts as the first.
+    Broker,
+    /// Durable counting by the layer itself, for brokers without a delivery count (Kafka,
+    /// the Pub/Sub emulator, RabbitMQ classic queues): a failed message is republished with
+    /// its failure count in its metadata, and the original is acked only once the broker
+    /// confirmed the copy. The count lives in the broker, so it survives consumer restarts.
+    Republish,
+}
+
+/// Moves a message to a dead-letter topic once it failed on `max_deliveries` deliveries,
+/// with its history in the metadata; earlier failures are redelivered as usual.
+///
+/// **Counting** (see [`Counting`]): by default the broker's delivery attempt, where the
+/// broker has one (in-memory, NATS JetStream, RabbitMQ quorum queues, Pub/Sub with a
+/// dead-letter policy). Elsewhere the layer counts durably: it republishes the failed
+/// message with [`FAILURES`](headers::FAILURES) (and whose count it is) to the topic it
+/// came from (or [`retry_topic`](DeadLetter::retry_topic)), and acks the original only
+/// after the copy is confirmed; if that publish fails, the original is nacked. Nothing is
+/// lost, and the count survives restarts. A delay asked for by
+/// [`DelayedRedelivery`](crate::DelayedRedelivery) (or any
+/// [`redeliver_after`](tidemill_core::router::redeliver_after) error) travels with the copy
+/// in [`NOT_BEFORE`](headers::NOT_BEFORE): the copy is nacked with the remaining delay
+/// until it is due.
+///
+/// Trade-offs of durable counting: the copy goes behind the messages published after the
+/// original (per-key order is lost for the failing message), and every subscription of the
+/// source topic receives the copy. Dead-letter layers of other consumer groups (or, without
+/// groups, other handlers) recognise a copy that is not theirs and ack it without handling
+/// it; other consumers of the topic see it as a new message. Give each consumer group its
+/// own `retry_topic` (and subscribe the same group to it) when that matters.
+///
+/// **The dead-letter message** keeps the uuid, payload, key and metadata of the input and
+/// gets [`DEAD_LETTER_REASON`](headers::DEAD_LETTER_REASON) (the last error),
+/// `DEAD_LETTER_HANDLER`, `_TOPIC`, `_GROUP`, `_TIME`, `_DELIVERIES`, `_COUNTING` and, per
+/// failed delivery `n` as far as known, `tidemill-dead-letter-error-n` = `TIME ERROR`. The
+/// input is acked once the dead-letter topic confirmed the publish, and nacked if it fails.
+///
+/// Place it outside [`PoisonQueue`](crate::PoisonQueue), [`DelayedRedelivery`] and
+/// [`Retry`](crate::Retry): it counts what reaches the broker. With broker counting, every
+/// delivery counts, including ones nacked by a circuit breaker outside it.
+///
+/// [`DelayedRedelivery`]: crate::DelayedRedelivery
+///
+/// ```
+/// use tidemill_core::{HandlerResult, MemoryBroker, Message, Router};
+/// use tidemill_middleware::{Counting, DeadLetter};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = MemoryBroker::new();
+/// let router = Router::new();
+/// router.layer(
+///     DeadLetter::new(broker.publisher(), "dead-letters")
+///         .max_deliveries(5)
+///         .counting(Counting::Auto),
+/// );
+/// router
+///     .add_handler("payments")
+///     .subscribe(broker.subscriber(), "payments")
+///     .group("payments")
+///     .handler(|_msg: Message| async move { HandlerResult::Ok(()) })
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct DeadLetter {
+    publisher: Arc<dyn Publisher>,
+    topic: Arc<str>,
+    max_deliveries: u32,
+    counting: Counting,
+    retry_topic: Option<Arc<str>>,
+    history: Cache<String, Arc<Vec<(u32, String)>>>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Default)]
+struct Stats {
+    dead_lettered: AtomicU64,
+    republished: AtomicU64,
+    skipped: AtomicU64,
+}
+
+/// Publishing to the dead-letter (or retry) topic failed; the input is nacked.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot publish message {uuid} to {purpose} topic `{topic}` ({publish_error}); handler error: {handler_error}")]
+pub struct DeadLetterPublishFailed {
+    /// The input's uuid.
+    pub uuid: String,
+    /// `dead-letter` or `retry`.
+    pub purpose: &'static str,
+    /// The topic the publish went to.
+    pub topic: String,
+    /// Why the publish failed.
+    #[source]
+    pub publish_error: tidemill_core::Error,
+    /// The handler error.
+    pub handler_error: BoxError,
+}
+
+/// A durably counted copy is not due yet (a delay travels with it); it is nacked for the
+/// remaining time.
+#[derive(Debug, thiserror::Error)]
+#[error("message {uuid} is not due for another {remaining:?} (delayed redelivery)")]
+pub struct NotYetDue {
+    /// The message's uuid.
+    pub uuid: String,
+    /// Time left.
+    pub remaining: Duration,
+}
+
+impl DeadLetter {
+    /// Dead-letters to `topic` through `publisher` after 5 failed deliveries, counting
+    /// with [`Counting::Auto`].
+    pub fn new(publisher: impl Publisher + 'static, topic: impl AsRef<str>) -> Self {
+        DeadLetter {
+            publisher: Arc::new(publisher),
+            topic: Arc::from(topic.as_ref()),
+            max_deliveries: 5,
+            counting: Counting::Auto,
+            retry_topic: None,
+            history: Cache::builder()
+                .max_capacity(HISTORY_CAPACITY)
+                .time_to_live(HISTORY_TTL)
+                .build(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Dead-letters on the `n`-th failed delivery (at least 1).
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// How deliveries are counted.
+    pub fn counting(mut self, counting: Counting) -> Self {
+        self.counting = counting;
+        self
+    }
+
+    /// With durable counting, republish failed messages to `topic` instead of the topic
+    /// they came from. The same consumer group must consume `topic` too (e.g. a second
+    /// handler with the same service and group).
+    pub fn retry_topic(mut self, topic: impl AsRef<str>) -> Self {
+        self.retry_topic = Some(Arc::from(topic.as_ref()));
+        self
+    }
+
+    /// How many messages went to the dead-letter topic.
+    pub fn dead_lettered(&self) -> u64 {
+        self.stats.dead_lettered.load(Ordering::Relaxed)
+    }
+
+    /// How many failed messages were republished for durable counting.
+    pub fn republished(&self) -> u64 {
+        self.stats.republished.load(Ordering::Relaxed)
+    }
+
+    /// How many durably counted copies belonging to another handler were acked unhandled.
+    pub fn skipped(&self) -> u64 {
+        self.stats.skipped.load(Ordering::Relaxed)
+    }
+
+    /// The dead-letter topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
+impl fmt::Debug for DeadLetter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetter")
+            .field("topic", &self.topic)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("counting", &self.counting)
+            .field("retry_topic", &self.retry_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for DeadLetter {
+    type Service = DeadLetterService<S>;
+
+    fn layer(&self, inner: S) -> DeadLetterService<S> {
+        DeadLetterService {
+            inner,
+            config: self.clone(),
+        }
+    }
+}
+
+/// The service made by [`DeadLetter`].
+#[derive(Clone, Debug)]
+pub struct DeadLetterService<S> {
+    inner: S,
+    config: DeadLetter,
+}
+
+/// What the layer knows about one delivery before handling it.
+struct Delivery {
+    handler: String,
+    topic: String,
+    group: Option<String>,
+    /// Failed deliveries recorded durably before this one.
+    prior: u32,
+    /// Counted by the broker (true) or by republishing (false).
+    by_broker: bool,
+    /// This delivery's number.
+    number: u32,
+}
+
+/// Whether the durable-count headers of `msg` belong to this handler on this topic:
+/// `Some(true)` ours, `Some(false)` another consumer's copy, `None` no such headers (or a
+/// message forwarded from another topic: its counts do not apply here).
+fn owner(msg: &Message, handler: &str, topic: &str, group: Option<&str>) -> Option<bool> {
+    let md = msg.metadata();
+    let copy_topic = md.get(headers::FAILURES_TOPIC)?;
+    if copy_topic != topic {
+        return None;
+    }
+    let copy_group = md.get(headers::FAILURES_GROUP);
+    let ours = match group {
+        Some(g) => copy_group == Some(g),
+        None => copy_group.is_none() && md.get(headers::FAILURES_HANDLER) == Some(handler),
+    };
+    Some(ours)
+}
+
+impl<S> Service<Message> for DeadLetterService<S>
+where
+    S: Service<Message, Response = Vec<Message>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Vec<Message>;
+    type Error = BoxError;
+    type Future = LayerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let (handler, topic, group) = handler_and_topic(&msg);
+        let mut prior = 0;
+        match owner(&msg, &handler, &topic, group.as_deref()) {
+            Some(false) => {
+                self.config.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    uuid = msg.uuid(),
+                    "a retry copy of another consumer; acking it unhandled"
+                );
+                return OnError::done(Ok(Vec::new())).into();
+            }
+            Some(true) => {
+                let md = msg.metadata();
+                prior = md.get_as::<u32>(headers::FAILURES).ok().flatten().unwrap_or(0);
+                let due = md.get_as::<u64>(headers::NOT_BEFORE).ok().flatten();
+                if let Some(due) = due {
+                    let due = from_epoch_millis(due);
+                    if let Ok(remaining) = due.duration_since(SystemTime::now()) {
+                        if !remaining.is_zero() {
+                            let err = NotYetDue {
+                                uuid: msg.uuid().to_owned(),
+                                remaining,
+                            };
+                            return OnError::done(Err(redeliver_after(remaining, err))).into();
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        let broker_attempt = msg.context().and_then(|c| c.attempt());
+        let by_broker = match self.config.counting {
+            Counting::Broker => true,
+            Counting::Republish => false,
+            Counting::Auto => broker_attempt.is_some(),
+        };
+        let number = if by_broker {
+            prior + broker_attempt.unwrap_or(1)
+        } else {
+            prior + 1
+        };
+        let delivery = Delivery {
+            handler,
+            topic,
+            group,
+            prior,
+            by_broker,
+            number,
+        };
+        let config = self.config.clone();
+        let input = msg.clone();
+        LayerFuture::from(OnError::new(
+            self.inner.call(msg),
+            Box::new(move |error| Box::pin(config.failed(input, delivery, error))),
+        ))
+    }
+}
+
+impl DeadLetter {
+    /// Deals with a failed delivery: dead-letter, republish, or pass the error on (nack).
+    async fn failed(
+        self,
+        input: Message,
+        d: Delivery,
+        error: BoxError,
+    ) -> Result<Vec<Message>, BoxError> {
+        let now = SystemTime::now();
+        let entry = format!(
+            "{} {}",
+            timestamp(now),
+            truncate(error_chain(error.as_ref()), MAX_ERROR)
+        );
+        let history_key = format!("{}\u{0}{}", d.handler, input.uuid());
+        if d.number >= self.max_deliveries {
+            let mut history: Vec<(u32, String)> = Vec::new();
+            if d.by_broker {
+                if let Some(h) = self.history.get(&history_key) {
+                    history.extend(h.iter().cloned());
+                }
+            } else {
+                for n in 1..=d.prior {
+                    if let Some(e) = input
+                        .metadata()
+                        .get(&format!("{}{n}", headers::FAILURE_PREFIX))
+                    {
+                        history.push((n, e.to_owned()));
+                    }
+                }
+            }
+            history.push((d.number, entry));
+            return self.dead_letter(input, d, error, history).await;
+        }
+        if d.by_broker {
+            let mut history = self
+                .history
+                .get(&history_key)
+                .map(|h| (*h).clone())
+                .unwrap_or_default();
+            history.push((d.number, entry));
+            self.history.insert(history_key, Arc::new(history));
+            return Err(error);
+        }
+        // Durable counting: republish with the new count, then ack the original.
+        let target = self
+            .retry_topic
+            .clone()
+            .unwrap_or_else(|| Arc::from(d.topic.as_str()));
+        let mut copy = input.clone();
+        let md = copy.metadata_mut();
+        md.set(headers::FAILURES, d.number);
+        md.set(headers::FAILURES_HANDLER, &d.handler);
+        md.set(headers::FAILURES_TOPIC, &*target);
+        match &d.group {
+            Some(g) => md.set(headers::FAILURES_GROUP, g),
+            None => {
+                md.remove(headers::FAILURES_GROUP);
+            }
+        }
+        md.set(format!("{}{}", headers::FAILURE_PREFIX, d.number), &entry);
+        match redelivery_delay(error.as_ref()) {
+            Some(delay) => md.set(headers::NOT_BEFORE, epoch_millis(now + delay)),
+            None => {
+                md.remove(headers::NOT_BEFORE);
+            }
+        }
+        match self.publisher.publish(&target, vec![copy]).await {
+            Ok(()) => {
+                self.stats.republished.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    uuid = input.uuid(),
+                    failures = d.number,
+                    max = self.max_deliveries,
+                    retry_topic = %target,
+                    error = %error_chain(error.as_ref()),
+                    "handler failed; republished with the failure count (durable counting)"
+                );
+                Ok(Vec::new())
+            }
+            Err(publish_error) => Err(Box::new(DeadLetterPublishFailed {
+                uuid: input.uuid().to_owned(),
+                purpose: "retry",
+                topic: target.to_string(),
+                publish_error,
+                handler_error: error,
+            })),
+        }
+    }
+
+    async fn dead_letter(
+        self,
+        input: Message,
+        d: Delivery,
+        error: BoxError,
+        history: Vec<(u32, String)>,
+    ) -> Result<Vec<Message>, BoxError> {
+        let mut dead = input.clone();
+        let md = dead.metadata_mut();
+        // The counting headers become the dead-letter history.
+        for key in [
+            headers::FAILURES,
+            headers::FAILURES_HANDLER,
+            headers::FAILURES_TOPIC,
+            headers::FAILURES_GROUP,
+            headers::NOT_BEFORE,
+        ] {
+            md.remove(key);
+        }
+        for n in 1..=d.number {
+            md.remove(&format!("{}{n}", headers::FAILURE_PREFIX));
+        }
+        let reason = truncate(error_chain(error.as_ref()), MAX_REASON);
+        md.set(headers::DEAD_LETTER_REASON, &reason);
+        md.set(headers::DEAD_LETTER_HANDLER, &d.handler);
+        md.set(headers::DEAD_LETTER_TOPIC, &d.topic);
+        if let Some(g) = &d.group {
+            md.set(headers::DEAD_LETTER_GROUP, g);
+        }
+        md.set(headers::DEAD_LETTER_TIME, timestamp(SystemTime::now()));
+        md.set(headers::DEAD_LETTER_DELIVERIES, d.number);
+        md.set(
+            headers::DEAD_LETTER_COUNTING,
+            if d.by_broker { "broker" } else { "republish" },
+        );
+        for (n, entry) in &history {
+            md.set(format!("{}{n}", headers::DEAD_LETTER_ERROR_PREFIX), entry);
+        }
+        match self.publisher.publish(&self.topic, vec![dead]).await {
+            Ok(()) => {
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.history
+                    .invalidate(&format!("{}\u{0}{}", d.handler, input.uuid()));
+                tracing::warn!(
+                    uuid = input.uuid(),
+                    deliveries = d.number,
+                    dead_letter_topic = %self.topic,
+                    %reason,
+                    "message dead-lettered; acking it"
+                );
+                Ok(Vec::new())
+            }
+            Err(publish_error) => {
+                tracing::error!(
+                    uuid = input.uuid(),
+                    dead_letter_topic = %self.topic,
+                    error = %publish_error,
+                    "cannot publish to the dead-letter topic; nacking"
+                );
+                Err(Box::new(DeadLetterPublishFailed {
+                    uuid: input.uuid().to_owned(),
+                    purpose: "dead-letter",
+                    topic: self.topic.to_string(),
+                    publish_error,
+                    handler_error: error,
+                }))
+            }
+        }
+    }
+}

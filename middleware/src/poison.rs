@@ -1,0 +1,206 @@
+//! Poison queue: unprocessable messages go to a topic of their own.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use tidemill_core::{is_permanent, BoxError, Message, Publisher};
+use tower::{Layer, Service};
+
+use crate::headers;
+use crate::util::{error_chain, handler_and_topic, timestamp, truncate, LayerFuture, OnError};
+
+type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
+
+/// The longest poison reason written into metadata (brokers limit header sizes).
+const MAX_REASON: usize = 1_000;
+
+/// Publishes a message whose handling failed with a permanent error (or any error, or
+/// per a predicate) to a poison topic, then acks it, so it stops blocking or looping.
+///
+/// The poisoned message keeps its uuid, payload, key and metadata, plus
+/// [`POISON_REASON`](headers::POISON_REASON) (the error with its sources),
+/// [`POISON_HANDLER`](headers::POISON_HANDLER), [`POISON_TOPIC`](headers::POISON_TOPIC),
+/// [`POISON_GROUP`](headers::POISON_GROUP) (when there is one) and
+/// [`POISON_TIME`](headers::POISON_TIME). The input is acked only after the poison topic
+/// confirmed the publish; if that publish fails, the handler fails with
+/// [`PoisonPublishFailed`] and the input is nacked: never lost.
+///
+/// Errors it does not take pass through unchanged. Place it outside
+/// [`Retry`](crate::Retry) and [`Recoverer`](crate::Recoverer) so that it sees their
+/// final verdict.
+///
+/// ```
+/// use tidemill_core::{permanent, HandlerResult, MemoryBroker, Message, Router};
+/// use tidemill_middleware::PoisonQueue;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = MemoryBroker::new();
+/// let router = Router::new();
+/// let poison = PoisonQueue::new(broker.publisher(), "orders.poison");
+/// router
+///     .add_handler("orders")
+///     .subscribe(broker.subscriber(), "orders")
+///     .layer(poison.clone())
+///     .handler(|msg: Message| async move {
+///         let _order: u32 = std::str::from_utf8(msg.payload())?
+///             .parse()
+///             .map_err(permanent)?; // malformed: poisoned, not retried
+///         HandlerResult::Ok(())
+///     })
+///     .await?;
+/// // ... later: poison.poisoned() messages went to "orders.poison".
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PoisonQueue {
+    publisher: Arc<dyn Publisher>,
+    topic: Arc<str>,
+    predicate: Predicate,
+    poisoned: Arc<AtomicU64>,
+}
+
+/// Publishing to the poison topic failed; the input is nacked.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot publish message {uuid} to poison topic `{topic}` ({publish_error}); handler error: {handler_error}")]
+pub struct PoisonPublishFailed {
+    /// The input's uuid.
+    pub uuid: String,
+    /// The poison topic.
+    pub topic: String,
+    /// Why the publish failed.
+    #[source]
+    pub publish_error: tidemill_core::Error,
+    /// The handler error that made the message poison.
+    pub handler_error: BoxError,
+}
+
+impl PoisonQueue {
+    /// Poisons messages whose handler failed with a permanent error
+    /// ([`tidemill_core::is_permanent`]), publishing them to `topic` through `publisher`.
+    pub fn new(publisher: impl Publisher + 'static, topic: impl AsRef<str>) -> Self {
+        PoisonQueue {
+            publisher: Arc::new(publisher),
+            topic: Arc::from(topic.as_ref()),
+            predicate: Arc::new(|e: &BoxError| is_permanent(e.as_ref())),
+            poisoned: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Poisons every failed message.
+    pub fn all_errors(self) -> Self {
+        self.when(|_| true)
+    }
+
+    /// Poisons messages whose error satisfies `predicate`.
+    pub fn when(mut self, predicate: impl Fn(&BoxError) -> bool + Send + Sync + 'static) -> Self {
+        self.predicate = Arc::new(predicate);
+        self
+    }
+
+    /// How many messages this layer (and its clones) poisoned so far.
+    pub fn poisoned(&self) -> u64 {
+        self.poisoned.load(Ordering::Relaxed)
+    }
+
+    /// The poison topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
+impl fmt::Debug for PoisonQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoisonQueue")
+            .field("topic", &self.topic)
+            .field("poisoned", &self.poisoned())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for PoisonQueue {
+    type Service = PoisonQueueService<S>;
+
+    fn layer(&self, inner: S) -> PoisonQueueService<S> {
+        PoisonQueueService {
+            inner,
+            config: self.clone(),
+        }
+    }
+}
+
+/// The service made by [`PoisonQueue`].
+#[derive(Clone, Debug)]
+pub struct PoisonQueueService<S> {
+    inner: S,
+    config: PoisonQueue,
+}
+
+impl<S> Service<Message> for PoisonQueueService<S>
+where
+    S: Service<Message, Response = Vec<Message>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Vec<Message>;
+    type Error = BoxError;
+    type Future = LayerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let config = self.config.clone();
+        let input = msg.clone();
+        LayerFuture::from(OnError::new(
+            self.inner.call(msg),
+            Box::new(move |error| {
+                Box::pin(async move {
+                    if !(config.predicate)(&error) {
+                        return Err(error);
+                    }
+                    let (handler, topic, group) = handler_and_topic(&input);
+                    let reason = truncate(error_chain(error.as_ref()), MAX_REASON);
+                    let mut poisoned = input.clone();
+                    let md = poisoned.metadata_mut();
+                    md.set(headers::POISON_REASON, &reason);
+                    md.set(headers::POISON_HANDLER, &handler);
+                    md.set(headers::POISON_TOPIC, &topic);
+                    if let Some(group) = &group {
+                        md.set(headers::POISON_GROUP, group);
+                    }
+                    md.set(headers::POISON_TIME, timestamp(SystemTime::now()));
+                    match config.publisher.publish(&config.topic, vec![poisoned]).await {
+                        Ok(()) => {
+                            config.poisoned.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                uuid = input.uuid(),
+                                poison_topic = %config.topic,
+                                %reason,
+                                "message poisoned; acking it"
+                            );
+                            Ok(Vec::new())
+                        }
+                        Err(publish_error) => {
+                            tracing::error!(
+                                uuid = input.uuid(),
+                                poison_topic = %config.topic,
+                                error = %publish_error,
+                                "cannot publish to the poison topic; nacking"
+                            );
+                            Err(Box::new(PoisonPublishFailed {
+                                uuid: input.uuid().to_owned(),
+                                topic: config.topic.to_string(),
+                                publish_error,
+                                handler_error: error,
+                            }) as BoxError)
+                        }
+                    }
+                })
+            }),
+        ))
+    }
+}
