@@ -1,28 +1,38 @@
 //! Raw `google-cloud-pubsub` vs Tidemill on the Pub/Sub emulator, same settings, same run.
 //!
 //! `make bench-googlecloud` (or `cargo bench -p tidemill-googlecloud --bench throughput`
-//! with `PUBSUB_EMULATOR_HOST` set). Each round, for each side on a fresh topic with one
-//! subscription:
+//! with `PUBSUB_EMULATOR_HOST` set). Each round measures three sides, each on a fresh topic
+//! with one subscription, in rotating order:
+//!
+//! - `raw`: the raw client publishing bare 100-byte payloads;
+//! - `raw+uuid`: the raw client publishing the same bytes Tidemill puts on the wire (the
+//!   payload plus a `tidemill-uuid` attribute holding a 36-character uuid);
+//! - `tidemill`: `GoogleCloudPublisher` / `GoogleCloudSubscriber`.
+//!
+//! For each side:
 //!
 //! - publish: N messages of 100 bytes, in batches of 1,000 (raw: 1,000 `publish` futures
 //!   awaited together; Tidemill: `publish(topic, batch)`), timed until every publish is
-//!   confirmed;
+//!   confirmed; messages are built before the clock starts;
 //! - consume: the N messages, from opening the stream until the N-th is received and
 //!   acked (raw: `MessageStream::next` + `Handler::ack`; Tidemill: `DeliveryStream` +
 //!   `Delivery::ack`).
 //!
-//! Both sides use the same client settings: batches of up to 100 messages / 1 MB / 10 ms,
+//! Every side uses the same client settings: batches of up to 100 messages / 1 MB / 10 ms,
 //! streaming pull with 1,000 outstanding messages and 100 MiB, 60 s lease extension, ack
-//! deadline 10 s. Sides alternate which goes first; the best round of each is reported.
+//! deadline 10 s. The best round of each side is reported (the machine and the emulator
+//! are shared, so single rounds are noisy).
 //!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 20,000), `TIDEMILL_BENCH_ROUNDS`
-//! (default 3).
+//! (default 5), `TIDEMILL_BENCH_ONLY=raw|raw-uuid|tidemill` (one side only, for profiling).
 
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use google_cloud_auth::credentials::anonymous::Builder as Anonymous;
-use google_cloud_pubsub::client::{BasePublisher, Subscriber as RawSubscriber, SubscriptionAdmin, TopicAdmin};
+use google_cloud_pubsub::client::{
+    BasePublisher, Subscriber as RawSubscriber, SubscriptionAdmin, TopicAdmin,
+};
 use google_cloud_pubsub::model::Message as RawMessage;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
@@ -52,7 +62,7 @@ fn main() -> Result<(), BoxError> {
         return Ok(());
     };
     let n = env_usize("TIDEMILL_BENCH_MESSAGES", 20_000);
-    let rounds = env_usize("TIDEMILL_BENCH_ROUNDS", 3);
+    let rounds = env_usize("TIDEMILL_BENCH_ROUNDS", 5);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -78,54 +88,73 @@ async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     println!(
         "Pub/Sub emulator at {host}: {n} messages of {PAYLOAD} bytes, batches of {BATCH}, {rounds} rounds"
     );
-    let raw = Raw::connect(&host).await?;
+    let mut raw = Raw::connect(&host).await?;
     let config = GoogleCloudConfig::emulator(PROJECT, &host);
     let tm = Tidemill {
         publisher: GoogleCloudPublisher::connect(config.clone()).await?,
         subscriber: GoogleCloudSubscriber::connect(config).await?,
     };
-    let (mut best_raw, mut best_tm) = (Figures::default(), Figures::default());
-    // Profiling aid: run one side only (`raw` or `tidemill`).
+    // Profiling aid: run one side only (`raw`, `raw-uuid` or `tidemill`).
     if let Ok(only) = std::env::var("TIDEMILL_BENCH_ONLY") {
         for round in 1..=rounds {
-            let f = if only == "raw" {
+            raw.with_uuid = only == "raw-uuid";
+            let f = if only.starts_with("raw") {
                 raw.round(n).await?
             } else {
                 tm.round(n, &raw).await?
             };
-            println!("round {round} ({only}): publish {:.0} msg/s, consume {:.0} msg/s", f.publish, f.consume);
+            println!(
+                "round {round} ({only}): publish {:.0} msg/s, consume {:.0} msg/s",
+                f.publish, f.consume
+            );
         }
         return Ok(());
     }
-    for round in 1..=rounds {
-        let (r, t) = if round % 2 == 1 {
-            let r = raw.round(n).await?;
-            (r, tm.round(n, &raw).await?)
-        } else {
-            let t = tm.round(n, &raw).await?;
-            (raw.round(n).await?, t)
-        };
+    // Three sides per round, the order rotating: the raw client with bare payloads, the
+    // raw client with the same bytes on the wire as Tidemill (payload + a `tidemill-uuid`
+    // attribute), and Tidemill.
+    let mut best = [Figures::default(); 3];
+    for round in 0..rounds {
+        let mut figures = [Figures::default(); 3];
+        for k in 0..3 {
+            let side = (round + k) % 3;
+            figures[side] = match side {
+                0 | 1 => {
+                    raw.with_uuid = side == 1;
+                    raw.round(n).await?
+                }
+                _ => tm.round(n, &raw).await?,
+            };
+        }
         println!(
-            "round {round}: publish raw {:>9.0} msg/s  tidemill {:>9.0} msg/s | consume raw {:>9.0} msg/s  tidemill {:>9.0} msg/s",
-            r.publish, t.publish, r.consume, t.consume
+            "round {}: publish {:>7.0} / {:>7.0} / {:>7.0} msg/s | consume {:>7.0} / {:>7.0} / {:>7.0} msg/s   (raw / raw+uuid / tidemill)",
+            round + 1,
+            figures[0].publish,
+            figures[1].publish,
+            figures[2].publish,
+            figures[0].consume,
+            figures[1].consume,
+            figures[2].consume,
         );
-        best_raw = best_raw.best(r);
-        best_tm = best_tm.best(t);
+        for (b, f) in best.iter_mut().zip(figures) {
+            *b = b.best(f);
+        }
     }
+    let [bare, same, tidemill] = best;
     println!();
-    println!("best of {rounds} rounds          raw msg/s   tidemill msg/s   ratio");
     println!(
-        "publish  {n:>8} x {PAYLOAD} B  {:>11.0}   {:>14.0}   {:.2}",
-        best_raw.publish,
-        best_tm.publish,
-        best_tm.publish / best_raw.publish
+        "best of {rounds} rounds, {n} x {PAYLOAD} B   raw msg/s   raw+uuid msg/s   tidemill msg/s   tidemill/raw+uuid   tidemill/raw"
     );
-    println!(
-        "consume  {n:>8} x {PAYLOAD} B  {:>11.0}   {:>14.0}   {:.2}",
-        best_raw.consume,
-        best_tm.consume,
-        best_tm.consume / best_raw.consume
-    );
+    for (what, b, s, t) in [
+        ("publish", bare.publish, same.publish, tidemill.publish),
+        ("consume", bare.consume, same.consume, tidemill.consume),
+    ] {
+        println!(
+            "{what:<32} {b:>9.0}   {s:>14.0}   {t:>14.0}   {:>17.2}   {:>12.2}",
+            t / s,
+            t / b
+        );
+    }
     tm.publisher.close().await?;
     tm.subscriber.close().await?;
     Ok(())
@@ -138,7 +167,10 @@ fn payload(i: usize) -> Vec<u8> {
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -160,7 +192,7 @@ impl Raw {
     async fn connect(host: &str) -> Result<Raw, BoxError> {
         let endpoint = format!("http://{host}");
         Ok(Raw {
-            with_uuid: std::env::var_os("TIDEMILL_BENCH_RAW_UUID").is_some(),
+            with_uuid: false,
             topics: TopicAdmin::builder()
                 .with_endpoint(&endpoint)
                 .with_credentials(Anonymous::new().build())

@@ -73,7 +73,9 @@ impl Endpoint {
         if let Some(c) = &self.credentials {
             b = b.with_credentials(c.clone());
         }
-        b.build().await.map_err(|e| self.builder_error("topic admin", e))
+        b.build()
+            .await
+            .map_err(|e| self.builder_error("topic admin", e))
     }
 
     pub async fn subscription_admin(&self) -> Result<SubscriptionAdmin> {
@@ -97,7 +99,9 @@ impl Endpoint {
         if let Some(c) = &self.credentials {
             b = b.with_credentials(c.clone());
         }
-        b.build().await.map_err(|e| self.builder_error("subscriber", e))
+        b.build()
+            .await
+            .map_err(|e| self.builder_error("subscriber", e))
     }
 
     pub async fn base_publisher(
@@ -114,7 +118,9 @@ impl Endpoint {
         if let Some(c) = &self.credentials {
             b = b.with_credentials(c.clone());
         }
-        b.build().await.map_err(|e| self.builder_error("publisher", e))
+        b.build()
+            .await
+            .map_err(|e| self.builder_error("publisher", e))
     }
 
     /// Checks that the service answers within `timeout`: any answer, even "not found" or
@@ -122,7 +128,9 @@ impl Endpoint {
     pub async fn probe(&self, admin: &TopicAdmin, project: &str, timeout: Duration) -> Result<()> {
         let probe = admin
             .get_topic()
-            .set_topic(format!("projects/{project}/topics/tidemill-connection-probe"))
+            .set_topic(format!(
+                "projects/{project}/topics/tidemill-connection-probe"
+            ))
             .send();
         match tokio::time::timeout(timeout, probe).await {
             Err(_) => Err(Error::Connect {
@@ -287,10 +295,9 @@ impl Admin {
                 }
                 Err(e) if e.code() == Some(Code::AlreadyExists) => {}
                 Err(e) => {
-                    return Err(e.into_error(
-                        &topic.path,
-                        format!("create subscription `{subscription}`"),
-                    ))
+                    return Err(
+                        e.into_error(&topic.path, format!("create subscription `{subscription}`"))
+                    )
                 }
             }
         }
@@ -298,25 +305,24 @@ impl Admin {
             .get_subscription()
             .set_subscription(subscription)
             .send();
-        let existing = match admin_call(self.timeout, &topic.path, "look up subscription", call)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) if e.code() == Some(Code::NotFound) => {
-                return Err(Error::permanent(
-                    BROKER,
-                    &topic.path,
-                    format!("look up subscription `{subscription}`"),
-                    "the subscription does not exist and `create_subscriptions` is off",
-                ))
-            }
-            Err(e) => {
-                return Err(e.into_error(
-                    &topic.path,
-                    format!("look up subscription `{subscription}`"),
-                ))
-            }
-        };
+        let existing =
+            match admin_call(self.timeout, &topic.path, "look up subscription", call).await {
+                Ok(s) => s,
+                Err(e) if e.code() == Some(Code::NotFound) => {
+                    return Err(Error::permanent(
+                        BROKER,
+                        &topic.path,
+                        format!("look up subscription `{subscription}`"),
+                        "the subscription does not exist and `create_subscriptions` is off",
+                    ))
+                }
+                Err(e) => {
+                    return Err(e.into_error(
+                        &topic.path,
+                        format!("look up subscription `{subscription}`"),
+                    ))
+                }
+            };
         if existing.topic != topic.path {
             return Err(Error::permanent(
                 BROKER,
@@ -434,8 +440,8 @@ mod tests {
             ..GoogleCloudConfig::new("p-123456")
         };
         let topic = topic_name("p-123456", "orders").unwrap();
-        let spec = subscription_spec(&config, &topic, "projects/p-123456/subscriptions/s", true)
-            .unwrap();
+        let spec =
+            subscription_spec(&config, &topic, "projects/p-123456/subscriptions/s", true).unwrap();
         assert_eq!(spec.topic, "projects/p-123456/topics/orders");
         assert_eq!(spec.ack_deadline_seconds, 20);
         assert!(spec.enable_message_ordering);

@@ -187,9 +187,15 @@ mod tests {
         let binary = Message::new("x").with_key([0xffu8, 0x00, 0x80]);
         for ordering in [false, true] {
             let (enc, back) = round_trip(&binary, ordering);
-            assert_eq!(back.key().map(|k| k.as_ref()), Some(&[0xffu8, 0x00, 0x80][..]));
             assert_eq!(
-                enc.message.attributes.get(KEY_B64_ATTRIBUTE).map(String::as_str),
+                back.key().map(|k| k.as_ref()),
+                Some(&[0xffu8, 0x00, 0x80][..])
+            );
+            assert_eq!(
+                enc.message
+                    .attributes
+                    .get(KEY_B64_ATTRIBUTE)
+                    .map(String::as_str),
                 Some("/wCA")
             );
             // Ordered: the base64 form orders binary keys.
@@ -249,7 +255,9 @@ mod tests {
             Ok(_) => panic!("a message over the limit was encoded"),
         };
         match &err {
-            Error::MessageTooLarge { size, limit, uuid, .. } => {
+            Error::MessageTooLarge {
+                size, limit, uuid, ..
+            } => {
                 assert_eq!(*limit, 1000);
                 assert!(*size > 1000);
                 assert_eq!(uuid, msg.uuid());

@@ -52,7 +52,11 @@ pub(crate) fn group_subscription(
 }
 
 /// A fresh subscription for one subscribe call without a group.
-pub(crate) fn unique_subscription(project: &str, prefix: &str, topic: &TopicName) -> Result<String> {
+pub(crate) fn unique_subscription(
+    project: &str,
+    prefix: &str,
+    topic: &TopicName,
+) -> Result<String> {
     let random = uuid::Uuid::new_v4().simple().to_string();
     let id = format!("{prefix}{}.tidemill-{}", topic.id, &random[..16]);
     validate_id(&id).map_err(|why| {
@@ -106,7 +110,14 @@ mod tests {
         let t = topic_name("proj-a", "projects/proj-b/topics/events").unwrap();
         assert_eq!(t.path, "projects/proj-b/topics/events");
         assert_eq!(t.id, "events");
-        for bad in ["projects/x", "projects//topics/abc", "a", "9lives", "goog-x", "a b c"] {
+        for bad in [
+            "projects/x",
+            "projects//topics/abc",
+            "a",
+            "9lives",
+            "goog-x",
+            "a b c",
+        ] {
             let err = topic_name("proj-a", bad).expect_err(bad);
             assert!(err.to_string().contains(bad), "{err}");
             assert!(!err.is_transient());
@@ -129,6 +140,9 @@ mod tests {
         let a = unique_subscription("p", "", &t).unwrap();
         let b = unique_subscription("p", "", &t).unwrap();
         assert_ne!(a, b);
-        assert!(a.starts_with("projects/p/subscriptions/orders.tidemill-"), "{a}");
+        assert!(
+            a.starts_with("projects/p/subscriptions/orders.tidemill-"),
+            "{a}"
+        );
     }
 }

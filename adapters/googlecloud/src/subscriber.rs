@@ -237,7 +237,10 @@ impl Subscriber for GoogleCloudSubscriber {
         inner.tasks.close();
         // Each stream's clean-up is bounded by one administrative call.
         let limit = inner.config.operation_timeout + Duration::from_secs(5);
-        if tokio::time::timeout(limit, inner.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(limit, inner.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("pubsub subscriber: clean-up did not finish within {limit:?}");
         }
         Ok(())
@@ -289,7 +292,7 @@ struct PullContext {
 
 enum PullState {
     /// Ready to read the next message.
-    Idle(MessageStream),
+    Idle(Box<MessageStream>),
     /// Reading (or recovering); the future owns the message stream meanwhile.
     Busy(BoxFuture<'static, (Option<Result<Delivery>>, Next)>),
     /// Must recover before reading again.
@@ -300,7 +303,7 @@ enum PullState {
 
 /// What follows a step of the pull.
 enum Next {
-    Read(MessageStream),
+    Read(Box<MessageStream>),
     Recover(Recovery),
     Done,
 }
@@ -379,22 +382,27 @@ impl Pull {
 
 impl PullContext {
     /// A new streaming pull (it connects when first read).
-    fn open(&self) -> MessageStream {
+    fn open(&self) -> Box<MessageStream> {
         let c = &self.inner.config;
-        self.inner
-            .client
-            .subscribe(self.subscription.clone())
-            .set_max_outstanding_messages(c.max_outstanding_messages)
-            .set_max_outstanding_bytes(c.max_outstanding_bytes)
-            .set_max_lease(c.max_lease)
-            .set_max_lease_extension(c.max_lease_extension)
-            // Deliveries handed out stay valid (and leased) until settled.
-            .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
-            .build()
+        Box::new(
+            self.inner
+                .client
+                .subscribe(self.subscription.clone())
+                .set_max_outstanding_messages(c.max_outstanding_messages)
+                .set_max_outstanding_bytes(c.max_outstanding_bytes)
+                .set_max_lease(c.max_lease)
+                .set_max_lease_extension(c.max_lease_extension)
+                // Deliveries handed out stay valid (and leased) until settled.
+                .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
+                .build(),
+        )
     }
 
     /// Reads the next message.
-    async fn read(self: Arc<Self>, mut stream: MessageStream) -> (Option<Result<Delivery>>, Next) {
+    async fn read(
+        self: Arc<Self>,
+        mut stream: Box<MessageStream>,
+    ) -> (Option<Result<Delivery>>, Next) {
         match stream.next().await {
             Some(Ok((message, handler))) => (
                 Some(Ok(self.delivery(message, handler))),

@@ -70,7 +70,10 @@ async fn subscriptions_of(host: &str, topic: &str) -> Vec<String> {
     let admin = topic_admin(host).await;
     let resp = timeout(
         LIMIT,
-        admin.list_topic_subscriptions().set_topic(path(topic)).send(),
+        admin
+            .list_topic_subscriptions()
+            .set_topic(path(topic))
+            .send(),
     )
     .await
     .expect("listing subscriptions timed out")
@@ -124,7 +127,10 @@ async fn messages_from_other_clients_get_a_stable_uuid_and_their_attributes() {
     let config = GoogleCloudConfig::emulator(PROJECT, &host);
     let topic = unique_topic("foreign");
     let s = subscriber(&config).await;
-    let mut stream = s.subscribe(&topic, SubscribeOptions::group("g")).await.unwrap();
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
 
     let raw = RawPublisher::builder(path(&topic))
         .with_endpoint(format!("http://{host}"))
@@ -183,7 +189,10 @@ async fn with_message_ordering_the_key_travels_as_the_ordering_key() {
     };
     let topic = unique_topic("ordering_key");
     let (p, s) = (publisher(&config).await, subscriber(&config).await);
-    let mut stream = s.subscribe(&topic, SubscribeOptions::group("g")).await.unwrap();
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
     // A raw subscription on the same topic shows what is on the wire.
     let raw_sub = format!("projects/{PROJECT}/subscriptions/{topic}.raw");
     timeout(
@@ -355,7 +364,10 @@ async fn missing_resources_are_errors_naming_them_when_creation_is_off() {
         .unwrap_err();
     assert!(err.to_string().contains(&format!("{topic}.g")), "{err}");
     assert!(err.to_string().contains("create_subscriptions"), "{err}");
-    let err = s.subscribe(&topic, SubscribeOptions::new()).await.unwrap_err();
+    let err = s
+        .subscribe(&topic, SubscribeOptions::new())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("create_subscriptions"), "{err}");
 
     // An existing subscription is used as is.
@@ -365,7 +377,10 @@ async fn missing_resources_are_errors_naming_them_when_creation_is_off() {
         .initialize(&topic, &SubscribeOptions::group("g"))
         .await
         .unwrap();
-    let mut stream = s.subscribe(&topic, SubscribeOptions::group("g")).await.unwrap();
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
     let msg = Message::new("exists");
     p.publish_one(&topic, msg.clone()).await.unwrap();
     assert_eq!(receive(&mut stream, 1, "existing").await, vec![msg]);
@@ -380,7 +395,10 @@ async fn publishing_after_close_fails_naming_the_topic() {
     p.publish_one(&topic, Message::new("before")).await.unwrap();
     p.close().await.unwrap();
     p.close().await.unwrap(); // idempotent
-    let err = p.publish_one(&topic, Message::new("after")).await.unwrap_err();
+    let err = p
+        .publish_one(&topic, Message::new("after"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::PublisherClosed { .. }), "{err:?}");
     assert!(err.to_string().contains(&topic), "{err}");
     let s = subscriber(&config).await;
@@ -441,7 +459,10 @@ async fn stopping_releases(host: &str, test: &str, stop: Stop) {
     let got = receive(&mut other, rest.len(), "second member").await;
     let got_ids: HashSet<&str> = got.iter().map(|m| m.uuid()).collect();
     for m in &rest {
-        assert!(got_ids.contains(m.uuid()), "{m:?} never reached the second member");
+        assert!(
+            got_ids.contains(m.uuid()),
+            "{m:?} never reached the second member"
+        );
     }
     drop(kept);
     second.close().await.unwrap();
@@ -478,7 +499,10 @@ async fn a_held_delivery_stays_valid_after_its_stream_ends() {
     let topic = unique_topic("held");
     let p = publisher(&config).await;
     let s = subscriber(&config).await;
-    let mut stream = s.subscribe(&topic, SubscribeOptions::group("g")).await.unwrap();
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
     p.publish_one(&topic, Message::new("held")).await.unwrap();
     let held = next(&mut stream).await;
     drop(stream);
@@ -486,7 +510,10 @@ async fn a_held_delivery_stays_valid_after_its_stream_ends() {
     // Settled after the stream is gone: the nack still reaches Pub/Sub.
     held.nack().await.unwrap();
     let s2 = subscriber(&config).await;
-    let mut again = s2.subscribe(&topic, SubscribeOptions::group("g")).await.unwrap();
+    let mut again = s2
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
     let got = receive(&mut again, 1, "after nack").await;
     assert_eq!(got[0].payload().as_ref(), b"held");
     s2.close().await.unwrap();
@@ -500,13 +527,19 @@ async fn subscriptions_without_a_group_are_deleted_when_the_stream_ends() {
     let s = subscriber(&config).await;
     let dropped = s.subscribe(&topic, SubscribeOptions::new()).await.unwrap();
     let _closed = s.subscribe(&topic, SubscribeOptions::new()).await.unwrap();
-    let group = s.subscribe(&topic, SubscribeOptions::group("stays")).await.unwrap();
+    let group = s
+        .subscribe(&topic, SubscribeOptions::group("stays"))
+        .await
+        .unwrap();
     assert_eq!(subscriptions_of(&host, &topic).await.len(), 3);
     drop(dropped);
     // Deleted in the background: wait (bounded) for it.
     let deadline = Instant::now() + LIMIT;
     while subscriptions_of(&host, &topic).await.len() > 2 {
-        assert!(Instant::now() < deadline, "the dropped stream's subscription is still there");
+        assert!(
+            Instant::now() < deadline,
+            "the dropped stream's subscription is still there"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     s.close().await.unwrap();
@@ -528,7 +561,10 @@ async fn consumption_resumes_when_the_emulator_lost_its_state() {
     let config = GoogleCloudConfig::emulator(PROJECT, proxy.addr().to_string());
     let topic = unique_topic("state_lost");
     let (p, s) = (publisher(&config).await, subscriber(&config).await);
-    let mut stream = s.subscribe(&topic, SubscribeOptions::group("g")).await.unwrap();
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
     let sub_name = s.subscription_name(&topic, "g").unwrap();
     let before = Message::new("before");
     p.publish_one(&topic, before.clone()).await.unwrap();
@@ -552,11 +588,18 @@ async fn consumption_resumes_when_the_emulator_lost_its_state() {
     // The stream reports the loss, creates topic and subscription again, and resumes.
     let deadline = Instant::now() + LIMIT;
     loop {
-        let exists = subs.get_subscription().set_subscription(&sub_name).send().await;
+        let exists = subs
+            .get_subscription()
+            .set_subscription(&sub_name)
+            .send()
+            .await;
         if exists.is_ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "the subscription was not re-created");
+        assert!(
+            Instant::now() < deadline,
+            "the subscription was not re-created"
+        );
         // Keep the stream polled so errors are consumed.
         if let Ok(Some(Err(e))) = timeout(Duration::from_millis(100), stream.next()).await {
             eprintln!("reported while recovering: {e}");
