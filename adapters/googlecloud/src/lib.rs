@@ -114,3 +114,8 @@ pub use subscriber::GoogleCloudSubscriber;
 
 /// The broker name in every error of this crate.
 pub const BROKER: &str = "googlecloud";
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
