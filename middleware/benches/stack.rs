@@ -1,1 +1,185 @@
-fn main() {}
+//! The reliability stack's overhead: retry + correlation id + recoverer + dead letter on a
+//! handler that never fails, against the plain scenario measured in the same run (the same
+//! setup as core's `router` bench: N messages of 100 bytes, published in batches of 1,000
+//! by one publisher, timed from the first publish to the N-th message handled; median of
+//! three runs after a warm-up). `BENCH_MESSAGES` sets N (default 1,000,000); an argument
+//! filters scenarios by name.
+//!
+//! Run: `cargo bench -p tidemill-middleware --bench stack`
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidemill_core::{HandlerResult, MemoryBroker, Message, Publisher, Router};
+use tidemill_middleware::{CorrelationId, DeadLetter, Recoverer, Retry};
+use tokio::sync::Notify;
+
+const BATCH: usize = 1_000;
+const RUNS: usize = 3;
+
+#[derive(Clone)]
+struct Counter {
+    count: Arc<AtomicUsize>,
+    target: usize,
+    done: Arc<Notify>,
+}
+
+impl Counter {
+    fn new(target: usize) -> Self {
+        Counter {
+            count: Arc::new(AtomicUsize::new(0)),
+            target,
+            done: Arc::new(Notify::new()),
+        }
+    }
+
+    fn hit(&self) {
+        if self.count.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
+            self.done.notify_one();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Scenario {
+    /// One consumer handler counts (core's plain scenario).
+    Plain,
+    /// The same handler under retry + correlation id + recoverer + dead letter, as
+    /// handler-level layers.
+    Stack,
+    /// The same four layers at router level (each wraps a boxed handler).
+    RouterStack,
+}
+
+async fn run(scenario: Scenario, n: usize) -> Duration {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let counter = Counter::new(n);
+    let count = {
+        let counter = counter.clone();
+        move |_m: Message| {
+            counter.hit();
+            async { HandlerResult::Ok(()) }
+        }
+    };
+    let builder = router
+        .add_handler("count")
+        .subscribe(broker.subscriber(), "in");
+    let dead_letter = DeadLetter::new(broker.publisher(), "dead").max_deliveries(5);
+    let result = match scenario {
+        Scenario::Plain => builder.handler(count).await,
+        Scenario::Stack => {
+            builder
+                .layer(CorrelationId::new())
+                .layer(dead_letter)
+                .layer(Retry::new())
+                .layer(Recoverer::new())
+                .handler(count)
+                .await
+        }
+        Scenario::RouterStack => {
+            router
+                .layer(CorrelationId::new())
+                .layer(dead_letter)
+                .layer(Retry::new())
+                .layer(Recoverer::new());
+            builder.handler(count).await
+        }
+    };
+    result.unwrap_or_else(|e| panic!("adding the handler failed: {e}"));
+    let running = router.clone();
+    let run = tokio::spawn(async move { running.run().await });
+    router.running().await;
+
+    let payload = Bytes::from(vec![b'x'; 100]);
+    let publisher = broker.publisher();
+    let started = Instant::now();
+    let publishing = tokio::spawn(async move {
+        let mut left = n;
+        while left > 0 {
+            let batch = left.min(BATCH);
+            let msgs: Vec<Message> = (0..batch).map(|_| Message::new(payload.clone())).collect();
+            publisher
+                .publish("in", msgs)
+                .await
+                .unwrap_or_else(|e| panic!("publish failed: {e}"));
+            left -= batch;
+        }
+    });
+    if tokio::time::timeout(Duration::from_secs(120), counter.done.notified())
+        .await
+        .is_err()
+    {
+        panic!(
+            "{scenario:?}: stalled at {} of {n} messages for 120 s (the in-memory broker stopped delivering)",
+            counter.count.load(Ordering::Relaxed)
+        );
+    }
+    let elapsed = started.elapsed();
+    publishing
+        .await
+        .unwrap_or_else(|e| panic!("publisher task failed: {e}"));
+    router
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    let _ = run.await;
+    elapsed
+}
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let n: usize = std::env::var("BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("cannot build the runtime: {e}"));
+    println!(
+        "middleware stack on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, median of {RUNS} runs, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("{:<13} {:>14} {:>12}", "scenario", "msg/s", "seconds");
+    let mut plain_rate = None;
+    for scenario in [Scenario::Plain, Scenario::Stack, Scenario::RouterStack] {
+        let name = match scenario {
+            Scenario::Plain => "plain",
+            Scenario::Stack => "stack",
+            Scenario::RouterStack => "router-stack",
+        };
+        if !filter.is_empty()
+            && scenario != Scenario::Plain
+            && !filter.iter().any(|f| name.contains(f.as_str()))
+        {
+            continue;
+        }
+        runtime.block_on(run(scenario, n / 10));
+        let mut runs: Vec<Duration> = (0..RUNS)
+            .map(|_| runtime.block_on(run(scenario, n)))
+            .collect();
+        runs.sort();
+        let elapsed = runs[RUNS / 2];
+        let rate = n as f64 / elapsed.as_secs_f64();
+        let ratio = match plain_rate {
+            Some(plain) if scenario != Scenario::Plain => {
+                format!("  ({:.2}x plain)", rate / plain)
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{name:<13} {rate:>14.0} {:>12.3}{ratio}",
+            elapsed.as_secs_f64()
+        );
+        if scenario == Scenario::Plain {
+            plain_rate = Some(rate);
+        }
+    }
+}

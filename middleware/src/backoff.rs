@@ -74,13 +74,17 @@ impl Backoff {
         self.initial
     }
 
-    /// The delay before retry number `n` (1 = the first retry).
+    /// The delay before retry number `n` (1 = the first retry), to the microsecond.
     pub fn delay(&self, n: u32) -> Duration {
         let n = n.max(1) as usize;
-        self.delays()
+        let d = self
+            .delays()
             .nth(n - 1)
             .unwrap_or(self.max_interval)
-            .min(self.capped_max())
+            .min(self.capped_max());
+        // backon multiplies in f32: 100 ms × 3 comes out as 300.000012 ms.
+        let micros = (d.as_nanos() + 500) / 1_000;
+        Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX))
     }
 
     /// The endless sequence of delays.

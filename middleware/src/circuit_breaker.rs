@@ -89,7 +89,10 @@ impl CircuitBreaker {
     }
 
     /// Which errors count as failures of the dependency.
-    pub fn is_failure(mut self, predicate: impl Fn(&BoxError) -> bool + Send + Sync + 'static) -> Self {
+    pub fn is_failure(
+        mut self,
+        predicate: impl Fn(&BoxError) -> bool + Send + Sync + 'static,
+    ) -> Self {
         self.is_failure = Arc::new(predicate);
         self
     }
@@ -140,11 +143,9 @@ impl CircuitBreaker {
                 }
                 Inner::Closed { failures: 0 }
             }
-            (Inner::Closed { failures }, true) if failures + 1 < self.failures => {
-                Inner::Closed {
-                    failures: failures + 1,
-                }
-            }
+            (Inner::Closed { failures }, true) if failures + 1 < self.failures => Inner::Closed {
+                failures: failures + 1,
+            },
             (Inner::Open { until }, true) => Inner::Open { until: *until },
             (_, true) => {
                 tracing::warn!(open_for = ?self.open_for, "circuit opened");

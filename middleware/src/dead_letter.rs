@@ -13,7 +13,8 @@ use tower::{Layer, Service};
 
 use crate::headers;
 use crate::util::{
-    epoch_millis, error_chain, from_epoch_millis, handler_and_topic, timestamp, truncate, LayerFuture, OnError,
+    epoch_millis, error_chain, from_epoch_millis, handler_and_topic, timestamp, truncate,
+    LayerFuture, OnError,
 };
 
 /// The longest error text kept per failed delivery.
@@ -288,7 +289,11 @@ where
             }
             Some(true) => {
                 let md = msg.metadata();
-                prior = md.get_as::<u32>(headers::FAILURES).ok().flatten().unwrap_or(0);
+                prior = md
+                    .get_as::<u32>(headers::FAILURES)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
                 let due = md.get_as::<u64>(headers::NOT_BEFORE).ok().flatten();
                 if let Some(due) = due {
                     let due = from_epoch_millis(due);

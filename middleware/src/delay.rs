@@ -132,14 +132,13 @@ where
         LayerFuture::from(OnError::new(
             self.inner.call(msg),
             Box::new(move |error| {
-                let result = if redelivery_delay(error.as_ref()).is_some()
-                    || !(config.predicate)(&error)
-                {
-                    Err(error)
-                } else {
-                    let delay = config.backoff.delay(attempt);
-                    Err(redeliver_after(delay, error))
-                };
+                let result =
+                    if redelivery_delay(error.as_ref()).is_some() || !(config.predicate)(&error) {
+                        Err(error)
+                    } else {
+                        let delay = config.backoff.delay(attempt);
+                        Err(redeliver_after(delay, error))
+                    };
                 Box::pin(futures::future::ready(result))
             }),
         ))

@@ -34,7 +34,8 @@ type Matcher = Arc<dyn Fn(&(dyn std::error::Error + 'static)) -> bool + Send + S
 ///     .subscribe(broker.subscriber(), "archive")
 ///     .layer(IgnoreErrors::new().of_type::<AlreadyArchived>())
 ///     .handler(|m: Message| async move {
-///         HandlerResult::Ok(Err(AlreadyArchived(m.uuid().to_owned()))?)
+///         let result: HandlerResult = Err(AlreadyArchived(m.uuid().to_owned()).into());
+///         result // acked: archiving twice is fine
 ///     })
 ///     .await?;
 /// # Ok(()) }

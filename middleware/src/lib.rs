@@ -86,9 +86,10 @@ pub mod testing;
 
 pub use backoff::Backoff;
 pub use circuit_breaker::{CircuitBreaker, CircuitBreakerService, CircuitOpen, CircuitState};
-pub use util::LayerFuture;
 pub use correlation::{correlation_id, CorrelationFuture, CorrelationId, CorrelationIdService};
-pub use dead_letter::{Counting, DeadLetter, DeadLetterPublishFailed, DeadLetterService, NotYetDue};
+pub use dead_letter::{
+    Counting, DeadLetter, DeadLetterPublishFailed, DeadLetterService, NotYetDue,
+};
 pub use dedup::{DedupKey, DedupStore, Deduplicator, DeduplicatorService, MemoryDedupStore};
 pub use delay::{DelayedRedelivery, DelayedRedeliveryService};
 pub use duplicator::{Duplicator, DuplicatorService};
@@ -98,3 +99,4 @@ pub use poison::{PoisonPublishFailed, PoisonQueue, PoisonQueueService};
 pub use recoverer::{Panicked, Recoverer, RecovererFuture, RecovererService};
 pub use retry::{AttemptTimedOut, Retry, RetryEvent, RetryFuture, RetryService};
 pub use throttle::{Throttle, ThrottleService};
+pub use util::LayerFuture;

@@ -173,7 +173,11 @@ where
                         md.set(headers::POISON_GROUP, group);
                     }
                     md.set(headers::POISON_TIME, timestamp(SystemTime::now()));
-                    match config.publisher.publish(&config.topic, vec![poisoned]).await {
+                    match config
+                        .publisher
+                        .publish(&config.topic, vec![poisoned])
+                        .await
+                    {
                         Ok(()) => {
                             config.poisoned.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(

@@ -27,7 +27,7 @@ pub use tidemill_testkit;
 use tidemill_testkit::{unique_topic, Backend};
 use tokio::sync::mpsc;
 
-use crate::request_reply::{ReplyErrorKind, Replier, RequestError, Requester, RequesterConfig};
+use crate::request_reply::{Replier, ReplyErrorKind, RequestError, Requester, RequesterConfig};
 use crate::{headers, Counting, DeadLetter};
 
 /// Expands to one `#[test]` per check of this module, each against a fresh backend built by
@@ -216,7 +216,9 @@ async fn dead_letter_run(b: Arc<dyn Backend>, counting: Counting, restart: bool)
         max as usize,
         "the handler must be called exactly {max} times before dead-lettering"
     );
-    assert!(calls.iter().all(|m| m.uuid() == input.uuid() && m.payload() == input.payload()));
+    assert!(calls
+        .iter()
+        .all(|m| m.uuid() == input.uuid() && m.payload() == input.payload()));
     if let Ok(Some(Ok(extra))) = tokio::time::timeout(Duration::from_millis(500), dead.next()).await
     {
         panic!("a second dead letter arrived: {:?}", extra.message());
@@ -238,7 +240,10 @@ fn check_dead_letter(
     assert_eq!(d.payload(), input.payload());
     let md = d.metadata();
     assert_eq!(md.get("amount"), Some("12.50"));
-    assert_eq!(md.get(headers::DEAD_LETTER_DELIVERIES), Some(max.to_string().as_str()));
+    assert_eq!(
+        md.get(headers::DEAD_LETTER_DELIVERIES),
+        Some(max.to_string().as_str())
+    );
     let expected = match counting {
         Counting::Auto if broker_attempts => "broker",
         Counting::Broker => "broker",
@@ -248,7 +253,10 @@ fn check_dead_letter(
     assert_eq!(md.get(headers::DEAD_LETTER_TOPIC), Some(topic));
     assert_eq!(md.get(headers::DEAD_LETTER_HANDLER), Some("failing"));
     assert_eq!(md.get(headers::DEAD_LETTER_GROUP), Some("payments"));
-    assert_eq!(md.get(headers::DEAD_LETTER_REASON), Some("payment provider down"));
+    assert_eq!(
+        md.get(headers::DEAD_LETTER_REASON),
+        Some("payment provider down")
+    );
     let last = format!("{}{max}", headers::DEAD_LETTER_ERROR_PREFIX);
     assert!(
         md.get(&last)
@@ -280,7 +288,9 @@ pub async fn request_reply_round_trip(b: Arc<dyn Backend>) {
             let result: HandlerResult<Vec<Message>> = match text.as_str() {
                 "invalid" => Err(permanent("invalid request")),
                 "three" => Ok((1..=3).map(|i| Message::new(format!("part {i}"))).collect()),
-                _ => Ok(vec![Message::new(text.to_uppercase()).with_metadata("echo", "yes")]),
+                _ => Ok(vec![
+                    Message::new(text.to_uppercase()).with_metadata("echo", "yes")
+                ]),
             };
             result
         })

@@ -144,6 +144,8 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         use futures::TryFutureExt;
         self.reserved = false;
-        self.inner.call(msg).map_err(Into::into as fn(S::Error) -> BoxError)
+        self.inner
+            .call(msg)
+            .map_err(Into::into as fn(S::Error) -> BoxError)
     }
 }

@@ -78,7 +78,6 @@ impl<F> OnError<F> {
             result: Some(result),
         }
     }
-
 }
 
 impl<F, E> Future for OnError<F>

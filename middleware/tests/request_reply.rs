@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use tidemill_core::{HandlerResult, MemoryBroker, Message, Router, RouterConfig};
 use tidemill_middleware::request_reply::{
-    ReplyErrorKind, Replier, RequestError, Requester, RequesterConfig,
+    Replier, ReplyErrorKind, RequestError, Requester, RequesterConfig,
 };
 use tidemill_middleware::{headers, PoisonQueue};
 use tokio::sync::Notify;
@@ -62,7 +62,10 @@ async fn many_concurrent_requests_over_one_reply_subscription() {
     }
     assert_eq!(requester.pending(), 0);
     assert_eq!(requester.unknown_replies(), 0);
-    eventually("requests acked", || broker.group_backlog("squares", "square") == Some(0)).await;
+    eventually("requests acked", || {
+        broker.group_backlog("squares", "square") == Some(0)
+    })
+    .await;
     requester.close().await;
     router.close().await.unwrap();
 }
@@ -94,10 +97,16 @@ async fn a_late_reply_is_acked_and_counted_after_the_timeout() {
         .await
         .unwrap_err();
     assert!(matches!(err, RequestError::Timeout { .. }), "{err}");
-    assert!(err.to_string().contains("got no reply within 200ms"), "{err}");
+    assert!(
+        err.to_string().contains("got no reply within 200ms"),
+        "{err}"
+    );
     assert_eq!(requester.pending(), 0, "an expired request is forgotten");
     release.notify_one();
-    eventually("the late reply is counted", || requester.unknown_replies() == 1).await;
+    eventually("the late reply is counted", || {
+        requester.unknown_replies() == 1
+    })
+    .await;
     // The reply subscription keeps working.
     let requester2 = requester.clone();
     let next = tokio::spawn(async move { requester2.request("slow", Message::new("y")).await });
@@ -116,10 +125,17 @@ async fn closing_the_requester_fails_pending_requests() {
     let waiting = tokio::spawn(async move { r.request("nobody", Message::new("x")).await });
     eventually("the request is pending", || requester.pending() == 1).await;
     requester.close().await;
-    let err = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap().unwrap_err();
+    let err = tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     assert!(matches!(err, RequestError::Closed { .. }), "{err}");
     assert!(err.to_string().contains("requester is closed"), "{err}");
-    let err = requester.request("nobody", Message::new("y")).await.unwrap_err();
+    let err = requester
+        .request("nobody", Message::new("y"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, RequestError::Closed { .. }), "{err}");
 }
 
@@ -132,7 +148,9 @@ async fn handler_errors_come_back_typed_and_the_request_is_acked() {
         .subscribe(broker.subscriber(), "strict")
         .group("strict")
         .layer(Replier::new(broker.publisher()))
-        .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(100)))
+        .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(
+            100,
+        )))
         .handler(|m: Message| async move {
             match text(&m).as_str() {
                 "slow" => {
@@ -153,13 +171,20 @@ async fn handler_errors_come_back_typed_and_the_request_is_acked() {
         ("other", ReplyErrorKind::Failed, "stock service unavailable"),
     ] {
         match requester.request("strict", Message::new(req)).await {
-            Err(RequestError::Handler { kind: k, message: m, topic }) => {
+            Err(RequestError::Handler {
+                kind: k,
+                message: m,
+                topic,
+            }) => {
                 assert_eq!((k, m.as_str(), topic.as_str()), (kind, message, "strict"));
             }
             other => panic!("{req}: expected a handler error, got {other:?}"),
         }
     }
-    eventually("every request acked", || broker.group_backlog("strict", "strict") == Some(0)).await;
+    eventually("every request acked", || {
+        broker.group_backlog("strict", "strict") == Some(0)
+    })
+    .await;
     requester.close().await;
     router.close().await.unwrap();
 }
@@ -188,9 +213,16 @@ async fn a_replier_crash_redelivers_and_the_requester_gets_one_result() {
         .unwrap();
     let _run = start(&router).await;
     let requester = requester(&broker, WAIT).await;
-    let reply = requester.request("crashy", Message::new("order")).await.unwrap();
+    let reply = requester
+        .request("crashy", Message::new("order"))
+        .await
+        .unwrap();
     assert_eq!(text(&reply), "order handled");
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "redelivered after the crash");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "redelivered after the crash"
+    );
     assert_eq!(requester.unknown_replies(), 0);
     requester.close().await;
     router.close().await.unwrap();
@@ -253,14 +285,20 @@ async fn a_second_reply_after_a_redelivery_is_counted_not_returned() {
         .unwrap();
     let _run = start(&router).await;
     let requester = requester(&broker, WAIT).await;
-    let reply = requester.request("twice", Message::new("once")).await.unwrap();
+    let reply = requester
+        .request("twice", Message::new("once"))
+        .await
+        .unwrap();
     assert_eq!(text(&reply), "once");
     eventually("the request is finally acked", || {
         broker.group_backlog("twice", "twice") == Some(0)
     })
     .await;
     assert_eq!(runs.load(Ordering::SeqCst), 2);
-    eventually("the duplicate reply is counted", || requester.unknown_replies() == 1).await;
+    eventually("the duplicate reply is counted", || {
+        requester.unknown_replies() == 1
+    })
+    .await;
     requester.close().await;
     router.close().await.unwrap();
 }
@@ -301,11 +339,17 @@ async fn a_request_abandoned_by_a_stopped_replier_is_answered_by_the_next() {
         .subscribe(broker.subscriber(), "work")
         .group("workers")
         .layer(Replier::new(broker.publisher()))
-        .handler(|m: Message| async move { HandlerResult::Ok(Message::new(format!("{} done", text(&m)))) })
+        .handler(|m: Message| async move {
+            HandlerResult::Ok(Message::new(format!("{} done", text(&m))))
+        })
         .await
         .unwrap();
     let _run2 = start(&second).await;
-    let reply = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap().unwrap();
+    let reply = tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(text(&reply), "job done");
     requester.close().await;
     second.close().await.unwrap();
@@ -337,9 +381,15 @@ async fn a_message_without_reply_address_takes_the_failure_path() {
         .unwrap();
     let p = next(&mut poisoned).await;
     let reason = p.metadata().get(headers::POISON_REASON).unwrap();
-    assert!(reason.contains("no `tidemill-reply-to` metadata"), "{reason}");
+    assert!(
+        reason.contains("no `tidemill-reply-to` metadata"),
+        "{reason}"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler is not called");
-    eventually("acked", || broker.group_backlog("questions", "g") == Some(0)).await;
+    eventually("acked", || {
+        broker.group_backlog("questions", "g") == Some(0)
+    })
+    .await;
     router.close().await.unwrap();
 }
 
@@ -353,26 +403,40 @@ async fn streaming_replies_arrive_in_order_and_end() {
         .layer(Replier::new(broker.publisher()))
         .handler(|m: Message| async move {
             let n: usize = text(&m).parse()?;
-            HandlerResult::Ok((1..=n).map(|i| Message::new(i.to_string())).collect::<Vec<_>>())
+            HandlerResult::Ok(
+                (1..=n)
+                    .map(|i| Message::new(i.to_string()))
+                    .collect::<Vec<_>>(),
+            )
         })
         .await
         .unwrap();
     let _run = start(&router).await;
     let requester = requester(&broker, WAIT).await;
     use futures::StreamExt;
-    let stream = requester.request_stream("count", Message::new("5")).await.unwrap();
+    let stream = requester
+        .request_stream("count", Message::new("5"))
+        .await
+        .unwrap();
     let got: Vec<(String, Option<String>)> = stream
         .map(|r| {
             let m = r.unwrap();
-            (text(&m), m.metadata().get(headers::REPLY_SEQ).map(str::to_owned))
+            (
+                text(&m),
+                m.metadata().get(headers::REPLY_SEQ).map(str::to_owned),
+            )
         })
         .collect()
         .await;
-    let expected: Vec<(String, Option<String>)> =
-        (1..=5).map(|i| (i.to_string(), Some(i.to_string()))).collect();
+    let expected: Vec<(String, Option<String>)> = (1..=5)
+        .map(|i| (i.to_string(), Some(i.to_string())))
+        .collect();
     assert_eq!(got, expected);
     // An error ends the stream with the error.
-    let mut stream = requester.request_stream("count", Message::new("NaN")).await.unwrap();
+    let mut stream = requester
+        .request_stream("count", Message::new("NaN"))
+        .await
+        .unwrap();
     match stream.next().await {
         Some(Err(RequestError::Handler { kind, .. })) => assert_eq!(kind, ReplyErrorKind::Failed),
         other => panic!("expected an error reply, got {other:?}"),

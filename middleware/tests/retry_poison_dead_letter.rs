@@ -10,8 +10,7 @@ use common::*;
 use parking_lot::Mutex;
 use tidemill_core::router::redeliver_after;
 use tidemill_core::{
-    permanent, HandlerInfo, HandlerResult, MemoryBroker, Message, MessageContext, Publisher,
-    Router,
+    permanent, HandlerInfo, HandlerResult, MemoryBroker, Message, MessageContext, Publisher, Router,
 };
 use tidemill_middleware::{
     headers, Backoff, Counting, DeadLetter, DelayedRedelivery, PoisonQueue, Recoverer, Retry,
@@ -54,7 +53,11 @@ async fn retry_calls_again_with_backoff_then_acks() {
         .await
         .unwrap();
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     eventually("acked", || broker.group_backlog("in", "g") == Some(0)).await;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(
@@ -88,7 +91,11 @@ async fn retry_gives_up_after_max_attempts_and_the_router_nacks() {
         .await
         .unwrap();
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     let mut seen = Vec::new();
     for _ in 0..6 {
         seen.push(recv(&mut rx).await);
@@ -158,7 +165,7 @@ async fn each_attempt_gets_a_fresh_timeout() {
         let handler = move |_m: Message| {
             let c = c.clone();
             async move {
-                if c.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                if c.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
                     // The first attempt hangs: only a timeout ends it.
                     std::future::pending::<()>().await;
                 }
@@ -171,7 +178,9 @@ async fn each_attempt_gets_a_fresh_timeout() {
             .group("g");
         if use_tower {
             b.layer(Retry::new().max_attempts(2).backoff(fast()))
-                .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(200)))
+                .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(
+                    200,
+                )))
                 .handler(handler)
                 .await
                 .unwrap();
@@ -235,13 +244,14 @@ async fn retry_stops_when_the_elapsed_budget_is_spent() {
         .await
         .unwrap();
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     let mut first_delivery = 0;
-    loop {
-        match recv(&mut rx).await {
-            1 => first_delivery += 1,
-            _ => break,
-        }
+    while recv(&mut rx).await == 1 {
+        first_delivery += 1;
     }
     // Calls at 0, 100, 200 ms; a fourth would start at 300 ms > 250 ms.
     assert_eq!(first_delivery, 3);
@@ -294,7 +304,10 @@ async fn poison_publishes_with_reason_then_acks() {
     assert_eq!(md.get(headers::POISON_GROUP), Some("parsers"));
     let time = md.get(headers::POISON_TIME).unwrap();
     assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
-    eventually("both acked", || broker.group_backlog("in", "parsers") == Some(0)).await;
+    eventually("both acked", || {
+        broker.group_backlog("in", "parsers") == Some(0)
+    })
+    .await;
     // The transient failure was redelivered, not poisoned.
     let mut seen = Vec::new();
     for _ in 0..3 {
@@ -341,7 +354,13 @@ async fn poison_predicate_and_all_errors() {
     let _run = start(&router).await;
     let p = broker.publisher();
     p.publish_one("a", Message::new("1")).await.unwrap();
-    assert_eq!(next(&mut poisoned).await.metadata().get(headers::POISON_REASON), Some("any error"));
+    assert_eq!(
+        next(&mut poisoned)
+            .await
+            .metadata()
+            .get(headers::POISON_REASON),
+        Some("any error")
+    );
     p.publish("b", vec![Message::new("other"), Message::new("mine")])
         .await
         .unwrap();
@@ -373,7 +392,11 @@ async fn a_failed_poison_publish_nacks_the_input() {
         .await
         .unwrap();
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     assert_eq!(recv(&mut rx).await, 1);
     assert_eq!(recv(&mut rx).await, 2, "nacked and redelivered, not lost");
     assert_eq!(broker.group_backlog("in", "g"), Some(1));
@@ -386,7 +409,11 @@ fn failing(
 ) -> impl Fn(Message) -> futures::future::Ready<HandlerResult> + Clone {
     move |m: Message| {
         let _ = tx.send(m.clone());
-        futures::future::ready(Err(format!("boom {}", m.metadata().get(headers::FAILURES).unwrap_or("0")).into()))
+        futures::future::ready(Err(format!(
+            "boom {}",
+            m.metadata().get(headers::FAILURES).unwrap_or("0")
+        )
+        .into()))
     }
 }
 
@@ -406,10 +433,18 @@ async fn dead_letter_by_broker_attempt() {
         .unwrap();
     let mut dead = watch(&broker, "dead").await;
     let _run = start(&router).await;
-    let input = Message::new("p1").with_metadata("amount", 12).with_key("acct-1");
-    broker.publisher().publish_one("payments", input.clone()).await.unwrap();
+    let input = Message::new("p1")
+        .with_metadata("amount", 12)
+        .with_key("acct-1");
+    broker
+        .publisher()
+        .publish_one("payments", input.clone())
+        .await
+        .unwrap();
     let d = next(&mut dead).await;
-    let attempts: Vec<u32> = (0..3).map(|_| rx.try_recv().map(|m| attempt(&m)).unwrap()).collect();
+    let attempts: Vec<u32> = (0..3)
+        .map(|_| rx.try_recv().map(|m| attempt(&m)).unwrap())
+        .collect();
     assert_eq!(attempts, vec![1, 2, 3]);
     assert_eq!(d.uuid(), input.uuid());
     assert_eq!(text(&d), "p1");
@@ -428,7 +463,10 @@ async fn dead_letter_by_broker_attempt() {
             .unwrap_or_else(|| panic!("history entry {n} in {md:?}"));
         assert!(entry.ends_with(" boom 0"), "{entry}");
     }
-    eventually("acked", || broker.group_backlog("payments", "billing") == Some(0)).await;
+    eventually("acked", || {
+        broker.group_backlog("payments", "billing") == Some(0)
+    })
+    .await;
     assert!(rx.try_recv().is_err(), "no fourth delivery");
     quiet(&mut dead).await;
     assert_eq!(dl.dead_lettered(), 1);
@@ -454,25 +492,42 @@ async fn dead_letter_counts_durably_by_republishing() {
     let mut dead = watch(&broker, "dead").await;
     let _run = start(&router).await;
     let input = Message::new("p1").with_metadata("amount", 12);
-    broker.publisher().publish_one("payments", input.clone()).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("payments", input.clone())
+        .await
+        .unwrap();
     let d = next(&mut dead).await;
     let seen: Vec<Message> = (0..3).map(|_| rx.try_recv().unwrap()).collect();
     // Every delivery is a fresh copy (broker attempt 1) carrying the count so far.
-    let counts: Vec<Option<&str>> = seen.iter().map(|m| m.metadata().get(headers::FAILURES)).collect();
+    let counts: Vec<Option<&str>> = seen
+        .iter()
+        .map(|m| m.metadata().get(headers::FAILURES))
+        .collect();
     assert_eq!(counts, vec![None, Some("1"), Some("2")]);
-    assert!(seen.iter().all(|m| attempt(m) == 1 && m.uuid() == input.uuid()));
+    assert!(seen
+        .iter()
+        .all(|m| attempt(m) == 1 && m.uuid() == input.uuid()));
     let md = d.metadata();
     assert_eq!(md.get(headers::DEAD_LETTER_DELIVERIES), Some("3"));
     assert_eq!(md.get(headers::DEAD_LETTER_COUNTING), Some("republish"));
     assert_eq!(md.get(headers::DEAD_LETTER_REASON), Some("boom 2"));
     assert_eq!(md.get("amount"), Some("12"));
     for (n, expect) in [(1, "boom 0"), (2, "boom 1"), (3, "boom 2")] {
-        let entry = md.get(&format!("{}{n}", headers::DEAD_LETTER_ERROR_PREFIX)).unwrap();
+        let entry = md
+            .get(&format!("{}{n}", headers::DEAD_LETTER_ERROR_PREFIX))
+            .unwrap();
         assert!(entry.ends_with(expect), "{entry}");
     }
     // The counting headers do not leak into the dead letter.
-    assert!(md.iter().all(|(k, _)| !k.starts_with("tidemill-failure")), "{md:?}");
-    eventually("acked", || broker.group_backlog("payments", "billing") == Some(0)).await;
+    assert!(
+        md.iter().all(|(k, _)| !k.starts_with("tidemill-failure")),
+        "{md:?}"
+    );
+    eventually("acked", || {
+        broker.group_backlog("payments", "billing") == Some(0)
+    })
+    .await;
     assert_eq!(dl.republished(), 2);
     assert_eq!(dl.dead_lettered(), 1);
     router.close().await.unwrap();
@@ -501,7 +556,11 @@ async fn the_durable_count_survives_a_consumer_restart() {
             .await
             .unwrap();
         let run = start(&first).await;
-        broker.publisher().publish_one(&topic, Message::new("p")).await.unwrap();
+        broker
+            .publisher()
+            .publish_one(&topic, Message::new("p"))
+            .await
+            .unwrap();
         recv(&mut rx).await;
         recv(&mut rx).await;
         first.stop_handler("pay").await.unwrap();
@@ -519,14 +578,21 @@ async fn the_durable_count_survives_a_consumer_restart() {
             .unwrap();
         let _run = start(&second).await;
         let d = next(&mut dead).await;
-        assert_eq!(d.metadata().get(headers::DEAD_LETTER_DELIVERIES), Some("4"), "{counting:?}");
+        assert_eq!(
+            d.metadata().get(headers::DEAD_LETTER_DELIVERIES),
+            Some("4"),
+            "{counting:?}"
+        );
         // At most 4 deliveries in total (the first consumer may have seen a third).
         let mut total = 2;
         while rx.try_recv().is_ok() {
             total += 1;
         }
         assert_eq!(total, 4, "{counting:?}: deliveries before dead-lettering");
-        eventually("acked", || broker.group_backlog(&topic, "billing") == Some(0)).await;
+        eventually("acked", || {
+            broker.group_backlog(&topic, "billing") == Some(0)
+        })
+        .await;
         second.close().await.unwrap();
     }
 }
@@ -558,7 +624,10 @@ async fn auto_counting_republishes_when_the_broker_reports_no_attempt() {
     service.ready().await.unwrap().call(copy).await.unwrap();
     let d = next(&mut dead).await;
     assert_eq!(d.metadata().get(headers::DEAD_LETTER_DELIVERIES), Some("2"));
-    assert_eq!(d.metadata().get(headers::DEAD_LETTER_COUNTING), Some("republish"));
+    assert_eq!(
+        d.metadata().get(headers::DEAD_LETTER_COUNTING),
+        Some("republish")
+    );
 }
 
 #[tokio::test]
@@ -591,16 +660,27 @@ async fn other_groups_ack_retry_copies_that_are_not_theirs() {
         .unwrap();
     let mut dead = watch(&broker, "dead").await;
     let _run = start(&router).await;
-    broker.publisher().publish_one("orders", Message::new("o1")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("orders", Message::new("o1"))
+        .await
+        .unwrap();
     let d = next(&mut dead).await;
-    assert_eq!(d.metadata().get(headers::DEAD_LETTER_GROUP), Some("billing"));
+    assert_eq!(
+        d.metadata().get(headers::DEAD_LETTER_GROUP),
+        Some("billing")
+    );
     eventually("shipping saw the copies", || dl.skipped() == 2).await;
     eventually("all acked", || {
         broker.group_backlog("orders", "shipping") == Some(0)
             && broker.group_backlog("orders", "billing") == Some(0)
     })
     .await;
-    assert_eq!(shipped.load(Ordering::SeqCst), 1, "shipping handled the order once");
+    assert_eq!(
+        shipped.load(Ordering::SeqCst),
+        1,
+        "shipping handled the order once"
+    );
     let mut billing = 0;
     while rx.try_recv().is_ok() {
         billing += 1;
@@ -625,7 +705,11 @@ async fn a_failed_dead_letter_publish_nacks_the_input() {
         .await
         .unwrap();
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     assert_eq!(attempt(&recv(&mut rx).await), 1);
     assert_eq!(attempt(&recv(&mut rx).await), 2, "nacked, not lost");
     assert_eq!(broker.group_backlog("in", "g"), Some(1));
@@ -657,7 +741,11 @@ async fn delayed_redelivery_nacks_with_growing_delays() {
         .await
         .unwrap();
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     let (a1, t1) = recv(&mut rx).await;
     let (a2, t2) = recv(&mut rx).await;
     let (a3, t3) = recv(&mut rx).await;
@@ -682,7 +770,9 @@ async fn delays_travel_with_durably_counted_copies() {
                 .max_deliveries(3)
                 .counting(Counting::Republish),
         )
-        .layer(DelayedRedelivery::new(Backoff::new(Duration::from_millis(150))))
+        .layer(DelayedRedelivery::new(Backoff::new(Duration::from_millis(
+            150,
+        ))))
         .handler(move |_m: Message| {
             let tx = tx.clone();
             async move {
@@ -694,11 +784,23 @@ async fn delays_travel_with_durably_counted_copies() {
         .unwrap();
     let mut dead = watch(&broker, "dead").await;
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     next(&mut dead).await;
     let t: Vec<_> = (0..3).map(|_| rx.try_recv().unwrap()).collect();
-    assert!(t[1] - t[0] >= Duration::from_millis(150), "{:?}", t[1] - t[0]);
-    assert!(t[2] - t[1] >= Duration::from_millis(300), "{:?}", t[2] - t[1]);
+    assert!(
+        t[1] - t[0] >= Duration::from_millis(150),
+        "{:?}",
+        t[1] - t[0]
+    );
+    assert!(
+        t[2] - t[1] >= Duration::from_millis(300),
+        "{:?}",
+        t[2] - t[1]
+    );
     router.close().await.unwrap();
 }
 
@@ -711,7 +813,9 @@ async fn an_explicit_redelivery_delay_is_kept() {
         .add_handler("h")
         .subscribe(broker.subscriber(), "in")
         .group("g")
-        .layer(DelayedRedelivery::new(Backoff::new(Duration::from_millis(1))))
+        .layer(DelayedRedelivery::new(Backoff::new(Duration::from_millis(
+            1,
+        ))))
         .handler(move |m: Message| {
             let tx = tx.clone();
             async move {
@@ -725,7 +829,11 @@ async fn an_explicit_redelivery_delay_is_kept() {
         .await
         .unwrap();
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     let t1 = recv(&mut rx).await;
     let t2 = recv(&mut rx).await;
     assert!(t2 - t1 >= Duration::from_millis(200), "{:?}", t2 - t1);
@@ -758,10 +866,22 @@ async fn recovered_panics_are_retried_and_poisoned() {
         .unwrap();
     let mut poisoned = watch(&broker, "poison").await;
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("once")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("once"))
+        .await
+        .unwrap();
     eventually("acked", || broker.group_backlog("in", "g") == Some(0)).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "the panic was retried in-process");
-    broker.publisher().publish_one("in", Message::new("always")).await.unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the panic was retried in-process"
+    );
+    broker
+        .publisher()
+        .publish_one("in", Message::new("always"))
+        .await
+        .unwrap();
     let p = next(&mut poisoned).await;
     assert_eq!(
         p.metadata().get(headers::POISON_REASON),

@@ -39,9 +39,12 @@ async fn correlation_id_is_copied_to_every_output_and_generated_when_absent() {
     let mut out = watch(&broker, "out").await;
     let _run = start(&router).await;
     let p = broker.publisher();
-    p.publish_one("in", Message::new("x").with_metadata(headers::CORRELATION_ID, "c-1"))
-        .await
-        .unwrap();
+    p.publish_one(
+        "in",
+        Message::new("x").with_metadata(headers::CORRELATION_ID, "c-1"),
+    )
+    .await
+    .unwrap();
     assert_eq!(recv(&mut rx).await.as_deref(), Some("c-1"));
     let mut outs = Vec::new();
     for _ in 0..3 {
@@ -57,10 +60,15 @@ async fn correlation_id_is_copied_to_every_output_and_generated_when_absent() {
         ]
     );
     p.publish_one("in", Message::new("no id")).await.unwrap();
-    let generated = recv(&mut rx).await.expect("the handler sees a generated id");
+    let generated = recv(&mut rx)
+        .await
+        .expect("the handler sees a generated id");
     assert_eq!(generated.len(), 36, "a uuid: {generated}");
     for _ in 0..2 {
-        assert_eq!(correlation_id(&next(&mut out).await), Some(generated.as_str()));
+        assert_eq!(
+            correlation_id(&next(&mut out).await),
+            Some(generated.as_str())
+        );
     }
     assert_eq!(correlation_id(&next(&mut out).await), Some("mine"));
     router.close().await.unwrap();
@@ -85,7 +93,10 @@ async fn correlation_id_under_a_custom_key() {
         .publish_one("in", Message::new("x").with_metadata("x-request-id", "r-9"))
         .await
         .unwrap();
-    assert_eq!(next(&mut out).await.metadata().get("x-request-id"), Some("r-9"));
+    assert_eq!(
+        next(&mut out).await.metadata().get("x-request-id"),
+        Some("r-9")
+    );
     router.close().await.unwrap();
 }
 
@@ -123,7 +134,11 @@ fn assert_spaced(what: &str, t0: tokio::time::Instant, starts: &mut [tokio::time
     starts.sort();
     for (k, t) in starts.iter().enumerate() {
         let earliest = Duration::from_millis(50) * k as u32;
-        assert!(*t - t0 >= earliest, "{what}: call {k} started {:?} after t0", *t - t0);
+        assert!(
+            *t - t0 >= earliest,
+            "{what}: call {k} started {:?} after t0",
+            *t - t0
+        );
     }
 }
 
@@ -207,12 +222,23 @@ async fn the_circuit_opens_nacks_while_open_and_closes_after_a_probe() {
         .publish("in", (0..5).map(|i| Message::new(i.to_string())).collect())
         .await
         .unwrap();
-    eventually("the circuit opens", || breaker.state() == CircuitState::Open).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "opened after three failures");
+    eventually("the circuit opens", || {
+        breaker.state() == CircuitState::Open
+    })
+    .await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "opened after three failures"
+    );
     // While open, messages are nacked with a delay without reaching the handler.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(calls.load(Ordering::SeqCst), 3, "no calls while open");
-    assert_eq!(broker.group_backlog("in", "g"), Some(5), "nothing acked, nothing lost");
+    assert_eq!(
+        broker.group_backlog("in", "g"),
+        Some(5),
+        "nothing acked, nothing lost"
+    );
     healthy.store(true, Ordering::SeqCst);
     eventually("every message handled after the probe", || {
         broker.group_backlog("in", "g") == Some(0)
@@ -247,7 +273,11 @@ async fn a_failed_probe_opens_the_circuit_again() {
         .await
         .unwrap();
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     eventually("handled", || broker.group_backlog("in", "g") == Some(0)).await;
     // First call opened it; the probe failed and reopened it; the next probe succeeded.
     assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -290,9 +320,16 @@ async fn duplicates_are_acked_unhandled_and_counted() {
     p.publish("uuid", vec![m.clone(), m.clone(), Message::new("two")])
         .await
         .unwrap();
-    p.publish("hash", vec![Message::new("same"), Message::new("same"), Message::new("other")])
-        .await
-        .unwrap();
+    p.publish(
+        "hash",
+        vec![
+            Message::new("same"),
+            Message::new("same"),
+            Message::new("other"),
+        ],
+    )
+    .await
+    .unwrap();
     p.publish(
         "key",
         vec![
@@ -327,7 +364,11 @@ async fn duplicates_are_acked_unhandled_and_counted() {
         ]
     );
     assert_eq!(
-        (by_uuid.duplicates(), by_hash.duplicates(), by_key.duplicates()),
+        (
+            by_uuid.duplicates(),
+            by_hash.duplicates(),
+            by_key.duplicates()
+        ),
         (1, 1, 0)
     );
     router.close().await.unwrap();
@@ -376,7 +417,11 @@ async fn ignored_errors_ack_and_others_nack() {
         .publisher()
         .publish(
             "in",
-            vec![Message::new("archived"), Message::new("gone"), Message::new("other")],
+            vec![
+                Message::new("archived"),
+                Message::new("gone"),
+                Message::new("other"),
+            ],
         )
         .await
         .unwrap();
@@ -442,7 +487,11 @@ async fn instant_ack_acks_before_the_handler_runs_and_never_redelivers() {
     assert_eq!(recv(&mut rx).await, "ok");
     eventually("both acked", || broker.group_backlog("in", "g") == Some(0)).await;
     release.notify_one();
-    assert_eq!(text(&next(&mut out).await), "out-ok", "outputs are still published");
+    assert_eq!(
+        text(&next(&mut out).await),
+        "out-ok",
+        "outputs are still published"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(rx.try_recv().is_err(), "the failed one is not redelivered");
     router.close().await.unwrap();
@@ -468,7 +517,11 @@ async fn the_duplicator_runs_the_handler_twice() {
         .unwrap();
     let mut out = watch(&broker, "out").await;
     let _run = start(&router).await;
-    broker.publisher().publish_one("in", Message::new("x")).await.unwrap();
+    broker
+        .publisher()
+        .publish_one("in", Message::new("x"))
+        .await
+        .unwrap();
     assert_eq!(text(&next(&mut out).await), "x-0");
     assert_eq!(text(&next(&mut out).await), "x-1");
     eventually("acked", || broker.group_backlog("in", "g") == Some(0)).await;

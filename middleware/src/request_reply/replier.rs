@@ -107,7 +107,11 @@ impl<S> fmt::Debug for ReplierService<S> {
 fn ok_reply(mut msg: Message, request_id: &str, seq: usize, count: usize) -> Message {
     let md = msg.metadata_mut();
     md.set(headers::REPLY_STATUS, "ok");
-    for key in [headers::REPLY_ERROR, headers::REPLY_ERROR_KIND, headers::REPLY_TO] {
+    for key in [
+        headers::REPLY_ERROR,
+        headers::REPLY_ERROR_KIND,
+        headers::REPLY_TO,
+    ] {
         md.remove(key);
     }
     reply(msg, request_id, seq, count)
@@ -138,7 +142,8 @@ where
 
     fn call(&mut self, msg: Message) -> Self::Future {
         let md = msg.metadata();
-        let (reply_to, request_id) = match (md.get(headers::REPLY_TO), md.get(headers::REQUEST_ID)) {
+        let (reply_to, request_id) = match (md.get(headers::REPLY_TO), md.get(headers::REQUEST_ID))
+        {
             (Some(r), Some(id)) => (r.to_owned(), id.to_owned()),
             (r, _) => {
                 let err = MissingReplyAddress {

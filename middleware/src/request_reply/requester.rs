@@ -365,14 +365,20 @@ fn dispatch(inner: &Inner, msg: &Message) {
     let md = msg.metadata();
     let Some(id) = md.get(headers::REQUEST_ID) else {
         inner.unknown.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(uuid = msg.uuid(), "reply without a correlation id; acked and counted");
+        tracing::debug!(
+            uuid = msg.uuid(),
+            "reply without a correlation id; acked and counted"
+        );
         return;
     };
     let mut pending = inner.pending.lock();
     let Some(waiter) = pending.get_mut(id) else {
         drop(pending);
         inner.unknown.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(request_id = id, "reply to an unknown or expired request; acked and counted");
+        tracing::debug!(
+            request_id = id,
+            "reply to an unknown or expired request; acked and counted"
+        );
         return;
     };
     match waiter {
@@ -385,8 +391,16 @@ fn dispatch(inner: &Inner, msg: &Message) {
             }
         }
         Waiter::Stream { topic, tx, seen } => {
-            let seq = md.get_as::<u32>(headers::REPLY_SEQ).ok().flatten().unwrap_or(1);
-            let count = md.get_as::<u32>(headers::REPLY_COUNT).ok().flatten().unwrap_or(1);
+            let seq = md
+                .get_as::<u32>(headers::REPLY_SEQ)
+                .ok()
+                .flatten()
+                .unwrap_or(1);
+            let count = md
+                .get_as::<u32>(headers::REPLY_COUNT)
+                .ok()
+                .flatten()
+                .unwrap_or(1);
             if !seen.insert(seq) {
                 drop(pending);
                 inner.unknown.fetch_add(1, Ordering::Relaxed);

@@ -69,7 +69,10 @@ pub async fn next(stream: &mut DeliveryStream) -> Message {
 /// Asserts nothing arrives on `stream` for a short while.
 pub async fn quiet(stream: &mut DeliveryStream) {
     if let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(300), stream.next()).await {
-        panic!("unexpected message: {:?}", item.map(|d| d.message().clone()));
+        panic!(
+            "unexpected message: {:?}",
+            item.map(|d| d.message().clone())
+        );
     }
 }
 
