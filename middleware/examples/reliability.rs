@@ -39,8 +39,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .backoff(Backoff::new(Duration::from_millis(20)))
                 .on_retry(|e| {
                     println!(
-                        "retry    {} (attempt {} failed: {}; next in {:?})",
+                        "retry    {} (delivery {}, attempt {} failed: {}; next attempt in {:?})",
                         String::from_utf8_lossy(e.message.payload()),
+                        e.message.context().and_then(|c| c.attempt()).unwrap_or(1),
                         e.attempt,
                         e.error,
                         e.delay
