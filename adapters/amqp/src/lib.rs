@@ -1,1 +1,22 @@
-//! tidemill-amqp (work in progress)
+//! # tidemill-amqp
+//!
+//! RabbitMQ (AMQP 0-9-1) for Tidemill.
+#![warn(missing_docs)]
+
+mod config;
+mod confirm;
+mod connection;
+mod convert;
+mod publisher;
+mod subscriber;
+mod topology;
+
+pub use config::{
+    AmqpConfig, ExchangeType, Naming, QueueType, MAX_NAME_BYTES, RABBITMQ_MAX_MESSAGE_BYTES,
+};
+pub use convert::PROPERTY_KEYS;
+pub use publisher::AmqpPublisher;
+pub use subscriber::AmqpSubscriber;
+
+/// The broker name in every error of this crate.
+pub const BROKER: &str = "amqp";

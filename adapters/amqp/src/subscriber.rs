@@ -1,0 +1,748 @@
+//! The subscriber: consumer groups as durable queues, subscriptions without a group as
+//! exclusive queues, each consumed on its own channel and resumed after connection loss.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, Stream, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Consumer};
+use tidemill_core::headers::stable_uuid;
+use tidemill_core::{
+    AckFuture, Acknowledger, Delivery, DeliveryStream, Error, Result, SubscribeOptions, Subscriber,
+};
+use tokio::time::Instant;
+
+use crate::config::{AmqpConfig, MAX_NAME_BYTES};
+use crate::confirm::{publish_batch, ConfirmChannel};
+use crate::connection::{broker_error, is_transient, Connector};
+use crate::convert::{decode, redelivery_properties, Encoded, DELAY_QUEUE_MARKER};
+use crate::topology::{self, short, QueueKind};
+use crate::BROKER;
+
+/// The first pause before re-opening a lost subscription; doubles up to
+/// `reconnect_backoff_max`.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// How many delivery attempts a subscriber remembers for redelivered messages.
+const TRACKED_ATTEMPTS: usize = 10_000;
+
+/// How long cancelling a consumer may take when its stream is dropped.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Consumes messages from RabbitMQ (or another AMQP 0-9-1 broker).
+///
+/// - `subscribe(topic, group("g"))` consumes the durable queue of group `g`, bound to the
+///   topic's exchange; every subscriber of the group competes for its messages, and the
+///   queue keeps them while nobody consumes.
+/// - `subscribe(topic, no group)` consumes an exclusive, auto-deleted queue of its own: it
+///   sees every message published while it exists.
+///
+/// `subscribe` returns once the queue is declared, bound and consumed, so every message
+/// published afterwards is delivered. Each subscription has its own channel with the
+/// configured prefetch; deliveries are acknowledged (`basic.ack`) only when the
+/// application acks them, and nacked with requeue (`basic.nack`) otherwise.
+///
+/// The subscriber owns one connection. When it is lost, every stream reports one error
+/// item, then re-opens its channel, re-declares its queue and resumes consuming, retrying
+/// with backoff until the broker is back; the stream never ends because of a connection
+/// loss. Deliveries held across the loss can no longer be acked (the broker redelivers
+/// them); their `ack` returns an error saying so.
+///
+/// Cloning is cheap and clones share the connection.
+#[derive(Clone)]
+pub struct AmqpSubscriber {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: AmqpConfig,
+    connector: Connector,
+    /// Declares delay queues and re-publishes for `nack_with_delay`.
+    control: ConfirmChannel,
+    /// (queue, uuid) → the attempt of its last delivery that was nacked, for classic queues
+    /// (which only say "redelivered", not how often).
+    attempts: parking_lot::Mutex<HashMap<(Arc<str>, Arc<str>), u32>>,
+}
+
+/// What a subscription consumes.
+struct Spec {
+    topic: String,
+    exchange: String,
+    /// The group's durable queue; `None` for an exclusive queue (named anew on each
+    /// (re)connection).
+    group_queue: Option<String>,
+}
+
+impl Spec {
+    fn new(config: &AmqpConfig, topic: &str, group: Option<&str>) -> Result<Self> {
+        Ok(Spec {
+            topic: topic.to_owned(),
+            exchange: config.exchange_for(topic)?,
+            group_queue: group
+                .map(|g| config.group_queue_for(topic, g))
+                .transpose()?,
+        })
+    }
+}
+
+impl AmqpSubscriber {
+    /// Validates `config` and connects (one attempt, bounded by `connect_timeout`): an
+    /// unreachable broker fails here with an error naming its address.
+    pub async fn connect(config: AmqpConfig) -> Result<Self> {
+        config.validate()?;
+        let connector = Connector::new(&config)?;
+        connector.connection().await?;
+        Ok(AmqpSubscriber {
+            inner: Arc::new(Inner {
+                config,
+                connector,
+                control: ConfirmChannel::default(),
+                attempts: parking_lot::Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.inner.config
+    }
+
+    fn check_open(&self, topic: &str) -> Result<()> {
+        if self.inner.connector.closed().is_cancelled() {
+            return Err(Error::SubscriberClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for AmqpSubscriber {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
+        self.check_open(topic)?;
+        let spec = Arc::new(Spec::new(
+            &self.inner.config,
+            topic,
+            options.consumer_group(),
+        )?);
+        let (consumer, lease) = open(self.inner.clone(), spec.clone()).await?;
+        let stream = Subscription {
+            inner: self.inner.clone(),
+            spec,
+            state: State::Consuming { consumer, lease },
+            backoff: BACKOFF_MIN,
+        };
+        Ok(DeliveryStream::new(stream)
+            .until_cancelled(self.inner.connector.closed().clone())
+            .with_options(&options))
+    }
+
+    /// Declares the exchange and the group's durable queue and binds them, so messages
+    /// published from now on are kept for the group. Without a group there is nothing to
+    /// prepare (an exclusive queue only exists while it is consumed).
+    async fn initialize(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.check_open(topic)?;
+        let Some(group) = options.consumer_group() else {
+            return Ok(());
+        };
+        let inner = &*self.inner;
+        let spec = Spec::new(&inner.config, topic, Some(group))?;
+        let queue = spec.group_queue.unwrap_or_default();
+        let conn = inner.connector.connection().await?;
+        within(&inner.config, topic, "initialize", async {
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(|e| broker_error(topic, "open a channel", e))?;
+            topology::subscription(
+                &channel,
+                &inner.config,
+                topic,
+                &spec.exchange,
+                &queue,
+                QueueKind::Group,
+            )
+            .await?;
+            if let Err(e) = channel.close(200, "OK".into()).await {
+                tracing::debug!(broker = BROKER, error = %e, "closing a channel");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.connector.close().await;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for AmqpSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSubscriber")
+            .field("address", &self.inner.connector.address())
+            .field("closed", &self.inner.connector.closed().is_cancelled())
+            .finish()
+    }
+}
+
+/// Runs `fut`, failing with a transient error after `connect_timeout` (a broker that
+/// accepts the connection but does not answer).
+async fn within<T>(
+    config: &AmqpConfig,
+    topic: &str,
+    what: &str,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(config.connect_timeout, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::transient(
+            BROKER,
+            topic,
+            what,
+            format!(
+                "the broker did not answer within the connect timeout of {:?}",
+                config.connect_timeout
+            ),
+        )),
+    }
+}
+
+/// One consuming channel. Deliveries hold it, so it stays open (and their acks possible)
+/// until the last of them is settled, even after their stream ended.
+struct Lease {
+    channel: Channel,
+    queue: Arc<str>,
+    kind: QueueKind,
+    spec: Arc<Spec>,
+    inner: Arc<Inner>,
+}
+
+/// Opens a channel, declares and binds the queue and starts consuming it.
+async fn open(inner: Arc<Inner>, spec: Arc<Spec>) -> Result<(Consumer, Arc<Lease>)> {
+    let topic = spec.topic.as_str();
+    let config = &inner.config;
+    let conn = inner.connector.connection().await?;
+    let (queue, kind) = match &spec.group_queue {
+        Some(queue) => (queue.clone(), QueueKind::Group),
+        None => (config.broadcast_queue_for(topic)?, QueueKind::Exclusive),
+    };
+    let (channel, consumer) = within(config, topic, "subscribe", async {
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| broker_error(topic, "open a channel", e))?;
+        channel
+            .basic_qos(
+                config.effective_prefetch(),
+                BasicQosOptions { global: false },
+            )
+            .await
+            .map_err(|e| broker_error(topic, "set the prefetch (basic.qos)", e))?;
+        topology::subscription(&channel, config, topic, &spec.exchange, &queue, kind).await?;
+        let consumer = channel
+            .basic_consume(
+                short(topic, &queue)?,
+                ShortString::default(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| broker_error(topic, format!("consume queue `{queue}`"), e))?;
+        Ok((channel, consumer))
+    })
+    .await?;
+    tracing::debug!(broker = BROKER, topic, queue = %queue, "consuming");
+    let lease = Arc::new(Lease {
+        channel,
+        queue: Arc::from(queue),
+        kind,
+        spec,
+        inner,
+    });
+    Ok((consumer, lease))
+}
+
+enum State {
+    Consuming {
+        consumer: Consumer,
+        lease: Arc<Lease>,
+    },
+    Reopening(BoxFuture<'static, Result<(Consumer, Arc<Lease>)>>),
+    Waiting(Pin<Box<tokio::time::Sleep>>),
+    Ended,
+}
+
+/// The stream of one subscription.
+struct Subscription {
+    inner: Arc<Inner>,
+    spec: Arc<Spec>,
+    state: State,
+    backoff: Duration,
+}
+
+impl Subscription {
+    fn reopen(&self) -> State {
+        State::Reopening(open(self.inner.clone(), self.spec.clone()).boxed())
+    }
+
+    fn closed(&self) -> bool {
+        self.inner.connector.closed().is_cancelled()
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Delivery>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Consuming { consumer, lease } => {
+                    let lost = match consumer.poll_next_unpin(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(Ok(d))) => {
+                            this.backoff = BACKOFF_MIN;
+                            return Poll::Ready(Some(Ok(deliver(d, lease))));
+                        }
+                        Poll::Ready(Some(Err(e))) => broker_error(
+                            &this.spec.topic,
+                            format!("consume queue `{}`", lease.queue),
+                            e,
+                        ),
+                        Poll::Ready(None) => Error::transient(
+                            BROKER,
+                            &this.spec.topic,
+                            format!("consume queue `{}`", lease.queue),
+                            "the consumer was cancelled by the broker (queue deleted?)",
+                        ),
+                    };
+                    if this.closed() {
+                        this.state = State::Ended;
+                        return Poll::Ready(None);
+                    }
+                    tracing::warn!(broker = BROKER, topic = %this.spec.topic, error = %lost,
+                        "subscription lost; re-opening it");
+                    this.state = this.reopen();
+                    return Poll::Ready(Some(Err(lost)));
+                }
+                State::Reopening(fut) => match fut.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok((consumer, lease))) => {
+                        tracing::info!(broker = BROKER, topic = %this.spec.topic,
+                            queue = %lease.queue, "subscription resumed");
+                        this.state = State::Consuming { consumer, lease };
+                    }
+                    Poll::Ready(Err(e)) => {
+                        if this.closed() {
+                            this.state = State::Ended;
+                            return Poll::Ready(None);
+                        }
+                        let pause = this.backoff;
+                        this.backoff = (pause * 2).min(this.inner.config.reconnect_backoff_max);
+                        tracing::debug!(broker = BROKER, topic = %this.spec.topic, error = %e,
+                            retry_in = ?pause, "re-opening the subscription failed");
+                        this.state = State::Waiting(Box::pin(tokio::time::sleep(pause)));
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                State::Waiting(sleep) => {
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.state = this.reopen();
+                }
+                State::Ended => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let State::Consuming { consumer, lease } = std::mem::replace(&mut self.state, State::Ended)
+        else {
+            return;
+        };
+        if Arc::strong_count(&lease) == 1 {
+            // No delivery is held: dropping the last handles closes the channel, and the
+            // broker requeues whatever was sent ahead.
+            return;
+        }
+        // Deliveries are held, so the channel stays open for their acks: stop the consumer
+        // and requeue what it had received but not handed out.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(cancel_and_requeue(consumer, lease));
+        }
+    }
+}
+
+async fn cancel_and_requeue(mut consumer: Consumer, lease: Arc<Lease>) {
+    if !lease.channel.status().connected() {
+        return;
+    }
+    let cancel = lease
+        .channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default());
+    match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(broker = BROKER, error = %e, "cancelling a consumer");
+            return;
+        }
+        Err(_) => return,
+    }
+    // After cancel-ok nothing more arrives; what did arrive is buffered.
+    while let Some(Some(Ok(delivery))) = consumer.next().now_or_never() {
+        let requeue = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        if let Err(e) = delivery.acker.nack(requeue).await {
+            tracing::debug!(broker = BROKER, error = %e, "requeueing a prefetched message");
+        }
+    }
+}
+
+/// Turns a lapin delivery into a Tidemill one.
+fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
+    let lapin::message::Delivery {
+        exchange,
+        routing_key,
+        redelivered,
+        properties,
+        data,
+        acker,
+        ..
+    } = d;
+    let decoded = decode(exchange.as_str(), routing_key.as_str(), &properties, data);
+    let base = decoded.attempt_base;
+    let (attempt, tracked) = match decoded.delivery_count {
+        Some(count) => (base.saturating_add(count).saturating_add(1), false),
+        None if redelivered => {
+            let seen = lease
+                .inner
+                .attempts
+                .lock()
+                .get(&(lease.queue.clone(), decoded.uuid.clone()))
+                .copied();
+            (
+                seen.map_or(base.saturating_add(2), |a| a.saturating_add(1)),
+                true,
+            )
+        }
+        None => (base.saturating_add(1), false),
+    };
+    let payload = decoded.message.payload().clone();
+    let acker = AmqpAcker {
+        acker,
+        lease: lease.clone(),
+        uuid: decoded.uuid,
+        attempt,
+        tracked,
+        keyless: decoded.message.key().is_none(),
+        properties,
+        payload,
+    };
+    Delivery::new(decoded.message, acker).with_attempt(attempt)
+}
+
+/// Settles one delivery on the channel it arrived on.
+struct AmqpAcker {
+    acker: lapin::Acker,
+    lease: Arc<Lease>,
+    uuid: Arc<str>,
+    attempt: u32,
+    /// Its attempt count may be in `Inner::attempts`.
+    tracked: bool,
+    /// The message has no key (in ordered mode a nack sends it to the back of the queue).
+    keyless: bool,
+    /// Kept for `nack_with_delay`, which re-publishes the message as received.
+    properties: BasicProperties,
+    payload: Bytes,
+}
+
+impl AmqpAcker {
+    fn topic(&self) -> &str {
+        &self.lease.spec.topic
+    }
+
+    async fn ack(self) -> Result<()> {
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {
+                if self.tracked {
+                    self.lease
+                        .inner
+                        .attempts
+                        .lock()
+                        .remove(&(self.lease.queue.clone(), self.uuid.clone()));
+                }
+                Ok(())
+            }
+            Ok(false) => Err(Error::transient(
+                BROKER,
+                self.topic(),
+                format!("ack message {}", self.uuid),
+                "its channel was closed (connection lost or subscriber closed); the broker \
+                 will redeliver it",
+            )),
+            Err(e) => Err(broker_error(
+                self.topic(),
+                format!("ack message {}", self.uuid),
+                e,
+            )),
+        }
+    }
+
+    /// `basic.nack` with requeue. On a channel that is gone the broker has requeued the
+    /// message already, which is what a nack asks for.
+    async fn requeue(self) -> Result<()> {
+        self.remember_attempt();
+        let options = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        match self.acker.nack(options).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_transient(&e) => {
+                tracing::debug!(broker = BROKER, uuid = %self.uuid, error = %e,
+                    "nack on a lost channel; the broker requeues the message itself");
+                Ok(())
+            }
+            Err(e) => Err(broker_error(
+                self.topic(),
+                format!("nack message {}", self.uuid),
+                e,
+            )),
+        }
+    }
+
+    fn remember_attempt(&self) {
+        let mut attempts = self.lease.inner.attempts.lock();
+        if attempts.len() >= TRACKED_ATTEMPTS {
+            // Forget one: its next delivery then reports a lower bound (2).
+            if let Some(k) = attempts.keys().next().cloned() {
+                attempts.remove(&k);
+            }
+        }
+        attempts.insert((self.lease.queue.clone(), self.uuid.clone()), self.attempt);
+    }
+
+    /// Re-publishes a copy, to the delay queue for `delay` (which dead-letters it back to
+    /// this queue when the delay has passed) or with no delay straight to the back of this
+    /// queue, waits for the confirm, then acks the original. If that fails the original is
+    /// nacked (requeued) and the error returned.
+    async fn republish(self, delay: Option<Duration>) -> Result<()> {
+        let scheduled = self
+            .lease
+            .inner
+            .republish(
+                &self.lease,
+                self.properties.clone(),
+                &self.payload,
+                &self.uuid,
+                self.attempt,
+                delay,
+            )
+            .await;
+        match scheduled {
+            Ok(()) => {
+                let uuid = self.uuid.clone();
+                if let Err(e) = self.ack().await {
+                    tracing::warn!(broker = BROKER, uuid = %uuid, error = %e,
+                        "the delayed copy is scheduled but the original could not be acked; \
+                         it will be delivered twice");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.requeue().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Acknowledger for AmqpAcker {
+    fn ack(self: Box<Self>) -> AckFuture {
+        AckFuture::boxed((*self).ack())
+    }
+
+    fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
+        match delay {
+            Some(delay) if !delay.is_zero() => AckFuture::boxed((*self).republish(Some(delay))),
+            _ if self.keyless && self.lease.inner.config.ordered => {
+                AckFuture::boxed((*self).republish(None))
+            }
+            _ => AckFuture::boxed((*self).requeue()),
+        }
+    }
+}
+
+impl Inner {
+    /// Publishes a copy of a delivery (with its attempt count) to the delay queue for
+    /// `delay` on `lease`'s queue, or without a delay to the back of that queue, and waits
+    /// for the broker's confirm.
+    async fn republish(
+        &self,
+        lease: &Lease,
+        properties: BasicProperties,
+        payload: &Bytes,
+        uuid: &str,
+        attempt: u32,
+        delay: Option<Duration>,
+    ) -> Result<()> {
+        let topic = lease.spec.topic.as_str();
+        let context = || match delay {
+            Some(delay) => format!("nack_with_delay({delay:?}) of message {uuid}"),
+            None => format!("nack (re-publish to the back of the queue) of message {uuid}"),
+        };
+        let delay_queue = match delay {
+            Some(delay) => Some(
+                delay_queue(lease, delay)
+                    .map_err(|why| Error::permanent(BROKER, topic, context(), why))?,
+            ),
+            None => None,
+        };
+        let deadline = Instant::now() + self.config.publish_timeout;
+        let work = async {
+            let (channel, _) = self.control.get(&self.connector, topic, deadline).await?;
+            let result = async {
+                let target = match delay_queue {
+                    Some((name, options, arguments)) => {
+                        channel
+                            .queue_declare(short(topic, &name)?, options, arguments)
+                            .await
+                            .map_err(|e| {
+                                broker_error(topic, format!("declare delay queue `{name}`"), e)
+                            })?;
+                        name
+                    }
+                    None => lease.queue.to_string(),
+                };
+                let mut batch = [Encoded {
+                    routing_key: short(topic, &target)?,
+                    properties: redelivery_properties(properties, uuid, attempt),
+                    payload: payload.clone(),
+                }];
+                publish_batch(&channel, topic, &ShortString::default(), true, &mut batch).await
+            }
+            .await;
+            if result.is_err() && !channel.status().connected() {
+                self.control.discard(&channel);
+            }
+            result
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(result) => result.map_err(|e| match e {
+                Error::Broker {
+                    broker,
+                    topic,
+                    context: what,
+                    transient,
+                    source,
+                } => Error::Broker {
+                    broker,
+                    topic,
+                    context: format!("{}: {what}", context()),
+                    transient,
+                    source,
+                },
+                other => other,
+            }),
+            Err(_) => Err(Error::transient(
+                BROKER,
+                topic,
+                context(),
+                format!(
+                    "not confirmed within the publish timeout of {:?}",
+                    self.config.publish_timeout
+                ),
+            )),
+        }
+    }
+}
+
+/// The delay queue for `delay` on `lease`'s queue: its name, declare options and arguments
+/// (TTL `delay`, dead-lettering back to the queue through the default exchange).
+fn delay_queue(
+    lease: &Lease,
+    delay: Duration,
+) -> std::result::Result<(String, QueueDeclareOptions, FieldTable), String> {
+    let ms = u32::try_from(delay.as_millis().max(1))
+        .map_err(|_| format!("delays are limited to {} ms (AMQP message TTL)", u32::MAX))?;
+    let name = delay_queue_name(&lease.queue, ms);
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::from(ms)),
+    );
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(lease.queue.as_bytes().into()),
+    );
+    // Unused for twice the delay plus a minute: gone, and every message in it expired.
+    arguments.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(2 * i64::from(ms) + 60_000),
+    );
+    let options = match lease.kind {
+        QueueKind::Group => QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        QueueKind::Exclusive => QueueDeclareOptions {
+            exclusive: true,
+            ..QueueDeclareOptions::default()
+        },
+    };
+    Ok((name, options, arguments))
+}
+
+/// `{queue}.tidemill-delay-{ms}ms`, or a name derived from a hash when that is too long.
+fn delay_queue_name(queue: &str, ms: u32) -> String {
+    let name = format!("{queue}{DELAY_QUEUE_MARKER}{ms}ms");
+    if name.len() <= MAX_NAME_BYTES {
+        return name;
+    }
+    format!(
+        "tidemill{DELAY_QUEUE_MARKER}{ms}ms-{}",
+        stable_uuid(&[queue.as_bytes()])
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_queue_names_fit_amqp() {
+        assert_eq!(
+            delay_queue_name("orders.billing", 1500),
+            "orders.billing.tidemill-delay-1500ms"
+        );
+        let long = "q".repeat(250);
+        let name = delay_queue_name(&long, 1000);
+        assert!(name.len() <= MAX_NAME_BYTES, "{name}");
+        assert!(name.contains(DELAY_QUEUE_MARKER));
+        assert_eq!(name, delay_queue_name(&long, 1000), "stable");
+    }
+}
