@@ -193,6 +193,20 @@ pub(crate) fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
     }
 }
 
+/// The limit RabbitMQ names when it refuses a message as too large (PRECONDITION_FAILED
+/// "message size N is larger than configured max size M").
+pub(crate) fn size_limit(e: &lapin::Error) -> Option<usize> {
+    let ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    let text = amqp.get_message().as_str();
+    let (_, rest) = text.split_once("max size ")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A Tidemill error for a failed lapin operation.
 pub(crate) fn broker_error(topic: &str, context: impl Into<String>, e: lapin::Error) -> Error {
     if is_transient(&e) {

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::AmqpConfig;
 use crate::confirm::{publish_batch, ConfirmChannel};
-use crate::connection::Connector;
+use crate::connection::{size_limit, Connector};
 use crate::convert::{encode, Encoded};
 use crate::topology::{self, short};
 use crate::BROKER;
@@ -130,7 +130,12 @@ impl Publisher for AmqpPublisher {
         }
         let exchange = inner.config.exchange_for(topic)?;
         let mut batch = Vec::with_capacity(messages.len());
+        // The largest message, to name when the broker refuses one as too large.
+        let mut largest: (usize, String) = (0, String::new());
         for message in messages {
+            if message.payload().len() > largest.0 {
+                largest = (message.payload().len(), message.uuid().to_owned());
+            }
             if message.payload().len() > inner.config.max_message_size {
                 return Err(Error::MessageTooLarge {
                     broker: BROKER,
@@ -150,6 +155,24 @@ impl Publisher for AmqpPublisher {
         )
         .await
         {
+            Ok(Err(Error::Broker { source, .. }))
+                if source
+                    .downcast_ref::<lapin::Error>()
+                    .and_then(size_limit)
+                    .is_some() =>
+            {
+                let limit = source
+                    .downcast_ref::<lapin::Error>()
+                    .and_then(size_limit)
+                    .unwrap_or(inner.config.max_message_size);
+                Err(Error::MessageTooLarge {
+                    broker: BROKER,
+                    topic: topic.to_owned(),
+                    uuid: largest.1,
+                    size: largest.0,
+                    limit,
+                })
+            }
             Ok(result) => result,
             Err(_) => {
                 // Whatever is still unconfirmed on this channel stays unknown: start afresh.

@@ -1,0 +1,736 @@
+//! RabbitMQ-specific behaviour beyond the conformance suite: bad input, connection faults,
+//! foreign messages, attempt counting, quorum dead-lettering, ordered mode, routing keys,
+//! AMQP properties. Tests that need the broker skip unless `TIDEMILL_AMQP_URL` is set.
+
+mod common;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber, ExchangeType, QueueType};
+use tidemill_core::{
+    Delivery, DeliveryStream, Error, Message, Publisher, SubscribeOptions, Subscriber,
+};
+use tidemill_testkit::fault_proxy::FaultProxy;
+
+/// The longest any single wait in these tests may take.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// How long a negative check ("nothing arrives") waits.
+const QUIET: Duration = Duration::from_millis(500);
+
+async fn next(stream: &mut DeliveryStream, what: &str) -> Delivery {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => panic!("no delivery within {WAIT:?} while waiting for {what}"),
+            Ok(None) => panic!("the stream ended while waiting for {what}"),
+            Ok(Some(Err(e))) => eprintln!("stream error (continuing): {e}"),
+            Ok(Some(Ok(d))) => return d,
+        }
+    }
+}
+
+async fn nothing_within(stream: &mut DeliveryStream, quiet: Duration) -> bool {
+    !matches!(
+        tokio::time::timeout(quiet, stream.next()).await,
+        Ok(Some(Ok(_)))
+    )
+}
+
+async fn connect(config: &AmqpConfig) -> (AmqpPublisher, AmqpSubscriber) {
+    let p = AmqpPublisher::connect(config.clone())
+        .await
+        .unwrap_or_else(|e| panic!("publisher: {e}"));
+    let s = AmqpSubscriber::connect(config.clone())
+        .await
+        .unwrap_or_else(|e| panic!("subscriber: {e}"));
+    (p, s)
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_fails_fast_naming_the_address() {
+    // Nothing listens on port 1: the connection is refused.
+    let config = AmqpConfig {
+        connect_timeout: Duration::from_secs(5),
+        ..AmqpConfig::new("amqp://app:s3cret@127.0.0.1:1/%2f")
+    };
+    let started = std::time::Instant::now();
+    let err = AmqpPublisher::connect(config.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("127.0.0.1:1"), "names the address: {text}");
+    assert!(!text.contains("s3cret"), "never shows the password: {text}");
+    assert!(err.is_transient());
+    let err = AmqpSubscriber::connect(config).await.unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_silent_broker_times_out_naming_the_address() {
+    // Accepts TCP connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = AmqpConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..AmqpConfig::new(format!("amqp://guest:guest@{addr}/%2f"))
+    };
+    let err = AmqpSubscriber::connect(config).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Connect { .. }), "{text}");
+    assert!(text.contains(&addr.to_string()), "{text}");
+    assert!(text.contains("connect timeout"), "{text}");
+    silent.abort();
+}
+
+#[tokio::test]
+async fn malformed_configuration_is_refused_naming_the_option() {
+    let err = serde_json::from_str::<AmqpConfig>(r#"{"url": "amqp://x", "prefech": 1}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prefech"), "{err}");
+    let err = AmqpPublisher::connect(AmqpConfig::new("http://not-amqp"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err}");
+    assert!(err.to_string().contains("url"), "{err}");
+    let config = AmqpConfig {
+        group_queue_name: "shared".into(),
+        ..AmqpConfig::default()
+    };
+    let err = AmqpSubscriber::connect(config).await.unwrap_err();
+    assert!(err.to_string().contains("group_queue_name"), "{err}");
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_naming_the_limit() {
+    let Some(url) = common::broker_url("oversized_messages_are_refused_naming_the_limit") else {
+        return;
+    };
+    let topic = common::topic("too-large");
+    // Checked by the publisher against the configured limit, before sending.
+    let config = AmqpConfig {
+        max_message_size: 1024,
+        ..common::config(&url)
+    };
+    let (p, _s) = connect(&config).await;
+    let big = Message::new(vec![7u8; 1025]);
+    let err = p.publish_one(&topic, big.clone()).await.unwrap_err();
+    match &err {
+        Error::MessageTooLarge {
+            size, limit, uuid, ..
+        } => {
+            assert_eq!((*size, *limit), (1025, 1024));
+            assert_eq!(uuid, big.uuid());
+        }
+        other => panic!("expected MessageTooLarge, got {other}"),
+    }
+    assert!(err.to_string().contains("1024") && err.to_string().contains(&topic));
+    p.publish_one(&topic, Message::new(vec![7u8; 1024]))
+        .await
+        .unwrap_or_else(|e| panic!("a message at the limit is fine: {e}"));
+
+    // Refused by RabbitMQ itself (max_message_size, 128 MiB by default) when the
+    // configured limit is higher: the broker's limit is reported.
+    let config = AmqpConfig {
+        max_message_size: usize::MAX,
+        ..common::config(&url)
+    };
+    let (p, _s) = connect(&config).await;
+    let huge = Message::new(vec![0u8; tidemill_amqp::RABBITMQ_MAX_MESSAGE_BYTES + 1]);
+    let err = p.publish_one(&topic, huge.clone()).await.unwrap_err();
+    match &err {
+        Error::MessageTooLarge { limit, uuid, .. } => {
+            assert_eq!(*limit, tidemill_amqp::RABBITMQ_MAX_MESSAGE_BYTES);
+            assert_eq!(uuid, huge.uuid());
+        }
+        other => panic!("expected MessageTooLarge from the broker, got {other}"),
+    }
+    // The publisher carries on (on a new channel).
+    p.publish_one(&topic, Message::new("small"))
+        .await
+        .unwrap_or_else(|e| panic!("publishing after a refused message: {e}"));
+}
+
+#[tokio::test]
+async fn publishing_after_close_fails_naming_the_topic() {
+    let Some(url) = common::broker_url("publishing_after_close_fails_naming_the_topic") else {
+        return;
+    };
+    let (p, s) = connect(&common::config(&url)).await;
+    p.close().await.unwrap();
+    p.close().await.unwrap(); // idempotent
+    let err = p
+        .publish_one("orders", Message::new("late"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PublisherClosed { .. }), "{err}");
+    assert!(err.to_string().contains("`orders`"), "{err}");
+    s.close().await.unwrap();
+    let err = s
+        .subscribe("orders", SubscribeOptions::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SubscriberClosed { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_publish_cut_off_before_its_confirm_fails_and_never_claims_success() {
+    let Some(url) = common::broker_url("a_publish_cut_off_before_its_confirm_fails") else {
+        return;
+    };
+    let topic = common::topic("unconfirmed");
+    let proxy = FaultProxy::start(common::host_port(&url).as_str())
+        .await
+        .unwrap();
+    let config = common::config(&common::via(&url, proxy.addr()));
+    let (p, s) = connect(&config).await;
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("check"))
+        .await
+        .unwrap();
+    p.publish_one(&topic, Message::new("warm-up"))
+        .await
+        .unwrap();
+    next(&mut stream, "warm-up").await.ack().await.unwrap();
+
+    // The broker goes silent: the message is written but no confirm can come back.
+    proxy.stall();
+    let m = Message::new("in flight");
+    let publishing = {
+        let (p, topic, m) = (p.clone(), topic.clone(), m.clone());
+        tokio::spawn(async move { p.publish_one(&topic, m).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    proxy.resume();
+    let result = tokio::time::timeout(WAIT, publishing)
+        .await
+        .expect("the publish returns once the connection is cut")
+        .unwrap();
+    match result {
+        Err(e) => {
+            eprintln!("the cut-off publish failed (expected): {e}");
+            assert!(e.is_transient(), "a connection loss is transient: {e}");
+        }
+        // Only possible if the publish went out on a new connection after the cut; then
+        // the broker has it.
+        Ok(()) => {
+            eprintln!("the publish went out after the cut, on a new connection");
+            let d = next(&mut stream, "the confirmed message").await;
+            assert_eq!(d.message().uuid(), m.uuid());
+        }
+    }
+    // The same publisher works again.
+    let after = Message::new("after");
+    p.publish_one(&topic, after.clone()).await.unwrap();
+    loop {
+        let d = next(&mut stream, "the message after the cut").await;
+        let done = d.message().uuid() == after.uuid();
+        d.ack().await.unwrap();
+        if done {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_publish_that_is_never_confirmed_times_out_with_an_error() {
+    let Some(url) = common::broker_url("a_publish_that_is_never_confirmed_times_out") else {
+        return;
+    };
+    let topic = common::topic("never-confirmed");
+    let proxy = FaultProxy::start(common::host_port(&url).as_str())
+        .await
+        .unwrap();
+    let config = AmqpConfig {
+        publish_timeout: Duration::from_millis(500),
+        ..common::config(&common::via(&url, proxy.addr()))
+    };
+    let p = AmqpPublisher::connect(config).await.unwrap();
+    p.publish_one(&topic, Message::new("declares the exchange"))
+        .await
+        .unwrap();
+    proxy.stall();
+    let err = p
+        .publish_one(&topic, Message::new("stuck"))
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("not confirmed"), "{err}");
+    proxy.resume();
+}
+
+#[tokio::test]
+async fn mandatory_publishing_reports_messages_no_queue_takes() {
+    let Some(url) = common::broker_url("mandatory_publishing_reports_unroutable_messages") else {
+        return;
+    };
+    let topic = common::topic("mandatory");
+    let config = AmqpConfig {
+        mandatory: true,
+        ..common::config(&url)
+    };
+    let (p, s) = connect(&config).await;
+    let err = p
+        .publish_one(&topic, Message::new("nobody"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(!err.is_transient(), "{text}");
+    assert!(text.contains(&topic) && text.contains("NO_ROUTE"), "{text}");
+    // With a queue bound the same publish succeeds.
+    s.initialize(&topic, &SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    p.publish_one(&topic, Message::new("somebody"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn missing_exchanges_and_queues_are_named_when_declaring_is_off() {
+    let Some(url) = common::broker_url("missing_topology_is_named") else {
+        return;
+    };
+    let topic = common::topic("undeclared");
+    let config = AmqpConfig {
+        declare_topology: false,
+        ..common::config(&url)
+    };
+    let (p, s) = connect(&config).await;
+    let err = p.publish_one(&topic, Message::new("x")).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("exchange `{topic}` does not exist")),
+        "{text}"
+    );
+    assert!(!err.is_transient());
+    let err = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&topic), "{err}");
+
+    // Once the exchange exists, a missing group queue is named.
+    let (declaring_p, _) = connect(&common::config(&url)).await;
+    declaring_p
+        .publish_one(&topic, Message::new("creates the exchange"))
+        .await
+        .unwrap();
+    let err = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("queue `{topic}.g` does not exist")),
+        "{text}"
+    );
+    // The publisher works now, and a subscription without a group declares its own queue.
+    p.publish_one(&topic, Message::new("fine")).await.unwrap();
+    let mut stream = s.subscribe(&topic, SubscribeOptions::new()).await.unwrap();
+    let m = Message::new("seen");
+    p.publish_one(&topic, m.clone()).await.unwrap();
+    assert_eq!(next(&mut stream, "m").await.message().uuid(), m.uuid());
+}
+
+/// A raw lapin connection, for playing another client.
+async fn raw_channel(url: &str) -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (conn, channel)
+}
+
+#[tokio::test]
+async fn messages_from_other_clients_get_stable_uuids_and_keep_binary_headers() {
+    let Some(url) = common::broker_url("foreign_messages") else {
+        return;
+    };
+    let topic = common::topic("foreign");
+    let (_p, s) = connect(&common::config(&url)).await;
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let (_conn, raw) = raw_channel(&url).await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "trace".into(),
+        AMQPValue::LongString(vec![0xffu8, 0x00, 0x01].into()),
+    );
+    headers.insert("count".into(), AMQPValue::LongInt(42));
+    headers.insert("text".into(), AMQPValue::LongString("plain".into()));
+    let payload = [0u8, 0xff, 0x10, b'x'];
+    raw.basic_publish(
+        topic.as_str().into(),
+        "some.routing.key".into(),
+        BasicPublishOptions::default(),
+        &payload,
+        BasicProperties::default()
+            .with_headers(headers)
+            .with_content_type("application/octet-stream".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let first = next(&mut stream, "the foreign message").await;
+    let uuid = first.message().uuid().to_owned();
+    assert_eq!(uuid.len(), 36, "a uuid: {uuid}");
+    assert_eq!(first.message().payload().as_ref(), &payload);
+    let md = first.message().metadata();
+    assert_eq!(md.get("trace.b64"), Some("/wAB"), "{md:?}");
+    assert_eq!(md.get("count"), Some("42"));
+    assert_eq!(md.get("text"), Some("plain"));
+    assert_eq!(
+        md.get("amqp.content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(first.message().key(), None);
+    first.nack().await.unwrap();
+    let again = next(&mut stream, "the redelivery").await;
+    assert_eq!(
+        again.message().uuid(),
+        uuid,
+        "the same message keeps its uuid"
+    );
+    again.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn tidemill_messages_use_native_amqp_properties() {
+    let Some(url) = common::broker_url("native_properties") else {
+        return;
+    };
+    let topic = common::topic("native");
+    let (p, s) = connect(&common::config(&url)).await;
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    // Another client's queue on the same exchange sees what Tidemill put on the wire.
+    let (_conn, raw) = raw_channel(&url).await;
+    let queue = format!("{topic}.raw");
+    raw.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    raw.queue_bind(
+        queue.as_str().into(),
+        topic.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut raw_consumer = raw
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let m = Message::new("{\"tea\": 1}")
+        .with_metadata("amqp.content-type", "application/json")
+        .with_metadata("amqp.correlation-id", "req-7")
+        .with_metadata("amqp.priority", 4)
+        .with_metadata("amqp.timestamp", 1_700_000_000u64)
+        .with_metadata("tenant", "acme")
+        .with_key("customer-42");
+    p.publish_one(&topic, m.clone()).await.unwrap();
+
+    let got = next(&mut stream, "m").await;
+    assert_eq!(
+        got.message(),
+        &m,
+        "uuid, metadata, payload and key round-trip"
+    );
+    got.ack().await.unwrap();
+
+    let wire = tokio::time::timeout(WAIT, raw_consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let props = &wire.properties;
+    let text = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    assert_eq!(text(props.message_id()).as_deref(), Some(m.uuid()));
+    assert_eq!(
+        text(props.content_type()).as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(text(props.correlation_id()).as_deref(), Some("req-7"));
+    assert_eq!(props.priority(), &Some(4));
+    assert_eq!(props.timestamp(), &Some(1_700_000_000));
+    assert_eq!(props.delivery_mode(), &Some(2), "persistent");
+    assert_eq!(wire.routing_key.as_str(), "customer-42");
+    let headers = props.headers().clone().unwrap_or_default();
+    assert_eq!(
+        headers.inner().get("tenant"),
+        Some(&AMQPValue::LongString("acme".into()))
+    );
+    assert_eq!(
+        headers.inner().get("tidemill-key"),
+        Some(&AMQPValue::LongString("customer-42".into()))
+    );
+}
+
+#[tokio::test]
+async fn classic_queues_count_attempts_across_nacks_and_delays() {
+    let Some(url) = common::broker_url("classic_attempts") else {
+        return;
+    };
+    let topic = common::topic("attempts");
+    let (p, s) = connect(&common::config(&url)).await;
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let m = Message::new("flaky").with_metadata("k", "v");
+    p.publish_one(&topic, m.clone()).await.unwrap();
+    for attempt in 1..=3 {
+        let d = next(&mut stream, "a delivery").await;
+        assert_eq!(d.message(), &m);
+        assert_eq!(d.attempt(), Some(attempt));
+        d.nack().await.unwrap();
+    }
+    let d = next(&mut stream, "the fourth delivery").await;
+    assert_eq!(d.attempt(), Some(4));
+    d.nack_with_delay(Duration::from_millis(200)).await.unwrap();
+    let d = next(&mut stream, "the delayed delivery").await;
+    assert_eq!(d.message(), &m, "a delayed redelivery is the same message");
+    assert_eq!(d.attempt(), Some(5));
+    d.ack().await.unwrap();
+    assert!(nothing_within(&mut stream, QUIET).await);
+}
+
+#[tokio::test]
+async fn quorum_queues_count_deliveries_and_dead_letter_past_the_limit() {
+    let Some(url) = common::broker_url("quorum_dead_letter") else {
+        return;
+    };
+    let topic = common::topic("quorum");
+    let dead = common::topic("quorum-dead");
+    let base = common::config(&url);
+    let (p, s) = connect(&base).await;
+    // The dead-letter exchange is the exchange of topic `dead`; a group there collects.
+    let mut dead_stream = s
+        .subscribe(&dead, SubscribeOptions::group("collector"))
+        .await
+        .unwrap();
+    let config = AmqpConfig {
+        queue_type: QueueType::Quorum,
+        delivery_limit: Some(1),
+        dead_letter_exchange: Some(dead.clone()),
+        ..base
+    };
+    let quorum = AmqpSubscriber::connect(config).await.unwrap();
+    let mut stream = quorum
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let m = Message::new("poison").with_metadata("why", "test");
+    p.publish_one(&topic, m.clone()).await.unwrap();
+    for attempt in 1..=2 {
+        let d = next(&mut stream, "a delivery").await;
+        assert_eq!(d.message(), &m, "x-delivery-count is not metadata");
+        assert_eq!(d.attempt(), Some(attempt));
+        d.nack().await.unwrap();
+    }
+    let d = next(&mut dead_stream, "the dead-lettered message").await;
+    assert_eq!(d.message().uuid(), m.uuid());
+    assert_eq!(d.message().payload(), m.payload());
+    assert!(
+        d.message().metadata().get("x-death").is_some(),
+        "the broker's dead-letter trace is kept: {:?}",
+        d.message().metadata()
+    );
+    d.ack().await.unwrap();
+    assert!(
+        nothing_within(&mut stream, QUIET).await,
+        "not redelivered past the limit"
+    );
+}
+
+#[tokio::test]
+async fn ordered_mode_sends_nacked_messages_without_a_key_to_the_back() {
+    let Some(url) = common::broker_url("ordered_keyless") else {
+        return;
+    };
+    let topic = common::topic("ordered");
+    let config = AmqpConfig {
+        ordered: true,
+        ..common::config(&url)
+    };
+    let (p, s) = connect(&config).await;
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let a = Message::new("a");
+    let b = Message::new("b");
+    let k1 = Message::new("k1").with_key("k");
+    let k2 = Message::new("k2").with_key("k");
+    p.publish(&topic, vec![a.clone(), b.clone(), k1.clone(), k2.clone()])
+        .await
+        .unwrap();
+    let d = next(&mut stream, "a").await;
+    assert_eq!(d.message().uuid(), a.uuid());
+    assert!(nothing_within(&mut stream, QUIET).await, "one at a time");
+    d.nack().await.unwrap();
+    // `a` has no key: it went to the back, behind k2.
+    let d = next(&mut stream, "b").await;
+    assert_eq!(d.message().uuid(), b.uuid());
+    d.ack().await.unwrap();
+    let d = next(&mut stream, "k1").await;
+    assert_eq!(d.message().uuid(), k1.uuid());
+    d.nack().await.unwrap();
+    // `k1` has a key: it comes back before `k2`.
+    let d = next(&mut stream, "k1 again").await;
+    assert_eq!(d.message().uuid(), k1.uuid());
+    assert_eq!(d.attempt(), Some(2));
+    d.ack().await.unwrap();
+    let d = next(&mut stream, "k2").await;
+    assert_eq!(d.message().uuid(), k2.uuid());
+    d.ack().await.unwrap();
+    let d = next(&mut stream, "a, last").await;
+    assert_eq!(d.message(), &a);
+    assert_eq!(d.attempt(), Some(2));
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn topic_exchanges_route_by_message_key() {
+    let Some(url) = common::broker_url("topic_exchange_routing") else {
+        return;
+    };
+    let topic = common::topic("routed");
+    let config = AmqpConfig {
+        exchange_type: ExchangeType::Topic,
+        binding_key: "eu.#".into(),
+        ..common::config(&url)
+    };
+    let (p, s) = connect(&config).await;
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("europe"))
+        .await
+        .unwrap();
+    let fr = Message::new("fr").with_key("eu.fr.paris");
+    let ny = Message::new("ny").with_key("us.ny");
+    p.publish(&topic, vec![ny, fr.clone()]).await.unwrap();
+    let d = next(&mut stream, "the European message").await;
+    assert_eq!(d.message(), &fr);
+    d.ack().await.unwrap();
+    assert!(
+        nothing_within(&mut stream, QUIET).await,
+        "us.ny is not bound"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_stream_hands_prefetched_messages_to_the_group_and_held_ones_stay_ackable() {
+    let Some(url) = common::broker_url("dropped_stream") else {
+        return;
+    };
+    let topic = common::topic("dropped");
+    let (p, s1) = connect(&common::config(&url)).await;
+    let s2 = AmqpSubscriber::connect(common::config(&url)).await.unwrap();
+    let group = SubscribeOptions::group("g");
+    s1.initialize(&topic, &group).await.unwrap();
+    let msgs: Vec<Message> = (0..5).map(|i| Message::new(format!("m{i}"))).collect();
+    p.publish(&topic, msgs.clone()).await.unwrap();
+    let mut first = s1.subscribe(&topic, group.clone()).await.unwrap();
+    let held = next(&mut first, "one message").await;
+    assert_eq!(held.message().uuid(), msgs[0].uuid());
+    // The other four were sent ahead (prefetch 128); dropping the stream returns them.
+    drop(first);
+    let mut second = s2.subscribe(&topic, group).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 1..5 {
+        let d = next(&mut second, "a message returned by the dropped stream").await;
+        got.push(d.message().uuid().to_owned());
+        d.ack().await.unwrap();
+    }
+    let want: Vec<String> = msgs[1..].iter().map(|m| m.uuid().to_owned()).collect();
+    got.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(got, want_sorted);
+    // The held delivery outlives its stream.
+    held.ack().await.unwrap();
+    assert!(
+        nothing_within(&mut second, QUIET).await,
+        "the acked message is gone"
+    );
+}
+
+#[tokio::test]
+async fn closing_the_subscriber_ends_streams_and_later_acks_say_why() {
+    let Some(url) = common::broker_url("close_subscriber") else {
+        return;
+    };
+    let topic = common::topic("closing");
+    let (p, s) = connect(&common::config(&url)).await;
+    let mut a = s.subscribe(&topic, SubscribeOptions::new()).await.unwrap();
+    let mut b = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    p.publish_one(&topic, Message::new("x")).await.unwrap();
+    let held = next(&mut a, "x").await;
+    s.close().await.unwrap();
+    for stream in [&mut a, &mut b] {
+        let ended = tokio::time::timeout(WAIT, async {
+            while let Some(item) = stream.next().await {
+                if let Ok(d) = item {
+                    let _ = d.nack().await;
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the stream ends after close");
+    }
+    let err = held.ack().await.unwrap_err();
+    assert!(err.to_string().contains("redeliver"), "{err}");
+    // The group's queue kept the message for the next subscriber.
+    let s2 = AmqpSubscriber::connect(common::config(&url)).await.unwrap();
+    let mut c = s2
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    next(&mut c, "x for the group").await.ack().await.unwrap();
+}
