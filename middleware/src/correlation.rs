@@ -6,15 +6,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use tidemill_core::{new_uuid, BoxError, Message};
+use tidemill_core::{BoxError, Message};
 use tower::{Layer, Service};
 
 use crate::headers;
 
 /// Copies the input's correlation id into every message the handler returns, so a chain of
-/// handlers can be followed end to end. An input without one gets a new id (a UUIDv7)
-/// before the handler runs, so the handler and its logs see it too. Outputs that already
-/// carry a correlation id keep theirs.
+/// handlers can be followed end to end. When the input has none, a chain starts: its
+/// outputs get the input's uuid (unique, time-ordered) as their correlation id, so the
+/// chain leads back to the message that began it. Outputs that already carry a correlation
+/// id keep theirs. The input itself is not modified (nothing is allocated for handlers
+/// that publish nothing).
 ///
 /// The metadata key is [`headers::CORRELATION_ID`] (`correlation-id`) unless
 /// [`key`](CorrelationId::key) says otherwise; [`correlation_id`] reads it.
@@ -34,7 +36,8 @@ use crate::headers;
 ///     .publish(broker.publisher(), "orders.enriched")
 ///     .handler(|msg: Message| async move {
 ///         tracing::info!(correlation_id = ?correlation_id(&msg), "enriching");
-///         HandlerResult::Ok(Message::new(msg.payload().clone())) // gets the same id
+///         // Gets the input's correlation id, or the input's uuid when it has none.
+///         HandlerResult::Ok(Message::new(msg.payload().clone()))
 ///     })
 ///     .await?;
 /// # Ok(()) }
@@ -102,19 +105,13 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut msg: Message) -> Self::Future {
-        let id: Arc<str> = match msg.metadata().get(&self.key) {
-            Some(id) => Arc::from(id),
-            None => {
-                let id = new_uuid();
-                msg.metadata_mut().set(&*self.key, &*id);
-                id
-            }
-        };
+    fn call(&mut self, msg: Message) -> Self::Future {
+        // A clone only bumps reference counts; the id is looked up when there are outputs.
+        let source = msg.clone();
         CorrelationFuture {
             fut: self.inner.call(msg),
             key: self.key.clone(),
-            id,
+            source,
         }
     }
 }
@@ -125,7 +122,7 @@ pin_project! {
         #[pin]
         fut: F,
         key: Arc<str>,
-        id: Arc<str>,
+        source: Message,
     }
 }
 
@@ -142,8 +139,15 @@ where
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
             Poll::Ready(Ok(mut out)) => {
-                for m in &mut out {
-                    m.metadata_mut().set_if_absent(&**this.key, &**this.id);
+                if !out.is_empty() {
+                    let id = this
+                        .source
+                        .metadata()
+                        .get(this.key)
+                        .unwrap_or(this.source.uuid());
+                    for m in &mut out {
+                        m.metadata_mut().set_if_absent(&**this.key, id);
+                    }
                 }
                 Poll::Ready(Ok(out))
             }

@@ -14,7 +14,7 @@ use tower::{Layer, Service};
 use crate::headers;
 use crate::util::{
     epoch_millis, error_chain, from_epoch_millis, handler_and_topic, timestamp, truncate,
-    LayerFuture, OnError,
+    HandlerOutput, LayerFuture, OnError, OnFailure,
 };
 
 /// The longest error text kept per failed delivery.
@@ -100,6 +100,11 @@ pub enum Counting {
 /// ```
 #[derive(Clone)]
 pub struct DeadLetter {
+    inner: Arc<Config>,
+}
+
+#[derive(Clone)]
+struct Config {
     publisher: Arc<dyn Publisher>,
     topic: Arc<str>,
     max_deliveries: u32,
@@ -149,67 +154,72 @@ impl DeadLetter {
     /// with [`Counting::Auto`].
     pub fn new(publisher: impl Publisher + 'static, topic: impl AsRef<str>) -> Self {
         DeadLetter {
-            publisher: Arc::new(publisher),
-            topic: Arc::from(topic.as_ref()),
-            max_deliveries: 5,
-            counting: Counting::Auto,
-            retry_topic: None,
-            history: Cache::builder()
-                .max_capacity(HISTORY_CAPACITY)
-                .time_to_live(HISTORY_TTL)
-                .build(),
-            stats: Arc::default(),
+            inner: Arc::new(Config {
+                publisher: Arc::new(publisher),
+                topic: Arc::from(topic.as_ref()),
+                max_deliveries: 5,
+                counting: Counting::Auto,
+                retry_topic: None,
+                history: Cache::builder()
+                    .max_capacity(HISTORY_CAPACITY)
+                    .time_to_live(HISTORY_TTL)
+                    .build(),
+                stats: Arc::default(),
+            }),
         }
     }
 
-    /// Dead-letters on the `n`-th failed delivery (at least 1).
-    pub fn max_deliveries(mut self, n: u32) -> Self {
-        self.max_deliveries = n.max(1);
+    fn with(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(Arc::make_mut(&mut self.inner));
         self
     }
 
+    /// Dead-letters on the `n`-th failed delivery (at least 1).
+    pub fn max_deliveries(self, n: u32) -> Self {
+        self.with(|c| c.max_deliveries = n.max(1))
+    }
+
     /// How deliveries are counted.
-    pub fn counting(mut self, counting: Counting) -> Self {
-        self.counting = counting;
-        self
+    pub fn counting(self, counting: Counting) -> Self {
+        self.with(|c| c.counting = counting)
     }
 
     /// With durable counting, republish failed messages to `topic` instead of the topic
     /// they came from. The same consumer group must consume `topic` too (e.g. a second
     /// handler with the same service and group).
-    pub fn retry_topic(mut self, topic: impl AsRef<str>) -> Self {
-        self.retry_topic = Some(Arc::from(topic.as_ref()));
-        self
+    pub fn retry_topic(self, topic: impl AsRef<str>) -> Self {
+        let topic: Arc<str> = Arc::from(topic.as_ref());
+        self.with(|c| c.retry_topic = Some(topic))
     }
 
     /// How many messages went to the dead-letter topic.
     pub fn dead_lettered(&self) -> u64 {
-        self.stats.dead_lettered.load(Ordering::Relaxed)
+        self.inner.stats.dead_lettered.load(Ordering::Relaxed)
     }
 
     /// How many failed messages were republished for durable counting.
     pub fn republished(&self) -> u64 {
-        self.stats.republished.load(Ordering::Relaxed)
+        self.inner.stats.republished.load(Ordering::Relaxed)
     }
 
     /// How many durably counted copies belonging to another handler were acked unhandled.
     pub fn skipped(&self) -> u64 {
-        self.stats.skipped.load(Ordering::Relaxed)
+        self.inner.stats.skipped.load(Ordering::Relaxed)
     }
 
     /// The dead-letter topic.
     pub fn topic(&self) -> &str {
-        &self.topic
+        &self.inner.topic
     }
 }
 
 impl fmt::Debug for DeadLetter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadLetter")
-            .field("topic", &self.topic)
-            .field("max_deliveries", &self.max_deliveries)
-            .field("counting", &self.counting)
-            .field("retry_topic", &self.retry_topic)
+            .field("topic", &self.inner.topic)
+            .field("max_deliveries", &self.inner.max_deliveries)
+            .field("counting", &self.inner.counting)
+            .field("retry_topic", &self.inner.retry_topic)
             .finish_non_exhaustive()
     }
 }
@@ -232,7 +242,7 @@ pub struct DeadLetterService<S> {
     config: DeadLetter,
 }
 
-/// What the layer knows about one delivery before handling it.
+/// What the layer knows about one delivery, for its error path.
 struct Delivery {
     handler: String,
     topic: String,
@@ -243,6 +253,30 @@ struct Delivery {
     by_broker: bool,
     /// This delivery's number.
     number: u32,
+}
+
+/// The error path of [`DeadLetter`].
+pub struct DeadLetterFailure {
+    config: DeadLetter,
+    input: Message,
+    prior: u32,
+    by_broker: bool,
+    number: u32,
+}
+
+impl OnFailure for DeadLetterFailure {
+    fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
+        let (handler, topic, group) = handler_and_topic(&self.input);
+        let delivery = Delivery {
+            handler,
+            topic,
+            group,
+            prior: self.prior,
+            by_broker: self.by_broker,
+            number: self.number,
+        };
+        Box::pin(self.config.failed(self.input, delivery, error))
+    }
 }
 
 /// Whether the durable-count headers of `msg` belong to this handler on this topic:
@@ -269,18 +303,25 @@ where
 {
     type Response = Vec<Message>;
     type Error = BoxError;
-    type Future = LayerFuture<S::Future>;
+    type Future = LayerFuture<S::Future, DeadLetterFailure>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        let (handler, topic, group) = handler_and_topic(&msg);
         let mut prior = 0;
-        match owner(&msg, &handler, &topic, group.as_deref()) {
+        let owned = msg.context().and_then(|ctx| {
+            let info = ctx.handler();
+            owner(&msg, &info.name, &info.topic, info.group.as_deref())
+        });
+        match owned {
             Some(false) => {
-                self.config.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                self.config
+                    .inner
+                    .stats
+                    .skipped
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     uuid = msg.uuid(),
                     "a retry copy of another consumer; acking it unhandled"
@@ -311,7 +352,7 @@ where
             None => {}
         }
         let broker_attempt = msg.context().and_then(|c| c.attempt());
-        let by_broker = match self.config.counting {
+        let by_broker = match self.config.inner.counting {
             Counting::Broker => true,
             Counting::Republish => false,
             Counting::Auto => broker_attempt.is_some(),
@@ -321,20 +362,14 @@ where
         } else {
             prior + 1
         };
-        let delivery = Delivery {
-            handler,
-            topic,
-            group,
+        let failure = DeadLetterFailure {
+            config: self.config.clone(),
+            input: msg.clone(),
             prior,
             by_broker,
             number,
         };
-        let config = self.config.clone();
-        let input = msg.clone();
-        LayerFuture::from(OnError::new(
-            self.inner.call(msg),
-            Box::new(move |error| Box::pin(config.failed(input, delivery, error))),
-        ))
+        LayerFuture::from(OnError::new(self.inner.call(msg), failure))
     }
 }
 
@@ -353,10 +388,10 @@ impl DeadLetter {
             truncate(error_chain(error.as_ref()), MAX_ERROR)
         );
         let history_key = format!("{}\u{0}{}", d.handler, input.uuid());
-        if d.number >= self.max_deliveries {
+        if d.number >= self.inner.max_deliveries {
             let mut history: Vec<(u32, String)> = Vec::new();
             if d.by_broker {
-                if let Some(h) = self.history.get(&history_key) {
+                if let Some(h) = self.inner.history.get(&history_key) {
                     history.extend(h.iter().cloned());
                 }
             } else {
@@ -374,16 +409,18 @@ impl DeadLetter {
         }
         if d.by_broker {
             let mut history = self
+                .inner
                 .history
                 .get(&history_key)
                 .map(|h| (*h).clone())
                 .unwrap_or_default();
             history.push((d.number, entry));
-            self.history.insert(history_key, Arc::new(history));
+            self.inner.history.insert(history_key, Arc::new(history));
             return Err(error);
         }
         // Durable counting: republish with the new count, then ack the original.
         let target = self
+            .inner
             .retry_topic
             .clone()
             .unwrap_or_else(|| Arc::from(d.topic.as_str()));
@@ -405,13 +442,13 @@ impl DeadLetter {
                 md.remove(headers::NOT_BEFORE);
             }
         }
-        match self.publisher.publish(&target, vec![copy]).await {
+        match self.inner.publisher.publish(&target, vec![copy]).await {
             Ok(()) => {
-                self.stats.republished.fetch_add(1, Ordering::Relaxed);
+                self.inner.stats.republished.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     uuid = input.uuid(),
                     failures = d.number,
-                    max = self.max_deliveries,
+                    max = self.inner.max_deliveries,
                     retry_topic = %target,
                     error = %error_chain(error.as_ref()),
                     "handler failed; republished with the failure count (durable counting)"
@@ -466,15 +503,24 @@ impl DeadLetter {
         for (n, entry) in &history {
             md.set(format!("{}{n}", headers::DEAD_LETTER_ERROR_PREFIX), entry);
         }
-        match self.publisher.publish(&self.topic, vec![dead]).await {
+        match self
+            .inner
+            .publisher
+            .publish(&self.inner.topic, vec![dead])
+            .await
+        {
             Ok(()) => {
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                self.history
+                self.inner
+                    .stats
+                    .dead_lettered
+                    .fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .history
                     .invalidate(&format!("{}\u{0}{}", d.handler, input.uuid()));
                 tracing::warn!(
                     uuid = input.uuid(),
                     deliveries = d.number,
-                    dead_letter_topic = %self.topic,
+                    dead_letter_topic = %self.inner.topic,
                     %reason,
                     "message dead-lettered; acking it"
                 );
@@ -483,14 +529,14 @@ impl DeadLetter {
             Err(publish_error) => {
                 tracing::error!(
                     uuid = input.uuid(),
-                    dead_letter_topic = %self.topic,
+                    dead_letter_topic = %self.inner.topic,
                     error = %publish_error,
                     "cannot publish to the dead-letter topic; nacking"
                 );
                 Err(Box::new(DeadLetterPublishFailed {
                     uuid: input.uuid().to_owned(),
                     purpose: "dead-letter",
-                    topic: self.topic.to_string(),
+                    topic: self.inner.topic.to_string(),
                     publish_error,
                     handler_error: error,
                 }))

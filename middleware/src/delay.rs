@@ -9,7 +9,7 @@ use tidemill_core::{is_permanent, BoxError, Message};
 use tower::{Layer, Service};
 
 use crate::headers;
-use crate::util::{LayerFuture, OnError};
+use crate::util::{HandlerOutput, LayerFuture, OnError, OnFailure};
 use crate::Backoff;
 
 type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
@@ -120,27 +120,36 @@ where
 {
     type Response = Vec<Message>;
     type Error = BoxError;
-    type Future = LayerFuture<S::Future>;
+    type Future = LayerFuture<S::Future, DelayFailure>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        let attempt = delivery_attempt(&msg);
-        let config = self.config.clone();
-        LayerFuture::from(OnError::new(
-            self.inner.call(msg),
-            Box::new(move |error| {
-                let result =
-                    if redelivery_delay(error.as_ref()).is_some() || !(config.predicate)(&error) {
-                        Err(error)
-                    } else {
-                        let delay = config.backoff.delay(attempt);
-                        Err(redeliver_after(delay, error))
-                    };
-                Box::pin(futures::future::ready(result))
-            }),
-        ))
+        let failure = DelayFailure {
+            attempt: delivery_attempt(&msg),
+            backoff: self.config.backoff,
+            predicate: self.config.predicate.clone(),
+        };
+        LayerFuture::from(OnError::new(self.inner.call(msg), failure))
+    }
+}
+
+/// The error path of [`DelayedRedelivery`].
+pub struct DelayFailure {
+    attempt: u32,
+    backoff: Backoff,
+    predicate: Predicate,
+}
+
+impl OnFailure for DelayFailure {
+    fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
+        let result = if redelivery_delay(error.as_ref()).is_some() || !(self.predicate)(&error) {
+            Err(error)
+        } else {
+            Err(redeliver_after(self.backoff.delay(self.attempt), error))
+        };
+        Box::pin(futures::future::ready(result))
     }
 }

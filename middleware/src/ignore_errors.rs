@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use tidemill_core::{BoxError, Message};
 use tower::{Layer, Service};
 
-use crate::util::{error_chain, LayerFuture, OnError};
+use crate::util::{error_chain, HandlerOutput, LayerFuture, OnError, OnFailure};
 
 type Matcher = Arc<dyn Fn(&(dyn std::error::Error + 'static)) -> bool + Send + Sync>;
 
@@ -42,7 +42,7 @@ type Matcher = Arc<dyn Fn(&(dyn std::error::Error + 'static)) -> bool + Send + S
 /// ```
 #[derive(Clone, Default)]
 pub struct IgnoreErrors {
-    matchers: Vec<Matcher>,
+    matchers: Arc<Vec<Matcher>>,
     ignored: Arc<AtomicU64>,
 }
 
@@ -71,7 +71,7 @@ impl IgnoreErrors {
         mut self,
         predicate: impl Fn(&(dyn std::error::Error + 'static)) -> bool + Send + Sync + 'static,
     ) -> Self {
-        self.matchers.push(Arc::new(predicate));
+        Arc::make_mut(&mut self.matchers).push(Arc::new(predicate));
         self
     }
 
@@ -120,27 +120,36 @@ where
 {
     type Response = Vec<Message>;
     type Error = BoxError;
-    type Future = LayerFuture<S::Future>;
+    type Future = LayerFuture<S::Future, IgnoreFailure>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        let config = self.config.clone();
-        let uuid = msg.uuid().to_owned();
-        LayerFuture::from(OnError::new(
-            self.inner.call(msg),
-            Box::new(move |error| {
-                let result = if config.matches(&error) {
-                    config.ignored.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%uuid, error = %error_chain(error.as_ref()), "ignoring handler error; acking");
-                    Ok(Vec::new())
-                } else {
-                    Err(error)
-                };
-                Box::pin(futures::future::ready(result))
-            }),
-        ))
+        let failure = IgnoreFailure {
+            config: self.config.clone(),
+            input: msg.clone(),
+        };
+        LayerFuture::from(OnError::new(self.inner.call(msg), failure))
+    }
+}
+
+/// The error path of [`IgnoreErrors`].
+pub struct IgnoreFailure {
+    config: IgnoreErrors,
+    input: Message,
+}
+
+impl OnFailure for IgnoreFailure {
+    fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
+        let result = if self.config.matches(&error) {
+            self.config.ignored.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(uuid = self.input.uuid(), error = %error_chain(error.as_ref()), "ignoring handler error; acking");
+            Ok(Vec::new())
+        } else {
+            Err(error)
+        };
+        Box::pin(futures::future::ready(result))
     }
 }

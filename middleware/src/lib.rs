@@ -99,4 +99,4 @@ pub use poison::{PoisonPublishFailed, PoisonQueue, PoisonQueueService};
 pub use recoverer::{Panicked, Recoverer, RecovererFuture, RecovererService};
 pub use retry::{AttemptTimedOut, Retry, RetryEvent, RetryFuture, RetryService};
 pub use throttle::{Throttle, ThrottleService};
-pub use util::LayerFuture;
+pub use util::{LayerFuture, OnFailure};

@@ -10,7 +10,10 @@ use tidemill_core::{is_permanent, BoxError, Message, Publisher};
 use tower::{Layer, Service};
 
 use crate::headers;
-use crate::util::{error_chain, handler_and_topic, timestamp, truncate, LayerFuture, OnError};
+use crate::util::{
+    error_chain, handler_and_topic, timestamp, truncate, HandlerOutput, LayerFuture, OnError,
+    OnFailure,
+};
 
 type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
 
@@ -146,65 +149,75 @@ where
 {
     type Response = Vec<Message>;
     type Error = BoxError;
-    type Future = LayerFuture<S::Future>;
+    type Future = LayerFuture<S::Future, PoisonFailure>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        let config = self.config.clone();
-        let input = msg.clone();
-        LayerFuture::from(OnError::new(
-            self.inner.call(msg),
-            Box::new(move |error| {
-                Box::pin(async move {
-                    if !(config.predicate)(&error) {
-                        return Err(error);
-                    }
-                    let (handler, topic, group) = handler_and_topic(&input);
-                    let reason = truncate(error_chain(error.as_ref()), MAX_REASON);
-                    let mut poisoned = input.clone();
-                    let md = poisoned.metadata_mut();
-                    md.set(headers::POISON_REASON, &reason);
-                    md.set(headers::POISON_HANDLER, &handler);
-                    md.set(headers::POISON_TOPIC, &topic);
-                    if let Some(group) = &group {
-                        md.set(headers::POISON_GROUP, group);
-                    }
-                    md.set(headers::POISON_TIME, timestamp(SystemTime::now()));
-                    match config
-                        .publisher
-                        .publish(&config.topic, vec![poisoned])
-                        .await
-                    {
-                        Ok(()) => {
-                            config.poisoned.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(
-                                uuid = input.uuid(),
-                                poison_topic = %config.topic,
-                                %reason,
-                                "message poisoned; acking it"
-                            );
-                            Ok(Vec::new())
-                        }
-                        Err(publish_error) => {
-                            tracing::error!(
-                                uuid = input.uuid(),
-                                poison_topic = %config.topic,
-                                error = %publish_error,
-                                "cannot publish to the poison topic; nacking"
-                            );
-                            Err(Box::new(PoisonPublishFailed {
-                                uuid: input.uuid().to_owned(),
-                                topic: config.topic.to_string(),
-                                publish_error,
-                                handler_error: error,
-                            }) as BoxError)
-                        }
-                    }
-                })
-            }),
-        ))
+        let failure = PoisonFailure {
+            config: self.config.clone(),
+            input: msg.clone(),
+        };
+        LayerFuture::from(OnError::new(self.inner.call(msg), failure))
+    }
+}
+
+/// The error path of [`PoisonQueue`].
+pub struct PoisonFailure {
+    config: PoisonQueue,
+    input: Message,
+}
+
+impl OnFailure for PoisonFailure {
+    fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
+        let PoisonFailure { config, input } = self;
+        Box::pin(async move {
+            if !(config.predicate)(&error) {
+                return Err(error);
+            }
+            let (handler, topic, group) = handler_and_topic(&input);
+            let reason = truncate(error_chain(error.as_ref()), MAX_REASON);
+            let mut poisoned = input.clone();
+            let md = poisoned.metadata_mut();
+            md.set(headers::POISON_REASON, &reason);
+            md.set(headers::POISON_HANDLER, &handler);
+            md.set(headers::POISON_TOPIC, &topic);
+            if let Some(group) = &group {
+                md.set(headers::POISON_GROUP, group);
+            }
+            md.set(headers::POISON_TIME, timestamp(SystemTime::now()));
+            match config
+                .publisher
+                .publish(&config.topic, vec![poisoned])
+                .await
+            {
+                Ok(()) => {
+                    config.poisoned.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        uuid = input.uuid(),
+                        poison_topic = %config.topic,
+                        %reason,
+                        "message poisoned; acking it"
+                    );
+                    Ok(Vec::new())
+                }
+                Err(publish_error) => {
+                    tracing::error!(
+                        uuid = input.uuid(),
+                        poison_topic = %config.topic,
+                        error = %publish_error,
+                        "cannot publish to the poison topic; nacking"
+                    );
+                    Err(Box::new(PoisonPublishFailed {
+                        uuid: input.uuid().to_owned(),
+                        topic: config.topic.to_string(),
+                        publish_error,
+                        handler_error: error,
+                    }) as BoxError)
+                }
+            }
+        })
     }
 }

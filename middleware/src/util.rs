@@ -50,23 +50,28 @@ where
     }
 }
 
-/// Turns an error into the future that deals with it (publish to a poison topic, ...).
-pub(crate) type ErrorPath = Box<dyn FnOnce(BoxError) -> BoxFuture<'static, HandlerOutput> + Send>;
+/// What a layer does with a handler error (publish to a poison topic, ask for a delayed
+/// redelivery, ...): the state a layer keeps per message for its error path, so that a
+/// success costs nothing but a move.
+pub trait OnFailure: Send + 'static {
+    /// Deals with `error`; the result is the layer's result for the message.
+    fn fail(self, error: BoxError) -> BoxFuture<'static, Result<Vec<Message>, BoxError>>;
+}
 
 pin_project! {
     /// Passes the inner future's success through untouched (no allocation on the happy
-    /// path) and hands an error to an async error path.
+    /// path) and hands an error to the layer's error path.
     #[project = OnErrorProj]
-    pub(crate) enum OnError<F> {
-        Running { #[pin] fut: F, on_error: Option<ErrorPath> },
+    pub(crate) enum OnError<F, P> {
+        Running { #[pin] fut: F, on_error: Option<P> },
         Handling { fut: BoxFuture<'static, HandlerOutput> },
         /// Completed at once (the layer decided without calling the handler).
         Done { result: Option<HandlerOutput> },
     }
 }
 
-impl<F> OnError<F> {
-    pub(crate) fn new(fut: F, on_error: ErrorPath) -> Self {
+impl<F, P> OnError<F, P> {
+    pub(crate) fn new(fut: F, on_error: P) -> Self {
         OnError::Running {
             fut,
             on_error: Some(on_error),
@@ -80,10 +85,11 @@ impl<F> OnError<F> {
     }
 }
 
-impl<F, E> Future for OnError<F>
+impl<F, E, P> Future for OnError<F, P>
 where
     F: Future<Output = Result<Vec<Message>, E>>,
     E: Into<BoxError>,
+    P: OnFailure,
 {
     type Output = HandlerOutput;
 
@@ -94,7 +100,7 @@ where
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(out)) => return Poll::Ready(Ok(out)),
                     Poll::Ready(Err(e)) => match on_error.take() {
-                        Some(handle) => handle(e.into()),
+                        Some(path) => path.fail(e.into()),
                         None => return Poll::Ready(Err(e.into())),
                     },
                 },
@@ -168,23 +174,24 @@ pub(crate) fn handler_and_topic(msg: &Message) -> (String, String, Option<String
 pin_project! {
     /// The future of the layers that only act on a handler error (poison queue, dead
     /// letter, delayed redelivery, ignore errors): a success passes through without
-    /// allocating.
-    pub struct LayerFuture<F> {
+    /// allocating; `P` is the layer's error path.
+    pub struct LayerFuture<F, P> {
         #[pin]
-        inner: OnError<F>,
+        inner: OnError<F, P>,
     }
 }
 
-impl<F> From<OnError<F>> for LayerFuture<F> {
-    fn from(inner: OnError<F>) -> Self {
+impl<F, P> From<OnError<F, P>> for LayerFuture<F, P> {
+    fn from(inner: OnError<F, P>) -> Self {
         LayerFuture { inner }
     }
 }
 
-impl<F, E> Future for LayerFuture<F>
+impl<F, E, P> Future for LayerFuture<F, P>
 where
     F: Future<Output = Result<Vec<Message>, E>>,
     E: Into<BoxError>,
+    P: OnFailure,
 {
     type Output = HandlerOutput;
 

@@ -44,7 +44,7 @@
 //! let requester = Requester::connect(
 //!     broker.publisher(),
 //!     broker.subscriber(),
-//!     RequesterConfig::default().timeout(Duration::from_secs(10)),
+//!     RequesterConfig::default().timeout(Duration::from_secs(60)),
 //! )
 //! .await?;
 //! let reply = requester.request("quotes", Message::new("3")).await?;
