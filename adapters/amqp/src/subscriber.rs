@@ -316,6 +316,11 @@ impl Stream for Subscription {
                     let lost = match consumer.poll_next_unpin(cx) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Some(Ok(d))) => {
+                            if d.acker.poisoned() {
+                                // Buffered from a channel that has died since: it can no
+                                // longer be acked, and the broker redelivers it anyway.
+                                continue;
+                            }
                             this.backoff = BACKOFF_MIN;
                             return Poll::Ready(Some(Ok(deliver(d, lease))));
                         }
