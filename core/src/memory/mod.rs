@@ -170,6 +170,18 @@ impl MemoryBroker {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn debug_dump(&self) -> String {
+        let topics = self.shared.topics.read();
+        let mut out = String::new();
+        for (name, topic) in topics.iter() {
+            for q in topic.targets.read().iter() {
+                out.push_str(&format!("{name}: {}\n", q.debug_state()));
+            }
+        }
+        out
+    }
+
     /// How many messages consumer group `group` of `topic` holds (waiting, in flight or
     /// delayed); `None` if the group does not exist.
     pub fn group_backlog(&self, topic: &str, group: &str) -> Option<usize> {

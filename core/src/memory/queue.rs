@@ -214,6 +214,20 @@ impl Queue {
         self.writable.notify_waiters();
     }
 
+    #[cfg(test)]
+    pub(crate) fn debug_state(&self) -> String {
+        let st = self.state.lock();
+        format!(
+            "len={} ready={} lanes={} readers_waiting={} writers_waiting={} closed={}",
+            st.len,
+            st.ready.len(),
+            st.lanes.len(),
+            st.readers_waiting,
+            st.writers_waiting,
+            st.closed
+        )
+    }
+
     /// Number of messages the queue holds (waiting, in flight or delayed).
     pub(crate) fn len(&self) -> usize {
         self.state.lock().len

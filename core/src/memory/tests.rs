@@ -234,3 +234,49 @@ async fn closed_publisher_and_subscriber_report_errors() {
         .await
         .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stress_publisher_and_consumer_never_stall() {
+    for round in 0..30 {
+        let broker = MemoryBroker::new();
+        let mut s = broker
+            .subscriber()
+            .subscribe("t", SubscribeOptions::new())
+            .await
+            .unwrap();
+        let p = broker.publisher();
+        let n = 20_000usize;
+        let publishing = tokio::spawn(async move {
+            let mut left = n;
+            while left > 0 {
+                let batch = left.min(1000);
+                p.publish("t", (0..batch).map(|_| Message::new("x")).collect())
+                    .await
+                    .unwrap();
+                left -= batch;
+            }
+        });
+        let consuming = tokio::spawn(async move {
+            for _ in 0..n {
+                let d = s.next().await.unwrap().unwrap();
+                d.ack().await.unwrap();
+            }
+        });
+        let both = async {
+            publishing.await.unwrap();
+            consuming.await.unwrap();
+        };
+        if tokio::time::timeout(Duration::from_secs(20), both)
+            .await
+            .is_err()
+        {
+            let topics = broker.shared.topics.read();
+            let topic = topics.get("t").unwrap();
+            let targets = topic.targets.read().clone();
+            for q in targets.iter() {
+                eprintln!("round {round}: queue {}", q.debug_state());
+            }
+            panic!("stalled in round {round}");
+        }
+    }
+}

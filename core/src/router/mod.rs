@@ -126,6 +126,8 @@ pub enum RouterError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum State {
     Created,
+    /// `run` is subscribing the handlers registered so far.
+    Starting,
     Running,
     Closing,
     Closed,
@@ -245,22 +247,40 @@ impl Router {
         let mut started = false;
         self.inner.state.send_if_modified(|s| {
             if *s == State::Created {
-                *s = State::Running;
+                *s = State::Starting;
                 started = true;
             }
             started
         });
         if !started {
             return Err(match *self.inner.state.borrow() {
-                State::Running => RouterError::AlreadyRunning,
+                State::Starting | State::Running => RouterError::AlreadyRunning,
                 _ => RouterError::Closed("run"),
             });
         }
-        let names: Vec<String> = self.inner.handlers.lock().keys().cloned().collect();
-        for name in names {
-            if let Err(e) = self.start(&name).await {
-                self.shutdown().await?;
-                return Err(e);
+        // Subscribe every registered handler; `running` fires only once all are subscribed,
+        // so whatever is published after it resolves reaches them. Handlers registered
+        // meanwhile are picked up by the next round; the last check and the switch to
+        // Running happen under the registry lock, which `register` also takes.
+        loop {
+            let pending: Vec<String> = {
+                let handlers = self.inner.handlers.lock();
+                let pending: Vec<String> = handlers
+                    .iter()
+                    .filter(|(_, slot)| slot.pending.is_some())
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                if pending.is_empty() {
+                    self.inner.state.send_replace(State::Running);
+                    break;
+                }
+                pending
+            };
+            for name in pending {
+                if let Err(e) = self.start(&name).await {
+                    self.shutdown().await?;
+                    return Err(e);
+                }
             }
         }
         tracing::info!(
@@ -380,16 +400,18 @@ impl Router {
         self.inner.handlers.lock().keys().cloned().collect()
     }
 
+    /// Registers a handler; returns whether it must be started now (the router runs).
     fn register(
         &self,
         name: String,
         info: HandlerInfo,
         pending: Pending,
-    ) -> Result<(), RouterError> {
-        if *self.inner.state.borrow() >= State::Closing {
+    ) -> Result<bool, RouterError> {
+        let mut handlers = self.inner.handlers.lock();
+        let state = *self.inner.state.borrow();
+        if state >= State::Closing {
             return Err(RouterError::Closed("add a handler"));
         }
-        let mut handlers = self.inner.handlers.lock();
         if handlers.contains_key(&name) {
             return Err(RouterError::DuplicateHandler(name));
         }
@@ -403,7 +425,7 @@ impl Router {
                 finished: CancellationToken::new(),
             },
         );
-        Ok(())
+        Ok(state == State::Running)
     }
 
     /// Subscribes a registered handler and spawns its loop.
@@ -660,7 +682,7 @@ impl<'r, L> HandlerBuilder<'r, L> {
             None => (None, None),
         };
         let router = self.router;
-        router.register(
+        let start_now = router.register(
             self.name.clone(),
             info,
             Pending {
@@ -671,7 +693,7 @@ impl<'r, L> HandlerBuilder<'r, L> {
                 runner,
             },
         )?;
-        if *router.inner.state.borrow() == State::Running {
+        if start_now {
             router.start(&self.name).await?;
         }
         Ok(())

@@ -915,3 +915,68 @@ async fn abandoned_inputs_are_nacked_even_when_clones_are_kept() {
         .unwrap();
     assert_eq!(d.attempt(), Some(2), "nacked when abandoned");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_means_subscribed_and_nothing_stalls() {
+    // Publishing right after `running()` must reach the handlers (they are subscribed by
+    // then), and publisher and handler must never stall each other; repeated to catch races.
+    for round in 0..30 {
+        let broker = MemoryBroker::new();
+        let router = Router::new();
+        let n = 5_000usize;
+        let count = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let (c, d) = (count.clone(), done.clone());
+        router
+            .add_handler("count")
+            .subscribe(broker.subscriber(), "in")
+            .handler(move |_m: Message| {
+                if c.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                    d.notify_one();
+                }
+                async { HandlerResult::Ok(()) }
+            })
+            .await
+            .unwrap();
+        let stage = Arc::new(Mutex::new("start"));
+        let st = stage.clone();
+        let b2 = broker.clone();
+        let work = async move {
+            let running = router.clone();
+            let run = tokio::spawn(async move { running.run().await });
+            *st.lock() = "waiting for running";
+            router.running().await;
+            *st.lock() = "publishing";
+            let p = broker.publisher();
+            let publishing = tokio::spawn(async move {
+                let mut left = n;
+                while left > 0 {
+                    let batch = left.min(1000);
+                    p.publish("in", (0..batch).map(|_| Message::new("x")).collect())
+                        .await
+                        .unwrap();
+                    left -= batch;
+                }
+            });
+            *st.lock() = "waiting for the count";
+            done.notified().await;
+            *st.lock() = "joining the publisher";
+            publishing.await.unwrap();
+            *st.lock() = "closing";
+            router.close().await.unwrap();
+            *st.lock() = "joining run";
+            run.await.unwrap().unwrap();
+        };
+        if tokio::time::timeout(Duration::from_secs(20), work)
+            .await
+            .is_err()
+        {
+            panic!(
+                "round {round} stalled at: {} (count {})\n{}",
+                stage.lock(),
+                count.load(Ordering::Relaxed),
+                b2.debug_dump()
+            );
+        }
+    }
+}
