@@ -73,8 +73,11 @@ struct Inner {
     control: ConfirmChannel,
     /// (queue, uuid) → the attempt of its last delivery that was nacked, for classic queues
     /// (which only say "redelivered", not how often).
-    attempts: parking_lot::Mutex<HashMap<(Arc<str>, Arc<str>), u32>>,
+    attempts: parking_lot::Mutex<HashMap<AttemptKey, u32>>,
 }
+
+/// (queue, message uuid).
+type AttemptKey = (Arc<str>, Arc<str>);
 
 /// What a subscription consumes.
 struct Spec {
