@@ -112,7 +112,8 @@ pub struct AmqpConfig {
     /// The binding key of the queues bound to `topic` and `direct` exchanges (`fanout`
     /// exchanges ignore it; `headers` exchanges bind with
     /// [`binding_arguments`](Self::binding_arguments)). The default `#` matches every
-    /// routing key on a topic exchange. Default: `"#"`.
+    /// routing key on a topic exchange; a `direct` exchange needs an actual key. Messages
+    /// are published with their key as routing key (see the crate docs). Default: `"#"`.
     pub binding_key: String,
 
     /// Arguments of the queue bindings (e.g. `x-match` and the headers for a `headers`
@@ -446,6 +447,12 @@ impl AmqpConfig {
                 format!("binding_key is longer than {MAX_NAME_BYTES} bytes"),
             ));
         }
+        if self.exchange_type == ExchangeType::Direct && self.binding_key == "#" {
+            return Err(Error::config(
+                BROKER,
+                "binding_key \"#\" is a wildcard only for topic exchanges: with exchange_type = \"direct\" set the routing key the group queues should receive",
+            ));
+        }
         if self.delivery_limit.is_some() && self.queue_type != QueueType::Quorum {
             return Err(Error::config(
                 BROKER,
@@ -667,6 +674,11 @@ mod tests {
             ..AmqpConfig::default()
         };
         assert!(err(c).contains("delivery_limit"));
+        let c = AmqpConfig {
+            exchange_type: ExchangeType::Direct,
+            ..AmqpConfig::default()
+        };
+        assert!(err(c).contains("binding_key"));
         let c = AmqpConfig {
             connect_timeout: Duration::ZERO,
             ..AmqpConfig::default()

@@ -1,6 +1,4 @@
-//! # tidemill-amqp
-//!
-//! RabbitMQ (AMQP 0-9-1) for Tidemill.
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 mod config;

@@ -61,6 +61,22 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// them); their `ack` returns an error saying so.
 ///
 /// Cloning is cheap and clones share the connection.
+///
+/// ```no_run
+/// use futures::StreamExt;
+/// use tidemill_amqp::{AmqpConfig, AmqpSubscriber};
+/// use tidemill_core::{SubscribeOptions, Subscriber};
+///
+/// # async fn run() -> tidemill_core::Result<()> {
+/// let subscriber = AmqpSubscriber::connect(AmqpConfig::new("amqp://guest:guest@localhost:5672/%2f")).await?;
+/// let mut deliveries = subscriber.subscribe("orders", SubscribeOptions::group("billing")).await?;
+/// while let Some(delivery) = deliveries.next().await {
+///     let delivery = delivery?; // an error item: connection lost, the stream resumes by itself
+///     println!("{}", delivery.message());
+///     delivery.ack().await?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct AmqpSubscriber {
     inner: Arc<Inner>,
