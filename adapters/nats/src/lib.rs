@@ -1,1 +1,20 @@
-//! tidemill-nats (work in progress)
+//! # tidemill-nats
+//!
+//! NATS for Tidemill (docs in progress).
+#![warn(missing_docs)]
+
+mod codec;
+mod config;
+mod connection;
+mod core_nats;
+mod js;
+mod naming;
+mod publisher;
+mod subscriber;
+
+pub use config::{DeliverFrom, JetStreamConfig, NatsConfig, NatsMode, Retention, Storage};
+pub use publisher::NatsPublisher;
+pub use subscriber::NatsSubscriber;
+
+/// The broker name in every error of this crate.
+pub const BROKER: &str = "nats";

@@ -1,0 +1,2 @@
+//! Raw async-nats vs Tidemill (in progress).
+fn main() {}

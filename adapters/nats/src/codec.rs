@@ -1,0 +1,424 @@
+//! Messages to NATS headers and payloads, and back.
+//!
+//! - Metadata entries become headers. NATS header values cannot hold CR or LF, and the
+//!   client trims whitespace around them; header names must be printable ASCII without `:`.
+//!   A value (or name) that would not survive unchanged travels as an RFC 2047 style encoded
+//!   word, `=?utf-8?b?BASE64?=`, and is decoded on receipt; so does a value that itself looks
+//!   like an encoded word, so every string round-trips exactly.
+//! - The uuid travels in `Nats-Msg-Id` (JetStream's message id, which the stream uses to
+//!   drop duplicates). When the metadata sets its own `Nats-Msg-Id`, that one is sent and
+//!   the uuid goes in `tidemill-uuid`.
+//! - The key travels in `tidemill-key` (`tidemill-key.b64`, base64, when it is not UTF-8).
+//! - Received messages without either uuid header get a stable uuid derived from their
+//!   stream and sequence (JetStream) or from their subject, headers and payload (core NATS).
+
+use std::borrow::Cow;
+
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use tidemill_core::headers::{stable_uuid, KEY_HEADER, UUID_HEADER};
+use tidemill_core::{Error, Message, Metadata, Result};
+
+use crate::BROKER;
+
+/// JetStream's message id header.
+pub(crate) const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// The key header when the key is not UTF-8.
+pub(crate) const KEY_B64_HEADER: &str = "tidemill-key.b64";
+
+const WORD_PREFIX: &str = "=?utf-8?b?";
+const WORD_SUFFIX: &str = "?=";
+/// `NATS/1.0\r\n` before the headers and `\r\n` after them.
+const HEADER_FRAME: usize = 12;
+
+/// Names the adapter writes itself: metadata under these names is sent encoded.
+const RESERVED: [&str; 3] = [UUID_HEADER, KEY_HEADER, KEY_B64_HEADER];
+
+fn is_word(s: &str) -> bool {
+    s.len() >= WORD_PREFIX.len() + WORD_SUFFIX.len()
+        && s.starts_with(WORD_PREFIX)
+        && s.ends_with(WORD_SUFFIX)
+}
+
+fn encode_word(s: &str) -> String {
+    let mut out = String::with_capacity(WORD_PREFIX.len() + s.len() * 4 / 3 + 6);
+    out.push_str(WORD_PREFIX);
+    STANDARD.encode_string(s, &mut out);
+    out.push_str(WORD_SUFFIX);
+    out
+}
+
+fn decode_word(s: &str) -> Option<String> {
+    if !is_word(s) {
+        return None;
+    }
+    let inner = &s[WORD_PREFIX.len()..s.len() - WORD_SUFFIX.len()];
+    let bytes = STANDARD.decode(inner).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// A header value that arrives exactly as sent.
+fn value_is_plain(v: &str) -> bool {
+    !(v.chars().any(|c| c.is_control() && c != '\t')
+        || v.starts_with(char::is_whitespace)
+        || v.ends_with(char::is_whitespace)
+        || is_word(v))
+}
+
+/// A header name that arrives exactly as sent and is not the adapter's own.
+fn name_is_plain(k: &str) -> bool {
+    !k.is_empty()
+        && k.chars().all(|c| c.is_ascii_graphic() && c != ':')
+        && !is_word(k)
+        && !RESERVED.contains(&k)
+}
+
+fn encode_value(v: &str) -> Cow<'_, str> {
+    if value_is_plain(v) {
+        Cow::Borrowed(v)
+    } else {
+        Cow::Owned(encode_word(v))
+    }
+}
+
+fn decode_value(v: &str) -> Cow<'_, str> {
+    match decode_word(v) {
+        Some(decoded) => Cow::Owned(decoded),
+        None => Cow::Borrowed(v),
+    }
+}
+
+/// A message ready to publish.
+pub(crate) struct Encoded {
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+fn header_error(topic: &str, uuid: &str, what: &str) -> Error {
+    // Unreachable in practice: every name and value is made valid above.
+    Error::permanent(
+        BROKER,
+        topic,
+        "encode headers",
+        format!("message {uuid}: {what} is not a valid NATS header"),
+    )
+}
+
+/// Encodes `message` for `topic`; fails when it would exceed `max_payload` bytes (payload
+/// plus headers, the server's limit).
+pub(crate) fn encode(message: &Message, topic: &str, max_payload: usize) -> Result<Encoded> {
+    let mut headers = HeaderMap::new();
+    let mut size = HEADER_FRAME;
+    let uuid = message.uuid();
+    let mut insert = |headers: &mut HeaderMap, name: HeaderName, value: &str| -> Result<()> {
+        let value: HeaderValue = value
+            .parse()
+            .map_err(|_| header_error(topic, uuid, "a value"))?;
+        let name_str: &str = name.as_ref();
+        size += name_str.len() + value.as_str().len() + 4;
+        headers.insert(name, value);
+        Ok(())
+    };
+    let metadata = message.metadata();
+    for (k, v) in metadata.iter() {
+        let name = if name_is_plain(k) {
+            HeaderName::try_from(k)
+        } else {
+            HeaderName::try_from(encode_word(k))
+        }
+        .map_err(|_| header_error(topic, uuid, "a name"))?;
+        insert(&mut headers, name, &encode_value(v))?;
+    }
+    let uuid_header = if metadata.contains_key(MSG_ID_HEADER) {
+        HeaderName::from_static(UUID_HEADER)
+    } else {
+        HeaderName::from_static(MSG_ID_HEADER)
+    };
+    insert(&mut headers, uuid_header, &encode_value(uuid))?;
+    if let Some(key) = message.key() {
+        match std::str::from_utf8(key) {
+            Ok(text) => insert(
+                &mut headers,
+                HeaderName::from_static(KEY_HEADER),
+                &encode_value(text),
+            )?,
+            Err(_) => insert(
+                &mut headers,
+                HeaderName::from_static(KEY_B64_HEADER),
+                &STANDARD.encode(key),
+            )?,
+        }
+    }
+    let total = message.payload().len() + size;
+    if total > max_payload {
+        return Err(Error::MessageTooLarge {
+            broker: BROKER,
+            topic: topic.to_owned(),
+            uuid: uuid.to_owned(),
+            size: total,
+            limit: max_payload,
+        });
+    }
+    Ok(Encoded {
+        headers,
+        payload: message.payload().clone(),
+    })
+}
+
+/// Where a received message came from, for deriving a uuid when it carries none.
+pub(crate) enum Origin<'a> {
+    /// A JetStream stream message.
+    Stream { stream: &'a str, sequence: u64 },
+    /// A core NATS message.
+    Subject(&'a str),
+}
+
+/// Decodes a received message.
+pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes, origin: Origin<'_>) -> Message {
+    let mut metadata = Metadata::new();
+    let mut uuid: Option<String> = None;
+    let mut msg_id: Option<String> = None;
+    let mut key: Option<Bytes> = None;
+    if let Some(headers) = headers {
+        for (name, values) in headers.iter() {
+            // A header sent several times (by other clients): the last value wins.
+            let Some(value) = values.last() else { continue };
+            let (name, value): (&str, &str) = (name.as_ref(), value.as_str());
+            match name {
+                UUID_HEADER => uuid = Some(decode_value(value).into_owned()),
+                MSG_ID_HEADER => msg_id = Some(decode_value(value).into_owned()),
+                KEY_HEADER => key = Some(Bytes::from(decode_value(value).into_owned())),
+                KEY_B64_HEADER => match STANDARD.decode(value) {
+                    Ok(bytes) => key = Some(Bytes::from(bytes)),
+                    Err(_) => metadata.set(name, value),
+                },
+                _ => {
+                    let name = decode_value(name);
+                    metadata.set(name, decode_value(value));
+                }
+            }
+        }
+    }
+    let uuid: std::sync::Arc<str> = match (uuid, msg_id) {
+        (Some(uuid), msg_id) => {
+            if let Some(id) = msg_id {
+                metadata.set(MSG_ID_HEADER, id);
+            }
+            uuid.into()
+        }
+        (None, Some(id)) => id.into(),
+        (None, None) => derive_uuid(headers, &payload, origin),
+    };
+    let mut message = Message::with_uuid(uuid, payload).with_metadata_map(metadata);
+    message.set_key(key);
+    message
+}
+
+fn derive_uuid(
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    origin: Origin<'_>,
+) -> std::sync::Arc<str> {
+    match origin {
+        Origin::Stream { stream, sequence } => {
+            stable_uuid(&[b"nats", stream.as_bytes(), sequence.to_string().as_bytes()])
+        }
+        Origin::Subject(subject) => {
+            // No broker coordinates: the content identifies the message.
+            let mut fields: Vec<(&str, &str)> = headers
+                .map(|h| {
+                    h.iter()
+                        .flat_map(|(n, vs)| vs.iter().map(move |v| (n.as_ref(), v.as_str())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            fields.sort_unstable();
+            let mut header_bytes = Vec::new();
+            for (n, v) in fields {
+                header_bytes.extend_from_slice(n.as_bytes());
+                header_bytes.push(0);
+                header_bytes.extend_from_slice(v.as_bytes());
+                header_bytes.push(0);
+            }
+            stable_uuid(&[b"nats-core", subject.as_bytes(), &header_bytes, payload])
+        }
+    }
+}
+
+/// What a JetStream ack subject tells about a delivery.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct AckInfo<'a> {
+    pub stream: &'a str,
+    pub delivered: u64,
+    pub stream_sequence: u64,
+}
+
+/// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+/// or the newer form with `<domain>.<account hash>.` after `$JS.ACK.` (and more tokens at
+/// the end).
+pub(crate) fn parse_ack_subject(reply: &str) -> Option<AckInfo<'_>> {
+    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let tokens: Vec<&str> = rest.split('.').collect();
+    let base = match tokens.len() {
+        7 => 0,
+        n if n >= 9 => 2,
+        _ => return None,
+    };
+    Some(AckInfo {
+        stream: tokens[base],
+        delivered: tokens[base + 2].parse().ok()?,
+        stream_sequence: tokens[base + 3].parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(m: &Message) -> Message {
+        let e = encode(m, "t", 1 << 20).unwrap();
+        decode(
+            Some(&e.headers),
+            e.payload,
+            Origin::Stream {
+                stream: "S",
+                sequence: 1,
+            },
+        )
+    }
+
+    #[test]
+    fn metadata_uuid_and_key_round_trip_unchanged() {
+        let awkward = [
+            "plain",
+            "",
+            "héllo wörld ✓",
+            " leading",
+            "trailing\t",
+            "two\r\nlines",
+            "tab\tinside",
+            "=?utf-8?b?aGk=?=",
+            "nul\0byte",
+        ];
+        let mut m = Message::new(vec![0u8, 0xff, b'\r', b'\n'])
+            .with_key("customer 42\n")
+            .with_metadata("Nats-TTL-like", "x");
+        for (i, v) in awkward.iter().enumerate() {
+            m = m.with_metadata(format!("k{i}"), v);
+        }
+        for k in [
+            "",
+            "with space",
+            "colon:key",
+            "ключ",
+            "tidemill-uuid",
+            "tidemill-key",
+            "=?utf-8?b?eA==?=",
+        ] {
+            m = m.with_metadata(k, "v");
+        }
+        assert_eq!(round_trip(&m), m);
+        let binary_key = Message::new("x").with_key([0xffu8, 0, 1]);
+        assert_eq!(round_trip(&binary_key), binary_key);
+    }
+
+    #[test]
+    fn uuid_travels_as_the_jetstream_message_id() {
+        let m = Message::new("x");
+        let e = encode(&m, "t", 1 << 20).unwrap();
+        assert_eq!(e.headers.get(MSG_ID_HEADER).unwrap().as_str(), m.uuid());
+        assert!(e.headers.get(UUID_HEADER).is_none());
+        // A message id of the user's own is kept; the uuid moves to tidemill-uuid.
+        let own = Message::new("x").with_metadata(MSG_ID_HEADER, "order-7");
+        let e = encode(&own, "t", 1 << 20).unwrap();
+        assert_eq!(e.headers.get(MSG_ID_HEADER).unwrap().as_str(), "order-7");
+        assert_eq!(e.headers.get(UUID_HEADER).unwrap().as_str(), own.uuid());
+        assert_eq!(round_trip(&own), own);
+    }
+
+    #[test]
+    fn foreign_messages_get_stable_uuids() {
+        let mut h = HeaderMap::new();
+        h.insert("trace", "abc");
+        let a = decode(
+            Some(&h),
+            Bytes::from_static(b"p"),
+            Origin::Stream {
+                stream: "S",
+                sequence: 9,
+            },
+        );
+        let b = decode(
+            Some(&h),
+            Bytes::from_static(b"p"),
+            Origin::Stream {
+                stream: "S",
+                sequence: 9,
+            },
+        );
+        let c = decode(
+            Some(&h),
+            Bytes::from_static(b"p"),
+            Origin::Stream {
+                stream: "S",
+                sequence: 10,
+            },
+        );
+        assert_eq!(a.uuid(), b.uuid());
+        assert_ne!(a.uuid(), c.uuid());
+        assert_eq!(a.metadata().get("trace"), Some("abc"));
+        assert_eq!(a.key(), None);
+        let x = decode(None, Bytes::from_static(b"p"), Origin::Subject("s"));
+        let y = decode(None, Bytes::from_static(b"p"), Origin::Subject("s"));
+        let z = decode(None, Bytes::from_static(b"q"), Origin::Subject("s"));
+        assert_eq!(x.uuid(), y.uuid());
+        assert_ne!(x.uuid(), z.uuid());
+        // Another client's message id is the uuid.
+        let mut h = HeaderMap::new();
+        h.insert(MSG_ID_HEADER, "their-id");
+        let m = decode(Some(&h), Bytes::new(), Origin::Subject("s"));
+        assert_eq!(m.uuid(), "their-id");
+        assert!(m.metadata().is_empty());
+    }
+
+    #[test]
+    fn oversized_messages_name_the_limit() {
+        let m = Message::new(vec![0u8; 2000]);
+        let err = encode(&m, "big", 1000).err().unwrap();
+        match &err {
+            Error::MessageTooLarge {
+                limit, size, topic, ..
+            } => {
+                assert_eq!(*limit, 1000);
+                assert!(*size > 2000);
+                assert_eq!(topic, "big");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().contains("1000"), "{err}");
+    }
+
+    #[test]
+    fn ack_subjects() {
+        assert_eq!(
+            parse_ack_subject("$JS.ACK.ORDERS.billing.3.42.40.1700000000000000000.7"),
+            Some(AckInfo {
+                stream: "ORDERS",
+                delivered: 3,
+                stream_sequence: 42
+            })
+        );
+        assert_eq!(
+            parse_ack_subject("$JS.ACK._.ACCHASH.ORDERS.billing.1.5.5.1700000000000000000.0.tok"),
+            Some(AckInfo {
+                stream: "ORDERS",
+                delivered: 1,
+                stream_sequence: 5
+            })
+        );
+        assert_eq!(parse_ack_subject("_INBOX.x"), None);
+        assert_eq!(parse_ack_subject("$JS.ACK.a.b.c"), None);
+    }
+}

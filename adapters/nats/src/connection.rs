@@ -1,0 +1,123 @@
+//! Connecting to NATS: options from the config, a time limit, and reconnect notifications.
+
+use std::sync::Arc;
+
+use async_nats::{Client, ConnectOptions, Event};
+use tidemill_core::{Error, Result};
+use tokio::sync::watch;
+
+use crate::config::{NatsConfig, NatsMode};
+use crate::BROKER;
+
+/// A client connection plus a counter bumped on every (re)connect.
+pub(crate) struct Connection {
+    pub client: Client,
+    pub reconnects: watch::Receiver<u64>,
+}
+
+fn connect_error(config: &NatsConfig, source: impl Into<tidemill_core::BoxError>) -> Error {
+    Error::Connect {
+        broker: BROKER,
+        address: config.url.clone(),
+        source: source.into(),
+    }
+}
+
+/// Connects as `config` says, failing with [`Error::Connect`] naming the address within
+/// `connect_timeout`. In JetStream mode, also checks that the server has JetStream.
+pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
+    config.validate()?;
+    let addrs = config.server_addrs()?;
+    let (tx, rx) = watch::channel(0u64);
+    let tx = Arc::new(tx);
+    let url = config.url.clone();
+    let mut options = ConnectOptions::new()
+        .connection_timeout(config.connect_timeout)
+        .request_timeout(Some(config.request_timeout))
+        .ping_interval(config.ping_interval)
+        .max_reconnects(config.max_reconnects)
+        .event_callback(move |event| {
+            let (tx, url) = (tx.clone(), url.clone());
+            async move {
+                match event {
+                    Event::Connected => {
+                        tracing::debug!(broker = BROKER, address = %url, "connected");
+                        tx.send_modify(|n| *n += 1);
+                    }
+                    Event::Disconnected => {
+                        tracing::warn!(broker = BROKER, address = %url, "connection lost; reconnecting")
+                    }
+                    Event::Closed => tracing::debug!(broker = BROKER, address = %url, "connection closed"),
+                    other => tracing::warn!(broker = BROKER, address = %url, event = %other, "client event"),
+                }
+            }
+        });
+    if let Some(name) = &config.connection_name {
+        options = options.name(name);
+    }
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(path) = &config.credentials_file {
+        options = options.credentials_file(path).await.map_err(|e| {
+            Error::config(
+                BROKER,
+                format!("`credentials_file` {}: {e}", path.display()),
+            )
+        })?;
+    }
+    if config.tls_required {
+        options = options.require_tls(true);
+    }
+    if let Some(path) = &config.root_certificates {
+        options = options.add_root_certificates(path.clone());
+    }
+    if config.ignore_discovered_servers {
+        options = options.ignore_discovered_servers();
+    }
+    let client = tokio::time::timeout(config.connect_timeout, options.connect(addrs))
+        .await
+        .map_err(|_| {
+            connect_error(
+                config,
+                format!(
+                    "no connection within {:?} (`connect_timeout`)",
+                    config.connect_timeout
+                ),
+            )
+        })?
+        .map_err(|e| connect_error(config, e))?;
+    if config.mode == NatsMode::JetStream {
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client.clone());
+        let js = match &config.jetstream.domain {
+            Some(domain) => async_nats::jetstream::with_domain(client.clone(), domain),
+            None => js,
+        };
+        tokio::time::timeout(config.connect_timeout, js.query_account())
+            .await
+            .map_err(|_| {
+                connect_error(
+                    config,
+                    format!(
+                        "JetStream did not answer within {:?} (`connect_timeout`); is JetStream enabled?",
+                        config.connect_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                connect_error(
+                    config,
+                    format!("JetStream is not available (`mode` is `jet_stream`): {e}"),
+                )
+            })?;
+    }
+    Ok(Connection {
+        client,
+        reconnects: rx,
+    })
+}

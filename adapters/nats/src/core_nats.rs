@@ -1,0 +1,168 @@
+//! Core NATS (no JetStream): at most once.
+//!
+//! Publishing writes the messages and then waits for the server to have processed them: a
+//! request to a subject nobody serves, sent after them on the same connection, comes back
+//! as "no responders" only once the server handled everything before it (handing each
+//! message to every matching subscription on that server). Subscribing waits the same way
+//! for the server to have registered the subscription. Nothing is stored: messages published
+//! while nobody subscribes are gone, a nack does not bring a message back.
+
+use std::sync::Arc;
+
+use async_nats::{Client, RequestErrorKind, Subject};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tidemill_core::{AckFuture, Acknowledger, Delivery, Error, Message, Result};
+
+use crate::codec::{self, Origin};
+use crate::config::NatsConfig;
+use crate::naming;
+use crate::BROKER;
+
+/// Waits until the server processed everything this client sent before (see the module
+/// docs).
+pub(crate) async fn round_trip(
+    client: &Client,
+    probe: &Subject,
+    config: &NatsConfig,
+) -> std::result::Result<(), String> {
+    let request = async_nats::Request::new()
+        .payload(Bytes::new())
+        .timeout(Some(config.request_timeout));
+    match client.send_request(probe.clone(), request).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A subject no one subscribes to, unique to this client.
+pub(crate) fn probe_subject(client: &Client) -> Subject {
+    format!("{}.tidemill-confirm", client.new_inbox()).into()
+}
+
+pub(crate) struct CorePublisher {
+    client: Client,
+    config: Arc<NatsConfig>,
+    probe: Subject,
+}
+
+impl CorePublisher {
+    pub(crate) fn new(client: Client, config: Arc<NatsConfig>) -> Self {
+        CorePublisher {
+            probe: probe_subject(&client),
+            client,
+            config,
+        }
+    }
+
+    pub(crate) async fn publish(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let subject: Subject = naming::subject_for(&self.config.subject_prefix, topic)?.into();
+        let max_payload = self.client.max_payload();
+        let encoded = messages
+            .iter()
+            .map(|m| codec::encode(m, topic, max_payload))
+            .collect::<Result<Vec<_>>>()?;
+        let send = async {
+            for e in encoded {
+                self.client
+                    .publish_with_headers(subject.clone(), e.headers, e.payload)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            round_trip(&self.client, &self.probe, &self.config).await
+        };
+        match tokio::time::timeout(self.config.publish_timeout, send).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(Error::transient(
+                BROKER,
+                topic,
+                "publish (not confirmed by the server; the messages may or may not have been delivered)",
+                reason,
+            )),
+            Err(_) => Err(Error::transient(
+                BROKER,
+                topic,
+                "publish (not confirmed by the server; the messages may or may not have been delivered)",
+                format!("no confirmation within {:?} (`publish_timeout`)", self.config.publish_timeout),
+            )),
+        }
+    }
+}
+
+/// Core NATS deliveries have nothing to settle.
+struct NoAck;
+
+impl Acknowledger for NoAck {
+    fn ack(self: Box<Self>) -> AckFuture {
+        AckFuture::ready(Ok(()))
+    }
+
+    fn nack(self: Box<Self>, _delay: Option<std::time::Duration>) -> AckFuture {
+        // At most once: the message is gone.
+        tracing::trace!(
+            broker = BROKER,
+            "nack in core NATS mode: the message is not redelivered"
+        );
+        AckFuture::ready(Ok(()))
+    }
+
+    fn nack_on_drop(self: Box<Self>) {}
+}
+
+pub(crate) struct CoreSubscriber {
+    client: Client,
+    config: Arc<NatsConfig>,
+    probe: Subject,
+}
+
+impl CoreSubscriber {
+    pub(crate) fn new(client: Client, config: Arc<NatsConfig>) -> Self {
+        CoreSubscriber {
+            probe: probe_subject(&client),
+            client,
+            config,
+        }
+    }
+
+    /// Subscribes (a queue subscription for a group); returns once the server registered
+    /// the subscription.
+    pub(crate) async fn subscribe(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+    ) -> Result<impl Stream<Item = Result<Delivery>> + Send + 'static> {
+        let subject = naming::subject_for(&self.config.subject_prefix, topic)?;
+        let sub = match group {
+            Some(group) => {
+                if group.is_empty() || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(Error::permanent(
+                        BROKER,
+                        topic,
+                        "subscribe",
+                        format!("consumer group {group:?} is not a valid NATS queue group name (no spaces)"),
+                    ));
+                }
+                self.client.queue_subscribe(subject, group.to_owned()).await
+            }
+            None => self.client.subscribe(subject).await,
+        }
+        .map_err(|e| Error::transient(BROKER, topic, "subscribe", e))?;
+        round_trip(&self.client, &self.probe, &self.config)
+            .await
+            .map_err(|e| {
+                Error::transient(BROKER, topic, "subscribe (waiting for the server)", e)
+            })?;
+        Ok(sub.map(|msg| {
+            let message = codec::decode(
+                msg.headers.as_ref(),
+                msg.payload,
+                Origin::Subject(msg.subject.as_str()),
+            );
+            Ok(Delivery::new(message, NoAck))
+        }))
+    }
+}

@@ -1,0 +1,118 @@
+//! [`NatsPublisher`]: Tidemill's `Publisher` on NATS.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tidemill_core::{Error, Message, Publisher, Result};
+use tokio::sync::RwLock;
+
+use crate::config::{NatsConfig, NatsMode};
+use crate::connection;
+use crate::core_nats::CorePublisher;
+use crate::js::publisher::JsPublisher;
+use crate::BROKER;
+
+/// Publishes to NATS: to JetStream (awaiting each message's PubAck) or, in core mode, to
+/// plain subjects (awaiting the server's processing). Cheap to clone; clones share one
+/// connection.
+///
+/// ```no_run
+/// use tidemill_core::{Message, Publisher};
+/// use tidemill_nats::{NatsConfig, NatsPublisher};
+///
+/// # async fn run() -> tidemill_core::Result<()> {
+/// let publisher = NatsPublisher::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
+/// // Returns once the stream stored both messages (creating the stream `orders` if needed).
+/// publisher
+///     .publish("orders", vec![Message::new("tea").with_key("cust-1"), Message::new("cake")])
+///     .await?;
+/// publisher.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct NatsPublisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    config: Arc<NatsConfig>,
+    mode: Mode,
+    /// `true` once closed. Every publish holds a read lock while it runs, so `close` (which
+    /// takes the write lock) waits for the publishes in progress and no publish starts after.
+    closed: RwLock<bool>,
+}
+
+enum Mode {
+    JetStream(JsPublisher),
+    Core(CorePublisher),
+}
+
+impl NatsPublisher {
+    /// Connects to the server(s) in `config` (its own connection), failing with
+    /// `Error::Connect` naming the address within `connect_timeout`, or `Error::Config` when
+    /// the configuration is invalid.
+    pub async fn connect(config: NatsConfig) -> Result<Self> {
+        let conn = connection::connect(&config).await?;
+        let config = Arc::new(config);
+        let mode = match config.mode {
+            NatsMode::JetStream => Mode::JetStream(JsPublisher::new(
+                conn.client.clone(),
+                conn.reconnects.clone(),
+                config.clone(),
+            )),
+            NatsMode::Core => Mode::Core(CorePublisher::new(conn.client.clone(), config.clone())),
+        };
+        Ok(NatsPublisher {
+            inner: Arc::new(Inner {
+                client: conn.client,
+                config,
+                mode,
+                closed: RwLock::new(false),
+            }),
+        })
+    }
+
+    /// The underlying `async-nats` client, for what Tidemill does not cover (its connection
+    /// state, statistics, or NATS features of its own).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// The configuration this publisher was created with.
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.config
+    }
+}
+
+#[async_trait]
+impl Publisher for NatsPublisher {
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        let closed = self.inner.closed.read().await;
+        if *closed {
+            return Err(Error::PublisherClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        let result = match &self.inner.mode {
+            Mode::JetStream(p) => p.publish(topic, &messages).await,
+            Mode::Core(p) => p.publish(topic, &messages).await,
+        };
+        drop(closed);
+        result
+    }
+
+    async fn close(&self) -> Result<()> {
+        let mut closed = self.inner.closed.write().await;
+        if *closed {
+            return Ok(());
+        }
+        *closed = true;
+        // Every publish has returned (confirmed or failed); nothing is left in flight.
+        if let Err(e) = self.inner.client.drain().await {
+            tracing::debug!(broker = BROKER, error = %e, "closing the connection");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! Test backends on the NATS server of tests/brokers (`TIDEMILL_NATS_URL`).
+#![allow(dead_code)] // each test crate uses part of this module
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tidemill_core::{Error, Publisher, Result, Subscriber};
+use tidemill_nats::{NatsConfig, NatsPublisher, NatsSubscriber};
+use tidemill_testkit::fault_proxy::FaultProxy;
+use tidemill_testkit::{Backend, Features};
+
+/// The server's address; panics when unset (tests check `TIDEMILL_NATS_URL` first).
+pub fn nats_url() -> String {
+    std::env::var("TIDEMILL_NATS_URL").unwrap_or_else(|_| panic!("TIDEMILL_NATS_URL is not set"))
+}
+
+/// `host:port` of a NATS URL.
+pub fn host_port(url: &str) -> String {
+    let first = url.split(',').next().unwrap_or(url).trim();
+    let without_scheme = first.split("://").last().unwrap_or(first);
+    without_scheme
+        .rsplit('@')
+        .next()
+        .unwrap_or(without_scheme)
+        .to_owned()
+}
+
+/// Settings every test uses on top of the defaults: streams expire their messages after an
+/// hour so test data does not pile up on the shared server.
+pub fn test_config(url: &str) -> NatsConfig {
+    let mut config = NatsConfig::new(url);
+    config.jetstream.max_age = Some(Duration::from_secs(3600));
+    config
+}
+
+/// How a backend breaks connections.
+pub enum Disruption {
+    /// Cut every connection through a fault proxy in front of the server.
+    Proxy(FaultProxy),
+    /// Restart the server with `tests/brokers/brokers.sh restart nats` (what
+    /// `make brokers-restart NAME=nats` runs).
+    Restart,
+}
+
+/// Publishers and subscribers on one NATS server, with the features the configuration
+/// really has.
+pub struct NatsBackend {
+    pub config: NatsConfig,
+    pub features: Features,
+    pub disruption: Disruption,
+    subscribers: Mutex<Vec<NatsSubscriber>>,
+}
+
+impl NatsBackend {
+    /// Every connection through a fresh fault proxy in front of the server; the client
+    /// ignores servers the server announces, so it reconnects through the proxy.
+    pub async fn through_proxy(
+        features: Features,
+        configure: impl FnOnce(&mut NatsConfig),
+    ) -> Self {
+        let upstream = host_port(&nats_url());
+        let proxy = FaultProxy::start(upstream.as_str())
+            .await
+            .unwrap_or_else(|e| panic!("cannot start a fault proxy in front of {upstream}: {e}"));
+        let mut config = test_config(&format!("nats://{}", proxy.addr()));
+        config.ignore_discovered_servers = true;
+        configure(&mut config);
+        NatsBackend {
+            config,
+            features,
+            disruption: Disruption::Proxy(proxy),
+            subscribers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Straight to the server; `disrupt` restarts it.
+    pub fn restarting(features: Features, configure: impl FnOnce(&mut NatsConfig)) -> Self {
+        let mut config = test_config(&nats_url());
+        configure(&mut config);
+        NatsBackend {
+            config,
+            features,
+            disruption: Disruption::Restart,
+            subscribers: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// Restarts the shared server; `false` when it is external (the script refuses, status 3).
+pub async fn restart_nats() -> bool {
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/brokers/brokers.sh");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg(script)
+            .arg("restart")
+            .arg("nats")
+            .output()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("restart task failed: {e}"))
+    .unwrap_or_else(|e| panic!("cannot run brokers.sh: {e}"));
+    eprint!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.code() == Some(3) {
+        eprintln!("SKIP restart: the NATS server is external, not restarted");
+        return false;
+    }
+    assert!(
+        out.status.success(),
+        "brokers.sh restart nats failed: {}",
+        out.status
+    );
+    true
+}
+
+/// Waits until `client` reconnected after a disruption (its connect count grew past
+/// `before`) and the server processed everything it sent since, re-subscriptions included.
+pub async fn wait_reconnected(client: &async_nats::Client, before: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.statistics().connects.load(Ordering::Relaxed) <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client did not reconnect within 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A request nobody answers comes back ("no responders") only after the server handled
+    // what the client sent before it.
+    let probe = format!("{}.probe", client.new_inbox());
+    loop {
+        match client.request(probe.clone(), "".into()).await {
+            Ok(_) => break,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => break,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the server did not answer within 60s: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for NatsBackend {
+    fn features(&self) -> Features {
+        self.features.clone()
+    }
+
+    async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
+        Ok(Arc::new(NatsPublisher::connect(self.config.clone()).await?))
+    }
+
+    async fn subscriber(&self) -> Result<Arc<dyn Subscriber>> {
+        let s = NatsSubscriber::connect(self.config.clone()).await?;
+        self.subscribers.lock().push(s.clone());
+        Ok(Arc::new(s))
+    }
+
+    async fn disrupt(&self) -> Result<()> {
+        let subscribers: Vec<NatsSubscriber> = self.subscribers.lock().clone();
+        let before: Vec<u64> = subscribers
+            .iter()
+            .map(|s| s.client().statistics().connects.load(Ordering::Relaxed))
+            .collect();
+        match &self.disruption {
+            Disruption::Proxy(proxy) => proxy.cut(),
+            Disruption::Restart => {
+                if !restart_nats().await {
+                    return Ok(());
+                }
+            }
+        }
+        if self.config.mode == tidemill_nats::NatsMode::Core {
+            // Core NATS keeps nothing for a subscription that is not registered: messages
+            // published before the subscribers are back are lost by design (at most
+            // once). "The broker is back" therefore includes their re-subscriptions.
+            for (s, before) in subscribers.iter().zip(before) {
+                wait_reconnected(s.client(), before).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fails with the error's text, for `?`-free tests.
+pub fn ok<T>(r: std::result::Result<T, Error>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
