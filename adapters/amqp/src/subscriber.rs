@@ -707,7 +707,7 @@ fn delay_queue(
     lease: &Lease,
     delay: Duration,
 ) -> std::result::Result<(String, QueueDeclareOptions, FieldTable), String> {
-    let ms = u32::try_from(delay.as_millis().max(1))
+    let ms = u32::try_from(round_up_delay(delay.as_millis().max(1)))
         .map_err(|_| format!("delays are limited to {} ms (AMQP message TTL)", u32::MAX))?;
     let name = delay_queue_name(&lease.queue, ms);
     let mut arguments = FieldTable::default();
@@ -741,6 +741,16 @@ fn delay_queue(
     Ok((name, options, arguments))
 }
 
+/// `ms` rounded up to two significant digits (1234 → 1300), so that arbitrary (e.g.
+/// jittered) delays share a bounded set of delay queues: about 90 per power of ten.
+fn round_up_delay(ms: u128) -> u128 {
+    let mut scale = 1;
+    while ms / scale >= 100 {
+        scale *= 10;
+    }
+    ms.div_ceil(scale) * scale
+}
+
 /// `{queue}.tidemill-delay-{ms}ms`, or a name derived from a hash when that is too long.
 fn delay_queue_name(queue: &str, ms: u32) -> String {
     let name = format!("{queue}{DELAY_QUEUE_MARKER}{ms}ms");
@@ -756,6 +766,22 @@ fn delay_queue_name(queue: &str, ms: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delays_round_up_to_two_significant_digits() {
+        for (ms, rounded) in [
+            (1, 1),
+            (99, 99),
+            (100, 100),
+            (101, 110),
+            (999, 1000),
+            (1000, 1000),
+            (1234, 1300),
+            (60_001, 61_000),
+        ] {
+            assert_eq!(round_up_delay(ms), rounded, "{ms}");
+        }
+    }
 
     #[test]
     fn delay_queue_names_fit_amqp() {
