@@ -44,7 +44,7 @@ struct Inner {
 }
 
 enum Mode {
-    JetStream(JsPublisher),
+    JetStream(Box<JsPublisher>),
     Core(CorePublisher),
 }
 
@@ -56,11 +56,11 @@ impl NatsPublisher {
         let conn = connection::connect(&config).await?;
         let config = Arc::new(config);
         let mode = match config.mode {
-            NatsMode::JetStream => Mode::JetStream(JsPublisher::new(
+            NatsMode::JetStream => Mode::JetStream(Box::new(JsPublisher::new(
                 conn.client.clone(),
                 conn.reconnects.clone(),
                 config.clone(),
-            )),
+            ))),
             NatsMode::Core => Mode::Core(CorePublisher::new(conn.client.clone(), config.clone())),
         };
         Ok(NatsPublisher {

@@ -439,6 +439,9 @@ impl Acknowledger for JsAcker {
     }
 }
 
+/// A consumer being re-created: its topic's target and its name.
+type Recreating = BoxFuture<'static, Result<(Arc<Target>, String)>>;
+
 /// The deliveries of one JetStream subscription: a pull loop polled by the application.
 pub(crate) struct PullStream {
     shared: Arc<JsShared>,
@@ -456,7 +459,7 @@ pub(crate) struct PullStream {
     /// Messages requested and not received yet (an estimate; reset when pulls are lost).
     requested: usize,
     pulling: Option<BoxFuture<'static, std::result::Result<(), String>>>,
-    recreating: Option<BoxFuture<'static, Result<(Arc<Target>, String)>>>,
+    recreating: Option<Recreating>,
     /// Wait before re-creating the consumer.
     pause: Option<Pin<Box<Sleep>>>,
     /// Fires when nothing (not even a heartbeat) arrived for a while.

@@ -1,13 +1,16 @@
 //! Test backends on the NATS server of tests/brokers (`TIDEMILL_NATS_URL`).
 #![allow(dead_code)] // each test crate uses part of this module
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use tidemill_core::{Error, Publisher, Result, Subscriber};
+use tidemill_core::{
+    DeliveryStream, Error, Message, Publisher, Result, SubscribeOptions, Subscriber,
+};
 use tidemill_nats::{NatsConfig, NatsPublisher, NatsSubscriber};
 use tidemill_testkit::fault_proxy::FaultProxy;
 use tidemill_testkit::{Backend, Features};
@@ -52,6 +55,8 @@ pub struct NatsBackend {
     pub features: Features,
     pub disruption: Disruption,
     subscribers: Mutex<Vec<NatsSubscriber>>,
+    /// Topics used through this backend: their streams are deleted when it is dropped.
+    topics: Arc<Mutex<HashSet<String>>>,
 }
 
 impl NatsBackend {
@@ -73,6 +78,7 @@ impl NatsBackend {
             features,
             disruption: Disruption::Proxy(proxy),
             subscribers: Mutex::new(Vec::new()),
+            topics: Arc::default(),
         }
     }
 
@@ -85,6 +91,7 @@ impl NatsBackend {
             features,
             disruption: Disruption::Restart,
             subscribers: Mutex::new(Vec::new()),
+            topics: Arc::default(),
         }
     }
 }
@@ -156,13 +163,19 @@ impl Backend for NatsBackend {
     }
 
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
-        Ok(Arc::new(NatsPublisher::connect(self.config.clone()).await?))
+        Ok(Arc::new(Recording {
+            inner: NatsPublisher::connect(self.config.clone()).await?,
+            topics: self.topics.clone(),
+        }))
     }
 
     async fn subscriber(&self) -> Result<Arc<dyn Subscriber>> {
         let s = NatsSubscriber::connect(self.config.clone()).await?;
         self.subscribers.lock().push(s.clone());
-        Ok(Arc::new(s))
+        Ok(Arc::new(Recording {
+            inner: s,
+            topics: self.topics.clone(),
+        }))
     }
 
     async fn disrupt(&self) -> Result<()> {
@@ -194,4 +207,72 @@ impl Backend for NatsBackend {
 /// Fails with the error's text, for `?`-free tests.
 pub fn ok<T>(r: std::result::Result<T, Error>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// A publisher or subscriber that notes the topics it was used with.
+struct Recording<T> {
+    inner: T,
+    topics: Arc<Mutex<HashSet<String>>>,
+}
+
+#[async_trait]
+impl Publisher for Recording<NatsPublisher> {
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.topics.lock().insert(topic.to_owned());
+        self.inner.publish(topic, messages).await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[async_trait]
+impl Subscriber for Recording<NatsSubscriber> {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
+        self.topics.lock().insert(topic.to_owned());
+        self.inner.subscribe(topic, options).await
+    }
+    async fn initialize(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.topics.lock().insert(topic.to_owned());
+        self.inner.initialize(topic, options).await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+impl Drop for NatsBackend {
+    fn drop(&mut self) {
+        let topics: Vec<String> = self.topics.lock().drain().collect();
+        if topics.is_empty() || self.config.mode == tidemill_nats::NatsMode::Core {
+            return;
+        }
+        // On a thread of its own: the backend is dropped inside the test's runtime.
+        let url = nats_url();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), delete_streams(&url, &topics))
+                        .await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Deletes the streams the adapter created for `topics` (named after the topic).
+pub async fn delete_streams(url: &str, topics: &[String]) {
+    let Ok(client) = async_nats::connect(url).await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    for topic in topics {
+        let _ = js.delete_stream(topic).await;
+    }
 }

@@ -1,0 +1,700 @@
+//! NATS-specific behaviour against the server of tests/brokers (`TIDEMILL_NATS_URL`):
+//! the header mapping over the wire, messages from other clients, deduplication, limits
+//! and bad input, stream and consumer naming, in-progress acks, flow control, and what
+//! core NATS (at most once) does and does not do.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{delete_streams, ok, test_config};
+use futures::StreamExt;
+use tidemill_core::{
+    Delivery, DeliveryStream, Error, Message, Publisher, SubscribeOptions, Subscriber,
+};
+use tidemill_nats::{NatsConfig, NatsMode, NatsPublisher, NatsSubscriber};
+use tidemill_testkit::unique_topic;
+use tokio::time::{timeout, Instant};
+
+/// The longest any single wait may take.
+const LIMIT: Duration = Duration::from_secs(60);
+/// How long a negative check ("nothing arrives") waits.
+const QUIET: Duration = Duration::from_millis(500);
+
+fn url() -> Option<String> {
+    match std::env::var("TIDEMILL_NATS_URL") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            eprintln!("SKIP: TIDEMILL_NATS_URL is not set (no broker to test against)");
+            None
+        }
+    }
+}
+
+async fn pair(config: &NatsConfig) -> (NatsPublisher, NatsSubscriber) {
+    (
+        ok(NatsPublisher::connect(config.clone()).await, "publisher"),
+        ok(NatsSubscriber::connect(config.clone()).await, "subscriber"),
+    )
+}
+
+async fn next(stream: &mut DeliveryStream, what: &str) -> Delivery {
+    match timeout(LIMIT, stream.next()).await {
+        Err(_) => panic!("nothing within {LIMIT:?} while waiting for {what}"),
+        Ok(None) => panic!("the stream ended while waiting for {what}"),
+        Ok(Some(Err(e))) => panic!("stream error while waiting for {what}: {e}"),
+        Ok(Some(Ok(d))) => d,
+    }
+}
+
+async fn quiet(stream: &mut DeliveryStream, what: &str) {
+    if let Ok(Some(Ok(d))) = timeout(QUIET, stream.next()).await {
+        panic!("{what}: {:?} arrived", d.message());
+    }
+}
+
+/// Metadata, uuid, key and payload survive the trip through the server unchanged, also
+/// when NATS headers cannot carry them as they are (line breaks, surrounding whitespace,
+/// non-ASCII or empty names, names the adapter uses itself).
+#[tokio::test]
+async fn awkward_metadata_survives_the_wire_in_both_modes() {
+    let Some(url) = url() else { return };
+    for mode in [NatsMode::JetStream, NatsMode::Core] {
+        let mut config = test_config(&url);
+        config.mode = mode;
+        let topic = unique_topic("awkward_metadata");
+        let (p, s) = pair(&config).await;
+        let mut stream = ok(
+            s.subscribe(&topic, SubscribeOptions::new()).await,
+            "subscribe",
+        );
+        let mut m = Message::with_uuid("my own id, not a UUID", vec![0u8, 0xff, b'\r', b'\n', 7])
+            .with_key([0xffu8, 0x00, 0x10]);
+        let awkward = [
+            ("plain", "value"),
+            ("empty", ""),
+            ("unicode", "héllo wörld ✓"),
+            ("leading", "  two spaces"),
+            ("trailing", "tab\t"),
+            ("lines", "first\r\nsecond\nthird"),
+            ("word", "=?utf-8?b?aGk=?="),
+            ("with space", "v"),
+            ("colon:name", "v"),
+            ("ключ", "значение"),
+            ("", "empty name"),
+            ("tidemill-key", "not the key"),
+            ("Nats-Msg-Id-like", "x"),
+        ];
+        for (k, v) in awkward {
+            m = m.with_metadata(k, v);
+        }
+        let text_key = Message::new("text key").with_key(" padded key\n");
+        ok(
+            p.publish(&topic, vec![m.clone(), text_key.clone()]).await,
+            "publish",
+        );
+        for want in [&m, &text_key] {
+            let d = next(&mut stream, "the awkward message").await;
+            assert_eq!(d.message(), want, "{mode:?}");
+            ok(d.ack().await, "ack");
+        }
+        ok(p.close().await, "close");
+        ok(s.close().await, "close");
+        delete_streams(&url, &[topic]).await;
+    }
+}
+
+/// A message published by another client (no Tidemill headers) is received with its
+/// headers as metadata and a uuid derived from its stream position, the same on every
+/// redelivery; a `Nats-Msg-Id` set by the other client becomes the uuid.
+#[tokio::test]
+async fn messages_from_other_clients_get_stable_uuids() {
+    let Some(url) = url() else { return };
+    let config = test_config(&url);
+    let topic = unique_topic("foreign");
+    let s = ok(NatsSubscriber::connect(config.clone()).await, "subscriber");
+    ok(
+        s.initialize(&topic, &SubscribeOptions::group("g")).await,
+        "initialize",
+    );
+    let raw = async_nats::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = async_nats::jetstream::new(raw.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("trace-id", "abc-123");
+    js.publish_with_headers(topic.clone(), headers, Bytes::from_static(b"foreign"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut with_id = async_nats::HeaderMap::new();
+    with_id.insert("Nats-Msg-Id", "order-42");
+    js.publish_with_headers(topic.clone(), with_id, Bytes::from_static(b"with id"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let mut stream = ok(
+        s.subscribe(&topic, SubscribeOptions::group("g")).await,
+        "subscribe",
+    );
+    let first = next(&mut stream, "the foreign message").await;
+    let uuid = first.message().uuid().to_owned();
+    assert_eq!(first.message().payload().as_ref(), b"foreign");
+    assert_eq!(first.message().metadata().get("trace-id"), Some("abc-123"));
+    assert_eq!(first.message().metadata().len(), 1);
+    assert_eq!(first.message().key(), None);
+    assert_eq!(uuid.len(), 36, "a derived UUID: {uuid}");
+    ok(first.nack().await, "nack");
+    // Without a key the nack goes to the server, which redelivers: same uuid.
+    let mut seen_again = None;
+    let mut with_id_uuid = None;
+    while seen_again.is_none() || with_id_uuid.is_none() {
+        let d = next(&mut stream, "the redelivery").await;
+        if d.message().payload().as_ref() == b"foreign" {
+            assert_eq!(d.attempt(), Some(2));
+            seen_again = Some(d.message().uuid().to_owned());
+        } else {
+            with_id_uuid = Some(d.message().uuid().to_owned());
+            assert!(d.message().metadata().is_empty());
+        }
+        ok(d.ack().await, "ack");
+    }
+    assert_eq!(seen_again.as_deref(), Some(uuid.as_str()));
+    assert_eq!(with_id_uuid.as_deref(), Some("order-42"));
+
+    // Core NATS: no stream position; the content identifies the message.
+    let core = NatsConfig {
+        mode: NatsMode::Core,
+        ..test_config(&url)
+    };
+    let cs = ok(NatsSubscriber::connect(core).await, "core subscriber");
+    let core_topic = unique_topic("foreign_core");
+    let mut a = ok(
+        cs.subscribe(&core_topic, SubscribeOptions::new()).await,
+        "subscribe",
+    );
+    let mut b = ok(
+        cs.subscribe(&core_topic, SubscribeOptions::new()).await,
+        "subscribe",
+    );
+    raw.publish(core_topic.clone(), Bytes::from_static(b"plain"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    raw.flush().await.unwrap_or_else(|e| panic!("{e}"));
+    let (da, db) = (next(&mut a, "core a").await, next(&mut b, "core b").await);
+    assert_eq!(da.message().uuid(), db.message().uuid());
+    assert_eq!(da.message().payload().as_ref(), b"plain");
+    assert!(da.message().metadata().is_empty());
+    ok(s.close().await, "close");
+    delete_streams(&url, &[topic]).await;
+}
+
+/// Publishing the same message twice (a retry) stores it once: its uuid is the
+/// JetStream message id, deduplicated within `duplicate_window`.
+#[tokio::test]
+async fn republishing_a_message_stores_it_once() {
+    let Some(url) = url() else { return };
+    let config = test_config(&url);
+    let topic = unique_topic("dedup");
+    let (p, s) = pair(&config).await;
+    ok(
+        s.initialize(&topic, &SubscribeOptions::group("g")).await,
+        "initialize",
+    );
+    let m = Message::new("once");
+    ok(
+        p.publish(&topic, vec![m.clone(), m.clone()]).await,
+        "publish",
+    );
+    ok(p.publish_one(&topic, m.clone()).await, "publish again");
+    let other = Message::new("other");
+    ok(p.publish_one(&topic, other.clone()).await, "publish");
+    let mut stream = ok(
+        s.subscribe(&topic, SubscribeOptions::group("g")).await,
+        "subscribe",
+    );
+    let d = next(&mut stream, "the message").await;
+    assert_eq!(d.message(), &m);
+    ok(d.ack().await, "ack");
+    let d = next(&mut stream, "the other message").await;
+    assert_eq!(
+        d.message(),
+        &other,
+        "the duplicates were dropped by the stream"
+    );
+    ok(d.ack().await, "ack");
+    quiet(&mut stream, "after the two distinct messages").await;
+    delete_streams(&url, &[topic]).await;
+}
+
+/// A message over the server's `max_payload` fails with an error naming the limit, in
+/// both modes, and nothing of it is delivered.
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_refused_with_the_limit() {
+    let Some(url) = url() else { return };
+    for mode in [NatsMode::JetStream, NatsMode::Core] {
+        let config = NatsConfig {
+            mode,
+            ..test_config(&url)
+        };
+        let topic = unique_topic("too_large");
+        let p = ok(NatsPublisher::connect(config).await, "publisher");
+        let limit = p.client().server_info().max_payload;
+        let big = Message::new(vec![7u8; limit + 1]);
+        let err = p
+            .publish_one(&topic, big.clone())
+            .await
+            .expect_err("an oversized message must be refused");
+        match &err {
+            Error::MessageTooLarge {
+                limit: l,
+                topic: t,
+                uuid,
+                ..
+            } => {
+                assert_eq!(*l, limit);
+                assert_eq!(t, &topic);
+                assert_eq!(uuid, big.uuid());
+            }
+            other => panic!("{mode:?}: expected MessageTooLarge, got {other}"),
+        }
+        assert!(err.to_string().contains(&limit.to_string()), "{err}");
+        assert!(!err.is_transient());
+        // The publisher still works.
+        ok(
+            p.publish_one(&topic, Message::new("small")).await,
+            "publish",
+        );
+        delete_streams(&url, &[topic]).await;
+    }
+}
+
+/// An unreachable server fails within `connect_timeout`, naming the address: a refused
+/// port at once, a server that accepts but never answers after the timeout.
+#[tokio::test]
+async fn an_unreachable_server_fails_fast_naming_the_address() {
+    // No broker needed.
+    let refused = NatsConfig {
+        connect_timeout: Duration::from_secs(5),
+        ..NatsConfig::new("nats://127.0.0.1:1")
+    };
+    let started = Instant::now();
+    let err = NatsPublisher::connect(refused)
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    assert!(started.elapsed() < LIMIT);
+
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = silent.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket); // accepted, never answered
+        }
+    });
+    let config = NatsConfig {
+        connect_timeout: Duration::from_millis(500),
+        ..NatsConfig::new(format!("nats://{addr}"))
+    };
+    let started = Instant::now();
+    let err = NatsSubscriber::connect(config)
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    assert!(err.is_transient());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?} with a 500ms connect_timeout",
+        started.elapsed()
+    );
+    hold.abort();
+}
+
+/// Invalid configuration is refused before connecting, naming the field.
+#[tokio::test]
+async fn invalid_configuration_is_refused_naming_the_field() {
+    let mut config = NatsConfig::new("nats://127.0.0.1:4222");
+    config.jetstream.publish_window = 0;
+    let err = NatsPublisher::connect(config)
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, Error::Config { .. }), "{err}");
+    assert!(err.to_string().contains("publish_window"), "{err}");
+    let err = NatsSubscriber::connect(NatsConfig::new("nats://host:port"))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, Error::Config { .. }), "{err}");
+    assert!(err.to_string().contains("url"), "{err}");
+}
+
+/// Invalid topics are refused with an error naming them, before anything is sent.
+#[tokio::test]
+async fn invalid_topics_are_refused() {
+    let Some(url) = url() else { return };
+    let (p, s) = pair(&test_config(&url)).await;
+    for topic in ["has space", "orders.*", "a..b", ""] {
+        let err = p
+            .publish_one(topic, Message::new("x"))
+            .await
+            .expect_err("invalid topic");
+        assert!(err.to_string().contains(&format!("`{topic}`")), "{err}");
+        assert!(!err.is_transient(), "{err}");
+        let err = s
+            .subscribe(topic, SubscribeOptions::new())
+            .await
+            .expect_err("invalid topic");
+        assert!(!err.is_transient(), "{err}");
+    }
+}
+
+/// With `create_streams` off, a topic no stream captures is an error naming its subject;
+/// a stream the user created (any name, any subjects) is found by subject and used.
+#[tokio::test]
+async fn streams_are_found_by_subject_and_created_only_when_allowed() {
+    let Some(url) = url() else { return };
+    let mut config = test_config(&url);
+    config.jetstream.create_streams = false;
+    let (p, s) = pair(&config).await;
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let missing = format!("tmmissing{id}.orders");
+    let err = p
+        .publish_one(&missing, Message::new("x"))
+        .await
+        .expect_err("no stream");
+    assert!(err.to_string().contains(&missing), "{err}");
+    assert!(err.to_string().contains("create_streams"), "{err}");
+    assert!(!err.is_transient());
+    let err = s
+        .subscribe(&missing, SubscribeOptions::group("g"))
+        .await
+        .expect_err("no stream");
+    assert!(err.to_string().contains(&missing), "{err}");
+
+    // The user's own stream, capturing a wildcard.
+    let raw = async_nats::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = async_nats::jetstream::new(raw);
+    let stream_name = format!("USER_{id}");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream_name.clone(),
+        subjects: vec![format!("tmuser{id}.>")],
+        max_age: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let topic = format!("tmuser{id}.orders.eu");
+    ok(
+        s.initialize(&topic, &SubscribeOptions::group("billing"))
+            .await,
+        "initialize",
+    );
+    let consumer = ok(s.consumer_name(&topic, "billing").await, "consumer name");
+    assert!(consumer.starts_with("billing_tmuser"), "{consumer}");
+    ok(
+        p.publish_one(&topic, Message::new("in the user's stream"))
+            .await,
+        "publish",
+    );
+    let mut stream = ok(
+        s.subscribe(&topic, SubscribeOptions::group("billing"))
+            .await,
+        "subscribe",
+    );
+    let d = next(&mut stream, "the message").await;
+    assert_eq!(d.message().payload().as_ref(), b"in the user's stream");
+    ok(d.ack().await, "ack");
+    let mut info = js
+        .get_stream(&stream_name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let info = info.info().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(info.state.messages, 1, "stored in the user's stream");
+    js.delete_stream(&stream_name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// One shared stream for every topic (`jetstream.stream`): topics stay apart, each group
+/// consumer is named after group and topic.
+#[tokio::test]
+async fn a_shared_stream_holds_every_topic() {
+    let Some(url) = url() else { return };
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let mut config = test_config(&url);
+    config.subject_prefix = format!("tmshared{id}.");
+    config.jetstream.stream = Some(format!("TM_SHARED_{id}"));
+    let (p, s) = pair(&config).await;
+    let (a, b) = ("orders".to_owned(), "payments.eu".to_owned());
+    let mut sa = ok(
+        s.subscribe(&a, SubscribeOptions::group("g")).await,
+        "subscribe",
+    );
+    let mut sb = ok(
+        s.subscribe(&b, SubscribeOptions::group("g")).await,
+        "subscribe",
+    );
+    assert_eq!(ok(s.consumer_name(&a, "g").await, "name"), "g_orders");
+    ok(p.publish_one(&a, Message::new("to a")).await, "publish");
+    ok(p.publish_one(&b, Message::new("to b")).await, "publish");
+    let da = next(&mut sa, "a's message").await;
+    let db = next(&mut sb, "b's message").await;
+    assert_eq!(da.message().payload().as_ref(), b"to a");
+    assert_eq!(db.message().payload().as_ref(), b"to b");
+    ok(da.ack().await, "ack");
+    ok(db.ack().await, "ack");
+    quiet(&mut sa, "topic a").await;
+    quiet(&mut sb, "topic b").await;
+    let raw = async_nats::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let js = async_nats::jetstream::new(raw);
+    let mut stream = js
+        .get_stream(format!("TM_SHARED_{id}"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let info = stream.info().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(info.config.subjects, vec![format!("tmshared{id}.>")]);
+    assert_eq!(info.state.messages, 2);
+    ok(s.close().await, "close");
+    let _ = js.delete_stream(format!("TM_SHARED_{id}")).await;
+}
+
+/// A delivery held longer than `ack_wait` is not redelivered to another group member:
+/// in-progress acks keep it.
+#[tokio::test]
+async fn a_long_handler_keeps_its_message() {
+    let Some(url) = url() else { return };
+    let mut config = test_config(&url);
+    config.jetstream.ack_wait = Duration::from_secs(4);
+    let topic = unique_topic("long_handler");
+    let p = ok(NatsPublisher::connect(config.clone()).await, "publisher");
+    let (s1, s2) = (
+        ok(NatsSubscriber::connect(config.clone()).await, "s1"),
+        ok(NatsSubscriber::connect(config.clone()).await, "s2"),
+    );
+    let group = SubscribeOptions::group("slow");
+    let mut first = ok(s1.subscribe(&topic, group.clone()).await, "subscribe");
+    ok(
+        p.publish_one(&topic, Message::new("slow work")).await,
+        "publish",
+    );
+    let held = next(&mut first, "the message").await;
+    let mut second = ok(s2.subscribe(&topic, group).await, "subscribe");
+    // Three times ack_wait: without in-progress acks it would be redelivered meanwhile.
+    let hold = Duration::from_secs(12);
+    if let Ok(Some(Ok(d))) = timeout(hold, second.next()).await {
+        panic!(
+            "redelivered while held: {:?} (attempt {:?})",
+            d.message(),
+            d.attempt()
+        );
+    }
+    ok(held.ack().await, "ack");
+    quiet(&mut second, "after the ack").await;
+    delete_streams(&url, &[topic]).await;
+}
+
+/// Batches far larger than `max_ack_inflight`, from several tasks at once, go through
+/// (the publisher bounds PubAcks in flight without deadlocking) and arrive complete.
+#[tokio::test]
+async fn large_concurrent_batches_do_not_deadlock() {
+    let Some(url) = url() else { return };
+    let mut config = test_config(&url);
+    config.jetstream.max_ack_inflight = 64;
+    config.jetstream.publish_window = 48;
+    let topic = unique_topic("large_batches");
+    let (p, s) = pair(&config).await;
+    let mut stream = ok(
+        s.subscribe(&topic, SubscribeOptions::group("g")).await,
+        "subscribe",
+    );
+    let batches: Vec<Vec<Message>> = (0..4)
+        .map(|t| (0..500).map(|i| Message::new(format!("{t}-{i}"))).collect())
+        .collect();
+    let expected: HashSet<String> = batches
+        .iter()
+        .flatten()
+        .map(|m| m.uuid().to_owned())
+        .collect();
+    let tasks: Vec<_> = batches
+        .into_iter()
+        .map(|batch| {
+            let (p, topic) = (p.clone(), topic.clone());
+            tokio::spawn(async move { p.publish(&topic, batch).await })
+        })
+        .collect();
+    for t in tasks {
+        match timeout(LIMIT, t).await {
+            Err(_) => panic!("publishing did not finish within {LIMIT:?} (deadlock?)"),
+            Ok(r) => ok(r.unwrap_or_else(|e| panic!("{e}")), "publish"),
+        }
+    }
+    let mut got = HashSet::new();
+    while got.len() < expected.len() {
+        let d = next(&mut stream, "the batches").await;
+        got.insert(d.message().uuid().to_owned());
+        ok(d.ack().await, "ack");
+    }
+    assert_eq!(got, expected);
+    delete_streams(&url, &[topic]).await;
+}
+
+/// Order per key: a nacked keyed message is handed out again before its successors, also
+/// with a delay (the successors wait), with the attempt counting up.
+#[tokio::test]
+async fn a_nacked_keyed_message_comes_back_first_with_its_attempt() {
+    let Some(url) = url() else { return };
+    let config = test_config(&url);
+    let topic = unique_topic("keyed_nack");
+    let (p, s) = pair(&config).await;
+    let mut stream = ok(
+        s.subscribe(&topic, SubscribeOptions::group("g")).await,
+        "subscribe",
+    );
+    let (a1, a2, b1) = (
+        Message::new("a1").with_key("a"),
+        Message::new("a2").with_key("a"),
+        Message::new("b1").with_key("b"),
+    );
+    ok(
+        p.publish(&topic, vec![a1.clone(), a2.clone(), b1.clone()])
+            .await,
+        "publish",
+    );
+    let first = next(&mut stream, "a1").await;
+    assert_eq!(first.message(), &a1);
+    assert_eq!(first.attempt(), Some(1));
+    // Another key is not held back.
+    let other = next(&mut stream, "b1").await;
+    assert_eq!(other.message(), &b1);
+    ok(other.ack().await, "ack");
+    let delay = Duration::from_millis(700);
+    let nacked_at = Instant::now();
+    ok(first.nack_with_delay(delay).await, "nack");
+    let again = next(&mut stream, "a1 again").await;
+    assert!(nacked_at.elapsed() + Duration::from_millis(50) >= delay);
+    assert_eq!(again.message(), &a1, "a1 comes back before a2");
+    assert_eq!(again.attempt(), Some(2));
+    drop(again); // dropping nacks
+    let third = next(&mut stream, "a1 a third time").await;
+    assert_eq!(third.message(), &a1);
+    assert_eq!(third.attempt(), Some(3));
+    ok(third.ack().await, "ack");
+    let last = next(&mut stream, "a2").await;
+    assert_eq!(last.message(), &a2);
+    ok(last.ack().await, "ack");
+    delete_streams(&url, &[topic]).await;
+}
+
+/// When a group's subscription ends, what it had read ahead goes back at once (not after
+/// `ack_wait`): the next member gets every message, including one held unacked at the end.
+#[tokio::test]
+async fn an_ended_subscription_hands_back_what_it_read_ahead() {
+    let Some(url) = url() else { return };
+    let mut config = test_config(&url);
+    config.jetstream.ack_wait = Duration::from_secs(300); // far beyond LIMIT
+    let topic = unique_topic("read_ahead");
+    let (p, s) = pair(&config).await;
+    let group = SubscribeOptions::group("g");
+    let mut first = ok(s.subscribe(&topic, group.clone()).await, "subscribe");
+    let msgs: Vec<Message> = (0..50).map(|i| Message::new(format!("m{i}"))).collect();
+    ok(p.publish(&topic, msgs.clone()).await, "publish");
+    let held = next(&mut first, "the first message").await;
+    drop(first); // 49 messages read ahead, one held
+    drop(held); // nacked
+    let s2 = ok(NatsSubscriber::connect(config).await, "second subscriber");
+    let mut second = ok(s2.subscribe(&topic, group).await, "subscribe");
+    let mut got = HashSet::new();
+    while got.len() < msgs.len() {
+        let d = next(&mut second, "the handed-back messages").await;
+        got.insert(d.message().uuid().to_owned());
+        ok(d.ack().await, "ack");
+    }
+    delete_streams(&url, &[topic]).await;
+}
+
+/// Core NATS is at most once: a nacked message is not redelivered, and a message published
+/// while nobody subscribes is gone.
+#[tokio::test]
+async fn core_nats_is_at_most_once() {
+    let Some(url) = url() else { return };
+    let config = NatsConfig {
+        mode: NatsMode::Core,
+        ..test_config(&url)
+    };
+    let topic = unique_topic("at_most_once");
+    let (p, s) = pair(&config).await;
+    ok(
+        p.publish_one(&topic, Message::new("nobody listens")).await,
+        "publish",
+    );
+    let mut stream = ok(
+        s.subscribe(&topic, SubscribeOptions::group("g")).await,
+        "subscribe",
+    );
+    let m = Message::new("once").with_metadata("k", "v");
+    ok(p.publish_one(&topic, m.clone()).await, "publish");
+    let d = next(&mut stream, "the message").await;
+    assert_eq!(d.message(), &m);
+    assert_eq!(d.attempt(), None);
+    ok(d.nack().await, "nack");
+    quiet(&mut stream, "after a nack in core NATS").await;
+    ok(
+        s.initialize(&topic, &SubscribeOptions::group("g")).await,
+        "initialize",
+    );
+    assert!(s.consumer_name(&topic, "g").await.is_err());
+}
+
+/// Closing: the subscriber's streams end; publishing after close fails naming the topic;
+/// subscribing after close fails.
+#[tokio::test]
+async fn closed_handles_refuse_work() {
+    let Some(url) = url() else { return };
+    for mode in [NatsMode::JetStream, NatsMode::Core] {
+        let config = NatsConfig {
+            mode,
+            ..test_config(&url)
+        };
+        let topic = unique_topic("closed");
+        let (p, s) = pair(&config).await;
+        let mut stream = ok(
+            s.subscribe(&topic, SubscribeOptions::new()).await,
+            "subscribe",
+        );
+        ok(s.close().await, "close");
+        ok(s.close().await, "close twice");
+        assert!(timeout(LIMIT, stream.next())
+            .await
+            .is_ok_and(|d| d.is_none()));
+        let err = s
+            .subscribe(&topic, SubscribeOptions::new())
+            .await
+            .expect_err("closed");
+        assert!(matches!(err, Error::SubscriberClosed { .. }), "{err}");
+        ok(p.close().await, "close");
+        let err = p
+            .publish_one(&topic, Message::new("late"))
+            .await
+            .expect_err("closed");
+        assert!(matches!(err, Error::PublisherClosed { .. }), "{err}");
+        assert!(err.to_string().contains(&topic), "{err}");
+        delete_streams(&url, &[topic]).await;
+    }
+}
