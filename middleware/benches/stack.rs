@@ -3,7 +3,8 @@
 //! setup as core's `router` bench: N messages of 100 bytes, published in batches of 1,000
 //! by one publisher, timed from the first publish to the N-th message handled; median of
 //! three runs after a warm-up). `BENCH_MESSAGES` sets N (default 1,000,000); an argument
-//! filters scenarios by name.
+//! filters scenarios by name; `BENCH_ONLY=correlation|dead-letter|retry|recoverer` runs
+//! the `stack` scenario with that one layer.
 //!
 //! Run: `cargo bench -p tidemill-middleware --bench stack`
 
@@ -70,15 +71,22 @@ async fn run(scenario: Scenario, n: usize) -> Duration {
     let dead_letter = DeadLetter::new(broker.publisher(), "dead").max_deliveries(5);
     let result = match scenario {
         Scenario::Plain => builder.handler(count).await,
-        Scenario::Stack => {
-            builder
-                .layer(CorrelationId::new())
-                .layer(dead_letter)
-                .layer(Retry::new())
-                .layer(Recoverer::new())
-                .handler(count)
-                .await
-        }
+        Scenario::Stack => match std::env::var("BENCH_ONLY").ok().as_deref() {
+            // One layer alone, to see what each costs.
+            Some("correlation") => builder.layer(CorrelationId::new()).handler(count).await,
+            Some("dead-letter") => builder.layer(dead_letter).handler(count).await,
+            Some("retry") => builder.layer(Retry::new()).handler(count).await,
+            Some("recoverer") => builder.layer(Recoverer::new()).handler(count).await,
+            _ => {
+                builder
+                    .layer(CorrelationId::new())
+                    .layer(dead_letter)
+                    .layer(Retry::new())
+                    .layer(Recoverer::new())
+                    .handler(count)
+                    .await
+            }
+        },
         Scenario::RouterStack => {
             router
                 .layer(CorrelationId::new())
@@ -94,13 +102,22 @@ async fn run(scenario: Scenario, n: usize) -> Duration {
     router.running().await;
 
     let payload = Bytes::from(vec![b'x'; 100]);
+    // Like core's bench, every message shares one payload buffer by default; layers that
+    // keep a copy of the input then contend on its reference count across threads, which
+    // real payloads (one buffer per message) do not. BENCH_DISTINCT_PAYLOADS=1 gives each
+    // message its own buffer.
+    let distinct = std::env::var("BENCH_DISTINCT_PAYLOADS").is_ok_and(|v| v == "1");
     let publisher = broker.publisher();
     let started = Instant::now();
     let publishing = tokio::spawn(async move {
         let mut left = n;
         while left > 0 {
             let batch = left.min(BATCH);
-            let msgs: Vec<Message> = (0..batch).map(|_| Message::new(payload.clone())).collect();
+            let msgs: Vec<Message> = if distinct {
+                (0..batch).map(|_| Message::new(payload.to_vec())).collect()
+            } else {
+                (0..batch).map(|_| Message::new(payload.clone())).collect()
+            };
             publisher
                 .publish("in", msgs)
                 .await
