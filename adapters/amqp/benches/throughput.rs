@@ -1,22 +1,24 @@
 //! Raw `lapin` vs Tidemill on RabbitMQ, same settings, same run.
 //!
 //! `make bench-amqp` (or `cargo bench -p tidemill-amqp --bench throughput` with
-//! `TIDEMILL_AMQP_URL` set). Each round, for each side, on a fresh durable fanout exchange
-//! with one durable queue bound to it:
+//! `TIDEMILL_AMQP_URL` set). Every measurement uses a fresh connection and a fresh durable
+//! fanout exchange with one durable queue bound to it (the topology Tidemill declares for a
+//! consumer group):
 //!
 //! - publish: N messages of 100 bytes in batches of 1,000, persistent (delivery mode 2),
 //!   each with a UUIDv7 `message-id`, on a channel in confirm mode; timed until every
 //!   message of every batch is confirmed. Raw, two ways: `basic_publish(..).await` for
-//!   each message of the batch, then all the batch's confirms awaited together (lapin's
-//!   documented pattern, "raw"), and all of the batch's `basic_publish` futures joined,
-//!   then all confirms ("raw pipelined", what Tidemill does inside). Tidemill:
+//!   each message of a batch, then the batch's confirms awaited together (lapin's
+//!   documented pattern, "raw"), and all of a batch's `basic_publish` futures joined, then
+//!   the confirms ("raw pipelined", what Tidemill does inside). Tidemill:
 //!   `Publisher::publish(topic, batch)`.
-//! - consume: the N messages already in the queue, prefetch 128, manual acks; timed from
-//!   starting the consumer until the N-th message is received and acked. Raw:
-//!   `basic_consume` + `Consumer::next` + `Acker::ack`. Tidemill: `Subscriber::subscribe`
-//!   with a consumer group + `DeliveryStream::next` + `Delivery::ack`.
+//! - consume: the N messages the publish left in the queue (raw: those of the "raw" run),
+//!   prefetch 128, manual acks; timed from starting the consumer until the N-th message is
+//!   received and acked. Raw: `basic_consume` + `Consumer::next` + `Acker::ack`. Tidemill:
+//!   `Subscriber::subscribe` (group) + `DeliveryStream::next` + `Delivery::ack`.
 //!
-//! Sides alternate which goes first; the median of the rounds is reported.
+//! The order of the sides rotates from round to round; the median of the rounds is
+//! reported.
 //!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 50,000), `TIDEMILL_BENCH_ROUNDS`
 //! (default 5).
@@ -26,10 +28,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber};
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
 
@@ -65,13 +67,22 @@ fn main() -> Result<(), BoxError> {
     runtime.block_on(run(url, n, rounds))
 }
 
-#[derive(Default, Clone, Copy)]
-struct Figures {
-    publish: f64,
-    /// Raw only: publishing with every send of a batch joined.
-    publish_pipelined: f64,
-    consume: f64,
+/// The three ways of publishing measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Side {
+    Raw,
+    RawPipelined,
+    Tidemill,
 }
+
+struct Bench {
+    url: String,
+    config: AmqpConfig,
+    n: usize,
+}
+
+/// Messages per second, and microseconds of client CPU per message.
+type Measure = (f64, f64);
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -88,67 +99,61 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         "RabbitMQ: {n} messages of {PAYLOAD} bytes, batches of {BATCH}, persistent, publisher \
          confirms, prefetch {PREFETCH}, manual acks; {rounds} rounds, median"
     );
-    let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
-    // Warm-up: connections, code paths, the broker's queue processes.
-    let warm = (n / 10).max(1_000);
-    raw_round(&conn, &url, warm).await?;
-    tidemill_round(&conn, &config, warm).await?;
+    // Warm-up: code paths, the broker's queue processes.
+    let warm = Bench {
+        url: url.clone(),
+        config: config.clone(),
+        n: (n / 10).max(1_000),
+    };
+    warm.round(0).await?;
 
-    let mut raw = Vec::new();
-    let mut tidemill = Vec::new();
+    let bench = Bench { url, config, n };
+    let mut rows: Vec<[Measure; 5]> = Vec::new();
     for round in 0..rounds {
-        if round % 2 == 0 {
-            raw.push(raw_round(&conn, &url, n).await?);
-            tidemill.push(tidemill_round(&conn, &config, n).await?);
-        } else {
-            tidemill.push(tidemill_round(&conn, &config, n).await?);
-            raw.push(raw_round(&conn, &url, n).await?);
-        }
-        let (r, t) = (raw[round], tidemill[round]);
+        let row = bench.round(round).await?;
         println!(
-            "  round {}: publish raw {:>7.0}, raw pipelined {:>7.0}, tidemill {:>7.0} msg/s; \
-             consume raw {:>7.0}, tidemill {:>7.0} msg/s",
+            "  round {}: publish raw {:>6.0}, raw pipelined {:>6.0}, tidemill {:>6.0} msg/s; \
+             consume raw {:>6.0}, tidemill {:>6.0} msg/s",
             round + 1,
-            r.publish,
-            r.publish_pipelined,
-            t.publish,
-            r.consume,
-            t.consume
+            row[0].0,
+            row[1].0,
+            row[2].0,
+            row[3].0,
+            row[4].0
+        );
+        rows.push(row);
+    }
+    let rate = |i: usize| median(rows.iter().map(|r| r[i].0).collect());
+    let cpu = |i: usize| median(rows.iter().map(|r| r[i].1).collect());
+    println!();
+    println!(
+        "| | raw lapin (msg/s) | tidemill-amqp (msg/s) | tidemill / raw | client CPU per message, raw / tidemill |"
+    );
+    println!("|---|---|---|---|---|");
+    for (what, raw, tm) in [
+        ("publish (raw: send awaited per message)", 0, 2),
+        ("publish (raw: sends of a batch joined)", 1, 2),
+        ("consume", 3, 4),
+    ] {
+        println!(
+            "| {what} | {:.0} | {:.0} | {:.2}x | {:.0} µs / {:.0} µs |",
+            rate(raw),
+            rate(tm),
+            rate(tm) / rate(raw),
+            cpu(raw),
+            cpu(tm)
         );
     }
-    let med = |xs: &[Figures], f: fn(&Figures) -> f64| median(xs.iter().map(f).collect());
-    let raw_publish = med(&raw, |f| f.publish);
-    let raw_pipelined = med(&raw, |f| f.publish_pipelined);
-    let raw_consume = med(&raw, |f| f.consume);
-    let tm_publish = med(&tidemill, |f| f.publish);
-    let tm_consume = med(&tidemill, |f| f.consume);
-    println!();
-    println!("| | raw lapin (msg/s) | tidemill-amqp (msg/s) | tidemill / raw |");
-    println!("|---|---|---|---|");
-    println!(
-        "| publish (raw: send awaited per message) | {raw_publish:.0} | {tm_publish:.0} | {:.2}x |",
-        tm_publish / raw_publish
-    );
-    println!(
-        "| publish (raw: sends of a batch joined) | {raw_pipelined:.0} | {tm_publish:.0} | {:.2}x |",
-        tm_publish / raw_pipelined
-    );
-    println!(
-        "| consume | {raw_consume:.0} | {tm_consume:.0} | {:.2}x |",
-        tm_consume / raw_consume
-    );
     Ok(())
 }
 
-fn topic(side: &str) -> String {
-    format!(
-        "bench-{side}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
+fn topic(side: Side) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("bench-{side:?}-{}", &id[..12]).to_lowercase()
 }
 
-fn payload() -> Vec<u8> {
-    (0..PAYLOAD).map(|i| (i % 251) as u8).collect()
+fn queue(topic: &str) -> String {
+    format!("{topic}.{GROUP}")
 }
 
 /// Persistent, with a fresh UUIDv7 message-id: what Tidemill puts on the wire.
@@ -159,163 +164,204 @@ fn raw_properties() -> BasicProperties {
         .with_message_id(ShortString::from(id))
 }
 
-async fn raw_publish(
-    channel: &Channel,
-    exchange: &str,
-    payload: &[u8],
-    n: usize,
-    pipelined: bool,
-) -> Result<(), BoxError> {
-    let mut sent = 0;
-    while sent < n {
-        let count = BATCH.min(n - sent);
-        let send = || {
-            channel.basic_publish(
-                exchange.into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                payload,
-                raw_properties(),
-            )
+fn rate(n: usize, started: Instant) -> f64 {
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux;
+/// 10 ms resolution). Zero where unavailable.
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line: indices 11 and 12 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Microseconds of client CPU per message since `cpu_before`.
+fn cpu_per_message(n: usize, cpu_before: Duration) -> f64 {
+    (cpu_time() - cpu_before).as_secs_f64() * 1e6 / n as f64
+}
+
+impl Bench {
+    /// One round: the three publishes (order rotating), then the two consumes (order
+    /// alternating). Returns [raw, raw pipelined, tidemill publish, raw, tidemill consume].
+    async fn round(&self, round: usize) -> Result<[Measure; 5], BoxError> {
+        let mut sides = [Side::Raw, Side::RawPipelined, Side::Tidemill];
+        sides.rotate_left(round % 3);
+        let mut topics = Vec::new();
+        let mut row = [(0.0, 0.0); 5];
+        for side in sides {
+            let topic = topic(side);
+            self.declare(&topic).await?;
+            row[side as usize] = match side {
+                Side::Tidemill => self.tidemill_publish(&topic).await?,
+                _ => self.raw_publish(&topic, side == Side::RawPipelined).await?,
+            };
+            topics.push((side, topic));
+        }
+        let topic_of = |side: Side| {
+            topics
+                .iter()
+                .find(|(s, _)| *s == side)
+                .map(|(_, t)| t.clone())
+                .unwrap_or_default()
         };
-        let confirms = if pipelined {
-            futures::future::try_join_all((0..count).map(|_| send())).await?
+        if round.is_multiple_of(2) {
+            row[3] = self.raw_consume(&topic_of(Side::Raw)).await?;
+            row[4] = self.tidemill_consume(&topic_of(Side::Tidemill)).await?;
         } else {
-            let mut confirms = Vec::with_capacity(count);
-            for _ in 0..count {
-                confirms.push(send().await?);
-            }
-            confirms
-        };
-        for confirmation in futures::future::join_all(confirms).await {
-            match confirmation? {
-                Confirmation::Ack(None) => {}
-                other => return Err(format!("not confirmed: {other:?}").into()),
-            }
+            row[4] = self.tidemill_consume(&topic_of(Side::Tidemill)).await?;
+            row[3] = self.raw_consume(&topic_of(Side::Raw)).await?;
         }
-        sent += count;
+        let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        for (_, topic) in &topics {
+            channel
+                .queue_delete(queue(topic).as_str().into(), QueueDeleteOptions::default())
+                .await?;
+            channel
+                .exchange_delete(topic.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        conn.close(200, "OK".into()).await?;
+        Ok(row)
     }
-    Ok(())
-}
 
-async fn raw_round(conn: &Connection, url: &str, n: usize) -> Result<Figures, BoxError> {
-    let topic = topic("raw");
-    let queue = format!("{topic}.{GROUP}");
-    // The same topology Tidemill declares.
-    let setup = AmqpSubscriber::connect(AmqpConfig::new(url)).await?;
-    setup
-        .initialize(&topic, &SubscribeOptions::group(GROUP))
-        .await?;
-    setup.close().await?;
+    /// The exchange and the group's queue, as Tidemill declares them (not timed).
+    async fn declare(&self, topic: &str) -> Result<(), BoxError> {
+        let setup = AmqpSubscriber::connect(self.config.clone()).await?;
+        setup
+            .initialize(topic, &SubscribeOptions::group(GROUP))
+            .await?;
+        setup.close().await?;
+        Ok(())
+    }
 
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let payload = payload();
-    let started = Instant::now();
-    tokio::time::timeout(LIMIT, raw_publish(&channel, &topic, &payload, n, true)).await??;
-    let publish_pipelined = n as f64 / started.elapsed().as_secs_f64();
-    channel
-        .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-        .await?;
-    let started = Instant::now();
-    tokio::time::timeout(LIMIT, raw_publish(&channel, &topic, &payload, n, false)).await??;
-    let publish = n as f64 / started.elapsed().as_secs_f64();
+    async fn raw_publish(&self, exchange: &str, pipelined: bool) -> Result<Measure, BoxError> {
+        let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let payload: Vec<u8> = (0..PAYLOAD).map(|i| (i % 251) as u8).collect();
+        let (started, cpu) = (Instant::now(), cpu_time());
+        let publish_all = async {
+            let mut sent = 0;
+            while sent < self.n {
+                let count = BATCH.min(self.n - sent);
+                let send = || {
+                    channel.basic_publish(
+                        exchange.into(),
+                        "".into(),
+                        BasicPublishOptions::default(),
+                        &payload,
+                        raw_properties(),
+                    )
+                };
+                let confirms = if pipelined {
+                    futures::future::try_join_all((0..count).map(|_| send())).await?
+                } else {
+                    let mut confirms = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        confirms.push(send().await?);
+                    }
+                    confirms
+                };
+                for confirmation in futures::future::join_all(confirms).await {
+                    match confirmation? {
+                        Confirmation::Ack(None) => {}
+                        other => return Err(format!("not confirmed: {other:?}").into()),
+                    }
+                }
+                sent += count;
+            }
+            Ok::<(), BoxError>(())
+        };
+        tokio::time::timeout(LIMIT, publish_all).await??;
+        let rate = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        conn.close(200, "OK".into()).await?;
+        Ok(rate)
+    }
 
-    let consumer_channel = conn.create_channel().await?;
-    consumer_channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await?;
-    let started = Instant::now();
-    let mut consumer = consumer_channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let consume = async {
-        for _ in 0..n {
-            let delivery = consumer.next().await.ok_or("consumer ended")??;
-            delivery.ack(BasicAckOptions::default()).await?;
-        }
-        Ok::<(), BoxError>(())
-    };
-    tokio::time::timeout(LIMIT, consume).await??;
-    let consume = n as f64 / started.elapsed().as_secs_f64();
-    drop(consumer);
-    cleanup(&channel, &topic, &queue).await?;
-    Ok(Figures {
-        publish,
-        publish_pipelined,
-        consume,
-    })
-}
+    async fn tidemill_publish(&self, topic: &str) -> Result<Measure, BoxError> {
+        let publisher = AmqpPublisher::connect(self.config.clone()).await?;
+        let payload =
+            bytes::Bytes::from((0..PAYLOAD).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let (started, cpu) = (Instant::now(), cpu_time());
+        let publish_all = async {
+            let mut sent = 0;
+            while sent < self.n {
+                let count = BATCH.min(self.n - sent);
+                let batch = (0..count).map(|_| Message::new(payload.clone())).collect();
+                publisher.publish(topic, batch).await?;
+                sent += count;
+            }
+            Ok::<(), BoxError>(())
+        };
+        tokio::time::timeout(LIMIT, publish_all).await??;
+        let rate = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        publisher.close().await?;
+        Ok(rate)
+    }
 
-async fn tidemill_round(
-    conn: &Connection,
-    config: &AmqpConfig,
-    n: usize,
-) -> Result<Figures, BoxError> {
-    let topic = topic("tidemill");
-    let queue = format!("{topic}.{GROUP}");
-    let publisher = AmqpPublisher::connect(config.clone()).await?;
-    let subscriber = AmqpSubscriber::connect(config.clone()).await?;
-    subscriber
-        .initialize(&topic, &SubscribeOptions::group(GROUP))
-        .await?;
-    let payload = bytes::Bytes::from(payload());
-    let batches: Vec<Vec<Message>> = (0..n)
-        .step_by(BATCH)
-        .map(|start| {
-            (start..(start + BATCH).min(n))
-                .map(|_| Message::new(payload.clone()))
-                .collect()
-        })
-        .collect();
-    let started = Instant::now();
-    let publish_all = async {
-        for batch in batches {
-            publisher.publish(&topic, batch).await?;
-        }
-        Ok::<(), BoxError>(())
-    };
-    tokio::time::timeout(LIMIT, publish_all).await??;
-    let publish = n as f64 / started.elapsed().as_secs_f64();
+    async fn raw_consume(&self, topic: &str) -> Result<Measure, BoxError> {
+        let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await?;
+        let (started, cpu) = (Instant::now(), cpu_time());
+        let mut consumer = channel
+            .basic_consume(
+                queue(topic).as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let consume = async {
+            for _ in 0..self.n {
+                let delivery = consumer.next().await.ok_or("consumer ended")??;
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Ok::<(), BoxError>(())
+        };
+        tokio::time::timeout(LIMIT, consume).await??;
+        let rate = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        drop(consumer);
+        conn.close(200, "OK".into()).await?;
+        Ok(rate)
+    }
 
-    let started = Instant::now();
-    let mut stream = subscriber
-        .subscribe(&topic, SubscribeOptions::group(GROUP))
-        .await?;
-    let consume = async {
-        for _ in 0..n {
-            let delivery = stream.next().await.ok_or("stream ended")??;
-            delivery.ack().await?;
-        }
-        Ok::<(), BoxError>(())
-    };
-    tokio::time::timeout(LIMIT, consume).await??;
-    let consume = n as f64 / started.elapsed().as_secs_f64();
-    drop(stream);
-    subscriber.close().await?;
-    publisher.close().await?;
-    let channel = conn.create_channel().await?;
-    cleanup(&channel, &topic, &queue).await?;
-    Ok(Figures {
-        publish,
-        publish_pipelined: publish,
-        consume,
-    })
-}
-
-async fn cleanup(channel: &Channel, exchange: &str, queue: &str) -> Result<(), BoxError> {
-    channel
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await?;
-    channel
-        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-        .await?;
-    Ok(())
+    async fn tidemill_consume(&self, topic: &str) -> Result<Measure, BoxError> {
+        let subscriber = AmqpSubscriber::connect(self.config.clone()).await?;
+        let (started, cpu) = (Instant::now(), cpu_time());
+        let mut stream = subscriber
+            .subscribe(topic, SubscribeOptions::group(GROUP))
+            .await?;
+        let consume = async {
+            for _ in 0..self.n {
+                let delivery = stream.next().await.ok_or("stream ended")??;
+                delivery.ack().await?;
+            }
+            Ok::<(), BoxError>(())
+        };
+        tokio::time::timeout(LIMIT, consume).await??;
+        let rate = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        drop(stream);
+        subscriber.close().await?;
+        Ok(rate)
+    }
 }

@@ -505,7 +505,8 @@ impl AmqpAcker {
         &self.lease.spec.topic
     }
 
-    async fn ack(self) -> Result<()> {
+    // The methods take the box, so settling moves a pointer, not the acknowledger.
+    async fn ack(self: Box<Self>) -> Result<()> {
         match self.acker.ack(BasicAckOptions::default()).await {
             Ok(true) => {
                 if self.tracked {
@@ -534,7 +535,7 @@ impl AmqpAcker {
 
     /// `basic.nack` with requeue. On a channel that is gone the broker has requeued the
     /// message already, which is what a nack asks for.
-    async fn requeue(self) -> Result<()> {
+    async fn requeue(self: Box<Self>) -> Result<()> {
         self.remember_attempt();
         let options = BasicNackOptions {
             requeue: true,
@@ -570,7 +571,7 @@ impl AmqpAcker {
     /// this queue when the delay has passed) or with no delay straight to the back of this
     /// queue, waits for the confirm, then acks the original. If that fails the original is
     /// nacked (requeued) and the error returned.
-    async fn republish(self, delay: Option<Duration>) -> Result<()> {
+    async fn republish(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
         let scheduled = self
             .lease
             .inner
@@ -603,16 +604,18 @@ impl AmqpAcker {
 
 impl Acknowledger for AmqpAcker {
     fn ack(self: Box<Self>) -> AckFuture {
-        AckFuture::boxed((*self).ack())
+        AckFuture::boxed(AmqpAcker::ack(self))
     }
 
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
         match delay {
-            Some(delay) if !delay.is_zero() => AckFuture::boxed((*self).republish(Some(delay))),
-            _ if self.keyless && self.lease.inner.config.ordered => {
-                AckFuture::boxed((*self).republish(None))
+            Some(delay) if !delay.is_zero() => {
+                AckFuture::boxed(AmqpAcker::republish(self, Some(delay)))
             }
-            _ => AckFuture::boxed((*self).requeue()),
+            _ if self.keyless && self.lease.inner.config.ordered => {
+                AckFuture::boxed(AmqpAcker::republish(self, None))
+            }
+            _ => AckFuture::boxed(AmqpAcker::requeue(self)),
         }
     }
 }
