@@ -102,7 +102,10 @@ fn payload(i: usize) -> Bytes {
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
@@ -112,7 +115,11 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     let mut summary = Vec::new();
     let modes = std::env::var("TIDEMILL_BENCH_MODES").unwrap_or_default();
     for mode in [NatsMode::JetStream, NatsMode::Core] {
-        let name = if mode == NatsMode::Core { "core" } else { "jetstream" };
+        let name = if mode == NatsMode::Core {
+            "core"
+        } else {
+            "jetstream"
+        };
         if !modes.is_empty() && !modes.contains(name) {
             continue;
         }
@@ -224,7 +231,11 @@ impl Raw {
         }
     }
 
-    async fn jetstream(&self, n: usize, batches: Vec<Vec<(String, Bytes)>>) -> Result<Figures, BoxError> {
+    async fn jetstream(
+        &self,
+        n: usize,
+        batches: Vec<Vec<(String, Bytes)>>,
+    ) -> Result<Figures, BoxError> {
         let topic = unique("bench-raw");
         let subject: Subject = topic.clone().into();
         self.js_pub
@@ -245,7 +256,11 @@ impl Raw {
                         .message_id(id);
                     acks.push(self.js_pub.send_publish(subject.clone(), publish).await?);
                 }
-                for r in futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await {
+                for r in futures::future::join_all(
+                    acks.into_iter().map(std::future::IntoFuture::into_future),
+                )
+                .await
+                {
                     r?;
                 }
             }
@@ -292,7 +307,11 @@ impl Raw {
         Ok(Figures { publish, consume })
     }
 
-    async fn core(&self, n: usize, batches: Vec<Vec<(String, Bytes)>>) -> Result<Figures, BoxError> {
+    async fn core(
+        &self,
+        n: usize,
+        batches: Vec<Vec<(String, Bytes)>>,
+    ) -> Result<Figures, BoxError> {
         let subject: Subject = unique("bench-raw-core").into();
         let started = Instant::now();
         self.core_publish(&subject, &batches).await?;
@@ -320,14 +339,21 @@ impl Raw {
         self.core_publish(&subject, &batches).await?;
         let (received, last) = counter.await?;
         if received < n {
-            println!("  raw core: {} of {n} messages dropped (slow consumer)", n - received);
+            println!(
+                "  raw core: {} of {n} messages dropped (slow consumer)",
+                n - received
+            );
         }
         let consume = rate(received, last - started);
         Ok(Figures { publish, consume })
     }
 
     /// Publishes the batches to `subject`, each confirmed by a round trip.
-    async fn core_publish(&self, subject: &Subject, batches: &[Vec<(String, Bytes)>]) -> Result<(), BoxError> {
+    async fn core_publish(
+        &self,
+        subject: &Subject,
+        batches: &[Vec<(String, Bytes)>],
+    ) -> Result<(), BoxError> {
         let probe: Subject = format!("{}.probe", self.publisher.new_inbox()).into();
         for batch in batches {
             for (id, payload) in batch {
@@ -361,7 +387,12 @@ impl Tidemill {
         }
     }
 
-    async fn jetstream(&self, n: usize, batches: Vec<Vec<Message>>, raw: &Raw) -> Result<Figures, BoxError> {
+    async fn jetstream(
+        &self,
+        n: usize,
+        batches: Vec<Vec<Message>>,
+        raw: &Raw,
+    ) -> Result<Figures, BoxError> {
         let topic = unique("bench-tm");
         let group = SubscribeOptions::group("bench");
         // Creates the stream (and the group's consumer) outside the timed section, like
@@ -390,7 +421,12 @@ impl Tidemill {
         Ok(Figures { publish, consume })
     }
 
-    async fn core(&self, n: usize, batches: Vec<Vec<Message>>, raw: &Raw) -> Result<Figures, BoxError> {
+    async fn core(
+        &self,
+        n: usize,
+        batches: Vec<Vec<Message>>,
+        raw: &Raw,
+    ) -> Result<Figures, BoxError> {
         let topic = unique("bench-tm-core");
         let started = Instant::now();
         for batch in batches {
@@ -409,7 +445,10 @@ impl Tidemill {
             })
             .collect();
         let topic = unique("bench-tm-core");
-        let mut stream = self.subscriber.subscribe(&topic, SubscribeOptions::new()).await?;
+        let mut stream = self
+            .subscriber
+            .subscribe(&topic, SubscribeOptions::new())
+            .await?;
         let counter = tokio::spawn(async move {
             let mut received = 0;
             let mut last = Instant::now();
@@ -426,10 +465,14 @@ impl Tidemill {
             (received, last)
         });
         let started = Instant::now();
-        raw.core_publish(&topic.clone().into(), &raw_batches).await?;
+        raw.core_publish(&topic.clone().into(), &raw_batches)
+            .await?;
         let (received, last) = counter.await?;
         if received < n {
-            println!("  tidemill core: {} of {n} messages dropped (slow consumer)", n - received);
+            println!(
+                "  tidemill core: {} of {n} messages dropped (slow consumer)",
+                n - received
+            );
         }
         let consume = rate(received, last - started);
         Ok(Figures { publish, consume })

@@ -91,13 +91,7 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
         })?
         .map_err(|e| connect_error(config, e))?;
     if config.mode == NatsMode::JetStream {
-        let js = async_nats::jetstream::ContextBuilder::new()
-            .timeout(config.request_timeout)
-            .build(client.clone());
-        let js = match &config.jetstream.domain {
-            Some(domain) => async_nats::jetstream::with_domain(client.clone(), domain),
-            None => js,
-        };
+        let js = crate::js::context(&client, config);
         tokio::time::timeout(config.connect_timeout, js.query_account())
             .await
             .map_err(|_| {

@@ -1,6 +1,4 @@
-//! # tidemill-nats
-//!
-//! NATS for Tidemill (docs in progress).
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 mod codec;
