@@ -4,19 +4,32 @@
 //! against one small API and run them on the embedded in-memory broker, Kafka, RabbitMQ,
 //! NATS JetStream or Google Cloud Pub/Sub by changing configuration.
 //!
-//! This facade re-exports [`tidemill_core`]: the [`Message`] model, the [`Publisher`] and
-//! [`Subscriber`] traits, [`Delivery`] acknowledgements, the [`Router`] and the embedded
-//! [`MemoryBroker`].
+//! This facade is the one dependency users need. It re-exports [`tidemill_core`] (the
+//! [`Message`] model, the [`Publisher`] and [`Subscriber`] traits, [`Delivery`]
+//! acknowledgements, the [`Router`] and the embedded [`MemoryBroker`]) and, behind
+//! features, the rest:
+//!
+//! | feature | module | crate |
+//! |---|---|---|
+//! | `middleware` (default) | [`middleware`] | reliability layers and request-reply |
+//! | `cqrs` (default) | [`cqrs`] | typed command and event buses |
+//! | `kafka` | `kafka` | Kafka adapter |
+//! | `amqp` | `amqp` | RabbitMQ adapter |
+//! | `nats` | `nats` | NATS adapter (JetStream and core) |
+//! | `googlecloud` | `googlecloud` | Google Cloud Pub/Sub adapter |
+//!
+//! [`BrokerConfig`] picks the broker from a URL, a file or the environment:
 //!
 //! ```
-//! use tidemill::{MemoryBroker, Message, Publisher, SubscribeOptions, Subscriber};
+//! use tidemill::{BrokerConfig, Message, Publisher, SubscribeOptions, Subscriber};
 //! use futures::StreamExt;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> tidemill::Result<()> {
-//! let broker = MemoryBroker::new();
-//! let mut orders = broker.subscriber().subscribe("orders", SubscribeOptions::new()).await?;
-//! broker.publisher().publish_one("orders", Message::new("tea x2")).await?;
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // "kafka://127.0.0.1:9092", "nats://127.0.0.1:4222", … with the matching feature.
+//! let broker = BrokerConfig::from_url("memory://")?.connect().await?;
+//! let mut orders = broker.subscriber.subscribe("orders", SubscribeOptions::new()).await?;
+//! broker.publisher.publish_one("orders", Message::new("tea x2")).await?;
 //! let delivery = orders.next().await.expect("open")?;
 //! println!("got {}", delivery.message());
 //! delivery.ack().await?;
@@ -24,7 +37,34 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod broker;
+
+pub use broker::{connect, Broker, BrokerConfig, BrokerKind, ConfigError, ConnectError};
 pub use tidemill_core::*;
+
+/// Reliability middleware and request-reply ([`tidemill_middleware`]).
+#[cfg(feature = "middleware")]
+pub use tidemill_middleware as middleware;
+
+/// Typed command and event buses ([`tidemill_cqrs`]).
+#[cfg(feature = "cqrs")]
+pub use tidemill_cqrs as cqrs;
+
+/// The Kafka adapter ([`tidemill_kafka`]).
+#[cfg(feature = "kafka")]
+pub use tidemill_kafka as kafka;
+
+/// The RabbitMQ adapter ([`tidemill_amqp`]).
+#[cfg(feature = "amqp")]
+pub use tidemill_amqp as amqp;
+
+/// The NATS adapter ([`tidemill_nats`]).
+#[cfg(feature = "nats")]
+pub use tidemill_nats as nats;
+
+/// The Google Cloud Pub/Sub adapter ([`tidemill_googlecloud`]).
+#[cfg(feature = "googlecloud")]
+pub use tidemill_googlecloud as googlecloud;
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]
