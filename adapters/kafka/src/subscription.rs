@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -81,7 +82,7 @@ pub(crate) struct Shared {
     pub(crate) topic: String,
     pub(crate) group: Option<String>,
     state: Mutex<State>,
-    stop: Mutex<bool>,
+    stop: AtomicBool,
     poller: Wakeup,
 }
 
@@ -94,7 +95,7 @@ impl Shared {
                 config.ordering,
                 config.max_buffered_per_partition,
             )),
-            stop: Mutex::new(false),
+            stop: AtomicBool::new(false),
             poller: Wakeup::new(),
         }
     }
@@ -102,7 +103,7 @@ impl Shared {
     /// Ends the subscription now (subscriber closed): the stream ends, the thread commits
     /// what was acked and leaves.
     pub(crate) fn stop(&self) {
-        *self.stop.lock() = true;
+        self.stop.store(true, AtomicOrdering::Release);
         let waker = self.state.lock().stream_waker.take();
         if let Some(w) = waker {
             w.wake();
@@ -111,7 +112,7 @@ impl Shared {
     }
 
     fn stopped(&self) -> bool {
-        *self.stop.lock()
+        self.stop.load(AtomicOrdering::Acquire)
     }
 
     fn settle(&self, f: impl FnOnce(&mut State) -> Wake) {
@@ -192,13 +193,17 @@ impl Stream for SubscriptionStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
+            if this.shared.stopped() {
+                // Closed: what was taken but not handed out goes back (nacked).
+                this.buffer.clear();
+                return Poll::Ready(None);
+            }
             if let Some(d) = this.buffer.pop_front() {
                 return Poll::Ready(Some(Ok(d)));
             }
-            let stopped = this.shared.stopped();
             let (error, deadline, ended) = {
                 let mut s = this.shared.state.lock();
-                if stopped || s.ended {
+                if s.ended {
                     (None, None, true)
                 } else if let Some(e) = s.take_error() {
                     (Some(e), None, false)

@@ -1,0 +1,225 @@
+//! Raw rdkafka vs tidemill-kafka on the same broker, in the same run (`make bench-kafka`).
+//!
+//! - **publish**: N messages of 100 bytes in batches of 1,000; raw: `FutureProducer::
+//!   send_result` for each record of a batch, then await every delivery future; Tidemill:
+//!   `KafkaPublisher::publish(topic, batch)`. Same producer settings (idempotent,
+//!   `acks=all`, librdkafka defaults otherwise).
+//! - **consume**: the same N records (the topic Tidemill published to), each side in a
+//!   fresh consumer group from the start of the topic; raw: `StreamConsumer::recv` and
+//!   `store_offset_from_message` for each record with auto-commit (at-least-once, like an
+//!   ack); Tidemill: `KafkaSubscriber::subscribe(group)`, `ack()` each delivery. Timed
+//!   from the first record to the N-th (the group join is not part of it).
+//!
+//! Each measurement alternates raw and Tidemill and repeats `TIDEMILL_BENCH_RUNS` times
+//! (default 3); the median is reported. Environment: `TIDEMILL_KAFKA_BROKERS` (default
+//! `127.0.0.1:9093`), `TIDEMILL_BENCH_MESSAGES` (N, default 100,000),
+//! `TIDEMILL_BENCH_PARTITIONS` (default 1).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
+use tidemill_kafka::{KafkaConfig, KafkaPublisher, KafkaSubscriber, StartFrom};
+
+const BATCH: usize = 1_000;
+const PAYLOAD: usize = 100;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn unique(prefix: &str) -> String {
+    format!("bench-{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The producer settings of `KafkaConfig::default()` (see `KafkaConfig`'s docs).
+fn raw_producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "30000")
+        .set("message.max.bytes", "1000000")
+        .create()
+        .expect("raw producer")
+}
+
+async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic")
+    {
+        r.expect("create topic");
+    }
+}
+
+async fn publish_raw(producer: &FutureProducer, topic: &str, n: usize) -> Duration {
+    let payload = vec![b'x'; PAYLOAD];
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let count = BATCH.min(n - sent);
+        let mut pending = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut record = FutureRecord::<(), [u8]>::to(topic).payload(&payload[..]);
+            loop {
+                match producer.send_result(record) {
+                    Ok(f) => {
+                        pending.push(f);
+                        break;
+                    }
+                    Err((_, r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        for f in pending {
+            f.await
+                .expect("delivery future")
+                .map_err(|(e, _)| e)
+                .expect("delivery");
+        }
+        sent += count;
+    }
+    started.elapsed()
+}
+
+async fn publish_tidemill(publisher: &KafkaPublisher, topic: &str, n: usize) -> Duration {
+    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let count = BATCH.min(n - sent);
+        let batch: Vec<Message> = (0..count).map(|_| Message::new(payload.clone())).collect();
+        publisher.publish(topic, batch).await.expect("publish");
+        sent += count;
+    }
+    started.elapsed()
+}
+
+async fn consume_raw(brokers: &str, topic: &str, n: usize) -> Duration {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("raw"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .expect("raw consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut started = None;
+    for _ in 0..n {
+        let m = consumer.recv().await.expect("record");
+        started.get_or_insert_with(Instant::now);
+        black_box(m.payload());
+        consumer.store_offset_from_message(&m).expect("store offset");
+    }
+    started.map(|s| s.elapsed()).unwrap_or_default()
+}
+
+async fn consume_tidemill(config: &KafkaConfig, topic: &str, n: usize) -> Duration {
+    let subscriber = KafkaSubscriber::connect(config.clone())
+        .await
+        .expect("subscriber");
+    let mut stream = subscriber
+        .subscribe(topic, SubscribeOptions::group(unique("tidemill")))
+        .await
+        .expect("subscribe");
+    let mut started = None;
+    for _ in 0..n {
+        let d = stream.next().await.expect("stream open").expect("delivery");
+        started.get_or_insert_with(Instant::now);
+        black_box(d.message().payload());
+        d.ack().await.expect("ack");
+    }
+    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+    subscriber.close().await.expect("close");
+    elapsed
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn report(what: &str, n: usize, raw: Duration, tidemill: Duration) {
+    let (r, t) = (rate(n, raw), rate(n, tidemill));
+    println!(
+        "{what:<8} raw rdkafka {r:>10.0} msg/s   tidemill {t:>10.0} msg/s   ratio {:.2}",
+        t / r
+    );
+}
+
+fn main() {
+    let brokers = std::env::var("TIDEMILL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".into());
+    let n: usize = env_or("TIDEMILL_BENCH_MESSAGES", 100_000);
+    let runs: usize = env_or("TIDEMILL_BENCH_RUNS", 3).max(1);
+    let partitions: i32 = env_or("TIDEMILL_BENCH_PARTITIONS", 1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        println!(
+            "kafka throughput: {n} messages of {PAYLOAD} bytes, batches of {BATCH}, {partitions} partition(s), median of {runs} runs, brokers {brokers}"
+        );
+        let mut config = KafkaConfig::new(&brokers);
+        config.partitions = partitions;
+        config.start_from = StartFrom::Earliest;
+        let publisher = KafkaPublisher::connect(config.clone())
+            .await
+            .expect("cannot reach the broker (make bench-kafka starts it)");
+        let producer = raw_producer(&brokers);
+
+        // Warm-up: connections, metadata, topic creation paths.
+        let warm = unique("warmup");
+        create_topic(&brokers, &warm, partitions).await;
+        publish_raw(&producer, &warm, BATCH).await;
+        publish_tidemill(&publisher, &warm, BATCH).await;
+
+        let (mut raw_pub, mut tm_pub, mut topics) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let raw_topic = unique("raw");
+            create_topic(&brokers, &raw_topic, partitions).await;
+            raw_pub.push(publish_raw(&producer, &raw_topic, n).await);
+            let tm_topic = unique("tidemill");
+            publisher.ensure_topic(&tm_topic).await.expect("topic");
+            tm_pub.push(publish_tidemill(&publisher, &tm_topic, n).await);
+            topics.push(tm_topic);
+        }
+        report("publish", n, median(raw_pub), median(tm_pub));
+
+        let (mut raw_con, mut tm_con) = (Vec::new(), Vec::new());
+        for topic in &topics {
+            raw_con.push(consume_raw(&brokers, topic, n).await);
+            tm_con.push(consume_tidemill(&config, topic, n).await);
+        }
+        report("consume", n, median(raw_con), median(tm_con));
+        publisher.close().await.expect("close");
+    });
+}
