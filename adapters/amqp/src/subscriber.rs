@@ -163,7 +163,7 @@ impl Subscriber for AmqpSubscriber {
             inner: self.inner.clone(),
             spec,
             state: State::Consuming { consumer, lease },
-            backoff: BACKOFF_MIN,
+            backoff: Duration::ZERO,
         };
         Ok(DeliveryStream::new(stream)
             .until_cancelled(self.inner.connector.closed().clone())
@@ -311,12 +311,27 @@ struct Subscription {
     inner: Arc<Inner>,
     spec: Arc<Spec>,
     state: State,
+    /// The pause before the next re-open attempt; zero until one failed.
     backoff: Duration,
 }
 
 impl Subscription {
     fn reopen(&self) -> State {
         State::Reopening(open(self.inner.clone(), self.spec.clone()).boxed())
+    }
+
+    /// Re-opens at once after the first failure since a message arrived, then after
+    /// pauses from 100 ms doubling up to `reconnect_backoff_max`.
+    fn retry(&mut self) -> State {
+        let pause = self.backoff;
+        self.backoff = (pause * 2)
+            .max(BACKOFF_MIN)
+            .min(self.inner.config.reconnect_backoff_max);
+        if pause.is_zero() {
+            self.reopen()
+        } else {
+            State::Waiting(Box::pin(tokio::time::sleep(pause)))
+        }
     }
 
     fn closed(&self) -> bool {
@@ -340,7 +355,7 @@ impl Stream for Subscription {
                                 // longer be acked, and the broker redelivers it anyway.
                                 continue;
                             }
-                            this.backoff = BACKOFF_MIN;
+                            this.backoff = Duration::ZERO;
                             return Poll::Ready(Some(Ok(deliver(d, lease))));
                         }
                         Poll::Ready(Some(Err(e))) => broker_error(
@@ -361,7 +376,7 @@ impl Stream for Subscription {
                     }
                     tracing::warn!(broker = BROKER, topic = %this.spec.topic, error = %lost,
                         "subscription lost; re-opening it");
-                    this.state = this.reopen();
+                    this.state = this.retry();
                     return Poll::Ready(Some(Err(lost)));
                 }
                 State::Reopening(fut) => match fut.as_mut().poll(cx) {
@@ -376,11 +391,9 @@ impl Stream for Subscription {
                             this.state = State::Ended;
                             return Poll::Ready(None);
                         }
-                        let pause = this.backoff;
-                        this.backoff = (pause * 2).min(this.inner.config.reconnect_backoff_max);
                         tracing::debug!(broker = BROKER, topic = %this.spec.topic, error = %e,
-                            retry_in = ?pause, "re-opening the subscription failed");
-                        this.state = State::Waiting(Box::pin(tokio::time::sleep(pause)));
+                            retry_in = ?this.backoff, "re-opening the subscription failed");
+                        this.state = this.retry();
                         return Poll::Ready(Some(Err(e)));
                     }
                 },
