@@ -73,7 +73,7 @@ async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
 }
 
 async fn publish_raw(producer: &FutureProducer, topic: &str, n: usize) -> Duration {
-    let payload = vec![b'x'; PAYLOAD];
+    let payload = [b'x'; PAYLOAD];
     let started = Instant::now();
     let mut sent = 0;
     while sent < n {
@@ -133,7 +133,9 @@ async fn consume_raw(brokers: &str, topic: &str, n: usize) -> Duration {
         let m = consumer.recv().await.expect("record");
         started.get_or_insert_with(Instant::now);
         black_box(m.payload());
-        consumer.store_offset_from_message(&m).expect("store offset");
+        consumer
+            .store_offset_from_message(&m)
+            .expect("store offset");
     }
     started.map(|s| s.elapsed()).unwrap_or_default()
 }
@@ -176,7 +178,8 @@ fn report(what: &str, n: usize, raw: Duration, tidemill: Duration) {
 }
 
 fn main() {
-    let brokers = std::env::var("TIDEMILL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".into());
+    let brokers =
+        std::env::var("TIDEMILL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".into());
     let n: usize = env_or("TIDEMILL_BENCH_MESSAGES", 100_000);
     let runs: usize = env_or("TIDEMILL_BENCH_RUNS", 3).max(1);
     let partitions: i32 = env_or("TIDEMILL_BENCH_PARTITIONS", 1);

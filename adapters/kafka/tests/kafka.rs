@@ -178,8 +178,7 @@ async fn an_unreachable_broker_fails_within_the_timeout_naming_the_address() {
 async fn malformed_configuration_is_refused_before_connecting() {
     let addr = closed_port();
     let mut c = KafkaConfig::new(&addr);
-    c.properties
-        .insert("no.such.property".into(), "1".into());
+    c.properties.insert("no.such.property".into(), "1".into());
     let err = match KafkaPublisher::connect(c.clone()).await {
         Ok(_) => panic!("an unknown librdkafka property must be refused"),
         Err(e) => e,
@@ -257,7 +256,10 @@ async fn missing_topics_are_an_error_when_creation_is_off() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains(&topic), "{err}");
-    let err = p.publish_one("bad topic!", Message::new("x")).await.unwrap_err();
+    let err = p
+        .publish_one("bad topic!", Message::new("x"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("bad topic!"), "{err}");
 }
 
@@ -295,7 +297,9 @@ async fn created_topics_get_the_configured_partitions_and_keys_stay_on_one() {
     while seen < msgs.len() {
         assert!(Instant::now() < deadline, "only {seen} records read back");
         use rdkafka::message::Message as _;
-        let Some(r) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let Some(r) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
         let r = r.unwrap();
         seen += 1;
         let key = r.key().unwrap().to_vec();
@@ -309,7 +313,10 @@ async fn created_topics_get_the_configured_partitions_and_keys_stay_on_one() {
         assert_eq!(headers.get(0).key, "tidemill-uuid");
     }
     let used: std::collections::HashSet<i32> = partition_of.values().copied().collect();
-    assert!(used.len() > 1, "8 keys spread over the 4 partitions: {partition_of:?}");
+    assert!(
+        used.len() > 1,
+        "8 keys spread over the 4 partitions: {partition_of:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,7 +364,10 @@ async fn records_from_other_clients_get_stable_uuids_and_keep_binary_headers() {
     assert_eq!(m.metadata().get("content-type"), Some("text/plain"));
     assert_eq!(m.metadata().get("flag"), Some(""));
     assert_eq!(
-        next(&mut b, "the same record elsewhere").await.message().uuid(),
+        next(&mut b, "the same record elsewhere")
+            .await
+            .message()
+            .uuid(),
         m.uuid(),
         "every subscription derives the same uuid"
     );
@@ -438,7 +448,10 @@ async fn closing_commits_only_what_was_acked_and_the_next_member_resumes_there()
     m2.ack().await.unwrap(); // m1 held: only m0 counts
     s.close().await.unwrap();
     assert!(
-        tokio::time::timeout(LIMIT, stream.next()).await.unwrap().is_none(),
+        tokio::time::timeout(LIMIT, stream.next())
+            .await
+            .unwrap()
+            .is_none(),
         "the stream ends on close"
     );
     m1.ack().await.unwrap(); // after close: valid, but commits nothing
@@ -446,7 +459,11 @@ async fn closing_commits_only_what_was_acked_and_the_next_member_resumes_there()
     let s = KafkaSubscriber::connect(c).await.unwrap();
     let mut stream = s.subscribe(&topic, opts).await.unwrap();
     let first = next(&mut stream, "the first unacked message").await;
-    assert_eq!(payload(&first), "m1", "resumes at the first unacked message");
+    assert_eq!(
+        payload(&first),
+        "m1",
+        "resumes at the first unacked message"
+    );
     s.close().await.unwrap();
 }
 
@@ -493,7 +510,10 @@ async fn nack_with_delay_holds_back_only_its_key() {
     let topic = unique_topic("delay-key");
     let p = KafkaPublisher::connect(c.clone()).await.unwrap();
     let s = KafkaSubscriber::connect(c).await.unwrap();
-    let mut stream = s.subscribe(&topic, SubscribeOptions::group("g")).await.unwrap();
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
     p.publish(
         &topic,
         vec![
@@ -536,9 +556,12 @@ async fn partition_ordering_serializes_messages_without_keys() {
     let p = KafkaPublisher::connect(c.clone()).await.unwrap();
     let s = KafkaSubscriber::connect(c).await.unwrap();
     let mut stream = s.subscribe(&topic, SubscribeOptions::new()).await.unwrap();
-    p.publish(&topic, vec![Message::new("x1"), Message::new("x2").with_key("k")])
-        .await
-        .unwrap();
+    p.publish(
+        &topic,
+        vec![Message::new("x1"), Message::new("x2").with_key("k")],
+    )
+    .await
+    .unwrap();
     let x1 = next(&mut stream, "x1").await;
     assert!(
         quiet(&mut stream).await.is_none(),
@@ -581,7 +604,10 @@ async fn a_full_partition_stops_only_itself() {
         "partition 0 holds 5 unacked messages: no more of it until acks make room"
     );
     let held_names: Vec<String> = held.iter().map(payload).collect();
-    assert_eq!(held_names, (0..5).map(|i| format!("p0-{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        held_names,
+        (0..5).map(|i| format!("p0-{i}")).collect::<Vec<_>>()
+    );
     for d in held {
         d.ack().await.unwrap();
     }
@@ -614,14 +640,21 @@ async fn the_router_processes_keys_in_parallel_and_each_key_in_order() {
     let all_in = Arc::new(tokio::sync::Barrier::new(keys));
     let router = Router::new();
     let handler = {
-        let (running, peak, seen, all_in) = (running.clone(), peak.clone(), seen.clone(), all_in.clone());
+        let (running, peak, seen, all_in) =
+            (running.clone(), peak.clone(), seen.clone(), all_in.clone());
         move |m: Message| {
-            let (running, peak, seen, all_in) = (running.clone(), peak.clone(), seen.clone(), all_in.clone());
+            let (running, peak, seen, all_in) =
+                (running.clone(), peak.clone(), seen.clone(), all_in.clone());
             async move {
                 let now = running.fetch_add(1, AtomicOrdering::SeqCst) + 1;
                 peak.fetch_max(now, AtomicOrdering::SeqCst);
                 let key = m.key_str().unwrap_or_default().to_owned();
-                let seq: usize = m.metadata().get_as("seq").ok().flatten().unwrap_or(usize::MAX);
+                let seq: usize = m
+                    .metadata()
+                    .get_as("seq")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(usize::MAX);
                 if seq == 0 {
                     all_in.wait().await;
                 }
@@ -657,7 +690,11 @@ async fn the_router_processes_keys_in_parallel_and_each_key_in_order() {
     p.publish(&topic, msgs).await.unwrap();
     let deadline = Instant::now() + LIMIT;
     while seen.lock().values().map(Vec::len).sum::<usize>() < keys * per_key {
-        assert!(Instant::now() < deadline, "not all handled: {:?}", seen.lock());
+        assert!(
+            Instant::now() < deadline,
+            "not all handled: {:?}",
+            seen.lock()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     router.close().await.unwrap();

@@ -98,11 +98,15 @@ impl Backend for RestartingBackend {
     }
 
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
-        Ok(Arc::new(KafkaPublisher::connect(self.config.clone()).await?))
+        Ok(Arc::new(
+            KafkaPublisher::connect(self.config.clone()).await?,
+        ))
     }
 
     async fn subscriber(&self) -> Result<Arc<dyn Subscriber>> {
-        Ok(Arc::new(KafkaSubscriber::connect(self.config.clone()).await?))
+        Ok(Arc::new(
+            KafkaSubscriber::connect(self.config.clone()).await?,
+        ))
     }
 
     async fn disrupt(&self) -> Result<()> {
@@ -240,7 +244,8 @@ async fn committed_offsets_survive_a_restart() {
         "the group resumes right after the last acked message"
     );
     assert!(
-        !got.iter().any(|m| msgs[..3].iter().any(|a| a.uuid() == m.uuid())),
+        !got.iter()
+            .any(|m| msgs[..3].iter().any(|a| a.uuid() == m.uuid())),
         "acked and committed messages do not come again"
     );
     let err = s.subscribe("", SubscribeOptions::new()).await.unwrap_err();
