@@ -23,6 +23,7 @@
 //! - `TIDEMILL_CONFORMANCE_MESSAGES=N` sets the message count of the bulk tests (default 100).
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod fault_proxy;
 mod memory;
 pub mod suite;

@@ -1,0 +1,108 @@
+//! Helpers shared by Tidemill's benchmarks (which live apart from the test run): the peak
+//! resident set size of one scenario, and a machine-readable row per measurement that
+//! `make bench` gathers into `BENCHMARKS.md`.
+//!
+//! ```no_run
+//! use tidemill_testkit::bench::{record, PeakRss, Row};
+//!
+//! PeakRss::reset();
+//! // … run the raw client's scenario, measure msg/s …
+//! record(&Row::new("kafka publish", "raw rdkafka", 120_000.0).with_peak_rss(PeakRss::read()));
+//! ```
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming the JSON-lines file [`record`] appends to.
+pub const REPORT_ENV: &str = "TIDEMILL_BENCH_REPORT";
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub struct PeakRss;
+
+impl PeakRss {
+    /// Resets the peak to the current RSS (Linux ≥ 4.0), so the next [`read`](Self::read)
+    /// measures one scenario. Does nothing where that is not supported.
+    pub fn reset() {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+
+    /// The peak RSS in bytes since start or the last [`reset`](Self::reset), if known.
+    pub fn read() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+}
+
+/// One measurement: `variant` of the scenario `group` reached `msgs_per_sec`.
+///
+/// Within a group, the first variant recorded is the baseline the others are compared with
+/// (the raw client for adapter benches, the plain router for the in-memory ones).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    /// The scenario, e.g. `"kafka publish"`.
+    pub group: String,
+    /// What ran it, e.g. `"raw rdkafka"` or `"tidemill"`.
+    pub variant: String,
+    /// Throughput in messages (or requests) per second.
+    pub msgs_per_sec: f64,
+    /// Peak RSS during the scenario, in bytes, where measured.
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
+    /// Anything else worth a column (e.g. `"p50 3 µs, p99 58 µs"`).
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+impl Row {
+    /// A row without peak RSS or note.
+    pub fn new(group: impl Into<String>, variant: impl Into<String>, msgs_per_sec: f64) -> Self {
+        Self {
+            group: group.into(),
+            variant: variant.into(),
+            msgs_per_sec,
+            peak_rss_bytes: None,
+            note: None,
+        }
+    }
+
+    /// Sets the peak RSS (bytes).
+    pub fn with_peak_rss(mut self, bytes: Option<u64>) -> Self {
+        self.peak_rss_bytes = bytes;
+        self
+    }
+
+    /// Sets the note.
+    pub fn with_note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
+    }
+}
+
+/// Appends `row` to the file named by [`REPORT_ENV`], when that variable is set. A bench
+/// run by hand (variable unset) only prints its own table.
+pub fn record(row: &Row) {
+    let Some(path) = std::env::var_os(REPORT_ENV) else {
+        return;
+    };
+    let line = match serde_json::to_string(row) {
+        Ok(line) => line,
+        Err(e) => {
+            eprintln!("bench report: cannot encode {row:?}: {e}");
+            return;
+        }
+    };
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = written {
+        eprintln!(
+            "bench report: cannot append to {}: {e}",
+            path.to_string_lossy()
+        );
+    }
+}
