@@ -4,9 +4,21 @@ CARGO ?= cargo
 
 .PHONY: run test lint doc fmt
 
-## run: the demo on the embedded in-memory broker (no services needed)
+## run: the order-flow example (examples/order_flow/) on the in-memory broker (no services
+## needed), or on a real one: make run BROKER=kafka://127.0.0.1:9093 (amqp://, amqps://,
+## nats://, pubsub://project?emulator=host:port); the URL's scheme picks the cargo feature.
+## The first router demo: cargo run --example demo
 run:
-	$(CARGO) run --quiet --example demo
+	@broker='$(BROKER)'; \
+	case "$$broker" in \
+	  ''|memory://*|mem://*) features= ;; \
+	  kafka://*) features=kafka ;; \
+	  amqp://*|amqps://*|rabbitmq://*) features=amqp ;; \
+	  nats://*) features=nats ;; \
+	  pubsub://*|googlecloud://*|gcp://*) features=googlecloud ;; \
+	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://)" >&2; exit 2 ;; \
+	esac; \
+	set -x; $(CARGO) run --quiet --example order_flow $${features:+--features $$features} -- "$${broker:-memory://}"
 
 ## test: every test (unit, in-memory conformance, adapters against real brokers)
 test:
@@ -24,10 +36,16 @@ fmt:
 
 -include tests/brokers/brokers.mk
 
-.PHONY: bench-memory
-## bench-memory: router throughput and peak RSS on the in-memory broker (release build)
+.PHONY: bench bench-memory
+## bench: every benchmark (memory, raw vs Tidemill on each broker); writes BENCHMARKS.md
+bench:
+	bash tests/bench-all.sh
+
+## bench-memory: router, middleware stack and request-reply on the in-memory broker (release)
 bench-memory:
 	$(CARGO) bench -p tidemill-core --bench router
+	$(CARGO) bench -p tidemill-middleware --bench stack
+	$(CARGO) bench -p tidemill-middleware --features testing --bench request_reply
 
 # Raw client vs Tidemill on each real broker (brokers started and stopped around the run).
 WITH_BROKERS := bash tests/brokers/with-brokers.sh
@@ -40,7 +58,7 @@ bench-amqp:
 	TIDEMILL_BROKERS_ONLY=rabbitmq $(WITH_BROKERS) $(CARGO) bench -p tidemill-amqp --bench throughput
 ## bench-nats: raw async-nats vs tidemill-nats (JetStream and core) on the test NATS server
 bench-nats:
-	TIDEMILL_BROKERS_ONLY=nats $(WITH_BROKERS) $(CARGO) bench -p tidemill-nats --bench throughput
+	TIDEMILL_BROKERS_ONLY=nats $(WITH_BROKERS) bash -c '$(CARGO) bench -p tidemill-nats --bench throughput && $(CARGO) bench -p tidemill-nats --bench request_reply'
 ## bench-googlecloud: raw google-cloud-pubsub vs tidemill-googlecloud on the Pub/Sub emulator
 bench-googlecloud:
 	TIDEMILL_BROKERS_ONLY=pubsub $(WITH_BROKERS) $(CARGO) bench -p tidemill-googlecloud --bench throughput
