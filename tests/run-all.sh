@@ -4,10 +4,93 @@
 # 1. Build every test binary (no brokers needed for that).
 # 2. Bring the real brokers up (tests/brokers/with-brokers.sh installs what is missing),
 #    run unit, in-memory conformance and adapter conformance tests, then the tests that
-#    restart a shared broker (marked #[ignore], run one at a time), then the doctests and
-#    the demo; the brokers started here are always taken down, also on failure.
+#    restart a shared broker (marked #[ignore], run one at a time), the doctests, then
+#    the examples end to end: the demo, and the order flow (examples/order_flow/) and the
+#    CQRS example on all five brokers (memory + the four real ones), each of which checks
+#    its own outcome and exits non-zero when it is wrong. The brokers started here are
+#    always taken down, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The examples are built with every adapter, so one binary runs on any broker.
+build_examples() {
+  cargo build --quiet --examples --features all-brokers
+}
+
+# Seconds one example run may take (Kafka consumer groups take a while to form).
+EXAMPLE_TIMEOUT=${TIDEMILL_EXAMPLE_TIMEOUT:-240}
+
+# run_example NAME BROKER_LABEL URL [ARG...]: runs a built example with TIDEMILL_BROKER=URL
+# and prints one line with the result (and the end of its output when it failed).
+# Returns non-zero on failure.
+run_example() {
+  local name=$1 label=$2 url=$3 start rc log
+  shift 3
+  local bin="${CARGO_TARGET_DIR:-target}/debug/examples/$name"
+  log="$example_logs/$name-$label.log"
+  start=$SECONDS
+  rc=0
+  env -u BROKER TIDEMILL_BROKER="$url" \
+    timeout -k 10 "$EXAMPLE_TIMEOUT" "$bin" "$@" >"$log" 2>&1 </dev/null || rc=$?
+  local took=$((SECONDS - start))
+  if ((rc == 0)); then
+    printf '  %-11s %-7s ok (%ss)\n' "$name" "$label" "$took"
+    return 0
+  fi
+  if ((rc == 124 || rc == 137)); then
+    printf '  %-11s %-7s FAILED: timed out after %ss (%s)\n' "$name" "$label" "$EXAMPLE_TIMEOUT" "$url"
+  else
+    printf '  %-11s %-7s FAILED: exit %s after %ss (%s); last lines:\n' "$name" "$label" "$rc" "$took" "$url"
+  fi
+  tail -n 25 "$log" | sed 's/^/      | /'
+  return 1
+}
+
+# Every example × every broker whose address is exported (unset = not started: skipped).
+run_examples() {
+  local status=0 label url examples=(order_flow)
+  if [[ -f examples/cqrs.rs || -f examples/cqrs/main.rs ]]; then
+    examples+=(cqrs)
+  else
+    echo "  (examples/cqrs.rs does not exist yet: not run)"
+  fi
+  example_logs=$(mktemp -d)
+  build_examples || return 1
+  run_example demo memory memory:// || status=1
+  local brokers=("memory memory://")
+  # add_broker LABEL VARIABLE URL: the broker, if its address variable is set.
+  add_broker() {
+    if [[ -n ${!2:-} ]]; then
+      brokers+=("$1 $3")
+    else
+      echo "  $1: skipped ($2 not set)"
+    fi
+  }
+  add_broker kafka TIDEMILL_KAFKA_BROKERS "kafka://${TIDEMILL_KAFKA_BROKERS:-}"
+  add_broker amqp TIDEMILL_AMQP_URL "${TIDEMILL_AMQP_URL:-}"
+  add_broker nats TIDEMILL_NATS_URL "${TIDEMILL_NATS_URL:-}"
+  add_broker pubsub PUBSUB_EMULATOR_HOST "pubsub://tidemill-test?emulator=${PUBSUB_EMULATOR_HOST:-}"
+  for example in "${examples[@]}"; do
+    for b in "${brokers[@]}"; do
+      label=${b%% *}
+      url=${b#* }
+      if [[ $example == order_flow ]]; then
+        run_example "$example" "$label" "$url" "$url" || status=1
+      else
+        run_example "$example" "$label" "$url" || status=1
+      fi
+    done
+  done
+  rm -rf "$example_logs"
+  return $status
+}
+
+# `tests/run-all.sh --examples`: only the examples, on the brokers whose address variables
+# are set (e.g. after `eval "$(bash tests/brokers/brokers.sh env)"`).
+if [[ ${1:-} == --examples ]]; then
+  run_examples
+  exit
+fi
 
 if [[ ${1:-} == --inner ]]; then
   status=0
@@ -23,8 +106,8 @@ if [[ ${1:-} == --inner ]]; then
   fi
   echo "==> doctests"
   cargo test --workspace --doc || status=1
-  echo "==> examples"
-  timeout 60 cargo run --quiet --example demo >/dev/null || { echo "demo failed"; status=1; }
+  echo "==> examples (each checks its own outcome)"
+  run_examples || status=1
   exit $status
 fi
 
@@ -34,7 +117,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-run
 fi
-cargo build --examples --quiet
+build_examples
 
 echo "==> running the tests against the in-memory broker and the real brokers"
 exec bash tests/brokers/with-brokers.sh bash tests/run-all.sh --inner
