@@ -147,7 +147,11 @@ async fn main() -> ExitCode {
             let mut text = e.to_string();
             let mut source = e.source();
             while let Some(s) = source {
-                text.push_str(&format!("\n  caused by: {s}"));
+                // Wrappers often display their source already: do not repeat it.
+                let s_text = s.to_string();
+                if !text.ends_with(&s_text) {
+                    text.push_str(&format!("\n  caused by: {s_text}"));
+                }
                 source = s.source();
             }
             eprintln!("\norder_flow: FAILED: {text}");
