@@ -1,8 +1,11 @@
 //! CommandBus and EventBus: marshal, tag with the type name, publish.
 
+use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tidemill_core::{Message, Publisher};
+use tidemill_core::{Message, Publisher, Subscriber};
+use tidemill_middleware::request_reply::{RequestError, Requester, RequesterConfig};
 
 use crate::{Command, CqrsError, Event, Json, Marshal, TopicNaming, CONTENT_TYPE_KEY, NAME_KEY};
 
@@ -19,7 +22,9 @@ struct Bus<M> {
 }
 
 impl<M> Bus<M> {
-    async fn send<T>(&self, name: &str, value: &T) -> Result<(), CqrsError>
+    /// Marshals `value` into a message tagged with its name, runs the hook, and returns it
+    /// with the topic it goes to.
+    fn message<T>(&self, name: &str, value: &T) -> Result<(String, Message), CqrsError>
     where
         M: Marshal<T>,
     {
@@ -37,7 +42,14 @@ impl<M> Bus<M> {
         if let Some(hook) = &self.hook {
             hook(&mut msg);
         }
-        let topic = self.naming.topic(name);
+        Ok((self.naming.topic(name), msg))
+    }
+
+    async fn send<T>(&self, name: &str, value: &T) -> Result<(), CqrsError>
+    where
+        M: Marshal<T>,
+    {
+        let (topic, msg) = self.message(name, value)?;
         self.publisher
             .publish(&topic, vec![msg])
             .await
@@ -133,6 +145,145 @@ impl<M> CommandBus<M> {
         M: Marshal<C>,
     {
         self.bus.send(&C::name(), command).await
+    }
+
+    /// Connects a [`CommandClient`]: this bus plus a reply subscription (through
+    /// `subscriber`), for [`send_and_wait`](CommandClient::send_and_wait).
+    pub async fn connect_client(
+        self,
+        subscriber: impl Subscriber + 'static,
+        config: RequesterConfig,
+    ) -> Result<CommandClient<M>, CqrsError> {
+        let requester = Requester::connect(self.bus.publisher.clone(), subscriber, config)
+            .await
+            .map_err(|e| CqrsError::Connect(Box::new(e)))?;
+        Ok(CommandClient {
+            bus: self,
+            requester,
+        })
+    }
+}
+
+/// A [`CommandBus`] that can also send a command and wait for its handler's verdict,
+/// built on [request-reply](tidemill_middleware::request_reply): the command carries a
+/// reply address and a correlation id, and a [`CommandProcessor`](crate::CommandProcessor)
+/// set up [`with_replies`](crate::CommandProcessor::with_replies) answers with the
+/// handler's `Ok` or its error. Plain [`send`](CommandClient::send) works as on the bus.
+///
+/// ```
+/// use std::time::Duration;
+/// use serde::{Deserialize, Serialize};
+/// use tidemill_core::{permanent, router::Router, MemoryBroker};
+/// use tidemill_cqrs::{Command, CommandBus, CommandProcessor, CqrsError};
+/// use tidemill_middleware::request_reply::RequesterConfig;
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct BookRoom { room: u32 }
+/// impl Command for BookRoom {}
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = MemoryBroker::new();
+/// let router = Router::new();
+/// let mut commands = CommandProcessor::new(broker.subscriber()).with_replies(broker.publisher());
+/// commands.handle(|cmd: BookRoom, _| async move {
+///     if cmd.room == 13 {
+///         return Err(permanent("there is no room 13"));
+///     }
+///     Ok(())
+/// })?;
+/// commands.add_to(&router).await?;
+/// let running = router.clone();
+/// tokio::spawn(async move { running.run().await });
+/// router.running().await;
+///
+/// let client = CommandBus::new(broker.publisher())
+///     .connect_client(broker.subscriber(), RequesterConfig::default())
+///     .await?;
+/// client.send_and_wait(&BookRoom { room: 101 }, Duration::from_secs(10)).await?;
+/// let err = client.send_and_wait(&BookRoom { room: 13 }, Duration::from_secs(10)).await;
+/// assert!(matches!(err, Err(CqrsError::CommandFailed { .. })));
+/// client.close().await;
+/// router.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct CommandClient<M = Json> {
+    bus: CommandBus<M>,
+    requester: Requester,
+}
+
+impl<M> fmt::Debug for CommandClient<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandClient")
+            .field("requester", &self.requester)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> CommandClient<M> {
+    /// The bus it sends through.
+    pub fn bus(&self) -> &CommandBus<M> {
+        &self.bus
+    }
+
+    /// The underlying requester (reply topic, pending and unknown-reply counts).
+    pub fn requester(&self) -> &Requester {
+        &self.requester
+    }
+
+    /// Sends `command` without waiting for its handler (as [`CommandBus::send`]).
+    pub async fn send<C: Command>(&self, command: &C) -> Result<(), CqrsError>
+    where
+        M: Marshal<C>,
+    {
+        self.bus.send(command).await
+    }
+
+    /// Sends `command` and waits up to `timeout` for its handler's verdict:
+    ///
+    /// - `Ok(())` once the handler succeeded;
+    /// - [`CqrsError::CommandFailed`] with the error's kind and message when it failed
+    ///   (including a command that did not decode, or retries inside the processor that
+    ///   ran out);
+    /// - [`CqrsError::NoReply`] when no verdict came in time (no processor running, or one
+    ///   without [`with_replies`](crate::CommandProcessor::with_replies)); the command may
+    ///   still be handled later;
+    /// - [`CqrsError::Marshal`], or [`CqrsError::Request`] if publishing failed or the
+    ///   client is closed.
+    pub async fn send_and_wait<C: Command>(
+        &self,
+        command: &C,
+        timeout: Duration,
+    ) -> Result<(), CqrsError>
+    where
+        M: Marshal<C>,
+    {
+        let name = C::name();
+        let (topic, msg) = self.bus.bus.message(&name, command)?;
+        match self.requester.request_timeout(&topic, msg, timeout).await {
+            Ok(_) => Ok(()),
+            Err(RequestError::Handler { kind, message, .. }) => Err(CqrsError::CommandFailed {
+                name: name.into_owned(),
+                topic,
+                kind,
+                message,
+            }),
+            Err(RequestError::Timeout { .. }) => Err(CqrsError::NoReply {
+                name: name.into_owned(),
+                topic,
+                timeout,
+            }),
+            Err(source) => Err(CqrsError::Request {
+                name: name.into_owned(),
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// Stops listening for replies; waiting calls fail with [`CqrsError::Request`].
+    pub async fn close(&self) {
+        self.requester.close().await;
     }
 }
 

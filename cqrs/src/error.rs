@@ -1,7 +1,10 @@
 //! CQRS errors.
 
+use std::time::Duration;
+
 use tidemill_core::router::RouterError;
 use tidemill_core::BoxError;
+use tidemill_middleware::request_reply::{ReplyErrorKind, RequestError};
 
 /// Errors from buses and processors.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +61,64 @@ pub enum CqrsError {
     /// An event group without handlers.
     #[error("event group `{0}` has no handlers")]
     EmptyGroup(String),
+    /// A command sent with [`send_and_wait`](crate::CommandClient::send_and_wait) failed in
+    /// its handler (or did not decode there); the handler's error came back as the reply.
+    #[error("command `{name}` (topic `{topic}`) failed in its handler ({kind}): {message}")]
+    CommandFailed {
+        /// The command name.
+        name: String,
+        /// The topic it was sent to.
+        topic: String,
+        /// What kind of error: [`ReplyErrorKind::Permanent`] means resending will not help.
+        kind: ReplyErrorKind,
+        /// The handler's error message, with its sources.
+        message: String,
+    },
+    /// No verdict for a command sent with
+    /// [`send_and_wait`](crate::CommandClient::send_and_wait) within the timeout.
+    #[error(
+        "no reply to command `{name}` (topic `{topic}`) within {timeout:?}: is a \
+         CommandProcessor with_replies(..) running for it?"
+    )]
+    NoReply {
+        /// The command name.
+        name: String,
+        /// The topic it was sent to.
+        topic: String,
+        /// How long the caller waited.
+        timeout: Duration,
+    },
+    /// Request-reply failed otherwise (publishing the command, subscribing to replies,
+    /// or the client was closed).
+    #[error("send-and-wait of command `{name}`: {source}")]
+    Request {
+        /// The command name.
+        name: String,
+        /// The request-reply error.
+        #[source]
+        source: Box<RequestError>,
+    },
+    /// [`CommandBus::connect_client`](crate::CommandBus::connect_client) could not
+    /// subscribe to its reply topic.
+    #[error("cannot connect the command client: {0}")]
+    Connect(#[source] Box<RequestError>),
     /// Registering on the router failed.
     #[error(transparent)]
     Router(#[from] RouterError),
+}
+
+impl CqrsError {
+    /// Whether a command sent with [`send_and_wait`](crate::CommandClient::send_and_wait)
+    /// failed permanently in its handler: resending it will not help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            CqrsError::CommandFailed {
+                kind: ReplyErrorKind::Permanent,
+                ..
+            }
+        )
+    }
 }
 
 /// Why a received message could not become a typed command or event. Handlers return it

@@ -24,7 +24,7 @@ mod marshal;
 mod name;
 mod processor;
 
-pub use bus::{CommandBus, EventBus};
+pub use bus::{CommandBus, CommandClient, EventBus};
 pub use error::{CqrsError, DecodeError};
 #[cfg(feature = "protobuf")]
 pub use marshal::Protobuf;

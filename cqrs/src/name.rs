@@ -56,7 +56,8 @@ pub fn short_type_name<T: ?Sized>() -> String {
             continue;
         }
         out.push(c);
-        if !(c.is_alphanumeric() || c == '_') {
+        // `{{closure}}` and `{{constant}}` are path segments too (types declared in a fn body).
+        if !(c.is_alphanumeric() || matches!(c, '_' | '{' | '}')) {
             path_start = out.len();
         }
         rest = &rest[c.len_utf8()..];
@@ -108,6 +109,18 @@ mod tests {
         assert_eq!(short_type_name::<Plain>(), "Plain");
         assert_eq!(short_type_name::<Generic<Plain>>(), "Generic<Plain>");
         assert_eq!(short_type_name::<Vec<String>>(), "Vec<String>");
+    }
+
+    #[tokio::test]
+    async fn types_declared_in_async_fns_get_their_plain_name() {
+        struct Local;
+        let name = async { short_type_name::<Local>() }.await;
+        assert_eq!(name, "Local");
+        fn in_fn() -> String {
+            struct Inner;
+            short_type_name::<Option<Inner>>()
+        }
+        assert_eq!(in_fn(), "Option<Inner>");
     }
 
     #[test]

@@ -5,9 +5,15 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::task::{Context as TaskContext, Poll};
+
 use futures::future::BoxFuture;
-use tidemill_core::router::Router;
-use tidemill_core::{permanent, BoxError, Message, Subscriber};
+use futures::TryFutureExt;
+use tidemill_core::router::{BoxHandler, Router};
+use tidemill_core::{permanent, BoxError, Message, Publisher, Subscriber};
+use tidemill_middleware::headers;
+use tidemill_middleware::request_reply::{ReplyErrorKind, ReplyPublishFailed};
+use tower::{Layer, Service, ServiceExt};
 
 use crate::{Command, CqrsError, DecodeError, Event, Json, Marshal, TopicNaming, NAME_KEY};
 
@@ -130,6 +136,7 @@ impl Dispatcher {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn add_to(
         self,
         router: &Router,
@@ -137,15 +144,132 @@ impl Dispatcher {
         subscriber: Arc<dyn Subscriber>,
         topic: String,
         group: String,
+        layers: &[WrapHandler],
+        replies: Option<Arc<dyn Publisher>>,
     ) -> Result<(), CqrsError> {
+        let dispatcher = self;
+        let mut service = BoxHandler::new(tower::service_fn(move |message: Message| {
+            dispatcher.clone().dispatch(message).map_ok(|()| Vec::new())
+        }));
+        for wrap in layers.iter().rev() {
+            service = wrap(service);
+        }
         router
             .add_handler(handler_name)
             .subscribe(subscriber, topic)
             .group(group)
-            .handler(move |message: Message| self.clone().dispatch(message))
+            .service(ReplyIfRequested {
+                inner: service,
+                replies,
+            })
             .await?;
         Ok(())
     }
+}
+
+/// A type-erased tower layer applied to each handler of a processor.
+type WrapHandler = Arc<dyn Fn(BoxHandler) -> BoxHandler + Send + Sync>;
+
+fn wrap_handler<L>(layer: L) -> WrapHandler
+where
+    L: Layer<BoxHandler> + Send + Sync + 'static,
+    L::Service: Service<Message, Response = Vec<Message>> + Send + 'static,
+    <L::Service as Service<Message>>::Error: Into<BoxError>,
+    <L::Service as Service<Message>>::Future: Send + 'static,
+{
+    Arc::new(move |inner| BoxHandler::new(layer.layer(inner).map_err(Into::into)))
+}
+
+/// The longest error message sent back in a reply.
+const MAX_REPLY_ERROR: usize = 1_000;
+
+/// Answers commands sent with [`send_and_wait`](crate::CommandClient::send_and_wait)
+/// (they carry a reply address and correlation id) with the handler's verdict, then acks
+/// them; passes every other message through untouched, so one handler serves both.
+struct ReplyIfRequested {
+    inner: BoxHandler,
+    replies: Option<Arc<dyn Publisher>>,
+}
+
+impl Service<Message> for ReplyIfRequested {
+    type Response = Vec<Message>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Vec<Message>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, message: Message) -> Self::Future {
+        let md = message.metadata();
+        let (Some(reply_to), Some(request_id)) =
+            (md.get(headers::REPLY_TO), md.get(headers::REQUEST_ID))
+        else {
+            return self.inner.call(message);
+        };
+        let (reply_to, request_id) = (reply_to.to_owned(), request_id.to_owned());
+        let Some(publisher) = self.replies.clone() else {
+            tracing::warn!(
+                uuid = message.uuid(),
+                %request_id,
+                %reply_to,
+                "a sender waits for this command's verdict, but the processor has no reply \
+                 publisher (CommandProcessor::with_replies); handling it without replying"
+            );
+            return self.inner.call(message);
+        };
+        let handled = self.inner.call(message);
+        Box::pin(async move {
+            let mut reply = Message::new("");
+            let md = reply.metadata_mut();
+            match handled.await {
+                Ok(_) => md.set(headers::REPLY_STATUS, "ok"),
+                Err(error) => {
+                    let kind = ReplyErrorKind::of(&error);
+                    let text = error_text(error.as_ref());
+                    tracing::debug!(%request_id, %kind, error = %text, "command failed; replying with the error");
+                    md.set(headers::REPLY_STATUS, "error");
+                    md.set(headers::REPLY_ERROR_KIND, kind.as_str());
+                    md.set(headers::REPLY_ERROR, text);
+                }
+            }
+            md.set(headers::REQUEST_ID, &request_id);
+            md.set(headers::REPLY_SEQ, 1);
+            md.set(headers::REPLY_COUNT, 1);
+            publisher
+                .publish_one(&reply_to, reply)
+                .await
+                .map_err(|source| ReplyPublishFailed {
+                    request_id,
+                    reply_to,
+                    source,
+                })?;
+            Ok(Vec::new())
+        })
+    }
+}
+
+/// An error with its sources, cut to [`MAX_REPLY_ERROR`] bytes.
+fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.ends_with(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    if text.len() > MAX_REPLY_ERROR {
+        let mut cut = MAX_REPLY_ERROR;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 type GroupNaming = Arc<dyn Fn(&str) -> String + Send + Sync>;
@@ -183,6 +307,8 @@ pub struct CommandProcessor<M = Json> {
     policy: UnknownTypePolicy,
     handlers: Vec<Registration>,
     unknown: Arc<AtomicU64>,
+    layers: Vec<WrapHandler>,
+    replies: Option<Arc<dyn Publisher>>,
 }
 
 impl CommandProcessor<Json> {
@@ -196,6 +322,8 @@ impl CommandProcessor<Json> {
             policy: UnknownTypePolicy::default(),
             handlers: Vec::new(),
             unknown: Arc::default(),
+            layers: Vec::new(),
+            replies: None,
         }
     }
 }
@@ -211,6 +339,8 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
             policy: self.policy,
             handlers: self.handlers,
             unknown: self.unknown,
+            layers: self.layers,
+            replies: self.replies,
         }
     }
 
@@ -223,6 +353,33 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
     /// Replaces how handler names map to consumer groups (default: the handler name).
     pub fn with_group_naming(mut self, f: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
         self.group = Arc::new(f);
+        self
+    }
+
+    /// Answers commands sent with [`send_and_wait`](crate::CommandClient::send_and_wait)
+    /// with their handler's verdict, published through `publisher` to the sender's reply
+    /// address; the command is then acked (its sender has the answer, even an error).
+    /// Commands sent with plain [`send`](crate::CommandBus::send) are not affected.
+    ///
+    /// Router-level layers wrap the replier, so they see a request's error only if the
+    /// reply could not be sent; to retry a command before answering, add
+    /// [`Retry`](tidemill_middleware::Retry) with [`layer`](Self::layer).
+    pub fn with_replies(mut self, publisher: impl Publisher + 'static) -> Self {
+        self.replies = Some(Arc::new(publisher));
+        self
+    }
+
+    /// Adds a tower layer around each command handler, inside the replier (see
+    /// [`with_replies`](Self::with_replies)) and inside router-level layers; the first
+    /// added is the outermost. It applies to commands sent both ways.
+    pub fn layer<L>(&mut self, layer: L) -> &mut Self
+    where
+        L: Layer<BoxHandler> + Send + Sync + 'static,
+        L::Service: Service<Message, Response = Vec<Message>> + Send + 'static,
+        <L::Service as Service<Message>>::Error: Into<BoxError>,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        self.layers.push(wrap_handler(layer));
         self
     }
 
@@ -284,6 +441,8 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
                     self.subscriber.clone(),
                     self.naming.topic(&h.type_name),
                     group,
+                    &self.layers,
+                    self.replies.clone(),
                 )
                 .await?;
         }
@@ -331,6 +490,7 @@ pub struct EventProcessor<M = Json> {
     policy: UnknownTypePolicy,
     specs: Vec<EventHandlerSpec>,
     unknown: Arc<AtomicU64>,
+    layers: Vec<WrapHandler>,
 }
 
 impl EventProcessor<Json> {
@@ -344,6 +504,7 @@ impl EventProcessor<Json> {
             policy: UnknownTypePolicy::default(),
             specs: Vec::new(),
             unknown: Arc::default(),
+            layers: Vec::new(),
         }
     }
 }
@@ -359,6 +520,7 @@ impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
             policy: self.policy,
             specs: self.specs,
             unknown: self.unknown,
+            layers: self.layers,
         }
     }
 
@@ -371,6 +533,19 @@ impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
     /// Replaces how handler/group names map to consumer groups (default: the name itself).
     pub fn with_group_naming(mut self, f: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
         self.group = Arc::new(f);
+        self
+    }
+
+    /// Adds a tower layer around each event handler and group (inside router-level
+    /// layers; the first added is the outermost).
+    pub fn layer<L>(&mut self, layer: L) -> &mut Self
+    where
+        L: Layer<BoxHandler> + Send + Sync + 'static,
+        L::Service: Service<Message, Response = Vec<Message>> + Send + 'static,
+        <L::Service as Service<Message>>::Error: Into<BoxError>,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        self.layers.push(wrap_handler(layer));
         self
     }
 
@@ -469,6 +644,8 @@ impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
                     self.subscriber.clone(),
                     topic,
                     (self.group)(&spec.name),
+                    &self.layers,
+                    None,
                 )
                 .await?;
         }

@@ -5,14 +5,20 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tidemill_core::router::{BoxHandler, Router};
-use tidemill_core::{is_permanent, BoxError, MemoryBroker, Message, Publisher};
-use tidemill_cqrs::{
-    Command, CommandBus, CommandProcessor, Context, CqrsError, Event, EventBus, EventProcessor,
-    TopicNaming, UnknownTypePolicy, NAME_KEY,
+use tidemill_core::{
+    is_permanent, permanent, BoxError, DeliveryStream, MemoryBroker, Message, Publisher,
+    SubscribeOptions, Subscriber,
 };
+use tidemill_cqrs::{
+    Command, CommandBus, CommandClient, CommandProcessor, Context, CqrsError, Event, EventBus,
+    EventProcessor, TopicNaming, UnknownTypePolicy, NAME_KEY,
+};
+use tidemill_middleware::request_reply::{ReplyErrorKind, RequesterConfig};
+use tidemill_middleware::{headers, Backoff, PoisonQueue, Retry};
 use tokio::sync::mpsc;
 use tower::{Layer, Service};
 
@@ -415,5 +421,622 @@ async fn protobuf_round_trip() {
     let (got, ct) = recv(&mut rx).await;
     assert_eq!(got, Checkout { room: 9 });
     assert_eq!(ct.as_deref(), Some("application/x-protobuf"));
+    router.close().await.unwrap();
+}
+
+#[cfg(feature = "protobuf")]
+#[tokio::test]
+async fn protobuf_decode_failures_go_to_the_poison_topic() {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Checkout {
+        #[prost(uint32, tag = "1")]
+        room: u32,
+    }
+    impl Command for Checkout {}
+
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    router.layer(PoisonQueue::new(broker.publisher(), "poison"));
+    let mut poisoned = subscribe(&broker, "poison").await;
+    let mut commands =
+        CommandProcessor::new(broker.subscriber()).with_marshaler(tidemill_cqrs::Protobuf);
+    commands.handle(|_: Checkout, _| async { Ok(()) }).unwrap();
+    commands.add_to(&router).await.unwrap();
+    start(&router).await;
+    // Field 1 with a varint that never ends.
+    broker
+        .publisher()
+        .publish_one(
+            "commands.Checkout",
+            Message::new(&b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"[..])
+                .with_metadata(NAME_KEY, "Checkout"),
+        )
+        .await
+        .unwrap();
+    let msg = next(&mut poisoned).await;
+    assert_eq!(
+        msg.payload().as_ref(),
+        b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"
+    );
+    let reason = msg.metadata().get(headers::POISON_REASON).unwrap();
+    assert!(
+        reason.contains("cannot decode command `Checkout`"),
+        "{reason}"
+    );
+    router.close().await.unwrap();
+}
+
+// ---- naming ----------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CancelBooking {
+    booking: String,
+}
+impl Command for CancelBooking {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "booking.cancel".into()
+    }
+}
+
+#[tokio::test]
+async fn overridden_names_and_topic_naming_decide_the_topic() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let naming = TopicNaming::new(|name| format!("hotel.{name}"));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut commands = CommandProcessor::new(broker.subscriber()).with_topic_naming(naming.clone());
+    commands
+        .handle(move |c: CancelBooking, ctx: Context| {
+            let tx = tx.clone();
+            async move {
+                tx.send((c, ctx.message().clone())).unwrap();
+                Ok(())
+            }
+        })
+        .unwrap();
+    commands.add_to(&router).await.unwrap();
+    assert_eq!(router.handlers(), vec!["booking.cancel-handler".to_owned()]);
+    start(&router).await;
+    let bus = CommandBus::new(broker.publisher()).with_topic_naming(naming);
+    assert_eq!(bus.topic_of::<CancelBooking>(), "hotel.booking.cancel");
+    bus.send(&CancelBooking {
+        booking: "b-1".into(),
+    })
+    .await
+    .unwrap();
+    let (got, msg) = recv(&mut rx).await;
+    assert_eq!(got.booking, "b-1");
+    assert_eq!(msg.metadata().get(NAME_KEY), Some("booking.cancel"));
+    assert_eq!(
+        msg.context().unwrap().handler().topic,
+        "hotel.booking.cancel"
+    );
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_event_bus_hook_and_group_naming_apply() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut events =
+        EventProcessor::new(broker.subscriber()).with_group_naming(|h| format!("svc-{h}"));
+    events
+        .handle("audit", move |e: RoomBooked, ctx: Context| {
+            let tx = tx.clone();
+            async move {
+                tx.send((e, ctx.message().clone())).unwrap();
+                Ok(())
+            }
+        })
+        .unwrap();
+    events.add_to(&router).await.unwrap();
+    start(&router).await;
+    let bus = EventBus::new(broker.publisher()).on_publish(|m| {
+        m.set_key(Some("room-3".into()));
+        m.metadata_mut().set("source", "desk");
+    });
+    assert_eq!(bus.topic_of::<RoomBooked>(), "events.RoomBooked");
+    bus.publish(&RoomBooked { room: 3 }).await.unwrap();
+    let (got, msg) = recv(&mut rx).await;
+    assert_eq!(got, RoomBooked { room: 3 });
+    assert_eq!(msg.metadata().get("source"), Some("desk"));
+    assert_eq!(msg.key().map(|k| k.as_ref()), Some(&b"room-3"[..]));
+    assert_eq!(msg.metadata().get(NAME_KEY), Some("RoomBooked"));
+    assert_eq!(
+        msg.context().unwrap().handler().group.as_deref(),
+        Some("svc-audit")
+    );
+    router.close().await.unwrap();
+}
+
+// ---- event groups and unknown types ----------------------------------------------------
+
+#[tokio::test]
+async fn an_event_group_applies_the_unknown_type_policy() {
+    for policy in [UnknownTypePolicy::AckAndCount, UnknownTypePolicy::Reject] {
+        let broker = MemoryBroker::new();
+        let router = Router::new();
+        let errors = CaptureErrors::default();
+        router.layer(errors.clone());
+        let one_topic = TopicNaming::new(|_| "events.rooms".to_owned());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let mut events = EventProcessor::new(broker.subscriber())
+            .with_topic_naming(one_topic.clone())
+            .with_unknown_type_policy(policy);
+        events
+            .group("rooms")
+            .handle(move |e: RoomBooked, _| {
+                let s = s.clone();
+                async move {
+                    s.lock().push(e.room);
+                    Ok(())
+                }
+            })
+            .unwrap()
+            .done()
+            .unwrap();
+        events.add_to(&router).await.unwrap();
+        start(&router).await;
+        let bus = EventBus::new(broker.publisher()).with_topic_naming(one_topic);
+        bus.publish(&RoomCleaned { room: 1 }).await.unwrap();
+        bus.publish(&RoomBooked { room: 2 }).await.unwrap();
+        wait_for("the known event", || seen.lock().len() == 1).await;
+        match policy {
+            UnknownTypePolicy::AckAndCount => {
+                assert_eq!(events.unknown_count(), 1);
+                assert!(errors.0.lock().is_empty());
+            }
+            UnknownTypePolicy::Reject => {
+                assert_eq!(events.unknown_count(), 0);
+                let errs = errors.0.lock().clone();
+                assert_eq!(errs.len(), 1, "{errs:?}");
+                assert!(errs[0].0, "permanent");
+                assert!(
+                    errs[0].1.contains("no handler for event `RoomCleaned`"),
+                    "{}",
+                    errs[0].1
+                );
+            }
+        }
+        assert_eq!(*seen.lock(), vec![2]);
+        router.close().await.unwrap();
+    }
+}
+
+// ---- poison path -----------------------------------------------------------------------
+
+async fn subscribe(broker: &MemoryBroker, topic: &str) -> DeliveryStream {
+    broker
+        .subscriber()
+        .subscribe(topic, SubscribeOptions::new())
+        .await
+        .unwrap()
+}
+
+async fn next(stream: &mut DeliveryStream) -> Message {
+    let delivery = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("within 10s")
+        .expect("open")
+        .expect("delivery");
+    let msg = delivery.message().clone();
+    delivery.ack().await.unwrap();
+    msg
+}
+
+#[tokio::test]
+async fn undecodable_commands_and_events_land_on_the_poison_topic_intact() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let poison = PoisonQueue::new(broker.publisher(), "poison");
+    router.layer(poison.clone());
+    let mut poisoned = subscribe(&broker, "poison").await;
+    let handled = Arc::new(Mutex::new(0));
+    let mut commands = CommandProcessor::new(broker.subscriber());
+    let h = handled.clone();
+    commands
+        .handle(move |_: BookRoom, _| {
+            let h = h.clone();
+            async move {
+                *h.lock() += 1;
+                Ok(())
+            }
+        })
+        .unwrap();
+    commands.add_to(&router).await.unwrap();
+    let mut events = EventProcessor::new(broker.subscriber());
+    let h = handled.clone();
+    events
+        .handle("invoice", move |_: RoomBooked, _| {
+            let h = h.clone();
+            async move {
+                *h.lock() += 1;
+                Ok(())
+            }
+        })
+        .unwrap();
+    events.add_to(&router).await.unwrap();
+    start(&router).await;
+
+    let p = broker.publisher();
+    p.publish_one(
+        "commands.BookRoom",
+        Message::with_uuid("bad-cmd", r#"{"room":"one hundred"}"#)
+            .with_metadata(NAME_KEY, "BookRoom")
+            .with_metadata("trace", "t-1"),
+    )
+    .await
+    .unwrap();
+    p.publish_one(
+        "events.RoomBooked",
+        Message::with_uuid("bad-evt", "\u{0}\u{1}binary").with_metadata(NAME_KEY, "RoomBooked"),
+    )
+    .await
+    .unwrap();
+
+    let mut got = [next(&mut poisoned).await, next(&mut poisoned).await];
+    got.sort_by(|a, b| a.uuid().cmp(b.uuid()));
+    let (cmd, evt) = (&got[0], &got[1]);
+
+    assert_eq!(cmd.uuid(), "bad-cmd");
+    assert_eq!(cmd.payload().as_ref(), br#"{"room":"one hundred"}"#);
+    assert_eq!(cmd.metadata().get(NAME_KEY), Some("BookRoom"));
+    assert_eq!(cmd.metadata().get("trace"), Some("t-1"));
+    let reason = cmd.metadata().get(headers::POISON_REASON).unwrap();
+    assert!(
+        reason.contains(
+            "cannot decode command `BookRoom` from message bad-cmd on topic `commands.BookRoom`"
+        ) && reason.contains("invalid type"),
+        "{reason}"
+    );
+    assert_eq!(
+        cmd.metadata().get(headers::POISON_HANDLER),
+        Some("BookRoom-handler")
+    );
+    assert_eq!(
+        cmd.metadata().get(headers::POISON_TOPIC),
+        Some("commands.BookRoom")
+    );
+
+    assert_eq!(evt.uuid(), "bad-evt");
+    assert_eq!(evt.payload().as_ref(), b"\x00\x01binary");
+    let reason = evt.metadata().get(headers::POISON_REASON).unwrap();
+    assert!(
+        reason.contains("cannot decode event `RoomBooked` from message bad-evt"),
+        "{reason}"
+    );
+    assert_eq!(evt.metadata().get(headers::POISON_HANDLER), Some("invoice"));
+
+    assert_eq!(poison.poisoned(), 2);
+    assert_eq!(*handled.lock(), 0);
+    wait_for("both acked after poisoning", || {
+        broker.group_backlog("commands.BookRoom", "BookRoom-handler") == Some(0)
+            && broker.group_backlog("events.RoomBooked", "invoice") == Some(0)
+    })
+    .await;
+    router.close().await.unwrap();
+}
+
+/// Records each handler error and passes it on (the router then nacks the message).
+#[derive(Clone, Default)]
+struct RecordErrors(Arc<Mutex<Vec<(String, u32)>>>);
+
+impl Layer<BoxHandler> for RecordErrors {
+    type Service = Recorded;
+    fn layer(&self, inner: BoxHandler) -> Recorded {
+        Recorded(self.0.clone(), inner)
+    }
+}
+
+struct Recorded(Arc<Mutex<Vec<(String, u32)>>>, BoxHandler);
+
+impl Service<Message> for Recorded {
+    type Response = Vec<Message>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Vec<Message>, BoxError>>;
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
+        self.1.poll_ready(cx)
+    }
+    fn call(&mut self, m: Message) -> Self::Future {
+        let log = self.0.clone();
+        let attempt = m.context().and_then(|c| c.attempt()).unwrap_or(0);
+        let fut = self.1.call(m);
+        Box::pin(async move {
+            let result = fut.await;
+            if let Err(e) = &result {
+                log.lock().push((e.to_string(), attempt));
+            }
+            result
+        })
+    }
+}
+
+#[tokio::test]
+async fn without_a_poison_layer_an_undecodable_command_is_nacked_not_dropped() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let errors = RecordErrors::default();
+    router.layer(errors.clone());
+    let mut commands = CommandProcessor::new(broker.subscriber());
+    commands.handle(|_: BookRoom, _| async { Ok(()) }).unwrap();
+    commands.add_to(&router).await.unwrap();
+    start(&router).await;
+    broker
+        .publisher()
+        .publish_one(
+            "commands.BookRoom",
+            Message::new("not json").with_metadata(NAME_KEY, "BookRoom"),
+        )
+        .await
+        .unwrap();
+    wait_for("redelivered after the nack", || errors.0.lock().len() >= 2).await;
+    let errs = errors.0.lock().clone();
+    assert_eq!(
+        (errs[0].1, errs[1].1),
+        (1, 2),
+        "the same message, redelivered"
+    );
+    assert!(
+        errs.iter()
+            .all(|(e, _)| e.contains("cannot decode command `BookRoom`")),
+        "{errs:?}"
+    );
+    assert_ne!(
+        broker.group_backlog("commands.BookRoom", "BookRoom-handler"),
+        Some(0),
+        "still pending: never silently dropped"
+    );
+    router.close().await.unwrap();
+}
+
+// ---- send and wait ---------------------------------------------------------------------
+
+async fn booking_service(broker: &MemoryBroker, router: &Router) -> Arc<Mutex<Vec<u32>>> {
+    let booked = Arc::new(Mutex::new(Vec::new()));
+    let b = booked.clone();
+    let mut commands = CommandProcessor::new(broker.subscriber()).with_replies(broker.publisher());
+    commands
+        .handle(move |cmd: BookRoom, _| {
+            let b = b.clone();
+            async move {
+                if cmd.room == 13 {
+                    return Err(permanent(format!("room {} does not exist", cmd.room)));
+                }
+                if cmd.guest.is_empty() {
+                    return Err("front desk unreachable".into());
+                }
+                b.lock().push(cmd.room);
+                Ok(())
+            }
+        })
+        .unwrap();
+    commands.add_to(router).await.unwrap();
+    booked
+}
+
+async fn client(broker: &MemoryBroker) -> CommandClient {
+    CommandBus::new(broker.publisher())
+        .connect_client(broker.subscriber(), RequesterConfig::default())
+        .await
+        .unwrap()
+}
+
+fn book(room: u32, guest: &str) -> BookRoom {
+    BookRoom {
+        room,
+        guest: guest.into(),
+    }
+}
+
+#[tokio::test]
+async fn send_and_wait_returns_once_the_handler_succeeded() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let booked = booking_service(&broker, &router).await;
+    start(&router).await;
+    let client = client(&broker).await;
+    client.send_and_wait(&book(101, "Ada"), WAIT).await.unwrap();
+    assert_eq!(
+        *booked.lock(),
+        vec![101],
+        "handled before the call returned"
+    );
+    // The same handler serves plain sends.
+    client.send(&book(102, "Bo")).await.unwrap();
+    wait_for("plain send handled", || booked.lock().len() == 2).await;
+    assert_eq!(*booked.lock(), vec![101, 102]);
+    assert_eq!(client.requester().unknown_replies(), 0);
+    wait_for("acked", || {
+        broker.group_backlog("commands.BookRoom", "BookRoom-handler") == Some(0)
+    })
+    .await;
+    client.close().await;
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn send_and_wait_returns_the_handlers_error_not_a_timeout() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let booked = booking_service(&broker, &router).await;
+    start(&router).await;
+    let client = client(&broker).await;
+    let started = std::time::Instant::now();
+    let err = client
+        .send_and_wait(&book(13, "Ada"), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "answered, not timed out"
+    );
+    match &err {
+        CqrsError::CommandFailed {
+            name,
+            topic,
+            kind,
+            message,
+        } => {
+            assert_eq!(name, "BookRoom");
+            assert_eq!(topic, "commands.BookRoom");
+            assert_eq!(*kind, ReplyErrorKind::Permanent);
+            assert!(message.contains("room 13 does not exist"), "{message}");
+        }
+        other => panic!("expected CommandFailed, got {other}"),
+    }
+    assert!(err.is_permanent());
+
+    let err = client
+        .send_and_wait(&book(7, ""), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CqrsError::CommandFailed { kind: ReplyErrorKind::Failed, message, .. }
+            if message.contains("front desk unreachable")),
+        "{err}"
+    );
+    assert!(!err.is_permanent());
+    assert!(booked.lock().is_empty());
+    // The failed commands were answered, so they are acked, not redelivered.
+    wait_for("acked", || {
+        broker.group_backlog("commands.BookRoom", "BookRoom-handler") == Some(0)
+    })
+    .await;
+    client.close().await;
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn send_and_wait_reports_an_undecodable_command_as_a_permanent_failure() {
+    #[derive(Serialize, Deserialize)]
+    struct WrongShape {
+        room: String,
+    }
+    impl Command for WrongShape {
+        fn name() -> std::borrow::Cow<'static, str> {
+            "BookRoom".into()
+        }
+    }
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let booked = booking_service(&broker, &router).await;
+    start(&router).await;
+    let client = CommandBus::new(broker.publisher())
+        .connect_client(broker.subscriber(), RequesterConfig::default())
+        .await
+        .unwrap();
+    let err = client
+        .send_and_wait(
+            &WrongShape {
+                room: "lobby".into(),
+            },
+            WAIT,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(
+        err.to_string().contains("cannot decode command `BookRoom`"),
+        "{err}"
+    );
+    assert!(booked.lock().is_empty());
+    client.close().await;
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn send_and_wait_times_out_when_nobody_answers() {
+    let broker = MemoryBroker::new();
+    // A processor without replies handles the command but cannot answer.
+    let router = Router::new();
+    let handled = Arc::new(Mutex::new(0));
+    let h = handled.clone();
+    let mut commands = CommandProcessor::new(broker.subscriber());
+    commands
+        .handle(move |_: BookRoom, _| {
+            let h = h.clone();
+            async move {
+                *h.lock() += 1;
+                Ok(())
+            }
+        })
+        .unwrap();
+    commands.add_to(&router).await.unwrap();
+    start(&router).await;
+    let client = client(&broker).await;
+    let err = client
+        .send_and_wait(&book(1, "Ada"), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    match &err {
+        CqrsError::NoReply {
+            name,
+            topic,
+            timeout,
+        } => {
+            assert_eq!(name, "BookRoom");
+            assert_eq!(topic, "commands.BookRoom");
+            assert_eq!(*timeout, Duration::from_millis(300));
+        }
+        other => panic!("expected NoReply, got {other}"),
+    }
+    assert!(err.to_string().contains("with_replies"), "{err}");
+    wait_for("handled anyway", || *handled.lock() == 1).await;
+    // A command nobody consumes times out too.
+    #[derive(Serialize, Deserialize)]
+    struct Nobody;
+    impl Command for Nobody {}
+    let err = client
+        .send_and_wait(&Nobody, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CqrsError::NoReply { .. }), "{err}");
+    client.close().await;
+    let err = client
+        .send_and_wait(&book(2, "Bo"), WAIT)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CqrsError::Request { .. }), "{err}");
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_processor_layer_retries_before_the_reply_is_sent() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let attempts = Arc::new(Mutex::new(0u32));
+    let a = attempts.clone();
+    let mut commands = CommandProcessor::new(broker.subscriber()).with_replies(broker.publisher());
+    commands.layer(
+        Retry::new()
+            .max_attempts(3)
+            .backoff(Backoff::new(Duration::from_millis(1))),
+    );
+    commands
+        .handle(move |_: BookRoom, _| {
+            let a = a.clone();
+            async move {
+                let n = {
+                    let mut n = a.lock();
+                    *n += 1;
+                    *n
+                };
+                if n % 2 == 1 {
+                    return Err("billing busy".into());
+                }
+                Ok(())
+            }
+        })
+        .unwrap();
+    commands.add_to(&router).await.unwrap();
+    start(&router).await;
+    let client = client(&broker).await;
+    client.send_and_wait(&book(1, "Ada"), WAIT).await.unwrap();
+    assert_eq!(*attempts.lock(), 2, "failed once, retried, then answered");
+    client.send(&book(2, "Bo")).await.unwrap();
+    wait_for("plain send retried too", || *attempts.lock() == 4).await;
+    client.close().await;
     router.close().await.unwrap();
 }
