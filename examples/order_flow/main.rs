@@ -120,6 +120,7 @@ async fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "error".into()),
         )
+        .with_writer(std::io::stderr) // stdout keeps the story and the summary
         .init();
     if matches!(std::env::args().nth(1).as_deref(), Some("-h" | "--help")) {
         println!(
