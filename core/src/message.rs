@@ -15,8 +15,9 @@ const DEBUG_PAYLOAD_PREVIEW: usize = 64;
 
 /// A message: a unique id, string metadata, an opaque payload and an optional key.
 ///
-/// Cloning is cheap: the uuid, metadata, payload and key are reference counted, and metadata
-/// is copied only when a clone is modified.
+/// Cloning is cheap: a message is one reference-counted block (uuid, metadata, payload,
+/// key) plus its receive context; a clone shares the block, and modifying a clone copies
+/// it first (the parts themselves are reference counted too, so that copy is cheap).
 ///
 /// ```
 /// use tidemill_core::Message;
@@ -31,93 +32,138 @@ const DEBUG_PAYLOAD_PREVIEW: usize = 64;
 /// ```
 #[derive(Clone)]
 pub struct Message {
-    uuid: Arc<str>,
+    parts: Arc<Parts>,
+    context: Option<MessageContext>,
+}
+
+/// What a message is made of, shared between clones.
+#[derive(Clone)]
+struct Parts {
+    uuid: Uuid,
     metadata: Metadata,
     payload: Bytes,
     key: Option<Bytes>,
-    context: Option<MessageContext>,
+}
+
+/// Length of a hyphenated uuid.
+const UUID_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
+
+/// A message id: generated ones are kept inline (no allocation of their own), given ones
+/// shared.
+#[derive(Clone)]
+enum Uuid {
+    /// The hyphenated lowercase text of a generated UUIDv7 (ASCII).
+    Generated([u8; UUID_LEN]),
+    Given(Arc<str>),
+}
+
+impl Uuid {
+    fn generate() -> Self {
+        let mut text = [0; UUID_LEN];
+        uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text);
+        Uuid::Generated(text)
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Always ASCII (written by `generate`), so this never falls back.
+            Uuid::Generated(text) => std::str::from_utf8(text).unwrap_or_default(),
+            Uuid::Given(id) => id,
+        }
+    }
 }
 
 impl Message {
     /// A new message with a fresh time-ordered uuid (UUIDv7) and empty metadata.
     pub fn new(payload: impl Into<Bytes>) -> Self {
-        Self::with_uuid(new_uuid(), payload)
+        Self::from_parts(Uuid::generate(), payload.into())
     }
 
     /// A message with the given uuid (as received from a broker, or chosen by the caller).
     pub fn with_uuid(uuid: impl Into<Arc<str>>, payload: impl Into<Bytes>) -> Self {
+        Self::from_parts(Uuid::Given(uuid.into()), payload.into())
+    }
+
+    fn from_parts(uuid: Uuid, payload: Bytes) -> Self {
         Message {
-            uuid: uuid.into(),
-            metadata: Metadata::new(),
-            payload: payload.into(),
-            key: None,
+            parts: Arc::new(Parts {
+                uuid,
+                metadata: Metadata::new(),
+                payload,
+                key: None,
+            }),
             context: None,
         }
     }
 
+    /// The parts, to modify: copied first if a clone shares them.
+    fn parts_mut(&mut self) -> &mut Parts {
+        Arc::make_mut(&mut self.parts)
+    }
+
     /// Adds (or replaces) a metadata entry; builder style.
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl ToString) -> Self {
-        self.metadata.set(key, value);
+        self.parts_mut().metadata.set(key, value);
         self
     }
 
     /// Replaces all metadata; builder style.
     pub fn with_metadata_map(mut self, metadata: Metadata) -> Self {
-        self.metadata = metadata;
+        self.parts_mut().metadata = metadata;
         self
     }
 
     /// Sets the ordering/partitioning key; builder style. Messages with the same key keep
     /// their order (Kafka key, Pub/Sub ordering key, router per-key sequencing).
     pub fn with_key(mut self, key: impl AsRef<[u8]>) -> Self {
-        self.key = Some(Bytes::copy_from_slice(key.as_ref()));
+        self.parts_mut().key = Some(Bytes::copy_from_slice(key.as_ref()));
         self
     }
 
     /// Sets the key from bytes without copying.
     pub fn with_key_bytes(mut self, key: Bytes) -> Self {
-        self.key = Some(key);
+        self.parts_mut().key = Some(key);
         self
     }
 
     /// The message's unique id.
     pub fn uuid(&self) -> &str {
-        &self.uuid
+        self.parts.uuid.as_str()
     }
 
     /// The payload.
     pub fn payload(&self) -> &Bytes {
-        &self.payload
+        &self.parts.payload
     }
 
     /// Replaces the payload.
     pub fn set_payload(&mut self, payload: impl Into<Bytes>) {
-        self.payload = payload.into();
+        self.parts_mut().payload = payload.into();
     }
 
     /// The metadata.
     pub fn metadata(&self) -> &Metadata {
-        &self.metadata
+        &self.parts.metadata
     }
 
     /// The metadata, mutably.
     pub fn metadata_mut(&mut self) -> &mut Metadata {
-        &mut self.metadata
+        &mut self.parts_mut().metadata
     }
 
     /// The ordering key, if any.
     pub fn key(&self) -> Option<&Bytes> {
-        self.key.as_ref()
+        self.parts.key.as_ref()
     }
 
     /// The ordering key as UTF-8, if it is set and valid UTF-8.
     pub fn key_str(&self) -> Option<&str> {
-        self.key.as_ref().and_then(|k| std::str::from_utf8(k).ok())
+        self.key().and_then(|k| std::str::from_utf8(k).ok())
     }
 
     /// Sets or clears the key.
     pub fn set_key(&mut self, key: Option<Bytes>) {
-        self.key = key;
+        self.parts_mut().key = key;
     }
 
     /// Where this message was received (handler, topic, delivery attempt), set by the
@@ -134,7 +180,12 @@ impl Message {
     /// Splits the message into uuid, metadata, payload and key (adapters use this to
     /// encode without copying).
     pub fn into_parts(self) -> (Arc<str>, Metadata, Bytes, Option<Bytes>) {
-        (self.uuid, self.metadata, self.payload, self.key)
+        let parts = Arc::try_unwrap(self.parts).unwrap_or_else(|shared| (*shared).clone());
+        let uuid = match parts.uuid {
+            Uuid::Given(id) => id,
+            generated @ Uuid::Generated(_) => Arc::from(generated.as_str()),
+        };
+        (uuid, parts.metadata, parts.payload, parts.key)
     }
 }
 
@@ -149,10 +200,11 @@ impl PartialEq for Message {
     /// Messages are equal when uuid, metadata, payload and key are; the receive context is
     /// not part of a message's identity.
     fn eq(&self, other: &Self) -> bool {
-        self.uuid == other.uuid
-            && self.payload == other.payload
-            && self.key == other.key
-            && self.metadata == other.metadata
+        Arc::ptr_eq(&self.parts, &other.parts)
+            || (self.uuid() == other.uuid()
+                && self.payload() == other.payload()
+                && self.key() == other.key()
+                && self.metadata() == other.metadata())
     }
 }
 
@@ -161,12 +213,12 @@ impl Eq for Message {}
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = f.debug_struct("Message");
-        s.field("uuid", &&*self.uuid);
-        if let Some(key) = &self.key {
+        s.field("uuid", &self.uuid());
+        if let Some(key) = self.key() {
             s.field("key", &PreviewBytes(key));
         }
-        s.field("metadata", &self.metadata);
-        s.field("payload", &PreviewBytes(&self.payload));
+        s.field("metadata", self.metadata());
+        s.field("payload", &PreviewBytes(self.payload()));
         if let Some(ctx) = &self.context {
             s.field("context", ctx);
         }
@@ -177,15 +229,15 @@ impl fmt::Debug for Message {
 impl fmt::Display for Message {
     /// A one-line summary: uuid, key, metadata count and payload size — never the payload.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "message {}", self.uuid)?;
-        if let Some(key) = &self.key {
+        write!(f, "message {}", self.uuid())?;
+        if let Some(key) = self.key() {
             write!(f, " key={:?}", PreviewBytes(key))?;
         }
         write!(
             f,
             " ({} metadata entries, {} payload bytes)",
-            self.metadata.len(),
-            self.payload.len()
+            self.metadata().len(),
+            self.payload().len()
         )
     }
 }
@@ -465,6 +517,35 @@ mod tests {
         b.metadata_mut().set("k", "changed");
         assert_eq!(a.metadata().get("k"), Some("v"));
         assert_eq!(b.metadata().get("k"), Some("changed"));
+    }
+
+    #[test]
+    fn clones_are_independent_values() {
+        let a = Message::new("p").with_key("k");
+        let mut b = a.clone();
+        assert_eq!(a, b);
+        b.set_payload("q");
+        b.set_key(None);
+        assert_eq!(a.payload().as_ref(), b"p");
+        assert_eq!(a.key_str(), Some("k"));
+        assert_eq!(b.payload().as_ref(), b"q");
+        assert_eq!(a.uuid(), b.uuid());
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn into_parts_keeps_generated_and_given_uuids() {
+        let generated = Message::new("p").with_metadata("m", "1");
+        let uuid = generated.uuid().to_owned();
+        let shared = generated.clone();
+        let (id, md, payload, key) = generated.into_parts();
+        assert_eq!(&*id, uuid);
+        assert_eq!(md.get("m"), Some("1"));
+        assert_eq!(payload.as_ref(), b"p");
+        assert!(key.is_none());
+        assert_eq!(shared.uuid(), uuid);
+        let (id, ..) = Message::with_uuid("given-1", "p").into_parts();
+        assert_eq!(&*id, "given-1");
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! handler that never fails, against the plain scenario measured in the same run (the same
 //! setup as core's `router` bench: N messages of 100 bytes, published in batches of 1,000
 //! by one publisher, timed from the first publish to the N-th message handled; median of
-//! three runs after a warm-up). `BENCH_MESSAGES` sets N (default 1,000,000); an argument
-//! filters scenarios by name; `BENCH_ONLY=correlation|dead-letter|retry|recoverer` runs
-//! the `stack` scenario with that one layer.
+//! three runs after a warm-up). `BENCH_MESSAGES` sets N (default 1,000,000), `BENCH_RUNS`
+//! the number of measured runs (default 3); arguments name the scenarios to run besides
+//! `plain` (`stack`, `router-stack`), `BENCH_NO_PLAIN=1` skips `plain` (for profiling one
+//! scenario); `BENCH_ONLY=correlation|dead-letter|retry|recoverer` runs the `stack`
+//! scenario with that one layer.
 //!
 //! Run: `cargo bench -p tidemill-middleware --bench stack`
 
@@ -18,6 +20,7 @@ use tidemill_middleware::{CorrelationId, DeadLetter, Recoverer, Retry};
 use tokio::sync::Notify;
 
 const BATCH: usize = 1_000;
+/// Measured runs per scenario by default (`BENCH_RUNS` changes it); the median is reported.
 const RUNS: usize = 3;
 
 #[derive(Clone)]
@@ -155,13 +158,19 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(RUNS);
+    let no_plain = std::env::var("BENCH_NO_PLAIN").is_ok_and(|v| v == "1");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("cannot build the runtime: {e}"));
     println!(
-        "middleware stack on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, median of {RUNS} runs, {} cores",
+        "middleware stack on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, median of {runs} runs, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("{:<13} {:>14} {:>12}", "scenario", "msg/s", "seconds");
@@ -172,18 +181,21 @@ fn main() {
             Scenario::Stack => "stack",
             Scenario::RouterStack => "router-stack",
         };
-        if !filter.is_empty()
-            && scenario != Scenario::Plain
-            && !filter.iter().any(|f| name.contains(f.as_str()))
-        {
+        // Plain always runs (the ratios need it) unless BENCH_NO_PLAIN=1 (for profiling one
+        // scenario); the others run when no filter is given or one names them exactly.
+        let wanted = match scenario {
+            Scenario::Plain => !no_plain,
+            _ => filter.is_empty() || filter.iter().any(|f| f == name),
+        };
+        if !wanted {
             continue;
         }
         runtime.block_on(run(scenario, n / 10));
-        let mut runs: Vec<Duration> = (0..RUNS)
+        let mut times: Vec<Duration> = (0..runs)
             .map(|_| runtime.block_on(run(scenario, n)))
             .collect();
-        runs.sort();
-        let elapsed = runs[RUNS / 2];
+        times.sort();
+        let elapsed = times[times.len() / 2];
         let rate = n as f64 / elapsed.as_secs_f64();
         let ratio = match plain_rate {
             Some(plain) if scenario != Scenario::Plain => {

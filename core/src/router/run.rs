@@ -3,7 +3,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -39,6 +41,12 @@ where
 }
 
 /// One message at a time, inline: the fast path and the default.
+///
+/// Per message the service's future is created once, in place, and polled where it lies:
+/// layered handlers make large futures, and moving one through helper futures costs more
+/// than the layers' own work. The stop and close-timeout signals are each one future for
+/// the whole loop (a fresh waiter per message would cost as much as the rest of an
+/// in-memory message's trip).
 async fn sequential<S>(mut service: S, run: HandlerRun)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
@@ -52,17 +60,19 @@ where
         force,
         ..
     } = run;
+    let mut stopped = pin!(stop.cancelled());
+    let mut forced = pin!(force.cancelled());
     loop {
-        if stop.is_cancelled() {
-            break;
-        }
-        // The stream is polled first so a busy stream costs no extra wake-up registration;
-        // the loop head catches a stop between messages.
-        let item = tokio::select! {
-            biased;
-            item = stream.next() => item,
-            _ = stop.cancelled() => break,
-        };
+        // Stop first, so a stop between messages is seen even when the stream is always
+        // ready; once its waiter is registered, checking it is cheap.
+        let item = poll_fn(|cx| {
+            if stopped.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            stream.poll_next_unpin(cx).map(Some)
+        })
+        .await;
+        let Some(item) = item else { break };
         let delivery = match next_delivery(&ctx, item) {
             Next::Delivery(d) => d,
             Next::Skip => continue,
@@ -71,34 +81,61 @@ where
         // Yield now and then even when every step completes at once (e.g. a message nacked
         // and redelivered in a loop), so the handler cannot starve its runtime thread.
         tokio::task::consume_budget().await;
-        let keep_going = tokio::select! {
-            biased;
-            going = process(&mut service, &ctx, delivery, &force) => going,
-            // Past the close timeout: dropping the work nacks the message.
-            _ = force.cancelled() => false,
+        // Past the close timeout, dropping the delivery (or later the work) nacks it.
+        let ready = poll_fn(|cx| match service.poll_ready(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r.map_err(Into::<BoxError>::into))),
+            Poll::Pending if forced.as_mut().poll(cx).is_ready() => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        })
+        .await;
+        let Some(ready) = ready else { break };
+        let (span, settlement, msg) = prepare(&ctx, delivery);
+        // If the work is abandoned (close timeout), the handle is dropped, which nacks,
+        // even while clones of the input (and so of the settlement) live on elsewhere.
+        let settlement = DropNacks(settlement);
+        if let Err(e) = ready {
+            span.in_scope(
+                || tracing::error!(error = %e, "handler service failed; stopping handler"),
+            );
+            break;
+        }
+        let called =
+            std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))));
+        let outcome = match called {
+            Ok(fut) => {
+                let mut fut = pin!(fut);
+                let polled = poll_fn(|cx| {
+                    let _entered = span.enter();
+                    match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                        Ok(Poll::Ready(result)) => {
+                            Poll::Ready(Some(Ok(result.map_err(Into::into))))
+                        }
+                        Err(panic) => Poll::Ready(Some(Err(panic_message(&*panic)))),
+                        Ok(Poll::Pending) if forced.as_mut().poll(cx).is_ready() => {
+                            Poll::Ready(None)
+                        }
+                        Ok(Poll::Pending) => Poll::Pending,
+                    }
+                })
+                .await;
+                match polled {
+                    Some(outcome) => outcome,
+                    None => break,
+                }
+            }
+            Err(panic) => Err(panic_message(&*panic)),
         };
-        if !keep_going {
+        let mut settling = pin!(settle(&ctx, &settlement.0, outcome).instrument(span));
+        let settled = poll_fn(|cx| match settling.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(true),
+            Poll::Pending if forced.as_mut().poll(cx).is_ready() => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        })
+        .await;
+        if !settled {
             break;
         }
     }
-}
-
-/// Runs one delivery through the service and settles it; `false` means the handler must stop.
-async fn process<S>(
-    service: &mut S,
-    ctx: &HandlerCtx,
-    delivery: Delivery,
-    force: &CancellationToken,
-) -> bool
-where
-    S: Service<Message, Response = Vec<Message>>,
-    S::Error: Into<BoxError>,
-{
-    let Some((span, settlement, fut)) = start(service, ctx, delivery, force).await else {
-        return false;
-    };
-    settle(ctx, settlement, fut).instrument(span).await;
-    true
 }
 
 /// Up to `concurrency` messages in flight; messages with the same key one after another.
@@ -218,13 +255,32 @@ where
     S::Future: Send + 'static,
 {
     let key = delivery.message().key().cloned();
-    let Some((span, settlement, fut)) = start(service, ctx, delivery, force).await else {
-        return false;
+    let ready = tokio::select! {
+        biased;
+        r = poll_fn(|cx| service.poll_ready(cx)) => r,
+        // Dropping the delivery nacks it.
+        _ = force.cancelled() => return false,
     };
+    let ready: Result<(), BoxError> = ready.map_err(Into::into);
+    let (span, settlement, msg) = prepare(ctx, delivery);
+    let settlement = DropNacks(settlement);
+    if let Err(e) = ready {
+        span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
+        return false;
+    }
+    let called = std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
+        .map_err(|panic| panic_message(&*panic));
     let ctx = ctx.clone();
     tasks.spawn(
         async move {
-            settle(&ctx, settlement, fut).await;
+            let outcome = match called {
+                Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+                    Ok(result) => Ok(result.map_err(Into::into)),
+                    Err(panic) => Err(panic_message(&*panic)),
+                },
+                Err(panic) => Err(panic),
+            };
+            settle(&ctx, &settlement.0, outcome).await;
             key
         }
         .instrument(span),
@@ -232,75 +288,34 @@ where
     true
 }
 
-/// Waits for the service to be ready and calls it. `None` means the handler must stop
-/// (the service failed or the close timeout passed); the delivery has been nacked.
-async fn start<S>(
-    service: &mut S,
-    ctx: &HandlerCtx,
-    delivery: Delivery,
-    force: &CancellationToken,
-) -> Option<(tracing::Span, Settlement, CallFuture<S::Future>)>
-where
-    S: Service<Message, Response = Vec<Message>>,
-    S::Error: Into<BoxError>,
-{
+/// Splits a delivery into the message handed to the service (with its context) and the
+/// settlement the router keeps, and opens the message's span.
+fn prepare(ctx: &HandlerCtx, delivery: Delivery) -> (tracing::Span, Settlement, Message) {
     let (mut msg, handle) = delivery.into_parts();
+    let attempt = handle.attempt();
     let span = tracing::info_span!(
         "message",
         handler = %ctx.info.name,
         topic = %ctx.info.topic,
         uuid = %msg.uuid(),
-        attempt = handle.attempt(),
+        attempt = attempt,
     );
-    let attempt = handle.attempt();
     let settlement = Settlement::new(handle);
     msg.set_context(Some(
         MessageContext::new(ctx.info.clone(), attempt).with_settlement(settlement.clone()),
     ));
-    let ready = tokio::select! {
-        biased;
-        r = poll_fn(|cx| service.poll_ready(cx)) => r,
-        _ = force.cancelled() => return None,
-    };
-    if let Err(e) = ready {
-        let e: BoxError = e.into();
-        span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
-        return None;
-    }
-    let called = std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))));
-    let fut = match called {
-        Ok(fut) => CallFuture::Called(fut),
-        Err(panic) => CallFuture::Panicked(panic_message(&*panic)),
-    };
-    Some((span, settlement, fut))
+    (span, settlement, msg)
 }
 
-/// A handler call, or the panic its synchronous part raised.
-enum CallFuture<F> {
-    Called(F),
-    Panicked(String),
-}
+/// What a handler call came to: its result, or the message of its panic.
+type Outcome = Result<Result<Vec<Message>, BoxError>, String>;
 
 /// Applies the outcome rules: output published (confirmed) then input acked; handler error,
 /// publish error or panic nack the input (after the delay a [`redeliver_after`] error asks
 /// for). An input settled early through its context is no longer settled here.
 ///
 /// [`redeliver_after`]: super::redeliver_after
-async fn settle<F, E>(ctx: &HandlerCtx, settlement: Settlement, call: CallFuture<F>)
-where
-    F: Future<Output = Result<Vec<Message>, E>>,
-    E: Into<BoxError>,
-{
-    // If this future is dropped (close timeout), the handle is dropped too, which nacks,
-    // even while clones of the input (and so of the settlement) live on elsewhere.
-    let settlement = DropNacks(settlement);
-    let outcome: Result<Result<Vec<Message>, BoxError>, String> = match call {
-        CallFuture::Called(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
-            Ok(result) => Ok(result.map_err(Into::into)),
-            Err(panic) => Err(panic_message(&*panic)),
-        },
-        CallFuture::Panicked(msg) => Err(msg),
-    };
+async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome) {
     match outcome {
         Ok(Ok(out)) => {
             if !out.is_empty() {
@@ -310,7 +325,7 @@ where
                         // Through the trait object itself: calling on the Arc would box the future twice.
                         if let Err(e) = (**publisher).publish(topic, out).await {
                             tracing::error!(error = %e, "publishing the handler's output failed; nacking");
-                            return nack(&settlement.0, None).await;
+                            return nack(settlement, None).await;
                         }
                     }
                     None => {
@@ -319,11 +334,11 @@ where
                             "consumer-only handler returned messages it cannot publish; nacking \
                              (add an output with .publish(publisher, topic) or return nothing)"
                         );
-                        return nack(&settlement.0, None).await;
+                        return nack(settlement, None).await;
                     }
                 }
             }
-            match settlement.0.take() {
+            match settlement.take() {
                 Some(handle) => {
                     if let Err(e) = handle.ack().await {
                         tracing::warn!(error = %e, "ack failed; the broker will redeliver");
@@ -340,17 +355,17 @@ where
                 }
                 None => tracing::warn!(error = %ErrorChain(&*e), "handler failed; nacking"),
             }
-            nack(&settlement.0, delay).await;
+            nack(settlement, delay).await;
         }
         Err(panic) => {
             tracing::error!(panic = %panic, "handler panicked; nacking");
-            nack(&settlement.0, None).await;
+            nack(settlement, None).await;
         }
     }
 }
 
-/// Takes (and so drops, which nacks) a handle nobody settled when the settling future is
-/// dropped midway.
+/// Takes (and so drops, which nacks) a handle nobody settled when the work on a message is
+/// abandoned midway.
 struct DropNacks(Settlement);
 
 impl Drop for DropNacks {
