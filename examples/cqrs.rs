@@ -69,7 +69,10 @@ const PRICE_PER_NIGHT: u32 = 120;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run())
+        .await
+        .unwrap_or_else(|_| Err("did not finish within 30 s".into()));
+    match outcome {
         Ok(()) => {
             println!("OK");
             ExitCode::SUCCESS

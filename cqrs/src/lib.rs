@@ -12,6 +12,12 @@
 //!   groups whose handlers share one subscription (and keep their relative order). Both run
 //!   on the [`Router`](tidemill_core::Router), so router layers (retry, poison queue, ...)
 //!   apply.
+//! - [`CommandClient::send_and_wait`] sends a command and awaits its handler's verdict (its
+//!   error comes back as [`CqrsError::CommandFailed`] with kind and message), over
+//!   [request-reply](tidemill_middleware::request_reply); a processor set up
+//!   [`with_replies`](CommandProcessor::with_replies) answers such commands, and handles
+//!   plainly sent ones as before. [`CommandProcessor::layer`] adds tower layers (e.g.
+//!   `Retry`) around each handler, inside the reply.
 //! - A message that does not decode (or carries no type name) fails with a permanent
 //!   [`DecodeError`], so poison-queue middleware routes it to the poison topic with the
 //!   error as the reason; it never panics and is never silently dropped. Types no handler
