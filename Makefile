@@ -4,10 +4,11 @@ CARGO ?= cargo
 
 .PHONY: run test lint doc fmt
 
-## run: the order-flow example (examples/order_flow/) on the in-memory broker (no services
-## needed), or on a real one: make run BROKER=kafka://127.0.0.1:9093 (amqp://, amqps://,
-## nats://, pubsub://project?emulator=host:port); the URL's scheme picks the cargo feature.
-## The first router demo: cargo run --example demo
+## run: the order-flow example on the in-memory broker, or on BROKER=<url> (a real broker)
+# examples/order_flow/ checks its own outcome (exit 1 if wrong). No services needed for
+# memory; `make run BROKER=kafka://127.0.0.1:9093` (or amqp://, amqps://, nats://,
+# pubsub://project?emulator=host:port) builds it with the cargo feature the URL's scheme
+# names. The first router demo: cargo run --example demo
 run:
 	@broker='$(BROKER)'; \
 	case "$$broker" in \
