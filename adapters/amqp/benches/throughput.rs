@@ -35,6 +35,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber};
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
+use tidemill_testkit::bench::{record, Row};
 
 const PAYLOAD: usize = 100;
 const BATCH: usize = 1_000;
@@ -152,6 +153,29 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         "(msg/s: median of the rounds; ratio: median of the rounds' ratios; CPU: user + \
          system time of this process per message)"
     );
+    // Rows for `make bench` (BENCHMARKS.md); the first of a group is its baseline.
+    let note = |raw: usize, tm: usize| {
+        format!(
+            "median of {rounds} rounds; tidemill/raw per round {:.2}x; CPU/msg {:.0} µs raw, {:.0} µs tidemill",
+            ratio(raw, tm),
+            cpu(raw),
+            cpu(tm)
+        )
+    };
+    let group = |what: &str| format!("rabbitmq {what} ({n} × {PAYLOAD} B, persistent, confirms)");
+    record(&Row::new(
+        group("publish"),
+        "raw lapin, sends of a batch joined",
+        rate(1),
+    ));
+    record(&Row::new(
+        group("publish"),
+        "raw lapin, send awaited per message",
+        rate(0),
+    ));
+    record(&Row::new(group("publish"), "tidemill-amqp", rate(2)).with_note(note(1, 2)));
+    record(&Row::new(group("consume"), "raw lapin", rate(3)));
+    record(&Row::new(group("consume"), "tidemill-amqp", rate(4)).with_note(note(3, 4)));
     Ok(())
 }
 

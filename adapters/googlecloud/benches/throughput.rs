@@ -37,6 +37,7 @@ use google_cloud_pubsub::model::Message as RawMessage;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
 use tidemill_googlecloud::{GoogleCloudConfig, GoogleCloudPublisher, GoogleCloudSubscriber};
+use tidemill_testkit::bench::{record, Row};
 
 const PROJECT: &str = "tidemill-bench";
 const PAYLOAD: usize = 100;
@@ -153,6 +154,25 @@ async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
             "{what:<32} {b:>9.0}   {s:>14.0}   {t:>14.0}   {:>17.2}   {:>12.2}",
             t / s,
             t / b
+        );
+    }
+    // Rows for `make bench` (BENCHMARKS.md); the first of a group is its baseline.
+    for (what, b, s, t) in [
+        ("publish", bare.publish, same.publish, tidemill.publish),
+        ("consume", bare.consume, same.consume, tidemill.consume),
+    ] {
+        let group = format!("pubsub emulator {what} ({n} × {PAYLOAD} B)");
+        record(&Row::new(&group, "raw google-cloud-pubsub", b));
+        record(&Row::new(
+            &group,
+            "raw google-cloud-pubsub + uuid attribute",
+            s,
+        ));
+        record(
+            &Row::new(&group, "tidemill-googlecloud", t).with_note(format!(
+                "best of {rounds} rounds; {:.2}x raw+uuid (same bytes on the wire)",
+                t / s
+            )),
         );
     }
     tm.publisher.close().await?;
