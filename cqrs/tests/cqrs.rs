@@ -1040,3 +1040,18 @@ async fn a_processor_layer_retries_before_the_reply_is_sent() {
     client.close().await;
     router.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_second_processor_for_the_same_command_fails_at_start_up() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let mut first = CommandProcessor::new(broker.subscriber());
+    first.handle(|_: BookRoom, _| async { Ok(()) }).unwrap();
+    first.add_to(&router).await.unwrap();
+    let mut second = CommandProcessor::new(broker.subscriber());
+    second.handle(|_: BookRoom, _| async { Ok(()) }).unwrap();
+    let err = second.add_to(&router).await.unwrap_err();
+    assert!(matches!(err, CqrsError::Router(_)), "{err}");
+    assert!(err.to_string().contains("BookRoom-handler"), "{err}");
+    assert_eq!(router.handlers(), vec!["BookRoom-handler".to_owned()]);
+}
