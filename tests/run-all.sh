@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # `make test`: every test of the workspace.
 #
-# 1. Build every test binary (no brokers needed for that).
-# 2. Bring the real brokers up (tests/brokers/with-brokers.sh installs what is missing),
-#    run unit, in-memory conformance and adapter conformance tests, then the tests that
+# 1. Start the real brokers in the background (tests/brokers/brokers.sh installs what is
+#    missing) while every test binary and example builds.
+# 2. Run unit, in-memory conformance and adapter conformance tests, then the tests that
 #    restart a shared broker (marked #[ignore], run one at a time), the doctests, then
 #    the examples end to end: the demo, and the order flow (examples/order_flow/) and the
 #    CQRS example on all five brokers (memory + the four real ones), each of which checks
 #    its own outcome and exits non-zero when it is wrong. The brokers started here are
 #    always taken down, also on failure.
 set -euo pipefail
+# shellcheck disable=SC2086 # $FEATURES is split into arguments on purpose
 cd "$(dirname "$0")/.."
 
-# The examples are built with every adapter, so one binary runs on any broker.
+# Tests and examples are built with every adapter (one feature set, so nothing is rebuilt
+# between them, the facade's tests cover every broker URL, and one example binary runs on
+# any broker).
+FEATURES="--features tidemill/all-brokers"
 build_examples() {
-  cargo build --quiet --examples --features all-brokers
+  cargo build --quiet --examples $FEATURES
 }
 
 # Seconds one example run may take (Kafka consumer groups take a while to form).
@@ -95,29 +99,64 @@ fi
 if [[ ${1:-} == --inner ]]; then
   status=0
   if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --no-fail-fast || status=1
+    cargo nextest run --workspace $FEATURES --no-fail-fast || status=1
     echo "==> tests that restart a shared broker (one at a time)"
-    cargo nextest run --workspace --no-fail-fast --run-ignored only --test-threads 1 \
+    cargo nextest run --workspace $FEATURES --no-fail-fast --run-ignored only --test-threads 1 \
       --no-tests pass || status=1
   else
-    cargo test --workspace --no-fail-fast || status=1
+    cargo test --workspace $FEATURES --no-fail-fast || status=1
     echo "==> tests that restart a shared broker (one at a time)"
-    cargo test --workspace --no-fail-fast -- --ignored --test-threads 1 || status=1
+    cargo test --workspace $FEATURES --no-fail-fast -- --ignored --test-threads 1 || status=1
   fi
   echo "==> doctests"
-  cargo test --workspace --doc || status=1
+  cargo test --workspace $FEATURES --doc || status=1
   echo "==> examples (each checks its own outcome)"
   run_examples || status=1
   exit $status
 fi
 
-echo "==> building the tests"
+# The brokers install and start in the background while the tests build (a fresh machine
+# spends minutes on each); the ones started here are stopped on the way out, whatever happens.
+brokers=tests/brokers/brokers.sh
+before=" $(bash "$brokers" running) "
+mkdir -p target/brokers
+up_log=target/brokers/up.log
+# shellcheck disable=SC2086 # word splitting of the name list is intended
+bash "$brokers" up ${TIDEMILL_BROKERS_ONLY:-} >"$up_log" 2>&1 &
+up_pid=$!
+# shellcheck disable=SC2317 # invoked by the trap
+stop_ours() {
+  local n mine=()
+  trap '' PIPE
+  kill "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null
+  for n in $(bash "$brokers" running); do
+    [[ $before == *" $n "* ]] || mine+=("$n")
+  done
+  if ((${#mine[@]})); then
+    echo "==> stopping ${mine[*]}"
+    bash "$brokers" down "${mine[@]}" || echo "warning: brokers-down failed" >&2
+  fi
+}
+trap stop_ours EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+echo "==> building the tests (brokers starting meanwhile: $up_log)"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-run
+  cargo nextest run --workspace $FEATURES --no-run
 else
-  cargo test --workspace --no-run
+  cargo test --workspace $FEATURES --no-run
 fi
 build_examples
 
+echo "==> waiting for the brokers"
+up_status=0
+wait "$up_pid" || up_status=$?
+cat "$up_log"
+if ((up_status != 0)); then
+  echo "the brokers did not all come up (log above)" >&2
+  exit 1
+fi
+
 echo "==> running the tests against the in-memory broker and the real brokers"
-exec bash tests/brokers/with-brokers.sh bash tests/run-all.sh --inner
+bash tests/brokers/with-brokers.sh bash tests/run-all.sh --inner
