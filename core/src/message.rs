@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use parking_lot::Mutex;
+
 use crate::router::Settlement;
 use crate::AckHandle;
 
@@ -64,6 +66,7 @@ impl Uuid {
         Uuid::Generated(text)
     }
 
+    #[inline]
     fn as_str(&self) -> &str {
         match self {
             // Always ASCII (written by `generate`), so this never falls back.
@@ -97,6 +100,7 @@ impl Message {
     }
 
     /// The parts, to modify: copied first if a clone shares them.
+    #[inline]
     fn parts_mut(&mut self) -> &mut Parts {
         Arc::make_mut(&mut self.parts)
     }
@@ -127,11 +131,13 @@ impl Message {
     }
 
     /// The message's unique id.
+    #[inline]
     pub fn uuid(&self) -> &str {
         self.parts.uuid.as_str()
     }
 
     /// The payload.
+    #[inline]
     pub fn payload(&self) -> &Bytes {
         &self.parts.payload
     }
@@ -142,16 +148,19 @@ impl Message {
     }
 
     /// The metadata.
+    #[inline]
     pub fn metadata(&self) -> &Metadata {
         &self.parts.metadata
     }
 
     /// The metadata, mutably.
+    #[inline]
     pub fn metadata_mut(&mut self) -> &mut Metadata {
         &mut self.parts_mut().metadata
     }
 
     /// The ordering key, if any.
+    #[inline]
     pub fn key(&self) -> Option<&Bytes> {
         self.parts.key.as_ref()
     }
@@ -168,11 +177,24 @@ impl Message {
 
     /// Where this message was received (handler, topic, delivery attempt), set by the
     /// router for the handler and its layers. Never sent to a broker.
+    #[inline]
     pub fn context(&self) -> Option<&MessageContext> {
         self.context.as_ref()
     }
 
+    /// A clone without the receive context: the message as a broker carries it. Cheaper
+    /// than [`clone`](Clone::clone) (one reference count), for layers that keep a copy of
+    /// the input but not its context.
+    #[inline]
+    pub fn detached(&self) -> Message {
+        Message {
+            parts: self.parts.clone(),
+            context: None,
+        }
+    }
+
     /// Sets the receive context (the router does this; layers and tests may too).
+    #[inline]
     pub fn set_context(&mut self, context: Option<MessageContext>) {
         self.context = context;
     }
@@ -261,28 +283,92 @@ impl fmt::Debug for PreviewBytes<'_> {
 }
 
 /// Where and how a message was received; set by the router before the handler runs.
-#[derive(Clone, Debug)]
-pub struct MessageContext {
+///
+/// Cloning is one reference count: the router allocates one block per message holding the
+/// handler, the delivery attempt and the input's acknowledgement.
+#[derive(Clone)]
+pub struct MessageContext(Arc<Received>);
+
+/// What a [`MessageContext`] shares (and, for the router's messages, its [`Settlement`]).
+pub(crate) struct Received {
     handler: Arc<HandlerInfo>,
     attempt: Option<u32>,
-    settlement: Option<Settlement>,
+    ack: AckSlot,
+}
+
+/// Where the input's acknowledgement is kept.
+enum AckSlot {
+    /// Not reachable (a context built without one).
+    None,
+    /// In this block (the router's messages).
+    Own(Mutex<Option<AckHandle>>),
+    /// In a separately made [`Settlement`].
+    Shared(Settlement),
+}
+
+impl Received {
+    /// Takes the acknowledgement; `None` if taken already or never there.
+    pub(crate) fn take_ack(&self) -> Option<AckHandle> {
+        match &self.ack {
+            AckSlot::None => None,
+            AckSlot::Own(slot) => slot.lock().take(),
+            AckSlot::Shared(settlement) => settlement.take(),
+        }
+    }
+
+    /// Whether the acknowledgement is gone (taken, or never there).
+    pub(crate) fn ack_taken(&self) -> bool {
+        match &self.ack {
+            AckSlot::None => true,
+            AckSlot::Own(slot) => slot.lock().is_none(),
+            AckSlot::Shared(settlement) => settlement.is_taken(),
+        }
+    }
+}
+
+impl fmt::Debug for MessageContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessageContext")
+            .field("handler", &self.0.handler)
+            .field("attempt", &self.0.attempt)
+            .field("ack_taken", &self.0.ack_taken())
+            .finish()
+    }
 }
 
 impl MessageContext {
     /// A context for a message received by `handler`, on its `attempt`-th delivery if known.
     pub fn new(handler: Arc<HandlerInfo>, attempt: Option<u32>) -> Self {
-        MessageContext {
+        MessageContext(Arc::new(Received {
             handler,
             attempt,
-            settlement: None,
-        }
+            ack: AckSlot::None,
+        }))
+    }
+
+    /// The context of a message received by `handler` and settled through `handle`, and
+    /// the [`Settlement`] that settles it unless a layer [takes](Self::take_ack) the handle
+    /// first. One allocation for both (the router uses this).
+    pub fn received(handler: Arc<HandlerInfo>, handle: AckHandle) -> (Self, Settlement) {
+        let received = Arc::new(Received {
+            handler,
+            attempt: handle.attempt(),
+            ack: AckSlot::Own(Mutex::new(Some(handle))),
+        });
+        (
+            MessageContext(received.clone()),
+            Settlement::of_context(received),
+        )
     }
 
     /// Makes the input's acknowledgement reachable through [`take_ack`](Self::take_ack)
     /// (the router does this); builder style.
-    pub fn with_settlement(mut self, settlement: Settlement) -> Self {
-        self.settlement = Some(settlement);
-        self
+    pub fn with_settlement(self, settlement: Settlement) -> Self {
+        MessageContext(Arc::new(Received {
+            handler: self.0.handler.clone(),
+            attempt: self.0.attempt,
+            ack: AckSlot::Shared(settlement),
+        }))
     }
 
     /// Takes the input's acknowledgement handle away from the router, so the caller settles
@@ -317,17 +403,19 @@ impl MessageContext {
     /// # Ok(()) }
     /// ```
     pub fn take_ack(&self) -> Option<AckHandle> {
-        self.settlement.as_ref().and_then(Settlement::take)
+        self.0.take_ack()
     }
 
     /// The handler processing the message.
+    #[inline]
     pub fn handler(&self) -> &HandlerInfo {
-        &self.handler
+        &self.0.handler
     }
 
     /// The delivery attempt (1 for the first delivery) where the broker reports it.
+    #[inline]
     pub fn attempt(&self) -> Option<u32> {
-        self.attempt
+        self.0.attempt
     }
 }
 
@@ -381,6 +469,7 @@ impl Metadata {
     }
 
     /// The value for `key`.
+    #[inline]
     pub fn get(&self, key: &str) -> Option<&str> {
         self.map.as_ref()?.get(key).map(String::as_str)
     }
@@ -428,16 +517,19 @@ impl Metadata {
     }
 
     /// Whether `key` is present.
+    #[inline]
     pub fn contains_key(&self, key: &str) -> bool {
         self.get(key).is_some()
     }
 
     /// Number of entries.
+    #[inline]
     pub fn len(&self) -> usize {
         self.map.as_ref().map_or(0, |m| m.len())
     }
 
     /// Whether there are no entries.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

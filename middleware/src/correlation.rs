@@ -44,7 +44,8 @@ use crate::headers;
 /// ```
 #[derive(Clone, Debug)]
 pub struct CorrelationId {
-    key: Arc<str>,
+    /// `None`: [`headers::CORRELATION_ID`] (costs nothing to share per message).
+    key: Option<Arc<str>>,
 }
 
 impl Default for CorrelationId {
@@ -56,15 +57,13 @@ impl Default for CorrelationId {
 impl CorrelationId {
     /// Propagates [`headers::CORRELATION_ID`].
     pub fn new() -> Self {
-        CorrelationId {
-            key: Arc::from(headers::CORRELATION_ID),
-        }
+        CorrelationId { key: None }
     }
 
     /// Propagates the metadata entry `key` instead.
     pub fn key(key: impl AsRef<str>) -> Self {
         CorrelationId {
-            key: Arc::from(key.as_ref()),
+            key: Some(Arc::from(key.as_ref())),
         }
     }
 }
@@ -89,7 +88,7 @@ impl<S> Layer<S> for CorrelationId {
 #[derive(Clone, Debug)]
 pub struct CorrelationIdService<S> {
     inner: S,
-    key: Arc<str>,
+    key: Option<Arc<str>>,
 }
 
 impl<S> Service<Message> for CorrelationIdService<S>
@@ -106,8 +105,9 @@ where
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        // A clone only bumps reference counts; the id is looked up when there are outputs.
-        let source = msg.clone();
+        // One reference count (the context is not needed); the id is looked up only when
+        // there are outputs.
+        let source = msg.detached();
         CorrelationFuture {
             fut: self.inner.call(msg),
             key: self.key.clone(),
@@ -121,7 +121,7 @@ pin_project! {
     pub struct CorrelationFuture<F> {
         #[pin]
         fut: F,
-        key: Arc<str>,
+        key: Option<Arc<str>>,
         source: Message,
     }
 }
@@ -140,13 +140,14 @@ where
             Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
             Poll::Ready(Ok(mut out)) => {
                 if !out.is_empty() {
+                    let key = this.key.as_deref().unwrap_or(headers::CORRELATION_ID);
                     let id = this
                         .source
                         .metadata()
-                        .get(this.key)
+                        .get(key)
                         .unwrap_or(this.source.uuid());
                     for m in &mut out {
-                        m.metadata_mut().set_if_absent(&**this.key, id);
+                        m.metadata_mut().set_if_absent(key, id);
                     }
                 }
                 Poll::Ready(Ok(out))

@@ -311,10 +311,14 @@ where
 
     fn call(&mut self, msg: Message) -> Self::Future {
         let mut prior = 0;
-        let owned = msg.context().and_then(|ctx| {
-            let info = ctx.handler();
-            owner(&msg, &info.name, &info.topic, info.group.as_deref())
-        });
+        // Counting headers live in metadata: nothing to look up without any.
+        let owned = match msg.context() {
+            Some(ctx) if !msg.metadata().is_empty() => {
+                let info = ctx.handler();
+                owner(&msg, &info.name, &info.topic, info.group.as_deref())
+            }
+            _ => None,
+        };
         match owned {
             Some(false) => {
                 self.config

@@ -4,15 +4,16 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use tidemill_core::{is_permanent, BoxError, Message};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::util::{HandlerOutput, Shared};
+use crate::util::HandlerOutput;
 use crate::Backoff;
 
 type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
@@ -191,16 +192,44 @@ where
 
     fn layer(&self, inner: S) -> RetryService<S> {
         RetryService {
-            inner: Shared::new(inner),
-            config: self.config.clone(),
+            shared: Arc::new(Inner {
+                service: Mutex::new(inner),
+                config: self.config.clone(),
+            }),
         }
     }
 }
 
 /// The service made by [`Retry`].
 pub struct RetryService<S> {
-    inner: Shared<S>,
+    shared: Arc<Inner<S>>,
+}
+
+/// The inner service and the configuration, shared by every future of one service (a
+/// retry calls the service again later). Readiness and the call happen together under the
+/// lock, so no caller can consume readiness another one asked for; the lock is never held
+/// across an await.
+struct Inner<S> {
+    service: Mutex<S>,
     config: Arc<Config>,
+}
+
+impl<S: Service<Message>> Inner<S> {
+    /// Polls the service's readiness and, once ready, calls it with a clone of `msg`.
+    fn poll_call(&self, cx: &mut Context<'_>, msg: &Message) -> Poll<Result<S::Future, S::Error>> {
+        let mut service = self.service.lock();
+        match service.poll_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(service.call(msg.clone()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn attempt_timeout(&self) -> Option<Pin<Box<Sleep>>> {
+        self.config
+            .attempt_timeout
+            .map(|d| Box::pin(tokio::time::sleep(d)))
+    }
 }
 
 impl<S> fmt::Debug for RetryService<S> {
@@ -224,13 +253,34 @@ where
     }
 
     fn call(&mut self, msg: Message) -> RetryFuture<S> {
+        let shared = &self.shared;
+        let started = shared.config.max_elapsed.map(|_| Instant::now());
+        // The first attempt starts here when the inner service is ready (the usual case),
+        // so the future starts out calling. Otherwise (not ready: the noop waker is not
+        // kept, the future polls again with its own) the future waits for readiness.
+        let first = shared.poll_call(&mut Context::from_waker(Waker::noop()), &msg);
+        let (state, attempt) = match first {
+            Poll::Ready(Ok(fut)) => (
+                State::Calling {
+                    fut,
+                    timeout: shared.attempt_timeout(),
+                },
+                1,
+            ),
+            Poll::Ready(Err(e)) => (
+                State::Failed {
+                    error: Some(e.into()),
+                },
+                0,
+            ),
+            Poll::Pending => (State::Idle, 0),
+        };
         RetryFuture {
-            started: self.config.max_elapsed.map(|_| Instant::now()),
-            inner: self.inner.clone(),
-            config: self.config.clone(),
+            started,
+            shared: shared.clone(),
             msg,
-            attempt: 0,
-            state: State::Idle,
+            attempt,
+            state,
         }
     }
 }
@@ -238,8 +288,7 @@ where
 pin_project! {
     /// The future of [`RetryService`].
     pub struct RetryFuture<S: Service<Message>> {
-        inner: Shared<S>,
-        config: Arc<Config>,
+        shared: Arc<Inner<S>>,
         msg: Message,
         attempt: u32,
         started: Option<Instant>,
@@ -254,6 +303,8 @@ pin_project! {
         Idle,
         Calling { #[pin] fut: F, timeout: Option<Pin<Box<Sleep>>> },
         Sleeping { sleep: Pin<Box<Sleep>> },
+        /// The inner service failed (not the handler): nothing to retry.
+        Failed { error: Option<BoxError> },
     }
 }
 
@@ -268,20 +319,24 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Idle => match this.inner.poll_call(cx, this.msg) {
+                StateProj::Idle => match this.shared.poll_call(cx, this.msg) {
                     Poll::Pending => return Poll::Pending,
                     // The service itself failed: nothing to retry.
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                     Poll::Ready(Ok(fut)) => {
                         *this.attempt += 1;
-                        let timeout = this
-                            .config
-                            .attempt_timeout
-                            .map(|d| Box::pin(tokio::time::sleep(d)));
+                        let timeout = this.shared.attempt_timeout();
                         this.state.set(State::Calling { fut, timeout });
                     }
                 },
+                StateProj::Failed { error } => {
+                    let error = error
+                        .take()
+                        .unwrap_or_else(|| "retry future polled after completion".into());
+                    return Poll::Ready(Err(error));
+                }
                 StateProj::Calling { fut, timeout } => {
+                    let config = &*this.shared.config;
                     let result = match fut.poll(cx) {
                         Poll::Ready(r) => r.map_err(Into::into),
                         Poll::Pending => {
@@ -294,7 +349,7 @@ where
                             }
                             Err(Box::new(AttemptTimedOut {
                                 attempt: *this.attempt,
-                                after: this.config.attempt_timeout.unwrap_or_default(),
+                                after: config.attempt_timeout.unwrap_or_default(),
                             }) as BoxError)
                         }
                     };
@@ -302,7 +357,6 @@ where
                         Ok(out) => return Poll::Ready(Ok(out)),
                         Err(e) => e,
                     };
-                    let config = &**this.config;
                     if *this.attempt >= config.max_attempts || !(config.retry_if)(&error) {
                         return Poll::Ready(Err(error));
                     }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::message::Received;
 use crate::{AckHandle, BoxError};
 
 /// A handler error asking the router to redeliver the input after a delay. Build one with
@@ -90,22 +91,41 @@ pub fn redelivery_delay(error: &(dyn std::error::Error + 'static)) -> Option<Dur
 /// [`MessageContext::take_ack`](crate::MessageContext::take_ack)). Whoever takes it settles
 /// the message; if nobody does, the router does by the outcome rules.
 #[derive(Clone)]
-pub struct Settlement(Arc<Mutex<Option<AckHandle>>>);
+pub struct Settlement(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// Made by [`Settlement::new`].
+    Standalone(Arc<Mutex<Option<AckHandle>>>),
+    /// Shares the block of a context made by
+    /// [`MessageContext::received`](crate::MessageContext::received).
+    Context(Arc<Received>),
+}
 
 impl Settlement {
     /// Holds `handle` until someone takes it.
     pub fn new(handle: AckHandle) -> Self {
-        Settlement(Arc::new(Mutex::new(Some(handle))))
+        Settlement(Repr::Standalone(Arc::new(Mutex::new(Some(handle)))))
+    }
+
+    pub(crate) fn of_context(received: Arc<Received>) -> Self {
+        Settlement(Repr::Context(received))
     }
 
     /// Takes the handle; `None` if it was already taken.
     pub fn take(&self) -> Option<AckHandle> {
-        self.0.lock().take()
+        match &self.0 {
+            Repr::Standalone(slot) => slot.lock().take(),
+            Repr::Context(received) => received.take_ack(),
+        }
     }
 
     /// Whether the handle was taken.
     pub fn is_taken(&self) -> bool {
-        self.0.lock().is_none()
+        match &self.0 {
+            Repr::Standalone(slot) => slot.lock().is_none(),
+            Repr::Context(received) => received.ack_taken(),
+        }
     }
 }
 

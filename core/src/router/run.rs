@@ -300,10 +300,8 @@ fn prepare(ctx: &HandlerCtx, delivery: Delivery) -> (tracing::Span, Settlement, 
         uuid = %msg.uuid(),
         attempt = attempt,
     );
-    let settlement = Settlement::new(handle);
-    msg.set_context(Some(
-        MessageContext::new(ctx.info.clone(), attempt).with_settlement(settlement.clone()),
-    ));
+    let (context, settlement) = MessageContext::received(ctx.info.clone(), handle);
+    msg.set_context(Some(context));
     (span, settlement, msg)
 }
 
