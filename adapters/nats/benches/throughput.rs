@@ -3,8 +3,10 @@
 //!
 //! `make bench-nats` (or `cargo bench -p tidemill-nats --bench throughput` with
 //! `TIDEMILL_NATS_URL` set). N messages of 100 bytes, published in batches of 1,000. Both
-//! sides send the same bytes: the payload plus a `Nats-Msg-Id` header holding a uuid (how
-//! Tidemill carries a message's uuid; JetStream deduplicates on it).
+//! sides send the same bytes: the payload plus a `Nats-Msg-Id` header holding a uuid and 16
+//! hex digits (how Tidemill carries a message's uuid, with a hash of the content; JetStream
+//! deduplicates on it). The raw side's ids are made before the clock starts; Tidemill hashes
+//! each message while publishing.
 //!
 //! JetStream, each side on a fresh file-storage stream:
 //! - publish: every batch is pipelined and its PubAcks awaited together (raw:
@@ -57,6 +59,11 @@ fn env_usize(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|n| *n > 0)
         .unwrap_or(default)
+}
+
+/// A raw message id shaped like Tidemill's: `{uuid}.{16 hex digits}`.
+fn message_id(i: usize) -> String {
+    format!("{}.{:016x}", tidemill_core::new_uuid(), i)
 }
 
 fn main() -> Result<(), BoxError> {
@@ -219,11 +226,7 @@ impl Raw {
         let batches: Vec<Vec<(String, Bytes)>> = (0..n)
             .collect::<Vec<_>>()
             .chunks(BATCH)
-            .map(|c| {
-                c.iter()
-                    .map(|i| (tidemill_core::new_uuid().to_string(), payload(*i)))
-                    .collect()
-            })
+            .map(|c| c.iter().map(|i| (message_id(*i), payload(*i))).collect())
             .collect();
         match mode {
             NatsMode::JetStream => self.jetstream(n, batches).await,
@@ -438,11 +441,7 @@ impl Tidemill {
         let raw_batches: Vec<Vec<(String, Bytes)>> = (0..n)
             .collect::<Vec<_>>()
             .chunks(BATCH)
-            .map(|c| {
-                c.iter()
-                    .map(|i| (tidemill_core::new_uuid().to_string(), payload(*i)))
-                    .collect()
-            })
+            .map(|c| c.iter().map(|i| (message_id(*i), payload(*i))).collect())
             .collect();
         let topic = unique("bench-tm-core");
         let mut stream = self

@@ -6,8 +6,12 @@
 //!   word, `=?utf-8?b?BASE64?=`, and is decoded on receipt; so does a value that itself looks
 //!   like an encoded word, so every string round-trips exactly.
 //! - The uuid travels in `Nats-Msg-Id` (JetStream's message id, which the stream uses to
-//!   drop duplicates). When the metadata sets its own `Nats-Msg-Id`, that one is sent and
-//!   the uuid goes in `tidemill-uuid`.
+//!   drop duplicates) as `{uuid}.{hash}`, `hash` being 16 hex digits of a hash of the uuid,
+//!   metadata, key and payload: a retried publish of the same message is dropped by the
+//!   stream, while a deliberate republish of the uuid with other content (a dead-letter
+//!   layer's copy with a failure count, say) is stored. On receipt the suffix is checked
+//!   against the content and removed. When the metadata sets its own `Nats-Msg-Id`, that one
+//!   is sent and the uuid goes in `tidemill-uuid`.
 //! - The key travels in `tidemill-key` (`tidemill-key.b64`, base64, when it is not UTF-8).
 //! - Received messages without either uuid header get a stable uuid derived from their
 //!   stream and sequence (JetStream) or from their subject, headers and payload (core NATS).
@@ -131,12 +135,20 @@ pub(crate) fn encode(message: &Message, topic: &str, max_payload: usize) -> Resu
         .map_err(|_| header_error(topic, uuid, "a name"))?;
         insert(&mut headers, name, &encode_value(v))?;
     }
-    let uuid_header = if metadata.contains_key(MSG_ID_HEADER) {
-        HeaderName::from_static(UUID_HEADER)
+    if metadata.contains_key(MSG_ID_HEADER) {
+        insert(
+            &mut headers,
+            HeaderName::from_static(UUID_HEADER),
+            &encode_value(uuid),
+        )?;
     } else {
-        HeaderName::from_static(MSG_ID_HEADER)
-    };
-    insert(&mut headers, uuid_header, &encode_value(uuid))?;
+        let hash = content_hash(uuid, metadata, message.key(), message.payload());
+        insert(
+            &mut headers,
+            HeaderName::from_static(MSG_ID_HEADER),
+            &encode_value(&format!("{uuid}.{hash:016x}")),
+        )?;
+    }
     if let Some(key) = message.key() {
         match std::str::from_utf8(key) {
             Ok(text) => insert(
@@ -208,12 +220,60 @@ pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes, origin: Origin
             }
             uuid.into()
         }
-        (None, Some(id)) => id.into(),
+        (None, Some(id)) => match own_message_id(&id, &metadata, key.as_ref(), &payload) {
+            Some(uuid) => uuid.into(),
+            None => id.into(),
+        },
         (None, None) => derive_uuid(headers, &payload, origin),
     };
     let mut message = Message::with_uuid(uuid, payload).with_metadata_map(metadata);
     message.set_key(key);
     message
+}
+
+/// FNV-1a (64 bits) of the uuid, metadata, key and payload, each length-prefixed: what
+/// makes two publishes of one uuid the same message for JetStream's deduplication. Stable
+/// across processes and versions (metadata iterates in key order).
+fn content_hash(uuid: &str, metadata: &Metadata, key: Option<&Bytes>, payload: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    let mut feed = |bytes: &[u8]| {
+        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(PRIME);
+        }
+    };
+    feed(uuid.as_bytes());
+    for (k, v) in metadata.iter() {
+        feed(k.as_bytes());
+        feed(v.as_bytes());
+    }
+    match key {
+        Some(key) => {
+            feed(b"k");
+            feed(key);
+        }
+        None => feed(b""),
+    }
+    feed(payload);
+    hash
+}
+
+/// The uuid inside a `Nats-Msg-Id` this codec wrote (`{uuid}.{hash}` with the hash of this
+/// very content); `None` for any other message id.
+fn own_message_id<'a>(
+    id: &'a str,
+    metadata: &Metadata,
+    key: Option<&Bytes>,
+    payload: &[u8],
+) -> Option<&'a str> {
+    let (uuid, hex) = id.rsplit_once('.')?;
+    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let hash = u64::from_str_radix(hex, 16).ok()?;
+    (hash == content_hash(uuid, metadata, key, payload)).then_some(uuid)
 }
 
 fn derive_uuid(
@@ -326,10 +386,37 @@ mod tests {
 
     #[test]
     fn uuid_travels_as_the_jetstream_message_id() {
-        let m = Message::new("x");
+        let m = Message::new("x").with_metadata("a", "1").with_key("k");
         let e = encode(&m, "t", 1 << 20).unwrap();
-        assert_eq!(e.headers.get(MSG_ID_HEADER).unwrap().as_str(), m.uuid());
+        let id = e.headers.get(MSG_ID_HEADER).unwrap().as_str().to_owned();
+        assert!(id.starts_with(&format!("{}.", m.uuid())), "{id}");
         assert!(e.headers.get(UUID_HEADER).is_none());
+        assert_eq!(round_trip(&m), m);
+        // The same message again (a retry) has the same id: the stream drops it.
+        let again = encode(&m.clone(), "t", 1 << 20).unwrap();
+        assert_eq!(again.headers.get(MSG_ID_HEADER).unwrap().as_str(), id);
+        // The same uuid with other metadata, key or payload (a deliberate republish) does not.
+        let variants = [
+            m.clone().with_metadata("a", "2"),
+            m.clone().with_key("other"),
+            Message::with_uuid(m.uuid(), "y")
+                .with_metadata("a", "1")
+                .with_key("k"),
+        ];
+        for v in variants {
+            assert_eq!(v.uuid(), m.uuid());
+            let e = encode(&v, "t", 1 << 20).unwrap();
+            assert_ne!(e.headers.get(MSG_ID_HEADER).unwrap().as_str(), id);
+            assert_eq!(round_trip(&v), v);
+        }
+        // Another client's id that merely looks like one of ours stays whole.
+        let mut h = HeaderMap::new();
+        h.insert(
+            MSG_ID_HEADER,
+            format!("{}.0123456789abcdef", m.uuid()).as_str(),
+        );
+        let foreign = decode(Some(&h), Bytes::from_static(b"x"), Origin::Subject("s"));
+        assert_eq!(foreign.uuid(), format!("{}.0123456789abcdef", m.uuid()));
         // A message id of the user's own is kept; the uuid moves to tidemill-uuid.
         let own = Message::new("x").with_metadata(MSG_ID_HEADER, "order-7");
         let e = encode(&own, "t", 1 << 20).unwrap();

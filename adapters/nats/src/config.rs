@@ -198,8 +198,9 @@ pub struct JetStreamConfig {
     /// Streams the adapter creates keep at most this many bytes. Default: unset (no limit).
     pub max_bytes: Option<i64>,
 
-    /// How long the streams the adapter creates remember message ids (`Nats-Msg-Id`, the
-    /// message uuid) to drop duplicates, e.g. from a retried publish. Default: `2m`.
+    /// How long the streams the adapter creates remember message ids (`Nats-Msg-Id`: the
+    /// message uuid and a hash of its content) to drop duplicates, e.g. from a retried
+    /// publish. Default: `2m`.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
 

@@ -194,8 +194,10 @@ async fn messages_from_other_clients_get_stable_uuids() {
     delete_streams(&url, &[topic]).await;
 }
 
-/// Publishing the same message twice (a retry) stores it once: its uuid is the
-/// JetStream message id, deduplicated within `duplicate_window`.
+/// Publishing the same message twice (a retry) stores it once: its uuid (with a hash of
+/// its content) is the JetStream message id, deduplicated within `duplicate_window`. The
+/// same uuid republished with other metadata (a dead-letter layer's copy carrying a failure
+/// count) is a new message and is stored.
 #[tokio::test]
 async fn republishing_a_message_stores_it_once() {
     let Some(url) = url() else { return };
@@ -229,6 +231,12 @@ async fn republishing_a_message_stores_it_once() {
     );
     ok(d.ack().await, "ack");
     quiet(&mut stream, "after the two distinct messages").await;
+    let copy = m.clone().with_metadata("failures", "1");
+    ok(p.publish_one(&topic, copy.clone()).await, "republish");
+    let d = next(&mut stream, "the republished copy").await;
+    assert_eq!(d.message(), &copy);
+    assert_eq!(d.message().uuid(), m.uuid());
+    ok(d.ack().await, "ack");
     delete_streams(&url, &[topic]).await;
 }
 
@@ -603,7 +611,10 @@ async fn a_nacked_keyed_message_comes_back_first_with_its_attempt() {
 }
 
 /// When a group's subscription ends, what it had read ahead goes back at once (not after
-/// `ack_wait`): the next member gets every message, including one held unacked at the end.
+/// `ack_wait`): the next member gets every message, including those held unacked at the
+/// end (nacked after their stream ended: their naks wait until the ended subscription's
+/// inbox is unsubscribed, or the server would redeliver them into its pull requests) and
+/// keyed ones waiting for their key's turn.
 #[tokio::test]
 async fn an_ended_subscription_hands_back_what_it_read_ahead() {
     let Some(url) = url() else { return };
@@ -613,11 +624,18 @@ async fn an_ended_subscription_hands_back_what_it_read_ahead() {
     let (p, s) = pair(&config).await;
     let group = SubscribeOptions::group("g");
     let mut first = ok(s.subscribe(&topic, group.clone()).await, "subscribe");
-    let msgs: Vec<Message> = (0..50).map(|i| Message::new(format!("m{i}"))).collect();
+    let keyed = (0..25).map(|i| Message::new(format!("k{i}")).with_key("k"));
+    let plain = (0..25).map(|i| Message::new(format!("m{i}")));
+    let msgs: Vec<Message> = keyed.chain(plain).collect();
     ok(p.publish(&topic, msgs.clone()).await, "publish");
     let held = next(&mut first, "the first message").await;
-    drop(first); // 49 messages read ahead, one held
+    assert_eq!(held.message(), &msgs[0]);
+    // The other keyed messages wait for their key's turn; the first without key comes out.
+    let held_plain = next(&mut first, "the first message without key").await;
+    assert_eq!(held_plain.message(), &msgs[25]);
+    drop(first); // 48 messages read ahead or waiting, two held
     drop(held); // nacked
+    drop(held_plain); // nacked
     let s2 = ok(NatsSubscriber::connect(config).await, "second subscriber");
     let mut second = ok(s2.subscribe(&topic, group).await, "subscribe");
     let mut got = HashSet::new();

@@ -103,6 +103,9 @@ impl Sequencer {
     /// Everything not handed out (for giving back to the server when the subscription
     /// ends).
     pub(crate) fn take_waiting(&mut self) -> Vec<Parked> {
+        // Closed first: a nack after this fails to send and gives its message back to the
+        // server itself, instead of leaving it in a channel nobody reads.
+        self.rx.close();
         let mut all: Vec<Parked> = self.ready.drain(..).collect();
         for (_, waiting) in self.keys.drain() {
             all.extend(waiting);

@@ -193,6 +193,7 @@ impl JsSubscriber {
             ctx: Arc::new(SubCtx {
                 shared: shared.clone(),
                 topic: topic.into(),
+                phase: watch::Sender::new(Phase::Live),
             }),
             next_subject: next_subject(&shared.api_prefix, &target.stream, &consumer),
             target,
@@ -382,13 +383,37 @@ pub(crate) fn nak_payload(delay: Option<Duration>) -> Bytes {
     }
 }
 
+/// Where a subscription is in its life, for its naks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    /// Pulling.
+    Live,
+    /// Dropped; its inbox is not unsubscribed yet.
+    Ending,
+    /// Its inbox is unsubscribed: the server no longer sends into its pull requests.
+    Unsubscribed,
+}
+
 /// Per subscription: what its acknowledgers need.
 pub(crate) struct SubCtx {
     shared: Arc<JsShared>,
     topic: Box<str>,
+    phase: watch::Sender<Phase>,
 }
 
 impl SubCtx {
+    /// Waits (bounded) while the subscription is between its end and the unsubscription of
+    /// its inbox: a nak the server handled in that gap would redeliver the message into
+    /// the ended subscription's pull requests, where nobody reads it, and it would come
+    /// back only after `ack_wait`.
+    async fn until_not_ending(&self) {
+        let mut phase = self.phase.subscribe();
+        if *phase.borrow_and_update() == Phase::Ending {
+            let _ =
+                tokio::time::timeout(DRAIN_LIMIT, phase.wait_for(|p| *p != Phase::Ending)).await;
+        }
+    }
+
     /// Sends `payload` (`+ACK`, `-NAK`, ...) on a delivery's reply subject, after taking it
     /// out of the in-progress registry.
     pub(crate) fn settle(
@@ -405,7 +430,11 @@ impl SubCtx {
             return AckFuture::ready(Ok(()));
         };
         let ctx = self.clone();
+        let nak = payload != ACK;
         AckFuture::boxed(async move {
+            if nak {
+                ctx.until_not_ending().await;
+            }
             ctx.shared
                 .client
                 .publish(reply, payload)
@@ -700,6 +729,8 @@ impl Drop for PullStream {
         let sub = self.sub.take();
         let runtime = tokio::runtime::Handle::try_current();
         if let (Some(mut sub), Ok(runtime)) = (sub, runtime) {
+            self.ctx.phase.send_replace(Phase::Ending);
+            let ctx = self.ctx.clone();
             let shared = self.shared.clone();
             let (stream, consumer, ephemeral) = (
                 self.target.stream.clone(),
@@ -708,6 +739,13 @@ impl Drop for PullStream {
             );
             let tracker = shared.tasks.clone();
             runtime.spawn(tracker.track_future(async move {
+                // Unsubscribe the inbox before any nak: the server handles the UNSUB first
+                // and from then on skips this subscription's pending pull requests (nobody
+                // is interested in their inbox). Nakked first, a message would be
+                // redelivered at once into those requests, to an inbox about to go, and
+                // come back only after `ack_wait`.
+                let drained = sub.drain().await.is_ok();
+                ctx.phase.send_replace(Phase::Unsubscribed);
                 for parked in waiting {
                     if let Some(slot) = parked.slot {
                         shared.release(slot);
@@ -716,7 +754,7 @@ impl Drop for PullStream {
                         let _ = shared.client.publish(reply, NAK).await;
                     }
                 }
-                if sub.drain().await.is_ok() {
+                if drained {
                     let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
                     while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
                         if matches!(msg.status, None | Some(StatusCode::OK)) && !ephemeral {
@@ -735,6 +773,7 @@ impl Drop for PullStream {
                 }
             }));
         } else {
+            self.ctx.phase.send_replace(Phase::Unsubscribed);
             for parked in waiting {
                 if let Some(slot) = parked.slot {
                     self.shared.release(slot);

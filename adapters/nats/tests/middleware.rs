@@ -1,0 +1,29 @@
+//! The backend-generic middleware checks of tidemill-middleware (feature `testing`) against
+//! the NATS server of tests/brokers (`TIDEMILL_NATS_URL`), in JetStream mode: dead letter
+//! after `max_deliveries` (broker-reported attempts and durable counting, with the
+//! consumer replaced midway) and request-reply round trips (reply, error reply, streamed
+//! reply, timeout).
+
+mod common;
+
+use common::NatsBackend;
+use tidemill_testkit::Features;
+
+fn jetstream_features() -> Features {
+    Features {
+        consumer_groups: true,
+        order_per_key: true,
+        persistent: true,
+        replays_old_messages: false,
+        redelivers_on_nack: true,
+        delivery_attempt: true,
+        reconnect: true,
+    }
+}
+
+mod jetstream {
+    tidemill_middleware::middleware_tests!(
+        skip_unless_env = "TIDEMILL_NATS_URL",
+        super::NatsBackend::restarting(super::jetstream_features(), |_| {})
+    );
+}
