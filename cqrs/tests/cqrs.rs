@@ -1055,3 +1055,61 @@ async fn a_second_processor_for_the_same_command_fails_at_start_up() {
     assert!(err.to_string().contains("BookRoom-handler"), "{err}");
     assert_eq!(router.handlers(), vec!["BookRoom-handler".to_owned()]);
 }
+
+#[tokio::test]
+async fn an_event_processor_layer_wraps_each_handler() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mut events = EventProcessor::new(broker.subscriber());
+    events.layer(
+        Retry::new()
+            .max_attempts(2)
+            .backoff(Backoff::new(Duration::from_millis(1))),
+    );
+    for name in ["flaky", "steady"] {
+        let c = calls.clone();
+        events
+            .handle(name, move |_: RoomBooked, ctx: Context| {
+                let c = c.clone();
+                async move {
+                    let first = {
+                        let mut calls = c.lock();
+                        calls.push((name, ctx.attempt()));
+                        calls.iter().filter(|(n, _)| *n == name).count() == 1
+                    };
+                    if name == "flaky" && first {
+                        return Err("not yet".into());
+                    }
+                    Ok(())
+                }
+            })
+            .unwrap();
+    }
+    events.add_to(&router).await.unwrap();
+    start(&router).await;
+    EventBus::new(broker.publisher())
+        .publish(&RoomBooked { room: 4 })
+        .await
+        .unwrap();
+    wait_for("flaky retried, steady once", || {
+        let calls = calls.lock();
+        calls.iter().filter(|(n, _)| *n == "flaky").count() == 2
+            && calls.iter().any(|(n, _)| *n == "steady")
+    })
+    .await;
+    wait_for("both acked", || {
+        broker.group_backlog("events.RoomBooked", "flaky") == Some(0)
+            && broker.group_backlog("events.RoomBooked", "steady") == Some(0)
+    })
+    .await;
+    let calls = calls.lock().clone();
+    assert_eq!(calls.iter().filter(|(n, _)| *n == "steady").count(), 1);
+    let flaky: Vec<_> = calls.iter().filter(|(n, _)| *n == "flaky").collect();
+    assert_eq!(flaky.len(), 2, "{calls:?}");
+    assert!(
+        flaky.iter().all(|(_, attempt)| *attempt == Some(1)),
+        "retried in-process, not redelivered: {calls:?}"
+    );
+    router.close().await.unwrap();
+}
