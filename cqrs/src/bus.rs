@@ -7,7 +7,10 @@ use std::time::Duration;
 use tidemill_core::{Message, Publisher, Subscriber};
 use tidemill_middleware::request_reply::{RequestError, Requester, RequesterConfig};
 
-use crate::{Command, CqrsError, Event, Json, Marshal, TopicNaming, CONTENT_TYPE_KEY, NAME_KEY};
+use crate::{
+    short_type_name, Command, CqrsError, Event, Json, Marshal, TopicNaming, CONTENT_TYPE_KEY,
+    NAME_KEY,
+};
 
 type SendHook = Arc<dyn Fn(&mut Message) + Send + Sync>;
 
@@ -259,10 +262,50 @@ impl<M> CommandClient<M> {
     where
         M: Marshal<C>,
     {
+        self.request(command, timeout).await.map(drop)
+    }
+
+    /// Like [`send_and_wait`](Self::send_and_wait), for a command whose handler was
+    /// registered with
+    /// [`handle_with_result`](crate::CommandProcessor::handle_with_result): returns the
+    /// handler's result, decoded with this bus's marshaler. A handler without a result
+    /// gives [`CqrsError::NoResult`]; a result that does not decode as `R`,
+    /// [`CqrsError::ResultDecode`].
+    pub async fn send_and_wait_for<C: Command, R>(
+        &self,
+        command: &C,
+        timeout: Duration,
+    ) -> Result<R, CqrsError>
+    where
+        M: Marshal<C> + Marshal<R>,
+    {
+        let reply = self.request(command, timeout).await?;
+        if reply.metadata().get(CONTENT_TYPE_KEY).is_none() {
+            return Err(CqrsError::NoResult {
+                name: C::name().into_owned(),
+            });
+        }
+        Marshal::<R>::unmarshal(&self.bus.bus.marshaler, reply.payload()).map_err(|source| {
+            CqrsError::ResultDecode {
+                name: C::name().into_owned(),
+                result: short_type_name::<R>(),
+                source,
+            }
+        })
+    }
+
+    async fn request<C: Command>(
+        &self,
+        command: &C,
+        timeout: Duration,
+    ) -> Result<Message, CqrsError>
+    where
+        M: Marshal<C>,
+    {
         let name = C::name();
         let (topic, msg) = self.bus.bus.message(&name, command)?;
         match self.requester.request_timeout(&topic, msg, timeout).await {
-            Ok(_) => Ok(()),
+            Ok(reply) => Ok(reply),
             Err(RequestError::Handler { kind, message, .. }) => Err(CqrsError::CommandFailed {
                 name: name.into_owned(),
                 topic,

@@ -13,7 +13,7 @@ pub enum CqrsError {
     /// The value could not be encoded.
     #[error("cannot marshal {kind} `{name}`: {source}")]
     Marshal {
-        /// "command" or "event".
+        /// "command", "event" or "command result".
         kind: &'static str,
         /// Its name.
         name: String,
@@ -87,6 +87,29 @@ pub enum CqrsError {
         topic: String,
         /// How long the caller waited.
         timeout: Duration,
+    },
+    /// [`send_and_wait_for`](crate::CommandClient::send_and_wait_for) got an answer without
+    /// a result: the command's handler was registered with `handle`, not
+    /// `handle_with_result`.
+    #[error(
+        "command `{name}` was handled, but its handler returns no result (register it with \
+         CommandProcessor::handle_with_result, or use send_and_wait)"
+    )]
+    NoResult {
+        /// The command name.
+        name: String,
+    },
+    /// The result of [`send_and_wait_for`](crate::CommandClient::send_and_wait_for) did not
+    /// decode as the type asked for.
+    #[error("the result of command `{name}` does not decode as `{result}`: {source}")]
+    ResultDecode {
+        /// The command name.
+        name: String,
+        /// The result type asked for.
+        result: String,
+        /// The marshaler's error.
+        #[source]
+        source: BoxError,
     },
     /// Request-reply failed otherwise (publishing the command, subscribing to replies,
     /// or the client was closed).

@@ -16,7 +16,9 @@
 //!   error comes back as [`CqrsError::CommandFailed`] with kind and message), over
 //!   [request-reply](tidemill_middleware::request_reply); a processor set up
 //!   [`with_replies`](CommandProcessor::with_replies) answers such commands, and handles
-//!   plainly sent ones as before. [`CommandProcessor::layer`] adds tower layers (e.g.
+//!   plainly sent ones as before; handlers registered with
+//!   [`handle_with_result`](CommandProcessor::handle_with_result) send back a typed result
+//!   ([`CommandClient::send_and_wait_for`]). [`CommandProcessor::layer`] adds tower layers (e.g.
 //!   `Retry`) around each handler, inside the reply.
 //! - A message that does not decode (or carries no type name) fails with a permanent
 //!   [`DecodeError`], so poison-queue middleware routes it to the poison topic with the

@@ -15,7 +15,10 @@ use tidemill_middleware::headers;
 use tidemill_middleware::request_reply::{ReplyErrorKind, ReplyPublishFailed};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::{Command, CqrsError, DecodeError, Event, Json, Marshal, TopicNaming, NAME_KEY};
+use crate::{
+    short_type_name, Command, CqrsError, DecodeError, Event, Json, Marshal, TopicNaming,
+    CONTENT_TYPE_KEY, NAME_KEY,
+};
 
 /// What a typed handler gets besides the decoded value: the message it came in.
 #[derive(Clone, Debug)]
@@ -46,7 +49,8 @@ pub enum UnknownTypePolicy {
     Reject,
 }
 
-type Call = Arc<dyn Fn(Message) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
+type Call =
+    Arc<dyn Fn(Message) -> BoxFuture<'static, Result<Vec<Message>, BoxError>> + Send + Sync>;
 
 /// One typed handler, erased.
 #[derive(Clone)]
@@ -56,13 +60,26 @@ struct Registration {
     call: Call,
 }
 
-/// Builds the erased call: decode with `marshaler`, then run `f`.
+/// Builds the erased call of a handler without result.
 fn erase<T, M, F, Fut>(kind: &'static str, type_name: String, marshaler: M, f: F) -> Call
 where
     T: Send + 'static,
     M: Marshal<T>,
     F: Fn(T, Context) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    erase_output(kind, type_name, marshaler, move |value, ctx| {
+        f(value, ctx).map_ok(|()| Vec::new())
+    })
+}
+
+/// Builds the erased call: decode with `marshaler`, then run `f`.
+fn erase_output<T, M, F, Fut>(kind: &'static str, type_name: String, marshaler: M, f: F) -> Call
+where
+    T: Send + 'static,
+    M: Marshal<T>,
+    F: Fn(T, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<Message>, BoxError>> + Send + 'static,
 {
     Arc::new(
         move |message: Message| match marshaler.unmarshal(message.payload()) {
@@ -100,7 +117,7 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    async fn dispatch(self, message: Message) -> Result<(), BoxError> {
+    async fn dispatch(self, message: Message) -> Result<Vec<Message>, BoxError> {
         let Some(name) = message.metadata().get(NAME_KEY) else {
             return Err(permanent(DecodeError::MissingName {
                 kind: self.kind,
@@ -114,7 +131,7 @@ impl Dispatcher {
         }
         if self.siblings.contains(name) {
             tracing::trace!(kind = self.kind, name, "not for this handler; acking");
-            return Ok(());
+            return Ok(Vec::new());
         }
         match self.policy {
             UnknownTypePolicy::AckAndCount => {
@@ -125,7 +142,7 @@ impl Dispatcher {
                     uuid = message.uuid(),
                     "no handler for this type; acking it (UnknownTypePolicy::AckAndCount)"
                 );
-                Ok(())
+                Ok(Vec::new())
             }
             UnknownTypePolicy::Reject => Err(permanent(DecodeError::UnknownType {
                 kind: self.kind,
@@ -149,7 +166,7 @@ impl Dispatcher {
     ) -> Result<(), CqrsError> {
         let dispatcher = self;
         let mut service = BoxHandler::new(tower::service_fn(move |message: Message| {
-            dispatcher.clone().dispatch(message).map_ok(|()| Vec::new())
+            dispatcher.clone().dispatch(message)
         }));
         for wrap in layers.iter().rev() {
             service = wrap(service);
@@ -205,7 +222,7 @@ impl Service<Message> for ReplyIfRequested {
         let (Some(reply_to), Some(request_id)) =
             (md.get(headers::REPLY_TO), md.get(headers::REQUEST_ID))
         else {
-            return self.inner.call(message);
+            return discard_output(self.inner.call(message));
         };
         let (reply_to, request_id) = (reply_to.to_owned(), request_id.to_owned());
         let Some(publisher) = self.replies.clone() else {
@@ -216,23 +233,31 @@ impl Service<Message> for ReplyIfRequested {
                 "a sender waits for this command's verdict, but the processor has no reply \
                  publisher (CommandProcessor::with_replies); handling it without replying"
             );
-            return self.inner.call(message);
+            return discard_output(self.inner.call(message));
         };
         let handled = self.inner.call(message);
         Box::pin(async move {
-            let mut reply = Message::new("");
-            let md = reply.metadata_mut();
-            match handled.await {
-                Ok(_) => md.set(headers::REPLY_STATUS, "ok"),
+            let mut reply = match handled.await {
+                // The handler's result (handle_with_result), or an empty "done".
+                Ok(out) => {
+                    let mut reply = out.into_iter().next().unwrap_or_else(|| Message::new(""));
+                    reply.set_context(None);
+                    reply.metadata_mut().set(headers::REPLY_STATUS, "ok");
+                    reply
+                }
                 Err(error) => {
                     let kind = ReplyErrorKind::of(&error);
                     let text = error_text(error.as_ref());
                     tracing::debug!(%request_id, %kind, error = %text, "command failed; replying with the error");
+                    let mut reply = Message::new("");
+                    let md = reply.metadata_mut();
                     md.set(headers::REPLY_STATUS, "error");
                     md.set(headers::REPLY_ERROR_KIND, kind.as_str());
                     md.set(headers::REPLY_ERROR, text);
+                    reply
                 }
-            }
+            };
+            let md = reply.metadata_mut();
             md.set(headers::REQUEST_ID, &request_id);
             md.set(headers::REPLY_SEQ, 1);
             md.set(headers::REPLY_COUNT, 1);
@@ -247,6 +272,14 @@ impl Service<Message> for ReplyIfRequested {
             Ok(Vec::new())
         })
     }
+}
+
+/// Handler results only travel as replies: a plainly sent command's result is dropped (the
+/// router handler has no output topic).
+fn discard_output(
+    handled: BoxFuture<'static, Result<Vec<Message>, BoxError>>,
+) -> BoxFuture<'static, Result<Vec<Message>, BoxError>> {
+    Box::pin(handled.map_ok(|_| Vec::new()))
 }
 
 /// An error with its sources, cut to [`MAX_REPLY_ERROR`] bytes.
@@ -413,6 +446,57 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
             return Err(CqrsError::DuplicateCommandHandler(name));
         }
         let call = erase("command", name.clone(), self.marshaler.clone(), f);
+        self.handlers.push(Registration {
+            type_name: name,
+            call,
+        });
+        Ok(self)
+    }
+
+    /// Registers the handler of command `C`, whose result `R` goes back to a sender using
+    /// [`send_and_wait_for`](crate::CommandClient::send_and_wait_for) (marshaled like the
+    /// commands). For a plainly sent command the result is dropped. A second handler for
+    /// the same command type is an error.
+    pub fn handle_with_result<C, R, F, Fut>(&mut self, f: F) -> Result<&mut Self, CqrsError>
+    where
+        C: Command,
+        R: Send + 'static,
+        M: Marshal<C> + Marshal<R>,
+        F: Fn(C, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, BoxError>> + Send + 'static,
+    {
+        let name = C::name().into_owned();
+        if self.handlers.iter().any(|h| h.type_name == name) {
+            return Err(CqrsError::DuplicateCommandHandler(name));
+        }
+        let marshaler = self.marshaler.clone();
+        let result_name = short_type_name::<R>();
+        let f = Arc::new(f);
+        let call = erase_output(
+            "command",
+            name.clone(),
+            self.marshaler.clone(),
+            move |command: C, ctx: Context| {
+                let (marshaler, result_name, f) =
+                    (marshaler.clone(), result_name.clone(), f.clone());
+                async move {
+                    let result = f(command, ctx).await?;
+                    let payload = Marshal::<R>::marshal(&marshaler, &result).map_err(|source| {
+                        permanent(CqrsError::Marshal {
+                            kind: "command result",
+                            name: result_name.clone(),
+                            source,
+                        })
+                    })?;
+                    Ok(vec![Message::new(payload)
+                        .with_metadata(NAME_KEY, result_name)
+                        .with_metadata(
+                            CONTENT_TYPE_KEY,
+                            Marshal::<R>::content_type(&marshaler),
+                        )])
+                }
+            },
+        );
         self.handlers.push(Registration {
             type_name: name,
             call,

@@ -1113,3 +1113,104 @@ async fn an_event_processor_layer_wraps_each_handler() {
     );
     router.close().await.unwrap();
 }
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Quote {
+    room: u32,
+    cents: u64,
+}
+
+#[tokio::test]
+async fn send_and_wait_for_returns_the_handlers_typed_result() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let errors = RecordErrors::default();
+    router.layer(errors.clone());
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let mut commands = CommandProcessor::new(broker.subscriber()).with_replies(broker.publisher());
+    commands
+        .handle_with_result(move |cmd: BookRoom, _| {
+            let h = h.clone();
+            async move {
+                if cmd.room == 13 {
+                    return Err(permanent("there is no room 13"));
+                }
+                h.lock().push(cmd.room);
+                Ok(Quote {
+                    room: cmd.room,
+                    cents: 12_000,
+                })
+            }
+        })
+        .unwrap();
+    assert!(matches!(
+        commands.handle(|_: BookRoom, _| async { Ok(()) }),
+        Err(CqrsError::DuplicateCommandHandler(_))
+    ));
+    commands.add_to(&router).await.unwrap();
+    start(&router).await;
+    let client = client(&broker).await;
+
+    let quote: Quote = client
+        .send_and_wait_for(&book(101, "Ada"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        quote,
+        Quote {
+            room: 101,
+            cents: 12_000
+        }
+    );
+    // Without asking for the result, and by plain send (the result is dropped).
+    client.send_and_wait(&book(102, "Bo"), WAIT).await.unwrap();
+    client.send(&book(103, "Cy")).await.unwrap();
+    wait_for("plain send handled", || handled.lock().len() == 3).await;
+    wait_for("acked", || {
+        broker.group_backlog("commands.BookRoom", "BookRoom-handler") == Some(0)
+    })
+    .await;
+    // Errors come back as with send_and_wait.
+    let err = client
+        .send_and_wait_for::<_, Quote>(&book(13, "Di"), WAIT)
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_permanent() && err.to_string().contains("no room 13"),
+        "{err}"
+    );
+    // A result of another shape does not decode.
+    let err = client
+        .send_and_wait_for::<_, Vec<String>>(&book(104, "Ed"), WAIT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CqrsError::ResultDecode { name, result, .. }
+            if name == "BookRoom" && result == "Vec<String>"),
+        "{err}"
+    );
+    assert!(errors.0.lock().is_empty(), "{:?}", errors.0.lock());
+    client.close().await;
+    router.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn send_and_wait_for_a_handler_without_result_says_so() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    booking_service(&broker, &router).await;
+    start(&router).await;
+    let client = client(&broker).await;
+    let err = client
+        .send_and_wait_for::<_, Quote>(&book(101, "Ada"), WAIT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CqrsError::NoResult { name } if name == "BookRoom"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("handle_with_result"), "{err}");
+    client.close().await;
+    router.close().await.unwrap();
+}
