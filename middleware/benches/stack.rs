@@ -1,12 +1,20 @@
 //! The reliability stack's overhead: retry + correlation id + recoverer + dead letter on a
-//! handler that never fails, against the plain scenario measured in the same run (the same
-//! setup as core's `router` bench: N messages of 100 bytes, published in batches of 1,000
-//! by one publisher, timed from the first publish to the N-th message handled; median of
-//! three runs after a warm-up). `BENCH_MESSAGES` sets N (default 1,000,000), `BENCH_RUNS`
-//! the number of measured runs (default 3); arguments name the scenarios to run besides
-//! `plain` (`stack`, `router-stack`), `BENCH_NO_PLAIN=1` skips `plain` (for profiling one
-//! scenario); `BENCH_ONLY=correlation|dead-letter|retry|recoverer` runs the `stack`
-//! scenario with that one layer.
+//! handler that never fails, against the plain scenario (the same setup as core's `router`
+//! bench: N messages of 100 bytes, published in batches of 1,000 by one publisher, timed
+//! from the first publish to the N-th message handled).
+//!
+//! Rounds: after a warm-up, each round runs every scenario once, in rotating order, so load
+//! from other processes hits all scenarios alike; the report gives medians over rounds and,
+//! for the ratios, the median of each round's ratio to plain. Besides msg/s it reports the
+//! CPU time of the whole process per message (all threads, from /proc), which other
+//! processes on a shared machine disturb far less; its ratio is plain's CPU over the
+//! scenario's (below 1: the scenario costs more).
+//!
+//! `BENCH_MESSAGES` sets N (default 1,000,000), `BENCH_RUNS` the rounds (default 5);
+//! arguments name the scenarios to run besides `plain` (`stack`, `router-stack`),
+//! `BENCH_NO_PLAIN=1` skips `plain` (for profiling one scenario);
+//! `BENCH_ONLY=correlation|dead-letter|retry|recoverer` runs the `stack` scenario with that
+//! one layer; `BENCH_DISTINCT_PAYLOADS=1` gives every message its own payload buffer.
 //!
 //! Run: `cargo bench -p tidemill-middleware --bench stack`
 
@@ -20,8 +28,8 @@ use tidemill_middleware::{CorrelationId, DeadLetter, Recoverer, Retry};
 use tokio::sync::Notify;
 
 const BATCH: usize = 1_000;
-/// Measured runs per scenario by default (`BENCH_RUNS` changes it); the median is reported.
-const RUNS: usize = 3;
+/// Measured rounds by default (`BENCH_RUNS` changes it); medians over rounds are reported.
+const RUNS: usize = 5;
 
 #[derive(Clone)]
 struct Counter {
@@ -149,6 +157,45 @@ async fn run(scenario: Scenario, n: usize) -> Duration {
     elapsed
 }
 
+/// CPU time used so far by every thread of this process, from
+/// `/proc/self/task/*/schedstat` (nanoseconds; `None` where unavailable). Less sensitive
+/// than wall-clock time to other processes on a shared machine.
+fn process_cpu() -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        // A thread may have ended since the directory was read.
+        let Ok(stat) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// One measured run: wall-clock time and CPU time of the whole process.
+fn measure(
+    runtime: &tokio::runtime::Runtime,
+    scenario: Scenario,
+    n: usize,
+) -> (Duration, Option<Duration>) {
+    let cpu_before = process_cpu();
+    let elapsed = runtime.block_on(run(scenario, n));
+    let cpu = match (cpu_before, process_cpu()) {
+        (Some(before), Some(after)) => after.checked_sub(before),
+        _ => None,
+    };
+    (elapsed, cpu)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn main() {
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -169,46 +216,66 @@ fn main() {
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("cannot build the runtime: {e}"));
+    // Plain always runs (the ratios need it) unless BENCH_NO_PLAIN=1 (for profiling one
+    // scenario); the others run when no filter is given or one names them exactly.
+    let scenarios: Vec<(Scenario, &str)> = [
+        (Scenario::Plain, "plain"),
+        (Scenario::Stack, "stack"),
+        (Scenario::RouterStack, "router-stack"),
+    ]
+    .into_iter()
+    .filter(|(scenario, name)| match scenario {
+        Scenario::Plain => !no_plain,
+        _ => filter.is_empty() || filter.iter().any(|f| f == name),
+    })
+    .collect();
     println!(
-        "middleware stack on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, median of {runs} runs, {} cores",
+        "middleware stack on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, {runs} rounds, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("{:<13} {:>14} {:>12}", "scenario", "msg/s", "seconds");
-    let mut plain_rate = None;
-    for scenario in [Scenario::Plain, Scenario::Stack, Scenario::RouterStack] {
-        let name = match scenario {
-            Scenario::Plain => "plain",
-            Scenario::Stack => "stack",
-            Scenario::RouterStack => "router-stack",
-        };
-        // Plain always runs (the ratios need it) unless BENCH_NO_PLAIN=1 (for profiling one
-        // scenario); the others run when no filter is given or one names them exactly.
-        let wanted = match scenario {
-            Scenario::Plain => !no_plain,
-            _ => filter.is_empty() || filter.iter().any(|f| f == name),
-        };
-        if !wanted {
-            continue;
+    println!(
+        "each round runs every scenario once, in rotating order; figures are medians over rounds, \
+         ratios the median of each round's ratio to plain"
+    );
+    for &(scenario, _) in &scenarios {
+        runtime.block_on(run(scenario, n / 10)); // warm-up
+    }
+    // Per scenario: msg/s and CPU µs per message, one entry per round.
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
+    for round in 0..runs {
+        for k in 0..scenarios.len() {
+            let i = (round + k) % scenarios.len();
+            let (elapsed, cpu) = measure(&runtime, scenarios[i].0, n);
+            rates[i].push(n as f64 / elapsed.as_secs_f64());
+            cpus[i].push(cpu.map_or(f64::NAN, |c| c.as_secs_f64() * 1e6 / n as f64));
         }
-        runtime.block_on(run(scenario, n / 10));
-        let mut times: Vec<Duration> = (0..runs)
-            .map(|_| runtime.block_on(run(scenario, n)))
-            .collect();
-        times.sort();
-        let elapsed = times[times.len() / 2];
-        let rate = n as f64 / elapsed.as_secs_f64();
-        let ratio = match plain_rate {
-            Some(plain) if scenario != Scenario::Plain => {
-                format!("  ({:.2}x plain)", rate / plain)
+    }
+    let plain = scenarios.iter().position(|(s, _)| *s == Scenario::Plain);
+    println!(
+        "{:<13} {:>12} {:>10} {:>14} {:>10}",
+        "scenario", "msg/s", "vs plain", "CPU µs/msg", "vs plain"
+    );
+    for (i, (_, name)) in scenarios.iter().enumerate() {
+        let ratio = |values: &[Vec<f64>], invert: bool| match plain {
+            Some(p) if p != i => {
+                let r = median(
+                    values[i]
+                        .iter()
+                        .zip(&values[p])
+                        .map(|(x, base)| if invert { base / x } else { x / base })
+                        .collect(),
+                );
+                format!("{r:.2}x")
             }
             _ => String::new(),
         };
         println!(
-            "{name:<13} {rate:>14.0} {:>12.3}{ratio}",
-            elapsed.as_secs_f64()
+            "{name:<13} {:>12.0} {:>10} {:>14.3} {:>10}",
+            median(rates[i].clone()),
+            ratio(&rates, false),
+            median(cpus[i].clone()),
+            ratio(&cpus, true),
         );
-        if scenario == Scenario::Plain {
-            plain_rate = Some(rate);
-        }
     }
 }
