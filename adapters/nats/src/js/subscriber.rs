@@ -739,12 +739,25 @@ impl Drop for PullStream {
             );
             let tracker = shared.tasks.clone();
             runtime.spawn(tracker.track_future(async move {
-                // Unsubscribe the inbox before any nak: the server handles the UNSUB first
-                // and from then on skips this subscription's pending pull requests (nobody
-                // is interested in their inbox). Nakked first, a message would be
-                // redelivered at once into those requests, to an inbox about to go, and
-                // come back only after `ack_wait`.
-                let drained = sub.drain().await.is_ok();
+                // Unsubscribe the inbox and take in what the server still sends to it
+                // before any nak. The server handles the UNSUB before the naks and from
+                // then on skips this subscription's pending pull requests (nobody is
+                // interested in their inbox); nakked earlier, a message would be
+                // redelivered into those requests and come back only after `ack_wait`.
+                // Nothing is sent on the connection while the inbox drains: async-nats
+                // drops the inbox at the first wake-up of its connection after the UNSUB
+                // went out, and a message the server sent before handling the UNSUB but
+                // still on the wire then is lost (until `ack_wait`). Undisturbed, that
+                // wake-up is the PONG answering the drain, after every such message.
+                let mut read_ahead = Vec::new();
+                if sub.drain().await.is_ok() {
+                    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+                    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
+                        if matches!(msg.status, None | Some(StatusCode::OK)) {
+                            read_ahead.extend(msg.reply);
+                        }
+                    }
+                }
                 ctx.phase.send_replace(Phase::Unsubscribed);
                 for parked in waiting {
                     if let Some(slot) = parked.slot {
@@ -754,14 +767,9 @@ impl Drop for PullStream {
                         let _ = shared.client.publish(reply, NAK).await;
                     }
                 }
-                if drained {
-                    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
-                    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-                        if matches!(msg.status, None | Some(StatusCode::OK)) && !ephemeral {
-                            if let Some(reply) = msg.reply {
-                                let _ = shared.client.publish(reply, NAK).await;
-                            }
-                        }
+                if !ephemeral {
+                    for reply in read_ahead {
+                        let _ = shared.client.publish(reply, NAK).await;
                     }
                 }
                 if ephemeral {
