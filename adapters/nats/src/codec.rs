@@ -231,17 +231,30 @@ pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes, origin: Origin
     message
 }
 
-/// FNV-1a (64 bits) of the uuid, metadata, key and payload, each length-prefixed: what
-/// makes two publishes of one uuid the same message for JetStream's deduplication. Stable
-/// across processes and versions (metadata iterates in key order).
+/// A 64-bit hash of the uuid, metadata, key and payload, each length-prefixed: what makes
+/// two publishes of one uuid the same message for JetStream's deduplication. Eight bytes at
+/// a time with a final mix (it runs on every publish and every delivery); stable across
+/// processes and versions (metadata iterates in key order). Not meant to resist deliberate
+/// collisions: it tells apart messages that share a uuid.
 fn content_hash(uuid: &str, metadata: &Metadata, key: Option<&Bytes>, payload: &[u8]) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET;
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut word = |w: u64| {
+        hash = (hash ^ w).wrapping_mul(K).rotate_left(29);
+    };
     let mut feed = |bytes: &[u8]| {
-        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
-            hash ^= u64::from(*b);
-            hash = hash.wrapping_mul(PRIME);
+        word(bytes.len() as u64);
+        let mut chunks = bytes.chunks_exact(8);
+        for c in chunks.by_ref() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            word(u64::from_le_bytes(b));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            word(u64::from_le_bytes(b));
         }
     };
     feed(uuid.as_bytes());
@@ -257,7 +270,12 @@ fn content_hash(uuid: &str, metadata: &Metadata, key: Option<&Bytes>, payload: &
         None => feed(b""),
     }
     feed(payload);
-    hash
+    // splitmix64's finalizer.
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
 }
 
 /// The uuid inside a `Nats-Msg-Id` this codec wrote (`{uuid}.{hash}` with the hash of this
