@@ -3,17 +3,21 @@
 //! - **publish**: N messages of 100 bytes in batches of 1,000; raw: `FutureProducer::
 //!   send_result` for each record of a batch, then await every delivery future; Tidemill:
 //!   `KafkaPublisher::publish(topic, batch)`. Same producer settings (idempotent,
-//!   `acks=all`, librdkafka defaults otherwise).
-//! - **consume**: the same N records (the topic Tidemill published to), each side in a
-//!   fresh consumer group from the start of the topic; raw: `StreamConsumer::recv` and
+//!   `acks=all`, librdkafka defaults otherwise). A Tidemill record carries its uuid in a
+//!   header (`tidemill-uuid`), so raw is measured twice: bare records, and records with the
+//!   same uuid header (the same records on the wire; the headline ratio).
+//! - **consume**: N records of 100 bytes written by the raw producer (no headers: Tansu
+//!   0.6 looks headers up without an index, so fetching records with headers gets slower
+//!   the more headers the broker holds, for both clients alike), each side in a fresh
+//!   consumer group from the start of the topic; raw: `StreamConsumer::recv` and
 //!   `store_offset_from_message` for each record with auto-commit (at-least-once, like an
 //!   ack); Tidemill: `KafkaSubscriber::subscribe(group)`, `ack()` each delivery. Timed
 //!   from the first record to the N-th (the group join is not part of it).
 //!
-//! Each measurement alternates raw and Tidemill and repeats `TIDEMILL_BENCH_RUNS` times
-//! (default 3); the median is reported. Environment: `TIDEMILL_KAFKA_BROKERS` (default
-//! `127.0.0.1:9093`), `TIDEMILL_BENCH_MESSAGES` (N, default 100,000),
-//! `TIDEMILL_BENCH_PARTITIONS` (default 1).
+//! Each round measures raw and Tidemill on fresh topics, alternating which goes first;
+//! `TIDEMILL_BENCH_RUNS` rounds (default 3), the median is reported. Environment:
+//! `TIDEMILL_KAFKA_BROKERS` (default `127.0.0.1:9093`), `TIDEMILL_BENCH_MESSAGES` (N,
+//! default 20,000), `TIDEMILL_BENCH_PARTITIONS` (default 1).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -23,7 +27,7 @@ use futures::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
@@ -31,6 +35,8 @@ use tidemill_kafka::{KafkaConfig, KafkaPublisher, KafkaSubscriber, StartFrom};
 
 const BATCH: usize = 1_000;
 const PAYLOAD: usize = 100;
+/// A consumer that receives nothing for this long has stalled: the bench fails.
+const STALL: Duration = Duration::from_secs(30);
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -72,7 +78,27 @@ async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     }
 }
 
-async fn publish_raw(producer: &FutureProducer, topic: &str, n: usize) -> Duration {
+/// Deletes the bench's topics, so that repeated runs do not fill the test broker.
+async fn delete_topics(brokers: &str, topics: &[String]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    if let Err(e) = admin.delete_topics(&names, &opts).await {
+        eprintln!("deleting the bench topics failed: {e}");
+    }
+}
+
+/// Publishes `n` records; with `uuid_header`, each carries a fresh uuid in the header
+/// Tidemill uses, like a Tidemill message.
+async fn publish_raw(
+    producer: &FutureProducer,
+    topic: &str,
+    n: usize,
+    uuid_header: bool,
+) -> Duration {
     let payload = [b'x'; PAYLOAD];
     let started = Instant::now();
     let mut sent = 0;
@@ -81,6 +107,13 @@ async fn publish_raw(producer: &FutureProducer, topic: &str, n: usize) -> Durati
         let mut pending = Vec::with_capacity(count);
         for _ in 0..count {
             let mut record = FutureRecord::<(), [u8]>::to(topic).payload(&payload[..]);
+            if uuid_header {
+                let id = uuid::Uuid::new_v4().hyphenated().to_string();
+                record = record.headers(OwnedHeaders::new_with_capacity(1).insert(Header {
+                    key: "tidemill-uuid",
+                    value: Some(&id),
+                }));
+            }
             loop {
                 match producer.send_result(record) {
                     Ok(f) => {
@@ -129,8 +162,13 @@ async fn consume_raw(brokers: &str, topic: &str, n: usize) -> Duration {
         .expect("raw consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let mut started = None;
-    for _ in 0..n {
-        let m = consumer.recv().await.expect("record");
+    for i in 0..n {
+        let m = tokio::time::timeout(STALL, consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("raw consumer: record {i} of {n} not received within {STALL:?}")
+            })
+            .expect("record");
         started.get_or_insert_with(Instant::now);
         black_box(m.payload());
         consumer
@@ -149,8 +187,14 @@ async fn consume_tidemill(config: &KafkaConfig, topic: &str, n: usize) -> Durati
         .await
         .expect("subscribe");
     let mut started = None;
-    for _ in 0..n {
-        let d = stream.next().await.expect("stream open").expect("delivery");
+    for i in 0..n {
+        let d = tokio::time::timeout(STALL, stream.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("tidemill: delivery {i} of {n} not received within {STALL:?}")
+            })
+            .expect("stream open")
+            .expect("delivery");
         started.get_or_insert_with(Instant::now);
         black_box(d.message().payload());
         d.ack().await.expect("ack");
@@ -180,7 +224,7 @@ fn report(what: &str, n: usize, raw: Duration, tidemill: Duration) {
 fn main() {
     let brokers =
         std::env::var("TIDEMILL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".into());
-    let n: usize = env_or("TIDEMILL_BENCH_MESSAGES", 100_000);
+    let n: usize = env_or("TIDEMILL_BENCH_MESSAGES", 20_000);
     let runs: usize = env_or("TIDEMILL_BENCH_RUNS", 3).max(1);
     let partitions: i32 = env_or("TIDEMILL_BENCH_PARTITIONS", 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -202,27 +246,48 @@ fn main() {
         // Warm-up: connections, metadata, topic creation paths.
         let warm = unique("warmup");
         create_topic(&brokers, &warm, partitions).await;
-        publish_raw(&producer, &warm, BATCH).await;
+        publish_raw(&producer, &warm, BATCH, true).await;
         publish_tidemill(&publisher, &warm, BATCH).await;
 
-        let (mut raw_pub, mut tm_pub, mut topics) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..runs {
+        let (mut bare, mut raw_pub, mut tm_pub) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut raw_con, mut tm_con) = (Vec::new(), Vec::new());
+        let mut created = vec![warm];
+        for round in 0..runs {
+            let raw_first = round % 2 == 0;
+            let bare_topic = unique("bare");
+            create_topic(&brokers, &bare_topic, partitions).await;
             let raw_topic = unique("raw");
             create_topic(&brokers, &raw_topic, partitions).await;
-            raw_pub.push(publish_raw(&producer, &raw_topic, n).await);
             let tm_topic = unique("tidemill");
             publisher.ensure_topic(&tm_topic).await.expect("topic");
-            tm_pub.push(publish_tidemill(&publisher, &tm_topic, n).await);
-            topics.push(tm_topic);
+            created.extend([bare_topic.clone(), raw_topic.clone(), tm_topic.clone()]);
+            if raw_first {
+                bare.push(publish_raw(&producer, &bare_topic, n, false).await);
+                raw_pub.push(publish_raw(&producer, &raw_topic, n, true).await);
+                tm_pub.push(publish_tidemill(&publisher, &tm_topic, n).await);
+            } else {
+                tm_pub.push(publish_tidemill(&publisher, &tm_topic, n).await);
+                raw_pub.push(publish_raw(&producer, &raw_topic, n, true).await);
+                bare.push(publish_raw(&producer, &bare_topic, n, false).await);
+            }
+            // Both consume the bare records (see the module docs).
+            if raw_first {
+                raw_con.push(consume_raw(&brokers, &bare_topic, n).await);
+                tm_con.push(consume_tidemill(&config, &bare_topic, n).await);
+            } else {
+                tm_con.push(consume_tidemill(&config, &bare_topic, n).await);
+                raw_con.push(consume_raw(&brokers, &bare_topic, n).await);
+            }
         }
-        report("publish", n, median(raw_pub), median(tm_pub));
-
-        let (mut raw_con, mut tm_con) = (Vec::new(), Vec::new());
-        for topic in &topics {
-            raw_con.push(consume_raw(&brokers, topic, n).await);
-            tm_con.push(consume_tidemill(&config, topic, n).await);
-        }
+        let (bare, tm_pub) = (median(bare), median(tm_pub));
+        report("publish", n, median(raw_pub), tm_pub);
+        println!(
+            "         (raw rdkafka without the uuid header {:>10.0} msg/s; tidemill / that = {:.2})",
+            rate(n, bare),
+            rate(n, tm_pub) / rate(n, bare)
+        );
         report("consume", n, median(raw_con), median(tm_con));
         publisher.close().await.expect("close");
+        delete_topics(&brokers, &created).await;
     });
 }
