@@ -9,7 +9,9 @@
 //!   payload plus a `tidemill-uuid` attribute holding a 36-character uuid);
 //! - `tidemill`: `GoogleCloudPublisher` / `GoogleCloudSubscriber`.
 //!
-//! For each side:
+//! For each side (set-up outside the timed sections: topic, subscription, the per-topic
+//! publisher; Tidemill's is built by publishing one message first, which the consume side
+//! then counts):
 //!
 //! - publish: N messages of 100 bytes, in batches of 1,000 (raw: 1,000 `publish` futures
 //!   awaited together; Tidemill: `publish(topic, batch)`), timed until every publish is
@@ -20,11 +22,12 @@
 //!
 //! Every side uses the same client settings: batches of up to 100 messages / 1 MB / 10 ms,
 //! streaming pull with 1,000 outstanding messages and 100 MiB, 60 s lease extension, ack
-//! deadline 10 s. The best round of each side is reported (the machine and the emulator
-//! are shared, so single rounds are noisy).
+//! deadline 10 s. Reported: the median of the rounds' rates, and the median of the
+//! rounds' own Tidemill/raw ratios (each round's sides run back to back, so a ratio is less
+//! exposed to the load of the shared machine drifting between rounds).
 //!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 20,000), `TIDEMILL_BENCH_ROUNDS`
-//! (default 5), `TIDEMILL_BENCH_ONLY=raw|raw-uuid|tidemill` (one side only, for profiling).
+//! (default 9), `TIDEMILL_BENCH_ONLY=raw|raw-uuid|tidemill` (one side only, for profiling).
 
 use std::time::{Duration, Instant};
 
@@ -63,7 +66,7 @@ fn main() -> Result<(), BoxError> {
         return Ok(());
     };
     let n = env_usize("TIDEMILL_BENCH_MESSAGES", 20_000);
-    let rounds = env_usize("TIDEMILL_BENCH_ROUNDS", 5);
+    let rounds = env_usize("TIDEMILL_BENCH_ROUNDS", 9);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -76,13 +79,9 @@ struct Figures {
     consume: f64,
 }
 
-impl Figures {
-    fn best(self, other: Figures) -> Figures {
-        Figures {
-            publish: self.publish.max(other.publish),
-            consume: self.consume.max(other.consume),
-        }
-    }
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }
 
 async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
@@ -114,7 +113,7 @@ async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     // Three sides per round, the order rotating: the raw client with bare payloads, the
     // raw client with the same bytes on the wire as Tidemill (payload + a `tidemill-uuid`
     // attribute), and Tidemill.
-    let mut best = [Figures::default(); 3];
+    let mut rows: Vec<[Figures; 3]> = Vec::new();
     for round in 0..rounds {
         let mut figures = [Figures::default(); 3];
         for k in 0..3 {
@@ -137,30 +136,35 @@ async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
             figures[1].consume,
             figures[2].consume,
         );
-        for (b, f) in best.iter_mut().zip(figures) {
-            *b = b.best(f);
-        }
+        rows.push(figures);
     }
-    let [bare, same, tidemill] = best;
+    let rate = |side: usize, get: fn(&Figures) -> f64| {
+        median(rows.iter().map(|r| get(&r[side])).collect())
+    };
+    let ratio = |base: usize, get: fn(&Figures) -> f64| {
+        median(rows.iter().map(|r| get(&r[2]) / get(&r[base])).collect())
+    };
+    let publish: fn(&Figures) -> f64 = |f| f.publish;
+    let consume: fn(&Figures) -> f64 = |f| f.consume;
     println!();
     println!(
-        "best of {rounds} rounds, {n} x {PAYLOAD} B   raw msg/s   raw+uuid msg/s   tidemill msg/s   tidemill/raw+uuid   tidemill/raw"
+        "| {n} x {PAYLOAD} B | raw (msg/s) | raw+uuid (msg/s) | tidemill (msg/s) | tidemill / raw+uuid | tidemill / raw |"
     );
-    for (what, b, s, t) in [
-        ("publish", bare.publish, same.publish, tidemill.publish),
-        ("consume", bare.consume, same.consume, tidemill.consume),
-    ] {
+    println!("|---|---|---|---|---|---|");
+    for (what, get) in [("publish", publish), ("consume", consume)] {
         println!(
-            "{what:<32} {b:>9.0}   {s:>14.0}   {t:>14.0}   {:>17.2}   {:>12.2}",
-            t / s,
-            t / b
+            "| {what} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x |",
+            rate(0, get),
+            rate(1, get),
+            rate(2, get),
+            ratio(1, get),
+            ratio(0, get)
         );
     }
+    println!("(msg/s: median of the {rounds} rounds; ratios: median of the rounds' own ratios)");
     // Rows for `make bench` (BENCHMARKS.md); the first of a group is its baseline.
-    for (what, b, s, t) in [
-        ("publish", bare.publish, same.publish, tidemill.publish),
-        ("consume", bare.consume, same.consume, tidemill.consume),
-    ] {
+    for (what, get) in [("publish", publish), ("consume", consume)] {
+        let (b, s, t) = (rate(0, get), rate(1, get), rate(2, get));
         let group = format!("pubsub emulator {what} ({n} × {PAYLOAD} B)");
         record(&Row::new(&group, "raw google-cloud-pubsub", b));
         record(&Row::new(
@@ -170,8 +174,9 @@ async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         ));
         record(
             &Row::new(&group, "tidemill-googlecloud", t).with_note(format!(
-                "best of {rounds} rounds; {:.2}x raw+uuid (same bytes on the wire)",
-                t / s
+                "median of {rounds} rounds; tidemill/raw per round {:.2}x, tidemill/raw+uuid (same bytes on the wire) {:.2}x",
+                ratio(0, get),
+                ratio(1, get)
             )),
         );
     }
@@ -327,14 +332,24 @@ impl Tidemill {
             .chunks(BATCH)
             .map(|c| c.iter().map(|i| Message::new(payload(*i))).collect())
             .collect();
+        // Set-up outside the timed section, as for the raw client (which creates its topic
+        // and builds its per-topic publisher first): one message makes the publisher check
+        // the topic and build its per-topic batching publisher.
+        self.publisher
+            .publish_one(&topic, Message::new(payload(n)))
+            .await?;
         let started = Instant::now();
         for batch in batches {
             self.publisher.publish(&topic, batch).await?;
         }
         let publish = rate(n, started.elapsed());
 
-        let started = Instant::now();
+        // Likewise `subscribe` makes sure topic and subscription exist before the clock
+        // starts (the raw client created its subscription beforehand); the streaming pull
+        // opens on the first read, on both sides.
         let mut stream = self.subscriber.subscribe(&topic, group).await?;
+        let started = Instant::now();
+        let n = n + 1; // with the set-up message
         let mut received = 0;
         while received < n {
             let item = tokio::time::timeout(LIMIT, stream.next())
