@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use tidemill_core::{DeliveryStream, Message, Publisher, Result, SubscribeOptions, Subscriber};
 use tidemill_middleware::testing::request_reply_load;
 use tidemill_nats::{NatsConfig, NatsPublisher, NatsSubscriber};
+use tidemill_testkit::bench::{record, Row};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -75,6 +76,15 @@ async fn run(url: String, n: usize) -> std::result::Result<(), BoxError> {
         println!(
             "{concurrency:<14} {:>12.0} {:>12?} {:>12?}",
             r.per_second, r.p50, r.p99
+        );
+        // For `make bench` (BENCHMARKS.md); nothing when run by hand.
+        record(
+            &Row::new(
+                format!("nats jetstream request-reply, {concurrency} concurrent"),
+                "tidemill-middleware",
+                r.per_second,
+            )
+            .with_note(format!("p50 {:?}, p99 {:?}", r.p50, r.p99)),
         );
         subscriber.close().await?;
         publisher.close().await?;

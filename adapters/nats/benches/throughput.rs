@@ -44,6 +44,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
 use tidemill_nats::{NatsConfig, NatsMode, NatsPublisher, NatsSubscriber};
+use tidemill_testkit::bench::{record, Row};
 
 const PAYLOAD: usize = 100;
 const BATCH: usize = 1_000;
@@ -181,6 +182,14 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     );
     for (label, what, r, t, ratio) in summary {
         println!("{label:<10} {what:<8}                {r:>11.0}   {t:>14.0}   {ratio:.2}");
+        // For `make bench` (BENCHMARKS.md); nothing when run by hand.
+        let group = format!("nats {label} {what}");
+        record(&Row::new(group.as_str(), "raw async-nats", r));
+        record(
+            &Row::new(group.as_str(), "tidemill-nats", t).with_note(format!(
+                "median of {rounds} rounds; median per-round ratio {ratio:.2}"
+            )),
+        );
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ fn jetstream_features() -> Features {
 }
 
 mod jetstream {
+    // Straight to the server (no fault proxy): these checks never disrupt the broker.
     tidemill_middleware::middleware_tests!(
         skip_unless_env = "TIDEMILL_NATS_URL",
         super::NatsBackend::restarting(super::jetstream_features(), |_| {})
