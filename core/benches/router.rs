@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tidemill_testkit::bench::{record, PeakRss, Row};
 
 use bytes::Bytes;
 use tidemill_core::{HandlerResult, MemoryBroker, Message, Publisher, Router};
@@ -164,19 +165,6 @@ async fn run(scenario: Scenario, n: usize) -> Duration {
     elapsed
 }
 
-/// Peak resident set size in bytes (VmHWM).
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Resets the peak RSS to the current RSS (Linux ≥ 4.0).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; any other argument filters scenarios by name.
     let filter: Vec<String> = std::env::args()
@@ -208,14 +196,15 @@ fn main() {
         }
         // Warm-up run (allocator, page faults), then the median of three measured runs.
         runtime.block_on(run(scenario, n / 10));
-        reset_peak_rss();
+        PeakRss::reset();
         let mut runs: Vec<Duration> = (0..RUNS)
             .map(|_| runtime.block_on(run(scenario, n)))
             .collect();
         runs.sort();
         let elapsed = runs[RUNS / 2];
         let rate = n as f64 / elapsed.as_secs_f64();
-        let rss = peak_rss().map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0));
+        let peak = PeakRss::read();
+        let rss = peak.map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0));
         let ratio = match (scenario, plain_rate) {
             (Scenario::Layers, Some(plain)) => format!("  ({:.2}x plain)", rate / plain),
             _ => String::new(),
@@ -223,6 +212,11 @@ fn main() {
         println!(
             "{name:<8} {rate:>14.0} {:>12.3} {rss:>14.1}{ratio}",
             elapsed.as_secs_f64()
+        );
+        record(
+            &Row::new("in-memory router", &name, rate)
+                .with_peak_rss(peak)
+                .with_note(format!("N = {n}, median of {RUNS}")),
         );
         if let Scenario::Plain = scenario {
             plain_rate = Some(rate);

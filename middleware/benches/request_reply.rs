@@ -9,6 +9,7 @@
 //! takes any publisher/subscriber: broker adapters call it for their own figures.
 
 use std::sync::Arc;
+use tidemill_testkit::bench::{record, Row};
 
 use tidemill_core::{MemoryBroker, Publisher, Subscriber};
 use tidemill_middleware::testing::request_reply_load;
@@ -46,6 +47,14 @@ fn main() {
         println!(
             "{concurrency:<14} {:>12.0} {:>12?} {:>12?}",
             r.per_second, r.p50, r.p99
+        );
+        record(
+            &Row::new(
+                format!("in-memory request-reply, {concurrency} concurrent"),
+                "tidemill-middleware",
+                r.per_second,
+            )
+            .with_note(format!("requests/s; p50 {:?}, p99 {:?}", r.p50, r.p99)),
         );
     }
 }

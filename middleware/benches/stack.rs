@@ -21,6 +21,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tidemill_testkit::bench::{record, Row};
 
 use bytes::Bytes;
 use tidemill_core::{HandlerResult, MemoryBroker, Message, Publisher, Router};
@@ -270,12 +271,15 @@ fn main() {
             }
             _ => String::new(),
         };
-        println!(
-            "{name:<13} {:>12.0} {:>10} {:>14.3} {:>10}",
-            median(rates[i].clone()),
-            ratio(&rates, false),
-            median(cpus[i].clone()),
-            ratio(&cpus, true),
-        );
+        let (rate, rate_ratio) = (median(rates[i].clone()), ratio(&rates, false));
+        let (cpu, cpu_ratio) = (median(cpus[i].clone()), ratio(&cpus, true));
+        println!("{name:<13} {rate:>12.0} {rate_ratio:>10} {cpu:>14.3} {cpu_ratio:>10}");
+        let mut note = format!("CPU {cpu:.3} µs/msg, median of {runs} rounds");
+        if !rate_ratio.is_empty() {
+            note.push_str(&format!(
+                "; per-round ratio {rate_ratio}, CPU ratio {cpu_ratio}"
+            ));
+        }
+        record(&Row::new("middleware stack", *name, rate).with_note(note));
     }
 }
