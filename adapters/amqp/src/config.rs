@@ -52,9 +52,10 @@ pub const MAX_NAME_BYTES: usize = 255;
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpConfig {
     /// The broker's AMQP URI: `amqp://user:password@host:port/vhost` (the vhost
-    /// URL-encoded: `%2f` is `/`), or `amqps://` for TLS (lapin's rustls with the platform's
-    /// trust store). Query parameters lapin understands (`heartbeat`, `frame_max`,
-    /// `channel_max`) are honoured. Error messages name the address without the password.
+    /// URL-encoded: `%2f` is `/`), or `amqps://` for TLS (feature `tls`, on by default:
+    /// lapin's rustls with the platform's trust store). Query parameters lapin understands
+    /// (`heartbeat`, `frame_max`, `channel_max`) are honoured. Error messages name the
+    /// address without the password.
     /// Default: `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub url: String,
 
@@ -485,6 +486,16 @@ impl AmqpConfig {
                 format!("url `{}` is not an AMQP URI: {e}", redact(&self.url)),
             )
         })?;
+        if cfg!(not(feature = "tls")) && uri.scheme == AMQPScheme::AMQPS {
+            return Err(Error::config(
+                BROKER,
+                format!(
+                    "url `{}` asks for TLS (amqps://), but tidemill-amqp was built without its \
+                     `tls` feature",
+                    redact(&self.url)
+                ),
+            ));
+        }
         if uri.query.heartbeat.is_none() && !self.heartbeat.is_zero() {
             uri.query.heartbeat =
                 Some(u16::try_from(self.heartbeat.as_secs().max(1)).unwrap_or(u16::MAX));
@@ -633,6 +644,18 @@ fn json_value(what: &str, key: &str, value: &serde_json::Value) -> Result<AMQPVa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amqps_urls_need_the_tls_feature() {
+        let result = AmqpConfig::new("amqps://app:secret@rabbit.internal:5671/%2f").validate();
+        if cfg!(feature = "tls") {
+            result.unwrap();
+        } else {
+            let message = result.unwrap_err().to_string();
+            assert!(message.contains("`tls` feature"), "{message}");
+            assert!(!message.contains("secret"), "{message}");
+        }
+    }
 
     #[test]
     fn defaults_validate_and_render_names() {
