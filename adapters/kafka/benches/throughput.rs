@@ -17,7 +17,7 @@
 //! Each round measures raw and Tidemill on fresh topics, alternating which goes first;
 //! `TIDEMILL_BENCH_RUNS` rounds (default 3), the median is reported. Environment:
 //! `TIDEMILL_KAFKA_BROKERS` (default `127.0.0.1:9093`), `TIDEMILL_BENCH_MESSAGES` (N,
-//! default 20,000), `TIDEMILL_BENCH_PARTITIONS` (default 1).
+//! default 50,000), `TIDEMILL_BENCH_PARTITIONS` (default 1).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -224,7 +224,7 @@ fn report(what: &str, n: usize, raw: Duration, tidemill: Duration) {
 fn main() {
     let brokers =
         std::env::var("TIDEMILL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".into());
-    let n: usize = env_or("TIDEMILL_BENCH_MESSAGES", 20_000);
+    let n: usize = env_or("TIDEMILL_BENCH_MESSAGES", 50_000);
     let runs: usize = env_or("TIDEMILL_BENCH_RUNS", 3).max(1);
     let partitions: i32 = env_or("TIDEMILL_BENCH_PARTITIONS", 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
