@@ -94,6 +94,25 @@ fn decode_value(v: &str) -> Cow<'_, str> {
     }
 }
 
+/// The `Nats-Msg-Id` of a message: `{uuid}.{hash}` (16 lowercase hex digits), as a header
+/// value (an encoded word when the uuid is not plain).
+fn message_id(uuid: &str, hash: u64) -> Cow<'static, str> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(uuid.len() + 17);
+    id.push_str(uuid);
+    id.push('.');
+    for shift in (0..16).rev() {
+        id.push(char::from(HEX[((hash >> (shift * 4)) & 0xf) as usize]));
+    }
+    // A uuid of printable ASCII without spaces (any standard one) is plain as it is.
+    let plain = uuid.bytes().all(|b| b.is_ascii_graphic()) && !is_word(&id);
+    if plain || value_is_plain(&id) {
+        Cow::Owned(id)
+    } else {
+        Cow::Owned(encode_word(&id))
+    }
+}
+
 /// A message ready to publish.
 pub(crate) struct Encoded {
     pub headers: HeaderMap,
@@ -116,15 +135,19 @@ pub(crate) fn encode(message: &Message, topic: &str, max_payload: usize) -> Resu
     let mut headers = HeaderMap::new();
     let mut size = HEADER_FRAME;
     let uuid = message.uuid();
-    let mut insert = |headers: &mut HeaderMap, name: HeaderName, value: &str| -> Result<()> {
-        let value: HeaderValue = value
-            .parse()
-            .map_err(|_| header_error(topic, uuid, "a value"))?;
-        let name_str: &str = name.as_ref();
-        size += name_str.len() + value.as_str().len() + 4;
-        headers.insert(name, value);
-        Ok(())
-    };
+    let mut insert =
+        |headers: &mut HeaderMap, name: HeaderName, value: Cow<'_, str>| -> Result<()> {
+            // Values come out of `encode_value`, which leaves no CR or LF (the only characters
+            // `HeaderValue` refuses); checked again here so that its conversion cannot panic.
+            if value.contains(['\r', '\n']) {
+                return Err(header_error(topic, uuid, "a value"));
+            }
+            let value = HeaderValue::from(value.into_owned());
+            let name_str: &str = name.as_ref();
+            size += name_str.len() + value.as_str().len() + 4;
+            headers.insert(name, value);
+            Ok(())
+        };
     let metadata = message.metadata();
     for (k, v) in metadata.iter() {
         let name = if name_is_plain(k) {
@@ -133,20 +156,20 @@ pub(crate) fn encode(message: &Message, topic: &str, max_payload: usize) -> Resu
             HeaderName::try_from(encode_word(k))
         }
         .map_err(|_| header_error(topic, uuid, "a name"))?;
-        insert(&mut headers, name, &encode_value(v))?;
+        insert(&mut headers, name, encode_value(v))?;
     }
     if metadata.contains_key(MSG_ID_HEADER) {
         insert(
             &mut headers,
             HeaderName::from_static(UUID_HEADER),
-            &encode_value(uuid),
+            encode_value(uuid),
         )?;
     } else {
         let hash = content_hash(uuid, metadata, message.key(), message.payload());
         insert(
             &mut headers,
             HeaderName::from_static(MSG_ID_HEADER),
-            &encode_value(&format!("{uuid}.{hash:016x}")),
+            message_id(uuid, hash),
         )?;
     }
     if let Some(key) = message.key() {
@@ -154,12 +177,12 @@ pub(crate) fn encode(message: &Message, topic: &str, max_payload: usize) -> Resu
             Ok(text) => insert(
                 &mut headers,
                 HeaderName::from_static(KEY_HEADER),
-                &encode_value(text),
+                encode_value(text),
             )?,
             Err(_) => insert(
                 &mut headers,
                 HeaderName::from_static(KEY_B64_HEADER),
-                &STANDARD.encode(key),
+                Cow::Owned(STANDARD.encode(key)),
             )?,
         }
     }
