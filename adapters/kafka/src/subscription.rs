@@ -42,6 +42,14 @@ use crate::{KafkaConfig, StartFrom, BROKER};
 /// How long the poll thread sleeps when nothing signals it (housekeeping, partition
 /// discovery, librdkafka events that arrived without a wake-up).
 const TICK: Duration = Duration::from_millis(100);
+/// The same while messages are flowing (something was received within [`ACTIVE`]). The
+/// thread does not rely on librdkafka's queue wake-ups alone while busy: with only
+/// [`TICK`], the bench against Tansu consumed about a fifth slower than raw rdkafka (the
+/// thread evidently slept through fetches that arrived without a wake-up); with this it
+/// keeps up.
+const BUSY_TICK: Duration = Duration::from_millis(2);
+/// How long after the last received message the poll thread keeps [`BUSY_TICK`].
+const ACTIVE: Duration = Duration::from_secs(1);
 /// Messages taken from one partition queue per round, so partitions take turns.
 const BATCH: usize = 512;
 /// Deliveries the stream takes from the shared state per lock.
@@ -620,6 +628,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
     let mut next_commit = Instant::now() + settings.commit_interval;
     let mut next_discovery = Instant::now() + DISCOVERY_INTERVAL;
     let mut drain_deadline: Option<Instant> = None;
+    let mut last_received: Option<Instant> = None;
     let mut batch: Vec<(i64, tidemill_core::Message)> = Vec::new();
     loop {
         // Events: rebalances (run their callbacks here), errors, commit results, and
@@ -634,6 +643,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                     let offset = m.offset();
                     drop(m);
                     push(&shared, p, vec![(offset, msg)]);
+                    last_received = Some(Instant::now());
                 }
                 Some(Err(e)) => report_consumer_error(&shared, e),
             }
@@ -687,6 +697,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                     more = true;
                 }
                 if !batch.is_empty() {
+                    last_received = Some(now);
                     push(&shared, p, std::mem::take(&mut batch));
                 }
             }
@@ -713,7 +724,8 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
             next_discovery = Instant::now() + DISCOVERY_INTERVAL;
         }
         if !more {
-            let mut wait = TICK;
+            let busy = last_received.is_some_and(|t| now.saturating_duration_since(t) < ACTIVE);
+            let mut wait = if busy { BUSY_TICK } else { TICK };
             if group {
                 wait = wait.min(next_commit.saturating_duration_since(Instant::now()));
             }
