@@ -14,10 +14,11 @@
 //!   ack); Tidemill: `KafkaSubscriber::subscribe(group)`, `ack()` each delivery. Timed
 //!   from the first record to the N-th (the group join is not part of it).
 //!
-//! Each round measures raw and Tidemill on fresh topics, alternating which goes first;
+//! Each round measures raw and Tidemill on fresh topics (deleted at the end of the round),
+//! alternating which goes first;
 //! `TIDEMILL_BENCH_RUNS` rounds (default 3), the median is reported. Environment:
 //! `TIDEMILL_KAFKA_BROKERS` (default `127.0.0.1:9093`), `TIDEMILL_BENCH_MESSAGES` (N,
-//! default 50,000), `TIDEMILL_BENCH_PARTITIONS` (default 1).
+//! default 100,000), `TIDEMILL_BENCH_PARTITIONS` (default 1).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -224,7 +225,7 @@ fn report(what: &str, n: usize, raw: Duration, tidemill: Duration) {
 fn main() {
     let brokers =
         std::env::var("TIDEMILL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".into());
-    let n: usize = env_or("TIDEMILL_BENCH_MESSAGES", 50_000);
+    let n: usize = env_or("TIDEMILL_BENCH_MESSAGES", 100_000);
     let runs: usize = env_or("TIDEMILL_BENCH_RUNS", 3).max(1);
     let partitions: i32 = env_or("TIDEMILL_BENCH_PARTITIONS", 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -251,33 +252,34 @@ fn main() {
 
         let (mut bare, mut raw_pub, mut tm_pub) = (Vec::new(), Vec::new(), Vec::new());
         let (mut raw_con, mut tm_con) = (Vec::new(), Vec::new());
-        let mut created = vec![warm];
         for round in 0..runs {
             let raw_first = round % 2 == 0;
+            // 1. Bare records (no headers), consumed by both sides (see the module docs)
+            //    before any records with headers of this round exist.
             let bare_topic = unique("bare");
             create_topic(&brokers, &bare_topic, partitions).await;
+            bare.push(publish_raw(&producer, &bare_topic, n, false).await);
+            if raw_first {
+                raw_con.push(consume_raw(&brokers, &bare_topic, n).await);
+                tm_con.push(consume_tidemill(&config, &bare_topic, n).await);
+            } else {
+                tm_con.push(consume_tidemill(&config, &bare_topic, n).await);
+                raw_con.push(consume_raw(&brokers, &bare_topic, n).await);
+            }
+            // 2. The same records with a uuid header, raw and through Tidemill.
             let raw_topic = unique("raw");
             create_topic(&brokers, &raw_topic, partitions).await;
             let tm_topic = unique("tidemill");
             publisher.ensure_topic(&tm_topic).await.expect("topic");
-            created.extend([bare_topic.clone(), raw_topic.clone(), tm_topic.clone()]);
             if raw_first {
-                bare.push(publish_raw(&producer, &bare_topic, n, false).await);
                 raw_pub.push(publish_raw(&producer, &raw_topic, n, true).await);
                 tm_pub.push(publish_tidemill(&publisher, &tm_topic, n).await);
             } else {
                 tm_pub.push(publish_tidemill(&publisher, &tm_topic, n).await);
                 raw_pub.push(publish_raw(&producer, &raw_topic, n, true).await);
-                bare.push(publish_raw(&producer, &bare_topic, n, false).await);
             }
-            // Both consume the bare records (see the module docs).
-            if raw_first {
-                raw_con.push(consume_raw(&brokers, &bare_topic, n).await);
-                tm_con.push(consume_tidemill(&config, &bare_topic, n).await);
-            } else {
-                tm_con.push(consume_tidemill(&config, &bare_topic, n).await);
-                raw_con.push(consume_raw(&brokers, &bare_topic, n).await);
-            }
+            // 3. Their records go (with their header rows) before the next round consumes.
+            delete_topics(&brokers, &[bare_topic, raw_topic, tm_topic]).await;
         }
         let (bare, tm_pub) = (median(bare), median(tm_pub));
         report("publish", n, median(raw_pub), tm_pub);
@@ -288,6 +290,6 @@ fn main() {
         );
         report("consume", n, median(raw_con), median(tm_con));
         publisher.close().await.expect("close");
-        delete_topics(&brokers, &created).await;
+        delete_topics(&brokers, &[warm]).await;
     });
 }
