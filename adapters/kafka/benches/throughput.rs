@@ -16,7 +16,8 @@
 //!
 //! Each round measures raw and Tidemill on fresh topics (deleted at the end of the round),
 //! alternating which goes first;
-//! `TIDEMILL_BENCH_RUNS` rounds (default 3), the median is reported. Environment:
+//! `TIDEMILL_BENCH_RUNS` rounds (default 3); the median rates and the median of the
+//! per-round ratios are reported. Environment:
 //! `TIDEMILL_KAFKA_BROKERS` (default `127.0.0.1:9093`), `TIDEMILL_BENCH_MESSAGES` (N,
 //! default 100,000), `TIDEMILL_BENCH_PARTITIONS` (default 1).
 
@@ -214,11 +215,24 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
-fn report(what: &str, n: usize, raw: Duration, tidemill: Duration) {
-    let (r, t) = (rate(n, raw), rate(n, tidemill));
+/// Prints the median rates and the median of the per-round ratios (raw and Tidemill of
+/// one round ran back to back, so their ratio is less affected by a busy machine).
+fn report(what: &str, n: usize, raw: &[Duration], tidemill: &[Duration]) {
+    let (r, t) = (
+        rate(n, median(raw.to_vec())),
+        rate(n, median(tidemill.to_vec())),
+    );
+    let mut ratios: Vec<f64> = raw
+        .iter()
+        .zip(tidemill)
+        .map(|(r, t)| r.as_secs_f64() / t.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let rounds: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
     println!(
-        "{what:<8} raw rdkafka {r:>10.0} msg/s   tidemill {t:>10.0} msg/s   ratio {:.2}",
-        t / r
+        "{what:<8} raw rdkafka {r:>10.0} msg/s   tidemill {t:>10.0} msg/s   ratio {:.2} (per round: {})",
+        ratios[ratios.len() / 2],
+        rounds.join(" ")
     );
 }
 
@@ -281,14 +295,14 @@ fn main() {
             // 3. Their records go (with their header rows) before the next round consumes.
             delete_topics(&brokers, &[bare_topic, raw_topic, tm_topic]).await;
         }
+        report("publish", n, &raw_pub, &tm_pub);
         let (bare, tm_pub) = (median(bare), median(tm_pub));
-        report("publish", n, median(raw_pub), tm_pub);
         println!(
             "         (raw rdkafka without the uuid header {:>10.0} msg/s; tidemill / that = {:.2})",
             rate(n, bare),
             rate(n, tm_pub) / rate(n, bare)
         );
-        report("consume", n, median(raw_con), median(tm_con));
+        report("consume", n, &raw_con, &tm_con);
         publisher.close().await.expect("close");
         delete_topics(&brokers, &[warm]).await;
     });
