@@ -23,6 +23,7 @@
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+use tidemill_testkit::bench::{record, Row};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -229,10 +230,18 @@ fn report(what: &str, n: usize, raw: &[Duration], tidemill: &[Duration]) {
         .collect();
     ratios.sort_by(f64::total_cmp);
     let rounds: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+    let ratio = ratios[ratios.len() / 2];
     println!(
-        "{what:<8} raw rdkafka {r:>10.0} msg/s   tidemill {t:>10.0} msg/s   ratio {:.2} (per round: {})",
-        ratios[ratios.len() / 2],
+        "{what:<8} raw rdkafka {r:>10.0} msg/s   tidemill {t:>10.0} msg/s   ratio {ratio:.2} (per round: {})",
         rounds.join(" ")
+    );
+    let group = format!("kafka {what}");
+    record(&Row::new(group.as_str(), "raw rdkafka", r));
+    record(
+        &Row::new(group.as_str(), "tidemill-kafka", t).with_note(format!(
+            "median of {} rounds; median per-round ratio {ratio:.2}",
+            ratios.len()
+        )),
     );
 }
 
