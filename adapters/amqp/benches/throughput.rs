@@ -19,7 +19,10 @@
 //!
 //! The order of the sides rotates from round to round. Reported: the median of the rounds'
 //! rates, the median of the rounds' Tidemill/raw ratios (each round's sides run back to
-//! back), and the client's CPU time per message (user + system, from `/proc/self/stat`).
+//! back), the client's CPU time per message (user + system, from `/proc/self/stat`), and
+//! each side's peak RSS: the process's `VmHWM`, reset right before each timed section and
+//! read right after it, the largest over the rounds (process-wide, so it includes what the
+//! bench itself holds).
 //!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 50,000), `TIDEMILL_BENCH_ROUNDS`
 //! (default 5).
@@ -35,7 +38,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber};
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
-use tidemill_testkit::bench::{record, Row};
+use tidemill_testkit::bench::{record, PeakRss, Row};
 
 const PAYLOAD: usize = 100;
 const BATCH: usize = 1_000;
@@ -83,12 +86,21 @@ struct Bench {
     n: usize,
 }
 
-/// Messages per second, and microseconds of client CPU per message.
-type Measure = (f64, f64);
+/// Messages per second, microseconds of client CPU per message, and the peak RSS (bytes)
+/// during the timed section, where known.
+type Measure = (f64, f64, Option<u64>);
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
+}
+
+/// Bytes as MiB for the table, `n/a` where unknown.
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "n/a".into(),
+        |b| format!("{:.1}", b as f64 / 1_048_576.0),
+    )
 }
 
 async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
@@ -127,31 +139,36 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     }
     let rate = |i: usize| median(rows.iter().map(|r| r[i].0).collect());
     let cpu = |i: usize| median(rows.iter().map(|r| r[i].1).collect());
+    // The largest peak RSS of a side over the rounds.
+    let peak = |i: usize| rows.iter().filter_map(|r| r[i].2).max();
     // Each round's sides ran back to back, so their ratio is less exposed to the load of a
     // shared machine drifting between rounds than a ratio of medians.
     let ratio = |raw: usize, tm: usize| median(rows.iter().map(|r| r[tm].0 / r[raw].0).collect());
     println!();
     println!(
-        "| | raw lapin (msg/s) | tidemill-amqp (msg/s) | tidemill / raw | client CPU per message, raw / tidemill |"
+        "| | raw lapin (msg/s) | tidemill-amqp (msg/s) | tidemill / raw | client CPU per message, raw / tidemill | peak RSS MiB, raw / tidemill |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for (what, raw, tm) in [
         ("publish (raw: send awaited per message)", 0, 2),
         ("publish (raw: sends of a batch joined)", 1, 2),
         ("consume", 3, 4),
     ] {
         println!(
-            "| {what} | {:.0} | {:.0} | {:.2}x | {:.0} µs / {:.0} µs |",
+            "| {what} | {:.0} | {:.0} | {:.2}x | {:.0} µs / {:.0} µs | {} / {} |",
             rate(raw),
             rate(tm),
             ratio(raw, tm),
             cpu(raw),
-            cpu(tm)
+            cpu(tm),
+            mib(peak(raw)),
+            mib(peak(tm))
         );
     }
     println!(
         "(msg/s: median of the rounds; ratio: median of the rounds' ratios; CPU: user + \
-         system time of this process per message)"
+         system time of this process per message; peak RSS: of this process during the \
+         timed section, the largest over the rounds)"
     );
     // Rows for `make bench` (BENCHMARKS.md); the first of a group is its baseline.
     let note = |raw: usize, tm: usize| {
@@ -163,19 +180,33 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         )
     };
     let group = |what: &str| format!("rabbitmq {what} ({n} × {PAYLOAD} B, persistent, confirms)");
-    record(&Row::new(
-        group("publish"),
-        "raw lapin, sends of a batch joined",
-        rate(1),
-    ));
-    record(&Row::new(
-        group("publish"),
-        "raw lapin, send awaited per message",
-        rate(0),
-    ));
-    record(&Row::new(group("publish"), "tidemill-amqp", rate(2)).with_note(note(1, 2)));
-    record(&Row::new(group("consume"), "raw lapin", rate(3)));
-    record(&Row::new(group("consume"), "tidemill-amqp", rate(4)).with_note(note(3, 4)));
+    record(
+        &Row::new(
+            group("publish"),
+            "raw lapin, sends of a batch joined",
+            rate(1),
+        )
+        .with_peak_rss(peak(1)),
+    );
+    record(
+        &Row::new(
+            group("publish"),
+            "raw lapin, send awaited per message",
+            rate(0),
+        )
+        .with_peak_rss(peak(0)),
+    );
+    record(
+        &Row::new(group("publish"), "tidemill-amqp", rate(2))
+            .with_peak_rss(peak(2))
+            .with_note(note(1, 2)),
+    );
+    record(&Row::new(group("consume"), "raw lapin", rate(3)).with_peak_rss(peak(3)));
+    record(
+        &Row::new(group("consume"), "tidemill-amqp", rate(4))
+            .with_peak_rss(peak(4))
+            .with_note(note(3, 4)),
+    );
     Ok(())
 }
 
@@ -233,7 +264,7 @@ impl Bench {
         let mut sides = [Side::Raw, Side::RawPipelined, Side::Tidemill];
         sides.rotate_left(round % 3);
         let mut topics = Vec::new();
-        let mut row = [(0.0, 0.0); 5];
+        let mut row = [(0.0, 0.0, None); 5];
         for side in sides {
             let topic = topic(side);
             self.declare(&topic).await?;
@@ -288,6 +319,7 @@ impl Bench {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let payload: Vec<u8> = (0..PAYLOAD).map(|i| (i % 251) as u8).collect();
+        PeakRss::reset();
         let (started, cpu) = (Instant::now(), cpu_time());
         let publish_all = async {
             let mut sent = 0;
@@ -322,15 +354,17 @@ impl Bench {
             Ok::<(), BoxError>(())
         };
         tokio::time::timeout(LIMIT, publish_all).await??;
-        let rate = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        let (rate, cpu) = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        let measure = (rate, cpu, PeakRss::read());
         conn.close(200, "OK".into()).await?;
-        Ok(rate)
+        Ok(measure)
     }
 
     async fn tidemill_publish(&self, topic: &str) -> Result<Measure, BoxError> {
         let publisher = AmqpPublisher::connect(self.config.clone()).await?;
         let payload =
             bytes::Bytes::from((0..PAYLOAD).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        PeakRss::reset();
         let (started, cpu) = (Instant::now(), cpu_time());
         let publish_all = async {
             let mut sent = 0;
@@ -343,9 +377,10 @@ impl Bench {
             Ok::<(), BoxError>(())
         };
         tokio::time::timeout(LIMIT, publish_all).await??;
-        let rate = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        let (rate, cpu) = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        let measure = (rate, cpu, PeakRss::read());
         publisher.close().await?;
-        Ok(rate)
+        Ok(measure)
     }
 
     async fn raw_consume(&self, topic: &str) -> Result<Measure, BoxError> {
@@ -354,6 +389,7 @@ impl Bench {
         channel
             .basic_qos(PREFETCH, BasicQosOptions::default())
             .await?;
+        PeakRss::reset();
         let (started, cpu) = (Instant::now(), cpu_time());
         let mut consumer = channel
             .basic_consume(
@@ -371,14 +407,16 @@ impl Bench {
             Ok::<(), BoxError>(())
         };
         tokio::time::timeout(LIMIT, consume).await??;
-        let rate = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        let (rate, cpu) = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        let measure = (rate, cpu, PeakRss::read());
         drop(consumer);
         conn.close(200, "OK".into()).await?;
-        Ok(rate)
+        Ok(measure)
     }
 
     async fn tidemill_consume(&self, topic: &str) -> Result<Measure, BoxError> {
         let subscriber = AmqpSubscriber::connect(self.config.clone()).await?;
+        PeakRss::reset();
         let (started, cpu) = (Instant::now(), cpu_time());
         let mut stream = subscriber
             .subscribe(topic, SubscribeOptions::group(GROUP))
@@ -391,9 +429,10 @@ impl Bench {
             Ok::<(), BoxError>(())
         };
         tokio::time::timeout(LIMIT, consume).await??;
-        let rate = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        let (rate, cpu) = (rate(self.n, started), cpu_per_message(self.n, cpu));
+        let measure = (rate, cpu, PeakRss::read());
         drop(stream);
         subscriber.close().await?;
-        Ok(rate)
+        Ok(measure)
     }
 }

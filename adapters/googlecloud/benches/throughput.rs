@@ -24,7 +24,10 @@
 //! streaming pull with 1,000 outstanding messages and 100 MiB, 60 s lease extension, ack
 //! deadline 10 s. Reported: the median of the rounds' rates, and the median of the
 //! rounds' own Tidemill/raw ratios (each round's sides run back to back, so a ratio is less
-//! exposed to the load of the shared machine drifting between rounds).
+//! exposed to the load of the shared machine drifting between rounds), and each side's
+//! peak RSS: the process's `VmHWM`, reset right before each timed section and read right
+//! after it, the largest over the rounds (process-wide, so it includes what the bench itself
+//! holds).
 //!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 20,000), `TIDEMILL_BENCH_ROUNDS`
 //! (default 9), `TIDEMILL_BENCH_ONLY=raw|raw-uuid|tidemill` (one side only, for profiling).
@@ -40,7 +43,7 @@ use google_cloud_pubsub::model::Message as RawMessage;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
 use tidemill_googlecloud::{GoogleCloudConfig, GoogleCloudPublisher, GoogleCloudSubscriber};
-use tidemill_testkit::bench::{record, Row};
+use tidemill_testkit::bench::{record, PeakRss, Row};
 
 const PROJECT: &str = "tidemill-bench";
 const PAYLOAD: usize = 100;
@@ -77,6 +80,18 @@ fn main() -> Result<(), BoxError> {
 struct Figures {
     publish: f64,
     consume: f64,
+    /// Peak RSS (bytes) during the timed publish, where known.
+    publish_rss: Option<u64>,
+    /// Peak RSS (bytes) during the timed consume, where known.
+    consume_rss: Option<u64>,
+}
+
+/// Bytes as MiB for the table, `n/a` where unknown.
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "n/a".into(),
+        |b| format!("{:.1}", b as f64 / 1_048_576.0),
+    )
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -144,36 +159,53 @@ async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     let ratio = |base: usize, get: fn(&Figures) -> f64| {
         median(rows.iter().map(|r| get(&r[2]) / get(&r[base])).collect())
     };
+    // The largest peak RSS of a side over the rounds.
+    let peak = |side: usize, get: fn(&Figures) -> Option<u64>| {
+        rows.iter().filter_map(|r| get(&r[side])).max()
+    };
     let publish: fn(&Figures) -> f64 = |f| f.publish;
     let consume: fn(&Figures) -> f64 = |f| f.consume;
+    let publish_rss: fn(&Figures) -> Option<u64> = |f| f.publish_rss;
+    let consume_rss: fn(&Figures) -> Option<u64> = |f| f.consume_rss;
+    let groups = [
+        ("publish", publish, publish_rss),
+        ("consume", consume, consume_rss),
+    ];
     println!();
     println!(
-        "| {n} x {PAYLOAD} B | raw (msg/s) | raw+uuid (msg/s) | tidemill (msg/s) | tidemill / raw+uuid | tidemill / raw |"
+        "| {n} x {PAYLOAD} B | raw (msg/s) | raw+uuid (msg/s) | tidemill (msg/s) | tidemill / raw+uuid | tidemill / raw | peak RSS MiB raw / raw+uuid / tidemill |"
     );
-    println!("|---|---|---|---|---|---|");
-    for (what, get) in [("publish", publish), ("consume", consume)] {
+    println!("|---|---|---|---|---|---|---|");
+    for (what, get, rss) in groups {
         println!(
-            "| {what} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x |",
+            "| {what} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {} / {} / {} |",
             rate(0, get),
             rate(1, get),
             rate(2, get),
             ratio(1, get),
-            ratio(0, get)
+            ratio(0, get),
+            mib(peak(0, rss)),
+            mib(peak(1, rss)),
+            mib(peak(2, rss))
         );
     }
-    println!("(msg/s: median of the {rounds} rounds; ratios: median of the rounds' own ratios)");
+    println!(
+        "(msg/s: median of the {rounds} rounds; ratios: median of the rounds' own ratios; peak \
+         RSS: of this process during the timed section, the largest over the rounds)"
+    );
     // Rows for `make bench` (BENCHMARKS.md); the first of a group is its baseline.
-    for (what, get) in [("publish", publish), ("consume", consume)] {
+    for (what, get, rss) in groups {
         let (b, s, t) = (rate(0, get), rate(1, get), rate(2, get));
         let group = format!("pubsub emulator {what} ({n} × {PAYLOAD} B)");
-        record(&Row::new(&group, "raw google-cloud-pubsub", b));
-        record(&Row::new(
-            &group,
-            "raw google-cloud-pubsub + uuid attribute",
-            s,
-        ));
+        record(&Row::new(&group, "raw google-cloud-pubsub", b).with_peak_rss(peak(0, rss)));
         record(
-            &Row::new(&group, "tidemill-googlecloud", t).with_note(format!(
+            &Row::new(&group, "raw google-cloud-pubsub + uuid attribute", s)
+                .with_peak_rss(peak(1, rss)),
+        );
+        record(
+            &Row::new(&group, "tidemill-googlecloud", t)
+                .with_peak_rss(peak(2, rss))
+                .with_note(format!(
                 "median of {rounds} rounds; tidemill/raw per round {:.2}x, tidemill/raw+uuid (same bytes on the wire) {:.2}x",
                 ratio(0, get),
                 ratio(1, get)
@@ -277,6 +309,7 @@ impl Raw {
                     .collect()
             })
             .collect();
+        PeakRss::reset();
         let started = Instant::now();
         for batch in batches {
             let futures: Vec<_> = batch.into_iter().map(|m| publisher.publish(m)).collect();
@@ -285,7 +318,9 @@ impl Raw {
             }
         }
         let publish = rate(n, started.elapsed());
+        let publish_rss = PeakRss::read();
 
+        PeakRss::reset();
         let started = Instant::now();
         let mut stream = self
             .subscriber
@@ -305,6 +340,7 @@ impl Raw {
             received += 1;
         }
         let consume = rate(n, started.elapsed());
+        let consume_rss = PeakRss::read();
         drop(stream);
         self.subscriptions
             .delete_subscription()
@@ -312,7 +348,12 @@ impl Raw {
             .send()
             .await?;
         self.topics.delete_topic().set_topic(&topic).send().await?;
-        Ok(Figures { publish, consume })
+        Ok(Figures {
+            publish,
+            consume,
+            publish_rss,
+            consume_rss,
+        })
     }
 }
 
@@ -338,16 +379,19 @@ impl Tidemill {
         self.publisher
             .publish_one(&topic, Message::new(payload(n)))
             .await?;
+        PeakRss::reset();
         let started = Instant::now();
         for batch in batches {
             self.publisher.publish(&topic, batch).await?;
         }
         let publish = rate(n, started.elapsed());
+        let publish_rss = PeakRss::read();
 
         // Likewise `subscribe` makes sure topic and subscription exist before the clock
         // starts (the raw client created its subscription beforehand); the streaming pull
         // opens on the first read, on both sides.
         let mut stream = self.subscriber.subscribe(&topic, group).await?;
+        PeakRss::reset();
         let started = Instant::now();
         let n = n + 1; // with the set-up message
         let mut received = 0;
@@ -360,6 +404,7 @@ impl Tidemill {
             received += 1;
         }
         let consume = rate(n, started.elapsed());
+        let consume_rss = PeakRss::read();
         drop(stream);
         let sub = self.subscriber.subscription_name(&topic, "bench")?;
         raw.subscriptions
@@ -372,6 +417,11 @@ impl Tidemill {
             .set_topic(format!("projects/{PROJECT}/topics/{topic}"))
             .send()
             .await?;
-        Ok(Figures { publish, consume })
+        Ok(Figures {
+            publish,
+            consume,
+            publish_rss,
+            consume_rss,
+        })
     }
 }

@@ -17,13 +17,15 @@
 //! Each round measures raw and Tidemill on fresh topics (deleted at the end of the round),
 //! alternating which goes first;
 //! `TIDEMILL_BENCH_RUNS` rounds (default 3); the median rates and the median of the
-//! per-round ratios are reported. Environment:
+//! per-round ratios are reported, with each variant's peak RSS: the process's `VmHWM`,
+//! reset right before each timed section and read right after it, the largest over the
+//! rounds (process-wide, so it includes what the bench itself holds). Environment:
 //! `TIDEMILL_KAFKA_BROKERS` (default `127.0.0.1:9093`), `TIDEMILL_BENCH_MESSAGES` (N,
 //! default 100,000), `TIDEMILL_BENCH_PARTITIONS` (default 1).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use tidemill_testkit::bench::{record, Row};
+use tidemill_testkit::bench::{record, PeakRss, Row};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -94,15 +96,37 @@ async fn delete_topics(brokers: &str, topics: &[String]) {
     }
 }
 
+/// One timed run: its duration and the peak RSS (bytes) during it, where known.
+type Run = (Duration, Option<u64>);
+
+/// The runs of one variant over the rounds.
+#[derive(Default)]
+struct Runs {
+    times: Vec<Duration>,
+    /// The largest peak RSS of its runs.
+    peak_rss: Option<u64>,
+}
+
+impl Runs {
+    fn add(&mut self, (elapsed, peak): Run) {
+        self.times.push(elapsed);
+        self.peak_rss = self.peak_rss.max(peak);
+    }
+}
+
+/// Bytes as MiB for the table, `n/a` where unknown.
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "n/a".into(),
+        |b| format!("{:.1}", b as f64 / 1_048_576.0),
+    )
+}
+
 /// Publishes `n` records; with `uuid_header`, each carries a fresh uuid in the header
 /// Tidemill uses, like a Tidemill message.
-async fn publish_raw(
-    producer: &FutureProducer,
-    topic: &str,
-    n: usize,
-    uuid_header: bool,
-) -> Duration {
+async fn publish_raw(producer: &FutureProducer, topic: &str, n: usize, uuid_header: bool) -> Run {
     let payload = [b'x'; PAYLOAD];
+    PeakRss::reset();
     let started = Instant::now();
     let mut sent = 0;
     while sent < n {
@@ -138,11 +162,13 @@ async fn publish_raw(
         }
         sent += count;
     }
-    started.elapsed()
+    let elapsed = started.elapsed();
+    (elapsed, PeakRss::read())
 }
 
-async fn publish_tidemill(publisher: &KafkaPublisher, topic: &str, n: usize) -> Duration {
+async fn publish_tidemill(publisher: &KafkaPublisher, topic: &str, n: usize) -> Run {
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    PeakRss::reset();
     let started = Instant::now();
     let mut sent = 0;
     while sent < n {
@@ -151,10 +177,11 @@ async fn publish_tidemill(publisher: &KafkaPublisher, topic: &str, n: usize) -> 
         publisher.publish(topic, batch).await.expect("publish");
         sent += count;
     }
-    started.elapsed()
+    let elapsed = started.elapsed();
+    (elapsed, PeakRss::read())
 }
 
-async fn consume_raw(brokers: &str, topic: &str, n: usize) -> Duration {
+async fn consume_raw(brokers: &str, topic: &str, n: usize) -> Run {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("raw"))
@@ -164,6 +191,7 @@ async fn consume_raw(brokers: &str, topic: &str, n: usize) -> Duration {
         .create()
         .expect("raw consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
+    PeakRss::reset();
     let mut started = None;
     for i in 0..n {
         let m = tokio::time::timeout(STALL, consumer.recv())
@@ -178,10 +206,11 @@ async fn consume_raw(brokers: &str, topic: &str, n: usize) -> Duration {
             .store_offset_from_message(&m)
             .expect("store offset");
     }
-    started.map(|s| s.elapsed()).unwrap_or_default()
+    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+    (elapsed, PeakRss::read())
 }
 
-async fn consume_tidemill(config: &KafkaConfig, topic: &str, n: usize) -> Duration {
+async fn consume_tidemill(config: &KafkaConfig, topic: &str, n: usize) -> Run {
     let subscriber = KafkaSubscriber::connect(config.clone())
         .await
         .expect("subscriber");
@@ -189,6 +218,7 @@ async fn consume_tidemill(config: &KafkaConfig, topic: &str, n: usize) -> Durati
         .subscribe(topic, SubscribeOptions::group(unique("tidemill")))
         .await
         .expect("subscribe");
+    PeakRss::reset();
     let mut started = None;
     for i in 0..n {
         let d = tokio::time::timeout(STALL, stream.next())
@@ -203,8 +233,9 @@ async fn consume_tidemill(config: &KafkaConfig, topic: &str, n: usize) -> Durati
         d.ack().await.expect("ack");
     }
     let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+    let peak = PeakRss::read();
     subscriber.close().await.expect("close");
-    elapsed
+    (elapsed, peak)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -218,14 +249,15 @@ fn rate(n: usize, d: Duration) -> f64 {
 
 /// Prints the median rates and the median of the per-round ratios (raw and Tidemill of
 /// one round ran back to back, so their ratio is less affected by a busy machine).
-fn report(what: &str, n: usize, raw: &[Duration], tidemill: &[Duration]) {
+fn report(what: &str, n: usize, raw: &Runs, tidemill: &Runs) {
     let (r, t) = (
-        rate(n, median(raw.to_vec())),
-        rate(n, median(tidemill.to_vec())),
+        rate(n, median(raw.times.clone())),
+        rate(n, median(tidemill.times.clone())),
     );
     let mut ratios: Vec<f64> = raw
+        .times
         .iter()
-        .zip(tidemill)
+        .zip(&tidemill.times)
         .map(|(r, t)| r.as_secs_f64() / t.as_secs_f64())
         .collect();
     ratios.sort_by(f64::total_cmp);
@@ -235,13 +267,20 @@ fn report(what: &str, n: usize, raw: &[Duration], tidemill: &[Duration]) {
         "{what:<8} raw rdkafka {r:>10.0} msg/s   tidemill {t:>10.0} msg/s   ratio {ratio:.2} (per round: {})",
         rounds.join(" ")
     );
+    println!(
+        "         peak RSS MiB: raw rdkafka {}, tidemill {}",
+        mib(raw.peak_rss),
+        mib(tidemill.peak_rss)
+    );
     let group = format!("kafka {what}");
-    record(&Row::new(group.as_str(), "raw rdkafka", r));
+    record(&Row::new(group.as_str(), "raw rdkafka", r).with_peak_rss(raw.peak_rss));
     record(
-        &Row::new(group.as_str(), "tidemill-kafka", t).with_note(format!(
-            "median of {} rounds; median per-round ratio {ratio:.2}",
-            ratios.len()
-        )),
+        &Row::new(group.as_str(), "tidemill-kafka", t)
+            .with_peak_rss(tidemill.peak_rss)
+            .with_note(format!(
+                "median of {} rounds; median per-round ratio {ratio:.2}",
+                ratios.len()
+            )),
     );
 }
 
@@ -273,21 +312,22 @@ fn main() {
         publish_raw(&producer, &warm, BATCH, true).await;
         publish_tidemill(&publisher, &warm, BATCH).await;
 
-        let (mut bare, mut raw_pub, mut tm_pub) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut raw_con, mut tm_con) = (Vec::new(), Vec::new());
+        let (mut bare, mut raw_pub, mut tm_pub) =
+            (Runs::default(), Runs::default(), Runs::default());
+        let (mut raw_con, mut tm_con) = (Runs::default(), Runs::default());
         for round in 0..runs {
             let raw_first = round % 2 == 0;
             // 1. Bare records (no headers), consumed by both sides (see the module docs)
             //    before any records with headers of this round exist.
             let bare_topic = unique("bare");
             create_topic(&brokers, &bare_topic, partitions).await;
-            bare.push(publish_raw(&producer, &bare_topic, n, false).await);
+            bare.add(publish_raw(&producer, &bare_topic, n, false).await);
             if raw_first {
-                raw_con.push(consume_raw(&brokers, &bare_topic, n).await);
-                tm_con.push(consume_tidemill(&config, &bare_topic, n).await);
+                raw_con.add(consume_raw(&brokers, &bare_topic, n).await);
+                tm_con.add(consume_tidemill(&config, &bare_topic, n).await);
             } else {
-                tm_con.push(consume_tidemill(&config, &bare_topic, n).await);
-                raw_con.push(consume_raw(&brokers, &bare_topic, n).await);
+                tm_con.add(consume_tidemill(&config, &bare_topic, n).await);
+                raw_con.add(consume_raw(&brokers, &bare_topic, n).await);
             }
             // 2. The same records with a uuid header, raw and through Tidemill.
             let raw_topic = unique("raw");
@@ -295,21 +335,22 @@ fn main() {
             let tm_topic = unique("tidemill");
             publisher.ensure_topic(&tm_topic).await.expect("topic");
             if raw_first {
-                raw_pub.push(publish_raw(&producer, &raw_topic, n, true).await);
-                tm_pub.push(publish_tidemill(&publisher, &tm_topic, n).await);
+                raw_pub.add(publish_raw(&producer, &raw_topic, n, true).await);
+                tm_pub.add(publish_tidemill(&publisher, &tm_topic, n).await);
             } else {
-                tm_pub.push(publish_tidemill(&publisher, &tm_topic, n).await);
-                raw_pub.push(publish_raw(&producer, &raw_topic, n, true).await);
+                tm_pub.add(publish_tidemill(&publisher, &tm_topic, n).await);
+                raw_pub.add(publish_raw(&producer, &raw_topic, n, true).await);
             }
             // 3. Their records go (with their header rows) before the next round consumes.
             delete_topics(&brokers, &[bare_topic, raw_topic, tm_topic]).await;
         }
         report("publish", n, &raw_pub, &tm_pub);
-        let (bare, tm_pub) = (median(bare), median(tm_pub));
+        let (bare_time, tm_pub_time) = (median(bare.times), median(tm_pub.times));
         println!(
-            "         (raw rdkafka without the uuid header {:>10.0} msg/s; tidemill / that = {:.2})",
-            rate(n, bare),
-            rate(n, tm_pub) / rate(n, bare)
+            "         (raw rdkafka without the uuid header {:>10.0} msg/s, peak RSS MiB {}; tidemill / that = {:.2})",
+            rate(n, bare_time),
+            mib(bare.peak_rss),
+            rate(n, tm_pub_time) / rate(n, bare_time)
         );
         report("consume", n, &raw_con, &tm_con);
         publisher.close().await.expect("close");

@@ -27,7 +27,10 @@
 //!
 //! Sides alternate which goes first; each round is printed, then the median msg/s of the
 //! rounds and the median of the per-round ratios Tidemill / raw (the load of a shared machine
-//! drifts between rounds; within a round both sides see about the same).
+//! drifts between rounds; within a round both sides see about the same), with each side's
+//! peak RSS: the process's `VmHWM`, reset right before each timed section and read right
+//! after it, the largest over the rounds (process-wide, so it includes what the bench itself
+//! holds, e.g. the raw publisher feeding a core-NATS consume).
 //!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 50,000), `TIDEMILL_BENCH_ROUNDS`
 //! (default 5), `TIDEMILL_BENCH_MODES` (`jetstream`, `core` or both, the default).
@@ -44,7 +47,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
 use tidemill_nats::{NatsConfig, NatsMode, NatsPublisher, NatsSubscriber};
-use tidemill_testkit::bench::{record, Row};
+use tidemill_testkit::bench::{record, PeakRss, Row};
 
 const PAYLOAD: usize = 100;
 const BATCH: usize = 1_000;
@@ -88,6 +91,18 @@ fn main() -> Result<(), BoxError> {
 struct Figures {
     publish: f64,
     consume: f64,
+    /// Peak RSS (bytes) during the timed publish, where known.
+    publish_rss: Option<u64>,
+    /// Peak RSS (bytes) during the timed consume, where known.
+    consume_rss: Option<u64>,
+}
+
+/// Bytes as MiB for the table, `n/a` where unknown.
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "n/a".into(),
+        |b| format!("{:.1}", b as f64 / 1_048_576.0),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -163,32 +178,50 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
             tms.push(t);
         }
         let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
-        for (what, f) in [
-            ("publish", (|x: &Figures| x.publish) as fn(&Figures) -> f64),
-            ("consume", |x: &Figures| x.consume),
+        // The largest peak RSS of a side over the rounds.
+        let peak = |v: &[Figures], g: fn(&Figures) -> Option<u64>| v.iter().filter_map(g).max();
+        type Rss = fn(&Figures) -> Option<u64>;
+        for (what, f, g) in [
+            (
+                "publish",
+                (|x: &Figures| x.publish) as fn(&Figures) -> f64,
+                (|x: &Figures| x.publish_rss) as Rss,
+            ),
+            (
+                "consume",
+                |x: &Figures| x.consume,
+                |x: &Figures| x.consume_rss,
+            ),
         ] {
             let (r, t) = (pick(&raws, f), pick(&tms, f));
             // Rounds alternate which side goes first; the load of this shared machine drifts
             // between rounds, so the ratio is taken within each round.
             let ratio = median(raws.iter().zip(&tms).map(|(r, t)| f(t) / f(r)).collect());
-            summary.push((label, what, r, t, ratio));
+            let (r_rss, t_rss) = (peak(&raws, g), peak(&tms, g));
+            summary.push((label, what, r, t, ratio, r_rss, t_rss));
         }
         tm.publisher.close().await?;
         tm.subscriber.close().await?;
     }
     println!();
     println!(
-        "median of {rounds} rounds, {n} x {PAYLOAD} B   raw msg/s   tidemill msg/s   ratio (median of per-round ratios)"
+        "median of {rounds} rounds, {n} x {PAYLOAD} B   raw msg/s   tidemill msg/s   ratio (median of per-round ratios)   peak RSS MiB raw / tidemill (max of rounds)"
     );
-    for (label, what, r, t, ratio) in summary {
-        println!("{label:<10} {what:<8}                {r:>11.0}   {t:>14.0}   {ratio:.2}");
+    for (label, what, r, t, ratio, r_rss, t_rss) in summary {
+        println!(
+            "{label:<10} {what:<8}                {r:>11.0}   {t:>14.0}   {ratio:<34.2}   {} / {}",
+            mib(r_rss),
+            mib(t_rss)
+        );
         // For `make bench` (BENCHMARKS.md); nothing when run by hand.
         let group = format!("nats {label} {what}");
-        record(&Row::new(group.as_str(), "raw async-nats", r));
+        record(&Row::new(group.as_str(), "raw async-nats", r).with_peak_rss(r_rss));
         record(
-            &Row::new(group.as_str(), "tidemill-nats", t).with_note(format!(
-                "median of {rounds} rounds; median per-round ratio {ratio:.2}"
-            )),
+            &Row::new(group.as_str(), "tidemill-nats", t)
+                .with_peak_rss(t_rss)
+                .with_note(format!(
+                    "median of {rounds} rounds; median per-round ratio {ratio:.2}"
+                )),
         );
     }
     Ok(())
@@ -260,6 +293,7 @@ impl Raw {
                 ..Default::default()
             })
             .await?;
+        PeakRss::reset();
         let started = Instant::now();
         for batch in batches {
             for window in batch.chunks(WINDOW) {
@@ -280,6 +314,7 @@ impl Raw {
             }
         }
         let publish = rate(n, started.elapsed());
+        let publish_rss = PeakRss::read();
 
         let consumer = self
             .js_sub
@@ -298,6 +333,7 @@ impl Raw {
                 topic.as_str(),
             )
             .await?;
+        PeakRss::reset();
         let started = Instant::now();
         let mut messages = consumer
             .stream()
@@ -316,9 +352,15 @@ impl Raw {
             received += 1;
         }
         let consume = rate(n, started.elapsed());
+        let consume_rss = PeakRss::read();
         drop(messages);
         self.js_pub.delete_stream(&topic).await?;
-        Ok(Figures { publish, consume })
+        Ok(Figures {
+            publish,
+            consume,
+            publish_rss,
+            consume_rss,
+        })
     }
 
     async fn core(
@@ -327,9 +369,11 @@ impl Raw {
         batches: Vec<Vec<(String, Bytes)>>,
     ) -> Result<Figures, BoxError> {
         let subject: Subject = unique("bench-raw-core").into();
+        PeakRss::reset();
         let started = Instant::now();
         self.core_publish(&subject, &batches).await?;
         let publish = rate(n, started.elapsed());
+        let publish_rss = PeakRss::read();
 
         let subject: Subject = unique("bench-raw-core").into();
         let sub_probe: Subject = format!("{}.probe", self.subscriber.new_inbox()).into();
@@ -349,9 +393,11 @@ impl Raw {
             }
             (received, last)
         });
+        PeakRss::reset();
         let started = Instant::now();
         self.core_publish(&subject, &batches).await?;
         let (received, last) = counter.await?;
+        let consume_rss = PeakRss::read();
         if received < n {
             println!(
                 "  raw core: {} of {n} messages dropped (slow consumer)",
@@ -359,7 +405,12 @@ impl Raw {
             );
         }
         let consume = rate(received, last - started);
-        Ok(Figures { publish, consume })
+        Ok(Figures {
+            publish,
+            consume,
+            publish_rss,
+            consume_rss,
+        })
     }
 
     /// Publishes the batches to `subject`, each confirmed by a round trip.
@@ -412,12 +463,15 @@ impl Tidemill {
         // Creates the stream (and the group's consumer) outside the timed section, like
         // the raw side's `create_stream`.
         self.subscriber.initialize(&topic, &group).await?;
+        PeakRss::reset();
         let started = Instant::now();
         for batch in batches {
             self.publisher.publish(&topic, batch).await?;
         }
         let publish = rate(n, started.elapsed());
+        let publish_rss = PeakRss::read();
 
+        PeakRss::reset();
         let started = Instant::now();
         let mut stream = self.subscriber.subscribe(&topic, group).await?;
         let mut received = 0;
@@ -430,9 +484,15 @@ impl Tidemill {
             received += 1;
         }
         let consume = rate(n, started.elapsed());
+        let consume_rss = PeakRss::read();
         drop(stream);
         raw.js_pub.delete_stream(&topic).await?;
-        Ok(Figures { publish, consume })
+        Ok(Figures {
+            publish,
+            consume,
+            publish_rss,
+            consume_rss,
+        })
     }
 
     async fn core(
@@ -442,11 +502,13 @@ impl Tidemill {
         raw: &Raw,
     ) -> Result<Figures, BoxError> {
         let topic = unique("bench-tm-core");
+        PeakRss::reset();
         let started = Instant::now();
         for batch in batches {
             self.publisher.publish(&topic, batch).await?;
         }
         let publish = rate(n, started.elapsed());
+        let publish_rss = PeakRss::read();
 
         // The raw publisher feeds both sides' subscribers.
         let raw_batches: Vec<Vec<(String, Bytes)>> = (0..n)
@@ -474,10 +536,12 @@ impl Tidemill {
             }
             (received, last)
         });
+        PeakRss::reset();
         let started = Instant::now();
         raw.core_publish(&topic.clone().into(), &raw_batches)
             .await?;
         let (received, last) = counter.await?;
+        let consume_rss = PeakRss::read();
         if received < n {
             println!(
                 "  tidemill core: {} of {n} messages dropped (slow consumer)",
@@ -485,6 +549,11 @@ impl Tidemill {
             );
         }
         let consume = rate(received, last - started);
-        Ok(Figures { publish, consume })
+        Ok(Figures {
+            publish,
+            consume,
+            publish_rss,
+            consume_rss,
+        })
     }
 }
