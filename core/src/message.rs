@@ -193,6 +193,31 @@ impl Message {
         }
     }
 
+    /// Whether `other` is this very message: the same shared block (so unmodified since
+    /// one was cloned from the other) and the same receive context. No reference counts
+    /// are touched.
+    #[inline]
+    pub(crate) fn is_same(&self, other: &Message) -> bool {
+        Arc::ptr_eq(&self.parts, &other.parts)
+            && match (&self.context, &other.context) {
+                (Some(a), Some(b)) => Arc::ptr_eq(&a.0, &b.0),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+
+    /// The addresses identifying this message's block and context (see
+    /// [`router::input_token`](crate::router::input_token)).
+    #[inline]
+    pub(crate) fn identity(&self) -> (usize, usize) {
+        (
+            Arc::as_ptr(&self.parts) as usize,
+            self.context
+                .as_ref()
+                .map_or(0, |c| Arc::as_ptr(&c.0) as *const u8 as usize),
+        )
+    }
+
     /// Sets the receive context (the router does this; layers and tests may too).
     #[inline]
     pub fn set_context(&mut self, context: Option<MessageContext>) {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
+use tidemill_core::router::{self, InputToken};
 use tidemill_core::{BoxError, Message};
 use tower::{Layer, Service};
 
@@ -77,6 +78,8 @@ impl<S> Layer<S> for CorrelationId {
     type Service = CorrelationIdService<S>;
 
     fn layer(&self, inner: S) -> CorrelationIdService<S> {
+        // Outputs need the input's id: the router keeps the input, not each future.
+        router::keep_input();
         CorrelationIdService {
             inner,
             key: self.key.clone(),
@@ -105,9 +108,12 @@ where
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        // One reference count (the context is not needed); the id is looked up only when
-        // there are outputs.
-        let source = msg.detached();
+        // No copy when the message is the router's (fetched only when there are outputs);
+        // otherwise one reference count (the context is not needed).
+        let source = match router::input_token(&msg) {
+            Some(token) => Source::Router(token),
+            None => Source::Kept(msg.detached()),
+        };
         CorrelationFuture {
             fut: self.inner.call(msg),
             key: self.key.clone(),
@@ -122,8 +128,15 @@ pin_project! {
         #[pin]
         fut: F,
         key: Option<Arc<str>>,
-        source: Message,
+        source: Source,
     }
+}
+
+/// Where the input's id comes from: the router's copy of the input, or a detached clone.
+#[derive(Debug)]
+enum Source {
+    Router(InputToken),
+    Kept(Message),
 }
 
 impl<F, E> Future for CorrelationFuture<F>
@@ -141,13 +154,24 @@ where
             Poll::Ready(Ok(mut out)) => {
                 if !out.is_empty() {
                     let key = this.key.as_deref().unwrap_or(headers::CORRELATION_ID);
-                    let id = this
-                        .source
-                        .metadata()
-                        .get(key)
-                        .unwrap_or(this.source.uuid());
-                    for m in &mut out {
-                        m.metadata_mut().set_if_absent(key, id);
+                    let tag = |source: &Message, out: &mut Vec<Message>| {
+                        let id = source.metadata().get(key).unwrap_or(source.uuid());
+                        for m in out {
+                            m.metadata_mut().set_if_absent(key, id);
+                        }
+                    };
+                    match this.source {
+                        Source::Kept(msg) => tag(msg, &mut out),
+                        // Polled by the router, so its copy of the input is current.
+                        Source::Router(token) => {
+                            if router::with_input(*token, |msg| tag(msg, &mut out)).is_none() {
+                                return Poll::Ready(Err(
+                                    "correlation id: the input is no longer reachable (the \
+                                     future is polled outside the router that called it)"
+                                        .into(),
+                                ));
+                            }
+                        }
                     }
                 }
                 Poll::Ready(Ok(out))

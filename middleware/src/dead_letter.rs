@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use moka::sync::Cache;
-use tidemill_core::router::{redeliver_after, redelivery_delay};
+use tidemill_core::router::{self, redeliver_after, redelivery_delay, InputToken};
 use tidemill_core::{BoxError, Message, Publisher};
 use tower::{Layer, Service};
 
@@ -228,6 +228,8 @@ impl<S> Layer<S> for DeadLetter {
     type Service = DeadLetterService<S>;
 
     fn layer(&self, inner: S) -> DeadLetterService<S> {
+        // The error path needs the input: the router keeps it, not each message's future.
+        router::keep_input();
         DeadLetterService {
             inner,
             config: self.clone(),
@@ -258,15 +260,36 @@ struct Delivery {
 /// The error path of [`DeadLetter`].
 pub struct DeadLetterFailure {
     config: DeadLetter,
-    input: Message,
+    input: Input,
     prior: u32,
     by_broker: bool,
     number: u32,
 }
 
+/// The input for the error path: the router's copy (fetched on failure) or a clone.
+enum Input {
+    Router(InputToken),
+    Kept(Message),
+}
+
 impl OnFailure for DeadLetterFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
-        let (handler, topic, group) = handler_and_topic(&self.input);
+        let input = match self.input {
+            Input::Kept(msg) => msg,
+            // Called while the router polls this message's future, so its copy is current.
+            Input::Router(token) => match router::input(token) {
+                Some(msg) => msg,
+                None => {
+                    tracing::warn!(
+                        error = %error_chain(&*error),
+                        "dead letter: the input is no longer reachable (the future is polled \
+                         outside the router that called it); passing the error on"
+                    );
+                    return Box::pin(std::future::ready(Err(error)));
+                }
+            },
+        };
+        let (handler, topic, group) = handler_and_topic(&input);
         let delivery = Delivery {
             handler,
             topic,
@@ -275,7 +298,7 @@ impl OnFailure for DeadLetterFailure {
             by_broker: self.by_broker,
             number: self.number,
         };
-        Box::pin(self.config.failed(self.input, delivery, error))
+        Box::pin(self.config.failed(input, delivery, error))
     }
 }
 
@@ -368,7 +391,10 @@ where
         };
         let failure = DeadLetterFailure {
             config: self.config.clone(),
-            input: msg.clone(),
+            input: match router::input_token(&msg) {
+                Some(token) => Input::Router(token),
+                None => Input::Kept(msg.clone()),
+            },
             prior,
             by_broker,
             number,

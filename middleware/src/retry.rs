@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
+use tidemill_core::router::{self, InputToken};
 use tidemill_core::{is_permanent, BoxError, Message};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
@@ -33,8 +34,10 @@ type Hook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
 ///   the retry layer does the same: each attempt gets a fresh timeout, so one slow attempt
 ///   does not doom the next. Placed outside, a timeout bounds all attempts together.
 ///
-/// The message is cloned for each attempt (cheap: its parts are reference counted). The
-/// last error is returned unchanged, so outer layers (poison queue, dead letter) see the
+/// On the success path the layer keeps no copy of the message: inside a router it asks the
+/// router to keep the input ([`tidemill_core::router::keep_input`]) and takes that copy
+/// only when an attempt fails (when the message it gets is not the router's copy, e.g. an
+/// outer layer changed it, it keeps a clone). The last error is returned unchanged, so outer layers (poison queue, dead letter) see the
 /// handler's own error.
 ///
 /// ```
@@ -191,6 +194,7 @@ where
     type Service = RetryService<S>;
 
     fn layer(&self, inner: S) -> RetryService<S> {
+        router::keep_input();
         RetryService {
             shared: Arc::new(Inner {
                 service: Mutex::new(inner),
@@ -255,30 +259,38 @@ where
     fn call(&mut self, msg: Message) -> RetryFuture<S> {
         let shared = &self.shared;
         let started = shared.config.max_elapsed.map(|_| Instant::now());
+        // The router's copy of this very input, if it keeps one: then no copy is kept here.
+        let token = router::input_token(&msg);
         // The first attempt starts here when the inner service is ready (the usual case),
         // so the future starts out calling. Otherwise (not ready: the noop waker is not
         // kept, the future polls again with its own) the future waits for readiness.
-        let first = shared.poll_call(&mut Context::from_waker(Waker::noop()), &msg);
-        let (state, attempt) = match first {
-            Poll::Ready(Ok(fut)) => (
-                State::Calling {
-                    fut,
-                    timeout: shared.attempt_timeout(),
-                },
-                1,
-            ),
-            Poll::Ready(Err(e)) => (
-                State::Failed {
-                    error: Some(e.into()),
-                },
-                0,
-            ),
-            Poll::Pending => (State::Idle, 0),
+        let (state, attempt, kept) = {
+            let mut service = shared.service.lock();
+            match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(Ok(())) => {
+                    let kept = match token {
+                        Some(_) => None,
+                        None => Some(msg.clone()),
+                    };
+                    let fut = service.call(msg);
+                    let timeout = shared.attempt_timeout();
+                    (State::Calling { fut, timeout }, 1, kept)
+                }
+                Poll::Ready(Err(e)) => (
+                    State::Failed {
+                        error: Some(e.into()),
+                    },
+                    0,
+                    None,
+                ),
+                Poll::Pending => (State::Idle, 0, Some(msg)),
+            }
         };
         RetryFuture {
             started,
             shared: shared.clone(),
-            msg,
+            msg: kept,
+            token,
             attempt,
             state,
         }
@@ -289,7 +301,10 @@ pin_project! {
     /// The future of [`RetryService`].
     pub struct RetryFuture<S: Service<Message>> {
         shared: Arc<Inner<S>>,
-        msg: Message,
+        // The message for the next attempt: kept from the start unless it is the router's
+        // copy (`token`), which is then fetched when an attempt fails.
+        msg: Option<Message>,
+        token: Option<InputToken>,
         attempt: u32,
         started: Option<Instant>,
         #[pin]
@@ -319,15 +334,18 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Idle => match this.shared.poll_call(cx, this.msg) {
-                    Poll::Pending => return Poll::Pending,
-                    // The service itself failed: nothing to retry.
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                    Poll::Ready(Ok(fut)) => {
-                        *this.attempt += 1;
-                        let timeout = this.shared.attempt_timeout();
-                        this.state.set(State::Calling { fut, timeout });
-                    }
+                StateProj::Idle => match this.msg.as_ref() {
+                    Some(msg) => match this.shared.poll_call(cx, msg) {
+                        Poll::Pending => return Poll::Pending,
+                        // The service itself failed: nothing to retry.
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                        Poll::Ready(Ok(fut)) => {
+                            *this.attempt += 1;
+                            let timeout = this.shared.attempt_timeout();
+                            this.state.set(State::Calling { fut, timeout });
+                        }
+                    },
+                    None => return Poll::Ready(Err("retry future polled after completion".into())),
                 },
                 StateProj::Failed { error } => {
                     let error = error
@@ -360,6 +378,18 @@ where
                     if *this.attempt >= config.max_attempts || !(config.retry_if)(&error) {
                         return Poll::Ready(Err(error));
                     }
+                    if this.msg.is_none() {
+                        // The router's copy of the input (it is polling this future now).
+                        *this.msg = this.token.and_then(router::input);
+                        if this.msg.is_none() {
+                            tracing::warn!(
+                                attempt = *this.attempt,
+                                "retry: the input is no longer reachable (the future is \
+                                 polled outside the router that called it); not retrying"
+                            );
+                            return Poll::Ready(Err(error));
+                        }
+                    }
                     let delay = config.backoff.delay(*this.attempt);
                     if let (Some(max), Some(started)) = (config.max_elapsed, *this.started) {
                         if started.elapsed() + delay > max {
@@ -368,9 +398,9 @@ where
                         }
                     }
                     tracing::debug!(attempt = *this.attempt, ?delay, error = %error, "retrying");
-                    if let Some(hook) = &config.on_retry {
+                    if let (Some(hook), Some(message)) = (&config.on_retry, this.msg.as_ref()) {
                         hook(&RetryEvent {
-                            message: this.msg,
+                            message,
                             attempt: *this.attempt,
                             delay,
                             error: &error,
@@ -388,5 +418,105 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+    use tidemill_core::{HandlerResult, MemoryBroker, Message, Publisher, Router};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::Backoff;
+
+    /// An outer layer that changes the message before retry sees it.
+    #[derive(Clone)]
+    struct Stamp;
+
+    impl<S: Service<Message>> Layer<S> for Stamp {
+        type Service = tower::util::MapRequest<S, fn(Message) -> Message>;
+        fn layer(&self, inner: S) -> Self::Service {
+            fn stamp(mut m: Message) -> Message {
+                m.metadata_mut().set("outer", "stamped");
+                m
+            }
+            tower::util::MapRequest::new(inner, stamp as fn(Message) -> Message)
+        }
+    }
+
+    /// Each attempt sees the message retry was given: the router's copy when unchanged, its
+    /// own clone when an outer layer changed it.
+    #[tokio::test]
+    async fn retries_get_the_message_as_the_layer_received_it() {
+        let broker = MemoryBroker::new();
+        let router = Router::new();
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let failed_once = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+        let retry = Retry::new()
+            .max_attempts(3)
+            .backoff(Backoff::new(Duration::from_millis(1)));
+        let handler = move |m: Message| {
+            let tx = tx.clone();
+            let failed_once = failed_once.clone();
+            async move {
+                let seen = format!(
+                    "{}|{}|{}",
+                    String::from_utf8_lossy(m.payload()),
+                    m.metadata().get("outer").unwrap_or("-"),
+                    m.context()
+                        .map_or("no context", |c| c.handler().name.as_str()),
+                );
+                let first = failed_once.lock().insert(seen.clone());
+                let _ = tx.send(seen);
+                if first {
+                    return Err("first attempt fails".into());
+                }
+                HandlerResult::Ok(())
+            }
+        };
+        router
+            .add_handler("unchanged")
+            .subscribe(broker.subscriber(), "a")
+            .layer(retry.clone())
+            .handler(handler.clone())
+            .await
+            .expect("added");
+        router
+            .add_handler("stamped")
+            .subscribe(broker.subscriber(), "b")
+            .layer(Stamp)
+            .layer(retry)
+            .handler(handler)
+            .await
+            .expect("added");
+        let r = router.clone();
+        let run = tokio::spawn(async move { r.run().await });
+        tokio::time::timeout(Duration::from_secs(10), router.running())
+            .await
+            .expect("router runs");
+        let publisher = broker.publisher();
+        async fn next(rx: &mut mpsc::UnboundedReceiver<String>) -> String {
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("within 10s")
+                .expect("open")
+        }
+        publisher
+            .publish("a", vec![Message::new("one")])
+            .await
+            .expect("published");
+        assert_eq!(next(&mut rx).await, "one|-|unchanged");
+        assert_eq!(next(&mut rx).await, "one|-|unchanged");
+        publisher
+            .publish("b", vec![Message::new("two")])
+            .await
+            .expect("published");
+        assert_eq!(next(&mut rx).await, "two|stamped|stamped");
+        assert_eq!(next(&mut rx).await, "two|stamped|stamped");
+        router.close().await.expect("closed");
+        let _ = run.await;
     }
 }

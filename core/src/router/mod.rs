@@ -41,6 +41,7 @@
 //! ```
 
 mod handler;
+mod input;
 mod outcome;
 mod run;
 
@@ -61,6 +62,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 pub use handler::{
     handler_fn, BoxHandler, BoxHandlerFuture, HandlerFn, HandlerResult, IntoMessages,
 };
+pub use input::{input, input_token, keep_input, with_input, InputToken};
 pub use outcome::{redeliver_after, redelivery_delay, RedeliverAfter, Settlement};
 
 use crate::{
@@ -659,16 +661,22 @@ impl<'r, L> HandlerBuilder<'r, L> {
         let (subscriber, topic) = self
             .subscription
             .ok_or_else(|| RouterError::MissingSubscriber(self.name.clone()))?;
-        let service = self.layers.service(service);
+        // Layers that need the input on their error paths ask (input::keep_input) while
+        // they are built; the router then keeps each input for them.
+        let layers = self.layers;
+        let (service, keep_input) = input::building(|| layers.service(service));
         let runner: Runner = Box::new(move |run: HandlerRun| {
             if run.layers.is_empty() {
-                Box::pin(run_handler(service, run))
+                Box::pin(run_handler(service, run, keep_input))
             } else {
-                let mut boxed = BoxHandler::new(service.map_err(Into::into));
-                for wrap in run.layers.iter().rev() {
-                    boxed = wrap(boxed);
-                }
-                Box::pin(run_handler(boxed, run))
+                let (boxed, router_keep) = input::building(|| {
+                    let mut boxed = BoxHandler::new(service.map_err(Into::into));
+                    for wrap in run.layers.iter().rev() {
+                        boxed = wrap(boxed);
+                    }
+                    boxed
+                });
+                Box::pin(run_handler(boxed, run, keep_input || router_keep))
             }
         });
         let info = HandlerInfo {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::Instrument;
 
+use super::input::Current;
 use super::outcome::{redelivery_delay, Settlement};
 use super::HandlerRun;
 use crate::{BoxError, Delivery, HandlerInfo, Message, MessageContext, Publisher};
@@ -25,7 +26,9 @@ pub(crate) struct HandlerCtx {
     pub(crate) concurrency: usize,
 }
 
-pub(crate) async fn run_handler<S>(service: S, run: HandlerRun)
+/// `keep_input`: a layer asked for the router's copy of each input (see
+/// [`keep_input`](super::keep_input)).
+pub(crate) async fn run_handler<S>(service: S, run: HandlerRun, keep_input: bool)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -33,9 +36,9 @@ where
 {
     let name = run.ctx.info.name.clone();
     if run.ctx.concurrency <= 1 {
-        sequential(service, run).await;
+        sequential(service, run, keep_input).await;
     } else {
-        concurrent(service, run).await;
+        concurrent(service, run, keep_input).await;
     }
     tracing::debug!(handler = %name, "handler stopped");
 }
@@ -47,7 +50,7 @@ where
 /// than the layers' own work. The stop and close-timeout signals are each one future for
 /// the whole loop (a fresh waiter per message would cost as much as the rest of an
 /// in-memory message's trip).
-async fn sequential<S>(mut service: S, run: HandlerRun)
+async fn sequential<S>(mut service: S, run: HandlerRun, keep_input: bool)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -99,13 +102,18 @@ where
             );
             break;
         }
-        let called =
-            std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))));
+        // The router's copy of the input, current while the service is called and polled.
+        let mut input = keep_input.then(|| msg.clone());
+        let called = {
+            let _current = keep_input.then(|| Current::enter(&mut input));
+            std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
+        };
         let outcome = match called {
             Ok(fut) => {
                 let mut fut = pin!(fut);
                 let polled = poll_fn(|cx| {
                     let _entered = span.enter();
+                    let _current = keep_input.then(|| Current::enter(&mut input));
                     match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
                         Ok(Poll::Ready(result)) => {
                             Poll::Ready(Some(Ok(result.map_err(Into::into))))
@@ -125,6 +133,7 @@ where
             }
             Err(panic) => Err(panic_message(&*panic)),
         };
+        drop(input);
         let mut settling = pin!(settle(&ctx, &settlement.0, outcome).instrument(span));
         let settled = poll_fn(|cx| match settling.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(true),
@@ -139,7 +148,7 @@ where
 }
 
 /// Up to `concurrency` messages in flight; messages with the same key one after another.
-async fn concurrent<S>(mut service: S, run: HandlerRun)
+async fn concurrent<S>(mut service: S, run: HandlerRun, keep_input: bool)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -169,7 +178,7 @@ where
                 match waiting.get_mut(&key).and_then(VecDeque::pop_front) {
                     Some(next) => {
                         waiting_count -= 1;
-                        if !spawn_one(&mut service, &ctx, next, &force, &mut tasks).await {
+                        if !spawn_one(&mut service, &ctx, next, &force, &mut tasks, keep_input).await {
                             break;
                         }
                     }
@@ -194,7 +203,7 @@ where
                     }
                     busy.insert(key.clone());
                 }
-                if !spawn_one(&mut service, &ctx, delivery, &force, &mut tasks).await {
+                if !spawn_one(&mut service, &ctx, delivery, &force, &mut tasks, keep_input).await {
                     break;
                 }
             }
@@ -248,6 +257,7 @@ async fn spawn_one<S>(
     delivery: Delivery,
     force: &CancellationToken,
     tasks: &mut JoinSet<Option<Bytes>>,
+    keep_input: bool,
 ) -> bool
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
@@ -268,18 +278,31 @@ where
         span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
         return false;
     }
-    let called = std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
-        .map_err(|panic| panic_message(&*panic));
+    let mut input = keep_input.then(|| msg.clone());
+    let called = {
+        let _current = keep_input.then(|| Current::enter(&mut input));
+        std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
+            .map_err(|panic| panic_message(&*panic))
+    };
     let ctx = ctx.clone();
     tasks.spawn(
         async move {
             let outcome = match called {
-                Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
-                    Ok(result) => Ok(result.map_err(Into::into)),
-                    Err(panic) => Err(panic_message(&*panic)),
-                },
+                Ok(fut) => {
+                    let mut fut = pin!(AssertUnwindSafe(fut).catch_unwind());
+                    let polled = poll_fn(|cx| {
+                        let _current = keep_input.then(|| Current::enter(&mut input));
+                        fut.as_mut().poll(cx)
+                    })
+                    .await;
+                    match polled {
+                        Ok(result) => Ok(result.map_err(Into::into)),
+                        Err(panic) => Err(panic_message(&*panic)),
+                    }
+                }
                 Err(panic) => Err(panic),
             };
+            drop(input);
             settle(&ctx, &settlement.0, outcome).await;
             key
         }

@@ -980,3 +980,126 @@ async fn running_means_subscribed_and_nothing_stalls() {
         }
     }
 }
+
+/// A layer that asks for the router's copy of the input and reports, per message, whether
+/// it got a token at call time and what `input` gives back once the handler finished.
+#[derive(Clone)]
+struct InputProbe {
+    seen: mpsc::UnboundedSender<(bool, Option<String>)>,
+}
+
+impl<S> Layer<S> for InputProbe {
+    type Service = InputProbeService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        keep_input();
+        InputProbeService {
+            inner,
+            seen: self.seen.clone(),
+        }
+    }
+}
+
+struct InputProbeService<S> {
+    inner: S,
+    seen: mpsc::UnboundedSender<(bool, Option<String>)>,
+}
+
+impl<S> Service<Message> for InputProbeService<S>
+where
+    S: Service<Message, Response = Vec<Message>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Vec<Message>;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Vec<Message>, BoxError>>;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let token = input_token(&msg);
+        let fut = self.inner.call(msg);
+        let seen = self.seen.clone();
+        // A boxed future polled by the router's task: the copy stays reachable.
+        Box::pin(async move {
+            let out = fut.await;
+            let fetched = token
+                .and_then(input)
+                .map(|m| format!("{}|{}", text(&m), m.metadata().get("outer").unwrap_or("-")));
+            let _ = seen.send((token.is_some(), fetched));
+            out
+        })
+    }
+}
+
+/// An outer layer that changes the message (so it is no longer the router's copy).
+#[derive(Clone)]
+struct Stamp;
+
+impl<S: Service<Message>> Layer<S> for Stamp {
+    type Service = tower::util::MapRequest<S, fn(Message) -> Message>;
+    fn layer(&self, inner: S) -> Self::Service {
+        fn stamp(mut m: Message) -> Message {
+            m.metadata_mut().set("outer", "stamped");
+            m
+        }
+        tower::util::MapRequest::new(inner, stamp as fn(Message) -> Message)
+    }
+}
+
+#[tokio::test]
+async fn layers_reach_the_routers_copy_of_an_unchanged_input_only() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("plain-probe")
+        .subscribe(broker.subscriber(), "a")
+        .layer(InputProbe { seen: tx.clone() })
+        .handler(|_m: Message| async { HandlerResult::Ok(()) })
+        .await
+        .expect("added");
+    router
+        .add_handler("stamped-probe")
+        .subscribe(broker.subscriber(), "b")
+        .layer(Stamp)
+        .layer(InputProbe { seen: tx.clone() })
+        .handler(|_m: Message| async { HandlerResult::Ok(()) })
+        .await
+        .expect("added");
+    router
+        .add_handler("concurrent-probe")
+        .subscribe(broker.subscriber(), "c")
+        .concurrency(4)
+        .layer(InputProbe { seen: tx })
+        .handler(|_m: Message| async {
+            tokio::task::yield_now().await;
+            HandlerResult::Ok(())
+        })
+        .await
+        .expect("added");
+    let run = start(&router).await;
+    let publisher = broker.publisher();
+    publisher
+        .publish("a", vec![Message::new("one")])
+        .await
+        .expect("published");
+    assert_eq!(recv(&mut rx).await, (true, Some("one|-".to_owned())));
+    publisher
+        .publish("b", vec![Message::new("two")])
+        .await
+        .expect("published");
+    // Changed by an outer layer: no token, the layer must keep its own copy.
+    assert_eq!(recv(&mut rx).await, (false, None));
+    publisher
+        .publish("c", vec![Message::new("three")])
+        .await
+        .expect("published");
+    assert_eq!(recv(&mut rx).await, (true, Some("three|-".to_owned())));
+    // Outside any router's call there is no current input.
+    assert!(input_token(&Message::new("loose")).is_none());
+    router.close().await.expect("closed");
+    let _ = run.await;
+}

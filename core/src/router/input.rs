@@ -1,0 +1,100 @@
+//! The router's own copy of the input, for layers' error paths.
+//!
+//! A layer that may need the input after the handler failed (retry calls the handler again,
+//! dead letter publishes the input, correlation id reads it when there are outputs) would
+//! otherwise keep a copy of every message on its success path too: a few atomic reference
+//! counts per layer and message. Instead, a layer asks, when it is built into a handler
+//! ([`keep_input`] from its `Layer::layer`), that the router keep one copy of each input;
+//! while the router calls or polls the handler's service, that copy is reachable here.
+//! A layer checks at call time that the message it got is that very copy
+//! ([`input_token`]: same shared block, so no outer layer changed it) and, if so, keeps
+//! only the token and fetches the copy ([`input`]) when it needs it. Otherwise (an outer
+//! layer modified the message, the service runs outside a router, ...) it keeps its own
+//! clone as before.
+
+use std::cell::{Cell, RefCell};
+
+use crate::Message;
+
+thread_local! {
+    /// The input of the message the router is calling or polling on this thread.
+    static CURRENT: RefCell<Option<Message>> = const { RefCell::new(None) };
+    /// Set by [`keep_input`] while the router builds a handler's service.
+    static WANTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Asks the router building the handler this layer wraps to keep a copy of each input and
+/// make it reachable through [`input`] while it calls and polls the handler's service.
+///
+/// Call it from `Layer::layer`. Outside a router's handler construction it does nothing
+/// harmful: the router building the next handler on this thread may keep inputs it need
+/// not, nothing else.
+pub fn keep_input() {
+    WANTED.with(|w| w.set(true));
+}
+
+/// Runs `build` (the making of a handler's service from its layers) and tells whether a
+/// layer asked for [`keep_input`] meanwhile.
+pub(crate) fn building<T>(build: impl FnOnce() -> T) -> (T, bool) {
+    let before = WANTED.with(|w| w.replace(false));
+    let built = build();
+    let wanted = WANTED.with(|w| w.replace(before));
+    (built, wanted)
+}
+
+/// Identifies the router's copy of the current input without holding a reference to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputToken((usize, usize));
+
+/// If `msg` is the router's copy of the input it is handling (same shared block and
+/// context: no layer outside the caller changed it), a token to fetch that copy later with
+/// [`input`]; otherwise `None` (keep your own clone then).
+#[inline]
+pub fn input_token(msg: &Message) -> Option<InputToken> {
+    CURRENT.with(|c| match &*c.borrow() {
+        Some(current) if current.is_same(msg) => Some(InputToken(msg.identity())),
+        _ => None,
+    })
+}
+
+/// A clone of the router's copy of the input the token was taken from, if the router is
+/// calling or polling the service of that same input on this thread now (otherwise
+/// `None`).
+pub fn input(token: InputToken) -> Option<Message> {
+    CURRENT.with(|c| match &*c.borrow() {
+        Some(current) if current.identity() == token.0 => Some(current.clone()),
+        _ => None,
+    })
+}
+
+/// Runs `f` on the router's copy of the input the token was taken from, if it is current
+/// (see [`input`]), without cloning it. `f` must not call or poll a router's handler.
+pub fn with_input<R>(token: InputToken, f: impl FnOnce(&Message) -> R) -> Option<R> {
+    CURRENT.with(|c| match &*c.borrow() {
+        Some(current) if current.identity() == token.0 => Some(f(current)),
+        _ => None,
+    })
+}
+
+/// Makes `input` the current input while the guard lives (it puts it back on drop).
+pub(crate) struct Current<'a> {
+    slot: &'a mut Option<Message>,
+    previous: Option<Message>,
+}
+
+impl<'a> Current<'a> {
+    /// Moves the message out of `slot` (if any) into the thread's current input.
+    #[inline]
+    pub(crate) fn enter(slot: &'a mut Option<Message>) -> Self {
+        let previous = CURRENT.with(|c| c.replace(slot.take()));
+        Current { slot, previous }
+    }
+}
+
+impl Drop for Current<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        *self.slot = CURRENT.with(|c| c.replace(previous));
+    }
+}
