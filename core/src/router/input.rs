@@ -12,13 +12,18 @@
 //! layer modified the message, the service runs outside a router, ...) it keeps its own
 //! clone as before.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
 
 use crate::Message;
 
 thread_local! {
-    /// The input of the message the router is calling or polling on this thread.
-    static CURRENT: RefCell<Option<Message>> = const { RefCell::new(None) };
+    /// The router's copy of the input it is calling or polling on this thread: set only
+    /// by a [`Current`] guard, which borrows the copy for as long as it is set and puts the
+    /// previous value back when dropped (also on unwinding). A plain pointer, so entering
+    /// and leaving cost no more than two thread-local writes.
+    static CURRENT: Cell<Option<NonNull<Message>>> = const { Cell::new(None) };
     /// Set by [`keep_input`] while the router builds a handler's service.
     static WANTED: Cell<bool> = const { Cell::new(false) };
 }
@@ -51,17 +56,29 @@ pub struct InputToken((usize, usize));
 /// [`input`]; otherwise `None` (keep your own clone then).
 #[inline]
 pub fn input_token(msg: &Message) -> Option<InputToken> {
-    CURRENT.with(|c| match &*c.borrow() {
+    with_current(|current| match current {
         Some(current) if current.is_same(msg) => Some(InputToken(msg.identity())),
         _ => None,
     })
+}
+
+/// Runs `f` on the current input, if any.
+#[inline]
+fn with_current<R>(f: impl FnOnce(Option<&Message>) -> R) -> R {
+    let current = CURRENT.with(Cell::get);
+    // SAFETY: a pointer is set only by a `Current` guard, which holds a shared borrow of
+    // the message for its whole life and clears or restores the pointer when dropped, so
+    // a pointer read here points to a live message that nobody can modify meanwhile. The
+    // reference does not outlive `f`, which runs before this call returns, inside the
+    // guard's scope (the guard is entered around the very call or poll that leads here).
+    f(current.map(|p| unsafe { p.as_ref() }))
 }
 
 /// A clone of the router's copy of the input the token was taken from, if the router is
 /// calling or polling the service of that same input on this thread now (otherwise
 /// `None`).
 pub fn input(token: InputToken) -> Option<Message> {
-    CURRENT.with(|c| match &*c.borrow() {
+    with_current(|current| match current {
         Some(current) if current.identity() == token.0 => Some(current.clone()),
         _ => None,
     })
@@ -70,31 +87,34 @@ pub fn input(token: InputToken) -> Option<Message> {
 /// Runs `f` on the router's copy of the input the token was taken from, if it is current
 /// (see [`input`]), without cloning it. `f` must not call or poll a router's handler.
 pub fn with_input<R>(token: InputToken, f: impl FnOnce(&Message) -> R) -> Option<R> {
-    CURRENT.with(|c| match &*c.borrow() {
+    with_current(|current| match current {
         Some(current) if current.identity() == token.0 => Some(f(current)),
         _ => None,
     })
 }
 
-/// Makes `input` the current input while the guard lives (it puts it back on drop).
+/// Makes a message the current input while the guard lives (the previous one comes back
+/// on drop).
 pub(crate) struct Current<'a> {
-    slot: &'a mut Option<Message>,
-    previous: Option<Message>,
+    previous: Option<NonNull<Message>>,
+    _input: PhantomData<&'a Message>,
 }
 
 impl<'a> Current<'a> {
-    /// Moves the message out of `slot` (if any) into the thread's current input.
+    /// Makes `input` current until the guard is dropped.
     #[inline]
-    pub(crate) fn enter(slot: &'a mut Option<Message>) -> Self {
-        let previous = CURRENT.with(|c| c.replace(slot.take()));
-        Current { slot, previous }
+    pub(crate) fn enter(input: &'a Message) -> Self {
+        let previous = CURRENT.with(|c| c.replace(Some(NonNull::from(input))));
+        Current {
+            previous,
+            _input: PhantomData,
+        }
     }
 }
 
 impl Drop for Current<'_> {
     #[inline]
     fn drop(&mut self) {
-        let previous = self.previous.take();
-        *self.slot = CURRENT.with(|c| c.replace(previous));
+        CURRENT.with(|c| c.set(self.previous));
     }
 }

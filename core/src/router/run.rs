@@ -103,9 +103,9 @@ where
             break;
         }
         // The router's copy of the input, current while the service is called and polled.
-        let mut input = keep_input.then(|| msg.clone());
+        let input = keep_input.then(|| msg.clone());
         let called = {
-            let _current = keep_input.then(|| Current::enter(&mut input));
+            let _current = input.as_ref().map(Current::enter);
             std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
         };
         let outcome = match called {
@@ -113,7 +113,7 @@ where
                 let mut fut = pin!(fut);
                 let polled = poll_fn(|cx| {
                     let _entered = span.enter();
-                    let _current = keep_input.then(|| Current::enter(&mut input));
+                    let _current = input.as_ref().map(Current::enter);
                     match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
                         Ok(Poll::Ready(result)) => {
                             Poll::Ready(Some(Ok(result.map_err(Into::into))))
@@ -278,9 +278,9 @@ where
         span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
         return false;
     }
-    let mut input = keep_input.then(|| msg.clone());
+    let input = keep_input.then(|| msg.clone());
     let called = {
-        let _current = keep_input.then(|| Current::enter(&mut input));
+        let _current = input.as_ref().map(Current::enter);
         std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
             .map_err(|panic| panic_message(&*panic))
     };
@@ -291,7 +291,7 @@ where
                 Ok(fut) => {
                     let mut fut = pin!(AssertUnwindSafe(fut).catch_unwind());
                     let polled = poll_fn(|cx| {
-                        let _current = keep_input.then(|| Current::enter(&mut input));
+                        let _current = input.as_ref().map(Current::enter);
                         fut.as_mut().poll(cx)
                     })
                     .await;
