@@ -104,17 +104,24 @@ where
         }
         // The router's copy of the input, current while the service is called and polled.
         let input = keep_input.then(|| msg.clone());
+        // The future is made straight into its pinned slot (layered futures are a few
+        // hundred bytes; returning one through the panic guard would copy it twice).
+        let mut fut = pin!(None::<S::Future>);
         let called = {
             let _current = input.as_ref().map(Current::enter);
-            std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                span.in_scope(|| fut.set(Some(service.call(msg))))
+            }))
         };
         let outcome = match called {
-            Ok(fut) => {
-                let mut fut = pin!(fut);
+            Ok(()) => {
                 let polled = poll_fn(|cx| {
                     let _entered = span.enter();
                     let _current = input.as_ref().map(Current::enter);
-                    match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                    let Some(fut) = fut.as_mut().as_pin_mut() else {
+                        return Poll::Ready(Some(Err("handler future missing".to_owned())));
+                    };
+                    match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
                         Ok(Poll::Ready(result)) => {
                             Poll::Ready(Some(Ok(result.map_err(Into::into))))
                         }
@@ -133,6 +140,8 @@ where
             }
             Err(panic) => Err(panic_message(&*panic)),
         };
+        // The work is done: its future (and what it holds) goes before the settling.
+        fut.set(None);
         drop(input);
         let mut settling = pin!(settle(&ctx, &settlement.0, outcome).instrument(span));
         let settled = poll_fn(|cx| match settling.as_mut().poll(cx) {
