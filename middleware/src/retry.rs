@@ -257,15 +257,24 @@ where
     }
 
     fn call(&mut self, msg: Message) -> RetryFuture<S> {
-        let shared = &self.shared;
-        let started = shared.config.max_elapsed.map(|_| Instant::now());
+        let started = self.shared.config.max_elapsed.map(|_| Instant::now());
         // The router's copy of this very input, if it keeps one: then no copy is kept here.
         let token = router::input_token(&msg);
+        let timeout = self.shared.attempt_timeout();
         // The first attempt starts here when the inner service is ready (the usual case),
         // so the future starts out calling. Otherwise (not ready: the noop waker is not
         // kept, the future polls again with its own) the future waits for readiness.
         let (state, attempt, kept) = {
-            let mut service = shared.service.lock();
+            // No future of an earlier message alive (e.g. one message at a time): the
+            // service is ours alone, no lock needed.
+            let mut locked;
+            let service = match Arc::get_mut(&mut self.shared) {
+                Some(inner) => inner.service.get_mut(),
+                None => {
+                    locked = self.shared.service.lock();
+                    &mut *locked
+                }
+            };
             match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(Ok(())) => {
                     let kept = match token {
@@ -273,7 +282,6 @@ where
                         None => Some(msg.clone()),
                     };
                     let fut = service.call(msg);
-                    let timeout = shared.attempt_timeout();
                     (State::Calling { fut, timeout }, 1, kept)
                 }
                 Poll::Ready(Err(e)) => (
@@ -288,7 +296,7 @@ where
         };
         RetryFuture {
             started,
-            shared: shared.clone(),
+            shared: self.shared.clone(),
             msg: kept,
             token,
             attempt,
