@@ -7,14 +7,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use moka::sync::Cache;
-use tidemill_core::router::{self, redeliver_after, redelivery_delay, InputToken};
+use tidemill_core::router::{self, redeliver_after, redelivery_delay};
 use tidemill_core::{BoxError, Message, Publisher};
 use tower::{Layer, Service};
 
 use crate::headers;
 use crate::util::{
     epoch_millis, error_chain, from_epoch_millis, handler_and_topic, timestamp, truncate,
-    HandlerOutput, LayerFuture, OnError, OnFailure,
+    HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure,
 };
 
 /// The longest error text kept per failed delivery.
@@ -260,34 +260,17 @@ struct Delivery {
 /// The error path of [`DeadLetter`].
 pub struct DeadLetterFailure {
     config: DeadLetter,
-    input: Input,
+    input: InputCopy,
     prior: u32,
     by_broker: bool,
     number: u32,
 }
 
-/// The input for the error path: the router's copy (fetched on failure) or a clone.
-enum Input {
-    Router(InputToken),
-    Kept(Message),
-}
-
 impl OnFailure for DeadLetterFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
-        let input = match self.input {
-            Input::Kept(msg) => msg,
-            // Called while the router polls this message's future, so its copy is current.
-            Input::Router(token) => match router::input(token) {
-                Some(msg) => msg,
-                None => {
-                    tracing::warn!(
-                        error = %error_chain(&*error),
-                        "dead letter: the input is no longer reachable (the future is polled \
-                         outside the router that called it); passing the error on"
-                    );
-                    return Box::pin(std::future::ready(Err(error)));
-                }
-            },
+        // Called while the router polls this message's future, so its copy is current.
+        let Some(input) = self.input.resolve("dead letter") else {
+            return Box::pin(std::future::ready(Err(error)));
         };
         let (handler, topic, group) = handler_and_topic(&input);
         let delivery = Delivery {
@@ -391,10 +374,7 @@ where
         };
         let failure = DeadLetterFailure {
             config: self.config.clone(),
-            input: match router::input_token(&msg) {
-                Some(token) => Input::Router(token),
-                None => Input::Kept(msg.clone()),
-            },
+            input: InputCopy::of(&msg),
             prior,
             by_broker,
             number,

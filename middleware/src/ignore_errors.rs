@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use tidemill_core::{BoxError, Message};
 use tower::{Layer, Service};
 
-use crate::util::{error_chain, HandlerOutput, LayerFuture, OnError, OnFailure};
+use crate::util::{error_chain, HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure};
 
 type Matcher = Arc<dyn Fn(&(dyn std::error::Error + 'static)) -> bool + Send + Sync>;
 
@@ -99,6 +99,8 @@ impl<S> Layer<S> for IgnoreErrors {
     type Service = IgnoreErrorsService<S>;
 
     fn layer(&self, inner: S) -> IgnoreErrorsService<S> {
+        // The error path logs the input's uuid: the router keeps the input, not each future.
+        tidemill_core::router::keep_input();
         IgnoreErrorsService {
             inner,
             config: self.clone(),
@@ -129,7 +131,7 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         let failure = IgnoreFailure {
             config: self.config.clone(),
-            input: msg.clone(),
+            input: InputCopy::of(&msg),
         };
         LayerFuture::from(OnError::new(self.inner.call(msg), failure))
     }
@@ -138,14 +140,15 @@ where
 /// The error path of [`IgnoreErrors`].
 pub struct IgnoreFailure {
     config: IgnoreErrors,
-    input: Message,
+    input: InputCopy,
 }
 
 impl OnFailure for IgnoreFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
         let result = if self.config.matches(&error) {
             self.config.ignored.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(uuid = self.input.uuid(), error = %error_chain(error.as_ref()), "ignoring handler error; acking");
+            let uuid = self.input.uuid();
+            tracing::info!(uuid = uuid.as_deref().unwrap_or("unknown"), error = %error_chain(error.as_ref()), "ignoring handler error; acking");
             Ok(Vec::new())
         } else {
             Err(error)

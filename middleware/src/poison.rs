@@ -11,8 +11,8 @@ use tower::{Layer, Service};
 
 use crate::headers;
 use crate::util::{
-    error_chain, handler_and_topic, timestamp, truncate, HandlerOutput, LayerFuture, OnError,
-    OnFailure,
+    error_chain, handler_and_topic, timestamp, truncate, HandlerOutput, InputCopy, LayerFuture,
+    OnError, OnFailure,
 };
 
 type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
@@ -128,6 +128,8 @@ impl<S> Layer<S> for PoisonQueue {
     type Service = PoisonQueueService<S>;
 
     fn layer(&self, inner: S) -> PoisonQueueService<S> {
+        // The error path needs the input: the router keeps it, not each message's future.
+        tidemill_core::router::keep_input();
         PoisonQueueService {
             inner,
             config: self.clone(),
@@ -158,7 +160,7 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         let failure = PoisonFailure {
             config: self.config.clone(),
-            input: msg.clone(),
+            input: InputCopy::of(&msg),
         };
         LayerFuture::from(OnError::new(self.inner.call(msg), failure))
     }
@@ -167,12 +169,16 @@ where
 /// The error path of [`PoisonQueue`].
 pub struct PoisonFailure {
     config: PoisonQueue,
-    input: Message,
+    input: InputCopy,
 }
 
 impl OnFailure for PoisonFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
         let PoisonFailure { config, input } = self;
+        // Called while the router polls this message's future, so its copy is current.
+        let Some(input) = input.resolve("poison queue") else {
+            return Box::pin(std::future::ready(Err(error)));
+        };
         Box::pin(async move {
             if !(config.predicate)(&error) {
                 return Err(error);

@@ -199,3 +199,49 @@ where
         self.project().inner.poll(cx)
     }
 }
+
+/// The input as an error path needs it: the router's copy, fetched when the error path runs
+/// (inside the router's poll), or a clone kept from the call when the message is not the
+/// router's copy (an outer layer changed it, or no router keeps one).
+pub(crate) enum InputCopy {
+    Router(tidemill_core::router::InputToken),
+    Kept(Message),
+}
+
+impl InputCopy {
+    /// What to keep for `msg` at call time (no reference count when it is the router's).
+    #[inline]
+    pub(crate) fn of(msg: &Message) -> Self {
+        match tidemill_core::router::input_token(msg) {
+            Some(token) => InputCopy::Router(token),
+            None => InputCopy::Kept(msg.clone()),
+        }
+    }
+
+    /// The input's uuid, if it is reachable (for logs).
+    pub(crate) fn uuid(&self) -> Option<String> {
+        match self {
+            InputCopy::Kept(msg) => Some(msg.uuid().to_owned()),
+            InputCopy::Router(token) => {
+                tidemill_core::router::with_input(*token, |m| m.uuid().to_owned())
+            }
+        }
+    }
+
+    /// The input, or `None` when the router's copy is not current (the future is polled
+    /// outside the router that called it); `layer` names the caller in the warning.
+    pub(crate) fn resolve(self, layer: &str) -> Option<Message> {
+        let msg = match self {
+            InputCopy::Kept(msg) => Some(msg),
+            InputCopy::Router(token) => tidemill_core::router::input(token),
+        };
+        if msg.is_none() {
+            tracing::warn!(
+                layer,
+                "the input is no longer reachable (the future is polled outside the router \
+                 that called it); passing the error on"
+            );
+        }
+        msg
+    }
+}
