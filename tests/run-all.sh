@@ -126,16 +126,10 @@ bash "$brokers" up ${TIDEMILL_BROKERS_ONLY:-} >"$up_log" 2>&1 &
 up_pid=$!
 # shellcheck disable=SC2317 # invoked by the trap
 stop_ours() {
-  local n mine=()
   trap '' PIPE
   kill "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null
-  for n in $(bash "$brokers" running); do
-    [[ $before == *" $n "* ]] || mine+=("$n")
-  done
-  if ((${#mine[@]})); then
-    echo "==> stopping ${mine[*]}"
-    bash "$brokers" down "${mine[@]}" || echo "warning: brokers-down failed" >&2
-  fi
+  # shellcheck disable=SC2086 # the name list is split on purpose
+  bash "$brokers" down-except $before || echo "warning: brokers-down failed" >&2
 }
 trap stop_ours EXIT
 trap 'exit 130' INT

@@ -9,6 +9,8 @@
 #   brokers.sh restart NAME...    stop and start again, keeping data on disk
 #   brokers.sh env [NAME...]      print `export VAR=...` lines for the addresses
 #   brokers.sh running            print the names of the brokers running now
+#   brokers.sh down-except "NAME..."  stop the running brokers not named (those a
+#                                 script started itself, given what ran before it)
 #   brokers.sh rabbitmqctl ARG... run rabbitmqctl against our RabbitMQ node
 #
 # NAME is one of: rabbitmq nats kafka pubsub (default: all four).
@@ -25,7 +27,7 @@ for _b in $TIDEMILL_BROKERS; do
   source "$HERE/$_b.sh"
 done
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,/^# Exit status/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 names() { # validate NAME args, default to all
   if (($# == 0)); then echo "$TIDEMILL_BROKERS"; return; fi
@@ -245,6 +247,16 @@ cmd_running() {
   echo "${out[@]:-}"
 }
 
+cmd_down_except() {
+  local keep=" $* " n stop=()
+  for n in $(cmd_running); do
+    [[ $keep == *" $n "* ]] || stop+=("$n")
+  done
+  ((${#stop[@]})) || return 0
+  log "stopping ${stop[*]}"
+  cmd_down "${stop[@]}"
+}
+
 (($# > 0)) || usage
 cmd=$1
 shift
@@ -253,7 +265,7 @@ shift
 # would otherwise race for the same ports and PID files). The first `up`
 # may build Tansu for many minutes, hence the long wait.
 case $cmd in
-  up | down | restart)
+  up | down | down-except | restart)
     mkdir -p "$TIDEMILL_BROKERS_DIR"
     exec 9>"$TIDEMILL_BROKERS_DIR/.lock"
     if ! flock -w 1800 9; then
@@ -265,6 +277,7 @@ esac
 case $cmd in
   up) cmd_up "$@" ;;
   down) cmd_down "$@" ;;
+  down-except) cmd_down_except "$@" ;;
   status) cmd_status "$@" ;;
   restart) cmd_restart "$@" ;;
   env) cmd_env "$@" ;;

@@ -23,18 +23,11 @@ before=" $(bash "$BROKERS" running) "
 
 # shellcheck disable=SC2317 # invoked by the trap
 cleanup() {
-  local n now mine=()
   # Our output may go to a pipe that is gone already (e.g. `| tee` killed by
   # Ctrl-C): do not let SIGPIPE stop the cleanup.
   trap '' PIPE
-  now=$(bash "$BROKERS" running)
-  for n in $now; do
-    [[ $before == *" $n "* ]] || mine+=("$n")
-  done
-  if ((${#mine[@]})); then
-    echo "with-brokers: stopping ${mine[*]}" >&2
-    bash "$BROKERS" down "${mine[@]}" >&2 || echo "with-brokers: warning: brokers-down failed" >&2
-  fi
+  # shellcheck disable=SC2086 # the name list is split on purpose
+  bash "$BROKERS" down-except $before >&2 || echo "with-brokers: warning: brokers-down failed" >&2
 }
 trap cleanup EXIT
 # Until CMD runs, a signal just ends the script (and cleanup runs).

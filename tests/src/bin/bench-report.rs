@@ -3,7 +3,6 @@
 //!
 //! Usage: `bench-report REPORT.jsonl COMMAND` (COMMAND is quoted in the page).
 
-use std::collections::BTreeMap;
 use std::process::{Command, ExitCode};
 
 use tidemill_testkit::bench::Row;
@@ -72,16 +71,15 @@ fn render(rows: &[Row], command: &str) -> String {
     out.push_str("## Results\n\n");
     out.push_str("| scenario | variant | msg/s | ratio | peak RSS | RSS ratio | note |\n");
     out.push_str("|---|---|---:|---:|---:|---:|---|\n");
-    let mut order: Vec<&str> = Vec::new();
-    let mut groups: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    // Groups in the order their first row was recorded.
+    let mut groups: Vec<(&str, Vec<&Row>)> = Vec::new();
     for row in rows {
-        if !groups.contains_key(row.group.as_str()) {
-            order.push(&row.group);
+        match groups.iter_mut().find(|(group, _)| *group == row.group) {
+            Some((_, members)) => members.push(row),
+            None => groups.push((&row.group, vec![row])),
         }
-        groups.entry(&row.group).or_default().push(row);
     }
-    for group in order {
-        let members = &groups[group];
+    for (group, members) in &groups {
         let base = members[0];
         for row in members {
             let ratio = if std::ptr::eq(*row, base) {
