@@ -12,7 +12,7 @@ use futures::TryFutureExt;
 use tidemill_core::router::{BoxHandler, Router};
 use tidemill_core::{permanent, BoxError, Message, Publisher, Subscriber};
 use tidemill_middleware::headers;
-use tidemill_middleware::request_reply::{ReplyErrorKind, ReplyPublishFailed};
+use tidemill_middleware::request_reply::{error_reply, ok_reply, ReplyPublishFailed};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::{
@@ -197,9 +197,6 @@ where
     Arc::new(move |inner| BoxHandler::new(layer.layer(inner).map_err(Into::into)))
 }
 
-/// The longest error message sent back in a reply.
-const MAX_REPLY_ERROR: usize = 1_000;
-
 /// Answers commands sent with [`send_and_wait`](crate::CommandClient::send_and_wait)
 /// (they carry a reply address and correlation id) with the handler's verdict, then acks
 /// them; passes every other message through untouched, so one handler serves both.
@@ -237,30 +234,21 @@ impl Service<Message> for ReplyIfRequested {
         };
         let handled = self.inner.call(message);
         Box::pin(async move {
-            let mut reply = match handled.await {
+            let reply = match handled.await {
                 // The handler's result (handle_with_result), or an empty "done".
                 Ok(out) => {
-                    let mut reply = out.into_iter().next().unwrap_or_else(|| Message::new(""));
-                    reply.set_context(None);
-                    reply.metadata_mut().set(headers::REPLY_STATUS, "ok");
-                    reply
+                    let result = out.into_iter().next().unwrap_or_else(|| Message::new(""));
+                    ok_reply(result, &request_id, 1, 1)
                 }
                 Err(error) => {
-                    let kind = ReplyErrorKind::of(&error);
-                    let text = error_text(error.as_ref());
+                    let reply = error_reply(&error, &request_id);
+                    let md = reply.metadata();
+                    let kind = md.get(headers::REPLY_ERROR_KIND).unwrap_or_default();
+                    let text = md.get(headers::REPLY_ERROR).unwrap_or_default();
                     tracing::debug!(%request_id, %kind, error = %text, "command failed; replying with the error");
-                    let mut reply = Message::new("");
-                    let md = reply.metadata_mut();
-                    md.set(headers::REPLY_STATUS, "error");
-                    md.set(headers::REPLY_ERROR_KIND, kind.as_str());
-                    md.set(headers::REPLY_ERROR, text);
                     reply
                 }
             };
-            let md = reply.metadata_mut();
-            md.set(headers::REQUEST_ID, &request_id);
-            md.set(headers::REPLY_SEQ, 1);
-            md.set(headers::REPLY_COUNT, 1);
             publisher
                 .publish_one(&reply_to, reply)
                 .await
@@ -280,29 +268,6 @@ fn discard_output(
     handled: BoxFuture<'static, Result<Vec<Message>, BoxError>>,
 ) -> BoxFuture<'static, Result<Vec<Message>, BoxError>> {
     Box::pin(handled.map_ok(|_| Vec::new()))
-}
-
-/// An error with its sources, cut to [`MAX_REPLY_ERROR`] bytes.
-fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.ends_with(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    if text.len() > MAX_REPLY_ERROR {
-        let mut cut = MAX_REPLY_ERROR;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push('…');
-    }
-    text
 }
 
 type GroupNaming = Arc<dyn Fn(&str) -> String + Send + Sync>;

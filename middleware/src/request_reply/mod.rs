@@ -57,7 +57,9 @@
 mod replier;
 mod requester;
 
-pub use replier::{MissingReplyAddress, Replier, ReplierService, ReplyPublishFailed};
+pub use replier::{
+    error_reply, ok_reply, MissingReplyAddress, Replier, ReplierService, ReplyPublishFailed,
+};
 pub use requester::{ReplyStream, Requester, RequesterConfig};
 
 use std::fmt;

@@ -104,7 +104,24 @@ impl<S> fmt::Debug for ReplierService<S> {
     }
 }
 
-fn ok_reply(mut msg: Message, request_id: &str, seq: usize, count: usize) -> Message {
+/// Makes `msg` the `seq`-th of `count` successful replies to request `request_id`.
+///
+/// Sets [`REPLY_STATUS`](headers::REPLY_STATUS) to `ok`, the correlation id
+/// ([`REQUEST_ID`](headers::REQUEST_ID)) and numbering ([`REPLY_SEQ`](headers::REPLY_SEQ) /
+/// [`REPLY_COUNT`](headers::REPLY_COUNT)); removes error and reply-address metadata the
+/// handler's message may have carried over, and its receive context. [`Replier`] builds its
+/// replies with this; use it to answer [`Requester`](super::Requester) requests from other
+/// code (as `tidemill-cqrs` does), so both agree on the reply format.
+///
+/// ```
+/// use tidemill_core::Message;
+/// use tidemill_middleware::{headers, request_reply::ok_reply};
+///
+/// let reply = ok_reply(Message::new("42"), "req-1", 1, 1);
+/// assert_eq!(reply.metadata().get(headers::REPLY_STATUS), Some("ok"));
+/// assert_eq!(reply.metadata().get(headers::REQUEST_ID), Some("req-1"));
+/// ```
+pub fn ok_reply(mut msg: Message, request_id: &str, seq: usize, count: usize) -> Message {
     let md = msg.metadata_mut();
     md.set(headers::REPLY_STATUS, "ok");
     for key in [
@@ -115,6 +132,38 @@ fn ok_reply(mut msg: Message, request_id: &str, seq: usize, count: usize) -> Mes
         md.remove(key);
     }
     reply(msg, request_id, seq, count)
+}
+
+/// The single error reply to request `request_id` for a handler's `error`.
+///
+/// Sets [`REPLY_STATUS`](headers::REPLY_STATUS) to `error`, the error's
+/// [`ReplyErrorKind`] in [`REPLY_ERROR_KIND`](headers::REPLY_ERROR_KIND) and the error with
+/// its sources (cut to 1,000 bytes) in [`REPLY_ERROR`](headers::REPLY_ERROR), plus the
+/// correlation id and numbering (1 of 1). [`Replier`] builds its error replies with this.
+///
+/// ```
+/// use tidemill_core::{BoxError, Message};
+/// use tidemill_middleware::{headers, request_reply::{error_reply, ReplyErrorKind}};
+///
+/// let error: BoxError = "no such account".into();
+/// let reply = error_reply(&error, "req-1");
+/// assert_eq!(reply.metadata().get(headers::REPLY_STATUS), Some("error"));
+/// assert_eq!(reply.metadata().get(headers::REPLY_ERROR_KIND), Some(ReplyErrorKind::Failed.as_str()));
+/// assert_eq!(reply.metadata().get(headers::REPLY_ERROR), Some("no such account"));
+/// ```
+pub fn error_reply(error: &BoxError, request_id: &str) -> Message {
+    let mut m = Message::new("");
+    let md = m.metadata_mut();
+    md.set(headers::REPLY_STATUS, "error");
+    md.set(
+        headers::REPLY_ERROR_KIND,
+        ReplyErrorKind::of(error).as_str(),
+    );
+    md.set(
+        headers::REPLY_ERROR,
+        truncate(error_chain(error.as_ref()), MAX_ERROR),
+    );
+    reply(m, request_id, 1, 1)
 }
 
 fn reply(mut msg: Message, request_id: &str, seq: usize, count: usize) -> Message {
@@ -174,15 +223,12 @@ where
                         .collect()
                 }
                 Err(error) => {
-                    let kind = ReplyErrorKind::of(&error);
-                    let text = truncate(error_chain(error.as_ref()), MAX_ERROR);
+                    let reply = error_reply(&error, &request_id);
+                    let md = reply.metadata();
+                    let kind = md.get(headers::REPLY_ERROR_KIND).unwrap_or_default();
+                    let text = md.get(headers::REPLY_ERROR).unwrap_or_default();
                     tracing::warn!(%request_id, %kind, error = %text, "handler failed; replying with the error");
-                    let mut m = Message::new("");
-                    let md = m.metadata_mut();
-                    md.set(headers::REPLY_STATUS, "error");
-                    md.set(headers::REPLY_ERROR_KIND, kind.as_str());
-                    md.set(headers::REPLY_ERROR, text);
-                    vec![reply(m, &request_id, 1, 1)]
+                    vec![reply]
                 }
             };
             publisher
