@@ -15,21 +15,8 @@
 
 mod common;
 
-use common::NatsBackend;
+use common::{jetstream_features, NatsBackend};
 use tidemill_nats::{DeliverFrom, NatsMode};
-use tidemill_testkit::Features;
-
-fn jetstream_features() -> Features {
-    Features {
-        consumer_groups: true,
-        order_per_key: true,
-        persistent: true,
-        replays_old_messages: false,
-        redelivers_on_nack: true,
-        delivery_attempt: true,
-        reconnect: true,
-    }
-}
 
 mod jetstream {
     tidemill_testkit::conformance_tests!(

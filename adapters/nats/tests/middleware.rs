@@ -6,20 +6,7 @@
 
 mod common;
 
-use common::NatsBackend;
-use tidemill_testkit::Features;
-
-fn jetstream_features() -> Features {
-    Features {
-        consumer_groups: true,
-        order_per_key: true,
-        persistent: true,
-        replays_old_messages: false,
-        redelivers_on_nack: true,
-        delivery_attempt: true,
-        reconnect: true,
-    }
-}
+use common::{jetstream_features, NatsBackend};
 
 mod jetstream {
     // Straight to the server (no fault proxy): these checks never disrupt the broker.

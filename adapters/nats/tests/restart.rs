@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{delete_streams, ok, restart_nats, test_config, NatsBackend};
+use common::{delete_streams, jetstream_features, ok, restart_nats, test_config, NatsBackend};
 use futures::StreamExt;
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
 use tidemill_nats::{NatsMode, NatsPublisher, NatsSubscriber};
@@ -27,18 +27,6 @@ fn have_server(test: &str) -> bool {
         return false;
     }
     true
-}
-
-fn jetstream_features() -> Features {
-    Features {
-        consumer_groups: true,
-        order_per_key: true,
-        persistent: true,
-        replays_old_messages: false,
-        redelivers_on_nack: true,
-        delivery_attempt: true,
-        reconnect: true,
-    }
 }
 
 #[test]

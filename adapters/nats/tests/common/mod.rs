@@ -39,6 +39,20 @@ pub fn test_config(url: &str) -> NatsConfig {
     config
 }
 
+/// What JetStream mode with the default configuration has: groups, order per key,
+/// persistence, redelivery with attempt counts, reconnect.
+pub fn jetstream_features() -> Features {
+    Features {
+        consumer_groups: true,
+        order_per_key: true,
+        persistent: true,
+        replays_old_messages: false,
+        redelivers_on_nack: true,
+        delivery_attempt: true,
+        reconnect: true,
+    }
+}
+
 /// How a backend breaks connections.
 pub enum Disruption {
     /// Cut every connection through a fault proxy in front of the server.
