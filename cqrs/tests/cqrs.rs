@@ -58,21 +58,46 @@ async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
         .expect("open")
 }
 
-/// Records handler errors (permanent or not) and acks the message, standing in for the
-/// poison-queue middleware so the decode errors can be inspected.
-#[derive(Clone, Default)]
-struct CaptureErrors(Arc<Mutex<Vec<(bool, String)>>>);
+/// Records each handler error as a `T` (made from the error and the delivery attempt), then
+/// either acks the message ([`ErrorLog::swallowing`]) or passes the error on so the router
+/// nacks it ([`ErrorLog::passing`]).
+struct ErrorLog<T>(Arc<Mutex<Vec<T>>>, fn(&BoxError, u32) -> T, bool);
 
-impl Layer<BoxHandler> for CaptureErrors {
-    type Service = Captured;
-    fn layer(&self, inner: BoxHandler) -> Captured {
-        Captured(self.0.clone(), inner)
+impl<T> Clone for ErrorLog<T> {
+    fn clone(&self) -> Self {
+        ErrorLog(self.0.clone(), self.1, self.2)
     }
 }
 
-struct Captured(Arc<Mutex<Vec<(bool, String)>>>, BoxHandler);
+impl ErrorLog<(bool, String)> {
+    /// Records (permanent?, error) and acks the message, standing in for the poison-queue
+    /// middleware so the decode errors can be inspected.
+    fn swallowing() -> Self {
+        ErrorLog(
+            Arc::default(),
+            |e, _| (is_permanent(e.as_ref()), e.to_string()),
+            true,
+        )
+    }
+}
 
-impl Service<Message> for Captured {
+impl ErrorLog<(String, u32)> {
+    /// Records (error, delivery attempt) and passes the error on (the router then nacks).
+    fn passing() -> Self {
+        ErrorLog(Arc::default(), |e, attempt| (e.to_string(), attempt), false)
+    }
+}
+
+impl<T: Send + 'static> Layer<BoxHandler> for ErrorLog<T> {
+    type Service = Logged<T>;
+    fn layer(&self, inner: BoxHandler) -> Logged<T> {
+        Logged(self.clone(), inner)
+    }
+}
+
+struct Logged<T>(ErrorLog<T>, BoxHandler);
+
+impl<T: Send + 'static> Service<Message> for Logged<T> {
     type Response = Vec<Message>;
     type Error = BoxError;
     type Future = BoxFuture<'static, Result<Vec<Message>, BoxError>>;
@@ -80,15 +105,20 @@ impl Service<Message> for Captured {
         self.1.poll_ready(cx)
     }
     fn call(&mut self, m: Message) -> Self::Future {
-        let log = self.0.clone();
+        let ErrorLog(log, record, swallow) = self.0.clone();
+        let attempt = m.context().and_then(|c| c.attempt()).unwrap_or(0);
         let fut = self.1.call(m);
         Box::pin(async move {
             match fut.await {
-                Ok(out) => Ok(out),
                 Err(e) => {
-                    log.lock().push((is_permanent(e.as_ref()), e.to_string()));
-                    Ok(Vec::new())
+                    log.lock().push(record(&e, attempt));
+                    if swallow {
+                        Ok(Vec::new())
+                    } else {
+                        Err(e)
+                    }
                 }
+                ok => ok,
             }
         })
     }
@@ -260,7 +290,7 @@ async fn a_group_over_two_topics_is_rejected() {
 async fn undecodable_and_unnamed_messages_fail_permanently_with_the_reason() {
     let broker = MemoryBroker::new();
     let router = Router::new();
-    let errors = CaptureErrors::default();
+    let errors = ErrorLog::swallowing();
     router.layer(errors.clone());
     let handled = Arc::new(Mutex::new(0));
     let h = handled.clone();
@@ -313,7 +343,7 @@ async fn unknown_types_follow_the_policy() {
     for policy in [UnknownTypePolicy::AckAndCount, UnknownTypePolicy::Reject] {
         let broker = MemoryBroker::new();
         let router = Router::new();
-        let errors = CaptureErrors::default();
+        let errors = ErrorLog::swallowing();
         router.layer(errors.clone());
         let shared = TopicNaming::new(|_| "commands".to_owned());
         let mut commands = CommandProcessor::new(broker.subscriber())
@@ -557,7 +587,7 @@ async fn an_event_group_applies_the_unknown_type_policy() {
     for policy in [UnknownTypePolicy::AckAndCount, UnknownTypePolicy::Reject] {
         let broker = MemoryBroker::new();
         let router = Router::new();
-        let errors = CaptureErrors::default();
+        let errors = ErrorLog::swallowing();
         router.layer(errors.clone());
         let one_topic = TopicNaming::new(|_| "events.rooms".to_owned());
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -719,45 +749,11 @@ async fn undecodable_commands_and_events_land_on_the_poison_topic_intact() {
     router.close().await.unwrap();
 }
 
-/// Records each handler error and passes it on (the router then nacks the message).
-#[derive(Clone, Default)]
-struct RecordErrors(Arc<Mutex<Vec<(String, u32)>>>);
-
-impl Layer<BoxHandler> for RecordErrors {
-    type Service = Recorded;
-    fn layer(&self, inner: BoxHandler) -> Recorded {
-        Recorded(self.0.clone(), inner)
-    }
-}
-
-struct Recorded(Arc<Mutex<Vec<(String, u32)>>>, BoxHandler);
-
-impl Service<Message> for Recorded {
-    type Response = Vec<Message>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Vec<Message>, BoxError>>;
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
-        self.1.poll_ready(cx)
-    }
-    fn call(&mut self, m: Message) -> Self::Future {
-        let log = self.0.clone();
-        let attempt = m.context().and_then(|c| c.attempt()).unwrap_or(0);
-        let fut = self.1.call(m);
-        Box::pin(async move {
-            let result = fut.await;
-            if let Err(e) = &result {
-                log.lock().push((e.to_string(), attempt));
-            }
-            result
-        })
-    }
-}
-
 #[tokio::test]
 async fn without_a_poison_layer_an_undecodable_command_is_nacked_not_dropped() {
     let broker = MemoryBroker::new();
     let router = Router::new();
-    let errors = RecordErrors::default();
+    let errors = ErrorLog::passing();
     router.layer(errors.clone());
     let mut commands = CommandProcessor::new(broker.subscriber());
     commands.handle(|_: BookRoom, _| async { Ok(()) }).unwrap();
@@ -1124,7 +1120,7 @@ struct Quote {
 async fn send_and_wait_for_returns_the_handlers_typed_result() {
     let broker = MemoryBroker::new();
     let router = Router::new();
-    let errors = RecordErrors::default();
+    let errors = ErrorLog::passing();
     router.layer(errors.clone());
     let handled = Arc::new(Mutex::new(Vec::new()));
     let h = handled.clone();
