@@ -8,53 +8,8 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use async_trait::async_trait;
-use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber, QueueType};
-use tidemill_core::{Publisher, Result, Subscriber};
-use tidemill_testkit::{Backend, Features};
-
-/// Publishers and subscribers on the test broker, each with its own connection.
-struct AmqpBackend {
-    config: AmqpConfig,
-}
-
-impl AmqpBackend {
-    fn new(customize: fn(&mut AmqpConfig)) -> Self {
-        let url = std::env::var(common::URL_ENV)
-            .unwrap_or_else(|_| panic!("{} is not set", common::URL_ENV));
-        let mut config = common::config(&url);
-        customize(&mut config);
-        AmqpBackend { config }
-    }
-}
-
-#[async_trait]
-impl Backend for AmqpBackend {
-    fn features(&self) -> Features {
-        Features {
-            consumer_groups: true,
-            order_per_key: false,
-            persistent: true,
-            replays_old_messages: false,
-            redelivers_on_nack: true,
-            delivery_attempt: true,
-            // Not exercised by these checks (no disrupt).
-            reconnect: false,
-        }
-    }
-
-    async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
-        Ok(Arc::new(AmqpPublisher::connect(self.config.clone()).await?))
-    }
-
-    async fn subscriber(&self) -> Result<Arc<dyn Subscriber>> {
-        Ok(Arc::new(
-            AmqpSubscriber::connect(self.config.clone()).await?,
-        ))
-    }
-}
+use common::AmqpBackend;
+use tidemill_amqp::QueueType;
 
 mod rabbitmq {
     tidemill_middleware::middleware_tests!(
