@@ -124,6 +124,17 @@ impl<T: Send + 'static> Service<Message> for Logged<T> {
     }
 }
 
+/// A handler that only counts its calls in `count`.
+fn counting<T>(
+    count: &Arc<Mutex<u32>>,
+) -> impl Fn(T, Context) -> futures::future::Ready<Result<(), BoxError>> + Send + Sync + 'static {
+    let count = count.clone();
+    move |_, _| {
+        *count.lock() += 1;
+        futures::future::ready(Ok(()))
+    }
+}
+
 async fn wait_for(what: &str, check: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check() {
@@ -293,17 +304,8 @@ async fn undecodable_and_unnamed_messages_fail_permanently_with_the_reason() {
     let errors = ErrorLog::swallowing();
     router.layer(errors.clone());
     let handled = Arc::new(Mutex::new(0));
-    let h = handled.clone();
     let mut commands = CommandProcessor::new(broker.subscriber());
-    commands
-        .handle(move |_: BookRoom, _| {
-            let h = h.clone();
-            async move {
-                *h.lock() += 1;
-                Ok(())
-            }
-        })
-        .unwrap();
+    commands.handle(counting::<BookRoom>(&handled)).unwrap();
     commands.add_to(&router).await.unwrap();
     start(&router).await;
     let p = broker.publisher();
@@ -665,27 +667,11 @@ async fn undecodable_commands_and_events_land_on_the_poison_topic_intact() {
     let mut poisoned = subscribe(&broker, "poison").await;
     let handled = Arc::new(Mutex::new(0));
     let mut commands = CommandProcessor::new(broker.subscriber());
-    let h = handled.clone();
-    commands
-        .handle(move |_: BookRoom, _| {
-            let h = h.clone();
-            async move {
-                *h.lock() += 1;
-                Ok(())
-            }
-        })
-        .unwrap();
+    commands.handle(counting::<BookRoom>(&handled)).unwrap();
     commands.add_to(&router).await.unwrap();
     let mut events = EventProcessor::new(broker.subscriber());
-    let h = handled.clone();
     events
-        .handle("invoice", move |_: RoomBooked, _| {
-            let h = h.clone();
-            async move {
-                *h.lock() += 1;
-                Ok(())
-            }
-        })
+        .handle("invoice", counting::<RoomBooked>(&handled))
         .unwrap();
     events.add_to(&router).await.unwrap();
     start(&router).await;
@@ -948,17 +934,8 @@ async fn send_and_wait_times_out_when_nobody_answers() {
     // A processor without replies handles the command but cannot answer.
     let router = Router::new();
     let handled = Arc::new(Mutex::new(0));
-    let h = handled.clone();
     let mut commands = CommandProcessor::new(broker.subscriber());
-    commands
-        .handle(move |_: BookRoom, _| {
-            let h = h.clone();
-            async move {
-                *h.lock() += 1;
-                Ok(())
-            }
-        })
-        .unwrap();
+    commands.handle(counting::<BookRoom>(&handled)).unwrap();
     commands.add_to(&router).await.unwrap();
     start(&router).await;
     let client = client(&broker).await;
