@@ -340,7 +340,8 @@ pub async fn request_reply_round_trip(b: Arc<dyn Backend>) {
         Err(RequestError::Timeout { .. }) => {}
         other => panic!("expected a timeout, got {other:?}"),
     }
-    assert!(started.elapsed() >= Duration::from_millis(500));
+    // tokio's timers may fire up to a millisecond early as `Instant` measures it.
+    assert!(started.elapsed() >= Duration::from_millis(495));
     assert_eq!(requester.pending(), 0);
 
     requester.close().await;

@@ -766,7 +766,8 @@ async fn redeliver_after_nacks_with_the_delay() {
     let (second, t2) = recv(&mut rx).await;
     assert_eq!((first, second), (1, 2));
     assert!(
-        t2 - t1 >= Duration::from_millis(300),
+        // tokio's timers may fire up to a millisecond early as `Instant` measures it.
+        t2 - t1 >= Duration::from_millis(295),
         "redelivered after {:?}, before the requested delay",
         t2 - t1
     );
