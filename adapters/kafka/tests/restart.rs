@@ -8,15 +8,18 @@
 //! `make test` runs them after everything else, one at a time. They skip when
 //! `TIDEMILL_KAFKA_BROKERS` is unset or points at a broker the scripts do not manage.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use common::{test_config, KafkaBackend};
 use futures::StreamExt;
 use tidemill_core::{Error, Message, Publisher, Result, SubscribeOptions, Subscriber};
-use tidemill_kafka::{KafkaConfig, KafkaPublisher, KafkaSubscriber};
+use tidemill_kafka::{KafkaPublisher, KafkaSubscriber};
 use tidemill_testkit::{unique_topic, Backend, Features};
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -68,45 +71,24 @@ async fn restart_broker() {
     );
 }
 
-fn config(brokers: &str) -> KafkaConfig {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let mut config = KafkaConfig::new(brokers);
-    config.group_prefix = format!("{}.", unique_topic("group"));
-    config
-}
-
 /// The conformance backend whose `disrupt` restarts the broker.
-struct RestartingBackend {
-    config: KafkaConfig,
-}
+struct RestartingBackend(KafkaBackend);
 
 #[async_trait]
 impl Backend for RestartingBackend {
     fn features(&self) -> Features {
         Features {
-            consumer_groups: true,
-            order_per_key: true,
-            persistent: true,
-            replays_old_messages: false,
-            redelivers_on_nack: true,
-            delivery_attempt: true,
             reconnect: true,
+            ..self.0.features()
         }
     }
 
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
-        Ok(Arc::new(
-            KafkaPublisher::connect(self.config.clone()).await?,
-        ))
+        self.0.publisher().await
     }
 
     async fn subscriber(&self) -> Result<Arc<dyn Subscriber>> {
-        Ok(Arc::new(
-            KafkaSubscriber::connect(self.config.clone()).await?,
-        ))
+        self.0.subscriber().await
     }
 
     async fn disrupt(&self) -> Result<()> {
@@ -128,8 +110,8 @@ fn conformance_reconnect() {
     tidemill_testkit::run(
         "reconnect",
         || {
-            let config = config(&brokers);
-            async move { RestartingBackend { config } }
+            let config = test_config(&brokers);
+            async move { RestartingBackend(KafkaBackend { config }) }
         },
         |b| Box::pin(tidemill_testkit::suite::reconnect(b)),
     );
@@ -187,7 +169,7 @@ fn batch(prefix: &str, n: usize) -> Vec<Message> {
 #[ignore = "restarts the shared kafka broker; run by make test one at a time"]
 async fn subscription_without_group_and_publisher_survive_a_restart() {
     let Some(brokers) = restartable() else { return };
-    let config = config(&brokers);
+    let config = test_config(&brokers);
     let topic = unique_topic("restart-nogroup");
     let p = KafkaPublisher::connect(config.clone()).await.unwrap();
     let s = KafkaSubscriber::connect(config).await.unwrap();
@@ -220,7 +202,7 @@ async fn subscription_without_group_and_publisher_survive_a_restart() {
 #[ignore = "restarts the shared kafka broker; run by make test one at a time"]
 async fn committed_offsets_survive_a_restart() {
     let Some(brokers) = restartable() else { return };
-    let config = config(&brokers);
+    let config = test_config(&brokers);
     let topic = unique_topic("restart-offsets");
     let p = KafkaPublisher::connect(config.clone()).await.unwrap();
     let s = KafkaSubscriber::connect(config.clone()).await.unwrap();

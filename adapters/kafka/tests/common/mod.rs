@@ -19,22 +19,28 @@ pub struct KafkaBackend {
 impl KafkaBackend {
     /// `TIDEMILL_KAFKA_BROKERS` with a group prefix of its own, changed by `tweak`.
     pub fn new(tweak: impl FnOnce(&mut KafkaConfig)) -> Self {
-        // RUST_LOG=tidemill_kafka=debug shows what the adapter does.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
         let brokers = std::env::var("TIDEMILL_KAFKA_BROKERS")
             .unwrap_or_else(|_| panic!("TIDEMILL_KAFKA_BROKERS is not set"));
-        let mut config = KafkaConfig::new(brokers);
-        // The suite's group names are fixed; a prefix per backend (per test) keeps tests
-        // running at the same time, and members left behind by an earlier run that was
-        // killed, out of each other's groups (a dead member holds up its group's
-        // rebalances until its session times out).
-        config.group_prefix = format!("{}.", tidemill_testkit::unique_topic("group"));
+        let mut config = test_config(&brokers);
         tweak(&mut config);
         KafkaBackend { config }
     }
+}
+
+/// A configuration for `brokers` with a group prefix of its own; sets up test logging.
+pub fn test_config(brokers: &str) -> KafkaConfig {
+    // RUST_LOG=tidemill_kafka=debug shows what the adapter does.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut config = KafkaConfig::new(brokers);
+    // The suite's group names are fixed; a prefix per backend (per test) keeps tests
+    // running at the same time, and members left behind by an earlier run that was
+    // killed, out of each other's groups (a dead member holds up its group's
+    // rebalances until its session times out).
+    config.group_prefix = format!("{}.", tidemill_testkit::unique_topic("group"));
+    config
 }
 
 #[async_trait]
