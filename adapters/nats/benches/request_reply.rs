@@ -13,13 +13,16 @@
 //! the same as the in-memory figures of `cargo bench -p tidemill-middleware --bench request_reply`.
 //! The streams the bench creates (request topics and reply topics) are deleted at the end.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
+use common::Recording;
 use parking_lot::Mutex;
-use tidemill_core::{DeliveryStream, Message, Publisher, Result, SubscribeOptions, Subscriber};
+use tidemill_core::{Publisher, Subscriber};
 use tidemill_middleware::testing::request_reply_load;
 use tidemill_nats::{NatsConfig, NatsPublisher, NatsSubscriber};
 use tidemill_testkit::bench::{record, Row};
@@ -111,37 +114,5 @@ async fn delete_streams(url: &str, topics: &[String]) {
     }
     for stream in streams {
         let _ = js.delete_stream(stream.as_str()).await;
-    }
-}
-
-/// A publisher or subscriber that notes the topics it was used with.
-struct Recording<T> {
-    inner: T,
-    topics: Topics,
-}
-
-#[async_trait]
-impl Publisher for Recording<NatsPublisher> {
-    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
-        self.topics.lock().insert(topic.to_owned());
-        self.inner.publish(topic, messages).await
-    }
-    async fn close(&self) -> Result<()> {
-        self.inner.close().await
-    }
-}
-
-#[async_trait]
-impl Subscriber for Recording<NatsSubscriber> {
-    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
-        self.topics.lock().insert(topic.to_owned());
-        self.inner.subscribe(topic, options).await
-    }
-    async fn initialize(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
-        self.topics.lock().insert(topic.to_owned());
-        self.inner.initialize(topic, options).await
-    }
-    async fn close(&self) -> Result<()> {
-        self.inner.close().await
     }
 }

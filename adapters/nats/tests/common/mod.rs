@@ -223,10 +223,13 @@ pub fn ok<T>(r: std::result::Result<T, Error>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
-/// A publisher or subscriber that notes the topics it was used with.
-struct Recording<T> {
-    inner: T,
-    topics: Arc<Mutex<HashSet<String>>>,
+/// A publisher or subscriber that notes the topics it was used with (also used by
+/// benches/request_reply.rs, to delete the streams it created).
+pub struct Recording<T> {
+    /// The publisher or subscriber doing the work.
+    pub inner: T,
+    /// Where the topics are noted.
+    pub topics: Arc<Mutex<HashSet<String>>>,
 }
 
 #[async_trait]
