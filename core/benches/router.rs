@@ -6,10 +6,13 @@
 //!   handler on "out" counts;
 //! - layers: plain with three layers (tower's timeout and two pass-through layers).
 //!
-//! Each figure is the median of three runs, each timed from the first publish to the N-th
-//! message handled. Peak RSS is
-//! the process's high-water mark during the scenario (reset between scenarios through
-//! /proc/self/clear_refs). Set `BENCH_MESSAGES` to change N (default 1,000,000).
+//! Rounds: after a warm-up, each round runs every scenario once, in rotating order, so load
+//! from other processes hits all scenarios alike. Each run is timed from the first publish
+//! to the N-th message handled; the report gives the median over rounds and, for layers,
+//! the median of each round's ratio to plain. Peak RSS is the process's high-water mark
+//! during a run (reset before each through /proc/self/clear_refs), the highest over the
+//! scenario's runs. `BENCH_MESSAGES` sets N (default 1,000,000), `BENCH_RUNS` the rounds
+//! (default 5); arguments filter scenarios by name.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,8 +26,8 @@ use tokio::sync::Notify;
 use tower::{Layer, Service};
 
 const BATCH: usize = 1_000;
-/// Measured runs per scenario; the median is reported.
-const RUNS: usize = 3;
+/// Measured rounds by default (`BENCH_RUNS` changes it); medians over rounds are reported.
+const RUNS: usize = 5;
 
 /// Counts handled messages and signals when the target is reached.
 #[derive(Clone)]
@@ -80,6 +83,16 @@ enum Scenario {
     Plain,
     Hop,
     Layers,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Plain => "plain",
+            Scenario::Hop => "hop",
+            Scenario::Layers => "layers",
+        }
+    }
 }
 
 async fn run(scenario: Scenario, n: usize) -> Duration {
@@ -175,51 +188,77 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
+    let rounds: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(RUNS);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("cannot build the runtime: {e}"));
+    let scenarios: Vec<Scenario> = [Scenario::Plain, Scenario::Hop, Scenario::Layers]
+        .into_iter()
+        .filter(|s| filter.is_empty() || filter.iter().any(|f| s.name().contains(f.as_str())))
+        .collect();
     println!(
-        "router on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, median of {RUNS} runs, {} cores",
+        "router on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, {rounds} rounds, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    println!(
+        "each round runs every scenario once, in rotating order; figures are medians over rounds, \
+         the layers ratio the median of each round's layers/plain"
+    );
+    // Warm-up runs (allocator, page faults), then the measured rounds.
+    for &scenario in &scenarios {
+        runtime.block_on(run(scenario, n / 10));
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
+    let mut peaks: Vec<Option<u64>> = vec![None; scenarios.len()];
+    for round in 0..rounds {
+        for k in 0..scenarios.len() {
+            let i = (round + k) % scenarios.len();
+            PeakRss::reset();
+            let elapsed = runtime.block_on(run(scenarios[i], n));
+            rates[i].push(n as f64 / elapsed.as_secs_f64());
+            peaks[i] = peaks[i].max(PeakRss::read());
+        }
+    }
     println!(
         "{:<8} {:>14} {:>12} {:>14}",
         "scenario", "msg/s", "seconds", "peak RSS MiB"
     );
-    let mut plain_rate = None;
-    for scenario in [Scenario::Plain, Scenario::Hop, Scenario::Layers] {
-        let name = format!("{scenario:?}").to_lowercase();
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        // Warm-up run (allocator, page faults), then the median of three measured runs.
-        runtime.block_on(run(scenario, n / 10));
-        PeakRss::reset();
-        let mut runs: Vec<Duration> = (0..RUNS)
-            .map(|_| runtime.block_on(run(scenario, n)))
-            .collect();
-        runs.sort();
-        let elapsed = runs[RUNS / 2];
-        let rate = n as f64 / elapsed.as_secs_f64();
-        let peak = PeakRss::read();
-        let rss = peak.map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0));
-        let ratio = match (scenario, plain_rate) {
-            (Scenario::Layers, Some(plain)) => format!("  ({:.2}x plain)", rate / plain),
+    let plain = scenarios.iter().position(|s| matches!(s, Scenario::Plain));
+    for (i, scenario) in scenarios.iter().enumerate() {
+        let name = scenario.name();
+        let rate = median(&rates[i]);
+        let rss = peaks[i].map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0));
+        let ratio = match (scenario, plain) {
+            (Scenario::Layers, Some(p)) => {
+                let per_round: Vec<f64> = rates[i]
+                    .iter()
+                    .zip(&rates[p])
+                    .map(|(x, base)| x / base)
+                    .collect();
+                format!("  ({:.2}x plain)", median(&per_round))
+            }
             _ => String::new(),
         };
         println!(
             "{name:<8} {rate:>14.0} {:>12.3} {rss:>14.1}{ratio}",
-            elapsed.as_secs_f64()
+            n as f64 / rate
         );
         record(
-            &Row::new("in-memory router", &name, rate)
-                .with_peak_rss(peak)
-                .with_note(format!("N = {n}, median of {RUNS}")),
+            &Row::new("in-memory router", name, rate)
+                .with_peak_rss(peaks[i])
+                .with_note(format!("N = {n}, median of {rounds} rounds{ratio}")),
         );
-        if let Scenario::Plain = scenario {
-            plain_rate = Some(rate);
-        }
     }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
