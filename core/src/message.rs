@@ -193,17 +193,35 @@ impl Message {
         }
     }
 
-    /// Whether `other` is this very message: the same shared block (so unmodified since
-    /// one was cloned from the other) and the same receive context. No reference counts
-    /// are touched.
+    /// Whether this message is `detached` (same block) with the context block `settlement`
+    /// shares, i.e. the router's input as the router keeps it (no reference counts).
     #[inline]
-    pub(crate) fn is_same(&self, other: &Message) -> bool {
-        Arc::ptr_eq(&self.parts, &other.parts)
-            && match (&self.context, &other.context) {
-                (Some(a), Some(b)) => Arc::ptr_eq(&a.0, &b.0),
-                (None, None) => true,
+    pub(crate) fn is_input(&self, detached: &Message, settlement: &Settlement) -> bool {
+        Arc::ptr_eq(&self.parts, &detached.parts)
+            && match (&self.context, settlement.received()) {
+                (Some(a), Some(b)) => Arc::ptr_eq(&a.0, b),
                 _ => false,
             }
+    }
+
+    /// The identity of the message `detached` would be with the context block `settlement`
+    /// shares (see [`identity`](Self::identity)).
+    #[inline]
+    pub(crate) fn identity_with(&self, settlement: &Settlement) -> (usize, usize) {
+        (
+            Arc::as_ptr(&self.parts) as usize,
+            settlement
+                .received()
+                .map_or(0, |r| Arc::as_ptr(r) as *const u8 as usize),
+        )
+    }
+
+    /// This (detached) message with the context block `settlement` shares.
+    pub(crate) fn with_context_of(&self, settlement: &Settlement) -> Message {
+        Message {
+            parts: self.parts.clone(),
+            context: settlement.received().map(|r| MessageContext(r.clone())),
+        }
     }
 
     /// The addresses identifying this message's block and context (see

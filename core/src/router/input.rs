@@ -16,6 +16,7 @@ use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
+use super::Settlement;
 use crate::Message;
 
 thread_local! {
@@ -23,7 +24,8 @@ thread_local! {
     /// by a [`Current`] guard, which borrows the copy for as long as it is set and puts the
     /// previous value back when dropped (also on unwinding). A plain pointer, so entering
     /// and leaving cost no more than two thread-local writes.
-    static CURRENT: Cell<Option<NonNull<Message>>> = const { Cell::new(None) };
+    static CURRENT: Cell<Option<(NonNull<Message>, NonNull<Settlement>)>> =
+        const { Cell::new(None) };
     /// Set by [`keep_input`] while the router builds a handler's service.
     static WANTED: Cell<bool> = const { Cell::new(false) };
 }
@@ -57,21 +59,24 @@ pub struct InputToken((usize, usize));
 #[inline]
 pub fn input_token(msg: &Message) -> Option<InputToken> {
     with_current(|current| match current {
-        Some(current) if current.is_same(msg) => Some(InputToken(msg.identity())),
+        Some((detached, settlement)) if msg.is_input(detached, settlement) => {
+            Some(InputToken(msg.identity()))
+        }
         _ => None,
     })
 }
 
-/// Runs `f` on the current input, if any.
+/// Runs `f` on the current input (the message without its context, and the settlement
+/// whose block is its context), if any.
 #[inline]
-fn with_current<R>(f: impl FnOnce(Option<&Message>) -> R) -> R {
+fn with_current<R>(f: impl FnOnce(Option<(&Message, &Settlement)>) -> R) -> R {
     let current = CURRENT.with(Cell::get);
     // SAFETY: a pointer is set only by a `Current` guard, which holds a shared borrow of
     // the message for its whole life and clears or restores the pointer when dropped, so
     // a pointer read here points to a live message that nobody can modify meanwhile. The
     // reference does not outlive `f`, which runs before this call returns, inside the
     // guard's scope (the guard is entered around the very call or poll that leads here).
-    f(current.map(|p| unsafe { p.as_ref() }))
+    f(current.map(|(m, s)| unsafe { (m.as_ref(), s.as_ref()) }))
 }
 
 /// A clone of the router's copy of the input the token was taken from, if the router is
@@ -79,16 +84,21 @@ fn with_current<R>(f: impl FnOnce(Option<&Message>) -> R) -> R {
 /// `None`).
 pub fn input(token: InputToken) -> Option<Message> {
     with_current(|current| match current {
-        Some(current) if current.identity() == token.0 => Some(current.clone()),
+        Some((detached, settlement)) if detached.identity_with(settlement) == token.0 => {
+            Some(detached.with_context_of(settlement))
+        }
         _ => None,
     })
 }
 
 /// Runs `f` on the router's copy of the input the token was taken from, if it is current
-/// (see [`input`]), without cloning it. `f` must not call or poll a router's handler.
+/// (see [`input`]), without cloning it; the message `f` sees has no receive context. `f` must not call or poll a router's handler.
 pub fn with_input<R>(token: InputToken, f: impl FnOnce(&Message) -> R) -> Option<R> {
     with_current(|current| match current {
-        Some(current) if current.identity() == token.0 => Some(f(current)),
+        // Without its context: `f` reads the message itself (payload, metadata, uuid).
+        Some((detached, settlement)) if detached.identity_with(settlement) == token.0 => {
+            Some(f(detached))
+        }
         _ => None,
     })
 }
@@ -96,15 +106,18 @@ pub fn with_input<R>(token: InputToken, f: impl FnOnce(&Message) -> R) -> Option
 /// Makes a message the current input while the guard lives (the previous one comes back
 /// on drop).
 pub(crate) struct Current<'a> {
-    previous: Option<NonNull<Message>>,
+    previous: Option<(NonNull<Message>, NonNull<Settlement>)>,
     _input: PhantomData<&'a Message>,
 }
 
 impl<'a> Current<'a> {
-    /// Makes `input` current until the guard is dropped.
+    /// Makes the input current until the guard is dropped: `detached` is the message
+    /// without its context (the router's copy, one reference count), `settlement` the
+    /// router's settlement, whose block is the message's context.
     #[inline]
-    pub(crate) fn enter(input: &'a Message) -> Self {
-        let previous = CURRENT.with(|c| c.replace(Some(NonNull::from(input))));
+    pub(crate) fn enter(detached: &'a Message, settlement: &'a Settlement) -> Self {
+        let input = (NonNull::from(detached), NonNull::from(settlement));
+        let previous = CURRENT.with(|c| c.replace(Some(input)));
         Current {
             previous,
             _input: PhantomData,

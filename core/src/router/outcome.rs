@@ -112,6 +112,15 @@ impl Settlement {
         Settlement(Repr::Context(received))
     }
 
+    /// The context block this settlement shares, if it was made with one.
+    #[inline]
+    pub(crate) fn received(&self) -> Option<&Arc<Received>> {
+        match &self.0 {
+            Repr::Context(received) => Some(received),
+            Repr::Standalone(_) => None,
+        }
+    }
+
     /// Takes the handle; `None` if it was already taken.
     pub fn take(&self) -> Option<AckHandle> {
         match &self.0 {

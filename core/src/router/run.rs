@@ -102,13 +102,14 @@ where
             );
             break;
         }
-        // The router's copy of the input, current while the service is called and polled.
-        let input = keep_input.then(|| msg.clone());
+        // The router's copy of the input, current while the service is called and polled:
+        // the message without its context (the settlement holds that block already).
+        let input = keep_input.then(|| msg.detached());
         // The future is made straight into its pinned slot (layered futures are a few
         // hundred bytes; returning one through the panic guard would copy it twice).
         let mut fut = pin!(None::<S::Future>);
         let called = {
-            let _current = input.as_ref().map(Current::enter);
+            let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
             std::panic::catch_unwind(AssertUnwindSafe(|| {
                 span.in_scope(|| fut.set(Some(service.call(msg))))
             }))
@@ -117,7 +118,7 @@ where
             Ok(()) => {
                 let polled = poll_fn(|cx| {
                     let _entered = span.enter();
-                    let _current = input.as_ref().map(Current::enter);
+                    let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
                     let Some(fut) = fut.as_mut().as_pin_mut() else {
                         return Poll::Ready(Some(Err("handler future missing".to_owned())));
                     };
@@ -287,9 +288,9 @@ where
         span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
         return false;
     }
-    let input = keep_input.then(|| msg.clone());
+    let input = keep_input.then(|| msg.detached());
     let called = {
-        let _current = input.as_ref().map(Current::enter);
+        let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
         std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
             .map_err(|panic| panic_message(&*panic))
     };
@@ -300,7 +301,7 @@ where
                 Ok(fut) => {
                     let mut fut = pin!(AssertUnwindSafe(fut).catch_unwind());
                     let polled = poll_fn(|cx| {
-                        let _current = input.as_ref().map(Current::enter);
+                        let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
                         fut.as_mut().poll(cx)
                     })
                     .await;
