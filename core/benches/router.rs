@@ -241,18 +241,23 @@ fn main() {
                     .zip(&rates[p])
                     .map(|(x, base)| x / base)
                     .collect();
-                format!("  ({:.2}x plain)", median(&per_round))
+                Some(median(&per_round))
             }
-            _ => String::new(),
+            _ => None,
         };
+        let shown = ratio.map_or(String::new(), |r| format!("  ({r:.2}x plain)"));
         println!(
-            "{name:<8} {rate:>14.0} {:>12.3} {rss:>14.1}{ratio}",
+            "{name:<8} {rate:>14.0} {:>12.3} {rss:>14.1}{shown}",
             n as f64 / rate
         );
+        let mut note = format!("N = {n}, median of {rounds} rounds");
+        if let Some(r) = ratio {
+            note.push_str(&format!("; per-round ratio {r:.2}x"));
+        }
         record(
             &Row::new("in-memory router", name, rate)
                 .with_peak_rss(peaks[i])
-                .with_note(format!("N = {n}, median of {rounds} rounds{ratio}")),
+                .with_note(note),
         );
     }
 }
