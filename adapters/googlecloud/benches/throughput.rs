@@ -15,7 +15,9 @@
 //!
 //! - publish: N messages of 100 bytes, in batches of 1,000 (raw: 1,000 `publish` futures
 //!   awaited together; Tidemill: `publish(topic, batch)`), timed until every publish is
-//!   confirmed; messages are built before the clock starts;
+//!   confirmed; payloads and uuids are made before the clock starts, and turning them
+//!   into the client's messages is timed on both sides (raw: `PubsubMessage` with its
+//!   attributes; Tidemill: its encoding of a `Message`);
 //! - consume: the N messages, from opening the stream until the N-th is received and
 //!   acked (raw: `MessageStream::next` + `Handler::ack`; Tidemill: `DeliveryStream` +
 //!   `Delivery::ack`).
@@ -292,19 +294,16 @@ impl Raw {
             .set_byte_threshold(1_000_000_u32)
             .set_delay_threshold(Duration::from_millis(10))
             .build();
-        // Messages are built outside the timed section, as for Tidemill.
-        let batches: Vec<Vec<RawMessage>> = (0..n)
+        // Payloads and uuids are made outside the timed section, as Tidemill's messages are;
+        // turning them into the client's messages is timed, as Tidemill's encoding is.
+        let batches: Vec<Vec<(Vec<u8>, Option<String>)>> = (0..n)
             .collect::<Vec<_>>()
             .chunks(BATCH)
             .map(|c| {
                 c.iter()
                     .map(|i| {
-                        let m = RawMessage::new().set_data(payload(*i));
-                        if self.with_uuid {
-                            m.set_attributes([("tidemill-uuid", uuid::Uuid::now_v7().to_string())])
-                        } else {
-                            m
-                        }
+                        let uuid = self.with_uuid.then(|| uuid::Uuid::now_v7().to_string());
+                        (payload(*i), uuid)
                     })
                     .collect()
             })
@@ -312,7 +311,17 @@ impl Raw {
         PeakRss::reset();
         let started = Instant::now();
         for batch in batches {
-            let futures: Vec<_> = batch.into_iter().map(|m| publisher.publish(m)).collect();
+            let futures: Vec<_> = batch
+                .into_iter()
+                .map(|(data, uuid)| {
+                    let m = RawMessage::new().set_data(data);
+                    let m = match uuid {
+                        Some(uuid) => m.set_attributes([("tidemill-uuid", uuid)]),
+                        None => m,
+                    };
+                    publisher.publish(m)
+                })
+                .collect();
             for r in futures::future::join_all(futures).await {
                 r?;
             }
@@ -367,7 +376,7 @@ impl Tidemill {
         let topic = unique("tm");
         let group = SubscribeOptions::group("bench");
         self.subscriber.initialize(&topic, &group).await?;
-        // Messages are built outside the timed section, as for the raw client.
+        // Messages (payload and uuid) are made outside the timed section, as the raw side's are.
         let batches: Vec<Vec<Message>> = (0..n)
             .collect::<Vec<_>>()
             .chunks(BATCH)
