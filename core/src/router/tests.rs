@@ -1026,9 +1026,15 @@ where
         // A boxed future polled by the router's task: the copy stays reachable.
         Box::pin(async move {
             let out = fut.await;
-            let fetched = token
-                .and_then(input)
-                .map(|m| format!("{}|{}", text(&m), m.metadata().get("outer").unwrap_or("-")));
+            // The copy comes back with its receive context (the router rebuilds it from
+            // the settlement's block): layers' error paths read handler and attempt there.
+            let fetched = token.and_then(input).map(|m| {
+                let handler = m.context().map_or("-".to_owned(), |c| {
+                    format!("{}#{}", c.handler().name, c.attempt().unwrap_or(0))
+                });
+                let outer = m.metadata().get("outer").unwrap_or("-");
+                format!("{}|{outer}|{handler}", text(&m))
+            });
             let _ = seen.send((token.is_some(), fetched));
             out
         })
@@ -1087,7 +1093,10 @@ async fn layers_reach_the_routers_copy_of_an_unchanged_input_only() {
         .publish("a", vec![Message::new("one")])
         .await
         .expect("published");
-    assert_eq!(recv(&mut rx).await, (true, Some("one|-".to_owned())));
+    assert_eq!(
+        recv(&mut rx).await,
+        (true, Some("one|-|plain-probe#1".to_owned()))
+    );
     publisher
         .publish("b", vec![Message::new("two")])
         .await
@@ -1098,7 +1107,10 @@ async fn layers_reach_the_routers_copy_of_an_unchanged_input_only() {
         .publish("c", vec![Message::new("three")])
         .await
         .expect("published");
-    assert_eq!(recv(&mut rx).await, (true, Some("three|-".to_owned())));
+    assert_eq!(
+        recv(&mut rx).await,
+        (true, Some("three|-|concurrent-probe#1".to_owned()))
+    );
     // Outside any router's call there is no current input.
     assert!(input_token(&Message::new("loose")).is_none());
     router.close().await.expect("closed");
