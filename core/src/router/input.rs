@@ -71,11 +71,12 @@ pub fn input_token(msg: &Message) -> Option<InputToken> {
 #[inline]
 fn with_current<R>(f: impl FnOnce(Option<(&Message, &Settlement)>) -> R) -> R {
     let current = CURRENT.with(Cell::get);
-    // SAFETY: a pointer is set only by a `Current` guard, which holds a shared borrow of
-    // the message for its whole life and clears or restores the pointer when dropped, so
-    // a pointer read here points to a live message that nobody can modify meanwhile. The
-    // reference does not outlive `f`, which runs before this call returns, inside the
-    // guard's scope (the guard is entered around the very call or poll that leads here).
+    // SAFETY: the pointers are set only by a `Current` guard, which holds shared borrows of
+    // the message and the settlement for its whole life and clears or restores the pointers
+    // when dropped, so pointers read here point to a live message and settlement that
+    // nobody can modify meanwhile. The references do not outlive `f`, which runs before
+    // this call returns, inside the guard's scope (the guard is entered around the very
+    // call or poll that leads here).
     f(current.map(|(m, s)| unsafe { (m.as_ref(), s.as_ref()) }))
 }
 
@@ -92,7 +93,8 @@ pub fn input(token: InputToken) -> Option<Message> {
 }
 
 /// Runs `f` on the router's copy of the input the token was taken from, if it is current
-/// (see [`input`]), without cloning it; the message `f` sees has no receive context. `f` must not call or poll a router's handler.
+/// (see [`input`]), without cloning it. The message `f` sees has no receive context (use
+/// [`input`] for that). `f` must not call or poll a router's handler.
 pub fn with_input<R>(token: InputToken, f: impl FnOnce(&Message) -> R) -> Option<R> {
     with_current(|current| match current {
         // Without its context: `f` reads the message itself (payload, metadata, uuid).
@@ -107,7 +109,7 @@ pub fn with_input<R>(token: InputToken, f: impl FnOnce(&Message) -> R) -> Option
 /// on drop).
 pub(crate) struct Current<'a> {
     previous: Option<(NonNull<Message>, NonNull<Settlement>)>,
-    _input: PhantomData<&'a Message>,
+    _input: PhantomData<(&'a Message, &'a Settlement)>,
 }
 
 impl<'a> Current<'a> {
