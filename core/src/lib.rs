@@ -15,6 +15,7 @@ pub mod memory;
 mod message;
 mod pubsub;
 pub mod router;
+mod stop;
 
 pub use delivery::{AckFuture, AckHandle, Acknowledger, Delivery};
 pub use error::{is_permanent, permanent, BoxError, Error, PermanentError, Result};

@@ -7,9 +7,9 @@ use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, Stream};
-use futures::FutureExt;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
+use crate::stop::StopWatch;
 use crate::{Delivery, Message, Result};
 
 /// Publishes messages to topics.
@@ -151,7 +151,8 @@ impl fmt::Debug for SubscribeOptions {
 /// reconnecting); the stream ends when the subscription is closed or cancelled.
 pub struct DeliveryStream {
     inner: Option<BoxStream<'static, Result<Delivery>>>,
-    stops: Vec<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Checked before every item: a cheap check (see [`StopWatch`]).
+    stops: Vec<StopWatch>,
 }
 
 impl DeliveryStream {
@@ -165,7 +166,7 @@ impl DeliveryStream {
 
     /// Ends the stream (dropping the adapter's stream) once `token` is cancelled.
     pub fn until_cancelled(mut self, token: CancellationToken) -> Self {
-        self.stops.push(Box::pin(token.cancelled_owned()));
+        self.stops.push(StopWatch::new(token));
         self
     }
 
@@ -186,7 +187,7 @@ impl Stream for DeliveryStream {
         if this.inner.is_none() {
             return Poll::Ready(None);
         }
-        if this.stops.iter_mut().any(|s| s.poll_unpin(cx).is_ready()) {
+        if this.stops.iter_mut().any(|s| s.poll_stopped(cx).is_ready()) {
             this.inner = None;
             this.stops.clear();
             return Poll::Ready(None);

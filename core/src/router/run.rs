@@ -17,6 +17,7 @@ use tracing::Instrument;
 use super::input::Current;
 use super::outcome::{redelivery_delay, Settlement};
 use super::HandlerRun;
+use crate::stop::StopWatch;
 use crate::{BoxError, Delivery, HandlerInfo, Message, MessageContext, Publisher};
 
 /// What every message of one handler shares.
@@ -63,13 +64,13 @@ where
         force,
         ..
     } = run;
-    let mut stopped = pin!(stop.cancelled());
+    let mut stopped = StopWatch::new(stop);
     let mut forced = pin!(force.cancelled());
     loop {
         // Stop first, so a stop between messages is seen even when the stream is always
-        // ready; once its waiter is registered, checking it is cheap.
+        // ready (one atomic load per message, see `StopWatch`).
         let item = poll_fn(|cx| {
-            if stopped.as_mut().poll(cx).is_ready() {
+            if stopped.poll_stopped(cx).is_ready() {
                 return Poll::Ready(None);
             }
             stream.poll_next_unpin(cx).map(Some)
@@ -171,6 +172,7 @@ where
         force,
         ..
     } = run;
+    let mut stopped = StopWatch::new(stop);
     let limit = ctx.concurrency;
     let mut tasks: JoinSet<Option<Bytes>> = JoinSet::new();
     // Keys with a message in flight, and the messages waiting for them.
@@ -178,7 +180,7 @@ where
     let mut waiting: HashMap<Bytes, VecDeque<Delivery>> = HashMap::new();
     let mut waiting_count = 0usize;
     loop {
-        if stop.is_cancelled() {
+        if stopped.is_stopped() {
             break;
         }
         tokio::select! {
@@ -198,7 +200,7 @@ where
                     }
                 }
             }
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             item = stream.next(), if tasks.len() < limit && waiting_count < limit => {
                 let delivery = match next_delivery(&ctx, item) {
                     Next::Delivery(d) => d,
