@@ -11,14 +11,18 @@
 //! to the N-th message handled; the report gives the median over rounds and, for layers,
 //! the median of each round's ratio to plain. Peak RSS is the process's high-water mark
 //! during a run (reset before each through /proc/self/clear_refs), the highest over the
-//! scenario's runs. `BENCH_MESSAGES` sets N (default 1,000,000), `BENCH_RUNS` the rounds
-//! (default 5); arguments filter scenarios by name.
+//! scenario's runs. Besides msg/s it reports the CPU time of the whole process per message
+//! (all threads, from /proc), and for layers plain's CPU over its own: it shows what the
+//! layers cost even when msg/s does not (a handler that waits for its publisher has time to
+//! spare for them).
+//! `BENCH_MESSAGES` sets N (default 1,000,000), `BENCH_RUNS` the rounds (default 5);
+//! arguments filter scenarios by name.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tidemill_testkit::bench::{record, PeakRss, Row};
+use tidemill_testkit::bench::{process_cpu, record, PeakRss, Row};
 
 use bytes::Bytes;
 use tidemill_core::{HandlerResult, MemoryBroker, Message, Publisher, Router};
@@ -215,44 +219,59 @@ fn main() {
         runtime.block_on(run(scenario, n / 10));
     }
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
+    // CPU µs per message of the whole process (all threads), per round.
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
     let mut peaks: Vec<Option<u64>> = vec![None; scenarios.len()];
     for round in 0..rounds {
         for k in 0..scenarios.len() {
             let i = (round + k) % scenarios.len();
             PeakRss::reset();
+            let cpu_before = process_cpu();
             let elapsed = runtime.block_on(run(scenarios[i], n));
+            let cpu = match (cpu_before, process_cpu()) {
+                (Some(before), Some(after)) => after.checked_sub(before),
+                _ => None,
+            };
             rates[i].push(n as f64 / elapsed.as_secs_f64());
+            cpus[i].push(cpu.map_or(f64::NAN, |c| c.as_secs_f64() * 1e6 / n as f64));
             peaks[i] = peaks[i].max(PeakRss::read());
         }
     }
     println!(
-        "{:<8} {:>14} {:>12} {:>14}",
-        "scenario", "msg/s", "seconds", "peak RSS MiB"
+        "{:<8} {:>14} {:>12} {:>14} {:>12}",
+        "scenario", "msg/s", "seconds", "peak RSS MiB", "CPU µs/msg"
     );
     let plain = scenarios.iter().position(|s| matches!(s, Scenario::Plain));
+    // The median of each round's ratio to plain (`invert`: plain's value over the scenario's).
+    let per_round = |values: &[Vec<f64>], i: usize, p: usize, invert: bool| {
+        let ratios: Vec<f64> = values[i]
+            .iter()
+            .zip(&values[p])
+            .map(|(x, base)| if invert { base / x } else { x / base })
+            .collect();
+        median(&ratios)
+    };
     for (i, scenario) in scenarios.iter().enumerate() {
         let name = scenario.name();
         let rate = median(&rates[i]);
+        let cpu = median(&cpus[i]);
         let rss = peaks[i].map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0));
-        let ratio = match (scenario, plain) {
+        let ratios = match (scenario, plain) {
             (Scenario::Layers, Some(p)) => {
-                let per_round: Vec<f64> = rates[i]
-                    .iter()
-                    .zip(&rates[p])
-                    .map(|(x, base)| x / base)
-                    .collect();
-                Some(median(&per_round))
+                Some((per_round(&rates, i, p, false), per_round(&cpus, i, p, true)))
             }
             _ => None,
         };
-        let shown = ratio.map_or(String::new(), |r| format!("  ({r:.2}x plain)"));
+        let shown = ratios.map_or(String::new(), |(r, c)| {
+            format!("  ({r:.2}x plain; CPU: plain's / this {c:.2}x)")
+        });
         println!(
-            "{name:<8} {rate:>14.0} {:>12.3} {rss:>14.1}{shown}",
+            "{name:<8} {rate:>14.0} {:>12.3} {rss:>14.1} {cpu:>12.3}{shown}",
             n as f64 / rate
         );
-        let mut note = format!("N = {n}, median of {rounds} rounds");
-        if let Some(r) = ratio {
-            note.push_str(&format!("; per-round ratio {r:.2}x"));
+        let mut note = format!("N = {n}, median of {rounds} rounds; CPU {cpu:.3} µs/msg");
+        if let Some((r, c)) = ratios {
+            note.push_str(&format!("; per-round ratio {r:.2}x, CPU ratio {c:.2}x"));
         }
         record(
             &Row::new("in-memory router", name, rate)

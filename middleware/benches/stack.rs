@@ -21,7 +21,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tidemill_testkit::bench::{record, Row};
+use tidemill_testkit::bench::{process_cpu, record, Row};
 
 use bytes::Bytes;
 use tidemill_core::{HandlerResult, MemoryBroker, Message, Publisher, Router};
@@ -156,22 +156,6 @@ async fn run(scenario: Scenario, n: usize) -> Duration {
         .unwrap_or_else(|e| panic!("close failed: {e}"));
     let _ = run.await;
     elapsed
-}
-
-/// CPU time used so far by every thread of this process, from
-/// `/proc/self/task/*/schedstat` (nanoseconds; `None` where unavailable). Less sensitive
-/// than wall-clock time to other processes on a shared machine.
-fn process_cpu() -> Option<Duration> {
-    let mut total = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let path = task.ok()?.path().join("schedstat");
-        // A thread may have ended since the directory was read.
-        let Ok(stat) = std::fs::read_to_string(path) else {
-            continue;
-        };
-        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(Duration::from_nanos(total))
 }
 
 /// One measured run: wall-clock time and CPU time of the whole process.

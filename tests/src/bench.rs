@@ -81,6 +81,23 @@ impl Row {
     }
 }
 
+/// CPU time used so far by every thread of this process, from
+/// `/proc/self/task/*/schedstat` (Linux; `None` where unavailable). Less sensitive than
+/// wall-clock time to other processes on a shared machine, and it counts what a scenario
+/// costs even where a thread waits for another (e.g. a handler faster than its publisher).
+pub fn process_cpu() -> Option<std::time::Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        // A thread may have ended since the directory was read.
+        let Ok(stat) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(std::time::Duration::from_nanos(total))
+}
+
 /// Appends `row` to the file named by [`REPORT_ENV`], when that variable is set. A bench
 /// run by hand (variable unset) only prints its own table.
 pub fn record(row: &Row) {
