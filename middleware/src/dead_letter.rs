@@ -14,7 +14,7 @@ use tower::{Layer, Service};
 use crate::headers;
 use crate::util::{
     epoch_millis, error_chain, from_epoch_millis, handler_and_topic, timestamp, truncate,
-    HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure,
+    HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure, StateRef,
 };
 
 /// The longest error text kept per failed delivery.
@@ -228,8 +228,9 @@ impl<S> Layer<S> for DeadLetter {
     type Service = DeadLetterService<S>;
 
     fn layer(&self, inner: S) -> DeadLetterService<S> {
-        // The error path needs the input: the router keeps it, not each message's future.
-        router::keep_input();
+        // The error path needs the input and this configuration: the router keeps both,
+        // not each message's future.
+        router::keep_state(self.inner.clone());
         DeadLetterService {
             inner,
             config: self.clone(),
@@ -259,7 +260,7 @@ struct Delivery {
 
 /// The error path of [`DeadLetter`].
 pub struct DeadLetterFailure {
-    config: DeadLetter,
+    config: StateRef<Config>,
     input: InputCopy,
     prior: u32,
     by_broker: bool,
@@ -269,8 +270,14 @@ pub struct DeadLetterFailure {
 impl OnFailure for DeadLetterFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
         // Called while the router polls this message's future, so its copy is current.
-        let Some(input) = self.input.resolve("dead letter") else {
+        let mut config = self.config;
+        let (Some(input), Some(inner)) =
+            (self.input.resolve("dead letter"), config.get("dead letter"))
+        else {
             return Box::pin(std::future::ready(Err(error)));
+        };
+        let config = DeadLetter {
+            inner: inner.clone(),
         };
         let (handler, topic, group) = handler_and_topic(&input);
         let delivery = Delivery {
@@ -281,7 +288,7 @@ impl OnFailure for DeadLetterFailure {
             by_broker: self.by_broker,
             number: self.number,
         };
-        Box::pin(self.config.failed(input, delivery, error))
+        Box::pin(config.failed(input, delivery, error))
     }
 }
 
@@ -373,7 +380,7 @@ where
             prior + 1
         };
         let failure = DeadLetterFailure {
-            config: self.config.clone(),
+            config: StateRef::of(&self.config.inner),
             input: InputCopy::of(&msg),
             prior,
             by_broker,

@@ -1116,3 +1116,87 @@ async fn layers_reach_the_routers_copy_of_an_unchanged_input_only() {
     router.close().await.expect("closed");
     let _ = run.await;
 }
+
+/// A layer that registers a shared state and reports, per message, whether the router
+/// keeps it (a token at call time) and what the future fetches once the handler is done.
+#[derive(Clone)]
+struct StateProbe {
+    state: Arc<String>,
+    seen: mpsc::UnboundedSender<(bool, Option<String>)>,
+}
+
+impl<S> Layer<S> for StateProbe {
+    type Service = StateProbeService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        keep_state(self.state.clone());
+        StateProbeService {
+            inner,
+            probe: self.clone(),
+        }
+    }
+}
+
+struct StateProbeService<S> {
+    inner: S,
+    probe: StateProbe,
+}
+
+impl<S> Service<Message> for StateProbeService<S>
+where
+    S: Service<Message, Response = Vec<Message>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Vec<Message>;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Vec<Message>, BoxError>>;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let token = state_token(&self.probe.state);
+        let fut = self.inner.call(msg);
+        let seen = self.probe.seen.clone();
+        Box::pin(async move {
+            let out = fut.await;
+            let fetched = token.and_then(state::<String>).map(|s| (*s).clone());
+            let _ = seen.send((token.is_some(), fetched));
+            out
+        })
+    }
+}
+
+#[tokio::test]
+async fn layers_reach_their_state_kept_by_the_router() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let probe = StateProbe {
+        state: Arc::new("config".to_owned()),
+        seen: tx,
+    };
+    router
+        .add_handler("state-probe")
+        .subscribe(broker.subscriber(), "s")
+        .layer(probe.clone())
+        .handler(|_m: Message| async { HandlerResult::Ok(()) })
+        .await
+        .expect("added");
+    // Built outside a router: nothing is kept, the layer must hold its own clone.
+    let mut loose = probe.layer(tower::service_fn(|_m: Message| async {
+        Ok::<_, BoxError>(Vec::new())
+    }));
+    let run = start(&router).await;
+    broker
+        .publisher()
+        .publish("s", vec![Message::new("one")])
+        .await
+        .expect("published");
+    assert_eq!(recv(&mut rx).await, (true, Some("config".to_owned())));
+    loose.call(Message::new("loose")).await.expect("handled");
+    assert_eq!(recv(&mut rx).await, (false, None));
+    router.close().await.expect("closed");
+    let _ = run.await;
+}
