@@ -14,7 +14,7 @@ use tower::{Layer, Service};
 use crate::headers;
 use crate::util::{
     epoch_millis, error_chain, from_epoch_millis, handler_and_topic, timestamp, truncate,
-    HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure, StateRef,
+    HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure,
 };
 
 /// The longest error text kept per failed delivery.
@@ -228,9 +228,8 @@ impl<S> Layer<S> for DeadLetter {
     type Service = DeadLetterService<S>;
 
     fn layer(&self, inner: S) -> DeadLetterService<S> {
-        // The error path needs the input and this configuration: the router keeps both,
-        // not each message's future.
-        router::keep_state(self.inner.clone());
+        // The error path needs the input: the router keeps it, not each message's future.
+        router::keep_input();
         DeadLetterService {
             inner,
             config: self.clone(),
@@ -260,7 +259,7 @@ struct Delivery {
 
 /// The error path of [`DeadLetter`].
 pub struct DeadLetterFailure {
-    config: StateRef<Config>,
+    config: DeadLetter,
     input: InputCopy,
     prior: u32,
     by_broker: bool,
@@ -270,14 +269,8 @@ pub struct DeadLetterFailure {
 impl OnFailure for DeadLetterFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
         // Called while the router polls this message's future, so its copy is current.
-        let mut config = self.config;
-        let (Some(input), Some(inner)) =
-            (self.input.resolve("dead letter"), config.get("dead letter"))
-        else {
+        let Some(input) = self.input.resolve("dead letter") else {
             return Box::pin(std::future::ready(Err(error)));
-        };
-        let config = DeadLetter {
-            inner: inner.clone(),
         };
         let (handler, topic, group) = handler_and_topic(&input);
         let delivery = Delivery {
@@ -288,7 +281,7 @@ impl OnFailure for DeadLetterFailure {
             by_broker: self.by_broker,
             number: self.number,
         };
-        Box::pin(config.failed(input, delivery, error))
+        Box::pin(self.config.failed(input, delivery, error))
     }
 }
 
@@ -380,7 +373,7 @@ where
             prior + 1
         };
         let failure = DeadLetterFailure {
-            config: StateRef::of(&self.config.inner),
+            config: self.config.clone(),
             input: InputCopy::of(&msg),
             prior,
             by_broker,

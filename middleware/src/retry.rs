@@ -14,7 +14,7 @@ use tidemill_core::{is_permanent, BoxError, Message};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::util::{HandlerOutput, StateRef};
+use crate::util::HandlerOutput;
 use crate::Backoff;
 
 type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
@@ -189,19 +189,18 @@ impl fmt::Debug for Retry {
 
 impl<S> Layer<S> for Retry
 where
-    S: Service<Message> + Send + 'static,
+    S: Service<Message>,
 {
     type Service = RetryService<S>;
 
     fn layer(&self, inner: S) -> RetryService<S> {
-        let shared = Arc::new(Inner {
-            service: Mutex::new(inner),
-            config: self.config.clone(),
-        });
-        // Later attempts need the input and the service: the router keeps both, not each
-        // message's future.
-        router::keep_state(shared.clone());
-        RetryService { shared }
+        router::keep_input();
+        RetryService {
+            shared: Arc::new(Inner {
+                service: Mutex::new(inner),
+                config: self.config.clone(),
+            }),
+        }
     }
 }
 
@@ -245,7 +244,7 @@ impl<S> fmt::Debug for RetryService<S> {
 
 impl<S> Service<Message> for RetryService<S>
 where
-    S: Service<Message, Response = Vec<Message>> + Send + 'static,
+    S: Service<Message, Response = Vec<Message>>,
     S::Error: Into<BoxError>,
 {
     type Response = Vec<Message>;
@@ -261,22 +260,15 @@ where
         let started = self.shared.config.max_elapsed.map(|_| Instant::now());
         // The router's copy of this very input, if it keeps one: then no copy is kept here.
         let token = router::input_token(&msg);
-        // The router keeps the shared state too (then the future keeps a token, no
-        // reference count), unless this service runs outside a router.
-        let state_token = router::state_token(&self.shared);
         let timeout = self.shared.attempt_timeout();
         // The first attempt starts here when the inner service is ready (the usual case),
         // so the future starts out calling. Otherwise (not ready: the noop waker is not
         // kept, the future polls again with its own) the future waits for readiness.
         let (state, attempt, kept) = {
-            // Outside a router with no future of an earlier message alive, the service is
-            // ours alone: no lock needed. (Inside, the router holds a reference too.)
+            // No future of an earlier message alive (e.g. one message at a time): the
+            // service is ours alone, no lock needed.
             let mut locked;
-            let unshared = match state_token {
-                Some(_) => None,
-                None => Arc::get_mut(&mut self.shared),
-            };
-            let service = match unshared {
+            let service = match Arc::get_mut(&mut self.shared) {
                 Some(inner) => inner.service.get_mut(),
                 None => {
                     locked = self.shared.service.lock();
@@ -302,13 +294,9 @@ where
                 Poll::Pending => (State::Idle, 0, Some(msg)),
             }
         };
-        let shared = match state_token {
-            Some(token) => StateRef::Router(token),
-            None => StateRef::Own(self.shared.clone()),
-        };
         RetryFuture {
             started,
-            shared,
+            shared: self.shared.clone(),
             msg: kept,
             token,
             attempt,
@@ -320,8 +308,7 @@ where
 pin_project! {
     /// The future of [`RetryService`].
     pub struct RetryFuture<S: Service<Message>> {
-        // Fetched from the router on the first failure when it keeps it.
-        shared: StateRef<Inner<S>>,
+        shared: Arc<Inner<S>>,
         // The message for the next attempt: kept from the start unless it is the router's
         // copy (`token`), which is then fetched when an attempt fails.
         msg: Option<Message>,
@@ -346,7 +333,7 @@ pin_project! {
 
 impl<S> Future for RetryFuture<S>
 where
-    S: Service<Message, Response = Vec<Message>> + Send + 'static,
+    S: Service<Message, Response = Vec<Message>>,
     S::Error: Into<BoxError>,
 {
     type Output = HandlerOutput;
@@ -355,28 +342,19 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Idle => {
-                    let Some(msg) = this.msg.as_ref() else {
-                        return Poll::Ready(Err("retry future polled after completion".into()));
-                    };
-                    let Some(shared) = this.shared.get("retry") else {
-                        return Poll::Ready(Err(
-                            "retry: the service is not reachable (the future is polled \
-                             outside the router that called it)"
-                                .into(),
-                        ));
-                    };
-                    match shared.poll_call(cx, msg) {
+                StateProj::Idle => match this.msg.as_ref() {
+                    Some(msg) => match this.shared.poll_call(cx, msg) {
                         Poll::Pending => return Poll::Pending,
                         // The service itself failed: nothing to retry.
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                         Poll::Ready(Ok(fut)) => {
                             *this.attempt += 1;
-                            let timeout = shared.attempt_timeout();
+                            let timeout = this.shared.attempt_timeout();
                             this.state.set(State::Calling { fut, timeout });
                         }
-                    }
-                }
+                    },
+                    None => return Poll::Ready(Err("retry future polled after completion".into())),
+                },
                 StateProj::Failed { error } => {
                     let error = error
                         .take()
@@ -384,9 +362,9 @@ where
                     return Poll::Ready(Err(error));
                 }
                 StateProj::Calling { fut, timeout } => {
-                    // `Err(None)`: the attempt timed out.
-                    let result: Result<_, Option<BoxError>> = match fut.poll(cx) {
-                        Poll::Ready(r) => r.map_err(|e| Some(e.into())),
+                    let config = &*this.shared.config;
+                    let result = match fut.poll(cx) {
+                        Poll::Ready(r) => r.map_err(Into::into),
                         Poll::Pending => {
                             let expired = match timeout {
                                 Some(t) => t.as_mut().poll(cx).is_ready(),
@@ -395,26 +373,16 @@ where
                             if !expired {
                                 return Poll::Pending;
                             }
-                            Err(None)
+                            Err(Box::new(AttemptTimedOut {
+                                attempt: *this.attempt,
+                                after: config.attempt_timeout.unwrap_or_default(),
+                            }) as BoxError)
                         }
                     };
-                    let failure = match result {
+                    let error = match result {
                         Ok(out) => return Poll::Ready(Ok(out)),
                         Err(e) => e,
                     };
-                    // The shared state only now: a success never needs it.
-                    let Some(shared) = this.shared.get("retry") else {
-                        return Poll::Ready(Err(
-                            failure.unwrap_or_else(|| "retry: attempt timed out".into())
-                        ));
-                    };
-                    let config = &*shared.config;
-                    let error = failure.unwrap_or_else(|| {
-                        Box::new(AttemptTimedOut {
-                            attempt: *this.attempt,
-                            after: config.attempt_timeout.unwrap_or_default(),
-                        }) as BoxError
-                    });
                     if *this.attempt >= config.max_attempts || !(config.retry_if)(&error) {
                         return Poll::Ready(Err(error));
                     }

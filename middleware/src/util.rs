@@ -200,49 +200,6 @@ where
     }
 }
 
-/// A layer's shared state (configuration, service) as a future keeps it for its error path:
-/// a token when the router keeps the state for the handler (registered with
-/// [`router::keep_state`](tidemill_core::router::keep_state) when the layer was built; no
-/// reference count per message), otherwise a clone.
-pub(crate) enum StateRef<T> {
-    Router(tidemill_core::router::StateToken),
-    Own(Arc<T>),
-}
-
-impl<T: std::any::Any + Send + Sync> StateRef<T> {
-    /// What to keep for `state` at call time.
-    #[inline]
-    pub(crate) fn of(state: &Arc<T>) -> Self {
-        match tidemill_core::router::state_token(state) {
-            Some(token) => StateRef::Router(token),
-            None => StateRef::Own(state.clone()),
-        }
-    }
-
-    /// The state, fetched from the router if need be (and kept from then on); `None` when
-    /// the router's is not reachable (the future is polled outside the router that called
-    /// it; `layer` names the caller in the warning).
-    pub(crate) fn get(&mut self, layer: &str) -> Option<&Arc<T>> {
-        if let StateRef::Router(token) = *self {
-            match tidemill_core::router::state::<T>(token) {
-                Some(state) => *self = StateRef::Own(state),
-                None => {
-                    tracing::warn!(
-                        layer,
-                        "the layer's state is not reachable (the future is polled outside \
-                         the router that called it); passing the error on"
-                    );
-                    return None;
-                }
-            }
-        }
-        match self {
-            StateRef::Own(state) => Some(state),
-            StateRef::Router(_) => None,
-        }
-    }
-}
-
 /// The input as an error path needs it: the router's copy, fetched when the error path runs
 /// (inside the router's poll), or a clone kept from the call when the message is not the
 /// router's copy (an outer layer changed it, or no router keeps one).

@@ -11,49 +11,23 @@
 //! only the token and fetches the copy ([`input`]) when it needs it. Otherwise (an outer
 //! layer modified the message, the service runs outside a router, ...) it keeps its own
 //! clone as before.
-//!
-//! The same goes for a layer's shared state (dead letter's configuration, retry's service
-//! for later attempts): registered with [`keep_state`] when the layer is built, the router
-//! keeps it for the handler's life, and a future holds a [`StateToken`] and fetches the
-//! state ([`state`]) only on its error path, instead of a reference count per message.
 
-use std::any::Any;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
-use std::sync::Arc;
 
 use super::Settlement;
 use crate::Message;
 
-/// What the router keeps for a handler's layers: the shared states they registered with
-/// [`keep_state`] (possibly none; `Some` at all means the input is kept too).
-pub(crate) type Kept = Arc<[SharedState]>;
-
-/// A layer's shared state as the router keeps it.
-type SharedState = Arc<dyn Any + Send + Sync>;
-
-/// What a [`Current`] guard makes reachable: the router's copy of the input (without its
-/// context), the settlement whose block is that context, and the kept states.
-type CurrentPtrs = (
-    NonNull<Message>,
-    NonNull<Settlement>,
-    NonNull<[SharedState]>,
-);
-
 thread_local! {
     /// The router's copy of the input it is calling or polling on this thread: set only
-    /// by a [`Current`] guard, which borrows what it points to for as long as it is set
-    /// and puts the previous value back when dropped (also on unwinding). Plain pointers,
-    /// so entering and leaving cost no more than two thread-local writes.
-    static CURRENT: Cell<Option<CurrentPtrs>> = const { Cell::new(None) };
+    /// by a [`Current`] guard, which borrows the copy for as long as it is set and puts the
+    /// previous value back when dropped (also on unwinding). A plain pointer, so entering
+    /// and leaving cost no more than two thread-local writes.
+    static CURRENT: Cell<Option<(NonNull<Message>, NonNull<Settlement>)>> =
+        const { Cell::new(None) };
     /// Set by [`keep_input`] while the router builds a handler's service.
     static WANTED: Cell<bool> = const { Cell::new(false) };
-    /// Filled by [`keep_state`] while the router builds a handler's service.
-    static STATES: RefCell<Vec<SharedState>> = const { RefCell::new(Vec::new()) };
-    /// Whether a router is building a handler's service on this thread (outside, states
-    /// are not collected: nobody would take them).
-    static BUILDING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Asks the router building the handler this layer wraps to keep a copy of each input and
@@ -66,83 +40,13 @@ pub fn keep_input() {
     WANTED.with(|w| w.set(true));
 }
 
-/// Asks the router building the handler this layer wraps to keep `state` (the layer's
-/// shared configuration or service) for as long as the handler runs, and to make it
-/// reachable through [`state`] while it calls and polls the handler's service; implies
-/// [`keep_input`]. A layer's future can then hold a [`StateToken`] (from [`state_token`]
-/// at call time) instead of a reference-counted clone, and fetch the state only on its
-/// error path.
-///
-/// Call it from `Layer::layer`. Outside a router's handler construction it does nothing:
-/// [`state_token`] then finds nothing and the layer keeps its own clone.
-pub fn keep_state(state: Arc<dyn Any + Send + Sync>) {
-    if BUILDING.with(Cell::get) {
-        keep_input();
-        STATES.with(|s| s.borrow_mut().push(state));
-    }
-}
-
-/// Runs `build` (the making of a handler's service from its layers) and returns what the
-/// layers asked the router to keep meanwhile: `None` if none asked for the input.
-pub(crate) fn building<T>(build: impl FnOnce() -> T) -> (T, Option<Kept>) {
+/// Runs `build` (the making of a handler's service from its layers) and tells whether a
+/// layer asked for [`keep_input`] meanwhile.
+pub(crate) fn building<T>(build: impl FnOnce() -> T) -> (T, bool) {
     let before = WANTED.with(|w| w.replace(false));
-    let was_building = BUILDING.with(|b| b.replace(true));
-    let states_before = STATES.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    // Put back on unwinding too: a layer that panics while being built must not leave
-    // this thread collecting states.
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            BUILDING.with(|b| b.set(self.0));
-        }
-    }
-    let restore = Restore(was_building);
     let built = build();
-    drop(restore);
     let wanted = WANTED.with(|w| w.replace(before));
-    let states = STATES.with(|s| std::mem::replace(&mut *s.borrow_mut(), states_before));
-    (built, wanted.then(|| Kept::from(states)))
-}
-
-/// Both lists of kept states (a handler's own layers and the router's), if either wants
-/// the input kept.
-pub(crate) fn merge(a: Option<Kept>, b: Option<Kept>) -> Option<Kept> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.iter().chain(b.iter()).cloned().collect()),
-        (a, b) => a.or(b),
-    }
-}
-
-/// Identifies a state the router keeps (see [`keep_state`]) without holding a reference
-/// to it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StateToken(usize);
-
-/// If the router calling the service now keeps `state` for this handler (see
-/// [`keep_state`]), a token to fetch it later with [`state`]; otherwise `None` (keep
-/// your own clone then). No reference count is touched.
-#[inline]
-pub fn state_token<T: ?Sized>(state: &Arc<T>) -> Option<StateToken> {
-    let address = Arc::as_ptr(state) as *const () as usize;
-    with_current(|current| {
-        let (_, _, states) = current?;
-        states
-            .iter()
-            .any(|s| Arc::as_ptr(s) as *const () as usize == address)
-            .then_some(StateToken(address))
-    })
-}
-
-/// The state the token was taken from, if the router calling or polling the service on
-/// this thread now keeps it (so: from a future the router polls) and it is a `T`.
-pub fn state<T: Any + Send + Sync>(token: StateToken) -> Option<Arc<T>> {
-    with_current(|current| {
-        let (_, _, states) = current?;
-        let found = states
-            .iter()
-            .find(|s| Arc::as_ptr(s) as *const () as usize == token.0)?;
-        found.clone().downcast::<T>().ok()
-    })
+    (built, wanted)
 }
 
 /// Identifies the router's copy of the current input without holding a reference to it.
@@ -155,7 +59,7 @@ pub struct InputToken((usize, usize));
 #[inline]
 pub fn input_token(msg: &Message) -> Option<InputToken> {
     with_current(|current| match current {
-        Some((detached, settlement, _)) if msg.is_input(detached, settlement) => {
+        Some((detached, settlement)) if msg.is_input(detached, settlement) => {
             Some(InputToken(msg.identity()))
         }
         _ => None,
@@ -165,15 +69,15 @@ pub fn input_token(msg: &Message) -> Option<InputToken> {
 /// Runs `f` on the current input (the message without its context, and the settlement
 /// whose block is its context), if any.
 #[inline]
-fn with_current<R>(f: impl FnOnce(Option<(&Message, &Settlement, &[SharedState])>) -> R) -> R {
+fn with_current<R>(f: impl FnOnce(Option<(&Message, &Settlement)>) -> R) -> R {
     let current = CURRENT.with(Cell::get);
     // SAFETY: the pointers are set only by a `Current` guard, which holds shared borrows of
-    // the message, the settlement and the kept states for its whole life and clears or
-    // restores the pointers when dropped, so pointers read here point to live values that
+    // the message and the settlement for its whole life and clears or restores the pointers
+    // when dropped, so pointers read here point to a live message and settlement that
     // nobody can modify meanwhile. The references do not outlive `f`, which runs before
     // this call returns, inside the guard's scope (the guard is entered around the very
     // call or poll that leads here).
-    f(current.map(|(m, s, k)| unsafe { (m.as_ref(), s.as_ref(), k.as_ref()) }))
+    f(current.map(|(m, s)| unsafe { (m.as_ref(), s.as_ref()) }))
 }
 
 /// A clone of the router's copy of the input the token was taken from, if the router is
@@ -181,7 +85,7 @@ fn with_current<R>(f: impl FnOnce(Option<(&Message, &Settlement, &[SharedState])
 /// `None`).
 pub fn input(token: InputToken) -> Option<Message> {
     with_current(|current| match current {
-        Some((detached, settlement, _)) if detached.identity_with(settlement) == token.0 => {
+        Some((detached, settlement)) if detached.identity_with(settlement) == token.0 => {
             Some(detached.with_context_of(settlement))
         }
         _ => None,
@@ -194,7 +98,7 @@ pub fn input(token: InputToken) -> Option<Message> {
 pub fn with_input<R>(token: InputToken, f: impl FnOnce(&Message) -> R) -> Option<R> {
     with_current(|current| match current {
         // Without its context: `f` reads the message itself (payload, metadata, uuid).
-        Some((detached, settlement, _)) if detached.identity_with(settlement) == token.0 => {
+        Some((detached, settlement)) if detached.identity_with(settlement) == token.0 => {
             Some(f(detached))
         }
         _ => None,
@@ -204,26 +108,17 @@ pub fn with_input<R>(token: InputToken, f: impl FnOnce(&Message) -> R) -> Option
 /// Makes a message the current input while the guard lives (the previous one comes back
 /// on drop).
 pub(crate) struct Current<'a> {
-    previous: Option<CurrentPtrs>,
-    _input: PhantomData<(&'a Message, &'a Settlement, &'a [SharedState])>,
+    previous: Option<(NonNull<Message>, NonNull<Settlement>)>,
+    _input: PhantomData<(&'a Message, &'a Settlement)>,
 }
 
 impl<'a> Current<'a> {
     /// Makes the input current until the guard is dropped: `detached` is the message
     /// without its context (the router's copy, one reference count), `settlement` the
-    /// router's settlement, whose block is the message's context, `kept` the states the
-    /// handler's layers registered.
+    /// router's settlement, whose block is the message's context.
     #[inline]
-    pub(crate) fn enter(
-        detached: &'a Message,
-        settlement: &'a Settlement,
-        kept: &'a [SharedState],
-    ) -> Self {
-        let input = (
-            NonNull::from(detached),
-            NonNull::from(settlement),
-            NonNull::from(kept),
-        );
+    pub(crate) fn enter(detached: &'a Message, settlement: &'a Settlement) -> Self {
+        let input = (NonNull::from(detached), NonNull::from(settlement));
         let previous = CURRENT.with(|c| c.replace(Some(input)));
         Current {
             previous,

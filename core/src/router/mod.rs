@@ -62,10 +62,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 pub use handler::{
     handler_fn, BoxHandler, BoxHandlerFuture, HandlerFn, HandlerResult, IntoMessages,
 };
-pub use input::{
-    input, input_token, keep_input, keep_state, state, state_token, with_input, InputToken,
-    StateToken,
-};
+pub use input::{input, input_token, keep_input, with_input, InputToken};
 pub use outcome::{redeliver_after, redelivery_delay, RedeliverAfter, Settlement};
 
 use crate::{
@@ -667,10 +664,10 @@ impl<'r, L> HandlerBuilder<'r, L> {
         // Layers that need the input on their error paths ask (input::keep_input) while
         // they are built; the router then keeps each input for them.
         let layers = self.layers;
-        let (service, kept) = input::building(|| layers.service(service));
+        let (service, keep_input) = input::building(|| layers.service(service));
         let runner: Runner = Box::new(move |run: HandlerRun| {
             if run.layers.is_empty() {
-                Box::pin(run_handler(service, run, kept))
+                Box::pin(run_handler(service, run, keep_input))
             } else {
                 let (boxed, router_keep) = input::building(|| {
                     let mut boxed = BoxHandler::new(service.map_err(Into::into));
@@ -679,7 +676,7 @@ impl<'r, L> HandlerBuilder<'r, L> {
                     }
                     boxed
                 });
-                Box::pin(run_handler(boxed, run, input::merge(kept, router_keep)))
+                Box::pin(run_handler(boxed, run, keep_input || router_keep))
             }
         });
         let info = HandlerInfo {

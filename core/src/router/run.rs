@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::Instrument;
 
-use super::input::{Current, Kept};
+use super::input::Current;
 use super::outcome::{redelivery_delay, Settlement};
 use super::HandlerRun;
 use crate::stop::StopWatch;
@@ -27,10 +27,9 @@ pub(crate) struct HandlerCtx {
     pub(crate) concurrency: usize,
 }
 
-/// `kept`: a layer asked for the router's copy of each input (see
-/// [`keep_input`](super::keep_input)), with the states layers registered (see
-/// [`keep_state`](super::keep_state)).
-pub(crate) async fn run_handler<S>(service: S, run: HandlerRun, kept: Option<Kept>)
+/// `keep_input`: a layer asked for the router's copy of each input (see
+/// [`keep_input`](super::keep_input)).
+pub(crate) async fn run_handler<S>(service: S, run: HandlerRun, keep_input: bool)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -38,9 +37,9 @@ where
 {
     let name = run.ctx.info.name.clone();
     if run.ctx.concurrency <= 1 {
-        sequential(service, run, kept).await;
+        sequential(service, run, keep_input).await;
     } else {
-        concurrent(service, run, kept).await;
+        concurrent(service, run, keep_input).await;
     }
     tracing::debug!(handler = %name, "handler stopped");
 }
@@ -52,7 +51,7 @@ where
 /// than the layers' own work. The stop and close-timeout signals are each one future for
 /// the whole loop (a fresh waiter per message would cost as much as the rest of an
 /// in-memory message's trip).
-async fn sequential<S>(mut service: S, run: HandlerRun, kept: Option<Kept>)
+async fn sequential<S>(mut service: S, run: HandlerRun, keep_input: bool)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -106,14 +105,12 @@ where
         }
         // The router's copy of the input, current while the service is called and polled:
         // the message without its context (the settlement holds that block already).
-        let input = kept.as_ref().map(|k| (msg.detached(), k));
+        let input = keep_input.then(|| msg.detached());
         // The future is made straight into its pinned slot (layered futures are a few
         // hundred bytes; returning one through the panic guard would copy it twice).
         let mut fut = pin!(None::<S::Future>);
         let called = {
-            let _current = input
-                .as_ref()
-                .map(|(m, k)| Current::enter(m, &settlement.0, k));
+            let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
             std::panic::catch_unwind(AssertUnwindSafe(|| {
                 span.in_scope(|| fut.set(Some(service.call(msg))))
             }))
@@ -122,9 +119,7 @@ where
             Ok(()) => {
                 let polled = poll_fn(|cx| {
                     let _entered = span.enter();
-                    let _current = input
-                        .as_ref()
-                        .map(|(m, k)| Current::enter(m, &settlement.0, k));
+                    let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
                     let Some(fut) = fut.as_mut().as_pin_mut() else {
                         return Poll::Ready(Some(Err("handler future missing".to_owned())));
                     };
@@ -164,7 +159,7 @@ where
 }
 
 /// Up to `concurrency` messages in flight; messages with the same key one after another.
-async fn concurrent<S>(mut service: S, run: HandlerRun, kept: Option<Kept>)
+async fn concurrent<S>(mut service: S, run: HandlerRun, keep_input: bool)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -195,7 +190,7 @@ where
                 match waiting.get_mut(&key).and_then(VecDeque::pop_front) {
                     Some(next) => {
                         waiting_count -= 1;
-                        if !spawn_one(&mut service, &ctx, next, &force, &mut tasks, kept.as_ref()).await {
+                        if !spawn_one(&mut service, &ctx, next, &force, &mut tasks, keep_input).await {
                             break;
                         }
                     }
@@ -220,7 +215,7 @@ where
                     }
                     busy.insert(key.clone());
                 }
-                if !spawn_one(&mut service, &ctx, delivery, &force, &mut tasks, kept.as_ref()).await {
+                if !spawn_one(&mut service, &ctx, delivery, &force, &mut tasks, keep_input).await {
                     break;
                 }
             }
@@ -274,7 +269,7 @@ async fn spawn_one<S>(
     delivery: Delivery,
     force: &CancellationToken,
     tasks: &mut JoinSet<Option<Bytes>>,
-    kept: Option<&Kept>,
+    keep_input: bool,
 ) -> bool
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
@@ -295,11 +290,9 @@ where
         span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
         return false;
     }
-    let input = kept.map(|k| (msg.detached(), k.clone()));
+    let input = keep_input.then(|| msg.detached());
     let called = {
-        let _current = input
-            .as_ref()
-            .map(|(m, k)| Current::enter(m, &settlement.0, k));
+        let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
         std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
             .map_err(|panic| panic_message(&*panic))
     };
@@ -310,9 +303,7 @@ where
                 Ok(fut) => {
                     let mut fut = pin!(AssertUnwindSafe(fut).catch_unwind());
                     let polled = poll_fn(|cx| {
-                        let _current = input
-                            .as_ref()
-                            .map(|(m, k)| Current::enter(m, &settlement.0, k));
+                        let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
                         fut.as_mut().poll(cx)
                     })
                     .await;
