@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tidemill_testkit::bench::{process_cpu, record, PeakRss, Row};
+use tidemill_testkit::bench::{median, process_cpu, record, PeakRss, Row};
 
 use bytes::Bytes;
 use tidemill_core::{HandlerResult, MemoryBroker, Message, Publisher, Router};
@@ -279,10 +279,4 @@ fn main() {
                 .with_note(note),
         );
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }

@@ -21,7 +21,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tidemill_testkit::bench::{process_cpu, record, Row};
+use tidemill_testkit::bench::{median, process_cpu, record, Row};
 
 use bytes::Bytes;
 use tidemill_core::{HandlerResult, MemoryBroker, Message, Publisher, Router};
@@ -173,14 +173,6 @@ fn measure(
     (elapsed, cpu)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn main() {
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -244,19 +236,18 @@ fn main() {
     for (i, (_, name)) in scenarios.iter().enumerate() {
         let ratio = |values: &[Vec<f64>], invert: bool| match plain {
             Some(p) if p != i => {
-                let r = median(
-                    values[i]
-                        .iter()
-                        .zip(&values[p])
-                        .map(|(x, base)| if invert { base / x } else { x / base })
-                        .collect(),
-                );
+                let ratios: Vec<f64> = values[i]
+                    .iter()
+                    .zip(&values[p])
+                    .map(|(x, base)| if invert { base / x } else { x / base })
+                    .collect();
+                let r = median(&ratios);
                 format!("{r:.2}x")
             }
             _ => String::new(),
         };
-        let (rate, rate_ratio) = (median(rates[i].clone()), ratio(&rates, false));
-        let (cpu, cpu_ratio) = (median(cpus[i].clone()), ratio(&cpus, true));
+        let (rate, rate_ratio) = (median(&rates[i]), ratio(&rates, false));
+        let (cpu, cpu_ratio) = (median(&cpus[i]), ratio(&cpus, true));
         println!("{name:<13} {rate:>12.0} {rate_ratio:>10} {cpu:>14.3} {cpu_ratio:>10}");
         let mut note = format!("CPU {cpu:.3} µs/msg, median of {runs} rounds");
         if !rate_ratio.is_empty() {

@@ -98,6 +98,27 @@ pub fn process_cpu() -> Option<std::time::Duration> {
     Some(std::time::Duration::from_nanos(total))
 }
 
+/// The median of `values` (the mean of the two middle ones for an even count; NaN for
+/// none): what the benches report over their rounds.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[mid],
+        _ => (sorted[mid - 1] + sorted[mid]) / 2.0,
+    }
+}
+
+/// Bytes as MiB for a bench's table, `n/a` where unknown.
+pub fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "n/a".into(),
+        |b| format!("{:.1}", b as f64 / 1_048_576.0),
+    )
+}
+
 /// Appends `row` to the file named by [`REPORT_ENV`], when that variable is set. A bench
 /// run by hand (variable unset) only prints its own table.
 pub fn record(row: &Row) {

@@ -24,7 +24,7 @@
 //!
 //! The order of the sides rotates from round to round. Reported: the median of the rounds'
 //! rates, the median of the rounds' Tidemill/raw ratios (each round's sides run back to
-//! back), the client's CPU time per message (user + system, from `/proc/self/stat`), and
+//! back), the client's CPU time per message (all threads, from /proc), and
 //! each side's peak RSS: the process's `VmHWM`, reset right before each timed section and
 //! read right after it, the largest over the rounds (process-wide, so it includes what the
 //! bench itself holds).
@@ -43,7 +43,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber};
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
-use tidemill_testkit::bench::{record, PeakRss, Row};
+use tidemill_testkit::bench::{median, mib, process_cpu, record, PeakRss, Row};
 
 const PAYLOAD: usize = 100;
 const BATCH: usize = 1_000;
@@ -95,19 +95,6 @@ struct Bench {
 /// during the timed section, where known.
 type Measure = (f64, f64, Option<u64>);
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-/// Bytes as MiB for the table, `n/a` where unknown.
-fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or_else(
-        || "n/a".into(),
-        |b| format!("{:.1}", b as f64 / 1_048_576.0),
-    )
-}
-
 async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     let config = AmqpConfig {
         prefetch: PREFETCH,
@@ -142,13 +129,15 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         );
         rows.push(row);
     }
-    let rate = |i: usize| median(rows.iter().map(|r| r[i].0).collect());
-    let cpu = |i: usize| median(rows.iter().map(|r| r[i].1).collect());
+    let rate = |i: usize| median(&rows.iter().map(|r| r[i].0).collect::<Vec<_>>());
+    let cpu = |i: usize| median(&rows.iter().map(|r| r[i].1).collect::<Vec<_>>());
     // The largest peak RSS of a side over the rounds.
     let peak = |i: usize| rows.iter().filter_map(|r| r[i].2).max();
     // Each round's sides ran back to back, so their ratio is less exposed to the load of a
     // shared machine drifting between rounds than a ratio of medians.
-    let ratio = |raw: usize, tm: usize| median(rows.iter().map(|r| r[tm].0 / r[raw].0).collect());
+    let ratio = |raw: usize, tm: usize| {
+        median(&rows.iter().map(|r| r[tm].0 / r[raw].0).collect::<Vec<_>>())
+    };
     println!();
     println!(
         "| | raw lapin (msg/s) | tidemill-amqp (msg/s) | tidemill / raw | client CPU per message, raw / tidemill | peak RSS MiB, raw / tidemill |"
@@ -236,25 +225,9 @@ fn rate(n: usize, started: Instant) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-/// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux;
-/// 10 ms resolution). Zero where unavailable.
+/// CPU time this process has used so far (all threads; zero where unavailable).
 fn cpu_time() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
-    };
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Duration::ZERO;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line: indices 11 and 12 after the name.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    process_cpu().unwrap_or_default()
 }
 
 /// Microseconds of client CPU per message since `cpu_before`.

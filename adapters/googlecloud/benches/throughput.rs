@@ -45,7 +45,7 @@ use google_cloud_pubsub::model::Message as RawMessage;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
 use tidemill_googlecloud::{GoogleCloudConfig, GoogleCloudPublisher, GoogleCloudSubscriber};
-use tidemill_testkit::bench::{record, PeakRss, Row};
+use tidemill_testkit::bench::{median, mib, record, PeakRss, Row};
 
 const PROJECT: &str = "tidemill-bench";
 const PAYLOAD: usize = 100;
@@ -86,19 +86,6 @@ struct Figures {
     publish_rss: Option<u64>,
     /// Peak RSS (bytes) during the timed consume, where known.
     consume_rss: Option<u64>,
-}
-
-/// Bytes as MiB for the table, `n/a` where unknown.
-fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or_else(
-        || "n/a".into(),
-        |b| format!("{:.1}", b as f64 / 1_048_576.0),
-    )
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
@@ -156,10 +143,15 @@ async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         rows.push(figures);
     }
     let rate = |side: usize, get: fn(&Figures) -> f64| {
-        median(rows.iter().map(|r| get(&r[side])).collect())
+        median(&rows.iter().map(|r| get(&r[side])).collect::<Vec<_>>())
     };
     let ratio = |base: usize, get: fn(&Figures) -> f64| {
-        median(rows.iter().map(|r| get(&r[2]) / get(&r[base])).collect())
+        median(
+            &rows
+                .iter()
+                .map(|r| get(&r[2]) / get(&r[base]))
+                .collect::<Vec<_>>(),
+        )
     };
     // The largest peak RSS of a side over the rounds.
     let peak = |side: usize, get: fn(&Figures) -> Option<u64>| {

@@ -25,7 +25,7 @@
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use tidemill_testkit::bench::{record, PeakRss, Row};
+use tidemill_testkit::bench::{mib, record, PeakRss, Row};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -112,14 +112,6 @@ impl Runs {
         self.times.push(elapsed);
         self.peak_rss = self.peak_rss.max(peak);
     }
-}
-
-/// Bytes as MiB for the table, `n/a` where unknown.
-fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or_else(
-        || "n/a".into(),
-        |b| format!("{:.1}", b as f64 / 1_048_576.0),
-    )
 }
 
 /// Publishes `n` records; with `uuid_header`, each carries a fresh uuid in the header

@@ -47,7 +47,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
 use tidemill_nats::{NatsConfig, NatsMode, NatsPublisher, NatsSubscriber};
-use tidemill_testkit::bench::{record, PeakRss, Row};
+use tidemill_testkit::bench::{median, mib, record, PeakRss, Row};
 
 const PAYLOAD: usize = 100;
 const BATCH: usize = 1_000;
@@ -95,24 +95,6 @@ struct Figures {
     publish_rss: Option<u64>,
     /// Peak RSS (bytes) during the timed consume, where known.
     consume_rss: Option<u64>,
-}
-
-/// Bytes as MiB for the table, `n/a` where unknown.
-fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or_else(
-        || "n/a".into(),
-        |b| format!("{:.1}", b as f64 / 1_048_576.0),
-    )
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    }
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -177,7 +159,8 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
             raws.push(r);
             tms.push(t);
         }
-        let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+        let pick =
+            |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
         // The largest peak RSS of a side over the rounds.
         let peak = |v: &[Figures], g: fn(&Figures) -> Option<u64>| v.iter().filter_map(g).max();
         type Rss = fn(&Figures) -> Option<u64>;
@@ -196,7 +179,13 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
             let (r, t) = (pick(&raws, f), pick(&tms, f));
             // Rounds alternate which side goes first; the load of this shared machine drifts
             // between rounds, so the ratio is taken within each round.
-            let ratio = median(raws.iter().zip(&tms).map(|(r, t)| f(t) / f(r)).collect());
+            let ratio = median(
+                &raws
+                    .iter()
+                    .zip(&tms)
+                    .map(|(r, t)| f(t) / f(r))
+                    .collect::<Vec<_>>(),
+            );
             let (r_rss, t_rss) = (peak(&raws, g), peak(&tms, g));
             summary.push((label, what, r, t, ratio, r_rss, t_rss));
         }
