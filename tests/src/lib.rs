@@ -78,15 +78,29 @@ pub trait Backend: Send + Sync + 'static {
     /// fault proxy, or by restarting the broker) and returns once the broker accepts
     /// connections again. Only called when [`Features::reconnect`] is set.
     async fn disrupt(&self) -> Result<()> {
-        Err(tidemill_core::Error::config(
-            "testkit",
-            "this backend declares no reconnect support",
-        ))
+        Err(no_reconnect_support())
     }
 
     /// The longest any single wait in the suite may take. Default 60 s.
     fn timeout(&self) -> Duration {
         Duration::from_secs(60)
+    }
+}
+
+/// What [`Backend::disrupt`] returns for a backend that cannot break its connections.
+pub fn no_reconnect_support() -> tidemill_core::Error {
+    tidemill_core::Error::config("testkit", "this backend declares no reconnect support")
+}
+
+/// [`Backend::disrupt`] for a backend whose connections go through `proxy` when it has
+/// one: cuts them all (new connections get through), or reports no reconnect support.
+pub fn disrupt_through(proxy: Option<&fault_proxy::FaultProxy>) -> Result<()> {
+    match proxy {
+        Some(proxy) => {
+            proxy.cut();
+            Ok(())
+        }
+        None => Err(no_reconnect_support()),
     }
 }
 

@@ -130,16 +130,7 @@ impl Backend for AmqpBackend {
     }
 
     async fn disrupt(&self) -> Result<()> {
-        match &self.proxy {
-            Some(proxy) => {
-                // Every connection breaks (both sides see it closed); new ones get through.
-                proxy.cut();
-                Ok(())
-            }
-            None => Err(tidemill_core::Error::config(
-                "testkit",
-                "this backend declares no reconnect support",
-            )),
-        }
+        // Every connection breaks (both sides see it closed); new ones get through.
+        tidemill_testkit::disrupt_through(self.proxy.as_ref())
     }
 }

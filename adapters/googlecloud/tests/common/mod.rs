@@ -82,16 +82,7 @@ impl Backend for PubSubBackend {
     }
 
     async fn disrupt(&self) -> Result<()> {
-        match &self.proxy {
-            Some(proxy) => {
-                // Every gRPC stream and REST connection breaks; new connections get through.
-                proxy.cut();
-                Ok(())
-            }
-            None => Err(tidemill_core::Error::config(
-                "testkit",
-                "this backend declares no reconnect support",
-            )),
-        }
+        // Every gRPC stream and REST connection breaks; new connections get through.
+        tidemill_testkit::disrupt_through(self.proxy.as_ref())
     }
 }
