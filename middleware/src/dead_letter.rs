@@ -12,6 +12,7 @@ use tidemill_core::{BoxError, Message, Publisher};
 use tower::{Layer, Service};
 
 use crate::headers;
+use crate::registry::{Key, Registered};
 use crate::util::{
     epoch_millis, error_chain, from_epoch_millis, handler_and_topic, timestamp, truncate,
     HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure,
@@ -232,7 +233,7 @@ impl<S> Layer<S> for DeadLetter {
         router::keep_input();
         DeadLetterService {
             inner,
-            config: self.clone(),
+            config: Registered::new(self.inner.clone()),
         }
     }
 }
@@ -241,7 +242,8 @@ impl<S> Layer<S> for DeadLetter {
 #[derive(Clone, Debug)]
 pub struct DeadLetterService<S> {
     inner: S,
-    config: DeadLetter,
+    /// The configuration, registered so that each message's future keeps only its key.
+    config: Registered<Config>,
 }
 
 /// What the layer knows about one delivery, for its error path.
@@ -259,7 +261,7 @@ struct Delivery {
 
 /// The error path of [`DeadLetter`].
 pub struct DeadLetterFailure {
-    config: DeadLetter,
+    config: Key<Config>,
     input: InputCopy,
     prior: u32,
     by_broker: bool,
@@ -272,6 +274,14 @@ impl OnFailure for DeadLetterFailure {
         let Some(input) = self.input.resolve("dead letter") else {
             return Box::pin(std::future::ready(Err(error)));
         };
+        let Some(config) = self.config.fetch() else {
+            tracing::warn!(
+                uuid = input.uuid(),
+                "dead letter: the layer's service is gone (the future outlived it); passing \
+                 the error on"
+            );
+            return Box::pin(std::future::ready(Err(error)));
+        };
         let (handler, topic, group) = handler_and_topic(&input);
         let delivery = Delivery {
             handler,
@@ -281,7 +291,7 @@ impl OnFailure for DeadLetterFailure {
             by_broker: self.by_broker,
             number: self.number,
         };
-        Box::pin(self.config.failed(input, delivery, error))
+        Box::pin(DeadLetter { inner: config }.failed(input, delivery, error))
     }
 }
 
@@ -328,7 +338,7 @@ where
         match owned {
             Some(false) => {
                 self.config
-                    .inner
+                    .state()
                     .stats
                     .skipped
                     .fetch_add(1, Ordering::Relaxed);
@@ -362,7 +372,7 @@ where
             None => {}
         }
         let broker_attempt = msg.context().and_then(|c| c.attempt());
-        let by_broker = match self.config.inner.counting {
+        let by_broker = match self.config.state().counting {
             Counting::Broker => true,
             Counting::Republish => false,
             Counting::Auto => broker_attempt.is_some(),
@@ -373,7 +383,7 @@ where
             prior + 1
         };
         let failure = DeadLetterFailure {
-            config: self.config.clone(),
+            config: self.config.key(),
             input: InputCopy::of(&msg),
             prior,
             by_broker,
@@ -552,5 +562,40 @@ impl DeadLetter {
                 }))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tidemill_core::{HandlerResult, MemoryBroker, Message};
+    use tower::{service_fn, Layer, Service};
+
+    use super::*;
+
+    /// The layer's futures keep only a key to its configuration: a future that outlives its
+    /// service passes the handler's error on (the router nacks) instead of losing it.
+    #[tokio::test]
+    async fn a_future_that_outlives_its_service_passes_the_error_on() {
+        let broker = MemoryBroker::new();
+        let layer = DeadLetter::new(broker.publisher(), "dead").max_deliveries(1);
+        let mut service = layer.layer(service_fn(|_m: Message| async {
+            HandlerResult::<Vec<Message>>::Err("handler failed".into())
+        }));
+        std::future::poll_fn(|cx| service.poll_ready(cx))
+            .await
+            .expect("ready");
+        let future = service.call(Message::new("payload"));
+        drop(service);
+        let error = future.await.expect_err("the handler's error comes back");
+        assert_eq!(error.to_string(), "handler failed");
+        assert_eq!(layer.dead_lettered(), 0, "nothing was dead-lettered");
+
+        // With its service alive, the same failure is dead-lettered.
+        let mut service = layer.layer(service_fn(|_m: Message| async {
+            HandlerResult::<Vec<Message>>::Err("handler failed".into())
+        }));
+        let result = service.call(Message::new("payload")).await;
+        assert!(result.is_ok(), "dead-lettered and acked: {result:?}");
+        assert_eq!(layer.dead_lettered(), 1);
     }
 }

@@ -76,6 +76,7 @@ mod ignore_errors;
 mod instant_ack;
 mod poison;
 mod recoverer;
+mod registry;
 pub mod request_reply;
 mod retry;
 mod throttle;

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -236,6 +237,24 @@ impl<S: Service<Message>> Inner<S> {
     }
 }
 
+/// The service without locking it, when `shared` is its only handle: like
+/// `Arc::get_mut(shared).map(|inner| inner.service.get_mut())` without the weak-count
+/// exchange `get_mut` makes for the sake of `Weak` handles (none is ever made of an
+/// `Inner`). That exchange is a lock-prefixed instruction on every message, which costs
+/// more than the rest of the layer's success path.
+fn exclusive<S>(shared: &mut Arc<Inner<S>>) -> Option<&mut S> {
+    if Arc::strong_count(shared) != 1 {
+        return None;
+    }
+    // Pairs with the release decrement of the last other handle's drop: what its future did
+    // with the service happens before what we do next.
+    fence(Ordering::Acquire);
+    // SAFETY: a strong count of 1 and no `Weak` handles mean no other handle exists, and
+    // none can appear while we hold `&mut` to the only one (handles are made only by
+    // cloning it, in `call`). So nobody else can lock the mutex or reach the service.
+    Some(unsafe { &mut *shared.service.data_ptr() })
+}
+
 impl<S> fmt::Debug for RetryService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryService").finish_non_exhaustive()
@@ -268,8 +287,8 @@ where
             // No future of an earlier message alive (e.g. one message at a time): the
             // service is ours alone, no lock needed.
             let mut locked;
-            let service = match Arc::get_mut(&mut self.shared) {
-                Some(inner) => inner.service.get_mut(),
+            let service = match exclusive(&mut self.shared) {
+                Some(service) => service,
                 None => {
                     locked = self.shared.service.lock();
                     &mut *locked
