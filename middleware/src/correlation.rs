@@ -153,29 +153,39 @@ where
             Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
             Poll::Ready(Ok(mut out)) => {
                 if !out.is_empty() {
-                    let key = this.key.as_deref().unwrap_or(headers::CORRELATION_ID);
-                    let tag = |source: &Message, out: &mut Vec<Message>| {
-                        let id = source.metadata().get(key).unwrap_or(source.uuid());
-                        for m in out {
-                            m.metadata_mut().set_if_absent(key, id);
-                        }
-                    };
-                    match this.source {
-                        Source::Kept(msg) => tag(msg, &mut out),
-                        // Polled by the router, so its copy of the input is current.
-                        Source::Router(token) => {
-                            if router::with_input(*token, |msg| tag(msg, &mut out)).is_none() {
-                                return Poll::Ready(Err(
-                                    "correlation id: the input is no longer reachable (the \
-                                     future is polled outside the router that called it)"
-                                        .into(),
-                                ));
-                            }
-                        }
+                    if let Err(e) = tag(this.key.as_deref(), this.source, &mut out) {
+                        return Poll::Ready(Err(e));
                     }
                 }
                 Poll::Ready(Ok(out))
             }
         }
     }
+}
+
+/// Gives every output without a correlation id the one of the input (or the input's uuid).
+/// Out of line: handlers that publish nothing never get here.
+#[inline(never)]
+fn tag(key: Option<&str>, source: &Source, out: &mut [Message]) -> Result<(), BoxError> {
+    let key = key.unwrap_or(headers::CORRELATION_ID);
+    let tag = |source: &Message, out: &mut [Message]| {
+        let id = source.metadata().get(key).unwrap_or(source.uuid());
+        for m in out {
+            m.metadata_mut().set_if_absent(key, id);
+        }
+    };
+    match source {
+        Source::Kept(msg) => tag(msg, out),
+        // Polled by the router, so its copy of the input is current.
+        Source::Router(token) => {
+            if router::with_input(*token, |msg| tag(msg, out)).is_none() {
+                return Err(
+                    "correlation id: the input is no longer reachable (the future is \
+                            polled outside the router that called it)"
+                        .into(),
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -275,6 +275,7 @@ where
         Poll::Ready(Ok(()))
     }
 
+    #[inline]
     fn call(&mut self, msg: Message) -> RetryFuture<S> {
         let started = self.shared.config.max_elapsed.map(|_| Instant::now());
         // The router's copy of this very input, if it keeps one: then no copy is kept here.
@@ -357,9 +358,72 @@ where
 {
     type Output = HandlerOutput;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HandlerOutput> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HandlerOutput> {
+        // The usual case, kept apart so that it compiles to little more than the inner poll:
+        // an attempt without a timeout is in flight and succeeds (or is not done yet).
+        if let StateProj::Calling { fut, timeout: None } = self.as_mut().project().state.project() {
+            return match fut.poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(out)) => Poll::Ready(Ok(out)),
+                Poll::Ready(Err(e)) => self.poll_slow(cx, Some(e.into())),
+            };
+        }
+        self.poll_slow(cx, None)
+    }
+}
+
+impl<S> RetryFuture<S>
+where
+    S: Service<Message, Response = Vec<Message>>,
+    S::Error: Into<BoxError>,
+{
+    /// Everything but the usual case: `failed` is the error of the attempt just polled.
+    #[cold]
+    #[inline(never)]
+    fn poll_slow(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut failed: Option<BoxError>,
+    ) -> Poll<HandlerOutput> {
         let mut this = self.project();
         loop {
+            if let Some(error) = failed.take() {
+                let config = &*this.shared.config;
+                if *this.attempt >= config.max_attempts || !(config.retry_if)(&error) {
+                    return Poll::Ready(Err(error));
+                }
+                if this.msg.is_none() {
+                    // The router's copy of the input (it is polling this future now).
+                    *this.msg = this.token.and_then(router::input);
+                    if this.msg.is_none() {
+                        tracing::warn!(
+                            attempt = *this.attempt,
+                            "retry: the input is no longer reachable (the future is \
+                             polled outside the router that called it); not retrying"
+                        );
+                        return Poll::Ready(Err(error));
+                    }
+                }
+                let delay = config.backoff.delay(*this.attempt);
+                if let (Some(max), Some(started)) = (config.max_elapsed, *this.started) {
+                    if started.elapsed() + delay > max {
+                        tracing::debug!(attempt = *this.attempt, ?max, "retry budget spent");
+                        return Poll::Ready(Err(error));
+                    }
+                }
+                tracing::debug!(attempt = *this.attempt, ?delay, error = %error, "retrying");
+                if let (Some(hook), Some(message)) = (&config.on_retry, this.msg.as_ref()) {
+                    hook(&RetryEvent {
+                        message,
+                        attempt: *this.attempt,
+                        delay,
+                        error: &error,
+                    });
+                }
+                this.state.set(State::Sleeping {
+                    sleep: Box::pin(tokio::time::sleep(delay)),
+                });
+            }
             match this.state.as_mut().project() {
                 StateProj::Idle => match this.msg.as_ref() {
                     Some(msg) => match this.shared.poll_call(cx, msg) {
@@ -380,63 +444,23 @@ where
                         .unwrap_or_else(|| "retry future polled after completion".into());
                     return Poll::Ready(Err(error));
                 }
-                StateProj::Calling { fut, timeout } => {
-                    let config = &*this.shared.config;
-                    let result = match fut.poll(cx) {
-                        Poll::Ready(r) => r.map_err(Into::into),
-                        Poll::Pending => {
-                            let expired = match timeout {
-                                Some(t) => t.as_mut().poll(cx).is_ready(),
-                                None => false,
-                            };
-                            if !expired {
-                                return Poll::Pending;
-                            }
-                            Err(Box::new(AttemptTimedOut {
-                                attempt: *this.attempt,
-                                after: config.attempt_timeout.unwrap_or_default(),
-                            }) as BoxError)
+                StateProj::Calling { fut, timeout } => match fut.poll(cx) {
+                    Poll::Ready(Ok(out)) => return Poll::Ready(Ok(out)),
+                    Poll::Ready(Err(e)) => failed = Some(e.into()),
+                    Poll::Pending => {
+                        let expired = match timeout {
+                            Some(t) => t.as_mut().poll(cx).is_ready(),
+                            None => false,
+                        };
+                        if !expired {
+                            return Poll::Pending;
                         }
-                    };
-                    let error = match result {
-                        Ok(out) => return Poll::Ready(Ok(out)),
-                        Err(e) => e,
-                    };
-                    if *this.attempt >= config.max_attempts || !(config.retry_if)(&error) {
-                        return Poll::Ready(Err(error));
-                    }
-                    if this.msg.is_none() {
-                        // The router's copy of the input (it is polling this future now).
-                        *this.msg = this.token.and_then(router::input);
-                        if this.msg.is_none() {
-                            tracing::warn!(
-                                attempt = *this.attempt,
-                                "retry: the input is no longer reachable (the future is \
-                                 polled outside the router that called it); not retrying"
-                            );
-                            return Poll::Ready(Err(error));
-                        }
-                    }
-                    let delay = config.backoff.delay(*this.attempt);
-                    if let (Some(max), Some(started)) = (config.max_elapsed, *this.started) {
-                        if started.elapsed() + delay > max {
-                            tracing::debug!(attempt = *this.attempt, ?max, "retry budget spent");
-                            return Poll::Ready(Err(error));
-                        }
-                    }
-                    tracing::debug!(attempt = *this.attempt, ?delay, error = %error, "retrying");
-                    if let (Some(hook), Some(message)) = (&config.on_retry, this.msg.as_ref()) {
-                        hook(&RetryEvent {
-                            message,
+                        failed = Some(Box::new(AttemptTimedOut {
                             attempt: *this.attempt,
-                            delay,
-                            error: &error,
-                        });
+                            after: this.shared.config.attempt_timeout.unwrap_or_default(),
+                        }));
                     }
-                    this.state.set(State::Sleeping {
-                        sleep: Box::pin(tokio::time::sleep(delay)),
-                    });
-                }
+                },
                 StateProj::Sleeping { sleep } => {
                     if sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;

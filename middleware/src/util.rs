@@ -100,7 +100,7 @@ where
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(out)) => return Poll::Ready(Ok(out)),
                     Poll::Ready(Err(e)) => match on_error.take() {
-                        Some(path) => path.fail(e.into()),
+                        Some(path) => fail(path, e.into()),
                         None => return Poll::Ready(Err(e.into())),
                     },
                 },
@@ -112,6 +112,13 @@ where
             self.set(OnError::Handling { fut: next });
         }
     }
+}
+
+/// Starts a layer's error path, out of line: the success path stays small.
+#[cold]
+#[inline(never)]
+fn fail<P: OnFailure>(path: P, error: BoxError) -> BoxFuture<'static, HandlerOutput> {
+    path.fail(error)
 }
 
 /// An error and its sources on one line: `outer: inner: root`.
