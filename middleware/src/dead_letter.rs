@@ -274,12 +274,7 @@ impl OnFailure for DeadLetterFailure {
         let Some(input) = self.input.resolve("dead letter") else {
             return Box::pin(std::future::ready(Err(error)));
         };
-        let Some(config) = self.config.fetch() else {
-            tracing::warn!(
-                uuid = input.uuid(),
-                "dead letter: the layer's service is gone (the future outlived it); passing \
-                 the error on"
-            );
+        let Some(config) = self.config.fetch_or_warn("dead letter") else {
             return Box::pin(std::future::ready(Err(error)));
         };
         let (handler, topic, group) = handler_and_topic(&input);

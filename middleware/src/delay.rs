@@ -9,6 +9,7 @@ use tidemill_core::{is_permanent, BoxError, Message};
 use tower::{Layer, Service};
 
 use crate::headers;
+use crate::registry::{Key, Registered};
 use crate::util::{HandlerOutput, LayerFuture, OnError, OnFailure};
 use crate::Backoff;
 
@@ -92,7 +93,7 @@ impl<S> Layer<S> for DelayedRedelivery {
     fn layer(&self, inner: S) -> DelayedRedeliveryService<S> {
         DelayedRedeliveryService {
             inner,
-            config: self.clone(),
+            config: Registered::new(Arc::new(self.clone())),
         }
     }
 }
@@ -101,14 +102,15 @@ impl<S> Layer<S> for DelayedRedelivery {
 #[derive(Clone)]
 pub struct DelayedRedeliveryService<S> {
     inner: S,
-    config: DelayedRedelivery,
+    /// Registered, so that each message's future keeps only its key (see `registry`).
+    config: Registered<DelayedRedelivery>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for DelayedRedeliveryService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DelayedRedeliveryService")
             .field("inner", &self.inner)
-            .field("config", &self.config)
+            .field("config", self.config.state())
             .finish()
     }
 }
@@ -129,8 +131,7 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         let failure = DelayFailure {
             attempt: delivery_attempt(&msg),
-            backoff: self.config.backoff,
-            predicate: self.config.predicate.clone(),
+            config: self.config.key(),
         };
         LayerFuture::from(OnError::new(self.inner.call(msg), failure))
     }
@@ -139,16 +140,18 @@ where
 /// The error path of [`DelayedRedelivery`].
 pub struct DelayFailure {
     attempt: u32,
-    backoff: Backoff,
-    predicate: Predicate,
+    config: Key<DelayedRedelivery>,
 }
 
 impl OnFailure for DelayFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
-        let result = if redelivery_delay(error.as_ref()).is_some() || !(self.predicate)(&error) {
+        let Some(config) = self.config.fetch_or_warn("delayed redelivery") else {
+            return Box::pin(futures::future::ready(Err(error)));
+        };
+        let result = if redelivery_delay(error.as_ref()).is_some() || !(config.predicate)(&error) {
             Err(error)
         } else {
-            Err(redeliver_after(self.backoff.delay(self.attempt), error))
+            Err(redeliver_after(config.backoff.delay(self.attempt), error))
         };
         Box::pin(futures::future::ready(result))
     }

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use tidemill_core::{BoxError, Message};
 use tower::{Layer, Service};
 
+use crate::registry::{Key, Registered};
 use crate::util::{error_chain, HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure};
 
 type Matcher = Arc<dyn Fn(&(dyn std::error::Error + 'static)) -> bool + Send + Sync>;
@@ -103,7 +104,7 @@ impl<S> Layer<S> for IgnoreErrors {
         tidemill_core::router::keep_input();
         IgnoreErrorsService {
             inner,
-            config: self.clone(),
+            config: Registered::new(Arc::new(self.clone())),
         }
     }
 }
@@ -112,7 +113,8 @@ impl<S> Layer<S> for IgnoreErrors {
 #[derive(Clone, Debug)]
 pub struct IgnoreErrorsService<S> {
     inner: S,
-    config: IgnoreErrors,
+    /// Registered, so that each message's future keeps only its key (see `registry`).
+    config: Registered<IgnoreErrors>,
 }
 
 impl<S> Service<Message> for IgnoreErrorsService<S>
@@ -130,7 +132,7 @@ where
 
     fn call(&mut self, msg: Message) -> Self::Future {
         let failure = IgnoreFailure {
-            config: self.config.clone(),
+            config: self.config.key(),
             input: InputCopy::of(&msg),
         };
         LayerFuture::from(OnError::new(self.inner.call(msg), failure))
@@ -139,14 +141,17 @@ where
 
 /// The error path of [`IgnoreErrors`].
 pub struct IgnoreFailure {
-    config: IgnoreErrors,
+    config: Key<IgnoreErrors>,
     input: InputCopy,
 }
 
 impl OnFailure for IgnoreFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
-        let result = if self.config.matches(&error) {
-            self.config.ignored.fetch_add(1, Ordering::Relaxed);
+        let Some(config) = self.config.fetch_or_warn("ignore errors") else {
+            return Box::pin(futures::future::ready(Err(error)));
+        };
+        let result = if config.matches(&error) {
+            config.ignored.fetch_add(1, Ordering::Relaxed);
             let uuid = self.input.uuid();
             tracing::info!(uuid = uuid.as_deref().unwrap_or("unknown"), error = %error_chain(error.as_ref()), "ignoring handler error; acking");
             Ok(Vec::new())

@@ -10,6 +10,7 @@ use tidemill_core::{is_permanent, BoxError, Message, Publisher};
 use tower::{Layer, Service};
 
 use crate::headers;
+use crate::registry::{Key, Registered};
 use crate::util::{
     error_chain, handler_and_topic, timestamp, truncate, HandlerOutput, InputCopy, LayerFuture,
     OnError, OnFailure,
@@ -132,7 +133,7 @@ impl<S> Layer<S> for PoisonQueue {
         tidemill_core::router::keep_input();
         PoisonQueueService {
             inner,
-            config: self.clone(),
+            config: Registered::new(Arc::new(self.clone())),
         }
     }
 }
@@ -141,7 +142,8 @@ impl<S> Layer<S> for PoisonQueue {
 #[derive(Clone, Debug)]
 pub struct PoisonQueueService<S> {
     inner: S,
-    config: PoisonQueue,
+    /// Registered, so that each message's future keeps only its key (see `registry`).
+    config: Registered<PoisonQueue>,
 }
 
 impl<S> Service<Message> for PoisonQueueService<S>
@@ -159,7 +161,7 @@ where
 
     fn call(&mut self, msg: Message) -> Self::Future {
         let failure = PoisonFailure {
-            config: self.config.clone(),
+            config: self.config.key(),
             input: InputCopy::of(&msg),
         };
         LayerFuture::from(OnError::new(self.inner.call(msg), failure))
@@ -168,7 +170,7 @@ where
 
 /// The error path of [`PoisonQueue`].
 pub struct PoisonFailure {
-    config: PoisonQueue,
+    config: Key<PoisonQueue>,
     input: InputCopy,
 }
 
@@ -177,6 +179,9 @@ impl OnFailure for PoisonFailure {
         let PoisonFailure { config, input } = self;
         // Called while the router polls this message's future, so its copy is current.
         let Some(input) = input.resolve("poison queue") else {
+            return Box::pin(std::future::ready(Err(error)));
+        };
+        let Some(config) = config.fetch_or_warn("poison queue") else {
             return Box::pin(std::future::ready(Err(error)));
         };
         Box::pin(async move {

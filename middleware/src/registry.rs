@@ -1,7 +1,8 @@
 //! Layer state that per-message futures reach by key instead of holding a reference count.
 //!
 //! A layer whose future needs the layer's configuration only on the error path (dead
-//! letter, poison queue, ...) would clone an `Arc` into every future: two atomic
+//! letter, poison queue, delayed redelivery, ignore errors) would clone an `Arc` (poison
+//! queue: four) into every future: two atomic
 //! read-modify-write operations per message, which cost more than everything else such a
 //! layer does on the success path (an uncontended `lock`-prefixed instruction takes about
 //! 20 cycles). Instead, the service registers its state once, when it is built, in a
@@ -10,6 +11,9 @@
 //! follows). The entry goes when the last clone of the service's [`Registered`] handle is
 //! dropped; a future that outlives its service then finds nothing and its layer passes
 //! the error on (the router nacks: nothing is lost).
+//!
+//! Retry does not use it: its futures call the service again, which needs exclusive access
+//! arbitrated on every call (a lock or a reference count), so they keep an `Arc`.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -44,6 +48,19 @@ impl<T: Send + Sync + 'static> Key<T> {
     pub(crate) fn fetch(self) -> Option<Arc<T>> {
         let entry = TABLE.lock().get(&self.id).cloned()?;
         entry.downcast::<T>().ok()
+    }
+
+    /// [`fetch`](Self::fetch), with a warning naming `layer` when the service is gone (its
+    /// error path then passes the error on).
+    pub(crate) fn fetch_or_warn(self, layer: &str) -> Option<Arc<T>> {
+        let state = self.fetch();
+        if state.is_none() {
+            tracing::warn!(
+                layer,
+                "the layer's service is gone (the future outlived it); passing the error on"
+            );
+        }
+        state
     }
 }
 
