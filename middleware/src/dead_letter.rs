@@ -259,13 +259,11 @@ struct Delivery {
     number: u32,
 }
 
-/// The error path of [`DeadLetter`].
+/// The error path of [`DeadLetter`]: what the layer keeps per message on the success path
+/// (the delivery count is worked out from the input when it is needed).
 pub struct DeadLetterFailure {
     config: Key<Config>,
     input: InputCopy,
-    prior: u32,
-    by_broker: bool,
-    number: u32,
 }
 
 impl OnFailure for DeadLetterFailure {
@@ -278,13 +276,19 @@ impl OnFailure for DeadLetterFailure {
             return Box::pin(std::future::ready(Err(error)));
         };
         let (handler, topic, group) = handler_and_topic(&input);
+        // Not another consumer's copy (the call acked those unhandled): ours, or uncounted.
+        let prior = match owned(&input) {
+            Some(true) => recorded_failures(&input),
+            _ => 0,
+        };
+        let (by_broker, number) = config.delivery_number(&input, prior);
         let delivery = Delivery {
             handler,
             topic,
             group,
-            prior: self.prior,
-            by_broker: self.by_broker,
-            number: self.number,
+            prior,
+            by_broker,
+            number,
         };
         Box::pin(DeadLetter { inner: config }.failed(input, delivery, error))
     }
@@ -307,6 +311,18 @@ fn owner(msg: &Message, handler: &str, topic: &str, group: Option<&str>) -> Opti
     Some(ours)
 }
 
+/// [`owner`] for the handler that received `msg`; `None` outside a router. Counting headers
+/// live in metadata: nothing to look up without any.
+fn owned(msg: &Message) -> Option<bool> {
+    match msg.context() {
+        Some(ctx) if !msg.metadata().is_empty() => {
+            let info = ctx.handler();
+            owner(msg, &info.name, &info.topic, info.group.as_deref())
+        }
+        _ => None,
+    }
+}
+
 impl<S> Service<Message> for DeadLetterService<S>
 where
     S: Service<Message, Response = Vec<Message>>,
@@ -321,16 +337,7 @@ where
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        let mut prior = 0;
-        // Counting headers live in metadata: nothing to look up without any.
-        let owned = match msg.context() {
-            Some(ctx) if !msg.metadata().is_empty() => {
-                let info = ctx.handler();
-                owner(&msg, &info.name, &info.topic, info.group.as_deref())
-            }
-            _ => None,
-        };
-        match owned {
+        match owned(&msg) {
             Some(false) => {
                 self.config
                     .state()
@@ -345,11 +352,6 @@ where
             }
             Some(true) => {
                 let md = msg.metadata();
-                prior = md
-                    .get_as::<u32>(headers::FAILURES)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0);
                 let due = md.get_as::<u64>(headers::NOT_BEFORE).ok().flatten();
                 if let Some(due) = due {
                     let due = from_epoch_millis(due);
@@ -366,8 +368,29 @@ where
             }
             None => {}
         }
+        let failure = DeadLetterFailure {
+            config: self.config.key(),
+            input: InputCopy::of(&msg),
+        };
+        LayerFuture::from(OnError::new(self.inner.call(msg), failure))
+    }
+}
+
+/// The failed deliveries a durably counted copy records (0 without the header).
+fn recorded_failures(msg: &Message) -> u32 {
+    msg.metadata()
+        .get_as::<u32>(headers::FAILURES)
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+impl Config {
+    /// Whether the broker counts this delivery, and its number (`prior` failures recorded
+    /// durably before it).
+    fn delivery_number(&self, msg: &Message, prior: u32) -> (bool, u32) {
         let broker_attempt = msg.context().and_then(|c| c.attempt());
-        let by_broker = match self.config.state().counting {
+        let by_broker = match self.counting {
             Counting::Broker => true,
             Counting::Republish => false,
             Counting::Auto => broker_attempt.is_some(),
@@ -377,14 +400,7 @@ where
         } else {
             prior + 1
         };
-        let failure = DeadLetterFailure {
-            config: self.config.key(),
-            input: InputCopy::of(&msg),
-            prior,
-            by_broker,
-            number,
-        };
-        LayerFuture::from(OnError::new(self.inner.call(msg), failure))
+        (by_broker, number)
     }
 }
 

@@ -230,6 +230,7 @@ impl<S: Service<Message>> Inner<S> {
         }
     }
 
+    #[inline]
     fn attempt_timeout(&self) -> Option<Pin<Box<Sleep>>> {
         self.config
             .attempt_timeout
@@ -284,7 +285,7 @@ where
         // The first attempt starts here when the inner service is ready (the usual case),
         // so the future starts out calling. Otherwise (not ready: the noop waker is not
         // kept, the future polls again with its own) the future waits for readiness.
-        let (state, attempt, kept) = {
+        let (state, attempt, input) = {
             // No future of an earlier message alive (e.g. one message at a time): the
             // service is ours alone, no lock needed.
             let mut locked;
@@ -297,28 +298,27 @@ where
             };
             match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(Ok(())) => {
-                    let kept = match token {
-                        Some(_) => None,
-                        None => Some(msg.clone()),
+                    let input = match token {
+                        Some(token) => Input::Router(token),
+                        None => Input::Kept(msg.clone()),
                     };
                     let fut = service.call(msg);
-                    (State::Calling { fut, timeout }, 1, kept)
+                    (State::Calling { fut, timeout }, 1, input)
                 }
                 Poll::Ready(Err(e)) => (
                     State::Failed {
                         error: Some(e.into()),
                     },
                     0,
-                    None,
+                    Input::Gone,
                 ),
-                Poll::Pending => (State::Idle, 0, Some(msg)),
+                Poll::Pending => (State::Idle, 0, Input::Kept(msg)),
             }
         };
         RetryFuture {
             started,
             shared: self.shared.clone(),
-            msg: kept,
-            token,
+            input,
             attempt,
             state,
         }
@@ -329,15 +329,23 @@ pin_project! {
     /// The future of [`RetryService`].
     pub struct RetryFuture<S: Service<Message>> {
         shared: Arc<Inner<S>>,
-        // The message for the next attempt: kept from the start unless it is the router's
-        // copy (`token`), which is then fetched when an attempt fails.
-        msg: Option<Message>,
-        token: Option<InputToken>,
+        input: Input,
         attempt: u32,
         started: Option<Instant>,
         #[pin]
         state: State<S::Future>,
     }
+}
+
+/// The message for the next attempt.
+enum Input {
+    /// The router's copy of the input, fetched when an attempt fails.
+    Router(InputToken),
+    /// Kept from the call (not the router's copy: an outer layer changed it, or no router
+    /// keeps one), or fetched.
+    Kept(Message),
+    /// None (the inner service failed before the first attempt).
+    Gone,
 }
 
 pin_project! {
@@ -392,18 +400,18 @@ where
                 if *this.attempt >= config.max_attempts || !(config.retry_if)(&error) {
                     return Poll::Ready(Err(error));
                 }
-                if this.msg.is_none() {
+                if let Input::Router(token) = *this.input {
                     // The router's copy of the input (it is polling this future now).
-                    *this.msg = this.token.and_then(router::input);
-                    if this.msg.is_none() {
-                        tracing::warn!(
-                            attempt = *this.attempt,
-                            "retry: the input is no longer reachable (the future is \
-                             polled outside the router that called it); not retrying"
-                        );
-                        return Poll::Ready(Err(error));
-                    }
+                    *this.input = router::input(token).map_or(Input::Gone, Input::Kept);
                 }
+                let Input::Kept(message) = &*this.input else {
+                    tracing::warn!(
+                        attempt = *this.attempt,
+                        "retry: the input is no longer reachable (the future is polled \
+                         outside the router that called it); not retrying"
+                    );
+                    return Poll::Ready(Err(error));
+                };
                 let delay = config.backoff.delay(*this.attempt);
                 if let (Some(max), Some(started)) = (config.max_elapsed, *this.started) {
                     if started.elapsed() + delay > max {
@@ -412,7 +420,7 @@ where
                     }
                 }
                 tracing::debug!(attempt = *this.attempt, ?delay, error = %error, "retrying");
-                if let (Some(hook), Some(message)) = (&config.on_retry, this.msg.as_ref()) {
+                if let Some(hook) = &config.on_retry {
                     hook(&RetryEvent {
                         message,
                         attempt: *this.attempt,
@@ -425,8 +433,8 @@ where
                 });
             }
             match this.state.as_mut().project() {
-                StateProj::Idle => match this.msg.as_ref() {
-                    Some(msg) => match this.shared.poll_call(cx, msg) {
+                StateProj::Idle => match &*this.input {
+                    Input::Kept(msg) => match this.shared.poll_call(cx, msg) {
                         Poll::Pending => return Poll::Pending,
                         // The service itself failed: nothing to retry.
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
@@ -436,7 +444,7 @@ where
                             this.state.set(State::Calling { fut, timeout });
                         }
                     },
-                    None => return Poll::Ready(Err("retry future polled after completion".into())),
+                    _ => return Poll::Ready(Err("retry future polled after completion".into())),
                 },
                 StateProj::Failed { error } => {
                     let error = error
