@@ -107,6 +107,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, msg: Message) -> Self::Future {
         // No copy when the message is the router's (fetched only when there are outputs);
         // otherwise one reference count (the context is not needed).
@@ -146,6 +147,7 @@ where
 {
     type Output = Result<Vec<Message>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         match this.fut.poll(cx) {

@@ -297,6 +297,7 @@ impl OnFailure for DeadLetterFailure {
 /// Whether the durable-count headers of `msg` belong to this handler on this topic:
 /// `Some(true)` ours, `Some(false)` another consumer's copy, `None` no such headers (or a
 /// message forwarded from another topic: its counts do not apply here).
+#[inline(never)]
 fn owner(msg: &Message, handler: &str, topic: &str, group: Option<&str>) -> Option<bool> {
     let md = msg.metadata();
     let copy_topic = md.get(headers::FAILURES_TOPIC)?;
@@ -313,14 +314,13 @@ fn owner(msg: &Message, handler: &str, topic: &str, group: Option<&str>) -> Opti
 
 /// [`owner`] for the handler that received `msg`; `None` outside a router. Counting headers
 /// live in metadata: nothing to look up without any.
+#[inline]
 fn owned(msg: &Message) -> Option<bool> {
-    match msg.context() {
-        Some(ctx) if !msg.metadata().is_empty() => {
-            let info = ctx.handler();
-            owner(msg, &info.name, &info.topic, info.group.as_deref())
-        }
-        _ => None,
+    if msg.metadata().is_empty() {
+        return None;
     }
+    let info = msg.context()?.handler();
+    owner(msg, &info.name, &info.topic, info.group.as_deref())
 }
 
 impl<S> Service<Message> for DeadLetterService<S>
@@ -336,6 +336,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, msg: Message) -> Self::Future {
         match owned(&msg) {
             Some(false) => {

@@ -97,6 +97,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, msg: Message) -> Self::Future {
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(msg))) {
             Ok(fut) => RecovererFuture {
@@ -136,6 +137,7 @@ where
 {
     type Output = Result<Vec<Message>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             RecovererProj::Running { fut } => match fut.poll(cx) {

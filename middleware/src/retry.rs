@@ -366,6 +366,7 @@ where
 {
     type Output = HandlerOutput;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HandlerOutput> {
         // The usual case, kept apart so that it compiles to little more than the inner poll:
         // an attempt without a timeout is in flight and succeeds (or is not done yet).

@@ -93,6 +93,7 @@ where
 {
     type Output = HandlerOutput;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HandlerOutput> {
         loop {
             let next = match self.as_mut().project() {
@@ -202,6 +203,7 @@ where
 {
     type Output = HandlerOutput;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HandlerOutput> {
         self.project().inner.poll(cx)
     }
