@@ -1,11 +1,10 @@
 //! Layer state that per-message futures reach by key instead of holding a reference count.
 //!
 //! A layer whose future needs the layer's configuration only on the error path (dead
-//! letter, poison queue, delayed redelivery, ignore errors) would clone an `Arc` (poison
-//! queue: four) into every future: two atomic
-//! read-modify-write operations per message, which cost more than everything else such a
-//! layer does on the success path (an uncontended `lock`-prefixed instruction takes about
-//! 20 cycles). Instead, the service registers its state once, when it is built, in a
+//! letter, poison queue, delayed redelivery, ignore errors) would clone an `Arc` into every
+//! future (poison queue: four): two atomic read-modify-write operations per `Arc` and
+//! message, which cost more than everything else such a layer does on the success path (an
+//! uncontended `lock`-prefixed instruction takes about 20 cycles). Instead, the service registers its state once, when it is built, in a
 //! process-wide table; each future keeps the plain [`Key`], and the error path fetches the
 //! state from the table (a lock and a hash lookup, far cheaper than the publish that
 //! follows). The entry goes when the last clone of the service's [`Registered`] handle is
