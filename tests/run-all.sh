@@ -5,8 +5,8 @@
 #    missing) while every test binary and example builds.
 # 2. Run unit, in-memory conformance and adapter conformance tests, then the tests that
 #    restart a shared broker (marked #[ignore], run one at a time), the doctests, then
-#    the examples end to end: the demo, and the order flow (examples/order_flow/) and the
-#    CQRS example on all five brokers (memory + the four real ones), each of which checks
+#    the examples end to end: the demo and the reliability example (in-memory), and the
+#    order flow (examples/order_flow/) and the CQRS example on all five brokers (memory + the four real ones), each of which checks
 #    its own outcome and exits non-zero when it is wrong. The brokers started here are
 #    always taken down, also on failure.
 set -euo pipefail
@@ -61,6 +61,8 @@ run_examples() {
   example_logs=$(mktemp -d)
   build_examples || return 1
   run_example demo memory memory:// || status=1
+  # The reliability stack (in-memory only): retried, dead-lettered and poisoned orders.
+  run_example reliability memory memory:// || status=1
   local brokers=("memory memory://")
   # add_broker LABEL VARIABLE URL: the broker, if its address variable is set.
   add_broker() {
