@@ -344,7 +344,8 @@ enum Input {
     /// Kept from the call (not the router's copy: an outer layer changed it, or no router
     /// keeps one), or fetched.
     Kept(Message),
-    /// None (the inner service failed before the first attempt).
+    /// None: the inner service failed before the first attempt, or the router's copy could
+    /// not be fetched (the future is polled outside the router that called it).
     Gone,
 }
 
