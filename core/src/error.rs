@@ -43,9 +43,9 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
-    /// A message is larger than the broker accepts.
+    /// A message is larger than the publisher (or the broker) accepts.
     #[error(
-        "{broker}: message {uuid} for topic `{topic}` is {size} bytes, over the broker's limit of {limit} bytes"
+        "{broker}: message {uuid} for topic `{topic}` is {size} bytes, over the limit of {limit} bytes"
     )]
     MessageTooLarge {
         /// Broker name.
@@ -56,8 +56,33 @@ pub enum Error {
         uuid: String,
         /// Its encoded size in bytes.
         size: usize,
-        /// The broker's limit in bytes.
+        /// The limit in bytes (the adapter's configured maximum, which its docs name).
         limit: usize,
+    },
+    /// The broker received the message but nothing keeps it: no queue, group or
+    /// subscription takes messages published to the topic (see
+    /// [`Publisher::publish_mandatory`](crate::Publisher::publish_mandatory)).
+    #[error(
+        "{broker}: nothing receives messages published to topic `{topic}` (no queue, group or \
+         subscription): message {uuid} would be lost"
+    )]
+    Unroutable {
+        /// Broker name.
+        broker: &'static str,
+        /// The topic.
+        topic: String,
+        /// The uuid of the first message nothing received.
+        uuid: String,
+    },
+    /// The publisher or subscriber cannot do what was asked.
+    #[error("{broker}: cannot do this for topic `{topic}`: {what} is not supported")]
+    Unsupported {
+        /// Broker name.
+        broker: &'static str,
+        /// The topic involved.
+        topic: String,
+        /// What was asked.
+        what: &'static str,
     },
     /// A configuration value is missing or malformed.
     #[error("{broker}: invalid configuration: {message}")]
@@ -128,11 +153,12 @@ impl Error {
     /// Whether retrying the failed operation may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Connect { .. } => true,
+            Error::Connect { .. } | Error::Unroutable { .. } => true,
             Error::Broker { transient, .. } => *transient,
             Error::PublisherClosed { .. }
             | Error::SubscriberClosed { .. }
             | Error::MessageTooLarge { .. }
+            | Error::Unsupported { .. }
             | Error::Config { .. } => false,
         }
     }

@@ -8,19 +8,25 @@
 //! application acked it; a nacked or dropped delivery is redelivered.
 #![warn(missing_docs)]
 
+mod backoff;
+mod context;
 mod delivery;
 mod error;
 pub mod headers;
 pub mod memory;
 mod message;
+mod native;
 mod pubsub;
 pub mod router;
 mod stop;
 
+pub use backoff::Backoff;
+pub use context::{HandlerInfo, MessageContext};
 pub use delivery::{AckFuture, AckHandle, Acknowledger, Delivery};
 pub use error::{is_permanent, permanent, BoxError, Error, PermanentError, Result};
 pub use memory::{MemoryBroker, MemoryConfig, MemoryPublisher, MemorySubscriber};
-pub use message::{new_uuid, HandlerInfo, Message, MessageContext, Metadata, MetadataParseError};
+pub use message::{new_uuid, Message, Metadata, MetadataParseError};
+pub use native::{Native, NativeEntry};
 pub use pubsub::{DeliveryStream, Publisher, SubscribeOptions, Subscriber};
 pub use router::{handler_fn, HandlerResult, Router, RouterConfig, RouterError};
 

@@ -7,10 +7,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use parking_lot::Mutex;
-
-use crate::router::Settlement;
-use crate::AckHandle;
+use crate::context::MessageContext;
+use crate::native::Native;
 
 /// How many payload bytes `Debug` shows before eliding the rest.
 const DEBUG_PAYLOAD_PREVIEW: usize = 64;
@@ -45,6 +43,7 @@ struct Parts {
     metadata: Metadata,
     payload: Bytes,
     key: Option<Bytes>,
+    native: Option<Native>,
 }
 
 /// Length of a hyphenated uuid.
@@ -53,7 +52,7 @@ const UUID_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
 /// A message id: generated ones are kept inline (no allocation of their own), given ones
 /// shared.
 #[derive(Clone)]
-enum Uuid {
+pub(crate) enum Uuid {
     /// The hyphenated lowercase text of a generated UUIDv7 (ASCII).
     Generated([u8; UUID_LEN]),
     Given(Arc<str>),
@@ -67,7 +66,7 @@ impl Uuid {
     }
 
     #[inline]
-    fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             // Always ASCII (written by `generate`), so this never falls back.
             Uuid::Generated(text) => std::str::from_utf8(text).unwrap_or_default(),
@@ -94,6 +93,7 @@ impl Message {
                 metadata: Metadata::new(),
                 payload,
                 key: None,
+                native: None,
             }),
             context: None,
         }
@@ -136,6 +136,12 @@ impl Message {
         self.parts.uuid.as_str()
     }
 
+    /// A copy of the id that outlives the message (no allocation: inline or shared).
+    #[inline]
+    pub(crate) fn uuid_copy(&self) -> Uuid {
+        self.parts.uuid.clone()
+    }
+
     /// The payload.
     #[inline]
     pub fn payload(&self) -> &Bytes {
@@ -175,6 +181,27 @@ impl Message {
         self.parts_mut().key = key;
     }
 
+    /// What the broker delivered, as its adapter kept it (headers with their exact bytes,
+    /// properties, coordinates such as partition and offset): see [`Native`]. `None` for
+    /// messages made by the application.
+    #[inline]
+    pub fn native(&self) -> Option<&Native> {
+        self.parts.native.as_ref()
+    }
+
+    /// Attaches what the broker delivered (adapters do this when they receive); builder
+    /// style.
+    pub fn with_native(mut self, native: Native) -> Self {
+        self.parts_mut().native = Some(native);
+        self
+    }
+
+    /// Sets or clears the broker's record. Clearing it makes an adapter publish the message
+    /// from its string metadata alone, as if the application had made it.
+    pub fn set_native(&mut self, native: Option<Native>) {
+        self.parts_mut().native = native;
+    }
+
     /// Where this message was received (handler, topic, delivery attempt), set by the
     /// router for the handler and its layers. Never sent to a broker.
     #[inline]
@@ -191,49 +218,6 @@ impl Message {
             parts: self.parts.clone(),
             context: None,
         }
-    }
-
-    /// Whether this message is `detached` (same block) with the context block `settlement`
-    /// shares, i.e. the router's input as the router keeps it (no reference counts).
-    #[inline]
-    pub(crate) fn is_input(&self, detached: &Message, settlement: &Settlement) -> bool {
-        Arc::ptr_eq(&self.parts, &detached.parts)
-            && match (&self.context, settlement.received()) {
-                (Some(a), Some(b)) => Arc::ptr_eq(&a.0, b),
-                _ => false,
-            }
-    }
-
-    /// The identity of the message `detached` would be with the context block `settlement`
-    /// shares (see [`identity`](Self::identity)).
-    #[inline]
-    pub(crate) fn identity_with(&self, settlement: &Settlement) -> (usize, usize) {
-        (
-            Arc::as_ptr(&self.parts) as usize,
-            settlement
-                .received()
-                .map_or(0, |r| Arc::as_ptr(r) as *const u8 as usize),
-        )
-    }
-
-    /// This (detached) message with the context block `settlement` shares.
-    pub(crate) fn with_context_of(&self, settlement: &Settlement) -> Message {
-        Message {
-            parts: self.parts.clone(),
-            context: settlement.received().map(|r| MessageContext(r.clone())),
-        }
-    }
-
-    /// The addresses identifying this message's block and context (see
-    /// [`router::input_token`](crate::router::input_token)).
-    #[inline]
-    pub(crate) fn identity(&self) -> (usize, usize) {
-        (
-            Arc::as_ptr(&self.parts) as usize,
-            self.context
-                .as_ref()
-                .map_or(0, |c| Arc::as_ptr(&c.0) as *const u8 as usize),
-        )
     }
 
     /// Sets the receive context (the router does this; layers and tests may too).
@@ -284,6 +268,9 @@ impl fmt::Debug for Message {
         }
         s.field("metadata", self.metadata());
         s.field("payload", &PreviewBytes(self.payload()));
+        if let Some(native) = self.native() {
+            s.field("native", &native.broker());
+        }
         if let Some(ctx) = &self.context {
             s.field("context", ctx);
         }
@@ -323,156 +310,6 @@ impl fmt::Debug for PreviewBytes<'_> {
         }
         Ok(())
     }
-}
-
-/// Where and how a message was received; set by the router before the handler runs.
-///
-/// Cloning is one reference count: the router allocates one block per message holding the
-/// handler, the delivery attempt and the input's acknowledgement.
-#[derive(Clone)]
-pub struct MessageContext(Arc<Received>);
-
-/// What a [`MessageContext`] shares (and, for the router's messages, its [`Settlement`]).
-pub(crate) struct Received {
-    handler: Arc<HandlerInfo>,
-    attempt: Option<u32>,
-    ack: AckSlot,
-}
-
-/// Where the input's acknowledgement is kept.
-enum AckSlot {
-    /// Not reachable (a context built without one).
-    None,
-    /// In this block (the router's messages).
-    Own(Mutex<Option<AckHandle>>),
-    /// In a separately made [`Settlement`].
-    Shared(Settlement),
-}
-
-impl Received {
-    /// Takes the acknowledgement; `None` if taken already or never there.
-    pub(crate) fn take_ack(&self) -> Option<AckHandle> {
-        match &self.ack {
-            AckSlot::None => None,
-            AckSlot::Own(slot) => slot.lock().take(),
-            AckSlot::Shared(settlement) => settlement.take(),
-        }
-    }
-
-    /// Whether the acknowledgement is gone (taken, or never there).
-    pub(crate) fn ack_taken(&self) -> bool {
-        match &self.ack {
-            AckSlot::None => true,
-            AckSlot::Own(slot) => slot.lock().is_none(),
-            AckSlot::Shared(settlement) => settlement.is_taken(),
-        }
-    }
-}
-
-impl fmt::Debug for MessageContext {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MessageContext")
-            .field("handler", &self.0.handler)
-            .field("attempt", &self.0.attempt)
-            .field("ack_taken", &self.0.ack_taken())
-            .finish()
-    }
-}
-
-impl MessageContext {
-    /// A context for a message received by `handler`, on its `attempt`-th delivery if known.
-    pub fn new(handler: Arc<HandlerInfo>, attempt: Option<u32>) -> Self {
-        MessageContext(Arc::new(Received {
-            handler,
-            attempt,
-            ack: AckSlot::None,
-        }))
-    }
-
-    /// The context of a message received by `handler` and settled through `handle`, and
-    /// the [`Settlement`] that settles it unless a layer [takes](Self::take_ack) the handle
-    /// first. One allocation for both (the router uses this).
-    pub fn received(handler: Arc<HandlerInfo>, handle: AckHandle) -> (Self, Settlement) {
-        let received = Arc::new(Received {
-            handler,
-            attempt: handle.attempt(),
-            ack: AckSlot::Own(Mutex::new(Some(handle))),
-        });
-        (
-            MessageContext(received.clone()),
-            Settlement::of_context(received),
-        )
-    }
-
-    /// Makes the input's acknowledgement reachable through [`take_ack`](Self::take_ack)
-    /// (the router does this); builder style.
-    pub fn with_settlement(self, settlement: Settlement) -> Self {
-        MessageContext(Arc::new(Received {
-            handler: self.0.handler.clone(),
-            attempt: self.0.attempt,
-            ack: AckSlot::Shared(settlement),
-        }))
-    }
-
-    /// Takes the input's acknowledgement handle away from the router, so the caller settles
-    /// the input itself, before the handler finishes (an instant-ack layer acks it before
-    /// the handler runs). The router still publishes the handler's output but no longer
-    /// acks or nacks the input. `None` if someone took it already, or if the message was
-    /// not received by a router.
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use tidemill_core::router::Settlement;
-    /// use tidemill_core::{HandlerInfo, MemoryBroker, Message, MessageContext};
-    /// # use tidemill_core::{Publisher, SubscribeOptions, Subscriber};
-    /// # use futures::StreamExt;
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> tidemill_core::Result<()> {
-    /// # let broker = MemoryBroker::new();
-    /// # let mut stream = broker.subscriber().subscribe("t", SubscribeOptions::new()).await?;
-    /// # broker.publisher().publish_one("t", Message::new("x")).await?;
-    /// # let delivery = stream.next().await.expect("open")?;
-    /// let (mut msg, handle) = delivery.into_parts();
-    /// let info = Arc::new(HandlerInfo {
-    ///     name: "h".into(), topic: "t".into(), group: None, publish_topic: None,
-    /// });
-    /// msg.set_context(Some(
-    ///     MessageContext::new(info, handle.attempt()).with_settlement(Settlement::new(handle)),
-    /// ));
-    /// let ctx = msg.context().expect("set above");
-    /// let early = ctx.take_ack().expect("first taker gets it");
-    /// early.ack().await?;
-    /// assert!(ctx.take_ack().is_none());
-    /// # Ok(()) }
-    /// ```
-    pub fn take_ack(&self) -> Option<AckHandle> {
-        self.0.take_ack()
-    }
-
-    /// The handler processing the message.
-    #[inline]
-    pub fn handler(&self) -> &HandlerInfo {
-        &self.0.handler
-    }
-
-    /// The delivery attempt (1 for the first delivery) where the broker reports it.
-    #[inline]
-    pub fn attempt(&self) -> Option<u32> {
-        self.0.attempt
-    }
-}
-
-/// Static facts about a router handler, shared by every message it processes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HandlerInfo {
-    /// The handler's unique name.
-    pub name: String,
-    /// The topic it consumes.
-    pub topic: String,
-    /// Its consumer group, if any.
-    pub group: Option<String>,
-    /// The topic its output is published to, if any.
-    pub publish_topic: Option<String>,
 }
 
 /// String→string message metadata (headers). Cloning is cheap: the map is shared until a
@@ -597,6 +434,15 @@ impl Metadata {
         let map = self.map_mut();
         for (k, v) in other.iter() {
             map.insert(k.to_owned(), v.to_owned());
+        }
+    }
+
+    /// Whether both share one map (a cheap check before comparing).
+    pub(crate) fn same_as(&self, other: &Metadata) -> bool {
+        match (&self.map, &other.map) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
         }
     }
 

@@ -10,7 +10,7 @@ use futures::stream::{BoxStream, Stream};
 use tokio_util::sync::CancellationToken;
 
 use crate::stop::StopWatch;
-use crate::{Delivery, Message, Result};
+use crate::{Delivery, Error, Message, Result};
 
 /// Publishes messages to topics.
 ///
@@ -29,6 +29,33 @@ pub trait Publisher: Send + Sync {
     /// Publishes one message.
     async fn publish_one(&self, topic: &str, message: Message) -> Result<()> {
         self.publish(topic, vec![message]).await
+    }
+
+    /// Makes `topic` keep what is published to it from now on for consumer group `group`
+    /// until that group consumes it, even if no member of the group ever subscribed yet:
+    /// a durable queue bound to the topic (RabbitMQ), a subscription (Pub/Sub), a group
+    /// queue (in-memory); log brokers (Kafka, NATS JetStream) keep messages anyway and
+    /// only check that the topic can be written. Idempotent; failure destinations (dead
+    /// letter, poison) call it before their first publish.
+    ///
+    /// The default fails: a publisher that cannot promise it must say so rather than let
+    /// messages vanish.
+    async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
+        let _ = group;
+        Err(Error::Unsupported {
+            broker: "publisher",
+            topic: topic.to_owned(),
+            what: "keeping messages for a consumer group before it subscribes",
+        })
+    }
+
+    /// Publishes like [`publish`](Publisher::publish), but fails with
+    /// [`Error::Unroutable`] when the broker tells that nothing received a message (no
+    /// queue bound: RabbitMQ's `mandatory` flag; no subscription: in-memory, Pub/Sub).
+    /// Failure destinations publish this way, so a message is never acked into the void.
+    /// The default is `publish` (right for log brokers, which keep every message).
+    async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.publish(topic, messages).await
     }
 
     /// Flushes whatever is still in flight and releases the connection. Publishing afterwards
@@ -69,6 +96,12 @@ impl<P: Publisher + ?Sized> Publisher for Arc<P> {
     }
     async fn publish_one(&self, topic: &str, message: Message) -> Result<()> {
         (**self).publish_one(topic, message).await
+    }
+    async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
+        (**self).retain_for(topic, group).await
+    }
+    async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        (**self).publish_mandatory(topic, messages).await
     }
     async fn close(&self) -> Result<()> {
         (**self).close().await

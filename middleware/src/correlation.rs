@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use tidemill_core::router::{self, InputToken};
 use tidemill_core::{BoxError, Message};
 use tower::{Layer, Service};
 
@@ -78,8 +77,6 @@ impl<S> Layer<S> for CorrelationId {
     type Service = CorrelationIdService<S>;
 
     fn layer(&self, inner: S) -> CorrelationIdService<S> {
-        // Outputs need the input's id: the router keeps the input, not each future.
-        router::keep_input();
         CorrelationIdService {
             inner,
             key: self.key.clone(),
@@ -109,12 +106,8 @@ where
 
     #[inline]
     fn call(&mut self, msg: Message) -> Self::Future {
-        // No copy when the message is the router's (fetched only when there are outputs);
-        // otherwise one reference count (the context is not needed).
-        let source = match router::input_token(&msg) {
-            Some(token) => Source::Router(token),
-            None => Source::Kept(msg.detached()),
-        };
+        // One reference count: the outputs get the input's id once the handler is done.
+        let source = msg.detached();
         CorrelationFuture {
             fut: self.inner.call(msg),
             key: self.key.clone(),
@@ -129,15 +122,8 @@ pin_project! {
         #[pin]
         fut: F,
         key: Option<Arc<str>>,
-        source: Source,
+        source: Message,
     }
-}
-
-/// Where the input's id comes from: the router's copy of the input, or a detached clone.
-#[derive(Debug)]
-enum Source {
-    Router(InputToken),
-    Kept(Message),
 }
 
 impl<F, E> Future for CorrelationFuture<F>
@@ -155,9 +141,7 @@ where
             Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
             Poll::Ready(Ok(mut out)) => {
                 if !out.is_empty() {
-                    if let Err(e) = tag(this.key.as_deref(), this.source, &mut out) {
-                        return Poll::Ready(Err(e));
-                    }
+                    tag(this.key.as_deref(), this.source, &mut out);
                 }
                 Poll::Ready(Ok(out))
             }
@@ -168,26 +152,10 @@ where
 /// Gives every output without a correlation id the one of the input (or the input's uuid).
 /// Out of line: handlers that publish nothing never get here.
 #[inline(never)]
-fn tag(key: Option<&str>, source: &Source, out: &mut [Message]) -> Result<(), BoxError> {
+fn tag(key: Option<&str>, source: &Message, out: &mut [Message]) {
     let key = key.unwrap_or(headers::CORRELATION_ID);
-    let tag = |source: &Message, out: &mut [Message]| {
-        let id = source.metadata().get(key).unwrap_or(source.uuid());
-        for m in out {
-            m.metadata_mut().set_if_absent(key, id);
-        }
-    };
-    match source {
-        Source::Kept(msg) => tag(msg, out),
-        // Polled by the router, so its copy of the input is current.
-        Source::Router(token) => {
-            if router::with_input(*token, |msg| tag(msg, out)).is_none() {
-                return Err(
-                    "correlation id: the input is no longer reachable (the future is \
-                            polled outside the router that called it)"
-                        .into(),
-                );
-            }
-        }
+    let id = source.metadata().get(key).unwrap_or(source.uuid());
+    for m in out {
+        m.metadata_mut().set_if_absent(key, id);
     }
-    Ok(())
 }

@@ -7,15 +7,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use moka::sync::Cache;
-use tidemill_core::router::{self, redeliver_after, redelivery_delay};
+use tidemill_core::router::{redeliver_after, redelivery_delay};
 use tidemill_core::{BoxError, Message, Publisher};
+use tokio::sync::OnceCell;
 use tower::{Layer, Service};
 
 use crate::headers;
-use crate::registry::{Key, Registered};
 use crate::util::{
     epoch_millis, error_chain, from_epoch_millis, handler_and_topic, timestamp, truncate,
-    HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure,
+    HandlerOutput, LayerFuture, OnError, OnFailure,
 };
 
 /// The longest error text kept per failed delivery.
@@ -108,6 +108,9 @@ pub struct DeadLetter {
 struct Config {
     publisher: Arc<dyn Publisher>,
     topic: Arc<str>,
+    /// The consumer group the dead-letter topic keeps messages for (see `retain_for`).
+    retain: Option<Arc<str>>,
+    retained: Arc<OnceCell<()>>,
     max_deliveries: u32,
     counting: Counting,
     retry_topic: Option<Arc<str>>,
@@ -154,10 +157,13 @@ impl DeadLetter {
     /// Dead-letters to `topic` through `publisher` after 5 failed deliveries, counting
     /// with [`Counting::Auto`].
     pub fn new(publisher: impl Publisher + 'static, topic: impl AsRef<str>) -> Self {
+        let topic: Arc<str> = Arc::from(topic.as_ref());
         DeadLetter {
             inner: Arc::new(Config {
                 publisher: Arc::new(publisher),
-                topic: Arc::from(topic.as_ref()),
+                retain: Some(topic.clone()),
+                retained: Arc::default(),
+                topic,
                 max_deliveries: 5,
                 counting: Counting::Auto,
                 retry_topic: None,
@@ -178,6 +184,30 @@ impl DeadLetter {
     /// Dead-letters on the `n`-th failed delivery (at least 1).
     pub fn max_deliveries(self, n: u32) -> Self {
         self.with(|c| c.max_deliveries = n.max(1))
+    }
+
+    /// The consumer group the dead-letter topic keeps messages for until it consumes them
+    /// (default: the topic's name). Before its first publish the layer makes sure of it
+    /// ([`Publisher::retain_for`]: a durable queue on RabbitMQ, a subscription on Pub/Sub,
+    /// a group queue in memory; Kafka and JetStream keep messages anyway), so dead letters
+    /// published while nobody consumes the topic are kept. Consume the topic with this
+    /// group to read them.
+    pub fn retain_for(self, group: impl AsRef<str>) -> Self {
+        let group: Arc<str> = Arc::from(group.as_ref());
+        self.with(|c| {
+            c.retain = Some(group);
+            c.retained = Arc::default();
+        })
+    }
+
+    /// Publishes without making sure a consumer group keeps the messages: only for topics
+    /// that are known to keep them another way (a queue declared by hand, a log broker).
+    /// Publishes still fail when the broker reports that nothing received them.
+    pub fn without_retention(self) -> Self {
+        self.with(|c| {
+            c.retain = None;
+            c.retained = Arc::default();
+        })
     }
 
     /// How deliveries are counted.
@@ -218,6 +248,7 @@ impl fmt::Debug for DeadLetter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadLetter")
             .field("topic", &self.inner.topic)
+            .field("retain_for", &self.inner.retain)
             .field("max_deliveries", &self.inner.max_deliveries)
             .field("counting", &self.inner.counting)
             .field("retry_topic", &self.inner.retry_topic)
@@ -229,21 +260,27 @@ impl<S> Layer<S> for DeadLetter {
     type Service = DeadLetterService<S>;
 
     fn layer(&self, inner: S) -> DeadLetterService<S> {
-        // The error path needs the input: the router keeps it, not each message's future.
-        router::keep_input();
         DeadLetterService {
             inner,
-            config: Registered::new(self.inner.clone()),
+            config: self.inner.clone(),
         }
     }
 }
 
 /// The service made by [`DeadLetter`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DeadLetterService<S> {
     inner: S,
-    /// The configuration, registered so that each message's future keeps only its key.
-    config: Registered<Config>,
+    config: Arc<Config>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for DeadLetterService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetterService")
+            .field("inner", &self.inner)
+            .field("topic", &self.config.topic)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the layer knows about one delivery, for its error path.
@@ -262,20 +299,26 @@ struct Delivery {
 /// The error path of [`DeadLetter`]: what the layer keeps per message on the success path
 /// (the delivery count is worked out from the input when it is needed).
 pub struct DeadLetterFailure {
-    config: Key<Config>,
-    input: InputCopy,
+    config: Arc<Config>,
+    input: Message,
 }
 
 impl OnFailure for DeadLetterFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
-        // Called while the router polls this message's future, so its copy is current.
-        let Some(input) = self.input.resolve("dead letter") else {
-            return Box::pin(std::future::ready(Err(error)));
-        };
-        let Some(config) = self.config.fetch_or_warn("dead letter") else {
-            return Box::pin(std::future::ready(Err(error)));
-        };
+        let DeadLetterFailure { config, input } = self;
         let (handler, topic, group) = handler_and_topic(&input);
+        if topic == *config.topic {
+            // Consumed from the dead-letter topic itself (a watcher under the same stack):
+            // dead-lettering it there again would feed the topic its own failures forever.
+            tracing::warn!(
+                uuid = input.uuid(),
+                handler = %handler,
+                dead_letter_topic = %config.topic,
+                "a message consumed from the dead-letter topic failed; not dead-lettering it \
+                 onto the same topic (it is redelivered with the router's backoff)"
+            );
+            return Box::pin(std::future::ready(Err(error)));
+        }
         // Not another consumer's copy (the call acked those unhandled): ours, or uncounted.
         let prior = match owned(&input) {
             Some(true) => recorded_failures(&input),
@@ -340,11 +383,7 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         match owned(&msg) {
             Some(false) => {
-                self.config
-                    .state()
-                    .stats
-                    .skipped
-                    .fetch_add(1, Ordering::Relaxed);
+                self.config.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     uuid = msg.uuid(),
                     "a retry copy of another consumer; acking it unhandled"
@@ -370,8 +409,8 @@ where
             None => {}
         }
         let failure = DeadLetterFailure {
-            config: self.config.key(),
-            input: InputCopy::of(&msg),
+            config: self.config.clone(),
+            input: msg.clone(),
         };
         LayerFuture::from(OnError::new(self.inner.call(msg), failure))
     }
@@ -405,7 +444,33 @@ impl Config {
     }
 }
 
+/// The highest `n` of the `tidemill-dead-letter-error-n` entries `md` carries (0: none).
+fn last_history_entry(md: &tidemill_core::Metadata) -> u32 {
+    md.iter()
+        .filter_map(|(k, _)| k.strip_prefix(headers::DEAD_LETTER_ERROR_PREFIX))
+        .filter_map(|n| n.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 impl DeadLetter {
+    /// Makes sure the dead-letter topic keeps what is published to it (once per layer).
+    async fn retain(&self) -> Result<(), tidemill_core::Error> {
+        let Some(group) = self.inner.retain.clone() else {
+            return Ok(());
+        };
+        let config = self.inner.clone();
+        self.inner
+            .retained
+            .get_or_try_init(|| async move {
+                config.publisher.retain_for(&config.topic, &group).await?;
+                tracing::debug!(topic = %config.topic, group = %group, "dead-letter topic retains messages for the group");
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Deals with a failed delivery: dead-letter, republish, or pass the error on (nack).
     async fn failed(
         self,
@@ -532,15 +597,23 @@ impl DeadLetter {
             headers::DEAD_LETTER_COUNTING,
             if d.by_broker { "broker" } else { "republish" },
         );
-        for (n, entry) in &history {
+        // A message dead-lettered before (and sent back by hand, say) keeps its earlier
+        // history: this round's entries come after the ones it carries.
+        let earlier = last_history_entry(md);
+        for (i, (_, entry)) in history.iter().enumerate() {
+            let n = earlier + 1 + u32::try_from(i).unwrap_or(u32::MAX);
             md.set(format!("{}{n}", headers::DEAD_LETTER_ERROR_PREFIX), entry);
         }
-        match self
-            .inner
-            .publisher
-            .publish(&self.inner.topic, vec![dead])
-            .await
-        {
+        let published = match self.retain().await {
+            Ok(()) => {
+                self.inner
+                    .publisher
+                    .publish_mandatory(&self.inner.topic, vec![dead])
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match published {
             Ok(()) => {
                 self.inner
                     .stats
@@ -574,40 +647,5 @@ impl DeadLetter {
                 }))
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use tidemill_core::{HandlerResult, MemoryBroker, Message};
-    use tower::{service_fn, Layer, Service};
-
-    use super::*;
-
-    /// The layer's futures keep only a key to its configuration: a future that outlives its
-    /// service passes the handler's error on (the router nacks) instead of losing it.
-    #[tokio::test]
-    async fn a_future_that_outlives_its_service_passes_the_error_on() {
-        let broker = MemoryBroker::new();
-        let layer = DeadLetter::new(broker.publisher(), "dead").max_deliveries(1);
-        let mut service = layer.layer(service_fn(|_m: Message| async {
-            HandlerResult::<Vec<Message>>::Err("handler failed".into())
-        }));
-        std::future::poll_fn(|cx| service.poll_ready(cx))
-            .await
-            .expect("ready");
-        let future = service.call(Message::new("payload"));
-        drop(service);
-        let error = future.await.expect_err("the handler's error comes back");
-        assert_eq!(error.to_string(), "handler failed");
-        assert_eq!(layer.dead_lettered(), 0, "nothing was dead-lettered");
-
-        // With its service alive, the same failure is dead-lettered.
-        let mut service = layer.layer(service_fn(|_m: Message| async {
-            HandlerResult::<Vec<Message>>::Err("handler failed".into())
-        }));
-        let result = service.call(Message::new("payload")).await;
-        assert!(result.is_ok(), "dead-lettered and acked: {result:?}");
-        assert_eq!(layer.dead_lettered(), 1);
     }
 }

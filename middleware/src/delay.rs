@@ -9,7 +9,6 @@ use tidemill_core::{is_permanent, BoxError, Message};
 use tower::{Layer, Service};
 
 use crate::headers;
-use crate::registry::{Key, Registered};
 use crate::util::{HandlerOutput, LayerFuture, OnError, OnFailure};
 use crate::Backoff;
 
@@ -93,7 +92,7 @@ impl<S> Layer<S> for DelayedRedelivery {
     fn layer(&self, inner: S) -> DelayedRedeliveryService<S> {
         DelayedRedeliveryService {
             inner,
-            config: Registered::new(Arc::new(self.clone())),
+            config: Arc::new(self.clone()),
         }
     }
 }
@@ -102,15 +101,14 @@ impl<S> Layer<S> for DelayedRedelivery {
 #[derive(Clone)]
 pub struct DelayedRedeliveryService<S> {
     inner: S,
-    /// Registered, so that each message's future keeps only its key (see `registry`).
-    config: Registered<DelayedRedelivery>,
+    config: Arc<DelayedRedelivery>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for DelayedRedeliveryService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DelayedRedeliveryService")
             .field("inner", &self.inner)
-            .field("config", self.config.state())
+            .field("config", &self.config)
             .finish()
     }
 }
@@ -131,7 +129,7 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         let failure = DelayFailure {
             attempt: delivery_attempt(&msg),
-            config: self.config.key(),
+            config: self.config.clone(),
         };
         LayerFuture::from(OnError::new(self.inner.call(msg), failure))
     }
@@ -140,14 +138,12 @@ where
 /// The error path of [`DelayedRedelivery`].
 pub struct DelayFailure {
     attempt: u32,
-    config: Key<DelayedRedelivery>,
+    config: Arc<DelayedRedelivery>,
 }
 
 impl OnFailure for DelayFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
-        let Some(config) = self.config.fetch_or_warn("delayed redelivery") else {
-            return Box::pin(futures::future::ready(Err(error)));
-        };
+        let config = self.config;
         let result = if redelivery_delay(error.as_ref()).is_some() || !(config.predicate)(&error) {
             Err(error)
         } else {

@@ -8,8 +8,7 @@ use std::task::{Context, Poll};
 use tidemill_core::{BoxError, Message};
 use tower::{Layer, Service};
 
-use crate::registry::{Key, Registered};
-use crate::util::{error_chain, HandlerOutput, InputCopy, LayerFuture, OnError, OnFailure};
+use crate::util::{error_chain, HandlerOutput, LayerFuture, OnError, OnFailure};
 
 type Matcher = Arc<dyn Fn(&(dyn std::error::Error + 'static)) -> bool + Send + Sync>;
 
@@ -100,11 +99,9 @@ impl<S> Layer<S> for IgnoreErrors {
     type Service = IgnoreErrorsService<S>;
 
     fn layer(&self, inner: S) -> IgnoreErrorsService<S> {
-        // The error path logs the input's uuid: the router keeps the input, not each future.
-        tidemill_core::router::keep_input();
         IgnoreErrorsService {
             inner,
-            config: Registered::new(Arc::new(self.clone())),
+            config: Arc::new(self.clone()),
         }
     }
 }
@@ -113,8 +110,7 @@ impl<S> Layer<S> for IgnoreErrors {
 #[derive(Clone, Debug)]
 pub struct IgnoreErrorsService<S> {
     inner: S,
-    /// Registered, so that each message's future keeps only its key (see `registry`).
-    config: Registered<IgnoreErrors>,
+    config: Arc<IgnoreErrors>,
 }
 
 impl<S> Service<Message> for IgnoreErrorsService<S>
@@ -132,8 +128,8 @@ where
 
     fn call(&mut self, msg: Message) -> Self::Future {
         let failure = IgnoreFailure {
-            config: self.config.key(),
-            input: InputCopy::of(&msg),
+            config: self.config.clone(),
+            input: msg.detached(),
         };
         LayerFuture::from(OnError::new(self.inner.call(msg), failure))
     }
@@ -141,19 +137,16 @@ where
 
 /// The error path of [`IgnoreErrors`].
 pub struct IgnoreFailure {
-    config: Key<IgnoreErrors>,
-    input: InputCopy,
+    config: Arc<IgnoreErrors>,
+    input: Message,
 }
 
 impl OnFailure for IgnoreFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
-        let Some(config) = self.config.fetch_or_warn("ignore errors") else {
-            return Box::pin(futures::future::ready(Err(error)));
-        };
+        let config = self.config;
         let result = if config.matches(&error) {
             config.ignored.fetch_add(1, Ordering::Relaxed);
-            let uuid = self.input.uuid();
-            tracing::info!(uuid = uuid.as_deref().unwrap_or("unknown"), error = %error_chain(error.as_ref()), "ignoring handler error; acking");
+            tracing::info!(uuid = self.input.uuid(), error = %error_chain(error.as_ref()), "ignoring handler error; acking");
             Ok(Vec::new())
         } else {
             Err(error)

@@ -64,7 +64,6 @@
 //! ```
 #![warn(missing_docs)]
 
-mod backoff;
 mod circuit_breaker;
 mod correlation;
 mod dead_letter;
@@ -76,7 +75,6 @@ mod ignore_errors;
 mod instant_ack;
 mod poison;
 mod recoverer;
-mod registry;
 pub mod request_reply;
 mod retry;
 mod throttle;
@@ -85,7 +83,6 @@ mod util;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use backoff::Backoff;
 pub use circuit_breaker::{CircuitBreaker, CircuitBreakerService, CircuitOpen, CircuitState};
 pub use correlation::{correlation_id, CorrelationFuture, CorrelationId, CorrelationIdService};
 pub use dead_letter::{
@@ -100,4 +97,5 @@ pub use poison::{PoisonPublishFailed, PoisonQueue, PoisonQueueService};
 pub use recoverer::{Panicked, Recoverer, RecovererFuture, RecovererService};
 pub use retry::{AttemptTimedOut, Retry, RetryEvent, RetryFuture, RetryService};
 pub use throttle::{Throttle, ThrottleService};
+pub use tidemill_core::Backoff;
 pub use util::{LayerFuture, OnFailure};

@@ -7,13 +7,13 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use tidemill_core::{is_permanent, BoxError, Message, Publisher};
+use tokio::sync::OnceCell;
 use tower::{Layer, Service};
 
 use crate::headers;
-use crate::registry::{Key, Registered};
 use crate::util::{
-    error_chain, handler_and_topic, timestamp, truncate, HandlerOutput, InputCopy, LayerFuture,
-    OnError, OnFailure,
+    error_chain, handler_and_topic, timestamp, truncate, HandlerOutput, LayerFuture, OnError,
+    OnFailure,
 };
 
 type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
@@ -63,6 +63,9 @@ const MAX_REASON: usize = 1_000;
 pub struct PoisonQueue {
     publisher: Arc<dyn Publisher>,
     topic: Arc<str>,
+    /// The consumer group the poison topic keeps messages for (see `retain_for`).
+    retain: Option<Arc<str>>,
+    retained: Arc<OnceCell<()>>,
     predicate: Predicate,
     poisoned: Arc<AtomicU64>,
 }
@@ -86,12 +89,45 @@ impl PoisonQueue {
     /// Poisons messages whose handler failed with a permanent error
     /// ([`tidemill_core::is_permanent`]), publishing them to `topic` through `publisher`.
     pub fn new(publisher: impl Publisher + 'static, topic: impl AsRef<str>) -> Self {
+        let topic: Arc<str> = Arc::from(topic.as_ref());
         PoisonQueue {
             publisher: Arc::new(publisher),
-            topic: Arc::from(topic.as_ref()),
+            retain: Some(topic.clone()),
+            retained: Arc::default(),
+            topic,
             predicate: Arc::new(|e: &BoxError| is_permanent(e.as_ref())),
             poisoned: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The consumer group the poison topic keeps messages for until it consumes them
+    /// (default: the topic's name). Before its first publish the layer makes sure of it
+    /// ([`Publisher::retain_for`]), so poisoned messages published while nobody consumes
+    /// the topic are kept. Consume the topic with this group to read them.
+    pub fn retain_for(mut self, group: impl AsRef<str>) -> Self {
+        self.retain = Some(Arc::from(group.as_ref()));
+        self.retained = Arc::default();
+        self
+    }
+
+    /// Publishes without making sure a consumer group keeps the messages: only for topics
+    /// that are known to keep them another way. Publishes still fail when the broker
+    /// reports that nothing received them.
+    pub fn without_retention(mut self) -> Self {
+        self.retain = None;
+        self.retained = Arc::default();
+        self
+    }
+
+    /// Makes sure the poison topic keeps what is published to it (once per layer).
+    async fn ensure_retained(&self) -> Result<(), tidemill_core::Error> {
+        let Some(group) = &self.retain else {
+            return Ok(());
+        };
+        self.retained
+            .get_or_try_init(|| self.publisher.retain_for(&self.topic, group))
+            .await
+            .map(|_| ())
     }
 
     /// Poisons every failed message.
@@ -120,6 +156,7 @@ impl fmt::Debug for PoisonQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoisonQueue")
             .field("topic", &self.topic)
+            .field("retain_for", &self.retain)
             .field("poisoned", &self.poisoned())
             .finish_non_exhaustive()
     }
@@ -129,11 +166,9 @@ impl<S> Layer<S> for PoisonQueue {
     type Service = PoisonQueueService<S>;
 
     fn layer(&self, inner: S) -> PoisonQueueService<S> {
-        // The error path needs the input: the router keeps it, not each message's future.
-        tidemill_core::router::keep_input();
         PoisonQueueService {
             inner,
-            config: Registered::new(Arc::new(self.clone())),
+            config: Arc::new(self.clone()),
         }
     }
 }
@@ -142,8 +177,7 @@ impl<S> Layer<S> for PoisonQueue {
 #[derive(Clone, Debug)]
 pub struct PoisonQueueService<S> {
     inner: S,
-    /// Registered, so that each message's future keeps only its key (see `registry`).
-    config: Registered<PoisonQueue>,
+    config: Arc<PoisonQueue>,
 }
 
 impl<S> Service<Message> for PoisonQueueService<S>
@@ -161,8 +195,8 @@ where
 
     fn call(&mut self, msg: Message) -> Self::Future {
         let failure = PoisonFailure {
-            config: self.config.key(),
-            input: InputCopy::of(&msg),
+            config: self.config.clone(),
+            input: msg.clone(),
         };
         LayerFuture::from(OnError::new(self.inner.call(msg), failure))
     }
@@ -170,25 +204,30 @@ where
 
 /// The error path of [`PoisonQueue`].
 pub struct PoisonFailure {
-    config: Key<PoisonQueue>,
-    input: InputCopy,
+    config: Arc<PoisonQueue>,
+    input: Message,
 }
 
 impl OnFailure for PoisonFailure {
     fn fail(self, error: BoxError) -> futures::future::BoxFuture<'static, HandlerOutput> {
         let PoisonFailure { config, input } = self;
-        // Called while the router polls this message's future, so its copy is current.
-        let Some(input) = input.resolve("poison queue") else {
-            return Box::pin(std::future::ready(Err(error)));
-        };
-        let Some(config) = config.fetch_or_warn("poison queue") else {
-            return Box::pin(std::future::ready(Err(error)));
-        };
         Box::pin(async move {
             if !(config.predicate)(&error) {
                 return Err(error);
             }
             let (handler, topic, group) = handler_and_topic(&input);
+            if topic == *config.topic {
+                // Consumed from the poison topic itself: poisoning it there again would
+                // feed the topic its own failures forever.
+                tracing::warn!(
+                    uuid = input.uuid(),
+                    handler = %handler,
+                    poison_topic = %config.topic,
+                    "a message consumed from the poison topic failed; not poisoning it onto \
+                     the same topic (it is redelivered with the router's backoff)"
+                );
+                return Err(error);
+            }
             let reason = truncate(error_chain(error.as_ref()), MAX_REASON);
             let mut poisoned = input.clone();
             let md = poisoned.metadata_mut();
@@ -199,11 +238,16 @@ impl OnFailure for PoisonFailure {
                 md.set(headers::POISON_GROUP, group);
             }
             md.set(headers::POISON_TIME, timestamp(SystemTime::now()));
-            match config
-                .publisher
-                .publish(&config.topic, vec![poisoned])
-                .await
-            {
+            let published = match config.ensure_retained().await {
+                Ok(()) => {
+                    config
+                        .publisher
+                        .publish_mandatory(&config.topic, vec![poisoned])
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match published {
                 Ok(()) => {
                     config.poisoned.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(

@@ -3,14 +3,12 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
-use tidemill_core::router::{self, InputToken};
 use tidemill_core::{is_permanent, BoxError, Message};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
@@ -35,11 +33,11 @@ type Hook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
 ///   the retry layer does the same: each attempt gets a fresh timeout, so one slow attempt
 ///   does not doom the next. Placed outside, a timeout bounds all attempts together.
 ///
-/// On the success path the layer keeps no copy of the message: inside a router it asks the
-/// router to keep the input ([`tidemill_core::router::keep_input`]) and takes that copy
-/// only when an attempt fails (when the message it gets is not the router's copy, e.g. an
-/// outer layer changed it, it keeps a clone). The last error is returned unchanged, so outer layers (poison queue, dead letter) see the
-/// handler's own error.
+/// Each message's future keeps a clone of the message (one reference count) for the next
+/// attempt and a handle on the layer's state, so it retries the same way whoever polls it
+/// (the router, `ServiceExt::oneshot`, a `Buffer`, a spawned task). The last error is
+/// returned unchanged, so outer layers (poison queue, dead letter) see the handler's own
+/// error.
 ///
 /// ```
 /// use std::time::Duration;
@@ -195,7 +193,6 @@ where
     type Service = RetryService<S>;
 
     fn layer(&self, inner: S) -> RetryService<S> {
-        router::keep_input();
         RetryService {
             shared: Arc::new(Inner {
                 service: Mutex::new(inner),
@@ -238,24 +235,6 @@ impl<S: Service<Message>> Inner<S> {
     }
 }
 
-/// The service without locking it, when `shared` is its only handle: like
-/// `Arc::get_mut(shared).map(|inner| inner.service.get_mut())` without the weak-count
-/// exchange `get_mut` makes for the sake of `Weak` handles (none is ever made of an
-/// `Inner`). That exchange is a lock-prefixed instruction on every message, which costs
-/// more than the rest of the layer's success path.
-fn exclusive<S>(shared: &mut Arc<Inner<S>>) -> Option<&mut S> {
-    if Arc::strong_count(shared) != 1 {
-        return None;
-    }
-    // Pairs with the release decrement of the last other handle's drop: what its future did
-    // with the service happens before what we do next.
-    fence(Ordering::Acquire);
-    // SAFETY: a strong count of 1 and no `Weak` handles mean no other handle exists, and
-    // none can appear while we hold `&mut` to the only one (handles are made only by
-    // cloning it, in `call`). So nobody else can lock the mutex or reach the service.
-    Some(unsafe { &mut *shared.service.data_ptr() })
-}
-
 impl<S> fmt::Debug for RetryService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryService").finish_non_exhaustive()
@@ -279,8 +258,6 @@ where
     #[inline]
     fn call(&mut self, msg: Message) -> RetryFuture<S> {
         let started = self.shared.config.max_elapsed.map(|_| Instant::now());
-        // The router's copy of this very input, if it keeps one: then no copy is kept here.
-        let token = router::input_token(&msg);
         let timeout = self.shared.attempt_timeout();
         // The first attempt starts here when the inner service is ready (the usual case),
         // so the future starts out calling. Otherwise (not ready: the noop waker is not
@@ -289,8 +266,8 @@ where
             // No future of an earlier message alive (e.g. one message at a time): the
             // service is ours alone, no lock needed.
             let mut locked;
-            let service = match exclusive(&mut self.shared) {
-                Some(service) => service,
+            let service = match Arc::get_mut(&mut self.shared) {
+                Some(inner) => inner.service.get_mut(),
                 None => {
                     locked = self.shared.service.lock();
                     &mut *locked
@@ -298,10 +275,7 @@ where
             };
             match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(Ok(())) => {
-                    let input = match token {
-                        Some(token) => Input::Router(token),
-                        None => Input::Kept(msg.clone()),
-                    };
+                    let input = Some(msg.clone());
                     let fut = service.call(msg);
                     (State::Calling { fut, timeout }, 1, input)
                 }
@@ -310,9 +284,9 @@ where
                         error: Some(e.into()),
                     },
                     0,
-                    Input::Gone,
+                    None,
                 ),
-                Poll::Pending => (State::Idle, 0, Input::Kept(msg)),
+                Poll::Pending => (State::Idle, 0, Some(msg)),
             }
         };
         RetryFuture {
@@ -329,24 +303,14 @@ pin_project! {
     /// The future of [`RetryService`].
     pub struct RetryFuture<S: Service<Message>> {
         shared: Arc<Inner<S>>,
-        input: Input,
+        // The message for the next attempt (`None` when the inner service failed before
+        // the first one).
+        input: Option<Message>,
         attempt: u32,
         started: Option<Instant>,
         #[pin]
         state: State<S::Future>,
     }
-}
-
-/// The message for the next attempt.
-enum Input {
-    /// The router's copy of the input, fetched when an attempt fails.
-    Router(InputToken),
-    /// Kept from the call (not the router's copy: an outer layer changed it, or no router
-    /// keeps one), or fetched.
-    Kept(Message),
-    /// None: the inner service failed before the first attempt, or the router's copy could
-    /// not be fetched (the future is polled outside the router that called it).
-    Gone,
 }
 
 pin_project! {
@@ -402,16 +366,7 @@ where
                 if *this.attempt >= config.max_attempts || !(config.retry_if)(&error) {
                     return Poll::Ready(Err(error));
                 }
-                if let Input::Router(token) = *this.input {
-                    // The router's copy of the input (it is polling this future now).
-                    *this.input = router::input(token).map_or(Input::Gone, Input::Kept);
-                }
-                let Input::Kept(message) = &*this.input else {
-                    tracing::warn!(
-                        attempt = *this.attempt,
-                        "retry: the input is no longer reachable (the future is polled \
-                         outside the router that called it); not retrying"
-                    );
+                let Some(message) = &*this.input else {
                     return Poll::Ready(Err(error));
                 };
                 let delay = config.backoff.delay(*this.attempt);
@@ -436,7 +391,7 @@ where
             }
             match this.state.as_mut().project() {
                 StateProj::Idle => match &*this.input {
-                    Input::Kept(msg) => match this.shared.poll_call(cx, msg) {
+                    Some(msg) => match this.shared.poll_call(cx, msg) {
                         Poll::Pending => return Poll::Pending,
                         // The service itself failed: nothing to retry.
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
@@ -446,7 +401,7 @@ where
                             this.state.set(State::Calling { fut, timeout });
                         }
                     },
-                    _ => return Poll::Ready(Err("retry future polled after completion".into())),
+                    None => return Poll::Ready(Err("retry future polled after completion".into())),
                 },
                 StateProj::Failed { error } => {
                     let error = error
@@ -508,8 +463,8 @@ mod tests {
         }
     }
 
-    /// Each attempt sees the message retry was given: the router's copy when unchanged, its
-    /// own clone when an outer layer changed it.
+    /// Each attempt sees the message retry was given, with its receive context, also when an
+    /// outer layer changed it.
     #[tokio::test]
     async fn retries_get_the_message_as_the_layer_received_it() {
         let broker = MemoryBroker::new();

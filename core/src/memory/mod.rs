@@ -37,7 +37,7 @@ mod queue;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
@@ -167,6 +167,7 @@ impl MemoryBroker {
         MemorySubscriber {
             shared: self.shared.clone(),
             closing: CancellationToken::new(),
+            consumers: Arc::default(),
         }
     }
 
@@ -219,14 +220,51 @@ impl Drop for InFlight<'_> {
 #[async_trait]
 impl Publisher for MemoryPublisher {
     async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
-        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _in_flight = InFlight(&self.state);
+        self.publish_to(topic, messages, false).await
+    }
+
+    /// Creates consumer group `group` of `topic` (a queue that keeps what is published
+    /// until the group consumes it, for the life of the broker).
+    async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
+        self.check_open(topic)?;
+        self.shared.ensure_group(topic, group);
+        Ok(())
+    }
+
+    /// Fails with [`Error::Unroutable`] when no subscription or group receives the topic
+    /// and nothing retains it.
+    async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.publish_to(topic, messages, true).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.state.closed.store(true, Ordering::Release);
+        // Wait for publishes already under way (they may be waiting on backpressure).
+        loop {
+            let idle = self.state.idle.notified();
+            if self.state.in_flight.load(Ordering::Acquire) == 0 {
+                return Ok(());
+            }
+            idle.await;
+        }
+    }
+}
+
+impl MemoryPublisher {
+    fn check_open(&self, topic: &str) -> Result<()> {
         if self.state.closed.load(Ordering::Acquire) {
             return Err(Error::PublisherClosed {
                 broker: BROKER,
                 topic: topic.to_owned(),
             });
         }
+        Ok(())
+    }
+
+    async fn publish_to(&self, topic: &str, messages: Vec<Message>, mandatory: bool) -> Result<()> {
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _in_flight = InFlight(&self.state);
+        self.check_open(topic)?;
         let topic_ref = self.shared.topic(topic);
         let retention = self.shared.config.retention;
         let targets = if retention > 0 {
@@ -244,6 +282,15 @@ impl Publisher for MemoryPublisher {
             topic_ref.targets.read().clone()
         };
         if targets.is_empty() {
+            if mandatory && retention == 0 {
+                if let Some(first) = messages.first() {
+                    return Err(Error::Unroutable {
+                        broker: BROKER,
+                        topic: topic.to_owned(),
+                        uuid: first.uuid().to_owned(),
+                    });
+                }
+            }
             tracing::trace!(topic, count = messages.len(), "memory: no subscribers");
             return Ok(());
         }
@@ -254,18 +301,6 @@ impl Publisher for MemoryPublisher {
         targets[last].push_all(messages).await;
         Ok(())
     }
-
-    async fn close(&self) -> Result<()> {
-        self.state.closed.store(true, Ordering::Release);
-        // Wait for publishes already under way (they may be waiting on backpressure).
-        loop {
-            let idle = self.state.idle.notified();
-            if self.state.in_flight.load(Ordering::Acquire) == 0 {
-                return Ok(());
-            }
-            idle.await;
-        }
-    }
 }
 
 /// Subscribes to a [`MemoryBroker`].
@@ -273,6 +308,9 @@ impl Publisher for MemoryPublisher {
 pub struct MemorySubscriber {
     shared: Arc<Shared>,
     closing: CancellationToken,
+    /// The reading ends of this subscriber's streams, so that `close` releases what they
+    /// hold even when nobody polls or drops them.
+    consumers: Arc<Mutex<Vec<Weak<Reader>>>>,
 }
 
 impl MemorySubscriber {
@@ -315,6 +353,15 @@ impl Subscriber for MemorySubscriber {
                 }
             }
         };
+        {
+            let mut consumers = self.consumers.lock();
+            consumers.retain(|c| c.strong_count() > 0);
+            consumers.push(Arc::downgrade(&consumer.reader));
+        }
+        // Closed between the check above and the registration: release at once.
+        if self.closing.is_cancelled() {
+            consumer.reader.release();
+        }
         let stream = futures::stream::unfold(consumer, |mut consumer| async move {
             let delivery = consumer.next().await?;
             Some((Ok(delivery), consumer))
@@ -327,38 +374,92 @@ impl Subscriber for MemorySubscriber {
     async fn initialize(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
         self.check_open(topic)?;
         if let Some(group) = options.consumer_group() {
-            let topic_ref = self.shared.topic(topic);
-            let mut state = topic_ref.state.lock();
-            if !state.groups.contains_key(group) {
-                let q = self.shared.new_queue(&state.retained);
-                state.groups.insert(group.to_owned(), q);
-                topic_ref.refresh_targets(&state);
-            }
+            self.shared.ensure_group(topic, group);
         }
         Ok(())
     }
 
+    /// Ends every stream of this subscriber and gives back what they took but did not hand
+    /// out yet (to their consumer group's other members), whether or not the streams are
+    /// still polled or dropped.
     async fn close(&self) -> Result<()> {
         self.closing.cancel();
+        let consumers = std::mem::take(&mut *self.consumers.lock());
+        for reader in consumers.iter().filter_map(Weak::upgrade) {
+            reader.release();
+        }
         Ok(())
+    }
+}
+
+impl Shared {
+    /// Creates consumer group `group` of `topic` if it does not exist.
+    fn ensure_group(&self, topic: &str, group: &str) {
+        let topic_ref = self.topic(topic);
+        let mut state = topic_ref.state.lock();
+        if !state.groups.contains_key(group) {
+            let q = self.new_queue(&state.retained);
+            state.groups.insert(group.to_owned(), q);
+            topic_ref.refresh_targets(&state);
+        }
+    }
+}
+
+/// What a subscription's reading end holds: its queue and the entries it took from the
+/// queue (its local prefetch) but did not hand out yet.
+struct Reader {
+    queue: Arc<Queue>,
+    prefetch: Mutex<Prefetch>,
+    /// Set for broadcast subscriptions, whose queue lives only as long as the consumer.
+    owner: Mutex<Option<Arc<Topic>>>,
+}
+
+#[derive(Default)]
+struct Prefetch {
+    entries: VecDeque<Entry>,
+    /// Released: the subscriber closed (or the stream was dropped); take nothing more.
+    released: bool,
+}
+
+impl Reader {
+    /// Gives back what was taken and not handed out; a broadcast subscription's queue
+    /// leaves its topic (nobody else would ever read it).
+    fn release(&self) {
+        {
+            let mut prefetch = self.prefetch.lock();
+            prefetch.released = true;
+            self.queue.untake(&mut prefetch.entries);
+        }
+        if let Some(topic) = self.owner.lock().take() {
+            let mut state = topic.state.lock();
+            state.broadcast.retain(|q| !Arc::ptr_eq(q, &self.queue));
+            topic.refresh_targets(&state);
+            drop(state);
+            self.queue.close();
+        }
     }
 }
 
 /// One subscription's reading end. Dropping it returns prefetched messages to the queue and,
 /// for a broadcast subscription, removes the queue from its topic.
 struct Consumer {
-    queue: Arc<Queue>,
-    buffer: VecDeque<Entry>,
-    /// Set for broadcast subscriptions, whose queue lives only as long as the consumer.
-    owner: Option<Arc<Topic>>,
+    reader: Arc<Reader>,
+    /// Where `take` puts entries before they move to the shared prefetch.
+    scratch: VecDeque<Entry>,
 }
 
 impl Consumer {
     fn new(queue: Arc<Queue>, owner: Option<Arc<Topic>>) -> Self {
         Consumer {
-            queue,
-            buffer: VecDeque::with_capacity(TAKE_BATCH),
-            owner,
+            reader: Arc::new(Reader {
+                queue,
+                prefetch: Mutex::new(Prefetch {
+                    entries: VecDeque::with_capacity(TAKE_BATCH),
+                    released: false,
+                }),
+                owner: Mutex::new(owner),
+            }),
+            scratch: VecDeque::with_capacity(TAKE_BATCH),
         }
     }
 
@@ -366,26 +467,33 @@ impl Consumer {
         // This stream never waits while messages are ready (redeliveries included): spend
         // tokio's cooperative budget so a hot consumer cannot starve its runtime thread.
         tokio::task::consume_budget().await;
-        if self.buffer.is_empty() && !self.queue.take(&mut self.buffer, TAKE_BATCH).await {
-            return None;
+        loop {
+            {
+                let mut prefetch = self.reader.prefetch.lock();
+                if prefetch.released {
+                    return None;
+                }
+                if let Some(entry) = prefetch.entries.pop_front() {
+                    drop(prefetch);
+                    return Some(deliver(&self.reader.queue, entry));
+                }
+            }
+            if !self.reader.queue.take(&mut self.scratch, TAKE_BATCH).await {
+                return None;
+            }
+            let mut prefetch = self.reader.prefetch.lock();
+            if prefetch.released {
+                self.reader.queue.untake(&mut self.scratch);
+                return None;
+            }
+            prefetch.entries.append(&mut self.scratch);
         }
-        let entry = self.buffer.pop_front()?;
-        Some(deliver(&self.queue, entry))
     }
 }
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        match self.owner.take() {
-            Some(topic) => {
-                let mut state = topic.state.lock();
-                state.broadcast.retain(|q| !Arc::ptr_eq(q, &self.queue));
-                topic.refresh_targets(&state);
-                drop(state);
-                self.queue.close();
-            }
-            None => self.queue.untake(&mut self.buffer),
-        }
+        self.reader.release();
     }
 }
 

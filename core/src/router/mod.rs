@@ -3,12 +3,17 @@
 //!
 //! - Handler `Ok(out)` → `out` is published to the handler's output topic (confirmed by the
 //!   broker) → the input is acked.
-//! - Handler error, publish error, or panic → the input is nacked (redelivered). Panics are
-//!   caught; the router keeps running.
+//! - Handler error, publish error, or panic → the input is nacked and redelivered after a
+//!   growing delay ([`RouterConfig::redelivery`]: 100 ms doubling to 30 s, jittered, by
+//!   default), never at once: a message that always fails cannot spin. Each failure is
+//!   counted ([`Router::handler_stats`]) and logged, rate-limited (to standard error when
+//!   the application set no tracing subscriber). Panics are caught; the router keeps
+//!   running.
 //! - Hooks for middleware that settles differently: an error wrapped by [`redeliver_after`]
 //!   nacks with that delay; [`MessageContext::take_ack`](crate::MessageContext::take_ack)
 //!   lets a layer settle the input itself before the handler finishes (see [`Settlement`]).
-//! - A consumer-only handler (no output) that returns messages is a bug: logged, nacked.
+//! - A consumer-only handler (no output) that returns messages is a bug: counted, logged,
+//!   nacked with the delay.
 //! - Per handler, up to `concurrency` messages are in flight (default 1: sequential);
 //!   messages with the same key are processed one after another.
 //! - Graceful shutdown: stop taking deliveries → let in-flight messages finish (bounded by
@@ -40,8 +45,8 @@
 //! # Ok(()) }
 //! ```
 
+mod failure;
 mod handler;
-mod input;
 mod outcome;
 mod run;
 
@@ -59,15 +64,18 @@ use tokio_util::task::TaskTracker;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
+pub use crate::context::Settlement;
+pub use failure::HandlerStats;
 pub use handler::{
     handler_fn, BoxHandler, BoxHandlerFuture, HandlerFn, HandlerResult, IntoMessages,
 };
-pub use input::{input, input_token, keep_input, with_input, InputToken};
-pub use outcome::{redeliver_after, redelivery_delay, RedeliverAfter, Settlement};
+pub use outcome::{redeliver_after, redelivery_delay, RedeliverAfter};
 
 use crate::{
-    BoxError, DeliveryStream, Error, HandlerInfo, Message, Publisher, SubscribeOptions, Subscriber,
+    Backoff, BoxError, DeliveryStream, Error, HandlerInfo, Message, Publisher, SubscribeOptions,
+    Subscriber,
 };
+use failure::Failures;
 use run::{run_handler, HandlerCtx};
 
 /// Router settings.
@@ -79,6 +87,12 @@ pub struct RouterConfig {
     /// Close the publishers and subscribers given to handlers when the router closes.
     /// Default true.
     pub close_clients: bool,
+    /// The delay before a failed message (handler error, publish error, panic) is
+    /// redelivered, by delivery attempt, unless a layer asked for another one
+    /// ([`redeliver_after`]). Default [`Backoff::redelivery`]: 100 ms, doubling, at most
+    /// 30 s, jittered. Where the broker reports no delivery attempt, the router counts the
+    /// failures of each message itself (the most recent 10,000 to 20,000 uuids per handler).
+    pub redelivery: Backoff,
 }
 
 impl Default for RouterConfig {
@@ -86,6 +100,7 @@ impl Default for RouterConfig {
         RouterConfig {
             close_timeout: Duration::from_secs(30),
             close_clients: true,
+            redelivery: Backoff::redelivery(),
         }
     }
 }
@@ -123,6 +138,14 @@ pub enum RouterError {
     /// Closing a publisher or subscriber failed.
     #[error("closing the router's clients failed: {0}")]
     Close(#[source] Box<Error>),
+    /// A handler's settings make no sense (empty name, concurrency 0).
+    #[error("handler `{handler}`: {reason}")]
+    InvalidHandler {
+        /// The handler's name (may be empty: that is one of the reasons).
+        handler: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -149,6 +172,7 @@ pub(crate) struct HandlerRun {
 
 struct Slot {
     info: Arc<HandlerInfo>,
+    failures: Arc<Failures>,
     pending: Option<Pending>,
     stop: CancellationToken,
     force: CancellationToken,
@@ -397,6 +421,17 @@ impl Router {
         Ok(())
     }
 
+    /// The failure counts of handler `name` while it is registered (pending or running):
+    /// how many of its messages failed, panicked or could not publish their output, and
+    /// how many were nacked for redelivery.
+    pub fn handler_stats(&self, name: &str) -> Option<HandlerStats> {
+        self.inner
+            .handlers
+            .lock()
+            .get(name)
+            .map(|slot| slot.failures.stats())
+    }
+
     /// Names of the registered handlers (pending or running).
     pub fn handlers(&self) -> Vec<String> {
         self.inner.handlers.lock().keys().cloned().collect()
@@ -421,6 +456,7 @@ impl Router {
             name,
             Slot {
                 info: Arc::new(info),
+                failures: Arc::new(Failures::new(self.inner.config.redelivery)),
                 pending: Some(pending),
                 stop: self.inner.stop.child_token(),
                 force: self.inner.force.child_token(),
@@ -432,7 +468,7 @@ impl Router {
 
     /// Subscribes a registered handler and spawns its loop.
     async fn start(&self, name: &str) -> Result<(), RouterError> {
-        let (info, pending, stop, force, finished) = {
+        let (info, failures, pending, stop, force, finished) = {
             let mut handlers = self.inner.handlers.lock();
             let Some(slot) = handlers.get_mut(name) else {
                 return Ok(());
@@ -442,14 +478,20 @@ impl Router {
             };
             (
                 slot.info.clone(),
+                slot.failures.clone(),
                 pending,
                 slot.stop.clone(),
                 slot.force.clone(),
                 slot.finished.clone(),
             )
         };
-        let options = pending.options.clone().with_cancellation(stop.clone());
-        let stream = match pending.subscriber.subscribe(&info.topic, options).await {
+        // The handler's loop watches its stop token itself (once per message) and drops the
+        // stream when it stops; the subscription does not watch it a second time.
+        let stream = match pending
+            .subscriber
+            .subscribe(&info.topic, pending.options.clone())
+            .await
+        {
             Ok(stream) => stream,
             Err(source) => {
                 self.inner.handlers.lock().remove(name);
@@ -473,6 +515,7 @@ impl Router {
                 info: info.clone(),
                 output: pending.output,
                 concurrency: pending.concurrency,
+                failures,
             }),
             layers: self.inner.layers.lock().clone(),
             stop,
@@ -615,9 +658,10 @@ impl<'r, L> HandlerBuilder<'r, L> {
         self
     }
 
-    /// Up to `n` messages in flight (default 1); same-key messages stay sequential.
+    /// Up to `n` messages in flight (default 1); same-key messages stay sequential. `0` is
+    /// rejected when the handler is added ([`RouterError::InvalidHandler`]).
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
+        self.concurrency = n;
         self
     }
 
@@ -658,25 +702,31 @@ impl<'r, L> HandlerBuilder<'r, L> {
         <L::Service as Service<Message>>::Error: Into<BoxError>,
         <L::Service as Service<Message>>::Future: Send + 'static,
     {
+        if self.name.trim().is_empty() {
+            return Err(RouterError::InvalidHandler {
+                handler: self.name,
+                reason: "a handler needs a name that is not empty",
+            });
+        }
+        if self.concurrency == 0 {
+            return Err(RouterError::InvalidHandler {
+                handler: self.name,
+                reason: "concurrency must be at least 1 (1 = one message at a time)",
+            });
+        }
         let (subscriber, topic) = self
             .subscription
             .ok_or_else(|| RouterError::MissingSubscriber(self.name.clone()))?;
-        // Layers that need the input on their error paths ask (input::keep_input) while
-        // they are built; the router then keeps each input for them.
-        let layers = self.layers;
-        let (service, keep_input) = input::building(|| layers.service(service));
+        let service = self.layers.service(service);
         let runner: Runner = Box::new(move |run: HandlerRun| {
             if run.layers.is_empty() {
-                Box::pin(run_handler(service, run, keep_input))
+                Box::pin(run_handler(service, run))
             } else {
-                let (boxed, router_keep) = input::building(|| {
-                    let mut boxed = BoxHandler::new(service.map_err(Into::into));
-                    for wrap in run.layers.iter().rev() {
-                        boxed = wrap(boxed);
-                    }
-                    boxed
-                });
-                Box::pin(run_handler(boxed, run, keep_input || router_keep))
+                let mut boxed = BoxHandler::new(service.map_err(Into::into));
+                for wrap in run.layers.iter().rev() {
+                    boxed = wrap(boxed);
+                }
+                Box::pin(run_handler(boxed, run))
             }
         });
         let info = HandlerInfo {

@@ -14,13 +14,9 @@
 //! acks.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-
-use crate::message::Received;
-use crate::{AckHandle, BoxError};
+use crate::BoxError;
 
 /// A handler error asking the router to redeliver the input after a delay. Build one with
 /// [`redeliver_after`]; the router finds it anywhere in the error's source chain.
@@ -84,64 +80,4 @@ pub fn redelivery_delay(error: &(dyn std::error::Error + 'static)) -> Option<Dur
         current = err.source();
     }
     None
-}
-
-/// The acknowledgement of one input message, shared between the router and the message's
-/// context so that it can be taken early (see
-/// [`MessageContext::take_ack`](crate::MessageContext::take_ack)). Whoever takes it settles
-/// the message; if nobody does, the router does by the outcome rules.
-#[derive(Clone)]
-pub struct Settlement(Repr);
-
-#[derive(Clone)]
-enum Repr {
-    /// Made by [`Settlement::new`].
-    Standalone(Arc<Mutex<Option<AckHandle>>>),
-    /// Shares the block of a context made by
-    /// [`MessageContext::received`](crate::MessageContext::received).
-    Context(Arc<Received>),
-}
-
-impl Settlement {
-    /// Holds `handle` until someone takes it.
-    pub fn new(handle: AckHandle) -> Self {
-        Settlement(Repr::Standalone(Arc::new(Mutex::new(Some(handle)))))
-    }
-
-    pub(crate) fn of_context(received: Arc<Received>) -> Self {
-        Settlement(Repr::Context(received))
-    }
-
-    /// The context block this settlement shares, if it was made with one.
-    #[inline]
-    pub(crate) fn received(&self) -> Option<&Arc<Received>> {
-        match &self.0 {
-            Repr::Context(received) => Some(received),
-            Repr::Standalone(_) => None,
-        }
-    }
-
-    /// Takes the handle; `None` if it was already taken.
-    pub fn take(&self) -> Option<AckHandle> {
-        match &self.0 {
-            Repr::Standalone(slot) => slot.lock().take(),
-            Repr::Context(received) => received.take_ack(),
-        }
-    }
-
-    /// Whether the handle was taken.
-    pub fn is_taken(&self) -> bool {
-        match &self.0 {
-            Repr::Standalone(slot) => slot.lock().is_none(),
-            Repr::Context(received) => received.ack_taken(),
-        }
-    }
-}
-
-impl fmt::Debug for Settlement {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Settlement")
-            .field("taken", &self.is_taken())
-            .finish()
-    }
 }

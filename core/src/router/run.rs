@@ -14,9 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::Instrument;
 
-use super::input::Current;
-use super::outcome::{redelivery_delay, Settlement};
+use super::failure::{Failures, Kind};
+use super::outcome::redelivery_delay;
 use super::HandlerRun;
+use crate::context::Settlement;
+use crate::message::Uuid;
 use crate::stop::StopWatch;
 use crate::{BoxError, Delivery, HandlerInfo, Message, MessageContext, Publisher};
 
@@ -25,11 +27,10 @@ pub(crate) struct HandlerCtx {
     pub(crate) info: Arc<HandlerInfo>,
     pub(crate) output: Option<Arc<dyn Publisher>>,
     pub(crate) concurrency: usize,
+    pub(crate) failures: Arc<Failures>,
 }
 
-/// `keep_input`: a layer asked for the router's copy of each input (see
-/// [`keep_input`](super::keep_input)).
-pub(crate) async fn run_handler<S>(service: S, run: HandlerRun, keep_input: bool)
+pub(crate) async fn run_handler<S>(service: S, run: HandlerRun)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -37,9 +38,9 @@ where
 {
     let name = run.ctx.info.name.clone();
     if run.ctx.concurrency <= 1 {
-        sequential(service, run, keep_input).await;
+        sequential(service, run).await;
     } else {
-        concurrent(service, run, keep_input).await;
+        concurrent(service, run).await;
     }
     tracing::debug!(handler = %name, "handler stopped");
 }
@@ -51,7 +52,7 @@ where
 /// than the layers' own work. The stop and close-timeout signals are each one future for
 /// the whole loop (a fresh waiter per message would cost as much as the rest of an
 /// in-memory message's trip).
-async fn sequential<S>(mut service: S, run: HandlerRun, keep_input: bool)
+async fn sequential<S>(mut service: S, run: HandlerRun)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -93,7 +94,7 @@ where
         })
         .await;
         let Some(ready) = ready else { break };
-        let (span, settlement, msg) = prepare(&ctx, delivery);
+        let (span, settlement, msg, uuid) = prepare(&ctx, delivery);
         // If the work is abandoned (close timeout), the handle is dropped, which nacks,
         // even while clones of the input (and so of the settlement) live on elsewhere.
         let settlement = DropNacks(settlement);
@@ -103,23 +104,16 @@ where
             );
             break;
         }
-        // The router's copy of the input, current while the service is called and polled:
-        // the message without its context (the settlement holds that block already).
-        let input = keep_input.then(|| msg.detached());
         // The future is made straight into its pinned slot (layered futures are a few
         // hundred bytes; returning one through the panic guard would copy it twice).
         let mut fut = pin!(None::<S::Future>);
-        let called = {
-            let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
-            std::panic::catch_unwind(AssertUnwindSafe(|| {
-                span.in_scope(|| fut.set(Some(service.call(msg))))
-            }))
-        };
+        let called = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            span.in_scope(|| fut.set(Some(service.call(msg))))
+        }));
         let outcome = match called {
             Ok(()) => {
                 let polled = poll_fn(|cx| {
                     let _entered = span.enter();
-                    let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
                     let Some(fut) = fut.as_mut().as_pin_mut() else {
                         return Poll::Ready(Some(Err("handler future missing".to_owned())));
                     };
@@ -144,8 +138,7 @@ where
         };
         // The work is done: its future (and what it holds) goes before the settling.
         fut.set(None);
-        drop(input);
-        let mut settling = pin!(settle(&ctx, &settlement.0, outcome).instrument(span));
+        let mut settling = pin!(settle(&ctx, &settlement.0, outcome, &uuid).instrument(span));
         let settled = poll_fn(|cx| match settling.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(true),
             Poll::Pending if forced.as_mut().poll(cx).is_ready() => Poll::Ready(false),
@@ -159,7 +152,7 @@ where
 }
 
 /// Up to `concurrency` messages in flight; messages with the same key one after another.
-async fn concurrent<S>(mut service: S, run: HandlerRun, keep_input: bool)
+async fn concurrent<S>(mut service: S, run: HandlerRun)
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -190,7 +183,7 @@ where
                 match waiting.get_mut(&key).and_then(VecDeque::pop_front) {
                     Some(next) => {
                         waiting_count -= 1;
-                        if !spawn_one(&mut service, &ctx, next, &force, &mut tasks, keep_input).await {
+                        if !spawn_one(&mut service, &ctx, next, &force, &mut tasks).await {
                             break;
                         }
                     }
@@ -215,7 +208,7 @@ where
                     }
                     busy.insert(key.clone());
                 }
-                if !spawn_one(&mut service, &ctx, delivery, &force, &mut tasks, keep_input).await {
+                if !spawn_one(&mut service, &ctx, delivery, &force, &mut tasks).await {
                     break;
                 }
             }
@@ -269,7 +262,6 @@ async fn spawn_one<S>(
     delivery: Delivery,
     force: &CancellationToken,
     tasks: &mut JoinSet<Option<Bytes>>,
-    keep_input: bool,
 ) -> bool
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
@@ -284,38 +276,25 @@ where
         _ = force.cancelled() => return false,
     };
     let ready: Result<(), BoxError> = ready.map_err(Into::into);
-    let (span, settlement, msg) = prepare(ctx, delivery);
+    let (span, settlement, msg, uuid) = prepare(ctx, delivery);
     let settlement = DropNacks(settlement);
     if let Err(e) = ready {
         span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
         return false;
     }
-    let input = keep_input.then(|| msg.detached());
-    let called = {
-        let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
-        std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
-            .map_err(|panic| panic_message(&*panic))
-    };
+    let called = std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
+        .map_err(|panic| panic_message(&*panic));
     let ctx = ctx.clone();
     tasks.spawn(
         async move {
             let outcome = match called {
-                Ok(fut) => {
-                    let mut fut = pin!(AssertUnwindSafe(fut).catch_unwind());
-                    let polled = poll_fn(|cx| {
-                        let _current = input.as_ref().map(|m| Current::enter(m, &settlement.0));
-                        fut.as_mut().poll(cx)
-                    })
-                    .await;
-                    match polled {
-                        Ok(result) => Ok(result.map_err(Into::into)),
-                        Err(panic) => Err(panic_message(&*panic)),
-                    }
-                }
+                Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+                    Ok(result) => Ok(result.map_err(Into::into)),
+                    Err(panic) => Err(panic_message(&*panic)),
+                },
                 Err(panic) => Err(panic),
             };
-            drop(input);
-            settle(&ctx, &settlement.0, outcome).await;
+            settle(&ctx, &settlement.0, outcome, &uuid).await;
             key
         }
         .instrument(span),
@@ -324,8 +303,9 @@ where
 }
 
 /// Splits a delivery into the message handed to the service (with its context) and the
-/// settlement the router keeps, and opens the message's span.
-fn prepare(ctx: &HandlerCtx, delivery: Delivery) -> (tracing::Span, Settlement, Message) {
+/// settlement the router keeps, opens the message's span and keeps the uuid (for the
+/// failure path).
+fn prepare(ctx: &HandlerCtx, delivery: Delivery) -> (tracing::Span, Settlement, Message, Uuid) {
     let (mut msg, handle) = delivery.into_parts();
     let attempt = handle.attempt();
     let span = tracing::info_span!(
@@ -335,21 +315,24 @@ fn prepare(ctx: &HandlerCtx, delivery: Delivery) -> (tracing::Span, Settlement, 
         uuid = %msg.uuid(),
         attempt = attempt,
     );
+    let uuid = msg.uuid_copy();
     let (context, settlement) = MessageContext::received(ctx.info.clone(), handle);
     msg.set_context(Some(context));
-    (span, settlement, msg)
+    (span, settlement, msg, uuid)
 }
 
 /// What a handler call came to: its result, or the message of its panic.
 type Outcome = Result<Result<Vec<Message>, BoxError>, String>;
 
 /// Applies the outcome rules: output published (confirmed) then input acked; handler error,
-/// publish error or panic nack the input (after the delay a [`redeliver_after`] error asks
-/// for). An input settled early through its context is no longer settled here.
+/// publish error or panic nack the input after a delay: the one a [`redeliver_after`] error
+/// asks for, else the router's backoff for the delivery attempt (never at once, so a
+/// message that always fails cannot spin). An input settled early through its context is
+/// no longer settled here.
 ///
 /// [`redeliver_after`]: super::redeliver_after
-async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome) {
-    match outcome {
+async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome, uuid: &Uuid) {
+    let (kind, asked, error) = match outcome {
         Ok(Ok(out)) => {
             if !out.is_empty() {
                 match &ctx.output {
@@ -357,17 +340,25 @@ async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome) {
                         let topic = ctx.info.publish_topic.as_deref().unwrap_or_default();
                         // Through the trait object itself: calling on the Arc would box the future twice.
                         if let Err(e) = (**publisher).publish(topic, out).await {
-                            tracing::error!(error = %e, "publishing the handler's output failed; nacking");
-                            return nack(settlement, None).await;
+                            let asked = redelivery_delay(&e);
+                            return fail(
+                                ctx,
+                                settlement,
+                                uuid,
+                                Kind::Publish,
+                                asked,
+                                e.to_string(),
+                            )
+                            .await;
                         }
                     }
                     None => {
-                        tracing::error!(
-                            count = out.len(),
-                            "consumer-only handler returned messages it cannot publish; nacking \
-                             (add an output with .publish(publisher, topic) or return nothing)"
+                        let e = format!(
+                            "consumer-only handler returned {} message(s) it cannot publish \
+                             (add an output with .publish(publisher, topic) or return nothing)",
+                            out.len()
                         );
-                        return nack(settlement, None).await;
+                        return fail(ctx, settlement, uuid, Kind::Publish, None, e).await;
                     }
                 }
             }
@@ -379,21 +370,42 @@ async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome) {
                 }
                 None => tracing::debug!("input was settled early; nothing left to ack"),
             }
+            return;
         }
-        Ok(Err(e)) => {
-            let delay = redelivery_delay(&*e);
-            match delay {
-                Some(delay) => {
-                    tracing::warn!(error = %ErrorChain(&*e), ?delay, "handler failed; nacking with delay")
-                }
-                None => tracing::warn!(error = %ErrorChain(&*e), "handler failed; nacking"),
-            }
-            nack(settlement, delay).await;
-        }
-        Err(panic) => {
-            tracing::error!(panic = %panic, "handler panicked; nacking");
-            nack(settlement, None).await;
-        }
+        Ok(Err(e)) => (
+            Kind::Handler,
+            redelivery_delay(&*e),
+            ErrorChain(&*e).to_string(),
+        ),
+        Err(panic) => (Kind::Panic, None, panic),
+    };
+    fail(ctx, settlement, uuid, kind, asked, error).await
+}
+
+/// Counts and logs a failure, then nacks the input with its redelivery delay.
+async fn fail(
+    ctx: &HandlerCtx,
+    settlement: &Settlement,
+    uuid: &Uuid,
+    kind: Kind,
+    asked: Option<std::time::Duration>,
+    error: String,
+) {
+    let Some(handle) = settlement.take() else {
+        ctx.failures
+            .record(&ctx.info, kind, uuid, Some(1), asked, &error);
+        tracing::warn!(
+            "the input was settled early (e.g. instant ack), so this failure does not lead to \
+             a redelivery"
+        );
+        return;
+    };
+    let delay = ctx
+        .failures
+        .record(&ctx.info, kind, uuid, handle.attempt(), asked, &error);
+    ctx.failures.nacked();
+    if let Err(e) = handle.nack_with_delay(delay).await {
+        tracing::warn!(error = %e, "nack failed; the broker will redeliver after its timeout");
     }
 }
 
@@ -404,23 +416,6 @@ struct DropNacks(Settlement);
 impl Drop for DropNacks {
     fn drop(&mut self) {
         drop(self.0.take());
-    }
-}
-
-async fn nack(settlement: &Settlement, delay: Option<std::time::Duration>) {
-    let Some(handle) = settlement.take() else {
-        tracing::warn!(
-            "the input was settled early (e.g. instant ack), so this failure does not lead to \
-             a redelivery"
-        );
-        return;
-    };
-    let result = match delay {
-        Some(delay) => handle.nack_with_delay(delay).await,
-        None => handle.nack().await,
-    };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "nack failed; the broker will redeliver after its timeout");
     }
 }
 
