@@ -28,7 +28,7 @@ use tidemill_testkit::{unique_topic, Backend};
 use tokio::sync::mpsc;
 
 use crate::request_reply::{Replier, ReplyErrorKind, RequestError, Requester, RequesterConfig};
-use crate::{headers, Counting, DeadLetter};
+use crate::{headers, Counting, DeadLetter, PoisonQueue};
 
 /// Expands to one `#[test]` per check of this module, each against a fresh backend built by
 /// the given expression (which may `.await`). With `skip_unless_env = "VAR",` first, each
@@ -40,6 +40,10 @@ macro_rules! middleware_tests {
             dead_letter_after_max_deliveries,
             dead_letter_durable_counting,
             request_reply_round_trip,
+            failing_message_backs_off,
+            permanent_error_backs_off,
+            failure_destinations_keep_messages,
+            dead_letter_watcher_does_not_loop,
         );
     };
     ($backend:expr $(,)?) => {
@@ -263,6 +267,328 @@ fn check_dead_letter(
             .is_some_and(|e| e.ends_with("payment provider down")),
         "history entry {last} in {md:?}"
     );
+}
+
+/// How long the safe-default checks watch a failing message.
+const WATCH: Duration = Duration::from_secs(10);
+/// The most deliveries a failing message may get in [`WATCH`] without any middleware (the
+/// router's default backoff gives about 7; 20 leaves room for jitter and brokers that
+/// round delays).
+const MAX_DELIVERIES_IN_WATCH: usize = 20;
+
+/// With no middleware at all, one message whose handler always fails is redelivered with a
+/// growing delay (at most [`MAX_DELIVERIES_IN_WATCH`] deliveries in 10 s, and more than
+/// one: it is not lost), while 1,000 good messages on other keys are all handled.
+pub async fn failing_message_backs_off(b: Arc<dyn Backend>) {
+    backoff_run(b, false).await;
+}
+
+/// The same for a [permanent](tidemill_core::permanent) error with no poison queue: never
+/// redelivered at full speed either.
+pub async fn permanent_error_backs_off(b: Arc<dyn Backend>) {
+    backoff_run(b, true).await;
+}
+
+async fn backoff_run(b: Arc<dyn Backend>, permanent_error: bool) {
+    let f = b.features();
+    if !f.redelivers_on_nack {
+        eprintln!("SKIP backoff: the backend does not redeliver");
+        return;
+    }
+    let t = b.timeout();
+    let (p, s) = clients(&b).await;
+    let topic = unique_topic("backoff");
+    let opts = if f.consumer_groups {
+        SubscribeOptions::group("backoff")
+    } else {
+        SubscribeOptions::new()
+    };
+    s.initialize(&topic, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("initialize failed: {e}"));
+    let router = Router::with_config(RouterConfig {
+        close_clients: false,
+        ..RouterConfig::default()
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel::<(bool, String, Instant)>();
+    let mut handler = router.add_handler("backoff").subscribe(s.clone(), &topic);
+    if let Some(g) = opts.consumer_group() {
+        handler = handler.group(g);
+    }
+    handler
+        .handler(move |m: Message| {
+            let bad = m.payload().as_ref() == b"bad";
+            let _ = tx.send((bad, m.uuid().to_owned(), Instant::now()));
+            async move {
+                if !bad {
+                    return HandlerResult::Ok(());
+                }
+                if permanent_error {
+                    Err(permanent("undecodable"))
+                } else {
+                    Err("always fails".into())
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("adding the handler failed: {e}"));
+    start(&router, t).await;
+    let bad = Message::new("bad").with_key("bad");
+    p.publish_one(&topic, bad.clone())
+        .await
+        .unwrap_or_else(|e| panic!("publish failed: {e}"));
+    let good: Vec<Message> = (0..1000)
+        .map(|i| Message::new(format!("good {i}")).with_key(format!("key-{}", i % 50)))
+        .collect();
+    for chunk in good.chunks(100) {
+        p.publish(&topic, chunk.to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("publish failed: {e}"));
+    }
+    let mut handled = std::collections::HashSet::new();
+    let mut bad_deliveries = Vec::new();
+    let deadline = Instant::now() + t + WATCH;
+    loop {
+        let watched_enough = bad_deliveries
+            .first()
+            .is_some_and(|first: &Instant| first.elapsed() >= WATCH);
+        if handled.len() == good.len() && watched_enough {
+            break;
+        }
+        let now = Instant::now();
+        assert!(
+            now < deadline,
+            "after {:?}: {} of {} good messages handled, the failing one delivered {} times",
+            t + WATCH,
+            handled.len(),
+            good.len(),
+            bad_deliveries.len()
+        );
+        let wait = deadline - now;
+        match tokio::time::timeout(wait.min(Duration::from_millis(200)), rx.recv()).await {
+            Ok(Some((true, uuid, at))) => {
+                assert_eq!(uuid, bad.uuid());
+                bad_deliveries.push(at);
+            }
+            Ok(Some((false, uuid, _))) => {
+                handled.insert(uuid);
+            }
+            Ok(None) => panic!("handler channel closed"),
+            Err(_) => {}
+        }
+    }
+    let stats = router
+        .handler_stats("backoff")
+        .unwrap_or_else(|| panic!("the handler runs"));
+    router
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    assert!(
+        stats.failed >= 2 && stats.nacked >= 2,
+        "failures are counted: {stats:?}"
+    );
+    let first = bad_deliveries[0];
+    let within: Vec<Duration> = bad_deliveries
+        .iter()
+        .map(|at| at.duration_since(first))
+        .filter(|d| *d <= WATCH)
+        .collect();
+    eprintln!(
+        "failing message ({}): {} deliveries in {WATCH:?}, at {within:?}",
+        if permanent_error {
+            "permanent"
+        } else {
+            "transient"
+        },
+        within.len()
+    );
+    assert!(
+        within.len() <= MAX_DELIVERIES_IN_WATCH,
+        "a failing message must not spin: {} deliveries in {WATCH:?}",
+        within.len()
+    );
+    assert!(
+        within.len() >= 2,
+        "a failing message must be redelivered (nothing is lost): {} deliveries in {WATCH:?}",
+        within.len()
+    );
+    for c in [p.close().await, s.close().await] {
+        c.unwrap_or_else(|e| panic!("close failed: {e}"));
+    }
+}
+
+/// Dead letters and poisoned messages published while nobody consumes their topics are
+/// kept: a consumer started afterwards (with the layers' retention group, the topic's name
+/// by default) receives every one of them.
+pub async fn failure_destinations_keep_messages(b: Arc<dyn Backend>) {
+    let f = b.features();
+    if !f.redelivers_on_nack || !f.consumer_groups || !f.persistent {
+        eprintln!("SKIP failure destinations: needs redelivery and persistent consumer groups");
+        return;
+    }
+    let t = b.timeout();
+    let (p, s) = clients(&b).await;
+    let topic = unique_topic("destinations");
+    let dead_topic = format!("{topic}.dead");
+    let poison_topic = format!("{topic}.poison");
+    s.initialize(&topic, &SubscribeOptions::group("orders"))
+        .await
+        .unwrap_or_else(|e| panic!("initialize failed: {e}"));
+    let dl = DeadLetter::new(p.clone(), &dead_topic).max_deliveries(2);
+    let poison = PoisonQueue::new(p.clone(), &poison_topic);
+    let router = Router::with_config(RouterConfig {
+        close_clients: false,
+        redelivery: crate::Backoff::new(Duration::from_millis(20)),
+        ..RouterConfig::default()
+    });
+    router
+        .add_handler("orders")
+        .subscribe(s.clone(), &topic)
+        .group("orders")
+        .layer(dl.clone())
+        .layer(poison.clone())
+        .handler(|m: Message| async move {
+            if m.payload().starts_with(b"garbage") {
+                return Err(permanent("not an order"));
+            }
+            HandlerResult::<()>::Err("warehouse down".into())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("adding the handler failed: {e}"));
+    start(&router, t).await;
+    let stuck: Vec<Message> = (0..3).map(|i| Message::new(format!("stuck {i}"))).collect();
+    let garbage: Vec<Message> = (0..2)
+        .map(|i| Message::new(format!("garbage {i}")))
+        .collect();
+    p.publish(&topic, stuck.iter().chain(&garbage).cloned().collect())
+        .await
+        .unwrap_or_else(|e| panic!("publish failed: {e}"));
+    let started = Instant::now();
+    while dl.dead_lettered() < 3 || poison.poisoned() < 2 {
+        assert!(
+            started.elapsed() < t,
+            "within {t:?}: {} dead-lettered, {} poisoned",
+            dl.dead_lettered(),
+            poison.poisoned()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    router
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    // Only now does anybody consume the failure topics.
+    for (topic, expected) in [(&dead_topic, &stuck), (&poison_topic, &garbage)] {
+        let mut stream = s
+            .subscribe(topic, SubscribeOptions::group(topic.as_str()))
+            .await
+            .unwrap_or_else(|e| panic!("subscribe {topic} failed: {e}"));
+        let mut got = Vec::new();
+        for _ in 0..expected.len() {
+            got.push(next(&mut stream, t, "kept failure").await);
+        }
+        let mut got_ids: Vec<&str> = got.iter().map(Message::uuid).collect();
+        let mut want: Vec<&str> = expected.iter().map(Message::uuid).collect();
+        got_ids.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got_ids, want, "every message kept on {topic}");
+    }
+    for c in [p.close().await, s.close().await] {
+        c.unwrap_or_else(|e| panic!("close failed: {e}"));
+    }
+}
+
+/// The recommended stack as router-level layers, and a dead-letter watcher on the same
+/// router that always fails: the watcher's failures are not dead-lettered onto its own
+/// topic (the message is dead-lettered once, the watcher sees a bounded number of
+/// deliveries) and every delivery carries the original history.
+pub async fn dead_letter_watcher_does_not_loop(b: Arc<dyn Backend>) {
+    let f = b.features();
+    if !f.redelivers_on_nack || !f.consumer_groups {
+        eprintln!("SKIP watcher loop: needs redelivery and consumer groups");
+        return;
+    }
+    let t = b.timeout();
+    let (p, s) = clients(&b).await;
+    let topic = unique_topic("watcher");
+    let dead_topic = format!("{topic}.dead");
+    s.initialize(&topic, &SubscribeOptions::group("orders"))
+        .await
+        .unwrap_or_else(|e| panic!("initialize failed: {e}"));
+    s.initialize(&dead_topic, &SubscribeOptions::group(dead_topic.as_str()))
+        .await
+        .unwrap_or_else(|e| panic!("initialize failed: {e}"));
+    let dl = DeadLetter::new(p.clone(), &dead_topic).max_deliveries(2);
+    let router = Router::with_config(RouterConfig {
+        close_clients: false,
+        ..RouterConfig::default()
+    });
+    router.layer(dl.clone());
+    router
+        .add_handler("orders")
+        .subscribe(s.clone(), &topic)
+        .group("orders")
+        .handler(|_m: Message| async move { HandlerResult::<()>::Err("warehouse down".into()) })
+        .await
+        .unwrap_or_else(|e| panic!("adding the handler failed: {e}"));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Message, Instant)>();
+    router
+        .add_handler("watcher")
+        .subscribe(s.clone(), &dead_topic)
+        .group(dead_topic.as_str())
+        .handler(move |m: Message| {
+            let _ = tx.send((m, Instant::now()));
+            async move { HandlerResult::<()>::Err("alerting down".into()) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("adding the watcher failed: {e}"));
+    start(&router, t).await;
+    let input = Message::new("order 9");
+    p.publish_one(&topic, input.clone())
+        .await
+        .unwrap_or_else(|e| panic!("publish failed: {e}"));
+    let (first, first_at) = tokio::time::timeout(t, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("the watcher got nothing within {t:?}"))
+        .unwrap_or_else(|| panic!("channel closed"));
+    let mut seen = vec![first];
+    while first_at.elapsed() < WATCH {
+        if let Ok(Some((m, _))) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+        {
+            seen.push(m);
+        }
+    }
+    router
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    eprintln!("watcher deliveries in {WATCH:?}: {}", seen.len());
+    assert!(
+        seen.len() <= MAX_DELIVERIES_IN_WATCH,
+        "the watcher's message must not loop: {} deliveries in {WATCH:?}",
+        seen.len()
+    );
+    assert_eq!(dl.dead_lettered(), 1, "dead-lettered exactly once");
+    for m in &seen {
+        assert_eq!(m.uuid(), input.uuid());
+        let md = m.metadata();
+        assert_eq!(md.get(headers::DEAD_LETTER_HANDLER), Some("orders"));
+        assert_eq!(md.get(headers::DEAD_LETTER_TOPIC), Some(topic.as_str()));
+        assert_eq!(md.get(headers::DEAD_LETTER_REASON), Some("warehouse down"));
+        for n in 1..=2 {
+            let key = format!("{}{n}", headers::DEAD_LETTER_ERROR_PREFIX);
+            assert!(
+                md.get(&key).is_some_and(|e| e.ends_with("warehouse down")),
+                "history entry {key} intact in {md:?}"
+            );
+        }
+        let extra = format!("{}3", headers::DEAD_LETTER_ERROR_PREFIX);
+        assert!(md.get(&extra).is_none(), "no history added: {md:?}");
+    }
+    for c in [p.close().await, s.close().await] {
+        c.unwrap_or_else(|e| panic!("close failed: {e}"));
+    }
 }
 
 /// Round trips through a [`Replier`] handler: a reply with payload and metadata, a typed

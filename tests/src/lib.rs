@@ -160,6 +160,7 @@ macro_rules! conformance_tests {
             nack_with_delay,
             no_ack_blocks_next,
             continue_after_subscriber_close,
+            close_releases_unpolled_deliveries,
             concurrent_close,
             continue_after_errors,
             order_per_key,

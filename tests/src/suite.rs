@@ -429,6 +429,61 @@ pub async fn continue_after_subscriber_close(b: Arc<dyn Backend>) {
     got.assert_all_of(&expected, "continue_after_subscriber_close");
 }
 
+/// A subscriber closed while its stream is neither polled nor dropped gives back what it
+/// took from the group (prefetched or buffered): another member receives every message,
+/// and nothing is lost. The time it took is printed (the issue asks for about a second;
+/// Kafka's group rebalance takes longer).
+pub async fn close_releases_unpolled_deliveries(b: Arc<dyn Backend>) {
+    let (f, t) = (b.features(), b.timeout());
+    if !(f.persistent && f.consumer_groups && f.redelivers_on_nack) {
+        return skip(
+            "close_releases_unpolled_deliveries",
+            "needs persistent consumer groups with redelivery",
+        );
+    }
+    let topic = unique_topic("close_releases");
+    let opts = SubscribeOptions::group("release");
+    let p = publisher(&b).await;
+    let first = subscriber(&b).await;
+    first
+        .initialize(&topic, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("initialize failed: {e}"));
+    let mut held = subscribe(&first, &topic, opts.clone()).await;
+    let expected = numbered("release", 4, None);
+    publish(&p, &topic, expected.clone()).await;
+    // The stream exists and the adapter may have taken the messages (prefetch, a buffer
+    // filled in the background); give it time to, without polling.
+    tokio::time::sleep(QUIET).await;
+    first
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    let closed = Instant::now();
+    let second = subscriber(&b).await;
+    let mut stream = subscribe(&second, &topic, opts).await;
+    let got = receive_all(
+        &mut stream,
+        &expected,
+        t,
+        "close_releases_unpolled_deliveries",
+    )
+    .await;
+    eprintln!(
+        "close_releases_unpolled_deliveries: the other member had every message {:?} after the close",
+        closed.elapsed()
+    );
+    got.assert_all_of(&expected, "close_releases_unpolled_deliveries");
+    // The closed subscriber's stream is still alive (never polled): it ends when polled.
+    assert!(
+        ends_within(&mut held, t).await,
+        "a closed subscriber's stream ends"
+    );
+    for c in [second.close().await, p.close().await] {
+        c.unwrap_or_else(|e| panic!("close failed: {e}"));
+    }
+}
+
 /// Many subscriptions closed concurrently (and twice): every stream ends, nothing hangs.
 pub async fn concurrent_close(b: Arc<dyn Backend>) {
     let t = b.timeout();
