@@ -8,8 +8,8 @@ use tidemill_core::{Message, Publisher, Subscriber};
 use tidemill_middleware::request_reply::{RequestError, Requester, RequesterConfig};
 
 use crate::{
-    short_type_name, Command, CqrsError, Event, Json, Marshal, TopicNaming, CONTENT_TYPE_KEY,
-    NAME_KEY,
+    short_type_name, Command, CqrsError, Event, Json, Marshal, TopicNaming, TypeHeader,
+    CONTENT_TYPE_KEY,
 };
 
 type SendHook = Arc<dyn Fn(&mut Message) + Send + Sync>;
@@ -22,6 +22,7 @@ struct Bus<M> {
     naming: TopicNaming,
     hook: Option<SendHook>,
     kind: &'static str,
+    type_header: TypeHeader,
 }
 
 impl<M> Bus<M> {
@@ -39,9 +40,9 @@ impl<M> Bus<M> {
                 name: name.to_owned(),
                 source,
             })?;
-        let mut msg = Message::new(payload)
-            .with_metadata(NAME_KEY, name)
-            .with_metadata(CONTENT_TYPE_KEY, self.marshaler.content_type());
+        let mut msg =
+            Message::new(payload).with_metadata(CONTENT_TYPE_KEY, self.marshaler.content_type());
+        self.type_header.write(&mut msg, name);
         if let Some(hook) = &self.hook {
             hook(&mut msg);
         }
@@ -99,6 +100,7 @@ impl CommandBus<Json> {
                 naming: TopicNaming::commands(),
                 hook: None,
                 kind: "command",
+                type_header: TypeHeader::default(),
             },
         }
     }
@@ -112,6 +114,7 @@ impl<M> CommandBus<M> {
             naming,
             hook,
             kind,
+            type_header,
             ..
         } = self.bus;
         CommandBus {
@@ -121,6 +124,7 @@ impl<M> CommandBus<M> {
                 naming,
                 hook,
                 kind,
+                type_header,
             },
         }
     }
@@ -128,6 +132,14 @@ impl<M> CommandBus<M> {
     /// Replaces how command names map to topics.
     pub fn with_topic_naming(mut self, naming: TopicNaming) -> Self {
         self.bus.naming = naming;
+        self
+    }
+
+    /// Tags commands with their type name in `header` instead of `cqrs-name` metadata
+    /// (e.g. [`TypeHeader::watermill`] to talk to Watermill services). Processors must read
+    /// the same place.
+    pub fn with_type_header(mut self, header: TypeHeader) -> Self {
+        self.bus.type_header = header;
         self
     }
 
@@ -346,6 +358,7 @@ impl EventBus<Json> {
                 naming: TopicNaming::events(),
                 hook: None,
                 kind: "event",
+                type_header: TypeHeader::default(),
             },
         }
     }
@@ -359,6 +372,7 @@ impl<M> EventBus<M> {
             naming,
             hook,
             kind,
+            type_header,
             ..
         } = self.bus;
         EventBus {
@@ -368,6 +382,7 @@ impl<M> EventBus<M> {
                 naming,
                 hook,
                 kind,
+                type_header,
             },
         }
     }
@@ -375,6 +390,14 @@ impl<M> EventBus<M> {
     /// Replaces how event names map to topics.
     pub fn with_topic_naming(mut self, naming: TopicNaming) -> Self {
         self.bus.naming = naming;
+        self
+    }
+
+    /// Tags events with their type name in `header` instead of `cqrs-name` metadata (e.g.
+    /// [`TypeHeader::watermill`] to talk to Watermill services). Processors must read the
+    /// same place.
+    pub fn with_type_header(mut self, header: TypeHeader) -> Self {
+        self.bus.type_header = header;
         self
     }
 

@@ -166,7 +166,7 @@ pub enum DecodeError {
     },
     /// The message carries no type name.
     #[error(
-        "message {uuid} on topic `{topic}` has no `{key}` metadata: cannot tell which {kind} it is"
+        "message {uuid} on topic `{topic}` has no type name in {key}: cannot tell which {kind} it is"
     )]
     MissingName {
         /// "command" or "event".
@@ -175,8 +175,8 @@ pub enum DecodeError {
         uuid: String,
         /// Topic it arrived on.
         topic: String,
-        /// The metadata key that was expected.
-        key: &'static str,
+        /// Where the name was expected ([`TypeHeader::describe`](crate::TypeHeader::describe)).
+        key: String,
     },
     /// No handler knows the type and the policy is to reject it.
     #[error("no handler for {kind} `{name}` (message {uuid} on topic `{topic}`)")]

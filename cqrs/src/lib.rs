@@ -5,7 +5,8 @@
 //!
 //! - [`CommandBus::send`] / [`EventBus::publish`] marshal a value (JSON by default, Protobuf
 //!   with the `protobuf` feature), tag the message with the type's name (metadata
-//!   [`NAME_KEY`]) and publish it to the topic the name maps to (`commands.<Name>` /
+//!   [`NAME_KEY`] by default; [`TypeHeader`] picks another place, e.g. Watermill's `name`)
+//!   and publish it to the topic the name maps to (`commands.<Name>` /
 //!   `events.<Name>` by default, replaceable with [`TopicNaming`]).
 //! - [`CommandProcessor`] runs exactly one handler per command type; [`EventProcessor`] runs
 //!   any number of handlers per event type, each with its own consumer group, and event
@@ -31,6 +32,7 @@ mod error;
 mod marshal;
 mod name;
 mod processor;
+mod type_header;
 
 pub use bus::{CommandBus, CommandClient, EventBus};
 pub use error::{CqrsError, DecodeError};
@@ -39,8 +41,9 @@ pub use marshal::Protobuf;
 pub use marshal::{Json, Marshal};
 pub use name::{short_type_name, Command, Event, TopicNaming};
 pub use processor::{CommandProcessor, Context, EventGroup, EventProcessor, UnknownTypePolicy};
+pub use type_header::TypeHeader;
 
-/// Metadata key holding the command or event name.
+/// Metadata key holding the command or event name (the default [`TypeHeader`]).
 pub const NAME_KEY: &str = "cqrs-name";
 
 /// Metadata key holding the payload's content type.

@@ -17,7 +17,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::{
     short_type_name, Command, CqrsError, DecodeError, Event, Json, Marshal, TopicNaming,
-    CONTENT_TYPE_KEY, NAME_KEY,
+    TypeHeader, CONTENT_TYPE_KEY, NAME_KEY,
 };
 
 /// What a typed handler gets besides the decoded value: the message it came in.
@@ -114,18 +114,21 @@ struct Dispatcher {
     siblings: Arc<HashSet<String>>,
     policy: UnknownTypePolicy,
     unknown: Arc<AtomicU64>,
+    type_header: TypeHeader,
 }
 
 impl Dispatcher {
     async fn dispatch(self, message: Message) -> Result<Vec<Message>, BoxError> {
-        let Some(name) = message.metadata().get(NAME_KEY) else {
+        let Some(name) = self.type_header.read(&message) else {
             return Err(permanent(DecodeError::MissingName {
                 kind: self.kind,
                 uuid: message.uuid().to_owned(),
                 topic: topic_of(&message),
-                key: NAME_KEY,
+                key: self.type_header.describe().to_owned(),
             }));
         };
+        let name = name.into_owned();
+        let name = name.as_str();
         if let Some(h) = self.handlers.iter().find(|h| h.type_name == name) {
             return (h.call)(message).await;
         }
@@ -307,6 +310,7 @@ pub struct CommandProcessor<M = Json> {
     unknown: Arc<AtomicU64>,
     layers: Vec<WrapHandler>,
     replies: Option<Arc<dyn Publisher>>,
+    type_header: TypeHeader,
 }
 
 impl CommandProcessor<Json> {
@@ -322,6 +326,7 @@ impl CommandProcessor<Json> {
             unknown: Arc::default(),
             layers: Vec::new(),
             replies: None,
+            type_header: TypeHeader::default(),
         }
     }
 }
@@ -339,12 +344,20 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
             unknown: self.unknown,
             layers: self.layers,
             replies: self.replies,
+            type_header: self.type_header,
         }
     }
 
     /// Replaces how command names map to topics (must match the bus's).
     pub fn with_topic_naming(mut self, naming: TopicNaming) -> Self {
         self.naming = naming;
+        self
+    }
+
+    /// Reads the command's type name from `header` instead of `cqrs-name` metadata (must
+    /// match the senders': [`TypeHeader::watermill`] for Watermill services).
+    pub fn with_type_header(mut self, header: TypeHeader) -> Self {
+        self.type_header = header;
         self
     }
 
@@ -482,6 +495,7 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
                 siblings: siblings.clone(),
                 policy: self.policy,
                 unknown: self.unknown.clone(),
+                type_header: self.type_header.clone(),
             };
             dispatcher
                 .add_to(
@@ -540,6 +554,7 @@ pub struct EventProcessor<M = Json> {
     specs: Vec<EventHandlerSpec>,
     unknown: Arc<AtomicU64>,
     layers: Vec<WrapHandler>,
+    type_header: TypeHeader,
 }
 
 impl EventProcessor<Json> {
@@ -554,6 +569,7 @@ impl EventProcessor<Json> {
             specs: Vec::new(),
             unknown: Arc::default(),
             layers: Vec::new(),
+            type_header: TypeHeader::default(),
         }
     }
 }
@@ -570,12 +586,20 @@ impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
             specs: self.specs,
             unknown: self.unknown,
             layers: self.layers,
+            type_header: self.type_header,
         }
     }
 
     /// Replaces how event names map to topics (must match the bus's).
     pub fn with_topic_naming(mut self, naming: TopicNaming) -> Self {
         self.naming = naming;
+        self
+    }
+
+    /// Reads the event's type name from `header` instead of `cqrs-name` metadata (must
+    /// match the publishers': [`TypeHeader::watermill`] for Watermill services).
+    pub fn with_type_header(mut self, header: TypeHeader) -> Self {
+        self.type_header = header;
         self
     }
 
@@ -685,6 +709,7 @@ impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
                 siblings: Arc::new(siblings),
                 policy: self.policy,
                 unknown: self.unknown.clone(),
+                type_header: self.type_header.clone(),
             };
             dispatcher
                 .add_to(

@@ -15,10 +15,10 @@ use tidemill_core::{
 };
 use tidemill_cqrs::{
     Command, CommandBus, CommandClient, CommandProcessor, Context, CqrsError, Event, EventBus,
-    EventProcessor, TopicNaming, UnknownTypePolicy, NAME_KEY,
+    EventProcessor, TopicNaming, TypeHeader, UnknownTypePolicy, NAME_KEY,
 };
 use tidemill_middleware::request_reply::{ReplyErrorKind, RequesterConfig};
-use tidemill_middleware::{headers, Backoff, PoisonQueue, Retry};
+use tidemill_middleware::{headers, Backoff, DeadLetter, PoisonQueue, Retry};
 use tokio::sync::mpsc;
 use tower::{Layer, Service};
 
@@ -1186,4 +1186,171 @@ async fn send_and_wait_for_a_handler_without_result_says_so() {
     assert!(err.to_string().contains("handle_with_result"), "{err}");
     client.close().await;
     router.close().await.unwrap();
+}
+
+// ---- interop and the reliability layers ------------------------------------------------
+
+/// With [`TypeHeader::watermill`], the buses tag messages the way Watermill's CQRS component
+/// does (`name` metadata) and the processors dispatch messages tagged that way by another
+/// service; the default `cqrs-name` is not written.
+#[tokio::test]
+async fn the_watermill_type_header_works_both_ways() {
+    let broker = MemoryBroker::new();
+    let mut sent = subscribe(&broker, "events.RoomBooked").await;
+    EventBus::new(broker.publisher())
+        .with_type_header(TypeHeader::watermill())
+        .publish(&RoomBooked { room: 3 })
+        .await
+        .unwrap();
+    let msg = next(&mut sent).await;
+    assert_eq!(msg.metadata().get("name"), Some("RoomBooked"));
+    assert_eq!(msg.metadata().get(NAME_KEY), None);
+
+    let router = Router::new();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    let mut events =
+        EventProcessor::new(broker.subscriber()).with_type_header(TypeHeader::watermill());
+    events
+        .handle("rooms", move |e: RoomBooked, _| {
+            g.lock().push(e.room);
+            async { Ok(()) }
+        })
+        .unwrap();
+    let mut commands =
+        CommandProcessor::new(broker.subscriber()).with_type_header(TypeHeader::watermill());
+    let booked = Arc::new(Mutex::new(Vec::new()));
+    let b = booked.clone();
+    commands
+        .handle(move |c: BookRoom, _| {
+            b.lock().push(c.guest);
+            async { Ok(()) }
+        })
+        .unwrap();
+    events.add_to(&router).await.unwrap();
+    commands.add_to(&router).await.unwrap();
+    start(&router).await;
+    // What a Watermill Go service publishes: JSON, the type in `name`.
+    let p = broker.publisher();
+    p.publish_one(
+        "events.RoomBooked",
+        Message::new(r#"{"room":8}"#).with_metadata("name", "RoomBooked"),
+    )
+    .await
+    .unwrap();
+    p.publish_one(
+        "commands.BookRoom",
+        Message::new(r#"{"room":8,"guest":"Go"}"#).with_metadata("name", "BookRoom"),
+    )
+    .await
+    .unwrap();
+    wait_for("both dispatched", || {
+        got.lock().contains(&8) && booked.lock().contains(&"Go".to_owned())
+    })
+    .await;
+    router.close().await.unwrap();
+}
+
+/// Processor layers compose with the reliability stack: a command whose handler always
+/// fails is retried in-process, redelivered, and dead-lettered after `max_deliveries`
+/// deliveries with its history; an undecodable one goes to the poison topic without the
+/// handler being called; the same holds for an event processor.
+#[tokio::test]
+async fn processors_retry_dead_letter_and_poison_as_documented() {
+    let broker = MemoryBroker::new();
+    let router = Router::with_config(tidemill_core::RouterConfig {
+        redelivery: Backoff::new(Duration::from_millis(5)),
+        ..Default::default()
+    });
+    let mut dead = subscribe(&broker, "dead").await;
+    let mut poison = subscribe(&broker, "poison").await;
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    // Outermost first: dead letter, poison queue, retry.
+    let stack = || {
+        let dl = DeadLetter::new(broker.publisher(), "dead").max_deliveries(2);
+        let pq = PoisonQueue::new(broker.publisher(), "poison");
+        let retry = Retry::new()
+            .max_attempts(3)
+            .backoff(Backoff::new(Duration::from_millis(1)));
+        (dl, pq, retry)
+    };
+    let mut commands = CommandProcessor::new(broker.subscriber());
+    let (dl, pq, retry) = stack();
+    commands.layer(dl).layer(pq).layer(retry);
+    let c = calls.clone();
+    commands
+        .handle(move |cmd: BookRoom, ctx: Context| {
+            c.lock().push(("command", cmd.room, ctx.attempt()));
+            async { Err::<(), BoxError>("hotel system down".into()) }
+        })
+        .unwrap();
+    let mut events = EventProcessor::new(broker.subscriber());
+    let (dl, pq, retry) = stack();
+    events.layer(dl).layer(pq).layer(retry);
+    let c = calls.clone();
+    events
+        .handle("cleaning", move |e: RoomCleaned, ctx: Context| {
+            c.lock().push(("event", e.room, ctx.attempt()));
+            async { Err::<(), BoxError>("mop broken".into()) }
+        })
+        .unwrap();
+    commands.add_to(&router).await.unwrap();
+    events.add_to(&router).await.unwrap();
+    start(&router).await;
+    CommandBus::new(broker.publisher())
+        .send(&book(5, "Cy"))
+        .await
+        .unwrap();
+    EventBus::new(broker.publisher())
+        .publish(&RoomCleaned { room: 6 })
+        .await
+        .unwrap();
+    broker
+        .publisher()
+        .publish_one(
+            "commands.BookRoom",
+            Message::new("{broken").with_metadata(NAME_KEY, "BookRoom"),
+        )
+        .await
+        .unwrap();
+    let mut dead_letters = vec![next(&mut dead).await, next(&mut dead).await];
+    dead_letters.sort_by_key(|m| {
+        m.metadata()
+            .get(headers::DEAD_LETTER_TOPIC)
+            .map(str::to_owned)
+    });
+    for (m, topic, reason) in [
+        (&dead_letters[0], "commands.BookRoom", "hotel system down"),
+        (&dead_letters[1], "events.RoomCleaned", "mop broken"),
+    ] {
+        let md = m.metadata();
+        assert_eq!(md.get(headers::DEAD_LETTER_TOPIC), Some(topic));
+        assert_eq!(md.get(headers::DEAD_LETTER_REASON), Some(reason));
+        assert_eq!(md.get(headers::DEAD_LETTER_DELIVERIES), Some("2"));
+        for n in 1..=2 {
+            let entry = md
+                .get(&format!("{}{n}", headers::DEAD_LETTER_ERROR_PREFIX))
+                .unwrap_or_else(|| panic!("history entry {n} in {md:?}"));
+            assert!(entry.ends_with(reason), "{entry}");
+        }
+    }
+    let poisoned = next(&mut poison).await;
+    assert_eq!(poisoned.payload().as_ref(), b"{broken");
+    assert!(poisoned
+        .metadata()
+        .get(headers::POISON_REASON)
+        .is_some_and(|r| r.contains("cannot decode command `BookRoom`")));
+    router.close().await.unwrap();
+    let calls = calls.lock().clone();
+    for (kind, room) in [("command", 5), ("event", 6)] {
+        let mine: Vec<_> = calls.iter().filter(|c| c.0 == kind).collect();
+        assert!(mine.iter().all(|c| c.1 == room), "{calls:?}");
+        // Three in-process attempts on each of two deliveries.
+        assert_eq!(mine.len(), 6, "{kind}: {calls:?}");
+        assert_eq!(
+            mine.iter().map(|c| c.2).collect::<Vec<_>>(),
+            [Some(1), Some(1), Some(1), Some(2), Some(2), Some(2)],
+            "{kind}"
+        );
+    }
 }
