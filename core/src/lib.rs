@@ -7,6 +7,7 @@
 //! Delivery is **at least once**: a message is acknowledged to the broker only after the
 //! application acked it; a nacked or dropped delivery is redelivered.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod backoff;
 mod context;

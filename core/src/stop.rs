@@ -1,12 +1,14 @@
 //! A cancellation check cheap enough for every message.
 //!
 //! Polling tokio-util's `WaitForCancellationFuture` takes two locks each time (the token's
-//! tree node to read `is_cancelled`, the `Notify`'s waiter list to refresh the waker), and
-//! a delivery stream and the router's handler loop check their tokens before every
-//! message: three tokens, six lock round trips per message, about a tenth of the in-memory
-//! router's time. [`StopWatch`] polls the token's future once, with a waker of its own that
-//! records the wake-up; afterwards a check is one atomic load, and the token's future is
-//! polled again only when it has woken.
+//! tree node to read `is_cancelled`, the `Notify`'s waiter list to refresh the waker);
+//! upstream: <https://github.com/tokio-rs/tokio/issues/7775> (`is_cancelled` locks a mutex),
+//! with lock-free fixes proposed in <https://github.com/tokio-rs/tokio/pull/8138>. Each
+//! token is watched once per message (a delivery stream watches its subscriber's token, the
+//! router's handler loop its stop token). [`StopWatch`] polls the token's future once, with
+//! a waker of its own that records the wake-up; afterwards a check is one atomic load, and
+//! the token's future is polled again only when it has woken. Drop it for plain
+//! `is_cancelled` once tokio-util's check is lock-free.
 
 use std::future::Future;
 use std::pin::Pin;

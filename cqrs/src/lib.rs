@@ -26,6 +26,7 @@
 //!   error as the reason; it never panics and is never silently dropped. Types no handler
 //!   knows follow an explicit [`UnknownTypePolicy`].
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod bus;
 mod error;

@@ -22,6 +22,7 @@
 //! - `TIDEMILL_STRESS=N` runs every test N times, each with a fresh backend.
 //! - `TIDEMILL_CONFORMANCE_MESSAGES=N` sets the message count of the bulk tests (default 100).
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod fault_proxy;
