@@ -9,29 +9,43 @@ use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tidemill_core::{BoxError, Error, Result};
 
+use crate::config::{is_secret_name, Secrets};
+use crate::subscription::resolve_positions;
 use crate::{KafkaConfig, BROKER};
 
-/// Sends librdkafka's log lines and global errors to `tracing` (target `librdkafka`).
+/// Sends librdkafka's log lines and global errors to `tracing` (target `librdkafka`),
+/// with the configuration's secret values hidden.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct LogContext;
+pub(crate) struct LogContext {
+    pub(crate) secrets: Arc<Secrets>,
+}
+
+impl LogContext {
+    pub(crate) fn new(config: &KafkaConfig) -> Self {
+        LogContext {
+            secrets: config.secrets(),
+        }
+    }
+}
 
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        log_line(level, fac, log_message);
+        log_line(&self.secrets, level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        log_error(&error, reason);
+        log_error(&self.secrets, &error, reason);
     }
 }
 
 impl rdkafka::consumer::ConsumerContext for LogContext {}
 
-pub(crate) fn log_line(level: RDKafkaLogLevel, fac: &str, msg: &str) {
+pub(crate) fn log_line(secrets: &Secrets, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+    let msg = secrets.redact(msg);
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
@@ -45,14 +59,16 @@ pub(crate) fn log_line(level: RDKafkaLogLevel, fac: &str, msg: &str) {
     }
 }
 
-pub(crate) fn log_error(error: &KafkaError, reason: &str) {
+pub(crate) fn log_error(secrets: &Secrets, error: &KafkaError, reason: &str) {
+    let text = error.to_string();
+    let (shown, reason) = (secrets.redact(&text), secrets.redact(reason));
     // Connection losses are routine (broker restarts, idle connections closed by the
     // broker); librdkafka reconnects by itself.
     match error.rdkafka_error_code() {
         Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown) => {
-            tracing::info!(target: "librdkafka", error = %error, "{reason}")
+            tracing::info!(target: "librdkafka", error = %shown, "{reason}")
         }
-        _ => tracing::warn!(target: "librdkafka", error = %error, "{reason}"),
+        _ => tracing::warn!(target: "librdkafka", error = %shown, "{reason}"),
     }
 }
 
@@ -96,9 +112,36 @@ pub(crate) fn broker_error(topic: &str, context: impl Into<String>, error: Kafka
     }
 }
 
-/// A client creation failure: a bad librdkafka setting is a configuration error.
-pub(crate) fn creation_error(what: &str, error: KafkaError) -> Error {
-    Error::config(BROKER, format!("cannot create the {what}: {error}"))
+/// [`broker_error`] with any secret value in librdkafka's text hidden.
+pub(crate) fn broker_error_hiding(
+    secrets: &Secrets,
+    topic: &str,
+    context: impl Into<String>,
+    error: KafkaError,
+) -> Error {
+    let text = error.to_string();
+    match secrets.redact(&text) {
+        std::borrow::Cow::Borrowed(_) => broker_error(topic, context, error),
+        std::borrow::Cow::Owned(hidden) if is_transient(&error) => {
+            Error::transient(BROKER, topic, context, hidden)
+        }
+        std::borrow::Cow::Owned(hidden) => Error::permanent(BROKER, topic, context, hidden),
+    }
+}
+
+/// A client creation failure: a bad librdkafka setting is a configuration error. The
+/// text librdkafka gives may quote the setting's value: secret values are hidden.
+pub(crate) fn creation_error(secrets: &Secrets, what: &str, error: KafkaError) -> Error {
+    let text = match &error {
+        KafkaError::ClientConfig(_, desc, key, _) if is_secret_name(key) => {
+            format!(
+                "invalid value for `{key}` (hidden): {}",
+                secrets.redact(desc)
+            )
+        }
+        other => secrets.redact(&other.to_string()).into_owned(),
+    };
+    Error::config(BROKER, format!("cannot create the {what}: {text}"))
 }
 
 /// Whether `topic` is a legal Kafka topic name: 1 to 249 of `[a-zA-Z0-9._-]`, not `.`
@@ -126,6 +169,7 @@ pub(crate) fn check_topic_name(topic: &str) -> Result<()> {
 /// Creates topics and tells which exist; shared by the clones of a publisher or subscriber.
 pub(crate) struct Topics {
     config: KafkaConfig,
+    context: LogContext,
     admin: AdminClient<LogContext>,
     /// Answers metadata requests (a consumer without a group joins nothing).
     metadata: Arc<BaseConsumer<LogContext>>,
@@ -136,16 +180,19 @@ impl Topics {
     /// Connects an admin client and checks that the brokers answer within
     /// `connect_timeout`.
     pub(crate) async fn connect(config: &KafkaConfig) -> Result<Self> {
+        let context = LogContext::new(config);
+        let secrets = context.secrets.clone();
         let admin: AdminClient<LogContext> = config
             .base_client("admin")
-            .create_with_context(LogContext)
-            .map_err(|e| creation_error("admin client", e))?;
+            .create_with_context(context.clone())
+            .map_err(|e| creation_error(&secrets, "admin client", e))?;
         let metadata: BaseConsumer<LogContext> = config
             .base_client("metadata")
-            .create_with_context(LogContext)
-            .map_err(|e| creation_error("metadata client", e))?;
+            .create_with_context(context.clone())
+            .map_err(|e| creation_error(&secrets, "metadata client", e))?;
         let topics = Topics {
             config: config.clone(),
+            context,
             admin,
             metadata: Arc::new(metadata),
             known: Mutex::new(HashSet::new()),
@@ -157,12 +204,15 @@ impl Topics {
             Ok(Ok(_)) => Ok(topics),
             Ok(Err(e)) => Err(Error::Connect {
                 broker: BROKER,
-                address: config.brokers.clone(),
-                source: format!("no answer within {timeout:?}: {e}").into(),
+                address: config.brokers_display(),
+                source: secrets
+                    .redact(&format!("no answer within {timeout:?}: {e}"))
+                    .into_owned()
+                    .into(),
             }),
             Err(e) => Err(Error::Connect {
                 broker: BROKER,
-                address: config.brokers.clone(),
+                address: config.brokers_display(),
                 source: e,
             }),
         }
@@ -183,7 +233,7 @@ impl Topics {
                     "find topic",
                     format!(
                         "the topic does not exist on {} and `create_topics` is off",
-                        self.config.brokers
+                        self.config.brokers_display()
                     ),
                 ));
             }
@@ -250,6 +300,43 @@ impl Topics {
     /// The partition ids of `topic`, `None` if it does not exist.
     pub(crate) async fn partitions(&self, topic: &str) -> Result<Option<Vec<i32>>> {
         partitions(&self.metadata, topic, self.config.request_timeout).await
+    }
+
+    /// The secret values of the configuration, for error texts.
+    pub(crate) fn secrets(&self) -> &Secrets {
+        &self.context.secrets
+    }
+
+    /// Commits start positions for Tidemill group `group` on every partition of `topic`
+    /// (which exists) it has no committed offset for, so that the group receives
+    /// everything published from now on (or, with `start_from = earliest`, everything in
+    /// the topic) even before its first member subscribes. `what` names the operation in
+    /// errors.
+    pub(crate) async fn pin_group(&self, topic: &str, group: &str, what: &str) -> Result<()> {
+        let config = &self.config;
+        let partitions = self
+            .partitions(topic)
+            .await?
+            .ok_or_else(|| Error::permanent(BROKER, topic, what, "the topic does not exist"))?;
+        // A consumer with the group's id that never joins: it reads and commits offsets.
+        let consumer: BaseConsumer<LogContext> = config
+            .consumer_client(&config.group_id(group))
+            .create_with_context(self.context.clone())
+            .map_err(|e| creation_error(self.secrets(), "consumer", e))?;
+        let (t, start_from, timeout) =
+            (topic.to_owned(), config.start_from, config.request_timeout);
+        let context = format!("{what} (group `{group}`)");
+        blocking(move || {
+            let (_, fresh) =
+                resolve_positions(&consumer, &t, &partitions, start_from, timeout, true)?;
+            if fresh.count() > 0 {
+                consumer.commit(&fresh, CommitMode::Sync)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::transient(BROKER, topic, context.clone(), e))?
+        .map_err(|e| broker_error(topic, context, e))
     }
 }
 

@@ -1,11 +1,16 @@
 //! [`KafkaConfig`]: every setting of the adapter, serde-deserialisable.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use tidemill_core::{Error, Result};
+
+use tidemill_core::headers::UUID_HEADER;
 
 use crate::BROKER;
 
@@ -66,7 +71,7 @@ pub enum Ordering {
 /// assert_eq!(config.replication_factor, 1); // a default
 /// config.validate().unwrap();
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, `host:port[,host:port...]` (librdkafka `bootstrap.servers`).
@@ -90,10 +95,13 @@ pub struct KafkaConfig {
     /// Create missing topics (admin API) when publishing, subscribing or initializing.
     /// When off, using a missing topic fails with an error naming it. Default `true`.
     pub create_topics: bool,
-    /// Number of partitions of the topics the adapter creates. More partitions, more
-    /// parallelism: a partition is consumed by one group member at a time. Default 1.
+    /// Number of partitions of the topics the adapter creates, 1 to 2147483647. More
+    /// partitions, more parallelism: a partition is consumed by one group member at a
+    /// time. Default 1.
+    #[serde(deserialize_with = "strict::partitions")]
     pub partitions: i32,
-    /// Replication factor of the topics the adapter creates. Default 1.
+    /// Replication factor of the topics the adapter creates, 1 to 32767. Default 1.
+    #[serde(deserialize_with = "strict::replication_factor")]
     pub replication_factor: i32,
     /// Topic-level settings for the topics the adapter creates, e.g.
     /// `"retention.ms": "604800000"`. Default none.
@@ -108,7 +116,12 @@ pub struct KafkaConfig {
     /// not yet acked, or waiting behind an unacked message with the same key. When a
     /// partition reaches it, the subscription stops taking that partition's messages from
     /// librdkafka (whose own prefetch is bounded by `queued.max.messages.kbytes`) until
-    /// acks make room; other partitions go on. Default 10,000.
+    /// acks make room; other partitions go on. 1 to 4294967295; default 10,000.
+    ///
+    /// A message nacked with a delay holds its partition's commit point (and its place in
+    /// this buffer) until it is acked, so at most this many later messages of its
+    /// partition are processed meanwhile.
+    #[serde(deserialize_with = "strict::max_buffered_per_partition")]
     pub max_buffered_per_partition: usize,
     /// How often the offsets of acked messages are committed to the consumer group. They
     /// are also committed when partitions are revoked and when the subscription ends.
@@ -136,9 +149,23 @@ pub struct KafkaConfig {
     pub publish_timeout: Duration,
     /// Largest message the publisher sends, in bytes: payload, key and headers
     /// (librdkafka `message.max.bytes`). Larger messages fail with
-    /// `Error::MessageTooLarge` naming this limit. Keep it at or below the broker's
-    /// `message.max.bytes` / the topic's `max.message.bytes`. Default 1,000,000.
+    /// `Error::MessageTooLarge` with this limit before anything is sent. It is the
+    /// adapter's own limit: keep it at or below the broker's `message.max.bytes` / the
+    /// topic's `max.message.bytes`. 1,000 to 1,000,000,000 (librdkafka's range); default
+    /// 1,000,000.
+    #[serde(deserialize_with = "strict::max_message_bytes")]
     pub max_message_bytes: usize,
+    /// The header a published message's uuid is written to, and the first one a received
+    /// record's uuid is read from. Default `tidemill-uuid`; `_watermill_message_uuid` to
+    /// exchange messages with Watermill services (which read and write that header).
+    pub uuid_header: String,
+    /// More headers a received record's uuid is read from, in this order, when it has no
+    /// non-empty text `uuid_header`; e.g. `["tidemill-uuid"]` next to
+    /// `uuid_header = "_watermill_message_uuid"` to also take the ids of Tidemill
+    /// services that write the default header. Identity headers do not show in the
+    /// message's metadata (they stay in its [`KafkaRecord`](crate::KafkaRecord)). Default
+    /// none.
+    pub uuid_read_headers: Vec<String>,
     /// librdkafka settings for every client (producer, consumers, admin), e.g.
     /// `security.protocol`, `sasl.mechanism`, `ssl.ca.location`. Default none.
     pub properties: BTreeMap<String, String>,
@@ -171,6 +198,8 @@ impl Default for KafkaConfig {
             close_timeout: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(30),
             max_message_bytes: 1_000_000,
+            uuid_header: UUID_HEADER.to_owned(),
+            uuid_read_headers: Vec::new(),
             properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
@@ -222,7 +251,7 @@ impl KafkaConfig {
     }
 
     /// Checks the values (the publisher and subscriber do this on `connect`); the error
-    /// names the offending field.
+    /// names the offending field and the range it allows, never a secret value.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::config(BROKER, msg));
         if self.brokers.split(',').all(|b| b.trim().is_empty()) {
@@ -231,41 +260,65 @@ impl KafkaConfig {
         if self.client_id.is_empty() {
             return bad("`client_id` is empty".into());
         }
-        if self.partitions < 1 {
-            return bad(format!(
-                "`partitions` must be at least 1, got {}",
-                self.partitions
-            ));
-        }
-        if self.replication_factor < 1 {
-            return bad(format!(
-                "`replication_factor` must be at least 1, got {}",
-                self.replication_factor
-            ));
-        }
-        if self.max_buffered_per_partition == 0 {
-            return bad("`max_buffered_per_partition` must be at least 1".into());
-        }
-        if self.max_message_bytes < 1_000 || self.max_message_bytes > 1_000_000_000 {
-            return bad(format!(
-                "`max_message_bytes` must be between 1000 and 1000000000 (librdkafka's range), got {}",
-                self.max_message_bytes
-            ));
-        }
-        for (name, value) in [
-            ("connect_timeout", self.connect_timeout),
-            ("request_timeout", self.request_timeout),
-            ("commit_interval", self.commit_interval),
-            ("subscribe_timeout", self.subscribe_timeout),
-            ("publish_timeout", self.publish_timeout),
-            ("close_timeout", self.close_timeout),
+        for (name, value, min, max) in [
+            (
+                "partitions",
+                i64::from(self.partitions),
+                1,
+                i64::from(i32::MAX),
+            ),
+            (
+                "replication_factor",
+                i64::from(self.replication_factor),
+                1,
+                i64::from(i16::MAX),
+            ),
+            (
+                "max_buffered_per_partition",
+                i64::try_from(self.max_buffered_per_partition).unwrap_or(i64::MAX),
+                1,
+                i64::from(u32::MAX),
+            ),
+            (
+                "max_message_bytes",
+                i64::try_from(self.max_message_bytes).unwrap_or(i64::MAX),
+                1_000,
+                1_000_000_000,
+            ),
         ] {
-            if value.is_zero() {
-                return bad(format!("`{name}` must be greater than zero"));
+            if !(min..=max).contains(&value) {
+                return bad(format!(
+                    "`{name}` must be an integer from {min} to {max}, got {value}"
+                ));
             }
         }
-        if self.publish_timeout > Duration::from_millis(i32::MAX as u64) {
-            return bad("`publish_timeout` is too large (at most about 24 days)".into());
+        for (name, value, zero_ok) in [
+            ("connect_timeout", self.connect_timeout, false),
+            ("request_timeout", self.request_timeout, false),
+            ("commit_interval", self.commit_interval, false),
+            ("subscribe_timeout", self.subscribe_timeout, false),
+            ("drain_timeout", self.drain_timeout, true),
+            ("close_timeout", self.close_timeout, false),
+            ("publish_timeout", self.publish_timeout, false),
+        ] {
+            let range = if zero_ok { "0ms" } else { "1ms" };
+            if (value.is_zero() && !zero_ok)
+                || value > MAX_DURATION
+                || value.subsec_nanos() % 1_000_000 != 0
+            {
+                return bad(format!(
+                    "`{name}` must be a whole number of milliseconds from {range} to {}ms (about 24 days), got {value:?}",
+                    MAX_DURATION.as_millis()
+                ));
+            }
+        }
+        if self.uuid_header.is_empty() {
+            return bad(
+                "`uuid_header` is empty; expected a header name such as `tidemill-uuid`".into(),
+            );
+        }
+        if self.uuid_read_headers.iter().any(String::is_empty) {
+            return bad("`uuid_read_headers` contains an empty header name".into());
         }
         for (field, map) in [
             ("properties", &self.properties),
@@ -279,6 +332,36 @@ impl KafkaConfig {
             }
         }
         Ok(())
+    }
+
+    /// `brokers` as errors and logs show it: any `user:password@` hidden.
+    pub(crate) fn brokers_display(&self) -> String {
+        redact_brokers(&self.brokers)
+    }
+
+    /// The secret values of this configuration (librdkafka settings whose names say they
+    /// hold a secret, credentials in `brokers`), to hide from error texts and log lines.
+    pub(crate) fn secrets(&self) -> Arc<Secrets> {
+        let mut values: Vec<String> = self
+            .properties
+            .iter()
+            .chain(&self.producer_properties)
+            .chain(&self.consumer_properties)
+            .filter(|(k, v)| is_secret_name(k) && !v.is_empty())
+            .map(|(_, v)| v.clone())
+            .collect();
+        for b in self.brokers.split(',') {
+            if let Some((userinfo, _)) = b.rsplit_once('@') {
+                let userinfo = userinfo.rsplit_once("://").map_or(userinfo, |(_, u)| u);
+                if !userinfo.is_empty() {
+                    values.push(userinfo.to_owned());
+                }
+            }
+        }
+        // Longest first, so a secret containing another is hidden whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        Arc::new(Secrets(values))
     }
 
     /// Settings shared by every client.
@@ -328,6 +411,221 @@ impl KafkaConfig {
             c.set(k, v);
         }
         c
+    }
+}
+
+/// The longest duration the adapter accepts (librdkafka takes milliseconds as a 32-bit
+/// integer).
+const MAX_DURATION: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// Shown instead of a secret value.
+const HIDDEN: &str = "***";
+
+/// Whether a librdkafka setting's value is a secret (passwords, tokens, keys, JAAS and
+/// OAuth configuration): hidden from `Debug`, errors and logs. When in doubt, hidden.
+pub(crate) fn is_secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "credential",
+        "jaas",
+        "oauthbearer.config",
+        "key.pem",
+        "ssl.key",
+        "keystore",
+        "private",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
+}
+
+/// `brokers` with any `user:password@` of an entry hidden.
+fn redact_brokers(brokers: &str) -> String {
+    brokers
+        .split(',')
+        .map(|b| match b.rsplit_once('@') {
+            Some((before, host)) => match before.split_once("://") {
+                Some((scheme, _)) => format!("{scheme}://{HIDDEN}@{host}"),
+                None => format!("{HIDDEN}@{host}"),
+            },
+            None => b.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A map of librdkafka settings as `Debug` shows it: secret values hidden.
+struct RedactedMap<'a>(&'a BTreeMap<String, String>);
+
+impl fmt::Debug for RedactedMap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if is_secret_name(k) {
+                    HIDDEN
+                } else {
+                    v.as_str()
+                };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
+/// Shows every field, with secret values (`sasl.password`, `ssl.key.password`, ...) and
+/// credentials in `brokers` replaced by `***`.
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers_display())
+            .field("client_id", &self.client_id)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("group_prefix", &self.group_prefix)
+            .field("create_topics", &self.create_topics)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("topic_config", &RedactedMap(&self.topic_config))
+            .field("start_from", &self.start_from)
+            .field("ordering", &self.ordering)
+            .field(
+                "max_buffered_per_partition",
+                &self.max_buffered_per_partition,
+            )
+            .field("commit_interval", &self.commit_interval)
+            .field("subscribe_timeout", &self.subscribe_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("close_timeout", &self.close_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("uuid_header", &self.uuid_header)
+            .field("uuid_read_headers", &self.uuid_read_headers)
+            .field("properties", &RedactedMap(&self.properties))
+            .field(
+                "producer_properties",
+                &RedactedMap(&self.producer_properties),
+            )
+            .field(
+                "consumer_properties",
+                &RedactedMap(&self.consumer_properties),
+            )
+            .finish()
+    }
+}
+
+/// The secret values of a configuration, hidden from error texts and log lines.
+#[derive(Default)]
+pub(crate) struct Secrets(Vec<String>);
+
+impl Secrets {
+    /// `text` with every secret value replaced by `***`.
+    pub(crate) fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let mut out = Cow::Borrowed(text);
+        for s in &self.0 {
+            if out.contains(s.as_str()) {
+                out = Cow::Owned(out.replace(s.as_str(), HIDDEN));
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secrets({} hidden)", self.0.len())
+    }
+}
+
+/// Integer fields: integers (or integer text) in the field's range only; floats,
+/// booleans and words are refused, never rounded or converted.
+mod strict {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+
+    struct Int {
+        field: &'static str,
+        min: i128,
+        max: i128,
+    }
+
+    impl Int {
+        fn check<E: de::Error>(&self, v: i128, unexpected: Unexpected<'_>) -> Result<i128, E> {
+            if (self.min..=self.max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(E::invalid_value(unexpected, self))
+            }
+        }
+    }
+
+    impl<'de> Visitor<'de> for Int {
+        type Value = i128;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "`{}`: an integer from {} to {}",
+                self.field, self.min, self.max
+            )
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i128, E> {
+            self.check(v.into(), Unexpected::Signed(v))
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i128, E> {
+            self.check(v.into(), Unexpected::Unsigned(v))
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<i128, E> {
+            self.check(v, Unexpected::Other("integer"))
+        }
+
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<i128, E> {
+            self.check(
+                i128::try_from(v).unwrap_or(i128::MAX),
+                Unexpected::Other("integer"),
+            )
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<i128, E> {
+            match v.parse::<i128>() {
+                Ok(n) => self.check(n, Unexpected::Str(v)),
+                Err(_) => Err(E::invalid_type(Unexpected::Str(v), &self)),
+            }
+        }
+    }
+
+    fn int<'de, D: Deserializer<'de>>(
+        d: D,
+        field: &'static str,
+        min: i128,
+        max: i128,
+    ) -> Result<i128, D::Error> {
+        d.deserialize_any(Int { field, min, max })
+    }
+
+    // The ranges fit the fields' types, so the conversions below cannot fail.
+
+    pub(super) fn partitions<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        int(d, "partitions", 1, i32::MAX.into()).map(|v| v as i32)
+    }
+
+    pub(super) fn replication_factor<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        int(d, "replication_factor", 1, i16::MAX.into()).map(|v| v as i32)
+    }
+
+    pub(super) fn max_buffered_per_partition<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<usize, D::Error> {
+        int(d, "max_buffered_per_partition", 1, u32::MAX.into()).map(|v| v as usize)
+    }
+
+    pub(super) fn max_message_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        int(d, "max_message_bytes", 1_000, 1_000_000_000).map(|v| v as usize)
     }
 }
 

@@ -5,12 +5,14 @@ mod client;
 mod config;
 mod convert;
 mod publisher;
+mod record;
 mod state;
 mod subscriber;
 mod subscription;
 
 pub use config::{KafkaConfig, Ordering, StartFrom};
 pub use publisher::KafkaPublisher;
+pub use record::{KafkaHeader, KafkaRecord, KafkaTimestamp};
 pub use subscriber::KafkaSubscriber;
 
 /// The broker name in every error of this crate.

@@ -9,8 +9,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tidemill_core::{Error, Message, Publisher, Result};
 use tokio::sync::RwLock;
 
-use crate::client::{blocking, broker_error, check_topic_name, creation_error, LogContext, Topics};
-use crate::convert;
+use crate::client::{
+    blocking, broker_error, broker_error_hiding, check_topic_name, creation_error, LogContext,
+    Topics,
+};
+use crate::convert::{self, Encoded, Identity};
 use crate::{KafkaConfig, BROKER};
 
 /// Publishes messages to Kafka topics.
@@ -40,6 +43,7 @@ pub struct KafkaPublisher {
 
 struct Inner {
     config: KafkaConfig,
+    identity: Arc<Identity>,
     producer: FutureProducer<LogContext>,
     topics: Topics,
     /// `true` once closed. Publishes hold it shared while they run, so `close` waits for
@@ -52,13 +56,15 @@ impl KafkaPublisher {
     /// `config.connect_timeout` (an `Error::Connect` naming `config.brokers` otherwise).
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         config.validate()?;
+        let context = LogContext::new(&config);
         let producer: FutureProducer<LogContext> = config
             .producer_client()
-            .create_with_context(LogContext)
-            .map_err(|e| creation_error("producer", e))?;
+            .create_with_context(context.clone())
+            .map_err(|e| creation_error(&context.secrets, "producer", e))?;
         let topics = Topics::connect(&config).await?;
         Ok(KafkaPublisher {
             inner: Arc::new(Inner {
+                identity: Identity::new(&config),
                 config,
                 producer,
                 topics,
@@ -72,6 +78,16 @@ impl KafkaPublisher {
         &self.inner.config
     }
 
+    async fn check_open(&self, topic: &str) -> Result<()> {
+        if *self.inner.closed.read().await {
+            return Err(Error::PublisherClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// Creates `topic` if it does not exist (with `partitions` and `replication_factor`
     /// from the configuration), or fails naming it when `create_topics` is off. `publish`
     /// does this by itself the first time it sees a topic.
@@ -80,26 +96,44 @@ impl KafkaPublisher {
     }
 
     fn publish_error(&self, topic: &str, uuid: &str, size: usize, error: KafkaError) -> Error {
+        let secrets = self.inner.topics.secrets();
         match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
-                Error::MessageTooLarge {
-                    broker: BROKER,
-                    topic: topic.to_owned(),
-                    uuid: uuid.to_owned(),
-                    size,
-                    limit: self.inner.config.max_message_bytes,
-                }
+                Error::permanent(
+                    BROKER,
+                    topic,
+                    format!("publish message {uuid}"),
+                    format!(
+                        "the broker refused the record ({size} bytes of value, key and headers) \
+                         as too large: its `message.max.bytes` or the topic's \
+                         `max.message.bytes` is lower than the adapter's `max_message_bytes` \
+                         ({}): {error}",
+                        self.inner.config.max_message_bytes
+                    ),
+                )
             }
             Some(RDKafkaErrorCode::MessageTimedOut) => Error::transient(
                 BROKER,
                 topic,
                 format!(
                     "publish message {uuid} (not confirmed by {} within publish_timeout {:?})",
-                    self.inner.config.brokers, self.inner.config.publish_timeout
+                    self.inner.config.brokers_display(),
+                    self.inner.config.publish_timeout
                 ),
                 error,
             ),
-            _ => broker_error(topic, format!("publish message {uuid}"), error),
+            _ => broker_error_hiding(secrets, topic, format!("publish message {uuid}"), error),
+        }
+    }
+
+    /// The error for a message over the adapter's own limit, `max_message_bytes`.
+    fn too_large(&self, topic: &str, uuid: &str, size: usize) -> Error {
+        Error::MessageTooLarge {
+            broker: BROKER,
+            topic: topic.to_owned(),
+            uuid: uuid.to_owned(),
+            size,
+            limit: self.inner.config.max_message_bytes,
         }
     }
 }
@@ -120,27 +154,27 @@ impl Publisher for KafkaPublisher {
         }
         self.inner.topics.ensure(topic).await?;
         let limit = self.inner.config.max_message_bytes;
-        for m in &messages {
-            let size =
-                convert::encoded_size(m.uuid(), m.metadata(), m.payload(), m.key().map(|k| &k[..]));
-            if size > limit {
-                return Err(Error::MessageTooLarge {
-                    broker: BROKER,
-                    topic: topic.to_owned(),
-                    uuid: m.uuid().to_owned(),
-                    size,
-                    limit,
-                });
-            }
+        let encoded: Vec<Encoded> = messages
+            .into_iter()
+            .map(|m| convert::encode(m, &self.inner.identity))
+            .collect();
+        if let Some(e) = encoded.iter().find(|e| e.size > limit) {
+            return Err(self.too_large(topic, &e.uuid, e.size));
         }
         let producer = &self.inner.producer;
-        let mut pending = Vec::with_capacity(messages.len());
-        for m in messages {
-            let (uuid, metadata, payload, key) = m.into_parts();
-            let size = convert::encoded_size(&uuid, &metadata, &payload, key.as_deref());
-            let mut record = FutureRecord::to(topic)
-                .payload(&payload[..])
-                .headers(convert::headers(&uuid, &metadata));
+        let mut pending = Vec::with_capacity(encoded.len());
+        for e in encoded {
+            let Encoded {
+                uuid,
+                headers,
+                key,
+                payload,
+                size,
+            } = e;
+            let mut record = FutureRecord::to(topic).headers(headers);
+            if let Some(p) = &payload {
+                record = record.payload(&p[..]);
+            }
             if let Some(k) = &key {
                 record = record.key(&k[..]);
             }
@@ -154,6 +188,17 @@ impl Publisher for KafkaPublisher {
                         // librdkafka's queue is full: wait for deliveries to make room.
                         record = r;
                         tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((
+                        KafkaError::MessageProduction(
+                            RDKafkaErrorCode::MessageSizeTooLarge
+                            | RDKafkaErrorCode::InvalidMessageSize,
+                        ),
+                        _,
+                    )) => {
+                        // librdkafka's own check (with the record overhead it adds) of
+                        // `message.max.bytes`, which is `max_message_bytes`.
+                        return Err(self.too_large(topic, &uuid, size));
                     }
                     Err((e, _)) => return Err(self.publish_error(topic, &uuid, size, e)),
                 }
@@ -178,6 +223,38 @@ impl Publisher for KafkaPublisher {
             None => Ok(()),
             Some(e) => Err(e),
         }
+    }
+
+    /// Creates `topic` if needed (see [`create_topics`](KafkaConfig::create_topics)) and
+    /// commits start positions for consumer group `group` where it has none, as
+    /// [`KafkaSubscriber::initialize`](crate::KafkaSubscriber) does: the group then
+    /// receives everything published from now on although no member subscribed yet (the
+    /// topic's retention still applies). Kafka keeps every record anyway; without the
+    /// start positions, a group starting with `start_from = latest` would skip what was
+    /// published before it first subscribed.
+    async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
+        self.check_open(topic).await?;
+        check_topic_name(topic)?;
+        if group.is_empty() {
+            return Err(Error::permanent(
+                BROKER,
+                topic,
+                "retain messages for a group",
+                "the consumer group name is empty",
+            ));
+        }
+        self.inner.topics.ensure(topic).await?;
+        self.inner
+            .topics
+            .pin_group(topic, group, "retain messages for a group")
+            .await
+    }
+
+    /// The same as [`publish`](Publisher::publish): Kafka keeps every record it
+    /// acknowledged, whoever consumes the topic, so a confirmed publish is never lost for
+    /// lack of a consumer.
+    async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.publish(topic, messages).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use tidemill_core::{DeliveryStream, Error, Result, SubscribeOptions, Subscriber};
 use tokio::sync::oneshot::error::TryRecvError;
 
-use crate::client::{blocking, broker_error, check_topic_name, creation_error, LogContext, Topics};
-use crate::subscription::{self, resolve_positions, Running};
+use crate::client::{check_topic_name, creation_error, Topics};
+use crate::subscription::{self, Running};
 use crate::{KafkaConfig, BROKER};
 
 /// Consumes Kafka topics.
@@ -64,7 +63,7 @@ impl KafkaSubscriber {
         config
             .consumer_client("tidemill-config-check")
             .create_native_config()
-            .map_err(|e| creation_error("consumer", e))?;
+            .map_err(|e| creation_error(&config.secrets(), "consumer", e))?;
         let topics = Topics::connect(&config).await?;
         Ok(KafkaSubscriber {
             inner: Arc::new(Inner {
@@ -89,35 +88,6 @@ impl KafkaSubscriber {
             });
         }
         Ok(())
-    }
-
-    /// Commits start positions for `group` on every partition of `topic` it has no
-    /// committed offset for, so that the group receives everything published from now on
-    /// (or, with `start_from = earliest`, everything in the topic).
-    async fn pin_group(&self, topic: &str, group: &str) -> Result<()> {
-        let config = &self.inner.config;
-        let partitions = self.inner.topics.partitions(topic).await?.ok_or_else(|| {
-            Error::permanent(BROKER, topic, "initialize", "the topic does not exist")
-        })?;
-        // A consumer with the group's id that never joins: it reads and commits offsets.
-        let consumer: BaseConsumer<LogContext> = config
-            .consumer_client(&config.group_id(group))
-            .create_with_context(LogContext)
-            .map_err(|e| creation_error("consumer", e))?;
-        let (t, start_from, timeout) =
-            (topic.to_owned(), config.start_from, config.request_timeout);
-        let context = format!("initialize group `{group}`");
-        blocking(move || {
-            let (_, fresh) =
-                resolve_positions(&consumer, &t, &partitions, start_from, timeout, true)?;
-            if fresh.count() > 0 {
-                consumer.commit(&fresh, CommitMode::Sync)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::transient(BROKER, topic, context.clone(), e))?
-        .map_err(|e| broker_error(topic, context, e))
     }
 }
 
@@ -172,7 +142,12 @@ impl Subscriber for KafkaSubscriber {
         check_group(topic, options)?;
         self.inner.topics.ensure(topic).await?;
         match options.consumer_group() {
-            Some(group) => self.pin_group(topic, group).await,
+            Some(group) => {
+                self.inner
+                    .topics
+                    .pin_group(topic, group, "initialize")
+                    .await
+            }
             None => Ok(()),
         }
     }

@@ -34,8 +34,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use tidemill_core::{AckFuture, Acknowledger, Delivery, Error, Result};
 use tokio::sync::oneshot;
 
-use crate::client::{broker_error, creation_error, log_error, log_line, Topics};
-use crate::convert;
+use crate::client::{
+    broker_error, broker_error_hiding, creation_error, log_error, log_line, Topics,
+};
+use crate::config::Secrets;
+use crate::convert::{self, Identity};
 use crate::state::{Ref, State, Wake};
 use crate::{KafkaConfig, StartFrom, BROKER};
 
@@ -89,6 +92,10 @@ impl Wakeup {
 pub(crate) struct Shared {
     pub(crate) topic: String,
     pub(crate) group: Option<String>,
+    /// Which headers carry the uuid.
+    identity: Arc<Identity>,
+    /// Secret values of the configuration, hidden from logs.
+    secrets: Arc<Secrets>,
     state: Mutex<State>,
     stop: AtomicBool,
     poller: Wakeup,
@@ -99,6 +106,8 @@ impl Shared {
         Shared {
             topic: topic.to_owned(),
             group: group.map(str::to_owned),
+            identity: Identity::new(config),
+            secrets: config.secrets(),
             state: Mutex::new(State::new(
                 config.ordering,
                 config.max_buffered_per_partition,
@@ -277,11 +286,11 @@ pub(crate) struct SubContext {
 
 impl ClientContext for SubContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        log_line(level, fac, log_message);
+        log_line(&self.shared.secrets, level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        log_error(&error, reason);
+        log_error(&self.shared.secrets, &error, reason);
     }
 }
 
@@ -545,7 +554,7 @@ pub(crate) async fn start(
     let mut consumer: BaseConsumer<SubContext> = config
         .consumer_client(&group_id)
         .create_with_context(context)
-        .map_err(|e| creation_error("consumer", e))?;
+        .map_err(|e| creation_error(&shared.secrets, "consumer", e))?;
     let wake = shared.clone();
     consumer.set_nonempty_callback(move || wake.poller.notify());
     let consumer = Arc::new(consumer);
@@ -595,7 +604,8 @@ pub(crate) async fn start(
                 what,
                 format!(
                     "no partitions assigned within {:?} (brokers {})",
-                    config.subscribe_timeout, config.brokers
+                    config.subscribe_timeout,
+                    config.brokers_display()
                 ),
             ))
         }
@@ -638,8 +648,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                 None => break,
                 Some(Ok(m)) => {
                     let p = m.partition();
-                    let msg =
-                        convert::message(&topic, p, m.offset(), m.payload(), m.key(), m.headers());
+                    let msg = convert::message(&m, &shared.identity);
                     let offset = m.offset();
                     drop(m);
                     push(&shared, p, vec![(offset, msg)]);
@@ -680,14 +689,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                     match q.poll(Duration::ZERO) {
                         None => break,
                         Some(Ok(m)) => {
-                            let msg = convert::message(
-                                &topic,
-                                p,
-                                m.offset(),
-                                m.payload(),
-                                m.key(),
-                                m.headers(),
-                            );
+                            let msg = convert::message(&m, &shared.identity);
                             batch.push((m.offset(), msg));
                         }
                         Some(Err(e)) => report_consumer_error(&shared, e),
@@ -805,9 +807,14 @@ fn push(shared: &Shared, partition: i32, messages: Vec<(i64, tidemill_core::Mess
 }
 
 fn report_consumer_error(shared: &Shared, error: KafkaError) {
-    log_error(&error, "consumer error");
+    log_error(&shared.secrets, &error, "consumer error");
     let fatal = matches!(error, KafkaError::MessageConsumptionFatal(_));
-    shared.report(broker_error(&shared.topic, "consume", error));
+    shared.report(broker_error_hiding(
+        &shared.secrets,
+        &shared.topic,
+        "consume",
+        error,
+    ));
     if fatal {
         shared.stop();
     }
