@@ -1,44 +1,52 @@
 //! Messages to NATS headers and payloads, and back.
 //!
-//! - Metadata entries become headers. NATS header values cannot hold CR or LF, and the
-//!   client trims whitespace around them; header names must be printable ASCII without `:`.
-//!   A value (or name) that would not survive unchanged travels as an RFC 2047 style encoded
-//!   word, `=?utf-8?b?BASE64?=`, and is decoded on receipt; so does a value that itself looks
-//!   like an encoded word, so every string round-trips exactly.
-//! - The uuid travels in `Nats-Msg-Id` (JetStream's message id, which the stream uses to
-//!   drop duplicates) as `{uuid}.{hash}`, `hash` being 16 hex digits of a hash of the uuid,
-//!   metadata, key and payload: a retried publish of the same message is dropped by the
-//!   stream, while a deliberate republish of the uuid with other content (a dead-letter
-//!   layer's copy with a failure count, say) is stored. On receipt the suffix is checked
-//!   against the content and removed. When the metadata sets its own `Nats-Msg-Id`, that one
-//!   is sent and the uuid goes in `tidemill-uuid`.
+//! - Metadata entries become headers. NATS header values cannot hold CR or LF, clients
+//!   trim whitespace around them, and header names must be printable ASCII without `:`.
+//!   A metadata value (or name) that would not survive unchanged travels as an RFC 2047
+//!   style encoded word, `=?utf-8?b?BASE64?=`, and the message then carries the header
+//!   `tidemill-encoding: b-words`; only on such a message are encoded words decoded on
+//!   receipt (and a value that merely looks like one is sent encoded too). Headers of
+//!   other clients arrive as sent, whatever they look like.
+//! - The uuid travels as [`UuidHeader`] says (default: `Nats-Msg-Id: {uuid}.{hash}`).
 //! - The key travels in `tidemill-key` (`tidemill-key.b64`, base64, when it is not UTF-8).
-//! - Received messages without either uuid header get a stable uuid derived from their
-//!   stream and sequence (JetStream) or from their subject, headers and payload (core NATS).
+//! - Received headers are read from the raw header block (see [`crate::wire`]): every
+//!   line in order, any bytes. The string view takes the last value of a repeated name and
+//!   puts a non-UTF-8 value base64-encoded under `{name}.b64`; the [`NatsRecord`] keeps
+//!   them all.
+//! - Publishing a message that carries a [`NatsRecord`] writes the record's headers, with
+//!   only what the application changed in the string view applied.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use bytes::Bytes;
-use tidemill_core::headers::{stable_uuid, KEY_HEADER, UUID_HEADER};
-use tidemill_core::{Error, Message, Metadata, Result};
+use bytes::{BufMut, Bytes, BytesMut};
+use tidemill_core::headers::{
+    insert_header_bytes, stable_uuid, BINARY_SUFFIX, KEY_HEADER, UUID_HEADER,
+};
+use tidemill_core::{Error, Message, Metadata, Native, NativeEntry, Result};
 
+use crate::config::UuidHeader;
+use crate::record::{NatsRecord, RawHeader};
+use crate::wire::WireMsg;
 use crate::BROKER;
 
 /// JetStream's message id header.
 pub(crate) const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// The key header when the key is not UTF-8.
 pub(crate) const KEY_B64_HEADER: &str = "tidemill-key.b64";
+/// Watermill's uuid header.
+pub(crate) const WATERMILL_UUID_HEADER: &str = "_watermill_message_uuid";
+/// Present (with [`ENCODING_VALUE`]) when the message holds encoded words to decode.
+pub(crate) const ENCODING_HEADER: &str = "tidemill-encoding";
+const ENCODING_VALUE: &str = "b-words";
 
 const WORD_PREFIX: &str = "=?utf-8?b?";
 const WORD_SUFFIX: &str = "?=";
 /// `NATS/1.0\r\n` before the headers and `\r\n` after them.
 const HEADER_FRAME: usize = 12;
-
-/// Names the adapter writes itself: metadata under these names is sent encoded.
-const RESERVED: [&str; 3] = [UUID_HEADER, KEY_HEADER, KEY_B64_HEADER];
 
 fn is_word(s: &str) -> bool {
     s.len() >= WORD_PREFIX.len() + WORD_SUFFIX.len()
@@ -71,33 +79,310 @@ fn value_is_plain(v: &str) -> bool {
         || is_word(v))
 }
 
-/// A header name that arrives exactly as sent and is not the adapter's own.
-fn name_is_plain(k: &str) -> bool {
-    !k.is_empty()
-        && k.chars().all(|c| c.is_ascii_graphic() && c != ':')
-        && !is_word(k)
-        && !RESERVED.contains(&k)
+/// A header name async-nats accepts and that arrives exactly as sent.
+fn name_is_valid(k: &str) -> bool {
+    !k.is_empty() && k.chars().all(|c| c.is_ascii_graphic() && c != ':')
 }
 
-fn encode_value(v: &str) -> Cow<'_, str> {
-    if value_is_plain(v) {
-        Cow::Borrowed(v)
-    } else {
-        Cow::Owned(encode_word(v))
+/// The identity settings of one publisher or subscriber.
+#[derive(Clone, Debug)]
+pub(crate) struct Identity {
+    mode: UuidHeader,
+}
+
+impl Identity {
+    pub(crate) fn new(mode: UuidHeader) -> Self {
+        Identity { mode }
+    }
+
+    /// The plain header carrying the bare uuid, if the mode has one.
+    fn uuid_header(&self) -> Option<&str> {
+        match &self.mode {
+            UuidHeader::Tidemill | UuidHeader::NatsMsgId => None,
+            UuidHeader::Watermill => Some(WATERMILL_UUID_HEADER),
+            UuidHeader::Header(name) => Some(name),
+        }
+    }
+
+    /// Names metadata may not use as they are (sent encoded instead).
+    fn reserved(&self, name: &str) -> bool {
+        matches!(name, UUID_HEADER | KEY_HEADER | KEY_B64_HEADER | ENCODING_HEADER)
+            || self.uuid_header() == Some(name)
     }
 }
 
-fn decode_value(v: &str) -> Cow<'_, str> {
-    match decode_word(v) {
-        Some(decoded) => Cow::Owned(decoded),
-        None => Cow::Borrowed(v),
+/// How the headers go out: as an async-nats map when it can express them exactly
+/// (repeated names keep their order; the order of different names does not survive),
+/// else as a raw header block.
+pub(crate) enum Outgoing {
+    Map(HeaderMap),
+    Raw(Bytes),
+}
+
+/// A message ready to publish.
+pub(crate) struct Encoded {
+    pub headers: Outgoing,
+    pub payload: Bytes,
+}
+
+fn header_error(topic: &str, uuid: &str, what: &str) -> Error {
+    Error::permanent(
+        BROKER,
+        topic,
+        "encode headers",
+        format!("message {uuid}: {what} is not a valid NATS header"),
+    )
+}
+
+/// Header lines being built (name, value bytes), in order.
+#[derive(Default)]
+struct Lines {
+    status: Option<Bytes>,
+    /// Name, value, and whether the line is a received one written back as it was.
+    lines: Vec<(Bytes, Bytes, bool)>,
+    encoded: bool,
+    /// Received lines are literal (their message held no encoded words).
+    literal_received: bool,
+}
+
+impl Lines {
+    fn push(&mut self, name: impl Into<Bytes>, value: impl Into<Bytes>) {
+        self.lines.push((name.into(), value.into(), false));
+    }
+
+    /// A received line, as it was.
+    fn push_received(&mut self, h: &RawHeader) {
+        self.lines.push((h.name.clone(), h.value.clone(), true));
+    }
+
+    /// A metadata entry, encoded as needed.
+    fn push_entry(&mut self, identity: &Identity, k: &str, v: &str) {
+        let name = if name_is_valid(k) && !is_word(k) && !identity.reserved(k) {
+            k.to_owned()
+        } else {
+            self.encoded = true;
+            encode_word(k)
+        };
+        let value = if value_is_plain(v) {
+            v.to_owned()
+        } else {
+            self.encoded = true;
+            encode_word(v)
+        };
+        self.push(name, value);
+    }
+
+    fn size(&self) -> usize {
+        HEADER_FRAME
+            + self.status.as_ref().map_or(0, |s| s.len())
+            + self
+                .lines
+                .iter()
+                .map(|(n, v, _)| n.len() + v.len() + 4)
+                .sum::<usize>()
+    }
+
+    fn finish(mut self) -> Outgoing {
+        if self.encoded {
+            // Receivers will decode encoded words: received lines that merely look like
+            // one are sent encoded, so they arrive as they are.
+            for (n, v, received) in &mut self.lines {
+                if !*received || !self.literal_received {
+                    continue;
+                }
+                for part in [&mut *n, &mut *v] {
+                    if let Ok(text) = std::str::from_utf8(part) {
+                        if is_word(text) {
+                            *part = Bytes::from(encode_word(text));
+                        }
+                    }
+                }
+            }
+            self.push(ENCODING_HEADER, ENCODING_VALUE);
+        }
+        let expressible = self.status.is_none()
+            && self.lines.iter().all(|(n, v, _)| {
+                std::str::from_utf8(n).is_ok_and(name_is_valid)
+                    && std::str::from_utf8(v).is_ok_and(|v| {
+                        !v.contains(['\r', '\n'])
+                            && !v.starts_with([' ', '\t'])
+                            && !v.ends_with([' ', '\t'])
+                    })
+            });
+        if expressible {
+            let mut map = HeaderMap::new();
+            for (n, v, _) in self.lines {
+                let (Ok(n), Ok(v)) = (std::str::from_utf8(&n), std::str::from_utf8(&v)) else {
+                    continue;
+                };
+                if let Ok(name) = HeaderName::try_from(n) {
+                    map.append(name, HeaderValue::from(v));
+                }
+            }
+            return Outgoing::Map(map);
+        }
+        let mut block = BytesMut::with_capacity(self.size());
+        block.put_slice(b"NATS/1.0");
+        if let Some(status) = &self.status {
+            block.put_u8(b' ');
+            block.put_slice(status);
+        }
+        block.put_slice(b"\r\n");
+        for (n, v, _) in &self.lines {
+            block.put_slice(n);
+            block.put_slice(b": ");
+            block.put_slice(v);
+            block.put_slice(b"\r\n");
+        }
+        block.put_slice(b"\r\n");
+        Outgoing::Raw(block.freeze())
     }
 }
 
-/// The `Nats-Msg-Id` of a message: `{uuid}.{hash}` (16 lowercase hex digits), as a header
-/// value (an encoded word when the uuid is not plain).
-fn message_id(uuid: &str, hash: u64) -> Cow<'static, str> {
+/// Encodes `message` for `topic`; fails when it would exceed `max_payload` bytes (payload
+/// plus headers, the server's limit).
+pub(crate) fn encode(
+    message: &Message,
+    topic: &str,
+    max_payload: usize,
+    identity: &Identity,
+) -> Result<Encoded> {
+    if let Some(native) = message.native().filter(|n| n.broker() == BROKER) {
+        if let Some(record) = native.get::<NatsRecord>() {
+            return encode_native(message, topic, max_payload, identity, native, record);
+        }
+    }
+    encode_plain(message, topic, max_payload, identity)
+}
+
+fn too_large(message: &Message, topic: &str, total: usize, limit: usize) -> Error {
+    Error::MessageTooLarge {
+        broker: BROKER,
+        topic: topic.to_owned(),
+        uuid: message.uuid().to_owned(),
+        size: total,
+        limit,
+    }
+}
+
+/// A message built by the application: the fast path, straight into an async-nats map.
+fn encode_plain(
+    message: &Message,
+    topic: &str,
+    max_payload: usize,
+    identity: &Identity,
+) -> Result<Encoded> {
+    let mut headers = HeaderMap::new();
+    let mut size = HEADER_FRAME;
+    let uuid = message.uuid();
+    let mut encoded = false;
+    let mut insert = |headers: &mut HeaderMap, name: HeaderName, value: Cow<'_, str>| {
+        // Values come out of `encode_value`, which leaves no CR or LF (the only characters
+        // `HeaderValue` refuses); checked again here so that its conversion cannot panic.
+        if value.contains(['\r', '\n']) {
+            return Err(header_error(topic, uuid, "a value"));
+        }
+        let value = HeaderValue::from(value.into_owned());
+        let name_str: &str = name.as_ref();
+        size += name_str.len() + value.as_str().len() + 4;
+        headers.append(name, value);
+        Ok(())
+    };
+    let metadata = message.metadata();
+    for (k, v) in metadata.iter() {
+        let name = if name_is_valid(k) && !is_word(k) && !identity.reserved(k) {
+            HeaderName::try_from(k)
+        } else {
+            encoded = true;
+            HeaderName::try_from(encode_word(k))
+        }
+        .map_err(|_| header_error(topic, uuid, "a name"))?;
+        let value = if value_is_plain(v) {
+            Cow::Borrowed(v)
+        } else {
+            encoded = true;
+            Cow::Owned(encode_word(v))
+        };
+        insert(&mut headers, name, value)?;
+    }
+    let key_value = key_header(message.key(), &mut encoded);
+    if encoded {
+        insert(
+            &mut headers,
+            HeaderName::from_static(ENCODING_HEADER),
+            Cow::Borrowed(ENCODING_VALUE),
+        )?;
+    }
+    for (name, value) in identity_headers(message, identity) {
+        let name = HeaderName::try_from(name.as_ref())
+            .map_err(|_| header_error(topic, uuid, "a name"))?;
+        insert(&mut headers, name, value)?;
+    }
+    if let Some((name, value)) = key_value {
+        insert(&mut headers, HeaderName::from_static(name), value)?;
+    }
+    let total = message.payload().len() + size;
+    if total > max_payload {
+        return Err(too_large(message, topic, total, max_payload));
+    }
+    Ok(Encoded {
+        headers: Outgoing::Map(headers),
+        payload: message.payload().clone(),
+    })
+}
+
+/// The key header of `key`.
+fn key_header(key: Option<&Bytes>, encoded: &mut bool) -> Option<(&'static str, Cow<'static, str>)> {
+    let key = key?;
+    Some(match std::str::from_utf8(key) {
+        Ok(text) if value_is_plain(text) => (KEY_HEADER, Cow::Owned(text.to_owned())),
+        Ok(text) => {
+            *encoded = true;
+            (KEY_HEADER, Cow::Owned(encode_word(text)))
+        }
+        Err(_) => (KEY_B64_HEADER, Cow::Owned(STANDARD.encode(key))),
+    })
+}
+
+/// The headers carrying `message`'s uuid, as the identity mode says (when the metadata
+/// sets `Nats-Msg-Id` itself, that one is sent and the uuid goes in `tidemill-uuid`).
+fn identity_headers(
+    message: &Message,
+    identity: &Identity,
+) -> Vec<(Cow<'static, str>, Cow<'static, str>)> {
+    let uuid = message.uuid();
+    let mut out: Vec<(Cow<'static, str>, Cow<'static, str>)> = Vec::with_capacity(2);
+    let own_msg_id = message.metadata().contains_key(MSG_ID_HEADER);
+    let value = |v: &str| -> Cow<'static, str> {
+        if value_is_plain(v) {
+            Cow::Owned(v.to_owned())
+        } else {
+            Cow::Owned(encode_word(v))
+        }
+    };
+    match &identity.mode {
+        UuidHeader::Tidemill | UuidHeader::NatsMsgId if own_msg_id => {
+            out.push((UUID_HEADER.into(), value(uuid)));
+        }
+        UuidHeader::NatsMsgId => out.push((MSG_ID_HEADER.into(), value(uuid))),
+        UuidHeader::Tidemill => out.push((MSG_ID_HEADER.into(), message_id(message))),
+        UuidHeader::Watermill | UuidHeader::Header(_) => {
+            let name = identity.uuid_header().unwrap_or(UUID_HEADER).to_owned();
+            out.push((name.into(), value(uuid)));
+            if !own_msg_id {
+                out.push((MSG_ID_HEADER.into(), message_id(message)));
+            }
+        }
+    }
+    out
+}
+
+/// The `Nats-Msg-Id` Tidemill writes: `{uuid}.{hash}` (16 lowercase hex digits of
+/// [`content_hash`]), as a header value (an encoded word when the uuid is not plain).
+fn message_id(message: &Message) -> Cow<'static, str> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    let uuid = message.uuid();
+    let hash = content_hash(uuid, message.metadata(), message.key(), message.payload());
     let mut id = String::with_capacity(uuid.len() + 17);
     id.push_str(uuid);
     id.push('.');
@@ -113,145 +398,370 @@ fn message_id(uuid: &str, hash: u64) -> Cow<'static, str> {
     }
 }
 
-/// A message ready to publish.
-pub(crate) struct Encoded {
-    pub headers: HeaderMap,
-    pub payload: Bytes,
-}
-
-fn header_error(topic: &str, uuid: &str, what: &str) -> Error {
-    // Unreachable in practice: every name and value is made valid above.
-    Error::permanent(
-        BROKER,
-        topic,
-        "encode headers",
-        format!("message {uuid}: {what} is not a valid NATS header"),
-    )
-}
-
-/// Encodes `message` for `topic`; fails when it would exceed `max_payload` bytes (payload
-/// plus headers, the server's limit).
-pub(crate) fn encode(message: &Message, topic: &str, max_payload: usize) -> Result<Encoded> {
-    let mut headers = HeaderMap::new();
-    let mut size = HEADER_FRAME;
-    let uuid = message.uuid();
-    let mut insert =
-        |headers: &mut HeaderMap, name: HeaderName, value: Cow<'_, str>| -> Result<()> {
-            // Values come out of `encode_value`, which leaves no CR or LF (the only characters
-            // `HeaderValue` refuses); checked again here so that its conversion cannot panic.
-            if value.contains(['\r', '\n']) {
-                return Err(header_error(topic, uuid, "a value"));
-            }
-            let value = HeaderValue::from(value.into_owned());
-            let name_str: &str = name.as_ref();
-            size += name_str.len() + value.as_str().len() + 4;
-            headers.insert(name, value);
-            Ok(())
-        };
+/// A message carrying a [`NatsRecord`]: the record's headers with the application's
+/// changes applied.
+fn encode_native(
+    message: &Message,
+    topic: &str,
+    max_payload: usize,
+    identity: &Identity,
+    native: &Native,
+    record: &NatsRecord,
+) -> Result<Encoded> {
     let metadata = message.metadata();
-    for (k, v) in metadata.iter() {
-        let name = if name_is_plain(k) {
-            HeaderName::try_from(k)
-        } else {
-            HeaderName::try_from(encode_word(k))
+    let uuid_kept = record.uuid.as_deref() == Some(message.uuid());
+    let key_kept = record.key.as_ref() == message.key();
+    let mut lines = Lines {
+        status: record.status_line.clone(),
+        encoded: record.encoded,
+        literal_received: !record.encoded,
+        ..Lines::default()
+    };
+    let mut changed_done: Vec<&str> = Vec::new();
+    let mut has_uuid = false;
+    for (h, role) in record.headers.iter().zip(record.roles.iter()) {
+        match role {
+            Role::View(view_key) => match native.entry(metadata, view_key) {
+                NativeEntry::Kept => lines.push_received(h),
+                NativeEntry::Removed => {}
+                NativeEntry::Changed(new) => {
+                    if changed_done.contains(&view_key.as_str()) {
+                        continue;
+                    }
+                    changed_done.push(view_key);
+                    match view_key.strip_suffix(BINARY_SUFFIX) {
+                        Some(_) if h.value_str().is_none() => match STANDARD.decode(new) {
+                            Ok(bytes) => lines.push(h.name.clone(), bytes),
+                            Err(_) => lines.push_entry(identity, view_key, new),
+                        },
+                        _ => match h.name_str() {
+                            Some(name) if name == view_key => {
+                                lines.push_entry(identity, name, new)
+                            }
+                            _ => lines.push_entry(identity, view_key, new),
+                        },
+                    }
+                }
+            },
+            Role::Opaque => lines.push_received(h),
+            Role::Uuid => {
+                has_uuid = true;
+                if uuid_kept {
+                    lines.push_received(h);
+                } else {
+                    lines.push(h.name.clone(), Bytes::from(message.uuid().to_owned()));
+                }
+            }
+            Role::OwnMsgId => {
+                has_uuid = true;
+                lines.push(h.name.clone(), Bytes::from(message_id(message).into_owned()));
+            }
+            Role::Key => {
+                if key_kept {
+                    lines.push_received(h);
+                }
+            }
+            Role::Dropped => {}
         }
-        .map_err(|_| header_error(topic, uuid, "a name"))?;
-        insert(&mut headers, name, encode_value(v))?;
     }
-    if metadata.contains_key(MSG_ID_HEADER) {
-        insert(
-            &mut headers,
-            HeaderName::from_static(UUID_HEADER),
-            encode_value(uuid),
-        )?;
-    } else {
-        let hash = content_hash(uuid, metadata, message.key(), message.payload());
-        insert(
-            &mut headers,
-            HeaderName::from_static(MSG_ID_HEADER),
-            message_id(uuid, hash),
-        )?;
+    for (k, v) in native.added(metadata) {
+        lines.push_entry(identity, k, v);
     }
-    if let Some(key) = message.key() {
-        match std::str::from_utf8(key) {
-            Ok(text) => insert(
-                &mut headers,
-                HeaderName::from_static(KEY_HEADER),
-                encode_value(text),
-            )?,
-            Err(_) => insert(
-                &mut headers,
-                HeaderName::from_static(KEY_B64_HEADER),
-                Cow::Owned(STANDARD.encode(key)),
-            )?,
+    if !has_uuid {
+        for (name, value) in identity_headers(message, identity) {
+            lines.push(Bytes::from(name.into_owned()), Bytes::from(value.into_owned()));
         }
     }
-    let total = message.payload().len() + size;
+    if !key_kept {
+        let mut encoded = false;
+        if let Some((name, value)) = key_header(message.key(), &mut encoded) {
+            lines.encoded |= encoded;
+            lines.push(name, Bytes::from(value.into_owned()));
+        }
+    }
+    let total = message.payload().len() + lines.size();
     if total > max_payload {
-        return Err(Error::MessageTooLarge {
-            broker: BROKER,
-            topic: topic.to_owned(),
-            uuid: uuid.to_owned(),
-            size: total,
-            limit: max_payload,
-        });
+        return Err(too_large(message, topic, total, max_payload));
     }
     Ok(Encoded {
-        headers,
+        headers: lines.finish(),
         payload: message.payload().clone(),
     })
 }
 
-/// Where a received message came from, for deriving a uuid when it carries none.
-pub(crate) enum Origin<'a> {
-    /// A JetStream stream message.
-    Stream { stream: &'a str, sequence: u64 },
-    /// A core NATS message.
-    Subject(&'a str),
+/// What a received header line became, for publishing the message again.
+#[derive(Clone, Debug)]
+pub(crate) enum Role {
+    /// An entry of the string view, under this key.
+    View(String),
+    /// Not in the view (its name is not UTF-8): always published as received.
+    Opaque,
+    /// The header the uuid was read from (bare uuid).
+    Uuid,
+    /// Tidemill's `Nats-Msg-Id` (`{uuid}.{hash}`): written anew.
+    OwnMsgId,
+    /// The key header.
+    Key,
+    /// Tidemill's own bookkeeping (`tidemill-encoding`, a second uuid header): written
+    /// anew when needed.
+    Dropped,
 }
 
-/// Decodes a received message.
-pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes, origin: Origin<'_>) -> Message {
-    let mut metadata = Metadata::new();
-    let mut uuid: Option<String> = None;
-    let mut msg_id: Option<String> = None;
-    let mut key: Option<Bytes> = None;
-    if let Some(headers) = headers {
-        for (name, values) in headers.iter() {
-            // A header sent several times (by other clients): the last value wins.
-            let Some(value) = values.last() else { continue };
-            let (name, value): (&str, &str) = (name.as_ref(), value.as_str());
-            match name {
-                UUID_HEADER => uuid = Some(decode_value(value).into_owned()),
-                MSG_ID_HEADER => msg_id = Some(decode_value(value).into_owned()),
-                KEY_HEADER => key = Some(Bytes::from(decode_value(value).into_owned())),
-                KEY_B64_HEADER => match STANDARD.decode(value) {
-                    Ok(bytes) => key = Some(Bytes::from(bytes)),
-                    Err(_) => metadata.set(name, value),
-                },
-                _ => {
-                    let name = decode_value(name);
-                    metadata.set(name, decode_value(value));
+/// Where a received message came from, for its record and a uuid when it carries none.
+pub(crate) enum Origin<'a> {
+    /// A JetStream delivery (its ack subject parsed, when it had one).
+    Stream {
+        stream: &'a str,
+        ack: Option<AckInfo<'a>>,
+    },
+    /// A core NATS message.
+    Subject,
+}
+
+/// The header lines of a raw header block: the status line's code and description, and
+/// each `name: value` line (value trimmed of spaces and tabs; a line starting with a
+/// space or tab continues the previous value; a line without `:` is kept only in the raw
+/// block).
+pub(crate) fn parse_header_block(block: &Bytes) -> (Option<Bytes>, Vec<RawHeader>) {
+    let mut lines: Vec<RawHeader> = Vec::new();
+    let mut at = 0;
+    let mut status = None;
+    let mut first = true;
+    while at < block.len() {
+        let end = find(&block[at..], b"\r\n").map_or(block.len(), |e| at + e);
+        let line = block.slice(at..end);
+        at = end + 2;
+        if first {
+            first = false;
+            if let Some(rest) = line.strip_prefix(b"NATS/1.0") {
+                let off = 8 + (rest.len() - rest.trim_ascii_start().len());
+                let status_line = line.slice(off..);
+                let status_line = status_line.slice(..status_line.trim_ascii_end().len());
+                if !status_line.is_empty() {
+                    status = Some(status_line);
                 }
             }
+            continue;
         }
-    }
-    let uuid: std::sync::Arc<str> = match (uuid, msg_id) {
-        (Some(uuid), msg_id) => {
-            if let Some(id) = msg_id {
-                metadata.set(MSG_ID_HEADER, id);
+        if line.is_empty() {
+            break;
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            if let Some(last) = lines.last_mut() {
+                let mut joined = BytesMut::from(last.value());
+                joined.put_u8(b' ');
+                joined.put_slice(trim_ows(&line));
+                *last = RawHeader::new(last.name.clone(), joined.freeze());
             }
-            uuid.into()
+            continue;
         }
-        (None, Some(id)) => match own_message_id(&id, &metadata, key.as_ref(), &payload) {
-            Some(uuid) => uuid.into(),
-            None => id.into(),
-        },
-        (None, None) => derive_uuid(headers, &payload, origin),
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let name = line.slice(..colon);
+        let value = &line[colon + 1..];
+        let trimmed = trim_ows(value);
+        let start = colon + 1 + (value.len() - trim_ows_start(value).len());
+        let value = line.slice(start..start + trimmed.len());
+        lines.push(RawHeader::new(name, value));
+    }
+    (status, lines)
+}
+
+fn trim_ows_start(v: &[u8]) -> &[u8] {
+    let n = v.iter().take_while(|b| **b == b' ' || **b == b'\t').count();
+    &v[n..]
+}
+
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let v = trim_ows_start(v);
+    let n = v.iter().rev().take_while(|b| **b == b' ' || **b == b'\t').count();
+    &v[..v.len() - n]
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Decodes a received message, attaching its [`NatsRecord`].
+pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> Message {
+    let (status, headers) = match &msg.headers {
+        Some(block) => parse_header_block(block),
+        None => (None, Vec::new()),
     };
-    let mut message = Message::with_uuid(uuid, payload).with_metadata_map(metadata);
+    let decode_words = headers
+        .iter()
+        .any(|h| h.name() == ENCODING_HEADER.as_bytes() && h.value() == ENCODING_VALUE.as_bytes());
+    let text = |b: &[u8]| -> Option<String> {
+        let s = std::str::from_utf8(b).ok()?;
+        Some(match decode_words.then(|| decode_word(s)).flatten() {
+            Some(decoded) => decoded,
+            None => s.to_owned(),
+        })
+    };
+    let configured = identity.uuid_header();
+    let mut roles: Vec<Role> = Vec::with_capacity(headers.len());
+    let mut metadata = Metadata::new();
+    // Uuid candidates: (index, value), by kind.
+    let mut cfg_uuid: Option<(usize, String)> = None;
+    let mut tm_uuid: Option<(usize, String)> = None;
+    let mut wm_uuid: Option<(usize, String)> = None;
+    let mut msg_id: Option<(usize, String)> = None;
+    let mut key: Option<Bytes> = None;
+    for (i, h) in headers.iter().enumerate() {
+        let Some(raw_name) = h.name_str() else {
+            roles.push(Role::Opaque);
+            continue;
+        };
+        match raw_name {
+            UUID_HEADER => {
+                roles.push(Role::Dropped);
+                tm_uuid = text(h.value()).map(|v| (i, v));
+                continue;
+            }
+            KEY_HEADER => {
+                roles.push(Role::Key);
+                key = text(h.value()).map(Bytes::from);
+                continue;
+            }
+            KEY_B64_HEADER => {
+                if let Ok(bytes) = STANDARD.decode(h.value()) {
+                    roles.push(Role::Key);
+                    key = Some(Bytes::from(bytes));
+                    continue;
+                }
+            }
+            ENCODING_HEADER if decode_words => {
+                roles.push(Role::Dropped);
+                continue;
+            }
+            _ => {}
+        }
+        if Some(raw_name) == configured {
+            cfg_uuid = text(h.value()).map(|v| (i, v));
+        } else if raw_name == WATERMILL_UUID_HEADER {
+            wm_uuid = text(h.value()).map(|v| (i, v));
+        } else if raw_name == MSG_ID_HEADER {
+            msg_id = text(h.value()).map(|v| (i, v));
+        }
+        let name = text(h.name()).unwrap_or_else(|| raw_name.to_owned());
+        let view_key = match text(h.value()) {
+            Some(v) => {
+                metadata.set(name.clone(), v);
+                name
+            }
+            None => {
+                insert_header_bytes(&mut metadata, &name, h.value());
+                format!("{name}{BINARY_SUFFIX}")
+            }
+        };
+        roles.push(Role::View(view_key));
+    }
+    // The uuid, and which header it came from (taken out of the view).
+    let uuid: Arc<str> = if let Some((idx, uuid)) = cfg_uuid.clone().or(tm_uuid.clone()) {
+        if cfg_uuid.is_some() {
+            take(&mut roles, &mut metadata, idx, Role::Uuid);
+            if let Some((t, _)) = &tm_uuid {
+                roles[*t] = Role::Dropped;
+            }
+        } else {
+            roles[idx] = Role::Uuid;
+        }
+        if let Some((m, id)) = &msg_id {
+            if is_own_form(id, &uuid) {
+                take(&mut roles, &mut metadata, *m, Role::OwnMsgId);
+            }
+        }
+        uuid.into()
+    } else if let Some(own) = msg_id.as_ref().and_then(|(m, id)| {
+        let mut without = metadata.clone();
+        if let Role::View(k) = &roles[*m] {
+            without.remove(k);
+        }
+        own_message_id(id, &without, key.as_ref(), &msg.payload).map(|u| (*m, u.to_owned()))
+    }) {
+        take(&mut roles, &mut metadata, own.0, Role::OwnMsgId);
+        own.1.into()
+    } else if let Some((idx, uuid)) = wm_uuid {
+        take(&mut roles, &mut metadata, idx, Role::Uuid);
+        if let Some((m, id)) = &msg_id {
+            if is_own_form(id, &uuid) {
+                take(&mut roles, &mut metadata, *m, Role::OwnMsgId);
+            }
+        }
+        uuid.into()
+    } else if let Some((idx, id)) = msg_id {
+        take(&mut roles, &mut metadata, idx, Role::Uuid);
+        id.into()
+    } else {
+        derive_uuid(&msg, &origin)
+    };
+    let ack = match &origin {
+        Origin::Stream { ack, .. } => ack.as_ref(),
+        Origin::Subject => None,
+    };
+    let record = NatsRecord {
+        subject: String::from_utf8_lossy(&msg.subject).into_owned(),
+        reply: msg.reply_str().map(str::to_owned),
+        stream: match &origin {
+            Origin::Stream { stream, .. } => Some((*stream).to_owned()),
+            Origin::Subject => None,
+        },
+        consumer: ack.map(|a| a.consumer.to_owned()),
+        domain: ack.and_then(|a| a.domain.map(str::to_owned)),
+        stream_sequence: ack.map(|a| a.stream_sequence),
+        consumer_sequence: ack.map(|a| a.consumer_sequence),
+        num_delivered: ack.map(|a| a.delivered),
+        num_pending: ack.map(|a| a.pending),
+        timestamp_nanos: ack.map(|a| a.timestamp),
+        status: status
+            .as_ref()
+            .and_then(|s| std::str::from_utf8(s.split(|b| *b == b' ').next()?).ok()?.parse().ok()),
+        description: status.as_ref().and_then(|s| {
+            let text = std::str::from_utf8(s).ok()?;
+            let (_, d) = text.split_once(' ')?;
+            Some(d.trim().to_owned()).filter(|d| !d.is_empty())
+        }),
+        status_line: status,
+        encoded: decode_words,
+        headers,
+        roles,
+        raw_headers: msg.headers.clone(),
+        uuid: Some(uuid.clone()),
+        key: key.clone(),
+    };
+    if metadata.is_empty() {
+        // An emptied map compares unequal to a fresh one (`Metadata`'s derived `Eq`).
+        metadata = Metadata::new();
+    }
+    let native = Native::new(BROKER, record, &metadata);
+    let mut message = Message::with_uuid(uuid, msg.payload)
+        .with_metadata_map(metadata)
+        .with_native(native);
     message.set_key(key);
     message
+}
+
+/// Makes header `idx` play `role`, taking it out of the string view when it was the
+/// view's value (the last line of its name).
+fn take(roles: &mut [Role], metadata: &mut Metadata, idx: usize, role: Role) {
+    if let Role::View(k) = &roles[idx] {
+        let k = k.clone();
+        if roles[idx + 1..]
+            .iter()
+            .all(|r| !matches!(r, Role::View(o) if *o == k))
+        {
+            metadata.remove(&k);
+        }
+    }
+    roles[idx] = role;
+}
+
+/// Whether `id` is `{uuid}.{16 hex digits}`.
+fn is_own_form(id: &str, uuid: &str) -> bool {
+    id.strip_prefix(uuid)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A 64-bit hash of the uuid, metadata, key and payload, each length-prefixed: what makes
@@ -317,43 +827,39 @@ fn own_message_id<'a>(
     (hash == content_hash(uuid, metadata, key, payload)).then_some(uuid)
 }
 
-fn derive_uuid(
-    headers: Option<&HeaderMap>,
-    payload: &[u8],
-    origin: Origin<'_>,
-) -> std::sync::Arc<str> {
+/// The uuid of a message that carries none: JetStream, from its stream and sequence
+/// (`stable_uuid("nats", stream, sequence)`: the same on every redelivery, different for
+/// every stored message); core NATS, from subject, header block and payload.
+fn derive_uuid(msg: &WireMsg, origin: &Origin<'_>) -> Arc<str> {
     match origin {
-        Origin::Stream { stream, sequence } => {
-            stable_uuid(&[b"nats", stream.as_bytes(), sequence.to_string().as_bytes()])
-        }
-        Origin::Subject(subject) => {
-            // No broker coordinates: the content identifies the message.
-            let mut fields: Vec<(&str, &str)> = headers
-                .map(|h| {
-                    h.iter()
-                        .flat_map(|(n, vs)| vs.iter().map(move |v| (n.as_ref(), v.as_str())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            fields.sort_unstable();
-            let mut header_bytes = Vec::new();
-            for (n, v) in fields {
-                header_bytes.extend_from_slice(n.as_bytes());
-                header_bytes.push(0);
-                header_bytes.extend_from_slice(v.as_bytes());
-                header_bytes.push(0);
-            }
-            stable_uuid(&[b"nats-core", subject.as_bytes(), &header_bytes, payload])
-        }
+        Origin::Stream {
+            stream,
+            ack: Some(ack),
+        } => stable_uuid(&[
+            b"nats",
+            stream.as_bytes(),
+            ack.stream_sequence.to_string().as_bytes(),
+        ]),
+        _ => stable_uuid(&[
+            b"nats-core",
+            &msg.subject,
+            msg.headers.as_deref().unwrap_or_default(),
+            &msg.payload,
+        ]),
     }
 }
 
 /// What a JetStream ack subject tells about a delivery.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Clone)]
 pub(crate) struct AckInfo<'a> {
+    pub domain: Option<&'a str>,
     pub stream: &'a str,
+    pub consumer: &'a str,
     pub delivered: u64,
     pub stream_sequence: u64,
+    pub consumer_sequence: u64,
+    pub timestamp: u64,
+    pub pending: u64,
 }
 
 /// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
@@ -368,9 +874,14 @@ pub(crate) fn parse_ack_subject(reply: &str) -> Option<AckInfo<'_>> {
         _ => return None,
     };
     Some(AckInfo {
+        domain: (base == 2 && tokens[0] != "_").then(|| tokens[0]),
         stream: tokens[base],
+        consumer: tokens[base + 1],
         delivered: tokens[base + 2].parse().ok()?,
         stream_sequence: tokens[base + 3].parse().ok()?,
+        consumer_sequence: tokens[base + 4].parse().ok()?,
+        timestamp: tokens[base + 5].parse().ok()?,
+        pending: tokens[base + 6].parse().ok()?,
     })
 }
 
@@ -378,16 +889,64 @@ pub(crate) fn parse_ack_subject(reply: &str) -> Option<AckInfo<'_>> {
 mod tests {
     use super::*;
 
+    fn tidemill() -> Identity {
+        Identity::new(UuidHeader::Tidemill)
+    }
+
+    /// The header block a server would deliver for `out`.
+    fn block(out: &Outgoing) -> Bytes {
+        match out {
+            Outgoing::Raw(b) => b.clone(),
+            Outgoing::Map(map) => {
+                let mut b = BytesMut::new();
+                b.put_slice(b"NATS/1.0\r\n");
+                for (name, values) in map.iter() {
+                    for v in values {
+                        b.put_slice(name.as_ref());
+                        b.put_slice(b": ");
+                        b.put_slice(v.as_str().as_bytes());
+                        b.put_slice(b"\r\n");
+                    }
+                }
+                b.put_slice(b"\r\n");
+                b.freeze()
+            }
+        }
+    }
+
+    fn wire(headers: Option<Bytes>, payload: &'static [u8]) -> WireMsg {
+        WireMsg {
+            subject: Bytes::from_static(b"t"),
+            reply: Some(Bytes::from_static(
+                b"$JS.ACK.S.c.1.9.9.1700000000000000000.0",
+            )),
+            headers,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    fn stream_origin(seq: u64) -> Origin<'static> {
+        let reply: &'static str =
+            Box::leak(format!("$JS.ACK.S.c.1.{seq}.{seq}.1700000000000000000.0").into_boxed_str());
+        Origin::Stream {
+            stream: "S",
+            ack: parse_ack_subject(reply),
+        }
+    }
+
+    fn round_trip_with(m: &Message, identity: &Identity) -> Message {
+        let e = encode(m, "t", 1 << 20, identity).unwrap();
+        let msg = WireMsg {
+            subject: Bytes::from_static(b"t"),
+            reply: None,
+            headers: Some(block(&e.headers)),
+            payload: e.payload,
+        };
+        decode(msg, stream_origin(1), identity)
+    }
+
     fn round_trip(m: &Message) -> Message {
-        let e = encode(m, "t", 1 << 20).unwrap();
-        decode(
-            Some(&e.headers),
-            e.payload,
-            Origin::Stream {
-                stream: "S",
-                sequence: 1,
-            },
-        )
+        round_trip_with(m, &tidemill())
     }
 
     #[test]
@@ -407,114 +966,198 @@ mod tests {
             .with_key("customer 42\n")
             .with_metadata("Nats-TTL-like", "x");
         for (i, v) in awkward.iter().enumerate() {
-            m = m.with_metadata(format!("k{i}"), v);
+            m = m.with_metadata(format!("k{i}"), *v);
+            m = m.with_metadata(*v, format!("as name {i}"));
         }
-        for k in [
-            "",
-            "with space",
-            "colon:key",
-            "ключ",
-            "tidemill-uuid",
-            "tidemill-key",
-            "=?utf-8?b?eA==?=",
-        ] {
-            m = m.with_metadata(k, "v");
+        for reserved in [UUID_HEADER, KEY_HEADER, KEY_B64_HEADER, ENCODING_HEADER] {
+            m = m.with_metadata(reserved, "user value");
         }
         assert_eq!(round_trip(&m), m);
-        let binary_key = Message::new("x").with_key([0xffu8, 0, 1]);
+        let binary_key = Message::new("p").with_key([0xffu8, 0, 1]);
         assert_eq!(round_trip(&binary_key), binary_key);
+        for identity in [
+            Identity::new(UuidHeader::Watermill),
+            Identity::new(UuidHeader::NatsMsgId),
+            Identity::new(UuidHeader::Header("x-id".into())),
+        ] {
+            assert_eq!(round_trip_with(&m, &identity), m, "{identity:?}");
+        }
+    }
+
+    #[test]
+    fn foreign_headers_arrive_as_sent() {
+        let raw = Bytes::from_static(
+            b"NATS/1.0\r\ntrace: =?utf-8?b?aGk=?=\r\n=?utf-8?b?aGk=?=: v\r\nbin: \xff\xfe\r\ndup: 1\r\ndup: 2\r\n\r\n",
+        );
+        let m = decode(wire(Some(raw.clone()), b"p"), stream_origin(3), &tidemill());
+        assert_eq!(m.metadata().get("trace"), Some("=?utf-8?b?aGk=?="));
+        assert_eq!(m.metadata().get("=?utf-8?b?aGk=?="), Some("v"));
+        assert_eq!(m.metadata().get("bin.b64"), Some("//4="));
+        assert_eq!(m.metadata().get("dup"), Some("2"));
+        let record = NatsRecord::of(&m).unwrap();
+        assert_eq!(record.values(b"dup").collect::<Vec<_>>(), vec![b"1", b"2"]);
+        assert_eq!(record.stream_sequence(), Some(3));
+        assert_eq!(record.raw_headers(), Some(&raw));
+        // Republished unchanged: the same lines (and Tidemill's id added).
+        let e = encode(&m, "t", 1 << 20, &tidemill()).unwrap();
+        let (_, lines) = parse_header_block(&block(&e.headers));
+        let mut want: Vec<RawHeader> = record.headers().to_vec();
+        want.push(lines.last().unwrap().clone());
+        assert_eq!(lines, want);
+        assert_eq!(lines.last().unwrap().name(), MSG_ID_HEADER.as_bytes());
+    }
+
+    #[test]
+    fn a_handler_changes_only_what_it_changes() {
+        let raw = Bytes::from_static(b"NATS/1.0\r\na: 1\r\na: 2\r\nb: x\r\nbin: \xff\r\nNats-Msg-Id: order-1-created\r\n\r\n");
+        let mut m = decode(wire(Some(raw), b"p"), stream_origin(1), &tidemill());
+        assert_eq!(m.uuid(), "order-1-created");
+        m.metadata_mut().set("b", "y");
+        m.metadata_mut().set("c", "=?utf-8?b?aGk=?=");
+        let e = encode(&m, "t", 1 << 20, &tidemill()).unwrap();
+        let (_, lines) = parse_header_block(&block(&e.headers));
+        let got: Vec<(&[u8], &[u8])> = lines.iter().map(|h| (h.name(), h.value())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (&b"a"[..], &b"1"[..]),
+                (b"a", b"2"),
+                (b"b", b"y"),
+                (b"bin", b"\xff"),
+                (b"Nats-Msg-Id", b"order-1-created"),
+                (b"c", b"=?utf-8?b?PT91dGYtOD9iP2FHaz0/PQ==?="),
+                (b"tidemill-encoding", b"b-words"),
+            ]
+        );
+        let again = round_trip(&m);
+        assert_eq!(again.metadata().get("c"), Some("=?utf-8?b?aGk=?="));
+        assert_eq!(again.uuid(), "order-1-created");
     }
 
     #[test]
     fn uuid_travels_as_the_jetstream_message_id() {
         let m = Message::new("x").with_metadata("a", "1").with_key("k");
-        let e = encode(&m, "t", 1 << 20).unwrap();
-        let id = e.headers.get(MSG_ID_HEADER).unwrap().as_str().to_owned();
-        assert!(id.starts_with(&format!("{}.", m.uuid())), "{id}");
-        assert!(e.headers.get(UUID_HEADER).is_none());
+        let id = |m: &Message| {
+            let e = encode(m, "t", 1 << 20, &tidemill()).unwrap();
+            let (_, lines) = parse_header_block(&block(&e.headers));
+            lines
+                .iter()
+                .find(|h| h.name() == MSG_ID_HEADER.as_bytes())
+                .map(|h| h.value_str().unwrap().to_owned())
+        };
+        let first = id(&m).unwrap();
+        assert!(first.starts_with(&format!("{}.", m.uuid())), "{first}");
         assert_eq!(round_trip(&m), m);
-        // The same message again (a retry) has the same id: the stream drops it.
-        let again = encode(&m.clone(), "t", 1 << 20).unwrap();
-        assert_eq!(again.headers.get(MSG_ID_HEADER).unwrap().as_str(), id);
-        // The same uuid with other metadata, key or payload (a deliberate republish) does not.
-        let variants = [
+        assert_eq!(id(&m.clone()).unwrap(), first);
+        for v in [
             m.clone().with_metadata("a", "2"),
             m.clone().with_key("other"),
             Message::with_uuid(m.uuid(), "y")
                 .with_metadata("a", "1")
                 .with_key("k"),
-        ];
-        for v in variants {
-            assert_eq!(v.uuid(), m.uuid());
-            let e = encode(&v, "t", 1 << 20).unwrap();
-            assert_ne!(e.headers.get(MSG_ID_HEADER).unwrap().as_str(), id);
+        ] {
+            assert_ne!(id(&v).unwrap(), first);
             assert_eq!(round_trip(&v), v);
         }
         // Another client's id that merely looks like one of ours stays whole.
-        let mut h = HeaderMap::new();
-        h.insert(
-            MSG_ID_HEADER,
-            format!("{}.0123456789abcdef", m.uuid()).as_str(),
+        let looks = format!("NATS/1.0\r\nNats-Msg-Id: {}.0123456789abcdef\r\n\r\n", m.uuid());
+        let foreign = decode(
+            wire(Some(Bytes::from(looks)), b"x"),
+            Origin::Subject,
+            &tidemill(),
         );
-        let foreign = decode(Some(&h), Bytes::from_static(b"x"), Origin::Subject("s"));
         assert_eq!(foreign.uuid(), format!("{}.0123456789abcdef", m.uuid()));
         // A message id of the user's own is kept; the uuid moves to tidemill-uuid.
         let own = Message::new("x").with_metadata(MSG_ID_HEADER, "order-7");
-        let e = encode(&own, "t", 1 << 20).unwrap();
-        assert_eq!(e.headers.get(MSG_ID_HEADER).unwrap().as_str(), "order-7");
-        assert_eq!(e.headers.get(UUID_HEADER).unwrap().as_str(), own.uuid());
+        assert_eq!(id(&own).as_deref(), Some("order-7"));
         assert_eq!(round_trip(&own), own);
     }
 
     #[test]
+    fn identity_modes() {
+        let m = Message::new("x");
+        let lines = |identity: &Identity| {
+            let e = encode(&m, "t", 1 << 20, identity).unwrap();
+            let (_, lines) = parse_header_block(&block(&e.headers));
+            lines
+                .iter()
+                .map(|h| {
+                    (
+                        h.name_str().unwrap().to_owned(),
+                        h.value_str().unwrap().to_owned(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let wm = lines(&Identity::new(UuidHeader::Watermill));
+        assert!(wm.contains(&(WATERMILL_UUID_HEADER.to_owned(), m.uuid().to_owned())));
+        // Read by a subscriber configured for Tidemill's header: same message.
+        let e = encode(&m, "t", 1 << 20, &Identity::new(UuidHeader::Watermill)).unwrap();
+        let got = decode(
+            WireMsg {
+                subject: Bytes::from_static(b"t"),
+                reply: None,
+                headers: Some(block(&e.headers)),
+                payload: e.payload,
+            },
+            Origin::Subject,
+            &tidemill(),
+        );
+        assert_eq!(got, m);
+        let id = lines(&Identity::new(UuidHeader::NatsMsgId));
+        assert_eq!(id, vec![(MSG_ID_HEADER.to_owned(), m.uuid().to_owned())]);
+        let plain = lines(&Identity::new(UuidHeader::Header("x-id".into())));
+        assert!(plain.contains(&("x-id".to_owned(), m.uuid().to_owned())));
+        // Watermill's header is read whatever the configuration.
+        let raw = format!("NATS/1.0\r\n{WATERMILL_UUID_HEADER}: wm-1\r\nname: Cmd\r\n\r\n");
+        let got = decode(wire(Some(Bytes::from(raw)), b"{}"), stream_origin(1), &tidemill());
+        assert_eq!(got.uuid(), "wm-1");
+        assert_eq!(got.metadata().len(), 1);
+    }
+
+    #[test]
     fn foreign_messages_get_stable_uuids() {
-        let mut h = HeaderMap::new();
-        h.insert("trace", "abc");
-        let a = decode(
-            Some(&h),
-            Bytes::from_static(b"p"),
-            Origin::Stream {
-                stream: "S",
-                sequence: 9,
-            },
-        );
-        let b = decode(
-            Some(&h),
-            Bytes::from_static(b"p"),
-            Origin::Stream {
-                stream: "S",
-                sequence: 9,
-            },
-        );
-        let c = decode(
-            Some(&h),
-            Bytes::from_static(b"p"),
-            Origin::Stream {
-                stream: "S",
-                sequence: 10,
-            },
-        );
+        let h = Some(Bytes::from_static(b"NATS/1.0\r\ntrace: abc\r\n\r\n"));
+        let a = decode(wire(h.clone(), b"p"), stream_origin(9), &tidemill());
+        let b = decode(wire(h.clone(), b"p"), stream_origin(9), &tidemill());
+        let c = decode(wire(h.clone(), b"p"), stream_origin(10), &tidemill());
         assert_eq!(a.uuid(), b.uuid());
         assert_ne!(a.uuid(), c.uuid());
         assert_eq!(a.metadata().get("trace"), Some("abc"));
         assert_eq!(a.key(), None);
-        let x = decode(None, Bytes::from_static(b"p"), Origin::Subject("s"));
-        let y = decode(None, Bytes::from_static(b"p"), Origin::Subject("s"));
-        let z = decode(None, Bytes::from_static(b"q"), Origin::Subject("s"));
+        let x = decode(wire(None, b"p"), Origin::Subject, &tidemill());
+        let y = decode(wire(None, b"p"), Origin::Subject, &tidemill());
+        let z = decode(wire(None, b"q"), Origin::Subject, &tidemill());
         assert_eq!(x.uuid(), y.uuid());
         assert_ne!(x.uuid(), z.uuid());
-        // Another client's message id is the uuid.
-        let mut h = HeaderMap::new();
-        h.insert(MSG_ID_HEADER, "their-id");
-        let m = decode(Some(&h), Bytes::new(), Origin::Subject("s"));
+        let h = Some(Bytes::from_static(b"NATS/1.0\r\nNats-Msg-Id: their-id\r\n\r\n"));
+        let m = decode(wire(h, b""), Origin::Subject, &tidemill());
         assert_eq!(m.uuid(), "their-id");
         assert!(m.metadata().is_empty());
     }
 
     #[test]
+    fn status_lines_and_odd_lines() {
+        let raw = Bytes::from_static(
+            b"NATS/1.0 503 No Responders\r\nk:   spaced value \t\r\nno colon line\r\n  folded\r\n\r\n",
+        );
+        let m = decode(wire(Some(raw), b""), stream_origin(1), &tidemill());
+        let r = NatsRecord::of(&m).unwrap();
+        assert_eq!(r.status(), Some(503));
+        assert_eq!(r.description(), Some("No Responders"));
+        assert_eq!(m.metadata().get("k"), Some("spaced value folded"));
+        // Republished with its status line (a raw header block).
+        let e = encode(&m, "t", 1 << 20, &tidemill()).unwrap();
+        match e.headers {
+            Outgoing::Raw(b) => assert!(b.starts_with(b"NATS/1.0 503 No Responders\r\n")),
+            Outgoing::Map(_) => panic!("a status line needs the raw path"),
+        }
+    }
+
+    #[test]
     fn oversized_messages_name_the_limit() {
         let m = Message::new(vec![0u8; 2000]);
-        let err = encode(&m, "big", 1000).err().unwrap();
+        let err = encode(&m, "big", 1000, &tidemill()).err().unwrap();
         match &err {
             Error::MessageTooLarge {
                 limit, size, topic, ..
@@ -530,22 +1173,14 @@ mod tests {
 
     #[test]
     fn ack_subjects() {
+        let a = parse_ack_subject("$JS.ACK.ORDERS.billing.3.42.40.1700000000000000000.7").unwrap();
         assert_eq!(
-            parse_ack_subject("$JS.ACK.ORDERS.billing.3.42.40.1700000000000000000.7"),
-            Some(AckInfo {
-                stream: "ORDERS",
-                delivered: 3,
-                stream_sequence: 42
-            })
+            (a.stream, a.consumer, a.delivered, a.stream_sequence, a.consumer_sequence, a.pending),
+            ("ORDERS", "billing", 3, 42, 40, 7)
         );
-        assert_eq!(
-            parse_ack_subject("$JS.ACK._.ACCHASH.ORDERS.billing.1.5.5.1700000000000000000.0.tok"),
-            Some(AckInfo {
-                stream: "ORDERS",
-                delivered: 1,
-                stream_sequence: 5
-            })
-        );
+        let b = parse_ack_subject("$JS.ACK.hub.ACCHASH.ORDERS.billing.1.5.5.1700000000000000000.0.tok")
+            .unwrap();
+        assert_eq!((b.domain, b.stream, b.delivered, b.stream_sequence), (Some("hub"), "ORDERS", 1, 5));
         assert_eq!(parse_ack_subject("_INBOX.x"), None);
         assert_eq!(parse_ack_subject("$JS.ACK.a.b.c"), None);
     }

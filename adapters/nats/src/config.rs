@@ -1,5 +1,6 @@
 //! Configuration of the NATS adapter.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -63,6 +64,36 @@ pub enum Retention {
     WorkQueue,
 }
 
+/// Which header carries a message's uuid ([`NatsConfig::uuid_header`]).
+///
+/// Whatever is configured, a received message's uuid is read from the first of: the
+/// configured header, `tidemill-uuid`, a `Nats-Msg-Id` Tidemill wrote
+/// (`{uuid}.{hash}`), `_watermill_message_uuid`, any other `Nats-Msg-Id` (whole, as the
+/// other client wrote it); a message with none of them gets a uuid derived from its
+/// stream and sequence (JetStream) or its subject, headers and payload (core NATS).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UuidHeader {
+    /// Tidemill's own: the uuid travels in `Nats-Msg-Id` as `{uuid}.{hash}` (16 hex
+    /// digits of a hash of uuid, metadata, key and payload), so the stream drops a retried
+    /// publish but stores a deliberate republish of the uuid with other content; when the
+    /// metadata sets its own `Nats-Msg-Id`, that one is sent and the uuid goes in
+    /// `tidemill-uuid`.
+    #[default]
+    Tidemill,
+    /// Watermill's: the bare uuid in `_watermill_message_uuid` (what Watermill services
+    /// read and write), plus Tidemill's `Nats-Msg-Id` for the stream's deduplication.
+    Watermill,
+    /// The bare uuid as `Nats-Msg-Id`, JetStream's message id: what plain NATS clients
+    /// read. The stream then drops any message whose uuid it saw within
+    /// `duplicate_window`, including a deliberate republish of the same uuid with other
+    /// content (a dead-letter copy to the same topic).
+    NatsMsgId,
+    /// The bare uuid in a header of this name, plus Tidemill's `Nats-Msg-Id` for the
+    /// stream's deduplication.
+    Header(String),
+}
+
 /// Configuration shared by [`NatsPublisher`](crate::NatsPublisher) and
 /// [`NatsSubscriber`](crate::NatsSubscriber).
 ///
@@ -81,7 +112,7 @@ pub enum Retention {
 /// assert_eq!(config.jetstream.ack_wait, std::time::Duration::from_secs(60));
 /// config.validate().unwrap();
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// The server(s): one URL or several separated by commas (`nats://host:4222`,
@@ -138,11 +169,17 @@ pub struct NatsConfig {
 
     /// Reconnect attempts after a lost connection before the client gives up; `None`
     /// retries forever. Default: `None`.
+    #[serde(deserialize_with = "strict::max_reconnects")]
     pub max_reconnects: Option<usize>,
 
     /// Reconnect only to the configured servers, not to servers the cluster announces.
     /// Needed when the client reaches the server through a proxy or NAT. Default: `false`.
     pub ignore_discovered_servers: bool,
+
+    /// Which header carries the message uuid (see [`UuidHeader`]). Default: `tidemill`.
+    /// In configuration files: `"tidemill"`, `"watermill"`, `"nats_msg_id"` or
+    /// `{ "header": "x-message-id" }`.
+    pub uuid_header: UuidHeader,
 
     /// Prepended to every topic to form its subject (both modes): topic `orders` is
     /// subject `{subject_prefix}orders`. Default: `""`.
@@ -184,6 +221,7 @@ pub struct JetStreamConfig {
 
     /// Replicas of the streams the adapter creates (1 to 5, clustered JetStream).
     /// Default: `1`.
+    #[serde(deserialize_with = "strict::replicas")]
     pub replicas: usize,
 
     /// Streams the adapter creates drop messages older than this. Default: unset (no age
@@ -193,9 +231,11 @@ pub struct JetStreamConfig {
 
     /// Streams the adapter creates keep at most this many messages (oldest dropped first).
     /// Default: unset (no limit).
+    #[serde(deserialize_with = "strict::max_messages")]
     pub max_messages: Option<i64>,
 
     /// Streams the adapter creates keep at most this many bytes. Default: unset (no limit).
+    #[serde(deserialize_with = "strict::max_bytes")]
     pub max_bytes: Option<i64>,
 
     /// How long the streams the adapter creates remember message ids (`Nats-Msg-Id`: the
@@ -215,6 +255,7 @@ pub struct JetStreamConfig {
     /// neither delivered nor removed; a dead-letter middleware should act before). Local
     /// redeliveries of keyed messages ([`order_per_key`](Self::order_per_key)) do not count.
     /// `None`: no limit. Default: `None`.
+    #[serde(deserialize_with = "strict::max_deliver")]
     pub max_deliver: Option<i64>,
 
     /// Unacked messages a consumer (a group, or a subscription without group) may have
@@ -222,6 +263,7 @@ pub struct JetStreamConfig {
     /// [`order_per_key`](Self::order_per_key); the server delivers no more until some are
     /// settled. `1` delivers one message at a time in stream order across all keys and
     /// group members (a nacked message then comes back before any other). Default: `1000`.
+    #[serde(deserialize_with = "strict::max_ack_pending")]
     pub max_ack_pending: i64,
 
     /// Keep order per key within each subscription: of the messages with the same key,
@@ -250,6 +292,7 @@ pub struct JetStreamConfig {
 
     /// Messages requested per pull request; another request goes out when half were
     /// received. Default: `500`.
+    #[serde(deserialize_with = "strict::pull_batch")]
     pub pull_batch: usize,
 
     /// Lifetime of a pull request on the server. Default: `30s`.
@@ -270,10 +313,12 @@ pub struct JetStreamConfig {
     /// Publishing pipelines this many messages before awaiting their PubAcks (a batch
     /// larger than this goes out in several windows). At most
     /// [`max_ack_inflight`](Self::max_ack_inflight). Default: `1000`.
+    #[serde(deserialize_with = "strict::publish_window")]
     pub publish_window: usize,
 
     /// PubAcks one publisher awaits at most at a time, across all concurrent `publish`
     /// calls. Default: `5000`.
+    #[serde(deserialize_with = "strict::max_ack_inflight")]
     pub max_ack_inflight: usize,
 }
 
@@ -295,6 +340,7 @@ impl Default for NatsConfig {
             ping_interval: Duration::from_secs(20),
             max_reconnects: None,
             ignore_discovered_servers: false,
+            uuid_header: UuidHeader::Tidemill,
             subject_prefix: String::new(),
             jetstream: JetStreamConfig::default(),
         }
@@ -366,7 +412,11 @@ impl NatsConfig {
             let addr = async_nats::ServerAddr::from_str(part).map_err(|e| {
                 Error::config(
                     BROKER,
-                    format!("`url` entry {part:?} is not a NATS URL: {e}"),
+                    format!(
+                        "`url` entry {:?} is not a NATS URL: {}",
+                        redact_urls(part),
+                        redact_text(&e.to_string(), self)
+                    ),
                 )
             })?;
             addrs.push(addr);
@@ -629,4 +679,245 @@ mod tests {
             .expect_err("bad duration");
         assert!(err.to_string().contains("soon"), "{err}");
     }
+}
+
+impl fmt::Debug for NatsConfig {
+    /// Shows every field but the secrets: `password` and `token` as `***`, credentials in
+    /// the URLs as `***@` (the credentials file is named, never read).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| HIDDEN);
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_urls(&self.url))
+            .field("mode", &self.mode)
+            .field("connection_name", &self.connection_name)
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("credentials_file", &self.credentials_file)
+            .field("tls_required", &self.tls_required)
+            .field("root_certificates", &self.root_certificates)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("ping_interval", &self.ping_interval)
+            .field("max_reconnects", &self.max_reconnects)
+            .field("ignore_discovered_servers", &self.ignore_discovered_servers)
+            .field("uuid_header", &self.uuid_header)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("jetstream", &self.jetstream)
+            .finish()
+    }
+}
+
+/// What replaces a secret in messages.
+const HIDDEN: &str = "***";
+
+/// `urls` (one or several, comma-separated) with every userinfo (`user:password@`, or a
+/// bare token before `@`) replaced by `***@`.
+pub(crate) fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|part| {
+            let (scheme, rest) = match part.find("://") {
+                Some(i) => part.split_at(i + 3),
+                None => ("", part),
+            };
+            match rest.rfind('@') {
+                Some(at) => format!("{scheme}{HIDDEN}{}", &rest[at..]),
+                None => part.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `text` (an error from a client library) with every secret of `config` replaced:
+/// passwords, tokens and URL userinfo.
+pub(crate) fn redact_text(text: &str, config: &NatsConfig) -> String {
+    let mut out = text.to_owned();
+    let mut secrets: Vec<String> = Vec::new();
+    secrets.extend(config.password.clone());
+    secrets.extend(config.token.clone());
+    for part in config.url.split(',') {
+        let rest = part.split_once("://").map_or(part, |(_, r)| r);
+        if let Some(at) = rest.rfind('@') {
+            let userinfo = &rest[..at];
+            secrets.push(userinfo.to_owned());
+            secrets.extend(userinfo.split(':').map(str::to_owned));
+        }
+    }
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(secret.as_str(), HIDDEN);
+    }
+    out
+}
+
+/// Strict integer fields: integers (or strings holding one) within the field's range;
+/// floats, booleans and values out of range are errors naming the range.
+mod strict {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Visitor};
+
+    struct Int {
+        field: &'static str,
+        min: i128,
+        max: i128,
+        unset: &'static str,
+    }
+
+    impl Int {
+        fn range<E: de::Error>(&self, got: impl fmt::Display) -> E {
+            E::custom(format!(
+                "`{}` must be an integer between {} and {}{}, got {got}",
+                self.field, self.min, self.max, self.unset
+            ))
+        }
+
+        fn check<E: de::Error>(&self, v: i128) -> Result<i128, E> {
+            if v < self.min || v > self.max {
+                Err(self.range(v))
+            } else {
+                Ok(v)
+            }
+        }
+    }
+
+    impl<'de> Visitor<'de> for Int {
+        type Value = i128;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "an integer between {} and {}", self.min, self.max)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i128, E> {
+            self.check(i128::from(v))
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i128, E> {
+            self.check(i128::from(v))
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<i128, E> {
+            self.check(v)
+        }
+
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<i128, E> {
+            self.check(i128::try_from(v).unwrap_or(i128::MAX))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<i128, E> {
+            if v.fract() == 0.0 && v.is_finite() && (v < self.min as f64 || v > self.max as f64) {
+                return Err(self.range(v));
+            }
+            Err(E::custom(format!(
+                "`{}` must be an integer between {} and {}{}, got the fraction {v} (not rounded)",
+                self.field, self.min, self.max, self.unset
+            )))
+        }
+
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<i128, E> {
+            Err(E::custom(format!(
+                "`{}` must be an integer between {} and {}{}, got the boolean {v}",
+                self.field, self.min, self.max, self.unset
+            )))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<i128, E> {
+            let t = v.trim();
+            let digits = t.strip_prefix(['-', '+']).unwrap_or(t);
+            if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                return match t.parse::<i128>() {
+                    Ok(n) => self.check(n),
+                    Err(_) => Err(self.range(t)),
+                };
+            }
+            Err(E::custom(format!(
+                "`{}` must be an integer between {} and {}{}, got {v:?}",
+                self.field, self.min, self.max, self.unset
+            )))
+        }
+    }
+
+    macro_rules! field {
+        ($fn:ident, $ty:ty, $field:literal, $min:expr, $max:expr) => {
+            pub(super) fn $fn<'de, D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+                let v = d.deserialize_any(Int {
+                    field: $field,
+                    min: $min as i128,
+                    max: $max as i128,
+                    unset: "",
+                })?;
+                Ok(v as $ty)
+            }
+        };
+        ($fn:ident, Option<$ty:ty>, $field:literal, $min:expr, $max:expr, $unset:literal) => {
+            pub(super) fn $fn<'de, D: Deserializer<'de>>(d: D) -> Result<Option<$ty>, D::Error> {
+                struct Opt;
+                impl<'de> Visitor<'de> for Opt {
+                    type Value = Option<$ty>;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        write!(f, "an integer or null")
+                    }
+                    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                        Ok(None)
+                    }
+                    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                        Ok(None)
+                    }
+                    fn visit_some<D2: Deserializer<'de>>(
+                        self,
+                        d: D2,
+                    ) -> Result<Self::Value, D2::Error> {
+                        let v = d.deserialize_any(Int {
+                            field: $field,
+                            min: $min as i128,
+                            max: $max as i128,
+                            unset: $unset,
+                        })?;
+                        Ok(Some(v as $ty))
+                    }
+                }
+                d.deserialize_option(Opt)
+            }
+        };
+    }
+
+    field!(replicas, usize, "jetstream.replicas", 1, 5);
+    field!(max_ack_pending, i64, "jetstream.max_ack_pending", 1, i64::MAX);
+    field!(pull_batch, usize, "jetstream.pull_batch", 1, 1_000_000);
+    field!(publish_window, usize, "jetstream.publish_window", 1, u32::MAX);
+    field!(max_ack_inflight, usize, "jetstream.max_ack_inflight", 1, u32::MAX);
+    field!(
+        max_reconnects,
+        Option<usize>,
+        "max_reconnects",
+        1,
+        u32::MAX,
+        " (or unset to retry forever)"
+    );
+    field!(
+        max_messages,
+        Option<i64>,
+        "jetstream.max_messages",
+        1,
+        i64::MAX,
+        " (or unset for no limit)"
+    );
+    field!(
+        max_bytes,
+        Option<i64>,
+        "jetstream.max_bytes",
+        1,
+        i64::MAX,
+        " (or unset for no limit)"
+    );
+    field!(
+        max_deliver,
+        Option<i64>,
+        "jetstream.max_deliver",
+        1,
+        i64::MAX,
+        " (or unset for no limit)"
+    );
 }

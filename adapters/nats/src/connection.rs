@@ -7,6 +7,7 @@ use tidemill_core::{Error, Result};
 use tokio::sync::watch;
 
 use crate::config::{NatsConfig, NatsMode};
+use crate::wire::Wire;
 use crate::BROKER;
 
 /// A client connection plus a counter bumped on every (re)connect.
@@ -18,9 +19,16 @@ pub(crate) struct Connection {
 fn connect_error(config: &NatsConfig, source: impl Into<tidemill_core::BoxError>) -> Error {
     Error::Connect {
         broker: BROKER,
-        address: config.url.clone(),
+        address: crate::config::redact_urls(&config.url),
         source: source.into(),
     }
+}
+
+/// Opens the delivery connection (see [`crate::wire`]), failing like [`connect`].
+pub(crate) async fn connect_wire(config: &Arc<NatsConfig>) -> Result<Wire> {
+    Wire::connect(config.clone())
+        .await
+        .map_err(|e| connect_error(config, crate::config::redact_text(&e.to_string(), config)))
 }
 
 /// Connects as `config` says, failing with [`Error::Connect`] naming the address within
@@ -30,7 +38,7 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
     let addrs = config.server_addrs()?;
     let (tx, rx) = watch::channel(0u64);
     let tx = Arc::new(tx);
-    let url = config.url.clone();
+    let url = crate::config::redact_urls(&config.url);
     let mut options = ConnectOptions::new()
         .connection_timeout(config.connect_timeout)
         .request_timeout(Some(config.request_timeout))
@@ -63,9 +71,10 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
     }
     if let Some(path) = &config.credentials_file {
         options = options.credentials_file(path).await.map_err(|e| {
+            // The error names the file, never its content.
             Error::config(
                 BROKER,
-                format!("`credentials_file` {}: {e}", path.display()),
+                format!("`credentials_file` {}: {}", path.display(), e.kind()),
             )
         })?;
     }
@@ -89,7 +98,7 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
                 ),
             )
         })?
-        .map_err(|e| connect_error(config, e))?;
+        .map_err(|e| connect_error(config, crate::config::redact_text(&e.to_string(), config)))?;
     if config.mode == NatsMode::JetStream {
         let js = crate::js::context(&client, config);
         tokio::time::timeout(config.connect_timeout, js.query_account())

@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use async_nats::{Client, RequestErrorKind, Subject};
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tidemill_core::{AckFuture, Acknowledger, Delivery, Error, Message, Result};
 
-use crate::codec::{self, Origin};
+use crate::codec::{self, Identity, Origin, Outgoing};
+use crate::wire::{LazyWire, Wire, SUBSCRIPTION_CAPACITY};
 use crate::config::NatsConfig;
 use crate::naming;
 use crate::BROKER;
@@ -45,15 +46,24 @@ pub(crate) struct CorePublisher {
     client: Client,
     config: Arc<NatsConfig>,
     probe: Subject,
+    identity: Identity,
+    /// For messages async-nats cannot express (see [`crate::wire`]); opened on first use.
+    raw: LazyWire,
 }
 
 impl CorePublisher {
     pub(crate) fn new(client: Client, config: Arc<NatsConfig>) -> Self {
         CorePublisher {
             probe: probe_subject(&client),
+            identity: Identity::new(config.uuid_header.clone()),
+            raw: LazyWire::new(config.clone()),
             client,
             config,
         }
+    }
+
+    pub(crate) async fn close(&self) {
+        self.raw.close().await;
     }
 
     pub(crate) async fn publish(&self, topic: &str, messages: &[Message]) -> Result<()> {
@@ -64,16 +74,51 @@ impl CorePublisher {
         let max_payload = self.client.max_payload();
         let encoded = messages
             .iter()
-            .map(|m| codec::encode(m, topic, max_payload))
+            .map(|m| codec::encode(m, topic, max_payload, &self.identity))
             .collect::<Result<Vec<_>>>()?;
         let send = async {
+            // Messages with raw header bytes go on the raw connection; switching
+            // connections waits until the server processed what went before, so the
+            // order holds.
+            let mut on_raw = false;
+            let mut on_client = false;
             for e in encoded {
-                self.client
-                    .publish_with_headers(subject.clone(), e.headers, e.payload)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                match e.headers {
+                    Outgoing::Map(headers) => {
+                        if on_raw {
+                            self.raw.get().await.map_err(|e| e.to_string())?.flush().await.map_err(|e| e.to_string())?;
+                            on_raw = false;
+                        }
+                        on_client = true;
+                        self.client
+                            .publish_with_headers(subject.clone(), headers, e.payload)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Outgoing::Raw(headers) => {
+                        if on_client {
+                            round_trip(&self.client, &self.probe, &self.config).await?;
+                            on_client = false;
+                        }
+                        on_raw = true;
+                        let wire = self.raw.get().await.map_err(|e| e.to_string())?;
+                        wire.publish(
+                            Bytes::copy_from_slice(subject.as_bytes()),
+                            None,
+                            Some(headers),
+                            e.payload,
+                        )
+                        .map_err(|e| e.to_string())?;
+                    }
+                }
             }
-            round_trip(&self.client, &self.probe, &self.config).await
+            if on_raw {
+                self.raw.get().await.map_err(|e| e.to_string())?.flush().await.map_err(|e| e.to_string())?;
+            }
+            if on_client {
+                round_trip(&self.client, &self.probe, &self.config).await?;
+            }
+            Ok::<(), String>(())
         };
         match tokio::time::timeout(self.config.publish_timeout, send).await {
             Ok(Ok(())) => Ok(()),
@@ -114,16 +159,16 @@ impl Acknowledger for NoAck {
 }
 
 pub(crate) struct CoreSubscriber {
-    client: Client,
+    wire: Wire,
     config: Arc<NatsConfig>,
-    probe: Subject,
+    identity: Identity,
 }
 
 impl CoreSubscriber {
-    pub(crate) fn new(client: Client, config: Arc<NatsConfig>) -> Self {
+    pub(crate) fn new(wire: Wire, config: Arc<NatsConfig>) -> Self {
         CoreSubscriber {
-            probe: probe_subject(&client),
-            client,
+            identity: Identity::new(config.uuid_header.clone()),
+            wire,
             config,
         }
     }
@@ -136,33 +181,31 @@ impl CoreSubscriber {
         group: Option<&str>,
     ) -> Result<impl Stream<Item = Result<Delivery>> + Send + 'static> {
         let subject = naming::subject_for(&self.config.subject_prefix, topic)?;
-        let sub = match group {
-            Some(group) => {
-                if group.is_empty() || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(Error::permanent(
-                        BROKER,
-                        topic,
-                        "subscribe",
-                        format!("consumer group {group:?} is not a valid NATS queue group name (no spaces)"),
-                    ));
-                }
-                self.client.queue_subscribe(subject, group.to_owned()).await
+        if let Some(group) = group {
+            if group.is_empty() || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Error::permanent(
+                    BROKER,
+                    topic,
+                    "subscribe",
+                    format!("consumer group {group:?} is not a valid NATS queue group name (no spaces)"),
+                ));
             }
-            None => self.client.subscribe(subject).await,
         }
-        .map_err(|e| Error::transient(BROKER, topic, "subscribe", e))?;
-        round_trip(&self.client, &self.probe, &self.config)
-            .await
-            .map_err(|e| {
-                Error::transient(BROKER, topic, "subscribe (waiting for the server)", e)
-            })?;
-        Ok(sub.map(|msg| {
-            let message = codec::decode(
-                msg.headers.as_ref(),
-                msg.payload,
-                Origin::Subject(msg.subject.as_str()),
-            );
-            Ok(Delivery::new(message, NoAck))
+        let sub = self.wire.subscribe(&subject, group, SUBSCRIPTION_CAPACITY);
+        self.wire.flush().await.map_err(|e| {
+            Error::transient(BROKER, topic, "subscribe (waiting for the server)", e)
+        })?;
+        let identity = self.identity.clone();
+        let inbox = sub.inbox().clone();
+        Ok(futures::stream::poll_fn(move |cx| {
+            // The subscription lives as long as the stream.
+            let _keep = &sub;
+            inbox.poll_next(cx).map(|msg| {
+                msg.map(|msg| {
+                    let message = codec::decode(msg, Origin::Subject, &identity);
+                    Ok(Delivery::new(message, NoAck))
+                })
+            })
         }))
     }
 }

@@ -8,9 +8,14 @@ mod core_nats;
 mod js;
 mod naming;
 mod publisher;
+mod record;
 mod subscriber;
+mod wire;
 
-pub use config::{DeliverFrom, JetStreamConfig, NatsConfig, NatsMode, Retention, Storage};
+pub use config::{
+    DeliverFrom, JetStreamConfig, NatsConfig, NatsMode, Retention, Storage, UuidHeader,
+};
+pub use record::{NatsRecord, RawHeader};
 pub use publisher::NatsPublisher;
 pub use subscriber::NatsSubscriber;
 

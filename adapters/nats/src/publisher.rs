@@ -103,12 +103,62 @@ impl Publisher for NatsPublisher {
         result
     }
 
+    /// JetStream: makes sure the topic's stream exists (created as a publish would create
+    /// it) and creates the durable consumer of `group`, the one a later subscriber of the
+    /// group uses, so it receives every message published from now on. Core NATS keeps
+    /// nothing: `Error::Unsupported`.
+    async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
+        let closed = self.inner.closed.read().await;
+        if *closed {
+            return Err(Error::PublisherClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        match &self.inner.mode {
+            Mode::JetStream(p) => p.retain_for(topic, group).await,
+            Mode::Core(_) => Err(Error::Unsupported {
+                broker: BROKER,
+                topic: topic.to_owned(),
+                what: "keeping messages for a consumer group in core NATS mode (core NATS \
+                       stores nothing and delivers at most once; use JetStream mode)",
+            }),
+        }
+    }
+
+    /// JetStream: a PubAck means the stream stored the message; fails with
+    /// `Error::Unroutable` when no stream captures the topic (and `create_streams` is
+    /// off) or its stream has `interest` retention and no consumer. Core NATS cannot tell
+    /// whether anyone received a message: `Error::Unsupported`.
+    async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        let closed = self.inner.closed.read().await;
+        if *closed {
+            return Err(Error::PublisherClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        match &self.inner.mode {
+            Mode::JetStream(p) => p.publish_mandatory(topic, &messages).await,
+            Mode::Core(_) => Err(Error::Unsupported {
+                broker: BROKER,
+                topic: topic.to_owned(),
+                what: "a mandatory publish in core NATS mode (nothing tells whether any \
+                       subscriber received it; use JetStream mode)",
+            }),
+        }
+    }
+
     async fn close(&self) -> Result<()> {
         let mut closed = self.inner.closed.write().await;
         if *closed {
             return Ok(());
         }
         *closed = true;
+        match &self.inner.mode {
+            Mode::JetStream(p) => p.close().await,
+            Mode::Core(p) => p.close().await,
+        }
         // Every publish has returned (confirmed or failed); nothing is left in flight.
         if let Err(e) = self.inner.client.drain().await {
             tracing::debug!(broker = BROKER, error = %e, "closing the connection");

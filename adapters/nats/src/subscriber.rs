@@ -13,6 +13,7 @@ use crate::config::{NatsConfig, NatsMode};
 use crate::connection;
 use crate::core_nats::CoreSubscriber;
 use crate::js::subscriber::JsSubscriber;
+use crate::wire::Wire;
 use crate::BROKER;
 
 /// How long `close` waits for finished subscriptions to hand back what they read ahead.
@@ -44,6 +45,8 @@ pub struct NatsSubscriber {
 
 struct Inner {
     client: async_nats::Client,
+    /// Receives the deliveries (see the `wire` module).
+    wire: Wire,
     config: Arc<NatsConfig>,
     mode: Mode,
     closed: AtomicBool,
@@ -63,17 +66,19 @@ impl NatsSubscriber {
     pub async fn connect(config: NatsConfig) -> Result<Self> {
         let conn = connection::connect(&config).await?;
         let config = Arc::new(config);
+        let wire = connection::connect_wire(&config).await?;
         let mode = match config.mode {
             NatsMode::JetStream => Mode::JetStream(JsSubscriber::new(
                 conn.client.clone(),
-                conn.reconnects,
+                wire.clone(),
                 config.clone(),
             )),
-            NatsMode::Core => Mode::Core(CoreSubscriber::new(conn.client.clone(), config.clone())),
+            NatsMode::Core => Mode::Core(CoreSubscriber::new(wire.clone(), config.clone())),
         };
         Ok(NatsSubscriber {
             inner: Arc::new(Inner {
                 client: conn.client,
+                wire,
                 config,
                 mode,
                 closed: AtomicBool::new(false),
@@ -83,9 +88,28 @@ impl NatsSubscriber {
     }
 
     /// The underlying `async-nats` client, for what Tidemill does not cover (its connection
-    /// state, statistics, or NATS features of its own).
+    /// state, statistics, or NATS features of its own). Tidemill uses it for JetStream
+    /// management (streams, consumers); deliveries arrive on a second connection of the
+    /// subscriber's own, which keeps header bytes exactly as received (async-nats cannot
+    /// receive every header a NATS client can send).
     pub fn client(&self) -> &async_nats::Client {
         &self.inner.client
+    }
+
+    /// How many times the delivery connection connected (1 after `connect`; each
+    /// reconnect adds one, once its subscriptions are re-established).
+    pub fn delivery_connects(&self) -> u64 {
+        *self.inner.wire.connects().borrow()
+    }
+
+    /// Returns once the server processed everything the delivery connection sent before
+    /// (its subscriptions included).
+    pub async fn flush(&self) -> Result<()> {
+        self.inner
+            .wire
+            .flush()
+            .await
+            .map_err(|e| Error::transient(BROKER, "", "flush the delivery connection", e))
     }
 
     /// The configuration this subscriber was created with.
@@ -147,24 +171,30 @@ impl Subscriber for NatsSubscriber {
         self.inner.stop.cancel();
         match &self.inner.mode {
             Mode::JetStream(s) => {
-                // Read-ahead messages of the ended streams are handed back first.
+                // What the subscriptions received and did not hand out goes back first,
+                // whether or not their streams are polled again.
+                s.shared().release_all();
                 s.wait_for_drains(CLOSE_DRAIN_LIMIT).await;
                 // Deliveries the application still holds keep the connection until they
                 // are settled (or their in-progress time runs out).
                 let shared = s.shared().clone();
                 let client = self.inner.client.clone();
+                let wire = self.inner.wire.clone();
                 let limit = self.inner.config.jetstream.max_in_progress;
                 tokio::spawn(async move {
                     let started = tokio::time::Instant::now();
                     while shared.busy() && started.elapsed() < limit {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
+                    let _ = wire.flush().await;
+                    wire.close();
                     if let Err(e) = client.drain().await {
                         tracing::debug!(broker = BROKER, error = %e, "closing the connection");
                     }
                 });
             }
             Mode::Core(_) => {
+                self.inner.wire.close();
                 if let Err(e) = self.inner.client.drain().await {
                     tracing::debug!(broker = BROKER, error = %e, "closing the connection");
                 }

@@ -12,7 +12,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use super::{Streams, Target};
-use crate::codec;
+use crate::codec::{self, Identity, Outgoing};
+use crate::wire::LazyWire;
 use crate::config::NatsConfig;
 use crate::BROKER;
 
@@ -37,6 +38,9 @@ pub(crate) struct JsPublisher {
     /// Bumped on every reconnect: PubAcks still awaited then are lost with the old
     /// connection, so the messages are sent again at once instead of after the timeout.
     reconnects: watch::Receiver<u64>,
+    identity: Identity,
+    /// For messages async-nats cannot express (see [`crate::wire`]); opened on first use.
+    raw: LazyWire,
 }
 
 impl JsPublisher {
@@ -50,8 +54,114 @@ impl JsPublisher {
             reconnects,
             inflight: Arc::new(Semaphore::new(config.jetstream.max_ack_inflight)),
             streams: super::Streams::new(ctx, config.clone()),
+            identity: Identity::new(config.uuid_header.clone()),
+            raw: LazyWire::new(config.clone()),
             client,
             config,
+        }
+    }
+
+    /// Closes the raw connection, if one was opened.
+    pub(crate) async fn close(&self) {
+        self.raw.close().await;
+    }
+
+    /// Makes sure `topic`'s stream exists (created as publishing would) and that consumer
+    /// group `group` has its durable consumer, so the group finds every message published
+    /// from now on even if the stream's retention is `interest` or `work_queue`.
+    pub(crate) async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
+        let target = self.streams.target(topic).await?;
+        super::subscriber::create_consumer_on(&self.streams, &self.config, &target, Some(group), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Like `publish`, but fails with `Error::Unroutable` when no stream captures the
+    /// topic's subject (and none may be created), or when its stream keeps messages only
+    /// for existing consumers (`interest` retention) and has none.
+    pub(crate) async fn publish_mandatory(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        let Some(first) = messages.first() else {
+            return Ok(());
+        };
+        let unroutable = || Error::Unroutable {
+            broker: BROKER,
+            topic: topic.to_owned(),
+            uuid: first.uuid().to_owned(),
+        };
+        let target = match self.streams.target(topic).await {
+            Ok(t) => t,
+            Err(e) if !e.is_transient() && !self.config.jetstream.create_streams => {
+                tracing::debug!(broker = BROKER, topic, error = %e, "no stream for a mandatory publish");
+                return Err(unroutable());
+            }
+            Err(e) => return Err(e),
+        };
+        let ctx = self.streams.context();
+        let mut stream = ctx.get_stream(target.stream.as_str()).await.map_err(|e| {
+            Error::transient(BROKER, topic, format!("read stream `{}`", target.stream), e)
+        })?;
+        let info = stream.info().await.map_err(|e| {
+            Error::transient(BROKER, topic, format!("read stream `{}`", target.stream), e)
+        })?;
+        if info.config.retention == async_nats::jetstream::stream::RetentionPolicy::Interest
+            && info.state.consumer_count == 0
+        {
+            return Err(unroutable());
+        }
+        self.publish(topic, messages).await
+    }
+
+    /// Publishes one message with a raw header block on the raw connection and waits for
+    /// its PubAck.
+    async fn publish_raw(
+        &self,
+        target: &Target,
+        message: &Message,
+        headers: bytes::Bytes,
+        payload: bytes::Bytes,
+    ) -> std::result::Result<(), Failure> {
+        let wire = self
+            .raw
+            .get()
+            .await
+            .map_err(|e| Failure::Transient(format!("raw connection: {e}")))?;
+        let subject = bytes::Bytes::copy_from_slice(target.subject.as_bytes());
+        let reply = wire
+            .request(subject, Some(headers), payload, self.config.request_timeout)
+            .await
+            .map_err(|e| Failure::Transient(format!("no PubAck: {e}")))?;
+        if reply.status() == Some(503) {
+            return Err(Failure::NoStream(format!(
+                "no stream captures subject `{}` (stream `{}` was expected)",
+                target.subject, target.stream
+            )));
+        }
+        #[derive(serde::Deserialize)]
+        struct ApiError {
+            code: u16,
+            #[serde(default)]
+            description: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Ack {
+            #[serde(default)]
+            error: Option<ApiError>,
+            #[serde(default)]
+            stream: Option<String>,
+        }
+        match serde_json::from_slice::<Ack>(&reply.payload) {
+            Ok(Ack { error: None, stream: Some(_) }) => Ok(()),
+            Ok(Ack { error: Some(e), .. }) if e.code < 500 => Err(Failure::Permanent(Error::permanent(
+                BROKER,
+                target.topic.as_str(),
+                format!("publish message {} to stream `{}`", message.uuid(), target.stream),
+                format!("{} (code {})", e.description, e.code),
+            ))),
+            Ok(Ack { error: Some(e), .. }) => Err(Failure::Transient(format!("{} (code {})", e.description, e.code))),
+            _ => Err(Failure::Transient(format!(
+                "unexpected PubAck {:?}",
+                String::from_utf8_lossy(&reply.payload)
+            ))),
         }
     }
 
@@ -142,55 +252,85 @@ impl JsPublisher {
                     break;
                 }
             };
-            let mut acks: Vec<(usize, PublishAckFuture)> = Vec::with_capacity(chunk.len());
-            let mut unsent: &[usize] = &[];
-            for (pos, &i) in chunk.iter().enumerate() {
-                let encoded = match codec::encode(&messages[i], &target.topic, max_payload) {
-                    Ok(e) => e,
+            // Runs of messages async-nats can send, pipelined; a message it cannot
+            // express (raw header bytes) goes alone on the raw connection, after the run
+            // before it was confirmed, so the order holds.
+            let mut encoded: Vec<(usize, Outgoing, bytes::Bytes)> = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                match codec::encode(&messages[i], &target.topic, max_payload, &self.identity) {
+                    Ok(e) => encoded.push((i, e.headers, e.payload)),
                     Err(e) => {
                         note(Failure::Permanent(e), &mut failure);
                         failed.push(i);
-                        continue;
-                    }
-                };
-                let publish = PublishMessage::build()
-                    .payload(encoded.payload)
-                    .headers(encoded.headers);
-                match ctx.send_publish(target.subject.clone(), publish).await {
-                    Ok(ack) => acks.push((i, ack)),
-                    Err(e) => {
-                        // The connection is likely down: do not try the rest one by one.
-                        note(classify(target, &messages[i], max_payload, e), &mut failure);
-                        failed.push(i);
-                        unsent = &chunk[pos + 1..];
-                        break;
                     }
                 }
             }
-            // Awaited together: each PubAck's timeout starts when it is first polled, so
-            // awaiting them one by one would add the timeouts up when the connection dropped.
-            let sent: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
-            let all = futures::future::join_all(
-                acks.into_iter()
-                    .map(|(i, ack)| async move { (i, ack.await) }),
-            );
-            tokio::select! {
-                results = all => {
-                    for (i, result) in results {
-                        if let Err(e) = result {
+            let mut broken = false;
+            let mut rest = encoded.into_iter().peekable();
+            while rest.peek().is_some() {
+                if broken {
+                    failed.extend(rest.by_ref().map(|(i, _, _)| i));
+                    break;
+                }
+                if matches!(rest.peek(), Some((_, Outgoing::Raw(_), _))) {
+                    let Some((i, Outgoing::Raw(headers), payload)) = rest.next() else {
+                        break;
+                    };
+                    if let Err(f) = self.publish_raw(target, &messages[i], headers, payload).await {
+                        broken = !matches!(f, Failure::Permanent(_));
+                        note(f, &mut failure);
+                        failed.push(i);
+                    }
+                    continue;
+                }
+                let mut acks: Vec<(usize, PublishAckFuture)> = Vec::new();
+                let mut unsent = Vec::new();
+                while let Some((_, Outgoing::Map(_), _)) = rest.peek() {
+                    let Some((i, Outgoing::Map(headers), payload)) = rest.next() else {
+                        break;
+                    };
+                    if broken {
+                        unsent.push(i);
+                        continue;
+                    }
+                    let publish = PublishMessage::build().payload(payload).headers(headers);
+                    match ctx.send_publish(target.subject.clone(), publish).await {
+                        Ok(ack) => acks.push((i, ack)),
+                        Err(e) => {
+                            // The connection is likely down: do not try the rest one by one.
                             note(classify(target, &messages[i], max_payload, e), &mut failure);
                             failed.push(i);
+                            broken = true;
                         }
                     }
                 }
-                _ = reconnected.changed() => {
-                    note(Failure::Transient("connection lost while awaiting PubAcks".into()), &mut failure);
-                    failed.extend(sent);
+                failed.extend(unsent);
+                // Awaited together: each PubAck's timeout starts when it is first polled, so
+                // awaiting them one by one would add the timeouts up when the connection
+                // dropped.
+                let sent: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
+                let all = futures::future::join_all(
+                    acks.into_iter()
+                        .map(|(i, ack)| async move { (i, ack.await) }),
+                );
+                tokio::select! {
+                    results = all => {
+                        for (i, result) in results {
+                            if let Err(e) = result {
+                                note(classify(target, &messages[i], max_payload, e), &mut failure);
+                                failed.push(i);
+                            }
+                        }
+                    }
+                    _ = reconnected.changed() => {
+                        note(Failure::Transient("connection lost while awaiting PubAcks".into()), &mut failure);
+                        failed.extend(sent);
+                        broken = true;
+                    }
                 }
             }
             drop(permits);
-            if !unsent.is_empty() {
-                failed.extend_from_slice(unsent);
+            if broken {
                 for rest in chunks.by_ref() {
                     failed.extend_from_slice(rest);
                 }

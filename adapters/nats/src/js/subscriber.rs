@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::{BatchConfig, Config as PullConfig};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::ConsumerErrorKind;
-use async_nats::{Client, StatusCode, Subject, Subscriber};
+use async_nats::{Client, Subject};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
@@ -26,7 +26,8 @@ use tokio_util::task::TaskTracker;
 
 use super::order::{Parked, Sequencer};
 use super::{Streams, Target};
-use crate::codec::{self, Origin};
+use crate::codec::{self, Identity, Origin};
+use crate::wire::{Inbox, Wire, WireMsg, WireSub};
 use crate::config::{DeliverFrom, NatsConfig};
 use crate::naming;
 use crate::BROKER;
@@ -48,7 +49,11 @@ struct Held {
 
 /// What every subscription and delivery of one subscriber shares.
 pub(crate) struct JsShared {
-    client: Client,
+    /// Carries pull requests, deliveries, acks (see [`crate::wire`]).
+    wire: Wire,
+    identity: Identity,
+    /// Subscriptions not ended yet, for `close` to release what they hold.
+    slots: Mutex<Slab<Arc<Slot>>>,
     config: Arc<NatsConfig>,
     streams: Streams,
     api_prefix: String,
@@ -102,7 +107,7 @@ async fn keep_alive(shared: Weak<JsShared>, every: Duration, ticks_max: u32) {
             .map(|(_, h)| h.reply.clone())
             .collect();
         for reply in replies {
-            if let Err(e) = shared.client.publish(reply, IN_PROGRESS).await {
+            if let Err(e) = shared.wire.publish(Bytes::copy_from_slice(reply.as_bytes()), None, None, IN_PROGRESS) {
                 tracing::debug!(broker = BROKER, error = %e, "in-progress ack failed");
                 break;
             }
@@ -116,12 +121,9 @@ pub(crate) struct JsSubscriber {
 }
 
 impl JsSubscriber {
-    pub(crate) fn new(
-        client: Client,
-        reconnects: watch::Receiver<u64>,
-        config: Arc<NatsConfig>,
-    ) -> Self {
+    pub(crate) fn new(client: Client, wire: Wire, config: Arc<NatsConfig>) -> Self {
         let ctx = super::context(&client, &config);
+        let reconnects = wire.connects();
         let every = (config.jetstream.ack_wait / 2).max(Duration::from_millis(500));
         let ticks_max = (config.jetstream.max_in_progress.as_secs_f64() / every.as_secs_f64())
             .ceil()
@@ -129,7 +131,9 @@ impl JsSubscriber {
         let shared = Arc::new(JsShared {
             api_prefix: config.jetstream.api_prefix(),
             streams: Streams::new(ctx, config.clone()),
-            client,
+            identity: Identity::new(config.uuid_header.clone()),
+            wire,
+            slots: Mutex::new(Slab::new()),
             config,
             reconnects,
             held: Mutex::new(Slab::new()),
@@ -173,12 +177,10 @@ impl JsSubscriber {
         let shared = &self.shared;
         let target = shared.streams.target(topic).await?;
         let consumer = create_consumer(shared, &target, group, None).await?;
-        let inbox: Subject = shared.client.new_inbox().into();
+        let inbox = format!("_INBOX.{}", uuid::Uuid::new_v4().simple());
         let sub = shared
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| Error::transient(BROKER, topic, "subscribe to the pull inbox", e))?;
+            .wire
+            .subscribe(&inbox, None, crate::wire::SUBSCRIPTION_CAPACITY);
         let js = &shared.config.jetstream;
         let batch = js.pull_batch;
         let request = serde_json::to_vec(&BatchConfig {
@@ -188,24 +190,34 @@ impl JsSubscriber {
             ..Default::default()
         })
         .map_err(|e| Error::permanent(BROKER, topic, "encode the pull request", e))?;
+        let ctx = Arc::new(SubCtx {
+            shared: shared.clone(),
+            topic: topic.into(),
+            phase: watch::Sender::new(Phase::Live),
+        });
+        let inbox_queue = sub.inbox().clone();
+        let slot = Arc::new(Slot {
+            sub: Mutex::new(Some(sub)),
+            ctx: ctx.clone(),
+            ephemeral: group.is_none(),
+            names: Mutex::new((target.stream.clone(), consumer.clone())),
+        });
+        let key = shared.slots.lock().insert(slot.clone());
         let mut stream = PullStream {
             shared: shared.clone(),
-            ctx: Arc::new(SubCtx {
-                shared: shared.clone(),
-                topic: topic.into(),
-                phase: watch::Sender::new(Phase::Live),
-            }),
+            ctx,
             next_subject: next_subject(&shared.api_prefix, &target.stream, &consumer),
             target,
             group: group.map(str::to_owned),
             ephemeral: group.is_none(),
             consumer,
-            inbox,
-            sub: Some(sub),
+            inbox: Bytes::from(inbox),
+            queue: inbox_queue,
+            slot,
+            slot_key: key,
             request: Bytes::from(request),
             batch,
             requested: 0,
-            pulling: None,
             recreating: None,
             pause: None,
             watchdog: Box::pin(tokio::time::sleep(watchdog_period(&shared.config))),
@@ -216,10 +228,15 @@ impl JsSubscriber {
             order: js.order_per_key.then(Sequencer::new),
         };
         shared.live.fetch_add(1, Ordering::AcqRel);
-        let pull = stream.pull_future();
         stream.requested = batch;
-        pull.await
+        stream
+            .pull()
             .map_err(|e| Error::transient(BROKER, topic, "send the first pull request", e))?;
+        shared
+            .wire
+            .flush()
+            .await
+            .map_err(|e| Error::transient(BROKER, topic, "subscribe to the pull inbox", e))?;
         Ok(stream)
     }
 }
@@ -267,7 +284,20 @@ async fn create_consumer(
     group: Option<&str>,
     resume_after: Option<u64>,
 ) -> Result<String> {
-    let js = &shared.config.jetstream;
+    create_consumer_on(&shared.streams, &shared.config, target, group, resume_after).await
+}
+
+/// [`create_consumer`] with what it needs spelled out (publishers use it for
+/// `retain_for`).
+pub(crate) async fn create_consumer_on(
+    streams: &Streams,
+    config: &NatsConfig,
+    target: &Target,
+    group: Option<&str>,
+    resume_after: Option<u64>,
+) -> Result<String> {
+    let nats_config = config;
+    let js = &nats_config.jetstream;
     let mut config = PullConfig {
         ack_policy: AckPolicy::Explicit,
         ack_wait: js.ack_wait,
@@ -299,7 +329,7 @@ async fn create_consumer(
             name
         }
     };
-    let ctx = shared.streams.context();
+    let ctx = streams.context();
     match ctx
         .create_consumer_on_stream(config, target.stream.as_str())
         .await
@@ -429,17 +459,19 @@ impl SubCtx {
         let Some(reply) = reply else {
             return AckFuture::ready(Ok(()));
         };
-        let ctx = self.clone();
-        let nak = payload != ACK;
-        AckFuture::boxed(async move {
-            if nak {
-                ctx.until_not_ending().await;
-            }
+        let send = move |ctx: &SubCtx, reply: Subject, payload: Bytes| {
             ctx.shared
-                .client
-                .publish(reply, payload)
-                .await
+                .wire
+                .publish(Bytes::copy_from_slice(reply.as_bytes()), None, None, payload)
                 .map_err(|e| Error::transient(BROKER, &*ctx.topic, what, e))
+        };
+        if payload == ACK || *self.phase.borrow() != Phase::Ending {
+            return AckFuture::ready(send(self, reply, payload));
+        }
+        let ctx = self.clone();
+        AckFuture::boxed(async move {
+            ctx.until_not_ending().await;
+            send(&ctx, reply, payload)
         })
     }
 }
@@ -471,6 +503,105 @@ impl Acknowledger for JsAcker {
 /// A consumer being re-created: its topic's target and its name.
 type Recreating = BoxFuture<'static, Result<(Arc<Target>, String)>>;
 
+/// What `close` needs to end a subscription that is neither polled nor dropped.
+pub(crate) struct Slot {
+    /// The inbox subscription, until the subscription ends.
+    sub: Mutex<Option<WireSub>>,
+    ctx: Arc<SubCtx>,
+    ephemeral: bool,
+    /// Stream and consumer (a re-created consumer changes them).
+    names: Mutex<(String, String)>,
+}
+
+impl JsShared {
+    /// Ends every subscription: unsubscribes their inboxes and gives back what they
+    /// received and did not hand out (their streams end when next polled).
+    pub(crate) fn release_all(self: &Arc<Self>) {
+        let slots: Vec<Arc<Slot>> = self.slots.lock().iter().map(|(_, s)| s.clone()).collect();
+        for slot in slots {
+            release(self, &slot, Vec::new());
+        }
+    }
+}
+
+/// Unsubscribes `slot`'s inbox (if not done yet), takes in what the server still sends to
+/// it, and naks that and `waiting` so the server redelivers at once; deletes the
+/// consumer of a subscription without group.
+fn release(shared: &Arc<JsShared>, slot: &Arc<Slot>, waiting: Vec<Parked>) {
+    let sub = slot.sub.lock().take();
+    let runtime = tokio::runtime::Handle::try_current();
+    let ephemeral = slot.ephemeral;
+    let naks = move |shared: &JsShared, waiting: Vec<Parked>| {
+        for parked in waiting {
+            if let Some(slot) = parked.slot {
+                shared.release(slot);
+            }
+            if let (Some(reply), false) = (parked.reply, ephemeral) {
+                let _ = shared
+                    .wire
+                    .publish(Bytes::copy_from_slice(reply.as_bytes()), None, None, NAK);
+            }
+        }
+    };
+    let (sub, runtime) = match (sub, runtime) {
+        (Some(sub), Ok(runtime)) => (sub, runtime),
+        (None, Ok(runtime)) if !waiting.is_empty() => {
+            // Released before (by `close`): nak once the inbox is unsubscribed.
+            let (shared, ctx) = (shared.clone(), slot.ctx.clone());
+            runtime.spawn(async move {
+                ctx.until_not_ending().await;
+                naks(&shared, waiting);
+            });
+            return;
+        }
+        _ => {
+            if *slot.ctx.phase.borrow() == Phase::Live {
+                slot.ctx.phase.send_replace(Phase::Unsubscribed);
+            }
+            naks(shared, waiting);
+            return;
+        }
+    };
+    slot.ctx.phase.send_replace(Phase::Ending);
+    let (shared, slot) = (shared.clone(), slot.clone());
+    let tracker = shared.tasks.clone();
+    runtime.spawn(tracker.track_future(async move {
+        // The UNSUB goes out before any nak, on the same connection, and the drain waits
+        // for the server to have handled it: every message the server sent before is in
+        // the inbox, and a nakked message is not redelivered into this subscription's
+        // outstanding pull requests (nobody is interested in their inbox any more).
+        let read_ahead = sub.drain(DRAIN_LIMIT).await;
+        slot.ctx.phase.send_replace(Phase::Unsubscribed);
+        naks(&shared, waiting);
+        if !slot.ephemeral {
+            for msg in read_ahead {
+                if let (Some(reply), true) = (msg.reply.clone(), is_delivery(&msg)) {
+                    let _ = shared.wire.publish(reply, None, None, NAK);
+                }
+            }
+        }
+        let _ = shared.wire.flush().await;
+        if slot.ephemeral {
+            let (stream, consumer) = slot.names.lock().clone();
+            let _ = shared
+                .streams
+                .context()
+                .delete_consumer_from_stream(consumer.as_str(), stream.as_str())
+                .await;
+        }
+    }));
+}
+
+/// Whether `msg` is a stored message (it has a JetStream ack subject), as opposed to a
+/// status message of the server (heartbeat, timeout, ...). A stored message may carry a
+/// status line of its own (its publisher wrote one): it is still a message.
+fn is_delivery(msg: &WireMsg) -> bool {
+    msg.reply
+        .as_deref()
+        .is_some_and(|r| r.starts_with(b"$JS.ACK."))
+        || msg.status().is_none()
+}
+
 /// The deliveries of one JetStream subscription: a pull loop polled by the application.
 pub(crate) struct PullStream {
     shared: Arc<JsShared>,
@@ -480,14 +611,16 @@ pub(crate) struct PullStream {
     ephemeral: bool,
     consumer: String,
     next_subject: Subject,
-    inbox: Subject,
-    sub: Option<Subscriber>,
+    inbox: Bytes,
+    /// What the inbox received (shared with the connection and with `close`).
+    queue: Arc<Inbox>,
+    slot: Arc<Slot>,
+    slot_key: usize,
     /// The serialized pull request.
     request: Bytes,
     batch: usize,
     /// Messages requested and not received yet (an estimate; reset when pulls are lost).
     requested: usize,
-    pulling: Option<BoxFuture<'static, std::result::Result<(), String>>>,
     recreating: Option<Recreating>,
     /// Wait before re-creating the consumer.
     pause: Option<Pin<Box<Sleep>>>,
@@ -502,20 +635,14 @@ pub(crate) struct PullStream {
 }
 
 impl PullStream {
-    fn pull_future(&self) -> BoxFuture<'static, std::result::Result<(), String>> {
-        let client = self.shared.client.clone();
-        let (subject, inbox, request) = (
-            self.next_subject.clone(),
-            self.inbox.clone(),
+    /// Sends a pull request (queued on the connection).
+    fn pull(&self) -> std::io::Result<()> {
+        self.shared.wire.publish(
+            Bytes::copy_from_slice(self.next_subject.as_bytes()),
+            Some(self.inbox.clone()),
+            None,
             self.request.clone(),
-        );
-        async move {
-            client
-                .publish_with_reply(subject, inbox, request)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .boxed()
+        )
     }
 
     fn rearm_watchdog(&mut self) {
@@ -543,31 +670,31 @@ impl PullStream {
     }
 
     /// A received message: its delivery, or `None` when it waits for its key's turn.
-    fn accept(&mut self, msg: async_nats::Message) -> Option<Delivery> {
-        let info = msg
-            .reply
-            .as_deref()
-            .and_then(codec::parse_ack_subject)
-            .map(|i| (i.delivered, i.stream_sequence));
-        let (delivered, sequence) = info.unwrap_or((1, 0));
-        if sequence > self.last_sequence {
-            self.last_sequence = sequence;
+    fn accept(&mut self, msg: WireMsg) -> Option<Delivery> {
+        let reply: Option<Subject> = msg.reply_str().map(Subject::from);
+        let ack = reply.as_deref().and_then(codec::parse_ack_subject);
+        // The server's own count of deliveries; nothing in the message is trusted for it.
+        let delivered = ack.as_ref().map_or(1, |a| a.delivered);
+        if let Some(a) = &ack {
+            if a.stream_sequence > self.last_sequence {
+                self.last_sequence = a.stream_sequence;
+            }
         }
         let message = codec::decode(
-            msg.headers.as_ref(),
-            msg.payload,
+            msg,
             Origin::Stream {
                 stream: &self.target.stream,
-                sequence,
+                ack,
             },
+            &self.shared.identity,
         );
-        let slot = msg.reply.as_ref().map(|r| self.shared.hold(r.clone()));
+        let slot = reply.as_ref().map(|r| self.shared.hold(r.clone()));
         let attempt = u32::try_from(delivered).unwrap_or(u32::MAX);
         if let Some(order) = self.order.as_mut() {
             if let Some(key) = message.key().cloned() {
                 let parked = Parked {
                     message,
-                    reply: msg.reply,
+                    reply,
                     slot,
                     attempt,
                 };
@@ -578,7 +705,7 @@ impl PullStream {
         }
         let acker = JsAcker {
             ctx: self.ctx.clone(),
-            reply: msg.reply,
+            reply,
             slot,
         };
         Some(Delivery::new(message, acker).with_attempt(attempt))
@@ -586,13 +713,13 @@ impl PullStream {
 }
 
 /// `Nats-Pending-Messages` of a pull status message: what the server will no longer send.
-fn pending_messages(msg: &async_nats::Message) -> Option<usize> {
-    msg.headers
-        .as_ref()?
-        .get("Nats-Pending-Messages")?
-        .as_str()
-        .parse()
-        .ok()
+fn pending_messages(msg: &WireMsg) -> Option<usize> {
+    let block = msg.headers.as_ref()?;
+    let (_, headers) = codec::parse_header_block(block);
+    let h = headers
+        .iter()
+        .find(|h| h.name() == b"Nats-Pending-Messages")?;
+    h.value_str()?.parse().ok()
 }
 
 impl Stream for PullStream {
@@ -606,7 +733,7 @@ impl Stream for PullStream {
                     return Poll::Ready(Some(Ok(order.delivery(&this.ctx, parked))));
                 }
             }
-            // Reconnected: pull requests made before may be gone with the old connection.
+            // Reconnected: pull requests made before are gone with the old connection.
             while let Poll::Ready(Some(_)) = this.reconnects.poll_next_unpin(cx) {
                 this.requested = 0;
             }
@@ -624,6 +751,7 @@ impl Stream for PullStream {
                         this.recreating = None;
                         this.next_subject =
                             next_subject(&this.shared.api_prefix, &target.stream, &consumer);
+                        *this.slot.names.lock() = (target.stream.clone(), consumer.clone());
                         this.target = target;
                         this.consumer = consumer;
                         this.requested = 0;
@@ -636,44 +764,35 @@ impl Stream for PullStream {
                     }
                 }
             }
-            if let Some(fut) = this.pulling.as_mut() {
-                if let Poll::Ready(result) = fut.as_mut().poll(cx) {
-                    this.pulling = None;
-                    if let Err(e) = result {
-                        this.requested = this.requested.saturating_sub(this.batch);
-                        tracing::debug!(broker = BROKER, topic = %this.target.topic, error = %e, "pull request failed");
-                    }
-                }
-            }
-            if this.pulling.is_none() && this.requested <= this.batch / 2 {
-                this.requested += this.batch;
-                let mut fut = this.pull_future();
-                match fut.as_mut().poll(cx) {
-                    Poll::Pending => this.pulling = Some(fut),
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => {
-                        this.requested = this.requested.saturating_sub(this.batch);
-                        tracing::debug!(broker = BROKER, topic = %this.target.topic, error = %e, "pull request failed");
-                    }
-                }
-            }
-            let Some(sub) = this.sub.as_mut() else {
+            if this.slot.sub.lock().is_none() {
+                // Released by `close`.
                 return Poll::Ready(None);
-            };
-            match sub.poll_next_unpin(cx) {
+            }
+            if this.requested <= this.batch / 2 {
+                this.requested += this.batch;
+                if let Err(e) = this.pull() {
+                    this.requested = this.requested.saturating_sub(this.batch);
+                    tracing::debug!(broker = BROKER, topic = %this.target.topic, error = %e, "pull request failed");
+                }
+            }
+            match this.queue.poll_next(cx) {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Ready(Some(msg)) => {
                     this.activity = this.activity.wrapping_add(1);
-                    match msg.status {
-                        None | Some(StatusCode::OK) => {
-                            this.requested = this.requested.saturating_sub(1);
-                            if let Some(delivery) = this.accept(msg) {
-                                return Poll::Ready(Some(Ok(delivery)));
-                            }
+                    if is_delivery(&msg) {
+                        this.requested = this.requested.saturating_sub(1);
+                        if let Some(delivery) = this.accept(msg) {
+                            return Poll::Ready(Some(Ok(delivery)));
                         }
-                        Some(StatusCode::IDLE_HEARTBEAT) | Some(StatusCode::NOT_FOUND) => {}
-                        Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED) => {
-                            if msg.description.as_deref() == Some("Consumer Deleted") {
+                        continue;
+                    }
+                    match msg.status() {
+                        // Idle heartbeat; no messages (no_wait).
+                        Some(100) | Some(404) => {}
+                        // Request timeout, or terminated (batch or bytes exceeded, consumer
+                        // deleted, leadership change).
+                        Some(408) | Some(409) => {
+                            if msg.description() == Some("Consumer Deleted") {
                                 tracing::warn!(broker = BROKER, topic = %this.target.topic, consumer = %this.consumer, "consumer deleted");
                                 this.start_recreate();
                                 continue;
@@ -683,7 +802,7 @@ impl Stream for PullStream {
                                 None => this.requested = 0,
                             }
                         }
-                        Some(StatusCode::NO_RESPONDERS) => {
+                        Some(503) => {
                             // Nobody serves the consumer: it (or its stream) vanished, or
                             // JetStream is not ready yet (a restart).
                             tracing::debug!(broker = BROKER, topic = %this.target.topic, consumer = %this.consumer, "no responders for the pull request");
@@ -692,8 +811,8 @@ impl Stream for PullStream {
                                 this.pause = Some(Box::pin(tokio::time::sleep(RECREATE_PAUSE)));
                             }
                         }
-                        Some(other) => {
-                            tracing::debug!(broker = BROKER, topic = %this.target.topic, status = %other, description = ?msg.description, "pull status");
+                        other => {
+                            tracing::debug!(broker = BROKER, topic = %this.target.topic, status = ?other, description = ?msg.description(), "pull status");
                             this.requested = 0;
                         }
                     }
@@ -726,68 +845,8 @@ impl Drop for PullStream {
             .as_mut()
             .map(Sequencer::take_waiting)
             .unwrap_or_default();
-        let sub = self.sub.take();
-        let runtime = tokio::runtime::Handle::try_current();
-        if let (Some(mut sub), Ok(runtime)) = (sub, runtime) {
-            self.ctx.phase.send_replace(Phase::Ending);
-            let ctx = self.ctx.clone();
-            let shared = self.shared.clone();
-            let (stream, consumer, ephemeral) = (
-                self.target.stream.clone(),
-                self.consumer.clone(),
-                self.ephemeral,
-            );
-            let tracker = shared.tasks.clone();
-            runtime.spawn(tracker.track_future(async move {
-                // Unsubscribe the inbox and take in what the server still sends to it
-                // before any nak. The server handles the UNSUB before the naks and from
-                // then on skips this subscription's pending pull requests (nobody is
-                // interested in their inbox); nakked earlier, a message would be
-                // redelivered into those requests and come back only after `ack_wait`.
-                // Nothing is sent on the connection while the inbox drains: async-nats
-                // drops the inbox at the first wake-up of its connection after the UNSUB
-                // went out, and a message the server sent before handling the UNSUB but
-                // still on the wire then is lost (until `ack_wait`). Undisturbed, that
-                // wake-up is the PONG answering the drain, after every such message.
-                let mut read_ahead = Vec::new();
-                if sub.drain().await.is_ok() {
-                    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
-                    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-                        if matches!(msg.status, None | Some(StatusCode::OK)) {
-                            read_ahead.extend(msg.reply);
-                        }
-                    }
-                }
-                ctx.phase.send_replace(Phase::Unsubscribed);
-                for parked in waiting {
-                    if let Some(slot) = parked.slot {
-                        shared.release(slot);
-                    }
-                    if let (Some(reply), false) = (parked.reply, ephemeral) {
-                        let _ = shared.client.publish(reply, NAK).await;
-                    }
-                }
-                if !ephemeral {
-                    for reply in read_ahead {
-                        let _ = shared.client.publish(reply, NAK).await;
-                    }
-                }
-                if ephemeral {
-                    let _ = shared
-                        .streams
-                        .context()
-                        .delete_consumer_from_stream(consumer.as_str(), stream.as_str())
-                        .await;
-                }
-            }));
-        } else {
-            self.ctx.phase.send_replace(Phase::Unsubscribed);
-            for parked in waiting {
-                if let Some(slot) = parked.slot {
-                    self.shared.release(slot);
-                }
-            }
-        }
+        self.shared.slots.lock().try_remove(self.slot_key);
+        release(&self.shared, &self.slot, waiting);
         self.shared.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
