@@ -17,6 +17,22 @@
 //! schemes, brokers this build lacks, unknown options and bad values are errors naming the
 //! offending part.
 //!
+//! Values are taken as written, never silently fixed, whether they come from a URL, a file or
+//! the environment:
+//!
+//! - an integer option takes an integer within its range: a negative or too large number is
+//!   an error saying the range (`option \`capacity\`: expected an integer from 1 to …, got
+//!   \`-5\``), and so are zero where it means nothing (the in-memory `capacity`), fractional
+//!   numbers (`1.5`, `1e3`) and words (`yes`, `true`): nothing is rounded or converted;
+//! - a boolean option takes `true` or `false` (from text also `yes`/`no`, `on`/`off`, `1`/`0`),
+//!   never a number;
+//! - a file section with both `url` and a `type` naming another broker is an error.
+//!
+//! Errors and the `Debug` of a [`BrokerConfig`] never show credentials: a URL's userinfo
+//! (`user:password@`, or a token in the user position) is shown as `***`, and so are the
+//! values of options whose names say they hold a secret (`password`, `token`,
+//! `sasl.password`, …). [`redact_url`] does the same for your own logs.
+//!
 //! ```
 //! use tidemill::{BrokerConfig, BrokerKind};
 //!
@@ -25,6 +41,12 @@
 //!
 //! let err = BrokerConfig::from_url("memory://?capacty=64").unwrap_err();
 //! assert!(err.to_string().contains("capacty"), "{err}");
+//!
+//! let err = BrokerConfig::from_url("memory://?capacity=0").unwrap_err();
+//! assert!(err.to_string().contains("expected an integer from 1 to"), "{err}");
+//!
+//! let err = BrokerConfig::from_url("memory://app:hunter2@localhost").unwrap_err();
+//! assert!(!err.to_string().contains("hunter2"), "{err}");
 //! # Ok::<(), tidemill::ConfigError>(())
 //! ```
 
@@ -32,8 +54,14 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use config::{Map, Source, Value};
+use config::{Map, Source, Value, ValueKind};
 use tidemill_core::{MemoryBroker, MemoryConfig, Publisher, Subscriber};
+
+use crate::redact::{redact_debug, redact_text};
+use crate::strict::{self, text};
+
+pub use crate::redact::redact_url;
+pub use crate::strict::OptionError;
 
 /// Environment variable holding the broker URL for [`BrokerConfig::from_env`].
 pub const BROKER_ENV: &str = "TIDEMILL_BROKER";
@@ -101,11 +129,13 @@ impl fmt::Display for BrokerKind {
     }
 }
 
-/// A configuration problem, naming the offending part.
+/// A configuration problem, naming the offending part. Its message never contains
+/// credentials: URLs are shown through [`redact_url`], secret-looking options without their
+/// values.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The URL has no `scheme://`.
+    /// The URL has no `scheme://` (the URL as shown, credentials hidden).
     #[error("broker URL `{0}` has no scheme: expected memory://, kafka://, amqp://, nats:// or pubsub://")]
     NoScheme(String),
     /// The scheme names no broker Tidemill knows.
@@ -122,7 +152,7 @@ pub enum ConfigError {
     /// A query parameter is malformed (`key=value` expected).
     #[error("broker URL parameter `{0}` is malformed: expected key=value")]
     BadParameter(String),
-    /// A required part is missing.
+    /// A required part is missing, or a part is there that must not be.
     #[error("{kind}: {message}")]
     Missing {
         /// The broker.
@@ -130,25 +160,34 @@ pub enum ConfigError {
         /// What is missing.
         message: String,
     },
-    /// Options that do not fit the broker's config type (unknown option, bad value).
+    /// An option that does not fit the broker's config type: unknown, of the wrong kind, or
+    /// out of its range.
     #[error("invalid {kind} configuration: {source}")]
     Invalid {
         /// The broker.
         kind: BrokerKind,
-        /// The deserializer's explanation, naming the option.
+        /// The option and what it allows.
         #[source]
-        source: config::ConfigError,
+        source: OptionError,
+    },
+    /// The broker's config type accepted every option but refused their combination.
+    #[error("invalid {kind} configuration: {message}")]
+    Rejected {
+        /// The broker.
+        kind: BrokerKind,
+        /// Why.
+        message: String,
     },
     /// A file that could not be read or parsed.
-    #[error("cannot read broker configuration from {path}: {source}")]
+    #[error("cannot read broker configuration from {path}: {message}")]
     File {
         /// The file.
         path: String,
-        /// Why.
-        #[source]
-        source: config::ConfigError,
+        /// Why (the parser's explanation, without excerpts of the file).
+        message: String,
     },
-    /// The file has no such section, or it names no broker.
+    /// The file has no such section, it names no broker, or its `url` and `type`
+    /// disagree.
     #[error("{path}: section `{section}` {problem}")]
     Section {
         /// The file.
@@ -161,7 +200,9 @@ pub enum ConfigError {
 }
 
 /// The configuration of one broker, ready to [`connect`](BrokerConfig::connect).
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` shows every option except credentials (URL userinfo, passwords, tokens).
+#[derive(Clone)]
 #[non_exhaustive]
 pub enum BrokerConfig {
     /// The embedded in-memory broker.
@@ -178,6 +219,41 @@ pub enum BrokerConfig {
     /// Google Cloud Pub/Sub.
     #[cfg(feature = "googlecloud")]
     GoogleCloud(tidemill_googlecloud::GoogleCloudConfig),
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn render(config: &dyn fmt::Debug, pretty: bool) -> String {
+            let raw = if pretty {
+                format!("{config:#?}")
+            } else {
+                format!("{config:?}")
+            };
+            redact_debug(&raw)
+        }
+        let pretty = f.alternate();
+        let (variant, inner) = match self {
+            BrokerConfig::Memory(c) => ("Memory", render(c, pretty)),
+            #[cfg(feature = "kafka")]
+            BrokerConfig::Kafka(c) => ("Kafka", render(c, pretty)),
+            #[cfg(feature = "amqp")]
+            BrokerConfig::Amqp(c) => ("Amqp", render(c, pretty)),
+            #[cfg(feature = "nats")]
+            BrokerConfig::Nats(c) => ("Nats", render(c, pretty)),
+            #[cfg(feature = "googlecloud")]
+            BrokerConfig::GoogleCloud(c) => ("GoogleCloud", render(c, pretty)),
+        };
+        f.debug_tuple(variant).field(&Verbatim(&inner)).finish()
+    }
+}
+
+/// Already-rendered `Debug` text.
+struct Verbatim<'a>(&'a str);
+
+impl fmt::Debug for Verbatim<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
 }
 
 /// A connected broker: one publisher and one subscriber, picked at run time.
@@ -216,15 +292,20 @@ impl BrokerConfig {
         let env = config::Environment::with_prefix(BROKER_ENV)
             .prefix_separator("__")
             .separator("__");
-        let overrides = env
-            .collect()
-            .map_err(|source| ConfigError::Invalid { kind, source })?;
-        merge(&mut options, overrides);
+        let overrides = env.collect().map_err(|e| ConfigError::Rejected {
+            kind,
+            message: format!(
+                "cannot read {BROKER_ENV}__* variables: {}",
+                discreet_message(&e.to_string())
+            ),
+        })?;
+        merge(&mut options, strict::mark_text(overrides));
         Self::build(kind, options)
     }
 
     /// Reads section `section` of a TOML or YAML file (by extension). The section holds
-    /// either `url = "kafka://…"` or `type = "kafka"`, plus any options:
+    /// either `url = "kafka://…"` or `type = "kafka"` (both only if they name the same
+    /// broker), plus any options:
     ///
     /// ```toml
     /// [broker]
@@ -238,28 +319,61 @@ impl BrokerConfig {
         let file = config::Config::builder()
             .add_source(config::File::from(path))
             .build()
-            .map_err(|source| ConfigError::File {
+            .map_err(|e| ConfigError::File {
                 path: shown.clone(),
-                source,
+                message: discreet_message(&e.to_string()),
             })?;
-        let section_err = |problem: &str| ConfigError::Section {
+        let section_err = |problem: String| ConfigError::Section {
             path: shown.clone(),
             section: section.to_owned(),
-            problem: problem.to_owned(),
+            problem,
         };
         let mut table: Options = file
             .get_table(section)
-            .map_err(|_| section_err("is missing or not a table"))?;
-        let url = table.remove("url").map(|v| v.into_string());
-        let kind_name = table.remove("type").map(|v| v.into_string());
-        let (kind, mut options) = match (url, kind_name) {
-            (Some(Ok(url)), _) => url_options(&url)?,
-            (None, Some(Ok(name))) => {
-                let kind = BrokerKind::from_name(&name)
-                    .ok_or_else(|| ConfigError::UnknownScheme(name.clone()))?;
+            .map_err(|_| section_err("is missing or not a table".to_owned()))?;
+        let mut string = |key: &str| match table.remove(key) {
+            None => Ok(None),
+            Some(Value {
+                kind: ValueKind::String(s),
+                ..
+            }) => Ok(Some(s)),
+            Some(_) => Err(section_err(format!("has a `{key}` that is not a string"))),
+        };
+        let url = string("url")?;
+        let kind_name = string("type")?;
+        let named = match kind_name {
+            None => None,
+            Some(name) => Some(
+                BrokerKind::from_name(&name)
+                    .ok_or_else(|| ConfigError::UnknownScheme(redact_url(&name).into_owned()))?,
+            ),
+        };
+        let (kind, mut options) = match (url, named) {
+            (Some(url), named) => {
+                let (kind, options) = url_options(&url)?;
+                if let Some(named) = named.filter(|named| *named != kind) {
+                    return Err(section_err(format!(
+                        "has `url = \"{}\"` ({kind}) and `type = \"{named}\"`, which disagree: \
+                         keep one of them",
+                        redact_url(&url)
+                    )));
+                }
+                (kind, options)
+            }
+            (None, Some(kind)) => {
+                if !kind.is_available() {
+                    return Err(ConfigError::MissingFeature {
+                        kind,
+                        feature: kind.feature(),
+                    });
+                }
                 (kind, Options::new())
             }
-            _ => return Err(section_err("needs `url = \"…\"` or `type = \"…\"`")),
+            (None, None) => {
+                return Err(section_err(
+                    "needs `url = \"…\"` or `type = \"…\"`".to_owned(),
+                ))
+            }
         };
         merge(&mut options, table);
         Self::build(kind, options)
@@ -282,7 +396,32 @@ impl BrokerConfig {
 
     /// Connects: one publisher and one subscriber. Each call makes new connections (for the
     /// in-memory broker, a new broker).
+    ///
+    /// A connection error never shows the credentials of this configuration, whatever the
+    /// broker's client puts in its messages.
     pub async fn connect(&self) -> tidemill_core::Result<Broker> {
+        self.connect_inner()
+            .await
+            .map_err(|e| discreet_error(e, &self.secrets()))
+    }
+
+    /// The credentials in this configuration (to keep them out of error messages).
+    fn secrets(&self) -> Vec<String> {
+        let raw: String = match self {
+            BrokerConfig::Memory(c) => format!("{c:?}"),
+            #[cfg(feature = "kafka")]
+            BrokerConfig::Kafka(c) => format!("{c:?}"),
+            #[cfg(feature = "amqp")]
+            BrokerConfig::Amqp(c) => format!("{c:?} {}", c.url),
+            #[cfg(feature = "nats")]
+            BrokerConfig::Nats(c) => format!("{c:?}"),
+            #[cfg(feature = "googlecloud")]
+            BrokerConfig::GoogleCloud(c) => format!("{c:?}"),
+        };
+        crate::redact::secrets_in_debug(&raw)
+    }
+
+    async fn connect_inner(&self) -> tidemill_core::Result<Broker> {
         let kind = self.kind();
         let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match self {
             BrokerConfig::Memory(config) => {
@@ -329,7 +468,14 @@ impl BrokerConfig {
             });
         }
         match kind {
-            BrokerKind::Memory => Ok(BrokerConfig::Memory(deserialize(kind, options)?)),
+            BrokerKind::Memory => {
+                let config: MemoryConfig = deserialize(kind, options)?;
+                config.validate().map_err(|e| ConfigError::Rejected {
+                    kind,
+                    message: discreet_message(&e.to_string()),
+                })?;
+                Ok(BrokerConfig::Memory(config))
+            }
             #[cfg(feature = "kafka")]
             BrokerKind::Kafka => Ok(BrokerConfig::Kafka(deserialize(kind, options)?)),
             #[cfg(feature = "amqp")]
@@ -368,24 +514,86 @@ fn deserialize<T: serde::de::DeserializeOwned>(
     kind: BrokerKind,
     options: Options,
 ) -> Result<T, ConfigError> {
-    config::Config::builder()
-        .add_source(Prepared(options))
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|source| ConfigError::Invalid { kind, source })
+    strict::from_options(options).map_err(|source| ConfigError::Invalid { kind, source })
 }
 
-/// Already-collected options as a `config` source.
-#[derive(Clone, Debug)]
-struct Prepared(Options);
+/// A message from elsewhere (a parser, a client library), made safe to show: no excerpts of
+/// the input (a TOML parse error quotes the offending line, which may hold a password), and
+/// URLs without their userinfo.
+fn discreet_message(message: &str) -> String {
+    let kept: Vec<&str> = message
+        .lines()
+        .filter(|line| {
+            // Excerpt lines look like `  |`, `3 | url = "…"`, `  |      ^`.
+            let rest = line
+                .trim_start()
+                .trim_start_matches(|c: char| c.is_ascii_digit());
+            !rest.trim_start().starts_with('|')
+        })
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    redact_text(&kept.join(" ")).into_owned()
+}
 
-impl Source for Prepared {
-    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
-        Box::new(self.clone())
+/// `err` with `secrets` (and URL userinfo) hidden, wherever in its message they appear. An
+/// error that shows none of them is returned untouched, its source chain included.
+fn discreet_error(err: tidemill_core::Error, secrets: &[String]) -> tidemill_core::Error {
+    use tidemill_core::Error;
+
+    fn chain(err: &dyn std::error::Error) -> String {
+        let mut text = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
     }
-
-    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
-        Ok(self.0.clone())
+    let clean = |text: &str| {
+        let mut text = redact_text(text).into_owned();
+        for secret in secrets {
+            text = text.replace(secret.as_str(), crate::redact::HIDDEN);
+        }
+        text
+    };
+    let full = chain(&err);
+    if clean(&full) == full {
+        return err;
+    }
+    let hidden = |source: &tidemill_core::BoxError| -> tidemill_core::BoxError {
+        clean(&chain(source.as_ref())).into()
+    };
+    match err {
+        Error::Connect {
+            broker,
+            address,
+            source,
+        } => Error::Connect {
+            broker,
+            address: clean(&address),
+            source: hidden(&source),
+        },
+        Error::Config { broker, message } => Error::Config {
+            broker,
+            message: clean(&message),
+        },
+        Error::Broker {
+            broker,
+            topic,
+            context,
+            transient,
+            source,
+        } => Error::Broker {
+            broker,
+            topic,
+            context: clean(&context),
+            transient,
+            source: hidden(&source),
+        },
+        // The other variants hold topics, uuids and sizes, no configuration.
+        other => other,
     }
 }
 
@@ -410,11 +618,19 @@ fn merge(base: &mut Options, overrides: Options) {
     }
 }
 
-/// Splits a broker URL into its kind and options.
+/// Splits a broker URL into its kind and options. Errors show the URL only through
+/// [`redact_url`].
 fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| ConfigError::NoScheme(url.to_owned()))?;
+    let no_scheme = || ConfigError::NoScheme(redact_url(url).into_owned());
+    let (scheme, rest) = url.split_once("://").ok_or_else(no_scheme)?;
+    let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !is_scheme {
+        // `user:pass@host/x://…`: whatever this is, it starts with no scheme.
+        return Err(no_scheme());
+    }
     let kind = BrokerKind::from_name(scheme)
         .ok_or_else(|| ConfigError::UnknownScheme(scheme.to_owned()))?;
     if !kind.is_available() {
@@ -433,18 +649,27 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
         .flat_map(|q| q.split('&'))
         .filter(|p| !p.is_empty())
     {
-        let (key, value) = pair
-            .split_once('=')
-            .ok_or_else(|| ConfigError::BadParameter(pair.to_owned()))?;
-        let value = percent_decode(value);
-        set_option(&mut options, key, Value::from(value));
+        let (key, value) = pair.split_once('=').ok_or_else(|| {
+            // No `=`: a bare word, perhaps the tail of a password with a `&` in it.
+            let shown = if crate::redact::is_secret_name(pair) || pair.len() > 64 {
+                crate::redact::HIDDEN
+            } else {
+                pair
+            };
+            ConfigError::BadParameter(redact_url(shown).into_owned())
+        })?;
+        set_option(&mut options, key, text(percent_decode(value)));
     }
+    let shown = || redact_url(url).into_owned();
     match kind {
         BrokerKind::Memory => {
             if !base.trim_end_matches('/').is_empty() {
                 return Err(ConfigError::Missing {
                     kind,
-                    message: format!("memory:// takes no host or path, got `{base}`"),
+                    message: format!(
+                        "memory:// takes no host or path (nor user or password), got `{}`",
+                        shown()
+                    ),
                 });
             }
         }
@@ -455,6 +680,17 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
                     kind,
                     message: "kafka:// needs bootstrap brokers: kafka://host:9092[,host2:9092]"
                         .to_owned(),
+                });
+            }
+            if brokers.contains('@') {
+                return Err(ConfigError::Missing {
+                    kind,
+                    message: format!(
+                        "kafka:// takes no user or password in the URL (got `{}`): set SASL \
+                         credentials as properties (properties.sasl.username=…, \
+                         properties.sasl.password=…)",
+                        shown()
+                    ),
                 });
             }
             options.insert("brokers".to_owned(), Value::from(brokers));
@@ -473,16 +709,21 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
             // `jetstream=true|false` picks the mode; `jetstream.<option>=…` configures it.
             let is_switch = options
                 .get("jetstream")
-                .is_some_and(|v| v.clone().into_table().is_err());
+                .is_some_and(|v| !matches!(v.kind, ValueKind::Table(_)));
             let switch = if is_switch {
                 options.remove("jetstream")
             } else {
                 None
             };
             if let Some(js) = switch {
-                let on = js
-                    .into_bool()
-                    .map_err(|source| ConfigError::Invalid { kind, source })?;
+                let on = strict::parse_bool(&js).ok_or_else(|| ConfigError::Invalid {
+                    kind,
+                    source: OptionError::invalid(
+                        "jetstream",
+                        "true or false (or JetStream options as jetstream.<option>=…)",
+                        &js,
+                    ),
+                })?;
                 let mode = if on { "jet_stream" } else { "core" };
                 options.insert("mode".to_owned(), Value::from(mode));
             }
@@ -493,6 +734,16 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
                 return Err(ConfigError::Missing {
                     kind,
                     message: "pubsub:// needs a project: pubsub://my-project".to_owned(),
+                });
+            }
+            if project.contains(['@', ':', '/']) {
+                return Err(ConfigError::Missing {
+                    kind,
+                    message: format!(
+                        "pubsub:// takes a project id only, got `{}`: credentials come from \
+                         the environment (GOOGLE_APPLICATION_CREDENTIALS)",
+                        shown()
+                    ),
                 });
             }
             options.insert("project_id".to_owned(), Value::from(project));

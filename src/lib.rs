@@ -38,6 +38,8 @@
 #![warn(missing_docs)]
 
 pub mod broker;
+mod redact;
+mod strict;
 
 pub use broker::{connect, Broker, BrokerConfig, BrokerKind, ConfigError, ConnectError};
 pub use tidemill_core::*;

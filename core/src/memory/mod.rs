@@ -54,11 +54,16 @@ const BROKER: &str = "memory";
 const TAKE_BATCH: usize = 64;
 
 /// Configuration of the in-memory broker.
+///
+/// Deserializing refuses what would not mean what it says: a `capacity` of 0 (a queue holds
+/// at least one message), negative numbers, numbers beyond `usize` and unknown fields are
+/// errors, never silently adjusted. [`MemoryConfig::validate`] checks a value built in code.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
     /// Maximum messages a subscription's queue holds (waiting + in flight) before publishers
-    /// wait. Default 16,384.
+    /// wait: from 1 ([`MemoryConfig::MIN_CAPACITY`]) to `usize::MAX`. Default 16,384.
+    #[serde(deserialize_with = "capacity")]
     pub capacity: usize,
     /// How many of the most recent messages per topic are kept and replayed to every new
     /// subscription (and new consumer group). Default 0: none.
@@ -72,6 +77,100 @@ impl Default for MemoryConfig {
             retention: 0,
         }
     }
+}
+
+impl MemoryConfig {
+    /// The smallest [`capacity`](Self::capacity): a queue holds at least one message.
+    pub const MIN_CAPACITY: usize = 1;
+
+    /// Checks every field: an error naming the field and its allowed range when one is out
+    /// of it (a `capacity` of 0).
+    ///
+    /// ```
+    /// use tidemill_core::MemoryConfig;
+    ///
+    /// assert!(MemoryConfig::default().validate().is_ok());
+    /// let err = MemoryConfig { capacity: 0, retention: 0 }.validate().unwrap_err();
+    /// assert!(err.to_string().contains("capacity must be an integer from 1 to"), "{err}");
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        if self.capacity < Self::MIN_CAPACITY {
+            return Err(Error::config(
+                BROKER,
+                format!(
+                    "capacity must be an integer from {} to {}, got {}",
+                    Self::MIN_CAPACITY,
+                    usize::MAX,
+                    self.capacity
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Deserializes [`MemoryConfig::capacity`]: an integer from 1 to `usize::MAX`; the error
+/// says that range for 0, negative and too large numbers alike.
+fn capacity<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<usize, D::Error> {
+    use serde::de::{Unexpected, Visitor};
+    use std::fmt;
+
+    struct Capacity;
+
+    impl Capacity {
+        fn check<E: serde::de::Error>(
+            self,
+            n: u128,
+            unexp: Unexpected<'_>,
+        ) -> std::result::Result<usize, E> {
+            usize::try_from(n)
+                .ok()
+                .filter(|n| *n >= MemoryConfig::MIN_CAPACITY)
+                .ok_or_else(|| E::invalid_value(unexp, &self))
+        }
+    }
+
+    impl<'de> Visitor<'de> for Capacity {
+        type Value = usize;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "an integer from {} to {}",
+                MemoryConfig::MIN_CAPACITY,
+                usize::MAX
+            )
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> std::result::Result<usize, E> {
+            self.check(n.into(), Unexpected::Unsigned(n))
+        }
+
+        fn visit_u128<E: serde::de::Error>(self, n: u128) -> std::result::Result<usize, E> {
+            self.check(n, Unexpected::Other("a larger integer"))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> std::result::Result<usize, E> {
+            match u64::try_from(n) {
+                Ok(u) => self.visit_u64(u),
+                Err(_) => Err(E::invalid_value(Unexpected::Signed(n), &self)),
+            }
+        }
+
+        fn visit_i128<E: serde::de::Error>(self, n: i128) -> std::result::Result<usize, E> {
+            match u128::try_from(n) {
+                Ok(u) => self.visit_u128(u),
+                Err(_) => Err(E::invalid_value(
+                    Unexpected::Other("a negative integer"),
+                    &self,
+                )),
+            }
+        }
+    }
+
+    deserializer.deserialize_u64(Capacity)
 }
 
 /// The in-memory broker. Cheap to clone; clones share topics and queues.
