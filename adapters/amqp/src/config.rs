@@ -133,12 +133,15 @@ pub struct AmqpConfig {
 
     /// The largest message body the publisher sends; a larger one fails with
     /// `Error::MessageTooLarge` before anything is sent. Set it to the broker's
-    /// `max_message_size`. Default: 128 MiB ([`RABBITMQ_MAX_MESSAGE_BYTES`]).
+    /// `max_message_size`. From 1 to the platform's `usize::MAX`. Default: 128 MiB
+    /// ([`RABBITMQ_MAX_MESSAGE_BYTES`]).
+    #[serde(deserialize_with = "strict::usize_at_least_1")]
     pub max_message_size: usize,
 
     /// Consumer prefetch (`basic.qos`): how many unacknowledged messages the broker sends a
-    /// subscription ahead. `0` means unlimited. Ignored when [`ordered`](Self::ordered) is
-    /// on. Default: `128`.
+    /// subscription ahead, from 0 to 65535; `0` means unlimited. Ignored when
+    /// [`ordered`](Self::ordered) is on. Default: `128`.
+    #[serde(deserialize_with = "strict::u16_any")]
     pub prefetch: u16,
 
     /// Ordered consumption (see the crate docs on ordering): each subscription takes one
@@ -171,9 +174,16 @@ pub struct AmqpConfig {
     pub dead_letter_routing_key: Option<String>,
 
     /// For quorum queues (`x-delivery-limit`): after this many redeliveries a message is
-    /// dead-lettered (or dropped without a dead-letter exchange). Requires
-    /// [`QueueType::Quorum`]. Default: none.
+    /// dead-lettered (or dropped without a dead-letter exchange). From 1 to 4294967295.
+    /// Requires [`QueueType::Quorum`]. Default: none.
+    #[serde(deserialize_with = "strict::optional_u32_at_least_1")]
     pub delivery_limit: Option<u32>,
+
+    /// Where a message's uuid travels (see the crate docs, "Identity"): Tidemill's
+    /// convention (`tidemill`, the default), Watermill's `_watermill_message_uuid` header
+    /// (`watermill`), the `message_id` property as it is (`message_id`), or a header of your
+    /// choice (`{"header": "x-id"}`).
+    pub message_uuid: UuidCarrier,
 
     /// Naming functions that override the templates (set with the `with_*_naming` methods;
     /// not part of the serialised configuration).
@@ -207,6 +217,7 @@ impl Default for AmqpConfig {
             dead_letter_exchange: None,
             dead_letter_routing_key: None,
             delivery_limit: None,
+            message_uuid: UuidCarrier::default(),
             naming: Naming::default(),
         }
     }
@@ -238,6 +249,7 @@ impl fmt::Debug for AmqpConfig {
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_routing_key", &self.dead_letter_routing_key)
             .field("delivery_limit", &self.delivery_limit)
+            .field("message_uuid", &self.message_uuid)
             .field("naming", &self.naming)
             .finish()
     }
@@ -282,6 +294,52 @@ pub enum QueueType {
     /// [`AmqpConfig::delivery_limit`].
     Quorum,
 }
+
+/// Where a message's uuid travels on the wire (see the crate docs, "Identity").
+///
+/// In configuration files: `"tidemill"`, `"watermill"`, `"message_id"` or
+/// `{"header": "<name>"}`.
+///
+/// ```
+/// use tidemill_amqp::{AmqpConfig, UuidCarrier};
+/// let c: AmqpConfig = serde_json::from_str(r#"{"message_uuid": "watermill"}"#).unwrap();
+/// assert_eq!(c.message_uuid, UuidCarrier::Watermill);
+/// assert_eq!(c.message_uuid.header(), Some("_watermill_message_uuid"));
+/// let c: AmqpConfig = serde_json::from_str(r#"{"message_uuid": {"header": "x-id"}}"#).unwrap();
+/// assert_eq!(c.message_uuid, UuidCarrier::Header("x-id".into()));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UuidCarrier {
+    /// Tidemill's convention: read from the `tidemill-uuid` header, else from the
+    /// `message_id` property; written to `message_id` (and to the `tidemill-uuid` header
+    /// when `message_id` holds something else or the uuid is longer than 255 bytes).
+    #[default]
+    Tidemill,
+    /// Watermill's: the `_watermill_message_uuid` header (read, else `message_id`;
+    /// written to the header only), so Tidemill and Watermill services share message ids.
+    Watermill,
+    /// The `message_id` property as it is: read from it, written to it (a uuid longer than
+    /// 255 bytes cannot be published); no uuid header.
+    MessageId,
+    /// A header of your choice, like [`Watermill`](Self::Watermill) with another name.
+    Header(String),
+}
+
+impl UuidCarrier {
+    /// The header that carries the uuid; `None` for [`MessageId`](Self::MessageId).
+    pub fn header(&self) -> Option<&str> {
+        match self {
+            UuidCarrier::Tidemill => Some(tidemill_core::headers::UUID_HEADER),
+            UuidCarrier::Watermill => Some(WATERMILL_UUID_HEADER),
+            UuidCarrier::MessageId => None,
+            UuidCarrier::Header(name) => Some(name),
+        }
+    }
+}
+
+/// The header Watermill's AMQP marshaler keeps the message uuid in.
+pub const WATERMILL_UUID_HEADER: &str = "_watermill_message_uuid";
 
 type ExchangeFn = dyn Fn(&str) -> String + Send + Sync;
 type GroupQueueFn = dyn Fn(&str, &str) -> String + Send + Sync;
@@ -429,6 +487,17 @@ impl AmqpConfig {
                 "reconnect_backoff_max must be positive",
             ));
         }
+        if self.heartbeat.subsec_nanos() != 0 {
+            return Err(Error::config(
+                BROKER,
+                format!(
+                    "heartbeat {:?} is not a whole number of seconds (AMQP negotiates it in \
+                     seconds, from 0 to {} s)",
+                    self.heartbeat,
+                    u16::MAX
+                ),
+            ));
+        }
         if self.heartbeat.as_secs() > u64::from(u16::MAX) {
             return Err(Error::config(
                 BROKER,
@@ -453,6 +522,32 @@ impl AmqpConfig {
                 BROKER,
                 "binding_key \"#\" is a wildcard only for topic exchanges: with exchange_type = \"direct\" set the routing key the group queues should receive",
             ));
+        }
+        if self.delivery_limit == Some(0) {
+            return Err(Error::config(
+                BROKER,
+                "delivery_limit must be from 1 to 4294967295 (0 would give up on a message at its \
+                 first nack)",
+            ));
+        }
+        if let Some(header) = self.message_uuid.header() {
+            if header.is_empty() || header.len() > MAX_NAME_BYTES {
+                return Err(Error::config(
+                    BROKER,
+                    format!(
+                        "message_uuid: the header name must be 1 to {MAX_NAME_BYTES} bytes long"
+                    ),
+                ));
+            }
+            if RESERVED_HEADERS.contains(&header) {
+                return Err(Error::config(
+                    BROKER,
+                    format!(
+                        "message_uuid: header `{header}` is taken (by the key, the broker or \
+                         Tidemill's redelivery bookkeeping)"
+                    ),
+                ));
+            }
         }
         if self.delivery_limit.is_some() && self.queue_type != QueueType::Quorum {
             return Err(Error::config(
@@ -483,7 +578,11 @@ impl AmqpConfig {
         let mut uri = AMQPUri::from_str(&self.url).map_err(|e| {
             Error::config(
                 BROKER,
-                format!("url `{}` is not an AMQP URI: {e}", redact(&self.url)),
+                format!(
+                    "url `{}` is not an AMQP URI: {}",
+                    redact(&self.url),
+                    scrub(&e, &self.url)
+                ),
             )
         })?;
         if cfg!(not(feature = "tls")) && uri.scheme == AMQPScheme::AMQPS {
@@ -548,16 +647,38 @@ impl AmqpConfig {
     }
 }
 
+/// Headers the uuid cannot travel in.
+const RESERVED_HEADERS: [&str; 4] = [
+    tidemill_core::headers::KEY_HEADER,
+    crate::convert::REDELIVERY_HEADER,
+    crate::convert::DELIVERY_COUNT_HEADER,
+    "x-death",
+];
+
 /// The address of `url` without its password, for error messages and logs.
 pub(crate) fn redact(url: &str) -> String {
     match AMQPUri::from_str(url) {
         Ok(uri) => display_uri(&uri),
-        Err(_) => match url.split_once('@') {
+        Err(_) => match url.rsplit_once('@') {
             // Unparsable: drop everything before the host, whatever it is.
             Some((_, host)) => format!("…@{host}"),
             None => url.to_owned(),
         },
     }
+}
+
+/// `text` (e.g. a parser's error, which may quote its input) without `url`'s userinfo.
+pub(crate) fn scrub(text: &str, url: &str) -> String {
+    let mut text = text.replace(url, &redact(url));
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    if let Some((userinfo, _)) = rest.rsplit_once('@') {
+        if let Some((_, password)) = userinfo.split_once(':') {
+            if !password.is_empty() {
+                text = text.replace(password, "***");
+            }
+        }
+    }
+    text
 }
 
 /// `scheme://user@host:port/vhost`, without the password.
@@ -639,6 +760,104 @@ fn json_value(what: &str, key: &str, value: &serde_json::Value) -> Result<AMQPVa
             AMQPValue::FieldTable(json_table(what, &map)?)
         }
     })
+}
+
+/// Deserializers for numeric options that accept integers only and name the allowed range
+/// (serde's own say "expected u16"; a float, a boolean or a word is refused, never rounded
+/// or converted).
+mod strict {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+
+    struct Int {
+        min: i128,
+        max: i128,
+    }
+
+    impl Int {
+        fn check<E: de::Error>(&self, v: i128) -> Result<i128, E> {
+            if (self.min..=self.max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(E::invalid_value(Unexpected::Other(&v.to_string()), self))
+            }
+        }
+    }
+
+    impl<'de> Visitor<'de> for Int {
+        type Value = i128;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "an integer from {} to {}", self.min, self.max)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i128, E> {
+            self.check(v.into())
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i128, E> {
+            self.check(v.into())
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<i128, E> {
+            self.check(v)
+        }
+
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<i128, E> {
+            self.check(i128::try_from(v).unwrap_or(i128::MAX))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<i128, E> {
+            // Text sources (environment, URL query): plain digits with an optional sign.
+            let digits = v.strip_prefix(['+', '-']).unwrap_or(v);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(E::invalid_value(Unexpected::Str(v), &self));
+            }
+            match v.parse::<i128>() {
+                Ok(n) => self.check(n),
+                Err(_) => Err(E::invalid_value(Unexpected::Str(v), &self)),
+            }
+        }
+    }
+
+    fn int<'de, D: Deserializer<'de>>(d: D, min: i128, max: i128) -> Result<i128, D::Error> {
+        d.deserialize_any(Int { min, max })
+    }
+
+    pub(super) fn u16_any<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        let v = int(d, 0, u16::MAX.into())?;
+        Ok(u16::try_from(v).unwrap_or(u16::MAX))
+    }
+
+    pub(super) fn usize_at_least_1<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let max = i128::try_from(usize::MAX).unwrap_or(i128::MAX);
+        let v = int(d, 1, max)?;
+        Ok(usize::try_from(v).unwrap_or(usize::MAX))
+    }
+
+    pub(super) fn optional_u32_at_least_1<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<u32>, D::Error> {
+        struct Opt;
+        impl<'de> Visitor<'de> for Opt {
+            type Value = Option<u32>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an integer from 1 to {}, or nothing", u32::MAX)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Option<u32>, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Option<u32>, E> {
+                Ok(None)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<u32>, D::Error> {
+                let v = int(d, 1, u32::MAX.into())?;
+                Ok(Some(u32::try_from(v).unwrap_or(u32::MAX)))
+            }
+        }
+        d.deserialize_option(Opt)
+    }
 }
 
 #[cfg(test)]

@@ -90,26 +90,45 @@ async fn open(conn: &lapin::Connection, topic: &str) -> Result<Channel> {
 
 type SendFuture<'a> = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send + 'a>>;
 
-/// Publishes `batch` to `exchange` on `channel` and waits for every confirm.
+/// A message of the batch the broker returned as unroutable (`mandatory`).
+pub(crate) struct Returned {
+    /// The uuid of the batch message whose confirm carried the return.
+    pub(crate) uuid: std::sync::Arc<str>,
+    /// The returned message's properties (which tell its uuid for sure: lapin attaches a
+    /// return to whichever confirm comes next).
+    pub(crate) properties: lapin::BasicProperties,
+    /// RabbitMQ's reason, e.g. `312 NO_ROUTE`.
+    pub(crate) reason: String,
+}
+
+/// Publishes `batch` to `exchange` on `channel` and waits for every confirm; returns what
+/// the broker returned as unroutable (only with `mandatory`).
 ///
 /// Each `basic.publish` hands its frames to the connection when first polled, so the batch
 /// is polled once message by message (keeping its order on the wire), then the writes and
 /// confirms complete together instead of one round trip per message.
+///
+/// RabbitMQ sends the `basic.return` of an unroutable mandatory message before the
+/// `basic.ack` that confirms it, and lapin hands a return to the next confirm it resolves.
+/// On a channel used by one batch at a time (how the publisher sends mandatory batches)
+/// every return therefore lands on a confirm of the same batch, and all of them are in
+/// once every confirm resolved.
 pub(crate) async fn publish_batch(
     channel: &Channel,
     topic: &str,
     exchange: &ShortString,
     mandatory: bool,
     batch: &mut [Encoded],
-) -> Result<()> {
+) -> Result<Vec<Returned>> {
     let options = BasicPublishOptions {
         mandatory,
         immediate: false,
     };
-    let mut confirms: Vec<PublisherConfirm> = Vec::with_capacity(batch.len());
-    let mut pending: Vec<SendFuture<'_>> = Vec::new();
+    let mut confirms: Vec<(usize, PublisherConfirm)> = Vec::with_capacity(batch.len());
+    let mut pending: Vec<(usize, SendFuture<'_>)> = Vec::new();
     let mut failed: Option<lapin::Error> = None;
-    for message in batch.iter_mut() {
+    let uuids: Vec<std::sync::Arc<str>> = batch.iter().map(|m| m.uuid.clone()).collect();
+    for (index, message) in batch.iter_mut().enumerate() {
         let properties = std::mem::take(&mut message.properties);
         let mut send: SendFuture<'_> = Box::pin(channel.basic_publish(
             exchange.clone(),
@@ -119,17 +138,21 @@ pub(crate) async fn publish_batch(
             properties,
         ));
         match std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
-            Poll::Ready(Ok(confirm)) => confirms.push(confirm),
+            Poll::Ready(Ok(confirm)) => confirms.push((index, confirm)),
             Poll::Ready(Err(e)) => {
                 failed = Some(e);
                 break;
             }
-            Poll::Pending => pending.push(send),
+            Poll::Pending => pending.push((index, send)),
         }
     }
-    for result in futures::future::join_all(pending).await {
+    let (indices, sends): (Vec<usize>, Vec<SendFuture<'_>>) = pending.into_iter().unzip();
+    for (index, result) in indices
+        .into_iter()
+        .zip(futures::future::join_all(sends).await)
+    {
         match result {
-            Ok(confirm) => confirms.push(confirm),
+            Ok(confirm) => confirms.push((index, confirm)),
             Err(e) => failed = failed.or(Some(e)),
         }
     }
@@ -141,20 +164,23 @@ pub(crate) async fn publish_batch(
         ));
     }
     let mut nacked = 0usize;
-    let mut returned: Option<String> = None;
+    let mut returned = Vec::new();
     let mut error: Option<lapin::Error> = None;
-    for confirmation in futures::future::join_all(confirms).await {
+    let (indices, confirms): (Vec<usize>, Vec<PublisherConfirm>) = confirms.into_iter().unzip();
+    for (index, confirmation) in indices
+        .into_iter()
+        .zip(futures::future::join_all(confirms).await)
+    {
         match confirmation {
             Ok(Confirmation::Ack(None)) => {}
             Ok(Confirmation::Ack(Some(message))) | Ok(Confirmation::Nack(Some(message))) => {
-                returned.get_or_insert_with(|| {
-                    format!("{} {}", message.reply_code, message.reply_text)
+                returned.push(Returned {
+                    uuid: uuids[index].clone(),
+                    reason: format!("{} {}", message.reply_code, message.reply_text),
+                    properties: message.delivery.properties.clone(),
                 });
             }
-            Ok(Confirmation::Nack(None)) => nacked += 1,
-            Ok(Confirmation::NotRequested) => {
-                nacked += 1;
-            }
+            Ok(Confirmation::Nack(None)) | Ok(Confirmation::NotRequested) => nacked += 1,
             Err(e) => error = error.or(Some(e)),
         }
     }
@@ -163,16 +189,6 @@ pub(crate) async fn publish_batch(
             topic,
             format!("publish to exchange `{exchange}`: not confirmed"),
             e,
-        ));
-    }
-    if let Some(reason) = returned {
-        return Err(Error::permanent(
-            BROKER,
-            topic,
-            format!("publish to exchange `{exchange}`"),
-            format!(
-                "the broker returned a mandatory message ({reason}): no queue is bound to the exchange or no binding matches"
-            ),
         ));
     }
     if nacked > 0 {
@@ -186,5 +202,5 @@ pub(crate) async fn publish_batch(
             ),
         ));
     }
-    Ok(())
+    Ok(returned)
 }

@@ -1,46 +1,55 @@
-//! Messages to AMQP properties and back.
+//! Messages to AMQP and back (the crate docs, "Messages on the wire", say it for users).
 //!
-//! - uuid → `message-id` property (the `tidemill-uuid` header when longer than 255 bytes);
+//! Publishing a message that carries no [`AmqpEnvelope`]:
+//! - uuid → where [`UuidCarrier`] says;
 //! - key → `tidemill-key` header (any bytes), and the routing key when it is UTF-8 and at
 //!   most 255 bytes;
-//! - metadata → headers (long strings), except the `amqp.*` keys of [`PROPERTY_KEYS`],
-//!   which set the AMQP property of that name.
+//! - metadata → long-string headers, except the `amqp.*` keys of [`PROPERTY_KEYS`], which
+//!   set the AMQP property of that name.
 //!
-//! On the way back every header becomes metadata: text as is, a value that is not UTF-8
-//! base64-encoded under `<name>.b64`, numbers and booleans as their decimal/`true`/`false`
-//! text, tables and arrays as JSON. Set AMQP properties (other than `message-id` and
-//! `delivery-mode`) come back under their `amqp.*` metadata key.
+//! Publishing a message that carries an envelope starts from the envelope (properties, typed
+//! headers, delivery mode, routing key) and applies what the application changed in the
+//! string view.
+//!
+//! Receiving: every header becomes metadata (text as is; a value that is not UTF-8 as
+//! base64 under `<name>.b64`; numbers, booleans, timestamps, decimals as text; tables and
+//! arrays as JSON), every set property its `amqp.*` key; the envelope keeps the rest.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use lapin::BasicProperties;
-use tidemill_core::headers::{insert_header_bytes, stable_uuid, KEY_HEADER, UUID_HEADER};
-use tidemill_core::{Error, Message, Metadata, Result};
+use tidemill_core::headers::{stable_uuid, BINARY_SUFFIX, KEY_HEADER};
+use tidemill_core::{new_uuid, Error, Message, Metadata, Native, NativeEntry, Result};
 
-use crate::config::MAX_NAME_BYTES;
+use crate::config::{UuidCarrier, MAX_NAME_BYTES};
+use crate::native::{AmqpEnvelope, Props};
 use crate::BROKER;
 
-/// Header carrying the attempt count of a message re-published by `nack_with_delay`.
-pub(crate) const ATTEMPT_HEADER: &str = "tidemill-attempt";
+/// Header of a message `nack_with_delay` parked in a delay queue: a table with the attempt
+/// count so far, the uuid, and the exchange, routing key and expiration of the original
+/// delivery. Trusted only on a message that a delay queue of the consuming queue
+/// dead-lettered back (see [`decode`]); anywhere else it is an ordinary header.
+pub(crate) const REDELIVERY_HEADER: &str = "tidemill-redelivery";
 
 /// Header RabbitMQ quorum queues set on redeliveries: how often the message was returned.
 pub(crate) const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
-/// Marks the queues `nack_with_delay` parks messages in; their traces in `x-death` headers
-/// are removed on receipt.
+/// Marks the queues `nack_with_delay` parks messages in.
 pub(crate) const DELAY_QUEUE_MARKER: &str = ".tidemill-delay-";
 
 /// Metadata keys that map to AMQP basic properties instead of headers.
-pub const PROPERTY_KEYS: [&str; 10] = [
+pub const PROPERTY_KEYS: [&str; 11] = [
     "amqp.content-type",
     "amqp.content-encoding",
     "amqp.correlation-id",
     "amqp.reply-to",
     "amqp.expiration",
+    "amqp.message-id",
     "amqp.type",
     "amqp.app-id",
     "amqp.user-id",
@@ -48,82 +57,288 @@ pub const PROPERTY_KEYS: [&str; 10] = [
     "amqp.priority",
 ];
 
+fn is_property_key(name: &str) -> bool {
+    name.starts_with("amqp.") && PROPERTY_KEYS.contains(&name)
+}
+
 /// A message ready for `basic.publish`.
 pub(crate) struct Encoded {
     pub(crate) routing_key: ShortString,
     pub(crate) properties: BasicProperties,
     pub(crate) payload: Bytes,
+    /// The message's uuid, to name it in errors.
+    pub(crate) uuid: Arc<str>,
 }
 
 /// Encodes `message` for publishing to `topic`.
-pub(crate) fn encode(topic: &str, message: Message, persistent: bool) -> Result<Encoded> {
+pub(crate) fn encode(
+    topic: &str,
+    message: Message,
+    persistent: bool,
+    carrier: &UuidCarrier,
+) -> Result<Encoded> {
+    let native = message.native().filter(|n| n.broker() == BROKER).cloned();
     let (uuid, metadata, payload, key) = message.into_parts();
-    let mut properties = BasicProperties::default();
-    if persistent {
-        properties = properties.with_delivery_mode(2);
-    }
-    let mut headers = FieldTable::default();
-    let mut has_headers = false;
-    match ShortString::try_new(&*uuid) {
-        Ok(id) => properties = properties.with_message_id(id),
-        Err(_) => {
-            headers.insert(
-                UUID_HEADER.into(),
-                AMQPValue::LongString(uuid.as_bytes().into()),
-            );
-            has_headers = true;
+    let envelope = native.as_ref().and_then(Native::get::<AmqpEnvelope>);
+    let (props, routing_key) = match (native.as_ref(), envelope) {
+        (Some(native), Some(envelope)) => {
+            encode_native(topic, &uuid, &metadata, key, native, envelope, carrier)?
         }
+        _ => encode_fresh(topic, &uuid, &metadata, key, persistent, carrier)?,
+    };
+    Ok(Encoded {
+        routing_key,
+        properties: props.into_basic(),
+        payload,
+        uuid,
+    })
+}
+
+fn encode_fresh(
+    topic: &str,
+    uuid: &Arc<str>,
+    metadata: &Metadata,
+    key: Option<Bytes>,
+    persistent: bool,
+    carrier: &UuidCarrier,
+) -> Result<(Props, ShortString)> {
+    let mut props = Props::default();
+    if persistent {
+        props.delivery_mode = Some(2);
     }
+    let mut headers = BTreeMap::new();
     let mut routing_key = ShortString::default();
     if let Some(key) = key {
-        if let Ok(text) = std::str::from_utf8(&key) {
-            if let Ok(rk) = ShortString::try_new(text) {
-                routing_key = rk;
-            }
-        }
+        routing_key = routing_key_for(&key);
         headers.insert(
             KEY_HEADER.into(),
             AMQPValue::LongString(key.to_vec().into()),
         );
-        has_headers = true;
     }
     for (name, value) in metadata.iter() {
-        if name.starts_with("amqp.") && PROPERTY_KEYS.contains(&name) {
-            properties = set_property(topic, &uuid, properties, name, value)?;
-            continue;
+        if is_property_key(name) {
+            set_property(topic, uuid, &mut props, name, value)?;
+        } else {
+            headers.insert(
+                header_name(topic, uuid, name)?,
+                AMQPValue::LongString(value.into()),
+            );
         }
-        let header = ShortString::try_new(name).map_err(|_| {
-            Error::permanent(
-                BROKER,
-                topic,
-                "publish",
-                format!(
-                    "message {uuid}: metadata key `{}…` is {} bytes, over AMQP's header name limit of {MAX_NAME_BYTES}",
-                    &name[..name.floor_char_boundary(40)],
-                    name.len()
-                ),
-            )
-        })?;
-        headers.insert(header, AMQPValue::LongString(value.into()));
-        has_headers = true;
     }
-    if has_headers {
-        properties = properties.with_headers(headers);
+    place_uuid(topic, uuid, &mut props, &mut headers, carrier, true)?;
+    if !headers.is_empty() {
+        props.headers = Some(headers);
     }
-    Ok(Encoded {
-        routing_key,
-        properties,
-        payload,
-    })
+    Ok((props, routing_key))
 }
 
-fn set_property(
+/// Starts from what was received and applies the application's changes.
+fn encode_native(
+    topic: &str,
+    uuid: &Arc<str>,
+    metadata: &Metadata,
+    key: Option<Bytes>,
+    native: &Native,
+    envelope: &AmqpEnvelope,
+    carrier: &UuidCarrier,
+) -> Result<(Props, ShortString)> {
+    let mut props = Props::from_basic(&envelope.properties);
+    let had_headers = props.headers.is_some();
+    let mut headers = props.headers.take().unwrap_or_default();
+    for name in &envelope.broker_headers {
+        headers.remove(name);
+    }
+    for (md_key, header) in &envelope.header_sources {
+        match native.entry(metadata, md_key) {
+            NativeEntry::Kept => {}
+            NativeEntry::Removed => {
+                headers.remove(header);
+            }
+            NativeEntry::Changed(value) => {
+                change_header(topic, uuid, &mut headers, header, md_key, value)?;
+            }
+        }
+    }
+    let received = native.metadata();
+    for name in PROPERTY_KEYS {
+        if !received.contains_key(name) {
+            continue;
+        }
+        match native.entry(metadata, name) {
+            NativeEntry::Kept => {}
+            NativeEntry::Removed => clear_property(&mut props, name),
+            NativeEntry::Changed(value) => set_property(topic, uuid, &mut props, name, value)?,
+        }
+    }
+    for (name, value) in native.added(metadata) {
+        if is_property_key(name) {
+            set_property(topic, uuid, &mut props, name, value)?;
+        } else {
+            headers.insert(
+                header_name(topic, uuid, name)?,
+                AMQPValue::LongString(value.into()),
+            );
+        }
+    }
+    let routing_key = if key == envelope.key {
+        envelope.routing_key.clone()
+    } else {
+        match key {
+            Some(key) => {
+                headers.insert(
+                    KEY_HEADER.into(),
+                    AMQPValue::LongString(key.to_vec().into()),
+                );
+                routing_key_for(&key)
+            }
+            None => {
+                headers.remove(KEY_HEADER);
+                ShortString::default()
+            }
+        }
+    };
+    place_uuid(topic, uuid, &mut props, &mut headers, carrier, false)?;
+    if had_headers || !headers.is_empty() {
+        props.headers = Some(headers);
+    }
+    Ok((props, routing_key))
+}
+
+/// Puts the uuid where `carrier` says, unless it is there already. A fresh message (no
+/// envelope) in Tidemill's convention gets it in `message_id`; an enveloped one keeps its
+/// properties and gets the uuid header when nothing carries the uuid yet.
+fn place_uuid(
     topic: &str,
     uuid: &str,
-    p: BasicProperties,
-    name: &str,
+    props: &mut Props,
+    headers: &mut BTreeMap<ShortString, AMQPValue>,
+    carrier: &UuidCarrier,
+    fresh: bool,
+) -> Result<()> {
+    let message_id = props.message_id.as_ref().map(ShortString::as_str);
+    match carrier.header() {
+        Some(header) => {
+            let carried = match headers.get(header) {
+                Some(value) => value_utf8(value) == Some(uuid),
+                None => message_id == Some(uuid),
+            };
+            if carried {
+                return Ok(());
+            }
+            if fresh && *carrier == UuidCarrier::Tidemill && message_id.is_none() {
+                if let Ok(id) = ShortString::try_new(uuid) {
+                    props.message_id = Some(id);
+                    return Ok(());
+                }
+            }
+            headers.insert(
+                ShortString::try_new(header).map_err(|_| too_long(topic, uuid, header))?,
+                AMQPValue::LongString(uuid.into()),
+            );
+        }
+        None => {
+            if message_id != Some(uuid) {
+                let id = ShortString::try_new(uuid).map_err(|_| {
+                    Error::permanent(
+                        BROKER,
+                        topic,
+                        "publish",
+                        format!(
+                            "message uuid `{}…` is {} bytes, over the {MAX_NAME_BYTES} bytes \
+                             the message_id property holds (message_uuid = \"message_id\")",
+                            &uuid[..uuid.floor_char_boundary(40)],
+                            uuid.len()
+                        ),
+                    )
+                })?;
+                props.message_id = Some(id);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn too_long(topic: &str, uuid: &str, name: &str) -> Error {
+    Error::permanent(
+        BROKER,
+        topic,
+        "publish",
+        format!(
+            "message {uuid}: metadata key `{}…` is {} bytes, over AMQP's header name limit of \
+             {MAX_NAME_BYTES}",
+            &name[..name.floor_char_boundary(40)],
+            name.len()
+        ),
+    )
+}
+
+fn header_name(topic: &str, uuid: &str, name: &str) -> Result<ShortString> {
+    ShortString::try_new(name).map_err(|_| too_long(topic, uuid, name))
+}
+
+/// The routing key for a message key: the key when it is UTF-8 and fits, else empty.
+fn routing_key_for(key: &[u8]) -> ShortString {
+    std::str::from_utf8(key)
+        .ok()
+        .and_then(|text| ShortString::try_new(text).ok())
+        .unwrap_or_default()
+}
+
+/// Applies a changed string-view value to the header it showed, keeping the header's type
+/// where the new text is a value of that type.
+fn change_header(
+    topic: &str,
+    uuid: &str,
+    headers: &mut BTreeMap<ShortString, AMQPValue>,
+    header: &ShortString,
+    md_key: &str,
     value: &str,
-) -> Result<BasicProperties> {
+) -> Result<()> {
+    let old = headers.get(header);
+    let new = if md_key != header.as_str() {
+        // `<name>.b64`: base64 of a binary value.
+        match base64::engine::general_purpose::STANDARD.decode(value) {
+            Ok(bytes) => match old {
+                Some(AMQPValue::ByteArray(_)) => AMQPValue::ByteArray(bytes.into()),
+                _ => AMQPValue::LongString(bytes.into()),
+            },
+            Err(_) => {
+                headers.remove(header);
+                headers.insert(
+                    header_name(topic, uuid, md_key)?,
+                    AMQPValue::LongString(value.into()),
+                );
+                return Ok(());
+            }
+        }
+    } else {
+        retyped(old, value)
+    };
+    headers.insert(header.clone(), new);
+    Ok(())
+}
+
+/// `text` as a value of `old`'s type if it parses as one, else a long string.
+fn retyped(old: Option<&AMQPValue>, text: &str) -> AMQPValue {
+    let parsed = match old {
+        Some(AMQPValue::Boolean(_)) => text.parse().ok().map(AMQPValue::Boolean),
+        Some(AMQPValue::ShortShortInt(_)) => text.parse().ok().map(AMQPValue::ShortShortInt),
+        Some(AMQPValue::ShortShortUInt(_)) => text.parse().ok().map(AMQPValue::ShortShortUInt),
+        Some(AMQPValue::ShortInt(_)) => text.parse().ok().map(AMQPValue::ShortInt),
+        Some(AMQPValue::ShortUInt(_)) => text.parse().ok().map(AMQPValue::ShortUInt),
+        Some(AMQPValue::LongInt(_)) => text.parse().ok().map(AMQPValue::LongInt),
+        Some(AMQPValue::LongUInt(_)) => text.parse().ok().map(AMQPValue::LongUInt),
+        Some(AMQPValue::LongLongInt(_)) => text.parse().ok().map(AMQPValue::LongLongInt),
+        Some(AMQPValue::Float(_)) => text.parse().ok().map(AMQPValue::Float),
+        Some(AMQPValue::Double(_)) => text.parse().ok().map(AMQPValue::Double),
+        Some(AMQPValue::Timestamp(_)) => text.parse().ok().map(AMQPValue::Timestamp),
+        Some(AMQPValue::ByteArray(_)) => Some(AMQPValue::ByteArray(text.as_bytes().into())),
+        _ => None,
+    };
+    parsed.unwrap_or_else(|| AMQPValue::LongString(text.into()))
+}
+
+fn set_property(topic: &str, uuid: &str, p: &mut Props, name: &str, value: &str) -> Result<()> {
     let invalid = |why: &str| {
         Error::permanent(
             BROKER,
@@ -132,195 +347,431 @@ fn set_property(
             format!("message {uuid}: metadata `{name}` = `{value}` {why}"),
         )
     };
-    let short = || {
-        ShortString::try_new(value)
-            .map_err(|_| invalid(&format!("is longer than {MAX_NAME_BYTES} bytes")))
-    };
-    Ok(match name {
-        "amqp.content-type" => p.with_content_type(short()?),
-        "amqp.content-encoding" => p.with_content_encoding(short()?),
-        "amqp.correlation-id" => p.with_correlation_id(short()?),
-        "amqp.reply-to" => p.with_reply_to(short()?),
-        "amqp.expiration" => p.with_expiration(short()?),
-        "amqp.type" => p.with_type(short()?),
-        "amqp.app-id" => p.with_app_id(short()?),
-        "amqp.user-id" => p.with_user_id(short()?),
-        "amqp.timestamp" => p.with_timestamp(
-            value
-                .parse()
-                .map_err(|_| invalid("is not a timestamp (seconds since 1970)"))?,
-        ),
-        "amqp.priority" => p.with_priority(
-            value
-                .parse()
-                .map_err(|_| invalid("is not a priority (0 to 255)"))?,
-        ),
-        _ => p,
-    })
-}
-
-/// A received message and what its headers say about earlier deliveries.
-pub(crate) struct Decoded {
-    pub(crate) message: Message,
-    /// The message's uuid (shared with `message`).
-    pub(crate) uuid: Arc<str>,
-    /// Attempts before it was re-published by `nack_with_delay` (0 if it never was).
-    pub(crate) attempt_base: u32,
-    /// The quorum queue's count of earlier returns, if any.
-    pub(crate) delivery_count: Option<u32>,
-}
-
-/// Decodes a delivery. `exchange` and `routing_key` only serve to derive a stable uuid for
-/// messages that carry none.
-pub(crate) fn decode(
-    exchange: &str,
-    routing_key: &str,
-    properties: &BasicProperties,
-    data: Vec<u8>,
-) -> Decoded {
-    let mut metadata = Metadata::new();
-    let mut uuid: Option<Arc<str>> = None;
-    let mut key: Option<Bytes> = None;
-    let mut attempt_base = 0;
-    let mut delivery_count = None;
-    if let Some(headers) = properties.headers() {
-        let delayed_death = headers
-            .inner()
-            .get("x-first-death-queue")
-            .is_some_and(|q| value_text(q).contains(DELAY_QUEUE_MARKER));
-        for (name, value) in headers {
-            let name = name.as_str();
-            match name {
-                UUID_HEADER => {
-                    if let Some(text) = value_utf8(value) {
-                        uuid = Some(Arc::from(text));
-                        continue;
-                    }
-                }
-                KEY_HEADER => {
-                    if let Some(bytes) = value_bytes(value) {
-                        key = Some(Bytes::copy_from_slice(bytes));
-                        continue;
-                    }
-                }
-                ATTEMPT_HEADER => {
-                    if let Some(n) = value_u32(value) {
-                        attempt_base = n;
-                        continue;
-                    }
-                }
-                DELIVERY_COUNT_HEADER => {
-                    if let Some(n) = value_u32(value) {
-                        delivery_count = Some(n);
-                        continue;
-                    }
-                }
-                "x-death" => {
-                    // Drop the traces of our own delay queues; keep any others.
-                    if let AMQPValue::FieldArray(deaths) = value {
-                        let kept: Vec<&AMQPValue> = deaths
-                            .as_slice()
-                            .iter()
-                            .filter(|d| !is_delay_death(d))
-                            .collect();
-                        if kept.is_empty() {
-                            continue;
-                        }
-                        let json =
-                            serde_json::Value::Array(kept.into_iter().map(to_json).collect());
-                        metadata.set(name, json);
-                        continue;
-                    }
-                }
-                _ if delayed_death && name.starts_with("x-first-death-") => continue,
-                _ if name.starts_with("x-last-death-")
-                    && headers
-                        .inner()
-                        .get("x-last-death-queue")
-                        .is_some_and(|q| value_text(q).contains(DELAY_QUEUE_MARKER)) =>
-                {
-                    continue
-                }
-                _ => {}
+    match name {
+        "amqp.timestamp" => {
+            p.timestamp = Some(
+                value
+                    .parse()
+                    .map_err(|_| invalid("is not a timestamp (seconds since 1970)"))?,
+            );
+        }
+        "amqp.priority" => {
+            p.priority = Some(
+                value
+                    .parse()
+                    .map_err(|_| invalid("is not a priority (0 to 255)"))?,
+            );
+        }
+        _ => {
+            if let Some(slot) = p.text_property(name) {
+                *slot = Some(
+                    ShortString::try_new(value)
+                        .map_err(|_| invalid(&format!("is longer than {MAX_NAME_BYTES} bytes")))?,
+                );
             }
-            insert_value(&mut metadata, name, value);
         }
     }
-    properties_to_metadata(properties, &mut metadata);
-    let uuid = uuid
-        .or_else(|| {
-            properties
-                .message_id()
-                .as_ref()
-                .filter(|id| !id.as_str().is_empty())
-                .map(|id| Arc::from(id.as_str()))
-        })
-        .unwrap_or_else(|| {
-            let ts = properties.timestamp().unwrap_or(0).to_be_bytes();
-            stable_uuid(&[
-                b"amqp",
-                exchange.as_bytes(),
-                routing_key.as_bytes(),
-                &ts,
-                &data,
-            ])
-        });
-    let mut message = Message::with_uuid(uuid.clone(), data).with_metadata_map(metadata);
+    Ok(())
+}
+
+fn clear_property(p: &mut Props, name: &str) {
+    match name {
+        "amqp.timestamp" => p.timestamp = None,
+        "amqp.priority" => p.priority = None,
+        _ => {
+            if let Some(slot) = p.text_property(name) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// A delivery as lapin hands it over, minus the acker.
+pub(crate) struct Incoming {
+    pub(crate) exchange: ShortString,
+    pub(crate) routing_key: ShortString,
+    pub(crate) redelivered: bool,
+    pub(crate) delivery_tag: u64,
+    pub(crate) properties: BasicProperties,
+    pub(crate) data: Vec<u8>,
+}
+
+/// Where a delivery was consumed.
+pub(crate) struct QueueContext<'a> {
+    pub(crate) queue: &'a Arc<str>,
+    /// A quorum queue: its `x-delivery-count` on a redelivery is the broker's.
+    pub(crate) quorum: bool,
+    pub(crate) carrier: &'a UuidCarrier,
+}
+
+/// A received message and what is known about its earlier deliveries.
+pub(crate) struct Decoded {
+    /// The message, with its [`AmqpEnvelope`] attached.
+    pub(crate) message: Message,
+    pub(crate) uuid: Arc<str>,
+    /// Deliveries before the message was last parked by `nack_with_delay` (0 if never).
+    pub(crate) hop_attempt: u32,
+    /// The quorum queue's count of earlier deliveries (only when the broker set it).
+    pub(crate) delivery_count: Option<u32>,
+    /// Identifies the message across redeliveries of one queue, for counting attempts on
+    /// classic queues: the uuid when the message carries one, else a digest of its content.
+    pub(crate) tracking: Arc<str>,
+}
+
+/// Tidemill's bookkeeping of a delayed redelivery, read from a trusted
+/// [`REDELIVERY_HEADER`].
+struct Hop {
+    attempt: u32,
+    uuid: Option<Arc<str>>,
+    exchange: ShortString,
+    routing_key: ShortString,
+    expiration: Option<ShortString>,
+    no_headers: bool,
+}
+
+/// Decodes a delivery from `ctx.queue`.
+///
+/// The [`REDELIVERY_HEADER`] is trusted only when the delivery is what a delay queue of
+/// this queue dead-letters back: through the default exchange with the queue's name as
+/// routing key, and the newest `x-death` entry (which RabbitMQ writes on dead-lettering)
+/// naming a delay queue of this queue with reason `expired`. A message a producer publishes
+/// to the topic's exchange never looks like that, whatever headers it sets. Likewise
+/// `x-delivery-count` counts only on a redelivery from a quorum queue (RabbitMQ sets it
+/// then, replacing whatever the producer wrote).
+pub(crate) fn decode(ctx: &QueueContext<'_>, incoming: Incoming) -> Decoded {
+    let Incoming {
+        exchange,
+        routing_key,
+        redelivered,
+        delivery_tag,
+        properties,
+        data,
+    } = incoming;
+    let mut props = Props::from_basic(&properties);
+    let had_headers = props.headers.is_some();
+    let mut headers = props.headers.take().unwrap_or_default();
+    let hop = trusted_hop(ctx.queue, &exchange, &routing_key, &headers);
+    if hop.is_some() {
+        remove_delay_traces(ctx.queue, &mut headers);
+    }
+    let mut broker_headers = Vec::new();
+    let delivery_count = if ctx.quorum && redelivered {
+        let count = headers.get(DELIVERY_COUNT_HEADER).and_then(value_u32);
+        if count.is_some() {
+            broker_headers.push(ShortString::from(DELIVERY_COUNT_HEADER));
+        }
+        count
+    } else {
+        None
+    };
+
+    // Identity.
+    let uuid_header = ctx.carrier.header().filter(|h| {
+        headers
+            .get(*h)
+            .and_then(value_utf8)
+            .is_some_and(|v| !v.is_empty())
+    });
+    let message_id = props
+        .message_id
+        .as_ref()
+        .map(ShortString::as_str)
+        .filter(|id| !id.is_empty());
+    let message_id_is_uuid = uuid_header.is_none() && message_id.is_some();
+    let carried: Option<Arc<str>> = match uuid_header {
+        Some(h) => headers.get(h).and_then(value_utf8).map(Arc::from),
+        None => message_id.map(Arc::from),
+    };
+    let hop_uuid = hop.as_ref().and_then(|h| h.uuid.clone());
+    let (uuid, tracked_by_uuid) = match hop_uuid.or(carried) {
+        Some(uuid) => (uuid, true),
+        None => (new_uuid(), false),
+    };
+    let key = headers
+        .get(KEY_HEADER)
+        .and_then(value_bytes)
+        .map(Bytes::copy_from_slice);
+
+    // The string view.
+    let mut metadata = Metadata::new();
+    let mut sources = Vec::new();
+    let shown = |name: &str| {
+        !(Some(name) == uuid_header
+            || (name == KEY_HEADER && key.is_some())
+            || broker_headers.iter().any(|b| b.as_str() == name))
+    };
+    let mut binary = Vec::new();
+    for (name, value) in &headers {
+        if !shown(name.as_str()) {
+            continue;
+        }
+        match value {
+            AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
+                Ok(text) => metadata.set(name.as_str(), text),
+                Err(_) => {
+                    binary.push((name, s.as_bytes()));
+                    continue;
+                }
+            },
+            AMQPValue::ByteArray(b) => match std::str::from_utf8(b.as_slice()) {
+                Ok(text) => metadata.set(name.as_str(), text),
+                Err(_) => {
+                    binary.push((name, b.as_slice()));
+                    continue;
+                }
+            },
+            AMQPValue::ShortString(s) => metadata.set(name.as_str(), s.as_str()),
+            AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) => {
+                metadata.set(name.as_str(), to_json(value))
+            }
+            other => metadata.set(name.as_str(), scalar_text(other)),
+        }
+        sources.push((name.as_str().to_owned(), name.clone()));
+    }
+    // Binary values under `<name>.b64`, unless a header of that very name took the key.
+    for (name, bytes) in binary {
+        let md_key = format!("{}{BINARY_SUFFIX}", name.as_str());
+        if metadata.contains_key(&md_key) {
+            continue;
+        }
+        metadata.set(
+            md_key.as_str(),
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+        );
+        sources.push((md_key, name.clone()));
+    }
+    if let Some(hop) = &hop {
+        props.expiration = hop.expiration.clone();
+    }
+    properties_to_metadata(&props, message_id_is_uuid, &mut metadata);
+
+    let (exchange, routing_key) = match &hop {
+        Some(hop) => (hop.exchange.clone(), hop.routing_key.clone()),
+        None => (exchange, routing_key),
+    };
+    let tracking = if tracked_by_uuid {
+        uuid.clone()
+    } else {
+        stable_uuid(&[
+            b"amqp-delivery",
+            exchange.as_str().as_bytes(),
+            routing_key.as_str().as_bytes(),
+            format!("{props:?} {headers:?}").as_bytes(),
+            &data,
+        ])
+    };
+    let keep_table = match &hop {
+        Some(hop) => !hop.no_headers || !headers.is_empty(),
+        None => had_headers,
+    };
+    props.headers = keep_table.then_some(headers);
+    let hop_attempt = hop.as_ref().map_or(0, |h| h.attempt);
+    let envelope = AmqpEnvelope {
+        exchange,
+        routing_key,
+        redelivered: redelivered || hop.is_some(),
+        delivery_tag,
+        queue: ctx.queue.clone(),
+        properties: props.into_basic(),
+        delivery_count,
+        key: key.clone(),
+        header_sources: sources,
+        broker_headers,
+    };
+    let native = Native::new(BROKER, envelope, &metadata);
+    let mut message = Message::with_uuid(uuid.clone(), data)
+        .with_metadata_map(metadata)
+        .with_native(native);
     message.set_key(key);
     Decoded {
         message,
         uuid,
-        attempt_base,
+        hop_attempt,
         delivery_count,
+        tracking,
     }
 }
 
-fn properties_to_metadata(p: &BasicProperties, md: &mut Metadata) {
-    let pairs: [(&str, &Option<ShortString>); 8] = [
-        ("amqp.content-type", p.content_type()),
-        ("amqp.content-encoding", p.content_encoding()),
-        ("amqp.correlation-id", p.correlation_id()),
-        ("amqp.reply-to", p.reply_to()),
-        ("amqp.expiration", p.expiration()),
-        ("amqp.type", p.kind()),
-        ("amqp.app-id", p.app_id()),
-        ("amqp.user-id", p.user_id()),
+/// The properties of a copy parked in a delay queue by `nack_with_delay`: the message as
+/// received (without the headers the broker added on delivery), its `expiration` moved
+/// into the [`REDELIVERY_HEADER`] (RabbitMQ would expire it early, and drops it on
+/// dead-lettering), plus that header with the attempt count, uuid and where it was
+/// published.
+pub(crate) fn parked_properties(
+    envelope: &AmqpEnvelope,
+    uuid: &str,
+    attempt: u32,
+) -> BasicProperties {
+    let mut props = Props::from_basic(&envelope.properties);
+    let expiration = props.expiration.take();
+    let no_headers = props.headers.is_none();
+    let headers = props.headers_mut();
+    for name in &envelope.broker_headers {
+        headers.remove(name);
+    }
+    let mut hop = BTreeMap::new();
+    hop.insert(
+        ShortString::from("attempt"),
+        AMQPValue::LongLongInt(i64::from(attempt)),
+    );
+    hop.insert(
+        ShortString::from("uuid"),
+        AMQPValue::LongString(uuid.into()),
+    );
+    hop.insert(
+        ShortString::from("exchange"),
+        AMQPValue::LongString(envelope.exchange.as_str().into()),
+    );
+    hop.insert(
+        ShortString::from("routing-key"),
+        AMQPValue::LongString(envelope.routing_key.as_str().into()),
+    );
+    if let Some(expiration) = expiration {
+        hop.insert(
+            ShortString::from("expiration"),
+            AMQPValue::LongString(expiration.as_str().into()),
+        );
+    }
+    if no_headers {
+        hop.insert(ShortString::from("no-headers"), AMQPValue::Boolean(true));
+    }
+    headers.insert(
+        REDELIVERY_HEADER.into(),
+        AMQPValue::FieldTable(FieldTable::from(hop)),
+    );
+    props.into_basic()
+}
+
+fn trusted_hop(
+    queue: &str,
+    exchange: &ShortString,
+    routing_key: &ShortString,
+    headers: &BTreeMap<ShortString, AMQPValue>,
+) -> Option<Hop> {
+    if !exchange.as_str().is_empty() || routing_key.as_str() != queue {
+        return None;
+    }
+    let Some(AMQPValue::FieldArray(deaths)) = headers.get("x-death") else {
+        return None;
+    };
+    let Some(AMQPValue::FieldTable(newest)) = deaths.as_slice().first() else {
+        return None;
+    };
+    let field = |name: &str| newest.inner().get(name).and_then(value_utf8);
+    if field("reason") != Some("expired")
+        || !field("queue").is_some_and(|q| is_delay_queue_of(q, queue))
+    {
+        return None;
+    }
+    let Some(AMQPValue::FieldTable(hop)) = headers.get(REDELIVERY_HEADER) else {
+        return None;
+    };
+    let hop = hop.inner();
+    let text = |name: &str| hop.get(name).and_then(value_utf8);
+    let short = |name: &str| text(name).and_then(|t| ShortString::try_new(t).ok());
+    Some(Hop {
+        attempt: hop.get("attempt").and_then(value_u32)?,
+        uuid: text("uuid").filter(|u| !u.is_empty()).map(Arc::from),
+        exchange: short("exchange").unwrap_or_default(),
+        routing_key: short("routing-key").unwrap_or_default(),
+        expiration: short("expiration"),
+        no_headers: matches!(hop.get("no-headers"), Some(AMQPValue::Boolean(true))),
+    })
+}
+
+/// Removes what a trusted delay hop left: the bookkeeping header, the delay queues'
+/// `x-death` entries, and `x-first-death-*` / `x-last-death-*` naming a delay queue.
+fn remove_delay_traces(queue: &str, headers: &mut BTreeMap<ShortString, AMQPValue>) {
+    headers.remove(REDELIVERY_HEADER);
+    let ours = |v: Option<&AMQPValue>| {
+        v.and_then(value_utf8)
+            .is_some_and(|q| is_delay_queue_of(q, queue))
+    };
+    if let Some(AMQPValue::FieldArray(deaths)) = headers.get("x-death") {
+        let kept: Vec<AMQPValue> = deaths
+            .as_slice()
+            .iter()
+            .filter(|d| match d {
+                AMQPValue::FieldTable(t) => !ours(t.inner().get("queue")),
+                _ => true,
+            })
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            headers.remove("x-death");
+        } else {
+            headers.insert(
+                "x-death".into(),
+                AMQPValue::FieldArray(FieldArray::from(kept)),
+            );
+        }
+    }
+    for prefix in ["x-first-death-", "x-last-death-"] {
+        if ours(headers.get(format!("{prefix}queue").as_str())) {
+            for field in ["queue", "reason", "exchange"] {
+                headers.remove(format!("{prefix}{field}").as_str());
+            }
+        }
+    }
+}
+
+/// `{queue}.tidemill-delay-{ms}ms`, or a name derived from a hash when that is too long.
+pub(crate) fn delay_queue_name(queue: &str, ms: u32) -> String {
+    let name = format!("{queue}{DELAY_QUEUE_MARKER}{ms}ms");
+    if name.len() <= MAX_NAME_BYTES {
+        return name;
+    }
+    format!(
+        "tidemill{DELAY_QUEUE_MARKER}{ms}ms-{}",
+        stable_uuid(&[queue.as_bytes()])
+    )
+}
+
+/// Whether `name` is a delay queue of `queue`.
+pub(crate) fn is_delay_queue_of(name: &str, queue: &str) -> bool {
+    let Some((_, rest)) = name.rsplit_once(DELAY_QUEUE_MARKER) else {
+        return false;
+    };
+    let Some(end) = rest.find("ms") else {
+        return false;
+    };
+    match rest[..end].parse::<u32>() {
+        Ok(ms) => delay_queue_name(queue, ms) == name,
+        Err(_) => false,
+    }
+}
+
+fn properties_to_metadata(p: &Props, message_id_is_uuid: bool, md: &mut Metadata) {
+    let message_id = if message_id_is_uuid {
+        &None
+    } else {
+        &p.message_id
+    };
+    let pairs: [(&str, &Option<ShortString>); 9] = [
+        ("amqp.content-type", &p.content_type),
+        ("amqp.content-encoding", &p.content_encoding),
+        ("amqp.correlation-id", &p.correlation_id),
+        ("amqp.reply-to", &p.reply_to),
+        ("amqp.expiration", &p.expiration),
+        ("amqp.message-id", message_id),
+        ("amqp.type", &p.kind),
+        ("amqp.app-id", &p.app_id),
+        ("amqp.user-id", &p.user_id),
     ];
     for (name, value) in pairs {
         if let Some(value) = value {
             md.set(name, value.as_str());
         }
     }
-    if let Some(ts) = p.timestamp() {
+    if let Some(ts) = p.timestamp {
         md.set("amqp.timestamp", ts);
     }
-    if let Some(priority) = p.priority() {
+    if let Some(priority) = p.priority {
         md.set("amqp.priority", priority);
     }
 }
 
-fn is_delay_death(death: &AMQPValue) -> bool {
-    match death {
-        AMQPValue::FieldTable(t) => t
-            .inner()
-            .get("queue")
-            .is_some_and(|q| value_text(q).contains(DELAY_QUEUE_MARKER)),
-        _ => false,
-    }
-}
-
-/// Stores one header as metadata (see the module docs).
-fn insert_value(md: &mut Metadata, name: &str, value: &AMQPValue) {
-    match value {
-        AMQPValue::LongString(s) => insert_header_bytes(md, name, s.as_bytes()),
-        AMQPValue::ByteArray(b) => insert_header_bytes(md, name, b.as_slice()),
-        AMQPValue::ShortString(s) => md.set(name, s.as_str()),
-        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) => md.set(name, to_json(value)),
-        other => md.set(name, scalar_text(other)),
-    }
-}
-
-fn value_utf8(v: &AMQPValue) -> Option<&str> {
+pub(crate) fn value_utf8(v: &AMQPValue) -> Option<&str> {
     match v {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
         AMQPValue::ShortString(s) => Some(s.as_str()),
@@ -350,13 +801,6 @@ fn value_u32(v: &AMQPValue) -> Option<u32> {
         other => value_utf8(other)?.parse().ok()?,
     };
     u32::try_from(n).ok()
-}
-
-fn value_text(v: &AMQPValue) -> String {
-    match value_utf8(v) {
-        Some(text) => text.to_owned(),
-        None => scalar_text(v),
-    }
 }
 
 fn scalar_text(v: &AMQPValue) -> String {
@@ -435,46 +879,68 @@ fn to_json(v: &AMQPValue) -> serde_json::Value {
     }
 }
 
-/// Properties for re-publishing a received message to a delay queue: the original ones,
-/// with the attempt count so far, and the uuid pinned in `message-id` (a derived uuid
-/// would otherwise change with the exchange the message comes back through).
-pub(crate) fn redelivery_properties(
-    mut properties: BasicProperties,
-    uuid: &str,
-    attempt: u32,
-) -> BasicProperties {
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ATTEMPT_HEADER.into(),
-        AMQPValue::LongLongInt(i64::from(attempt)),
-    );
-    if properties.message_id().is_none() {
-        match ShortString::try_new(uuid) {
-            Ok(id) => properties = properties.with_message_id(id),
-            Err(_) => {
-                headers.insert(
-                    UUID_HEADER.into(),
-                    AMQPValue::LongString(LongString::from(uuid)),
-                );
-            }
-        }
-    }
-    properties.with_headers(headers)
+/// The uuid a returned (unroutable) message carries, as [`decode`] would read it.
+pub(crate) fn returned_uuid(properties: &BasicProperties, carrier: &UuidCarrier) -> Option<String> {
+    let from_header = carrier.header().and_then(|h| {
+        properties
+            .headers()
+            .as_ref()
+            .and_then(|t| t.inner().get(h))
+            .and_then(value_utf8)
+            .filter(|v| !v.is_empty())
+    });
+    from_header
+        .or_else(|| {
+            properties
+                .message_id()
+                .as_ref()
+                .map(ShortString::as_str)
+                .filter(|id| !id.is_empty())
+        })
+        .map(str::to_owned)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::{DecimalValue, FieldArray};
+    use lapin::types::DecimalValue;
+
+    fn queue() -> Arc<str> {
+        Arc::from("orders.billing")
+    }
+
+    fn incoming(props: BasicProperties, data: &[u8]) -> Incoming {
+        Incoming {
+            exchange: "orders".into(),
+            routing_key: "rk".into(),
+            redelivered: false,
+            delivery_tag: 1,
+            properties: props,
+            data: data.to_vec(),
+        }
+    }
+
+    fn dec(carrier: &UuidCarrier, quorum: bool, i: Incoming) -> Decoded {
+        let q = queue();
+        decode(
+            &QueueContext {
+                queue: &q,
+                quorum,
+                carrier,
+            },
+            i,
+        )
+    }
 
     fn round_trip(m: Message) -> (Encoded, Decoded) {
-        let e = encode("t", m, true).unwrap();
-        let d = decode(
-            "t",
-            e.routing_key.as_str(),
-            &e.properties,
-            e.payload.to_vec(),
-        );
+        let carrier = UuidCarrier::Tidemill;
+        let e = encode("t", m, true, &carrier).unwrap();
+        let i = Incoming {
+            routing_key: e.routing_key.clone(),
+            properties: e.properties.clone(),
+            ..incoming(BasicProperties::default(), &e.payload)
+        };
+        let d = dec(&carrier, false, i);
         (e, d)
     }
 
@@ -495,14 +961,14 @@ mod tests {
             e.properties.message_id().as_ref().map(ShortString::as_str),
             Some(m.uuid())
         );
-        assert_eq!(
-            e.properties
-                .content_type()
+        assert!(
+            !e.properties
+                .headers()
                 .as_ref()
-                .map(ShortString::as_str),
-            Some("application/json")
+                .is_some_and(|h| h.contains_key("tidemill-uuid")),
+            "message_id carries the uuid"
         );
-        assert_eq!(d.attempt_base, 0);
+        assert_eq!(d.hop_attempt, 0);
         assert_eq!(d.delivery_count, None);
     }
 
@@ -518,19 +984,26 @@ mod tests {
 
     #[test]
     fn invalid_property_metadata_is_an_error_naming_it() {
+        let c = UuidCarrier::Tidemill;
         let m = Message::new("x").with_metadata("amqp.priority", "high");
-        let err = encode("orders", m, true).err().unwrap().to_string();
+        let err = encode("orders", m, true, &c).err().unwrap().to_string();
         assert!(
             err.contains("amqp.priority") && err.contains("orders"),
             "{err}"
         );
         let m = Message::new("x").with_metadata("k".repeat(300), "v");
-        let err = encode("orders", m, true).err().unwrap().to_string();
+        let err = encode("orders", m, true, &c).err().unwrap().to_string();
         assert!(err.contains("255"), "{err}");
+        let m = Message::with_uuid("u".repeat(300), "x");
+        let err = encode("orders", m, true, &UuidCarrier::MessageId)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("message_id"), "{err}");
     }
 
     #[test]
-    fn foreign_messages_get_stable_uuids_and_typed_headers_as_text() {
+    fn id_less_messages_get_distinct_uuids_and_typed_headers_as_text() {
         let mut headers = FieldTable::default();
         headers.insert(
             "bin".into(),
@@ -553,11 +1026,11 @@ mod tests {
             ])),
         );
         let props = BasicProperties::default().with_headers(headers);
-        let a = decode("ex", "rk", &props, b"body".to_vec());
-        let b = decode("ex", "rk", &props, b"body".to_vec());
-        let c = decode("ex", "rk", &props, b"other".to_vec());
-        assert_eq!(a.message.uuid(), b.message.uuid(), "stable");
-        assert_ne!(a.message.uuid(), c.message.uuid());
+        let c = UuidCarrier::Tidemill;
+        let a = dec(&c, false, incoming(props.clone(), b"body"));
+        let b = dec(&c, false, incoming(props.clone(), b"body"));
+        assert_ne!(a.message.uuid(), b.message.uuid(), "never the same uuid");
+        assert_eq!(a.tracking, b.tracking, "but the same tracking digest");
         let md = a.message.metadata();
         assert_eq!(md.get("bin.b64"), Some("/wA="));
         assert_eq!(md.get("n"), Some("-5"));
@@ -565,19 +1038,60 @@ mod tests {
         assert_eq!(md.get("price"), Some("19.99"));
         assert_eq!(md.get("list"), Some(r#"["a",2]"#));
         assert_eq!(a.message.key(), None);
+        let envelope = AmqpEnvelope::of(&a.message).unwrap();
+        assert_eq!(envelope.routing_key(), "rk");
+        assert_eq!(envelope.exchange(), "orders");
+        assert_eq!(envelope.headers(), props.headers().as_ref());
     }
 
     #[test]
-    fn delayed_redeliveries_keep_uuid_and_count_and_lose_delay_traces() {
-        let original = BasicProperties::default();
-        let uuid = "0190c1d2-0000-7000-8000-000000000001";
-        let mut props = redelivery_properties(original, uuid, 3);
-        // What RabbitMQ adds when the delay queue dead-letters the message back.
-        let mut death = FieldTable::default();
-        death.insert(
-            "queue".into(),
-            AMQPValue::LongString("q.tidemill-delay-1000ms".into()),
+    fn a_literal_header_wins_over_a_derived_b64_name() {
+        let mut headers = FieldTable::default();
+        headers.insert("trace".into(), AMQPValue::LongString(vec![0xffu8].into()));
+        headers.insert("trace.b64".into(), AMQPValue::LongString("text".into()));
+        let props = BasicProperties::default().with_headers(headers);
+        let d = dec(&UuidCarrier::Tidemill, false, incoming(props, b""));
+        assert_eq!(d.message.metadata().get("trace.b64"), Some("text"));
+        assert_eq!(d.message.metadata().len(), 1);
+    }
+
+    #[test]
+    fn spoofed_counts_are_ordinary_headers() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongInt(7));
+        let mut hop = FieldTable::default();
+        hop.insert("attempt".into(), AMQPValue::LongLongInt(9));
+        headers.insert(REDELIVERY_HEADER.into(), AMQPValue::FieldTable(hop));
+        let props = BasicProperties::default().with_headers(headers);
+        // Classic queue, or a first delivery from a quorum queue: not the broker's count.
+        for quorum in [false, true] {
+            let d = dec(
+                &UuidCarrier::Tidemill,
+                quorum,
+                incoming(props.clone(), b"x"),
+            );
+            assert_eq!((d.hop_attempt, d.delivery_count), (0, None));
+            assert_eq!(d.message.metadata().get("x-delivery-count"), Some("7"));
+            assert!(d.message.metadata().contains_key(REDELIVERY_HEADER));
+        }
+        // A redelivery from a quorum queue: the broker's.
+        let d = dec(
+            &UuidCarrier::Tidemill,
+            true,
+            Incoming {
+                redelivered: true,
+                ..incoming(props.clone(), b"x")
+            },
         );
+        assert_eq!(d.delivery_count, Some(7));
+        assert!(!d.message.metadata().contains_key("x-delivery-count"));
+    }
+
+    /// What RabbitMQ makes of a parked copy when its delay queue dead-letters it back.
+    fn dead_lettered(props: BasicProperties, delay_queue: &str, q: &str) -> Incoming {
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), AMQPValue::LongString(delay_queue.into()));
+        death.insert("reason".into(), AMQPValue::LongString("expired".into()));
         let mut headers = props.headers().clone().unwrap_or_default();
         headers.insert(
             "x-death".into(),
@@ -585,23 +1099,78 @@ mod tests {
         );
         headers.insert(
             "x-first-death-queue".into(),
-            AMQPValue::LongString("q.tidemill-delay-1000ms".into()),
+            AMQPValue::LongString(delay_queue.into()),
         );
         headers.insert(
             "x-first-death-reason".into(),
             AMQPValue::LongString("expired".into()),
         );
-        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
-        props = props.with_headers(headers);
-        let d = decode("", "q", &props, b"x".to_vec());
-        assert_eq!(d.message.uuid(), uuid);
-        assert_eq!(d.attempt_base, 3);
-        assert_eq!(d.delivery_count, Some(2));
-        assert!(
-            d.message.metadata().is_empty(),
-            "{:?}",
-            d.message.metadata()
+        headers.insert(
+            "x-first-death-exchange".into(),
+            AMQPValue::LongString("".into()),
         );
+        Incoming {
+            exchange: "".into(),
+            routing_key: q.into(),
+            redelivered: false,
+            delivery_tag: 9,
+            properties: props.with_headers(headers),
+            data: b"x".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_parked_message_comes_back_as_it_was_with_its_count() {
+        let c = UuidCarrier::Tidemill;
+        let original = BasicProperties::default()
+            .with_delivery_mode(1)
+            .with_expiration("60000".into());
+        let first = dec(&c, false, incoming(original.clone(), b"x"));
+        let envelope = AmqpEnvelope::of(&first.message).unwrap();
+        let parked = parked_properties(envelope, first.message.uuid(), 3);
+        assert!(parked.expiration().is_none(), "would expire early");
+        let q = queue();
+        let back = dec(
+            &c,
+            false,
+            dead_lettered(parked, &delay_queue_name(&q, 1000), &q),
+        );
+        assert_eq!(back.hop_attempt, 3);
+        assert_eq!(
+            back.message.uuid(),
+            first.message.uuid(),
+            "id-less: uuid pinned"
+        );
+        assert_eq!(back.message.metadata(), first.message.metadata());
+        let again = AmqpEnvelope::of(&back.message).unwrap();
+        assert_eq!(again.properties(), &original, "no traces left");
+        assert_eq!((again.exchange(), again.routing_key()), ("orders", "rk"));
+        assert!(again.redelivered());
+        // The same header from somewhere else is not trusted.
+        let forged = dead_lettered(
+            parked_properties(envelope, "u", 3),
+            "elsewhere.tidemill-delay-1000ms",
+            &q,
+        );
+        let d = dec(&c, false, forged);
+        assert_eq!(d.hop_attempt, 0);
+        let mut via_topic = dead_lettered(
+            parked_properties(envelope, "u", 3),
+            &delay_queue_name(&q, 1000),
+            &q,
+        );
+        via_topic.exchange = "orders".into();
+        assert_eq!(dec(&c, false, via_topic).hop_attempt, 0);
+    }
+
+    #[test]
+    fn delay_queues_are_recognised() {
+        assert!(is_delay_queue_of("q.tidemill-delay-100ms", "q"));
+        assert!(!is_delay_queue_of("q.tidemill-delay-100ms", "p"));
+        assert!(!is_delay_queue_of("qq.tidemill-delay-100ms", "q"));
+        let long = "q".repeat(250);
+        assert!(is_delay_queue_of(&delay_queue_name(&long, 5), &long));
+        assert!(!is_delay_queue_of(&delay_queue_name(&long, 5), "q"));
     }
 
     #[test]

@@ -5,14 +5,17 @@ mod config;
 mod confirm;
 mod connection;
 mod convert;
+mod native;
 mod publisher;
 mod subscriber;
 mod topology;
 
 pub use config::{
-    AmqpConfig, ExchangeType, Naming, QueueType, MAX_NAME_BYTES, RABBITMQ_MAX_MESSAGE_BYTES,
+    AmqpConfig, ExchangeType, Naming, QueueType, UuidCarrier, MAX_NAME_BYTES,
+    RABBITMQ_MAX_MESSAGE_BYTES, WATERMILL_UUID_HEADER,
 };
 pub use convert::PROPERTY_KEYS;
+pub use native::AmqpEnvelope;
 pub use publisher::AmqpPublisher;
 pub use subscriber::AmqpSubscriber;
 

@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::AmqpConfig;
-use crate::confirm::{publish_batch, ConfirmChannel};
-use crate::connection::{size_limit, Connector};
-use crate::convert::{encode, Encoded};
-use crate::topology::{self, short};
+use crate::confirm::{publish_batch, ConfirmChannel, Returned};
+use crate::connection::{broker_error, size_limit, Connector};
+use crate::convert::{encode, returned_uuid, Encoded};
+use crate::topology::{self, short, QueueKind};
 use crate::BROKER;
 
 /// Publishes messages to RabbitMQ (or another AMQP 0-9-1 broker).
@@ -27,6 +27,12 @@ use crate::BROKER;
 /// while the broker is unreachable waits (up to `publish_timeout`) for the connection to
 /// come back. A publish whose messages were sent but not confirmed when the connection
 /// broke fails; it never reports success for an unconfirmed message.
+///
+/// `publish_mandatory` (and `publish` with [`mandatory`](AmqpConfig::mandatory) on) publish
+/// with AMQP's `mandatory` flag on a channel of their own, one batch at a time, and fail
+/// with `Error::Unroutable` when RabbitMQ returns a message (no queue bound to the
+/// exchange, or no binding matches). `retain_for(topic, group)` declares the group's
+/// durable queue and binds it, exactly as a subscription of that group would.
 ///
 /// Cloning is cheap and clones share the connection.
 ///
@@ -51,6 +57,10 @@ struct Inner {
     channel: ConfirmChannel,
     /// Exchanges declared (or checked) on the current channel.
     declared: parking_lot::Mutex<HashSet<String>>,
+    /// The channel of mandatory publishes; the lock makes one batch at a time use it, so
+    /// every `basic.return` on it belongs to that batch.
+    mandatory: ConfirmChannel,
+    mandatory_lock: tokio::sync::Mutex<HashSet<String>>,
     closed: AtomicBool,
     in_flight: TaskTracker,
 }
@@ -68,6 +78,8 @@ impl AmqpPublisher {
                 connector,
                 channel: ConfirmChannel::default(),
                 declared: parking_lot::Mutex::new(HashSet::new()),
+                mandatory: ConfirmChannel::default(),
+                mandatory_lock: tokio::sync::Mutex::new(HashSet::new()),
                 closed: AtomicBool::new(false),
                 in_flight: TaskTracker::new(),
             }),
@@ -85,36 +97,69 @@ impl AmqpPublisher {
         exchange: &str,
         mut batch: Vec<Encoded>,
         deadline: Instant,
+        mandatory: bool,
     ) -> Result<()> {
         let inner = &*self.inner;
-        let (channel, fresh) = inner.channel.get(&inner.connector, topic, deadline).await?;
-        if fresh {
-            inner.declared.lock().clear();
-        }
-        if !inner.declared.lock().contains(exchange) {
-            topology::exchange(&channel, &inner.config, topic, exchange).await?;
-            inner.declared.lock().insert(exchange.to_owned());
-        }
         let exchange_name = short(topic, exchange)?;
-        publish_batch(
-            &channel,
-            topic,
-            &exchange_name,
-            inner.config.mandatory,
-            &mut batch,
-        )
-        .await
-        .inspect_err(|_| {
-            if !channel.status().connected() {
-                inner.channel.discard(&channel);
+        if !mandatory {
+            let (channel, fresh) = inner.channel.get(&inner.connector, topic, deadline).await?;
+            if fresh {
+                inner.declared.lock().clear();
             }
-        })
+            if !inner.declared.lock().contains(exchange) {
+                topology::exchange(&channel, &inner.config, topic, exchange).await?;
+                inner.declared.lock().insert(exchange.to_owned());
+            }
+            return publish_batch(&channel, topic, &exchange_name, false, &mut batch)
+                .await
+                .inspect_err(|_| {
+                    if !channel.status().connected() {
+                        inner.channel.discard(&channel);
+                    }
+                })
+                .map(drop);
+        }
+        let mut declared = inner.mandatory_lock.lock().await;
+        let (channel, fresh) = inner
+            .mandatory
+            .get(&inner.connector, topic, deadline)
+            .await?;
+        if fresh {
+            declared.clear();
+        }
+        if !declared.contains(exchange) {
+            topology::exchange(&channel, &inner.config, topic, exchange).await?;
+            declared.insert(exchange.to_owned());
+        }
+        let returned = publish_batch(&channel, topic, &exchange_name, true, &mut batch)
+            .await
+            .inspect_err(|_| {
+                if !channel.status().connected() {
+                    inner.mandatory.discard(&channel);
+                }
+            })?;
+        drop(declared);
+        match returned.into_iter().next() {
+            None => Ok(()),
+            Some(Returned {
+                uuid,
+                properties,
+                reason,
+            }) => {
+                let uuid = returned_uuid(&properties, &inner.config.message_uuid)
+                    .unwrap_or_else(|| uuid.to_string());
+                tracing::debug!(broker = BROKER, topic, exchange, uuid = %uuid, reason = %reason,
+                    "the broker returned a mandatory message");
+                Err(Error::Unroutable {
+                    broker: BROKER,
+                    topic: topic.to_owned(),
+                    uuid,
+                })
+            }
+        }
     }
-}
 
-#[async_trait]
-impl Publisher for AmqpPublisher {
-    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+    async fn send(&self, topic: &str, messages: Vec<Message>, mandatory: bool) -> Result<()> {
         let inner = &*self.inner;
         // Registered before checking `closed`, so `close` waits for every publish that got
         // past the check.
@@ -145,13 +190,18 @@ impl Publisher for AmqpPublisher {
                     limit: inner.config.max_message_size,
                 });
             }
-            batch.push(encode(topic, message, inner.config.persistent)?);
+            batch.push(encode(
+                topic,
+                message,
+                inner.config.persistent,
+                &inner.config.message_uuid,
+            )?);
         }
         let count = batch.len();
         let deadline = Instant::now() + inner.config.publish_timeout;
         match tokio::time::timeout_at(
             deadline,
-            self.publish_encoded(topic, &exchange, batch, deadline),
+            self.publish_encoded(topic, &exchange, batch, deadline, mandatory),
         )
         .await
         {
@@ -176,8 +226,13 @@ impl Publisher for AmqpPublisher {
             Ok(result) => result,
             Err(_) => {
                 // Whatever is still unconfirmed on this channel stays unknown: start afresh.
-                if let Some(channel) = inner.channel.snapshot() {
-                    inner.channel.discard(&channel);
+                let cached = if mandatory {
+                    &inner.mandatory
+                } else {
+                    &inner.channel
+                };
+                if let Some(channel) = cached.snapshot() {
+                    cached.discard(&channel);
                 }
                 Err(Error::transient(
                     BROKER,
@@ -190,6 +245,73 @@ impl Publisher for AmqpPublisher {
                     ),
                 ))
             }
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for AmqpPublisher {
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.send(topic, messages, self.inner.config.mandatory)
+            .await
+    }
+
+    /// Publishes with the `mandatory` flag: a message no queue receives is returned by
+    /// RabbitMQ and fails the call with `Error::Unroutable` naming the topic and the
+    /// message (the exchange is in the debug log).
+    async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.send(topic, messages, true).await
+    }
+
+    /// Declares the topic's exchange and group `group`'s durable queue (with the configured
+    /// queue type and arguments) and binds them, exactly as `subscribe(topic, group)` would:
+    /// the queue keeps what is published from now on until a subscriber of the group takes
+    /// it. With `declare_topology` off it only checks that they exist.
+    async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
+        let inner = &*self.inner;
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::PublisherClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        let exchange = inner.config.exchange_for(topic)?;
+        let queue = inner.config.group_queue_for(topic, group)?;
+        let deadline = Instant::now() + inner.config.publish_timeout;
+        let work = async {
+            let conn = inner.connector.connection_until(Some(deadline)).await?;
+            // A channel of its own: a failed declaration closes it.
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(|e| broker_error(topic, "open a channel", e))?;
+            let result = topology::subscription(
+                &channel,
+                &inner.config,
+                topic,
+                &exchange,
+                &queue,
+                QueueKind::Group,
+            )
+            .await;
+            if channel.status().connected() {
+                if let Err(e) = channel.close(200, "OK".into()).await {
+                    tracing::debug!(broker = BROKER, error = %e, "closing a channel");
+                }
+            }
+            result
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::transient(
+                BROKER,
+                topic,
+                format!("retain messages for group `{group}` (queue `{queue}`)"),
+                format!(
+                    "the broker did not answer within the publish timeout of {:?}",
+                    inner.config.publish_timeout
+                ),
+            )),
         }
     }
 

@@ -18,16 +18,23 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
-use tidemill_core::headers::stable_uuid;
 use tidemill_core::{
-    AckFuture, Acknowledger, Delivery, DeliveryStream, Error, Result, SubscribeOptions, Subscriber,
+    AckFuture, Acknowledger, Delivery, DeliveryStream, Error, Native, Result, SubscribeOptions,
+    Subscriber,
 };
 use tokio::time::Instant;
 
-use crate::config::{AmqpConfig, MAX_NAME_BYTES};
+#[cfg(test)]
+use crate::config::MAX_NAME_BYTES;
+use crate::config::{AmqpConfig, QueueType};
 use crate::confirm::{publish_batch, ConfirmChannel};
 use crate::connection::{broker_error, is_transient, Connector};
-use crate::convert::{decode, redelivery_properties, Encoded, DELAY_QUEUE_MARKER};
+#[cfg(test)]
+use crate::convert::DELAY_QUEUE_MARKER;
+use crate::convert::{
+    decode, delay_queue_name, parked_properties, Encoded, Incoming, QueueContext,
+};
+use crate::native::AmqpEnvelope;
 use crate::topology::{self, short, QueueKind};
 use crate::BROKER;
 
@@ -87,12 +94,12 @@ struct Inner {
     connector: Connector,
     /// Declares delay queues and re-publishes for `nack_with_delay`.
     control: ConfirmChannel,
-    /// (queue, uuid) → the attempt of its last delivery that was nacked, for classic queues
-    /// (which only say "redelivered", not how often).
+    /// (queue, tracking id) → the attempt of its last delivery that was nacked, for classic
+    /// queues (which only say "redelivered", not how often).
     attempts: parking_lot::Mutex<HashMap<AttemptKey, u32>>,
 }
 
-/// (queue, message uuid).
+/// (queue, message uuid or content digest).
 type AttemptKey = (Arc<str>, Arc<str>);
 
 /// What a subscription consumes.
@@ -458,6 +465,7 @@ async fn cancel_and_requeue(mut consumer: Consumer, lease: Arc<Lease>) {
 /// Turns a lapin delivery into a Tidemill one.
 fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
     let lapin::message::Delivery {
+        delivery_tag,
         exchange,
         routing_key,
         redelivered,
@@ -466,8 +474,24 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
         acker,
         ..
     } = d;
-    let decoded = decode(exchange.as_str(), routing_key.as_str(), &properties, data);
-    let base = decoded.attempt_base;
+    let config = &lease.inner.config;
+    let ctx = QueueContext {
+        queue: &lease.queue,
+        quorum: lease.kind == QueueKind::Group && config.queue_type == QueueType::Quorum,
+        carrier: &config.message_uuid,
+    };
+    let decoded = decode(
+        &ctx,
+        Incoming {
+            exchange,
+            routing_key,
+            redelivered,
+            delivery_tag,
+            properties,
+            data,
+        },
+    );
+    let base = decoded.hop_attempt;
     let (attempt, tracked) = match decoded.delivery_count {
         Some(count) => (base.saturating_add(count).saturating_add(1), false),
         None if redelivered => {
@@ -475,7 +499,7 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
                 .inner
                 .attempts
                 .lock()
-                .get(&(lease.queue.clone(), decoded.uuid.clone()))
+                .get(&(lease.queue.clone(), decoded.tracking.clone()))
                 .copied();
             (
                 seen.map_or(base.saturating_add(2), |a| a.saturating_add(1)),
@@ -484,15 +508,17 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
         }
         None => (base.saturating_add(1), false),
     };
+    let native = decoded.message.native().cloned();
     let payload = decoded.message.payload().clone();
     let acker = AmqpAcker {
         acker,
         lease: lease.clone(),
         uuid: decoded.uuid,
+        tracking: decoded.tracking,
         attempt,
         tracked,
         keyless: decoded.message.key().is_none(),
-        properties,
+        native,
         payload,
     };
     Delivery::new(decoded.message, acker).with_attempt(attempt)
@@ -503,13 +529,15 @@ struct AmqpAcker {
     acker: lapin::Acker,
     lease: Arc<Lease>,
     uuid: Arc<str>,
+    /// Identifies the message in `Inner::attempts`.
+    tracking: Arc<str>,
     attempt: u32,
     /// Its attempt count may be in `Inner::attempts`.
     tracked: bool,
     /// The message has no key (in ordered mode a nack sends it to the back of the queue).
     keyless: bool,
-    /// Kept for `nack_with_delay`, which re-publishes the message as received.
-    properties: BasicProperties,
+    /// The message's envelope, which `nack_with_delay` parks in a delay queue.
+    native: Option<Native>,
     payload: Bytes,
 }
 
@@ -527,7 +555,7 @@ impl AmqpAcker {
                         .inner
                         .attempts
                         .lock()
-                        .remove(&(self.lease.queue.clone(), self.uuid.clone()));
+                        .remove(&(self.lease.queue.clone(), self.tracking.clone()));
                 }
                 Ok(())
             }
@@ -577,26 +605,57 @@ impl AmqpAcker {
                 attempts.remove(&k);
             }
         }
-        attempts.insert((self.lease.queue.clone(), self.uuid.clone()), self.attempt);
+        attempts.insert(
+            (self.lease.queue.clone(), self.tracking.clone()),
+            self.attempt,
+        );
     }
 
-    /// Re-publishes a copy, to the delay queue for `delay` (which dead-letters it back to
-    /// this queue when the delay has passed) or with no delay straight to the back of this
-    /// queue, waits for the confirm, then acks the original. If that fails the original is
-    /// nacked (requeued) and the error returned.
-    async fn republish(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
-        let scheduled = self
-            .lease
-            .inner
-            .republish(
-                &self.lease,
-                self.properties.clone(),
-                &self.payload,
-                &self.uuid,
-                self.attempt,
-                delay,
-            )
-            .await;
+    /// Keeps the message (unsettled, so with prefetch 1 nothing overtakes it) for `delay`,
+    /// then requeues it to the head of its queue: `nack_with_delay` of a keyed message in
+    /// ordered mode. Returns at once; closing the subscriber ends the wait (the broker then
+    /// requeues the message itself).
+    fn hold(self: Box<Self>, delay: Duration) -> AckFuture {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return AckFuture::boxed(self.requeue());
+        };
+        let closed = self.lease.inner.connector.closed().clone();
+        runtime.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {
+                    if let Err(e) = self.requeue().await {
+                        tracing::warn!(broker = BROKER, error = %e,
+                            "requeueing a message after its delay failed; the broker \
+                             redelivers it when the channel closes");
+                    }
+                }
+                _ = closed.cancelled() => {}
+            }
+        });
+        AckFuture::ready(Ok(()))
+    }
+
+    /// Parks a copy in the delay queue for `delay` (zero: straight back to the end of this
+    /// queue), which dead-letters it back to this queue when the delay has passed, waits
+    /// for the confirm, then acks the original. If that fails the original is nacked
+    /// (requeued) and the error returned.
+    async fn park(self: Box<Self>, delay: Duration) -> Result<()> {
+        let envelope = self.native.as_ref().and_then(Native::get::<AmqpEnvelope>);
+        let scheduled = match envelope {
+            Some(envelope) => {
+                let properties = parked_properties(envelope, &self.uuid, self.attempt);
+                self.lease
+                    .inner
+                    .park(&self.lease, properties, &self.payload, &self.uuid, delay)
+                    .await
+            }
+            None => Err(Error::permanent(
+                BROKER,
+                self.topic(),
+                format!("nack_with_delay of message {}", self.uuid),
+                "the delivery lost its AMQP envelope",
+            )),
+        };
         match scheduled {
             Ok(()) => {
                 let uuid = self.uuid.clone();
@@ -621,65 +680,58 @@ impl Acknowledger for AmqpAcker {
     }
 
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
-        match delay {
-            Some(delay) if !delay.is_zero() => {
-                AckFuture::boxed(AmqpAcker::republish(self, Some(delay)))
+        let ordered = self.lease.inner.config.ordered;
+        match delay.filter(|d| !d.is_zero()) {
+            // Order per key: nothing of the queue may overtake the message.
+            Some(delay) if ordered && !self.keyless => self.hold(delay),
+            Some(delay) => AckFuture::boxed(AmqpAcker::park(self, delay)),
+            None if ordered && self.keyless => {
+                AckFuture::boxed(AmqpAcker::park(self, Duration::ZERO))
             }
-            _ if self.keyless && self.lease.inner.config.ordered => {
-                AckFuture::boxed(AmqpAcker::republish(self, None))
-            }
-            _ => AckFuture::boxed(AmqpAcker::requeue(self)),
+            None => AckFuture::boxed(AmqpAcker::requeue(self)),
         }
     }
 }
 
 impl Inner {
-    /// Publishes a copy of a delivery (with its attempt count) to the delay queue for
-    /// `delay` on `lease`'s queue, or without a delay to the back of that queue, and waits
-    /// for the broker's confirm.
-    async fn republish(
+    /// Publishes a parked copy of a delivery to the delay queue for `delay` of `lease`'s
+    /// queue (declaring it, which also keeps it from expiring) and waits for the broker's
+    /// confirm.
+    async fn park(
         &self,
         lease: &Lease,
         properties: BasicProperties,
         payload: &Bytes,
         uuid: &str,
-        attempt: u32,
-        delay: Option<Duration>,
+        delay: Duration,
     ) -> Result<()> {
         let topic = lease.spec.topic.as_str();
-        let context = || match delay {
-            Some(delay) => format!("nack_with_delay({delay:?}) of message {uuid}"),
-            None => format!("nack (re-publish to the back of the queue) of message {uuid}"),
+        let context = || {
+            if delay.is_zero() {
+                format!("nack (re-publish to the back of the queue) of message {uuid}")
+            } else {
+                format!("nack_with_delay({delay:?}) of message {uuid}")
+            }
         };
-        let delay_queue = match delay {
-            Some(delay) => Some(
-                delay_queue(lease, delay)
-                    .map_err(|why| Error::permanent(BROKER, topic, context(), why))?,
-            ),
-            None => None,
-        };
+        let (name, options, arguments) = delay_queue(lease, delay)
+            .map_err(|why| Error::permanent(BROKER, topic, context(), why))?;
         let deadline = Instant::now() + self.config.publish_timeout;
         let work = async {
             let (channel, _) = self.control.get(&self.connector, topic, deadline).await?;
             let result = async {
-                let target = match delay_queue {
-                    Some((name, options, arguments)) => {
-                        channel
-                            .queue_declare(short(topic, &name)?, options, arguments)
-                            .await
-                            .map_err(|e| {
-                                broker_error(topic, format!("declare delay queue `{name}`"), e)
-                            })?;
-                        name
-                    }
-                    None => lease.queue.to_string(),
-                };
+                channel
+                    .queue_declare(short(topic, &name)?, options, arguments)
+                    .await
+                    .map_err(|e| broker_error(topic, format!("declare delay queue `{name}`"), e))?;
                 let mut batch = [Encoded {
-                    routing_key: short(topic, &target)?,
-                    properties: redelivery_properties(properties, uuid, attempt),
+                    routing_key: short(topic, &name)?,
+                    properties,
                     payload: payload.clone(),
+                    uuid: Arc::from(uuid),
                 }];
-                publish_batch(&channel, topic, &ShortString::default(), true, &mut batch).await
+                publish_batch(&channel, topic, &ShortString::default(), false, &mut batch)
+                    .await
+                    .map(drop)
             }
             .await;
             if result.is_err() && !channel.status().connected() {
@@ -718,13 +770,14 @@ impl Inner {
 }
 
 /// The delay queue for `delay` on `lease`'s queue: its name, declare options and arguments
-/// (TTL `delay`, dead-lettering back to the queue through the default exchange).
+/// (message TTL: `delay` rounded up to the [delay ladder](ladder_ms); dead-lettering back to
+/// the queue through the default exchange).
 fn delay_queue(
     lease: &Lease,
     delay: Duration,
 ) -> std::result::Result<(String, QueueDeclareOptions, FieldTable), String> {
-    let ms = u32::try_from(round_up_delay(delay.as_millis().max(1)))
-        .map_err(|_| format!("delays are limited to {} ms (AMQP message TTL)", u32::MAX))?;
+    let ms = ladder_ms(delay.as_millis())
+        .ok_or_else(|| format!("delays are limited to {} ms (AMQP message TTL)", u32::MAX))?;
     let name = delay_queue_name(&lease.queue, ms);
     let mut arguments = FieldTable::default();
     arguments.insert(
@@ -739,7 +792,8 @@ fn delay_queue(
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(lease.queue.as_bytes().into()),
     );
-    // Unused for twice the delay plus a minute: gone, and every message in it expired.
+    // Unused (not declared again) for twice the delay plus a minute: gone, and every
+    // message in it expired. Each park declares it again.
     arguments.insert(
         "x-expires".into(),
         AMQPValue::LongLongInt(2 * i64::from(ms) + 60_000),
@@ -757,26 +811,29 @@ fn delay_queue(
     Ok((name, options, arguments))
 }
 
-/// `ms` rounded up to two significant digits (1234 → 1300), so that arbitrary (e.g.
-/// jittered) delays share a bounded set of delay queues: about 90 per power of ten.
-fn round_up_delay(ms: u128) -> u128 {
-    let mut scale = 1;
-    while ms / scale >= 100 {
-        scale *= 10;
+/// The delay ladder: `ms` rounded up to the next of 0 ms and ⌈2^(k/4)⌉ ms (1, 2, 3, 4, 5,
+/// 6, 7, 8, 10, 12, 14, 16, 20, ..., 1024, 1218, 1449, 1723, 2048, ...): at most 19 %
+/// (and 1 ms) more. Arbitrary (e.g. jittered) delays thus share few delay queues: four per doubling,
+/// 38 for the router's default redelivery delays (100 ms to 60 s). `None` above the largest
+/// AMQP message TTL (`u32::MAX` ms).
+pub(crate) fn ladder_ms(ms: u128) -> Option<u32> {
+    if ms > u128::from(u32::MAX) {
+        return None;
     }
-    ms.div_ceil(scale) * scale
-}
-
-/// `{queue}.tidemill-delay-{ms}ms`, or a name derived from a hash when that is too long.
-fn delay_queue_name(queue: &str, ms: u32) -> String {
-    let name = format!("{queue}{DELAY_QUEUE_MARKER}{ms}ms");
-    if name.len() <= MAX_NAME_BYTES {
-        return name;
+    if ms == 0 {
+        return Some(0);
     }
-    format!(
-        "tidemill{DELAY_QUEUE_MARKER}{ms}ms-{}",
-        stable_uuid(&[queue.as_bytes()])
-    )
+    // ⌈2^(k/4)⌉ for the smallest k that reaches `ms`; the float estimate of k is corrected
+    // by stepping (f64 is exact enough around these magnitudes, but do not rely on it).
+    let step = |k: i32| -> u128 { 2f64.powf(f64::from(k) / 4.0).ceil() as u128 };
+    let mut k = (4.0 * (ms as f64).log2()).floor() as i32;
+    while k > 0 && step(k - 1) >= ms {
+        k -= 1;
+    }
+    while step(k) < ms {
+        k += 1;
+    }
+    Some(u32::try_from(step(k)).unwrap_or(u32::MAX))
 }
 
 #[cfg(test)]
@@ -784,19 +841,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delays_round_up_to_two_significant_digits() {
+    fn delays_round_up_to_the_ladder() {
         for (ms, rounded) in [
+            (0, 0),
             (1, 1),
-            (99, 99),
-            (100, 100),
-            (101, 110),
-            (999, 1000),
-            (1000, 1000),
-            (1234, 1300),
-            (60_001, 61_000),
+            (2, 2),
+            (3, 3),
+            (100, 108),
+            (108, 108),
+            (109, 128),
+            (1000, 1024),
+            (1024, 1024),
+            (1025, 1218),
+            (30_000, 32_768),
         ] {
-            assert_eq!(round_up_delay(ms), rounded, "{ms}");
+            assert_eq!(ladder_ms(ms), Some(rounded), "{ms}");
         }
+        assert_eq!(ladder_ms(u128::from(u32::MAX)), Some(u32::MAX));
+        assert_eq!(ladder_ms(u128::from(u32::MAX) + 1), None);
+        for ms in (1..100_000u128).step_by(7) {
+            let r = u128::from(ladder_ms(ms).unwrap());
+            assert!(r >= ms && r * 100 <= ms * 119 + 100, "{ms} → {r}");
+        }
+    }
+
+    #[test]
+    fn the_default_redelivery_delays_use_few_delay_queues() {
+        // The router's default: 100 ms doubling to 30 s, jittered up to twice that.
+        let distinct: std::collections::BTreeSet<u32> = (100..=60_000u128)
+            .map(|ms| ladder_ms(ms).unwrap())
+            .collect();
+        assert!(distinct.len() <= 40, "{} delay queues", distinct.len());
     }
 
     #[test]
