@@ -91,7 +91,7 @@ async fn a_group_resumes_with_stored_messages_after_a_restart() {
         ok(d.ack().await, "ack");
     }
     // The acks were sent; make sure the server processed them before it stops.
-    common::wait_reconnected(s.client(), 0).await;
+    ok(s.flush().await, "flush the acks");
     if !restart_nats().await {
         return;
     }

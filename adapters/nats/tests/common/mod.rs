@@ -170,6 +170,22 @@ pub async fn wait_reconnected(client: &async_nats::Client, before: u64) {
     }
 }
 
+/// Waits until the delivery connection of `subscriber` reconnected after a disruption (its
+/// connect count grew past `before`) and the server processed its re-subscriptions.
+pub async fn wait_deliveries_reconnected(subscriber: &NatsSubscriber, before: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if subscriber.delivery_connects() > before && subscriber.flush().await.is_ok() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the delivery connection did not reconnect within 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[async_trait]
 impl Backend for NatsBackend {
     fn features(&self) -> Features {
@@ -194,10 +210,7 @@ impl Backend for NatsBackend {
 
     async fn disrupt(&self) -> Result<()> {
         let subscribers: Vec<NatsSubscriber> = self.subscribers.lock().clone();
-        let before: Vec<u64> = subscribers
-            .iter()
-            .map(|s| s.client().statistics().connects.load(Ordering::Relaxed))
-            .collect();
+        let before: Vec<u64> = subscribers.iter().map(|s| s.delivery_connects()).collect();
         match &self.disruption {
             Disruption::Proxy(proxy) => proxy.cut(),
             Disruption::Restart => {
@@ -211,7 +224,7 @@ impl Backend for NatsBackend {
             // published before the subscribers are back are lost by design (at most
             // once). "The broker is back" therefore includes their re-subscriptions.
             for (s, before) in subscribers.iter().zip(before) {
-                wait_reconnected(s.client(), before).await;
+                wait_deliveries_reconnected(s, before).await;
             }
         }
         Ok(())
@@ -237,6 +250,14 @@ impl Publisher for Recording<NatsPublisher> {
     async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         self.topics.lock().insert(topic.to_owned());
         self.inner.publish(topic, messages).await
+    }
+    async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
+        self.topics.lock().insert(topic.to_owned());
+        self.inner.retain_for(topic, group).await
+    }
+    async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.topics.lock().insert(topic.to_owned());
+        self.inner.publish_mandatory(topic, messages).await
     }
     async fn close(&self) -> Result<()> {
         self.inner.close().await
