@@ -1,5 +1,11 @@
-//! Helpers shared by the middleware tests (router on the in-memory broker).
+//! Helpers shared by the middleware tests (router on the in-memory broker), and the
+//! composition harness ([`compose`]).
 #![allow(dead_code)]
+
+mod compose;
+
+#[allow(unused_imports)] // request_reply.rs uses only the helpers below
+pub use compose::*;
 
 use std::time::Duration;
 
