@@ -106,8 +106,10 @@ impl Identity {
 
     /// Names metadata may not use as they are (sent encoded instead).
     fn reserved(&self, name: &str) -> bool {
-        matches!(name, UUID_HEADER | KEY_HEADER | KEY_B64_HEADER | ENCODING_HEADER)
-            || self.uuid_header() == Some(name)
+        matches!(
+            name,
+            UUID_HEADER | KEY_HEADER | KEY_B64_HEADER | ENCODING_HEADER
+        ) || self.uuid_header() == Some(name)
     }
 }
 
@@ -314,8 +316,8 @@ fn encode_plain(
         )?;
     }
     for (name, value) in identity_headers(message, identity) {
-        let name = HeaderName::try_from(name.as_ref())
-            .map_err(|_| header_error(topic, uuid, "a name"))?;
+        let name =
+            HeaderName::try_from(name.as_ref()).map_err(|_| header_error(topic, uuid, "a name"))?;
         insert(&mut headers, name, value)?;
     }
     if let Some((name, value)) = key_value {
@@ -332,7 +334,10 @@ fn encode_plain(
 }
 
 /// The key header of `key`.
-fn key_header(key: Option<&Bytes>, encoded: &mut bool) -> Option<(&'static str, Cow<'static, str>)> {
+fn key_header(
+    key: Option<&Bytes>,
+    encoded: &mut bool,
+) -> Option<(&'static str, Cow<'static, str>)> {
     let key = key?;
     Some(match std::str::from_utf8(key) {
         Ok(text) if value_is_plain(text) => (KEY_HEADER, Cow::Owned(text.to_owned())),
@@ -419,12 +424,16 @@ fn encode_native(
     };
     let mut changed_done: Vec<&str> = Vec::new();
     let mut has_uuid = false;
+    // Nothing the application did shows in the headers: the received block can go out
+    // as it was.
+    let mut untouched = uuid_kept && key_kept;
     for (h, role) in record.headers.iter().zip(record.roles.iter()) {
         match role {
             Role::View(view_key) => match native.entry(metadata, view_key) {
                 NativeEntry::Kept => lines.push_received(h),
-                NativeEntry::Removed => {}
+                NativeEntry::Removed => untouched = false,
                 NativeEntry::Changed(new) => {
+                    untouched = false;
                     if changed_done.contains(&view_key.as_str()) {
                         continue;
                     }
@@ -435,9 +444,7 @@ fn encode_native(
                             Err(_) => lines.push_entry(identity, view_key, new),
                         },
                         _ => match h.name_str() {
-                            Some(name) if name == view_key => {
-                                lines.push_entry(identity, name, new)
-                            }
+                            Some(name) if name == view_key => lines.push_entry(identity, name, new),
                             _ => lines.push_entry(identity, view_key, new),
                         },
                     }
@@ -454,7 +461,9 @@ fn encode_native(
             }
             Role::OwnMsgId => {
                 has_uuid = true;
-                lines.push(h.name.clone(), Bytes::from(message_id(message).into_owned()));
+                let id = Bytes::from(message_id(message).into_owned());
+                untouched &= id == h.value;
+                lines.push(h.name.clone(), id);
             }
             Role::Key => {
                 if key_kept {
@@ -465,11 +474,16 @@ fn encode_native(
         }
     }
     for (k, v) in native.added(metadata) {
+        untouched = false;
         lines.push_entry(identity, k, v);
     }
+    let appended_from = lines.lines.len();
     if !has_uuid {
         for (name, value) in identity_headers(message, identity) {
-            lines.push(Bytes::from(name.into_owned()), Bytes::from(value.into_owned()));
+            lines.push(
+                Bytes::from(name.into_owned()),
+                Bytes::from(value.into_owned()),
+            );
         }
     }
     if !key_kept {
@@ -483,8 +497,25 @@ fn encode_native(
     if total > max_payload {
         return Err(too_large(message, topic, total, max_payload));
     }
+    let headers = match &record.raw_headers {
+        // A block the parsed lines do not reproduce (lines without `:`, folded lines,
+        // other spacing): sent as received, with the uuid header appended if added.
+        Some(raw) if untouched && !record.canonical && raw.ends_with(b"\r\n\r\n") => {
+            let mut block = BytesMut::with_capacity(raw.len() + 64);
+            block.put_slice(&raw[..raw.len() - 2]);
+            for (n, v, _) in &lines.lines[appended_from..] {
+                block.put_slice(n);
+                block.put_slice(b": ");
+                block.put_slice(v);
+                block.put_slice(b"\r\n");
+            }
+            block.put_slice(b"\r\n");
+            Outgoing::Raw(block.freeze())
+        }
+        _ => lines.finish(),
+    };
     Ok(Encoded {
-        headers: lines.finish(),
+        headers,
         payload: message.payload().clone(),
     })
 }
@@ -575,7 +606,11 @@ fn trim_ows_start(v: &[u8]) -> &[u8] {
 
 fn trim_ows(v: &[u8]) -> &[u8] {
     let v = trim_ows_start(v);
-    let n = v.iter().rev().take_while(|b| **b == b' ' || **b == b'\t').count();
+    let n = v
+        .iter()
+        .rev()
+        .take_while(|b| **b == b' ' || **b == b'\t')
+        .count();
     &v[..v.len() - n]
 }
 
@@ -700,7 +735,28 @@ pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> M
         Origin::Stream { ack, .. } => ack.as_ref(),
         Origin::Subject => None,
     };
+    let canonical = match &msg.headers {
+        None => true,
+        Some(raw) => {
+            let mut b = BytesMut::with_capacity(raw.len());
+            b.put_slice(b"NATS/1.0");
+            if let Some(st) = &status {
+                b.put_u8(b' ');
+                b.put_slice(st);
+            }
+            b.put_slice(b"\r\n");
+            for h in &headers {
+                b.put_slice(h.name());
+                b.put_slice(b": ");
+                b.put_slice(h.value());
+                b.put_slice(b"\r\n");
+            }
+            b.put_slice(b"\r\n");
+            b[..] == raw[..]
+        }
+    };
     let record = NatsRecord {
+        canonical,
         subject: String::from_utf8_lossy(&msg.subject).into_owned(),
         reply: msg.reply_str().map(str::to_owned),
         stream: match &origin {
@@ -714,9 +770,12 @@ pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> M
         num_delivered: ack.map(|a| a.delivered),
         num_pending: ack.map(|a| a.pending),
         timestamp_nanos: ack.map(|a| a.timestamp),
-        status: status
-            .as_ref()
-            .and_then(|s| std::str::from_utf8(s.split(|b| *b == b' ').next()?).ok()?.parse().ok()),
+        status: status.as_ref().and_then(|s| {
+            std::str::from_utf8(s.split(|b| *b == b' ').next()?)
+                .ok()?
+                .parse()
+                .ok()
+        }),
         description: status.as_ref().and_then(|s| {
             let text = std::str::from_utf8(s).ok()?;
             let (_, d) = text.split_once(' ')?;
@@ -1060,7 +1119,10 @@ mod tests {
             assert_eq!(round_trip(&v), v);
         }
         // Another client's id that merely looks like one of ours stays whole.
-        let looks = format!("NATS/1.0\r\nNats-Msg-Id: {}.0123456789abcdef\r\n\r\n", m.uuid());
+        let looks = format!(
+            "NATS/1.0\r\nNats-Msg-Id: {}.0123456789abcdef\r\n\r\n",
+            m.uuid()
+        );
         let foreign = decode(
             wire(Some(Bytes::from(looks)), b"x"),
             Origin::Subject,
@@ -1110,7 +1172,11 @@ mod tests {
         assert!(plain.contains(&("x-id".to_owned(), m.uuid().to_owned())));
         // Watermill's header is read whatever the configuration.
         let raw = format!("NATS/1.0\r\n{WATERMILL_UUID_HEADER}: wm-1\r\nname: Cmd\r\n\r\n");
-        let got = decode(wire(Some(Bytes::from(raw)), b"{}"), stream_origin(1), &tidemill());
+        let got = decode(
+            wire(Some(Bytes::from(raw)), b"{}"),
+            stream_origin(1),
+            &tidemill(),
+        );
         assert_eq!(got.uuid(), "wm-1");
         assert_eq!(got.metadata().len(), 1);
     }
@@ -1130,7 +1196,9 @@ mod tests {
         let z = decode(wire(None, b"q"), Origin::Subject, &tidemill());
         assert_eq!(x.uuid(), y.uuid());
         assert_ne!(x.uuid(), z.uuid());
-        let h = Some(Bytes::from_static(b"NATS/1.0\r\nNats-Msg-Id: their-id\r\n\r\n"));
+        let h = Some(Bytes::from_static(
+            b"NATS/1.0\r\nNats-Msg-Id: their-id\r\n\r\n",
+        ));
         let m = decode(wire(h, b""), Origin::Subject, &tidemill());
         assert_eq!(m.uuid(), "their-id");
         assert!(m.metadata().is_empty());
@@ -1175,12 +1243,23 @@ mod tests {
     fn ack_subjects() {
         let a = parse_ack_subject("$JS.ACK.ORDERS.billing.3.42.40.1700000000000000000.7").unwrap();
         assert_eq!(
-            (a.stream, a.consumer, a.delivered, a.stream_sequence, a.consumer_sequence, a.pending),
+            (
+                a.stream,
+                a.consumer,
+                a.delivered,
+                a.stream_sequence,
+                a.consumer_sequence,
+                a.pending
+            ),
             ("ORDERS", "billing", 3, 42, 40, 7)
         );
-        let b = parse_ack_subject("$JS.ACK.hub.ACCHASH.ORDERS.billing.1.5.5.1700000000000000000.0.tok")
-            .unwrap();
-        assert_eq!((b.domain, b.stream, b.delivered, b.stream_sequence), (Some("hub"), "ORDERS", 1, 5));
+        let b =
+            parse_ack_subject("$JS.ACK.hub.ACCHASH.ORDERS.billing.1.5.5.1700000000000000000.0.tok")
+                .unwrap();
+        assert_eq!(
+            (b.domain, b.stream, b.delivered, b.stream_sequence),
+            (Some("hub"), "ORDERS", 1, 5)
+        );
         assert_eq!(parse_ack_subject("_INBOX.x"), None);
         assert_eq!(parse_ack_subject("$JS.ACK.a.b.c"), None);
     }

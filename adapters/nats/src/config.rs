@@ -884,10 +884,28 @@ mod strict {
     }
 
     field!(replicas, usize, "jetstream.replicas", 1, 5);
-    field!(max_ack_pending, i64, "jetstream.max_ack_pending", 1, i64::MAX);
+    field!(
+        max_ack_pending,
+        i64,
+        "jetstream.max_ack_pending",
+        1,
+        i64::MAX
+    );
     field!(pull_batch, usize, "jetstream.pull_batch", 1, 1_000_000);
-    field!(publish_window, usize, "jetstream.publish_window", 1, u32::MAX);
-    field!(max_ack_inflight, usize, "jetstream.max_ack_inflight", 1, u32::MAX);
+    field!(
+        publish_window,
+        usize,
+        "jetstream.publish_window",
+        1,
+        u32::MAX
+    );
+    field!(
+        max_ack_inflight,
+        usize,
+        "jetstream.max_ack_inflight",
+        1,
+        u32::MAX
+    );
     field!(
         max_reconnects,
         Option<usize>,

@@ -15,9 +15,9 @@ use futures::Stream;
 use tidemill_core::{AckFuture, Acknowledger, Delivery, Error, Message, Result};
 
 use crate::codec::{self, Identity, Origin, Outgoing};
-use crate::wire::{LazyWire, Wire, SUBSCRIPTION_CAPACITY};
 use crate::config::NatsConfig;
 use crate::naming;
+use crate::wire::{LazyWire, Wire, SUBSCRIPTION_CAPACITY};
 use crate::BROKER;
 
 /// Waits until the server processed everything this client sent before (see the module
@@ -86,7 +86,13 @@ impl CorePublisher {
                 match e.headers {
                     Outgoing::Map(headers) => {
                         if on_raw {
-                            self.raw.get().await.map_err(|e| e.to_string())?.flush().await.map_err(|e| e.to_string())?;
+                            self.raw
+                                .get()
+                                .await
+                                .map_err(|e| e.to_string())?
+                                .flush()
+                                .await
+                                .map_err(|e| e.to_string())?;
                             on_raw = false;
                         }
                         on_client = true;
@@ -113,7 +119,13 @@ impl CorePublisher {
                 }
             }
             if on_raw {
-                self.raw.get().await.map_err(|e| e.to_string())?.flush().await.map_err(|e| e.to_string())?;
+                self.raw
+                    .get()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .flush()
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             if on_client {
                 round_trip(&self.client, &self.probe, &self.config).await?;
@@ -187,7 +199,9 @@ impl CoreSubscriber {
                     BROKER,
                     topic,
                     "subscribe",
-                    format!("consumer group {group:?} is not a valid NATS queue group name (no spaces)"),
+                    format!(
+                        "consumer group {group:?} is not a valid NATS queue group name (no spaces)"
+                    ),
                 ));
             }
         }

@@ -15,8 +15,8 @@ mod wire;
 pub use config::{
     DeliverFrom, JetStreamConfig, NatsConfig, NatsMode, Retention, Storage, UuidHeader,
 };
-pub use record::{NatsRecord, RawHeader};
 pub use publisher::NatsPublisher;
+pub use record::{NatsRecord, RawHeader};
 pub use subscriber::NatsSubscriber;
 
 /// The broker name in every error of this crate.

@@ -88,6 +88,8 @@ pub struct NatsRecord {
     pub(crate) key: Option<Bytes>,
     /// Whether the message held encoded words (Tidemill's `tidemill-encoding`).
     pub(crate) encoded: bool,
+    /// Whether the raw block is exactly what the parsed lines give back.
+    pub(crate) canonical: bool,
 }
 
 impl NatsRecord {

@@ -109,7 +109,12 @@ impl Inbox {
             if queue.len() >= self.limit {
                 let n = self.dropped.fetch_add(1, Ordering::Relaxed);
                 if n.is_power_of_two() {
-                    tracing::warn!(broker = BROKER, dropped = n + 1, limit = self.limit, "slow subscription: messages dropped");
+                    tracing::warn!(
+                        broker = BROKER,
+                        dropped = n + 1,
+                        limit = self.limit,
+                        "slow subscription: messages dropped"
+                    );
                 }
                 return;
             }
@@ -306,7 +311,11 @@ impl Wire {
             let contents = tokio::fs::read_to_string(path).await.map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("cannot read `credentials_file` {}: {}", path.display(), e.kind()),
+                    format!(
+                        "cannot read `credentials_file` {}: {}",
+                        path.display(),
+                        e.kind()
+                    ),
                 )
             })?;
             let (jwt, seed) = parse_creds(&contents).ok_or_else(|| {
@@ -333,15 +342,14 @@ impl Wire {
             auth,
             tls,
         };
-        let (stream, info, rest) =
-            tokio::time::timeout(config.connect_timeout, dialer.dial_any())
-                .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no connection within {:?}", config.connect_timeout),
-                    )
-                })??;
+        let (stream, info, rest) = tokio::time::timeout(config.connect_timeout, dialer.dial_any())
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", config.connect_timeout),
+                )
+            })??;
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(WireInner {
             cmds: tx.clone(),
@@ -556,7 +564,10 @@ async fn tls_config(config: &NatsConfig) -> io::Result<async_nats::rustls::Clien
             .map_err(io::Error::other)??;
             for cert in certs {
                 roots.add(cert).map_err(|e| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("`root_certificates`: {e}"))
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("`root_certificates`: {e}"),
+                    )
                 })?;
             }
         }
@@ -613,8 +624,9 @@ impl Dialer {
                     "the server requires TLS",
                 ));
             };
-            let name = async_nats::rustls::pki_types::ServerName::try_from(server.host().to_owned())
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let name =
+                async_nats::rustls::pki_types::ServerName::try_from(server.host().to_owned())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let connector = tokio_rustls::TlsConnector::from(tls.clone());
             stream = Box::new(connector.connect(name, stream).await?);
         }
@@ -755,7 +767,12 @@ fn parse_op(buf: &mut BytesMut) -> io::Result<Option<Op>> {
         } else if line.starts_with(b"PONG") {
             Op::Pong
         } else if let Some(err) = line.strip_prefix(b"-ERR") {
-            Op::Err(String::from_utf8_lossy(err).trim().trim_matches('\'').to_owned())
+            Op::Err(
+                String::from_utf8_lossy(err)
+                    .trim()
+                    .trim_matches('\'')
+                    .to_owned(),
+            )
         } else if let Some(json) = line.strip_prefix(b"INFO ") {
             match serde_json::from_slice(json) {
                 Ok(info) => Op::Info(Box::new(info)),
@@ -781,7 +798,13 @@ fn parse_op(buf: &mut BytesMut) -> io::Result<Option<Op>> {
         (false, 3) => (args[0], args[1], None, 0, num(args[2])?),
         (false, 4) => (args[0], args[1], Some(args[2]), 0, num(args[3])?),
         (true, 4) => (args[0], args[1], None, num(args[2])?, num(args[3])?),
-        (true, 5) => (args[0], args[1], Some(args[2]), num(args[3])?, num(args[4])?),
+        (true, 5) => (
+            args[0],
+            args[1],
+            Some(args[2]),
+            num(args[3])?,
+            num(args[4])?,
+        ),
         _ => return Err(bad("bad MSG arguments")),
     };
     if header_len > total_len {
@@ -911,12 +934,17 @@ async fn run(
             None => {
                 if let Some(max) = dialer.config.max_reconnects {
                     if attempts >= max {
-                        tracing::warn!(broker = BROKER, attempts, "giving up reconnecting (`max_reconnects`)");
+                        tracing::warn!(
+                            broker = BROKER,
+                            attempts,
+                            "giving up reconnecting (`max_reconnects`)"
+                        );
                         break;
                     }
                 }
                 attempts += 1;
-                let pause = Duration::from_millis(50 * (1 << attempts.min(6) as u32)).min(Duration::from_secs(2));
+                let pause = Duration::from_millis(50 * (1 << attempts.min(6) as u32))
+                    .min(Duration::from_secs(2));
                 tokio::time::sleep(if attempts == 1 { Duration::ZERO } else { pause }).await;
                 match tokio::time::timeout(dialer.config.connect_timeout, dialer.dial_any()).await {
                     Ok(Ok((io, info, buf))) => {

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use super::{Streams, Target};
 use crate::codec::{self, Identity, Outgoing};
-use crate::wire::LazyWire;
 use crate::config::NatsConfig;
+use crate::wire::LazyWire;
 use crate::BROKER;
 
 /// What went wrong with one message of a batch.
@@ -71,8 +71,14 @@ impl JsPublisher {
     /// from now on even if the stream's retention is `interest` or `work_queue`.
     pub(crate) async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
         let target = self.streams.target(topic).await?;
-        super::subscriber::create_consumer_on(&self.streams, &self.config, &target, Some(group), None)
-            .await?;
+        super::subscriber::create_consumer_on(
+            &self.streams,
+            &self.config,
+            &target,
+            Some(group),
+            None,
+        )
+        .await?;
         Ok(())
     }
 
@@ -150,14 +156,26 @@ impl JsPublisher {
             stream: Option<String>,
         }
         match serde_json::from_slice::<Ack>(&reply.payload) {
-            Ok(Ack { error: None, stream: Some(_) }) => Ok(()),
-            Ok(Ack { error: Some(e), .. }) if e.code < 500 => Err(Failure::Permanent(Error::permanent(
-                BROKER,
-                target.topic.as_str(),
-                format!("publish message {} to stream `{}`", message.uuid(), target.stream),
-                format!("{} (code {})", e.description, e.code),
+            Ok(Ack {
+                error: None,
+                stream: Some(_),
+            }) => Ok(()),
+            Ok(Ack { error: Some(e), .. }) if e.code < 500 => {
+                Err(Failure::Permanent(Error::permanent(
+                    BROKER,
+                    target.topic.as_str(),
+                    format!(
+                        "publish message {} to stream `{}`",
+                        message.uuid(),
+                        target.stream
+                    ),
+                    format!("{} (code {})", e.description, e.code),
+                )))
+            }
+            Ok(Ack { error: Some(e), .. }) => Err(Failure::Transient(format!(
+                "{} (code {})",
+                e.description, e.code
             ))),
-            Ok(Ack { error: Some(e), .. }) => Err(Failure::Transient(format!("{} (code {})", e.description, e.code))),
             _ => Err(Failure::Transient(format!(
                 "unexpected PubAck {:?}",
                 String::from_utf8_lossy(&reply.payload)
@@ -276,7 +294,10 @@ impl JsPublisher {
                     let Some((i, Outgoing::Raw(headers), payload)) = rest.next() else {
                         break;
                     };
-                    if let Err(f) = self.publish_raw(target, &messages[i], headers, payload).await {
+                    if let Err(f) = self
+                        .publish_raw(target, &messages[i], headers, payload)
+                        .await
+                    {
                         broken = !matches!(f, Failure::Permanent(_));
                         note(f, &mut failure);
                         failed.push(i);

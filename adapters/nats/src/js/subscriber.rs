@@ -27,9 +27,9 @@ use tokio_util::task::TaskTracker;
 use super::order::{Parked, Sequencer};
 use super::{Streams, Target};
 use crate::codec::{self, Identity, Origin};
-use crate::wire::{Inbox, Wire, WireMsg, WireSub};
 use crate::config::{DeliverFrom, NatsConfig};
 use crate::naming;
+use crate::wire::{Inbox, Wire, WireMsg, WireSub};
 use crate::BROKER;
 
 pub(crate) const ACK: Bytes = Bytes::from_static(b"+ACK");
@@ -107,7 +107,12 @@ async fn keep_alive(shared: Weak<JsShared>, every: Duration, ticks_max: u32) {
             .map(|(_, h)| h.reply.clone())
             .collect();
         for reply in replies {
-            if let Err(e) = shared.wire.publish(Bytes::copy_from_slice(reply.as_bytes()), None, None, IN_PROGRESS) {
+            if let Err(e) = shared.wire.publish(
+                Bytes::copy_from_slice(reply.as_bytes()),
+                None,
+                None,
+                IN_PROGRESS,
+            ) {
                 tracing::debug!(broker = BROKER, error = %e, "in-progress ack failed");
                 break;
             }
@@ -462,7 +467,12 @@ impl SubCtx {
         let send = move |ctx: &SubCtx, reply: Subject, payload: Bytes| {
             ctx.shared
                 .wire
-                .publish(Bytes::copy_from_slice(reply.as_bytes()), None, None, payload)
+                .publish(
+                    Bytes::copy_from_slice(reply.as_bytes()),
+                    None,
+                    None,
+                    payload,
+                )
                 .map_err(|e| Error::transient(BROKER, &*ctx.topic, what, e))
         };
         if payload == ACK || *self.phase.borrow() != Phase::Ending {
@@ -537,9 +547,10 @@ fn release(shared: &Arc<JsShared>, slot: &Arc<Slot>, waiting: Vec<Parked>) {
                 shared.release(slot);
             }
             if let (Some(reply), false) = (parked.reply, ephemeral) {
-                let _ = shared
-                    .wire
-                    .publish(Bytes::copy_from_slice(reply.as_bytes()), None, None, NAK);
+                let _ =
+                    shared
+                        .wire
+                        .publish(Bytes::copy_from_slice(reply.as_bytes()), None, None, NAK);
             }
         }
     };

@@ -1,6 +1,8 @@
 //! Test backends on the NATS server of tests/brokers (`TIDEMILL_NATS_URL`).
 #![allow(dead_code)] // each test crate uses part of this module
 
+pub mod raw;
+
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
