@@ -316,13 +316,29 @@ impl BrokerConfig {
     pub fn from_file(path: impl AsRef<Path>, section: &str) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let shown = path.display().to_string();
-        let file = config::Config::builder()
+        let file_err = |e: config::ConfigError| ConfigError::File {
+            path: shown.clone(),
+            message: discreet_message(&e.to_string()),
+        };
+        let file = match config::Config::builder()
             .add_source(config::File::from(path))
             .build()
-            .map_err(|e| ConfigError::File {
-                path: shown.clone(),
-                message: discreet_message(&e.to_string()),
-            })?;
+        {
+            Ok(file) => file,
+            Err(e) => {
+                // TOML integers are 64-bit: the parser refuses a larger one without naming
+                // it. Read it as text instead, so the option's own range is reported.
+                let toml = path.extension().is_some_and(|x| x == "toml");
+                let text = std::fs::read_to_string(path).ok();
+                match text.and_then(|t| quote_huge_integers(&t)) {
+                    Some(quoted) if toml => config::Config::builder()
+                        .add_source(config::File::from_str(&quoted, config::FileFormat::Toml))
+                        .build()
+                        .map_err(|_| file_err(e))?,
+                    _ => return Err(file_err(e)),
+                }
+            }
+        };
         let section_err = |problem: String| ConfigError::Section {
             path: shown.clone(),
             section: section.to_owned(),
@@ -536,6 +552,35 @@ fn discreet_message(message: &str) -> String {
     redact_text(&kept.join(" ")).into_owned()
 }
 
+/// TOML text with every `key = <integer beyond 64 bits>` written as a string instead;
+/// `None` when there is none.
+fn quote_huge_integers(text: &str) -> Option<String> {
+    let mut changed = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let Some((key, rest)) = line.split_once('=') else {
+                return line.to_owned();
+            };
+            let (value, comment) = match rest.find('#') {
+                Some(at) => rest.split_at(at),
+                None => (rest, ""),
+            };
+            let number = value.trim();
+            let digits = number.trim_start_matches(['+', '-']);
+            let is_integer = !digits.is_empty()
+                && digits.chars().all(|c| c.is_ascii_digit() || c == '_')
+                && digits.starts_with(|c: char| c.is_ascii_digit());
+            if !is_integer || number.replace('_', "").parse::<i64>().is_ok() {
+                return line.to_owned();
+            }
+            changed = true;
+            format!("{key}= \"{}\" {comment}", number.replace('_', ""))
+        })
+        .collect();
+    changed.then(|| lines.join("\n"))
+}
+
 /// `err` with `secrets` (and URL userinfo) hidden, wherever in its message they appear. An
 /// error that shows none of them is returned untouched, its source chain included.
 fn discreet_error(err: tidemill_core::Error, secrets: &[String]) -> tidemill_core::Error {
@@ -623,11 +668,7 @@ fn merge(base: &mut Options, overrides: Options) {
 fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
     let no_scheme = || ConfigError::NoScheme(redact_url(url).into_owned());
     let (scheme, rest) = url.split_once("://").ok_or_else(no_scheme)?;
-    let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    if !is_scheme {
+    if !crate::redact::is_scheme(scheme) {
         // `user:pass@host/x://…`: whatever this is, it starts with no scheme.
         return Err(no_scheme());
     }
@@ -942,18 +983,441 @@ mod tests {
     #[test]
     fn environment_variables() {
         // The only test touching these variables.
-        std::env::set_var(BROKER_ENV, "memory://?capacity=5");
-        std::env::set_var("TIDEMILL_BROKER__RETENTION", "2");
-        let config = BrokerConfig::from_env();
-        std::env::remove_var(BROKER_ENV);
-        std::env::remove_var("TIDEMILL_BROKER__RETENTION");
-        let c = memory(config.unwrap());
+        let from_env = |url: &str, retention: &str| {
+            std::env::set_var(BROKER_ENV, url);
+            std::env::set_var("TIDEMILL_BROKER__RETENTION", retention);
+            let config = BrokerConfig::from_env();
+            std::env::remove_var(BROKER_ENV);
+            std::env::remove_var("TIDEMILL_BROKER__RETENTION");
+            config
+        };
+        let c = memory(from_env("memory://?capacity=5", "2").unwrap());
         assert_eq!(
             c,
             MemoryConfig {
                 capacity: 5,
                 retention: 2
             }
+        );
+        // Text from the environment is held to the same rules as the URL.
+        let e = from_env("memory://", "-1").unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "option `retention`: expected an integer from 0 to {}, got `-1`",
+                usize::MAX
+            )),
+            "{e}"
+        );
+        let e = from_env("memory://", "1.5").unwrap_err().to_string();
+        assert!(e.contains("`retention`") && e.contains("got `1.5`"), "{e}");
+        let e = from_env("memory://u:hunter2@h", "1").unwrap_err();
+        assert_discreet(&e);
+    }
+
+    /// The message, and every source's, without the password `hunter2`.
+    fn assert_discreet(err: &dyn std::error::Error) -> String {
+        let mut text = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            text = format!("{text}: {s}");
+            source = s.source();
+        }
+        let debug = format!("{err:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        text
+    }
+
+    fn capacity_range() -> String {
+        format!(
+            "option `capacity`: expected an integer from 1 to {}",
+            usize::MAX
+        )
+    }
+
+    #[test]
+    fn credentials_in_a_memory_url_are_not_echoed() {
+        let e = BrokerConfig::from_url("memory://user:hunter2@somehost:1234/x").unwrap_err();
+        let text = assert_discreet(&e);
+        assert!(text.contains("takes no host"), "{text}");
+        assert!(text.contains("memory://***@somehost:1234/x"), "{text}");
+        assert!(!text.contains("user:"), "{text}");
+    }
+
+    #[test]
+    fn scheme_less_urls_are_shown_without_credentials() {
+        for url in [
+            "user:hunter2@somehost:1234",
+            "user:hunter2@somehost:1234/x?a=1",
+            "user:hunter2@host/x://y",
+            "nats:/user:hunter2@host",
+        ] {
+            let e = BrokerConfig::from_url(url).unwrap_err();
+            let text = assert_discreet(&e);
+            assert!(text.contains("has no scheme"), "{text}");
+            assert!(text.contains("***@"), "{text}");
+        }
+    }
+
+    #[test]
+    fn other_url_mistakes_do_not_echo_credentials() {
+        for url in [
+            "redis://user:hunter2@host",
+            "memory://?password",
+            "memory://?capacity=1&password=hunter2",
+            "pubsub://user:hunter2@project",
+            "memory://?password=hunter2&capacity=-1",
+        ] {
+            assert_discreet(&BrokerConfig::from_url(url).unwrap_err());
+        }
+        #[cfg(feature = "kafka")]
+        {
+            let e = BrokerConfig::from_url("kafka://user:hunter2@h:9092").unwrap_err();
+            let text = assert_discreet(&e);
+            assert!(text.contains("sasl"), "{text}");
+        }
+    }
+
+    #[test]
+    fn negative_capacity_names_the_range() {
+        let e = BrokerConfig::from_url("memory://?capacity=-5").unwrap_err();
+        assert!(matches!(&e, ConfigError::Invalid { source, .. } if source.option() == "capacity"));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "invalid memory configuration: {}, got `-5`",
+                capacity_range()
+            )
+        );
+    }
+
+    #[test]
+    fn scientific_notation_is_not_an_integer() {
+        let e = err("memory://?capacity=1e3");
+        assert_eq!(
+            e,
+            format!(
+                "invalid memory configuration: {}, got `1e3`",
+                capacity_range()
+            )
+        );
+    }
+
+    #[test]
+    fn too_large_capacity_names_the_range() {
+        let e = err("memory://?capacity=99999999999999999999999");
+        assert_eq!(
+            e,
+            format!(
+                "invalid memory configuration: {}, got `99999999999999999999999`",
+                capacity_range()
+            )
+        );
+        let e = err(&format!("memory://?capacity={}", "9".repeat(50)));
+        assert!(e.contains(&capacity_range()), "{e}");
+    }
+
+    #[test]
+    fn zero_capacity_is_refused() {
+        let e = err("memory://?capacity=0");
+        assert_eq!(
+            e,
+            format!(
+                "invalid memory configuration: {}, got `0`",
+                capacity_range()
+            )
+        );
+        let e = MemoryConfig {
+            capacity: 0,
+            retention: 0,
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("capacity must be an integer from 1 to"), "{e}");
+        // A retention of 0 means "none" and stays allowed.
+        assert_eq!(
+            memory(BrokerConfig::from_url("memory://?retention=0").unwrap()).retention,
+            0
+        );
+    }
+
+    /// Writes `contents` to a fresh file named `name` and reads section `section` of it.
+    fn from_file(name: &str, contents: &str, section: &str) -> Result<BrokerConfig, ConfigError> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tidemill-strict-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        let result = BrokerConfig::from_file(&path, section);
+        std::fs::remove_dir_all(&dir).ok();
+        result
+    }
+
+    #[test]
+    fn fractional_numbers_are_not_rounded() {
+        let range = format!(
+            "option `retention`: expected an integer from 0 to {}",
+            usize::MAX
+        );
+        for (contents, got) in [
+            ("[broker]\ntype = \"memory\"\nretention = 1.5\n", "1.5"),
+            ("[broker]\ntype = \"memory\"\nretention = 2.0\n", "2.0"),
+            ("[broker]\ntype = \"memory\"\nretention = 1e3\n", "1000.0"),
+        ] {
+            let e = from_file("app.toml", contents, "broker")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{range}, got {got}")), "{e}");
+        }
+        let e = err("memory://?retention=1.5");
+        assert!(e.contains(&format!("{range}, got `1.5`")), "{e}");
+    }
+
+    #[test]
+    fn yaml_yes_and_true_are_not_one() {
+        let range = format!(
+            "option `retention`: expected an integer from 0 to {}",
+            usize::MAX
+        );
+        let e = from_file(
+            "app.yaml",
+            "broker:\n  type: memory\n  retention: yes\n",
+            "broker",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&format!("{range}, got `yes`")), "{e}");
+        let e = from_file(
+            "app.yaml",
+            "broker:\n  type: memory\n  retention: true\n",
+            "broker",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&format!("{range}, got true (a boolean)")), "{e}");
+        let e = err("memory://?retention=on");
+        assert!(e.contains(&format!("{range}, got `on`")), "{e}");
+    }
+
+    #[test]
+    fn negative_and_huge_numbers_in_files() {
+        let e = from_file(
+            "app.yaml",
+            "broker:\n  type: memory\n  capacity: -5\n",
+            "broker",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&format!("{}, got -5", capacity_range())), "{e}");
+        let e = from_file(
+            "app.toml",
+            "[broker]\ntype = \"memory\"\ncapacity = 0\n",
+            "broker",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&format!("{}, got 0", capacity_range())), "{e}");
+        // YAML reads an integer beyond 64 bits as a float, TOML refuses it: both get the
+        // option's range all the same.
+        let e = from_file(
+            "app.yaml",
+            "broker:\n  type: memory\n  capacity: 99999999999999999999999\n",
+            "broker",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("{}, got 1e23", capacity_range())),
+            "{e}"
+        );
+        let e = from_file(
+            "app.toml",
+            "[broker]\ntype = \"memory\" # in memory\ncapacity = 99_999_999_999_999_999_999_999 # big\n",
+            "broker",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!(
+                "{}, got `99999999999999999999999`",
+                capacity_range()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn conflicting_url_and_type_is_an_error() {
+        let e = from_file(
+            "app.toml",
+            "[broker]\nurl = \"memory://?capacity=3\"\ntype = \"kafka\"\n",
+            "broker",
+        )
+        .unwrap_err();
+        let text = assert_discreet(&e);
+        assert!(matches!(e, ConfigError::Section { .. }), "{e:?}");
+        assert!(
+            text.contains(
+                "`url = \"memory://?capacity=3\"` (memory) and `type = \"kafka\"`, which disagree"
+            ),
+            "{text}"
+        );
+        // The URL is shown without its credentials.
+        let e = from_file(
+            "app.yaml",
+            "broker:\n  url: amqp://app:hunter2@rabbit:5672/%2f\n  type: nats\n",
+            "broker",
+        )
+        .unwrap_err();
+        let text = assert_discreet(&e);
+        assert!(text.contains("amqp://***@rabbit:5672/%2f"), "{text}");
+        // Agreeing names (aliases included) are fine.
+        let c = from_file(
+            "app.toml",
+            "[broker]\nurl = \"memory://?capacity=3\"\ntype = \"mem\"\n",
+            "broker",
+        )
+        .unwrap();
+        assert_eq!(memory(c).capacity, 3);
+        let e = from_file("app.toml", "[broker]\nurl = 5\n", "broker").unwrap_err();
+        assert!(e.to_string().contains("`url` that is not a string"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_do_not_quote_the_file() {
+        let e = from_file(
+            "app.toml",
+            "[broker]\nurl = \"amqp://app:hunter2@rabbit/%2f\" oops\n",
+            "broker",
+        )
+        .unwrap_err();
+        let text = assert_discreet(&e);
+        assert!(matches!(e, ConfigError::File { .. }), "{e:?}");
+        assert!(text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    fn strict_booleans() {
+        #[cfg(feature = "nats")]
+        {
+            let e = err("nats://h:1?jetstream=perhaps");
+            assert!(
+                e.contains("option `jetstream`: expected true or false") && e.contains("`perhaps`"),
+                "{e}"
+            );
+            assert!(err("nats://h:1?jetstream=2").contains("expected true or false"));
+        }
+        #[cfg(feature = "kafka")]
+        {
+            let e = err("kafka://h:1?create_topics=2");
+            assert!(
+                e.contains("option `create_topics`: expected true or false, got `2`"),
+                "{e}"
+            );
+        }
+        #[cfg(feature = "amqp")]
+        {
+            let e = err("amqp://h:1/%2f?persistent=1.0");
+            assert!(
+                e.contains("option `persistent`: expected true or false"),
+                "{e}"
+            );
+        }
+    }
+
+    #[cfg(feature = "amqp")]
+    #[test]
+    fn adapter_integer_ranges_are_named() {
+        let range = "option `prefetch`: expected an integer from 0 to 65535";
+        for (value, got) in [
+            ("70000", "`70000`"),
+            ("-1", "`-1`"),
+            ("1.5", "`1.5`"),
+            ("yes", "`yes`"),
+        ] {
+            let e = err(&format!("amqp://guest:hunter2@h:1/%2f?prefetch={value}"));
+            assert!(e.contains(&format!("{range}, got {got}")), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let e = from_file(
+            "app.toml",
+            "[broker]\nurl = \"amqp://guest:hunter2@h:1/%2f\"\nprefetch = 1.5\n",
+            "broker",
+        )
+        .unwrap_err();
+        let text = assert_discreet(&e);
+        assert!(text.contains(&format!("{range}, got 1.5")), "{text}");
+    }
+
+    #[test]
+    fn memory_debug_is_plain() {
+        let c = BrokerConfig::from_url("memory://?capacity=7").unwrap();
+        assert_eq!(
+            format!("{c:?}"),
+            "Memory(MemoryConfig { capacity: 7, retention: 0 })"
+        );
+        assert!(format!("{c:#?}").contains("\n    MemoryConfig {\n        capacity: 7,"));
+    }
+
+    #[cfg(feature = "amqp")]
+    #[test]
+    fn amqp_debug_hides_the_password() {
+        let c = BrokerConfig::from_url("amqp://app:hunter2@rabbit:5672/%2f?prefetch=7").unwrap();
+        for debug in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("rabbit:5672"), "{debug}");
+        }
+    }
+
+    #[cfg(feature = "nats")]
+    #[test]
+    fn nats_debug_hides_passwords_and_tokens() {
+        let c = BrokerConfig::from_url(
+            "nats://app:hunter2@h1:4222,tok-hunter2@h2:4222?password=hunter2&token=hunter2",
+        )
+        .unwrap();
+        for debug in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(
+                debug.contains("h1:4222") && debug.contains("h2:4222"),
+                "{debug}"
+            );
+        }
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn kafka_debug_hides_sasl_secrets() {
+        let c = BrokerConfig::from_url(
+            "kafka://h:9092?properties.sasl.password=hunter2&properties.sasl.username=app",
+        )
+        .unwrap();
+        for debug in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("h:9092"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn connection_errors_lose_the_credentials() {
+        let source: tidemill_core::BoxError =
+            "handshake with amqp://app:hunter2@rabbit/%2f failed: user app, password hunter2 refused"
+                .into();
+        let e = tidemill_core::Error::Connect {
+            broker: "amqp",
+            address: "amqp://app:hunter2@rabbit/%2f".to_owned(),
+            source,
+        };
+        let e = discreet_error(e, &["hunter2".to_owned()]);
+        let text = assert_discreet(&e);
+        assert!(text.contains("amqp://***@rabbit/%2f"), "{text}");
+        // Nothing to hide: the error (and its chain) is kept as it was.
+        let e = tidemill_core::Error::config("amqp", "prefetch is too large");
+        assert_eq!(
+            discreet_error(e, &["hunter2".to_owned()]).to_string(),
+            "amqp: invalid configuration: prefetch is too large"
         );
     }
 

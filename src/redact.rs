@@ -49,8 +49,8 @@ struct UrlParts<'a> {
 impl<'a> UrlParts<'a> {
     fn of(url: &'a str) -> Self {
         let (scheme, rest) = match url.find("://") {
-            Some(i) => url.split_at(i + 3),
-            None => ("", url),
+            Some(i) if is_scheme(&url[..i]) => url.split_at(i + 3),
+            _ => ("", url),
         };
         let query_at = rest.find(['?', '#']).unwrap_or(rest.len());
         let credentials_end = rest[..query_at].rfind('@').or_else(|| {
@@ -72,6 +72,13 @@ impl<'a> UrlParts<'a> {
             },
         }
     }
+}
+
+/// Whether `s` is a URL scheme: a letter, then letters, digits, `+`, `-` or `.`.
+pub(crate) fn is_scheme(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 /// Hides the values of secret-looking parameters in the query part of `rest`
@@ -355,6 +362,7 @@ mod tests {
                 "memory://***@somehost:1234/x",
             ),
             ("user:hunter2@somehost:1234", "***@somehost:1234"),
+            ("user:hunter2@host/x://y", "***@host/x://y"),
             // Unencoded `/`, `@`, `?` in a password: hide more rather than less.
             ("amqp://u:hun/ter2@h:1/v", "amqp://***@h:1/v"),
             ("amqp://u:hun@ter2@h:1/v", "amqp://***@h:1/v"),
