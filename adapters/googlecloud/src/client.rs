@@ -11,7 +11,7 @@ use google_cloud_pubsub::model::{
 };
 use tidemill_core::{BoxError, Error, Result};
 
-use crate::config::{GoogleCloudConfig, EMULATOR_HOST_ENV};
+use crate::config::{redact_url, GoogleCloudConfig, EMULATOR_HOST_ENV};
 use crate::names::{topic_name, TopicName};
 use crate::BROKER;
 
@@ -28,7 +28,7 @@ pub(crate) struct Endpoint {
 
 impl Endpoint {
     /// Resolves the endpoint from `config` and, failing that, `PUBSUB_EMULATOR_HOST`.
-    pub fn resolve(config: &GoogleCloudConfig) -> Endpoint {
+    pub fn resolve(config: &GoogleCloudConfig) -> Result<Endpoint> {
         let env_host = || {
             std::env::var(EMULATOR_HOST_ENV)
                 .ok()
@@ -38,7 +38,18 @@ impl Endpoint {
             .emulator_host
             .clone()
             .or_else(|| config.endpoint.is_none().then(env_host).flatten());
-        match (emulator, &config.endpoint) {
+        if let Some(host) = &emulator {
+            if host.contains('@') || host.contains('/') {
+                return Err(Error::config(
+                    BROKER,
+                    format!(
+                        "the emulator host (`emulator_host` or {EMULATOR_HOST_ENV}) must be \
+                         `host:port`, without credentials or scheme"
+                    ),
+                ));
+            }
+        }
+        Ok(match (emulator, &config.endpoint) {
             (Some(host), _) => Endpoint {
                 url: Some(format!("http://{host}")),
                 address: host,
@@ -46,7 +57,7 @@ impl Endpoint {
             },
             (None, Some(url)) => Endpoint {
                 url: Some(url.clone()),
-                address: url.clone(),
+                address: redact_url(url),
                 credentials: None,
             },
             (None, None) => Endpoint {
@@ -54,7 +65,7 @@ impl Endpoint {
                 address: "https://pubsub.googleapis.com".into(),
                 credentials: None,
             },
-        }
+        })
     }
 
     fn builder_error(&self, what: &str, err: impl Into<BoxError>) -> Error {
@@ -367,6 +378,7 @@ pub(crate) fn subscription_spec(
     let mut spec = Subscription::new()
         .set_name(name)
         .set_topic(&topic.path)
+        // Validated: whole seconds, 10 to 600.
         .set_ack_deadline_seconds(config.ack_deadline.as_secs().clamp(10, 600) as i32)
         .set_enable_message_ordering(config.message_ordering)
         .set_enable_exactly_once_delivery(config.exactly_once_delivery);
@@ -377,10 +389,16 @@ pub(crate) fn subscription_spec(
     }
     if let Some(dl) = &config.dead_letter {
         let dlq = topic_name(&config.project_id, &dl.topic)?;
+        if dlq.path == topic.path {
+            // The dead-letter topic's own subscription: a policy would feed the topic its
+            // own failures.
+            return Ok(spec);
+        }
         spec = spec.set_dead_letter_policy(
             DeadLetterPolicy::new()
                 .set_dead_letter_topic(dlq.path)
-                .set_max_delivery_attempts(dl.max_delivery_attempts),
+                // Validated: 5 to 100.
+                .set_max_delivery_attempts(dl.max_delivery_attempts as i32),
         );
     }
     if let Some(rb) = &config.retry_backoff {
@@ -406,7 +424,7 @@ mod tests {
     #[test]
     fn explicit_emulator_host_wins_and_uses_anonymous_credentials() {
         let config = GoogleCloudConfig::emulator("p-123456", "127.0.0.1:9");
-        let ep = Endpoint::resolve(&config);
+        let ep = Endpoint::resolve(&config).unwrap();
         assert_eq!(ep.url.as_deref(), Some("http://127.0.0.1:9"));
         assert_eq!(ep.address, "127.0.0.1:9");
         assert!(ep.credentials.is_some());
@@ -415,7 +433,7 @@ mod tests {
             endpoint: Some("https://europe-west1-pubsub.googleapis.com".into()),
             ..GoogleCloudConfig::new("p-123456")
         };
-        let ep = Endpoint::resolve(&config);
+        let ep = Endpoint::resolve(&config).unwrap();
         assert_eq!(
             ep.url.as_deref(),
             Some("https://europe-west1-pubsub.googleapis.com")

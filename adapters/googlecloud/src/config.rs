@@ -5,7 +5,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tidemill_core::{Error, Result};
 
+use tidemill_core::headers::UUID_HEADER;
+
 use crate::BROKER;
+
+/// Watermill's uuid attribute, for [`GoogleCloudConfig::uuid_attribute`].
+pub const WATERMILL_UUID_ATTRIBUTE: &str = "_watermill_message_uuid";
+
+/// Pub/Sub's limit on an attribute key, in bytes.
+const MAX_ATTRIBUTE_KEY_BYTES: usize = 256;
 
 /// The environment variable naming a Pub/Sub emulator (`host:port`), as Google's tools use it.
 pub const EMULATOR_HOST_ENV: &str = "PUBSUB_EMULATOR_HOST";
@@ -32,7 +40,14 @@ pub const PUBSUB_MAX_MESSAGE_BYTES: usize = 10_000_000;
 /// assert!(config.create_topics); // a default
 /// config.validate().unwrap();
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Numbers are checked, never coerced: a negative, fractional or out-of-range value (in the
+/// file or from [`validate`](Self::validate)) is an error naming the field and the allowed
+/// range. Credentials never appear in the configuration: outside the emulator the adapter
+/// uses application-default credentials (`GOOGLE_APPLICATION_CREDENTIALS`, the metadata
+/// server), and no error, log line or `Debug` output of this crate shows a key, token or
+/// credentials file content. An `endpoint` with userinfo is refused without echoing it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GoogleCloudConfig {
     /// The Google Cloud project that holds the topics and subscriptions. Required. A topic
@@ -81,6 +96,13 @@ pub struct GoogleCloudConfig {
     #[serde(with = "humantime_serde")]
     pub ack_deadline: Duration,
 
+    /// The attribute carrying a message's uuid, written on publish and read on receipt.
+    /// Default: `tidemill-uuid`. Set `_watermill_message_uuid` to exchange messages with
+    /// Watermill (Go) services. A received message without it (a plain client's) gets its
+    /// Pub/Sub message id as uuid, which is the same on every redelivery. The attribute is
+    /// not part of the message's metadata.
+    pub uuid_attribute: String,
+
     /// Message ordering: publish a message's key as its Pub/Sub ordering key and create
     /// subscriptions with message ordering enabled, so messages with the same key are
     /// delivered in publish order (in one region). Default: `false` (the key travels in the
@@ -100,13 +122,14 @@ pub struct GoogleCloudConfig {
     /// subscriptions the adapter creates. Default: none (immediate redelivery).
     pub retry_backoff: Option<RetryBackoff>,
 
-    /// Flow control: the most messages one subscription stream holds unacknowledged; the
-    /// server stops sending beyond it. `0` or less: no limit. Default: `1000`.
-    pub max_outstanding_messages: i64,
+    /// Flow control: the most messages one subscription stream holds unacknowledged
+    /// (buffered, handed out and not yet settled, or held for a delayed nack); the server
+    /// stops sending beyond it. At least 1. Default: `1000`.
+    pub max_outstanding_messages: u64,
 
-    /// Flow control: the most bytes one subscription stream holds unacknowledged. `0` or
-    /// less: no limit. Default: 100 MiB.
-    pub max_outstanding_bytes: i64,
+    /// Flow control: the most bytes one subscription stream holds unacknowledged. At
+    /// least 1. Default: 100 MiB.
+    pub max_outstanding_bytes: u64,
 
     /// The longest the client keeps extending the lease of a delivery it holds; past it
     /// Pub/Sub redelivers. It also bounds `nack_with_delay` (see the crate docs).
@@ -162,7 +185,7 @@ pub struct DeadLetterConfig {
     /// account needs permission to publish to it and to subscribe to the source.
     pub topic: String,
     /// Delivery attempts before a message is dead-lettered (5 to 100).
-    pub max_delivery_attempts: i32,
+    pub max_delivery_attempts: u32,
 }
 
 /// A subscription's retry policy: Pub/Sub redelivers a nacked message after an exponential
@@ -190,6 +213,7 @@ impl Default for GoogleCloudConfig {
             delete_unique_subscriptions: true,
             unique_subscription_ttl: Duration::from_secs(24 * 60 * 60),
             ack_deadline: Duration::from_secs(10),
+            uuid_attribute: UUID_HEADER.to_owned(),
             message_ordering: false,
             exactly_once_delivery: false,
             dead_letter: None,
@@ -233,7 +257,8 @@ impl GoogleCloudConfig {
         }
     }
 
-    /// Checks every field; the error names the offending one.
+    /// Checks every field; the error names the offending one and the allowed range, and
+    /// never shows credentials (an endpoint with userinfo is refused without echoing it).
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::config(BROKER, msg));
         if self.project_id.is_empty() {
@@ -241,11 +266,19 @@ impl GoogleCloudConfig {
         }
         if !valid_project_id(&self.project_id) {
             return bad(format!(
-                "`project_id` {:?} is not a valid Google Cloud project id",
+                "`project_id` {:?} is not a valid Google Cloud project id (6 to 30 lowercase \
+                 letters, digits and hyphens, starting with a letter)",
                 self.project_id
             ));
         }
         if let Some(host) = &self.emulator_host {
+            if host.contains('@') {
+                return bad(
+                    "`emulator_host` must be `host:port`; it must not carry credentials \
+                     (the emulator takes none)"
+                        .into(),
+                );
+            }
             if host.is_empty() || host.contains('/') || !host.contains(':') {
                 return bad(format!(
                     "`emulator_host` {host:?} must be `host:port` (no scheme)"
@@ -255,23 +288,20 @@ impl GoogleCloudConfig {
         if let Some(endpoint) = &self.endpoint {
             if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
                 return bad(format!(
-                    "`endpoint` {endpoint:?} must be a URL starting with https:// or http://"
+                    "`endpoint` {:?} must be a URL starting with https:// or http://",
+                    redact_url(endpoint)
+                ));
+            }
+            if has_userinfo(endpoint) || endpoint.contains('?') {
+                return bad(format!(
+                    "`endpoint` {:?} must not carry credentials or a query: the adapter \
+                     authenticates with application-default credentials",
+                    redact_url(endpoint)
                 ));
             }
         }
-        let secs = |d: Duration| d.as_secs_f64();
-        if !(10.0..=600.0).contains(&secs(self.ack_deadline)) {
-            return bad(format!(
-                "`ack_deadline` must be between 10s and 600s, got {:?}",
-                self.ack_deadline
-            ));
-        }
-        if !(10.0..=600.0).contains(&secs(self.max_lease_extension)) {
-            return bad(format!(
-                "`max_lease_extension` must be between 10s and 600s, got {:?}",
-                self.max_lease_extension
-            ));
-        }
+        whole_seconds("ack_deadline", self.ack_deadline, 10, 600)?;
+        whole_seconds("max_lease_extension", self.max_lease_extension, 10, 600)?;
         if self.max_lease < Duration::from_secs(10) {
             return bad(format!(
                 "`max_lease` must be at least 10s, got {:?}",
@@ -284,44 +314,72 @@ impl GoogleCloudConfig {
                 self.unique_subscription_ttl
             ));
         }
-        if !(1..=1000).contains(&self.batch_max_messages) {
+        if self.uuid_attribute.is_empty()
+            || self.uuid_attribute.len() > MAX_ATTRIBUTE_KEY_BYTES
+            || self.uuid_attribute.to_ascii_lowercase().starts_with("goog")
+        {
             return bad(format!(
-                "`batch_max_messages` must be between 1 and 1000, got {}",
-                self.batch_max_messages
+                "`uuid_attribute` {:?} must be a Pub/Sub attribute name: 1 to \
+                 {MAX_ATTRIBUTE_KEY_BYTES} bytes, not starting with `goog`",
+                self.uuid_attribute
             ));
         }
-        if self.batch_max_bytes == 0 {
-            return bad("`batch_max_bytes` must be positive".into());
-        }
-        if self.max_message_bytes == 0 || self.max_message_bytes > PUBSUB_MAX_MESSAGE_BYTES {
-            return bad(format!(
-                "`max_message_bytes` must be between 1 and {PUBSUB_MAX_MESSAGE_BYTES}, got {}",
-                self.max_message_bytes
-            ));
-        }
+        in_range(
+            "max_outstanding_messages",
+            self.max_outstanding_messages,
+            1,
+            i64::MAX as u64,
+        )?;
+        in_range(
+            "max_outstanding_bytes",
+            self.max_outstanding_bytes,
+            1,
+            i64::MAX as u64,
+        )?;
+        in_range(
+            "batch_max_messages",
+            u64::from(self.batch_max_messages),
+            1,
+            1000,
+        )?;
+        in_range(
+            "batch_max_bytes",
+            u64::from(self.batch_max_bytes),
+            1,
+            PUBSUB_MAX_MESSAGE_BYTES as u64,
+        )?;
+        in_range(
+            "max_message_bytes",
+            self.max_message_bytes as u64,
+            1,
+            PUBSUB_MAX_MESSAGE_BYTES as u64,
+        )?;
         for (name, value) in [
             ("connect_timeout", self.connect_timeout),
             ("operation_timeout", self.operation_timeout),
             ("publish_timeout", self.publish_timeout),
         ] {
             if value.is_zero() {
-                return bad(format!("`{name}` must be positive"));
+                return bad(format!("`{name}` must be positive, got 0s"));
             }
         }
         if let Some(dl) = &self.dead_letter {
             if dl.topic.is_empty() {
                 return bad("`dead_letter.topic` is required".into());
             }
-            if !(5..=100).contains(&dl.max_delivery_attempts) {
-                return bad(format!(
-                    "`dead_letter.max_delivery_attempts` must be between 5 and 100, got {}",
-                    dl.max_delivery_attempts
-                ));
-            }
+            in_range(
+                "dead_letter.max_delivery_attempts",
+                u64::from(dl.max_delivery_attempts),
+                5,
+                100,
+            )?;
         }
         if let Some(rb) = &self.retry_backoff {
             if rb.minimum > Duration::from_secs(600) || rb.maximum > Duration::from_secs(600) {
-                return bad("`retry_backoff` bounds must be at most 600s".into());
+                return bad(format!(
+                    "`retry_backoff` bounds must be between 0s and 600s, got {:?} and {:?}",
+                    rb.minimum, rb.maximum
+                ));
             }
             if rb.minimum > rb.maximum {
                 return bad(format!(
@@ -331,6 +389,128 @@ impl GoogleCloudConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// `Debug` shows every field, the endpoint without userinfo or query (credentials never
+/// belong there, and `validate` refuses them, but `Debug` may run before `validate`).
+impl std::fmt::Debug for GoogleCloudConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let GoogleCloudConfig {
+            project_id,
+            emulator_host,
+            endpoint,
+            create_topics,
+            create_subscriptions,
+            subscription_prefix,
+            delete_unique_subscriptions,
+            unique_subscription_ttl,
+            ack_deadline,
+            uuid_attribute,
+            message_ordering,
+            exactly_once_delivery,
+            dead_letter,
+            retry_backoff,
+            max_outstanding_messages,
+            max_outstanding_bytes,
+            max_lease,
+            max_lease_extension,
+            batch_max_messages,
+            batch_max_bytes,
+            batch_max_delay,
+            max_message_bytes,
+            connect_timeout,
+            operation_timeout,
+            publish_timeout,
+        } = self;
+        f.debug_struct("GoogleCloudConfig")
+            .field("project_id", project_id)
+            .field("emulator_host", &emulator_host.as_deref().map(redact_host))
+            .field("endpoint", &endpoint.as_deref().map(redact_url))
+            .field("create_topics", create_topics)
+            .field("create_subscriptions", create_subscriptions)
+            .field("subscription_prefix", subscription_prefix)
+            .field("delete_unique_subscriptions", delete_unique_subscriptions)
+            .field("unique_subscription_ttl", unique_subscription_ttl)
+            .field("ack_deadline", ack_deadline)
+            .field("uuid_attribute", uuid_attribute)
+            .field("message_ordering", message_ordering)
+            .field("exactly_once_delivery", exactly_once_delivery)
+            .field("dead_letter", dead_letter)
+            .field("retry_backoff", retry_backoff)
+            .field("max_outstanding_messages", max_outstanding_messages)
+            .field("max_outstanding_bytes", max_outstanding_bytes)
+            .field("max_lease", max_lease)
+            .field("max_lease_extension", max_lease_extension)
+            .field("batch_max_messages", batch_max_messages)
+            .field("batch_max_bytes", batch_max_bytes)
+            .field("batch_max_delay", batch_max_delay)
+            .field("max_message_bytes", max_message_bytes)
+            .field("connect_timeout", connect_timeout)
+            .field("operation_timeout", operation_timeout)
+            .field("publish_timeout", publish_timeout)
+            .finish()
+    }
+}
+
+/// `value` within `min..=max`, or an error naming `field` and the range.
+fn in_range(field: &str, value: u64, min: u64, max: u64) -> Result<()> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            BROKER,
+            format!("`{field}` must be between {min} and {max}, got {value}"),
+        ))
+    }
+}
+
+/// `value` a whole number of seconds within `min..=max` (Pub/Sub takes whole seconds: a
+/// fraction would be cut off silently).
+fn whole_seconds(field: &str, value: Duration, min: u64, max: u64) -> Result<()> {
+    if value.subsec_nanos() != 0 || !(min..=max).contains(&value.as_secs()) {
+        return Err(Error::config(
+            BROKER,
+            format!(
+                "`{field}` must be a whole number of seconds between {min}s and {max}s, got {value:?}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `url` has userinfo (`scheme://user:password@host`).
+fn has_userinfo(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@')
+}
+
+/// `url` without userinfo, query and fragment: what errors and `Debug` may show.
+pub(crate) fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_owned(),
+    };
+    let path = tail.split(['?', '#']).next().unwrap_or("");
+    let hidden = if tail.len() > path.len() { "?***" } else { "" };
+    match scheme {
+        Some(s) => format!("{s}://{authority}{path}{hidden}"),
+        None => format!("{authority}{path}{hidden}"),
+    }
+}
+
+/// `host:port` without anything before an `@`.
+fn redact_host(host: &str) -> String {
+    match host.rsplit_once('@') {
+        Some((_, h)) => format!("***@{h}"),
+        None => host.to_owned(),
     }
 }
 
@@ -428,5 +608,150 @@ mod tests {
         )
         .expect_err("bad duration");
         assert!(err.to_string().contains("ten seconds"), "{err}");
+    }
+    #[test]
+    fn numbers_are_checked_never_coerced() {
+        let parse = |json: &str| {
+            serde_json::from_str::<GoogleCloudConfig>(&format!(
+                r#"{{"project_id": "tidemill-test", {json}}}"#
+            ))
+        };
+        // Negative, fractional, boolean and too large: refused by the field's type.
+        for json in [
+            r#""max_outstanding_messages": -5"#,
+            r#""max_outstanding_messages": 1e3"#,
+            r#""max_outstanding_messages": 1.5"#,
+            r#""max_outstanding_messages": true"#,
+            r#""max_outstanding_messages": 99999999999999999999999"#,
+            r#""batch_max_messages": -1"#,
+            r#""batch_max_messages": 4294967296"#,
+            r#""batch_max_bytes": 2.5"#,
+            r#""dead_letter": {"topic": "d", "max_delivery_attempts": -5}"#,
+            r#""dead_letter": {"topic": "d", "max_delivery_attempts": 5.0}"#,
+            r#""create_topics": 1"#,
+            r#""create_topics": "yes""#,
+            r#""ack_deadline": 10"#,
+            r#""ack_deadline": "1.5""#,
+        ] {
+            assert!(parse(json).is_err(), "{json} was accepted");
+        }
+        // In range for the type, out of range for Pub/Sub: `validate` names the range.
+        for (json, field, range) in [
+            (
+                r#""max_outstanding_messages": 0"#,
+                "max_outstanding_messages",
+                "between 1 and",
+            ),
+            (
+                r#""max_outstanding_bytes": 0"#,
+                "max_outstanding_bytes",
+                "between 1 and",
+            ),
+            (
+                r#""max_outstanding_bytes": 18446744073709551615"#,
+                "max_outstanding_bytes",
+                "9223372036854775807",
+            ),
+            (
+                r#""batch_max_messages": 0"#,
+                "batch_max_messages",
+                "between 1 and 1000",
+            ),
+            (
+                r#""batch_max_messages": 1001"#,
+                "batch_max_messages",
+                "between 1 and 1000",
+            ),
+            (
+                r#""batch_max_bytes": 0"#,
+                "batch_max_bytes",
+                "between 1 and 10000000",
+            ),
+            (
+                r#""max_message_bytes": 0"#,
+                "max_message_bytes",
+                "between 1 and 10000000",
+            ),
+            (
+                r#""dead_letter": {"topic": "d", "max_delivery_attempts": 4}"#,
+                "max_delivery_attempts",
+                "between 5 and 100",
+            ),
+            (
+                r#""ack_deadline": "9s""#,
+                "ack_deadline",
+                "between 10s and 600s",
+            ),
+            (
+                r#""ack_deadline": "601s""#,
+                "ack_deadline",
+                "between 10s and 600s",
+            ),
+            (
+                r#""ack_deadline": "10s 500ms""#,
+                "ack_deadline",
+                "whole number of seconds",
+            ),
+            (
+                r#""max_lease_extension": "20s 1ms""#,
+                "max_lease_extension",
+                "whole number of seconds",
+            ),
+            (r#""publish_timeout": "0s""#, "publish_timeout", "positive"),
+            (
+                r#""uuid_attribute": """#,
+                "uuid_attribute",
+                "1 to 256 bytes",
+            ),
+            (r#""uuid_attribute": "googx""#, "uuid_attribute", "goog"),
+        ] {
+            let config = parse(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            let err = config.validate().expect_err(json).to_string();
+            assert!(err.contains(field), "{json}: {err}");
+            assert!(err.contains(range), "{json}: {err} should say {range}");
+        }
+    }
+
+    #[test]
+    fn credentials_in_endpoints_are_refused_and_never_shown() {
+        for (config, field) in [
+            (
+                GoogleCloudConfig {
+                    endpoint: Some("https://user:hunter2@pubsub.example.com/x".into()),
+                    ..GoogleCloudConfig::new("p-123456")
+                },
+                "endpoint",
+            ),
+            (
+                GoogleCloudConfig {
+                    endpoint: Some("https://pubsub.example.com/?key=hunter2".into()),
+                    ..GoogleCloudConfig::new("p-123456")
+                },
+                "endpoint",
+            ),
+            (
+                GoogleCloudConfig {
+                    endpoint: Some("user:hunter2@pubsub.example.com".into()),
+                    ..GoogleCloudConfig::new("p-123456")
+                },
+                "endpoint",
+            ),
+            (
+                GoogleCloudConfig::emulator("p-123456", "user:hunter2@127.0.0.1:8085"),
+                "emulator_host",
+            ),
+        ] {
+            let err = config.validate().expect_err(field).to_string();
+            assert!(err.contains(field), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+            let debug = format!("{config:?}");
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("pubsub.example.com") || debug.contains("127.0.0.1"));
+        }
+        assert_eq!(
+            redact_url("https://a:b@host:1/path?key=c#f"),
+            "https://***@host:1/path?***"
+        );
+        assert_eq!(redact_url("https://host/v1"), "https://host/v1");
     }
 }

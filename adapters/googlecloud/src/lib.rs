@@ -41,14 +41,23 @@
 //! | `subscribe(t, no group)` | a subscription of its own, `{subscription_prefix}t.tidemill-{random}`, deleted when the stream ends (`delete_unique_subscriptions`) and expiring after `unique_subscription_ttl` without a subscriber otherwise |
 //! | `initialize(t, group("g"))` | creates the topic and the group's subscription ahead of publishing |
 //! | payload / metadata | `data` / attributes, unchanged |
-//! | uuid | attribute `tidemill-uuid` (a message from another client gets a stable uuid derived from topic and message id) |
-//! | key | the ordering key when `message_ordering` is on, otherwise attribute `tidemill-key` (`tidemill-key.b64`, base64, for a key that is not UTF-8); a foreign message's ordering key becomes its key |
+//! | `retain_for(t, g)` | creates the topic and the subscription group `g` consumes |
+//! | `publish_mandatory(t, ..)` | publish after checking the topic has a subscription; `Error::Unroutable` otherwise |
+//! | uuid | attribute [`uuid_attribute`](GoogleCloudConfig::uuid_attribute) (`tidemill-uuid`; `_watermill_message_uuid` for Watermill); a message without it has its Pub/Sub message id as uuid, the same on every redelivery |
+//! | key | the ordering key when `message_ordering` is on, otherwise attribute `tidemill-key` (`tidemill-key.b64`, base64, for a key that is not UTF-8); a received message's ordering key is its key |
 //! | `publish` returning `Ok` | Pub/Sub answered the publish request with a message id for every message |
 //! | `ack()` | acknowledge (with exactly-once delivery: confirmed, failures returned) |
 //! | `nack()` / dropping a delivery | modify ack deadline to 0: redelivered at once (after the subscription's retry backoff, if configured) |
 //! | `nack_with_delay(d)` | the message stays leased for `d`, then is nacked (see below) |
-//! | `attempt()` | `delivery_attempt`, which Pub/Sub reports only on subscriptions with a dead-letter policy (`dead_letter`); `None` otherwise |
+//! | `attempt()` | `delivery_attempt`, which Pub/Sub reports only on subscriptions with a dead-letter policy (`dead_letter`); `None` otherwise; never read from an attribute |
+//! | what was delivered | a [`PubSubRecord`] on every received message: message id, publish time, ordering key, attributes, delivery attempt |
 //! | flow control | `max_outstanding_messages` / `max_outstanding_bytes` per stream |
+//!
+//! A received message published again through a [`GoogleCloudPublisher`] (a handler
+//! passing it on, a dead-letter layer) is rebuilt from its [`PubSubRecord`]: the same
+//! ordering key and attributes, with only the application's changes to metadata, uuid and
+//! key applied. A plain subscriber of the output sees what the original publisher sent,
+//! plus the uuid attribute if the original had none.
 //!
 //! Attributes are UTF-8 strings in Pub/Sub's protocol, so every metadata value arrives as
 //! sent and there are no binary header values to preserve. Pub/Sub limits attributes
@@ -65,10 +74,13 @@
 //!   confirmed and a failed ack is returned by `Delivery::ack`.
 //! - **Subscriptions only see what is published while they exist.** Messages published to
 //!   a topic without subscriptions are dropped by Pub/Sub. A group's subscription is
-//!   created by `initialize` or the first `subscribe` and then keeps every message for the
-//!   group, also while no subscriber runs (up to the subscription's retention, 7 days by
-//!   default). `subscribe` returns only once its subscription exists, so every message
-//!   published after it returns is delivered.
+//!   created by `initialize`, `retain_for` or the first `subscribe` and then keeps every
+//!   message for the group, also while no subscriber runs (up to the subscription's
+//!   retention, 7 days by default). `subscribe` returns only once its subscription exists,
+//!   so every message published after it returns is delivered. `publish_mandatory` (used
+//!   by dead-letter and poison layers) fails with `Error::Unroutable` when the topic has no
+//!   subscription; a positive check is trusted for 60 s, so a subscription deleted within
+//!   that time can still lose messages.
 //! - **Ordering.** Only with `message_ordering` on: messages with the same key are
 //!   delivered in publish order (Pub/Sub orders per ordering key and region). Without it,
 //!   Pub/Sub promises no order.
@@ -77,16 +89,18 @@
 //!   have been accepted; retrying is safe under at-least-once.
 //! - **`nack_with_delay(d)`.** The client library does not expose ack ids, so the adapter
 //!   cannot ask Pub/Sub for a custom ack deadline; it keeps the message leased for `d`, then
-//!   nacks it. The message is therefore redelivered no earlier than `d` (later, if the
-//!   process dies: after the lease runs out). Delays are bounded by `max_lease`; the
-//!   message counts as outstanding for flow control meanwhile. For server-side backoff on
-//!   every nack, configure `retry_backoff`.
+//!   nacks it, while other messages keep flowing. The message is redelivered no earlier
+//!   than `d` (capped to end within `max_lease`); ending the stream or closing the
+//!   subscriber nacks it at once; if the process dies, it returns after the lease runs out.
+//!   It counts as outstanding for flow control meanwhile. For server-side backoff on every
+//!   nack, configure `retry_backoff`.
 //! - **Reconnection.** The client reconnects its streaming pulls and retries publishes and
 //!   acks after connection loss; a subscription (or topic) that vanished, e.g. after an
 //!   emulator restart, is created again and consumption resumes.
 //! - **Stopping.** Dropping a stream, cancelling it or closing the subscriber ends its
-//!   streaming pull at once: messages read ahead but not handed out are nacked, and only
-//!   deliveries the application still holds stay leased until it settles them.
+//!   streaming pull at once, polled or not: messages read ahead but not handed out, and
+//!   messages held for a delayed nack, are nacked; only deliveries the application still
+//!   holds stay leased until it settles them.
 //!
 //! ## The emulator
 //!
@@ -94,9 +108,9 @@
 //! `endpoint`), the adapter talks to `http://HOST` without credentials: gRPC for
 //! publishing and pulling, REST/JSON for creating topics and subscriptions (the emulator
 //! must serve both, as Google's does). The emulator keeps everything in memory (a restart
-//! loses topics, subscriptions and messages), and it does not implement ordering keys,
-//! dead-letter policies, delivery attempts, exactly-once delivery or retry policies: the
-//! settings are accepted and ignored.
+//! loses topics, subscriptions and messages), and it does not implement ordering (ordering
+//! keys are carried, not ordered by), dead-letter policies, delivery attempts, exactly-once
+//! delivery or retry policies: the settings are accepted and ignored.
 #![warn(missing_docs)]
 
 mod client;
@@ -104,12 +118,15 @@ mod config;
 mod convert;
 mod names;
 mod publisher;
+mod record;
 mod subscriber;
 
 pub use config::{
     DeadLetterConfig, GoogleCloudConfig, RetryBackoff, EMULATOR_HOST_ENV, PUBSUB_MAX_MESSAGE_BYTES,
+    WATERMILL_UUID_ATTRIBUTE,
 };
 pub use publisher::GoogleCloudPublisher;
+pub use record::PubSubRecord;
 pub use subscriber::GoogleCloudSubscriber;
 
 /// The broker name in every error of this crate.

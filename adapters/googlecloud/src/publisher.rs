@@ -1,20 +1,22 @@
 //! The publisher: one batching Pub/Sub publisher per topic over one shared connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_pubsub::client::{BasePublisher, Publisher as TopicPublisher};
 use google_cloud_pubsub::error::PublishError;
-use parking_lot::RwLock;
+use google_cloud_pubsub::model::ListTopicSubscriptionsRequest;
+use parking_lot::{Mutex, RwLock};
 use tidemill_core::{Error, Message, Publisher, Result};
 use tokio_util::task::TaskTracker;
 
-use crate::client::{self, Admin, Endpoint};
+use crate::client::{self, admin_call, Admin, Endpoint};
 use crate::config::GoogleCloudConfig;
-use crate::convert::{encode, Encoded};
-use crate::names::{topic_name, TopicName};
+use crate::convert::{encode, Encoded, Encoding};
+use crate::names::{group_subscription, topic_name, TopicName};
 use crate::BROKER;
 
 /// Publishes to Pub/Sub topics. Cheap to clone (clones share the connection and the
@@ -22,6 +24,12 @@ use crate::BROKER;
 ///
 /// `publish` returns once Pub/Sub answered the publish request of every message (each has
 /// a message id). Topics are created on first use unless `create_topics` is off.
+///
+/// Pub/Sub drops what is published to a topic without subscriptions. Failure destinations
+/// (dead letter, poison) therefore call [`retain_for`](Publisher::retain_for), which
+/// creates the subscription a consumer group would consume, and publish with
+/// [`publish_mandatory`](Publisher::publish_mandatory), which fails with
+/// `Error::Unroutable` when the topic has no subscription at all.
 ///
 /// ```no_run
 /// use tidemill_core::{Message, Publisher};
@@ -44,6 +52,12 @@ struct Inner {
     base: BasePublisher,
     admin: Admin,
     topics: RwLock<HashMap<String, Topic>>,
+    /// When each topic (full name) was last seen with a subscription, for
+    /// `publish_mandatory`.
+    routable: Mutex<HashMap<String, Instant>>,
+    /// The subscriptions `retain_for` made, per topic (full name): re-created with the
+    /// topic if it vanishes.
+    retained: Mutex<HashMap<String, HashSet<String>>>,
     /// `true` once `close` began; read-locked while a publish registers itself.
     closed: RwLock<bool>,
     in_flight: TaskTracker,
@@ -60,24 +74,27 @@ impl GoogleCloudPublisher {
     /// `connect_timeout`; the error names the address).
     pub async fn connect(config: GoogleCloudConfig) -> Result<Self> {
         config.validate()?;
-        let endpoint = Endpoint::resolve(&config);
+        let endpoint = Endpoint::resolve(&config)?;
         let topics = endpoint.topic_admin().await?;
         endpoint
             .probe(&topics, &config.project_id, config.connect_timeout)
             .await?;
         let base = endpoint.base_publisher(config.publish_timeout).await?;
+        let subscriptions = endpoint.subscription_admin().await?;
         tracing::debug!(address = %endpoint.address, project = %config.project_id, "pubsub publisher connected");
         Ok(GoogleCloudPublisher {
             inner: Arc::new(Inner {
                 admin: Admin {
                     topics,
-                    subscriptions: None,
+                    subscriptions: Some(subscriptions),
                     timeout: config.operation_timeout,
                 },
                 config,
                 endpoint,
                 base,
                 topics: RwLock::new(HashMap::new()),
+                routable: Mutex::new(HashMap::new()),
+                retained: Mutex::new(HashMap::new()),
                 closed: RwLock::new(false),
                 in_flight: TaskTracker::new(),
             }),
@@ -149,6 +166,45 @@ impl Inner {
         failed
     }
 
+    /// Whether `topic` has at least one subscription (a positive answer is trusted for
+    /// [`ROUTABLE_TTL`]).
+    async fn routable(&self, topic: &TopicName) -> Result<bool> {
+        if let Some(seen) = self.routable.lock().get(&topic.path) {
+            if seen.elapsed() < ROUTABLE_TTL {
+                return Ok(true);
+            }
+        }
+        let call = self
+            .admin
+            .topics
+            .list_topic_subscriptions()
+            .with_request(
+                ListTopicSubscriptionsRequest::new()
+                    .set_topic(&topic.path)
+                    .set_page_size(1),
+            )
+            .send();
+        let page = admin_call(
+            self.config.operation_timeout,
+            &topic.path,
+            "list subscriptions",
+            call,
+        )
+        .await
+        .map_err(|e| e.into_error(&topic.path, "list the topic's subscriptions"))?;
+        let found = !page.subscriptions.is_empty();
+        if found {
+            self.mark_routable(&topic.path);
+        }
+        Ok(found)
+    }
+
+    fn mark_routable(&self, topic: &str) {
+        self.routable
+            .lock()
+            .insert(topic.to_owned(), Instant::now());
+    }
+
     fn publish_error(&self, topic: &str, err: PublishError) -> Error {
         match err {
             PublishError::Rpc(e) => {
@@ -168,6 +224,9 @@ impl Inner {
         }
     }
 }
+
+/// How long `publish_mandatory` trusts having seen a subscription on a topic.
+const ROUTABLE_TTL: Duration = Duration::from_secs(60);
 
 fn is_not_found(err: &PublishError) -> bool {
     matches!(err, PublishError::Rpc(e) if client::code(e) == Some(Code::NotFound))
@@ -191,23 +250,99 @@ impl Publisher for GoogleCloudPublisher {
             return Ok(());
         }
         let t = inner.topic(topic).await?;
+        inner.send_all(&t, messages, false).await
+    }
+
+    async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
+        let inner = &self.inner;
+        if *inner.closed.read() {
+            return Err(Error::PublisherClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
         let config = &inner.config;
+        let name = topic_name(&config.project_id, topic)?;
+        let subscription = group_subscription(
+            &config.project_id,
+            &config.subscription_prefix,
+            &name,
+            group,
+        )?;
+        inner
+            .admin
+            .ensure_subscription(config, &name, &subscription, false)
+            .await?;
+        inner.mark_routable(&name.path);
+        inner
+            .retained
+            .lock()
+            .entry(name.path.clone())
+            .or_default()
+            .insert(subscription.clone());
+        tracing::debug!(topic = %name.path, %subscription, "topic retains messages for group `{group}`");
+        Ok(())
+    }
+
+    async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        let inner = &self.inner;
+        let _in_flight = {
+            let closed = inner.closed.read();
+            if *closed {
+                return Err(Error::PublisherClosed {
+                    broker: BROKER,
+                    topic: topic.to_owned(),
+                });
+            }
+            inner.in_flight.token()
+        };
+        let Some(first) = messages.first() else {
+            return Ok(());
+        };
+        let t = inner.topic(topic).await?;
+        if !inner.routable(&t.name).await? {
+            return Err(Error::Unroutable {
+                broker: BROKER,
+                topic: t.name.path.clone(),
+                uuid: first.uuid().to_owned(),
+            });
+        }
+        inner.send_all(&t, messages, true).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        *inner.closed.write() = true;
+        inner.in_flight.close();
+        inner.in_flight.wait().await;
+        let topics: Vec<Topic> = inner.topics.write().drain().map(|(_, t)| t).collect();
+        for t in &topics {
+            t.publisher.flush().await;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Encodes and publishes `messages` through `t`, re-creating the topic once if it
+    /// vanished; `Ok` once Pub/Sub accepted every message.
+    async fn send_all(&self, t: &Topic, messages: Vec<Message>, mandatory: bool) -> Result<()> {
+        let inner = self;
+        let config = &inner.config;
+        let how = Encoding {
+            ordering: config.message_ordering,
+            limit: config.max_message_bytes,
+            uuid_attribute: &config.uuid_attribute,
+        };
         let encode_all = |msgs: &mut dyn Iterator<Item = Message>| {
-            msgs.map(|m| {
-                encode(
-                    m,
-                    config.message_ordering,
-                    config.max_message_bytes,
-                    &t.name.path,
-                )
-            })
-            .collect::<Result<Vec<_>>>()
+            msgs.map(|m| encode(m, &how, &t.name.path))
+                .collect::<Result<Vec<_>>>()
         };
         // Messages are cheap to clone (reference counted): kept to send again if the topic
         // has to be re-created.
         let encoded = encode_all(&mut messages.iter().cloned())?;
         let publish = async {
-            let mut failed = inner.send(&t, encoded).await;
+            let mut failed = inner.send(t, encoded).await;
             if !failed.is_empty()
                 && config.create_topics
                 && failed.iter().all(|(_, e)| is_not_found(e))
@@ -216,8 +351,33 @@ impl Publisher for GoogleCloudPublisher {
                 // and send what failed once more.
                 tracing::warn!(topic = %t.name.path, "topic not found while publishing; creating it again");
                 inner.admin.ensure_topic(&t.name, true).await?;
+                if mandatory {
+                    // Its subscriptions went with it: re-create those `retain_for` made,
+                    // and refuse to publish into a topic nobody subscribes to.
+                    inner.routable.lock().remove(&t.name.path);
+                    let retained: Vec<String> = inner
+                        .retained
+                        .lock()
+                        .get(&t.name.path)
+                        .map(|s| s.iter().cloned().collect())
+                        .unwrap_or_default();
+                    for subscription in &retained {
+                        inner
+                            .admin
+                            .ensure_subscription(config, &t.name, subscription, false)
+                            .await?;
+                    }
+                    if retained.is_empty() {
+                        return Err(Error::Unroutable {
+                            broker: BROKER,
+                            topic: t.name.path.clone(),
+                            uuid: messages[failed[0].0].uuid().to_owned(),
+                        });
+                    }
+                    inner.mark_routable(&t.name.path);
+                }
                 let retry = encode_all(&mut failed.iter().map(|(i, _)| messages[*i].clone()))?;
-                failed = inner.send(&t, retry).await;
+                failed = inner.send(t, retry).await;
             }
             match failed.into_iter().next() {
                 None => Ok(()),
@@ -239,18 +399,6 @@ impl Publisher for GoogleCloudPublisher {
                 ),
             )),
         }
-    }
-
-    async fn close(&self) -> Result<()> {
-        let inner = &self.inner;
-        *inner.closed.write() = true;
-        inner.in_flight.close();
-        inner.in_flight.wait().await;
-        let topics: Vec<Topic> = inner.topics.write().drain().map(|(_, t)| t).collect();
-        for t in &topics {
-            t.publisher.flush().await;
-        }
-        Ok(())
     }
 }
 

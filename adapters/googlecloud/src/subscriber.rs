@@ -3,10 +3,11 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use futures::Stream;
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_pubsub::error::AckError;
@@ -23,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::client::{self, Admin, Endpoint};
 use crate::config::GoogleCloudConfig;
-use crate::convert::{attempt, decode};
+use crate::convert::{attempt, decode, Source};
 use crate::names::{group_subscription, topic_name, unique_subscription, TopicName};
 use crate::BROKER;
 
@@ -76,7 +77,7 @@ impl GoogleCloudSubscriber {
     /// `connect_timeout`; the error names the address).
     pub async fn connect(config: GoogleCloudConfig) -> Result<Self> {
         config.validate()?;
-        let endpoint = Endpoint::resolve(&config);
+        let endpoint = Endpoint::resolve(&config)?;
         let topics = endpoint.topic_admin().await?;
         endpoint
             .probe(&topics, &config.project_id, config.connect_timeout)
@@ -185,9 +186,10 @@ impl Subscriber for GoogleCloudSubscriber {
             topic: Arc::new(name),
             subscription,
             unique,
+            stopped: stop.clone(),
         });
         let pull = Arc::new(Pull {
-            state: Mutex::new(PullState::Idle(ctx.open())),
+            state: Mutex::new(PullState::Idle(ctx.open(), false)),
             ctx,
         });
         tracing::debug!(topic = %pull.ctx.topic.path, subscription = %pull.ctx.subscription, "subscribed");
@@ -288,11 +290,15 @@ struct PullContext {
     topic: Arc<TopicName>,
     subscription: String,
     unique: bool,
+    /// Cancelled when the subscription stops (stream dropped or cancelled, subscriber
+    /// closed): messages held for a delayed nack are released then.
+    stopped: CancellationToken,
 }
 
 enum PullState {
-    /// Ready to read the next message.
-    Idle(Box<MessageStream>),
+    /// Ready to read the next message; `true` once the streaming pull has been read from
+    /// (it may hold messages read ahead).
+    Idle(Box<MessageStream>, bool),
     /// Reading (or recovering); the future owns the message stream meanwhile.
     Busy(BoxFuture<'static, (Option<Result<Delivery>>, Next)>),
     /// Must recover before reading again.
@@ -321,7 +327,7 @@ impl Pull {
         let mut state = self.state.lock();
         loop {
             match std::mem::replace(&mut *state, PullState::Done) {
-                PullState::Idle(stream) => {
+                PullState::Idle(stream, _) => {
                     *state = PullState::Busy(Box::pin(self.ctx.clone().read(stream)));
                 }
                 PullState::Recover(how) => {
@@ -334,7 +340,7 @@ impl Pull {
                     }
                     Poll::Ready((item, next)) => {
                         *state = match next {
-                            Next::Read(stream) => PullState::Idle(stream),
+                            Next::Read(stream) => PullState::Idle(stream, true),
                             Next::Recover(how) => PullState::Recover(how),
                             Next::Done => PullState::Done,
                         };
@@ -348,11 +354,25 @@ impl Pull {
         }
     }
 
-    /// Ends the pull: the message stream is dropped, which closes the streaming pull; the
-    /// client keeps leasing only deliveries the application still holds, until settled.
+    /// Ends the pull: messages the client read ahead but did not hand out are nacked (so
+    /// other members of the group get them at once), then the message stream is dropped,
+    /// which closes the streaming pull; the client keeps leasing only deliveries the
+    /// application still holds, until settled.
     fn stop(&self) {
         let old = std::mem::replace(&mut *self.state.lock(), PullState::Done);
-        drop(old);
+        if let PullState::Idle(mut stream, true) = old {
+            // Whatever the client has already read comes out without waiting; a dropped
+            // handler nacks its message. (A busy read has nothing read ahead: the client
+            // only reads from the network once its buffer is empty.)
+            let mut released = 0;
+            while let Some(Some(Ok((_, handler)))) = stream.next().now_or_never() {
+                drop(handler);
+                released += 1;
+            }
+            if released > 0 {
+                tracing::debug!(subscription = %self.ctx.subscription, released, "released messages read ahead");
+            }
+        }
     }
 
     /// Waits for the subscription to stop, stops the pull and cleans up.
@@ -364,6 +384,8 @@ impl Pull {
             },
             None => stop.cancelled().await,
         }
+        // Either way, the subscription is over (releases delayed nacks).
+        stop.cancel();
         self.stop();
         let ctx = &self.ctx;
         if ctx.unique && ctx.inner.config.delete_unique_subscriptions {
@@ -388,8 +410,12 @@ impl PullContext {
             self.inner
                 .client
                 .subscribe(self.subscription.clone())
-                .set_max_outstanding_messages(c.max_outstanding_messages)
-                .set_max_outstanding_bytes(c.max_outstanding_bytes)
+                .set_max_outstanding_messages(
+                    i64::try_from(c.max_outstanding_messages).unwrap_or(i64::MAX),
+                )
+                .set_max_outstanding_bytes(
+                    i64::try_from(c.max_outstanding_bytes).unwrap_or(i64::MAX),
+                )
                 .set_max_lease(c.max_lease)
                 .set_max_lease_extension(c.max_lease_extension)
                 // Deliveries handed out stay valid (and leased) until settled.
@@ -469,13 +495,24 @@ impl PullContext {
     }
 
     fn delivery(&self, message: PubsubMessage, handler: Handler) -> Delivery {
-        let msg = decode(message, &self.topic.path);
         let attempt = attempt(handler.delivery_attempt());
+        let msg = decode(
+            message,
+            &Source {
+                topic: &self.topic.path,
+                subscription: &self.subscription,
+                uuid_attribute: &self.inner.config.uuid_attribute,
+                delivery_attempt: attempt,
+            },
+        );
         let delivery = Delivery::new(
             msg,
             Acker {
                 handler,
                 topic: self.topic.clone(),
+                received: Instant::now(),
+                max_lease: self.inner.config.max_lease,
+                stopped: self.stopped.clone(),
             },
         );
         match attempt {
@@ -489,7 +526,15 @@ impl PullContext {
 struct Acker {
     handler: Handler,
     topic: Arc<TopicName>,
+    /// When the client handed the message out: the lease cannot be extended past
+    /// `received + max_lease`, which bounds a delayed nack.
+    received: Instant,
+    max_lease: Duration,
+    stopped: CancellationToken,
 }
+
+/// How long before the end of `max_lease` a delayed nack is sent at the latest.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 impl Acker {
     fn settle(handler: Handler, topic: Arc<TopicName>, ack: bool) -> AckFuture {
@@ -516,19 +561,31 @@ impl Acker {
 
 impl Acknowledger for Acker {
     fn ack(self: Box<Self>) -> AckFuture {
-        let Acker { handler, topic } = *self;
+        let Acker { handler, topic, .. } = *self;
         Acker::settle(handler, topic, true)
     }
 
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
-        let Acker { handler, topic } = *self;
-        let delay = delay.filter(|d| !d.is_zero());
+        let Acker {
+            handler,
+            topic,
+            received,
+            max_lease,
+            stopped,
+        } = *self;
+        // The lease can be extended until `received + max_lease`: nack before that.
+        let leased_for = max_lease.saturating_sub(received.elapsed() + LEASE_MARGIN);
+        let delay = delay.map(|d| d.min(leased_for)).filter(|d| !d.is_zero());
         match (delay, tokio::runtime::Handle::try_current()) {
-            (Some(delay), Ok(runtime)) => {
+            (Some(delay), Ok(runtime)) if !stopped.is_cancelled() => {
                 // The client does not expose ack ids, so the delay is served by keeping the
-                // message leased for `delay` (bounded by `max_lease`) and nacking it then.
+                // message leased for `delay` and nacking it then, or at once when the
+                // subscription stops (so another member of the group gets it).
                 runtime.spawn(async move {
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stopped.cancelled() => {}
+                    }
                     if let Err(e) = Acker::settle(handler, topic, false).await {
                         tracing::warn!(error = %e, "delayed nack failed; Pub/Sub redelivers after the ack deadline");
                     }
