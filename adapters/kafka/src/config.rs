@@ -710,4 +710,151 @@ mod tests {
         assert_eq!(k.get("auto.offset.reset"), Some("latest"));
         assert_eq!(k.get("bootstrap.servers"), Some("b:1"));
     }
+
+    #[test]
+    fn integers_are_strict_and_errors_say_the_range() {
+        for (json, range) in [
+            (r#"{"partitions": -5}"#, "from 1 to 2147483647"),
+            (r#"{"partitions": 0}"#, "from 1 to 2147483647"),
+            (r#"{"partitions": 1.5}"#, "from 1 to 2147483647"),
+            (r#"{"partitions": 1e3}"#, "from 1 to 2147483647"),
+            (r#"{"partitions": "1e3"}"#, "from 1 to 2147483647"),
+            (r#"{"partitions": true}"#, "from 1 to 2147483647"),
+            (r#"{"partitions": "yes"}"#, "from 1 to 2147483647"),
+            (
+                r#"{"partitions": 99999999999999999999999}"#,
+                "from 1 to 2147483647",
+            ),
+            (r#"{"replication_factor": 40000}"#, "from 1 to 32767"),
+            (
+                r#"{"max_buffered_per_partition": -5}"#,
+                "from 1 to 4294967295",
+            ),
+            (
+                r#"{"max_buffered_per_partition": 0}"#,
+                "from 1 to 4294967295",
+            ),
+            (r#"{"max_message_bytes": 999}"#, "from 1000 to 1000000000"),
+        ] {
+            let err = serde_json::from_str::<KafkaConfig>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(range), "{json}: {err}");
+            let field = json.split('"').nth(1).unwrap();
+            assert!(err.contains(field), "{json} names the field: {err}");
+        }
+        let c: KafkaConfig =
+            serde_json::from_str(r#"{"partitions": "6", "max_message_bytes": 2000000}"#).unwrap();
+        assert_eq!((c.partitions, c.max_message_bytes), (6, 2_000_000));
+    }
+
+    #[test]
+    fn validate_checks_ranges_zero_and_lossy_durations() {
+        let cases: Vec<(Box<dyn Fn(&mut KafkaConfig)>, &str)> = vec![
+            (
+                Box::new(|c| c.partitions = -1),
+                "`partitions` must be an integer from 1 to 2147483647, got -1",
+            ),
+            (
+                Box::new(|c| c.replication_factor = 40_000),
+                "from 1 to 32767",
+            ),
+            (
+                Box::new(|c| c.max_buffered_per_partition = 0),
+                "from 1 to 4294967295",
+            ),
+            (
+                Box::new(|c| c.max_message_bytes = 10),
+                "from 1000 to 1000000000",
+            ),
+            (
+                Box::new(|c| c.commit_interval = Duration::ZERO),
+                "`commit_interval` must be a whole number of milliseconds from 1ms",
+            ),
+            (
+                Box::new(|c| c.request_timeout = Duration::from_micros(1500)),
+                "`request_timeout` must be a whole number of milliseconds",
+            ),
+            (
+                Box::new(|c| c.publish_timeout = Duration::from_secs(30 * 86_400)),
+                "`publish_timeout`",
+            ),
+            (
+                Box::new(|c| c.drain_timeout = Duration::MAX),
+                "`drain_timeout`",
+            ),
+            (
+                Box::new(|c| c.uuid_header.clear()),
+                "`uuid_header` is empty",
+            ),
+            (
+                Box::new(|c| c.uuid_read_headers = vec![String::new()]),
+                "`uuid_read_headers`",
+            ),
+        ];
+        for (change, want) in cases {
+            let mut c = KafkaConfig::default();
+            change(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(want), "expected {want:?} in {err}");
+        }
+        let c = KafkaConfig {
+            drain_timeout: Duration::ZERO,
+            ..KafkaConfig::default()
+        };
+        c.validate()
+            .expect("a zero drain_timeout means: do not wait");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_or_redacted_texts() {
+        let mut c = KafkaConfig::new("SASL_SSL://app:brokerpw@kafka-1:9093,kafka-2:9093");
+        c.properties
+            .insert("sasl.password".into(), "hunter2".into());
+        c.properties.insert("sasl.username".into(), "app".into());
+        c.producer_properties
+            .insert("ssl.key.password".into(), "k3y-pass".into());
+        c.consumer_properties.insert(
+            "sasl.oauthbearer.config".into(),
+            "principal=x clientSecret=oauth-s3cret".into(),
+        );
+        let debug = format!("{c:?}");
+        for secret in ["hunter2", "k3y-pass", "oauth-s3cret", "brokerpw"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(debug.contains("sasl.username"), "{debug}");
+        assert!(debug.contains("kafka-2:9093"), "{debug}");
+        assert_eq!(
+            c.brokers_display(),
+            "SASL_SSL://***@kafka-1:9093,kafka-2:9093"
+        );
+        let secrets = c.secrets();
+        let text = "login with hunter2 and app:brokerpw failed (k3y-pass)";
+        let shown = secrets.redact(text);
+        for secret in ["hunter2", "k3y-pass", "brokerpw"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(!format!("{secrets:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn creation_errors_hide_secret_values() {
+        let mut c = KafkaConfig::default();
+        c.properties
+            .insert("sasl.password".into(), "hunter2".into());
+        // A value librdkafka refuses, quoting it: the secret is hidden wherever it shows.
+        c.properties
+            .insert("security.protocol".into(), "hunter2".into());
+        let err = c
+            .producer_client()
+            .create_native_config()
+            .map(|_| ())
+            .map_err(|e| crate::client::creation_error(&c.secrets(), "producer", e));
+        let err = err
+            .expect_err("an unknown security protocol is refused")
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("security.protocol"), "{err}");
+        assert!(err.contains("***"), "{err}");
+    }
 }
