@@ -939,6 +939,91 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_integers_in_range_and_errors_say_the_range() {
+        let err = |json: &str| match serde_json::from_str::<AmqpConfig>(json) {
+            Ok(c) => c
+                .validate()
+                .err()
+                .unwrap_or_else(|| panic!("{json} accepted"))
+                .to_string(),
+            Err(e) => e.to_string(),
+        };
+        for json in [
+            r#"{"prefetch": -5}"#,
+            r#"{"prefetch": 70000}"#,
+            r#"{"prefetch": 1e3}"#,
+            r#"{"prefetch": 1.5}"#,
+            r#"{"prefetch": 99999999999999999999999}"#,
+            r#"{"prefetch": true}"#,
+            r#"{"prefetch": "yes"}"#,
+        ] {
+            let e = err(json);
+            assert!(e.contains("an integer from 0 to 65535"), "{json}: {e}");
+        }
+        let e = err(r#"{"max_message_size": 0}"#);
+        assert!(e.contains("an integer from 1 to"), "{e}");
+        let e = err(r#"{"max_message_size": -1}"#);
+        assert!(e.contains("an integer from 1 to"), "{e}");
+        for json in [
+            r#"{"queue_type": "quorum", "delivery_limit": 0}"#,
+            r#"{"queue_type": "quorum", "delivery_limit": -3}"#,
+            r#"{"queue_type": "quorum", "delivery_limit": 2.5}"#,
+            r#"{"queue_type": "quorum", "delivery_limit": 4294967296}"#,
+        ] {
+            let e = err(json);
+            assert!(e.contains("from 1 to 4294967295"), "{json}: {e}");
+        }
+        let c = AmqpConfig {
+            queue_type: QueueType::Quorum,
+            delivery_limit: Some(0),
+            ..AmqpConfig::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("from 1 to"));
+        let e = err(r#"{"persistent": "yes"}"#);
+        assert!(e.contains("boolean"), "{e}");
+        let e = err(r#"{"heartbeat": "1500ms"}"#);
+        assert!(e.contains("whole number of seconds"), "{e}");
+        let e = err(r#"{"message_uuid": {"header": ""}}"#);
+        assert!(e.contains("message_uuid"), "{e}");
+        let e = err(r#"{"message_uuid": {"header": "tidemill-key"}}"#);
+        assert!(e.contains("taken"), "{e}");
+        // Text sources (environment, URL query) give digits as strings.
+        let c: AmqpConfig =
+            serde_json::from_str(r#"{"prefetch": "7", "delivery_limit": null}"#).unwrap();
+        assert_eq!((c.prefetch, c.delivery_limit), (7, None));
+        let c: AmqpConfig =
+            serde_json::from_str(r#"{"queue_type": "quorum", "delivery_limit": 3}"#).unwrap();
+        assert_eq!(c.delivery_limit, Some(3));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn malformed_urls_never_show_the_password() {
+        for url in [
+            "user:hunter2@somehost:1234/vh",
+            "amqp://user:hunter2@somehost:notaport/vh",
+            "amqp://user:hunter2@somehost/vh?heartbeat=soon",
+            "amqp://user:hun@ter2@somehost/vh",
+            "http://user:hunter2@somehost/",
+            "amqp://user:hunter2@[::1/",
+        ] {
+            let c = AmqpConfig::new(url);
+            let shown = format!("{c:?}");
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("ter2"),
+                "{shown}"
+            );
+            if let Err(e) = c.validate() {
+                let text = e.to_string();
+                assert!(
+                    !text.contains("hunter2") && !text.contains("ter2"),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn passwords_never_show() {
         let c = AmqpConfig::new("amqp://user:s3cret@host:1234/vh");
         let shown = format!("{c:?}");

@@ -1164,6 +1164,91 @@ mod tests {
     }
 
     #[test]
+    fn a_republish_applies_only_what_the_application_changed() {
+        let c = UuidCarrier::Tidemill;
+        let headers = FieldTable::from(BTreeMap::from([
+            (ShortString::from("count"), AMQPValue::LongInt(42)),
+            (ShortString::from("flag"), AMQPValue::Boolean(false)),
+            (ShortString::from("gone"), AMQPValue::LongString("x".into())),
+            (
+                ShortString::from("blob"),
+                AMQPValue::ByteArray(vec![0xffu8].into()),
+            ),
+            (ShortString::from("kept"), AMQPValue::Double(0.5)),
+        ]));
+        let sent = BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(1)
+            .with_message_id("m-1".into())
+            .with_type("Old".into())
+            .with_app_id("producer".into());
+        let d = dec(&c, false, incoming(sent.clone(), b"body"));
+        // Unchanged: the very same properties and routing key.
+        let e = encode("out", d.message.clone(), true, &c).unwrap();
+        assert_eq!(e.properties, sent);
+        assert_eq!(e.routing_key.as_str(), "rk");
+        // Changed, removed, added.
+        let mut m = d.message;
+        let md = m.metadata_mut();
+        md.set("count", "43");
+        md.set("flag", "not a bool");
+        md.remove("gone");
+        md.set("blob.b64", "AAE=");
+        md.set("amqp.type", "New");
+        md.remove("amqp.app-id");
+        md.set("added", "1");
+        let e = encode("out", m, true, &c).unwrap();
+        let h = e.properties.headers().clone().unwrap();
+        let get = |k: &str| h.inner().get(k).cloned();
+        assert_eq!(get("count"), Some(AMQPValue::LongInt(43)), "type kept");
+        assert_eq!(
+            get("flag"),
+            Some(AMQPValue::LongString("not a bool".into()))
+        );
+        assert_eq!(get("gone"), None);
+        assert_eq!(get("blob"), Some(AMQPValue::ByteArray(vec![0u8, 1].into())));
+        assert_eq!(get("kept"), Some(AMQPValue::Double(0.5)));
+        assert_eq!(get("added"), Some(AMQPValue::LongString("1".into())));
+        assert_eq!(
+            e.properties.kind().as_ref().map(ShortString::as_str),
+            Some("New")
+        );
+        assert_eq!(e.properties.app_id(), &None);
+        assert_eq!(e.properties.delivery_mode(), &Some(1), "delivery mode kept");
+        assert_eq!(
+            e.properties.message_id().as_ref().map(ShortString::as_str),
+            Some("m-1")
+        );
+        assert_eq!(e.routing_key.as_str(), "rk");
+    }
+
+    #[test]
+    fn a_changed_key_sets_routing_key_and_key_header() {
+        let c = UuidCarrier::Tidemill;
+        let d = dec(&c, false, incoming(BasicProperties::default(), b"x"));
+        let id_less = d.message.uuid().to_owned();
+        let e = encode("out", d.message.clone(), true, &c).unwrap();
+        let h = e.properties.headers().clone().unwrap();
+        assert_eq!(
+            h.inner().get("tidemill-uuid"),
+            Some(&AMQPValue::LongString(id_less.as_str().into())),
+            "the uuid header is added to an id-less message, nothing else"
+        );
+        assert_eq!(h.inner().len(), 1);
+        assert_eq!(e.properties.message_id(), &None);
+        let mut m = d.message;
+        m.set_key(Some(Bytes::from_static(b"new-key")));
+        let e = encode("out", m, true, &c).unwrap();
+        assert_eq!(e.routing_key.as_str(), "new-key");
+        assert!(e
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .contains_key(KEY_HEADER));
+    }
+
+    #[test]
     fn delay_queues_are_recognised() {
         assert!(is_delay_queue_of("q.tidemill-delay-100ms", "q"));
         assert!(!is_delay_queue_of("q.tidemill-delay-100ms", "p"));

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -736,4 +737,200 @@ async fn closing_the_subscriber_ends_streams_and_later_acks_say_why() {
         .await
         .unwrap();
     next(&mut c, "x for the group").await.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn failure_destinations_are_retained_and_mandatory_publishes_say_unroutable() {
+    let Some(url) = common::broker_url("retain_and_mandatory") else {
+        return;
+    };
+    let topic = common::topic("retained");
+    let (p, s) = connect(&common::config(&url)).await;
+    let lost = Message::new("nobody listens");
+    let err = p
+        .publish_mandatory(&topic, vec![lost.clone()])
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Unroutable { topic: t, uuid, .. } => {
+            assert_eq!((t.as_str(), uuid.as_str()), (topic.as_str(), lost.uuid()));
+        }
+        other => panic!("expected Unroutable, got {other}"),
+    }
+    // Retained for group "audit": kept although nobody subscribed yet.
+    p.retain_for(&topic, "audit").await.unwrap();
+    p.retain_for(&topic, "audit").await.unwrap(); // idempotent
+    let kept: Vec<Message> = (0..3).map(|i| Message::new(format!("kept {i}"))).collect();
+    p.publish_mandatory(&topic, kept.clone()).await.unwrap();
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("audit"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..kept.len() {
+        let d = next(&mut stream, "a retained message").await;
+        got.push(d.message().uuid().to_owned());
+        d.ack().await.unwrap();
+    }
+    let mut want: Vec<String> = kept.iter().map(|m| m.uuid().to_owned()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(
+        nothing_within(&mut stream, QUIET).await,
+        "the lost one is lost"
+    );
+}
+
+#[tokio::test]
+async fn a_returned_message_fails_its_own_batch_and_names_itself() {
+    let Some(url) = common::broker_url("returned_message_names_itself") else {
+        return;
+    };
+    // A topic exchange where only `ok.*` keys reach a queue.
+    let config = AmqpConfig {
+        exchange_type: ExchangeType::Topic,
+        binding_key: "ok.*".into(),
+        ..common::config(&url)
+    };
+    let (p, s) = connect(&config).await;
+    let topic = common::topic("mixed");
+    p.retain_for(&topic, "g").await.unwrap();
+    let stray = Message::new("stray").with_key("bad.2");
+    let batch = vec![
+        Message::new("a").with_key("ok.1"),
+        stray.clone(),
+        Message::new("b").with_key("ok.3"),
+    ];
+    let err = p.publish_mandatory(&topic, batch).await.unwrap_err();
+    match &err {
+        Error::Unroutable { uuid, .. } => assert_eq!(uuid, stray.uuid()),
+        other => panic!("expected Unroutable, got {other}"),
+    }
+    // Concurrent mandatory publishes, routable and not, never get each other's returns.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let p = p.clone();
+        let topic = topic.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = if i % 2 == 0 { "ok.x" } else { "nope.x" };
+            let m = Message::new(format!("m{i}")).with_key(key);
+            (
+                i,
+                m.uuid().to_owned(),
+                p.publish_mandatory(&topic, vec![m]).await,
+            )
+        }));
+    }
+    for task in tasks {
+        let (i, uuid, result) = task.await.unwrap();
+        match (i % 2 == 0, result) {
+            (true, Ok(())) => {}
+            (false, Err(Error::Unroutable { uuid: returned, .. })) => assert_eq!(returned, uuid),
+            (routable, other) => panic!("message {i} (routable: {routable}): {other:?}"),
+        }
+    }
+    // Plain publishes on the shared channel are unaffected.
+    p.publish(&topic, vec![Message::new("dropped").with_key("nope.y")])
+        .await
+        .unwrap();
+    drop(s);
+}
+
+#[tokio::test]
+async fn ordered_mode_holds_a_keyed_message_in_place_for_its_delay() {
+    let Some(url) = common::broker_url("ordered_keyed_delay") else {
+        return;
+    };
+    let topic = common::topic("ordered-delay");
+    let config = AmqpConfig {
+        ordered: true,
+        ..common::config(&url)
+    };
+    let (p, s) = connect(&config).await;
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let k1 = Message::new("k1").with_key("k");
+    let k2 = Message::new("k2").with_key("k");
+    p.publish(&topic, vec![k1.clone(), k2.clone()])
+        .await
+        .unwrap();
+    let d = next(&mut stream, "k1").await;
+    assert_eq!(d.message().uuid(), k1.uuid());
+    let delay = Duration::from_millis(400);
+    let nacked = std::time::Instant::now();
+    d.nack_with_delay(delay).await.unwrap();
+    assert!(nacked.elapsed() < delay, "nack_with_delay returns at once");
+    // Nothing overtakes k1: it comes back first, after its delay.
+    let again = next(&mut stream, "k1 again").await;
+    assert!(
+        nacked.elapsed() >= delay,
+        "redelivered after {:?}",
+        nacked.elapsed()
+    );
+    assert_eq!(again.message(), &k1);
+    assert_eq!(again.attempt(), Some(2));
+    again.ack().await.unwrap();
+    let d = next(&mut stream, "k2").await;
+    assert_eq!(d.message().uuid(), k2.uuid());
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn delayed_redelivery_works_without_a_group() {
+    let Some(url) = common::broker_url("delay_without_group") else {
+        return;
+    };
+    let topic = common::topic("delay-broadcast");
+    let (p, s) = connect(&common::config(&url)).await;
+    let mut stream = s.subscribe(&topic, SubscribeOptions::new()).await.unwrap();
+    let m = Message::new("later").with_metadata("k", "v");
+    p.publish_one(&topic, m.clone()).await.unwrap();
+    let d = next(&mut stream, "m").await;
+    let nacked = std::time::Instant::now();
+    d.nack_with_delay(Duration::from_millis(300)).await.unwrap();
+    let again = next(&mut stream, "m again").await;
+    assert!(nacked.elapsed() >= Duration::from_millis(300));
+    assert_eq!(again.message(), &m);
+    assert_eq!(again.attempt(), Some(2));
+    again.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn passwords_stay_out_of_errors_and_debug_output() {
+    let hosts = [
+        "amqp://user:hunter2@nonexistent.invalid:5672/%2f",
+        "amqp://user:hunter2@127.0.0.1:1/%2f",
+    ];
+    for url in hosts {
+        let config = AmqpConfig {
+            connect_timeout: Duration::from_secs(5),
+            ..AmqpConfig::new(url)
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let err = AmqpPublisher::connect(config.clone()).await.unwrap_err();
+        let text = format!("{err} / {err:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        let err = AmqpSubscriber::connect(config).await.unwrap_err();
+        let text = format!("{err} / {err:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+    // A wrong password against the real broker.
+    let Some(url) = common::broker_url("passwords_stay_out_of_errors") else {
+        return;
+    };
+    let uri = lapin::uri::AMQPUri::from_str(&url).unwrap();
+    let wrong = format!(
+        "amqp://{}:hunter2@{}/%2f",
+        uri.authority.userinfo.username,
+        common::host_port(&url)
+    );
+    let err = AmqpPublisher::connect(AmqpConfig::new(wrong.as_str()))
+        .await
+        .unwrap_err();
+    let text = format!("{err} / {err:?}");
+    assert!(!text.contains("hunter2"), "{text}");
+    eprintln!("a wrong password: {err}");
 }
