@@ -448,6 +448,11 @@ impl NatsConfig {
                 return bad(format!("`{name}` must be positive"));
             }
         }
+        if self.max_reconnects == Some(0) {
+            return bad(
+                "`max_reconnects` must be at least 1 (or unset to retry forever), got 0".into(),
+            );
+        }
         if self.user.is_some() != self.password.is_some() {
             return bad("`user` and `password` must be set together".into());
         }
@@ -586,6 +591,105 @@ impl JetStreamConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_strict_and_name_their_range() {
+        let cases = [
+            (
+                r#"{"jetstream":{"replicas":-5}}"#,
+                "between 1 and 5, got -5",
+            ),
+            (
+                r#"{"jetstream":{"replicas":"-5"}}"#,
+                "between 1 and 5, got -5",
+            ),
+            (r#"{"jetstream":{"replicas":6}}"#, "between 1 and 5, got 6"),
+            (
+                r#"{"jetstream":{"pull_batch":0}}"#,
+                "`jetstream.pull_batch` must be an integer between 1 and",
+            ),
+            (
+                r#"{"jetstream":{"max_ack_pending":1.5}}"#,
+                "got the fraction 1.5",
+            ),
+            (
+                r#"{"jetstream":{"max_ack_pending":2.0}}"#,
+                "`jetstream.max_ack_pending`",
+            ),
+            (
+                r#"{"jetstream":{"max_ack_pending":99999999999999999999999}}"#,
+                "between 1 and 9223372036854775807",
+            ),
+            (
+                r#"{"jetstream":{"max_ack_pending":"99999999999999999999999"}}"#,
+                "got 99999999999999999999999",
+            ),
+            (
+                r#"{"jetstream":{"max_deliver":"yes"}}"#,
+                "`jetstream.max_deliver`",
+            ),
+            (
+                r#"{"jetstream":{"max_deliver":true}}"#,
+                "got the boolean true",
+            ),
+            (
+                r#"{"jetstream":{"max_messages":-1}}"#,
+                "or unset for no limit), got -1",
+            ),
+            (
+                r#"{"jetstream":{"max_ack_inflight":0}}"#,
+                "`jetstream.max_ack_inflight`",
+            ),
+            (
+                r#"{"max_reconnects":0}"#,
+                "or unset to retry forever), got 0",
+            ),
+            (r#"{"max_reconnects":-1}"#, "`max_reconnects`"),
+        ];
+        for (json, want) in cases {
+            let err = serde_json::from_str::<NatsConfig>(json).expect_err(json);
+            assert!(err.to_string().contains(want), "{json}: {err}");
+        }
+        let ok: NatsConfig = serde_json::from_str(
+            r#"{"max_reconnects": null, "jetstream": {"replicas": "3", "max_deliver": 5}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.jetstream.replicas, 3);
+        assert_eq!(ok.jetstream.max_deliver, Some(5));
+        assert_eq!(ok.max_reconnects, None);
+        let mut zero = NatsConfig::default();
+        zero.max_reconnects = Some(0);
+        assert!(zero
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_reconnects"));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_and_errors() {
+        let config = NatsConfig {
+            password: Some("pw-s3cret".into()),
+            user: Some("bob".into()),
+            token: Some("tok-s3cret".into()),
+            ..NatsConfig::new("nats://alice:hunter2@a:4222, tls://t0ken-s3cret@b:4222")
+        };
+        let debug = format!("{config:?}");
+        for secret in ["pw-s3cret", "tok-s3cret", "hunter2", "t0ken-s3cret"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert!(
+            debug.contains("***@a:4222") && debug.contains("bob"),
+            "{debug}"
+        );
+        let bad = NatsConfig::new("nats://carol:pa55word@host:notaport");
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(!err.contains("pa55word") && err.contains("url"), "{err}");
+        assert_eq!(
+            redact_text("auth failed for carol:pa55word", &bad),
+            "auth failed for ***"
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -35,7 +35,24 @@ pub(crate) async fn connect_wire(config: &Arc<NatsConfig>) -> Result<Wire> {
 /// `connect_timeout`. In JetStream mode, also checks that the server has JetStream.
 pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
     config.validate()?;
-    let addrs = config.server_addrs()?;
+    // Credentials in the URLs go to the options, not with the addresses: async-nats logs
+    // the addresses it connects to.
+    let mut url_user: Option<(String, Option<String>)> = None;
+    let mut addrs = Vec::new();
+    for addr in config.server_addrs()? {
+        if url_user.is_none() {
+            if let Some(user) = addr.username() {
+                url_user = Some((user.to_owned(), addr.password().map(str::to_owned)));
+            }
+        }
+        let mut url = addr.into_inner();
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        addrs.push(
+            async_nats::ServerAddr::from_url(url)
+                .map_err(|e| Error::config(BROKER, format!("`url`: {e}")))?,
+        );
+    }
     let (tx, rx) = watch::channel(0u64);
     let tx = Arc::new(tx);
     let url = crate::config::redact_urls(&config.url);
@@ -68,6 +85,13 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
     }
     if let Some(token) = &config.token {
         options = options.token(token.clone());
+    }
+    if config.user.is_none() && config.token.is_none() {
+        match url_user {
+            Some((user, Some(password))) => options = options.user_and_password(user, password),
+            Some((token, None)) => options = options.token(token),
+            None => {}
+        }
     }
     if let Some(path) = &config.credentials_file {
         options = options.credentials_file(path).await.map_err(|e| {

@@ -716,3 +716,228 @@ async fn closed_handles_refuse_work() {
         delete_streams(&url, &[topic]).await;
     }
 }
+
+/// A writer collecting log output, for checking what the logs say.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Passwords, tokens and credentials never appear in errors, `Debug` output or logs
+/// (URL userinfo included), whether connecting fails or works.
+#[tokio::test]
+async fn secrets_never_appear_in_errors_or_logs() {
+    let Some(url) = url() else { return };
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let secrets = ["hunter2", "pw-s3cret", "tok-s3cret", "SUASEEDS3CRET"];
+    let creds = std::env::temp_dir().join(format!("tidemill-{}.creds", std::process::id()));
+    std::fs::write(
+        &creds,
+        "-----BEGIN USER NKEY SEED-----\nSUASEEDS3CRET\n------END USER NKEY SEED------\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut errors = Vec::new();
+    let unreachable = NatsConfig {
+        connect_timeout: Duration::from_secs(2),
+        password: Some("pw-s3cret".into()),
+        user: Some("bob".into()),
+        token: Some("tok-s3cret".into()),
+        ..NatsConfig::new("nats://alice:hunter2@127.0.0.1:1")
+    };
+    errors.push(format!("{unreachable:?}"));
+    errors.push(
+        NatsPublisher::connect(unreachable.clone())
+            .await
+            .err()
+            .expect("fails")
+            .to_string(),
+    );
+    errors.push(
+        NatsSubscriber::connect(unreachable)
+            .await
+            .err()
+            .expect("fails")
+            .to_string(),
+    );
+    let with_creds = NatsConfig {
+        connect_timeout: Duration::from_secs(2),
+        credentials_file: Some(creds.clone()),
+        ..test_config(&url)
+    };
+    if let Err(e) = NatsSubscriber::connect(with_creds).await {
+        errors.push(e.to_string());
+    }
+    // A server without authentication accepts (and ignores) the credentials in the URL.
+    let host = common::host_port(&url);
+    let config = test_config(&format!("nats://alice:hunter2@{host}"));
+    let (p, s) = pair(&config).await;
+    let topic = unique_topic("discreet");
+    let mut stream = ok(
+        s.subscribe(&topic, SubscribeOptions::new()).await,
+        "subscribe",
+    );
+    ok(p.publish_one(&topic, Message::new("x")).await, "publish");
+    ok(next(&mut stream, "the message").await.ack().await, "ack");
+    ok(p.close().await, "close");
+    ok(s.close().await, "close");
+    let _ = std::fs::remove_file(&creds);
+    let logged = String::from_utf8_lossy(&logs.0.lock()).into_owned();
+    for secret in secrets {
+        for e in &errors {
+            assert!(!e.contains(secret), "{secret} in {e}");
+        }
+        assert!(!logged.contains(secret), "{secret} in the logs:\n{logged}");
+    }
+    assert!(
+        errors.iter().any(|e| e.contains("***@127.0.0.1:1")),
+        "{errors:?}"
+    );
+    delete_streams(&url, &[topic]).await;
+}
+
+/// `retain_for` creates the group's durable consumer, so a group subscribing later gets
+/// what was published before, even on a stream that keeps messages only for existing
+/// consumers; `publish_mandatory` fails with `Error::Unroutable` when no stream keeps the
+/// message; core NATS promises neither.
+#[tokio::test]
+async fn retain_for_and_mandatory_publishes() {
+    let Some(url) = url() else { return };
+    let mut config = test_config(&url);
+    config.jetstream.retention = tidemill_nats::Retention::Interest;
+    let (p, s) = pair(&config).await;
+    let topic = unique_topic("retained");
+    let unkept = Message::new("nobody keeps this");
+    let err = p
+        .publish_mandatory(&topic, vec![unkept.clone()])
+        .await
+        .expect_err("an interest stream without consumers keeps nothing");
+    assert!(matches!(err, Error::Unroutable { .. }), "{err}");
+    assert!(err.to_string().contains(unkept.uuid()), "{err}");
+    ok(p.retain_for(&topic, "late").await, "retain_for");
+    ok(p.retain_for(&topic, "late").await, "retain_for again");
+    let kept = vec![Message::new("a"), Message::new("b")];
+    ok(
+        p.publish_mandatory(&topic, kept.clone()).await,
+        "publish_mandatory",
+    );
+    let mut stream = ok(
+        s.subscribe(&topic, SubscribeOptions::group("late")).await,
+        "subscribe",
+    );
+    for want in &kept {
+        let d = next(&mut stream, "a retained message").await;
+        assert_eq!(d.message(), want);
+        ok(d.ack().await, "ack");
+    }
+
+    let strict = NatsConfig {
+        jetstream: tidemill_nats::JetStreamConfig {
+            create_streams: false,
+            ..config.jetstream.clone()
+        },
+        ..config.clone()
+    };
+    let sp = ok(NatsPublisher::connect(strict).await, "publisher");
+    let err = sp
+        .publish_mandatory(&unique_topic("nowhere"), vec![Message::new("x")])
+        .await
+        .expect_err("no stream");
+    assert!(matches!(err, Error::Unroutable { .. }), "{err}");
+
+    let core = NatsConfig {
+        mode: NatsMode::Core,
+        ..test_config(&url)
+    };
+    let cp = ok(NatsPublisher::connect(core).await, "core publisher");
+    let err = cp
+        .retain_for("anything", "g")
+        .await
+        .expect_err("core keeps nothing");
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(err.to_string().contains("core NATS"), "{err}");
+    let err = cp
+        .publish_mandatory("anything", vec![Message::new("x")])
+        .await
+        .expect_err("core cannot tell");
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    for c in [
+        p.close().await,
+        s.close().await,
+        sp.close().await,
+        cp.close().await,
+    ] {
+        ok(c, "close");
+    }
+    delete_streams(&url, &[topic]).await;
+}
+
+/// `nack_with_delay` holds back that message only: the server redelivers it no earlier
+/// than the delay (JetStream's NAK with delay), while messages published after it are
+/// delivered meanwhile; with order per key, its key's successors wait behind it.
+#[tokio::test]
+async fn a_delayed_nack_delays_only_its_message() {
+    let Some(url) = url() else { return };
+    for order_per_key in [false, true] {
+        let mut config = test_config(&url);
+        config.jetstream.order_per_key = order_per_key;
+        let (p, s) = pair(&config).await;
+        let topic = unique_topic("delayed_nack");
+        let mut stream = ok(
+            s.subscribe(&topic, SubscribeOptions::group("g")).await,
+            "subscribe",
+        );
+        let first = Message::new("first").with_key("k1");
+        ok(p.publish_one(&topic, first.clone()).await, "publish");
+        let d = next(&mut stream, "the first message").await;
+        assert_eq!(d.message(), &first);
+        let delay = Duration::from_secs(2);
+        let nacked = Instant::now();
+        ok(d.nack_with_delay(delay).await, "nack_with_delay");
+        let same_key = Message::new("same key").with_key("k1");
+        let others: Vec<Message> = (0..5)
+            .map(|i| Message::new(format!("other {i}")).with_key(format!("o{i}")))
+            .collect();
+        ok(p.publish_one(&topic, same_key.clone()).await, "publish");
+        ok(p.publish(&topic, others.clone()).await, "publish");
+        let mut seen_others = 0;
+        let mut order = Vec::new();
+        while order.len() < others.len() + 2 {
+            let d = next(&mut stream, "the rest").await;
+            let m = d.message().clone();
+            if m == first {
+                assert!(
+                    nacked.elapsed() >= delay,
+                    "redelivered after {:?}",
+                    nacked.elapsed()
+                );
+                assert_eq!(seen_others, others.len(), "others flowed while it waited");
+                assert_eq!(d.attempt(), Some(2));
+            } else if m != same_key {
+                seen_others += 1;
+            }
+            order.push(m);
+            ok(d.ack().await, "ack");
+        }
+        if order_per_key {
+            let pos = |m: &Message| order.iter().position(|o| o == m).unwrap();
+            assert!(pos(&first) < pos(&same_key), "order per key kept");
+        }
+        ok(p.close().await, "close");
+        ok(s.close().await, "close");
+        delete_streams(&url, &[topic]).await;
+    }
+}
