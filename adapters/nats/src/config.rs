@@ -657,8 +657,10 @@ mod tests {
         assert_eq!(ok.jetstream.replicas, 3);
         assert_eq!(ok.jetstream.max_deliver, Some(5));
         assert_eq!(ok.max_reconnects, None);
-        let mut zero = NatsConfig::default();
-        zero.max_reconnects = Some(0);
+        let zero = NatsConfig {
+            max_reconnects: Some(0),
+            ..NatsConfig::default()
+        };
         assert!(zero
             .validate()
             .unwrap_err()

@@ -45,7 +45,7 @@ struct Inner {
 
 enum Mode {
     JetStream(Box<JsPublisher>),
-    Core(CorePublisher),
+    Core(Box<CorePublisher>),
 }
 
 impl NatsPublisher {
@@ -61,7 +61,10 @@ impl NatsPublisher {
                 conn.reconnects.clone(),
                 config.clone(),
             ))),
-            NatsMode::Core => Mode::Core(CorePublisher::new(conn.client.clone(), config.clone())),
+            NatsMode::Core => Mode::Core(Box::new(CorePublisher::new(
+                conn.client.clone(),
+                config.clone(),
+            ))),
         };
         Ok(NatsPublisher {
             inner: Arc::new(Inner {

@@ -416,8 +416,8 @@ async fn a_pass_through_handler_republishes_foreign_messages_unchanged() {
         };
         let mut want = by_name(sent.lines());
         let mut have = by_name(got.lines());
-        let ids = have.remove(&b"Nats-Msg-Id".to_vec());
-        match want.remove(&b"Nats-Msg-Id".to_vec()) {
+        let ids = have.remove(b"Nats-Msg-Id".as_slice());
+        match want.remove(b"Nats-Msg-Id".as_slice()) {
             Some(original) => assert_eq!(ids, Some(original), "case {i}: a foreign id is kept"),
             None => assert_eq!(
                 ids.map(|v| v.len()),
@@ -440,7 +440,6 @@ async fn a_pass_through_handler_republishes_foreign_messages_unchanged() {
             };
             let needs_raw = std::str::from_utf8(original).is_err()
                 || original.contains(&b'\0')
-                || original.contains(&b'\r') && canonical != *original
                 || !original.starts_with(b"NATS/1.0\r\n")
                 || canonical != *original;
             if needs_raw {
@@ -485,11 +484,11 @@ async fn watermill_uuid_header_both_ways() {
         .expect("the plain consumer got it");
     let lines = by_name(got.lines());
     assert_eq!(
-        lines.get(&b"_watermill_message_uuid".to_vec()),
+        lines.get(b"_watermill_message_uuid".as_slice()),
         Some(&vec![m.uuid().as_bytes().to_vec()])
     );
     assert_eq!(
-        lines.get(&b"name".to_vec()),
+        lines.get(b"name".as_slice()),
         Some(&vec![b"OrderPlaced".to_vec()])
     );
 
