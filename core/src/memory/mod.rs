@@ -173,6 +173,37 @@ fn capacity<'de, D: serde::Deserializer<'de>>(
     deserializer.deserialize_u64(Capacity)
 }
 
+#[cfg(test)]
+mod config_tests {
+    use super::MemoryConfig;
+    use serde::de::value::{Error, MapDeserializer};
+    use serde::de::IntoDeserializer;
+    use serde::Deserialize;
+
+    fn one<V: IntoDeserializer<'static, Error>>(
+        key: &'static str,
+        value: V,
+    ) -> Result<MemoryConfig, Error> {
+        MemoryConfig::deserialize(MapDeserializer::new(std::iter::once((key, value))))
+    }
+
+    #[test]
+    fn capacity_zero_negative_and_fractional_are_refused_with_the_range() {
+        let range = format!("expected an integer from 1 to {}", usize::MAX);
+        for err in [
+            one("capacity", 0u64).unwrap_err(),
+            one("capacity", -5i64).unwrap_err(),
+            one("capacity", u128::MAX).unwrap_err(),
+            one("capacity", 1.5f64).unwrap_err(),
+        ] {
+            assert!(err.to_string().contains(&range), "{err}");
+        }
+        assert_eq!(one("capacity", 3u64).unwrap().capacity, 3);
+        assert_eq!(one("retention", 0u64).unwrap(), MemoryConfig::default());
+        assert!(one("capacty", 3u64).is_err());
+    }
+}
+
 /// The in-memory broker. Cheap to clone; clones share topics and queues.
 #[derive(Clone, Default)]
 pub struct MemoryBroker {
