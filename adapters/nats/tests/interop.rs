@@ -567,3 +567,43 @@ async fn uuid_in_plain_headers() {
         delete_streams(&url, &[topic]).await;
     }
 }
+
+/// Why Tidemill receives on a connection of its own: async-nats fails its whole
+/// connection on a header value that is not UTF-8 (then reconnects; a JetStream consumer
+/// gets the message again after `ack_wait`, and the connection fails again). When this
+/// test fails, async-nats has learned to receive such messages.
+#[tokio::test]
+async fn async_nats_drops_its_connection_on_a_non_utf8_header() {
+    let Some(url) = url() else { return };
+    let client = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let subject = unique_topic("async_nats_canary");
+    let _sub = client
+        .subscribe(subject.clone())
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    client
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    let connects = || {
+        client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = connects();
+    let mut raw = RawClient::connect(&host_port(&url)).await;
+    raw.publish(&subject, None, Some(&block(&[b"bin: \xff"])), b"x")
+        .await;
+    raw.ping().await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while connects() <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "async-nats kept its connection: it may now receive non-UTF-8 header values"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
