@@ -23,7 +23,8 @@ type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
 /// share the state, so one breaker can guard a dependency several handlers use. Which
 /// errors count as failures is decided by [`is_failure`](CircuitBreaker::is_failure)
 /// (default: all but permanent ones — a malformed message says nothing about the
-/// dependency's health). [`state`](CircuitBreaker::state) tells the current state.
+/// dependency's health). [`state`](CircuitBreaker::state) tells the current state. It
+/// costs two locks (admit, record) and a boxed future per message.
 ///
 /// ```
 /// use std::time::Duration;

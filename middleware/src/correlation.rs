@@ -15,8 +15,9 @@ use crate::headers;
 /// handlers can be followed end to end. When the input has none, a chain starts: its
 /// outputs get the input's uuid (unique, time-ordered) as their correlation id, so the
 /// chain leads back to the message that began it. Outputs that already carry a correlation
-/// id keep theirs. The input itself is not modified (nothing is allocated for handlers
-/// that publish nothing).
+/// id keep theirs. The input itself is not modified. Each message's future keeps a copy of
+/// the input without its context (one reference count); handlers that publish nothing pay
+/// nothing more.
 ///
 /// The metadata key is [`headers::CORRELATION_ID`] (`correlation-id`) unless
 /// [`key`](CorrelationId::key) says otherwise; [`correlation_id`] reads it.

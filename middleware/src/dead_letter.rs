@@ -72,6 +72,11 @@ pub enum Counting {
 /// failed delivery `n` as far as known, `tidemill-dead-letter-error-n` = `TIME ERROR`. The
 /// input is acked once the dead-letter topic confirmed the publish, and nacked if it fails.
 ///
+/// Each message's future keeps an `Arc` of the layer's configuration and a clone of the
+/// input (its whole cost when the handler succeeds), so it dead-letters the same way
+/// whoever polls it, also after its service is gone. A message consumed from the
+/// dead-letter topic itself is never dead-lettered there again: its error is passed on.
+///
 /// Place it outside [`PoisonQueue`](crate::PoisonQueue), [`DelayedRedelivery`] and
 /// [`Retry`](crate::Retry): it counts what reaches the broker. With broker counting, every
 /// delivery counts, including ones nacked by a circuit breaker outside it.

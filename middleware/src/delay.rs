@@ -21,8 +21,11 @@ type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
 ///
 /// The attempt is the broker's ([`MessageContext::attempt`](tidemill_core::MessageContext::attempt)),
 /// or the durable count a [`DeadLetter`](crate::DeadLetter) layer keeps on brokers without
-/// one; lacking both, every delay is the first. Permanent errors are passed on unchanged
-/// (by default; see [`when`](DelayedRedelivery::when)): redelivering them is futile.
+/// one; lacking both, every delay is the first. Permanent errors, and errors that ask for a
+/// delay already, are passed on unchanged (by default; see
+/// [`when`](DelayedRedelivery::when)): redelivering permanent ones is futile. Each
+/// message's future keeps an `Arc` of the configuration and the attempt (one metadata
+/// lookup).
 ///
 /// ```
 /// use std::time::Duration;

@@ -11,8 +11,8 @@ use crate::util::Shared;
 
 /// Runs the handler twice for every message, one run after the other, and publishes the
 /// output of both: a test aid that shows whether a handler is idempotent (what
-/// at-least-once delivery requires of it). Either run failing fails the message. Not for
-/// production.
+/// at-least-once delivery requires of it). Either run failing fails the message. It costs
+/// a boxed future and a second call per message: not for production.
 ///
 /// ```
 /// use tidemill_core::{HandlerResult, MemoryBroker, Message, Router};

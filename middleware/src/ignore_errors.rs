@@ -15,7 +15,9 @@ type Matcher = Arc<dyn Fn(&(dyn std::error::Error + 'static)) -> bool + Send + S
 /// Treats the listed kinds of error as success: the input is acked (nothing is
 /// published) and the error is logged and counted. Kinds are error types, found anywhere
 /// in the error's source chain ([`of_type`](IgnoreErrors::of_type)), or predicates
-/// ([`when`](IgnoreErrors::when)).
+/// ([`when`](IgnoreErrors::when)). Each message's future keeps an `Arc` of the
+/// configuration and a copy of the input without its context (one reference count), for
+/// the log line.
 ///
 /// ```
 /// use tidemill_core::{HandlerResult, MemoryBroker, Message, Router};

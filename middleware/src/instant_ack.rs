@@ -18,7 +18,8 @@ use crate::util::Shared;
 /// work that is cheap to lose (cache warming, metrics) or that must not be redelivered
 /// (non-idempotent, long-running work that would exceed the broker's ack deadline). Layers
 /// outside it still see the handler's errors, but nothing they do can bring the message
-/// back; the router logs such failures.
+/// back; the router logs such failures. It costs a boxed future and the early ack per
+/// message.
 ///
 /// ```
 /// use tidemill_core::{HandlerResult, MemoryBroker, Message, Router};

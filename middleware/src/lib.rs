@@ -9,20 +9,28 @@
 //! handler fails, so the message is nacked or retried), `tower::limit::RateLimitLayer`
 //! (per handler), `tower::limit::ConcurrencyLimitLayer` and `tower::load_shed::LoadShedLayer`.
 //!
-//! | layer | on a handler error | settles the input by |
+//! Each layer's future owns what the layer needs (an `Arc` of its configuration, a clone
+//! of the input where it must retry or dead-letter), so a layer behaves the same whoever
+//! drives its service: the router, `ServiceExt::oneshot`, a `Buffer`, a spawned task. With
+//! no layer at all the router already nacks failures with a growing delay
+//! ([`RouterConfig::redelivery`](tidemill_core::RouterConfig::redelivery)).
+//!
+//! | layer | what it does | success-path cost per message |
 //! |---|---|---|
-//! | [`Retry`] | calls the handler again in-process, with exponential backoff | passing the last error on |
-//! | [`DelayedRedelivery`] | asks for a redelivery after a growing delay | nack with delay (router hook [`redeliver_after`](tidemill_core::router::redeliver_after)) |
-//! | [`PoisonQueue`] | publishes permanent failures to a poison topic | ack after the publish; nack if it fails |
-//! | [`DeadLetter`] | after N deliveries, publishes to a dead-letter topic | ack after the publish; durable counting republishes, then acks |
-//! | [`Recoverer`] | turns panics into errors the other layers see | — |
-//! | [`CorrelationId`] | — (copies the correlation id to outputs) | — |
-//! | [`Throttle`] | — (N messages per duration, shared or per handler) | — |
-//! | [`CircuitBreaker`] | opens after N failures; refuses while open | nack with the open time as delay |
-//! | [`Deduplicator`] | — (acks duplicates unhandled) | ack |
-//! | [`IgnoreErrors`] | listed error kinds become success | ack |
-//! | [`InstantAck`] | — (acks before the handler runs: at-most-once) | early ack (router hook [`take_ack`](tidemill_core::MessageContext::take_ack)) |
-//! | [`Duplicator`] | — (runs the handler twice, for idempotency tests) | — |
+//! | [`Retry`] | calls the handler again in-process with backoff, then passes the last error on | an `Arc` and a clone of the input |
+//! | [`DelayedRedelivery`] | asks for a nack with a delay that grows with the delivery attempt ([`redeliver_after`](tidemill_core::router::redeliver_after)) | an `Arc` and a metadata lookup |
+//! | [`PoisonQueue`] | publishes permanent failures to a poison topic, then acks (nacks if that publish fails) | an `Arc` and a clone of the input |
+//! | [`DeadLetter`] | after N failed deliveries publishes to a dead-letter topic with the history, then acks; earlier failures pass on (or are republished, with durable counting) | an `Arc`, a clone of the input and a metadata check |
+//! | [`Recoverer`] | turns panics into [`Panicked`] errors the other layers see | two unwind guards |
+//! | [`CorrelationId`] | copies the input's correlation id to every output | one reference count |
+//! | [`Throttle`] | at most N messages per duration, shared or per handler | a lock |
+//! | [`CircuitBreaker`] | opens after N failures; while open, nacks with the open time as delay | two locks and a boxed future |
+//! | [`Deduplicator`] | acks messages whose key was handled before, unhandled | a boxed future and a store lookup |
+//! | [`IgnoreErrors`] | listed error kinds count as success (acked) | an `Arc` and one reference count |
+//! | [`InstantAck`] | acks before the handler runs (at-most-once, via [`take_ack`](tidemill_core::MessageContext::take_ack)) | a boxed future and the early ack |
+//! | [`Duplicator`] | runs the handler twice, for idempotency tests | a boxed future and a second call |
+//!
+//! At router level each layer also boxes its future (one allocation per layer and message).
 //!
 //! ## The recommended stack
 //!
@@ -62,6 +70,7 @@
 //!     .await?;
 //! # Ok(()) }
 //! ```
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod circuit_breaker;

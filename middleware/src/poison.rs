@@ -32,6 +32,12 @@ const MAX_REASON: usize = 1_000;
 /// confirmed the publish; if that publish fails, the handler fails with
 /// [`PoisonPublishFailed`] and the input is nacked: never lost.
 ///
+/// Each message's future keeps an `Arc` of the layer's configuration and a clone of the
+/// input (its whole cost when the handler succeeds), so it poisons the same way whoever
+/// polls it. A message consumed from the poison topic itself is never poisoned there
+/// again: its error is passed on. The topic keeps what it receives for a consumer group
+/// ([`retain_for`](PoisonQueue::retain_for)).
+///
 /// Errors it does not take pass through unchanged. Place it outside
 /// [`Retry`](crate::Retry) and [`Recoverer`](crate::Recoverer) so that it sees their
 /// final verdict.

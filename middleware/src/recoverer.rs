@@ -17,7 +17,8 @@ use tower::{Layer, Service};
 ///
 /// The router survives panics on its own (it nacks the message); without this layer,
 /// though, a panic bypasses every layer between the handler and the router. Put it
-/// innermost.
+/// innermost. It costs two unwind guards per message (around `call` and around each poll)
+/// and no allocation.
 ///
 /// ```
 /// use tidemill_core::{HandlerResult, MemoryBroker, Message, Router};

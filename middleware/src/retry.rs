@@ -33,9 +33,11 @@ type Hook = Arc<dyn Fn(&RetryEvent<'_>) + Send + Sync>;
 ///   the retry layer does the same: each attempt gets a fresh timeout, so one slow attempt
 ///   does not doom the next. Placed outside, a timeout bounds all attempts together.
 ///
-/// Each message's future keeps a clone of the message (one reference count) for the next
-/// attempt and a handle on the layer's state, so it retries the same way whoever polls it
-/// (the router, `ServiceExt::oneshot`, a `Buffer`, a spawned task). The last error is
+/// Each message's future keeps a clone of the message for the next attempt and an `Arc` of
+/// the layer's state (the inner service and the configuration), so it retries the same way
+/// whoever polls it (the router, `ServiceExt::oneshot`, a `Buffer`, a spawned task), also
+/// after its service is gone; that is its whole cost when the first attempt succeeds (a
+/// lock per call is added only while futures of one service overlap). The last error is
 /// returned unchanged, so outer layers (poison queue, dead letter) see the handler's own
 /// error.
 ///

@@ -20,6 +20,7 @@ use tower::{Layer, Service};
 /// shares it, so `router.layer(Throttle::new(..))` limits all handlers together.
 /// [`Throttle::per_handler`] gives each handler (each service it makes) its own budget.
 /// tower's `RateLimitLayer` is the per-handler alternative with bursts ("N per window").
+/// It costs a lock per message, and a timer while it holds a message back.
 ///
 /// ```
 /// use std::time::Duration;
