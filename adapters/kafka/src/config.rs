@@ -396,7 +396,8 @@ impl KafkaConfig {
     /// A consumer's librdkafka settings; `group` is the Kafka group.id.
     pub(crate) fn consumer_client(&self, group: &str) -> ClientConfig {
         let mut c = self.base_client("consumer");
-        c.set("group.id", group)
+        c.set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS)
+            .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
@@ -417,6 +418,12 @@ impl KafkaConfig {
 /// The longest duration the adapter accepts (librdkafka takes milliseconds as a 32-bit
 /// integer).
 const MAX_DURATION: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// The consumers' `heartbeat.interval.ms` unless `consumer_properties` sets it
+/// (librdkafka's default is 3000): the other members of a group notice a member leaving
+/// (a closed subscriber) or joining at their next heartbeat, so this is about how long a
+/// handover takes.
+const HEARTBEAT_INTERVAL_MS: &str = "1000";
 
 /// Shown instead of a secret value.
 const HIDDEN: &str = "***";
@@ -708,6 +715,15 @@ mod tests {
         assert_eq!(k.get("group.id"), Some("g"));
         assert_eq!(k.get("enable.auto.commit"), Some("false"));
         assert_eq!(k.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(k.get("heartbeat.interval.ms"), Some("1000"));
+        c.consumer_properties
+            .insert("heartbeat.interval.ms".into(), "250".into());
+        let k = c.consumer_client("g");
+        assert_eq!(
+            k.get("heartbeat.interval.ms"),
+            Some("250"),
+            "the user's wins"
+        );
         assert_eq!(k.get("bootstrap.servers"), Some("b:1"));
     }
 

@@ -704,3 +704,177 @@ async fn the_router_processes_keys_in_parallel_and_each_key_in_order() {
         assert_eq!(seqs, &(0..per_key).collect::<Vec<_>>(), "order of {key}");
     }
 }
+
+/// The high watermark of `partition`: how many records the broker holds (from offset 0).
+fn high_watermark(brokers: &str, topic: &str, partition: i32) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    c.fetch_watermarks(topic, partition, LIMIT).unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_nack_holds_its_record_and_the_commit_point_and_writes_nothing() {
+    let Some(brokers) = brokers() else { return };
+    let mut c = config(&brokers);
+    c.commit_interval = Duration::from_millis(100);
+    let group_id = format!("{}held", c.group_prefix);
+    let topic = unique_topic("held");
+    let p = KafkaPublisher::connect(c.clone()).await.unwrap();
+    let s = KafkaSubscriber::connect(c).await.unwrap();
+    let opts = SubscribeOptions::group("held");
+    s.initialize(&topic, &opts).await.unwrap();
+    p.publish(
+        &topic,
+        vec![
+            Message::new("a1").with_key("a"),
+            Message::new("a2").with_key("a"),
+            Message::new("b1").with_key("b"),
+            Message::new("b2").with_key("b"),
+            Message::new("n1"),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut stream = s.subscribe(&topic, opts).await.unwrap();
+    let mut first = HashMap::new();
+    for _ in 0..3 {
+        let d = next(&mut stream, "the heads of a, b and the keyless one").await;
+        first.insert(payload(&d), d);
+    }
+    let mut names: Vec<&String> = first.keys().collect();
+    names.sort();
+    assert_eq!(names, ["a1", "b1", "n1"]);
+    let delay = Duration::from_secs(3);
+    let nacked_at = Instant::now();
+    first
+        .remove("a1")
+        .unwrap()
+        .nack_with_delay(delay)
+        .await
+        .unwrap();
+    for (_, d) in first {
+        d.ack().await.unwrap();
+    }
+    let b2 = next(&mut stream, "b2 while a1 is held").await;
+    assert_eq!(payload(&b2), "b2");
+    b2.ack().await.unwrap();
+    assert!(
+        quiet(&mut stream).await.is_none(),
+        "a2 waits behind the held a1"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // several commit intervals
+    assert_eq!(
+        committed(&brokers, &group_id, &topic, 0),
+        Some(0),
+        "the commit point stays at the held record"
+    );
+    assert_eq!(
+        high_watermark(&brokers, &topic, 0),
+        5,
+        "a nack writes nothing to the broker"
+    );
+    let again = next(&mut stream, "a1 after its delay").await;
+    assert_eq!(payload(&again), "a1");
+    assert_eq!(again.attempt(), Some(2));
+    assert!(nacked_at.elapsed() + Duration::from_millis(50) >= delay);
+    again.ack().await.unwrap();
+    let a2 = next(&mut stream, "a2").await;
+    assert_eq!(payload(&a2), "a2");
+    assert_eq!(a2.attempt(), Some(1));
+    a2.ack().await.unwrap();
+    await_committed(&brokers, &group_id, &topic, 0, 5).await;
+    assert_eq!(high_watermark(&brokers, &topic, 0), 5);
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_hands_unpolled_records_to_the_other_member() {
+    let Some(brokers) = brokers() else { return };
+    let c = config(&brokers);
+    let topic = unique_topic("handover");
+    create_topic(&brokers, &topic, 2).await;
+    let opts = SubscribeOptions::group("handover");
+    let first = KafkaSubscriber::connect(c.clone()).await.unwrap();
+    first.initialize(&topic, &opts).await.unwrap();
+    let _never_polled = first.subscribe(&topic, opts.clone()).await.unwrap();
+    let second = KafkaSubscriber::connect(c).await.unwrap();
+    // Joining rebalances the group: one partition each.
+    let mut stream = second.subscribe(&topic, opts).await.unwrap();
+    let raw = raw_producer(&brokers);
+    for part in 0..2 {
+        for i in 0..3 {
+            raw_send(&raw, &topic, part, &format!("p{part}-{i}")).await;
+        }
+    }
+    let mut own = Vec::new();
+    for _ in 0..3 {
+        let d = next(&mut stream, "the second member's partition").await;
+        own.push(payload(&d));
+        d.ack().await.unwrap();
+    }
+    let mine = own[0][..2].to_owned();
+    assert!(own.iter().all(|n| n.starts_with(&mine)), "{own:?}");
+    // Let the first member take its partition's records into its buffer, unpolled.
+    tokio::time::sleep(QUIET).await;
+    let closed_at = Instant::now();
+    first.close().await.unwrap();
+    let close_took = closed_at.elapsed();
+    let mut handed = Vec::new();
+    for _ in 0..3 {
+        let d = next(&mut stream, "the closed member's records").await;
+        handed.push(payload(&d));
+        d.ack().await.unwrap();
+    }
+    eprintln!(
+        "handover: close took {close_took:?}; the other member had the records {:?} after close began",
+        closed_at.elapsed()
+    );
+    let other = if mine == "p0" { "p1" } else { "p0" };
+    assert_eq!(
+        handed,
+        (0..3).map(|i| format!("{other}-{i}")).collect::<Vec<_>>()
+    );
+    second.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_for_keeps_messages_for_a_group_that_never_subscribed() {
+    let Some(brokers) = brokers() else { return };
+    let c = config(&brokers); // start_from = latest
+    let topic = unique_topic("retain");
+    let p = KafkaPublisher::connect(c.clone()).await.unwrap();
+    p.retain_for(&topic, "late").await.unwrap();
+    p.retain_for(&topic, "late").await.unwrap(); // idempotent
+    let sent = vec![Message::new("kept 1"), Message::new("kept 2")];
+    p.publish_mandatory(&topic, sent.clone()).await.unwrap();
+    let s = KafkaSubscriber::connect(c.clone()).await.unwrap();
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("late"))
+        .await
+        .unwrap();
+    for m in &sent {
+        let d = next(
+            &mut stream,
+            "a message published before the group subscribed",
+        )
+        .await;
+        assert_eq!(d.message().uuid(), m.uuid());
+        d.ack().await.unwrap();
+    }
+    s.close().await.unwrap();
+
+    let mut strict = c;
+    strict.create_topics = false;
+    let p2 = KafkaPublisher::connect(strict).await.unwrap();
+    let missing = unique_topic("retain-missing");
+    let err = p2.retain_for(&missing, "g").await.unwrap_err();
+    assert!(err.to_string().contains(&missing), "{err}");
+    assert!(err.to_string().contains("create_topics"), "{err}");
+    let err = p.retain_for(&topic, "").await.unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    p.close().await.unwrap();
+    let err = p.retain_for(&topic, "late").await.unwrap_err();
+    assert!(matches!(err, Error::PublisherClosed { .. }), "{err}");
+}
