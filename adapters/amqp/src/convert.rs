@@ -447,13 +447,19 @@ pub(crate) fn decode(ctx: &QueueContext<'_>, incoming: Incoming) -> Decoded {
         properties,
         data,
     } = incoming;
-    let mut props = Props::from_basic(&properties);
-    let had_headers = props.headers.is_some();
-    let mut headers = props.headers.take().unwrap_or_default();
-    let hop = trusted_hop(ctx.queue, &exchange, &routing_key, &headers);
-    if hop.is_some() {
+    let mut properties = properties;
+    let hop = trusted_hop(ctx.queue, &exchange, &routing_key, headers_of(&properties));
+    if let Some(hop) = &hop {
+        // Only a message back from a delay queue is rebuilt; any other is kept as lapin
+        // read it.
+        let mut props = Props::from_basic(&properties);
+        let mut headers = props.headers.take().unwrap_or_default();
         remove_delay_traces(ctx.queue, &mut headers);
+        props.expiration = hop.expiration.clone();
+        props.headers = (!hop.no_headers || !headers.is_empty()).then_some(headers);
+        properties = props.into_basic();
     }
+    let headers = headers_of(&properties);
     let mut broker_headers = Vec::new();
     let delivery_count = if ctx.quorum && redelivered {
         let count = headers.get(DELIVERY_COUNT_HEADER).and_then(value_u32);
@@ -472,8 +478,8 @@ pub(crate) fn decode(ctx: &QueueContext<'_>, incoming: Incoming) -> Decoded {
             .and_then(value_utf8)
             .is_some_and(|v| !v.is_empty())
     });
-    let message_id = props
-        .message_id
+    let message_id = properties
+        .message_id()
         .as_ref()
         .map(ShortString::as_str)
         .filter(|id| !id.is_empty());
@@ -501,7 +507,7 @@ pub(crate) fn decode(ctx: &QueueContext<'_>, incoming: Incoming) -> Decoded {
             || broker_headers.iter().any(|b| b.as_str() == name))
     };
     let mut binary = Vec::new();
-    for (name, value) in &headers {
+    for (name, value) in headers {
         if !shown(name.as_str()) {
             continue;
         }
@@ -540,10 +546,7 @@ pub(crate) fn decode(ctx: &QueueContext<'_>, incoming: Incoming) -> Decoded {
         );
         sources.push((md_key, name.clone()));
     }
-    if let Some(hop) = &hop {
-        props.expiration = hop.expiration.clone();
-    }
-    properties_to_metadata(&props, message_id_is_uuid, &mut metadata);
+    properties_to_metadata(&properties, message_id_is_uuid, &mut metadata);
 
     let (exchange, routing_key) = match &hop {
         Some(hop) => (hop.exchange.clone(), hop.routing_key.clone()),
@@ -556,15 +559,10 @@ pub(crate) fn decode(ctx: &QueueContext<'_>, incoming: Incoming) -> Decoded {
             b"amqp-delivery",
             exchange.as_str().as_bytes(),
             routing_key.as_str().as_bytes(),
-            format!("{props:?} {headers:?}").as_bytes(),
+            format!("{properties:?}").as_bytes(),
             &data,
         ])
     };
-    let keep_table = match &hop {
-        Some(hop) => !hop.no_headers || !headers.is_empty(),
-        None => had_headers,
-    };
-    props.headers = keep_table.then_some(headers);
     let hop_attempt = hop.as_ref().map_or(0, |h| h.attempt);
     let envelope = AmqpEnvelope {
         exchange,
@@ -572,7 +570,7 @@ pub(crate) fn decode(ctx: &QueueContext<'_>, incoming: Incoming) -> Decoded {
         redelivered: redelivered || hop.is_some(),
         delivery_tag,
         queue: ctx.queue.clone(),
-        properties: props.into_basic(),
+        properties,
         delivery_count,
         key: key.clone(),
         header_sources: sources,
@@ -741,32 +739,38 @@ pub(crate) fn is_delay_queue_of(name: &str, queue: &str) -> bool {
     }
 }
 
-fn properties_to_metadata(p: &Props, message_id_is_uuid: bool, md: &mut Metadata) {
+/// The headers of `p` (an empty table if it has none).
+fn headers_of(p: &BasicProperties) -> &BTreeMap<ShortString, AMQPValue> {
+    static NONE: BTreeMap<ShortString, AMQPValue> = BTreeMap::new();
+    p.headers().as_ref().map_or(&NONE, FieldTable::inner)
+}
+
+fn properties_to_metadata(p: &BasicProperties, message_id_is_uuid: bool, md: &mut Metadata) {
     let message_id = if message_id_is_uuid {
         &None
     } else {
-        &p.message_id
+        p.message_id()
     };
     let pairs: [(&str, &Option<ShortString>); 9] = [
-        ("amqp.content-type", &p.content_type),
-        ("amqp.content-encoding", &p.content_encoding),
-        ("amqp.correlation-id", &p.correlation_id),
-        ("amqp.reply-to", &p.reply_to),
-        ("amqp.expiration", &p.expiration),
+        ("amqp.content-type", p.content_type()),
+        ("amqp.content-encoding", p.content_encoding()),
+        ("amqp.correlation-id", p.correlation_id()),
+        ("amqp.reply-to", p.reply_to()),
+        ("amqp.expiration", p.expiration()),
         ("amqp.message-id", message_id),
-        ("amqp.type", &p.kind),
-        ("amqp.app-id", &p.app_id),
-        ("amqp.user-id", &p.user_id),
+        ("amqp.type", p.kind()),
+        ("amqp.app-id", p.app_id()),
+        ("amqp.user-id", p.user_id()),
     ];
     for (name, value) in pairs {
         if let Some(value) = value {
             md.set(name, value.as_str());
         }
     }
-    if let Some(ts) = p.timestamp {
+    if let Some(ts) = p.timestamp() {
         md.set("amqp.timestamp", ts);
     }
-    if let Some(priority) = p.priority {
+    if let Some(priority) = p.priority() {
         md.set("amqp.priority", priority);
     }
 }

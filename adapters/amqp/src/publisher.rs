@@ -131,6 +131,13 @@ impl AmqpPublisher {
             topology::exchange(&channel, &inner.config, topic, exchange).await?;
             declared.insert(exchange.to_owned());
         }
+        // Should this future be dropped midway (the publish timeout), returns of this batch
+        // may still come: the channel must not serve another batch. The guard, dropped
+        // before the lock, retires it.
+        let mut retire = Retire {
+            cache: &inner.mandatory,
+            channel: Some(channel.clone()),
+        };
         let returned = publish_batch(&channel, topic, &exchange_name, true, &mut batch)
             .await
             .inspect_err(|_| {
@@ -138,6 +145,8 @@ impl AmqpPublisher {
                     inner.mandatory.discard(&channel);
                 }
             })?;
+        retire.channel = None;
+        drop(retire);
         drop(declared);
         match returned.into_iter().next() {
             None => Ok(()),
@@ -245,6 +254,28 @@ impl AmqpPublisher {
                     ),
                 ))
             }
+        }
+    }
+}
+
+/// Retires a mandatory channel whose batch was abandoned: forgets it and closes it.
+struct Retire<'a> {
+    cache: &'a ConfirmChannel,
+    channel: Option<lapin::Channel>,
+}
+
+impl Drop for Retire<'_> {
+    fn drop(&mut self) {
+        let Some(channel) = self.channel.take() else {
+            return;
+        };
+        self.cache.discard(&channel);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = channel.close(200, "OK".into()).await {
+                    tracing::debug!(broker = BROKER, error = %e, "closing an abandoned channel");
+                }
+            });
         }
     }
 }
