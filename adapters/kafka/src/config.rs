@@ -766,7 +766,8 @@ mod tests {
 
     #[test]
     fn validate_checks_ranges_zero_and_lossy_durations() {
-        let cases: Vec<(Box<dyn Fn(&mut KafkaConfig)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut KafkaConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
             (
                 Box::new(|c| c.partitions = -1),
                 "`partitions` must be an integer from 1 to 2147483647, got -1",

@@ -177,6 +177,9 @@ pub(crate) struct Encoded {
     pub(crate) size: usize,
 }
 
+/// A header to write: name and value (`None`: null), borrowed where possible.
+type OutHeader<'a> = (Cow<'a, str>, Option<Cow<'a, [u8]>>);
+
 /// Encodes `msg`: from its Kafka record when it carries one, else from its metadata.
 pub(crate) fn encode(msg: Message, identity: &Identity) -> Encoded {
     let native = msg.native().filter(|n| n.broker() == BROKER).cloned();
@@ -226,8 +229,7 @@ fn encode_native(
     let uuid = msg.uuid();
     let received_uuid = record.uuid_from.and_then(|i| record.header(i).value_str());
     let uuid_changed = received_uuid != Some(uuid);
-    let mut out: Vec<(Cow<'_, str>, Option<Cow<'_, [u8]>>)> =
-        Vec::with_capacity(record.headers().len() + 1);
+    let mut out: Vec<OutHeader<'_>> = Vec::with_capacity(record.headers().len() + 1);
     let mut has_uuid = false;
     let mut changed: HashSet<String> = HashSet::new();
     for (i, h) in record.headers().enumerate() {
@@ -305,12 +307,7 @@ fn encode_native(
 /// The header for a received entry the application changed: a binary header's `.b64`
 /// entry set to valid base64 is written back as bytes under the header's name; anything
 /// else as text under the metadata key.
-fn changed_header<'a>(
-    view: View,
-    name: &'a str,
-    key: &str,
-    now: &'a str,
-) -> (Cow<'a, str>, Option<Cow<'a, [u8]>>) {
+fn changed_header<'a>(view: View, name: &'a str, key: &str, now: &'a str) -> OutHeader<'a> {
     if view == View::Base64 {
         if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(now) {
             return (Cow::Borrowed(name), Some(Cow::Owned(bytes)));
@@ -558,9 +555,10 @@ mod tests {
 
     #[test]
     fn the_uuid_header_is_configurable_and_fallbacks_are_read() {
-        let mut c = KafkaConfig::default();
-        c.uuid_header = "_watermill_message_uuid".into();
-        let watermill = Identity::new(&c);
+        let watermill = Identity::new(&KafkaConfig {
+            uuid_header: "_watermill_message_uuid".into(),
+            ..KafkaConfig::default()
+        });
         let hs = OwnedHeaders::new()
             .insert(Header {
                 key: "_watermill_message_uuid",
@@ -584,9 +582,10 @@ mod tests {
         );
 
         // Tidemill's header by default; Watermill's read when it is missing, if asked.
-        let mut c = KafkaConfig::default();
-        c.uuid_read_headers = vec!["_watermill_message_uuid".into()];
-        let both = Identity::new(&c);
+        let both = Identity::new(&KafkaConfig {
+            uuid_read_headers: vec!["_watermill_message_uuid".into()],
+            ..KafkaConfig::default()
+        });
         assert_eq!(received_with(1, Some(b""), None, hs, &both).uuid(), "tm-1");
         let only_wm = OwnedHeaders::new().insert(Header {
             key: "_watermill_message_uuid",

@@ -152,9 +152,11 @@ impl Subscriber for KafkaSubscriber {
         }
     }
 
-    /// Ends every stream of this subscriber: each subscription commits the offsets of what
-    /// was acked and leaves its group. Deliveries still held stay valid, but settling them
-    /// afterwards commits nothing (Kafka redelivers them to the group).
+    /// Ends every stream of this subscriber, polled or not: each subscription commits the
+    /// offsets of what was acked and leaves its group, so the group's other members get
+    /// everything else it had received (at their next heartbeat, then a rejoin). Deliveries
+    /// still held stay valid, but settling them afterwards commits nothing (Kafka
+    /// redelivers them to the group).
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, AtomicOrdering::Release);
         let running: Vec<Running> = std::mem::take(&mut *self.inner.running.lock());
