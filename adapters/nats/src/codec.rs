@@ -308,6 +308,7 @@ fn encode_plain(
         insert(&mut headers, name, value)?;
     }
     let key_value = key_header(message.key(), &mut encoded);
+    let ids = identity_headers(message, identity, &mut encoded);
     if encoded {
         insert(
             &mut headers,
@@ -315,7 +316,7 @@ fn encode_plain(
             Cow::Borrowed(ENCODING_VALUE),
         )?;
     }
-    for (name, value) in identity_headers(message, identity) {
+    for (name, value) in ids.into_iter().flatten() {
         let name =
             HeaderName::try_from(name.as_ref()).map_err(|_| header_error(topic, uuid, "a name"))?;
         insert(&mut headers, name, value)?;
@@ -351,40 +352,43 @@ fn key_header(
 
 /// The headers carrying `message`'s uuid, as the identity mode says (when the metadata
 /// sets `Nats-Msg-Id` itself, that one is sent and the uuid goes in `tidemill-uuid`).
+/// Sets `encoded` when a value had to be sent as an encoded word.
 fn identity_headers(
     message: &Message,
     identity: &Identity,
-) -> Vec<(Cow<'static, str>, Cow<'static, str>)> {
+    encoded: &mut bool,
+) -> [Option<(Cow<'static, str>, Cow<'static, str>)>; 2] {
     let uuid = message.uuid();
-    let mut out: Vec<(Cow<'static, str>, Cow<'static, str>)> = Vec::with_capacity(2);
     let own_msg_id = message.metadata().contains_key(MSG_ID_HEADER);
-    let value = |v: &str| -> Cow<'static, str> {
+    let mut value = |v: &str| -> Cow<'static, str> {
         if value_is_plain(v) {
             Cow::Owned(v.to_owned())
         } else {
+            *encoded = true;
             Cow::Owned(encode_word(v))
         }
     };
     match &identity.mode {
         UuidHeader::Tidemill | UuidHeader::NatsMsgId if own_msg_id => {
-            out.push((UUID_HEADER.into(), value(uuid)));
+            [Some((UUID_HEADER.into(), value(uuid))), None]
         }
-        UuidHeader::NatsMsgId => out.push((MSG_ID_HEADER.into(), value(uuid))),
-        UuidHeader::Tidemill => out.push((MSG_ID_HEADER.into(), message_id(message))),
+        UuidHeader::NatsMsgId => [Some((MSG_ID_HEADER.into(), value(uuid))), None],
+        UuidHeader::Tidemill => [
+            Some((MSG_ID_HEADER.into(), message_id(message, encoded))),
+            None,
+        ],
         UuidHeader::Watermill | UuidHeader::Header(_) => {
             let name = identity.uuid_header().unwrap_or(UUID_HEADER).to_owned();
-            out.push((name.into(), value(uuid)));
-            if !own_msg_id {
-                out.push((MSG_ID_HEADER.into(), message_id(message)));
-            }
+            let bare = Some((name.into(), value(uuid)));
+            let id = (!own_msg_id).then(|| (MSG_ID_HEADER.into(), message_id(message, encoded)));
+            [bare, id]
         }
     }
-    out
 }
 
 /// The `Nats-Msg-Id` Tidemill writes: `{uuid}.{hash}` (16 lowercase hex digits of
 /// [`content_hash`]), as a header value (an encoded word when the uuid is not plain).
-fn message_id(message: &Message) -> Cow<'static, str> {
+fn message_id(message: &Message, encoded: &mut bool) -> Cow<'static, str> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let uuid = message.uuid();
     let hash = content_hash(uuid, message.metadata(), message.key(), message.payload());
@@ -399,6 +403,7 @@ fn message_id(message: &Message) -> Cow<'static, str> {
     if plain || value_is_plain(&id) {
         Cow::Owned(id)
     } else {
+        *encoded = true;
         Cow::Owned(encode_word(&id))
     }
 }
@@ -461,7 +466,7 @@ fn encode_native(
             }
             Role::OwnMsgId => {
                 has_uuid = true;
-                let id = Bytes::from(message_id(message).into_owned());
+                let id = Bytes::from(message_id(message, &mut lines.encoded).into_owned());
                 untouched &= id == h.value;
                 lines.push(h.name.clone(), id);
             }
@@ -479,7 +484,8 @@ fn encode_native(
     }
     let appended_from = lines.lines.len();
     if !has_uuid {
-        for (name, value) in identity_headers(message, identity) {
+        let ids = identity_headers(message, identity, &mut lines.encoded);
+        for (name, value) in ids.into_iter().flatten() {
             lines.push(
                 Bytes::from(name.into_owned()),
                 Bytes::from(value.into_owned()),
@@ -1034,6 +1040,16 @@ mod tests {
         assert_eq!(round_trip(&m), m);
         let binary_key = Message::new("p").with_key([0xffu8, 0, 1]);
         assert_eq!(round_trip(&binary_key), binary_key);
+        for uuid in [" padded uuid ", "line\nbreak", "=?utf-8?b?aGk=?="] {
+            let odd = Message::with_uuid(uuid, "p");
+            for identity in [tidemill(), Identity::new(UuidHeader::NatsMsgId)] {
+                assert_eq!(
+                    round_trip_with(&odd, &identity).uuid(),
+                    uuid,
+                    "{identity:?}"
+                );
+            }
+        }
         for identity in [
             Identity::new(UuidHeader::Watermill),
             Identity::new(UuidHeader::NatsMsgId),

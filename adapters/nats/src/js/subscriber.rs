@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -62,8 +62,6 @@ pub(crate) struct JsShared {
     tick: AtomicU32,
     /// Background work (draining finished subscriptions) that `close` waits for.
     tasks: TaskTracker,
-    /// Subscriptions not dropped yet.
-    live: AtomicUsize,
 }
 
 impl JsShared {
@@ -76,11 +74,14 @@ impl JsShared {
         self.held.lock().try_remove(slot);
     }
 
-    /// Whether anything still needs the connection: a subscription not dropped yet, one
+    /// Whether anything still needs the connection: a subscription not ended yet, one
     /// handing back what it read ahead, or a delivery not settled yet (held or waiting for
     /// its turn).
     pub(crate) fn busy(&self) -> bool {
-        self.live.load(Ordering::Acquire) > 0
+        self.slots
+            .lock()
+            .iter()
+            .any(|(_, s)| s.sub.lock().is_some())
             || !self.tasks.is_empty()
             || !self.held.lock().is_empty()
     }
@@ -144,7 +145,6 @@ impl JsSubscriber {
             held: Mutex::new(Slab::new()),
             tick: AtomicU32::new(0),
             tasks: TaskTracker::new(),
-            live: AtomicUsize::new(0),
         });
         tokio::spawn(keep_alive(Arc::downgrade(&shared), every, ticks_max));
         JsSubscriber { shared }
@@ -232,7 +232,6 @@ impl JsSubscriber {
             last_sequence: 0,
             order: js.order_per_key.then(Sequencer::new),
         };
-        shared.live.fetch_add(1, Ordering::AcqRel);
         stream.requested = batch;
         stream
             .pull()
@@ -858,6 +857,5 @@ impl Drop for PullStream {
             .unwrap_or_default();
         self.shared.slots.lock().try_remove(self.slot_key);
         release(&self.shared, &self.slot, waiting);
-        self.shared.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
