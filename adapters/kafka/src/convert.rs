@@ -50,14 +50,17 @@ impl Identity {
     }
 }
 
-/// A received record as a Tidemill message carrying its [`KafkaRecord`].
-pub(crate) fn message<M: rdkafka::Message>(m: &M, identity: &Identity) -> Message {
-    let topic = m.topic();
+/// A received record of `topic` as a Tidemill message carrying its [`KafkaRecord`].
+pub(crate) fn message<M: rdkafka::Message>(
+    m: &M,
+    topic: &Arc<str>,
+    identity: &Identity,
+) -> Message {
     let (partition, offset) = (m.partition(), m.offset());
     let value = m.payload().map(Bytes::copy_from_slice);
     let key = m.key().map(Bytes::copy_from_slice);
     let mut builder = RecordBuilder::new(
-        topic,
+        topic.clone(),
         partition,
         offset,
         m.timestamp().into(),
@@ -80,7 +83,7 @@ pub(crate) fn message<M: rdkafka::Message>(m: &M, identity: &Identity) -> Messag
     let mut record = builder.finish();
     if record.unreadable_headers() > 0 {
         tracing::warn!(
-            topic,
+            topic = &**topic,
             partition,
             offset,
             unreadable = record.unreadable_headers(),
@@ -355,7 +358,7 @@ mod tests {
             offset,
             Some(headers),
         );
-        message(&m, identity)
+        message(&m, &Arc::from("orders"), identity)
     }
 
     /// Name and value of every header of `e`, in order.

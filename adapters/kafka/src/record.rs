@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tidemill_core::{Message, Native};
@@ -36,7 +37,7 @@ use crate::BROKER;
 /// ```
 #[derive(Clone)]
 pub struct KafkaRecord {
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     timestamp: KafkaTimestamp,
@@ -244,7 +245,7 @@ pub(crate) struct RecordBuilder {
 
 impl RecordBuilder {
     pub(crate) fn new(
-        topic: &str,
+        topic: Arc<str>,
         partition: i32,
         offset: i64,
         timestamp: KafkaTimestamp,
@@ -253,7 +254,7 @@ impl RecordBuilder {
     ) -> Self {
         RecordBuilder {
             record: KafkaRecord {
-                topic: topic.to_owned(),
+                topic,
                 partition,
                 offset,
                 timestamp,
@@ -304,7 +305,7 @@ mod tests {
     #[test]
     fn headers_keep_order_duplicates_and_null() {
         let mut b = RecordBuilder::new(
-            "t",
+            Arc::from("t"),
             1,
             2,
             KafkaTimestamp::CreateTime(5),

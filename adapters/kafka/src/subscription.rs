@@ -92,6 +92,8 @@ impl Wakeup {
 pub(crate) struct Shared {
     pub(crate) topic: String,
     pub(crate) group: Option<String>,
+    /// The topic, shared by the records received.
+    topic_arc: Arc<str>,
     /// Which headers carry the uuid.
     identity: Arc<Identity>,
     /// Secret values of the configuration, hidden from logs.
@@ -106,6 +108,7 @@ impl Shared {
         Shared {
             topic: topic.to_owned(),
             group: group.map(str::to_owned),
+            topic_arc: Arc::from(topic),
             identity: Identity::new(config),
             secrets: config.secrets(),
             state: Mutex::new(State::new(
@@ -648,7 +651,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                 None => break,
                 Some(Ok(m)) => {
                     let p = m.partition();
-                    let msg = convert::message(&m, &shared.identity);
+                    let msg = convert::message(&m, &shared.topic_arc, &shared.identity);
                     let offset = m.offset();
                     drop(m);
                     push(&shared, p, vec![(offset, msg)]);
@@ -689,7 +692,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                     match q.poll(Duration::ZERO) {
                         None => break,
                         Some(Ok(m)) => {
-                            let msg = convert::message(&m, &shared.identity);
+                            let msg = convert::message(&m, &shared.topic_arc, &shared.identity);
                             batch.push((m.offset(), msg));
                         }
                         Some(Err(e)) => report_consumer_error(&shared, e),
