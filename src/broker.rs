@@ -366,15 +366,19 @@ impl BrokerConfig {
         };
         let (kind, mut options) = match (url, named) {
             (Some(url), named) => {
-                let (kind, options) = url_options(&url)?;
-                if let Some(named) = named.filter(|named| *named != kind) {
-                    return Err(section_err(format!(
-                        "has `url = \"{}\"` ({kind}) and `type = \"{named}\"`, which disagree: \
-                         keep one of them",
-                        redact_url(&url)
-                    )));
+                let by_scheme = url
+                    .split_once("://")
+                    .and_then(|(scheme, _)| BrokerKind::from_name(scheme));
+                if let (Some(kind), Some(named)) = (by_scheme, named) {
+                    if kind != named {
+                        return Err(section_err(format!(
+                            "has `url = \"{}\"` ({kind}) and `type = \"{named}\"`, which \
+                             disagree: keep one of them",
+                            redact_url(&url)
+                        )));
+                    }
                 }
-                (kind, options)
+                url_options(&url)?
             }
             (None, Some(kind)) => {
                 if !kind.is_available() {
@@ -421,18 +425,28 @@ impl BrokerConfig {
             .map_err(|e| discreet_error(e, &self.secrets()))
     }
 
-    /// The credentials in this configuration (to keep them out of error messages).
+    /// The credentials in this configuration (to keep them out of error messages), read
+    /// from the fields that hold them: adapters' own `Debug` already hides them.
     fn secrets(&self) -> Vec<String> {
         let raw: String = match self {
-            BrokerConfig::Memory(c) => format!("{c:?}"),
+            BrokerConfig::Memory(_) => String::new(),
             #[cfg(feature = "kafka")]
-            BrokerConfig::Kafka(c) => format!("{c:?}"),
+            BrokerConfig::Kafka(c) => format!(
+                "{:?} {:?} {:?} brokers: {:?}",
+                c.properties, c.producer_properties, c.consumer_properties, c.brokers
+            ),
             #[cfg(feature = "amqp")]
-            BrokerConfig::Amqp(c) => format!("{c:?} {}", c.url),
+            BrokerConfig::Amqp(c) => format!("url: {:?}", c.url),
             #[cfg(feature = "nats")]
-            BrokerConfig::Nats(c) => format!("{c:?}"),
+            BrokerConfig::Nats(c) => format!(
+                "url: {:?}, password: {:?}, token: {:?}",
+                c.url, c.password, c.token
+            ),
             #[cfg(feature = "googlecloud")]
-            BrokerConfig::GoogleCloud(c) => format!("{c:?}"),
+            BrokerConfig::GoogleCloud(c) => format!(
+                "emulator_host: {:?}, endpoint: {:?}",
+                c.emulator_host, c.endpoint
+            ),
         };
         crate::redact::secrets_in_debug(&raw)
     }
@@ -777,7 +791,7 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
                     message: "pubsub:// needs a project: pubsub://my-project".to_owned(),
                 });
             }
-            if project.contains(['@', ':', '/']) {
+            if project.contains(['@', '/']) {
                 return Err(ConfigError::Missing {
                     kind,
                     message: format!(
@@ -1398,6 +1412,18 @@ mod tests {
             assert!(!debug.contains("hunter2"), "{debug}");
             assert!(debug.contains("h:9092"), "{debug}");
         }
+    }
+
+    #[cfg(feature = "nats")]
+    #[test]
+    fn the_credentials_of_a_configuration_are_known() {
+        let c = BrokerConfig::from_url("nats://app:hunter2@h1:4222?password=hunter3&token=hunter4")
+            .unwrap();
+        let secrets = c.secrets();
+        for s in ["hunter2", "hunter3", "hunter4"] {
+            assert!(secrets.iter().any(|x| x == s), "{s} not in {secrets:?}");
+        }
+        assert!(!secrets.iter().any(|x| x.contains("h1")), "{secrets:?}");
     }
 
     #[test]

@@ -41,7 +41,9 @@ pub mod broker;
 mod redact;
 mod strict;
 
-pub use broker::{connect, Broker, BrokerConfig, BrokerKind, ConfigError, ConnectError};
+pub use broker::{
+    connect, Broker, BrokerConfig, BrokerKind, ConfigError, ConnectError, OptionError,
+};
 pub use tidemill_core::*;
 
 /// Reliability middleware and request-reply ([`tidemill_middleware`]).
