@@ -614,6 +614,31 @@ mod tests {
     }
 
     #[test]
+    fn a_message_from_another_broker_is_written_from_its_metadata() {
+        #[derive(Debug)]
+        struct OtherRecord;
+        let mut md = Metadata::new();
+        md.set("trace.b64", "/wA=");
+        md.set("tenant", "t1");
+        let m = Message::with_uuid("id-1", "p")
+            .with_metadata_map(md.clone())
+            .with_native(Native::new("nats", OtherRecord, &md));
+        let e = encode(m, &identity());
+        assert_eq!(
+            headers_of(&e),
+            vec![
+                h("tidemill-uuid", Some(b"id-1")),
+                h("tenant", Some(b"t1")),
+                h("trace.b64", Some(b"/wA=")),
+            ]
+        );
+        assert_eq!(e.payload.as_deref(), Some(&b"p"[..]));
+        // An empty payload without a Kafka record is an empty value, not a tombstone.
+        let e = encode(Message::new(""), &identity());
+        assert_eq!(e.payload.as_deref(), Some(&b""[..]));
+    }
+
+    #[test]
     fn size_counts_payload_key_and_headers() {
         let m = Message::with_uuid("id", vec![0u8; 10])
             .with_metadata("ab", "cd")

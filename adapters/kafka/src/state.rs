@@ -618,6 +618,43 @@ mod tests {
     }
 
     #[test]
+    fn a_delayed_message_holds_its_key_and_the_commit_point_only() {
+        let mut s = State::new(Ordering::Key, 100);
+        s.assign(0, Some(0));
+        s.push(
+            0,
+            vec![
+                (0, msg("a1", Some("a"))),
+                (1, msg("b1", Some("b"))),
+                (2, msg("a2", Some("a"))),
+                (3, msg("n1", None)),
+                (4, msg("b2", Some("b"))),
+            ],
+        );
+        let out = take_all(&mut s);
+        assert_eq!(names(&out), ["a1", "b1", "n1"]);
+        let t0 = Instant::now();
+        s.nack(out[0].0, Some(Duration::from_secs(30)), t0);
+        s.ack(out[1].0);
+        s.ack(out[2].0);
+        let mut more = Vec::new();
+        s.take(10, t0, &mut more);
+        assert_eq!(names(&more), ["b2"], "other keys flow; a2 waits behind a1");
+        s.ack(more[0].0);
+        assert!(
+            s.commits().is_empty(),
+            "offset 0 is held: nothing to commit"
+        );
+        let mut due = Vec::new();
+        s.take(10, t0 + Duration::from_secs(30), &mut due);
+        assert_eq!(names(&due), ["a1"]);
+        assert_eq!(due[0].2, 2);
+        s.ack(due[0].0);
+        assert_eq!(s.commits(), vec![(0, 2)], "a1 and b1 acked; a2 is next");
+        assert_eq!(names(&take_all(&mut s)), ["a2"]);
+    }
+
+    #[test]
     fn room_and_wakeups_follow_the_capacity() {
         let mut s = State::new(Ordering::Key, 2);
         s.assign(0, Some(0));
