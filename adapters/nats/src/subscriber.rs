@@ -20,8 +20,10 @@ use crate::BROKER;
 const CLOSE_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Subscribes to NATS: JetStream pull consumers (a durable consumer per consumer group) or,
-/// in core mode, plain and queue subscriptions. One connection per subscriber, shared by
-/// its subscriptions; cheap to clone.
+/// in core mode, plain and queue subscriptions. Each subscriber has two connections shared
+/// by its subscriptions: async-nats for JetStream management, and one of the adapter's own
+/// that receives the deliveries with their header bytes as sent (see the crate docs,
+/// "Messages from other clients"); cheap to clone.
 ///
 /// ```no_run
 /// use futures::StreamExt;
