@@ -490,7 +490,10 @@ impl BrokerConfig {
         })
     }
 
-    fn build(kind: BrokerKind, options: Options) -> Result<Self, ConfigError> {
+    fn build(kind: BrokerKind, mut options: Options) -> Result<Self, ConfigError> {
+        if kind == BrokerKind::Nats {
+            jetstream_switch(&mut options)?;
+        }
         if !kind.is_available() {
             return Err(ConfigError::MissingFeature {
                 kind,
@@ -761,27 +764,6 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
                 .collect::<Vec<_>>()
                 .join(",");
             options.insert("url".to_owned(), Value::from(url));
-            // `jetstream=true|false` picks the mode; `jetstream.<option>=…` configures it.
-            let is_switch = options
-                .get("jetstream")
-                .is_some_and(|v| !matches!(v.kind, ValueKind::Table(_)));
-            let switch = if is_switch {
-                options.remove("jetstream")
-            } else {
-                None
-            };
-            if let Some(js) = switch {
-                let on = strict::parse_bool(&js).ok_or_else(|| ConfigError::Invalid {
-                    kind,
-                    source: OptionError::invalid(
-                        "jetstream",
-                        "true or false (or JetStream options as jetstream.<option>=…)",
-                        &js,
-                    ),
-                })?;
-                let mode = if on { "jet_stream" } else { "core" };
-                options.insert("mode".to_owned(), Value::from(mode));
-            }
         }
         BrokerKind::GoogleCloud => {
             let project = base.trim_end_matches('/');
@@ -808,6 +790,31 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
         }
     }
     Ok((kind, options))
+}
+
+/// NATS: `jetstream = true|false` (URL, file or environment) picks the mode;
+/// `jetstream.<option>` (a table) configures JetStream.
+fn jetstream_switch(options: &mut Options) -> Result<(), ConfigError> {
+    let is_switch = options
+        .get("jetstream")
+        .is_some_and(|v| !matches!(v.kind, ValueKind::Table(_)));
+    if !is_switch {
+        return Ok(());
+    }
+    let Some(js) = options.remove("jetstream") else {
+        return Ok(());
+    };
+    let on = strict::parse_bool(&js).ok_or_else(|| ConfigError::Invalid {
+        kind: BrokerKind::Nats,
+        source: OptionError::invalid(
+            "jetstream",
+            "true or false (or JetStream options as jetstream.<option>=…)",
+            &js,
+        ),
+    })?;
+    let mode = if on { "jet_stream" } else { "core" };
+    options.insert("mode".to_owned(), Value::from(mode));
+    Ok(())
 }
 
 /// `a=1` sets `a`; `a.b=1` sets `b` inside table `a` (one level: `properties.linger.ms`).
@@ -1316,6 +1323,11 @@ mod tests {
     fn strict_booleans() {
         #[cfg(feature = "nats")]
         {
+            let c = from_file("app.yaml", "b:\n  type: nats\n  jetstream: off\n", "b").unwrap();
+            let BrokerConfig::Nats(c) = c else {
+                panic!("expected nats")
+            };
+            assert_eq!(c.mode, tidemill_nats::NatsMode::Core);
             let e = err("nats://h:1?jetstream=perhaps");
             assert!(
                 e.contains("option `jetstream`: expected true or false") && e.contains("`perhaps`"),
