@@ -286,7 +286,8 @@ struct Dialer {
     servers: Vec<ServerAddr>,
     config: Arc<NatsConfig>,
     auth: Auth,
-    tls: Option<Arc<async_nats::rustls::ClientConfig>>,
+    /// Made on first need (the URL, the configuration or the server asks for TLS).
+    tls: tokio::sync::OnceCell<Arc<async_nats::rustls::ClientConfig>>,
 }
 
 /// Longest control line accepted from the server.
@@ -330,17 +331,11 @@ impl Wire {
             auth.jwt = Some(jwt);
             auth.seed = Some(seed);
         }
-        let needs_tls = config.tls_required || servers.iter().any(ServerAddr::tls_required);
-        let tls = if needs_tls || config.root_certificates.is_some() {
-            Some(Arc::new(tls_config(&config).await?))
-        } else {
-            None
-        };
         let dialer = Dialer {
             servers,
             config: config.clone(),
             auth,
-            tls,
+            tls: tokio::sync::OnceCell::new(),
         };
         let (stream, info, rest) = tokio::time::timeout(config.connect_timeout, dialer.dial_any())
             .await
@@ -618,12 +613,10 @@ impl Dialer {
         };
         let tls_required = self.config.tls_required || server.tls_required();
         if tls_required || info.tls_required {
-            let Some(tls) = &self.tls else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "the server requires TLS",
-                ));
-            };
+            let tls = self
+                .tls
+                .get_or_try_init(|| async { tls_config(&self.config).await.map(Arc::new) })
+                .await?;
             let name =
                 async_nats::rustls::pki_types::ServerName::try_from(server.host().to_owned())
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
