@@ -59,7 +59,15 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// `subscribe` returns once the queue is declared, bound and consumed, so every message
 /// published afterwards is delivered. Each subscription has its own channel with the
 /// configured prefetch; deliveries are acknowledged (`basic.ack`) only when the
-/// application acks them, and nacked with requeue (`basic.nack`) otherwise.
+/// application acks them, and nacked with requeue (`basic.nack`) otherwise;
+/// `nack_with_delay` parks the message in a delay queue (see the crate docs).
+///
+/// Every delivered message carries an [`AmqpEnvelope`] (exchange, routing key, typed
+/// headers, every property) next to its string metadata, and its `attempt()` counts only
+/// what the broker or the subscriber counted, never a header a producer set.
+///
+/// `close()` closes the connection, so RabbitMQ requeues at once everything the
+/// subscriber held, also what sits prefetched in a stream nobody polls.
 ///
 /// The subscriber owns one connection. When it is lost, every stream reports one error
 /// item, then re-opens its channel, re-declares its queue and resumes consuming, retrying
@@ -165,12 +173,14 @@ impl Subscriber for AmqpSubscriber {
             topic,
             options.consumer_group(),
         )?);
-        let (consumer, lease) = open(self.inner.clone(), spec.clone()).await?;
+        let (consumer, lease) = open(self.inner.clone(), spec.clone(), None).await?;
         let stream = Subscription {
             inner: self.inner.clone(),
             spec,
             state: State::Consuming { consumer, lease },
             backoff: Duration::ZERO,
+            quarantine: None,
+            leave_quarantine: false,
         };
         Ok(DeliveryStream::new(stream)
             .until_cancelled(self.inner.connector.closed().clone())
@@ -256,13 +266,76 @@ struct Lease {
     kind: QueueKind,
     spec: Arc<Spec>,
     inner: Arc<Inner>,
+    /// The subscription's own connection while it is in quarantine, kept open while
+    /// deliveries from it are held.
+    _quarantine: Option<Arc<Quarantine>>,
 }
 
-/// Opens a channel, declares and binds the queue and starts consuming it.
-async fn open(inner: Arc<Inner>, spec: Arc<Spec>) -> Result<(Consumer, Arc<Lease>)> {
+/// A connection of one subscription's own, used after RabbitMQ sent it a message lapin
+/// cannot read (a header name or short-string property that is not UTF-8; lapin then
+/// drops the connection, and RabbitMQ redelivers the message on every new one). On its
+/// own connection and with prefetch 1, the subscription's failures do not disturb the
+/// subscriber's other subscriptions, and no other message of the queue is returned with
+/// the unreadable one (which matters for a quorum queue's `delivery_limit`, the way to get
+/// such a message out of the way). It closes when the subscription leaves quarantine (a
+/// message was read again), ends, or the subscriber closes.
+struct Quarantine {
+    connector: Arc<Connector>,
+    /// Fires when the quarantine is over (its last handle dropped).
+    done: tokio_util::sync::CancellationToken,
+}
+
+impl Quarantine {
+    fn start(inner: &Inner) -> Result<Arc<Self>> {
+        let connector = Arc::new(Connector::new(&inner.config)?);
+        let done = tokio_util::sync::CancellationToken::new();
+        // Closes the connection when the quarantine is over or the subscriber closes (which
+        // must release what this connection holds even if the stream is never polled).
+        let closed = inner.connector.closed().clone();
+        let (watched, over) = (connector.clone(), done.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                tokio::select! {
+                    _ = closed.cancelled() => {}
+                    _ = over.cancelled() => {}
+                }
+                watched.close().await;
+            });
+        }
+        Ok(Arc::new(Quarantine { connector, done }))
+    }
+}
+
+impl Drop for Quarantine {
+    fn drop(&mut self) {
+        self.done.cancel();
+    }
+}
+
+/// Opens a channel, declares and binds the queue and starts consuming it: on the
+/// subscriber's connection, or in quarantine on the subscription's own with prefetch 1.
+async fn open(
+    inner: Arc<Inner>,
+    spec: Arc<Spec>,
+    quarantine: Option<Arc<Quarantine>>,
+) -> Result<(Consumer, Arc<Lease>)> {
     let topic = spec.topic.as_str();
     let config = &inner.config;
-    let conn = inner.connector.connection().await?;
+    if inner.connector.closed().is_cancelled() {
+        return Err(Error::SubscriberClosed {
+            broker: BROKER,
+            topic: topic.to_owned(),
+        });
+    }
+    let conn = match &quarantine {
+        Some(q) => q.connector.connection().await?,
+        None => inner.connector.connection().await?,
+    };
+    let prefetch = if quarantine.is_some() {
+        1
+    } else {
+        config.effective_prefetch()
+    };
     let (queue, kind) = match &spec.group_queue {
         Some(queue) => (queue.clone(), QueueKind::Group),
         None => (config.broadcast_queue_for(topic)?, QueueKind::Exclusive),
@@ -273,10 +346,7 @@ async fn open(inner: Arc<Inner>, spec: Arc<Spec>) -> Result<(Consumer, Arc<Lease
             .await
             .map_err(|e| broker_error(topic, "open a channel", e))?;
         channel
-            .basic_qos(
-                config.effective_prefetch(),
-                BasicQosOptions { global: false },
-            )
+            .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| broker_error(topic, "set the prefetch (basic.qos)", e))?;
         topology::subscription(&channel, config, topic, &spec.exchange, &queue, kind).await?;
@@ -299,6 +369,7 @@ async fn open(inner: Arc<Inner>, spec: Arc<Spec>) -> Result<(Consumer, Arc<Lease
         kind,
         spec,
         inner,
+        _quarantine: quarantine,
     });
     Ok((consumer, lease))
 }
@@ -320,11 +391,37 @@ struct Subscription {
     state: State,
     /// The pause before the next re-open attempt; zero until one failed.
     backoff: Duration,
+    /// Set after a message lapin cannot read (see [`Quarantine`]).
+    quarantine: Option<Arc<Quarantine>>,
+    /// A message was read in quarantine: back to the shared connection.
+    leave_quarantine: bool,
 }
 
 impl Subscription {
     fn reopen(&self) -> State {
-        State::Reopening(open(self.inner.clone(), self.spec.clone()).boxed())
+        State::Reopening(
+            open(
+                self.inner.clone(),
+                self.spec.clone(),
+                self.quarantine.clone(),
+            )
+            .boxed(),
+        )
+    }
+
+    /// Leaves quarantine: stops the consumer on the subscription's own connection (held
+    /// deliveries stay valid) and consumes on the subscriber's connection again.
+    fn end_quarantine(&mut self) {
+        self.leave_quarantine = false;
+        if let State::Consuming { consumer, lease } =
+            std::mem::replace(&mut self.state, State::Ended)
+        {
+            release(consumer, lease);
+        }
+        self.quarantine = None;
+        tracing::info!(broker = BROKER, topic = %self.spec.topic,
+            "a message was read again: the subscription leaves quarantine");
+        self.state = self.reopen();
     }
 
     /// Re-opens at once after the first failure since a message arrived, then after
@@ -351,6 +448,9 @@ impl Stream for Subscription {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if this.leave_quarantine {
+            this.end_quarantine();
+        }
         loop {
             match &mut this.state {
                 State::Consuming { consumer, lease } => {
@@ -363,7 +463,33 @@ impl Stream for Subscription {
                                 continue;
                             }
                             this.backoff = Duration::ZERO;
+                            this.leave_quarantine = this.quarantine.is_some();
                             return Poll::Ready(Some(Ok(deliver(d, lease))));
+                        }
+                        Poll::Ready(Some(Err(e)))
+                            if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) =>
+                        {
+                            if this.quarantine.is_none() {
+                                match Quarantine::start(&this.inner) {
+                                    Ok(q) => this.quarantine = Some(q),
+                                    Err(err) => tracing::warn!(broker = BROKER, error = %err,
+                                        "cannot set up a connection for the quarantine"),
+                                }
+                            }
+                            Error::permanent(
+                                BROKER,
+                                &this.spec.topic,
+                                format!("consume queue `{}`", lease.queue),
+                                format!(
+                                    "RabbitMQ sent a message the AMQP client cannot read (a \
+                                     header name or short-string property that is not UTF-8?): \
+                                     {e}. The connection drops and the broker redelivers it, so \
+                                     it blocks the queue; the subscription retries on a \
+                                     connection of its own with prefetch 1. Remove the message \
+                                     from the queue, or let a quorum queue's delivery_limit \
+                                     dead-letter it"
+                                ),
+                            )
                         }
                         Poll::Ready(Some(Err(e))) => broker_error(
                             &this.spec.topic,
@@ -418,20 +544,24 @@ impl Stream for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let State::Consuming { consumer, lease } = std::mem::replace(&mut self.state, State::Ended)
-        else {
-            return;
-        };
-        if Arc::strong_count(&lease) == 1 {
-            // No delivery is held: dropping the last handles closes the channel, and the
-            // broker requeues whatever was sent ahead.
-            return;
+        if let State::Consuming { consumer, lease } =
+            std::mem::replace(&mut self.state, State::Ended)
+        {
+            release(consumer, lease);
         }
-        // Deliveries are held, so the channel stays open for their acks: stop the consumer
-        // and requeue what it had received but not handed out.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(cancel_and_requeue(consumer, lease));
-        }
+    }
+}
+
+/// Stops consuming on `lease`'s channel. Without held deliveries, dropping the last handles
+/// closes the channel and the broker requeues whatever was sent ahead; with held
+/// deliveries the channel stays open for their acks, so the consumer is cancelled and what
+/// it had received but not handed out is requeued.
+fn release(consumer: Consumer, lease: Arc<Lease>) {
+    if Arc::strong_count(&lease) == 1 {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(cancel_and_requeue(consumer, lease));
     }
 }
 

@@ -823,3 +823,203 @@ async fn uuids_travel_in_watermill_header_and_message_id_both_ways() {
     p.close().await.unwrap();
     s.close().await.unwrap();
 }
+
+/// Publishes one message whose headers table has a name that is not UTF-8, speaking AMQP
+/// over TCP directly: RabbitMQ accepts it (AMQP short strings are bytes), but no client
+/// library that insists on UTF-8 (lapin among them) can write it — or read it.
+async fn publish_unreadable(url: &str, exchange: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![kind];
+        f.extend_from_slice(&channel.to_be_bytes());
+        f.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        f.extend_from_slice(payload);
+        f.push(0xce);
+        f
+    }
+    fn short(b: &[u8]) -> Vec<u8> {
+        let mut v = vec![u8::try_from(b.len()).unwrap()];
+        v.extend_from_slice(b);
+        v
+    }
+    fn long(b: &[u8]) -> Vec<u8> {
+        let mut v = u32::try_from(b.len()).unwrap().to_be_bytes().to_vec();
+        v.extend_from_slice(b);
+        v
+    }
+    fn method(class: u16, id: u16, args: &[u8]) -> Vec<u8> {
+        let mut v = class.to_be_bytes().to_vec();
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend_from_slice(args);
+        v
+    }
+    async fn read_frame(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut header = [0u8; 7];
+        s.read_exact(&mut header).await.unwrap();
+        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
+        let mut body = vec![0u8; size + 1];
+        s.read_exact(&mut body).await.unwrap();
+        body.truncate(size);
+        body
+    }
+
+    let uri = AMQPUri::from_str(url).unwrap();
+    let mut s = tokio::net::TcpStream::connect(common::host_port(url))
+        .await
+        .unwrap();
+    s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+    read_frame(&mut s).await; // connection.start
+    let user = &uri.authority.userinfo;
+    let response = format!("\0{}\0{}", user.username, user.password);
+    let mut start_ok = 0u32.to_be_bytes().to_vec(); // empty client properties
+    start_ok.extend(short(b"PLAIN"));
+    start_ok.extend(long(response.as_bytes()));
+    start_ok.extend(short(b"en_US"));
+    s.write_all(&frame(1, 0, &method(10, 11, &start_ok)))
+        .await
+        .unwrap();
+    let tune = read_frame(&mut s).await;
+    let mut tune_ok = tune[4..10].to_vec(); // channel-max, frame-max as offered
+    tune_ok.extend_from_slice(&0u16.to_be_bytes()); // no heartbeats
+    s.write_all(&frame(1, 0, &method(10, 31, &tune_ok)))
+        .await
+        .unwrap();
+    let vhost = uri.vhost.as_bytes();
+    let mut open = short(vhost);
+    open.extend(short(b""));
+    open.push(0);
+    s.write_all(&frame(1, 0, &method(10, 40, &open)))
+        .await
+        .unwrap();
+    read_frame(&mut s).await; // open-ok
+    s.write_all(&frame(1, 1, &method(20, 10, &short(b""))))
+        .await
+        .unwrap();
+    read_frame(&mut s).await; // channel.open-ok
+    let mut publish = 0u16.to_be_bytes().to_vec();
+    publish.extend(short(exchange.as_bytes()));
+    publish.extend(short(b""));
+    publish.push(0);
+    s.write_all(&frame(1, 1, &method(60, 40, &publish)))
+        .await
+        .unwrap();
+    let body = b"unreadable";
+    let mut table = short(b"bad-\xff-name");
+    table.push(b'S');
+    table.extend(long(b"v"));
+    let mut header = 60u16.to_be_bytes().to_vec();
+    header.extend_from_slice(&0u16.to_be_bytes());
+    header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    header.extend_from_slice(&0x2000u16.to_be_bytes()); // headers only
+    header.extend(long(&table));
+    s.write_all(&frame(2, 1, &header)).await.unwrap();
+    s.write_all(&frame(3, 1, body)).await.unwrap();
+    // connection.close; its close-ok tells everything before it was processed.
+    let mut close = 200u16.to_be_bytes().to_vec();
+    close.extend(short(b"bye"));
+    close.extend_from_slice(&[0, 0, 0, 0]);
+    s.write_all(&frame(1, 0, &method(10, 50, &close)))
+        .await
+        .unwrap();
+    let close_ok = read_frame(&mut s).await;
+    assert_eq!(&close_ok[..4], &[0, 10, 0, 51], "connection.close-ok");
+}
+
+#[tokio::test]
+async fn an_unreadable_message_is_quarantined_and_dead_lettered_by_a_quorum_queue() {
+    let Some(url) = common::broker_url("an_unreadable_message_is_quarantined") else {
+        return;
+    };
+    let topic = common::topic("unreadable");
+    let other = common::topic("bystander");
+    let dead = common::topic("unreadable-dead");
+    let base = common::config(&url);
+    let (_conn, raw) = raw_channel(&url).await;
+    let collector = AmqpSubscriber::connect(base.clone()).await.unwrap();
+    collector
+        .initialize(&dead, &SubscribeOptions::group("kept"))
+        .await
+        .unwrap();
+    let config = AmqpConfig {
+        queue_type: QueueType::Quorum,
+        delivery_limit: Some(2),
+        dead_letter_exchange: Some(dead.clone()),
+        ..base.clone()
+    };
+    let s = AmqpSubscriber::connect(config.clone()).await.unwrap();
+    let p = AmqpPublisher::connect(config).await.unwrap();
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    // Another subscription of the same subscriber (same connection).
+    let mut bystander = s
+        .subscribe(&other, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    publish_unreadable(&url, &topic).await;
+    let good = Message::new("good");
+    p.publish_one(&topic, good.clone()).await.unwrap();
+
+    // Error items while the unreadable message comes back, then the good one: the quorum
+    // queue dead-letters the unreadable message past its delivery limit, and the good one
+    // (only ever held back, never returned with it in quarantine) is delivered.
+    let mut errors = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let d = loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => panic!("no delivery within {WAIT:?} ({errors} errors)"),
+            Ok(None) => panic!("stream ended"),
+            Ok(Some(Err(e))) => {
+                assert!(e.to_string().contains("cannot read"), "{e}");
+                errors += 1;
+            }
+            Ok(Some(Ok(d))) => break d,
+        }
+    };
+    assert_eq!(d.message().uuid(), good.uuid());
+    d.ack().await.unwrap();
+    assert!(errors >= 1, "the unreadable message was seen");
+    // It was kept aside, not lost (no AMQP client can read it, so count it).
+    let kept = raw
+        .queue_declare(
+            format!("{dead}.kept").as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept.message_count(), 1, "dead-lettered");
+    // Out of quarantine, the subscription carries on; the bystander lost its connection
+    // once (the first time), not on every redelivery.
+    let after = Message::new("after");
+    p.publish_one(&topic, after.clone()).await.unwrap();
+    let d = next(&mut stream, "a message after the quarantine").await;
+    assert_eq!(d.message().uuid(), after.uuid());
+    d.ack().await.unwrap();
+    let m = Message::new("bystander");
+    p.publish_one(&other, m.clone()).await.unwrap();
+    let mut bystander_errors = 0;
+    loop {
+        match tokio::time::timeout(WAIT, bystander.next()).await {
+            Ok(Some(Ok(d))) => {
+                assert_eq!(d.message().uuid(), m.uuid());
+                d.ack().await.unwrap();
+                break;
+            }
+            Ok(Some(Err(_))) => bystander_errors += 1,
+            other => panic!("bystander: {other:?}"),
+        }
+    }
+    assert!(
+        bystander_errors <= 1,
+        "{bystander_errors} errors on the bystander"
+    );
+    s.close().await.unwrap();
+    p.close().await.unwrap();
+    collector.close().await.unwrap();
+}
