@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::AckHandle;
+use crate::{AckHandle, AttemptOrigin};
 
 /// Where and how a message was received; set by the router before the handler runs.
 ///
@@ -20,6 +20,7 @@ pub struct MessageContext(Arc<Received>);
 pub(crate) struct Received {
     handler: Arc<HandlerInfo>,
     attempt: Option<u32>,
+    origin: AttemptOrigin,
     ack: AckSlot,
 }
 
@@ -69,6 +70,17 @@ impl MessageContext {
         MessageContext(Arc::new(Received {
             handler,
             attempt,
+            origin: AttemptOrigin::Broker,
+            ack: AckSlot::None,
+        }))
+    }
+
+    /// Records who counted the attempt (default: the broker); builder style.
+    pub fn with_attempt_origin(self, origin: AttemptOrigin) -> Self {
+        MessageContext(Arc::new(Received {
+            handler: self.0.handler.clone(),
+            attempt: self.0.attempt,
+            origin,
             ack: AckSlot::None,
         }))
     }
@@ -80,6 +92,7 @@ impl MessageContext {
         let received = Arc::new(Received {
             handler,
             attempt: handle.attempt(),
+            origin: handle.attempt_origin(),
             ack: AckSlot::Own(Mutex::new(Some(handle))),
         });
         (
@@ -94,6 +107,7 @@ impl MessageContext {
         MessageContext(Arc::new(Received {
             handler: self.0.handler.clone(),
             attempt: self.0.attempt,
+            origin: self.0.origin,
             ack: AckSlot::Shared(settlement),
         }))
     }
@@ -139,10 +153,18 @@ impl MessageContext {
         &self.0.handler
     }
 
-    /// The delivery attempt (1 for the first delivery) where the broker reports it.
+    /// The delivery attempt (1 for the first delivery) where the broker or the subscriber
+    /// counts it.
     #[inline]
     pub fn attempt(&self) -> Option<u32> {
         self.0.attempt
+    }
+
+    /// Who counted [`attempt`](Self::attempt): the broker (survives restarts) or this
+    /// process.
+    #[inline]
+    pub fn attempt_origin(&self) -> AttemptOrigin {
+        self.0.origin
     }
 }
 

@@ -30,9 +30,20 @@ impl Delivery {
         }
     }
 
-    /// Records the broker's delivery attempt (1 = first delivery); builder style.
+    /// Records the broker's delivery attempt (1 = first delivery), a count the broker keeps
+    /// across consumer restarts; builder style.
     pub fn with_attempt(mut self, attempt: u32) -> Self {
         self.handle.attempt = Some(attempt);
+        self.handle.origin = AttemptOrigin::Broker;
+        self
+    }
+
+    /// Records a delivery attempt the subscriber counted itself, in this process (1 = first
+    /// delivery here; it starts again after a restart or rebalance); builder style. For
+    /// brokers without a delivery count of their own.
+    pub fn with_process_attempt(mut self, attempt: u32) -> Self {
+        self.handle.attempt = Some(attempt);
+        self.handle.origin = AttemptOrigin::Process;
         self
     }
 
@@ -41,9 +52,15 @@ impl Delivery {
         &self.message
     }
 
-    /// The delivery attempt, 1 for the first delivery, where the broker reports it.
+    /// The delivery attempt, 1 for the first delivery, where the broker or the subscriber
+    /// counts it (see [`attempt_origin`](Self::attempt_origin)).
     pub fn attempt(&self) -> Option<u32> {
         self.handle.attempt
+    }
+
+    /// Who counted [`attempt`](Self::attempt).
+    pub fn attempt_origin(&self) -> AttemptOrigin {
+        self.handle.origin
     }
 
     /// Acknowledges the message: the broker will not deliver it again.
@@ -81,6 +98,21 @@ impl fmt::Debug for Delivery {
 pub struct AckHandle {
     acker: Option<Box<dyn Acknowledger>>,
     attempt: Option<u32>,
+    origin: AttemptOrigin,
+}
+
+/// Who counts a delivery's attempts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttemptOrigin {
+    /// The broker: the count survives consumer restarts (in-memory queues, NATS JetStream,
+    /// RabbitMQ quorum queues, Pub/Sub with a dead-letter policy). Also the value when no
+    /// attempt is known.
+    #[default]
+    Broker,
+    /// The subscriber, in this process: it starts at 1 again after a restart or rebalance
+    /// (Kafka, Pub/Sub without a dead-letter policy, RabbitMQ classic queues). Layers that
+    /// must count across restarts (dead letter) count durably themselves then.
+    Process,
 }
 
 impl AckHandle {
@@ -88,12 +120,18 @@ impl AckHandle {
         AckHandle {
             acker: Some(acker),
             attempt: None,
+            origin: AttemptOrigin::Broker,
         }
     }
 
-    /// The delivery attempt, where the broker reports it.
+    /// The delivery attempt, where the broker or the subscriber counts it.
     pub fn attempt(&self) -> Option<u32> {
         self.attempt
+    }
+
+    /// Who counted [`attempt`](Self::attempt).
+    pub fn attempt_origin(&self) -> AttemptOrigin {
+        self.origin
     }
 
     /// Acknowledges the delivery.

@@ -23,7 +23,7 @@ mod stop;
 
 pub use backoff::Backoff;
 pub use context::{HandlerInfo, MessageContext};
-pub use delivery::{AckFuture, AckHandle, Acknowledger, Delivery};
+pub use delivery::{AckFuture, AckHandle, Acknowledger, AttemptOrigin, Delivery};
 pub use error::{is_permanent, permanent, BoxError, Error, PermanentError, Result};
 pub use memory::{MemoryBroker, MemoryConfig, MemoryPublisher, MemorySubscriber};
 pub use message::{new_uuid, Message, Metadata, MetadataParseError};

@@ -323,7 +323,7 @@ impl fmt::Debug for PreviewBytes<'_> {
 /// assert_eq!(md.get_as::<u32>("retries").unwrap(), Some(3));
 /// assert!(md.get_as::<u32>("missing").unwrap().is_none());
 /// ```
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Metadata {
     map: Option<Arc<BTreeMap<String, String>>>,
 }
@@ -451,6 +451,15 @@ impl Metadata {
     }
 }
 
+impl PartialEq for Metadata {
+    /// Equal when they hold the same entries (an emptied map equals a new one).
+    fn eq(&self, other: &Self) -> bool {
+        self.same_as(other) || (self.len() == other.len() && self.iter().eq(other.iter()))
+    }
+}
+
+impl Eq for Metadata {}
+
 impl fmt::Debug for Metadata {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map().entries(self.iter()).finish()
@@ -548,6 +557,15 @@ mod tests {
             display,
             "message id-1 key=\"k\" (0 metadata entries, 10000 payload bytes)"
         );
+    }
+
+    #[test]
+    fn emptied_metadata_equals_new_metadata() {
+        let mut md = Metadata::new();
+        md.set("a", 1);
+        md.remove("a");
+        assert_eq!(md, Metadata::new());
+        assert_ne!(md, [("a", "1")].into_iter().collect());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use moka::sync::Cache;
 use tidemill_core::router::{redeliver_after, redelivery_delay};
-use tidemill_core::{BoxError, Message, Publisher};
+use tidemill_core::{AttemptOrigin, BoxError, Message, Publisher};
 use tokio::sync::OnceCell;
 use tower::{Layer, Service};
 
@@ -30,12 +30,15 @@ const HISTORY_TTL: Duration = Duration::from_secs(3_600);
 /// How [`DeadLetter`] counts the deliveries of a message.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Counting {
-    /// The broker's delivery attempt where the broker reports one
-    /// ([`MessageContext::attempt`](tidemill_core::MessageContext::attempt)), otherwise
-    /// [`Republish`](Counting::Republish). The default.
+    /// The broker's delivery attempt where the broker keeps one
+    /// ([`MessageContext::attempt`](tidemill_core::MessageContext::attempt) with
+    /// [`AttemptOrigin::Broker`]), otherwise [`Republish`](Counting::Republish) (also where
+    /// the subscriber counts attempts only in process, which a restart resets). The
+    /// default.
     #[default]
     Auto,
-    /// Always the broker's delivery attempt; a delivery without one counts as the first.
+    /// Always the delivery attempt, whoever counts it (an in-process count resets when the
+    /// consumer restarts); a delivery without one counts as the first.
     Broker,
     /// Durable counting by the layer itself, for brokers without a delivery count (Kafka,
     /// the Pub/Sub emulator, RabbitMQ classic queues): a failed message is republished with
@@ -438,7 +441,14 @@ impl Config {
         let by_broker = match self.counting {
             Counting::Broker => true,
             Counting::Republish => false,
-            Counting::Auto => broker_attempt.is_some(),
+            // A count the subscriber keeps in process starts again after a restart: a
+            // message whose consumer restarts often would never be dead-lettered.
+            Counting::Auto => {
+                broker_attempt.is_some()
+                    && msg
+                        .context()
+                        .is_some_and(|c| c.attempt_origin() == AttemptOrigin::Broker)
+            }
         };
         let number = if by_broker {
             prior + broker_attempt.unwrap_or(1)

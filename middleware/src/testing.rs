@@ -199,14 +199,19 @@ async fn dead_letter_run(b: Arc<dyn Backend>, counting: Counting, restart: bool)
         let second = failing_router(&s, dl.clone(), &topic, tx.clone()).await;
         start(&second, t).await;
         let d = next(&mut dead, t, "dead letter").await;
-        check_dead_letter(&d, &input, max, counting, f.delivery_attempt, &topic);
+        check_dead_letter(&d, &input, max, counting, durable_attempts(&calls), &topic);
         second
             .close()
             .await
             .unwrap_or_else(|e| panic!("close failed: {e}"));
     } else {
         let d = next(&mut dead, t, "dead letter").await;
-        check_dead_letter(&d, &input, max, counting, f.delivery_attempt, &topic);
+        let mut seen = calls.clone();
+        while let Ok(m) = rx.try_recv() {
+            seen.push(m);
+        }
+        check_dead_letter(&d, &input, max, counting, durable_attempts(&seen), &topic);
+        calls = seen;
         router
             .close()
             .await
@@ -230,6 +235,14 @@ async fn dead_letter_run(b: Arc<dyn Backend>, counting: Counting, restart: bool)
     for c in [p.close().await, s.close().await] {
         c.unwrap_or_else(|e| panic!("close failed: {e}"));
     }
+}
+
+/// Whether the handler's deliveries carried a broker-kept attempt count (what
+/// [`Counting::Auto`] counts with).
+fn durable_attempts(calls: &[Message]) -> bool {
+    calls.first().and_then(Message::context).is_some_and(|c| {
+        c.attempt().is_some() && c.attempt_origin() == tidemill_core::AttemptOrigin::Broker
+    })
 }
 
 fn check_dead_letter(

@@ -251,7 +251,7 @@ impl Stream for SubscriptionStream {
                         at,
                     };
                     this.buffer
-                        .push_back(Delivery::new(message, acker).with_attempt(attempt));
+                        .push_back(Delivery::new(message, acker).with_process_attempt(attempt));
                 }
                 continue;
             }
