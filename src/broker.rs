@@ -455,7 +455,7 @@ impl BrokerConfig {
         let kind = self.kind();
         let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match self {
             BrokerConfig::Memory(config) => {
-                let broker = MemoryBroker::with_config(config.clone());
+                let broker = MemoryBroker::try_with_config(config.clone())?;
                 (Arc::new(broker.publisher()), Arc::new(broker.subscriber()))
             }
             #[cfg(feature = "kafka")]

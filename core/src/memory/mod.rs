@@ -270,13 +270,27 @@ impl MemoryBroker {
     }
 
     /// A broker with `config`.
+    ///
+    /// # Panics
+    ///
+    /// When `config` is invalid ([`MemoryConfig::validate`]: a `capacity` of 0), naming the
+    /// field; [`try_with_config`](Self::try_with_config) returns the error instead.
     pub fn with_config(config: MemoryConfig) -> Self {
-        MemoryBroker {
+        match Self::try_with_config(config) {
+            Ok(broker) => broker,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A broker with `config`, or the error [`MemoryConfig::validate`] finds in it.
+    pub fn try_with_config(config: MemoryConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(MemoryBroker {
             shared: Arc::new(Shared {
                 config,
                 topics: RwLock::default(),
             }),
-        }
+        })
     }
 
     /// The broker's configuration.

@@ -281,3 +281,14 @@ async fn stress_publisher_and_consumer_never_stall() {
         }
     }
 }
+
+#[test]
+fn a_capacity_of_zero_is_refused_not_clamped() {
+    let err = MemoryBroker::try_with_config(MemoryConfig {
+        capacity: 0,
+        retention: 0,
+    })
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("capacity"), "{err}");
+}
