@@ -622,6 +622,8 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
         },
     );
     let base = decoded.hop_attempt;
+    let ctx_quorum = ctx.quorum;
+    let decoded_count_missing = decoded.delivery_count.is_none();
     let (attempt, tracked) = match decoded.delivery_count {
         Some(count) => (base.saturating_add(count).saturating_add(1), false),
         None if redelivered => {
@@ -651,7 +653,14 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
         native,
         payload,
     };
-    Delivery::new(decoded.message, acker).with_attempt(attempt)
+    let delivery = Delivery::new(decoded.message, acker);
+    // A quorum queue keeps the count (x-delivery-count, and the count parked messages
+    // carry); on a classic queue redeliveries are counted in this process.
+    if ctx_quorum && !(redelivered && decoded_count_missing) {
+        delivery.with_attempt(attempt)
+    } else {
+        delivery.with_process_attempt(attempt)
+    }
 }
 
 /// Settles one delivery on the channel it arrived on.
