@@ -622,8 +622,6 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
         },
     );
     let base = decoded.hop_attempt;
-    let ctx_quorum = ctx.quorum;
-    let decoded_count_missing = decoded.delivery_count.is_none();
     let (attempt, tracked) = match decoded.delivery_count {
         Some(count) => (base.saturating_add(count).saturating_add(1), false),
         None if redelivered => {
@@ -653,14 +651,12 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
         native,
         payload,
     };
-    let delivery = Delivery::new(decoded.message, acker);
-    // A quorum queue keeps the count (x-delivery-count, and the count parked messages
-    // carry); on a classic queue redeliveries are counted in this process.
-    if ctx_quorum && !(redelivered && decoded_count_missing) {
-        delivery.with_attempt(attempt)
-    } else {
-        delivery.with_process_attempt(attempt)
-    }
+    // The count lives with the message: RabbitMQ's x-delivery-count (quorum queues) and the
+    // count a parked message carries through its delay queue (every nack the router makes
+    // is delayed), so it survives consumer restarts; only an immediate requeue (a dropped
+    // delivery) on a classic queue is estimated in this process, as a lower bound. One
+    // origin for every delivery of a queue, so the dead-letter layer counts one way.
+    Delivery::new(decoded.message, acker).with_attempt(attempt)
 }
 
 /// Settles one delivery on the channel it arrived on.
