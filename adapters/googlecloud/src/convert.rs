@@ -15,6 +15,7 @@
 //! attributes as received) with only the application's changes applied.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -195,9 +196,9 @@ fn from_record(
 /// Where a received message came from, for [`decode`].
 pub(crate) struct Source<'a> {
     /// The topic's full name.
-    pub topic: &'a str,
+    pub topic: &'a Arc<str>,
     /// The subscription's full name.
-    pub subscription: &'a str,
+    pub subscription: &'a Arc<str>,
     /// The attribute carrying the uuid.
     pub uuid_attribute: &'a str,
     /// Pub/Sub's delivery attempt (only with a dead-letter policy).
@@ -277,8 +278,8 @@ pub(crate) fn decode(pm: PubsubMessage, from: &Source<'_>) -> Message {
         ordering_key,
         attributes,
         delivery_attempt: from.delivery_attempt,
-        subscription: from.subscription.to_owned(),
-        topic: from.topic.to_owned(),
+        subscription: from.subscription.clone(),
+        topic: from.topic.clone(),
         uuid_attribute,
         key,
         key_source,
@@ -323,10 +324,16 @@ mod tests {
         }
     }
 
+    fn names() -> &'static (Arc<str>, Arc<str>) {
+        static NAMES: std::sync::OnceLock<(Arc<str>, Arc<str>)> = std::sync::OnceLock::new();
+        NAMES.get_or_init(|| (Arc::from(TOPIC), Arc::from(SUB)))
+    }
+
     fn source(uuid_attribute: &str) -> Source<'_> {
+        let (topic, subscription) = names();
         Source {
-            topic: TOPIC,
-            subscription: SUB,
+            topic,
+            subscription,
             uuid_attribute,
             delivery_attempt: None,
         }

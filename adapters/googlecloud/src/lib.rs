@@ -66,12 +66,17 @@
 //!
 //! ## Delivery guarantees
 //!
-//! - **At least once.** A message is acknowledged only when the application acks it;
-//!   until then the client extends its lease (up to `max_lease`). A nacked, dropped or
-//!   abandoned delivery, or one whose process died, is redelivered (at the latest after
-//!   `max_lease_extension`). Duplicates are possible, as with every Pub/Sub client, unless
-//!   the subscription has exactly-once delivery (`exactly_once_delivery`), where acks are
-//!   confirmed and a failed ack is returned by `Delivery::ack`.
+//! - **At least once.** A message is acknowledged only when the application acks it.
+//!   Every message the server sends is read at once, so the client leases it from receipt
+//!   (buffered, handed out or held for a delayed nack) and extends the lease until it is
+//!   settled (up to `max_lease`): a slow handler's message, and the messages waiting
+//!   behind it, are not redelivered meanwhile. A nacked, dropped or abandoned delivery, or
+//!   one whose process died, is redelivered (at the latest after `max_lease_extension`).
+//!   Acks are sent in batches every 100 ms and, with at-least-once delivery, not confirmed
+//!   by Pub/Sub; closing the subscriber waits until they are sent. Duplicates are
+//!   possible, as with every Pub/Sub client, unless the subscription has exactly-once
+//!   delivery (`exactly_once_delivery`), where acks are confirmed and a failed ack is
+//!   returned by `Delivery::ack`.
 //! - **Subscriptions only see what is published while they exist.** Messages published to
 //!   a topic without subscriptions are dropped by Pub/Sub. A group's subscription is
 //!   created by `initialize`, `retain_for` or the first `subscribe` and then keeps every

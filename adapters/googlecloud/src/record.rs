@@ -1,6 +1,7 @@
 //! [`PubSubRecord`]: what Pub/Sub delivered, attached to every received message.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -53,8 +54,8 @@ pub struct PubSubRecord {
     pub(crate) ordering_key: String,
     pub(crate) attributes: HashMap<String, String>,
     pub(crate) delivery_attempt: Option<u32>,
-    pub(crate) subscription: String,
-    pub(crate) topic: String,
+    pub(crate) subscription: Arc<str>,
+    pub(crate) topic: Arc<str>,
     /// The attribute the uuid was read from; `None` when the message had none (its uuid is
     /// the message id).
     pub(crate) uuid_attribute: Option<String>,

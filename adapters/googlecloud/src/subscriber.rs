@@ -1,12 +1,13 @@
 //! The subscriber: one Pub/Sub subscription per (topic, group), consumed by a streaming pull.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use futures::Stream;
 use google_cloud_gax::error::rpc::Code;
@@ -183,22 +184,22 @@ impl Subscriber for GoogleCloudSubscriber {
         let stop = inner.closed.child_token();
         let ctx = Arc::new(PullContext {
             inner: inner.clone(),
+            topic_path: Arc::from(name.path.as_str()),
             topic: Arc::new(name),
-            subscription,
+            subscription: Arc::from(subscription),
             unique,
             stopped: stop.clone(),
+            outstanding: Arc::default(),
         });
-        let pull = Arc::new(Pull {
-            state: Mutex::new(PullState::Idle(ctx.open(), false)),
-            ctx,
-        });
-        tracing::debug!(topic = %pull.ctx.topic.path, subscription = %pull.ctx.subscription, "subscribed");
-        inner.tasks.spawn(
-            pull.clone()
-                .watch(stop.clone(), options.cancellation().cloned()),
-        );
+        let buffer = Arc::new(Mutex::new(Buffer::default()));
+        tracing::debug!(topic = %ctx.topic.path, subscription = %ctx.subscription, "subscribed");
+        inner.tasks.spawn(ctx.clone().pull(
+            buffer.clone(),
+            stop.clone(),
+            options.cancellation().cloned(),
+        ));
         Ok(DeliveryStream::new(Inbox {
-            pull,
+            buffer,
             _stop_on_drop: stop.drop_guard(),
         })
         .with_options(&options))
@@ -259,12 +260,10 @@ impl std::fmt::Debug for GoogleCloudSubscriber {
     }
 }
 
-/// The application's end of a subscription. The application's task polls the streaming
-/// pull directly (no hand-off between tasks); the pull state is shared with a watcher
-/// task that drops it the moment the subscription stops, whether or not the application
-/// still polls.
+/// The application's end of a subscription: takes deliveries from the buffer the pull
+/// task fills.
 struct Inbox {
-    pull: Arc<Pull>,
+    buffer: Arc<Mutex<Buffer>>,
     /// Dropping the stream stops the subscription.
     _stop_on_drop: DropGuard,
 }
@@ -273,200 +272,289 @@ impl Stream for Inbox {
     type Item = Result<Delivery>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.pull.poll_next(cx)
+        let mut buffer = self.buffer.lock();
+        if let Some(item) = buffer.items.pop_front() {
+            return Poll::Ready(Some(item));
+        }
+        if buffer.ended {
+            return Poll::Ready(None);
+        }
+        if !buffer
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            buffer.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
-/// One subscription's streaming pull and what it needs to recover.
-struct Pull {
-    ctx: Arc<PullContext>,
-    /// Locked only while polling (never across an await), so the watcher can always take
-    /// the pull away.
-    state: Mutex<PullState>,
+/// What the pull task received and the application has not taken yet. Every message in it
+/// is already under the client's lease management (its lease is extended until it is
+/// settled), and it is nacked when the subscription stops, polled or not.
+#[derive(Default)]
+struct Buffer {
+    items: VecDeque<Result<Delivery>>,
+    waker: Option<Waker>,
+    /// No more items will come (stopped, or failed for good).
+    ended: bool,
+}
+
+impl Buffer {
+    fn push(buffer: &Mutex<Buffer>, item: Result<Delivery>) {
+        let waker = {
+            let mut b = buffer.lock();
+            if b.ended {
+                // Stopped meanwhile: dropping the delivery nacks it.
+                return;
+            }
+            b.items.push_back(item);
+            b.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Ends the buffer: the deliveries the application had not taken yet are returned, to
+    /// be released; errors stay, for the application to see before the stream ends.
+    fn end(buffer: &Mutex<Buffer>) -> Vec<Delivery> {
+        let (items, waker) = {
+            let mut b = buffer.lock();
+            b.ended = true;
+            let (deliveries, errors): (Vec<_>, Vec<_>) = std::mem::take(&mut b.items)
+                .into_iter()
+                .partition(Result::is_ok);
+            b.items = errors.into();
+            let deliveries: Vec<Delivery> = deliveries.into_iter().flatten().collect();
+            (deliveries, b.waker.take())
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        items
+    }
 }
 
 struct PullContext {
     inner: Arc<Inner>,
     topic: Arc<TopicName>,
-    subscription: String,
+    /// The topic's full name, shared by every received message's record.
+    topic_path: Arc<str>,
+    subscription: Arc<str>,
     unique: bool,
     /// Cancelled when the subscription stops (stream dropped or cancelled, subscriber
     /// closed): messages held for a delayed nack are released then.
     stopped: CancellationToken,
+    /// Deliveries made and not yet settled (buffered, handed out, held for a delayed nack).
+    outstanding: Arc<AtomicUsize>,
 }
 
-enum PullState {
-    /// Ready to read the next message; `true` once the streaming pull has been read from
-    /// (it may hold messages read ahead).
-    Idle(Box<MessageStream>, bool),
-    /// Reading (or recovering); the future owns the message stream meanwhile.
-    Busy(BoxFuture<'static, (Option<Result<Delivery>>, Next)>),
-    /// Must recover before reading again.
-    Recover(Recovery),
-    /// Ended: stopped, or failed for good.
-    Done,
+/// How long a stopping subscription waits for deliveries being settled at that moment
+/// before it flushes the client's acks; deliveries held longer are not waited for.
+const SETTLE_GRACE: Duration = Duration::from_secs(1);
+
+/// Counts a delivery as outstanding until dropped (settled, or released).
+struct Outstanding(Arc<AtomicUsize>);
+
+impl Outstanding {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Outstanding(count.clone())
+    }
 }
 
-/// What follows a step of the pull.
-enum Next {
-    Read(Box<MessageStream>),
-    Recover(Recovery),
-    Done,
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
-#[derive(Clone, Copy)]
-enum Recovery {
+/// How a streaming pull ended.
+enum Ended {
+    /// The subscription stopped.
+    Stopped,
     /// The subscription vanished: create it again, then re-open the pull.
     Recreate,
     /// A transient failure ended the pull: re-open it after a pause.
     Reopen,
-}
-
-impl Pull {
-    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
-        let mut state = self.state.lock();
-        loop {
-            match std::mem::replace(&mut *state, PullState::Done) {
-                PullState::Idle(stream, _) => {
-                    *state = PullState::Busy(Box::pin(self.ctx.clone().read(stream)));
-                }
-                PullState::Recover(how) => {
-                    *state = PullState::Busy(Box::pin(self.ctx.clone().recover(how)));
-                }
-                PullState::Busy(mut step) => match step.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        *state = PullState::Busy(step);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready((item, next)) => {
-                        *state = match next {
-                            Next::Read(stream) => PullState::Idle(stream, true),
-                            Next::Recover(how) => PullState::Recover(how),
-                            Next::Done => PullState::Done,
-                        };
-                        if let Some(item) = item {
-                            return Poll::Ready(Some(item));
-                        }
-                    }
-                },
-                PullState::Done => return Poll::Ready(None),
-            }
-        }
-    }
-
-    /// Ends the pull: messages the client read ahead but did not hand out are nacked (so
-    /// other members of the group get them at once), then the message stream is dropped,
-    /// which closes the streaming pull; the client keeps leasing only deliveries the
-    /// application still holds, until settled.
-    fn stop(&self) {
-        let old = std::mem::replace(&mut *self.state.lock(), PullState::Done);
-        if let PullState::Idle(mut stream, true) = old {
-            // Whatever the client has already read comes out without waiting; a dropped
-            // handler nacks its message. (A busy read has nothing read ahead: the client
-            // only reads from the network once its buffer is empty.)
-            let mut released = 0;
-            while let Some(Some(Ok((_, handler)))) = stream.next().now_or_never() {
-                drop(handler);
-                released += 1;
-            }
-            if released > 0 {
-                tracing::debug!(subscription = %self.ctx.subscription, released, "released messages read ahead");
-            }
-        }
-    }
-
-    /// Waits for the subscription to stop, stops the pull and cleans up.
-    async fn watch(self: Arc<Self>, stop: CancellationToken, user: Option<CancellationToken>) {
-        match user {
-            Some(user) => tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = user.cancelled() => {}
-            },
-            None => stop.cancelled().await,
-        }
-        // Either way, the subscription is over (releases delayed nacks).
-        stop.cancel();
-        self.stop();
-        let ctx = &self.ctx;
-        if ctx.unique && ctx.inner.config.delete_unique_subscriptions {
-            if let Err(e) = ctx
-                .inner
-                .admin
-                .delete_subscription(&ctx.topic.path, &ctx.subscription)
-                .await
-            {
-                tracing::warn!(error = %e, "could not delete subscription {}", ctx.subscription);
-            }
-        }
-        tracing::debug!(subscription = %ctx.subscription, "subscription stream ended");
-    }
+    /// A permanent failure, or the client ended the stream.
+    Failed,
 }
 
 impl PullContext {
     /// A new streaming pull (it connects when first read).
-    fn open(&self) -> Box<MessageStream> {
+    fn open(&self) -> MessageStream {
         let c = &self.inner.config;
-        Box::new(
-            self.inner
-                .client
-                .subscribe(self.subscription.clone())
-                .set_max_outstanding_messages(
-                    i64::try_from(c.max_outstanding_messages).unwrap_or(i64::MAX),
-                )
-                .set_max_outstanding_bytes(
-                    i64::try_from(c.max_outstanding_bytes).unwrap_or(i64::MAX),
-                )
-                .set_max_lease(c.max_lease)
-                .set_max_lease_extension(c.max_lease_extension)
-                // Deliveries handed out stay valid (and leased) until settled.
-                .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
-                .build(),
-        )
+        self.inner
+            .client
+            .subscribe(self.subscription.to_string())
+            .set_max_outstanding_messages(
+                i64::try_from(c.max_outstanding_messages).unwrap_or(i64::MAX),
+            )
+            .set_max_outstanding_bytes(i64::try_from(c.max_outstanding_bytes).unwrap_or(i64::MAX))
+            .set_max_lease(c.max_lease)
+            .set_max_lease_extension(c.max_lease_extension)
+            // Deliveries handed out stay valid (and leased) until settled.
+            .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
+            .build()
     }
 
-    /// Reads the next message.
-    async fn read(
+    /// The subscription's pull task: reads every message as soon as the server sends it
+    /// (so the client leases it at once: a message waiting unread in transit would not be
+    /// leased and could expire and come back while its first copy is handled), and puts
+    /// it into `buffer` for the application. Re-opens the pull after transient failures
+    /// and re-creates a vanished subscription. When the subscription stops, releases what
+    /// the application has not taken, and flushes pending acks and nacks before ending
+    /// (bounded by `operation_timeout`).
+    async fn pull(
         self: Arc<Self>,
-        mut stream: Box<MessageStream>,
-    ) -> (Option<Result<Delivery>>, Next) {
-        match stream.next().await {
-            Some(Ok((message, handler))) => (
-                Some(Ok(self.delivery(message, handler))),
-                Next::Read(stream),
-            ),
-            Some(Err(e)) => {
-                // The client retries connection failures itself; what reaches us ended the
-                // pull.
-                let not_found = client::code(&e) == Some(Code::NotFound);
-                let transient = client::is_transient(&e);
-                let err = client::broker_error(
-                    &self.topic.path,
-                    format!("receive from subscription `{}`", self.subscription),
-                    e,
-                );
-                tracing::warn!(error = %err, "pubsub streaming pull failed");
-                let next = if not_found && self.inner.config.create_subscriptions {
-                    // The subscription vanished (deleted, expired, emulator restarted).
-                    Next::Recover(Recovery::Recreate)
-                } else if transient {
-                    Next::Recover(Recovery::Reopen)
-                } else {
-                    Next::Done
-                };
-                (Some(Err(err)), next)
+        buffer: Arc<Mutex<Buffer>>,
+        stop: CancellationToken,
+        user: Option<CancellationToken>,
+    ) {
+        let user = user.unwrap_or_default();
+        let stopped = async {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = user.cancelled() => {}
             }
-            None => (None, Next::Done),
+        };
+        tokio::pin!(stopped);
+        let mut recovery = None;
+        loop {
+            if let Some(how) = recovery.take() {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    result = self.clone().recover(how) => if let Err(e) = result {
+                        Buffer::push(&buffer, Err(e));
+                        break;
+                    }
+                }
+            }
+            let mut stream = self.open();
+            let ended = loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stopped => break Ended::Stopped,
+                    item = stream.next() => match item {
+                        Some(Ok((message, handler))) => {
+                            Buffer::push(&buffer, Ok(self.delivery(message, handler)));
+                        }
+                        Some(Err(e)) => {
+                            let (ended, err) = self.failed(e);
+                            Buffer::push(&buffer, Err(err));
+                            break ended;
+                        }
+                        None => break Ended::Failed,
+                    },
+                }
+            };
+            match ended {
+                Ended::Recreate | Ended::Reopen => {
+                    // Deliveries already buffered or handed out stay valid: the old
+                    // stream's client keeps leasing them until they are settled.
+                    self.release(stream, &buffer, false).await;
+                    recovery = Some(ended);
+                }
+                Ended::Stopped | Ended::Failed => {
+                    self.release(stream, &buffer, true).await;
+                    break;
+                }
+            }
+        }
+        // Ended without a stream to release (stopped or failed while recovering).
+        stop.cancel();
+        drop(Buffer::end(&buffer));
+        if self.unique && self.inner.config.delete_unique_subscriptions {
+            if let Err(e) = self
+                .inner
+                .admin
+                .delete_subscription(&self.topic.path, &self.subscription)
+                .await
+            {
+                tracing::warn!(error = %e, "could not delete subscription {}", self.subscription);
+            }
+        }
+        tracing::debug!(subscription = %self.subscription, "subscription stream ended");
+    }
+
+    /// Ends a streaming pull. Messages the client read ahead are nacked (a dropped handler
+    /// nacks its message). With `last`, the subscription is over: the buffer's deliveries
+    /// and those held for a delayed nack are released too, and once every delivery is
+    /// settled the client's shutdown is awaited (bounded by `operation_timeout`), so the
+    /// pending acks and nacks have reached Pub/Sub when `close` returns. Deliveries the
+    /// application still holds keep their leases until it settles them.
+    async fn release(&self, mut stream: MessageStream, buffer: &Mutex<Buffer>, last: bool) {
+        let mut read_ahead = 0usize;
+        while let Some(Some(Ok((_, handler)))) = stream.next().now_or_never() {
+            drop(handler);
+            read_ahead += 1;
+        }
+        let shutdown = stream.shutdown_token();
+        drop(stream);
+        if !last {
+            return;
+        }
+        // Stop delayed nacks waiting (they nack at once) and release the buffer.
+        self.stopped.cancel();
+        let released = Buffer::end(buffer);
+        let (buffered, read_ahead) = (released.len(), read_ahead);
+        drop(released);
+        if buffered + read_ahead > 0 {
+            tracing::debug!(subscription = %self.subscription, buffered, read_ahead, "released deliveries the application had not taken");
+        }
+        // Give what is being settled right now (delayed nacks released above, handlers
+        // finishing) a moment; deliveries the application keeps holding are not waited for.
+        let settled = async {
+            while self.outstanding.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(SETTLE_GRACE, settled).await.is_ok() {
+            let limit = self.inner.config.operation_timeout;
+            if tokio::time::timeout(limit, shutdown.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!(subscription = %self.subscription, "pending acks and nacks not flushed within {limit:?}");
+            }
+        } else {
+            tracing::debug!(
+                subscription = %self.subscription,
+                held = self.outstanding.load(Ordering::Acquire),
+                "deliveries still held by the application stay leased until settled"
+            );
         }
     }
 
-    /// Recovers from a failed pull.
-    async fn recover(self: Arc<Self>, how: Recovery) -> (Option<Result<Delivery>>, Next) {
+    /// What a failed streaming pull means, and the error to report.
+    fn failed(&self, e: google_cloud_pubsub::Error) -> (Ended, Error) {
+        // The client retries connection failures itself; what reaches us ended the pull.
+        let not_found = client::code(&e) == Some(Code::NotFound);
+        let transient = client::is_transient(&e);
+        let err = client::broker_error(
+            &self.topic.path,
+            format!("receive from subscription `{}`", self.subscription),
+            e,
+        );
+        tracing::warn!(error = %err, "pubsub streaming pull failed");
+        let ended = if not_found && self.inner.config.create_subscriptions {
+            // The subscription vanished (deleted, expired, emulator restarted).
+            Ended::Recreate
+        } else if transient {
+            Ended::Reopen
+        } else {
+            Ended::Failed
+        };
+        (ended, err)
+    }
+
+    /// Recovers from a failed pull: `Err` when that is impossible.
+    async fn recover(self: Arc<Self>, how: Ended) -> Result<()> {
         match how {
-            Recovery::Reopen => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                (None, Next::Read(self.open()))
-            }
-            Recovery::Recreate => {
+            Ended::Recreate => {
                 let mut backoff = Duration::from_millis(100);
                 loop {
                     tracing::warn!(subscription = %self.subscription, "subscription not found; creating it again");
@@ -481,15 +569,19 @@ impl PullContext {
                         )
                         .await
                     {
-                        Ok(()) => return (None, Next::Read(self.open())),
+                        Ok(()) => return Ok(()),
                         Err(e) if e.is_transient() => {
                             tracing::warn!(error = %e, "re-creating the subscription failed; retrying");
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(10));
                         }
-                        Err(e) => return (Some(Err(e)), Next::Done),
+                        Err(e) => return Err(e),
                     }
                 }
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok(())
             }
         }
     }
@@ -499,7 +591,7 @@ impl PullContext {
         let msg = decode(
             message,
             &Source {
-                topic: &self.topic.path,
+                topic: &self.topic_path,
                 subscription: &self.subscription,
                 uuid_attribute: &self.inner.config.uuid_attribute,
                 delivery_attempt: attempt,
@@ -513,6 +605,7 @@ impl PullContext {
                 received: Instant::now(),
                 max_lease: self.inner.config.max_lease,
                 stopped: self.stopped.clone(),
+                _outstanding: Outstanding::new(&self.outstanding),
             },
         );
         match attempt {
@@ -531,13 +624,21 @@ struct Acker {
     received: Instant,
     max_lease: Duration,
     stopped: CancellationToken,
+    /// Dropped (the count decremented) once the message is settled.
+    _outstanding: Outstanding,
 }
 
 /// How long before the end of `max_lease` a delayed nack is sent at the latest.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 impl Acker {
-    fn settle(handler: Handler, topic: Arc<TopicName>, ack: bool) -> AckFuture {
+    /// Acks or nacks; `outstanding` is dropped once the client has the action.
+    fn settle(
+        handler: Handler,
+        topic: Arc<TopicName>,
+        ack: bool,
+        outstanding: Outstanding,
+    ) -> AckFuture {
         match handler {
             Handler::ExactlyOnce(h) => AckFuture::boxed(async move {
                 let (result, what) = if ack {
@@ -545,6 +646,7 @@ impl Acker {
                 } else {
                     (h.confirmed_nack().await, "nack")
                 };
+                drop(outstanding);
                 result.map_err(|e| ack_error(&topic.path, what, e))
             }),
             other => {
@@ -553,6 +655,7 @@ impl Acker {
                 } else {
                     other.nack();
                 }
+                drop(outstanding);
                 AckFuture::ready(Ok(()))
             }
         }
@@ -561,8 +664,13 @@ impl Acker {
 
 impl Acknowledger for Acker {
     fn ack(self: Box<Self>) -> AckFuture {
-        let Acker { handler, topic, .. } = *self;
-        Acker::settle(handler, topic, true)
+        let Acker {
+            handler,
+            topic,
+            _outstanding: outstanding,
+            ..
+        } = *self;
+        Acker::settle(handler, topic, true, outstanding)
     }
 
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
@@ -572,6 +680,7 @@ impl Acknowledger for Acker {
             received,
             max_lease,
             stopped,
+            _outstanding: outstanding,
         } = *self;
         // The lease can be extended until `received + max_lease`: nack before that.
         let leased_for = max_lease.saturating_sub(received.elapsed() + LEASE_MARGIN);
@@ -586,13 +695,13 @@ impl Acknowledger for Acker {
                         _ = tokio::time::sleep(delay) => {}
                         _ = stopped.cancelled() => {}
                     }
-                    if let Err(e) = Acker::settle(handler, topic, false).await {
+                    if let Err(e) = Acker::settle(handler, topic, false, outstanding).await {
                         tracing::warn!(error = %e, "delayed nack failed; Pub/Sub redelivers after the ack deadline");
                     }
                 });
                 AckFuture::ready(Ok(()))
             }
-            _ => Acker::settle(handler, topic, false),
+            _ => Acker::settle(handler, topic, false, outstanding),
         }
     }
 
