@@ -2,7 +2,9 @@
 //!
 //! The core of Tidemill, a broker-agnostic messaging framework: the [`Message`] model, the
 //! object-safe [`Publisher`] and [`Subscriber`] traits, [`Delivery`] acknowledgements, the
-//! embedded [`MemoryBroker`], and the errors they share.
+//! embedded [`MemoryBroker`], and the errors they share; the [`Router`] with its
+//! [extractors](extract) (state, typed payloads) and the [marshalers](marshal) every typed
+//! API shares.
 //!
 //! Delivery is **at least once**: a message is acknowledged to the broker only after the
 //! application acked it; a nacked or dropped delivery is redelivered.
@@ -13,7 +15,9 @@ mod backoff;
 mod context;
 mod delivery;
 mod error;
+pub mod extract;
 pub mod headers;
+pub mod marshal;
 pub mod memory;
 mod message;
 mod native;

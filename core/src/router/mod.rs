@@ -49,9 +49,9 @@ mod failure;
 mod handler;
 mod outcome;
 mod run;
+mod state;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,10 +67,13 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 pub use crate::context::Settlement;
 pub use failure::HandlerStats;
 pub use handler::{
-    handler_fn, BoxHandler, BoxHandlerFuture, HandlerFn, HandlerResult, IntoMessages,
+    handler_fn, BoxHandler, BoxHandlerFuture, Handler, HandlerFn, HandlerFuture, HandlerResult,
+    HandlerService, IntoHandlerResult, IntoMessages, IntoOutput,
 };
 pub use outcome::{redeliver_after, redelivery_delay, RedeliverAfter};
+pub use state::StatefulRouter;
 
+use crate::extract::HandlerArgs;
 use crate::{
     Backoff, BoxError, DeliveryStream, Error, HandlerInfo, Message, Publisher, SubscribeOptions,
     Subscriber,
@@ -263,6 +266,7 @@ impl Router {
             output: None,
             concurrency: 1,
             layers: ServiceBuilder::new(),
+            state: (),
         }
     }
 
@@ -617,10 +621,11 @@ async fn shutdown_signal() {
     }
 }
 
-/// Describes one handler; finish with [`service`](HandlerBuilder::service) or
-/// [`handler`](HandlerBuilder::handler).
+/// Describes one handler; finish with [`handler`](HandlerBuilder::handler) or
+/// [`service`](HandlerBuilder::service). `S` is the state its handler function's
+/// [`State`](crate::extract::State) arguments read (see [`state`](HandlerBuilder::state)).
 #[must_use = "a handler is added only by .service(..) or .handler(..)"]
-pub struct HandlerBuilder<'r, L> {
+pub struct HandlerBuilder<'r, L, S = ()> {
     router: &'r Router,
     name: String,
     subscription: Option<(Arc<dyn Subscriber>, String)>,
@@ -628,9 +633,10 @@ pub struct HandlerBuilder<'r, L> {
     output: Option<(Arc<dyn Publisher>, String)>,
     concurrency: usize,
     layers: ServiceBuilder<L>,
+    state: S,
 }
 
-impl<'r, L> HandlerBuilder<'r, L> {
+impl<'r, L, S> HandlerBuilder<'r, L, S> {
     /// Consumes `topic` through `subscriber`.
     pub fn subscribe(
         mut self,
@@ -666,7 +672,7 @@ impl<'r, L> HandlerBuilder<'r, L> {
     }
 
     /// Adds a handler-level layer (inside router-level layers; first added is outermost).
-    pub fn layer<T>(self, layer: T) -> HandlerBuilder<'r, Stack<T, L>> {
+    pub fn layer<T>(self, layer: T) -> HandlerBuilder<'r, Stack<T, L>, S> {
         HandlerBuilder {
             router: self.router,
             name: self.name,
@@ -675,29 +681,143 @@ impl<'r, L> HandlerBuilder<'r, L> {
             output: self.output,
             concurrency: self.concurrency,
             layers: self.layers.layer(layer),
+            state: self.state,
         }
     }
 
-    /// Adds the handler with an async function as its service (see [`handler_fn`]).
-    pub async fn handler<F, Fut, R, E>(self, f: F) -> Result<(), RouterError>
+    /// Gives the handler function `state`: its [`State<T>`](crate::extract::State)
+    /// arguments get a clone of it (or of a part, see
+    /// [`FromRef`](crate::extract::FromRef)) with each message, so keep it cheap to clone
+    /// (`Arc`s, handles). Replaces the router's state (see [`Router::with_state`]).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tidemill_core::extract::State;
+    /// use tidemill_core::{MemoryBroker, Message, Router};
+    ///
+    /// struct Greeter { greeting: String }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let broker = MemoryBroker::new();
+    /// let router = Router::new();
+    /// router
+    ///     .add_handler("greet")
+    ///     .subscribe(broker.subscriber(), "names")
+    ///     .publish(broker.publisher(), "greetings")
+    ///     .state(Arc::new(Greeter { greeting: "hello".into() }))
+    ///     .handler(|State(g): State<Arc<Greeter>>, name: String| async move {
+    ///         Message::new(format!("{} {name}", g.greeting))
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn state<T>(self, state: T) -> HandlerBuilder<'r, L, T> {
+        HandlerBuilder {
+            router: self.router,
+            name: self.name,
+            subscription: self.subscription,
+            options: self.options,
+            output: self.output,
+            concurrency: self.concurrency,
+            layers: self.layers,
+            state,
+        }
+    }
+
+    /// Adds the handler with an async function (or closure) as its service. Its arguments
+    /// are extractors ([`crate::extract`]): the message itself (`msg: Message`, last),
+    /// the state (`State<T>`), the payload decoded (`Json<T>`), metadata, key, uuid,
+    /// receive context, ... It returns `Result<R, E>` ([`HandlerResult<R>`]), or a bare
+    /// `R` if it cannot fail, where `R` is what to publish: `()`, `Message`,
+    /// `Option<Message>`, `Vec<Message>` or `Json<T>` (encoded), and `E: Into<BoxError>`.
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use tidemill_core::extract::{Json, Metadata};
+    /// use tidemill_core::{HandlerResult, MemoryBroker, Message, Router};
+    ///
+    /// #[derive(Deserialize, Serialize)]
+    /// struct Reading { celsius: f64 }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let broker = MemoryBroker::new();
+    /// let router = Router::new();
+    /// // The plain style: a function of the message.
+    /// router
+    ///     .add_handler("log")
+    ///     .subscribe(broker.subscriber(), "readings")
+    ///     .handler(|msg: Message| async move {
+    ///         println!("{msg}");
+    ///         HandlerResult::Ok(())
+    ///     })
+    ///     .await?;
+    /// // Extractors: a payload that is not a `Reading` fails permanently (poison).
+    /// router
+    ///     .add_handler("convert")
+    ///     .subscribe(broker.subscriber(), "readings")
+    ///     .publish(broker.publisher(), "fahrenheit")
+    ///     .handler(|md: Metadata, Json(r): Json<Reading>| async move {
+    ///         let _sensor = md.get("sensor");
+    ///         Json(Reading { celsius: r.celsius * 9.0 / 5.0 + 32.0 })
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A handler that always fails names its result type once, e.g. as an async closure:
+    /// `async |_: Message| -> HandlerResult { Err("not yet".into()) }`.
+    pub async fn handler<F, A, M>(self, f: F) -> Result<(), RouterError>
     where
-        F: Fn(Message) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<R, E>> + Send + 'static,
-        R: IntoMessages + 'static,
-        E: Into<BoxError> + 'static,
-        L: Layer<HandlerFn<F, R, E>>,
+        F: Handler<A> + Send + 'static,
+        F::Future: Send + 'static,
+        F::Output: IntoHandlerResult,
+        A: HandlerArgs<S, M> + 'static,
+        M: 'static,
+        S: Send + 'static,
+        L: Layer<HandlerService<F, A, M, S>>,
         L::Service: Service<Message, Response = Vec<Message>> + Send + 'static,
         <L::Service as Service<Message>>::Error: Into<BoxError>,
         <L::Service as Service<Message>>::Future: Send + 'static,
     {
-        self.service(handler_fn(f)).await
+        let (builder, state) = self.take_state();
+        builder.service(HandlerService::new(f, state)).await
     }
 
-    /// Adds the handler with `service`, wrapped in this builder's layers. If the router is
-    /// running, the handler starts (subscribes) before this returns.
-    pub async fn service<S>(self, service: S) -> Result<(), RouterError>
+    /// The builder without its state, and the state.
+    fn take_state(self) -> (HandlerBuilder<'r, L, ()>, S) {
+        let HandlerBuilder {
+            router,
+            name,
+            subscription,
+            options,
+            output,
+            concurrency,
+            layers,
+            state,
+        } = self;
+        (
+            HandlerBuilder {
+                router,
+                name,
+                subscription,
+                options,
+                output,
+                concurrency,
+                layers,
+                state: (),
+            },
+            state,
+        )
+    }
+
+    /// Adds the handler with `service`, wrapped in this builder's layers (the builder's
+    /// state is not used: a service keeps its own). If the router is running, the handler
+    /// starts (subscribes) before this returns.
+    pub async fn service<Svc>(self, service: Svc) -> Result<(), RouterError>
     where
-        L: Layer<S>,
+        L: Layer<Svc>,
         L::Service: Service<Message, Response = Vec<Message>> + Send + 'static,
         <L::Service as Service<Message>>::Error: Into<BoxError>,
         <L::Service as Service<Message>>::Future: Send + 'static,
