@@ -1,7 +1,8 @@
 //! Dead letter after N deliveries, on every backend.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -24,6 +25,10 @@ const MAX_ERROR: usize = 300;
 const MAX_REASON: usize = 1_000;
 /// How many messages' failure histories are remembered in-process (broker counting).
 const HISTORY_CAPACITY: u64 = 10_000;
+/// How long the newest durably counted copy of a message is remembered: long enough for a
+/// broker to redeliver an earlier copy whose ack was lost, short enough that a message an
+/// operator sends again later is handled as new.
+const COPY_TTL: Duration = Duration::from_secs(300);
 /// How long an in-process failure history is remembered.
 const HISTORY_TTL: Duration = Duration::from_secs(3_600);
 
@@ -67,7 +72,12 @@ pub enum Counting {
 /// source topic receives the copy. Dead-letter layers of other consumer groups (or, without
 /// groups, other handlers) recognise a copy that is not theirs and ack it without handling
 /// it; other consumers of the topic see it as a new message. Give each consumer group its
-/// own `retry_topic` (and subscribe the same group to it) when that matters.
+/// own `retry_topic` (and subscribe the same group to it) when that matters. When the
+/// broker redelivers an earlier copy after a newer one was published (its ack was lost),
+/// the layer acks that stale delivery unhandled if this process published the newer copy
+/// in the last five minutes; across processes such a copy starts a second count (and can
+/// lead to a second dead-letter record). The counting headers are trusted as they come: a
+/// producer that writes them itself shortens the count.
 ///
 /// **The dead-letter message** keeps the uuid, payload, key and metadata of the input and
 /// gets [`DEAD_LETTER_REASON`](headers::DEAD_LETTER_REASON) (the last error),
@@ -123,6 +133,12 @@ struct Config {
     counting: Counting,
     retry_topic: Option<Arc<str>>,
     history: Cache<String, Arc<Vec<(u32, String)>>>,
+    /// Durable counting: the latest count this process republished (or dead-lettered) per
+    /// handler and uuid, so a stale delivery of an earlier copy (its ack was lost, or the
+    /// broker redelivered it meanwhile) is acked instead of starting a second count.
+    copies: Cache<u64, u32>,
+    /// Whether `copies` ever held anything (no lookup per message until then).
+    copied_any: Arc<AtomicBool>,
     stats: Arc<Stats>,
 }
 
@@ -179,6 +195,11 @@ impl DeadLetter {
                     .max_capacity(HISTORY_CAPACITY)
                     .time_to_live(HISTORY_TTL)
                     .build(),
+                copies: Cache::builder()
+                    .max_capacity(HISTORY_CAPACITY)
+                    .time_to_live(COPY_TTL)
+                    .build(),
+                copied_any: Arc::default(),
                 stats: Arc::default(),
             }),
         }
@@ -416,6 +437,15 @@ where
             }
             None => {}
         }
+        if self.config.copied_any.load(Ordering::Relaxed) && self.config.is_stale(&msg) {
+            self.config.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                uuid = msg.uuid(),
+                "an earlier copy of a durably counted message (a newer one was published); \
+                 acking it unhandled"
+            );
+            return OnError::done(Ok(Vec::new())).into();
+        }
         let failure = DeadLetterFailure {
             config: self.config.clone(),
             input: msg.clone(),
@@ -433,7 +463,37 @@ fn recorded_failures(msg: &Message) -> u32 {
         .unwrap_or(0)
 }
 
+/// The key of `copies` for `uuid` handled by `handler`.
+fn copy_key(handler: &str, uuid: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (handler, uuid).hash(&mut hasher);
+    hasher.finish()
+}
+
 impl Config {
+    /// Whether `msg` is a delivery of a durably counted message older than the newest copy
+    /// this process published of it (or after it was dead-lettered).
+    #[cold]
+    fn is_stale(&self, msg: &Message) -> bool {
+        let Some(ctx) = msg.context() else {
+            return false;
+        };
+        let Some(latest) = self.copies.get(&copy_key(&ctx.handler().name, msg.uuid())) else {
+            return false;
+        };
+        let prior = match owned(msg) {
+            Some(true) => recorded_failures(msg),
+            _ => 0,
+        };
+        prior < latest
+    }
+
+    /// Records that this process published the copy counting `number` failures.
+    fn copied(&self, handler: &str, uuid: &str, number: u32) {
+        self.copies.insert(copy_key(handler, uuid), number);
+        self.copied_any.store(true, Ordering::Relaxed);
+    }
+
     /// Whether the broker counts this delivery, and its number (`prior` failures recorded
     /// durably before it).
     fn delivery_number(&self, msg: &Message, prior: u32) -> (bool, u32) {
@@ -556,6 +616,7 @@ impl DeadLetter {
         }
         match self.inner.publisher.publish(&target, vec![copy]).await {
             Ok(()) => {
+                self.inner.copied(&d.handler, input.uuid(), d.number);
                 self.inner.stats.republished.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     uuid = input.uuid(),

@@ -488,6 +488,73 @@ async fn auto_counting_republishes_when_the_broker_reports_no_attempt() {
     }
 }
 
+/// Durable counting: when the broker delivers an earlier copy again after a newer one was
+/// published (the earlier one's ack was lost), the layer acks it unhandled instead of
+/// starting a second count (which would end in a second dead-letter record).
+#[tokio::test(start_paused = true)]
+async fn a_stale_copy_is_acked_not_counted_again() {
+    let broker = MemoryBroker::new();
+    let mut source = watch(&broker, TOPIC).await;
+    let dl = DeadLetter::new(broker.publisher(), "dead")
+        .max_deliveries(3)
+        .counting(Counting::Republish);
+    let handler = TestHandler::failing("down");
+    let mut service = dl.layer(handler.clone());
+    let original = Message::new("x");
+    service
+        .ready()
+        .await
+        .unwrap()
+        .call(received(original.clone(), Some(1)))
+        .await
+        .expect("republished");
+    let first_copy = next(&mut source).await;
+    assert_eq!(first_copy.metadata().get(headers::FAILURES), Some("1"));
+    // The original comes back (its ack was lost): acked unhandled.
+    let stale = service
+        .ready()
+        .await
+        .unwrap()
+        .call(received(original.clone(), Some(2)))
+        .await;
+    assert!(stale.is_ok_and(|out| out.is_empty()), "acked");
+    assert_eq!(
+        handler.calls().len(),
+        1,
+        "the stale original is not handled"
+    );
+    assert_eq!(dl.skipped(), 1);
+    // The copy itself is handled and counted on.
+    service
+        .ready()
+        .await
+        .unwrap()
+        .call(received(first_copy.clone(), Some(1)))
+        .await
+        .expect("republished again");
+    let second_copy = next(&mut source).await;
+    assert_eq!(second_copy.metadata().get(headers::FAILURES), Some("2"));
+    assert_eq!(handler.calls().len(), 2);
+    // The first copy again (stale now), then the second: one dead letter in all.
+    let stale = service
+        .ready()
+        .await
+        .unwrap()
+        .call(received(first_copy, Some(2)))
+        .await;
+    assert!(stale.is_ok_and(|out| out.is_empty()));
+    service
+        .ready()
+        .await
+        .unwrap()
+        .call(received(second_copy, Some(1)))
+        .await
+        .expect("dead-lettered");
+    assert_eq!(handler.calls().len(), 3);
+    assert_eq!(kept_for(&broker, "dead", "dead").await.len(), 1);
+    assert_eq!(dl.dead_lettered(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn other_groups_ack_retry_copies_that_are_not_theirs() {
     let broker = MemoryBroker::new();
