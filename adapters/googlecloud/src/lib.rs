@@ -117,6 +117,7 @@
 //! keys are carried, not ordered by), dead-letter policies, delivery attempts, exactly-once
 //! delivery or retry policies: the settings are accepted and ignored.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod client;
 mod config;
