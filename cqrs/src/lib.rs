@@ -39,13 +39,10 @@ pub use bus::{CommandBus, CommandClient, EventBus};
 pub use error::{CqrsError, DecodeError};
 #[cfg(feature = "protobuf")]
 pub use marshal::Protobuf;
-pub use marshal::{Json, Marshal};
+pub use marshal::{Json, Marshal, CONTENT_TYPE_KEY};
 pub use name::{short_type_name, Command, Event, TopicNaming};
 pub use processor::{CommandProcessor, Context, EventGroup, EventProcessor, UnknownTypePolicy};
 pub use type_header::TypeHeader;
 
 /// Metadata key holding the command or event name (the default [`TypeHeader`]).
 pub const NAME_KEY: &str = "cqrs-name";
-
-/// Metadata key holding the payload's content type.
-pub const CONTENT_TYPE_KEY: &str = "content-type";

@@ -42,28 +42,7 @@ pub trait Event: Send + Sync + 'static {
     }
 }
 
-/// `std::any::type_name` without module paths: `app::booking::BookRoom` → `BookRoom`,
-/// `app::Envelope<app::Order>` → `Envelope<Order>`.
-pub fn short_type_name<T: ?Sized>() -> String {
-    let full = std::any::type_name::<T>();
-    let mut out = String::with_capacity(full.len());
-    let mut path_start = 0;
-    let mut rest = full;
-    while let Some(c) = rest.chars().next() {
-        if rest.starts_with("::") {
-            out.truncate(path_start);
-            rest = &rest[2..];
-            continue;
-        }
-        out.push(c);
-        // `{{closure}}` and `{{constant}}` are path segments too (types declared in a fn body).
-        if !(c.is_alphanumeric() || matches!(c, '_' | '{' | '}')) {
-            path_start = out.len();
-        }
-        rest = &rest[c.len_utf8()..];
-    }
-    out
-}
+pub use tidemill_core::marshal::short_type_name;
 
 /// Maps a command or event name to a topic. Replaceable on buses and processors.
 #[derive(Clone)]
@@ -100,28 +79,6 @@ impl std::fmt::Debug for TopicNaming {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Plain;
-    struct Generic<T>(T);
-
-    #[test]
-    fn short_names_drop_module_paths() {
-        assert_eq!(short_type_name::<Plain>(), "Plain");
-        assert_eq!(short_type_name::<Generic<Plain>>(), "Generic<Plain>");
-        assert_eq!(short_type_name::<Vec<String>>(), "Vec<String>");
-    }
-
-    #[tokio::test]
-    async fn types_declared_in_async_fns_get_their_plain_name() {
-        struct Local;
-        let name = async { short_type_name::<Local>() }.await;
-        assert_eq!(name, "Local");
-        fn in_fn() -> String {
-            struct Inner;
-            short_type_name::<Option<Inner>>()
-        }
-        assert_eq!(in_fn(), "Option<Inner>");
-    }
 
     #[test]
     fn default_topics() {

@@ -20,13 +20,37 @@ use crate::{
     TypeHeader, CONTENT_TYPE_KEY, NAME_KEY,
 };
 
-/// What a typed handler gets besides the decoded value: the message it came in.
+/// What a typed handler gets besides the decoded value: the message it came in and the
+/// processor's state `S` (see [`CommandProcessor::with_state`]), cloned per message.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use serde::{Deserialize, Serialize};
+/// use tidemill_core::MemoryBroker;
+/// use tidemill_cqrs::{Command, CommandProcessor};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct BookRoom { room: u32 }
+/// impl Command for BookRoom {}
+///
+/// let broker = MemoryBroker::new();
+/// let booked = Arc::new(AtomicU32::new(0));
+/// let mut commands = CommandProcessor::new(broker.subscriber()).with_state(booked.clone());
+/// commands.handle(|cmd: BookRoom, ctx| async move {
+///     ctx.state().fetch_add(1, Ordering::Relaxed);
+///     println!("room {} (message {})", cmd.room, ctx.message().uuid());
+///     Ok(())
+/// })?;
+/// # Ok::<(), tidemill_cqrs::CqrsError>(())
+/// ```
 #[derive(Clone, Debug)]
-pub struct Context {
+pub struct Context<S = ()> {
     message: Message,
+    state: S,
 }
 
-impl Context {
+impl<S> Context<S> {
     /// The received message (metadata, uuid, key, receive context).
     pub fn message(&self) -> &Message {
         &self.message
@@ -35,6 +59,16 @@ impl Context {
     /// The delivery attempt (1 = first), where the broker reports it.
     pub fn attempt(&self) -> Option<u32> {
         self.message.context().and_then(|c| c.attempt())
+    }
+
+    /// The processor's state (`()` unless set with `with_state`).
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// The processor's state, owned.
+    pub fn into_state(self) -> S {
+        self.state
     }
 }
 
@@ -61,29 +95,49 @@ struct Registration {
 }
 
 /// Builds the erased call of a handler without result.
-fn erase<T, M, F, Fut>(kind: &'static str, type_name: String, marshaler: M, f: F) -> Call
+fn erase<T, M, S, F, Fut>(
+    kind: &'static str,
+    type_name: String,
+    marshaler: M,
+    state: S,
+    f: F,
+) -> Call
 where
     T: Send + 'static,
     M: Marshal<T>,
-    F: Fn(T, Context) -> Fut + Send + Sync + 'static,
+    S: Clone + Send + Sync + 'static,
+    F: Fn(T, Context<S>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
 {
-    erase_output(kind, type_name, marshaler, move |value, ctx| {
+    erase_output(kind, type_name, marshaler, state, move |value, ctx| {
         f(value, ctx).map_ok(|()| Vec::new())
     })
 }
 
-/// Builds the erased call: decode with `marshaler`, then run `f`.
-fn erase_output<T, M, F, Fut>(kind: &'static str, type_name: String, marshaler: M, f: F) -> Call
+/// Builds the erased call: decode with `marshaler`, then run `f` with a clone of `state`.
+fn erase_output<T, M, S, F, Fut>(
+    kind: &'static str,
+    type_name: String,
+    marshaler: M,
+    state: S,
+    f: F,
+) -> Call
 where
     T: Send + 'static,
     M: Marshal<T>,
-    F: Fn(T, Context) -> Fut + Send + Sync + 'static,
+    S: Clone + Send + Sync + 'static,
+    F: Fn(T, Context<S>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Vec<Message>, BoxError>> + Send + 'static,
 {
     Arc::new(
         move |message: Message| match marshaler.unmarshal(message.payload()) {
-            Ok(value) => Box::pin(f(value, Context { message })),
+            Ok(value) => Box::pin(f(
+                value,
+                Context {
+                    message,
+                    state: state.clone(),
+                },
+            )),
             Err(source) => {
                 let err = DecodeError::Payload {
                     kind,
@@ -300,9 +354,10 @@ type GroupNaming = Arc<dyn Fn(&str) -> String + Send + Sync>;
 /// commands.add_to(&router).await?;
 /// # Ok(()) }
 /// ```
-pub struct CommandProcessor<M = Json> {
+pub struct CommandProcessor<M = Json, S = ()> {
     subscriber: Arc<dyn Subscriber>,
     marshaler: M,
+    state: S,
     naming: TopicNaming,
     group: GroupNaming,
     policy: UnknownTypePolicy,
@@ -313,12 +368,13 @@ pub struct CommandProcessor<M = Json> {
     type_header: TypeHeader,
 }
 
-impl CommandProcessor<Json> {
+impl CommandProcessor {
     /// A processor consuming through `subscriber`, decoding JSON.
     pub fn new(subscriber: impl Subscriber + 'static) -> Self {
         CommandProcessor {
             subscriber: Arc::new(subscriber),
             marshaler: Json,
+            state: (),
             naming: TopicNaming::commands(),
             group: Arc::new(str::to_owned),
             policy: UnknownTypePolicy::default(),
@@ -329,14 +385,45 @@ impl CommandProcessor<Json> {
             type_header: TypeHeader::default(),
         }
     }
+
+    /// The router handler name used for command `name` (`<name>-handler`), whatever the
+    /// processor's marshaler and state.
+    ///
+    /// ```
+    /// use tidemill_cqrs::CommandProcessor;
+    /// assert_eq!(CommandProcessor::handler_name("Ping"), "Ping-handler");
+    /// ```
+    pub fn handler_name(name: &str) -> String {
+        format!("{name}-handler")
+    }
 }
 
-impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
+impl<M: Clone + Send + Sync + 'static, S: Clone + Send + Sync + 'static> CommandProcessor<M, S> {
     /// Uses `marshaler` (must match the bus's). Call before adding handlers.
-    pub fn with_marshaler<N>(self, marshaler: N) -> CommandProcessor<N> {
+    pub fn with_marshaler<N>(self, marshaler: N) -> CommandProcessor<N, S> {
         CommandProcessor {
             subscriber: self.subscriber,
             marshaler,
+            state: self.state,
+            naming: self.naming,
+            group: self.group,
+            policy: self.policy,
+            handlers: self.handlers,
+            unknown: self.unknown,
+            layers: self.layers,
+            replies: self.replies,
+            type_header: self.type_header,
+        }
+    }
+
+    /// Hands `state` to the handlers added afterwards: their [`Context`] carries a clone of
+    /// it per message ([`Context::state`]), so they need not clone what they use
+    /// themselves. Keep it cheap to clone (`Arc`s, handles). Call before adding handlers.
+    pub fn with_state<T: Clone + Send + Sync + 'static>(self, state: T) -> CommandProcessor<M, T> {
+        CommandProcessor {
+            subscriber: self.subscriber,
+            marshaler: self.marshaler,
+            state,
             naming: self.naming,
             group: self.group,
             policy: self.policy,
@@ -405,25 +492,26 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
         self.unknown.load(Ordering::Relaxed)
     }
 
-    /// The router handler name used for command `name`.
-    pub fn handler_name(name: &str) -> String {
-        format!("{name}-handler")
-    }
-
     /// Registers the handler of command `C`. A second handler for the same command type is
     /// an error.
     pub fn handle<C, F, Fut>(&mut self, f: F) -> Result<&mut Self, CqrsError>
     where
         C: Command,
         M: Marshal<C>,
-        F: Fn(C, Context) -> Fut + Send + Sync + 'static,
+        F: Fn(C, Context<S>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         let name = C::name().into_owned();
         if self.handlers.iter().any(|h| h.type_name == name) {
             return Err(CqrsError::DuplicateCommandHandler(name));
         }
-        let call = erase("command", name.clone(), self.marshaler.clone(), f);
+        let call = erase(
+            "command",
+            name.clone(),
+            self.marshaler.clone(),
+            self.state.clone(),
+            f,
+        );
         self.handlers.push(Registration {
             type_name: name,
             call,
@@ -440,7 +528,7 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
         C: Command,
         R: Send + 'static,
         M: Marshal<C> + Marshal<R>,
-        F: Fn(C, Context) -> Fut + Send + Sync + 'static,
+        F: Fn(C, Context<S>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, BoxError>> + Send + 'static,
     {
         let name = C::name().into_owned();
@@ -454,7 +542,8 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
             "command",
             name.clone(),
             self.marshaler.clone(),
-            move |command: C, ctx: Context| {
+            self.state.clone(),
+            move |command: C, ctx: Context<S>| {
                 let (marshaler, result_name, f) =
                     (marshaler.clone(), result_name.clone(), f.clone());
                 async move {
@@ -487,7 +576,7 @@ impl<M: Clone + Send + Sync + 'static> CommandProcessor<M> {
         let siblings: Arc<HashSet<String>> =
             Arc::new(self.handlers.iter().map(|h| h.type_name.clone()).collect());
         for h in &self.handlers {
-            let handler_name = Self::handler_name(&h.type_name);
+            let handler_name = CommandProcessor::handler_name(&h.type_name);
             let group = (self.group)(&handler_name);
             let dispatcher = Dispatcher {
                 kind: "command",
@@ -545,9 +634,10 @@ struct EventHandlerSpec {
 /// events.add_to(&router).await?;
 /// # Ok(()) }
 /// ```
-pub struct EventProcessor<M = Json> {
+pub struct EventProcessor<M = Json, S = ()> {
     subscriber: Arc<dyn Subscriber>,
     marshaler: M,
+    state: S,
     naming: TopicNaming,
     group: GroupNaming,
     policy: UnknownTypePolicy,
@@ -557,12 +647,13 @@ pub struct EventProcessor<M = Json> {
     type_header: TypeHeader,
 }
 
-impl EventProcessor<Json> {
+impl EventProcessor {
     /// A processor consuming through `subscriber`, decoding JSON.
     pub fn new(subscriber: impl Subscriber + 'static) -> Self {
         EventProcessor {
             subscriber: Arc::new(subscriber),
             marshaler: Json,
+            state: (),
             naming: TopicNaming::events(),
             group: Arc::new(str::to_owned),
             policy: UnknownTypePolicy::default(),
@@ -574,12 +665,31 @@ impl EventProcessor<Json> {
     }
 }
 
-impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
+impl<M: Clone + Send + Sync + 'static, S: Clone + Send + Sync + 'static> EventProcessor<M, S> {
     /// Uses `marshaler` (must match the bus's). Call before adding handlers.
-    pub fn with_marshaler<N>(self, marshaler: N) -> EventProcessor<N> {
+    pub fn with_marshaler<N>(self, marshaler: N) -> EventProcessor<N, S> {
         EventProcessor {
             subscriber: self.subscriber,
             marshaler,
+            state: self.state,
+            naming: self.naming,
+            group: self.group,
+            policy: self.policy,
+            specs: self.specs,
+            unknown: self.unknown,
+            layers: self.layers,
+            type_header: self.type_header,
+        }
+    }
+
+    /// Hands `state` to the handlers added afterwards (groups too): their [`Context`]
+    /// carries a clone of it per message ([`Context::state`]). Keep it cheap to clone.
+    /// Call before adding handlers.
+    pub fn with_state<T: Clone + Send + Sync + 'static>(self, state: T) -> EventProcessor<M, T> {
+        EventProcessor {
+            subscriber: self.subscriber,
+            marshaler: self.marshaler,
+            state,
             naming: self.naming,
             group: self.group,
             policy: self.policy,
@@ -649,13 +759,19 @@ impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
     where
         E: Event,
         M: Marshal<E>,
-        F: Fn(E, Context) -> Fut + Send + Sync + 'static,
+        F: Fn(E, Context<S>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         let name = name.into();
         self.check_name(&name)?;
         let type_name = E::name().into_owned();
-        let call = erase("event", type_name.clone(), self.marshaler.clone(), f);
+        let call = erase(
+            "event",
+            type_name.clone(),
+            self.marshaler.clone(),
+            self.state.clone(),
+            f,
+        );
         self.specs.push(EventHandlerSpec {
             name,
             handlers: vec![Registration { type_name, call }],
@@ -665,7 +781,7 @@ impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
 
     /// Starts event group `name`: its handlers share one subscription (and so one topic:
     /// the group's event types must map to the same topic) and see events in order.
-    pub fn group(&mut self, name: impl Into<String>) -> EventGroup<'_, M> {
+    pub fn group(&mut self, name: impl Into<String>) -> EventGroup<'_, M, S> {
         EventGroup {
             processor: self,
             name: name.into(),
@@ -729,19 +845,19 @@ impl<M: Clone + Send + Sync + 'static> EventProcessor<M> {
 
 /// Handlers sharing one subscription; see [`EventProcessor::group`]. Finish with
 /// [`done`](EventGroup::done).
-pub struct EventGroup<'p, M> {
-    processor: &'p mut EventProcessor<M>,
+pub struct EventGroup<'p, M, S = ()> {
+    processor: &'p mut EventProcessor<M, S>,
     name: String,
     handlers: Vec<Registration>,
 }
 
-impl<M: Clone + Send + Sync + 'static> EventGroup<'_, M> {
+impl<M: Clone + Send + Sync + 'static, S: Clone + Send + Sync + 'static> EventGroup<'_, M, S> {
     /// Adds the group's handler for event `E` (one per event type).
     pub fn handle<E, F, Fut>(mut self, f: F) -> Result<Self, CqrsError>
     where
         E: Event,
         M: Marshal<E>,
-        F: Fn(E, Context) -> Fut + Send + Sync + 'static,
+        F: Fn(E, Context<S>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         let type_name = E::name().into_owned();
@@ -755,6 +871,7 @@ impl<M: Clone + Send + Sync + 'static> EventGroup<'_, M> {
             "event",
             type_name.clone(),
             self.processor.marshaler.clone(),
+            self.processor.state.clone(),
             f,
         );
         self.handlers.push(Registration { type_name, call });

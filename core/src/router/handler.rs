@@ -102,6 +102,33 @@ impl<T: IntoOutput> IntoHandlerResult for T {
 /// An async function or closure usable as a handler: implemented for every `Fn` of up to 8
 /// arguments returning a future. `Args` is the tuple of its argument types; the router
 /// extracts them from each message ([`HandlerArgs`]).
+///
+/// A wrong signature is refused naming what is wrong; here "`u32` cannot be an argument of
+/// a handler (with state `()`)", as `u32` is no extractor:
+///
+/// ```compile_fail,E0277
+/// # use tidemill_core::{MemoryBroker, Message, Router};
+/// # async fn add(router: Router, broker: MemoryBroker) {
+/// router
+///     .add_handler("h")
+///     .subscribe(broker.subscriber(), "t")
+///     .handler(|n: u32, msg: Message| async move { drop((n, msg)) })
+///     .await;
+/// # }
+/// ```
+///
+/// and "a handler cannot return `u32`":
+///
+/// ```compile_fail,E0277
+/// # use tidemill_core::{MemoryBroker, Message, Router};
+/// # async fn add(router: Router, broker: MemoryBroker) {
+/// router
+///     .add_handler("h")
+///     .subscribe(broker.subscriber(), "t")
+///     .handler(|msg: Message| async move { 42u32 })
+///     .await;
+/// # }
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a handler function",
     label = "expected an async function or closure of extractors",
