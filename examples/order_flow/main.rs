@@ -45,9 +45,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidemill::cqrs::{
-    CommandBus, CommandProcessor, Context, EventBus, EventProcessor, TopicNaming, CONTENT_TYPE_KEY,
-    NAME_KEY,
+    CommandBus, CommandProcessor, EventBus, EventProcessor, TopicNaming, CONTENT_TYPE_KEY, NAME_KEY,
 };
+use tidemill::extract::{Json, State};
 use tidemill::middleware::request_reply::{
     Replier, ReplyErrorKind, RequestError, Requester, RequesterConfig,
 };
@@ -168,11 +168,13 @@ struct Report {
     problems: Vec<String>,
 }
 
-/// Everything the handlers share.
+/// Everything the handlers share (their state).
 struct App {
     store: Arc<Store>,
     gateway: Arc<PaymentGateway>,
     mailer: Arc<Mailer>,
+    /// Where `OrderPlaced` goes.
+    events: EventBus,
 }
 
 fn order_id_of(payload: &[u8]) -> Option<String> {
@@ -207,6 +209,7 @@ async fn run() -> Result<Report, AnyError> {
         store: Arc::new(Store::new()),
         gateway: Arc::default(),
         mailer: Arc::default(),
+        events: EventBus::new(broker.publisher.clone()).with_topic_naming(topics.events()),
     });
     let router = Router::with_config(RouterConfig {
         close_timeout: Duration::from_secs(15),
@@ -381,7 +384,9 @@ async fn run() -> Result<Report, AnyError> {
     })
 }
 
-/// Registers the command, event, status and poison handlers.
+/// Registers the command, event, status and poison handlers. Every handler gets the shared
+/// `App` as its state (a clone of the `Arc` per message): typed handlers through their
+/// `Context`, router handlers as a `State` argument.
 async fn add_handlers(
     router: &Router,
     broker: &Broker,
@@ -393,169 +398,148 @@ async fn add_handlers(
         let run_id = run_id.to_owned();
         move |handler: &str| format!("{handler}-{run_id}")
     };
-    let event_bus = EventBus::new(broker.publisher.clone()).with_topic_naming(topics.events());
 
     // The command: validate, price, record, announce.
     let mut commands = CommandProcessor::new(broker.subscriber.clone())
         .with_topic_naming(topics.commands())
-        .with_group_naming(groups.clone());
-    let a = app.clone();
-    commands.handle(move |cmd: PlaceOrder, _ctx: Context| {
-        let app = a.clone();
-        let events = event_bus.clone();
-        async move {
-            if cmd.lines.is_empty() {
-                return Err(permanent(format!("order {} has no lines", cmd.order_id)));
-            }
-            let mut total = 0;
-            for line in &cmd.lines {
-                let Some((price, _)) = catalogue(&line.sku) else {
-                    return Err(permanent(format!(
-                        "order {}: unknown SKU `{}`",
-                        cmd.order_id, line.sku
-                    )));
-                };
-                if line.qty == 0 {
-                    return Err(permanent(format!(
-                        "order {}: quantity 0 of {}",
-                        cmd.order_id, line.sku
-                    )));
-                }
-                total += price * u64::from(line.qty);
-            }
-            app.store.place(&cmd.order_id, &cmd.customer, total);
-            events
-                .publish(&OrderPlaced {
-                    order_id: cmd.order_id.clone(),
-                    customer: cmd.customer,
-                    email: cmd.email,
-                    lines: cmd.lines,
-                    total_cents: total,
-                    card: cmd.card,
-                })
-                .await?;
-            println!(
-                "  {PLACE_ORDER_HANDLER:<18} {}  priced {} → OrderPlaced",
-                cmd.order_id,
-                cents(total)
-            );
-            Ok(())
+        .with_group_naming(groups.clone())
+        .with_state(app.clone());
+    commands.handle(|cmd: PlaceOrder, ctx| async move {
+        let app = ctx.state();
+        if cmd.lines.is_empty() {
+            return Err(permanent(format!("order {} has no lines", cmd.order_id)));
         }
+        let mut total = 0;
+        for line in &cmd.lines {
+            let Some((price, _)) = catalogue(&line.sku) else {
+                return Err(permanent(format!(
+                    "order {}: unknown SKU `{}`",
+                    cmd.order_id, line.sku
+                )));
+            };
+            if line.qty == 0 {
+                return Err(permanent(format!(
+                    "order {}: quantity 0 of {}",
+                    cmd.order_id, line.sku
+                )));
+            }
+            total += price * u64::from(line.qty);
+        }
+        app.store.place(&cmd.order_id, &cmd.customer, total);
+        app.events
+            .publish(&OrderPlaced {
+                order_id: cmd.order_id.clone(),
+                customer: cmd.customer,
+                email: cmd.email,
+                lines: cmd.lines,
+                total_cents: total,
+                card: cmd.card,
+            })
+            .await?;
+        println!(
+            "  {PLACE_ORDER_HANDLER:<18} {}  priced {} → OrderPlaced",
+            cmd.order_id,
+            cents(total)
+        );
+        Ok(())
     })?;
     commands.add_to(router).await?;
 
     // The event, three ways (each handler its own consumer group: each sees every event).
     let mut events = EventProcessor::new(broker.subscriber.clone())
         .with_topic_naming(topics.events())
-        .with_group_naming(groups.clone());
-    let a = app.clone();
-    events.handle(RESERVE_STOCK, move |e: OrderPlaced, _ctx: Context| {
-        let app = a.clone();
-        async move {
-            match app.store.reserve(&e.order_id, &e.lines) {
-                Ok(true) => println!(
-                    "  {RESERVE_STOCK:<18} {}  holding {}",
-                    e.order_id,
-                    lines_text(&e.lines)
-                ),
-                Ok(false) => println!(
-                    "  {RESERVE_STOCK:<18} {}  order already failed; nothing held",
-                    e.order_id
-                ),
-                Err(why) => return Err(permanent(format!("order {}: {why}", e.order_id))),
-            }
-            Ok(())
-        }
-    })?;
-    let a = app.clone();
-    events.handle(CHARGE_PAYMENT, move |e: OrderPlaced, ctx: Context| {
-        let app = a.clone();
-        async move {
-            match app.gateway.charge(&e.order_id, &e.card, e.total_cents) {
-                Ok(payment) => {
-                    app.store.paid(&e.order_id, &payment);
-                    println!(
-                        "  {CHARGE_PAYMENT:<18} {}  charged {} ({payment}, delivery {})",
-                        e.order_id,
-                        cents(e.total_cents),
-                        ctx.attempt().map_or("?".to_owned(), |a| a.to_string())
-                    );
-                    Ok(())
-                }
-                // Transient: the Retry layer calls us again.
-                Err(e @ GatewayError::Timeout { .. }) => Err(BoxError::from(e)),
-                // Permanent: straight to the poison topic.
-                Err(e @ GatewayError::Declined { .. }) => Err(permanent(e)),
-            }
-        }
-    })?;
-    let a = app.clone();
-    events.handle(NOTIFY_CUSTOMER, move |e: OrderPlaced, _ctx: Context| {
-        let app = a.clone();
-        async move {
-            let text = format!(
-                "Hello {}, we received your order {} ({}), total {}.",
-                e.customer,
+        .with_group_naming(groups.clone())
+        .with_state(app.clone());
+    events.handle(RESERVE_STOCK, |e: OrderPlaced, ctx| async move {
+        match ctx.state().store.reserve(&e.order_id, &e.lines) {
+            Ok(true) => println!(
+                "  {RESERVE_STOCK:<18} {}  holding {}",
                 e.order_id,
-                lines_text(&e.lines),
-                cents(e.total_cents)
-            );
-            if app.mailer.send(&e.order_id, &e.email, text) {
-                println!("  {NOTIFY_CUSTOMER:<18} {}  mailed {}", e.order_id, e.email);
-            }
-            app.store.notified(&e.order_id);
-            Ok(())
+                lines_text(&e.lines)
+            ),
+            Ok(false) => println!(
+                "  {RESERVE_STOCK:<18} {}  order already failed; nothing held",
+                e.order_id
+            ),
+            Err(why) => return Err(permanent(format!("order {}: {why}", e.order_id))),
         }
+        Ok(())
+    })?;
+    events.handle(CHARGE_PAYMENT, |e: OrderPlaced, ctx| async move {
+        let app = ctx.state();
+        match app.gateway.charge(&e.order_id, &e.card, e.total_cents) {
+            Ok(payment) => {
+                app.store.paid(&e.order_id, &payment);
+                println!(
+                    "  {CHARGE_PAYMENT:<18} {}  charged {} ({payment}, delivery {})",
+                    e.order_id,
+                    cents(e.total_cents),
+                    ctx.attempt().map_or("?".to_owned(), |a| a.to_string())
+                );
+                Ok(())
+            }
+            // Transient: the Retry layer calls us again.
+            Err(e @ GatewayError::Timeout { .. }) => Err(BoxError::from(e)),
+            // Permanent: straight to the poison topic.
+            Err(e @ GatewayError::Declined { .. }) => Err(permanent(e)),
+        }
+    })?;
+    events.handle(NOTIFY_CUSTOMER, |e: OrderPlaced, ctx| async move {
+        let app = ctx.state();
+        let text = format!(
+            "Hello {}, we received your order {} ({}), total {}.",
+            e.customer,
+            e.order_id,
+            lines_text(&e.lines),
+            cents(e.total_cents)
+        );
+        if app.mailer.send(&e.order_id, &e.email, text) {
+            println!("  {NOTIFY_CUSTOMER:<18} {}  mailed {}", e.order_id, e.email);
+        }
+        app.store.notified(&e.order_id);
+        Ok(())
     })?;
     events.add_to(router).await?;
 
-    // Request-reply: answers "what is the status of order X?" from the store.
-    let a = app.clone();
+    // Plain router handlers with the app as router-level state.
+    let router = router.with_state(app.clone());
+
+    // Request-reply: answers "what is the status of order X?" from the store. The id is
+    // the payload as text (a payload that is not UTF-8 fails permanently: an error reply).
     router
         .add_handler("order-status")
         .subscribe(broker.subscriber.clone(), &topics.status)
         .group(groups("order-status"))
         .layer(Replier::new(broker.publisher.clone()))
-        .handler(move |req: Message| {
-            let app = a.clone();
-            async move {
-                let id = std::str::from_utf8(req.payload()).map_err(permanent)?;
-                let status = app
-                    .store
-                    .status(id)
-                    .ok_or_else(|| permanent(format!("no order `{id}`")))?;
-                HandlerResult::Ok(Message::new(serde_json::to_vec(&status)?))
-            }
+        .handler(|State(app): State<Arc<App>>, id: String| async move {
+            let status = app.store.status(&id);
+            let status = status.ok_or_else(|| permanent(format!("no order `{id}`")))?;
+            HandlerResult::Ok(Json(status))
         })
         .await?;
 
     // The poison topic: report what landed there, fail the order, release its stock.
-    let a = app.clone();
     router
         .add_handler("poison-report")
         .subscribe(broker.subscriber.clone(), &topics.poison)
         .group(groups("poison-report"))
-        .handler(move |m: Message| {
-            let app = a.clone();
-            async move {
-                let md = m.metadata();
-                let record = PoisonRecord {
-                    order_id: order_id_of(m.payload()),
-                    handler: md.get(headers::POISON_HANDLER).unwrap_or("?").to_owned(),
-                    topic: md.get(headers::POISON_TOPIC).unwrap_or("?").to_owned(),
-                    reason: md.get(headers::POISON_REASON).unwrap_or("?").to_owned(),
-                };
-                let line = format!(
-                    "  {:<18} {}  from {}: {}",
-                    "poison-report",
-                    record.order_id.as_deref().unwrap_or("(garbled)"),
-                    record.handler,
-                    record.reason
-                );
-                if app.store.poisoned(m.uuid(), record) {
-                    println!("{line}");
-                }
-                HandlerResult::Ok(())
+        .handler(|State(app): State<Arc<App>>, m: Message| async move {
+            let md = m.metadata();
+            let record = PoisonRecord {
+                order_id: order_id_of(m.payload()),
+                handler: md.get(headers::POISON_HANDLER).unwrap_or("?").to_owned(),
+                topic: md.get(headers::POISON_TOPIC).unwrap_or("?").to_owned(),
+                reason: md.get(headers::POISON_REASON).unwrap_or("?").to_owned(),
+            };
+            let line = format!(
+                "  {:<18} {}  from {}: {}",
+                "poison-report",
+                record.order_id.as_deref().unwrap_or("(garbled)"),
+                record.handler,
+                record.reason
+            );
+            if app.store.poisoned(m.uuid(), record) {
+                println!("{line}");
             }
         })
         .await?;
