@@ -60,6 +60,14 @@ struct Hotel {
     retries: AtomicU32,
 }
 
+/// What the handlers share: cheap to clone (an `Arc` and two bus handles).
+#[derive(Clone)]
+struct Desk {
+    hotel: Arc<Hotel>,
+    events: EventBus,
+    commands: CommandBus,
+}
+
 /// Locks, ignoring poisoning (a panicking handler is reported by the router anyway).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -112,10 +120,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let command_bus = CommandBus::new(publisher.clone()).with_topic_naming(commands_on.clone());
     let event_bus = EventBus::new(publisher.clone()).with_topic_naming(events_on.clone());
 
+    // The handlers' state: each handler gets it with every message (`ctx.state()`).
+    let desk = Desk {
+        hotel: hotel.clone(),
+        events: event_bus,
+        commands: command_bus.clone(),
+    };
     let mut commands = CommandProcessor::new(subscriber.clone())
         .with_topic_naming(commands_on)
         .with_group_naming(group.clone())
-        .with_replies(publisher.clone());
+        .with_replies(publisher.clone())
+        .with_state(desk.clone());
     let h = hotel.clone();
     commands.layer(
         Retry::new()
@@ -129,69 +144,55 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }),
     );
-    let h = hotel.clone();
-    commands.handle(move |cmd: BookRoom, _ctx| {
-        let (h, events) = (h.clone(), event_bus.clone());
-        async move {
-            {
-                let mut rooms = lock(&h.rooms);
-                if rooms.contains(&cmd.room) {
-                    return Err(permanent(format!("room {} is already taken", cmd.room)));
-                }
-                rooms.push(cmd.room);
+    commands.handle(|cmd: BookRoom, ctx| async move {
+        let desk = ctx.state();
+        {
+            let mut rooms = lock(&desk.hotel.rooms);
+            if rooms.contains(&cmd.room) {
+                return Err(permanent(format!("room {} is already taken", cmd.room)));
             }
-            let BookRoom {
-                room,
-                guest,
-                nights,
-            } = cmd;
-            events
-                .publish(&RoomBooked {
-                    room,
-                    guest,
-                    nights,
-                })
-                .await?;
-            Ok(())
+            rooms.push(cmd.room);
         }
+        let BookRoom {
+            room,
+            guest,
+            nights,
+        } = cmd;
+        let booked = RoomBooked {
+            room,
+            guest,
+            nights,
+        };
+        desk.events.publish(&booked).await?;
+        Ok(())
     })?;
-    let h = hotel.clone();
-    commands.handle(move |cmd: IssueInvoice, _ctx| {
-        let h = h.clone();
-        async move {
-            if h.billing_calls.fetch_add(1, Ordering::Relaxed) == 0 {
-                return Err("billing system is still starting up".into());
-            }
-            println!("  billing: invoice of {} EUR for {}", cmd.amount, cmd.guest);
-            lock(&h.invoices).push(cmd.guest);
-            Ok(())
+    commands.handle(|cmd: IssueInvoice, ctx| async move {
+        let hotel = &ctx.state().hotel;
+        if hotel.billing_calls.fetch_add(1, Ordering::Relaxed) == 0 {
+            return Err("billing system is still starting up".into());
         }
+        println!("  billing: invoice of {} EUR for {}", cmd.amount, cmd.guest);
+        lock(&hotel.invoices).push(cmd.guest);
+        Ok(())
     })?;
 
     let mut events = EventProcessor::new(subscriber.clone())
         .with_topic_naming(events_on)
-        .with_group_naming(group);
-    let bus = command_bus.clone();
-    events.handle("billing", move |e: RoomBooked, _ctx| {
-        let bus = bus.clone();
-        async move {
-            let amount = e.nights * PRICE_PER_NIGHT;
-            bus.send(&IssueInvoice {
-                guest: e.guest,
-                amount,
-            })
-            .await?;
-            Ok(())
-        }
+        .with_group_naming(group)
+        .with_state(desk);
+    events.handle("billing", |e: RoomBooked, ctx| async move {
+        let amount = e.nights * PRICE_PER_NIGHT;
+        let invoice = IssueInvoice {
+            guest: e.guest,
+            amount,
+        };
+        ctx.state().commands.send(&invoice).await?;
+        Ok(())
     })?;
-    let h = hotel.clone();
-    events.handle("concierge", move |e: RoomBooked, _ctx| {
-        let h = h.clone();
-        async move {
-            println!("  concierge: welcome {}, room {} is yours", e.guest, e.room);
-            lock(&h.notifications).push(e.guest);
-            Ok(())
-        }
+    events.handle("concierge", |e: RoomBooked, ctx| async move {
+        println!("  concierge: welcome {}, room {} is yours", e.guest, e.room);
+        lock(&ctx.state().hotel.notifications).push(e.guest);
+        Ok(())
     })?;
     commands.add_to(&router).await?;
     events.add_to(&router).await?;
