@@ -6,8 +6,9 @@
 //!
 //! This facade is the one dependency users need. It re-exports [`tidemill_core`] (the
 //! [`Message`] model, the [`Publisher`] and [`Subscriber`] traits, [`Delivery`]
-//! acknowledgements, the [`Router`] and the embedded [`MemoryBroker`]) and, behind
-//! features, the rest:
+//! acknowledgements, the [`Router`] with its handler [extractors](extract) such as
+//! [`State`](extract::State) and [`Json`](extract::Json), the [marshalers](marshal) and the
+//! embedded [`MemoryBroker`]) and, behind features, the rest:
 //!
 //! | feature | module | crate |
 //! |---|---|---|
