@@ -1313,7 +1313,7 @@ async fn processors_retry_dead_letter_and_poison_as_documented() {
         )
         .await
         .unwrap();
-    let mut dead_letters = vec![next(&mut dead).await, next(&mut dead).await];
+    let mut dead_letters = [next(&mut dead).await, next(&mut dead).await];
     dead_letters.sort_by_key(|m| {
         m.metadata()
             .get(headers::DEAD_LETTER_TOPIC)

@@ -205,7 +205,7 @@ async fn processors_hand_their_state_to_every_handler() {
         .send(&Ping { n: 7 })
         .await
         .unwrap();
-    let mut got = vec![recv(&mut rx).await, recv(&mut rx).await];
+    let mut got = [recv(&mut rx).await, recv(&mut rx).await];
     got.sort();
     assert_eq!(got, ["echo 7", "group 7"]);
     assert_eq!(table.pings.load(Ordering::SeqCst), 1);
