@@ -4,7 +4,9 @@
 //! - plain:  one consumer-only handler on "in" counts messages;
 //! - hop:    a handler republishes each message as a new message to "out", a consumer
 //!   handler on "out" counts;
-//! - layers: plain with three layers (tower's timeout and two pass-through layers).
+//! - layers: plain with three layers (tower's timeout and two pass-through layers);
+//! - state:  plain written with extractors: the counter as the handler's `State`, cloned
+//!   per message, and the `Message`.
 //!
 //! Rounds: after a warm-up, each round runs every scenario once, in rotating order, so load
 //! from other processes hits all scenarios alike. Each run is timed from the first publish
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 use tidemill_testkit::bench::{median, process_cpu, record, PeakRss, Row};
 
 use bytes::Bytes;
+use tidemill_core::extract::State;
 use tidemill_core::{HandlerResult, MemoryBroker, Message, Publisher, Router};
 use tokio::sync::Notify;
 use tower::{Layer, Service};
@@ -87,6 +90,7 @@ enum Scenario {
     Plain,
     Hop,
     Layers,
+    State,
 }
 
 impl Scenario {
@@ -95,6 +99,7 @@ impl Scenario {
             Scenario::Plain => "plain",
             Scenario::Hop => "hop",
             Scenario::Layers => "layers",
+            Scenario::State => "state",
         }
     }
 }
@@ -116,6 +121,14 @@ async fn run(scenario: Scenario, n: usize) -> Duration {
                 .add_handler("count")
                 .subscribe(broker.subscriber(), "in")
                 .handler(count)
+                .await
+        }
+        Scenario::State => {
+            router
+                .add_handler("count")
+                .subscribe(broker.subscriber(), "in")
+                .state(counter.clone())
+                .handler(|State(c): State<Counter>, _m: Message| async move { c.hit() })
                 .await
         }
         Scenario::Layers => {
@@ -202,17 +215,22 @@ fn main() {
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("cannot build the runtime: {e}"));
-    let scenarios: Vec<Scenario> = [Scenario::Plain, Scenario::Hop, Scenario::Layers]
-        .into_iter()
-        .filter(|s| filter.is_empty() || filter.iter().any(|f| s.name().contains(f.as_str())))
-        .collect();
+    let scenarios: Vec<Scenario> = [
+        Scenario::Plain,
+        Scenario::Hop,
+        Scenario::Layers,
+        Scenario::State,
+    ]
+    .into_iter()
+    .filter(|s| filter.is_empty() || filter.iter().any(|f| s.name().contains(f.as_str())))
+    .collect();
     println!(
         "router on the in-memory broker: {n} messages of 100 bytes, batches of {BATCH}, {rounds} rounds, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
         "each round runs every scenario once, in rotating order; figures are medians over rounds, \
-         the layers ratio the median of each round's layers/plain"
+         the layers and state ratios the median of each round's scenario/plain"
     );
     // Warm-up runs (allocator, page faults), then the measured rounds.
     for &scenario in &scenarios {
@@ -257,7 +275,7 @@ fn main() {
         let cpu = median(&cpus[i]);
         let rss = peaks[i].map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0));
         let ratios = match (scenario, plain) {
-            (Scenario::Layers, Some(p)) => {
+            (Scenario::Layers | Scenario::State, Some(p)) => {
                 Some((per_round(&rates, i, p, false), per_round(&cpus, i, p, true)))
             }
             _ => None,
