@@ -61,6 +61,13 @@ pub trait Publisher: Send + Sync {
     /// Flushes whatever is still in flight and releases the connection. Publishing afterwards
     /// fails with [`Error::PublisherClosed`](crate::Error::PublisherClosed). Idempotent.
     async fn close(&self) -> Result<()>;
+
+    /// The state of the connection to the broker as the client knows it now (no round
+    /// trip), for health checks ([`Router::health`](crate::Router::health)). The default,
+    /// for clients that cannot tell, is [`ConnectionState::Connected`].
+    fn connection_state(&self) -> ConnectionState {
+        ConnectionState::Connected
+    }
 }
 
 /// Subscribes to topics.
@@ -87,6 +94,44 @@ pub trait Subscriber: Send + Sync {
 
     /// Ends every stream of this subscriber and releases its connection. Idempotent.
     async fn close(&self) -> Result<()>;
+
+    /// The state of the connection to the broker as the client knows it now (no round
+    /// trip), for health checks ([`Router::health`](crate::Router::health)). The default,
+    /// for clients that cannot tell, is [`ConnectionState::Connected`].
+    fn connection_state(&self) -> ConnectionState {
+        ConnectionState::Connected
+    }
+}
+
+/// A client's connection to its broker, as [`Publisher::connection_state`] and
+/// [`Subscriber::connection_state`] report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Connected (or nothing to connect to, like the in-memory broker).
+    Connected,
+    /// Not connected now; the client is (re)connecting.
+    Disconnected,
+    /// Closed by the application.
+    Closed,
+}
+
+impl ConnectionState {
+    /// Whether messages can flow: [`Connected`](ConnectionState::Connected).
+    pub fn is_up(self) -> bool {
+        self == ConnectionState::Connected
+    }
+}
+
+impl fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnectionState::Connected => "connected",
+            ConnectionState::Disconnected => "disconnected",
+            ConnectionState::Closed => "closed",
+        })
+    }
 }
 
 #[async_trait]
@@ -106,6 +151,9 @@ impl<P: Publisher + ?Sized> Publisher for Arc<P> {
     async fn close(&self) -> Result<()> {
         (**self).close().await
     }
+    fn connection_state(&self) -> ConnectionState {
+        (**self).connection_state()
+    }
 }
 
 #[async_trait]
@@ -118,6 +166,9 @@ impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
     }
     async fn close(&self) -> Result<()> {
         (**self).close().await
+    }
+    fn connection_state(&self) -> ConnectionState {
+        (**self).connection_state()
     }
 }
 

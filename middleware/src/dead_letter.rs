@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use moka::sync::Cache;
-use tidemill_core::router::{redeliver_after, redelivery_delay};
+use tidemill_core::router::{metric_names, redeliver_after, redelivery_delay};
 use tidemill_core::{AttemptOrigin, BoxError, Message, Publisher};
 use tokio::sync::OnceCell;
 use tower::{Layer, Service};
@@ -695,6 +695,7 @@ impl DeadLetter {
                     .stats
                     .dead_lettered
                     .fetch_add(1, Ordering::Relaxed);
+                crate::util::count(metric_names::DEAD_LETTERED, &input);
                 self.inner
                     .history
                     .invalidate(&format!("{}\u{0}{}", d.handler, input.uuid()));

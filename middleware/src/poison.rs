@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use tidemill_core::router::metric_names;
 use tidemill_core::{is_permanent, BoxError, Message, Publisher};
 use tokio::sync::OnceCell;
 use tower::{Layer, Service};
@@ -256,6 +257,7 @@ impl OnFailure for PoisonFailure {
             match published {
                 Ok(()) => {
                     config.poisoned.fetch_add(1, Ordering::Relaxed);
+                    crate::util::count(metric_names::POISONED, &input);
                     tracing::warn!(
                         uuid = input.uuid(),
                         poison_topic = %config.topic,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
+use tidemill_core::router::metric_names;
 use tidemill_core::{is_permanent, BoxError, Message};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
@@ -379,6 +380,7 @@ where
                     }
                 }
                 tracing::debug!(attempt = *this.attempt, ?delay, error = %error, "retrying");
+                crate::util::count(metric_names::RETRIED, message);
                 if let Some(hook) = &config.on_retry {
                     hook(&RetryEvent {
                         message,

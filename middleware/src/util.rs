@@ -169,6 +169,20 @@ pub(crate) fn from_epoch_millis(millis: u64) -> SystemTime {
 }
 
 /// The handler name and topic of a message received by the router (empty outside one).
+/// Counts one more `name` (a Tidemill counter, see
+/// [`metric_names`](tidemill_core::router::metric_names)) for the handler that received
+/// `msg`, labelled `handler` and `topic`, when a metrics recorder is installed.
+pub(crate) fn count(name: &'static str, msg: &Message) {
+    if !tidemill_core::router::metrics_enabled() {
+        return;
+    }
+    let (handler, topic) = match msg.context() {
+        Some(ctx) => (ctx.handler().name.clone(), ctx.handler().topic.clone()),
+        None => (String::new(), String::new()),
+    };
+    metrics::counter!(name, "handler" => handler, "topic" => topic).increment(1);
+}
+
 pub(crate) fn handler_and_topic(msg: &Message) -> (String, String, Option<String>) {
     match msg.context() {
         Some(ctx) => {

@@ -44,6 +44,24 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
+    /// The `kind` label of the failure metric.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Kind::Handler => "error",
+            Kind::Panic => "panic",
+            Kind::Publish => "publish",
+        }
+    }
+
+    /// What failed, for tracers: `handler`, `panic` or `publish`.
+    pub(crate) fn what(self) -> &'static str {
+        match self {
+            Kind::Handler => "handler",
+            Kind::Panic => "panic",
+            Kind::Publish => "publish",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Kind::Handler => "handler failed",
@@ -141,6 +159,15 @@ impl Failures {
             Kind::Publish => &self.publish_failed,
         }
         .fetch_add(1, Ordering::Relaxed);
+        if super::observe::metrics_enabled() {
+            metrics::counter!(
+                super::observe::names::FAILURES,
+                "handler" => info.name.clone(),
+                "topic" => info.topic.clone(),
+                "kind" => kind.label(),
+            )
+            .increment(1);
+        }
         let attempt = match attempt {
             Some(n) => n,
             None => self.counts.lock().bump(uuid.as_str()).saturating_add(1),

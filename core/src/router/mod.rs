@@ -47,6 +47,8 @@
 
 mod failure;
 mod handler;
+mod health;
+mod observe;
 mod outcome;
 mod run;
 mod state;
@@ -70,6 +72,8 @@ pub use handler::{
     handler_fn, BoxHandler, BoxHandlerFuture, Handler, HandlerFn, HandlerFuture, HandlerResult,
     HandlerService, IntoHandlerResult, IntoMessages, IntoOutput,
 };
+pub use health::{HandlerHealth, HandlerStatus, RouterHealth, RouterStatus};
+pub use observe::{metrics_enabled, names as metric_names, MessageTracer, Settled};
 pub use outcome::{redeliver_after, redelivery_delay, RedeliverAfter};
 pub use state::StatefulRouter;
 
@@ -96,6 +100,18 @@ pub struct RouterConfig {
     /// 30 s, jittered. Where the broker reports no delivery attempt, the router counts the
     /// failures of each message itself (the most recent 10,000 to 20,000 uuids per handler).
     pub redelivery: Backoff,
+    /// Opens the span each message is handled in (see [`MessageTracer`]); tidemill-otel's
+    /// tracer parents it on the trace context the message carries. Default `None`: a
+    /// plain `message` span.
+    pub tracer: Option<Arc<dyn MessageTracer>>,
+}
+
+impl RouterConfig {
+    /// Sets the [`tracer`](RouterConfig::tracer); builder style.
+    pub fn with_tracer(mut self, tracer: impl MessageTracer) -> Self {
+        self.tracer = Some(Arc::new(tracer));
+        self
+    }
 }
 
 impl Default for RouterConfig {
@@ -104,6 +120,7 @@ impl Default for RouterConfig {
             close_timeout: Duration::from_secs(30),
             close_clients: true,
             redelivery: Backoff::redelivery(),
+            tracer: None,
         }
     }
 }
@@ -177,6 +194,8 @@ struct Slot {
     info: Arc<HandlerInfo>,
     failures: Arc<Failures>,
     pending: Option<Pending>,
+    /// The clients of a started handler (for [`Router::health`]).
+    clients: Option<health::Clients>,
     stop: CancellationToken,
     force: CancellationToken,
     finished: CancellationToken,
@@ -202,6 +221,9 @@ struct Inner {
     all_stopped: Notify,
     publishers: Mutex<Vec<Arc<dyn Publisher>>>,
     subscribers: Mutex<Vec<Arc<dyn Subscriber>>>,
+    /// Handlers whose loop ended without being stopped (subscription ended, service
+    /// failed), by name, with their topic: the router is no longer ready or live.
+    ended: Mutex<HashMap<String, String>>,
 }
 
 /// Runs handlers; cheap to clone (clones control the same router).
@@ -237,6 +259,7 @@ impl Router {
                 all_stopped: Notify::new(),
                 publishers: Mutex::default(),
                 subscribers: Mutex::default(),
+                ended: Mutex::default(),
             }),
         }
     }
@@ -456,12 +479,14 @@ impl Router {
         if handlers.contains_key(&name) {
             return Err(RouterError::DuplicateHandler(name));
         }
+        self.inner.ended.lock().remove(&name);
         handlers.insert(
             name,
             Slot {
                 info: Arc::new(info),
                 failures: Arc::new(Failures::new(self.inner.config.redelivery)),
                 pending: Some(pending),
+                clients: None,
                 stop: self.inner.stop.child_token(),
                 force: self.inner.force.child_token(),
                 finished: CancellationToken::new(),
@@ -480,6 +505,10 @@ impl Router {
             let Some(pending) = slot.pending.take() else {
                 return Ok(());
             };
+            slot.clients = Some(health::Clients {
+                subscriber: pending.subscriber.clone(),
+                output: pending.output.clone(),
+            });
             (
                 slot.info.clone(),
                 slot.failures.clone(),
@@ -513,6 +542,7 @@ impl Router {
         if let Some(p) = &pending.output {
             self.inner.publishers.lock().push(p.clone());
         }
+        let stopped = stop.clone();
         let run = HandlerRun {
             stream,
             ctx: Arc::new(HandlerCtx {
@@ -520,6 +550,8 @@ impl Router {
                 output: pending.output,
                 concurrency: pending.concurrency,
                 failures,
+                metrics: observe::HandlerMetrics::register(&info),
+                tracer: self.inner.config.tracer.clone(),
             }),
             layers: self.inner.layers.lock().clone(),
             stop,
@@ -532,6 +564,13 @@ impl Router {
         self.inner.active.fetch_add(1, Ordering::AcqRel);
         self.inner.tasks.spawn(async move {
             fut.await;
+            if !stopped.is_cancelled() {
+                // Nobody stopped it: its subscription ended or its service failed.
+                inner
+                    .ended
+                    .lock()
+                    .insert(started.name.clone(), started.topic.clone());
+            }
             {
                 let mut handlers = inner.handlers.lock();
                 // Only remove our own slot: the name may have been reused since.

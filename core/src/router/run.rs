@@ -15,6 +15,7 @@ use tower::Service;
 use tracing::Instrument;
 
 use super::failure::{Failures, Kind};
+use super::observe::{HandlerMetrics, MessageTracer, Settled, Tracked};
 use super::outcome::redelivery_delay;
 use super::HandlerRun;
 use crate::context::Settlement;
@@ -28,6 +29,9 @@ pub(crate) struct HandlerCtx {
     pub(crate) output: Option<Arc<dyn Publisher>>,
     pub(crate) concurrency: usize,
     pub(crate) failures: Arc<Failures>,
+    /// Metric handles, when a recorder was installed as the handler started.
+    pub(crate) metrics: Option<Arc<HandlerMetrics>>,
+    pub(crate) tracer: Option<Arc<dyn MessageTracer>>,
 }
 
 pub(crate) async fn run_handler<S>(service: S, run: HandlerRun)
@@ -104,6 +108,7 @@ where
             );
             break;
         }
+        let tracked = Tracked::start(&ctx.metrics);
         // The future is made straight into its pinned slot (layered futures are a few
         // hundred bytes; returning one through the panic guard would copy it twice).
         let mut fut = pin!(None::<S::Future>);
@@ -138,7 +143,9 @@ where
         };
         // The work is done: its future (and what it holds) goes before the settling.
         fut.set(None);
-        let mut settling = pin!(settle(&ctx, &settlement.0, outcome, &uuid).instrument(span));
+        tracked.handled();
+        let mut settling =
+            pin!(settle(&ctx, &settlement.0, outcome, &uuid, &tracked).instrument(span));
         let settled = poll_fn(|cx| match settling.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(true),
             Poll::Pending if forced.as_mut().poll(cx).is_ready() => Poll::Ready(false),
@@ -282,6 +289,7 @@ where
         span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
         return false;
     }
+    let tracked = Tracked::start(&ctx.metrics);
     let called = std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
         .map_err(|panic| panic_message(&*panic));
     let ctx = ctx.clone();
@@ -294,7 +302,8 @@ where
                 },
                 Err(panic) => Err(panic),
             };
-            settle(&ctx, &settlement.0, outcome, &uuid).await;
+            tracked.handled();
+            settle(&ctx, &settlement.0, outcome, &uuid, &tracked).await;
             key
         }
         .instrument(span),
@@ -308,13 +317,16 @@ where
 fn prepare(ctx: &HandlerCtx, delivery: Delivery) -> (tracing::Span, Settlement, Message, Uuid) {
     let (mut msg, handle) = delivery.into_parts();
     let attempt = handle.attempt();
-    let span = tracing::info_span!(
-        "message",
-        handler = %ctx.info.name,
-        topic = %ctx.info.topic,
-        uuid = %msg.uuid(),
-        attempt = attempt,
-    );
+    let span = match &ctx.tracer {
+        None => tracing::info_span!(
+            "message",
+            handler = %ctx.info.name,
+            topic = %ctx.info.topic,
+            uuid = %msg.uuid(),
+            attempt = attempt,
+        ),
+        Some(tracer) => tracer.span(&ctx.info, &msg, attempt),
+    };
     let uuid = msg.uuid_copy();
     let (context, settlement) = MessageContext::received(ctx.info.clone(), handle);
     msg.set_context(Some(context));
@@ -331,7 +343,13 @@ type Outcome = Result<Result<Vec<Message>, BoxError>, String>;
 /// no longer settled here.
 ///
 /// [`redeliver_after`]: super::redeliver_after
-async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome, uuid: &Uuid) {
+async fn settle(
+    ctx: &HandlerCtx,
+    settlement: &Settlement,
+    outcome: Outcome,
+    uuid: &Uuid,
+    tracked: &Tracked,
+) {
     let (kind, asked, error) = match outcome {
         Ok(Ok(out)) => {
             if !out.is_empty() {
@@ -345,6 +363,7 @@ async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome, uui
                                 ctx,
                                 settlement,
                                 uuid,
+                                tracked,
                                 Kind::Publish,
                                 asked,
                                 e.to_string(),
@@ -358,7 +377,7 @@ async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome, uui
                              (add an output with .publish(publisher, topic) or return nothing)",
                             out.len()
                         );
-                        return fail(ctx, settlement, uuid, Kind::Publish, None, e).await;
+                        return fail(ctx, settlement, uuid, tracked, Kind::Publish, None, e).await;
                     }
                 }
             }
@@ -367,8 +386,12 @@ async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome, uui
                     if let Err(e) = handle.ack().await {
                         tracing::warn!(error = %e, "ack failed; the broker will redeliver");
                     }
+                    tracked.acked();
                 }
                 None => tracing::debug!("input was settled early; nothing left to ack"),
+            }
+            if let Some(tracer) = &ctx.tracer {
+                tracer.settled(&tracing::Span::current(), Settled::Acked);
             }
             return;
         }
@@ -379,18 +402,27 @@ async fn settle(ctx: &HandlerCtx, settlement: &Settlement, outcome: Outcome, uui
         ),
         Err(panic) => (Kind::Panic, None, panic),
     };
-    fail(ctx, settlement, uuid, kind, asked, error).await
+    fail(ctx, settlement, uuid, tracked, kind, asked, error).await
 }
 
 /// Counts and logs a failure, then nacks the input with its redelivery delay.
+#[allow(clippy::too_many_arguments)]
 async fn fail(
     ctx: &HandlerCtx,
     settlement: &Settlement,
     uuid: &Uuid,
+    tracked: &Tracked,
     kind: Kind,
     asked: Option<std::time::Duration>,
     error: String,
 ) {
+    if let Some(tracer) = &ctx.tracer {
+        let outcome = Settled::Failed {
+            kind: kind.what(),
+            error: &error,
+        };
+        tracer.settled(&tracing::Span::current(), outcome);
+    }
     let Some(handle) = settlement.take() else {
         ctx.failures
             .record(&ctx.info, kind, uuid, Some(1), asked, &error);
@@ -404,6 +436,7 @@ async fn fail(
         .failures
         .record(&ctx.info, kind, uuid, handle.attempt(), asked, &error);
     ctx.failures.nacked();
+    tracked.nacked();
     if let Err(e) = handle.nack_with_delay(delay).await {
         tracing::warn!(error = %e, "nack failed; the broker will redeliver after its timeout");
     }
