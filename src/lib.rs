@@ -18,6 +18,11 @@
 //! | `amqp` | `amqp` | RabbitMQ adapter |
 //! | `nats` | `nats` | NATS adapter (JetStream and core) |
 //! | `googlecloud` | `googlecloud` | Google Cloud Pub/Sub adapter |
+//! | `otel` | `otel` | OpenTelemetry trace context in message metadata, publisher metrics |
+//!
+//! The router records metrics through the [`metrics`](https://docs.rs/metrics) facade
+//! whenever the application installed a recorder, and reports
+//! [`Router::health`](router::Router::health) for readiness and liveness probes.
 //!
 //! [`BrokerConfig`] picks the broker from a URL, a file or the environment:
 //!
@@ -70,6 +75,34 @@ pub use tidemill_nats as nats;
 /// The Google Cloud Pub/Sub adapter ([`tidemill_googlecloud`]).
 #[cfg(feature = "googlecloud")]
 pub use tidemill_googlecloud as googlecloud;
+
+/// OpenTelemetry trace context and publisher metrics ([`tidemill_otel`]).
+#[cfg(feature = "otel")]
+pub use tidemill_otel as otel;
+
+#[cfg(feature = "otel")]
+impl Broker {
+    /// This broker with its publisher wrapped in
+    /// [`InstrumentedPublisher`](tidemill_otel::InstrumentedPublisher) (its
+    /// `messaging.system` named after the broker): every publish through it, by the router,
+    /// buses, layers or the application, runs in a producer span whose trace context
+    /// travels in the messages' metadata, and is counted in the publisher metrics.
+    pub fn instrumented(self) -> Broker {
+        let system = match self.kind {
+            BrokerKind::Memory => "tidemill_memory",
+            BrokerKind::Kafka => "kafka",
+            BrokerKind::Amqp => "rabbitmq",
+            BrokerKind::Nats => "nats",
+            BrokerKind::GoogleCloud => "gcp_pubsub",
+        };
+        Broker {
+            publisher: std::sync::Arc::new(
+                tidemill_otel::InstrumentedPublisher::new(self.publisher).system(system),
+            ),
+            ..self
+        }
+    }
+}
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]

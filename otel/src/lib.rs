@@ -101,7 +101,28 @@ struct MetadataInjector<'a>(&'a mut Metadata);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.set(key, value);
+        // An empty `tracestate` says nothing: not written.
+        if !value.is_empty() {
+            self.0.set(key, value);
+        }
+    }
+}
+
+/// Trace context headers written once for a batch.
+#[derive(Default)]
+struct Headers(Vec<(&'static str, String)>);
+
+impl Injector for Headers {
+    fn set(&mut self, key: &str, value: String) {
+        let key = match key {
+            headers::TRACEPARENT => headers::TRACEPARENT,
+            headers::TRACESTATE => headers::TRACESTATE,
+            headers::BAGGAGE => headers::BAGGAGE,
+            _ => return,
+        };
+        if !value.is_empty() {
+            self.0.push((key, value));
+        }
     }
 }
 
@@ -307,9 +328,18 @@ impl<P: Publisher> InstrumentedPublisher<P> {
             messaging.message.id = (messages.len() == 1).then(|| messages[0].uuid()),
         );
         if !span.is_disabled() {
+            // One context for the batch: its headers are written once and copied.
             let cx = span.context();
-            for m in &mut messages {
-                inject(&cx, m);
+            if cx.span().span_context().is_valid() {
+                let mut headers = Headers::default();
+                TraceContextPropagator::new().inject_context(&cx, &mut headers);
+                BaggagePropagator::new().inject_context(&cx, &mut headers);
+                for m in &mut messages {
+                    let md = m.metadata_mut();
+                    for (k, v) in &headers.0 {
+                        md.set(*k, v);
+                    }
+                }
             }
         }
         let metered = metrics_enabled().then(|| (Instant::now(), messages.len()));
