@@ -65,6 +65,8 @@ use tracing::field::Empty;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tree;
 
 pub use tree::trace_tree;

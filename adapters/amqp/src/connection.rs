@@ -7,7 +7,7 @@ use std::time::Duration;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
-use tidemill_core::{CancellationToken, Error, Result};
+use tidemill_core::{CancellationToken, ConnectionState, Error, Result};
 use tokio::time::Instant;
 
 use crate::config::{display_uri, AmqpConfig};
@@ -27,7 +27,19 @@ pub(crate) struct Connector {
     connect_timeout: Duration,
     backoff_max: Duration,
     current: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// What health checks read without waiting for `current`.
+    seen: parking_lot::Mutex<Seen>,
     closed: CancellationToken,
+}
+
+/// The connection as health checks see it.
+enum Seen {
+    /// Not connected yet (connections are made on first use): nothing known to be wrong.
+    Never,
+    /// The latest connection.
+    Connection(Arc<Connection>),
+    /// The latest attempt to connect failed.
+    Failed,
 }
 
 impl Connector {
@@ -40,6 +52,7 @@ impl Connector {
             connect_timeout: config.connect_timeout,
             backoff_max: config.reconnect_backoff_max,
             current: tokio::sync::Mutex::new(None),
+            seen: parking_lot::Mutex::new(Seen::Never),
             closed: CancellationToken::new(),
         })
     }
@@ -52,6 +65,22 @@ impl Connector {
     /// Fires when [`close`](Self::close) is called.
     pub(crate) fn closed(&self) -> &CancellationToken {
         &self.closed
+    }
+
+    /// The connection's state for health checks: up until it is first made (made on
+    /// first use), then what lapin reports of the latest connection; down after a failed
+    /// attempt until one succeeds. With `lazy` (a publisher, which reconnects on its next
+    /// publish), a lost connection nobody tried to replace yet counts as up: the broker
+    /// may well be back by the time it is used.
+    pub(crate) fn state(&self, lazy: bool) -> ConnectionState {
+        if self.closed.is_cancelled() {
+            return ConnectionState::Closed;
+        }
+        match &*self.seen.lock() {
+            Seen::Never => ConnectionState::Connected,
+            Seen::Connection(c) if lazy || c.status().connected() => ConnectionState::Connected,
+            Seen::Connection(_) | Seen::Failed => ConnectionState::Disconnected,
+        }
     }
 
     /// The current connection, or a new one when there is none or it was lost: one attempt,
@@ -68,8 +97,15 @@ impl Connector {
         }
         // Drop (and thereby close) the dead connection before making a new one.
         *current = None;
-        let conn = Arc::new(self.connect_once().await?);
+        let conn = match self.connect_once().await {
+            Ok(conn) => Arc::new(conn),
+            Err(e) => {
+                *self.seen.lock() = Seen::Failed;
+                return Err(e);
+            }
+        };
         *current = Some(conn.clone());
+        *self.seen.lock() = Seen::Connection(conn.clone());
         Ok(conn)
     }
 

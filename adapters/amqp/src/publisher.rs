@@ -294,6 +294,12 @@ impl Publisher for AmqpPublisher {
         self.send(topic, messages, true).await
     }
 
+    /// Down after a failed attempt to connect until one succeeds (the publisher reconnects
+    /// when it next publishes: a lost connection not used since counts as up).
+    fn connection_state(&self) -> tidemill_core::ConnectionState {
+        self.inner.connector.state(true)
+    }
+
     /// Declares the topic's exchange and group `group`'s durable queue (with the configured
     /// queue type and arguments) and binds them, exactly as `subscribe(topic, group)` would:
     /// the queue keeps what is published from now on until a subscriber of the group takes

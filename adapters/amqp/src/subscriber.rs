@@ -166,6 +166,13 @@ impl AmqpSubscriber {
 
 #[async_trait]
 impl Subscriber for AmqpSubscriber {
+    /// The subscriber's connection (its subscriptions share it; a quarantined
+    /// subscription's own connection is not counted): up until first used, then as lapin
+    /// reports it.
+    fn connection_state(&self) -> tidemill_core::ConnectionState {
+        self.inner.connector.state(false)
+    }
+
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
         self.check_open(topic)?;
         let spec = Arc::new(Spec::new(
