@@ -90,6 +90,18 @@ impl NatsPublisher {
 
 #[async_trait]
 impl Publisher for NatsPublisher {
+    /// async-nats' view of the connection (it reconnects by itself).
+    fn connection_state(&self) -> tidemill_core::ConnectionState {
+        match self.inner.closed.try_read() {
+            Ok(closed) if !*closed => {}
+            _ => return tidemill_core::ConnectionState::Closed,
+        }
+        match self.inner.client.connection_state() {
+            async_nats::connection::State::Connected => tidemill_core::ConnectionState::Connected,
+            _ => tidemill_core::ConnectionState::Disconnected,
+        }
+    }
+
     async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         let closed = self.inner.closed.read().await;
         if *closed {

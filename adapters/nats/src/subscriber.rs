@@ -147,6 +147,20 @@ impl NatsSubscriber {
 
 #[async_trait]
 impl Subscriber for NatsSubscriber {
+    /// Up while both connections are: the delivery connection and async-nats' (JetStream
+    /// API requests); both reconnect by themselves.
+    fn connection_state(&self) -> tidemill_core::ConnectionState {
+        if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return tidemill_core::ConnectionState::Closed;
+        }
+        let client = self.inner.client.connection_state();
+        if self.inner.wire.is_up() && client == async_nats::connection::State::Connected {
+            tidemill_core::ConnectionState::Connected
+        } else {
+            tidemill_core::ConnectionState::Disconnected
+        }
+    }
+
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
         self.check_open(topic)?;
         let group = options.consumer_group();

@@ -235,6 +235,8 @@ struct WireInner {
     next_sid: AtomicU64,
     max_payload: AtomicUsize,
     connects: watch::Sender<u64>,
+    /// A session is running (connected).
+    up: AtomicBool,
     closed: AtomicBool,
     /// Replies to [`Wire::request`], by the last token of their subject.
     replies: Mutex<HashMap<String, oneshot::Sender<WireMsg>>>,
@@ -352,6 +354,7 @@ impl Wire {
             next_sid: AtomicU64::new(1),
             max_payload: AtomicUsize::new(info.max_payload),
             connects: watch::Sender::new(1),
+            up: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             replies: Mutex::new(HashMap::new()),
             reply_prefix: Mutex::new(None),
@@ -361,6 +364,11 @@ impl Wire {
             inner,
             _owner: Arc::new(Owner { cmds: tx }),
         })
+    }
+
+    /// Whether the connection is up (a session runs) and not closed.
+    pub(crate) fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Acquire) && !self.inner.closed.load(Ordering::Acquire)
     }
 
     /// A counter bumped on every connect (starting at 1).
@@ -956,7 +964,10 @@ async fn run(
         };
         let reconnected = attempts > 0;
         attempts = 0;
-        match session(&inner, &mut cmds, io, buf, &dialer.config, reconnected).await {
+        inner.up.store(true, Ordering::Release);
+        let ended = session(&inner, &mut cmds, io, buf, &dialer.config, reconnected).await;
+        inner.up.store(false, Ordering::Release);
+        match ended {
             SessionEnd::Closed => break,
             SessionEnd::Lost(e) => {
                 tracing::warn!(broker = BROKER, error = %e, "connection lost; reconnecting");

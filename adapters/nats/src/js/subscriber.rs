@@ -231,6 +231,13 @@ impl JsSubscriber {
             reconnects: WatchStream::from_changes(shared.reconnects.clone()),
             last_sequence: 0,
             order: js.order_per_key.then(Sequencer::new),
+            lag: tidemill_core::router::metrics_enabled().then(|| {
+                metrics::gauge!(
+                    tidemill_core::router::metric_names::CONSUMER_LAG,
+                    "topic" => topic.to_owned(),
+                    "group" => group.unwrap_or_default().to_owned(),
+                )
+            }),
         };
         stream.requested = batch;
         stream
@@ -642,6 +649,9 @@ pub(crate) struct PullStream {
     last_sequence: u64,
     /// Per-key sequencing, when `order_per_key` is on.
     order: Option<Sequencer>,
+    /// `tidemill_consumer_lag_messages{topic, group}`: the consumer's pending count as the
+    /// server tells it with each delivery; `None` without a metrics recorder.
+    lag: Option<metrics::Gauge>,
 }
 
 impl PullStream {
@@ -688,6 +698,9 @@ impl PullStream {
         if let Some(a) = &ack {
             if a.stream_sequence > self.last_sequence {
                 self.last_sequence = a.stream_sequence;
+            }
+            if let Some(lag) = &self.lag {
+                lag.set(a.pending as f64);
             }
         }
         let message = codec::decode(
