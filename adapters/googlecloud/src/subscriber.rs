@@ -71,6 +71,8 @@ struct Inner {
     client: google_cloud_pubsub::client::Subscriber,
     closed: CancellationToken,
     tasks: TaskTracker,
+    /// Streaming pulls that failed and are not re-opened yet (health: disconnected).
+    recovering: std::sync::atomic::AtomicUsize,
 }
 
 impl GoogleCloudSubscriber {
@@ -98,6 +100,7 @@ impl GoogleCloudSubscriber {
                 client,
                 closed: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                recovering: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -229,6 +232,24 @@ impl Subscriber for GoogleCloudSubscriber {
                     .await
             }
             None => inner.admin.ensure_topic(&name, config.create_topics).await,
+        }
+    }
+
+    /// Down while a streaming pull that failed is being re-opened (or its subscription
+    /// re-created). The client retries connection failures inside a pull by itself, so
+    /// what this sees are the failures that ended a pull.
+    fn connection_state(&self) -> tidemill_core::ConnectionState {
+        if self.inner.closed.is_cancelled() {
+            tidemill_core::ConnectionState::Closed
+        } else if self
+            .inner
+            .recovering
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+        {
+            tidemill_core::ConnectionState::Disconnected
+        } else {
+            tidemill_core::ConnectionState::Connected
         }
     }
 
@@ -425,12 +446,18 @@ impl PullContext {
         let mut recovery = None;
         loop {
             if let Some(how) = recovery.take() {
-                tokio::select! {
-                    _ = &mut stopped => break,
-                    result = self.clone().recover(how) => if let Err(e) = result {
+                let recovered = tokio::select! {
+                    _ = &mut stopped => None,
+                    result = self.clone().recover(how) => Some(result),
+                };
+                self.inner.recovering.fetch_sub(1, Ordering::AcqRel);
+                match recovered {
+                    None => break,
+                    Some(Err(e)) => {
                         Buffer::push(&buffer, Err(e));
                         break;
                     }
+                    Some(Ok(())) => {}
                 }
             }
             let mut stream = self.open();
@@ -453,6 +480,7 @@ impl PullContext {
             };
             match ended {
                 Ended::Recreate | Ended::Reopen => {
+                    self.inner.recovering.fetch_add(1, Ordering::AcqRel);
                     // Deliveries already buffered or handed out stay valid: the old
                     // stream's client keeps leasing them until they are settled.
                     self.release(stream, &buffer, false).await;
