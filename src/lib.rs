@@ -18,7 +18,7 @@
 //! | `amqp` | `amqp` | RabbitMQ adapter |
 //! | `nats` | `nats` | NATS adapter (JetStream and core) |
 //! | `googlecloud` | `googlecloud` | Google Cloud Pub/Sub adapter |
-//! | `otel` | `otel` | OpenTelemetry trace context in message metadata, publisher metrics |
+//! | `otel` (default) | `otel` | OpenTelemetry trace context in message metadata, publisher metrics |
 //!
 //! The router records metrics through the [`metrics`](https://docs.rs/metrics) facade
 //! whenever the application installed a recorder, and reports

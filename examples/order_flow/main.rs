@@ -35,6 +35,7 @@
 //!   subscriptions) cannot interfere.
 
 mod domain;
+mod observe;
 mod services;
 mod store;
 
@@ -52,10 +53,12 @@ use tidemill::middleware::request_reply::{
     Replier, ReplyErrorKind, RequestError, Requester, RequesterConfig,
 };
 use tidemill::middleware::{headers, Backoff, CorrelationId, PoisonQueue, Recoverer, Retry};
+use tidemill::otel::OtelTracer;
 use tidemill::{
     permanent, BoxError, Broker, BrokerConfig, HandlerResult, Message, Publisher, Router,
     RouterConfig,
 };
+use tracing::Instrument;
 
 use domain::{
     catalogue, scenario, Expect, OrderPlaced, PlaceOrder, Scenario, CHARGE_PAYMENT,
@@ -115,20 +118,14 @@ fn broker_url() -> (String, &'static str) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
-        .with_writer(std::io::stderr) // stdout keeps the story and the summary
-        .init();
+    let observability = observe::Observability::install();
     if matches!(std::env::args().nth(1).as_deref(), Some("-h" | "--help")) {
         println!(
             "usage: order_flow [BROKER_URL]   (default: $BROKER, $TIDEMILL_BROKER, memory://)"
         );
         return ExitCode::SUCCESS;
     }
-    match run().await {
+    match run(&observability).await {
         Ok(report) if report.problems.is_empty() => {
             println!("\norder_flow: OK on {}: {}", report.broker, report.verdict);
             ExitCode::SUCCESS
@@ -190,14 +187,16 @@ fn lines_text(lines: &[domain::Line]) -> String {
         .join(", ")
 }
 
-async fn run() -> Result<Report, AnyError> {
+async fn run(observability: &observe::Observability) -> Result<Report, AnyError> {
     let (url, source) = broker_url();
     let config = BrokerConfig::from_url(&url)?;
     let kind = config.kind();
     println!("order flow on {kind} ({url}, from {source})");
     let broker: Broker = tokio::time::timeout(WAIT, config.connect())
         .await
-        .map_err(|_| format!("connecting to {url} took longer than {WAIT:?}"))??;
+        .map_err(|_| format!("connecting to {url} took longer than {WAIT:?}"))??
+        // Every publish (buses, layers, replies) carries the trace in metadata.
+        .instrumented();
 
     let uuid = tidemill::new_uuid();
     let hex: String = uuid.chars().filter(char::is_ascii_hexdigit).collect();
@@ -211,9 +210,10 @@ async fn run() -> Result<Report, AnyError> {
         mailer: Arc::default(),
         events: EventBus::new(broker.publisher.clone()).with_topic_naming(topics.events()),
     });
+    // Each handler's span continues the trace its message carries.
     let router = Router::with_config(RouterConfig {
         close_timeout: Duration::from_secs(15),
-        ..RouterConfig::default()
+        ..RouterConfig::default().with_tracer(OtelTracer::new())
     });
 
     // Router-level layers wrap every handler (the first added is the outermost): a
@@ -285,7 +285,9 @@ async fn run() -> Result<Report, AnyError> {
             lines_text(&c.lines),
             &c.card[c.card.len().saturating_sub(4)..]
         );
-        command_bus.send(c).await?;
+        let place =
+            tracing::info_span!(target: observe::TARGET, "place order", order = %c.order_id);
+        command_bus.send(c).instrument(place).await?;
     }
     // And one garbled command, as a buggy client might send it.
     let command_topic = command_bus.topic_of::<PlaceOrder>();
@@ -364,6 +366,10 @@ async fn run() -> Result<Report, AnyError> {
     if let Err(e) = broker.publisher.close().await {
         problems.push(format!("closing the publisher failed: {e}"));
     }
+    if let Some(first) = orders.first() {
+        observability.print_trace(&first.command.order_id);
+    }
+    observability.print_counters();
 
     let completed = app
         .store
