@@ -42,9 +42,10 @@ fmt:
 bench:
 	bash tests/bench-all.sh
 
-## bench-memory: router, middleware stack and request-reply on the in-memory broker (release)
+## bench-memory: router (plain, and with tracing + metrics), middleware stack and request-reply on the in-memory broker (release)
 bench-memory:
 	$(CARGO) bench -p tidemill-core --bench router
+	$(CARGO) bench -p tidemill-otel --bench router
 	$(CARGO) bench -p tidemill-middleware --bench stack
 	$(CARGO) bench -p tidemill-middleware --features testing --bench request_reply
 

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 # router's layers/plain ratio came out at 0.77-0.82x, against 0.88-0.93x alone.
 MEMORY_BENCHES=(
   "-p tidemill-core --bench router"
+  "-p tidemill-otel --bench router"
   "-p tidemill-middleware --bench stack"
   "-p tidemill-middleware --features testing --bench request_reply"
 )
