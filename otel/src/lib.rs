@@ -196,9 +196,20 @@ fn system_of(message: &Message) -> &'static str {
 /// A message without trace context starts a new trace; one with a malformed
 /// `traceparent` too (never an error: the message is handled as usual), which this tracer
 /// logs once, at debug level.
+///
+/// **Unsampled traces** are followed like the SDK's default parent-based sampler does: a
+/// message whose `traceparent` says its trace is not sampled is handled without a span
+/// (under `tracing-opentelemetry` a span costs more than the rest of an in-memory
+/// message's trip, and nothing of it would be recorded), and the handler's output carries
+/// the input's trace context on unchanged, so the trace stays one (unsampled) trace. Log
+/// lines of such a handler then have no message span; [`with_unsampled_spans`] keeps one
+/// for every message.
+///
+/// [`with_unsampled_spans`]: OtelTracer::with_unsampled_spans
 #[derive(Default)]
 pub struct OtelTracer {
     malformed_logged: AtomicBool,
+    unsampled_spans: bool,
 }
 
 impl OtelTracer {
@@ -206,6 +217,28 @@ impl OtelTracer {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Opens a span for messages of unsampled traces too (default: no span for them, see
+    /// the type's docs); builder style.
+    pub fn with_unsampled_spans(mut self, spans: bool) -> Self {
+        self.unsampled_spans = spans;
+        self
+    }
+}
+
+/// Whether `traceparent` (W3C version 00: `00-<trace id>-<parent id>-<flags>`) says its
+/// trace is not sampled. Only a well-formed header answers yes; anything else goes through
+/// the propagator.
+fn unsampled(traceparent: &str) -> bool {
+    let b = traceparent.as_bytes();
+    b.len() == 55
+        && b.starts_with(b"00-")
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && matches!(b[54], b'0' | b'2' | b'4' | b'6' | b'8' | b'a' | b'c' | b'e')
+        && b[53].is_ascii_hexdigit()
+        && b[36..52] != *b"0000000000000000"
+        && b[3..35] != *b"00000000000000000000000000000000"
 }
 
 impl fmt::Debug for OtelTracer {
@@ -221,6 +254,14 @@ impl MessageTracer for OtelTracer {
         message: &Message,
         attempt: Option<u32>,
     ) -> tracing::Span {
+        if !self.unsampled_spans
+            && message
+                .metadata()
+                .get(headers::TRACEPARENT)
+                .is_some_and(unsampled)
+        {
+            return tracing::Span::none();
+        }
         let span = tracing::info_span!(
             target: "tidemill",
             "process",
@@ -261,6 +302,30 @@ impl MessageTracer for OtelTracer {
         }
         let _ = span.set_parent(parent);
         span
+    }
+
+    /// An input of an unsampled trace (handled without a span) hands its trace context on
+    /// to the outputs that carry none.
+    fn outputs(&self, input: &Message, outputs: &mut [Message]) {
+        if self.unsampled_spans {
+            return;
+        }
+        let md = input.metadata();
+        let Some(traceparent) = md.get(headers::TRACEPARENT).filter(|t| unsampled(t)) else {
+            return;
+        };
+        for out in outputs {
+            if out.metadata().contains_key(headers::TRACEPARENT) {
+                continue;
+            }
+            let to = out.metadata_mut();
+            to.set(headers::TRACEPARENT, traceparent);
+            for key in [headers::TRACESTATE, headers::BAGGAGE] {
+                if let Some(v) = md.get(key) {
+                    to.set(key, v);
+                }
+            }
+        }
     }
 
     fn settled(&self, span: &tracing::Span, outcome: Settled<'_>) {
@@ -314,6 +379,18 @@ impl<P> fmt::Debug for InstrumentedPublisher<P> {
 
 impl<P: Publisher> InstrumentedPublisher<P> {
     async fn send(&self, topic: &str, mut messages: Vec<Message>, mandatory: bool) -> Result<()> {
+        // Outside any span, messages that already carry an unsampled trace (a handler's
+        // output carried on by `OtelTracer`) keep it: no span would be recorded.
+        let carried = tracing::Span::current().is_none()
+            && !messages.is_empty()
+            && messages.iter().all(|m| {
+                m.metadata()
+                    .get(headers::TRACEPARENT)
+                    .is_some_and(unsampled)
+            });
+        if carried {
+            return self.measured(topic, messages, mandatory).await;
+        }
         let span = tracing::info_span!(
             target: "tidemill",
             "send",
@@ -344,21 +421,26 @@ impl<P: Publisher> InstrumentedPublisher<P> {
                 }
             }
         }
-        let metered = metrics_enabled().then(|| (Instant::now(), messages.len()));
-        let result = async {
-            if mandatory {
-                self.inner.publish_mandatory(topic, messages).await
-            } else {
-                self.inner.publish(topic, messages).await
-            }
-        }
-        .instrument(span.clone())
-        .await;
+        let result = self
+            .measured(topic, messages, mandatory)
+            .instrument(span.clone())
+            .await;
         if let Err(e) = &result {
             span.record("otel.status_code", "error");
             span.record("error.type", "publish");
             span.record("otel.status_description", tracing::field::display(e));
         }
+        result
+    }
+
+    /// Publishes and records the publish metrics (when a recorder is installed).
+    async fn measured(&self, topic: &str, messages: Vec<Message>, mandatory: bool) -> Result<()> {
+        let metered = metrics_enabled().then(|| (Instant::now(), messages.len()));
+        let result = if mandatory {
+            self.inner.publish_mandatory(topic, messages).await
+        } else {
+            self.inner.publish(topic, messages).await
+        };
         if let Some((started, n)) = metered {
             let topic = topic.to_owned();
             metrics::histogram!(metric_names::PUBLISH_DURATION, "topic" => topic.clone())

@@ -290,3 +290,60 @@ async fn without_a_tracing_layer_messages_are_untouched() {
     router.close().await.unwrap();
     assert_eq!(got.metadata().iter().collect::<Vec<_>>(), vec![("k", "v")]);
 }
+
+/// A message of an unsampled trace is handled without a span; its output carries the
+/// same trace context on (one unsampled trace), through an instrumented publisher too.
+/// With `with_unsampled_spans(true)` the handler's spans exist (unrecorded) and the
+/// output names the hop's own send span as its parent, in the same trace.
+#[tokio::test]
+async fn unsampled_traces_are_carried_on_without_spans() {
+    const UNSAMPLED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    for spans in [false, true] {
+        let traces = Traces::install();
+        let broker = MemoryBroker::new();
+        let publisher = InstrumentedPublisher::new(broker.publisher());
+        let router = Router::with_config(
+            RouterConfig::default().with_tracer(OtelTracer::new().with_unsampled_spans(spans)),
+        );
+        router
+            .add_handler("hop")
+            .subscribe(broker.subscriber(), "a")
+            .publish(publisher.clone(), "b")
+            .handler(|m: Message| async move { Message::new(m.payload().clone()) })
+            .await
+            .unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        router
+            .add_handler("last")
+            .subscribe(broker.subscriber(), "b")
+            .handler(move |m: Message| {
+                let _ = tx.send(m);
+                async { HandlerResult::Ok(()) }
+            })
+            .await
+            .unwrap();
+        run(&router).await;
+        broker
+            .publisher()
+            .publish_one(
+                "a",
+                Message::new("x")
+                    .with_metadata("traceparent", UNSAMPLED)
+                    .with_metadata("baggage", "tenant=t-1"),
+            )
+            .await
+            .unwrap();
+        let last = rx.recv().await.unwrap();
+        router.close().await.unwrap();
+        let traceparent = last.metadata().get("traceparent").unwrap();
+        assert!(
+            traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{traceparent}"
+        );
+        assert!(traceparent.ends_with("-00"), "{traceparent}");
+        assert_eq!(traceparent == UNSAMPLED, !spans, "{traceparent}");
+        assert_eq!(last.metadata().get("baggage"), Some("tenant=t-1"));
+        // Nothing of an unsampled trace is exported either way.
+        assert!(traces.spans().is_empty());
+    }
+}

@@ -105,20 +105,34 @@ fn describe() {
 
 /// One message's share of its handler's metrics: counted as received and in flight when
 /// made, out of flight when dropped (also when the work is abandoned).
+/// With a tracer, it also keeps the input (one reference count) for
+/// [`MessageTracer::outputs`].
 pub(crate) struct Tracked {
     metrics: Option<(Arc<HandlerMetrics>, Instant)>,
+    input: Option<Message>,
 }
 
 impl Tracked {
     #[inline]
-    pub(crate) fn start(metrics: &Option<Arc<HandlerMetrics>>) -> Self {
+    pub(crate) fn start(
+        metrics: &Option<Arc<HandlerMetrics>>,
+        tracer: &Option<Arc<dyn MessageTracer>>,
+        input: &Message,
+    ) -> Self {
         Tracked {
             metrics: metrics.as_ref().map(|m| {
                 m.received.increment(1);
                 m.in_flight.increment(1.0);
                 (m.clone(), Instant::now())
             }),
+            input: tracer.as_ref().map(|_| input.clone()),
         }
+    }
+
+    /// The input, kept when a tracer is set.
+    #[inline]
+    pub(crate) fn input(&self) -> Option<&Message> {
+        self.input.as_ref()
     }
 
     /// The handler has its result.
@@ -179,6 +193,14 @@ pub trait MessageTracer: fmt::Debug + Send + Sync + 'static {
     /// known).
     fn span(&self, handler: &HandlerInfo, message: &Message, attempt: Option<u32>)
         -> tracing::Span;
+
+    /// Called inside the message's span with the handler's output before the router
+    /// publishes it (to the handler's output topic), with the input it came from. The
+    /// default does nothing; a tracer that opened no span for the input (an unsampled
+    /// trace) carries the input's trace context on here.
+    fn outputs(&self, input: &Message, outputs: &mut [Message]) {
+        let _ = (input, outputs);
+    }
 
     /// Called inside `span` once the message is settled. The default does nothing.
     fn settled(&self, span: &tracing::Span, outcome: Settled<'_>) {

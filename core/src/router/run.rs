@@ -108,7 +108,7 @@ where
             );
             break;
         }
-        let tracked = Tracked::start(&ctx.metrics);
+        let tracked = Tracked::start(&ctx.metrics, &ctx.tracer, &msg);
         // The future is made straight into its pinned slot (layered futures are a few
         // hundred bytes; returning one through the panic guard would copy it twice).
         let mut fut = pin!(None::<S::Future>);
@@ -289,7 +289,7 @@ where
         span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
         return false;
     }
-    let tracked = Tracked::start(&ctx.metrics);
+    let tracked = Tracked::start(&ctx.metrics, &ctx.tracer, &msg);
     let called = std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
         .map_err(|panic| panic_message(&*panic));
     let ctx = ctx.clone();
@@ -351,8 +351,11 @@ async fn settle(
     tracked: &Tracked,
 ) {
     let (kind, asked, error) = match outcome {
-        Ok(Ok(out)) => {
+        Ok(Ok(mut out)) => {
             if !out.is_empty() {
+                if let (Some(tracer), Some(input)) = (&ctx.tracer, tracked.input()) {
+                    tracer.outputs(input, &mut out);
+                }
                 match &ctx.output {
                     Some(publisher) => {
                         let topic = ctx.info.publish_topic.as_deref().unwrap_or_default();
