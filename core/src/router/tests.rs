@@ -981,3 +981,100 @@ async fn running_means_subscribed_and_nothing_stalls() {
         }
     }
 }
+
+/// A subscriber that reports a connection state set by the test.
+struct Flaky {
+    inner: crate::MemorySubscriber,
+    state: Arc<Mutex<crate::ConnectionState>>,
+}
+
+#[async_trait]
+impl Subscriber for Flaky {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> crate::Result<DeliveryStream> {
+        self.inner.subscribe(topic, options).await
+    }
+    async fn close(&self) -> crate::Result<()> {
+        self.inner.close().await
+    }
+    fn connection_state(&self) -> crate::ConnectionState {
+        *self.state.lock()
+    }
+}
+
+#[tokio::test]
+async fn health_follows_connections_and_handlers() {
+    let broker = MemoryBroker::new();
+    let state = Arc::new(Mutex::new(crate::ConnectionState::Connected));
+    let ending = broker.subscriber();
+    let router = Router::new();
+    router
+        .add_handler("flaky")
+        .subscribe(
+            Flaky {
+                inner: broker.subscriber(),
+                state: state.clone(),
+            },
+            "a",
+        )
+        .handler(|_m: Message| async { HandlerResult::Ok(()) })
+        .await
+        .unwrap();
+    router
+        .add_handler("ending")
+        .subscribe(ending.clone(), "b")
+        .publish(broker.publisher(), "c")
+        .handler(|_m: Message| async { HandlerResult::Ok(()) })
+        .await
+        .unwrap();
+    let health = router.health();
+    assert_eq!(health.status, RouterStatus::Created);
+    assert!(health
+        .handlers
+        .iter()
+        .all(|h| h.status == HandlerStatus::Pending));
+    assert!(!health.is_ready() && health.is_live());
+    let run = start(&router).await;
+    let health = router.health();
+    assert!(health.is_ready() && health.is_live(), "{health}");
+    assert_eq!(
+        health.handlers[0].publisher,
+        Some(crate::ConnectionState::Connected),
+        "handlers sorted by name: `ending` first, with its output"
+    );
+
+    // A lost connection: not ready, still live; back when it returns.
+    *state.lock() = crate::ConnectionState::Disconnected;
+    let health = router.health();
+    assert!(!health.is_ready() && health.is_live(), "{health}");
+    *state.lock() = crate::ConnectionState::Connected;
+    assert!(router.health().is_ready());
+
+    // A subscription that ends on its own: the handler is gone for good, so not live.
+    ending.close().await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        while !router
+            .health()
+            .handlers
+            .iter()
+            .any(|h| h.name == "ending" && h.status == HandlerStatus::Ended)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the handler is reported ended");
+    let health = router.health();
+    assert!(!health.is_ready() && !health.is_live(), "{health}");
+    let json = serde_json::to_value(&health).unwrap();
+    assert_eq!(json["handlers"][0]["status"], "ended");
+
+    router.close().await.unwrap();
+    let _ = run.await;
+    let health = router.health();
+    assert_eq!(health.status, RouterStatus::Closed);
+    assert!(!health.is_live());
+}
