@@ -124,10 +124,19 @@ pub struct KafkaConfig {
     #[serde(deserialize_with = "strict::max_buffered_per_partition")]
     pub max_buffered_per_partition: usize,
     /// How often the offsets of acked messages are committed to the consumer group. They
-    /// are also committed when partitions are revoked and when the subscription ends.
-    /// Default 1 s.
+    /// are also committed when partitions are revoked, when the subscription ends, and
+    /// once `commit_every` acked messages wait for a commit. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// Commit as soon as this many messages were acked since the last commit, before
+    /// `commit_interval` is over. Together they bound what a crash leaves handled but
+    /// uncommitted (delivered again to the partitions' next owner): at most about this
+    /// many messages, or what was acked within one `commit_interval` if fewer, per
+    /// subscription (plus the deliveries in flight, and the messages behind one held for
+    /// a delayed redelivery, which cannot be committed before it). Lower means fewer
+    /// duplicates after a crash and more commit requests. 1 to 4294967295; default 1,000.
+    #[serde(deserialize_with = "strict::commit_every")]
+    pub commit_every: usize,
     /// How long `subscribe` waits for the subscription to be effective (group joined,
     /// partitions assigned, start positions resolved) before failing. Default 60 s.
     #[serde(with = "humantime_serde")]
@@ -172,8 +181,9 @@ pub struct KafkaConfig {
     /// librdkafka settings for the producer only, e.g. `linger.ms`, `compression.type`,
     /// `enable.idempotence` (on by default). Default none.
     pub producer_properties: BTreeMap<String, String>,
-    /// librdkafka settings for consumers only, e.g. `session.timeout.ms`,
-    /// `heartbeat.interval.ms`, `partition.assignment.strategy`. Default none.
+    /// librdkafka settings for consumers only, e.g. `session.timeout.ms` (10 s unless set
+    /// here: how long a crashed member keeps its partitions), `heartbeat.interval.ms`
+    /// (1 s unless set here), `partition.assignment.strategy`. Default none.
     pub consumer_properties: BTreeMap<String, String>,
 }
 
@@ -193,6 +203,7 @@ impl Default for KafkaConfig {
             ordering: Ordering::Key,
             max_buffered_per_partition: 10_000,
             commit_interval: Duration::from_secs(1),
+            commit_every: 1_000,
             subscribe_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(30),
@@ -276,6 +287,12 @@ impl KafkaConfig {
             (
                 "max_buffered_per_partition",
                 i64::try_from(self.max_buffered_per_partition).unwrap_or(i64::MAX),
+                1,
+                i64::from(u32::MAX),
+            ),
+            (
+                "commit_every",
+                i64::try_from(self.commit_every).unwrap_or(i64::MAX),
                 1,
                 i64::from(u32::MAX),
             ),
@@ -397,6 +414,7 @@ impl KafkaConfig {
     pub(crate) fn consumer_client(&self, group: &str) -> ClientConfig {
         let mut c = self.base_client("consumer");
         c.set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS)
+            .set("session.timeout.ms", SESSION_TIMEOUT_MS)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -424,6 +442,13 @@ const MAX_DURATION: Duration = Duration::from_millis(i32::MAX as u64);
 /// (a closed subscriber) or joining at their next heartbeat, so this is about how long a
 /// handover takes.
 const HEARTBEAT_INTERVAL_MS: &str = "1000";
+
+/// The consumers' `session.timeout.ms` unless `consumer_properties` sets it (librdkafka's
+/// default is 45000): how long the group coordinator waits for a member that stopped
+/// heartbeating (a crashed or frozen process, a lost network) before it gives the
+/// member's partitions to the others. Ten missed heartbeats; Kafka brokers accept 6 s to
+/// 30 min by default (`group.min/max.session.timeout.ms`).
+const SESSION_TIMEOUT_MS: &str = "10000";
 
 /// Shown instead of a secret value.
 const HIDDEN: &str = "***";
@@ -502,6 +527,7 @@ impl fmt::Debug for KafkaConfig {
                 &self.max_buffered_per_partition,
             )
             .field("commit_interval", &self.commit_interval)
+            .field("commit_every", &self.commit_every)
             .field("subscribe_timeout", &self.subscribe_timeout)
             .field("drain_timeout", &self.drain_timeout)
             .field("close_timeout", &self.close_timeout)
@@ -631,6 +657,10 @@ mod strict {
         int(d, "max_buffered_per_partition", 1, u32::MAX.into()).map(|v| v as usize)
     }
 
+    pub(super) fn commit_every<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        int(d, "commit_every", 1, u32::MAX.into()).map(|v| v as usize)
+    }
+
     pub(super) fn max_message_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
         int(d, "max_message_bytes", 1_000, 1_000_000_000).map(|v| v as usize)
     }
@@ -716,14 +746,18 @@ mod tests {
         assert_eq!(k.get("enable.auto.commit"), Some("false"));
         assert_eq!(k.get("auto.offset.reset"), Some("latest"));
         assert_eq!(k.get("heartbeat.interval.ms"), Some("1000"));
+        assert_eq!(k.get("session.timeout.ms"), Some("10000"));
         c.consumer_properties
             .insert("heartbeat.interval.ms".into(), "250".into());
+        c.consumer_properties
+            .insert("session.timeout.ms".into(), "45000".into());
         let k = c.consumer_client("g");
         assert_eq!(
             k.get("heartbeat.interval.ms"),
             Some("250"),
             "the user's wins"
         );
+        assert_eq!(k.get("session.timeout.ms"), Some("45000"));
         assert_eq!(k.get("bootstrap.servers"), Some("b:1"));
     }
 
@@ -750,6 +784,7 @@ mod tests {
                 r#"{"max_buffered_per_partition": 0}"#,
                 "from 1 to 4294967295",
             ),
+            (r#"{"commit_every": 0}"#, "from 1 to 4294967295"),
             (r#"{"max_message_bytes": 999}"#, "from 1000 to 1000000000"),
         ] {
             let err = serde_json::from_str::<KafkaConfig>(json)
@@ -780,6 +815,7 @@ mod tests {
                 Box::new(|c| c.max_buffered_per_partition = 0),
                 "from 1 to 4294967295",
             ),
+            (Box::new(|c| c.commit_every = 0), "from 1 to 4294967295"),
             (
                 Box::new(|c| c.max_message_bytes = 10),
                 "from 1000 to 1000000000",

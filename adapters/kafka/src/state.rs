@@ -101,6 +101,9 @@ pub(crate) struct State {
     delay_seq: u64,
     next_generation: u64,
     in_flight: usize,
+    /// Acks since the last commit; at `commit_every`, a commit is due.
+    acked_since_commit: usize,
+    commit_every: usize,
     /// Errors to report on the stream.
     errors: VecDeque<Error>,
     /// The stream's waker, while it waits.
@@ -115,8 +118,10 @@ pub(crate) struct State {
 const MAX_ERRORS: usize = 16;
 
 impl State {
-    pub(crate) fn new(ordering: Ordering, capacity: usize) -> Self {
+    pub(crate) fn new(ordering: Ordering, capacity: usize, commit_every: usize) -> Self {
         State {
+            acked_since_commit: 0,
+            commit_every: commit_every.max(1),
             ordering,
             capacity: capacity.max(1),
             partitions: HashMap::new(),
@@ -302,6 +307,22 @@ impl State {
         self.delayed.peek().map(|Reverse((at, _, _))| *at)
     }
 
+    /// Whether `r` is still a delivery of the current assignment that is out (not revoked
+    /// since it was taken).
+    pub(crate) fn is_out(&self, r: Ref) -> bool {
+        self.partitions
+            .get(&r.partition)
+            .filter(|p| p.generation == r.generation)
+            .and_then(|p| {
+                let idx = p
+                    .entries
+                    .binary_search_by_key(&r.offset, |e| e.offset)
+                    .ok()?;
+                p.entries.get(idx)
+            })
+            .is_some_and(|e| e.status == Status::InFlight)
+    }
+
     fn live_entry(&mut self, r: Ref) -> Option<&mut Entry> {
         let p = self.partitions.get_mut(&r.partition)?;
         if p.generation != r.generation {
@@ -330,7 +351,12 @@ impl State {
         e.status = Status::Acked;
         let lane = e.lane.clone();
         self.in_flight -= 1;
-        let mut wake = Wake::default();
+        self.acked_since_commit += 1;
+        let mut wake = Wake {
+            // `commit_every` reached: the poll thread commits now.
+            poller: self.acked_since_commit == self.commit_every,
+            ..Wake::default()
+        };
         if let Some(key) = lane {
             if let Some(queue) = p.lanes.get_mut(&key) {
                 debug_assert_eq!(queue.front(), Some(&r.offset));
@@ -358,7 +384,7 @@ impl State {
                 p.commit_point = Some(done.offset + 1);
             }
         }
-        wake.poller = was_full && p.entries.len() < capacity;
+        wake.poller |= was_full && p.entries.len() < capacity;
         if self.draining && self.in_flight == 0 {
             wake.poller = true;
         }
@@ -396,6 +422,7 @@ impl State {
     /// The partitions whose commit point advanced since the last commit, with the offset to
     /// commit; they count as sent.
     pub(crate) fn commits(&mut self) -> Vec<(i32, i64)> {
+        self.acked_since_commit = 0;
         let mut out = Vec::new();
         for (id, p) in &mut self.partitions {
             if let Some(offset) = advanced(p) {
@@ -405,6 +432,11 @@ impl State {
         }
         out.sort_unstable();
         out
+    }
+
+    /// Whether `commit_every` messages were acked since the last commit.
+    pub(crate) fn commit_due(&self) -> bool {
+        self.acked_since_commit >= self.commit_every
     }
 
     /// Kafka confirmed (or refused) a commit of `offset` for `partition`.
@@ -466,7 +498,7 @@ mod tests {
 
     #[test]
     fn same_key_waits_for_the_ack_of_the_previous() {
-        let mut s = State::new(Ordering::Key, 100);
+        let mut s = State::new(Ordering::Key, 100, 1000);
         s.assign(0, Some(10));
         s.push(
             0,
@@ -490,7 +522,7 @@ mod tests {
 
     #[test]
     fn a_nacked_message_comes_back_before_its_successors_and_counts_attempts() {
-        let mut s = State::new(Ordering::Key, 100);
+        let mut s = State::new(Ordering::Key, 100, 1000);
         s.assign(0, Some(0));
         s.push(
             0,
@@ -508,7 +540,7 @@ mod tests {
 
     #[test]
     fn partition_ordering_puts_every_message_in_one_lane() {
-        let mut s = State::new(Ordering::Partition, 100);
+        let mut s = State::new(Ordering::Partition, 100, 1000);
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("x", None)), (1, msg("y", Some("k")))]);
         let out = take_all(&mut s);
@@ -519,7 +551,7 @@ mod tests {
 
     #[test]
     fn commits_are_contiguous() {
-        let mut s = State::new(Ordering::Key, 100);
+        let mut s = State::new(Ordering::Key, 100, 1000);
         s.assign(3, Some(5));
         assert!(s.commits().is_empty(), "nothing new at the start position");
         s.push(
@@ -540,7 +572,7 @@ mod tests {
 
     #[test]
     fn a_failed_commit_is_sent_again() {
-        let mut s = State::new(Ordering::Key, 100);
+        let mut s = State::new(Ordering::Key, 100, 1000);
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("m", None))]);
         let out = take_all(&mut s);
@@ -554,7 +586,7 @@ mod tests {
 
     #[test]
     fn unknown_start_is_taken_from_the_first_message() {
-        let mut s = State::new(Ordering::Key, 100);
+        let mut s = State::new(Ordering::Key, 100, 1000);
         s.assign(0, None);
         s.push(0, vec![(42, msg("m", None))]);
         let out = take_all(&mut s);
@@ -566,7 +598,7 @@ mod tests {
 
     #[test]
     fn revoked_partitions_ignore_late_settlements() {
-        let mut s = State::new(Ordering::Key, 100);
+        let mut s = State::new(Ordering::Key, 100, 1000);
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("a", None)), (1, msg("b", None))]);
         let out = take_all(&mut s);
@@ -590,7 +622,7 @@ mod tests {
 
     #[test]
     fn duplicates_from_kafka_are_skipped() {
-        let mut s = State::new(Ordering::Key, 100);
+        let mut s = State::new(Ordering::Key, 100, 1000);
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("a", None)), (1, msg("b", None))]);
         s.push(0, vec![(1, msg("b", None)), (2, msg("c", None))]);
@@ -599,7 +631,7 @@ mod tests {
 
     #[test]
     fn delayed_nacks_wait_until_due() {
-        let mut s = State::new(Ordering::Key, 100);
+        let mut s = State::new(Ordering::Key, 100, 1000);
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("a", Some("k"))), (1, msg("b", Some("k")))]);
         let out = take_all(&mut s);
@@ -619,7 +651,7 @@ mod tests {
 
     #[test]
     fn a_delayed_message_holds_its_key_and_the_commit_point_only() {
-        let mut s = State::new(Ordering::Key, 100);
+        let mut s = State::new(Ordering::Key, 100, 1000);
         s.assign(0, Some(0));
         s.push(
             0,
@@ -656,7 +688,7 @@ mod tests {
 
     #[test]
     fn room_and_wakeups_follow_the_capacity() {
-        let mut s = State::new(Ordering::Key, 2);
+        let mut s = State::new(Ordering::Key, 2, 1000);
         s.assign(0, Some(0));
         assert_eq!(s.room(0), 2);
         assert_eq!(s.room(9), 0, "not assigned");
@@ -670,7 +702,7 @@ mod tests {
 
     #[test]
     fn draining_wakes_the_poller_when_the_last_delivery_settles() {
-        let mut s = State::new(Ordering::Key, 10);
+        let mut s = State::new(Ordering::Key, 10, 1000);
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("a", None)), (1, msg("b", None))]);
         let out = take_all(&mut s);

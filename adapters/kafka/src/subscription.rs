@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
@@ -55,6 +55,8 @@ const BUSY_TICK: Duration = Duration::from_millis(2);
 const ACTIVE: Duration = Duration::from_secs(1);
 /// Messages taken from one partition queue per round, so partitions take turns.
 const BATCH: usize = 512;
+/// Main-queue events (rebalances, commit results, log lines, errors) handled per round.
+const MAIN_QUEUE_BATCH: usize = 1024;
 /// Deliveries the stream takes from the shared state per lock.
 const STREAM_BATCH: usize = 64;
 /// How often a subscription without a group looks for partitions added to its topic.
@@ -99,6 +101,9 @@ pub(crate) struct Shared {
     /// Secret values of the configuration, hidden from logs.
     secrets: Arc<Secrets>,
     state: Mutex<State>,
+    /// Counts revocations; changed while the state is locked. The stream checks what it
+    /// holds (taken from the state, not handed out yet) against the state when this moved.
+    revocations: AtomicU64,
     stop: AtomicBool,
     poller: Wakeup,
 }
@@ -114,7 +119,9 @@ impl Shared {
             state: Mutex::new(State::new(
                 config.ordering,
                 config.max_buffered_per_partition,
+                config.commit_every,
             )),
+            revocations: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             poller: Wakeup::new(),
         }
@@ -191,7 +198,10 @@ impl Acknowledger for KafkaAcker {
 /// still out are settled (bounded by `drain_timeout`).
 pub(crate) struct SubscriptionStream {
     shared: Arc<Shared>,
-    buffer: VecDeque<Delivery>,
+    /// Taken from the state, not handed out yet.
+    buffer: VecDeque<(Ref, Delivery)>,
+    /// [`Shared::revocations`] when `buffer` was last checked against the state.
+    revocations: u64,
     sleep: Pin<Box<tokio::time::Sleep>>,
     taken: Vec<(Ref, tidemill_core::Message, u32)>,
 }
@@ -201,6 +211,7 @@ impl SubscriptionStream {
         SubscriptionStream {
             shared,
             buffer: VecDeque::new(),
+            revocations: 0,
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             taken: Vec::new(),
         }
@@ -218,11 +229,33 @@ impl Stream for SubscriptionStream {
                 this.buffer.clear();
                 return Poll::Ready(None);
             }
-            if let Some(d) = this.buffer.pop_front() {
+            if !this.buffer.is_empty()
+                && this.shared.revocations.load(AtomicOrdering::Acquire) != this.revocations
+            {
+                // Partitions were revoked since these were taken: what belongs to them is
+                // no longer this consumer's to hand out (their new owner reads them again;
+                // handing them out here would only make duplicates). Dropped, they settle
+                // as nacks, which a revoked partition ignores.
+                let mut stale = Vec::new();
+                {
+                    let s = this.shared.state.lock();
+                    this.revocations = this.shared.revocations.load(AtomicOrdering::Acquire);
+                    let (out, revoked): (VecDeque<_>, VecDeque<_>) =
+                        std::mem::take(&mut this.buffer)
+                            .into_iter()
+                            .partition(|entry: &(Ref, Delivery)| s.is_out(entry.0));
+                    this.buffer = out;
+                    stale.extend(revoked);
+                }
+                // Dropped without the lock: a dropped delivery settles (as a nack).
+                drop(stale);
+            }
+            if let Some((_, d)) = this.buffer.pop_front() {
                 return Poll::Ready(Some(Ok(d)));
             }
             let (error, deadline, ended) = {
                 let mut s = this.shared.state.lock();
+                this.revocations = this.shared.revocations.load(AtomicOrdering::Acquire);
                 if s.ended {
                     (None, None, true)
                 } else if let Some(e) = s.take_error() {
@@ -250,8 +283,10 @@ impl Stream for SubscriptionStream {
                         shared: this.shared.clone(),
                         at,
                     };
-                    this.buffer
-                        .push_back(Delivery::new(message, acker).with_process_attempt(attempt));
+                    this.buffer.push_back((
+                        at,
+                        Delivery::new(message, acker).with_process_attempt(attempt),
+                    ));
                 }
                 continue;
             }
@@ -285,10 +320,26 @@ pub(crate) struct SubContext {
     consumer: OnceLock<Weak<BaseConsumer<SubContext>>>,
     queues: Mutex<BTreeMap<i32, PartitionQueue<SubContext>>>,
     ready: Mutex<Option<oneshot::Sender<Result<()>>>>,
+    /// Events of the main queue handled by a callback (log lines, rebalances, commit
+    /// results). rdkafka's `poll` answers `None` both for an empty queue and for an event
+    /// it handled through a callback; this count tells the two apart, so the poll thread
+    /// drains every queued event at once instead of one per sleep.
+    consumed: AtomicU64,
+}
+
+impl SubContext {
+    fn consumed(&self) -> u64 {
+        self.consumed.load(AtomicOrdering::Relaxed)
+    }
+
+    fn count_event(&self) {
+        self.consumed.fetch_add(1, AtomicOrdering::Relaxed);
+    }
 }
 
 impl ClientContext for SubContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.count_event();
         log_line(&self.shared.secrets, level, fac, log_message);
     }
 
@@ -304,6 +355,7 @@ impl ConsumerContext for SubContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        self.count_event();
         let partitions: Vec<i32> = tpl
             .elements_for_topic(&self.shared.topic)
             .iter()
@@ -326,6 +378,7 @@ impl ConsumerContext for SubContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.count_event();
         if let Err(e) = &result {
             tracing::warn!(topic = %self.shared.topic, group = ?self.shared.group, error = %e,
                 "committing offsets failed; retrying with the next commit");
@@ -419,6 +472,8 @@ impl SubContext {
         }
         {
             let mut s = self.shared.state.lock();
+            // A partition assigned again without a revocation starts over too.
+            self.shared.revocations.fetch_add(1, AtomicOrdering::AcqRel);
             for &p in partitions {
                 s.assign(p, starts.get(&p).copied().flatten());
             }
@@ -436,6 +491,7 @@ impl SubContext {
         let topic = &self.shared.topic;
         let commits: Vec<(i32, i64)> = {
             let mut s = self.shared.state.lock();
+            self.shared.revocations.fetch_add(1, AtomicOrdering::AcqRel);
             partitions
                 .iter()
                 .filter_map(|&p| s.revoke(p).map(|o| (p, o)))
@@ -480,13 +536,17 @@ pub(crate) fn resolve_positions<C: ConsumerContext>(
     let mut starts = HashMap::new();
     let mut fresh = TopicPartitionList::new();
     for &p in partitions {
-        let known = offsets
-            .as_ref()
-            .and_then(|c| c.find_partition(topic, p))
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
+        let elem = offsets.as_ref().and_then(|c| c.find_partition(topic, p));
+        if let Some(e) = &elem {
+            // A partition the coordinator could not answer for (e.g. still loading its
+            // offsets after a restart) is not a partition without a committed offset:
+            // taking it for one would pin (commit) the start position over the real one.
+            e.error()?;
+        }
+        let known = elem.and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        });
         let start = match known {
             Some(o) => o,
             None => {
@@ -553,6 +613,7 @@ pub(crate) async fn start(
         consumer: OnceLock::new(),
         queues: Mutex::new(BTreeMap::new()),
         ready: Mutex::new(Some(ready_tx)),
+        consumed: AtomicU64::new(0),
     };
     let mut consumer: BaseConsumer<SubContext> = config
         .consumer_client(&group_id)
@@ -644,10 +705,14 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
     let mut last_received: Option<Instant> = None;
     let mut batch: Vec<(i64, tidemill_core::Message)> = Vec::new();
     loop {
-        // Events: rebalances (run their callbacks here), errors, commit results, and
-        // messages that reached the main queue before their partition was split.
-        for _ in 0..64 {
+        // Events: rebalances (run their callbacks here), errors, commit results, log
+        // lines, and messages that reached the main queue before their partition was
+        // split. All of them, unless a flood keeps coming (then the next round goes on).
+        for _ in 0..MAIN_QUEUE_BATCH {
+            let before = ctx.consumed();
             match consumer.poll(Duration::ZERO) {
+                // Handled by a callback: there may be more.
+                None if ctx.consumed() != before => {}
                 None => break,
                 Some(Ok(m)) => {
                     let p = m.partition();
@@ -664,9 +729,9 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
             break;
         }
         let now = Instant::now();
-        let (draining, in_flight) = {
+        let (draining, in_flight, commit_due) = {
             let s = shared.state.lock();
-            (s.draining, s.in_flight())
+            (s.draining, s.in_flight(), s.commit_due())
         };
         if draining {
             if in_flight == 0 || drain_deadline.is_some_and(|d| now >= d) {
@@ -707,7 +772,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                 }
             }
         }
-        if group && now >= next_commit {
+        if group && (now >= next_commit || commit_due) {
             let commits = shared.state.lock().commits();
             if !commits.is_empty() {
                 let mut tpl = TopicPartitionList::new();
@@ -811,6 +876,12 @@ fn push(shared: &Shared, partition: i32, messages: Vec<(i64, tidemill_core::Mess
 
 fn report_consumer_error(shared: &Shared, error: KafkaError) {
     log_error(&shared.secrets, &error, "consumer error");
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerTransportFailure) {
+        // One connection lost (a broker restarting, a seed address that does not answer):
+        // librdkafka reconnects, or reads through another broker; logged, not a stream
+        // error. `AllBrokersDown` still is.
+        return;
+    }
     let fatal = matches!(error, KafkaError::MessageConsumptionFatal(_));
     shared.report(broker_error_hiding(
         &shared.secrets,

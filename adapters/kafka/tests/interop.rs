@@ -47,6 +47,10 @@ fn brokers() -> Option<String> {
 fn config(brokers: &str) -> KafkaConfig {
     let mut c = common::test_config(brokers);
     c.max_message_bytes = MAX_BYTES;
+    // The topics the adapter creates take records that large too (Kafka's default limit
+    // is 1 MiB + 12 bytes per record batch, less than the "1 MB" payload and its headers).
+    c.topic_config
+        .insert("max.message.bytes".into(), MAX_BYTES.to_string());
     c.ordering = Ordering::Partition;
     c
 }

@@ -878,3 +878,118 @@ async fn retain_for_keeps_messages_for_a_group_that_never_subscribed() {
     let err = p.retain_for(&topic, "late").await.unwrap_err();
     assert!(matches!(err, Error::PublisherClosed { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_seed_addresses_find_the_reachable_broker() {
+    let Some(brokers) = brokers() else { return };
+    // An address nothing answers on, before and after the real one: bootstrap uses the
+    // list as a list (librdkafka tries the seeds in random order).
+    for seeds in [
+        format!("{},{brokers}", closed_port()),
+        format!("{brokers},{}", closed_port()),
+    ] {
+        let c = config(&seeds);
+        let topic = unique_topic("seeds");
+        let p = KafkaPublisher::connect(c.clone()).await.unwrap();
+        let s = KafkaSubscriber::connect(c).await.unwrap();
+        let opts = SubscribeOptions::group("seeds");
+        s.initialize(&topic, &opts).await.unwrap();
+        let mut stream = s.subscribe(&topic, opts).await.unwrap();
+        p.publish_one(&topic, Message::new("through the seed list"))
+            .await
+            .unwrap();
+        let d = next(&mut stream, &format!("the message with seeds {seeds}")).await;
+        assert_eq!(payload(&d), "through the seed list");
+        d.ack().await.unwrap();
+        s.close().await.unwrap();
+        p.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_every_commits_before_the_interval() {
+    let Some(brokers) = brokers() else { return };
+    let mut c = config(&brokers);
+    c.commit_interval = Duration::from_secs(3600); // never, within the test
+    c.commit_every = 5;
+    let group_id = format!("{}batches", c.group_prefix);
+    let topic = unique_topic("commit-every");
+    let p = KafkaPublisher::connect(c.clone()).await.unwrap();
+    let s = KafkaSubscriber::connect(c).await.unwrap();
+    let opts = SubscribeOptions::group("batches");
+    s.initialize(&topic, &opts).await.unwrap();
+    await_committed(&brokers, &group_id, &topic, 0, 0).await;
+    let msgs: Vec<Message> = (0..12).map(|i| Message::new(format!("m{i}"))).collect();
+    p.publish(&topic, msgs).await.unwrap();
+    let mut stream = s.subscribe(&topic, opts).await.unwrap();
+    for i in 0..12 {
+        let d = next(&mut stream, "m0..m11").await;
+        assert_eq!(payload(&d), format!("m{i}"));
+        d.ack().await.unwrap();
+        if i == 4 {
+            // The fifth ack commits at once.
+            await_committed(&brokers, &group_id, &topic, 0, 5).await;
+        }
+    }
+    await_committed(&brokers, &group_id, &topic, 0, 10).await;
+    // Two acks wait for the interval (or the close).
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(committed(&brokers, &group_id, &topic, 0), Some(10));
+    s.close().await.unwrap();
+    assert_eq!(committed(&brokers, &group_id, &topic, 0), Some(12));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_hands_out_nothing_of_revoked_partitions() {
+    let Some(brokers) = brokers() else { return };
+    let mut c = config(&brokers);
+    c.start_from = StartFrom::Earliest;
+    let topic = unique_topic("rebalance-dups");
+    create_topic(&brokers, &topic, 2).await;
+    let raw = raw_producer(&brokers);
+    for part in 0..2 {
+        for i in 0..20 {
+            raw_send(&raw, &topic, part, &format!("p{part}-{i}")).await;
+        }
+    }
+    let opts = SubscribeOptions::group("rebalance-dups");
+    let first = KafkaSubscriber::connect(c.clone()).await.unwrap();
+    let mut one = first.subscribe(&topic, opts.clone()).await.unwrap();
+    // The first member takes what it has received (both partitions) at its first poll
+    // and hands out one; the rest waits in the stream.
+    let held = next(&mut one, "the first member's first message").await;
+    let held_name = payload(&held);
+    tokio::time::sleep(QUIET).await;
+    // A second member joins: every partition is revoked, then one goes to each.
+    let second = KafkaSubscriber::connect(c).await.unwrap();
+    let mut two = second.subscribe(&topic, opts).await.unwrap();
+    held.ack().await.unwrap(); // too late to count: it comes again to its new owner
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    while seen.len() < 40 {
+        let d = tokio::select! {
+            d = next(&mut one, "the records") => d,
+            d = next(&mut two, "the records") => d,
+        };
+        *seen.entry(payload(&d)).or_default() += 1;
+        d.ack().await.unwrap();
+    }
+    // Anything more would be a duplicate.
+    let mut late = Vec::new();
+    while let Some(d) = tokio::select! {
+        d = quiet(&mut one) => d,
+        d = quiet(&mut two) => d,
+    } {
+        late.push(payload(&d));
+        d.ack().await.unwrap();
+    }
+    let twice: Vec<_> = seen
+        .iter()
+        .filter(|(name, n)| **n > 1 && **name != held_name)
+        .collect();
+    assert!(
+        twice.is_empty() && late.is_empty(),
+        "records handed out again besides the one out at the rebalance ({held_name}): {twice:?}, {late:?}"
+    );
+    first.close().await.unwrap();
+    second.close().await.unwrap();
+}
