@@ -8,8 +8,9 @@
 //! `consume` runs a router handler in consumer group GROUP that appends `id key seq nanos
 //! pid` to FILE and syncs it before the message is acked, until SIGTERM (or SIGKILL). It
 //! prints `ready` once subscribed. `produce` publishes COUNT messages with KEYS keys in
-//! batches of BATCH (pausing PAUSE_MS between batches) and appends `id key seq` of every
-//! confirmed message to FILE, synced; it prints `done` at the end. A batch whose publish
+//! batches of BATCH (pausing PAUSE_MS between batches) and appends `id key seq nanos` of
+//! every confirmed message to FILE (nanos: when the publish returned), synced; it prints
+//! `done` at the end. A batch whose publish
 //! fails is retried until confirmed (at-least-once publishing, as documented).
 
 use std::io::Write;
@@ -22,8 +23,7 @@ use tidemill::{BrokerConfig, HandlerResult, Message, Router, RouterConfig};
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -132,6 +132,8 @@ async fn produce(args: &[String]) -> Result<(), Failure> {
                 }
             }
         }
+        let at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+        let lines: String = lines.lines().map(|l| format!("{l} {at}\n")).collect();
         out.write_all(lines.as_bytes())?;
         out.sync_data()?;
         n += sent;
