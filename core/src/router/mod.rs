@@ -19,6 +19,11 @@
 //! - Graceful shutdown: stop taking deliveries → let in-flight messages finish (bounded by
 //!   [`RouterConfig::close_timeout`]; past it they are abandoned and nacked) → close the
 //!   publishers and subscribers the handlers used.
+//! - Observable: each handler records its metrics ([`metric_names`]) through the `metrics`
+//!   facade when the application installed a recorder before it started (nothing, not
+//!   even the time, otherwise); a [`MessageTracer`] opens each message's span (the
+//!   OpenTelemetry one continues the trace the message carries); [`Router::health`]
+//!   answers readiness and liveness probes.
 //!
 //! ```
 //! use tidemill_core::router::{HandlerResult, Router};
