@@ -12,11 +12,11 @@ CARGO ?= cargo
 run:
 	@broker='$(BROKER)'; \
 	case "$$broker" in \
-	  ''|memory://*|mem://*) features= ;; \
-	  kafka://*) features=kafka ;; \
-	  amqp://*|amqps://*|rabbitmq://*) features=amqp ;; \
-	  nats://*) features=nats ;; \
-	  pubsub://*|googlecloud://*|gcp://*) features=googlecloud ;; \
+	  ''|memory://*|mem://*) features=otel ;; \
+	  kafka://*) features=otel,kafka ;; \
+	  amqp://*|amqps://*|rabbitmq://*) features=otel,amqp ;; \
+	  nats://*) features=otel,nats ;; \
+	  pubsub://*|googlecloud://*|gcp://*) features=otel,googlecloud ;; \
 	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://)" >&2; exit 2 ;; \
 	esac; \
 	set -x; $(CARGO) run --quiet --example order_flow $${features:+--features $$features} -- "$${broker:-memory://}"

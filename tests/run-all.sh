@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 # Tests and examples are built with every adapter (one feature set, so nothing is rebuilt
 # between them, the facade's tests cover every broker URL, and one example binary runs on
 # any broker).
-FEATURES="--features tidemill/all-brokers"
+FEATURES="--features tidemill/all-brokers,tidemill/otel"
 build_examples() {
   cargo build --quiet --examples $FEATURES
 }

@@ -107,7 +107,7 @@ pub mod via {
     note = "`Message` (the message itself) may only be the last argument"
 )]
 pub trait FromMessageParts<S>: Sized {
-    /// Why extraction failed; mark it [`permanent`](crate::permanent) when retrying cannot
+    /// Why extraction failed; mark it [`permanent`](crate::permanent()) when retrying cannot
     /// help (the built-in extractors do).
     type Rejection: Into<BoxError>;
 
@@ -286,7 +286,7 @@ impl<T> DerefMut for State<T> {
 }
 
 /// Why an extractor refused a message; built-in extractors return it marked
-/// [`permanent`](crate::permanent) (retrying the same message cannot help).
+/// [`permanent`](crate::permanent()) (retrying the same message cannot help).
 #[derive(Debug)]
 pub struct ExtractError {
     uuid: String,

@@ -15,7 +15,15 @@ use std::sync::Arc;
 
 use crate::{Message, Metadata};
 
-/// A broker's own record of a received message (see the [module docs](self)).
+/// A broker's own record of a received message.
+///
+/// Brokers carry more than string→string metadata: repeated header keys, binary and null
+/// values, typed AMQP headers and properties, Kafka tombstones, a RabbitMQ routing key, a
+/// Pub/Sub ordering key. An adapter shows handlers the string view
+/// ([`Message::metadata`]) and keeps the record it received here. When the same kind of
+/// adapter publishes the message again (a handler passing it on, a dead-letter or poison
+/// layer), it starts from the record and applies only what the application changed in the
+/// string view, so a hop that changes nothing leaves the message as its producer sent it.
 ///
 /// Cloning is one reference count. Adapters document what their record type holds (e.g.
 /// partition, offset and raw headers for Kafka; properties, routing key and exchange for

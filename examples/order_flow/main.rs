@@ -3,8 +3,8 @@
 //! ```text
 //! make run                                   # the embedded in-memory broker
 //! make run BROKER=kafka://127.0.0.1:9093     # or amqp://…, nats://…, pubsub://project?emulator=…
-//! cargo run --example order_flow --features nats -- nats://127.0.0.1:4223
-//! RUST_LOG=info cargo run --example order_flow   # plus the router's logs (span per message)
+//! cargo run --example order_flow --features otel,nats -- nats://127.0.0.1:4223
+//! RUST_LOG=info cargo run --example order_flow --features otel   # plus the router's logs
 //! ```
 //!
 //! The broker URL comes from the first argument, else `BROKER`, else `TIDEMILL_BROKER`,
