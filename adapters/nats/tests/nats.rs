@@ -941,3 +941,115 @@ async fn a_delayed_nack_delays_only_its_message() {
         delete_streams(&url, &[topic]).await;
     }
 }
+
+/// Handlers with state and extractors on a real broker: a `Json` payload is decoded and
+/// the handler's typed output published encoded; a payload that does not decode fails
+/// permanently before the handler runs and lands on the poison topic with the reason.
+#[tokio::test]
+async fn state_and_json_extractors_with_a_decode_failure_poisoned() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use tidemill_core::extract::{Json, State};
+    use tidemill_core::{HandlerResult, Router, RouterConfig};
+    use tidemill_middleware::{headers, PoisonQueue};
+
+    #[derive(serde::Deserialize)]
+    struct Order {
+        qty: u32,
+    }
+    #[derive(serde::Serialize)]
+    struct Priced {
+        cents: u32,
+    }
+    #[derive(Clone)]
+    struct Prices {
+        unit: u32,
+        calls: Arc<AtomicU32>,
+    }
+
+    let Some(url) = url() else { return };
+    let config = test_config(&url);
+    let (p, s) = pair(&config).await;
+    let (orders, priced, poison) = (
+        unique_topic("extract_orders"),
+        unique_topic("extract_priced"),
+        unique_topic("extract_poison"),
+    );
+    let mut out = ok(
+        s.subscribe(&priced, SubscribeOptions::group("check")).await,
+        "subscribe output",
+    );
+    let calls = Arc::new(AtomicU32::new(0));
+    let router = Router::with_config(RouterConfig {
+        close_clients: false,
+        ..RouterConfig::default()
+    });
+    router
+        .add_handler("price")
+        .subscribe(s.clone(), &orders)
+        .group("pricing")
+        .publish(p.clone(), &priced)
+        .state(Prices {
+            unit: 250,
+            calls: calls.clone(),
+        })
+        .layer(PoisonQueue::new(p.clone(), &poison))
+        .handler(
+            |State(prices): State<Prices>, Json(order): Json<Order>| async move {
+                prices.calls.fetch_add(1, Ordering::SeqCst);
+                HandlerResult::Ok(Json(Priced {
+                    cents: prices.unit * order.qty,
+                }))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("adding the handler failed: {e}"));
+    let r = router.clone();
+    let run = tokio::spawn(async move { r.run().await });
+    timeout(LIMIT, router.running()).await.expect("running");
+    ok(
+        p.publish(
+            &orders,
+            vec![
+                Message::new(r#"{"qty":3}"#),
+                Message::new("{not json").with_metadata("source", "legacy"),
+            ],
+        )
+        .await,
+        "publish",
+    );
+    let d = next(&mut out, "the priced order").await;
+    assert_eq!(d.message().payload().as_ref(), br#"{"cents":750}"#);
+    assert_eq!(
+        d.message().metadata().get("content-type"),
+        Some("application/json")
+    );
+    ok(d.ack().await, "ack");
+    let mut poisoned = ok(
+        s.subscribe(&poison, SubscribeOptions::group(poison.as_str()))
+            .await,
+        "subscribe poison",
+    );
+    let d = next(&mut poisoned, "the undecodable order").await;
+    let md = d.message().metadata();
+    assert_eq!(d.message().payload().as_ref(), b"{not json");
+    assert_eq!(md.get("source"), Some("legacy"));
+    assert_eq!(md.get(headers::POISON_HANDLER), Some("price"));
+    assert!(
+        md.get(headers::POISON_REASON)
+            .is_some_and(|r| r.contains("Order") || r.contains("decode")),
+        "reason names the decode failure: {md:?}"
+    );
+    ok(d.ack().await, "ack");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "not called for the bad one"
+    );
+    quiet(&mut out, "nothing else published").await;
+    router.close().await.expect("closed");
+    let _ = run.await;
+    ok(s.close().await, "close");
+    ok(p.close().await, "close");
+    delete_streams(&url, &[orders, priced, poison]).await;
+}
