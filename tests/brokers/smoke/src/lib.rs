@@ -1,1 +1,2 @@
 //! Smoke tests live in `tests/`; see tests/brokers/README.md.
+#![forbid(unsafe_code)]
