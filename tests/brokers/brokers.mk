@@ -5,16 +5,27 @@
 #   make brokers-restart NAME=kafka  restart one, keeping its data
 #   make brokers-restart kafka       (same; so is NAME="nats kafka")
 #   make brokers-down                stop all; no process or port left
+#   make brokers-up-cluster          start the three-node NATS and RabbitMQ clusters
+#   make brokers-down-cluster        stop them
 #
 # Every target takes NAME=... (or trailing broker names) to act on some only:
 # rabbitmq, nats, kafka, pubsub.
 
 BROKERS_MK_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 BROKERS_SH := bash $(BROKERS_MK_DIR)/brokers.sh
-BROKER_NAMES := rabbitmq nats kafka pubsub
+BROKER_NAMES := rabbitmq nats kafka pubsub nats-cluster rabbitmq-cluster
+CLUSTER_NAMES := nats-cluster rabbitmq-cluster
 BROKER_ARGS = $(NAME) $(filter $(BROKER_NAMES),$(MAKECMDGOALS))
 
-.PHONY: brokers-up brokers-down brokers-status brokers-restart
+.PHONY: brokers-up brokers-down brokers-status brokers-restart brokers-up-cluster brokers-down-cluster
+
+## brokers-up-cluster: install (first time) and start the three-node NATS JetStream and RabbitMQ clusters
+brokers-up-cluster:
+	@$(BROKERS_SH) up $(or $(BROKER_ARGS),$(CLUSTER_NAMES))
+
+## brokers-down-cluster: stop the clusters started by brokers-up-cluster
+brokers-down-cluster:
+	@$(BROKERS_SH) down $(or $(BROKER_ARGS),$(CLUSTER_NAMES))
 
 ## brokers-up: install (first time) and start RabbitMQ, NATS, Kafka (Tansu), Pub/Sub emulator
 brokers-up:

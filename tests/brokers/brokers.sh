@@ -13,7 +13,9 @@
 #                                 script started itself, given what ran before it)
 #   brokers.sh rabbitmqctl ARG... run rabbitmqctl against our RabbitMQ node
 #
-# NAME is one of: rabbitmq nats kafka pubsub (default: all four).
+# NAME is one of: rabbitmq nats kafka pubsub (default: all four), or a
+# three-node cluster, only when named: nats-cluster rabbitmq-cluster (`down`
+# with no names stops the clusters too).
 # Exit status 3 from restart: the broker is external (not ours to restart).
 set -euo pipefail
 
@@ -26,16 +28,24 @@ for _b in $TIDEMILL_BROKERS; do
   # shellcheck source=/dev/null
   source "$HERE/$_b.sh"
 done
+_clusters=()
+for _b in $TIDEMILL_CLUSTERS; do
+  [[ -f $HERE/$_b.sh ]] || continue
+  # shellcheck source=/dev/null
+  source "$HERE/$_b.sh"
+  _clusters+=("$_b")
+done
+TIDEMILL_CLUSTERS="${_clusters[*]:-}"
 
 usage() { sed -n '2,/^# Exit status/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-names() { # validate NAME args, default to all
+names() { # validate NAME args, default to all single-node brokers
   if (($# == 0)); then echo "$TIDEMILL_BROKERS"; return; fi
   local n out=()
   for n in "$@"; do
-    case " $TIDEMILL_BROKERS " in
+    case " $TIDEMILL_BROKERS $TIDEMILL_CLUSTERS " in
       *" $n "*) out+=("$n") ;;
-      *) log "unknown broker '$n' (known: $TIDEMILL_BROKERS)"; exit 2 ;;
+      *) log "unknown broker '$n' (known: $TIDEMILL_BROKERS $TIDEMILL_CLUSTERS)"; exit 2 ;;
     esac
   done
   echo "${out[@]}"
@@ -70,7 +80,7 @@ cmd_up() {
     local more=()
     case $n in
       rabbitmq) rabbitmq_installed || read -r -a more <<<"$(rabbitmq_apt_packages)" || true ;;
-      pubsub) read -r -a more <<<"$(pubsub_apt_packages)" || true ;;
+      pubsub | *-cluster) read -r -a more <<<"$("${n}_apt_packages")" || true ;;
     esac
     pkgs+=("${more[@]}")
   done
@@ -81,6 +91,7 @@ cmd_up() {
       nats) nats_installed || { log "nats: installing"; nats_install; } ;;
       pubsub) pubsub_installed || { log "pubsub: building the emulator"; pubsub_install; } ;;
       rabbitmq) rabbitmq_installed || die "rabbitmq-server is not installed" ;;
+      *-cluster) "${n}_installed" || { log "$n: installing"; "${n}_install"; } ;;
     esac
   done
 
@@ -139,6 +150,7 @@ log_of() {
     nats) echo "$NATS_DIR/log/nats.log" ;;
     kafka) echo "$KAFKA_DIR/log/tansu.log" ;;
     pubsub) echo "$PUBSUB_DIR/log/pubsub.log" ;;
+    *) "${1}_log" ;;
   esac
 }
 
@@ -161,7 +173,11 @@ down_one() {
 
 cmd_down() {
   local list n failed=0
-  read -r -a list <<<"$(names "$@")"
+  if (($# == 0)); then
+    read -r -a list <<<"$TIDEMILL_BROKERS $TIDEMILL_CLUSTERS"
+  else
+    read -r -a list <<<"$(names "$@")"
+  fi
   for n in "${list[@]}"; do down_one "$n" || failed=1; done
   return "$failed"
 }
@@ -177,6 +193,7 @@ cmd_status() {
         rabbitmq) hp=${addr#*://}; hp=${hp#*@}; hp=${hp%%/*} ;;
         nats) hp=${addr#*://}; hp=${hp#*@}; hp=${hp%%/*}; hp=${hp%%,*} ;;
         kafka) hp=${addr%%,*} ;;
+        *-cluster) hp=${addr%%,*}; hp=${hp#*://}; hp=${hp#*@}; hp=${hp%%/*} ;;
       esac
       if tcp_open_addr "$hp"; then
         printf '%-9s external  %s (reachable)\n' "$n" "$addr"
@@ -203,6 +220,7 @@ main_pid() {
     nats) pidfile_pid "$NATS_DIR/run/nats.pid" ;;
     kafka) pidfile_pid "$KAFKA_DIR/run/tansu.pid" ;;
     pubsub) pidfile_pid "$PUBSUB_DIR/run/pubsub.pid" ;;
+    *) "${1}_pid" ;;
   esac
 }
 
@@ -233,6 +251,7 @@ cmd_env() {
       nats) var=TIDEMILL_NATS_URL ;;
       kafka) var=TIDEMILL_KAFKA_BROKERS ;;
       pubsub) var=PUBSUB_EMULATOR_HOST ;;
+      *) var=$("${n}_var") ;;
     esac
     printf 'export %s=%q\n' "$var" "${!var}"
   done
@@ -240,7 +259,7 @@ cmd_env() {
 
 cmd_running() {
   local n out=()
-  for n in $TIDEMILL_BROKERS; do
+  for n in $TIDEMILL_BROKERS $TIDEMILL_CLUSTERS; do
     tidemill_external "$n" && continue
     "${n}_running" && out+=("$n")
   done

