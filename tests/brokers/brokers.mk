@@ -21,11 +21,11 @@ BROKER_ARGS = $(NAME) $(filter $(BROKER_NAMES),$(MAKECMDGOALS))
 
 ## brokers-up-cluster: install (first time) and start the three-node NATS JetStream and RabbitMQ clusters
 brokers-up-cluster:
-	@$(BROKERS_SH) up $(or $(BROKER_ARGS),$(CLUSTER_NAMES))
+	@$(BROKERS_SH) up $(or $(strip $(BROKER_ARGS)),$(CLUSTER_NAMES))
 
 ## brokers-down-cluster: stop the clusters started by brokers-up-cluster
 brokers-down-cluster:
-	@$(BROKERS_SH) down $(or $(BROKER_ARGS),$(CLUSTER_NAMES))
+	@$(BROKERS_SH) down $(or $(strip $(BROKER_ARGS)),$(CLUSTER_NAMES))
 
 ## brokers-up: install (first time) and start RabbitMQ, NATS, Kafka (Tansu), Pub/Sub emulator
 brokers-up:
