@@ -12,6 +12,9 @@
 #   brokers.sh down-except "NAME..."  stop the running brokers not named (those a
 #                                 script started itself, given what ran before it)
 #   brokers.sh rabbitmqctl ARG... run rabbitmqctl against our RabbitMQ node
+#   brokers.sh kill-node CLUSTER I   SIGKILL node I (1..3) of a running cluster
+#   brokers.sh start-node CLUSTER I  start node I again (its data kept); waits
+#                                 until the whole cluster is ready
 #
 # NAME is one of: rabbitmq nats kafka pubsub (default: all four), or a
 # three-node cluster, only when named: nats-cluster rabbitmq-cluster (`down`
@@ -301,6 +304,17 @@ case $cmd in
   restart) cmd_restart "$@" ;;
   env) cmd_env "$@" ;;
   running) cmd_running ;;
+  kill-node | start-node)
+    (($# == 2)) && [[ " $TIDEMILL_CLUSTERS " == *" $1 "* ]] && [[ $2 =~ ^[123]$ ]] ||
+      { log "$cmd: give a cluster ($TIDEMILL_CLUSTERS) and a node number 1..3"; exit 2; }
+    tidemill_external "$1" && { log "$1 is external ($("${1}_addr")): not ours to $cmd"; exit 3; }
+    if [[ $cmd == kill-node ]]; then
+      "${1}_kill_node" "$2"
+    else
+      "${1}_start_node" "$2"
+      wait_for "$("${1}_start_timeout")" "$1 to be ready" healthy "$1" || exit 1
+    fi
+    ;;
   rabbitmqctl)
     rabbitmq_env
     exec "$RABBITMQ_SBIN/rabbitmqctl" "$@"
