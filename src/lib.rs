@@ -18,7 +18,10 @@
 //! | `amqp` | `amqp` | RabbitMQ adapter |
 //! | `nats` | `nats` | NATS adapter (JetStream and core) |
 //! | `googlecloud` | `googlecloud` | Google Cloud Pub/Sub adapter |
-//! | `otel` (default) | `otel` | OpenTelemetry trace context in message metadata, publisher metrics |
+//! | `otel` | `otel` | OpenTelemetry trace context in message metadata, publisher metrics |
+//!
+//! Every feature, as `Cargo.toml` declares it:
+#![doc = document_features::document_features!()]
 //!
 //! The router records metrics through the [`metrics`](https://docs.rs/metrics) facade
 //! whenever the application installed a recorder, and reports
@@ -43,6 +46,9 @@
 //! ```
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+// docs.rs (and `RUSTDOCFLAGS="--cfg docsrs" cargo +nightly doc --all-features`) labels each
+// feature-gated item with the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod broker;
 mod redact;

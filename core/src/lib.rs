@@ -10,6 +10,7 @@
 //! application acked it; a nacked or dropped delivery is redelivered.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backoff;
 mod context;

@@ -27,6 +27,7 @@
 //!   knows follow an explicit [`UnknownTypePolicy`].
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod bus;
 mod error;

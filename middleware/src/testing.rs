@@ -290,13 +290,13 @@ const WATCH: Duration = Duration::from_secs(10);
 const MAX_DELIVERIES_IN_WATCH: usize = 20;
 
 /// With no middleware at all, one message whose handler always fails is redelivered with a
-/// growing delay (at most [`MAX_DELIVERIES_IN_WATCH`] deliveries in 10 s, and more than
+/// growing delay (at most 20 deliveries in 10 s, and more than
 /// one: it is not lost), while 1,000 good messages on other keys are all handled.
 pub async fn failing_message_backs_off(b: Arc<dyn Backend>) {
     backoff_run(b, false).await;
 }
 
-/// The same for a [permanent](tidemill_core::permanent) error with no poison queue: never
+/// The same for a permanent error ([`tidemill_core::permanent`]) with no poison queue: never
 /// redelivered at full speed either.
 pub async fn permanent_error_backs_off(b: Arc<dyn Backend>) {
     backoff_run(b, true).await;

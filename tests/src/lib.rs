@@ -23,6 +23,7 @@
 //! - `TIDEMILL_CONFORMANCE_MESSAGES=N` sets the message count of the bulk tests (default 100).
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod bench;
 pub mod fault_proxy;
