@@ -38,3 +38,8 @@ pub use router::{handler_fn, HandlerResult, Router, RouterConfig, RouterError};
 
 /// Re-exported so adapters and users name the same cancellation token type.
 pub use tokio_util::sync::CancellationToken;
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
