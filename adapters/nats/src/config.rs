@@ -145,9 +145,12 @@ pub struct NatsConfig {
     /// PEM file with extra root certificates to trust for TLS. Default: unset (the system's).
     pub root_certificates: Option<PathBuf>,
 
-    /// How long connecting may take. Creating a publisher or subscriber fails with
-    /// `Error::Connect` naming the address after this; it also bounds each reconnect
-    /// attempt. Default: `10s`.
+    /// How long connecting to one server may take (TCP, TLS, the server's greeting).
+    /// Creating a publisher or subscriber tries each server of [`url`](Self::url) once, in
+    /// random order, and fails with `Error::Connect` naming the addresses when none
+    /// answered (so after at most this times the number of servers); it also bounds each
+    /// reconnect attempt to one server, so a node that hangs costs one timeout before the
+    /// next is tried. Default: `10s`.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
 
@@ -419,6 +422,19 @@ impl NatsConfig {
                     ),
                 )
             })?;
+            // A server URL has no path: `nats://nats://host:4222` (a scheme repeated by
+            // whoever joined the list) would otherwise be read as host `nats`, port 4222.
+            let path = addr.clone().into_inner().path().to_owned();
+            if !path.is_empty() && path != "/" {
+                return Err(Error::config(
+                    BROKER,
+                    format!(
+                        "`url` entry {:?} is not a server address: a NATS URL is \
+                         `scheme://[user[:password]@]host[:port]`, without a path",
+                        redact_urls(part),
+                    ),
+                ));
+            }
             addrs.push(addr);
         }
         if addrs.is_empty() {
@@ -712,6 +728,10 @@ mod tests {
         };
         cases.push((with(&|c| c.url = " , ".into()), "url"));
         cases.push((with(&|c| c.url = "nats://host:notaport".into()), "url"));
+        cases.push((
+            with(&|c| c.url = "nats://a:4222,nats://nats://b:4222".into()),
+            "without a path",
+        ));
         cases.push((
             with(&|c| c.connect_timeout = Duration::ZERO),
             "connect_timeout",

@@ -31,8 +31,8 @@ pub(crate) async fn connect_wire(config: &Arc<NatsConfig>) -> Result<Wire> {
         .map_err(|e| connect_error(config, crate::config::redact_text(&e.to_string(), config)))
 }
 
-/// Connects as `config` says, failing with [`Error::Connect`] naming the address within
-/// `connect_timeout`. In JetStream mode, also checks that the server has JetStream.
+/// Connects as `config` says, failing with [`Error::Connect`] naming the address once
+/// every server was tried (each within `connect_timeout`). In JetStream mode, also checks that the server has JetStream.
 pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
     config.validate()?;
     // Credentials in the URLs go to the options, not with the addresses: async-nats logs
@@ -73,6 +73,8 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
                         tracing::warn!(broker = BROKER, address = %url, "connection lost; reconnecting")
                     }
                     Event::Closed => tracing::debug!(broker = BROKER, address = %url, "connection closed"),
+                    // `close` drains the client: nothing an operator needs to hear about.
+                    Event::Draining => tracing::debug!(broker = BROKER, address = %url, "draining"),
                     other => tracing::warn!(broker = BROKER, address = %url, event = %other, "client event"),
                 }
             }
@@ -111,13 +113,17 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Connection> {
     if config.ignore_discovered_servers {
         options = options.ignore_discovered_servers();
     }
-    let client = tokio::time::timeout(config.connect_timeout, options.connect(addrs))
+    // async-nats tries each server once, each within `connect_timeout`: a first server
+    // that hangs must not use up the time of the others.
+    let servers = u32::try_from(addrs.len()).unwrap_or(u32::MAX).max(1);
+    let limit = config.connect_timeout.saturating_mul(servers);
+    let client = tokio::time::timeout(limit, options.connect(addrs))
         .await
         .map_err(|_| {
             connect_error(
                 config,
                 format!(
-                    "no connection within {:?} (`connect_timeout`)",
+                    "no connection within {limit:?} (`connect_timeout` {:?} per server, {servers} servers)",
                     config.connect_timeout
                 ),
             )

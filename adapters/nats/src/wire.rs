@@ -298,7 +298,8 @@ const MAX_CONTROL_LINE: usize = 64 * 1024;
 pub(crate) const SUBSCRIPTION_CAPACITY: usize = 65_536;
 
 impl Wire {
-    /// Connects as `config` says (failing within `connect_timeout`), then keeps the
+    /// Connects as `config` says (trying each server once, each within `connect_timeout`),
+    /// then keeps the
     /// connection up in the background.
     pub(crate) async fn connect(config: Arc<NatsConfig>) -> io::Result<Wire> {
         let servers = config
@@ -339,14 +340,8 @@ impl Wire {
             auth,
             tls: tokio::sync::OnceCell::new(),
         };
-        let (stream, info, rest) = tokio::time::timeout(config.connect_timeout, dialer.dial_any())
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within {:?}", config.connect_timeout),
-                )
-            })??;
+        // Each server's attempt is bounded by `connect_timeout` (in `dial_any`).
+        let (stream, info, rest) = dialer.dial_any().await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(WireInner {
             cmds: tx.clone(),
@@ -585,11 +580,26 @@ async fn tls_config(config: &NatsConfig) -> io::Result<async_nats::rustls::Clien
 }
 
 impl Dialer {
-    /// Tries every server once (in order); the last failure when none answered.
+    /// Tries every server once, in random order (as async-nats does: the delivery
+    /// connections of many subscribers spread over a cluster's nodes instead of all going
+    /// to the first one listed), each attempt bounded by `connect_timeout` (a server that
+    /// accepts and then hangs, or a host that drops packets, costs one timeout, not every
+    /// attempt); the last failure when none answered.
     async fn dial_any(&self) -> io::Result<(Box<dyn Io>, async_nats::ServerInfo, BytesMut)> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no server configured");
-        for server in &self.servers {
-            match self.dial(server).await {
+        let mut order: Vec<&ServerAddr> = self.servers.iter().collect();
+        fastrand::shuffle(&mut order);
+        let limit = self.config.connect_timeout;
+        for server in order {
+            let attempt = tokio::time::timeout(limit, self.dial(server))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer within {limit:?} (`connect_timeout`)"),
+                    ))
+                });
+            match attempt {
                 Ok(ok) => return Ok(ok),
                 Err(e) => {
                     tracing::debug!(broker = BROKER, server = %redacted(server), error = %e, "connection attempt failed");
@@ -947,18 +957,18 @@ async fn run(
                 let pause = Duration::from_millis(50 * (1 << attempts.min(6) as u32))
                     .min(Duration::from_secs(2));
                 tokio::time::sleep(if attempts == 1 { Duration::ZERO } else { pause }).await;
-                match tokio::time::timeout(dialer.config.connect_timeout, dialer.dial_any()).await {
-                    Ok(Ok((io, info, buf))) => {
+                // Each server's attempt is bounded by `connect_timeout` (in `dial_any`).
+                match dialer.dial_any().await {
+                    Ok((io, info, buf)) => {
                         inner.max_payload.store(info.max_payload, Ordering::Relaxed);
                         learn_servers(&mut dialer, &info);
                         tracing::debug!(broker = BROKER, "reconnected");
                         (io, buf)
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         tracing::debug!(broker = BROKER, error = %e, "reconnect failed");
                         continue;
                     }
-                    Err(_) => continue,
                 }
             }
         };

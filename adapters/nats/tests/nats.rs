@@ -330,6 +330,70 @@ async fn an_unreachable_server_fails_fast_naming_the_address() {
     hold.abort();
 }
 
+/// A server of the list that accepts connections and never answers (a hung node) costs
+/// one `connect_timeout` per attempt, not every attempt: connecting finds the server that
+/// answers, and when the connections are cut, both of the subscriber's connections (the
+/// delivery connection and async-nats's) reconnect to it and delivery goes on.
+#[tokio::test]
+async fn a_hung_server_in_the_list_is_skipped_when_connecting_and_reconnecting() {
+    let Some(url) = url() else { return };
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hung_addr = hung.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket); // accepted, never answered
+        }
+    });
+    let proxy = tidemill_testkit::fault_proxy::FaultProxy::start(common::host_port(&url))
+        .await
+        .unwrap_or_else(|e| panic!("proxy: {e}"));
+    let mut config = test_config(&format!("nats://{hung_addr},nats://{}", proxy.addr()));
+    config.connect_timeout = Duration::from_secs(1);
+    config.ignore_discovered_servers = true;
+    let topic = unique_topic("hung_server");
+    let publisher = ok(
+        NatsPublisher::connect(test_config(&url)).await,
+        "publisher (direct)",
+    );
+    // Whichever server each connection tries first, it gets there.
+    let subscriber = ok(NatsSubscriber::connect(config).await, "subscriber");
+    let mut stream = ok(
+        subscriber
+            .subscribe(&topic, SubscribeOptions::group("hung"))
+            .await,
+        "subscribe",
+    );
+    ok(
+        publisher.publish_one(&topic, Message::new("before")).await,
+        "publish",
+    );
+    let d = next(&mut stream, "the message before the cut").await;
+    ok(d.ack().await, "ack");
+    for round in 0..3 {
+        let before = subscriber.delivery_connects();
+        proxy.cut();
+        common::wait_deliveries_reconnected(&subscriber, before).await;
+        let body = format!("after cut {round}");
+        ok(
+            publisher
+                .publish_one(&topic, Message::new(body.clone()))
+                .await,
+            "publish",
+        );
+        let d = next(&mut stream, &body).await;
+        assert_eq!(&d.message().payload()[..], body.as_bytes());
+        ok(d.ack().await, "ack");
+    }
+    drop(stream);
+    ok(subscriber.close().await, "close");
+    ok(publisher.close().await, "close");
+    hold.abort();
+    delete_streams(&url, &[topic]).await;
+}
+
 /// Invalid configuration is refused before connecting, naming the field.
 #[tokio::test]
 async fn invalid_configuration_is_refused_naming_the_field() {
