@@ -1,7 +1,8 @@
 //! What every librdkafka client of the adapter shares: logging through `tracing`, error
 //! mapping, and topic administration (existence checks, creation, partition lists).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,23 +12,27 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use tidemill_core::{BoxError, Error, Result};
+use serde::Deserialize;
+use tidemill_core::{BoxError, ConnectionState, Error, Result};
 
 use crate::config::{is_secret_name, Secrets};
 use crate::subscription::resolve_positions;
 use crate::{KafkaConfig, BROKER};
 
 /// Sends librdkafka's log lines and global errors to `tracing` (target `librdkafka`),
-/// with the configuration's secret values hidden.
+/// with the configuration's secret values hidden, and follows the client's connection
+/// ([`Link`]) from its errors and statistics.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct LogContext {
     pub(crate) secrets: Arc<Secrets>,
+    pub(crate) link: Arc<Link>,
 }
 
 impl LogContext {
     pub(crate) fn new(config: &KafkaConfig) -> Self {
         LogContext {
             secrets: config.secrets(),
+            link: Arc::new(Link::default()),
         }
     }
 }
@@ -38,11 +43,150 @@ impl ClientContext for LogContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.link.error(&error);
         log_error(&self.secrets, &error, reason);
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        if let Some(stats) = Statistics::parse(statistics) {
+            self.link.statistics(&stats);
+        }
     }
 }
 
 impl rdkafka::consumer::ConsumerContext for LogContext {}
+
+/// A librdkafka client's connection to the cluster, as librdkafka tells it without a
+/// round trip: down on its `AllBrokersDown` error, and from each statistics report
+/// (`statistics.interval.ms`) up when a broker connection is up, down when none is.
+#[derive(Debug, Default)]
+pub(crate) struct Link(AtomicU8);
+
+const LINK_UP: u8 = 0;
+const LINK_DOWN: u8 = 1;
+/// The client is gone (its subscription ended): it no longer counts.
+const LINK_RETIRED: u8 = 2;
+
+impl Link {
+    /// Takes note of a global error.
+    pub(crate) fn error(&self, error: &KafkaError) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.set(LINK_DOWN);
+        }
+    }
+
+    /// Takes note of a statistics report.
+    pub(crate) fn statistics(&self, stats: &Statistics) {
+        self.set(if stats.any_broker_up() {
+            LINK_UP
+        } else {
+            LINK_DOWN
+        });
+    }
+
+    fn set(&self, state: u8) {
+        // A retired link stays retired.
+        let _ = self
+            .0
+            .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |s| {
+                (s != LINK_RETIRED).then_some(state)
+            });
+    }
+
+    /// The client was released: it no longer counts for the connection state.
+    pub(crate) fn retire(&self) {
+        self.0.store(LINK_RETIRED, AtomicOrdering::Release);
+    }
+
+    /// Whether it counts and is down.
+    pub(crate) fn is_down(&self) -> bool {
+        self.0.load(AtomicOrdering::Acquire) == LINK_DOWN
+    }
+
+    /// The state to report for a client that is not closed.
+    pub(crate) fn state(&self) -> ConnectionState {
+        if self.is_down() {
+            ConnectionState::Disconnected
+        } else {
+            ConnectionState::Connected
+        }
+    }
+}
+
+/// What the adapter reads of librdkafka's statistics (its JSON report every
+/// `statistics.interval.ms`); everything else in the report is skipped.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Statistics {
+    #[serde(default)]
+    brokers: HashMap<String, BrokerStatistics>,
+    #[serde(default)]
+    topics: HashMap<String, TopicStatistics>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BrokerStatistics {
+    /// `configured`, `learned`, `internal` or `logical` (a group coordinator's alias).
+    #[serde(default)]
+    source: String,
+    /// `INIT`, `DOWN`, `CONNECT`, ..., `UP`.
+    #[serde(default)]
+    state: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct TopicStatistics {
+    #[serde(default)]
+    partitions: HashMap<String, PartitionStatistics>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PartitionStatistics {
+    partition: i32,
+    /// The partition's high watermark from the last fetch response (-1001: unknown).
+    #[serde(default = "unknown_offset")]
+    hi_offset: i64,
+}
+
+fn unknown_offset() -> i64 {
+    -1001
+}
+
+impl Statistics {
+    /// The report, or `None` (logged at debug level) if it cannot be read.
+    pub(crate) fn parse(json: &[u8]) -> Option<Statistics> {
+        match serde_json::from_slice(json) {
+            Ok(stats) => Some(stats),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read librdkafka's statistics");
+                None
+            }
+        }
+    }
+
+    /// Whether a connection to a real broker (not librdkafka's internal or logical ones)
+    /// is up.
+    pub(crate) fn any_broker_up(&self) -> bool {
+        self.brokers.values().any(|b| {
+            matches!(b.source.as_str(), "configured" | "learned")
+                && matches!(b.state.as_str(), "UP" | "REAUTH")
+        })
+    }
+
+    /// The last known high watermark of each partition of `topic` librdkafka fetches
+    /// from.
+    pub(crate) fn high_watermarks(&self, topic: &str) -> HashMap<i32, i64> {
+        self.topics
+            .get(topic)
+            .map(|t| {
+                t.partitions
+                    .values()
+                    .filter(|p| p.partition >= 0 && p.hi_offset >= 0)
+                    .map(|p| (p.partition, p.hi_offset))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
 
 pub(crate) fn log_line(secrets: &Secrets, level: RDKafkaLogLevel, fac: &str, msg: &str) {
     let msg = secrets.redact(msg);

@@ -156,6 +156,16 @@ pub struct KafkaConfig {
     /// (librdkafka `message.timeout.ms`). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+    /// How often librdkafka reports its statistics to the adapter (librdkafka
+    /// `statistics.interval.ms`), from which the publisher's and each subscription's
+    /// connection state comes back up after a loss (it goes down at once, on librdkafka's
+    /// `AllBrokersDown` error) and each subscription sets the consumer lag gauge
+    /// `tidemill_consumer_lag_messages`. Each report costs the client one JSON document
+    /// (a few hundred bytes per broker and per partition), nothing per message. Zero
+    /// turns the reports off: `connection_state` then always says connected and no lag
+    /// is recorded. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub statistics_interval: Duration,
     /// Largest message the publisher sends, in bytes: payload, key and headers
     /// (librdkafka `message.max.bytes`). Larger messages fail with
     /// `Error::MessageTooLarge` with this limit before anything is sent. It is the
@@ -208,6 +218,7 @@ impl Default for KafkaConfig {
             drain_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(30),
+            statistics_interval: Duration::from_secs(5),
             max_message_bytes: 1_000_000,
             uuid_header: UUID_HEADER.to_owned(),
             uuid_read_headers: Vec::new(),
@@ -237,6 +248,7 @@ const RESERVED: &[(&str, &str)] = &[
     ("message.timeout.ms", "use `publish_timeout`"),
     ("delivery.timeout.ms", "use `publish_timeout`"),
     ("message.max.bytes", "use `max_message_bytes`"),
+    ("statistics.interval.ms", "use `statistics_interval`"),
     (
         "acks",
         "publish returns only once every in-sync replica has the message (acks=all)",
@@ -317,6 +329,7 @@ impl KafkaConfig {
             ("drain_timeout", self.drain_timeout, true),
             ("close_timeout", self.close_timeout, false),
             ("publish_timeout", self.publish_timeout, false),
+            ("statistics_interval", self.statistics_interval, true),
         ] {
             let range = if zero_ok { "0ms" } else { "1ms" };
             if (value.is_zero() && !zero_ok)
@@ -328,6 +341,12 @@ impl KafkaConfig {
                     MAX_DURATION.as_millis()
                 ));
             }
+        }
+        if self.statistics_interval > MAX_STATISTICS_INTERVAL {
+            return bad(format!(
+                "`statistics_interval` must be at most 1 day (librdkafka's limit), got {:?}",
+                self.statistics_interval
+            ));
         }
         if self.uuid_header.is_empty() {
             return bad(
@@ -381,6 +400,11 @@ impl KafkaConfig {
         Arc::new(Secrets(values))
     }
 
+    /// `statistics_interval` for librdkafka (0: off).
+    pub(crate) fn statistics_millis(&self) -> String {
+        self.statistics_interval.as_millis().to_string()
+    }
+
     /// Settings shared by every client.
     pub(crate) fn base_client(&self, role: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
@@ -398,7 +422,8 @@ impl KafkaConfig {
         c.set("acks", "all")
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", millis(self.publish_timeout))
-            .set("message.max.bytes", self.max_message_bytes.to_string());
+            .set("message.max.bytes", self.max_message_bytes.to_string())
+            .set("statistics.interval.ms", self.statistics_millis());
         for (k, v) in &self.producer_properties {
             c.set(k, v);
         }
@@ -436,6 +461,9 @@ impl KafkaConfig {
 /// The longest duration the adapter accepts (librdkafka takes milliseconds as a 32-bit
 /// integer).
 const MAX_DURATION: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// librdkafka's largest `statistics.interval.ms`.
+const MAX_STATISTICS_INTERVAL: Duration = Duration::from_secs(86_400);
 
 /// The consumers' `heartbeat.interval.ms` unless `consumer_properties` sets it
 /// (librdkafka's default is 3000): the other members of a group notice a member leaving
@@ -532,6 +560,7 @@ impl fmt::Debug for KafkaConfig {
             .field("drain_timeout", &self.drain_timeout)
             .field("close_timeout", &self.close_timeout)
             .field("publish_timeout", &self.publish_timeout)
+            .field("statistics_interval", &self.statistics_interval)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("uuid_header", &self.uuid_header)
             .field("uuid_read_headers", &self.uuid_read_headers)
@@ -837,6 +866,10 @@ mod tests {
                 "`drain_timeout`",
             ),
             (
+                Box::new(|c| c.statistics_interval = Duration::from_secs(86_401)),
+                "`statistics_interval` must be at most 1 day",
+            ),
+            (
                 Box::new(|c| c.uuid_header.clear()),
                 "`uuid_header` is empty",
             ),
@@ -857,6 +890,13 @@ mod tests {
         };
         c.validate()
             .expect("a zero drain_timeout means: do not wait");
+        let c = KafkaConfig {
+            statistics_interval: Duration::ZERO,
+            ..KafkaConfig::default()
+        };
+        c.validate()
+            .expect("a zero statistics_interval turns the reports off");
+        assert_eq!(c.statistics_millis(), "0");
     }
 
     #[test]

@@ -10,8 +10,8 @@ use tidemill_core::{Error, Message, Publisher, Result};
 use tokio::sync::RwLock;
 
 use crate::client::{
-    blocking, broker_error, broker_error_hiding, check_topic_name, creation_error, LogContext,
-    Topics,
+    blocking, broker_error, broker_error_hiding, check_topic_name, creation_error, Link,
+    LogContext, Topics,
 };
 use crate::convert::{self, Encoded, Identity};
 use crate::{KafkaConfig, BROKER};
@@ -45,6 +45,8 @@ struct Inner {
     config: KafkaConfig,
     identity: Arc<Identity>,
     producer: FutureProducer<LogContext>,
+    /// The producer's connection, as librdkafka reports it.
+    link: Arc<Link>,
     topics: Topics,
     /// `true` once closed. Publishes hold it shared while they run, so `close` waits for
     /// them and later publishes see it set.
@@ -67,6 +69,7 @@ impl KafkaPublisher {
                 identity: Identity::new(&config),
                 config,
                 producer,
+                link: context.link,
                 topics,
                 closed: RwLock::new(false),
             }),
@@ -255,6 +258,26 @@ impl Publisher for KafkaPublisher {
     /// lack of a consumer.
     async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         self.publish(topic, messages).await
+    }
+
+    /// The producer's connection as librdkafka reports it, without a round trip:
+    /// disconnected from its `AllBrokersDown` error (every broker connection lost) until
+    /// a statistics report (every [`statistics_interval`](KafkaConfig::statistics_interval))
+    /// shows a broker connection up again; closed once `close` began. Always connected
+    /// when `statistics_interval` is zero.
+    fn connection_state(&self) -> tidemill_core::ConnectionState {
+        let closing = match self.inner.closed.try_read() {
+            Ok(closed) => *closed,
+            // Only `close` takes (or waits for) the write lock.
+            Err(_) => true,
+        };
+        if closing {
+            return tidemill_core::ConnectionState::Closed;
+        }
+        if self.inner.config.statistics_interval.is_zero() {
+            return tidemill_core::ConnectionState::Connected;
+        }
+        self.inner.link.state()
     }
 
     async fn close(&self) -> Result<()> {

@@ -198,6 +198,15 @@ impl State {
         ids
     }
 
+    /// Each assigned partition's commit point (where it is known): every offset below it
+    /// is acked; a group commits it within `commit_interval`.
+    pub(crate) fn commit_points(&self) -> Vec<(i32, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|(id, p)| p.commit_point.map(|o| (*id, o)))
+            .collect()
+    }
+
     /// How many more messages `partition` may take (0 when not assigned).
     pub(crate) fn room(&self, partition: i32) -> usize {
         self.partitions
@@ -568,6 +577,24 @@ mod tests {
         assert!(s.commits().is_empty(), "sent once");
         s.ack(out[3].0);
         assert_eq!(s.commits(), vec![(3, 9)]);
+    }
+
+    #[test]
+    fn commit_points_follow_the_acked_prefix() {
+        let mut s = State::new(Ordering::Key, 100, 1000);
+        s.assign(0, Some(5));
+        s.assign(1, None);
+        assert_eq!(
+            s.commit_points(),
+            vec![(0, 5)],
+            "partition 1's start is unknown"
+        );
+        s.push(0, vec![(5, msg("a", None)), (6, msg("b", None))]);
+        let out = take_all(&mut s);
+        s.ack(out[1].0);
+        assert_eq!(s.commit_points(), vec![(0, 5)], "6 acked, 5 not: still 5");
+        s.ack(out[0].0);
+        assert_eq!(s.commit_points(), vec![(0, 7)]);
     }
 
     #[test]

@@ -152,6 +152,32 @@ impl Subscriber for KafkaSubscriber {
         }
     }
 
+    /// The connection of its subscriptions' consumers as librdkafka reports it, without a
+    /// round trip: disconnected while any of them lost every broker connection (its
+    /// `AllBrokersDown` error) and no statistics report since (every
+    /// [`statistics_interval`](KafkaConfig::statistics_interval)) showed one up again;
+    /// closed once `close` was called. Connected without subscriptions, and always when
+    /// `statistics_interval` is zero.
+    fn connection_state(&self) -> tidemill_core::ConnectionState {
+        if self.inner.closed.load(AtomicOrdering::Acquire) {
+            return tidemill_core::ConnectionState::Closed;
+        }
+        if self.inner.config.statistics_interval.is_zero() {
+            return tidemill_core::ConnectionState::Connected;
+        }
+        let down = self
+            .inner
+            .running
+            .lock()
+            .iter()
+            .any(|r| r.shared.link.is_down());
+        if down {
+            tidemill_core::ConnectionState::Disconnected
+        } else {
+            tidemill_core::ConnectionState::Connected
+        }
+    }
+
     /// Ends every stream of this subscriber, polled or not: each subscription commits the
     /// offsets of what was acked and leaves its group, so the group's other members get
     /// everything else it had received (at their next heartbeat, then a rejoin). Deliveries

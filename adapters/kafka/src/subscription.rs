@@ -35,7 +35,8 @@ use tidemill_core::{AckFuture, Acknowledger, Delivery, Error, Result};
 use tokio::sync::oneshot;
 
 use crate::client::{
-    broker_error, broker_error_hiding, creation_error, log_error, log_line, Topics,
+    broker_error, broker_error_hiding, creation_error, log_error, log_line, Link, Statistics,
+    Topics,
 };
 use crate::config::Secrets;
 use crate::convert::{self, Identity};
@@ -106,6 +107,52 @@ pub(crate) struct Shared {
     revocations: AtomicU64,
     stop: AtomicBool,
     poller: Wakeup,
+    /// The consumer's connection, as librdkafka reports it.
+    pub(crate) link: Link,
+    /// This subscription's share of the consumer lag gauge (when metrics are recorded).
+    lag: Option<Lag>,
+}
+
+/// A subscription's share of `tidemill_consumer_lag_messages{topic, group}`: the sum,
+/// over its assigned partitions, of the high watermark minus the partition's commit point
+/// (every offset below it acked). Set from each librdkafka statistics report; added to
+/// what other subscriptions of the same topic and group in the process report, and taken
+/// back when the subscription ends.
+struct Lag {
+    gauge: metrics::Gauge,
+    /// What this subscription added to the gauge; `None` once it ended.
+    reported: Mutex<Option<f64>>,
+}
+
+impl Lag {
+    /// The handle, taken on the caller's thread (a thread-local recorder counts too), or
+    /// `None` when no recorder is installed.
+    fn new(topic: &str, group: Option<&str>) -> Option<Lag> {
+        tidemill_core::router::metrics_enabled().then(|| Lag {
+            gauge: metrics::gauge!(
+                tidemill_core::router::metric_names::CONSUMER_LAG,
+                "topic" => topic.to_owned(),
+                "group" => group.unwrap_or_default().to_owned(),
+            ),
+            reported: Mutex::new(Some(0.0)),
+        })
+    }
+
+    fn set(&self, lag: f64) {
+        let mut reported = self.reported.lock();
+        if let Some(before) = *reported {
+            if lag != before {
+                self.gauge.increment(lag - before);
+                *reported = Some(lag);
+            }
+        }
+    }
+
+    /// The subscription ended: takes its share back, for good.
+    fn end(&self) {
+        self.set(0.0);
+        *self.reported.lock() = None;
+    }
 }
 
 impl Shared {
@@ -124,6 +171,30 @@ impl Shared {
             revocations: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             poller: Wakeup::new(),
+            link: Link::default(),
+            lag: if config.statistics_interval.is_zero() {
+                None
+            } else {
+                Lag::new(topic, group)
+            },
+        }
+    }
+
+    /// Takes note of a librdkafka statistics report: the connection state, and the lag
+    /// of the assigned partitions.
+    fn statistics(&self, json: &[u8]) {
+        let Some(stats) = Statistics::parse(json) else {
+            return;
+        };
+        self.link.statistics(&stats);
+        if let Some(lag) = &self.lag {
+            let high = stats.high_watermarks(&self.topic);
+            let points = self.state.lock().commit_points();
+            let total: i64 = points
+                .into_iter()
+                .filter_map(|(p, point)| high.get(&p).map(|h| (h - point).max(0)))
+                .sum();
+            lag.set(total as f64);
         }
     }
 
@@ -344,7 +415,13 @@ impl ClientContext for SubContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.shared.link.error(&error);
         log_error(&self.shared.secrets, &error, reason);
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.count_event();
+        self.shared.statistics(statistics);
     }
 }
 
@@ -617,6 +694,7 @@ pub(crate) async fn start(
     };
     let mut consumer: BaseConsumer<SubContext> = config
         .consumer_client(&group_id)
+        .set("statistics.interval.ms", config.statistics_millis())
         .create_with_context(context)
         .map_err(|e| creation_error(&shared.secrets, "consumer", e))?;
     let wake = shared.clone();
@@ -908,6 +986,7 @@ fn fail_start(ctx: &SubContext, error: Error) {
 fn finish(consumer: Arc<BaseConsumer<SubContext>>, group: bool) {
     let ctx = consumer.context().clone();
     ctx.shared.state.lock().ended = true;
+    ctx.shared.link.retire();
     if let Some(w) = ctx.shared.state.lock().stream_waker.take() {
         w.wake();
     }
@@ -924,4 +1003,7 @@ fn finish(consumer: Arc<BaseConsumer<SubContext>>, group: bool) {
         )));
     }
     drop(consumer);
+    if let Some(lag) = &ctx.shared.lag {
+        lag.end();
+    }
 }

@@ -70,3 +70,76 @@ impl Backend for KafkaBackend {
         ))
     }
 }
+
+/// The broker address, if the tests may stop and start that broker (tests/brokers runs
+/// it); `None` (with a note) when `TIDEMILL_KAFKA_BROKERS` is unset or points elsewhere.
+pub fn managed_broker() -> Option<String> {
+    let Ok(brokers) = std::env::var("TIDEMILL_KAFKA_BROKERS") else {
+        eprintln!("SKIP: TIDEMILL_KAFKA_BROKERS is not set (no broker to test against)");
+        return None;
+    };
+    let out = std::process::Command::new("bash")
+        .arg(brokers_script())
+        .arg("running")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run brokers.sh running: {e}"));
+    let running = String::from_utf8_lossy(&out.stdout);
+    if !running.split_whitespace().any(|n| n == "kafka") {
+        eprintln!("SKIP: the Kafka broker at {brokers} is not managed by tests/brokers");
+        return None;
+    }
+    Some(brokers)
+}
+
+fn brokers_script() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/brokers/brokers.sh")
+}
+
+/// Runs `brokers.sh <command> kafka` (`down`, `up`, `restart`) and panics unless it
+/// succeeded.
+pub fn kafka_broker(command: &str) {
+    let out = std::process::Command::new("bash")
+        .arg(brokers_script())
+        .arg(command)
+        .arg("kafka")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run brokers.sh {command}: {e}"));
+    eprint!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "brokers.sh {command} kafka failed: {}",
+        out.status
+    );
+}
+
+/// Stops the managed broker; starts it again when dropped unless [`StoppedBroker::start`]
+/// did already (so a failing test does not leave it down).
+pub struct StoppedBroker {
+    up: bool,
+}
+
+impl StoppedBroker {
+    /// Stops the broker (blocking).
+    pub fn stop() -> Self {
+        kafka_broker("down");
+        StoppedBroker { up: false }
+    }
+
+    /// Starts it again and waits until it is ready (blocking).
+    pub fn start(&mut self) {
+        kafka_broker("up");
+        self.up = true;
+    }
+}
+
+impl Drop for StoppedBroker {
+    fn drop(&mut self) {
+        if !self.up {
+            kafka_broker("up");
+        }
+    }
+}
