@@ -1,6 +1,8 @@
 //! Connecting: endpoint and credentials, the admin clients, resource creation, error mapping.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use google_cloud_auth::credentials::{anonymous, Credentials};
@@ -9,7 +11,8 @@ use google_cloud_pubsub::client::{SubscriptionAdmin, TopicAdmin};
 use google_cloud_pubsub::model::{
     DeadLetterPolicy, ExpirationPolicy, RetryPolicy, Subscription, Topic,
 };
-use tidemill_core::{BoxError, Error, Result};
+use tidemill_core::{BoxError, ConnectionState, Error, Result};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{redact_url, GoogleCloudConfig, EMULATOR_HOST_ENV};
 use crate::names::{topic_name, TopicName};
@@ -156,6 +159,122 @@ impl Endpoint {
                 address: self.address.clone(),
                 source: Box::new(e),
             }),
+        }
+    }
+}
+
+/// Whether the service answers, for `connection_state`: the gRPC client exposes no channel
+/// state (it retries connection failures inside its calls without telling), so once
+/// something asks (the first `connection_state` call, e.g. `Router::health`) a background
+/// task sends a cheap request every `health_check_interval` — a `GetTopic` of a topic that
+/// need not exist — and the state is the outcome of the last one: any answer (even "not
+/// found" or "permission denied") is up; no answer within `connect_timeout`, a connection
+/// failure or `UNAVAILABLE` is down. The task ends with `close` or when the client is
+/// dropped.
+pub(crate) struct Liveness {
+    admin: TopicAdmin,
+    probe_topic: String,
+    address: String,
+    interval: Duration,
+    timeout: Duration,
+    down: AtomicBool,
+    started: AtomicBool,
+    stop: CancellationToken,
+    /// The runtime `connect` ran on, for starting the task from a thread without one.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Liveness {
+    /// Must run inside a Tokio runtime (`connect` does).
+    pub fn new(admin: TopicAdmin, config: &GoogleCloudConfig, endpoint: &Endpoint) -> Arc<Self> {
+        Arc::new(Liveness {
+            admin,
+            probe_topic: format!(
+                "projects/{}/topics/tidemill-connection-probe",
+                config.project_id
+            ),
+            address: endpoint.address.clone(),
+            interval: config.health_check_interval,
+            timeout: config.connect_timeout,
+            down: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// The state the last probe found (connected before the first one ends: `connect`
+    /// just reached the service); starts probing on the first call. Always connected
+    /// when `health_check_interval` is zero.
+    pub fn state(self: &Arc<Self>) -> ConnectionState {
+        if self.interval.is_zero() {
+            return ConnectionState::Connected;
+        }
+        if !self.started.swap(true, Ordering::AcqRel) {
+            let task = Self::run(Arc::downgrade(self), self.stop.clone(), self.interval);
+            match tokio::runtime::Handle::try_current() {
+                Ok(here) => here.spawn(task),
+                Err(_) => self.runtime.spawn(task),
+            };
+        }
+        if self.down.load(Ordering::Acquire) {
+            ConnectionState::Disconnected
+        } else {
+            ConnectionState::Connected
+        }
+    }
+
+    /// Stops probing (the client is closing).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    async fn run(this: Weak<Self>, stop: CancellationToken, interval: Duration) {
+        loop {
+            let Some(liveness) = this.upgrade() else {
+                return;
+            };
+            let answered = tokio::select! {
+                _ = stop.cancelled() => return,
+                answered = liveness.probe() => answered,
+            };
+            let was_down = liveness.down.swap(answered.is_err(), Ordering::AcqRel);
+            match (&answered, was_down) {
+                (Err(why), false) => tracing::warn!(
+                    address = %liveness.address,
+                    "the Pub/Sub service does not answer ({why}): reporting disconnected"
+                ),
+                (Ok(()), true) => tracing::info!(
+                    address = %liveness.address,
+                    "the Pub/Sub service answers again: reporting connected"
+                ),
+                _ => {}
+            }
+            drop(liveness);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// One probe: `Ok` if the service answered, else why not.
+    async fn probe(&self) -> std::result::Result<(), String> {
+        let call = self
+            .admin
+            .get_topic()
+            .set_topic(self.probe_topic.clone())
+            .send();
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e))
+                if e.status().is_some_and(|s| s.code != Code::Unavailable)
+                    && !e.is_authentication() =>
+            {
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
         }
     }
 }

@@ -174,6 +174,15 @@ pub struct GoogleCloudConfig {
     /// service) before it fails. Default: `60s`.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+
+    /// How often a publisher or subscriber checks that the service answers, for its
+    /// `connection_state` (`Router::health`): the client library exposes no connection
+    /// state, so once the state is first asked for, one cheap request (`GetTopic`) goes
+    /// out per interval; no answer within `connect_timeout` reports disconnected until an
+    /// answer comes again. Zero turns the checks off (the publisher then always reports
+    /// connected, the subscriber only a streaming pull being re-opened). Default: `5s`.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
 }
 
 /// A subscription's dead-letter policy.
@@ -229,6 +238,7 @@ impl Default for GoogleCloudConfig {
             connect_timeout: Duration::from_secs(10),
             operation_timeout: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(60),
+            health_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -422,6 +432,7 @@ impl std::fmt::Debug for GoogleCloudConfig {
             connect_timeout,
             operation_timeout,
             publish_timeout,
+            health_check_interval,
         } = self;
         f.debug_struct("GoogleCloudConfig")
             .field("project_id", project_id)
@@ -449,6 +460,7 @@ impl std::fmt::Debug for GoogleCloudConfig {
             .field("connect_timeout", connect_timeout)
             .field("operation_timeout", operation_timeout)
             .field("publish_timeout", publish_timeout)
+            .field("health_check_interval", health_check_interval)
             .finish()
     }
 }

@@ -13,7 +13,7 @@ use parking_lot::{Mutex, RwLock};
 use tidemill_core::{Error, Message, Publisher, Result};
 use tokio_util::task::TaskTracker;
 
-use crate::client::{self, admin_call, Admin, Endpoint};
+use crate::client::{self, admin_call, Admin, Endpoint, Liveness};
 use crate::config::GoogleCloudConfig;
 use crate::convert::{encode, Encoded, Encoding};
 use crate::names::{group_subscription, topic_name, TopicName};
@@ -61,6 +61,8 @@ struct Inner {
     /// `true` once `close` began; read-locked while a publish registers itself.
     closed: RwLock<bool>,
     in_flight: TaskTracker,
+    /// Whether the service answers (checked only once the state was asked for).
+    liveness: Arc<Liveness>,
 }
 
 #[derive(Clone)]
@@ -82,8 +84,10 @@ impl GoogleCloudPublisher {
         let base = endpoint.base_publisher(config.publish_timeout).await?;
         let subscriptions = endpoint.subscription_admin().await?;
         tracing::debug!(address = %endpoint.address, project = %config.project_id, "pubsub publisher connected");
+        let liveness = Liveness::new(topics.clone(), &config, &endpoint);
         Ok(GoogleCloudPublisher {
             inner: Arc::new(Inner {
+                liveness,
                 admin: Admin {
                     topics,
                     subscriptions: Some(subscriptions),
@@ -310,9 +314,21 @@ impl Publisher for GoogleCloudPublisher {
         inner.send_all(&t, messages, true).await
     }
 
+    /// Whether the service answers, as the last background check found (see
+    /// [`health_check_interval`](GoogleCloudConfig::health_check_interval); the first call
+    /// starts the checks): disconnected while it does not, closed once `close` was called.
+    /// No round trip on the call itself.
+    fn connection_state(&self) -> tidemill_core::ConnectionState {
+        if *self.inner.closed.read() {
+            return tidemill_core::ConnectionState::Closed;
+        }
+        self.inner.liveness.state()
+    }
+
     async fn close(&self) -> Result<()> {
         let inner = &self.inner;
         *inner.closed.write() = true;
+        inner.liveness.stop();
         inner.in_flight.close();
         inner.in_flight.wait().await;
         let topics: Vec<Topic> = inner.topics.write().drain().map(|(_, t)| t).collect();

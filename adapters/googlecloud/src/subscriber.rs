@@ -23,7 +23,7 @@ use tidemill_core::{
 use tokio_util::sync::DropGuard;
 use tokio_util::task::TaskTracker;
 
-use crate::client::{self, Admin, Endpoint};
+use crate::client::{self, Admin, Endpoint, Liveness};
 use crate::config::GoogleCloudConfig;
 use crate::convert::{attempt, decode, Source};
 use crate::names::{group_subscription, topic_name, unique_subscription, TopicName};
@@ -73,6 +73,8 @@ struct Inner {
     tasks: TaskTracker,
     /// Streaming pulls that failed and are not re-opened yet (health: disconnected).
     recovering: std::sync::atomic::AtomicUsize,
+    /// Whether the service answers (checked only once the state was asked for).
+    liveness: Arc<Liveness>,
 }
 
 impl GoogleCloudSubscriber {
@@ -88,8 +90,10 @@ impl GoogleCloudSubscriber {
         let subscriptions = endpoint.subscription_admin().await?;
         let client = endpoint.subscriber().await?;
         tracing::debug!(address = %endpoint.address, project = %config.project_id, "pubsub subscriber connected");
+        let liveness = Liveness::new(topics.clone(), &config, &endpoint);
         Ok(GoogleCloudSubscriber {
             inner: Arc::new(Inner {
+                liveness,
                 admin: Admin {
                     topics,
                     subscriptions: Some(subscriptions),
@@ -236,8 +240,11 @@ impl Subscriber for GoogleCloudSubscriber {
     }
 
     /// Down while a streaming pull that failed is being re-opened (or its subscription
-    /// re-created). The client retries connection failures inside a pull by itself, so
-    /// what this sees are the failures that ended a pull.
+    /// re-created), and while the service does not answer the background check (see
+    /// [`health_check_interval`](GoogleCloudConfig::health_check_interval); the first call
+    /// starts the checks). The client retries connection failures inside a pull by
+    /// itself without telling, so a pull alone does not show an outage. No round trip on
+    /// the call itself.
     fn connection_state(&self) -> tidemill_core::ConnectionState {
         if self.inner.closed.is_cancelled() {
             tidemill_core::ConnectionState::Closed
@@ -249,7 +256,7 @@ impl Subscriber for GoogleCloudSubscriber {
         {
             tidemill_core::ConnectionState::Disconnected
         } else {
-            tidemill_core::ConnectionState::Connected
+            self.inner.liveness.state()
         }
     }
 
@@ -258,6 +265,7 @@ impl Subscriber for GoogleCloudSubscriber {
     async fn close(&self) -> Result<()> {
         let inner = &self.inner;
         inner.closed.cancel();
+        inner.liveness.stop();
         inner.tasks.close();
         // Each stream's clean-up is bounded by one administrative call.
         let limit = inner.config.operation_timeout + Duration::from_secs(5);
