@@ -56,8 +56,22 @@ pub struct AmqpConfig {
     /// lapin's rustls with the platform's trust store). Query parameters lapin understands
     /// (`heartbeat`, `frame_max`, `channel_max`) are honoured. Error messages name the
     /// address without the password.
+    ///
+    /// **A cluster**: several URIs separated by commas, one per node
+    /// (`amqp://app:pw@rabbit1:5672/%2f,amqp://app:pw@rabbit2:5672/%2f`). Each connection
+    /// tries the nodes in list order (or shuffled, [`shuffle_nodes`](Self::shuffle_nodes))
+    /// and keeps the first that accepts it; after losing a connection it starts with the
+    /// node after the lost one, so the node that just failed is tried last. Each entry is a
+    /// whole URI (credentials, vhost and query of their own); a comma inside a host or
+    /// vhost is refused (write it `%2C`), a comma inside a password is fine.
     /// Default: `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub url: String,
+
+    /// With several nodes in [`url`](Self::url): try them in a random order (every
+    /// connection shuffles anew; after a lost connection the lost node still comes last),
+    /// which spreads many clients sharing one list over the cluster. Off, the list order is
+    /// a preference: connections go to the first node that answers. Default: `false`.
+    pub shuffle_nodes: bool,
 
     /// A name for the connections, shown by RabbitMQ's management UI and `rabbitmqctl
     /// list_connections`. Default: none.
@@ -195,6 +209,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            shuffle_nodes: false,
             connection_name: None,
             connect_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(10),
@@ -227,6 +242,7 @@ impl fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpConfig")
             .field("url", &redact(&self.url))
+            .field("shuffle_nodes", &self.shuffle_nodes)
             .field("connection_name", &self.connection_name)
             .field("connect_timeout", &self.connect_timeout)
             .field("heartbeat", &self.heartbeat)
@@ -447,7 +463,7 @@ impl AmqpConfig {
 
     /// Checks every field; `connect` calls this first.
     pub fn validate(&self) -> Result<()> {
-        self.parsed_uri()?;
+        self.nodes()?;
         if self.naming.exchange.is_none() && !self.exchange_name.contains("{topic}") {
             return Err(Error::config(
                 BROKER,
@@ -573,33 +589,53 @@ impl AmqpConfig {
         Ok(())
     }
 
-    /// The URI with the configured heartbeat applied.
-    pub(crate) fn parsed_uri(&self) -> Result<AMQPUri> {
-        let mut uri = AMQPUri::from_str(&self.url).map_err(|e| {
-            Error::config(
-                BROKER,
-                format!(
-                    "url `{}` is not an AMQP URI: {}",
-                    redact(&self.url),
-                    scrub(&e, &self.url)
-                ),
-            )
-        })?;
-        if cfg!(not(feature = "tls")) && uri.scheme == AMQPScheme::AMQPS {
-            return Err(Error::config(
-                BROKER,
-                format!(
-                    "url `{}` asks for TLS (amqps://), but tidemill-amqp was built without its \
-                     `tls` feature",
-                    redact(&self.url)
-                ),
-            ));
+    /// The node list of [`url`](Self::url): each URI with the configured heartbeat applied,
+    /// and its address without the password.
+    pub(crate) fn nodes(&self) -> Result<Vec<(AMQPUri, String)>> {
+        let entries = split_nodes(&self.url);
+        let count = entries.len();
+        let which = |n: usize| {
+            if count == 1 {
+                "url".to_owned()
+            } else {
+                format!("url (node {} of {count})", n + 1)
+            }
+        };
+        let mut nodes = Vec::with_capacity(count);
+        for (n, entry) in entries.into_iter().enumerate() {
+            if entry.is_empty() {
+                return Err(Error::config(
+                    BROKER,
+                    format!(
+                        "{} is empty: separate the nodes' URIs with single commas",
+                        which(n)
+                    ),
+                ));
+            }
+            let uri = parse_one(entry, &which(n))?;
+            if host_and_path(entry).contains(',') {
+                return Err(Error::config(
+                    BROKER,
+                    format!(
+                        "{} `{}` has a comma in its host or vhost: give every node as a whole \
+                         URI (amqp://user:password@host1:5672/%2f,amqp://user:password@host2:5672/%2f), \
+                         and write a comma in a vhost as %2C",
+                        which(n),
+                        redact(entry)
+                    ),
+                ));
+            }
+            nodes.push((self.with_heartbeat(uri), redact(entry)));
         }
+        Ok(nodes)
+    }
+
+    fn with_heartbeat(&self, mut uri: AMQPUri) -> AMQPUri {
         if uri.query.heartbeat.is_none() && !self.heartbeat.is_zero() {
             uri.query.heartbeat =
                 Some(u16::try_from(self.heartbeat.as_secs().max(1)).unwrap_or(u16::MAX));
         }
-        Ok(uri)
+        uri
     }
 
     /// The prefetch subscriptions use.
@@ -655,8 +691,80 @@ const RESERVED_HEADERS: [&str; 4] = [
     "x-death",
 ];
 
-/// The address of `url` without its password, for error messages and logs.
+/// One node's URI, parsed; `which` names it in errors (`url`, `url (node 2 of 3)`).
+fn parse_one(entry: &str, which: &str) -> Result<AMQPUri> {
+    let uri = AMQPUri::from_str(entry).map_err(|e| {
+        Error::config(
+            BROKER,
+            format!(
+                "{which} `{}` is not an AMQP URI: {}",
+                redact(entry),
+                scrub(&e, entry)
+            ),
+        )
+    })?;
+    if cfg!(not(feature = "tls")) && uri.scheme == AMQPScheme::AMQPS {
+        return Err(Error::config(
+            BROKER,
+            format!(
+                "{which} `{}` asks for TLS (amqps://), but tidemill-amqp was built without its \
+                 `tls` feature",
+                redact(entry)
+            ),
+        ));
+    }
+    Ok(uri)
+}
+
+/// The entries of a node list: split at each comma that starts another URI
+/// (`,amqp://…`), or that leaves an empty entry (`a,,b`, a trailing comma); a comma inside
+/// a password stays where it is. Entries are trimmed.
+pub(crate) fn split_nodes(url: &str) -> Vec<&str> {
+    let mut entries = Vec::new();
+    let mut start = 0;
+    for (at, _) in url.match_indices(',') {
+        let rest = url[at + 1..].trim_start();
+        if rest.is_empty() || rest.starts_with(',') || starts_with_scheme(rest) {
+            entries.push(url[start..at].trim());
+            start = at + 1;
+        }
+    }
+    entries.push(url[start..].trim());
+    entries
+}
+
+/// Whether `text` starts with `scheme://`.
+fn starts_with_scheme(text: &str) -> bool {
+    text.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    })
+}
+
+/// The host, port and vhost of a URI's text: after the userinfo, before the query.
+fn host_and_path(entry: &str) -> &str {
+    let rest = entry.split_once("://").map_or(entry, |(_, rest)| rest);
+    let rest = rest.split_once('?').map_or(rest, |(before, _)| before);
+    rest.rsplit_once('@').map_or(rest, |(_, after)| after)
+}
+
+/// The address of `url` (one URI or a node list) without passwords, for error messages,
+/// `Debug` and logs.
 pub(crate) fn redact(url: &str) -> String {
+    let entries = split_nodes(url);
+    if entries.len() == 1 {
+        return redact_one(url);
+    }
+    entries
+        .into_iter()
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one(url: &str) -> String {
     match AMQPUri::from_str(url) {
         Ok(uri) => display_uri(&uri),
         Err(_) => match url.rsplit_once('@') {
@@ -668,13 +776,17 @@ pub(crate) fn redact(url: &str) -> String {
 }
 
 /// `text` (e.g. a parser's error, which may quote its input) without `url`'s userinfo.
+/// (`url` may be a node list: every node's password is hidden.)
 pub(crate) fn scrub(text: &str, url: &str) -> String {
     let mut text = text.replace(url, &redact(url));
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    if let Some((userinfo, _)) = rest.rsplit_once('@') {
-        if let Some((_, password)) = userinfo.split_once(':') {
-            if !password.is_empty() {
-                text = text.replace(password, "***");
+    for entry in split_nodes(url) {
+        text = text.replace(entry, &redact_one(entry));
+        let rest = entry.split_once("://").map_or(entry, |(_, rest)| rest);
+        if let Some((userinfo, _)) = rest.rsplit_once('@') {
+            if let Some((_, password)) = userinfo.split_once(':') {
+                if !password.is_empty() {
+                    text = text.replace(password, "***");
+                }
             }
         }
     }
@@ -682,7 +794,7 @@ pub(crate) fn scrub(text: &str, url: &str) -> String {
 }
 
 /// `scheme://user@host:port/vhost`, without the password.
-pub(crate) fn display_uri(uri: &AMQPUri) -> String {
+fn display_uri(uri: &AMQPUri) -> String {
     let scheme = match uri.scheme {
         AMQPScheme::AMQP => "amqp",
         AMQPScheme::AMQPS => "amqps",
@@ -1030,6 +1142,126 @@ mod tests {
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("amqp://user@host:1234/vh"), "{shown}");
         assert!(!redact("amqp://u:s3cret@").contains("s3cret"));
+    }
+
+    const LIST: &str = "amqp://app:pw1@rabbit1:5672/%2f, amqp://app:pw2@rabbit2:5673/orders?frame_max=8192,amqps://other:pw3@rabbit3/%2f";
+
+    #[test]
+    fn a_node_list_is_split_at_each_uri() {
+        assert_eq!(
+            split_nodes(LIST),
+            [
+                "amqp://app:pw1@rabbit1:5672/%2f",
+                "amqp://app:pw2@rabbit2:5673/orders?frame_max=8192",
+                "amqps://other:pw3@rabbit3/%2f"
+            ]
+        );
+        assert_eq!(split_nodes("amqp://h/%2f"), ["amqp://h/%2f"]);
+        // A comma in a password does not start a node.
+        assert_eq!(
+            split_nodes("amqp://u:pa,ss@h1/%2f,amqp://u:x@h2/%2f"),
+            ["amqp://u:pa,ss@h1/%2f", "amqp://u:x@h2/%2f"]
+        );
+        // Empty entries are kept, to be refused.
+        assert_eq!(split_nodes("amqp://a/%2f,"), ["amqp://a/%2f", ""]);
+        assert_eq!(
+            split_nodes("amqp://a/%2f,,amqp://b/%2f"),
+            ["amqp://a/%2f", "", "amqp://b/%2f"]
+        );
+    }
+
+    #[test]
+    fn every_node_of_a_list_is_parsed_with_its_own_settings() {
+        let c = AmqpConfig {
+            heartbeat: Duration::from_secs(7),
+            ..AmqpConfig::new(LIST)
+        };
+        c.validate().unwrap();
+        let nodes = c.nodes().unwrap();
+        let addresses: Vec<&str> = nodes.iter().map(|(_, a)| a.as_str()).collect();
+        assert_eq!(
+            addresses,
+            [
+                "amqp://app@rabbit1:5672/%2f",
+                "amqp://app@rabbit2:5673/orders",
+                "amqps://other@rabbit3:5671/%2f"
+            ]
+        );
+        let (first, second, third) = (&nodes[0].0, &nodes[1].0, &nodes[2].0);
+        assert_eq!(first.authority.userinfo.password, "pw1");
+        assert_eq!(second.authority.userinfo.password, "pw2");
+        assert_eq!(third.authority.userinfo.username, "other");
+        assert_eq!((first.authority.port, second.authority.port), (5672, 5673));
+        assert_eq!(second.vhost, "orders");
+        assert_eq!(second.query.frame_max, Some(8192));
+        assert_eq!(third.scheme, AMQPScheme::AMQPS);
+        // The configured heartbeat applies to every node.
+        assert!(nodes.iter().all(|(u, _)| u.query.heartbeat == Some(7)));
+        // A password with a comma in it.
+        let c = AmqpConfig::new("amqp://u:pa,ss@h1/%2f,amqp://u:x@h2/%2f");
+        let nodes = c.nodes().unwrap();
+        assert_eq!(nodes[0].0.authority.userinfo.password, "pa,ss");
+        assert_eq!(nodes[1].0.authority.host, "h2");
+    }
+
+    #[test]
+    fn bad_node_lists_are_refused_naming_the_node() {
+        let err = |url: &str| AmqpConfig::new(url).validate().unwrap_err().to_string();
+        let e = err("amqp://u:hunter2@h1/%2f,");
+        assert!(e.contains("url (node 2 of 2) is empty"), "{e}");
+        let e = err("amqp://u:hunter2@h1/%2f,,amqp://u:hunter2@h3/%2f");
+        assert!(e.contains("node 2 of 3") && e.contains("empty"), "{e}");
+        // Several hosts in one URI, or a bare host after a comma: whole URIs are needed.
+        for url in [
+            "amqp://u:hunter2@h1,h2/%2f",
+            "amqp://u:hunter2@h1:5672/%2f,h2:5672",
+        ] {
+            let e = err(url);
+            assert!(e.contains("comma in its host or vhost"), "{url}: {e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let e = err("amqp://u:hunter2@h1/%2f,amqp://u:hunter3@h2:nope/%2f,amqp://u:hunter4@h3/%2f");
+        assert!(e.contains("url (node 2 of 3)"), "{e}");
+        assert!(e.contains("not an AMQP URI"), "{e}");
+        assert!(!e.contains("hunter"), "{e}");
+        let e = err("amqp://u:hunter2@h1/%2f,http://u:hunter3@h2/");
+        assert!(e.contains("node 2 of 2"), "{e}");
+        assert!(!e.contains("hunter"), "{e}");
+    }
+
+    #[test]
+    fn no_password_of_a_node_list_shows() {
+        let c = AmqpConfig::new(LIST);
+        let shown = format!("{c:?}");
+        for secret in ["pw1", "pw2", "pw3"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains(
+                "amqp://app@rabbit1:5672/%2f,amqp://app@rabbit2:5673/orders,amqps://other@rabbit3:5671/%2f"
+            ),
+            "{shown}"
+        );
+        let c = AmqpConfig::new("amqp://u:hunter2@h1/%2f,amqp://u:hunter3@h2:nope/%2f");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter"), "{shown}");
+        let text = scrub(
+            "failed: amqp://u:hunter3@h2:nope/%2f, password hunter2",
+            "amqp://u:hunter2@h1/%2f,amqp://u:hunter3@h2:nope/%2f",
+        );
+        assert!(!text.contains("hunter"), "{text}");
+    }
+
+    #[test]
+    fn a_node_list_comes_through_json_and_text() {
+        let c: AmqpConfig = serde_json::from_str(
+            r#"{"url": "amqp://g:g@127.0.0.1:5681/%2f,amqp://g:g@127.0.0.1:5682/%2f",
+                "shuffle_nodes": true}"#,
+        )
+        .unwrap();
+        assert!(c.shuffle_nodes);
+        assert_eq!(c.nodes().unwrap().len(), 2);
+        assert!(!AmqpConfig::default().shuffle_nodes);
     }
 
     #[test]

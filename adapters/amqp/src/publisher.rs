@@ -110,14 +110,17 @@ impl AmqpPublisher {
                 topology::exchange(&channel, &inner.config, topic, exchange).await?;
                 inner.declared.lock().insert(exchange.to_owned());
             }
-            return publish_batch(&channel, topic, &exchange_name, false, &mut batch)
-                .await
-                .inspect_err(|_| {
-                    if !channel.status().connected() {
-                        inner.channel.discard(&channel);
-                    }
-                })
-                .map(drop);
+            // A batch that failed retires its channel, also one still open: after a nack
+            // (RabbitMQ 3.10 nacks every later publish on a channel whose quorum-queue
+            // client started while the queue's leader was on a node that died), or with
+            // confirms still outstanding. The next batch opens a fresh channel.
+            let mut retire = Retire {
+                cache: &inner.channel,
+                channel: Some(channel.clone()),
+            };
+            publish_batch(&channel, topic, &exchange_name, false, &mut batch).await?;
+            retire.channel = None;
+            return Ok(());
         }
         let mut declared = inner.mandatory_lock.lock().await;
         let (channel, fresh) = inner
@@ -258,7 +261,7 @@ impl AmqpPublisher {
     }
 }
 
-/// Retires a mandatory channel whose batch was abandoned: forgets it and closes it.
+/// Retires a channel whose batch failed or was abandoned: forgets it and closes it.
 struct Retire<'a> {
     cache: &'a ConfirmChannel,
     channel: Option<lapin::Channel>,
