@@ -20,16 +20,33 @@ const CLUSTER_ENV: &str = "TIDEMILL_AMQP_CLUSTER_URL";
 /// Generous: a node's restart alone takes about 6 s on the 2-core test machine.
 const WAIT: Duration = Duration::from_secs(120);
 
+/// The cluster's node list, or `None` (after printing SKIP for `test`) when the variable is
+/// unset or no node of the list accepts a TCP connection (the cluster is not running).
 fn cluster_url(test: &str) -> Option<String> {
-    match std::env::var(CLUSTER_ENV) {
-        Ok(url) if !url.is_empty() => Some(url),
+    let url = match std::env::var(CLUSTER_ENV) {
+        Ok(url) if !url.is_empty() => url,
         _ => {
             eprintln!(
                 "SKIP {test}: {CLUSTER_ENV} is not set (no RabbitMQ cluster to test against)"
             );
-            None
+            return None;
         }
+    };
+    let answers = url.split(',').any(|node| {
+        let Ok(uri) = node.trim().parse::<lapin::uri::AMQPUri>() else {
+            return false;
+        };
+        let addr = (uri.authority.host.as_str(), uri.authority.port);
+        std::net::ToSocketAddrs::to_socket_addrs(&addr)
+            .into_iter()
+            .flatten()
+            .any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+    });
+    if !answers {
+        eprintln!("SKIP {test}: no node of {CLUSTER_ENV} answers (the cluster is not running)");
+        return None;
     }
+    Some(url)
 }
 
 /// Quorum group queues that expire after ten unused minutes, and a connection name to find
