@@ -146,6 +146,8 @@ impl JsPublisher {
         struct ApiError {
             code: u16,
             #[serde(default)]
+            err_code: u64,
+            #[serde(default)]
             description: String,
         }
         #[derive(serde::Deserialize)]
@@ -160,7 +162,7 @@ impl JsPublisher {
                 error: None,
                 stream: Some(_),
             }) => Ok(()),
-            Ok(Ack { error: Some(e), .. }) if e.code < 500 => {
+            Ok(Ack { error: Some(e), .. }) if e.code < 500 && !in_process(e.err_code) => {
                 Err(Failure::Permanent(Error::permanent(
                     BROKER,
                     target.topic.as_str(),
@@ -362,6 +364,15 @@ impl JsPublisher {
     }
 }
 
+/// JetStream's "duplicate message id is in process" (409, error code 10158): a clustered
+/// stream's leader has a message with this `Nats-Msg-Id` on its way through Raft (a retry
+/// sent while the first attempt, whose PubAck was lost with a connection or a node, is
+/// still being replicated). The first attempt's outcome decides: the retry a moment later
+/// gets the usual duplicate PubAck if it was stored, or stores the message if it was not.
+fn in_process(err_code: u64) -> bool {
+    err_code == async_nats::jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT.0
+}
+
 fn classify(target: &Target, message: &Message, max_payload: usize, e: PublishError) -> Failure {
     match e.kind() {
         PublishErrorKind::StreamNotFound => Failure::NoStream(format!(
@@ -389,22 +400,37 @@ fn classify(target: &Target, message: &Message, max_payload: usize, e: PublishEr
         PublishErrorKind::Other => {
             let api = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
-                .map(|je| je.code());
+                .map(|je| (je.code(), je.error_code().0));
             match api {
-                // An API error: 503 (unavailable) may clear, the rest (limits, bad
+                // An API error: 503 (unavailable) may clear, and so does "a message with
+                // this id is in process" (see `in_process`); the rest (limits, bad
                 // headers, ...) will not.
-                Some(code) if code < 500 => Failure::Permanent(Error::permanent(
-                    BROKER,
-                    target.topic.as_str(),
-                    format!(
-                        "publish message {} to stream `{}`",
-                        message.uuid(),
-                        target.stream
-                    ),
-                    e,
-                )),
+                Some((code, err_code)) if code < 500 && !in_process(err_code) => {
+                    Failure::Permanent(Error::permanent(
+                        BROKER,
+                        target.topic.as_str(),
+                        format!(
+                            "publish message {} to stream `{}`",
+                            message.uuid(),
+                            target.stream
+                        ),
+                        e,
+                    ))
+                }
                 _ => Failure::Transient(e.to_string()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_process;
+
+    #[test]
+    fn a_message_id_in_process_is_retried_other_conflicts_are_not() {
+        assert!(in_process(10158)); // duplicate message id is in process
+        assert!(!in_process(10071)); // wrong last sequence
+        assert!(!in_process(0));
     }
 }
