@@ -112,6 +112,35 @@ async fn brokers(args: &[&str]) -> bool {
     true
 }
 
+/// Starts the killed node again when dropped without [`Killed::start_again`] (the test
+/// failed while it was down), so the next test finds the cluster whole.
+struct Killed(Option<&'static str>);
+
+impl Killed {
+    async fn start_again(mut self) {
+        if let Some(node) = self.0.take() {
+            assert!(
+                brokers(&["start-node", "nats-cluster", node]).await,
+                "start-node {node}"
+            );
+        }
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Some(node) = self.0.take() {
+            let script =
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../brokers/brokers.sh");
+            let status = std::process::Command::new("bash")
+                .arg(script)
+                .args(["start-node", "nats-cluster", node])
+                .status();
+            eprintln!("node {node} started again after a failure: {status:?}");
+        }
+    }
+}
+
 /// What a broker node's death costs (adapters/nats/README.md, "Clusters"): the connections
 /// on it reconnect to a surviving node at once; the Raft groups that had their leader on it
 /// (the stream, the group's consumer, the JetStream meta group) elect a new one among the
@@ -162,6 +191,7 @@ async fn nats_cluster_kill_each_node() {
             cleanup(&run.dir);
             return;
         }
+        let down = Killed(Some(node));
         // Every key made progress again (the keys' next messages were handled).
         let healed = run
             .wait(3, NODE_RECOVERY + Duration::from_secs(30), |r| {
@@ -169,10 +199,7 @@ async fn nats_cluster_kill_each_node() {
             })
             .await;
         let down_for = killed.elapsed();
-        assert!(
-            brokers(&["start-node", "nats-cluster", node]).await,
-            "start-node {node}"
-        );
+        down.start_again().await;
         eprintln!(
             "{name}: node {node} killed with {} handled; {} handled {down_for:.1?} later, \
              node back after {:.1?}",
