@@ -118,6 +118,7 @@
 //! delivery or retry policies: the settings are accepted and ignored.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
 mod config;
