@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2086 # $FEATURES is split into arguments on purpose
 # `make test`: every test of the workspace.
 #
 # 1. Start the real brokers in the background (tests/brokers/brokers.sh installs what is
@@ -10,7 +11,6 @@
 #    its own outcome and exits non-zero when it is wrong. The brokers started here are
 #    always taken down, also on failure.
 set -euo pipefail
-# shellcheck disable=SC2086 # $FEATURES is split into arguments on purpose
 cd "$(dirname "$0")/.."
 
 # Tests and examples are built with every adapter (one feature set, so nothing is rebuilt
@@ -117,21 +117,25 @@ if [[ ${1:-} == --inner ]]; then
   exit $status
 fi
 
+# The single-node brokers and the three-node NATS and RabbitMQ clusters (the failover tests
+# of the serial phase use the clusters); TIDEMILL_BROKERS_ONLY="nats kafka" runs fewer.
+export TIDEMILL_BROKERS_ONLY="${TIDEMILL_BROKERS_ONLY:-rabbitmq nats kafka pubsub nats-cluster rabbitmq-cluster}"
+
 # The brokers install and start in the background while the tests build (a fresh machine
 # spends minutes on each); the ones started here are stopped on the way out, whatever happens.
-brokers=tests/brokers/brokers.sh
-before=" $(bash "$brokers" running) "
+brokers_sh=tests/brokers/brokers.sh
+before=" $(bash "$brokers_sh" running) "
 mkdir -p target/brokers
 up_log=target/brokers/up.log
 # shellcheck disable=SC2086 # word splitting of the name list is intended
-bash "$brokers" up ${TIDEMILL_BROKERS_ONLY:-} >"$up_log" 2>&1 &
+bash "$brokers_sh" up ${TIDEMILL_BROKERS_ONLY:-} >"$up_log" 2>&1 &
 up_pid=$!
 # shellcheck disable=SC2317 # invoked by the trap
 stop_ours() {
   trap '' PIPE
   kill "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null
   # shellcheck disable=SC2086 # the name list is split on purpose
-  bash "$brokers" down-except $before || echo "warning: brokers-down failed" >&2
+  bash "$brokers_sh" down-except $before || echo "warning: brokers-down failed" >&2
 }
 trap stop_ours EXIT
 trap 'exit 130' INT

@@ -305,8 +305,10 @@ case $cmd in
   env) cmd_env "$@" ;;
   running) cmd_running ;;
   kill-node | start-node)
-    (($# == 2)) && [[ " $TIDEMILL_CLUSTERS " == *" $1 "* ]] && [[ $2 =~ ^[123]$ ]] ||
-      { log "$cmd: give a cluster ($TIDEMILL_CLUSTERS) and a node number 1..3"; exit 2; }
+    if ! { (($# == 2)) && [[ " $TIDEMILL_CLUSTERS " == *" $1 "* ]] && [[ $2 =~ ^[123]$ ]]; }; then
+      log "$cmd: give a cluster ($TIDEMILL_CLUSTERS) and a node number 1..3"
+      exit 2
+    fi
     tidemill_external "$1" && { log "$1 is external ($("${1}_addr")): not ours to $cmd"; exit 3; }
     if [[ $cmd == kill-node ]]; then
       "${1}_kill_node" "$2"

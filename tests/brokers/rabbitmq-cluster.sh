@@ -62,7 +62,9 @@ _rmqc_env() { # I: the environment of node I (for the server and for rabbitmqctl
   export RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins"
   export RABBITMQ_CONF_ENV_FILE="$d/rabbitmq-env.conf"
   export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS
-  RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1} $(_rmqc_marker "$i")"
+  # +sbwt none: idle schedulers sleep instead of spinning (three idle nodes would otherwise
+  # take CPU from the tests running beside them on a 2-core machine).
+  RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1} +sbwt none +sbwtdcpu none +sbwtdio none $(_rmqc_marker "$i")"
   export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 }
 
