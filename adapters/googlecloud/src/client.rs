@@ -260,10 +260,15 @@ impl Liveness {
 
     /// One probe: `Ok` if the service answered, else why not.
     async fn probe(&self) -> std::result::Result<(), String> {
+        use google_cloud_gax::options::RequestOptionsBuilder;
+        // One attempt: the client's default policy would retry a refused connection,
+        // hiding the outage for as long as it retries.
         let call = self
             .admin
             .get_topic()
             .set_topic(self.probe_topic.clone())
+            .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry)
+            .with_attempt_timeout(self.timeout)
             .send();
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(format!("no answer within {:?}", self.timeout)),

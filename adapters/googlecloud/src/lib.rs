@@ -107,6 +107,17 @@
 //!   messages held for a delayed nack, are nacked; only deliveries the application still
 //!   holds stay leased until it settles them.
 //!
+//! ## Health and backlog
+//!
+//! The client library exposes no connection state (it retries connection failures inside
+//! its calls without telling), so once `connection_state` is first asked for (by
+//! `Router::health`), each publisher and subscriber checks every
+//! [`health_check_interval`](GoogleCloudConfig::health_check_interval) that the service
+//! answers (one `GetTopic`, a single attempt) and reports what the last check found; a
+//! subscriber is also disconnected while a failed streaming pull is re-opened. The
+//! subscription backlog (consumer lag) is not reported: Pub/Sub tells it only through
+//! Cloud Monitoring, and the emulator not at all.
+//!
 //! ## The emulator
 //!
 //! With `emulator_host` set, or `PUBSUB_EMULATOR_HOST` in the environment (and no

@@ -184,6 +184,7 @@ async fn health_follows_the_emulator() {
     until_health(&router, "ready", RouterHealth::is_ready).await;
 
     let mut emulator = tokio::task::block_in_place(StoppedEmulator::stop);
+    let stopped = std::time::Instant::now();
     until_health(&router, "subscriber and publisher disconnected", |h| {
         h.handlers.iter().all(|h| {
             h.subscriber == Some(ConnectionState::Disconnected)
@@ -192,6 +193,7 @@ async fn health_follows_the_emulator() {
         })
     })
     .await;
+    eprintln!("disconnected {:?} after the stop", stopped.elapsed());
     let health = router.health();
     assert!(!health.is_ready(), "{health}");
     assert!(
@@ -201,12 +203,14 @@ async fn health_follows_the_emulator() {
     assert_eq!(publisher.connection_state(), ConnectionState::Disconnected);
 
     tokio::task::block_in_place(|| emulator.start());
+    let started = std::time::Instant::now();
     until_health(
         &router,
         "ready with the emulator back",
         RouterHealth::is_ready,
     )
     .await;
+    eprintln!("ready again {:?} after the start", started.elapsed());
     // The emulator forgot everything: until the subscriptions are re-created, what is
     // published is dropped, so publish until one message makes it through both hops.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -224,6 +228,7 @@ async fn health_follows_the_emulator() {
             }
         }
     }
+    eprintln!("flowing again {:?} after the start", started.elapsed());
     router.close().await.unwrap();
     subscriber.close().await.unwrap();
     publisher.close().await.unwrap();

@@ -180,10 +180,12 @@ async fn health_follows_the_broker() {
     assert!(health.is_ready(), "{health}");
 
     let mut broker = tokio::task::block_in_place(common::StoppedBroker::stop);
+    let stopped = std::time::Instant::now();
     until_health(&router, "not ready with the broker stopped", |h| {
         !h.is_ready()
     })
     .await;
+    eprintln!("not ready {:?} after the stop", stopped.elapsed());
     until_health(&router, "subscriber and publisher disconnected", |h| {
         h.handlers.iter().all(|h| {
             h.subscriber == Some(ConnectionState::Disconnected)
@@ -200,12 +202,14 @@ async fn health_follows_the_broker() {
     );
 
     tokio::task::block_in_place(|| broker.start());
+    let started = std::time::Instant::now();
     until_health(
         &router,
         "ready with the broker back",
         RouterHealth::is_ready,
     )
     .await;
+    eprintln!("ready again {:?} after the start", started.elapsed());
     assert_eq!(publisher.connection_state(), ConnectionState::Connected);
     assert_eq!(subscriber.connection_state(), ConnectionState::Connected);
     let deadline = tokio::time::Instant::now() + WAIT;
