@@ -224,6 +224,8 @@ impl JsSubscriber {
             batch,
             requested: 0,
             recreating: None,
+            repull: None,
+            served_while_recreating: false,
             pause: None,
             watchdog: Box::pin(tokio::time::sleep(watchdog_period(&shared.config))),
             activity: 0,
@@ -639,6 +641,14 @@ pub(crate) struct PullStream {
     /// Messages requested and not received yet (an estimate; reset when pulls are lost).
     requested: usize,
     recreating: Option<Recreating>,
+    /// While `recreating` waits: when to pull again. In a cluster the lookups wait for a
+    /// leader election (the JetStream API answers only once the groups have leaders
+    /// again, or after `request_timeout`), while the consumer's new leader serves pulls
+    /// as soon as it is elected.
+    repull: Option<Pin<Box<Sleep>>>,
+    /// A message arrived while `recreating` ran: the consumer serves pulls again, so a
+    /// lookup that failed meanwhile (timed out during the election) is no news.
+    served_while_recreating: bool,
     /// Wait before re-creating the consumer.
     pause: Option<Pin<Box<Sleep>>>,
     /// Fires when nothing (not even a heartbeat) arrived for a while.
@@ -676,6 +686,7 @@ impl PullStream {
             return;
         }
         self.requested = 0;
+        self.served_while_recreating = false;
         let resume_after = (self.ephemeral && self.last_sequence > 0).then_some(self.last_sequence);
         self.recreating = Some(
             recreate_consumer(
@@ -767,11 +778,25 @@ impl Stream for PullStream {
                 this.pause = None;
                 this.start_recreate();
             }
+            // Pulls go out when too few messages are requested; while a re-creation runs,
+            // once per `RECREATE_PAUSE` (each pull then may meet "no responders" again).
+            let mut may_pull = true;
             if let Some(fut) = this.recreating.as_mut() {
                 match fut.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        let tick = this
+                            .repull
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(RECREATE_PAUSE)));
+                        if tick.as_mut().poll(cx).is_ready() {
+                            this.repull = None;
+                            this.requested = 0;
+                        } else {
+                            may_pull = false;
+                        }
+                    }
                     Poll::Ready(Ok((target, consumer))) => {
                         this.recreating = None;
+                        this.repull = None;
                         this.next_subject =
                             next_subject(&this.shared.api_prefix, &target.stream, &consumer);
                         *this.slot.names.lock() = (target.stream.clone(), consumer.clone());
@@ -780,8 +805,14 @@ impl Stream for PullStream {
                         this.requested = 0;
                         this.rearm_watchdog();
                     }
+                    Poll::Ready(Err(e)) if this.served_while_recreating => {
+                        this.recreating = None;
+                        this.repull = None;
+                        tracing::debug!(broker = BROKER, topic = %this.target.topic, error = %e, "consumer lookup failed, but the consumer serves pulls again");
+                    }
                     Poll::Ready(Err(e)) => {
                         this.recreating = None;
+                        this.repull = None;
                         this.pause = Some(Box::pin(tokio::time::sleep(RECREATE_PAUSE)));
                         return Poll::Ready(Some(Err(e)));
                     }
@@ -791,7 +822,7 @@ impl Stream for PullStream {
                 // Released by `close`.
                 return Poll::Ready(None);
             }
-            if this.requested <= this.batch / 2 {
+            if may_pull && this.requested <= this.batch / 2 {
                 this.requested += this.batch;
                 if let Err(e) = this.pull() {
                     this.requested = this.requested.saturating_sub(this.batch);
@@ -804,6 +835,9 @@ impl Stream for PullStream {
                     this.activity = this.activity.wrapping_add(1);
                     if is_delivery(&msg) {
                         this.requested = this.requested.saturating_sub(1);
+                        if this.recreating.is_some() {
+                            this.served_while_recreating = true;
+                        }
                         if let Some(delivery) = this.accept(msg) {
                             return Poll::Ready(Some(Ok(delivery)));
                         }
