@@ -429,8 +429,8 @@ impl NatsConfig {
                 return Err(Error::config(
                     BROKER,
                     format!(
-                        "`url` entry {:?} is not a server address: a NATS URL is \
-                         `scheme://[user[:password]@]host[:port]`, without a path",
+                        "`url` entry {:?} is not one server address: a NATS server URL \
+                         has no path (a scheme written twice?)",
                         redact_urls(part),
                     ),
                 ));
@@ -730,7 +730,7 @@ mod tests {
         cases.push((with(&|c| c.url = "nats://host:notaport".into()), "url"));
         cases.push((
             with(&|c| c.url = "nats://a:4222,nats://nats://b:4222".into()),
-            "without a path",
+            "has no path",
         ));
         cases.push((
             with(&|c| c.connect_timeout = Duration::ZERO),
