@@ -144,11 +144,14 @@ impl Drop for Killed {
 /// What a broker node's death costs (adapters/nats/README.md, "Clusters"): the connections
 /// on it reconnect to a surviving node at once; the Raft groups that had their leader on it
 /// (the stream, the group's consumer, the JetStream meta group) elect a new one among the
-/// two survivors within seconds; a consumer's pull requests that were waiting on the dead
-/// node are replaced after two missed heartbeats (`idle_heartbeat` 5 s: 11 s); messages in
-/// transit through it are redelivered after `ack_wait`. Every key makes progress again
-/// within [`NODE_RECOVERY`]; no message waits longer than [`NODE_MAX_WAIT`] from its
-/// confirmation to its first handling.
+/// two survivors after the server's election timeout (a few seconds); until then the
+/// consumer's pulls meet "no responders" and are repeated every second, and PubAcks of
+/// messages in flight never come (sent again after `request_timeout`, 10 s); a pull
+/// request left waiting on the dead node is replaced after two missed heartbeats
+/// (`idle_heartbeat` 5 s: 11 s); messages in transit through it are redelivered after
+/// `ack_wait`. Every key makes progress again within [`NODE_RECOVERY`] (an election, a
+/// `request_timeout`, a heartbeat round, and room for the loaded machine); no message
+/// waits longer than [`NODE_MAX_WAIT`] from its confirmation to its first handling.
 const NODE_RECOVERY: Duration = Duration::from_secs(45);
 /// `ack_wait` plus an election, a missed-heartbeat round and room for the loaded machine.
 const NODE_MAX_WAIT: Duration = Duration::from_secs(90);
