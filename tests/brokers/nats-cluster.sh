@@ -6,6 +6,7 @@
 #   routes    TIDEMILL_NATS_CLUSTER_ROUTE_PORT_BASE + i    (6231 6232 6233)
 #   monitor   TIDEMILL_NATS_CLUSTER_MONITOR_PORT_BASE + i  (8231 8232 8233)
 #   files     $TIDEMILL_BROKERS_DIR/nats-cluster/n$i/{data,log,run}, config n$i/nats.conf
+# `up` starts the cluster empty; `start-node I` (after `kill-node I`) keeps node I's data.
 # Needs nats.sh (nats_bin, nats_install), which brokers.sh sources before this file.
 
 NATS_CLUSTER_DIR="$TIDEMILL_BROKERS_DIR/nats-cluster"
@@ -96,8 +97,17 @@ nats-cluster_start_node() { # I: start node I (its data kept); returns at once
     "$bin" -c "$NATS_CLUSTER_DIR/n$i/nats.conf"
 }
 
+# Starts the nodes that are not running. When none is, the cluster starts empty: every
+# test stream has three replicas and a Raft group of its own, and keeping them from run to
+# run would only slow each node's recovery (`start-node` keeps a node's data).
 nats-cluster_start() {
-  local i
+  local i any=
+  for i in 1 2 3; do
+    pidfile_alive "$(_natsc_pidfile "$i")" && any=1
+  done
+  if [[ -z $any ]]; then
+    for i in 1 2 3; do rm -rf "$NATS_CLUSTER_DIR/n$i/data"; done
+  fi
   for i in 1 2 3; do nats-cluster_start_node "$i"; done
 }
 
