@@ -394,6 +394,49 @@ async fn a_hung_server_in_the_list_is_skipped_when_connecting_and_reconnecting()
     delete_streams(&url, &[topic]).await;
 }
 
+/// A stream deleted under a running publisher is re-created by its next publish: the
+/// publisher first tries the same stream again (in a cluster, "no responders" is most
+/// often a leader election), then, after `request_timeout`, looks it up and creates it.
+#[tokio::test]
+async fn a_deleted_stream_is_re_created_by_the_next_publish() {
+    let Some(url) = url() else { return };
+    let mut config = test_config(&url);
+    config.request_timeout = Duration::from_secs(2);
+    let topic = unique_topic("deleted_stream");
+    let p = ok(NatsPublisher::connect(config).await, "publisher");
+    ok(
+        p.publish_one(&topic, Message::new("first")).await,
+        "publish",
+    );
+    let js = async_nats::jetstream::new(p.client().clone());
+    js.delete_stream(&topic)
+        .await
+        .unwrap_or_else(|e| panic!("delete the stream: {e}"));
+    let started = Instant::now();
+    ok(
+        timeout(LIMIT, p.publish_one(&topic, Message::new("second")))
+            .await
+            .expect("publish within the limit"),
+        "publish after the deletion",
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(30),
+        "re-created after request_timeout (2 s), took {took:?}"
+    );
+    let mut stream = js
+        .get_stream(&topic)
+        .await
+        .unwrap_or_else(|e| panic!("the re-created stream: {e}"));
+    let info = stream.info().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        info.state.messages, 1,
+        "only the message after the deletion"
+    );
+    ok(p.close().await, "close");
+    delete_streams(&url, &[topic]).await;
+}
+
 /// Invalid configuration is refused before connecting, naming the field.
 #[tokio::test]
 async fn invalid_configuration_is_refused_naming_the_field() {

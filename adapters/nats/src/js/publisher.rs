@@ -193,6 +193,7 @@ impl JsPublisher {
         let mut target = self.streams.target(topic).await?;
         let mut pending: Vec<usize> = (0..messages.len()).collect();
         let mut pause = Duration::from_millis(50);
+        let mut no_stream_since: Option<Instant> = None;
         loop {
             let (failed, failure) = self.attempt(&target, messages, &pending).await;
             let Some(failure) = failure else {
@@ -202,7 +203,18 @@ impl JsPublisher {
                 Failure::Permanent(e) => return Err(e),
                 Failure::Transient(reason) => reason,
                 Failure::NoStream(reason) => {
-                    self.streams.forget(topic);
+                    // Nobody serves the stream's subject. In a cluster that is most often
+                    // a leader election (the stream's leader died; a new one is elected
+                    // within seconds), during which the JetStream API that would look the
+                    // stream up again may wait for an election itself (up to
+                    // `request_timeout`). So the same stream is tried again first, and
+                    // looked up again (re-created if it vanished) once it stayed
+                    // unreachable for `request_timeout`.
+                    let since = *no_stream_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.request_timeout {
+                        self.streams.forget(topic);
+                        no_stream_since = None;
+                    }
                     reason
                 }
             };
