@@ -758,9 +758,19 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
         }
         BrokerKind::Nats => {
             let servers = base.trim_end_matches('/');
+            // `nats://h1,h2` and `nats://h1,nats://h2` (a list of URLs, as a cluster's
+            // seed list is often written) both name two servers.
             let url = servers
                 .split(',')
-                .map(|s| format!("nats://{s}"))
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    if s.contains("://") {
+                        s.to_owned()
+                    } else {
+                        format!("nats://{s}")
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(",");
             options.insert("url".to_owned(), Value::from(url));
@@ -952,6 +962,20 @@ mod tests {
         assert_eq!(c.mode, tidemill_nats::NatsMode::JetStream);
         assert_eq!(c.jetstream.ack_wait, std::time::Duration::from_secs(45));
         assert!(err("nats://h:1?jetstream=perhaps").contains("nats"));
+        for list in [
+            "nats://127.0.0.1:4231,127.0.0.1:4232,127.0.0.1:4233?jetstream.replicas=3",
+            "nats://127.0.0.1:4231,nats://127.0.0.1:4232,nats://127.0.0.1:4233?jetstream.replicas=3",
+        ] {
+            let BrokerConfig::Nats(c) = BrokerConfig::from_url(list).unwrap() else {
+                panic!("expected nats")
+            };
+            assert_eq!(
+                c.url,
+                "nats://127.0.0.1:4231,nats://127.0.0.1:4232,nats://127.0.0.1:4233",
+                "{list}"
+            );
+            assert_eq!(c.jetstream.replicas, 3);
+        }
     }
 
     #[cfg(feature = "googlecloud")]

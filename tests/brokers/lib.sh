@@ -82,11 +82,12 @@ start_bg() {
 
 # wait_for SECONDS DESCRIPTION CMD... : poll CMD until it succeeds.
 wait_for() {
-  local deadline=$((SECONDS + $1)) what=$2
+  local secs=$1 what=$2
+  local deadline=$((SECONDS + secs))
   shift 2
   until "$@"; do
     if ((SECONDS >= deadline)); then
-      log "  timed out after $1s waiting for $what"
+      log "  timed out after ${secs}s waiting for $what"
       return 1
     fi
     sleep 0.3
