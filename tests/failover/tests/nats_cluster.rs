@@ -25,21 +25,12 @@ use common::{
     Run,
 };
 
-/// The cluster's seed list from `TIDEMILL_NATS_CLUSTER_URL` as a facade URL: one scheme,
-/// then every `host:port` (what `BrokerConfig::from_url` takes for several NATS servers),
-/// with three replicas for the streams the adapter creates and an age limit so test streams
-/// do not pile up on the cluster.
+/// The cluster's seed list from `TIDEMILL_NATS_CLUSTER_URL` (every node's URL) as a facade
+/// URL, with three replicas for the streams the adapter creates and an age limit so test
+/// streams do not pile up on the cluster.
 fn cluster_url() -> Option<String> {
     url("TIDEMILL_NATS_CLUSTER_URL", |list| {
-        let servers: Vec<&str> = list
-            .split(',')
-            .map(|s| s.trim().trim_start_matches("nats://"))
-            .filter(|s| !s.is_empty())
-            .collect();
-        format!(
-            "nats://{}?jetstream.replicas=3&jetstream.max_age=1h",
-            servers.join(",")
-        )
+        format!("{list}?jetstream.replicas=3&jetstream.max_age=1h")
     })
 }
 
