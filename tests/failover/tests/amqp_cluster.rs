@@ -24,8 +24,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    check, check_recovery, cleanup, kill_one_of_three, now_nanos, scale_out, sigterm, url, Expect,
-    Run,
+    check_node_kills, cleanup, finish, kill_one_of_three, now_nanos, scale_out, url, Expect, Run,
 };
 
 /// The cluster's node list from `TIDEMILL_AMQP_CLUSTER_URL` as a facade URL: the list as it
@@ -223,7 +222,7 @@ async fn amqp_cluster_kill_leader_node() {
     for n in 0..3 {
         consumers.push(run.consumer(n).await);
     }
-    let mut producer = run.producer(COUNT, 60, BATCH, common::PAUSE_MS);
+    let producer = run.producer(COUNT, 60, BATCH, common::PAUSE_MS);
     let mut kills = Vec::new();
     let mut after = 2_000;
     for round in 1..=2 {
@@ -278,44 +277,24 @@ async fn amqp_cluster_kill_leader_node() {
         kills.push((node, at));
         after = run.report(3).handled + 2_000;
     }
-    let status = tokio::time::timeout(Duration::from_secs(300), producer.wait())
-        .await
-        .expect("the producer finishes")
-        .expect("producer status");
-    assert!(status.success(), "{name}: producer failed");
-    let report = run
-        .wait(3, NODE_RECOVERY + Duration::from_secs(60), |r| {
-            r.confirmed as u64 == COUNT && r.lost.is_empty()
-        })
-        .await;
-    for c in consumers {
-        sigterm(c).await;
-    }
-    let report_after = run.report(3);
-    let recoveries: Vec<(&str, Option<Duration>)> = kills
-        .iter()
-        .map(|(node, at)| (node.as_str(), report_after.recovery_after(*at, None)))
-        .collect();
-    eprintln!(
-        "{name} kill the leader's node twice: {report_after}; every key made progress again \
-         within {recoveries:.1?} after each kill (node, time)"
+    let reports = finish(
+        name,
+        &run,
+        producer,
+        consumers,
+        3,
+        COUNT,
+        NODE_RECOVERY + Duration::from_secs(60),
+    )
+    .await;
+    check_node_kills(
+        &format!("{name} kill the leader's node twice"),
+        COUNT,
+        (&reports.0, &reports.1),
+        &kills,
+        NODE_RECOVERY,
+        NODE_MAX_DUPLICATES,
     );
-    let expect = Expect {
-        order_per_key: false,
-        recover: NODE_RECOVERY,
-        max_duplicates: NODE_MAX_DUPLICATES * kills.len(),
-        key_recovery: true,
-    };
-    check(name, COUNT, &report, &expect);
-    for (node, recovery) in recoveries {
-        check_recovery(
-            name,
-            &format!("killing node {node}"),
-            recovery,
-            &expect,
-            &report_after,
-        );
-    }
     cleanup(&run.dir);
     delete_idle_queues().await;
 }

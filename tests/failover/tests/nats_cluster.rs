@@ -21,8 +21,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    check, check_recovery, cleanup, kill_one_of_three, now_nanos, scale_out, sigterm, url, Expect,
-    Run,
+    check_node_kills, cleanup, finish, kill_one_of_three, now_nanos, scale_out, url, Expect, Run,
 };
 
 /// The cluster's seed list from `TIDEMILL_NATS_CLUSTER_URL` (every node's URL) as a facade
@@ -167,7 +166,7 @@ async fn nats_cluster_kill_each_node() {
     for n in 0..3 {
         consumers.push(run.consumer(n).await);
     }
-    let mut producer = run.producer(COUNT, 60, 50, 100);
+    let producer = run.producer(COUNT, 60, 50, 100);
     let mut kills = Vec::new();
     let mut after = 2_000;
     for node in ["1", "2", "3"] {
@@ -205,44 +204,25 @@ async fn nats_cluster_kill_each_node() {
         // The next kill once the cluster is whole again and the stream went on.
         after = run.report(3).handled + 2_000;
     }
-    let status = tokio::time::timeout(Duration::from_secs(300), producer.wait())
-        .await
-        .expect("the producer finishes")
-        .expect("producer status");
-    assert!(status.success(), "{name}: producer failed");
-    let report = run
-        .wait(3, NODE_MAX_WAIT + Duration::from_secs(60), |r| {
-            r.confirmed as u64 == COUNT && r.lost.is_empty()
-        })
-        .await;
-    for c in consumers {
-        sigterm(c).await;
-    }
-    let report_after = run.report(3);
-    let recoveries: Vec<(&str, Option<Duration>)> = kills
-        .iter()
-        .map(|&(node, at)| (node, report_after.recovery_after(at, None)))
-        .collect();
-    eprintln!(
-        "{name} kill each node: {report_after}; every key made progress again within \
-         {recoveries:.1?} after each kill (node, time)"
+    let reports = finish(
+        name,
+        &run,
+        producer,
+        consumers,
+        3,
+        COUNT,
+        NODE_MAX_WAIT + Duration::from_secs(60),
+    )
+    .await;
+    check_node_kills(
+        &format!("{name} kill each node"),
+        COUNT,
+        (&reports.0, &reports.1),
+        &kills,
+        NODE_RECOVERY,
+        NODE_MAX_DUPLICATES,
     );
-    let expect = Expect {
-        order_per_key: false,
-        recover: NODE_RECOVERY,
-        max_duplicates: NODE_MAX_DUPLICATES * kills.len(),
-        key_recovery: true,
-    };
-    check(name, COUNT, &report, &expect);
-    for (node, recovery) in recoveries {
-        check_recovery(
-            name,
-            &format!("killing node {node}"),
-            recovery,
-            &expect,
-            &report_after,
-        );
-    }
+    let report = reports.0;
     assert!(
         report.max_wait <= NODE_MAX_WAIT,
         "{name}: a message waited {:?} from its confirmation to its handling (documented: \

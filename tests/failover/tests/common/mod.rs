@@ -189,7 +189,7 @@ pub async fn kill_one_of_three(name: &str, url: String, expect: Expect) {
     for n in 0..3 {
         consumers.push(Some(run.consumer(n).await));
     }
-    let mut producer = run.producer(COUNT, 60, 100, PAUSE_MS);
+    let producer = run.producer(COUNT, 60, 100, PAUSE_MS);
     let quarter = run
         .wait(3, Duration::from_secs(120), |r| {
             r.handled >= (COUNT / 4) as usize
@@ -217,21 +217,17 @@ pub async fn kill_one_of_three(name: &str, url: String, expect: Expect) {
     }
     let restarted_after = killed_at.elapsed();
     consumers[1] = Some(run.consumer(1).await);
-    let status = tokio::time::timeout(Duration::from_secs(300), producer.wait())
-        .await
-        .expect("the producer finishes")
-        .expect("producer status");
-    assert!(status.success(), "{name}: producer failed");
-    let report = run
-        .wait(3, expect.recover + Duration::from_secs(60), |r| {
-            r.confirmed as u64 == COUNT && r.lost.is_empty()
-        })
-        .await;
+    let (report, report_after) = finish(
+        name,
+        &run,
+        producer,
+        consumers.into_iter().flatten(),
+        3,
+        COUNT,
+        expect.recover + Duration::from_secs(60),
+    )
+    .await;
     let took = killed_at.elapsed();
-    for c in consumers.into_iter().flatten() {
-        sigterm(c).await;
-    }
-    let report_after = run.report(3);
     let recovery = report_after.recovery_after(killed_nanos, Some(victim_pid));
     eprintln!(
         "{name} kill_one_of_three: {report_after}; the killed consumer's keys recovered \
@@ -250,7 +246,7 @@ pub async fn scale_out(name: &str, url: String, expect: Expect) {
     const COUNT: u64 = 20_000;
     let run = Run::new(name, url);
     let mut consumers = vec![run.consumer(0).await];
-    let mut producer = run.producer(COUNT, 60, 100, PAUSE_MS);
+    let producer = run.producer(COUNT, 60, 100, PAUSE_MS);
     let mut events = Vec::new();
     for (share, add) in [(4, 1..2), (2, 2..4)] {
         let r = run
@@ -269,20 +265,16 @@ pub async fn scale_out(name: &str, url: String, expect: Expect) {
         }
         events.push((consumers.len(), at));
     }
-    let status = tokio::time::timeout(Duration::from_secs(300), producer.wait())
-        .await
-        .expect("the producer finishes")
-        .expect("producer status");
-    assert!(status.success(), "{name}: producer failed");
-    let report = run
-        .wait(4, expect.recover + Duration::from_secs(60), |r| {
-            r.confirmed as u64 == COUNT && r.lost.is_empty()
-        })
-        .await;
-    for c in consumers {
-        sigterm(c).await;
-    }
-    let report_after = run.report(4);
+    let (report, report_after) = finish(
+        name,
+        &run,
+        producer,
+        consumers,
+        4,
+        COUNT,
+        expect.recover + Duration::from_secs(60),
+    )
+    .await;
     let recoveries: Vec<(usize, Option<Duration>)> = events
         .iter()
         .map(|&(n, at)| (n, report_after.recovery_after(at, None)))
@@ -351,5 +343,71 @@ pub fn check_recovery(
             expect.recover
         ),
         None => panic!("{name}: some keys never made progress after {event}: {report}"),
+    }
+}
+
+/// The end of a scenario: waits for the producer, then until every confirmed message was
+/// handled (or `within` passed), stops the consumers and returns the report taken then and
+/// the one after the consumers stopped (the logs complete).
+pub async fn finish(
+    name: &str,
+    run: &Run,
+    producer: Child,
+    consumers: impl IntoIterator<Item = Child>,
+    processes: usize,
+    count: u64,
+    within: Duration,
+) -> (Report, Report) {
+    let mut producer = producer;
+    let status = tokio::time::timeout(Duration::from_secs(300), producer.wait())
+        .await
+        .expect("the producer finishes")
+        .expect("producer status");
+    assert!(status.success(), "{name}: producer failed");
+    let report = run
+        .wait(processes, within, |r| {
+            r.confirmed as u64 == count && r.lost.is_empty()
+        })
+        .await;
+    for c in consumers {
+        sigterm(c).await;
+    }
+    (report, run.report(processes))
+}
+
+/// Checks a run in which broker nodes were killed (`kills`: the node and when, in
+/// nanoseconds since the epoch): nothing lost, at most `per_kill` duplicates per kill, and
+/// every key making progress again within `recover` after each kill.
+pub fn check_node_kills<N: std::fmt::Debug>(
+    name: &str,
+    count: u64,
+    (report, report_after): (&Report, &Report),
+    kills: &[(N, u128)],
+    recover: Duration,
+    per_kill: usize,
+) {
+    let recoveries: Vec<(&N, Option<Duration>)> = kills
+        .iter()
+        .map(|(node, at)| (node, report_after.recovery_after(*at, None)))
+        .collect();
+    eprintln!(
+        "{name}: {report_after}; every key made progress again within {recoveries:.1?} after \
+         each kill (node, time)"
+    );
+    let expect = Expect {
+        order_per_key: false,
+        recover,
+        max_duplicates: per_kill * kills.len(),
+        key_recovery: true,
+    };
+    check(name, count, report, &expect);
+    for (node, recovery) in recoveries {
+        check_recovery(
+            name,
+            &format!("killing node {node:?}"),
+            recovery,
+            &expect,
+            report_after,
+        );
     }
 }
