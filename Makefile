@@ -51,6 +51,11 @@ bench-memory:
 
 # Raw client vs Tidemill on each real broker (brokers started and stopped around the run).
 WITH_BROKERS := bash tests/brokers/with-brokers.sh
+.PHONY: bench-scaling
+## bench-scaling: consume throughput with 1, 2 and 4 consumer processes on the NATS and RabbitMQ clusters and a 6-partition Kafka topic; rewrites its section of BENCHMARKS.md
+bench-scaling:
+	TIDEMILL_BROKERS_ONLY="kafka nats-cluster rabbitmq-cluster" $(WITH_BROKERS) $(CARGO) bench -p tidemill-failover --bench scaling -- --write-benchmarks
+
 .PHONY: bench-kafka bench-amqp bench-nats bench-googlecloud
 ## bench-kafka: raw rdkafka vs tidemill-kafka on the test Kafka broker
 bench-kafka:
