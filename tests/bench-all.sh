@@ -53,6 +53,9 @@ export TIDEMILL_BENCH_REPORT="$report"
 run_benches "${MEMORY_BENCHES[@]}" || status=$?
 bash tests/brokers/with-brokers.sh bash tests/bench-all.sh --inner \
   || status=$?
+# Sections other benches write themselves (`make bench-scaling`) are kept.
+kept=$(awk '/^## Consume scaling across processes/{keep=1} /^## /&&!/^## Consume scaling/{keep=0} keep' BENCHMARKS.md 2>/dev/null || true)
 cargo run --quiet -p tidemill-testkit --bin bench-report -- "$report" "make bench" > BENCHMARKS.md
+if [[ -n $kept ]]; then printf '\n%s\n' "$kept" >> BENCHMARKS.md; fi
 echo "==> wrote BENCHMARKS.md ($(grep -c '^| ' BENCHMARKS.md) table lines)"
 exit $status
