@@ -1120,7 +1120,13 @@ async fn session(
         tokio::select! {
             biased;
             err = &mut read_task => {
-                break SessionEnd::Lost(err.unwrap_or_else(|e| io::Error::other(e.to_string())));
+                break match err {
+                    Ok(e) => SessionEnd::Lost(e),
+                    // The reader was cancelled: the runtime is shutting down (a process
+                    // ending), not a lost connection; there is nothing to reconnect.
+                    Err(e) if e.is_cancelled() => SessionEnd::Closed,
+                    Err(e) => SessionEnd::Lost(io::Error::other(e.to_string())),
+                };
             }
             ctl = ctl_rx.recv() => {
                 if let Some(ctl) = ctl {
