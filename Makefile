@@ -35,7 +35,7 @@ doc:
 fmt:
 	$(CARGO) fmt --all
 
--include tests/brokers/brokers.mk
+-include brokers/brokers.mk
 
 .PHONY: bench bench-memory
 ## bench: every benchmark (memory, raw vs Tidemill on each broker); writes BENCHMARKS.md
@@ -50,7 +50,7 @@ bench-memory:
 	$(CARGO) bench -p tidemill-middleware --features testing --bench request_reply
 
 # Raw client vs Tidemill on each real broker (brokers started and stopped around the run).
-WITH_BROKERS := bash tests/brokers/with-brokers.sh
+WITH_BROKERS := bash brokers/with-brokers.sh
 .PHONY: bench-scaling
 ## bench-scaling: consume throughput with 1, 2 and 4 consumer processes on the NATS and RabbitMQ clusters and a 6-partition Kafka topic; rewrites its section of BENCHMARKS.md
 bench-scaling:

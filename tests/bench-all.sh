@@ -51,7 +51,7 @@ cargo build --quiet -p tidemill-testkit --bin bench-report
 status=0
 export TIDEMILL_BENCH_REPORT="$report"
 run_benches "${MEMORY_BENCHES[@]}" || status=$?
-bash tests/brokers/with-brokers.sh bash tests/bench-all.sh --inner \
+bash brokers/with-brokers.sh bash tests/bench-all.sh --inner \
   || status=$?
 # Sections other benches write themselves (`make bench-scaling`) are kept.
 kept=$(awk '/^## Consume scaling across processes/{keep=1} /^## /&&!/^## Consume scaling/{keep=0} keep' BENCHMARKS.md 2>/dev/null || true)

@@ -2,7 +2,7 @@
 # shellcheck disable=SC2086 # $FEATURES is split into arguments on purpose
 # `make test`: every test of the workspace.
 #
-# 1. Start the real brokers in the background (tests/brokers/brokers.sh installs what is
+# 1. Start the real brokers in the background (brokers/brokers.sh installs what is
 #    missing) while every test binary and example builds.
 # 2. Run unit, in-memory conformance and adapter conformance tests, then the tests that
 #    restart a shared broker (marked #[ignore], run one at a time), the doctests, then
@@ -92,7 +92,7 @@ run_examples() {
 }
 
 # `tests/run-all.sh --examples`: only the examples, on the brokers whose address variables
-# are set (e.g. after `eval "$(bash tests/brokers/brokers.sh env)"`).
+# are set (e.g. after `eval "$(bash brokers/brokers.sh env)"`).
 if [[ ${1:-} == --examples ]]; then
   run_examples
   exit
@@ -123,7 +123,7 @@ export TIDEMILL_BROKERS_ONLY="${TIDEMILL_BROKERS_ONLY:-rabbitmq nats kafka pubsu
 
 # The brokers install and start in the background while the tests build (a fresh machine
 # spends minutes on each); the ones started here are stopped on the way out, whatever happens.
-brokers_sh=tests/brokers/brokers.sh
+brokers_sh=brokers/brokers.sh
 before=" $(bash "$brokers_sh" running) "
 mkdir -p target/brokers
 up_log=target/brokers/up.log
@@ -159,4 +159,4 @@ if ((up_status != 0)); then
 fi
 
 echo "==> running the tests against the in-memory broker and the real brokers"
-bash tests/brokers/with-brokers.sh bash tests/run-all.sh --inner
+bash brokers/with-brokers.sh bash tests/run-all.sh --inner

@@ -1,4 +1,4 @@
-//! Against the three-node RabbitMQ cluster (`tests/brokers/brokers.sh up rabbitmq-cluster`;
+//! Against the three-node RabbitMQ cluster (`brokers/brokers.sh up rabbitmq-cluster`;
 //! `TIDEMILL_AMQP_CLUSTER_URL` lists every node's URL, comma-separated): a node list with a
 //! node that does not answer still connects; connections on a node that is killed (SIGKILL)
 //! move to a surviving node, and a subscription to a quorum queue goes on consuming.
@@ -114,7 +114,7 @@ fn root() -> PathBuf {
 fn node(cmd: &str, i: u8) -> bool {
     let status = Command::new("bash")
         .args([
-            "tests/brokers/brokers.sh",
+            "brokers/brokers.sh",
             cmd,
             "rabbitmq-cluster",
             &i.to_string(),
@@ -133,7 +133,7 @@ fn node(cmd: &str, i: u8) -> bool {
 /// of the cluster lists them.
 fn connection_ports(name: &str, via: u8) -> Vec<u64> {
     let out = Command::new("bash")
-        .args(["tests/brokers/rabbitmq-cluster.sh", "ctl", &via.to_string()])
+        .args(["brokers/rabbitmq-cluster.sh", "ctl", &via.to_string()])
         .args(["-q", "list_connections", "port", "client_properties"])
         .args(["--formatter", "json"])
         .current_dir(root())
@@ -157,7 +157,7 @@ struct Restart(u8);
 impl Drop for Restart {
     fn drop(&mut self) {
         let _ = Command::new("bash")
-            .args(["tests/brokers/brokers.sh", "start-node", "rabbitmq-cluster"])
+            .args(["brokers/brokers.sh", "start-node", "rabbitmq-cluster"])
             .arg(self.0.to_string())
             .current_dir(root())
             .status();
@@ -210,7 +210,7 @@ async fn connections_on_a_killed_node_move_to_a_survivor() {
     receive_all(&mut stream, &before, "before the kill").await;
 
     if !node("kill-node", 1) {
-        eprintln!("SKIP: rabbitmq-cluster is not managed by tests/brokers");
+        eprintln!("SKIP: rabbitmq-cluster is not managed by brokers");
         return;
     }
     let restart = Restart(1);

@@ -1,5 +1,5 @@
 //! Tidemill next to plain AMQP clients (lapin playing "another client") on the RabbitMQ of
-//! tests/brokers (`TIDEMILL_AMQP_URL`): what the subscriber makes of odd messages, a
+//! brokers (`TIDEMILL_AMQP_URL`): what the subscriber makes of odd messages, a
 //! pass-through hop that changes nothing, attempt counts a producer cannot fake, and the
 //! uuid in Watermill's header or in `message_id`.
 

@@ -1,5 +1,5 @@
 //! The backend-generic middleware checks of tidemill-middleware (feature `testing`) against
-//! the RabbitMQ of tests/brokers (`TIDEMILL_AMQP_URL`): dead letter after `max_deliveries`
+//! the RabbitMQ of brokers (`TIDEMILL_AMQP_URL`): dead letter after `max_deliveries`
 //! (the subscriber's attempt count and durable counting, with the consumer replaced midway)
 //! and request-reply round trips (reply, error reply, streamed reply, timeout).
 //!

@@ -1,4 +1,4 @@
-//! Across a real restart of the shared RabbitMQ (`tests/brokers/brokers.sh restart rabbitmq`):
+//! Across a real restart of the shared RabbitMQ (`brokers/brokers.sh restart rabbitmq`):
 //! persistent messages in durable group queues survive, and the same publisher and the
 //! same subscription stream carry on without being re-created.
 //!
@@ -67,7 +67,7 @@ fn restart_rabbitmq() -> bool {
     // The script itself, not `make brokers-restart`: make turns every failure into exit
     // status 2, hiding the script's 3 ("not a broker these scripts manage").
     let status = Command::new("bash")
-        .args(["tests/brokers/brokers.sh", "restart", "rabbitmq"])
+        .args(["brokers/brokers.sh", "restart", "rabbitmq"])
         .current_dir(&root)
         .status()
         .unwrap_or_else(|e| panic!("running brokers.sh restart rabbitmq: {e}"));
@@ -138,7 +138,7 @@ fn persistent_messages_and_subscriptions_survive_a_broker_restart() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if !restart.await.unwrap() {
-            eprintln!("SKIP: the broker at TIDEMILL_AMQP_URL is not managed by tests/brokers");
+            eprintln!("SKIP: the broker at TIDEMILL_AMQP_URL is not managed by brokers");
             return;
         }
         eprintln!(

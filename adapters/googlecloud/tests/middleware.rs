@@ -1,5 +1,5 @@
 //! The backend-generic middleware checks of tidemill-middleware (feature `testing`) against
-//! the Pub/Sub emulator of tests/brokers (`PUBSUB_EMULATOR_HOST`): dead letter after
+//! the Pub/Sub emulator of brokers (`PUBSUB_EMULATOR_HOST`): dead letter after
 //! `max_deliveries` and request-reply round trips (reply, error reply, streamed reply,
 //! timeout).
 //!

@@ -58,7 +58,7 @@ async fn health_follows_the_connection() {
 }
 
 fn brokers_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/brokers/brokers.sh")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh")
 }
 
 /// Runs `brokers.sh <command> [pubsub]` and returns its standard output; panics unless it
@@ -135,7 +135,7 @@ async fn health_follows_the_emulator() {
         .split_whitespace()
         .any(|n| n == "pubsub")
     {
-        eprintln!("SKIP: the emulator at {host} is not managed by tests/brokers");
+        eprintln!("SKIP: the emulator at {host} is not managed by brokers");
         return;
     }
     let mut config = GoogleCloudConfig::emulator("tidemill-test", host);

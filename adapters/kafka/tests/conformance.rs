@@ -1,4 +1,4 @@
-//! The universal conformance suite against the Kafka-protocol broker of tests/brokers
+//! The universal conformance suite against the Kafka-protocol broker of brokers
 //! (Tansu; `TIDEMILL_KAFKA_BROKERS`). Every test uses topics of its own, so the modules run
 //! in parallel with each other and with the rest of the workspace.
 //!

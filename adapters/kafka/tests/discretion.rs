@@ -2,7 +2,7 @@
 //! (the adapter's own and librdkafka's, at debug level with every librdkafka debug context
 //! on). A test binary of its own: it installs a process-wide log collector.
 //!
-//! Against the Kafka-protocol broker of tests/brokers (`TIDEMILL_KAFKA_BROKERS`), which
+//! Against the Kafka-protocol broker of brokers (`TIDEMILL_KAFKA_BROKERS`), which
 //! does not speak SASL: the clients try to authenticate and fail, logging as they go.
 
 use std::io::Write;

@@ -4,7 +4,7 @@
 //! that changes nothing (the plain consumer downstream sees the same bytes), delivery
 //! attempts that no header can set, and Watermill's uuid header both ways.
 //!
-//! Against the Kafka-protocol broker of tests/brokers (`TIDEMILL_KAFKA_BROKERS`); every
+//! Against the Kafka-protocol broker of brokers (`TIDEMILL_KAFKA_BROKERS`); every
 //! test skips without it.
 
 mod common;

@@ -1,5 +1,5 @@
 //! What the Kafka adapter promises beyond the conformance suite, checked against the
-//! Kafka-protocol broker of tests/brokers (`TIDEMILL_KAFKA_BROKERS`; tests that need it skip
+//! Kafka-protocol broker of brokers (`TIDEMILL_KAFKA_BROKERS`; tests that need it skip
 //! without it) and, where Kafka's own view matters (committed offsets, partitions,
 //! headers), with rdkafka directly.
 

@@ -1,5 +1,5 @@
 //! The backend-generic middleware checks of tidemill-middleware (feature `testing`) against
-//! the Kafka-protocol broker of tests/brokers (Tansu; `TIDEMILL_KAFKA_BROKERS`): dead letter
+//! the Kafka-protocol broker of brokers (Tansu; `TIDEMILL_KAFKA_BROKERS`): dead letter
 //! after `max_deliveries` (with the broker-side attempt count and with durable counting,
 //! the consumer replaced midway: the group resumes from its committed offsets and the
 //! count carries on in the message) and request-reply round trips (reply, error reply,

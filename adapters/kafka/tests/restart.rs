@@ -1,4 +1,4 @@
-//! Tests that restart the shared Kafka-protocol broker (`tests/brokers/brokers.sh restart
+//! Tests that restart the shared Kafka-protocol broker (`brokers/brokers.sh restart
 //! kafka`): the conformance suite's `reconnect` and what the adapter adds to it.
 //!
 //! Kafka clients learn the brokers' advertised address from metadata and connect there
@@ -25,7 +25,7 @@ use tidemill_testkit::{unique_topic, Backend, Features};
 const LIMIT: Duration = Duration::from_secs(90);
 
 fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/brokers/brokers.sh")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh")
 }
 
 /// The broker address, if the test can restart that broker.
@@ -41,7 +41,7 @@ fn restartable() -> Option<String> {
         .unwrap_or_else(|e| panic!("cannot run brokers.sh running: {e}"));
     let running = String::from_utf8_lossy(&out.stdout);
     if !running.split_whitespace().any(|n| n == "kafka") {
-        eprintln!("SKIP: the Kafka broker at {brokers} is not managed by tests/brokers");
+        eprintln!("SKIP: the Kafka broker at {brokers} is not managed by brokers");
         return None;
     }
     Some(brokers)

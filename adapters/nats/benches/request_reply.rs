@@ -1,4 +1,4 @@
-//! Request-reply round trips over NATS JetStream (the server of tests/brokers,
+//! Request-reply round trips over NATS JetStream (the server of brokers,
 //! `TIDEMILL_NATS_URL`): requests/s and p50/p99 latency with 1 request at a time and with 64
 //! concurrent requesters sharing one `Requester` (one reply subscription), against an echo
 //! handler behind tidemill-middleware's `Replier` layer (concurrency 64 in the second
@@ -6,7 +6,7 @@
 //! a pull-consumer delivery acked after handling: the figures are those of the whole
 //! at-least-once path, not of core NATS request-reply.
 //!
-//! Run: `eval "$(bash tests/brokers/brokers.sh env)"; cargo bench -p tidemill-nats --bench request_reply`
+//! Run: `eval "$(bash brokers/brokers.sh env)"; cargo bench -p tidemill-nats --bench request_reply`
 //!
 //! `BENCH_REQUESTS` sets the number of requests per scenario (default 3,000; a tenth more is
 //! sent first as warm-up). The measurement is `tidemill_middleware::testing::request_reply_load`,
@@ -34,7 +34,7 @@ fn main() -> std::result::Result<(), BoxError> {
         .ok()
         .filter(|u| !u.is_empty())
     else {
-        eprintln!("SKIP: TIDEMILL_NATS_URL is not set (see tests/brokers/brokers.sh env)");
+        eprintln!("SKIP: TIDEMILL_NATS_URL is not set (see brokers/brokers.sh env)");
         return Ok(());
     };
     let n: usize = std::env::var("BENCH_REQUESTS")

@@ -1,4 +1,4 @@
-//! Raw `async-nats` vs Tidemill on the NATS server of tests/brokers, same settings, same run,
+//! Raw `async-nats` vs Tidemill on the NATS server of brokers, same settings, same run,
 //! for JetStream and for core NATS.
 //!
 //! `make bench-nats` (or `cargo bench -p tidemill-nats --bench throughput` with

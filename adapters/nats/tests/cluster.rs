@@ -1,4 +1,4 @@
-//! Against the three-node JetStream cluster of tests/brokers (`brokers.sh up nats-cluster`,
+//! Against the three-node JetStream cluster of brokers (`brokers.sh up nats-cluster`,
 //! `TIDEMILL_NATS_CLUSTER_URL`, a seed list of all three nodes): streams the adapter
 //! creates get `jetstream.replicas` replicas, and when the node a connection is on is
 //! killed (SIGKILL, `brokers.sh kill-node nats-cluster I`), each of the adapter's
@@ -22,9 +22,9 @@ use tidemill_nats::{NatsConfig, NatsPublisher, NatsSubscriber};
 use tidemill_testkit::unique_topic;
 
 /// The test cluster's monitoring port of a node is its client port plus this
-/// (tests/brokers/env.sh: clients 4231-4233, monitoring 8231-8233).
+/// (brokers/env.sh: clients 4231-4233, monitoring 8231-8233).
 const MONITOR_OFFSET: u16 = 4000;
-/// Client port of node 0 (node i listens on this + i; tests/brokers/env.sh).
+/// Client port of node 0 (node i listens on this + i; brokers/env.sh).
 const CLIENT_PORT_BASE: u16 = 4230;
 /// How long a node loss may take to heal for a subscription: reconnect (at once), a new
 /// stream/consumer leader (Raft election, a few seconds), and a pull request that went to
@@ -56,7 +56,7 @@ fn config(url: &str, name: &str) -> NatsConfig {
 /// Runs `brokers.sh ARGS...`; `false` when the cluster is external (status 3).
 fn brokers(args: &[&str]) -> bool {
     let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/brokers/brokers.sh");
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh");
     let out = std::process::Command::new("bash")
         .arg(script)
         .args(args)
@@ -98,7 +98,7 @@ impl Drop for Killed {
     fn drop(&mut self) {
         if let Some(node) = self.0.take() {
             let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/brokers/brokers.sh");
+                .join("../../brokers/brokers.sh");
             let status = std::process::Command::new("bash")
                 .arg(script)
                 .args(["start-node", "nats-cluster", &node])

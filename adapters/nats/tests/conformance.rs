@@ -1,4 +1,4 @@
-//! The universal conformance suite against the NATS server of tests/brokers
+//! The universal conformance suite against the NATS server of brokers
 //! (`TIDEMILL_NATS_URL`), every connection through a fault proxy so that `reconnect` cuts
 //! them (the restart variant is in tests/restart.rs, run alone).
 //!

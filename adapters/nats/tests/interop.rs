@@ -1,4 +1,4 @@
-//! Messages from and to plain NATS clients, against the server of tests/brokers
+//! Messages from and to plain NATS clients, against the server of brokers
 //! (`TIDEMILL_NATS_URL`): whatever a client can publish is delivered with its bytes (and
 //! never stalls the topic), a pass-through handler republishes it unchanged, the attempt
 //! count cannot be spoofed, and Watermill's uuid header works both ways. The plain client

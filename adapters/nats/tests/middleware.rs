@@ -1,5 +1,5 @@
 //! The backend-generic middleware checks of tidemill-middleware (feature `testing`) against
-//! the NATS server of tests/brokers (`TIDEMILL_NATS_URL`), in JetStream mode: dead letter
+//! the NATS server of brokers (`TIDEMILL_NATS_URL`), in JetStream mode: dead letter
 //! after `max_deliveries` (broker-reported attempts and durable counting, with the
 //! consumer replaced midway) and request-reply round trips (reply, error reply, streamed
 //! reply, timeout).

@@ -1,4 +1,4 @@
-//! NATS-specific behaviour against the server of tests/brokers (`TIDEMILL_NATS_URL`):
+//! NATS-specific behaviour against the server of brokers (`TIDEMILL_NATS_URL`):
 //! the header mapping over the wire, messages from other clients, deduplication, limits
 //! and bad input, stream and consumer naming, in-progress acks, flow control, and what
 //! core NATS (at most once) does and does not do.

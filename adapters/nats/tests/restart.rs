@@ -1,4 +1,4 @@
-//! Across a restart of the shared NATS server (`tests/brokers/brokers.sh restart nats`,
+//! Across a restart of the shared NATS server (`brokers/brokers.sh restart nats`,
 //! what `make brokers-restart NAME=nats` runs): the conformance `reconnect` test with a
 //! real restart, for JetStream and core NATS, and a JetStream group resuming with the
 //! messages stored before the restart.

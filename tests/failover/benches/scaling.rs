@@ -4,8 +4,8 @@
 //! k processes over the throughput with one.
 //!
 //! ```text
-//! eval "$(bash tests/brokers/brokers.sh env)"
-//! eval "$(bash tests/brokers/brokers.sh env nats-cluster rabbitmq-cluster)"
+//! eval "$(bash brokers/brokers.sh env)"
+//! eval "$(bash brokers/brokers.sh env nats-cluster rabbitmq-cluster)"
 //! cargo bench -p tidemill-failover --bench scaling [-- --write-benchmarks]
 //! ```
 //!

@@ -1,4 +1,4 @@
-//! The failover scenarios against the three-node RabbitMQ cluster of tests/brokers
+//! The failover scenarios against the three-node RabbitMQ cluster of brokers
 //! (`brokers.sh up rabbitmq-cluster`, `TIDEMILL_AMQP_CLUSTER_URL`: every node's URL,
 //! comma-separated, which the adapter takes as its node list), the group's queue a quorum
 //! queue (`queue_type=quorum`: three replicas, one per node), the adapter's defaults
@@ -56,10 +56,10 @@ fn cluster_url() -> Option<String> {
     Some(url)
 }
 
-/// Runs `tests/brokers/ARGS...` (`brokers.sh kill-node|start-node`, `rabbitmq-cluster.sh
+/// Runs `brokers/ARGS...` (`brokers.sh kill-node|start-node`, `rabbitmq-cluster.sh
 /// ctl`) and returns its stdout; `None` when the cluster is external (status 3: not ours).
 async fn script(args: &[&str]) -> Option<String> {
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../brokers");
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers");
     let out = tokio::process::Command::new("bash")
         .current_dir(&dir)
         .args(args)

@@ -1,4 +1,4 @@
-//! The failover scenarios against the three-node NATS JetStream cluster of tests/brokers
+//! The failover scenarios against the three-node NATS JetStream cluster of brokers
 //! (`brokers.sh up nats-cluster`, `TIDEMILL_NATS_CLUSTER_URL`), every stream with three
 //! replicas (`jetstream.replicas=3`), the adapter's defaults otherwise:
 //!
@@ -79,10 +79,11 @@ async fn nats_cluster_scale_out() {
     .await;
 }
 
-/// Runs `tests/brokers/brokers.sh ARGS...` (kill-node, start-node); `false` when the
+/// Runs `brokers/brokers.sh ARGS...` (kill-node, start-node); `false` when the
 /// cluster is external (status 3: not ours to kill).
 async fn brokers(args: &[&str]) -> bool {
-    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../brokers/brokers.sh");
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh");
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let out = tokio::process::Command::new("bash")
         .arg(script)
@@ -120,8 +121,8 @@ impl Killed {
 impl Drop for Killed {
     fn drop(&mut self) {
         if let Some(node) = self.0.take() {
-            let script =
-                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../brokers/brokers.sh");
+            let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../brokers/brokers.sh");
             let status = std::process::Command::new("bash")
                 .arg(script)
                 .args(["start-node", "nats-cluster", node])

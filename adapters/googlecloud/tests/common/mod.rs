@@ -1,5 +1,5 @@
 //! The Pub/Sub [`Backend`] of the conformance suite and the middleware checks, against the
-//! emulator of tests/brokers (`PUBSUB_EMULATOR_HOST`).
+//! emulator of brokers (`PUBSUB_EMULATOR_HOST`).
 
 #![allow(dead_code)] // each test crate uses part of this module
 

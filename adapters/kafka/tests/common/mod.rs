@@ -1,5 +1,5 @@
 //! The Kafka [`Backend`] of the conformance suite and the middleware checks, against the
-//! Kafka-protocol broker of tests/brokers (Tansu; `TIDEMILL_KAFKA_BROKERS`).
+//! Kafka-protocol broker of brokers (Tansu; `TIDEMILL_KAFKA_BROKERS`).
 
 #![allow(dead_code)]
 
@@ -71,7 +71,7 @@ impl Backend for KafkaBackend {
     }
 }
 
-/// The broker address, if the tests may stop and start that broker (tests/brokers runs
+/// The broker address, if the tests may stop and start that broker (brokers runs
 /// it); `None` (with a note) when `TIDEMILL_KAFKA_BROKERS` is unset or points elsewhere.
 pub fn managed_broker() -> Option<String> {
     let Ok(brokers) = std::env::var("TIDEMILL_KAFKA_BROKERS") else {
@@ -85,14 +85,14 @@ pub fn managed_broker() -> Option<String> {
         .unwrap_or_else(|e| panic!("cannot run brokers.sh running: {e}"));
     let running = String::from_utf8_lossy(&out.stdout);
     if !running.split_whitespace().any(|n| n == "kafka") {
-        eprintln!("SKIP: the Kafka broker at {brokers} is not managed by tests/brokers");
+        eprintln!("SKIP: the Kafka broker at {brokers} is not managed by brokers");
         return None;
     }
     Some(brokers)
 }
 
 fn brokers_script() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/brokers/brokers.sh")
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh")
 }
 
 /// Runs `brokers.sh <command> kafka` (`down`, `up`, `restart`) and panics unless it

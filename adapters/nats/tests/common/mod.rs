@@ -1,4 +1,4 @@
-//! Test backends on the NATS server of tests/brokers (`TIDEMILL_NATS_URL`).
+//! Test backends on the NATS server of brokers (`TIDEMILL_NATS_URL`).
 #![allow(dead_code)] // each test crate uses part of this module
 
 pub mod raw;
@@ -59,7 +59,7 @@ pub fn jetstream_features() -> Features {
 pub enum Disruption {
     /// Cut every connection through a fault proxy in front of the server.
     Proxy(FaultProxy),
-    /// Restart the server with `tests/brokers/brokers.sh restart nats` (what
+    /// Restart the server with `brokers/brokers.sh restart nats` (what
     /// `make brokers-restart NAME=nats` runs).
     Restart,
 }
@@ -115,7 +115,7 @@ impl NatsBackend {
 /// Restarts the shared server; `false` when it is external (the script refuses, status 3).
 pub async fn restart_nats() -> bool {
     let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/brokers/brokers.sh");
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("bash")
             .arg(script)

@@ -71,7 +71,7 @@ _natsc_config() { # I -> writes n$I/nats.conf
   done
   mkdir -p "$NATS_CLUSTER_DIR/n$i"/{data,log,run}
   cat >"$NATS_CLUSTER_DIR/n$i/nats.conf" <<EOF
-# Written by tests/brokers/nats-cluster.sh (node $i of 3).
+# Written by brokers/nats-cluster.sh (node $i of 3).
 server_name: "tidemill-n$i"
 host: 127.0.0.1
 port: $(_natsc_port "$i")

@@ -1,8 +1,8 @@
 //! One message through each test broker, with the broker's own Rust client:
-//! proof that tests/brokers/ started something the adapters can talk to.
+//! proof that brokers/ started something the adapters can talk to.
 //!
 //! Each test reads its broker's address variable (set by
-//! tests/brokers/with-brokers.sh, which `make test` runs under) and is
+//! brokers/with-brokers.sh, which `make test` runs under) and is
 //! skipped, with a note on stderr, when the variable is unset.
 
 use std::time::Duration;
@@ -17,7 +17,7 @@ fn addr(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
         _ => {
-            eprintln!("skipped: {var} is not set (run under tests/brokers/with-brokers.sh)");
+            eprintln!("skipped: {var} is not set (run under brokers/with-brokers.sh)");
             None
         }
     }

@@ -1,4 +1,4 @@
-//! `tests/brokers/brokers.sh restart NAME` keeps each broker's data: write
+//! `brokers/brokers.sh restart NAME` keeps each broker's data: write
 //! through the broker's own client, restart the broker, read it back.
 //!
 //! Skipped when the broker's address variable is unset, or when the broker
@@ -23,7 +23,7 @@ fn addr(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
         _ => {
-            eprintln!("skipped: {var} is not set (run under tests/brokers/with-brokers.sh)");
+            eprintln!("skipped: {var} is not set (run under brokers/with-brokers.sh)");
             None
         }
     }

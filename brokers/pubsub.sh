@@ -1,11 +1,11 @@
 # shellcheck shell=bash
 # Google Cloud Pub/Sub emulator: Google's in-memory fake (pstest) from
 # Debian's golang-google-cloud-dev, served by our small Go program
-# (tests/brokers/pubsub-emulator) with gRPC and REST/JSON on one fixed port.
+# (brokers/pubsub-emulator) with gRPC and REST/JSON on one fixed port.
 # In-memory: a restart loses every topic, subscription and message.
 
 PUBSUB_DIR="$TIDEMILL_BROKERS_DIR/pubsub"
-PUBSUB_SRC="$TIDEMILL_ROOT/tests/brokers/pubsub-emulator"
+PUBSUB_SRC="$TIDEMILL_ROOT/brokers/pubsub-emulator"
 PUBSUB_BIN="$PUBSUB_DIR/build/pubsub-emulator"
 PSTEST_FAKE=/usr/share/gocode/src/cloud.google.com/go/pubsub/pstest/fake.go
 

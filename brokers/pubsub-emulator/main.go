@@ -2,8 +2,8 @@
 // fixed address, speaking gRPC and the REST/JSON admin API on the same port,
 // like Google's own emulator.
 //
-// It is built by tests/brokers/pubsub.sh with Debian's Go toolchain in GOPATH
-// mode against Debian's golang-google-cloud-dev; see tests/brokers/README.md.
+// It is built by brokers/pubsub.sh with Debian's Go toolchain in GOPATH
+// mode against Debian's golang-google-cloud-dev; see brokers/README.md.
 package main
 
 import (

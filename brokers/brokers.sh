@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Test brokers for Tidemill's adapter suites: RabbitMQ, NATS (JetStream), a
 # Kafka-protocol broker (Tansu) and a Google Cloud Pub/Sub emulator, all on
-# 127.0.0.1. See tests/brokers/README.md.
+# 127.0.0.1. See brokers/README.md.
 #
 #   brokers.sh up [NAME...]       install if missing, start, wait until ready
 #   brokers.sh down [NAME...]     stop (by recorded PID); no process, no port left
@@ -23,9 +23,9 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=tests/brokers/env.sh
+# shellcheck source=brokers/env.sh
 source "$HERE/env.sh"
-# shellcheck source=tests/brokers/lib.sh
+# shellcheck source=brokers/lib.sh
 source "$HERE/lib.sh"
 for _b in $TIDEMILL_BROKERS; do
   # shellcheck source=/dev/null
@@ -133,7 +133,7 @@ up_one() {
     busy=$(foreign_ports "$n")
     if [[ -n $busy ]]; then
       log "$n: port(s) $busy already in use by a process these scripts did not start;"
-      log "  stop it, or set the address variable to use it (see tests/brokers/README.md)"
+      log "  stop it, or set the address variable to use it (see brokers/README.md)"
       return 1
     fi
     "${n}_start"

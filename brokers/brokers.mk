@@ -1,4 +1,4 @@
-# Test brokers (tests/brokers/). Included by the root Makefile.
+# Test brokers (brokers/). Included by the root Makefile.
 #
 #   make brokers-up                  install if missing and start all four
 #   make brokers-status              report each one (exit 1 unless all healthy)

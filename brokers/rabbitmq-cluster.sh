@@ -12,7 +12,7 @@
 # join_cluster, start_app); later starts find the cluster in their data.
 # Needs rabbitmq.sh (RABBITMQ_SBIN, rabbitmq_installed), which brokers.sh sources first.
 #
-# Run directly, `bash tests/brokers/rabbitmq-cluster.sh ctl I ARG...` runs rabbitmqctl
+# Run directly, `bash brokers/rabbitmq-cluster.sh ctl I ARG...` runs rabbitmqctl
 # against node I (e.g. `ctl 1 list_queues name type leader members`).
 
 RMQC_DIR="$TIDEMILL_BROKERS_DIR/rabbitmq-cluster"
@@ -88,7 +88,7 @@ _rmqc_prepare() { # I
   fi
   chmod 400 "$RMQC_DIR/home/.erlang.cookie"
   [[ -f $d/rabbitmq.conf ]] || cat >"$d/rabbitmq.conf" <<CONF
-# Written by tests/brokers/rabbitmq-cluster.sh (node $i of 3).
+# Written by brokers/rabbitmq-cluster.sh (node $i of 3).
 listeners.tcp.default = 127.0.0.1:$(_rmqc_port "$i")
 loopback_users.guest = true
 log.console = false
@@ -232,11 +232,11 @@ rabbitmq-cluster_stop() {
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
   set -euo pipefail
   _here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-  # shellcheck source=tests/brokers/env.sh
+  # shellcheck source=brokers/env.sh
   source "$_here/env.sh"
-  # shellcheck source=tests/brokers/lib.sh
+  # shellcheck source=brokers/lib.sh
   source "$_here/lib.sh"
-  # shellcheck source=tests/brokers/rabbitmq.sh
+  # shellcheck source=brokers/rabbitmq.sh
   source "$_here/rabbitmq.sh"
   RMQC_DIR="$TIDEMILL_BROKERS_DIR/rabbitmq-cluster"
   case "${1:-}" in

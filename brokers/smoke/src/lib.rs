@@ -1,0 +1,2 @@
+//! Smoke tests live in `tests/`; see brokers/README.md.
+#![forbid(unsafe_code)]
