@@ -28,6 +28,7 @@ test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
+	python3 tests/msrv-check.py
 
 doc:
 	$(CARGO) doc --workspace --no-deps
