@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Test brokers for Tidemill's adapter suites: RabbitMQ, NATS (JetStream), a
-# Kafka-protocol broker (Tansu) and a Google Cloud Pub/Sub emulator, all on
+# Kafka-protocol broker (Tansu), a Google Cloud Pub/Sub emulator and Redis, all on
 # 127.0.0.1. See brokers/README.md.
 #
 #   brokers.sh up [NAME...]       install if missing, start, wait until ready
@@ -16,7 +16,7 @@
 #   brokers.sh start-node CLUSTER I  start node I again (its data kept); waits
 #                                 until the whole cluster is ready
 #
-# NAME is one of: rabbitmq nats kafka pubsub (default: all four), or a
+# NAME is one of: rabbitmq nats kafka pubsub redis (default: all five), or a
 # three-node cluster, only when named: nats-cluster rabbitmq-cluster (`down`
 # with no names stops the clusters too).
 # Exit status 3 from restart: the broker is external (not ours to restart).
@@ -83,7 +83,7 @@ cmd_up() {
     local more=()
     case $n in
       rabbitmq) rabbitmq_installed || read -r -a more <<<"$(rabbitmq_apt_packages)" || true ;;
-      pubsub | *-cluster) read -r -a more <<<"$("${n}_apt_packages")" || true ;;
+      pubsub | redis | *-cluster) read -r -a more <<<"$("${n}_apt_packages")" || true ;;
     esac
     pkgs+=("${more[@]}")
   done
@@ -93,6 +93,7 @@ cmd_up() {
     case $n in
       nats) nats_installed || { log "nats: installing"; nats_install; } ;;
       pubsub) pubsub_installed || { log "pubsub: building the emulator"; pubsub_install; } ;;
+      redis) redis_installed || die "redis-server is not installed" ;;
       rabbitmq) rabbitmq_installed || die "rabbitmq-server is not installed" ;;
       *-cluster) "${n}_installed" || { log "$n: installing"; "${n}_install"; } ;;
     esac
@@ -196,6 +197,7 @@ cmd_status() {
         rabbitmq) hp=${addr#*://}; hp=${hp#*@}; hp=${hp%%/*} ;;
         nats) hp=${addr#*://}; hp=${hp#*@}; hp=${hp%%/*}; hp=${hp%%,*} ;;
         kafka) hp=${addr%%,*} ;;
+        redis) hp=${addr#*://}; hp=${hp#*@}; hp=${hp%%/*} ;;
         *-cluster) hp=${addr%%,*}; hp=${hp#*://}; hp=${hp#*@}; hp=${hp%%/*} ;;
       esac
       if tcp_open_addr "$hp"; then

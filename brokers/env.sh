@@ -11,6 +11,7 @@
 #   TIDEMILL_NATS_URL       default nats://127.0.0.1:4223
 #   TIDEMILL_KAFKA_BROKERS  default 127.0.0.1:9093
 #   PUBSUB_EMULATOR_HOST    default 127.0.0.1:8086
+#   TIDEMILL_REDIS_URL      default redis://127.0.0.1:6380/0
 
 # --- ports of the brokers these scripts run ---------------------------------
 TIDEMILL_RABBITMQ_PORT=5673        # AMQP 0-9-1
@@ -20,6 +21,7 @@ TIDEMILL_NATS_PORT=4223            # NATS client port
 TIDEMILL_NATS_MONITOR_PORT=8223    # NATS HTTP monitoring (/healthz)
 TIDEMILL_KAFKA_PORT=9093           # Kafka protocol (Tansu)
 TIDEMILL_PUBSUB_PORT=8086          # Pub/Sub emulator: gRPC and REST on one port
+TIDEMILL_REDIS_PORT=6380           # Redis (default 6379)
 
 # --- the clusters (opt-in: `brokers.sh up nats-cluster rabbitmq-cluster`) ------
 # Three nodes each; node i (1..3) listens on the base port + i.
@@ -46,6 +48,7 @@ TIDEMILL_AMQP_URL_DEFAULT="amqp://guest:guest@127.0.0.1:${TIDEMILL_RABBITMQ_PORT
 TIDEMILL_NATS_URL_DEFAULT="nats://127.0.0.1:${TIDEMILL_NATS_PORT}"
 TIDEMILL_KAFKA_BROKERS_DEFAULT="127.0.0.1:${TIDEMILL_KAFKA_PORT}"
 PUBSUB_EMULATOR_HOST_DEFAULT="127.0.0.1:${TIDEMILL_PUBSUB_PORT}"
+TIDEMILL_REDIS_URL_DEFAULT="redis://127.0.0.1:${TIDEMILL_REDIS_PORT}/0"
 # The clusters' addresses: every node, comma-separated (what a client is given as seeds).
 TIDEMILL_NATS_CLUSTER_URL_DEFAULT="nats://127.0.0.1:$((TIDEMILL_NATS_CLUSTER_PORT_BASE + 1)),nats://127.0.0.1:$((TIDEMILL_NATS_CLUSTER_PORT_BASE + 2)),nats://127.0.0.1:$((TIDEMILL_NATS_CLUSTER_PORT_BASE + 3))"
 TIDEMILL_AMQP_CLUSTER_URL_DEFAULT="amqp://guest:guest@127.0.0.1:$((TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE + 1))/%2f,amqp://guest:guest@127.0.0.1:$((TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE + 2))/%2f,amqp://guest:guest@127.0.0.1:$((TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE + 3))/%2f"
@@ -59,6 +62,7 @@ tidemill_external() { # NAME -> 0 if the user points the tests elsewhere
     nats) var=TIDEMILL_NATS_URL ;;
     kafka) var=TIDEMILL_KAFKA_BROKERS ;;
     pubsub) var=PUBSUB_EMULATOR_HOST ;;
+    redis) var=TIDEMILL_REDIS_URL ;;
     nats-cluster) var=TIDEMILL_NATS_CLUSTER_URL ;;
     rabbitmq-cluster) var=TIDEMILL_AMQP_CLUSTER_URL ;;
     *) return 1 ;;
@@ -71,13 +75,14 @@ tidemill_external() { # NAME -> 0 if the user points the tests elsewhere
 : "${TIDEMILL_NATS_URL:=$TIDEMILL_NATS_URL_DEFAULT}"
 : "${TIDEMILL_KAFKA_BROKERS:=$TIDEMILL_KAFKA_BROKERS_DEFAULT}"
 : "${PUBSUB_EMULATOR_HOST:=$PUBSUB_EMULATOR_HOST_DEFAULT}"
+: "${TIDEMILL_REDIS_URL:=$TIDEMILL_REDIS_URL_DEFAULT}"
 : "${TIDEMILL_NATS_CLUSTER_URL:=$TIDEMILL_NATS_CLUSTER_URL_DEFAULT}"
 : "${TIDEMILL_AMQP_CLUSTER_URL:=$TIDEMILL_AMQP_CLUSTER_URL_DEFAULT}"
-export TIDEMILL_AMQP_URL TIDEMILL_NATS_URL TIDEMILL_KAFKA_BROKERS PUBSUB_EMULATOR_HOST
+export TIDEMILL_AMQP_URL TIDEMILL_NATS_URL TIDEMILL_KAFKA_BROKERS PUBSUB_EMULATOR_HOST TIDEMILL_REDIS_URL
 export TIDEMILL_NATS_CLUSTER_URL TIDEMILL_AMQP_CLUSTER_URL
 
 # The single-node brokers (what `up`, `down` and `status` act on by default).
-TIDEMILL_BROKERS="rabbitmq nats kafka pubsub"
+TIDEMILL_BROKERS="rabbitmq nats kafka pubsub redis"
 # The three-node clusters: only when named (`up nats-cluster`); `down` with no
 # names stops them too. A cluster's script (NAME.sh) defines the same functions
 # as a broker's, plus NAME_log, NAME_pid and NAME_var (see brokers.sh).

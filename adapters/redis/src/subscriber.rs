@@ -1,0 +1,1038 @@
+//! [`RedisSubscriber`]: consumer groups on the topic's stream.
+//!
+//! Each subscription is a consumer of its group (a private group when it has none). A task
+//! per subscription reads new entries (`XREADGROUP … >`, on a connection of its own since
+//! the read blocks), hands them out one per key at a time, keeps the entries it holds from
+//! going idle, takes over entries other consumers left (`XAUTOCLAIM`), and when it ends
+//! gives back what it did not hand out so another consumer takes it at once.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::{Client, RedisError, Value};
+use tidemill_core::{
+    AckFuture, Acknowledger, CancellationToken, ConnectionState, Delivery, DeliveryStream, Error,
+    Message, Result, SubscribeOptions, Subscriber,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tokio_util::time::DelayQueue;
+
+use crate::codec;
+use crate::config::{RedisConfig, StartFrom};
+use crate::conn::{self, StateCell};
+use crate::BROKER;
+
+/// Subscribes to topics as consumers of Redis consumer groups.
+///
+/// - With a consumer group, the group's subscribers (in any process) compete for the
+///   stream's entries; the group is created on first use, starting at
+///   [`start_from`](RedisConfig::start_from).
+/// - Without one, the subscription gets a private group of its own (`tidemill-<uuid>`),
+///   deleted when it ends: it sees what is published while it exists.
+/// - An ack is `XACK`. A nack hands the message out again at once (after its delay), with
+///   the server's delivery count raised; the attempt a delivery reports is that count, so
+///   it holds across restarts. Entries a consumer received and never settled (it crashed)
+///   are taken over by the group's other subscriptions after
+///   [`claim_idle`](RedisConfig::claim_idle); those a subscription gives back when it ends
+///   are taken within [`claim_interval`](RedisConfig::claim_interval).
+/// - Order per key ([`order_per_key`](RedisConfig::order_per_key)) holds within a
+///   subscription: one message per key out at a time, a nacked one first again. With
+///   several subscribers in a group, the group spreads a key's messages over them, and
+///   entries taken over from a dead consumer arrive after newer ones.
+///
+/// Cloning is cheap; clones share the connection and the subscriptions.
+#[derive(Clone)]
+pub struct RedisSubscriber {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    client: Client,
+    conn: ConnectionManager,
+    closed: CancellationToken,
+    tasks: TaskTracker,
+    state: Arc<StateCell>,
+}
+
+impl std::fmt::Debug for RedisSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSubscriber")
+            .field("server", &self.inner.config.address())
+            .field("closed", &self.inner.closed.is_cancelled())
+            .finish()
+    }
+}
+
+impl RedisSubscriber {
+    /// Connects to the server; fails within `connect_timeout` naming the address (without
+    /// its password) when it cannot.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        let client = conn::client(&config)?;
+        let conn = conn::manager(&client, &config).await?;
+        Ok(RedisSubscriber {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                conn,
+                closed: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                state: Arc::default(),
+            }),
+        })
+    }
+
+    /// The configuration this subscriber runs with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+}
+
+/// Creates consumer group `group` of `topic`'s stream (and the stream, when allowed);
+/// an existing group is fine.
+pub(crate) async fn create_group(
+    conn: &mut ConnectionManager,
+    config: &RedisConfig,
+    topic: &str,
+    group: &str,
+    start: StartFrom,
+    state: &StateCell,
+) -> Result<()> {
+    let stream = config.stream(topic);
+    let mut cmd = redis::cmd("XGROUP");
+    cmd.arg("CREATE").arg(&stream).arg(group).arg(match start {
+        StartFrom::New => "$",
+        StartFrom::Beginning => "0",
+    });
+    if config.create_streams {
+        cmd.arg("MKSTREAM");
+    }
+    let result: Result<Value, _> = cmd.query_async(conn).await;
+    state.saw(&result);
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) if !config.create_streams && !conn::is_transient(&e) => Err(Error::permanent(
+            BROKER,
+            topic,
+            format!("create consumer group `{group}`"),
+            format!(
+                "stream `{stream}` does not exist and create_streams is off: {} (server {})",
+                conn::strip(&e, config),
+                config.address()
+            ),
+        )),
+        Err(e) => Err(conn::error(
+            e,
+            config,
+            topic,
+            &format!("create consumer group `{group}` (XGROUP CREATE)"),
+        )),
+    }
+}
+
+#[async_trait]
+impl Subscriber for RedisSubscriber {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
+        let inner = &self.inner;
+        if inner.closed.is_cancelled() {
+            return Err(Error::SubscriberClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        let config = &inner.config;
+        let (group, private) = match options.consumer_group() {
+            Some(g) => (g.to_owned(), false),
+            None => (format!("tidemill-{}", uuid::Uuid::new_v4().simple()), true),
+        };
+        let mut conn = inner.conn.clone();
+        create_group(
+            &mut conn,
+            config,
+            topic,
+            &group,
+            config.start_from,
+            &inner.state,
+        )
+        .await?;
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            conn,
+            stream: config.stream(topic),
+            topic: topic.to_owned(),
+            consumer: format!("{}-{}", config.consumer_name, uuid::Uuid::new_v4().simple()),
+            group,
+            private,
+            state: inner.state.clone(),
+        });
+        if !private {
+            shared.expire_consumers().await;
+        }
+        let reader = conn::reading(&inner.client, config).await?;
+        // One delivery at a time, and only once the stream is polled: what the application
+        // does not take stays with the subscription, which gives it back when it ends.
+        let (tx, rx) = mpsc::channel(1);
+        let demand = Arc::new(Demand::default());
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let pump = Pump {
+            shared,
+            client: inner.client.clone(),
+            reader: Some(reader),
+            events_tx,
+            ready: VecDeque::new(),
+            waiting: HashMap::new(),
+            held: HashSet::new(),
+            handed: HashSet::new(),
+            delayed_due: HashMap::new(),
+            scanning: false,
+            recover_own: false,
+        };
+        let stop = inner.closed.child_token();
+        let option_stop = options.cancellation().cloned();
+        inner
+            .tasks
+            .spawn(pump.run(tx, events, demand.clone(), stop, option_stop));
+        let stream = Deliveries {
+            rx,
+            demand,
+            asked: false,
+        };
+        Ok(DeliveryStream::new(stream).with_options(&options))
+    }
+
+    /// Creates the consumer group (and the stream), so that what is published from now on
+    /// waits for the group's first subscriber. Nothing to do without a group.
+    async fn initialize(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        let Some(group) = options.consumer_group() else {
+            return Ok(());
+        };
+        let inner = &self.inner;
+        if inner.closed.is_cancelled() {
+            return Err(Error::SubscriberClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        let mut conn = inner.conn.clone();
+        create_group(
+            &mut conn,
+            &inner.config,
+            topic,
+            group,
+            inner.config.start_from,
+            &inner.state,
+        )
+        .await
+    }
+
+    /// Ends every subscription: each gives back the entries it read but did not hand out
+    /// (another consumer of the group takes them at once), private groups are deleted.
+    /// Deliveries already handed out can still be settled.
+    async fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        inner.closed.cancel();
+        inner.tasks.close();
+        let bound = inner.config.command_timeout * 2;
+        if tokio::time::timeout(bound, inner.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                broker = BROKER,
+                "subscriptions did not finish giving back their entries within {bound:?}; \
+                 the group takes them over after claim_idle"
+            );
+        }
+        inner.state.set(ConnectionState::Closed);
+        Ok(())
+    }
+
+    fn connection_state(&self) -> ConnectionState {
+        self.inner.state.get()
+    }
+}
+
+/// Whether the application asked for a delivery (its stream is being polled).
+#[derive(Default)]
+struct Demand {
+    wanted: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Demand {
+    fn ask(&self) {
+        self.wanted.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn wanted(&self) -> bool {
+        self.wanted.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn take(&self) {
+        self.wanted.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The stream of one subscription: asks the task for the next delivery when polled.
+struct Deliveries {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    demand: Arc<Demand>,
+    /// Asked and not received yet (a poll cancelled midway asks only once).
+    asked: bool,
+}
+
+impl futures::Stream for Deliveries {
+    type Item = Result<Delivery>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if !self.asked {
+            self.asked = true;
+            self.demand.ask();
+        }
+        let polled = self.rx.poll_recv(cx);
+        if polled.is_ready() {
+            self.asked = false;
+        }
+        polled
+    }
+}
+
+/// What one subscription's task and its deliveries share.
+struct Shared {
+    config: RedisConfig,
+    conn: ConnectionManager,
+    stream: String,
+    topic: String,
+    group: String,
+    consumer: String,
+    private: bool,
+    state: Arc<StateCell>,
+}
+
+/// How long ago a given-back entry was "delivered": far over any `claim_idle`, so the next
+/// `XAUTOCLAIM` of any consumer takes it.
+const GIVEN_BACK_IDLE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl Shared {
+    /// Runs `cmd` (every command sent through here is idempotent), trying again after
+    /// connection trouble until `command_timeout` is over: the connection reconnects by
+    /// itself, and an ack should not fail because of one dropped connection.
+    async fn query(&self, cmd: &redis::Cmd) -> Result<Value, RedisError> {
+        conn::query_retrying(&self.conn, cmd, &self.config, &self.state).await
+    }
+
+    fn error(&self, e: RedisError, context: &str) -> Error {
+        conn::error(e, &self.config, &self.topic, context)
+    }
+
+    /// `XCLAIM` to this consumer with min-idle 0: `JUSTID` resets the entries' idle time
+    /// (or sets it to `idle`) without counting a delivery; without it the delivery count
+    /// goes up and the entries come back.
+    fn xclaim(&self, ids: &[Arc<str>], idle: Option<Duration>, just_id: bool) -> redis::Cmd {
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(0);
+        for id in ids {
+            cmd.arg(&**id);
+        }
+        if let Some(idle) = idle {
+            cmd.arg("IDLE").arg(idle.as_millis() as u64);
+        }
+        if just_id {
+            cmd.arg("JUSTID");
+        }
+        cmd
+    }
+
+    /// Gives entries back to the group: any consumer's next scan takes them once they have
+    /// been idle for `claim_idle` (at once with the default `after`).
+    async fn give_back(&self, ids: &[Arc<str>], after: Duration) {
+        if ids.is_empty() || self.private {
+            return;
+        }
+        let idle = self.config.claim_idle.saturating_sub(after);
+        let idle = if after.is_zero() {
+            GIVEN_BACK_IDLE
+        } else {
+            idle
+        };
+        if after > self.config.claim_idle {
+            tokio::time::sleep(after - self.config.claim_idle).await;
+        }
+        for chunk in ids.chunks(1000) {
+            if let Err(e) = self.query(&self.xclaim(chunk, Some(idle), true)).await {
+                tracing::warn!(
+                    broker = BROKER,
+                    topic = %self.topic,
+                    group = %self.group,
+                    error = %conn::strip(&e, &self.config),
+                    "could not give {} entries back to the group; it takes them over after \
+                     claim_idle",
+                    chunk.len()
+                );
+            }
+        }
+    }
+
+    /// Takes `entry` back for redelivery (delivery count + 1): `Again`, or `Settled` when
+    /// the entry is gone (acked elsewhere, trimmed, group deleted).
+    async fn take_again(&self, mut entry: Entry) -> Result<Event, (Entry, Error)> {
+        match self
+            .query(&self.xclaim(std::slice::from_ref(&entry.id), None, false))
+            .await
+        {
+            Ok(reply) if !conn::entries(reply.clone()).is_empty() => {
+                entry.attempt = entry.attempt.saturating_add(1);
+                Ok(Event::Again(entry))
+            }
+            Ok(_) => Ok(Event::Settled {
+                id: entry.id.clone(),
+                key: entry.key(),
+            }),
+            Err(e) if conn::is_nogroup(&e) => Ok(Event::Settled {
+                id: entry.id.clone(),
+                key: entry.key(),
+            }),
+            Err(e) => {
+                let err = self.error(e, "nack (XCLAIM)");
+                Err((entry, err))
+            }
+        }
+    }
+
+    /// Removes consumers of the group that hold nothing and were idle past
+    /// `consumer_expiry` (what ended subscriptions leave behind).
+    async fn expire_consumers(&self) {
+        let mut cmd = redis::cmd("XINFO");
+        cmd.arg("CONSUMERS").arg(&self.stream).arg(&self.group);
+        let Ok(reply) = self.query(&cmd).await else {
+            return;
+        };
+        let prefix = format!("{}-", self.config.consumer_name);
+        let expiry = self.config.consumer_expiry.as_millis() as u64;
+        for (name, pending, idle) in conn::consumers_reply(reply) {
+            if pending == 0 && idle > expiry && name.starts_with(&prefix) {
+                let mut del = redis::cmd("XGROUP");
+                del.arg("DELCONSUMER")
+                    .arg(&self.stream)
+                    .arg(&self.group)
+                    .arg(&name);
+                let _ = self.query(&del).await;
+            }
+        }
+    }
+
+    /// Delivery counts of `ids` (pending for this group), by id.
+    async fn delivery_counts(&self, ids: &[Arc<str>]) -> HashMap<String, u64> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XPENDING")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(&**id)
+                .arg(&**id)
+                .arg(1);
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
+            Ok(r) => r,
+            Err(_) => return HashMap::new(),
+        };
+        replies
+            .into_iter()
+            .flat_map(conn::pending_reply)
+            .map(|(id, _, _, count)| (id, count))
+            .collect()
+    }
+
+    /// Takes over entries for this consumer: those idle past `claim_idle` (with `own`,
+    /// instead this consumer's own pending entries not in `held`, e.g. read by a request
+    /// whose reply a broken connection lost). At most `count`.
+    async fn scan(&self, count: usize, own: bool, held: Vec<Arc<str>>) -> Vec<Entry> {
+        let mut raw = Vec::new();
+        if own {
+            let mut cmd = redis::cmd("XPENDING");
+            cmd.arg(&self.stream)
+                .arg(&self.group)
+                .arg("-")
+                .arg("+")
+                .arg(count + held.len())
+                .arg(&self.consumer);
+            let Ok(reply) = self.query(&cmd).await else {
+                return Vec::new();
+            };
+            let held: HashSet<&str> = held.iter().map(|h| &**h).collect();
+            let ids: Vec<Arc<str>> = conn::pending_reply(reply)
+                .into_iter()
+                .filter(|(id, ..)| !held.contains(id.as_str()))
+                .take(count)
+                .map(|(id, ..)| Arc::from(id))
+                .collect();
+            if ids.is_empty() {
+                return Vec::new();
+            }
+            if let Ok(reply) = self.query(&self.xclaim(&ids, None, false)).await {
+                raw = conn::entries(reply);
+            }
+        } else {
+            let mut cursor = "0-0".to_owned();
+            for _ in 0..8 {
+                let mut cmd = redis::cmd("XAUTOCLAIM");
+                cmd.arg(&self.stream)
+                    .arg(&self.group)
+                    .arg(&self.consumer)
+                    .arg(self.config.claim_idle.as_millis() as u64)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(count - raw.len());
+                let reply = match self.query(&cmd).await {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        tracing::debug!(broker = BROKER, topic = %self.topic, error = %conn::strip(&e, &self.config), "XAUTOCLAIM failed");
+                        break;
+                    }
+                };
+                let deleted = match &reply {
+                    Value::Array(parts) => parts
+                        .get(2)
+                        .map(|d| match d {
+                            Value::Array(ids) => ids.len(),
+                            _ => 0,
+                        })
+                        .unwrap_or(0),
+                    _ => 0,
+                };
+                if deleted > 0 {
+                    tracing::error!(
+                        broker = BROKER,
+                        topic = %self.topic,
+                        group = %self.group,
+                        "{deleted} entries were trimmed from stream `{}` before the group \
+                         settled them: those messages are lost (see max_len / max_age)",
+                        self.stream
+                    );
+                }
+                let (next, taken) = conn::autoclaim_reply(reply);
+                raw.extend(taken);
+                cursor = next;
+                if cursor == "0-0" || raw.len() >= count {
+                    break;
+                }
+            }
+        }
+        let raw: Vec<(String, codec::Fields)> = raw
+            .into_iter()
+            .filter_map(|(id, fields)| Some((id, fields?)))
+            .collect();
+        if raw.is_empty() {
+            return Vec::new();
+        }
+        let ids: Vec<Arc<str>> = raw.iter().map(|(id, _)| Arc::from(id.as_str())).collect();
+        let counts = self.delivery_counts(&ids).await;
+        raw.into_iter()
+            .zip(ids)
+            .map(|((id, fields), arc_id)| {
+                let attempt = counts.get(&id).copied().unwrap_or(2).max(1);
+                self.entry(arc_id, &id, fields, u32::try_from(attempt).unwrap_or(u32::MAX))
+            })
+            .collect()
+    }
+
+    fn entry(&self, id: Arc<str>, raw_id: &str, fields: codec::Fields, attempt: u32) -> Entry {
+        let message = codec::decode(&self.stream, raw_id, fields, &self.config.payload_field);
+        let key = if self.config.order_per_key {
+            message.key().cloned()
+        } else {
+            None
+        };
+        Entry {
+            id,
+            message,
+            key,
+            attempt,
+        }
+    }
+}
+
+/// An entry this subscription holds.
+struct Entry {
+    id: Arc<str>,
+    message: Message,
+    /// The key it is ordered by (none without `order_per_key`).
+    key: Option<Bytes>,
+    attempt: u32,
+}
+
+impl Entry {
+    fn key(&self) -> Option<Bytes> {
+        self.key.clone()
+    }
+}
+
+/// What deliveries and helper tasks tell the subscription's task.
+enum Event {
+    /// The entry is done with (acked, or gone): the next of its key may go.
+    Settled { id: Arc<str>, key: Option<Bytes> },
+    /// Hand the entry out again now (before the next of its key, which waits for it).
+    Again(Entry),
+    /// Hand the entry out again after the delay.
+    Later(Entry, Duration),
+    /// Entries taken over by a scan.
+    Claimed(Vec<Entry>),
+    /// A scan finished.
+    ScanDone,
+}
+
+struct Pump {
+    shared: Arc<Shared>,
+    client: Client,
+    /// The connection for blocking reads (none while reconnecting).
+    reader: Option<MultiplexedConnection>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    /// Entries whose turn it is.
+    ready: VecDeque<Entry>,
+    /// A key is present while one of its entries is out (ready, handed out or delayed);
+    /// the queue holds its successors.
+    waiting: HashMap<Bytes, VecDeque<Entry>>,
+    /// Every entry held: ready, waiting, handed out, delayed.
+    held: HashSet<Arc<str>>,
+    /// Handed out and not settled yet.
+    handed: HashSet<Arc<str>>,
+    /// When each delayed entry is due (the entries wait in the task's `DelayQueue`).
+    delayed_due: HashMap<Arc<str>, Instant>,
+    scanning: bool,
+    /// After a reconnect: look for own pending entries a lost reply carried.
+    recover_own: bool,
+}
+
+type ReadFuture = BoxFuture<'static, Result<Value, RedisError>>;
+
+impl Pump {
+    async fn run(
+        mut self,
+        tx: mpsc::Sender<Result<Delivery>>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        demand: Arc<Demand>,
+        stop: CancellationToken,
+        option_stop: Option<CancellationToken>,
+    ) {
+        let mut delayed: DelayQueue<Entry> = DelayQueue::new();
+        let config = self.shared.config.clone();
+        let option_stopped = async {
+            match &option_stop {
+                Some(t) => t.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(option_stopped);
+        let mut reading: Option<ReadFuture> = None;
+        let mut claim_tick = tokio::time::interval(config.claim_interval);
+        claim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let beat = (config.claim_idle / 3).max(Duration::from_millis(50));
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + beat, beat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_at: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut outage_logged = false;
+        loop {
+            if reading.is_none() && retry_at.is_none() && self.held.len() < config.prefetch {
+                if let Some(conn) = self.reader.clone() {
+                    reading = Some(self.read(conn, config.prefetch - self.held.len()));
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = &mut option_stopped => break,
+                _ = tx.closed() => break,
+                Some(event) = events.recv() => {
+                    if let Some((entry, delay)) = self.on_event(event) {
+                        delayed.insert(entry, delay);
+                    }
+                }
+                _ = demand.notify.notified(), if !demand.wanted() => {}
+                permit = tx.reserve(), if !self.ready.is_empty() && demand.wanted() => {
+                    let Ok(permit) = permit else { break };
+                    demand.take();
+                    let entry = self.ready.pop_front().expect("checked non-empty");
+                    self.handed.insert(entry.id.clone());
+                    permit.send(Ok(self.delivery(entry)));
+                }
+                result = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
+                    reading = None;
+                    match result {
+                        Ok(reply) => {
+                            backoff = Duration::from_millis(100);
+                            if outage_logged {
+                                tracing::info!(broker = BROKER, topic = %self.shared.topic, "reading again after reconnecting");
+                                outage_logged = false;
+                            }
+                            for (id, fields) in conn::read_reply(reply) {
+                                let Some(fields) = fields else { continue };
+                                let entry = self.shared.entry(Arc::from(id.as_str()), &id, fields, 1);
+                                self.admit(entry);
+                            }
+                        }
+                        Err(e) => {
+                            if conn::is_nogroup(&e) {
+                                tracing::warn!(
+                                    broker = BROKER,
+                                    topic = %self.shared.topic,
+                                    group = %self.shared.group,
+                                    "consumer group or stream `{}` disappeared (deleted, or the server lost its data); creating it again from the stream's beginning",
+                                    self.shared.stream
+                                );
+                                let mut conn = self.shared.conn.clone();
+                                if let Err(err) = create_group(&mut conn, &config, &self.shared.topic, &self.shared.group, StartFrom::Beginning, &self.shared.state).await {
+                                    tracing::warn!(broker = BROKER, topic = %self.shared.topic, error = %err, "could not create the group again; retrying");
+                                    retry_at = Some(Instant::now() + backoff);
+                                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                                }
+                            } else {
+                                if !outage_logged {
+                                    tracing::warn!(
+                                        broker = BROKER,
+                                        topic = %self.shared.topic,
+                                        error = %conn::strip(&e, &config),
+                                        "reading stream `{}` failed; reconnecting",
+                                        self.shared.stream
+                                    );
+                                    outage_logged = true;
+                                }
+                                if conn::is_transient(&e) {
+                                    self.reader = None;
+                                    self.shared.state.set(ConnectionState::Disconnected);
+                                }
+                                retry_at = Some(Instant::now() + backoff);
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    }
+                }
+                Some(expired) = delayed.next(), if !delayed.is_empty() => {
+                    let entry = expired.into_inner();
+                    self.delayed_due.remove(&entry.id);
+                    self.spawn_take_again(entry);
+                }
+                _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                    retry_at = None;
+                    if self.reader.is_none() {
+                        match conn::reading(&self.client, &config).await {
+                            Ok(conn) => {
+                                self.reader = Some(conn);
+                                self.shared.state.set(ConnectionState::Connected);
+                                self.recover_own = true;
+                            }
+                            Err(_) => {
+                                retry_at = Some(Instant::now() + backoff);
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    }
+                }
+                _ = claim_tick.tick() => self.spawn_scan(),
+                _ = heartbeat.tick() => self.spawn_heartbeat(),
+            }
+        }
+        drop(reading);
+        drop(delayed); // their due times are in delayed_due
+        self.finish(events).await;
+        drop(tx);
+    }
+
+    fn read(&self, mut conn: MultiplexedConnection, count: usize) -> ReadFuture {
+        let s = &self.shared;
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&s.group)
+            .arg(&s.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(s.config.block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&s.stream)
+            .arg(">");
+        async move { cmd.query_async(&mut conn).await }.boxed()
+    }
+
+    fn admit(&mut self, entry: Entry) {
+        if !self.held.insert(entry.id.clone()) {
+            return; // already held (a scan raced with a read)
+        }
+        match &entry.key {
+            Some(key) => match self.waiting.get_mut(key) {
+                Some(queue) => queue.push_back(entry),
+                None => {
+                    self.waiting.insert(key.clone(), VecDeque::new());
+                    self.ready.push_back(entry);
+                }
+            },
+            None => self.ready.push_back(entry),
+        }
+    }
+
+    /// Applies `event`; returns an entry to hand out again after a delay.
+    fn on_event(&mut self, event: Event) -> Option<(Entry, Duration)> {
+        match event {
+            Event::Settled { id, key } => {
+                self.held.remove(&id);
+                self.handed.remove(&id);
+                if let Some(key) = key {
+                    if let Some(queue) = self.waiting.get_mut(&key) {
+                        match queue.pop_front() {
+                            Some(next) => self.ready.push_back(next),
+                            None => {
+                                self.waiting.remove(&key);
+                            }
+                        }
+                    }
+                }
+            }
+            Event::Again(entry) => {
+                // Behind what is ready: its key's successors wait for it anyway, and other
+                // messages are not starved by one nacked over and over.
+                self.handed.remove(&entry.id);
+                self.ready.push_back(entry);
+            }
+            Event::Later(entry, delay) => {
+                self.handed.remove(&entry.id);
+                self.delayed_due
+                    .insert(entry.id.clone(), Instant::now() + delay);
+                return Some((entry, delay));
+            }
+            Event::Claimed(entries) => {
+                for entry in entries {
+                    self.admit(entry);
+                }
+            }
+            Event::ScanDone => self.scanning = false,
+        }
+        None
+    }
+
+    fn delivery(&self, entry: Entry) -> Delivery {
+        let attempt = entry.attempt;
+        Delivery::new(
+            entry.message.clone(),
+            RedisAcker {
+                shared: self.shared.clone(),
+                events: self.events_tx.clone(),
+                entry,
+            },
+        )
+        .with_attempt(attempt)
+    }
+
+    fn spawn_take_again(&self, entry: Entry) {
+        let (shared, events) = (self.shared.clone(), self.events_tx.clone());
+        tokio::spawn(async move {
+            let event = match shared.take_again(entry).await {
+                Ok(event) => event,
+                Err((entry, err)) => {
+                    tracing::warn!(broker = BROKER, error = %err, "redelivery failed; trying again");
+                    Event::Later(entry, shared.config.claim_interval)
+                }
+            };
+            if let Err(mpsc::error::SendError(event)) = events.send(event) {
+                give_back_event(&shared, event).await;
+            }
+        });
+    }
+
+    fn spawn_scan(&mut self) {
+        let room = self.shared.config.prefetch.saturating_sub(self.held.len());
+        if self.scanning || room == 0 {
+            return;
+        }
+        self.scanning = true;
+        let own = std::mem::take(&mut self.recover_own);
+        let held: Vec<Arc<str>> = if own {
+            self.held.iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let (shared, events) = (self.shared.clone(), self.events_tx.clone());
+        tokio::spawn(async move {
+            let mut taken = shared.scan(room, own, held).await;
+            if own && taken.len() < room {
+                taken.extend(shared.scan(room - taken.len(), false, Vec::new()).await);
+            }
+            if !taken.is_empty() {
+                if let Err(mpsc::error::SendError(event)) = events.send(Event::Claimed(taken)) {
+                    give_back_event(&shared, event).await;
+                }
+            }
+            let _ = events.send(Event::ScanDone);
+        });
+    }
+
+    fn spawn_heartbeat(&self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let ids: Vec<Arc<str>> = self.held.iter().cloned().collect();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            for chunk in ids.chunks(1000) {
+                if let Err(e) = shared.query(&shared.xclaim(chunk, None, true)).await {
+                    tracing::debug!(broker = BROKER, error = %conn::strip(&e, &shared.config), "keeping held entries fresh failed");
+                }
+            }
+        });
+    }
+
+    /// Gives back what was not handed out; deletes a private group.
+    async fn finish(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        events.close();
+        let shared = self.shared.clone();
+        if shared.private {
+            let mut cmd = redis::cmd("XGROUP");
+            cmd.arg("DESTROY").arg(&shared.stream).arg(&shared.group);
+            let destroyed = tokio::time::timeout(shared.config.command_timeout, shared.query(&cmd)).await;
+            if !matches!(destroyed, Ok(Ok(_))) {
+                tracing::warn!(broker = BROKER, topic = %shared.topic, "could not delete private consumer group `{}`", shared.group);
+            }
+            return;
+        }
+        let mut now: Vec<Arc<str>> = Vec::new();
+        let mut later: Vec<(Arc<str>, Duration)> = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            // A delayed one lands in delayed_due.
+            let _ = self.on_event(event);
+        }
+        for entry in self.ready.drain(..) {
+            now.push(entry.id);
+        }
+        for (_, queue) in self.waiting.drain() {
+            now.extend(queue.into_iter().map(|e| e.id));
+        }
+        let now_at = Instant::now();
+        for (id, due) in self.delayed_due.drain() {
+            later.push((id, due.saturating_duration_since(now_at)));
+        }
+        // Entries a read in flight took for this consumer, which never arrived here.
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&shared.stream)
+            .arg(&shared.group)
+            .arg("-")
+            .arg("+")
+            .arg(10_000)
+            .arg(&shared.consumer);
+        if let Ok(Ok(reply)) = tokio::time::timeout(shared.config.command_timeout, shared.query(&cmd)).await {
+            let known: HashSet<Arc<str>> = now.iter().cloned().chain(later.iter().map(|(i, _)| i.clone())).collect();
+            for (id, ..) in conn::pending_reply(reply) {
+                let id: Arc<str> = Arc::from(id.as_str());
+                if !self.handed.contains(&id) && !known.contains(&id) {
+                    now.push(id);
+                }
+            }
+        }
+        // Delayed entries go back when their delay is over (detached: a delay may be long).
+        for (id, after) in later {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let after = after.max(Duration::from_millis(1));
+                shared.give_back(std::slice::from_ref(&id), after).await;
+            });
+        }
+        let give_back = shared.give_back(&now, Duration::ZERO);
+        if tokio::time::timeout(shared.config.command_timeout, give_back).await.is_err() {
+            tracing::warn!(broker = BROKER, topic = %shared.topic, "giving entries back timed out; the group takes them over after claim_idle");
+        }
+    }
+
+}
+
+/// Gives back the entry carried by an event nobody will receive.
+async fn give_back_event(shared: &Shared, event: Event) {
+    match event {
+        Event::Again(entry) => shared.give_back(&[entry.id], Duration::ZERO).await,
+        Event::Later(entry, delay) => shared.give_back(&[entry.id], delay).await,
+        Event::Claimed(entries) => {
+            let ids: Vec<Arc<str>> = entries.into_iter().map(|e| e.id).collect();
+            shared.give_back(&ids, Duration::ZERO).await;
+        }
+        Event::Settled { .. } | Event::ScanDone => {}
+    }
+}
+
+/// Settles one delivery.
+struct RedisAcker {
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<Event>,
+    entry: Entry,
+}
+
+impl Acknowledger for RedisAcker {
+    fn ack(self: Box<Self>) -> AckFuture {
+        let RedisAcker {
+            shared,
+            events,
+            entry,
+        } = *self;
+        AckFuture::boxed(async move {
+            let mut cmd = redis::cmd("XACK");
+            cmd.arg(&shared.stream).arg(&shared.group).arg(&*entry.id);
+            let result = shared.query(&cmd).await;
+            let _ = events.send(Event::Settled {
+                id: entry.id.clone(),
+                key: entry.key(),
+            });
+            match result {
+                Ok(_) => Ok(()),
+                Err(e) if shared.private && conn::is_nogroup(&e) => Ok(()),
+                Err(e) => Err(shared.error(e, &format!("ack entry {} (XACK)", entry.id))),
+            }
+        })
+    }
+
+    fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
+        let RedisAcker {
+            shared,
+            events,
+            entry,
+        } = *self;
+        AckFuture::boxed(async move {
+            if let Some(delay) = delay.filter(|d| !d.is_zero()) {
+                if let Err(mpsc::error::SendError(event)) = events.send(Event::Later(entry, delay))
+                {
+                    give_back_event(&shared, event).await;
+                }
+                return Ok(());
+            }
+            if events.is_closed() {
+                shared.give_back(&[entry.id], Duration::ZERO).await;
+                return Ok(());
+            }
+            match shared.take_again(entry).await {
+                Ok(event) => {
+                    if let Err(mpsc::error::SendError(event)) = events.send(event) {
+                        give_back_event(&shared, event).await;
+                    }
+                    Ok(())
+                }
+                Err((entry, err)) => {
+                    // The subscription tries again; the caller hears of the failure.
+                    let retry = Event::Later(entry, shared.config.claim_interval);
+                    if let Err(mpsc::error::SendError(event)) = events.send(retry) {
+                        give_back_event(&shared, event).await;
+                    }
+                    Err(err)
+                }
+            }
+        })
+    }
+}
