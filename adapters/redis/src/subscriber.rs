@@ -177,16 +177,16 @@ impl Subscriber for RedisSubscriber {
         if !private {
             shared.expire_consumers().await;
         }
-        let reader = conn::reading(&inner.client, config).await?;
+        let (reader, reader_id) = open_reader(&inner.client, config).await?;
         // One delivery at a time, and only once the stream is polled: what the application
         // does not take stays with the subscription, which gives it back when it ends.
-        let (tx, rx) = mpsc::channel(1);
-        let demand = Arc::new(Demand::default());
+        let handoff = Arc::new(Handoff::default());
         let (events_tx, events) = mpsc::unbounded_channel();
         let pump = Pump {
             shared,
             client: inner.client.clone(),
             reader: Some(reader),
+            reader_id,
             events_tx,
             ready: VecDeque::new(),
             waiting: HashMap::new(),
@@ -200,12 +200,8 @@ impl Subscriber for RedisSubscriber {
         let option_stop = options.cancellation().cloned();
         inner
             .tasks
-            .spawn(pump.run(tx, events, demand.clone(), stop, option_stop));
-        let stream = Deliveries {
-            rx,
-            demand,
-            asked: false,
-        };
+            .spawn(pump.run(handoff.clone(), events, stop, option_stop));
+        let stream = Deliveries { handoff };
         Ok(DeliveryStream::new(stream).with_options(&options))
     }
 
@@ -258,52 +254,96 @@ impl Subscriber for RedisSubscriber {
     }
 }
 
-/// Whether the application asked for a delivery (its stream is being polled).
+/// Where a subscription's task hands a delivery to its stream: one at a time, and only
+/// when the stream is polled, so what the application does not take stays with the task
+/// (which gives it back to the group when the subscription ends).
 #[derive(Default)]
-struct Demand {
-    wanted: std::sync::atomic::AtomicBool,
+struct Handoff {
+    slot: std::sync::Mutex<Slot>,
+    /// Wakes the task: the stream asked for a delivery or was dropped.
     notify: tokio::sync::Notify,
 }
 
-impl Demand {
-    fn ask(&self) {
-        self.wanted.store(true, std::sync::atomic::Ordering::Release);
-        self.notify.notify_one();
+#[derive(Default)]
+struct Slot {
+    delivery: Option<Delivery>,
+    /// The stream is waiting for a delivery.
+    wanted: bool,
+    waker: Option<std::task::Waker>,
+    /// The subscription ended: the stream ends once the slot is empty.
+    ended: bool,
+    /// The stream was dropped.
+    dropped: bool,
+}
+
+impl Handoff {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn wanted(&self) -> bool {
-        self.wanted.load(std::sync::atomic::Ordering::Acquire)
+    /// Whether the stream waits for a delivery and the slot is free.
+    fn wants(&self) -> bool {
+        let slot = self.lock();
+        slot.wanted && slot.delivery.is_none()
     }
 
-    fn take(&self) {
-        self.wanted.store(false, std::sync::atomic::Ordering::Release);
+    fn dropped(&self) -> bool {
+        self.lock().dropped
+    }
+
+    fn put(&self, delivery: Delivery) {
+        let mut slot = self.lock();
+        slot.delivery = Some(delivery);
+        slot.wanted = false;
+        if let Some(waker) = slot.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Ends the stream; returns the delivery the application did not take.
+    fn end(&self) -> Option<Delivery> {
+        let mut slot = self.lock();
+        slot.ended = true;
+        if let Some(waker) = slot.waker.take() {
+            waker.wake();
+        }
+        slot.delivery.take()
     }
 }
 
-/// The stream of one subscription: asks the task for the next delivery when polled.
+/// The stream of one subscription.
 struct Deliveries {
-    rx: mpsc::Receiver<Result<Delivery>>,
-    demand: Arc<Demand>,
-    /// Asked and not received yet (a poll cancelled midway asks only once).
-    asked: bool,
+    handoff: Arc<Handoff>,
 }
 
 impl futures::Stream for Deliveries {
     type Item = Result<Delivery>;
 
     fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        if !self.asked {
-            self.asked = true;
-            self.demand.ask();
+        let mut slot = self.handoff.lock();
+        if let Some(delivery) = slot.delivery.take() {
+            return std::task::Poll::Ready(Some(Ok(delivery)));
         }
-        let polled = self.rx.poll_recv(cx);
-        if polled.is_ready() {
-            self.asked = false;
+        if slot.ended {
+            return std::task::Poll::Ready(None);
         }
-        polled
+        slot.waker = Some(cx.waker().clone());
+        if !slot.wanted {
+            slot.wanted = true;
+            drop(slot);
+            self.handoff.notify.notify_one();
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        self.handoff.lock().dropped = true;
+        self.handoff.notify.notify_one();
     }
 }
 
@@ -371,6 +411,7 @@ impl Shared {
         if after > self.config.claim_idle {
             tokio::time::sleep(after - self.config.claim_idle).await;
         }
+        tracing::debug!(broker = BROKER, topic = %self.topic, group = %self.group, consumer = %self.consumer, ?ids, "giving entries back");
         for chunk in ids.chunks(1000) {
             if let Err(e) = self.query(&self.xclaim(chunk, Some(idle), true)).await {
                 tracing::warn!(
@@ -540,6 +581,7 @@ impl Shared {
             return Vec::new();
         }
         let ids: Vec<Arc<str>> = raw.iter().map(|(id, _)| Arc::from(id.as_str())).collect();
+        tracing::debug!(broker = BROKER, topic = %self.topic, group = %self.group, consumer = %self.consumer, ?ids, own, "took entries over");
         let counts = self.delivery_counts(&ids).await;
         raw.into_iter()
             .zip(ids)
@@ -600,6 +642,8 @@ struct Pump {
     client: Client,
     /// The connection for blocking reads (none while reconnecting).
     reader: Option<MultiplexedConnection>,
+    /// The reading connection's `CLIENT ID`, to unblock its read when the task ends.
+    reader_id: Option<i64>,
     events_tx: mpsc::UnboundedSender<Event>,
     /// Entries whose turn it is.
     ready: VecDeque<Entry>,
@@ -622,9 +666,8 @@ type ReadFuture = BoxFuture<'static, Result<Value, RedisError>>;
 impl Pump {
     async fn run(
         mut self,
-        tx: mpsc::Sender<Result<Delivery>>,
+        handoff: Arc<Handoff>,
         mut events: mpsc::UnboundedReceiver<Event>,
-        demand: Arc<Demand>,
         stop: CancellationToken,
         option_stop: Option<CancellationToken>,
     ) {
@@ -647,6 +690,11 @@ impl Pump {
         let mut backoff = Duration::from_millis(100);
         let mut outage_logged = false;
         loop {
+            if !self.ready.is_empty() && handoff.wants() {
+                let entry = self.ready.pop_front().expect("checked non-empty");
+                self.handed.insert(entry.id.clone());
+                handoff.put(self.delivery(entry));
+            }
             if reading.is_none() && retry_at.is_none() && self.held.len() < config.prefetch {
                 if let Some(conn) = self.reader.clone() {
                     reading = Some(self.read(conn, config.prefetch - self.held.len()));
@@ -656,19 +704,15 @@ impl Pump {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = &mut option_stopped => break,
-                _ = tx.closed() => break,
+                _ = handoff.notify.notified() => {
+                    if handoff.dropped() {
+                        break;
+                    }
+                }
                 Some(event) = events.recv() => {
                     if let Some((entry, delay)) = self.on_event(event) {
                         delayed.insert(entry, delay);
                     }
-                }
-                _ = demand.notify.notified(), if !demand.wanted() => {}
-                permit = tx.reserve(), if !self.ready.is_empty() && demand.wanted() => {
-                    let Ok(permit) = permit else { break };
-                    demand.take();
-                    let entry = self.ready.pop_front().expect("checked non-empty");
-                    self.handed.insert(entry.id.clone());
-                    permit.send(Ok(self.delivery(entry)));
                 }
                 result = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
                     reading = None;
@@ -729,9 +773,10 @@ impl Pump {
                 _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
                     retry_at = None;
                     if self.reader.is_none() {
-                        match conn::reading(&self.client, &config).await {
-                            Ok(conn) => {
+                        match open_reader(&self.client, &config).await {
+                            Ok((conn, id)) => {
                                 self.reader = Some(conn);
+                                self.reader_id = id;
                                 self.shared.state.set(ConnectionState::Connected);
                                 self.recover_own = true;
                             }
@@ -746,10 +791,27 @@ impl Pump {
                 _ = heartbeat.tick() => self.spawn_heartbeat(),
             }
         }
-        drop(reading);
+        if let Some(read) = reading.take() {
+            // A read in flight may take entries for this consumer: wake it (it returns at
+            // once) and keep what it brings, so it is given back with the rest.
+            if let Some(id) = self.reader_id {
+                let mut unblock = redis::cmd("CLIENT");
+                unblock.arg("UNBLOCK").arg(id);
+                let _ = self.shared.query(&unblock).await;
+            }
+            let bound = config.block + config.command_timeout;
+            if let Ok(Ok(reply)) = tokio::time::timeout(bound, read).await {
+                for (id, fields) in conn::read_reply(reply) {
+                    let Some(fields) = fields else { continue };
+                    let entry = self.shared.entry(Arc::from(id.as_str()), &id, fields, 1);
+                    self.admit(entry);
+                }
+            }
+        }
+        self.reader = None;
         drop(delayed); // their due times are in delayed_due
-        self.finish(events).await;
-        drop(tx);
+        let untaken = handoff.end();
+        self.finish(events, untaken).await;
     }
 
     fn read(&self, mut conn: MultiplexedConnection, count: usize) -> ReadFuture {
@@ -895,8 +957,14 @@ impl Pump {
     }
 
     /// Gives back what was not handed out; deletes a private group.
-    async fn finish(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+    async fn finish(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        untaken: Option<Delivery>,
+    ) {
         events.close();
+        // Dropped after the events closed: its acker gives the entry back itself.
+        drop(untaken);
         let shared = self.shared.clone();
         if shared.private {
             let mut cmd = redis::cmd("XGROUP");
@@ -954,6 +1022,20 @@ impl Pump {
         }
     }
 
+}
+
+/// A connection for blocking reads, and its client id.
+async fn open_reader(
+    client: &Client,
+    config: &RedisConfig,
+) -> Result<(MultiplexedConnection, Option<i64>)> {
+    let mut conn = conn::reading(client, config).await?;
+    let id: Option<i64> = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn)
+        .await
+        .ok();
+    Ok((conn, id))
 }
 
 /// Gives back the entry carried by an event nobody will receive.

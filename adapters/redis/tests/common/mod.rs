@@ -49,8 +49,13 @@ pub fn features() -> Features {
     }
 }
 
-/// The test settings: the defaults, with shorter blocking reads.
+/// The test settings: the defaults, with shorter blocking reads. Also sets up logging
+/// (`RUST_LOG=tidemill_redis=debug` shows what the adapter does).
 pub fn test_config(url: &str) -> RedisConfig {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut config = RedisConfig::new(url);
     config.block = Duration::from_millis(500);
     config
