@@ -56,7 +56,10 @@ fn text(s: &str) -> Bytes {
 fn encode_plain(message: &Message, topic: &str, payload_field: &str) -> Result<Fields> {
     let metadata = message.metadata();
     let mut fields = Vec::with_capacity(metadata.len() + 3);
-    fields.push((Bytes::from_static(UUID_HEADER.as_bytes()), text(message.uuid())));
+    fields.push((
+        Bytes::from_static(UUID_HEADER.as_bytes()),
+        text(message.uuid()),
+    ));
     if let Some(key) = message.key() {
         fields.push((Bytes::from_static(KEY_HEADER.as_bytes()), key.clone()));
     }
@@ -132,7 +135,13 @@ fn encode_native(message: &Message, payload_field: &str, record: &RedisRecord) -
         }
     }
     if !has_uuid {
-        out.insert(0, (Bytes::from_static(UUID_HEADER.as_bytes()), text(message.uuid())));
+        out.insert(
+            0,
+            (
+                Bytes::from_static(UUID_HEADER.as_bytes()),
+                text(message.uuid()),
+            ),
+        );
     }
     if !has_key {
         if let Some(key) = message.key() {
@@ -286,7 +295,10 @@ mod tests {
         for k in ["payload", UUID_HEADER, KEY_HEADER] {
             let m = Message::new("x").with_metadata(k, "v");
             let e = encode(&m, "orders", "payload", 1 << 20).unwrap_err();
-            assert!(e.to_string().contains(k) && e.to_string().contains("orders"), "{e}");
+            assert!(
+                e.to_string().contains(k) && e.to_string().contains("orders"),
+                "{e}"
+            );
         }
     }
 
@@ -294,7 +306,10 @@ mod tests {
     fn oversized_messages_name_the_limit() {
         let m = Message::new(vec![0u8; 2000]);
         let e = encode(&m, "big", "payload", 1000).unwrap_err();
-        assert!(matches!(e, Error::MessageTooLarge { limit: 1000, .. }), "{e}");
+        assert!(
+            matches!(e, Error::MessageTooLarge { limit: 1000, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("big"));
     }
 
@@ -312,7 +327,11 @@ mod tests {
         assert_eq!(a.uuid(), b.uuid());
         assert_ne!(a.uuid(), c.uuid());
         assert!(a.payload().is_empty());
-        assert_eq!(a.metadata().get("name"), Some("bob"), "the last value shows");
+        assert_eq!(
+            a.metadata().get("name"),
+            Some("bob"),
+            "the last value shows"
+        );
         assert_eq!(a.metadata().get("bin.b64"), Some("/wA="));
         assert_eq!(a.metadata().get("\u{fffd}odd"), Some("v"));
         let record = RedisRecord::of(&a).unwrap();

@@ -232,7 +232,10 @@ mod tests {
         );
         assert_eq!(redact("rediss://:s3cr3t@cache/1"), "rediss://***@cache/1");
         assert_eq!(redact("redis://a:p@ss/w@rd@h:1/0"), "redis://***@h:1/0");
-        assert_eq!(redact("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            redact("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
         let c = RedisConfig::new("redis://u:hunter2@h:1/0");
         assert!(!format!("{c:?}").contains("hunter2"));
     }
@@ -240,7 +243,9 @@ mod tests {
     #[test]
     fn validates() {
         assert!(RedisConfig::default().validate().is_ok());
-        let e = RedisConfig::new("http://u:hunter2@h").validate().unwrap_err();
+        let e = RedisConfig::new("http://u:hunter2@h")
+            .validate()
+            .unwrap_err();
         assert!(e.to_string().contains("redis://") && !e.to_string().contains("hunter2"));
         let c = RedisConfig {
             prefetch: 0,

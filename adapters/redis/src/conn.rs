@@ -51,7 +51,10 @@ pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> Result<Con
 
 /// A connection of its own for a subscription's blocking reads (a blocked `XREADGROUP`
 /// holds up every command behind it on its connection).
-pub(crate) async fn reading(client: &Client, config: &RedisConfig) -> Result<MultiplexedConnection> {
+pub(crate) async fn reading(
+    client: &Client,
+    config: &RedisConfig,
+) -> Result<MultiplexedConnection> {
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.block + config.command_timeout));
@@ -96,7 +99,10 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || matches!(e.code(), Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN"))
+        || matches!(
+            e.code(),
+            Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN")
+        )
 }
 
 /// A failed command as Tidemill's error.
@@ -241,7 +247,10 @@ pub(crate) fn read_reply(v: Value) -> Vec<RawEntry> {
 /// An `XAUTOCLAIM` reply: the cursor to continue from and the entries taken.
 pub(crate) fn autoclaim_reply(v: Value) -> (String, Vec<RawEntry>) {
     let mut parts = array(v).into_iter();
-    let cursor = parts.next().and_then(string).unwrap_or_else(|| "0-0".into());
+    let cursor = parts
+        .next()
+        .and_then(string)
+        .unwrap_or_else(|| "0-0".into());
     let taken = parts.next().map(entries).unwrap_or_default();
     (cursor, taken)
 }

@@ -140,7 +140,10 @@ impl Publisher for RedisPublisher {
             return Err(Error::permanent(
                 BROKER,
                 topic,
-                format!("publish message {}", messages[at.min(messages.len() - 1)].uuid()),
+                format!(
+                    "publish message {}",
+                    messages[at.min(messages.len() - 1)].uuid()
+                ),
                 format!(
                     "stream `{stream}` does not exist and create_streams is off (server {})",
                     config.address()

@@ -238,7 +238,10 @@ impl Subscriber for RedisSubscriber {
         inner.closed.cancel();
         inner.tasks.close();
         let bound = inner.config.command_timeout * 2;
-        if tokio::time::timeout(bound, inner.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(bound, inner.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 broker = BROKER,
                 "subscriptions did not finish giving back their entries within {bound:?}; \
@@ -278,7 +281,9 @@ struct Slot {
 
 impl Handoff {
     fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
-        self.slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.slot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Whether the stream waits for a delivery and the slot is free.
@@ -587,7 +592,12 @@ impl Shared {
             .zip(ids)
             .map(|((id, fields), arc_id)| {
                 let attempt = counts.get(&id).copied().unwrap_or(2).max(1);
-                self.entry(arc_id, &id, fields, u32::try_from(attempt).unwrap_or(u32::MAX))
+                self.entry(
+                    arc_id,
+                    &id,
+                    fields,
+                    u32::try_from(attempt).unwrap_or(u32::MAX),
+                )
             })
             .collect()
     }
@@ -969,7 +979,8 @@ impl Pump {
         if shared.private {
             let mut cmd = redis::cmd("XGROUP");
             cmd.arg("DESTROY").arg(&shared.stream).arg(&shared.group);
-            let destroyed = tokio::time::timeout(shared.config.command_timeout, shared.query(&cmd)).await;
+            let destroyed =
+                tokio::time::timeout(shared.config.command_timeout, shared.query(&cmd)).await;
             if !matches!(destroyed, Ok(Ok(_))) {
                 tracing::warn!(broker = BROKER, topic = %shared.topic, "could not delete private consumer group `{}`", shared.group);
             }
@@ -999,8 +1010,14 @@ impl Pump {
             .arg("+")
             .arg(10_000)
             .arg(&shared.consumer);
-        if let Ok(Ok(reply)) = tokio::time::timeout(shared.config.command_timeout, shared.query(&cmd)).await {
-            let known: HashSet<Arc<str>> = now.iter().cloned().chain(later.iter().map(|(i, _)| i.clone())).collect();
+        if let Ok(Ok(reply)) =
+            tokio::time::timeout(shared.config.command_timeout, shared.query(&cmd)).await
+        {
+            let known: HashSet<Arc<str>> = now
+                .iter()
+                .cloned()
+                .chain(later.iter().map(|(i, _)| i.clone()))
+                .collect();
             for (id, ..) in conn::pending_reply(reply) {
                 let id: Arc<str> = Arc::from(id.as_str());
                 if !self.handed.contains(&id) && !known.contains(&id) {
@@ -1017,11 +1034,13 @@ impl Pump {
             });
         }
         let give_back = shared.give_back(&now, Duration::ZERO);
-        if tokio::time::timeout(shared.config.command_timeout, give_back).await.is_err() {
+        if tokio::time::timeout(shared.config.command_timeout, give_back)
+            .await
+            .is_err()
+        {
             tracing::warn!(broker = BROKER, topic = %shared.topic, "giving entries back timed out; the group takes them over after claim_idle");
         }
     }
-
 }
 
 /// A connection for blocking reads, and its client id.

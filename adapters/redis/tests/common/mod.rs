@@ -16,8 +16,7 @@ use tidemill_testkit::{Backend, Features};
 
 /// The server's URL; panics when unset (tests check `TIDEMILL_REDIS_URL` first).
 pub fn redis_url() -> String {
-    std::env::var("TIDEMILL_REDIS_URL")
-        .unwrap_or_else(|_| panic!("TIDEMILL_REDIS_URL is not set"))
+    std::env::var("TIDEMILL_REDIS_URL").unwrap_or_else(|_| panic!("TIDEMILL_REDIS_URL is not set"))
 }
 
 /// Whether the server is there; prints SKIP when not.

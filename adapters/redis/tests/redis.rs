@@ -1,0 +1,562 @@
+//! What the Redis adapter promises beyond the conformance suite, against the Redis server of
+//! brokers (`TIDEMILL_REDIS_URL`): entries other clients wrote (any field layout, binary
+//! names and values, repeated fields, Watermill's layout) delivered with their fields kept;
+//! a hop that changes nothing writing the producer's entry again; attempts counted by the
+//! server when a dead consumer's entries are taken over; trimming; private groups deleted;
+//! consumers that ended removed later; and the errors (unreachable server, oversized
+//! message, missing stream with creation off).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{have_server, ok, raw, redis_url, test_config};
+use futures::StreamExt;
+use redis::AsyncCommands;
+use tidemill_core::headers::UUID_HEADER;
+use tidemill_core::{
+    Delivery, DeliveryStream, Error, Message, Publisher, SubscribeOptions, Subscriber,
+};
+use tidemill_redis::{RedisConfig, RedisPublisher, RedisRecord, RedisSubscriber};
+use tidemill_testkit::unique_topic;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn next(stream: &mut DeliveryStream, what: &str) -> Delivery {
+    tokio::time::timeout(LIMIT, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {LIMIT:?}"))
+        .unwrap_or_else(|| panic!("the stream ended before the {what}"))
+        .unwrap_or_else(|e| panic!("stream error before the {what}: {e}"))
+}
+
+/// Every field-value pair of every entry of `stream`, oldest first.
+async fn entries(stream: &str) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut conn = raw().await;
+    let reply: redis::Value = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    let redis::Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let redis::Value::Array(mut parts) = item else {
+                panic!("entry shape")
+            };
+            let redis::Value::Array(flat) = parts.remove(1) else {
+                panic!("fields shape")
+            };
+            flat.chunks(2)
+                .map(|kv| match (&kv[0], &kv[1]) {
+                    (redis::Value::BulkString(k), redis::Value::BulkString(v)) => {
+                        (k.clone(), v.clone())
+                    }
+                    other => panic!("field shape {other:?}"),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn delete(streams: &[&str]) {
+    let mut conn = raw().await;
+    let _: () = conn.del(streams).await.expect("DEL");
+}
+
+#[test]
+fn foreign_entries_are_delivered_with_their_fields() {
+    if !have_server("foreign_entries_are_delivered_with_their_fields") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("redis_foreign");
+        let config = test_config(&redis_url());
+        let s = ok(RedisSubscriber::connect(config.clone()).await, "connect");
+        let opts = SubscribeOptions::group("foreign");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let mut conn = raw().await;
+        // What plain clients write: no payload field; a binary payload with a binary field
+        // name and value; a repeated field; Watermill's layout.
+        let written: Vec<Vec<(&[u8], &[u8])>> = vec![
+            vec![(b"name", b"alice"), (b"age", b"7")],
+            vec![
+                (b"payload", b"\x00\xffbin"),
+                (b"\xfeodd", b"v"),
+                (b"trace", b"\xff\x01"),
+            ],
+            vec![(b"tag", b"a"), (b"tag", b"b"), (b"payload", b"p")],
+            vec![
+                (b"_watermill_message_uuid", b"wm-7"),
+                (b"payload", b"from go"),
+                (b"metadata", b"\x81\xa1k\xa1v"),
+            ],
+        ];
+        let mut ids = Vec::new();
+        for fields in &written {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(&topic).arg("*");
+            for (k, v) in fields {
+                cmd.arg(*k).arg(*v);
+            }
+            let id: String = cmd.query_async(&mut conn).await.expect("XADD");
+            ids.push(id);
+        }
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        // The first delivery is nacked once: its redelivery has the same uuid (derived from
+        // the entry id) and the server's count.
+        let mut got: Vec<Message> = Vec::new();
+        let mut nacked: Option<String> = None;
+        while got.len() < written.len() {
+            let d = next(&mut stream, "a foreign entry").await;
+            let uuid = d.message().uuid().to_owned();
+            match &nacked {
+                None => {
+                    nacked = Some(uuid);
+                    assert_eq!(d.attempt(), Some(1));
+                    d.nack().await.expect("nack");
+                    continue;
+                }
+                Some(n) if *n == uuid => assert_eq!(d.attempt(), Some(2), "the redelivery"),
+                Some(_) => assert_eq!(d.attempt(), Some(1)),
+            }
+            got.push(d.message().clone());
+            d.ack().await.expect("ack");
+        }
+        got.sort_by_key(|m| {
+            ids.iter()
+                .position(|id| RedisRecord::of(m).unwrap().id() == id)
+        });
+        // 1: no payload field: empty payload, fields as metadata, a stable derived uuid.
+        assert!(got[0].payload().is_empty());
+        assert_eq!(got[0].metadata().get("name"), Some("alice"));
+        assert_eq!(got[0].metadata().get("age"), Some("7"));
+        assert_eq!(got[0].uuid().len(), 36, "a uuid: {}", got[0].uuid());
+        // 2: binary payload; binary value as name.b64; a non-UTF-8 name shown lossily.
+        assert_eq!(got[1].payload().as_ref(), b"\x00\xffbin");
+        assert_eq!(got[1].metadata().get("trace.b64"), Some("/wE="));
+        assert_eq!(got[1].metadata().get("\u{fffd}odd"), Some("v"));
+        // 3: a repeated field shows its last value; the record has both.
+        assert_eq!(got[2].metadata().get("tag"), Some("b"));
+        assert_eq!(got[2].payload().as_ref(), b"p");
+        // 4: Watermill's uuid field is the uuid; its msgpack metadata is kept as bytes.
+        assert_eq!(got[3].uuid(), "wm-7");
+        assert_eq!(got[3].metadata().get("metadata.b64"), Some("gaFroXY="));
+        let uuids: HashSet<&str> = got.iter().map(|m| m.uuid()).collect();
+        assert_eq!(uuids.len(), 4, "distinct uuids");
+        for (m, fields) in got.iter().zip(&written) {
+            let record = RedisRecord::of(m).expect("a record");
+            assert_eq!(record.stream(), topic);
+            let kept: Vec<(&[u8], &[u8])> = record
+                .fields()
+                .iter()
+                .map(|(k, v)| (&k[..], &v[..]))
+                .collect();
+            assert_eq!(&kept, fields, "every field as written");
+            assert!(record.timestamp().is_some());
+        }
+        ok(s.close().await, "close");
+        delete(&[&topic]).await;
+    });
+}
+
+#[test]
+fn a_hop_that_changes_nothing_writes_the_producers_entry() {
+    if !have_server("a_hop_that_changes_nothing_writes_the_producers_entry") {
+        return;
+    }
+    runtime().block_on(async {
+        let (from, to) = (unique_topic("redis_hop_from"), unique_topic("redis_hop_to"));
+        let config = test_config(&redis_url());
+        let s = ok(RedisSubscriber::connect(config.clone()).await, "connect");
+        let p = ok(RedisPublisher::connect(config.clone()).await, "connect");
+        let opts = SubscribeOptions::group("hop");
+        ok(s.initialize(&from, &opts).await, "initialize");
+        let mut conn = raw().await;
+        let _: String = redis::cmd("XADD")
+            .arg(&from)
+            .arg("*")
+            .arg("b")
+            .arg(&b"\xff"[..])
+            .arg("a")
+            .arg("1")
+            .arg("a")
+            .arg("2")
+            .arg("payload")
+            .arg("body")
+            .query_async(&mut conn)
+            .await
+            .expect("XADD");
+        let mut stream = ok(s.subscribe(&from, opts).await, "subscribe");
+        let d = next(&mut stream, "the foreign entry").await;
+        let message = d.message().clone();
+        ok(p.publish(&to, vec![message.clone()]).await, "publish");
+        d.ack().await.expect("ack");
+        let mut changed = message.clone();
+        changed.metadata_mut().set("a", "3");
+        changed.metadata_mut().set("added", "x");
+        ok(p.publish(&to, vec![changed]).await, "publish");
+        let written = entries(&to).await;
+        let uuid = message.uuid().as_bytes().to_vec();
+        let f = |k: &[u8], v: &[u8]| (k.to_vec(), v.to_vec());
+        assert_eq!(
+            written[0],
+            vec![
+                f(UUID_HEADER.as_bytes(), &uuid),
+                f(b"b", b"\xff"),
+                f(b"a", b"1"),
+                f(b"a", b"2"),
+                f(b"payload", b"body"),
+            ],
+            "unchanged: the producer's fields in order, plus the uuid"
+        );
+        assert_eq!(
+            written[1],
+            vec![
+                f(UUID_HEADER.as_bytes(), &uuid),
+                f(b"b", b"\xff"),
+                f(b"a", b"3"),
+                f(b"payload", b"body"),
+                f(b"added", b"x"),
+            ],
+            "changed: only what the handler changed"
+        );
+        ok(s.close().await, "close");
+        delete(&[&from, &to]).await;
+    });
+}
+
+#[test]
+fn a_dead_consumers_entries_are_taken_over_with_the_servers_count() {
+    if !have_server("a_dead_consumers_entries_are_taken_over_with_the_servers_count") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("redis_takeover");
+        let mut config = test_config(&redis_url());
+        config.claim_idle = Duration::from_millis(300);
+        config.claim_interval = Duration::from_millis(100);
+        let p = ok(RedisPublisher::connect(config.clone()).await, "connect");
+        ok(p.retain_for(&topic, "workers").await, "retain_for");
+        let sent = Message::new("work").with_metadata("n", 1);
+        ok(p.publish(&topic, vec![sent.clone()]).await, "publish");
+        // Another process's consumer reads it and dies without acking.
+        let mut conn = raw().await;
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("workers")
+            .arg("crashed")
+            .arg("COUNT")
+            .arg(10)
+            .arg("STREAMS")
+            .arg(&topic)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .expect("XREADGROUP");
+        let s = ok(RedisSubscriber::connect(config.clone()).await, "connect");
+        let started = Instant::now();
+        let mut stream = ok(
+            s.subscribe(&topic, SubscribeOptions::group("workers"))
+                .await,
+            "subscribe",
+        );
+        let d = next(&mut stream, "the dead consumer's message").await;
+        assert_eq!(d.message().uuid(), sent.uuid());
+        assert_eq!(d.message().metadata().get("n"), Some("1"));
+        assert_eq!(
+            d.attempt(),
+            Some(2),
+            "the server counted the first delivery"
+        );
+        assert!(
+            started.elapsed() + Duration::from_millis(50) >= config.claim_idle,
+            "not taken over before claim_idle"
+        );
+        d.ack().await.expect("ack");
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg(&topic)
+            .arg("workers")
+            .query_async(&mut conn)
+            .await
+            .expect("XPENDING");
+        match pending {
+            redis::Value::Array(parts) => {
+                assert_eq!(parts[0], redis::Value::Int(0), "nothing pending")
+            }
+            other => panic!("XPENDING reply {other:?}"),
+        }
+        ok(s.close().await, "close");
+        delete(&[&topic]).await;
+    });
+}
+
+#[test]
+fn streams_are_trimmed_to_about_max_len() {
+    if !have_server("streams_are_trimmed_to_about_max_len") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("redis_trim");
+        let mut config = test_config(&redis_url());
+        config.max_len = Some(100);
+        let p = ok(RedisPublisher::connect(config).await, "connect");
+        for chunk in 0..10 {
+            let batch: Vec<Message> = (0..100)
+                .map(|i| Message::new(format!("{chunk}-{i}")))
+                .collect();
+            ok(p.publish(&topic, batch).await, "publish");
+        }
+        let mut conn = raw().await;
+        let len: u64 = conn.xlen(&topic).await.expect("XLEN");
+        // Approximate trimming removes whole nodes (100 entries by default).
+        assert!(
+            (100..=200).contains(&len),
+            "about 100 entries kept, got {len}"
+        );
+        delete(&[&topic]).await;
+    });
+}
+
+async fn groups(topic: &str) -> usize {
+    let mut conn = raw().await;
+    let reply: redis::Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(topic)
+        .query_async(&mut conn)
+        .await
+        .expect("XINFO GROUPS");
+    match reply {
+        redis::Value::Array(groups) => groups.len(),
+        other => panic!("XINFO GROUPS reply {other:?}"),
+    }
+}
+
+#[test]
+fn private_groups_are_deleted_when_the_subscription_ends() {
+    if !have_server("private_groups_are_deleted_when_the_subscription_ends") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("redis_private");
+        let config = test_config(&redis_url());
+        let s = ok(RedisSubscriber::connect(config.clone()).await, "connect");
+        let p = ok(RedisPublisher::connect(config).await, "connect");
+        let mut a = ok(
+            s.subscribe(&topic, SubscribeOptions::new()).await,
+            "subscribe",
+        );
+        let token = tidemill_core::CancellationToken::new();
+        let mut b = ok(
+            s.subscribe(
+                &topic,
+                SubscribeOptions::new().with_cancellation(token.clone()),
+            )
+            .await,
+            "subscribe",
+        );
+        assert_eq!(
+            groups(&topic).await,
+            2,
+            "one private group per subscription"
+        );
+        ok(
+            p.publish(&topic, vec![Message::new("both")]).await,
+            "publish",
+        );
+        next(&mut a, "the message on a")
+            .await
+            .ack()
+            .await
+            .expect("ack");
+        let held = next(&mut b, "the message on b").await;
+        token.cancel();
+        assert!(tokio::time::timeout(LIMIT, b.next())
+            .await
+            .expect("b ends")
+            .is_none());
+        // b's group goes once its task ended; a delivery held from it still settles.
+        let deadline = Instant::now() + LIMIT;
+        while groups(&topic).await != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "b's private group was not deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        held.ack()
+            .await
+            .expect("an ack after the group is gone succeeds");
+        ok(s.close().await, "close");
+        assert!(tokio::time::timeout(LIMIT, a.next())
+            .await
+            .expect("a ends")
+            .is_none());
+        assert_eq!(
+            groups(&topic).await,
+            0,
+            "every private group deleted at close"
+        );
+        delete(&[&topic]).await;
+    });
+}
+
+#[test]
+fn consumers_of_ended_subscriptions_are_removed_later() {
+    if !have_server("consumers_of_ended_subscriptions_are_removed_later") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("redis_consumers");
+        let config = test_config(&redis_url());
+        let p = ok(RedisPublisher::connect(config.clone()).await, "connect");
+        for i in 0..2 {
+            let s = ok(RedisSubscriber::connect(config.clone()).await, "connect");
+            let mut stream = ok(
+                s.subscribe(&topic, SubscribeOptions::group("g")).await,
+                "subscribe",
+            );
+            ok(
+                p.publish(&topic, vec![Message::new(format!("m{i}"))]).await,
+                "publish",
+            );
+            next(&mut stream, "a message")
+                .await
+                .ack()
+                .await
+                .expect("ack");
+            ok(s.close().await, "close");
+        }
+        let mut conn = raw().await;
+        let names = |reply: redis::Value| -> Vec<String> {
+            let redis::Value::Array(consumers) = reply else {
+                panic!("XINFO CONSUMERS reply {reply:?}")
+            };
+            consumers
+                .into_iter()
+                .map(|c| {
+                    let redis::Value::Array(fields) = c else {
+                        panic!("consumer shape {c:?}")
+                    };
+                    match &fields[1] {
+                        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                        other => panic!("name {other:?}"),
+                    }
+                })
+                .collect()
+        };
+        let cmd = || {
+            let mut c = redis::cmd("XINFO");
+            c.arg("CONSUMERS").arg(&topic).arg("g");
+            c
+        };
+        let ended = names(cmd().query_async(&mut conn).await.expect("XINFO"));
+        assert_eq!(
+            ended.len(),
+            2,
+            "two ended subscriptions left their consumers"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut config = config;
+        config.consumer_expiry = Duration::from_millis(1);
+        let s = ok(RedisSubscriber::connect(config.clone()).await, "connect");
+        let _stream = ok(
+            s.subscribe(&topic, SubscribeOptions::group("g")).await,
+            "subscribe",
+        );
+        let now = names(cmd().query_async(&mut conn).await.expect("XINFO"));
+        assert!(
+            ended.iter().all(|e| !now.contains(e)),
+            "the ended consumers {ended:?} are removed, left: {now:?}"
+        );
+        ok(s.close().await, "close");
+        delete(&[&topic]).await;
+    });
+}
+
+#[test]
+fn errors_name_what_went_wrong() {
+    if !have_server("errors_name_what_went_wrong") {
+        return;
+    }
+    runtime().block_on(async {
+        // Nothing listens on port 1: connecting fails within the timeout, naming the
+        // address without the password.
+        let mut config = RedisConfig::new("redis://app:hunter2@127.0.0.1:1/0");
+        config.connect_timeout = Duration::from_secs(2);
+        let started = Instant::now();
+        let err = RedisPublisher::connect(config.clone()).await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::Connect { .. }), "{text}");
+        assert!(
+            text.contains("127.0.0.1:1") && text.contains("redis"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("hunter2") && !format!("{err:?}").contains("hunter2"),
+            "{text}"
+        );
+        let err = RedisSubscriber::connect(config).await.unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "within the timeout"
+        );
+
+        // Oversized: refused before sending, naming topic, size and limit.
+        let topic = unique_topic("redis_big");
+        let mut config = test_config(&redis_url());
+        config.max_message_bytes = 1_000;
+        let p = ok(RedisPublisher::connect(config.clone()).await, "connect");
+        let err = p
+            .publish(&topic, vec![Message::new(vec![7u8; 2_000])])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::MessageTooLarge { limit: 1_000, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&topic), "{err}");
+        let mut conn = raw().await;
+        let exists: bool = conn.exists(&topic).await.expect("EXISTS");
+        assert!(!exists, "nothing was written");
+
+        // Streams not created when creation is off.
+        config.create_streams = false;
+        let p = ok(RedisPublisher::connect(config.clone()).await, "connect");
+        let err = p
+            .publish(&topic, vec![Message::new("x")])
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains(&topic) && err.to_string().contains("create_streams"),
+            "{err}"
+        );
+        let s = ok(RedisSubscriber::connect(config).await, "connect");
+        let err = match s.subscribe(&topic, SubscribeOptions::group("g")).await {
+            Ok(_) => panic!("subscribing to a missing stream with creation off must fail"),
+            Err(e) => e,
+        };
+        assert!(
+            err.to_string().contains(&topic) && err.to_string().contains("create_streams"),
+            "{err}"
+        );
+        let exists: bool = conn.exists(&topic).await.expect("EXISTS");
+        assert!(!exists, "no stream was created");
+        ok(s.close().await, "close");
+    });
+}
