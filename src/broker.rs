@@ -9,9 +9,11 @@
 //! | `amqp://user:pass@host:5672/vhost?prefetch=50` (`amqps://` too) | RabbitMQ | `amqp` |
 //! | `nats://host:4222?jetstream=false` | NATS (JetStream unless `jetstream=false`) | `nats` |
 //! | `pubsub://my-project?emulator=127.0.0.1:8085` | Google Cloud Pub/Sub | `googlecloud` |
+//! | `redis://user:pass@host:6379/0?claim_idle=45s` (`rediss://` for TLS) | Redis Streams | `redis` |
 //!
 //! Query parameters set any field of the adapter's config type (`KafkaConfig`,
-//! `AmqpConfig`, `NatsConfig`, `GoogleCloudConfig`, [`MemoryConfig`]), named as in its
+//! `AmqpConfig`, `NatsConfig`, `GoogleCloudConfig`, `RedisConfig`, [`MemoryConfig`]), named
+//! as in its
 //! docs; one level of nesting goes with a dot (`jetstream.ack_wait=30s`,
 //! `properties.linger.ms=5`). Durations are humantime strings (`250ms`, `30s`). Unknown
 //! schemes, brokers this build lacks, unknown options and bad values are errors naming the
@@ -79,6 +81,8 @@ pub enum BrokerKind {
     Nats,
     /// Google Cloud Pub/Sub (feature `googlecloud`).
     GoogleCloud,
+    /// Redis Streams (feature `redis`).
+    Redis,
 }
 
 impl BrokerKind {
@@ -90,6 +94,7 @@ impl BrokerKind {
             "amqp" | "amqps" | "rabbitmq" => BrokerKind::Amqp,
             "nats" => BrokerKind::Nats,
             "pubsub" | "googlecloud" | "gcp" => BrokerKind::GoogleCloud,
+            "redis" | "rediss" => BrokerKind::Redis,
             _ => return None,
         })
     }
@@ -102,6 +107,7 @@ impl BrokerKind {
             BrokerKind::Amqp => "amqp",
             BrokerKind::Nats => "nats",
             BrokerKind::GoogleCloud => "googlecloud",
+            BrokerKind::Redis => "redis",
         }
     }
 
@@ -113,6 +119,7 @@ impl BrokerKind {
             BrokerKind::Amqp => cfg!(feature = "amqp"),
             BrokerKind::Nats => cfg!(feature = "nats"),
             BrokerKind::GoogleCloud => cfg!(feature = "googlecloud"),
+            BrokerKind::Redis => cfg!(feature = "redis"),
         }
     }
 }
@@ -125,6 +132,7 @@ impl fmt::Display for BrokerKind {
             BrokerKind::Amqp => "amqp",
             BrokerKind::Nats => "nats",
             BrokerKind::GoogleCloud => "googlecloud",
+            BrokerKind::Redis => "redis",
         })
     }
 }
@@ -136,10 +144,14 @@ impl fmt::Display for BrokerKind {
 #[non_exhaustive]
 pub enum ConfigError {
     /// The URL has no `scheme://` (the URL as shown, credentials hidden).
-    #[error("broker URL `{0}` has no scheme: expected memory://, kafka://, amqp://, nats:// or pubsub://")]
+    #[error(
+        "broker URL `{0}` has no scheme: expected memory://, kafka://, amqp://, nats://, pubsub:// or redis://"
+    )]
     NoScheme(String),
     /// The scheme names no broker Tidemill knows.
-    #[error("unknown broker scheme `{0}`: expected memory, kafka, amqp, amqps, nats or pubsub")]
+    #[error(
+        "unknown broker scheme `{0}`: expected memory, kafka, amqp, amqps, nats, pubsub, redis or rediss"
+    )]
     UnknownScheme(String),
     /// The broker exists but this build leaves it out.
     #[error("built without {kind}: enable feature `{feature}` of the tidemill crate")]
@@ -219,6 +231,9 @@ pub enum BrokerConfig {
     /// Google Cloud Pub/Sub.
     #[cfg(feature = "googlecloud")]
     GoogleCloud(tidemill_googlecloud::GoogleCloudConfig),
+    /// Redis Streams.
+    #[cfg(feature = "redis")]
+    Redis(tidemill_redis::RedisConfig),
 }
 
 impl fmt::Debug for BrokerConfig {
@@ -242,6 +257,8 @@ impl fmt::Debug for BrokerConfig {
             BrokerConfig::Nats(c) => ("Nats", render(c, pretty)),
             #[cfg(feature = "googlecloud")]
             BrokerConfig::GoogleCloud(c) => ("GoogleCloud", render(c, pretty)),
+            #[cfg(feature = "redis")]
+            BrokerConfig::Redis(c) => ("Redis", render(c, pretty)),
         };
         f.debug_tuple(variant).field(&Verbatim(&inner)).finish()
     }
@@ -411,6 +428,8 @@ impl BrokerConfig {
             BrokerConfig::Nats(_) => BrokerKind::Nats,
             #[cfg(feature = "googlecloud")]
             BrokerConfig::GoogleCloud(_) => BrokerKind::GoogleCloud,
+            #[cfg(feature = "redis")]
+            BrokerConfig::Redis(_) => BrokerKind::Redis,
         }
     }
 
@@ -447,6 +466,8 @@ impl BrokerConfig {
                 "emulator_host: {:?}, endpoint: {:?}",
                 c.emulator_host, c.endpoint
             ),
+            #[cfg(feature = "redis")]
+            BrokerConfig::Redis(c) => format!("url: {:?}", c.url),
         };
         crate::redact::secrets_in_debug(&raw)
     }
@@ -481,6 +502,11 @@ impl BrokerConfig {
                 Arc::new(
                     tidemill_googlecloud::GoogleCloudSubscriber::connect(config.clone()).await?,
                 ),
+            ),
+            #[cfg(feature = "redis")]
+            BrokerConfig::Redis(config) => (
+                Arc::new(tidemill_redis::RedisPublisher::connect(config.clone()).await?),
+                Arc::new(tidemill_redis::RedisSubscriber::connect(config.clone()).await?),
             ),
         };
         Ok(Broker {
@@ -517,6 +543,8 @@ impl BrokerConfig {
             BrokerKind::Nats => Ok(BrokerConfig::Nats(deserialize(kind, options)?)),
             #[cfg(feature = "googlecloud")]
             BrokerKind::GoogleCloud => Ok(BrokerConfig::GoogleCloud(deserialize(kind, options)?)),
+            #[cfg(feature = "redis")]
+            BrokerKind::Redis => Ok(BrokerConfig::Redis(deserialize(kind, options)?)),
             #[allow(unreachable_patterns)]
             _ => Err(ConfigError::MissingFeature {
                 kind,
@@ -798,6 +826,11 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
                 options.insert("emulator_host".to_owned(), host);
             }
         }
+        BrokerKind::Redis => {
+            // The server part as written (`redis://[user:pass@]host:port/db`): the redis
+            // client parses it, the query sets RedisConfig fields.
+            options.insert("url".to_owned(), Value::from(format!("{scheme}://{base}")));
+        }
     }
     Ok((kind, options))
 }
@@ -891,8 +924,9 @@ mod tests {
             "{bad_value}"
         );
         assert_eq!(
-            err("redis://localhost"),
-            "unknown broker scheme `redis`: expected memory, kafka, amqp, amqps, nats or pubsub"
+            err("sqs://localhost"),
+            "unknown broker scheme `sqs`: expected memory, kafka, amqp, amqps, nats, pubsub, redis \
+             or rediss"
         );
         assert!(err("localhost:9092").contains("has no scheme"));
         assert!(err("memory://?capacity").contains("`capacity` is malformed"));
@@ -989,6 +1023,184 @@ mod tests {
         assert_eq!(c.project_id, "my-project");
         assert_eq!(c.emulator_host.as_deref(), Some("127.0.0.1:8085"));
         assert!(err("pubsub://").contains("needs a project"));
+    }
+
+    #[cfg(not(feature = "redis"))]
+    #[test]
+    fn redis_without_its_feature() {
+        for url in ["redis://127.0.0.1:6379/0", "rediss://h:6380/1"] {
+            assert_eq!(
+                err(url),
+                "built without redis: enable feature `redis` of the tidemill crate"
+            );
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    fn redis(config: BrokerConfig) -> tidemill_redis::RedisConfig {
+        match config {
+            BrokerConfig::Redis(c) => c,
+            #[allow(unreachable_patterns)]
+            other => panic!("expected redis, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_urls() {
+        use std::time::Duration;
+        use tidemill_redis::{RedisConfig, StartFrom};
+
+        let c = redis(
+            BrokerConfig::from_url(
+                "redis://h:6380/0?claim_idle=45s&max_len=1000&max_age=1h&start_from=beginning\
+                 &order_per_key=false&stream_prefix=app:&prefetch=16&block=250ms",
+            )
+            .unwrap(),
+        );
+        assert_eq!(c.url, "redis://h:6380/0");
+        assert_eq!(c.claim_idle, Duration::from_secs(45));
+        assert_eq!(c.max_len, Some(1000));
+        assert_eq!(c.max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(c.start_from, StartFrom::Beginning);
+        assert!(!c.order_per_key);
+        assert_eq!(c.stream_prefix, "app:");
+        assert_eq!(c.prefetch, 16);
+        assert_eq!(c.block, Duration::from_millis(250));
+        // Whatever the query does not set keeps its default.
+        let defaults = RedisConfig::default();
+        assert_eq!(c.claim_interval, defaults.claim_interval);
+        assert_eq!(c.payload_field, defaults.payload_field);
+        assert_eq!(c.max_message_bytes, defaults.max_message_bytes);
+
+        // Only the URL: every option at its default, the URL as written.
+        let c = redis(BrokerConfig::from_url("redis://127.0.0.1:6380/0").unwrap());
+        assert_eq!(c, RedisConfig::new("redis://127.0.0.1:6380/0"));
+        // TLS, credentials and the database stay in the URL the client gets.
+        let c =
+            redis(BrokerConfig::from_url("rediss://app:s3cret@cache:6380/2?prefetch=8").unwrap());
+        assert_eq!(c.url, "rediss://app:s3cret@cache:6380/2");
+        assert_eq!(c.prefetch, 8);
+        let kind = BrokerConfig::from_url("rediss://cache:6380/0")
+            .unwrap()
+            .kind();
+        assert_eq!(kind, BrokerKind::Redis);
+        assert_eq!(BrokerKind::from_name("rediss"), Some(BrokerKind::Redis));
+
+        // Mistakes name the option.
+        let e = err("redis://h:6380/0?claim_idel=45s");
+        assert!(e.starts_with("invalid redis configuration"), "{e}");
+        assert!(e.contains("claim_idel"), "{e}");
+        let e = err("redis://h:6380/0?max_len=-1");
+        assert!(e.contains("option `max_len`") && e.contains("`-1`"), "{e}");
+        let e = err("redis://h:6380/0?claim_idle=soon");
+        assert!(e.contains("claim_idle"), "{e}");
+        let e = err("redis://h:6380/0?start_from=yesterday");
+        assert!(e.contains("start_from"), "{e}");
+        let e = err("redis://h:6380/0?order_per_key=2");
+        assert!(
+            e.contains("option `order_per_key`: expected true or false"),
+            "{e}"
+        );
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_urls_from_files_and_the_environment() {
+        let c = redis(
+            from_file(
+                "app.toml",
+                "[broker]\ntype = \"redis\"\nurl = \"redis://h:6380/1\"\nclaim_idle = \"1m\"\nmax_len = 500\n",
+                "broker",
+            )
+            .unwrap(),
+        );
+        assert_eq!(c.url, "redis://h:6380/1");
+        assert_eq!(c.claim_idle, std::time::Duration::from_secs(60));
+        assert_eq!(c.max_len, Some(500));
+        // `type` alone: the adapter's default server.
+        let c = redis(from_file("app.yaml", "b:\n  type: redis\n  prefetch: 4\n", "b").unwrap());
+        assert_eq!(c.url, tidemill_redis::RedisConfig::default().url);
+        assert_eq!(c.prefetch, 4);
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_hides_the_password() {
+        let c = BrokerConfig::from_url("redis://app:hunter2@cache:6380/0?claim_idle=45s").unwrap();
+        for debug in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("cache:6380/0"), "{debug}");
+            assert!(debug.starts_with("Redis("), "{debug}");
+        }
+        let secrets = c.secrets();
+        assert!(secrets.iter().any(|s| s == "hunter2"), "{secrets:?}");
+        assert!(!secrets.iter().any(|s| s.contains("cache")), "{secrets:?}");
+        for url in [
+            "redis://app:hunter2@cache:6380/0?no_such_option=1",
+            "rediss://:hunter2@cache:6380/0?prefetch=many",
+            "redis://app:hunter2@cache:6380/0?password=hunter2",
+        ] {
+            let e = BrokerConfig::from_url(url).unwrap_err();
+            let text = assert_discreet(&e);
+            assert!(text.contains("redis configuration"), "{text}");
+        }
+        let e = BrokerConfig::from_url("redis://app:hunter2@cache:6380/0?no_such_option=1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no_such_option"), "{e}");
+    }
+
+    /// A server that is not there: the error names the address, never the password.
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn redis_connect_errors_hide_the_password() {
+        // A port that was free a moment ago: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("redis://app:hunter2@127.0.0.1:{port}/0?connect_timeout=2s");
+        let e = BrokerConfig::from_url(&url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_err();
+        let text = assert_discreet(&e);
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    }
+
+    /// Through the facade to the test Redis (`TIDEMILL_REDIS_URL`; skipped when unset).
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn redis_round_trip() {
+        use futures::StreamExt;
+        let Ok(url) = std::env::var("TIDEMILL_REDIS_URL") else {
+            eprintln!("SKIP redis_round_trip: TIDEMILL_REDIS_URL is not set");
+            return;
+        };
+        let broker = connect(&url).await.unwrap();
+        assert_eq!(broker.kind, BrokerKind::Redis);
+        let topic = format!("facade-{}", std::process::id());
+        let mut s = broker
+            .subscriber
+            .subscribe(&topic, tidemill_core::SubscribeOptions::new())
+            .await
+            .unwrap();
+        broker
+            .publisher
+            .publish_one(&topic, tidemill_core::Message::new("x").with_key("k"))
+            .await
+            .unwrap();
+        let d = tokio::time::timeout(std::time::Duration::from_secs(30), s.next())
+            .await
+            .expect("delivered within 30 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.message().payload().as_ref(), b"x");
+        assert_eq!(d.message().key_str(), Some("k"));
+        d.ack().await.unwrap();
     }
 
     #[test]
@@ -1107,7 +1319,7 @@ mod tests {
     #[test]
     fn other_url_mistakes_do_not_echo_credentials() {
         for url in [
-            "redis://user:hunter2@host",
+            "sqs://user:hunter2@host",
             "memory://?password",
             "memory://?capacity=1&password=hunter2",
             "pubsub://user:hunter2@project",

@@ -2,7 +2,7 @@
 //!
 //! Broker-agnostic messaging for Rust, in the spirit of Go's Watermill: write handlers once
 //! against one small API and run them on the embedded in-memory broker, Kafka, RabbitMQ,
-//! NATS JetStream or Google Cloud Pub/Sub by changing configuration.
+//! NATS JetStream, Google Cloud Pub/Sub or Redis Streams by changing configuration.
 //!
 //! This facade is the one dependency users need. It re-exports [`tidemill_core`] (the
 //! [`Message`] model, the [`Publisher`] and [`Subscriber`] traits, [`Delivery`]
@@ -18,6 +18,7 @@
 //! | `amqp` | `amqp` | RabbitMQ adapter |
 //! | `nats` | `nats` | NATS adapter (JetStream and core) |
 //! | `googlecloud` | `googlecloud` | Google Cloud Pub/Sub adapter |
+//! | `redis` | `redis` | Redis Streams adapter |
 //! | `otel` | `otel` | OpenTelemetry trace context in message metadata, publisher metrics |
 //!
 //! Every feature, as `Cargo.toml` declares it:
@@ -83,6 +84,10 @@ pub use tidemill_nats as nats;
 #[cfg(feature = "googlecloud")]
 pub use tidemill_googlecloud as googlecloud;
 
+/// The Redis Streams adapter ([`tidemill_redis`]).
+#[cfg(feature = "redis")]
+pub use tidemill_redis as redis;
+
 /// OpenTelemetry trace context and publisher metrics ([`tidemill_otel`]).
 #[cfg(feature = "otel")]
 pub use tidemill_otel as otel;
@@ -101,6 +106,7 @@ impl Broker {
             BrokerKind::Amqp => "rabbitmq",
             BrokerKind::Nats => "nats",
             BrokerKind::GoogleCloud => "gcp_pubsub",
+            BrokerKind::Redis => "redis",
         };
         Broker {
             publisher: std::sync::Arc::new(
