@@ -7,8 +7,8 @@ CARGO ?= cargo
 ## run: the order-flow example on the in-memory broker, or on BROKER=<url> (a real broker)
 # examples/order_flow/ checks its own outcome (exit 1 if wrong). No services needed for
 # memory; `make run BROKER=kafka://127.0.0.1:9093` (or amqp://, amqps://, nats://,
-# pubsub://project?emulator=host:port) builds it with the cargo feature the URL's scheme
-# names. The first router demo: cargo run --example demo
+# pubsub://project?emulator=host:port, redis://, rediss://) builds it with the cargo feature
+# the URL's scheme names. The first router demo: cargo run --example demo
 run:
 	@broker='$(BROKER)'; \
 	case "$$broker" in \
@@ -17,7 +17,8 @@ run:
 	  amqp://*|amqps://*|rabbitmq://*) features=otel,amqp ;; \
 	  nats://*) features=otel,nats ;; \
 	  pubsub://*|googlecloud://*|gcp://*) features=otel,googlecloud ;; \
-	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://)" >&2; exit 2 ;; \
+	  redis://*|rediss://*) features=otel,redis ;; \
+	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://, redis://, rediss://)" >&2; exit 2 ;; \
 	esac; \
 	set -x; $(CARGO) run --quiet --example order_flow $${features:+--features $$features} -- "$${broker:-memory://}"
 
@@ -57,7 +58,7 @@ WITH_BROKERS := bash brokers/with-brokers.sh
 bench-scaling:
 	TIDEMILL_BROKERS_ONLY="kafka nats-cluster rabbitmq-cluster" $(WITH_BROKERS) $(CARGO) bench -p tidemill-failover --bench scaling -- --write-benchmarks
 
-.PHONY: bench-kafka bench-amqp bench-nats bench-googlecloud
+.PHONY: bench-kafka bench-amqp bench-nats bench-googlecloud bench-redis
 ## bench-kafka: raw rdkafka vs tidemill-kafka on the test Kafka broker
 bench-kafka:
 	TIDEMILL_BROKERS_ONLY=kafka $(WITH_BROKERS) $(CARGO) bench -p tidemill-kafka --bench throughput
@@ -70,3 +71,6 @@ bench-nats:
 ## bench-googlecloud: raw google-cloud-pubsub vs tidemill-googlecloud on the Pub/Sub emulator
 bench-googlecloud:
 	TIDEMILL_BROKERS_ONLY=pubsub $(WITH_BROKERS) $(CARGO) bench -p tidemill-googlecloud --bench throughput
+## bench-redis: raw redis-rs vs tidemill-redis on the test Redis
+bench-redis:
+	TIDEMILL_BROKERS_ONLY=redis $(WITH_BROKERS) $(CARGO) bench -p tidemill-redis --bench throughput

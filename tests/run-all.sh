@@ -7,9 +7,9 @@
 # 2. Run unit, in-memory conformance and adapter conformance tests, then the tests that
 #    restart a shared broker (marked #[ignore], run one at a time), the doctests, then
 #    the examples end to end: the demo and the reliability example (in-memory), and the
-#    order flow (examples/order_flow/) and the CQRS example on all five brokers (memory + the four real ones), each of which checks
-#    its own outcome and exits non-zero when it is wrong. The brokers started here are
-#    always taken down, also on failure.
+#    order flow (examples/order_flow/) and the CQRS example on all six backends (memory +
+#    the five real brokers), each of which checks its own outcome and exits non-zero when
+#    it is wrong. The brokers started here are always taken down, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,6 +76,7 @@ run_examples() {
   add_broker amqp TIDEMILL_AMQP_URL "${TIDEMILL_AMQP_URL:-}"
   add_broker nats TIDEMILL_NATS_URL "${TIDEMILL_NATS_URL:-}"
   add_broker pubsub PUBSUB_EMULATOR_HOST "pubsub://tidemill-test?emulator=${PUBSUB_EMULATOR_HOST:-}"
+  add_broker redis TIDEMILL_REDIS_URL "${TIDEMILL_REDIS_URL:-}"
   for example in "${examples[@]}"; do
     for b in "${brokers[@]}"; do
       label=${b%% *}
@@ -119,7 +120,7 @@ fi
 
 # The single-node brokers and the three-node NATS and RabbitMQ clusters (the failover tests
 # of the serial phase use the clusters); TIDEMILL_BROKERS_ONLY="nats kafka" runs fewer.
-export TIDEMILL_BROKERS_ONLY="${TIDEMILL_BROKERS_ONLY:-rabbitmq nats kafka pubsub nats-cluster rabbitmq-cluster}"
+export TIDEMILL_BROKERS_ONLY="${TIDEMILL_BROKERS_ONLY:-rabbitmq nats kafka pubsub redis nats-cluster rabbitmq-cluster}"
 
 # The brokers install and start in the background while the tests build (a fresh machine
 # spends minutes on each); the ones started here are stopped on the way out, whatever happens.
