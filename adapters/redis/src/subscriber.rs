@@ -181,27 +181,30 @@ impl Subscriber for RedisSubscriber {
         // One delivery at a time, and only once the stream is polled: what the application
         // does not take stays with the subscription, which gives it back when it ends.
         let handoff = Arc::new(Handoff::default());
+        let shared_for_stream = shared.clone();
         let (events_tx, events) = mpsc::unbounded_channel();
+        let events_for_stream = events_tx.clone();
         let pump = Pump {
             shared,
             client: inner.client.clone(),
             reader: Some(reader),
             reader_id,
             events_tx,
-            ready: VecDeque::new(),
+            handoff: handoff.clone(),
             waiting: HashMap::new(),
             held: HashSet::new(),
-            handed: HashSet::new(),
             delayed_due: HashMap::new(),
             scanning: false,
             recover_own: false,
         };
         let stop = inner.closed.child_token();
         let option_stop = options.cancellation().cloned();
-        inner
-            .tasks
-            .spawn(pump.run(handoff.clone(), events, stop, option_stop));
-        let stream = Deliveries { handoff };
+        inner.tasks.spawn(pump.run(events, stop, option_stop));
+        let stream = Deliveries {
+            handoff,
+            shared: shared_for_stream,
+            events: events_for_stream,
+        };
         Ok(DeliveryStream::new(stream).with_options(&options))
     }
 
@@ -257,68 +260,70 @@ impl Subscriber for RedisSubscriber {
     }
 }
 
-/// Where a subscription's task hands a delivery to its stream: one at a time, and only
-/// when the stream is polled, so what the application does not take stays with the task
-/// (which gives it back to the group when the subscription ends).
+/// The entries of a subscription whose turn it is, shared by its task (which fills it)
+/// and its stream (which takes one per poll). Nothing is handed out before the
+/// application asks for it, so what it never takes is still here when the subscription
+/// ends, and the task gives it back to the group.
 #[derive(Default)]
 struct Handoff {
-    slot: std::sync::Mutex<Slot>,
-    /// Wakes the task: the stream asked for a delivery or was dropped.
+    queue: std::sync::Mutex<Queue>,
+    /// Wakes the task: the stream was dropped.
     notify: tokio::sync::Notify,
 }
 
 #[derive(Default)]
-struct Slot {
-    delivery: Option<Delivery>,
-    /// The stream is waiting for a delivery.
-    wanted: bool,
+struct Queue {
+    ready: VecDeque<Entry>,
+    /// Handed out and not settled yet.
+    handed: HashSet<Arc<str>>,
     waker: Option<std::task::Waker>,
-    /// The subscription ended: the stream ends once the slot is empty.
+    /// The subscription ended: the stream ends.
     ended: bool,
     /// The stream was dropped.
     dropped: bool,
 }
 
 impl Handoff {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
-        self.slot
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Whether the stream waits for a delivery and the slot is free.
-    fn wants(&self) -> bool {
-        let slot = self.lock();
-        slot.wanted && slot.delivery.is_none()
     }
 
     fn dropped(&self) -> bool {
         self.lock().dropped
     }
 
-    fn put(&self, delivery: Delivery) {
-        let mut slot = self.lock();
-        slot.delivery = Some(delivery);
-        slot.wanted = false;
-        if let Some(waker) = slot.waker.take() {
+    /// Makes `entry` ready, behind the others.
+    fn push(&self, entry: Entry) {
+        let mut queue = self.lock();
+        queue.ready.push_back(entry);
+        if let Some(waker) = queue.waker.take() {
             waker.wake();
         }
     }
 
-    /// Ends the stream; returns the delivery the application did not take.
-    fn end(&self) -> Option<Delivery> {
-        let mut slot = self.lock();
-        slot.ended = true;
-        if let Some(waker) = slot.waker.take() {
+    /// Notes that `id` is no longer out with the application.
+    fn settled(&self, id: &Arc<str>) {
+        self.lock().handed.remove(id);
+    }
+
+    /// Ends the stream; returns what was never handed out and the ids still out.
+    fn end(&self) -> (Vec<Entry>, HashSet<Arc<str>>) {
+        let mut queue = self.lock();
+        queue.ended = true;
+        if let Some(waker) = queue.waker.take() {
             waker.wake();
         }
-        slot.delivery.take()
+        (queue.ready.drain(..).collect(), queue.handed.clone())
     }
 }
 
 /// The stream of one subscription.
 struct Deliveries {
     handoff: Arc<Handoff>,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 impl futures::Stream for Deliveries {
@@ -328,20 +333,27 @@ impl futures::Stream for Deliveries {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        let mut slot = self.handoff.lock();
-        if let Some(delivery) = slot.delivery.take() {
-            return std::task::Poll::Ready(Some(Ok(delivery)));
-        }
-        if slot.ended {
+        let mut queue = self.handoff.lock();
+        if queue.ended {
             return std::task::Poll::Ready(None);
         }
-        slot.waker = Some(cx.waker().clone());
-        if !slot.wanted {
-            slot.wanted = true;
-            drop(slot);
-            self.handoff.notify.notify_one();
-        }
-        std::task::Poll::Pending
+        let Some(entry) = queue.ready.pop_front() else {
+            queue.waker = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
+        };
+        queue.handed.insert(entry.id.clone());
+        drop(queue);
+        let attempt = entry.attempt;
+        let delivery = Delivery::new(
+            entry.message.clone(),
+            RedisAcker {
+                shared: self.shared.clone(),
+                events: self.events.clone(),
+                entry,
+            },
+        )
+        .with_attempt(attempt);
+        std::task::Poll::Ready(Some(Ok(delivery)))
     }
 }
 
@@ -655,15 +667,13 @@ struct Pump {
     /// The reading connection's `CLIENT ID`, to unblock its read when the task ends.
     reader_id: Option<i64>,
     events_tx: mpsc::UnboundedSender<Event>,
-    /// Entries whose turn it is.
-    ready: VecDeque<Entry>,
+    /// Entries whose turn it is, and those handed out, shared with the stream.
+    handoff: Arc<Handoff>,
     /// A key is present while one of its entries is out (ready, handed out or delayed);
     /// the queue holds its successors.
     waiting: HashMap<Bytes, VecDeque<Entry>>,
     /// Every entry held: ready, waiting, handed out, delayed.
     held: HashSet<Arc<str>>,
-    /// Handed out and not settled yet.
-    handed: HashSet<Arc<str>>,
     /// When each delayed entry is due (the entries wait in the task's `DelayQueue`).
     delayed_due: HashMap<Arc<str>, Instant>,
     scanning: bool,
@@ -676,7 +686,6 @@ type ReadFuture = BoxFuture<'static, Result<Value, RedisError>>;
 impl Pump {
     async fn run(
         mut self,
-        handoff: Arc<Handoff>,
         mut events: mpsc::UnboundedReceiver<Event>,
         stop: CancellationToken,
         option_stop: Option<CancellationToken>,
@@ -700,12 +709,9 @@ impl Pump {
         let mut backoff = Duration::from_millis(100);
         let mut outage_logged = false;
         loop {
-            if !self.ready.is_empty() && handoff.wants() {
-                let entry = self.ready.pop_front().expect("checked non-empty");
-                self.handed.insert(entry.id.clone());
-                handoff.put(self.delivery(entry));
-            }
-            if reading.is_none() && retry_at.is_none() && self.held.len() < config.prefetch {
+            // Read when at most half the prefetch is held, up to the full prefetch: one
+            // read per batch, not one per settled message.
+            if reading.is_none() && retry_at.is_none() && self.held.len() <= config.prefetch / 2 {
                 if let Some(conn) = self.reader.clone() {
                     reading = Some(self.read(conn, config.prefetch - self.held.len()));
                 }
@@ -714,8 +720,8 @@ impl Pump {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = &mut option_stopped => break,
-                _ = handoff.notify.notified() => {
-                    if handoff.dropped() {
+                _ = self.handoff.notify.notified() => {
+                    if self.handoff.dropped() {
                         break;
                     }
                 }
@@ -820,8 +826,7 @@ impl Pump {
         }
         self.reader = None;
         drop(delayed); // their due times are in delayed_due
-        let untaken = handoff.end();
-        self.finish(events, untaken).await;
+        self.finish(events).await;
     }
 
     fn read(&self, mut conn: MultiplexedConnection, count: usize) -> ReadFuture {
@@ -849,10 +854,10 @@ impl Pump {
                 Some(queue) => queue.push_back(entry),
                 None => {
                     self.waiting.insert(key.clone(), VecDeque::new());
-                    self.ready.push_back(entry);
+                    self.handoff.push(entry);
                 }
             },
-            None => self.ready.push_back(entry),
+            None => self.handoff.push(entry),
         }
     }
 
@@ -861,11 +866,11 @@ impl Pump {
         match event {
             Event::Settled { id, key } => {
                 self.held.remove(&id);
-                self.handed.remove(&id);
+                self.handoff.settled(&id);
                 if let Some(key) = key {
                     if let Some(queue) = self.waiting.get_mut(&key) {
                         match queue.pop_front() {
-                            Some(next) => self.ready.push_back(next),
+                            Some(next) => self.handoff.push(next),
                             None => {
                                 self.waiting.remove(&key);
                             }
@@ -876,11 +881,11 @@ impl Pump {
             Event::Again(entry) => {
                 // Behind what is ready: its key's successors wait for it anyway, and other
                 // messages are not starved by one nacked over and over.
-                self.handed.remove(&entry.id);
-                self.ready.push_back(entry);
+                self.handoff.settled(&entry.id);
+                self.handoff.push(entry);
             }
             Event::Later(entry, delay) => {
-                self.handed.remove(&entry.id);
+                self.handoff.settled(&entry.id);
                 self.delayed_due
                     .insert(entry.id.clone(), Instant::now() + delay);
                 return Some((entry, delay));
@@ -893,19 +898,6 @@ impl Pump {
             Event::ScanDone => self.scanning = false,
         }
         None
-    }
-
-    fn delivery(&self, entry: Entry) -> Delivery {
-        let attempt = entry.attempt;
-        Delivery::new(
-            entry.message.clone(),
-            RedisAcker {
-                shared: self.shared.clone(),
-                events: self.events_tx.clone(),
-                entry,
-            },
-        )
-        .with_attempt(attempt)
     }
 
     fn spawn_take_again(&self, entry: Entry) {
@@ -967,14 +959,14 @@ impl Pump {
     }
 
     /// Gives back what was not handed out; deletes a private group.
-    async fn finish(
-        mut self,
-        mut events: mpsc::UnboundedReceiver<Event>,
-        untaken: Option<Delivery>,
-    ) {
+    async fn finish(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
         events.close();
-        // Dropped after the events closed: its acker gives the entry back itself.
-        drop(untaken);
+        while let Ok(event) = events.try_recv() {
+            // A delayed one lands in delayed_due.
+            let _ = self.on_event(event);
+        }
+        // From here on a delivery still out gives its entry back itself when settled.
+        let (ready, handed) = self.handoff.end();
         let shared = self.shared.clone();
         if shared.private {
             let mut cmd = redis::cmd("XGROUP");
@@ -988,13 +980,7 @@ impl Pump {
         }
         let mut now: Vec<Arc<str>> = Vec::new();
         let mut later: Vec<(Arc<str>, Duration)> = Vec::new();
-        while let Ok(event) = events.try_recv() {
-            // A delayed one lands in delayed_due.
-            let _ = self.on_event(event);
-        }
-        for entry in self.ready.drain(..) {
-            now.push(entry.id);
-        }
+        now.extend(ready.into_iter().map(|e| e.id));
         for (_, queue) in self.waiting.drain() {
             now.extend(queue.into_iter().map(|e| e.id));
         }
@@ -1020,7 +1006,7 @@ impl Pump {
                 .collect();
             for (id, ..) in conn::pending_reply(reply) {
                 let id: Arc<str> = Arc::from(id.as_str());
-                if !self.handed.contains(&id) && !known.contains(&id) {
+                if !handed.contains(&id) && !known.contains(&id) {
                     now.push(id);
                 }
             }
