@@ -26,43 +26,53 @@ pub(crate) const WATERMILL_UUID_FIELD: &str = "_watermill_message_uuid";
 pub(crate) type Fields = Vec<(Bytes, Bytes)>;
 
 /// The fields of `message`, or an error naming what is wrong with it.
+#[cfg(test)]
 pub(crate) fn encode(
     message: &Message,
     topic: &str,
     payload_field: &str,
     max_bytes: usize,
 ) -> Result<Fields> {
-    let fields = match Native::of::<RedisRecord>(message, BROKER) {
-        Some(record) => encode_native(message, payload_field, record),
-        None => encode_plain(message, topic, payload_field)?,
-    };
-    let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
-    if size > max_bytes {
-        return Err(Error::MessageTooLarge {
+    let mut fields = Vec::with_capacity(message.metadata().len() + 3);
+    write(message, topic, payload_field, max_bytes, |k, v| {
+        fields.push((Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)))
+    })?;
+    Ok(fields)
+}
+
+/// Passes the fields of `message` to `push`, in order, or fails (before passing any) naming
+/// what is wrong with it: a reserved metadata key, or a message over `max_bytes`.
+pub(crate) fn write(
+    message: &Message,
+    topic: &str,
+    payload_field: &str,
+    max_bytes: usize,
+    mut push: impl FnMut(&[u8], &[u8]),
+) -> Result<()> {
+    let too_large = |size: usize| {
+        Err(Error::MessageTooLarge {
             broker: BROKER,
             topic: topic.to_owned(),
             uuid: message.uuid().to_owned(),
             size,
             limit: max_bytes,
-        });
+        })
+    };
+    if let Some(record) = Native::of::<RedisRecord>(message, BROKER) {
+        let fields = encode_native(message, payload_field, record);
+        let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > max_bytes {
+            return too_large(size);
+        }
+        for (k, v) in &fields {
+            push(k, v);
+        }
+        return Ok(());
     }
-    Ok(fields)
-}
-
-fn text(s: &str) -> Bytes {
-    Bytes::copy_from_slice(s.as_bytes())
-}
-
-fn encode_plain(message: &Message, topic: &str, payload_field: &str) -> Result<Fields> {
     let metadata = message.metadata();
-    let mut fields = Vec::with_capacity(metadata.len() + 3);
-    fields.push((
-        Bytes::from_static(UUID_HEADER.as_bytes()),
-        text(message.uuid()),
-    ));
-    if let Some(key) = message.key() {
-        fields.push((Bytes::from_static(KEY_HEADER.as_bytes()), key.clone()));
-    }
+    let mut size = UUID_HEADER.len() + message.uuid().len();
+    size += message.key().map_or(0, |k| KEY_HEADER.len() + k.len());
+    size += payload_field.len() + message.payload().len();
     for (k, v) in metadata.iter() {
         if k == payload_field || k == UUID_HEADER || k == KEY_HEADER {
             return Err(Error::permanent(
@@ -75,10 +85,24 @@ fn encode_plain(message: &Message, topic: &str, payload_field: &str) -> Result<F
                 ),
             ));
         }
-        fields.push((text(k), text(v)));
+        size += k.len() + v.len();
     }
-    fields.push((text(payload_field), message.payload().clone()));
-    Ok(fields)
+    if size > max_bytes {
+        return too_large(size);
+    }
+    push(UUID_HEADER.as_bytes(), message.uuid().as_bytes());
+    if let Some(key) = message.key() {
+        push(KEY_HEADER.as_bytes(), key);
+    }
+    for (k, v) in metadata.iter() {
+        push(k.as_bytes(), v.as_bytes());
+    }
+    push(payload_field.as_bytes(), message.payload());
+    Ok(())
+}
+
+fn text(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
 }
 
 /// A received message published again: the received fields, with what the application

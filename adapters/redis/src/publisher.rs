@@ -64,7 +64,8 @@ impl RedisPublisher {
         &self.inner.config
     }
 
-    fn xadd(&self, stream: &str, fields: codec::Fields) -> redis::Cmd {
+    /// `XADD` of `message` to `stream`, with the configured trimming.
+    fn xadd(&self, stream: &str, topic: &str, message: &Message) -> Result<redis::Cmd> {
         let config = &self.inner.config;
         let mut cmd = redis::cmd("XADD");
         cmd.arg(stream);
@@ -81,10 +82,16 @@ impl RedisPublisher {
             cmd.arg("MINID").arg("~").arg(min);
         }
         cmd.arg("*");
-        for (k, v) in fields {
-            cmd.arg(&k[..]).arg(&v[..]);
-        }
-        cmd
+        codec::write(
+            message,
+            topic,
+            &config.payload_field,
+            config.max_message_bytes,
+            |k, v| {
+                cmd.arg(k).arg(v);
+            },
+        )?;
+        Ok(cmd)
     }
 }
 
@@ -105,13 +112,7 @@ impl Publisher for RedisPublisher {
         let stream = config.stream(topic);
         let mut pipe = redis::pipe();
         for message in &messages {
-            let fields = codec::encode(
-                message,
-                topic,
-                &config.payload_field,
-                config.max_message_bytes,
-            )?;
-            pipe.add_command(self.xadd(&stream, fields));
+            pipe.add_command(self.xadd(&stream, topic, message)?);
         }
         // After a connection failure the batch is sent again once the connection is back
         // (within command_timeout): entries the lost attempt added come twice, which

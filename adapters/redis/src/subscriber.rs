@@ -164,9 +164,12 @@ impl Subscriber for RedisSubscriber {
             &inner.state,
         )
         .await?;
+        let handoff = Arc::new(Handoff::default());
+        handoff.lock().low_water = config.prefetch / 2;
         let shared = Arc::new(Shared {
             config: config.clone(),
             conn,
+            handoff: handoff.clone(),
             stream: config.stream(topic),
             topic: topic.to_owned(),
             consumer: format!("{}-{}", config.consumer_name, uuid::Uuid::new_v4().simple()),
@@ -180,7 +183,6 @@ impl Subscriber for RedisSubscriber {
         let (reader, reader_id) = open_reader(&inner.client, config).await?;
         // One delivery at a time, and only once the stream is polled: what the application
         // does not take stays with the subscription, which gives it back when it ends.
-        let handoff = Arc::new(Handoff::default());
         let shared_for_stream = shared.clone();
         let (events_tx, events) = mpsc::unbounded_channel();
         let events_for_stream = events_tx.clone();
@@ -191,8 +193,6 @@ impl Subscriber for RedisSubscriber {
             reader_id,
             events_tx,
             handoff: handoff.clone(),
-            waiting: HashMap::new(),
-            held: HashSet::new(),
             delayed_due: HashMap::new(),
             scanning: false,
             recover_own: false,
@@ -267,7 +267,7 @@ impl Subscriber for RedisSubscriber {
 #[derive(Default)]
 struct Handoff {
     queue: std::sync::Mutex<Queue>,
-    /// Wakes the task: the stream was dropped.
+    /// Wakes the task: the stream was dropped, or few enough entries are held to read more.
     notify: tokio::sync::Notify,
 }
 
@@ -276,6 +276,13 @@ struct Queue {
     ready: VecDeque<Entry>,
     /// Handed out and not settled yet.
     handed: HashSet<Arc<str>>,
+    /// Every entry held: ready, waiting, handed out, delayed.
+    held: HashSet<Arc<str>>,
+    /// A key is present while one of its entries is out (ready, handed out or delayed);
+    /// the queue holds its successors.
+    waiting: HashMap<Bytes, VecDeque<Entry>>,
+    /// The task wants a wake-up once at most this many entries are held (to read more).
+    low_water: usize,
     waker: Option<std::task::Waker>,
     /// The subscription ended: the stream ends.
     ended: bool,
@@ -297,15 +304,64 @@ impl Handoff {
     /// Makes `entry` ready, behind the others.
     fn push(&self, entry: Entry) {
         let mut queue = self.lock();
-        queue.ready.push_back(entry);
-        if let Some(waker) = queue.waker.take() {
-            waker.wake();
+        queue.push(entry);
+    }
+
+    /// Takes in a newly read or taken-over entry; false when it is held already.
+    fn admit(&self, entry: Entry) -> bool {
+        let mut queue = self.lock();
+        if !queue.held.insert(entry.id.clone()) {
+            return false;
+        }
+        match &entry.key {
+            Some(key) => match queue.waiting.get_mut(key) {
+                Some(successors) => successors.push_back(entry),
+                None => {
+                    queue.waiting.insert(key.clone(), VecDeque::new());
+                    queue.push(entry);
+                }
+            },
+            None => queue.push(entry),
+        }
+        true
+    }
+
+    /// The entry is done with (acked, or gone): the next of its key may go. Wakes the task
+    /// when it may read more.
+    fn settle(&self, id: &Arc<str>, key: Option<&Bytes>) {
+        let mut queue = self.lock();
+        queue.handed.remove(id);
+        if !queue.held.remove(id) {
+            return;
+        }
+        if let Some(key) = key {
+            if let Some(successors) = queue.waiting.get_mut(key) {
+                match successors.pop_front() {
+                    Some(next) => queue.push(next),
+                    None => {
+                        queue.waiting.remove(key);
+                    }
+                }
+            }
+        }
+        let wake = queue.held.len() == queue.low_water;
+        drop(queue);
+        if wake {
+            self.notify.notify_one();
         }
     }
 
-    /// Notes that `id` is no longer out with the application.
+    /// Notes that `id` is no longer out with the application (nacked).
     fn settled(&self, id: &Arc<str>) {
         self.lock().handed.remove(id);
+    }
+
+    fn held_len(&self) -> usize {
+        self.lock().held.len()
+    }
+
+    fn held_ids(&self) -> Vec<Arc<str>> {
+        self.lock().held.iter().cloned().collect()
     }
 
     /// Ends the stream; returns what was never handed out and the ids still out.
@@ -315,7 +371,19 @@ impl Handoff {
         if let Some(waker) = queue.waker.take() {
             waker.wake();
         }
-        (queue.ready.drain(..).collect(), queue.handed.clone())
+        let mut never: Vec<Entry> = queue.ready.drain(..).collect();
+        let waiting: Vec<Entry> = queue.waiting.drain().flat_map(|(_, q)| q).collect();
+        never.extend(waiting);
+        (never, queue.handed.clone())
+    }
+}
+
+impl Queue {
+    fn push(&mut self, entry: Entry) {
+        self.ready.push_back(entry);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
     }
 }
 
@@ -368,6 +436,8 @@ impl Drop for Deliveries {
 struct Shared {
     config: RedisConfig,
     conn: ConnectionManager,
+    /// The subscription's queue of entries.
+    handoff: Arc<Handoff>,
     stream: String,
     topic: String,
     group: String,
@@ -669,11 +739,6 @@ struct Pump {
     events_tx: mpsc::UnboundedSender<Event>,
     /// Entries whose turn it is, and those handed out, shared with the stream.
     handoff: Arc<Handoff>,
-    /// A key is present while one of its entries is out (ready, handed out or delayed);
-    /// the queue holds its successors.
-    waiting: HashMap<Bytes, VecDeque<Entry>>,
-    /// Every entry held: ready, waiting, handed out, delayed.
-    held: HashSet<Arc<str>>,
     /// When each delayed entry is due (the entries wait in the task's `DelayQueue`).
     delayed_due: HashMap<Arc<str>, Instant>,
     scanning: bool,
@@ -711,9 +776,10 @@ impl Pump {
         loop {
             // Read when at most half the prefetch is held, up to the full prefetch: one
             // read per batch, not one per settled message.
-            if reading.is_none() && retry_at.is_none() && self.held.len() <= config.prefetch / 2 {
+            let held = self.handoff.held_len();
+            if reading.is_none() && retry_at.is_none() && held <= config.prefetch / 2 {
                 if let Some(conn) = self.reader.clone() {
-                    reading = Some(self.read(conn, config.prefetch - self.held.len()));
+                    reading = Some(self.read(conn, config.prefetch - held));
                 }
             }
             tokio::select! {
@@ -846,38 +912,14 @@ impl Pump {
     }
 
     fn admit(&mut self, entry: Entry) {
-        if !self.held.insert(entry.id.clone()) {
-            return; // already held (a scan raced with a read)
-        }
-        match &entry.key {
-            Some(key) => match self.waiting.get_mut(key) {
-                Some(queue) => queue.push_back(entry),
-                None => {
-                    self.waiting.insert(key.clone(), VecDeque::new());
-                    self.handoff.push(entry);
-                }
-            },
-            None => self.handoff.push(entry),
-        }
+        // False when already held (a scan raced with a read).
+        let _ = self.handoff.admit(entry);
     }
 
     /// Applies `event`; returns an entry to hand out again after a delay.
     fn on_event(&mut self, event: Event) -> Option<(Entry, Duration)> {
         match event {
-            Event::Settled { id, key } => {
-                self.held.remove(&id);
-                self.handoff.settled(&id);
-                if let Some(key) = key {
-                    if let Some(queue) = self.waiting.get_mut(&key) {
-                        match queue.pop_front() {
-                            Some(next) => self.handoff.push(next),
-                            None => {
-                                self.waiting.remove(&key);
-                            }
-                        }
-                    }
-                }
-            }
+            Event::Settled { id, key } => self.handoff.settle(&id, key.as_ref()),
             Event::Again(entry) => {
                 // Behind what is ready: its key's successors wait for it anyway, and other
                 // messages are not starved by one nacked over and over.
@@ -917,14 +959,18 @@ impl Pump {
     }
 
     fn spawn_scan(&mut self) {
-        let room = self.shared.config.prefetch.saturating_sub(self.held.len());
+        let room = self
+            .shared
+            .config
+            .prefetch
+            .saturating_sub(self.handoff.held_len());
         if self.scanning || room == 0 {
             return;
         }
         self.scanning = true;
         let own = std::mem::take(&mut self.recover_own);
         let held: Vec<Arc<str>> = if own {
-            self.held.iter().cloned().collect()
+            self.handoff.held_ids()
         } else {
             Vec::new()
         };
@@ -944,10 +990,10 @@ impl Pump {
     }
 
     fn spawn_heartbeat(&self) {
-        if self.held.is_empty() {
+        let ids = self.handoff.held_ids();
+        if ids.is_empty() {
             return;
         }
-        let ids: Vec<Arc<str>> = self.held.iter().cloned().collect();
         let shared = self.shared.clone();
         tokio::spawn(async move {
             for chunk in ids.chunks(1000) {
@@ -981,9 +1027,6 @@ impl Pump {
         let mut now: Vec<Arc<str>> = Vec::new();
         let mut later: Vec<(Arc<str>, Duration)> = Vec::new();
         now.extend(ready.into_iter().map(|e| e.id));
-        for (_, queue) in self.waiting.drain() {
-            now.extend(queue.into_iter().map(|e| e.id));
-        }
         let now_at = Instant::now();
         for (id, due) in self.delayed_due.drain() {
             later.push((id, due.saturating_duration_since(now_at)));
@@ -1065,19 +1108,13 @@ struct RedisAcker {
 
 impl Acknowledger for RedisAcker {
     fn ack(self: Box<Self>) -> AckFuture {
-        let RedisAcker {
-            shared,
-            events,
-            entry,
-        } = *self;
+        let RedisAcker { shared, entry, .. } = *self;
         AckFuture::boxed(async move {
             let mut cmd = redis::cmd("XACK");
             cmd.arg(&shared.stream).arg(&shared.group).arg(&*entry.id);
             let result = shared.query(&cmd).await;
-            let _ = events.send(Event::Settled {
-                id: entry.id.clone(),
-                key: entry.key(),
-            });
+            // Settled here, not through the task: no wake-up of it per message.
+            shared.handoff.settle(&entry.id, entry.key.as_ref());
             match result {
                 Ok(_) => Ok(()),
                 Err(e) if shared.private && conn::is_nogroup(&e) => Ok(()),
