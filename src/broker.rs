@@ -544,7 +544,14 @@ impl BrokerConfig {
             #[cfg(feature = "googlecloud")]
             BrokerKind::GoogleCloud => Ok(BrokerConfig::GoogleCloud(deserialize(kind, options)?)),
             #[cfg(feature = "redis")]
-            BrokerKind::Redis => Ok(BrokerConfig::Redis(deserialize(kind, options)?)),
+            BrokerKind::Redis => {
+                let config: tidemill_redis::RedisConfig = deserialize(kind, options)?;
+                config.validate().map_err(|e| ConfigError::Rejected {
+                    kind,
+                    message: discreet_message(&e.to_string()),
+                })?;
+                Ok(BrokerConfig::Redis(config))
+            }
             #[allow(unreachable_patterns)]
             _ => Err(ConfigError::MissingFeature {
                 kind,
@@ -1102,6 +1109,9 @@ mod tests {
             e.contains("option `order_per_key`: expected true or false"),
             "{e}"
         );
+        // Values without a meaning are refused when the URL is read, not at connect.
+        let e = err("redis://u:hunter2@h:6380/0?prefetch=0");
+        assert!(e.contains("prefetch") && !e.contains("hunter2"), "{e}");
     }
 
     #[cfg(feature = "redis")]

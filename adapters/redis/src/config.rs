@@ -143,8 +143,10 @@ impl RedisConfig {
         redact(&self.url)
     }
 
-    /// Checks the values that have no meaningful fallback.
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Checks the values that have no meaningful fallback (the URL's scheme, a zero
+    /// `prefetch`, an empty or reserved `payload_field`, too short `claim_idle`, zero
+    /// `block` or `claim_interval`); `connect` does too.
+    pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::config(BROKER, what.to_owned()));
         if !(self.url.starts_with("redis://")
             || self.url.starts_with("rediss://")
