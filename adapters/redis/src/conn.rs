@@ -38,15 +38,11 @@ pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> Result<Con
         .set_response_timeout(Some(config.command_timeout))
         .set_number_of_retries(3)
         .set_max_delay(Duration::from_secs(2));
-    let connect = ConnectionManager::new_with_config(client.clone(), cfg);
-    match tokio::time::timeout(config.connect_timeout, connect).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(connect_error(config, strip(&e, config))),
-        Err(_) => Err(connect_error(
-            config,
-            format!("no connection within {:?}", config.connect_timeout),
-        )),
-    }
+    within_connect_timeout(
+        config,
+        ConnectionManager::new_with_config(client.clone(), cfg),
+    )
+    .await
 }
 
 /// A connection of its own for a subscription's blocking reads (a blocked `XREADGROUP`
@@ -58,7 +54,18 @@ pub(crate) async fn reading(
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.block + config.command_timeout));
-    let connect = client.get_multiplexed_async_connection_with_config(&cfg);
+    within_connect_timeout(
+        config,
+        client.get_multiplexed_async_connection_with_config(&cfg),
+    )
+    .await
+}
+
+/// `connect`'s connection, or an error naming the address, within `connect_timeout`.
+async fn within_connect_timeout<C>(
+    config: &RedisConfig,
+    connect: impl std::future::Future<Output = Result<C, RedisError>>,
+) -> Result<C> {
     match tokio::time::timeout(config.connect_timeout, connect).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(connect_error(config, strip(&e, config))),
