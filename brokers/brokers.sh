@@ -259,6 +259,10 @@ cmd_env() {
       *) var=$("${n}_var") ;;
     esac
     printf 'export %s=%q\n' "$var" "${!var}"
+    if [[ $n == redis && -n ${TIDEMILL_REDIS_TLS_URL:-} ]]; then
+      printf 'export TIDEMILL_REDIS_TLS_URL=%q TIDEMILL_REDIS_TLS_CA=%q\n' \
+        "$TIDEMILL_REDIS_TLS_URL" "$TIDEMILL_REDIS_TLS_CA"
+    fi
   done
 }
 

@@ -22,6 +22,7 @@ TIDEMILL_NATS_MONITOR_PORT=8223    # NATS HTTP monitoring (/healthz)
 TIDEMILL_KAFKA_PORT=9093           # Kafka protocol (Tansu)
 TIDEMILL_PUBSUB_PORT=8086          # Pub/Sub emulator: gRPC and REST on one port
 TIDEMILL_REDIS_PORT=6380           # Redis (default 6379)
+TIDEMILL_REDIS_TLS_PORT=6381       # Redis over TLS (a test CA's certificate)
 
 # --- the clusters (opt-in: `brokers.sh up nats-cluster rabbitmq-cluster`) ------
 # Three nodes each; node i (1..3) listens on the base port + i.
@@ -76,6 +77,13 @@ tidemill_external() { # NAME -> 0 if the user points the tests elsewhere
 : "${TIDEMILL_KAFKA_BROKERS:=$TIDEMILL_KAFKA_BROKERS_DEFAULT}"
 : "${PUBSUB_EMULATOR_HOST:=$PUBSUB_EMULATOR_HOST_DEFAULT}"
 : "${TIDEMILL_REDIS_URL:=$TIDEMILL_REDIS_URL_DEFAULT}"
+# The TLS port of the Redis these scripts run, and the CA that signed its certificate
+# (only when that Redis is ours).
+if ! tidemill_external redis; then
+  : "${TIDEMILL_REDIS_TLS_URL:=rediss://127.0.0.1:${TIDEMILL_REDIS_TLS_PORT}/0}"
+  : "${TIDEMILL_REDIS_TLS_CA:=$TIDEMILL_BROKERS_DIR/redis/tls/ca.crt}"
+  export TIDEMILL_REDIS_TLS_URL TIDEMILL_REDIS_TLS_CA
+fi
 : "${TIDEMILL_NATS_CLUSTER_URL:=$TIDEMILL_NATS_CLUSTER_URL_DEFAULT}"
 : "${TIDEMILL_AMQP_CLUSTER_URL:=$TIDEMILL_AMQP_CLUSTER_URL_DEFAULT}"
 export TIDEMILL_AMQP_URL TIDEMILL_NATS_URL TIDEMILL_KAFKA_BROKERS PUBSUB_EMULATOR_HOST TIDEMILL_REDIS_URL

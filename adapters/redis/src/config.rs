@@ -39,6 +39,9 @@ pub struct RedisConfig {
     /// The server: `redis://[user:password@]host:port/db`, or `rediss://…` for TLS (the
     /// system's root certificates). Default `redis://127.0.0.1:6379/0`.
     pub url: String,
+    /// With a `rediss://` URL: a PEM file of the certificate authorities to trust instead of
+    /// the system's root certificates (a private CA). Default none.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Prepended to every topic to name its stream (e.g. `app:`); default none, so the
     /// stream is named like the topic and other clients can read and write it as is.
     pub stream_prefix: String,
@@ -104,6 +107,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/0".to_owned(),
+            tls_ca_file: None,
             stream_prefix: String::new(),
             payload_field: "payload".to_owned(),
             prefetch: 64,
@@ -161,6 +165,9 @@ impl RedisConfig {
                 ),
             ));
         }
+        if self.tls_ca_file.is_some() && !self.url.starts_with("rediss://") {
+            return bad("tls_ca_file needs a rediss:// url");
+        }
         if self.prefetch == 0 {
             return bad("prefetch must be at least 1");
         }
@@ -187,6 +194,7 @@ impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &self.address())
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("stream_prefix", &self.stream_prefix)
             .field("payload_field", &self.payload_field)
             .field("prefetch", &self.prefetch)

@@ -22,6 +22,25 @@ pub(crate) fn client(config: &RedisConfig) -> Result<Client> {
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
     }
+    if let Some(path) = &config.tls_ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| Error::config(BROKER, format!("tls_ca_file `{}`: {e}", path.display())))?;
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        };
+        return Client::build_with_tls(config.url.as_str(), certificates).map_err(|e| {
+            Error::config(
+                BROKER,
+                format!(
+                    "url `{}` with tls_ca_file `{}`: {}",
+                    config.address(),
+                    path.display(),
+                    strip(&e, config)
+                ),
+            )
+        });
+    }
     Client::open(config.url.as_str()).map_err(|e| {
         Error::config(
             BROKER,

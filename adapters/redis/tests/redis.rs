@@ -561,3 +561,47 @@ fn errors_name_what_went_wrong() {
         ok(s.close().await, "close");
     });
 }
+
+#[test]
+fn tls_with_a_private_ca() {
+    let (Some(url), Some(ca)) = (
+        std::env::var_os("TIDEMILL_REDIS_TLS_URL"),
+        std::env::var_os("TIDEMILL_REDIS_TLS_CA"),
+    ) else {
+        eprintln!("SKIP tls_with_a_private_ca: TIDEMILL_REDIS_TLS_URL / _CA are not set");
+        return;
+    };
+    runtime().block_on(async {
+        let url = url.to_string_lossy().into_owned();
+        let mut config = test_config(&url);
+        config.tls_ca_file = Some(ca.into());
+        let topic = unique_topic("redis_tls");
+        let p = ok(
+            RedisPublisher::connect(config.clone()).await,
+            "connect over TLS",
+        );
+        let s = ok(
+            RedisSubscriber::connect(config.clone()).await,
+            "connect over TLS",
+        );
+        let mut stream = ok(
+            s.subscribe(&topic, SubscribeOptions::group("tls")).await,
+            "subscribe",
+        );
+        let sent = Message::new("secret").with_key("k");
+        ok(p.publish(&topic, vec![sent.clone()]).await, "publish");
+        let d = next(&mut stream, "the message over TLS").await;
+        assert_eq!(d.message().uuid(), sent.uuid());
+        assert_eq!(d.message().payload(), sent.payload());
+        d.ack().await.expect("ack");
+        ok(s.close().await, "close");
+
+        // Without the CA, the system's roots do not trust the test certificate.
+        let mut untrusted = test_config(&url);
+        untrusted.connect_timeout = Duration::from_secs(3);
+        let err = RedisPublisher::connect(untrusted).await.unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        assert!(err.to_string().contains("127.0.0.1"), "{err}");
+        delete(&[&topic]).await;
+    });
+}
