@@ -246,7 +246,7 @@ fn place_uuid(
                         format!(
                             "message uuid `{}…` is {} bytes, over the {MAX_NAME_BYTES} bytes \
                              the message_id property holds (message_uuid = \"message_id\")",
-                            &uuid[..uuid.floor_char_boundary(40)],
+                            head(uuid, 40),
                             uuid.len()
                         ),
                     )
@@ -266,7 +266,7 @@ fn too_long(topic: &str, uuid: &str, name: &str) -> Error {
         format!(
             "message {uuid}: metadata key `{}…` is {} bytes, over AMQP's header name limit of \
              {MAX_NAME_BYTES}",
-            &name[..name.floor_char_boundary(40)],
+            head(name, 40),
             name.len()
         ),
     )
@@ -904,8 +904,27 @@ pub(crate) fn returned_uuid(properties: &BasicProperties, carrier: &UuidCarrier)
         .map(str::to_owned)
 }
 
+/// The longest start of `s` that is at most `max` bytes and ends on a character boundary
+/// (for quoting long names in errors).
+fn head(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn quoted_heads_end_on_a_character_boundary() {
+        assert_eq!(head("abcdef", 4), "abcd");
+        assert_eq!(head("ab", 40), "ab");
+        // 'é' is two bytes: three bytes hold one of them.
+        assert_eq!(head("ééé", 3), "é");
+    }
+
     use super::*;
     use lapin::types::DecimalValue;
 
