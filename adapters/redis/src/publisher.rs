@@ -154,8 +154,9 @@ impl Publisher for RedisPublisher {
         Ok(())
     }
 
-    /// Creates consumer group `group` on the topic's stream (and the stream), starting at
-    /// the end, so everything published from now on waits for the group.
+    /// Creates consumer group `group` on the topic's stream (and the stream), starting where
+    /// `start_from` says (by default at the end), so everything published from now on waits
+    /// for the group.
     async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
         let config = &self.inner.config;
         let mut conn = self.inner.conn.clone();

@@ -154,6 +154,8 @@ impl Subscriber for RedisSubscriber {
             Some(g) => (g.to_owned(), false),
             None => (format!("tidemill-{}", uuid::Uuid::new_v4().simple()), true),
         };
+        // The reading connection first: a failure then leaves no private group behind.
+        let (reader, reader_id) = open_reader(&inner.client, config).await?;
         let mut conn = inner.conn.clone();
         create_group(
             &mut conn,
@@ -180,9 +182,6 @@ impl Subscriber for RedisSubscriber {
         if !private {
             shared.expire_consumers().await;
         }
-        let (reader, reader_id) = open_reader(&inner.client, config).await?;
-        // One delivery at a time, and only once the stream is polled: what the application
-        // does not take stays with the subscription, which gives it back when it ends.
         let shared_for_stream = shared.clone();
         let (events_tx, events) = mpsc::unbounded_channel();
         let events_for_stream = events_tx.clone();
@@ -240,7 +239,9 @@ impl Subscriber for RedisSubscriber {
         let inner = &self.inner;
         inner.closed.cancel();
         inner.tasks.close();
-        let bound = inner.config.command_timeout * 2;
+        // What a subscription's end may take: waking its read, the read, the sweep and
+        // the give-back.
+        let bound = inner.config.block + inner.config.command_timeout * 4;
         if tokio::time::timeout(bound, inner.tasks.wait())
             .await
             .is_err()
@@ -283,6 +284,9 @@ struct Queue {
     waiting: HashMap<Bytes, VecDeque<Entry>>,
     /// The task wants a wake-up once at most this many entries are held (to read more).
     low_water: usize,
+    /// While a take-over scan runs: the ids settled meanwhile, which the scan may bring
+    /// back (its reply left the server before the ack) and which must not go out again.
+    settled_in_scan: Option<HashSet<Arc<str>>>,
     waker: Option<std::task::Waker>,
     /// The subscription ended: the stream ends.
     ended: bool,
@@ -331,6 +335,9 @@ impl Handoff {
     fn settle(&self, id: &Arc<str>, key: Option<&Bytes>) {
         let mut queue = self.lock();
         queue.handed.remove(id);
+        if let Some(settled) = &mut queue.settled_in_scan {
+            settled.insert(id.clone());
+        }
         if !queue.held.remove(id) {
             return;
         }
@@ -349,6 +356,24 @@ impl Handoff {
         if wake {
             self.notify.notify_one();
         }
+    }
+
+    /// A take-over scan starts: note what is settled until it ends.
+    fn scan_started(&self) {
+        self.lock().settled_in_scan = Some(HashSet::new());
+    }
+
+    /// The scan ended.
+    fn scan_ended(&self) {
+        self.lock().settled_in_scan = None;
+    }
+
+    /// Whether `id` was settled while the running scan was under way.
+    fn settled_in_scan(&self, id: &Arc<str>) -> bool {
+        self.lock()
+            .settled_in_scan
+            .as_ref()
+            .is_some_and(|settled| settled.contains(id))
     }
 
     /// Notes that `id` is no longer out with the application (nacked).
@@ -446,6 +471,11 @@ struct Shared {
     state: Arc<StateCell>,
 }
 
+/// Deletes consumer ARGV[2] of group ARGV[1] of stream KEYS[1] if it holds no entry.
+const DELETE_IF_IDLE: &str =
+    "if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then \
+     return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end return -1";
+
 /// How long ago a given-back entry was "delivered": far over any `claim_idle`, so the next
 /// `XAUTOCLAIM` of any consumer takes it.
 const GIVEN_BACK_IDLE: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -489,14 +519,27 @@ impl Shared {
         if ids.is_empty() || self.private {
             return;
         }
-        let idle = self.config.claim_idle.saturating_sub(after);
+        let claim_idle = self.config.claim_idle;
         let idle = if after.is_zero() {
             GIVEN_BACK_IDLE
         } else {
-            idle
+            claim_idle.saturating_sub(after)
         };
-        if after > self.config.claim_idle {
-            tokio::time::sleep(after - self.config.claim_idle).await;
+        if after > claim_idle {
+            // Kept fresh (nobody takes them over) until claim_idle before the end of the
+            // delay, then left to go idle.
+            let until = Instant::now() + (after - claim_idle);
+            let beat = (claim_idle / 3).max(Duration::from_millis(50));
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                tokio::time::sleep(left.min(beat)).await;
+                for chunk in ids.chunks(1000) {
+                    let _ = self.query(&self.xclaim(chunk, None, true)).await;
+                }
+            }
         }
         tracing::debug!(broker = BROKER, topic = %self.topic, group = %self.group, consumer = %self.consumer, ?ids, "giving entries back");
         for chunk in ids.chunks(1000) {
@@ -514,29 +557,16 @@ impl Shared {
         }
     }
 
-    /// Takes `entry` back for redelivery (delivery count + 1): `Again`, or `Settled` when
-    /// the entry is gone (acked elsewhere, trimmed, group deleted).
-    async fn take_again(&self, mut entry: Entry) -> Result<Event, (Entry, Error)> {
+    /// Takes `entry` back for redelivery (delivery count + 1): true, or false when the
+    /// entry is gone (acked elsewhere, trimmed, group deleted).
+    async fn take_again(&self, entry: &Entry) -> Result<bool, Error> {
         match self
             .query(&self.xclaim(std::slice::from_ref(&entry.id), None, false))
             .await
         {
-            Ok(reply) if !conn::entries(reply.clone()).is_empty() => {
-                entry.attempt = entry.attempt.saturating_add(1);
-                Ok(Event::Again(entry))
-            }
-            Ok(_) => Ok(Event::Settled {
-                id: entry.id.clone(),
-                key: entry.key(),
-            }),
-            Err(e) if conn::is_nogroup(&e) => Ok(Event::Settled {
-                id: entry.id.clone(),
-                key: entry.key(),
-            }),
-            Err(e) => {
-                let err = self.error(e, "nack (XCLAIM)");
-                Err((entry, err))
-            }
+            Ok(reply) => Ok(!conn::entries(reply).is_empty()),
+            Err(e) if conn::is_nogroup(&e) => Ok(false),
+            Err(e) => Err(self.error(e, "nack (XCLAIM)")),
         }
     }
 
@@ -552,8 +582,11 @@ impl Shared {
         let expiry = self.config.consumer_expiry.as_millis() as u64;
         for (name, pending, idle) in conn::consumers_reply(reply) {
             if pending == 0 && idle > expiry && name.starts_with(&prefix) {
-                let mut del = redis::cmd("XGROUP");
-                del.arg("DELCONSUMER")
+                // Checked and deleted in one step: a consumer that read entries since the
+                // XINFO above keeps them (deleting it would drop them from the group).
+                let mut del = redis::cmd("EVAL");
+                del.arg(DELETE_IF_IDLE)
+                    .arg(1)
                     .arg(&self.stream)
                     .arg(&self.group)
                     .arg(&name);
@@ -934,20 +967,32 @@ impl Pump {
             }
             Event::Claimed(entries) => {
                 for entry in entries {
-                    self.admit(entry);
+                    if !self.handoff.settled_in_scan(&entry.id) {
+                        self.admit(entry);
+                    }
                 }
             }
-            Event::ScanDone => self.scanning = false,
+            Event::ScanDone => {
+                self.scanning = false;
+                self.handoff.scan_ended();
+            }
         }
         None
     }
 
-    fn spawn_take_again(&self, entry: Entry) {
+    fn spawn_take_again(&self, mut entry: Entry) {
         let (shared, events) = (self.shared.clone(), self.events_tx.clone());
         tokio::spawn(async move {
-            let event = match shared.take_again(entry).await {
-                Ok(event) => event,
-                Err((entry, err)) => {
+            let event = match shared.take_again(&entry).await {
+                Ok(true) => {
+                    entry.attempt = entry.attempt.saturating_add(1);
+                    Event::Again(entry)
+                }
+                Ok(false) => Event::Settled {
+                    key: entry.key(),
+                    id: entry.id,
+                },
+                Err(err) => {
                     tracing::warn!(broker = BROKER, error = %err, "redelivery failed; trying again");
                     Event::Later(entry, shared.config.claim_interval)
                 }
@@ -968,6 +1013,7 @@ impl Pump {
             return;
         }
         self.scanning = true;
+        self.handoff.scan_started();
         let own = std::mem::take(&mut self.recover_own);
         let held: Vec<Arc<str>> = if own {
             self.handoff.held_ids()
@@ -1108,11 +1154,25 @@ struct RedisAcker {
 
 impl Acknowledger for RedisAcker {
     fn ack(self: Box<Self>) -> AckFuture {
-        let RedisAcker { shared, entry, .. } = *self;
+        let RedisAcker {
+            shared,
+            events,
+            entry,
+        } = *self;
+        let guard = Settling {
+            shared: shared.clone(),
+            events,
+            entry: Some(entry),
+            nack: false,
+        };
         AckFuture::boxed(async move {
+            let mut guard = guard;
             let mut cmd = redis::cmd("XACK");
-            cmd.arg(&shared.stream).arg(&shared.group).arg(&*entry.id);
+            cmd.arg(&shared.stream)
+                .arg(&shared.group)
+                .arg(&*guard.entry().id);
             let result = shared.query(&cmd).await;
+            let entry = guard.done();
             // Settled here, not through the task: no wake-up of it per message.
             shared.handoff.settle(&entry.id, entry.key.as_ref());
             match result {
@@ -1129,34 +1189,93 @@ impl Acknowledger for RedisAcker {
             events,
             entry,
         } = *self;
+        let guard = Settling {
+            shared: shared.clone(),
+            events,
+            entry: Some(entry),
+            nack: true,
+        };
         AckFuture::boxed(async move {
+            let mut guard = guard;
             if let Some(delay) = delay.filter(|d| !d.is_zero()) {
-                if let Err(mpsc::error::SendError(event)) = events.send(Event::Later(entry, delay))
+                let entry = guard.done();
+                if let Err(mpsc::error::SendError(event)) =
+                    guard.events.send(Event::Later(entry, delay))
                 {
-                    give_back_event(&shared, event).await;
+                    spawn_give_back(shared, event);
                 }
                 return Ok(());
             }
-            if events.is_closed() {
-                shared.give_back(&[entry.id], Duration::ZERO).await;
+            if guard.events.is_closed() {
+                let entry = guard.done();
+                spawn_give_back(shared, Event::Again(entry));
                 return Ok(());
             }
-            match shared.take_again(entry).await {
-                Ok(event) => {
-                    if let Err(mpsc::error::SendError(event)) = events.send(event) {
-                        give_back_event(&shared, event).await;
-                    }
-                    Ok(())
-                }
-                Err((entry, err)) => {
-                    // The subscription tries again; the caller hears of the failure.
-                    let retry = Event::Later(entry, shared.config.claim_interval);
-                    if let Err(mpsc::error::SendError(event)) = events.send(retry) {
-                        give_back_event(&shared, event).await;
-                    }
-                    Err(err)
-                }
+            // On failure the guard hands the entry to the subscription to try again; the
+            // caller hears of the failure.
+            let claimed = shared.take_again(guard.entry()).await?;
+            let mut entry = guard.done();
+            if !claimed {
+                shared.handoff.settle(&entry.id, entry.key.as_ref());
+                return Ok(());
             }
+            entry.attempt = entry.attempt.saturating_add(1);
+            if let Err(mpsc::error::SendError(event)) = guard.events.send(Event::Again(entry)) {
+                spawn_give_back(shared, event);
+            }
+            Ok(())
         })
+    }
+}
+
+/// An entry whose ack or nack is under way. When the future doing it is dropped before it
+/// finished, the entry is not stranded: after an ack the subscription lets go of it (it is
+/// still pending in Redis unless the `XACK` got through, so the group takes it over after
+/// `claim_idle`), after a nack it is handed out again after `claim_interval`.
+struct Settling {
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<Event>,
+    entry: Option<Entry>,
+    nack: bool,
+}
+
+impl Settling {
+    fn entry(&self) -> &Entry {
+        self.entry.as_ref().expect("present until done")
+    }
+
+    fn done(&mut self) -> Entry {
+        self.entry.take().expect("done once")
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        let Some(entry) = self.entry.take() else {
+            return;
+        };
+        if self.nack {
+            let event = Event::Later(entry, self.shared.config.claim_interval);
+            if let Err(mpsc::error::SendError(event)) = self.events.send(event) {
+                spawn_give_back(self.shared.clone(), event);
+            }
+        } else {
+            self.shared.handoff.settle(&entry.id, entry.key.as_ref());
+        }
+    }
+}
+
+/// Gives back the entry an event carries, in a task of its own (a delayed one may wait).
+fn spawn_give_back(shared: Arc<Shared>, event: Event) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move { give_back_event(&shared, event).await });
+        }
+        Err(_) => tracing::warn!(
+            broker = BROKER,
+            topic = %shared.topic,
+            "an entry was settled outside a tokio runtime; the group takes it over after \
+             claim_idle"
+        ),
     }
 }

@@ -605,3 +605,44 @@ fn tls_with_a_private_ca() {
         delete(&[&topic]).await;
     });
 }
+
+#[test]
+fn an_abandoned_ack_or_nack_strands_nothing() {
+    if !have_server("an_abandoned_ack_or_nack_strands_nothing") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("redis_abandoned");
+        let mut config = test_config(&redis_url());
+        config.claim_interval = Duration::from_millis(100);
+        let p = ok(RedisPublisher::connect(config.clone()).await, "connect");
+        let s = ok(RedisSubscriber::connect(config.clone()).await, "connect");
+        let opts = SubscribeOptions::group("g");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let sent: Vec<Message> = (0..3)
+            .map(|i| Message::new(format!("m{i}")).with_key("k"))
+            .collect();
+        ok(p.publish(&topic, sent.clone()).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        // An ack future given up after one poll (a timeout around it): the key is free.
+        let first = next(&mut stream, "m0").await;
+        assert_eq!(first.message().uuid(), sent[0].uuid());
+        let _ = tokio::time::timeout(Duration::ZERO, first.ack()).await;
+        // A nack future given up the same way: the message comes back.
+        let second = next(&mut stream, "m1 after the abandoned ack").await;
+        assert_eq!(second.message().uuid(), sent[1].uuid());
+        let _ = tokio::time::timeout(Duration::ZERO, second.nack()).await;
+        let again = next(&mut stream, "m1 again after the abandoned nack").await;
+        assert_eq!(
+            again.message().uuid(),
+            sent[1].uuid(),
+            "m1 before its successor"
+        );
+        again.ack().await.expect("ack");
+        let third = next(&mut stream, "m2").await;
+        assert_eq!(third.message().uuid(), sent[2].uuid());
+        third.ack().await.expect("ack");
+        ok(s.close().await, "close");
+        delete(&[&topic]).await;
+    });
+}
