@@ -1152,19 +1152,27 @@ struct RedisAcker {
     entry: Entry,
 }
 
-impl Acknowledger for RedisAcker {
-    fn ack(self: Box<Self>) -> AckFuture {
+impl RedisAcker {
+    /// The subscription's state, and a guard holding the entry until it is settled.
+    fn settling(self, nack: bool) -> (Arc<Shared>, Settling) {
         let RedisAcker {
             shared,
             events,
             entry,
-        } = *self;
+        } = self;
         let guard = Settling {
             shared: shared.clone(),
             events,
             entry: Some(entry),
-            nack: false,
+            nack,
         };
+        (shared, guard)
+    }
+}
+
+impl Acknowledger for RedisAcker {
+    fn ack(self: Box<Self>) -> AckFuture {
+        let (shared, guard) = (*self).settling(false);
         AckFuture::boxed(async move {
             let mut guard = guard;
             let mut cmd = redis::cmd("XACK");
@@ -1184,17 +1192,7 @@ impl Acknowledger for RedisAcker {
     }
 
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
-        let RedisAcker {
-            shared,
-            events,
-            entry,
-        } = *self;
-        let guard = Settling {
-            shared: shared.clone(),
-            events,
-            entry: Some(entry),
-            nack: true,
-        };
+        let (shared, guard) = (*self).settling(true);
         AckFuture::boxed(async move {
             let mut guard = guard;
             if let Some(delay) = delay.filter(|d| !d.is_zero()) {
