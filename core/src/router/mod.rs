@@ -50,6 +50,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod failure;
 mod handler;
 mod health;
@@ -72,6 +73,7 @@ use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 pub use crate::context::Settlement;
+pub use batch::{BatchConfig, BatchFuture, BatchResult, BatchService, IntoBatchResult};
 pub use failure::HandlerStats;
 pub use handler::{
     handler_fn, BoxHandler, BoxHandlerFuture, Handler, HandlerFn, HandlerFuture, HandlerResult,
@@ -729,6 +731,16 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
         }
     }
 
+    /// Makes this a batch handler: its function takes up to `max_messages` messages at once,
+    /// or what arrived within `max_wait` of a batch's first message (see [`BatchHandler`]).
+    /// Layers added before this apply to each message of a batch.
+    pub fn batch(self, max_messages: usize, max_wait: Duration) -> BatchHandler<'r, L, S> {
+        BatchHandler {
+            builder: self,
+            config: BatchConfig::new(max_messages, max_wait),
+        }
+    }
+
     /// Gives the handler function `state`: its [`State<T>`](crate::extract::State)
     /// arguments get a clone of it (or of a part, see
     /// [`FromRef`](crate::extract::FromRef)) with each message, so keep it cheap to clone
@@ -919,6 +931,110 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
             router.start(&self.name).await?;
         }
         Ok(())
+    }
+}
+
+/// A batch handler being described (from [`HandlerBuilder::batch`]); finish with
+/// [`handler`](BatchHandler::handler).
+///
+/// The function gets a `Vec<Message>` and returns a [`BatchResult`] (or `()`,
+/// `Vec<Message>` to publish, or a `Result` of these: an `Err` fails the whole batch),
+/// which settles **each message on its own** by the router's outcome rules: the messages
+/// that succeeded are acked (after the batch's outputs were published and confirmed), a
+/// failed one is nacked with the growing delay, or handled by the layers (poison queue,
+/// dead letter, retry, recoverer) exactly as a single message would be. A panic fails
+/// every message of the batch as a panic.
+///
+/// - **How batches form**: every message goes through the handler's layers first; those
+///   that reach the handler are gathered into batches, handled one batch at a time, in
+///   arrival order. Up to twice `max_messages` messages are in flight (or the handler's
+///   [`concurrency`](HandlerBuilder::concurrency), if higher), so the next batch gathers
+///   while one is handled: make the subscription's prefetch (RabbitMQ `prefetch`, NATS
+///   `max_ack_pending`, Pub/Sub flow control) at least that, or batches stay smaller.
+/// - **Order per key**: a batch holds at most one message per key; the next message with
+///   that key goes into a later batch, once the earlier one is settled (as the
+///   single-message path keeps keys sequential). Messages without a key are not limited.
+/// - **Retries**: a message a retry layer retries joins a later batch.
+/// - **Shutdown**: a partial batch is handled at once when the handler stops taking
+///   messages (or, while a layer still holds on to the handler to retry something, within
+///   `max_wait`); messages abandoned past the close timeout are nacked, never acked.
+///
+/// ```
+/// use std::time::Duration;
+/// use tidemill_core::router::BatchResult;
+/// use tidemill_core::{MemoryBroker, Message, Router};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = MemoryBroker::new();
+/// let router = Router::new();
+/// router
+///     .add_handler("store")
+///     .subscribe(broker.subscriber(), "readings")
+///     .batch(500, Duration::from_millis(50))
+///     .handler(|msgs: Vec<Message>| async move {
+///         let mut result = BatchResult::ok();
+///         for (i, msg) in msgs.iter().enumerate() {
+///             if msg.payload().is_empty() {
+///                 // Only this one fails (and is redelivered); the others are acked.
+///                 result.fail(i, tidemill_core::permanent("empty reading"));
+///             }
+///         }
+///         // ... insert the others in one statement ...
+///         result
+///     })
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a batch handler is added only by .handler(..)"]
+pub struct BatchHandler<'r, L, S = ()> {
+    builder: HandlerBuilder<'r, L, S>,
+    config: BatchConfig,
+}
+
+impl<'r, L, S> BatchHandler<'r, L, S> {
+    /// Also ends a batch before its payloads pass `bytes` (a message that would cross it
+    /// starts the next batch; a larger one alone makes a batch of one).
+    pub fn max_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_bytes = Some(bytes);
+        self
+    }
+
+    /// Adds the handler with the batch function `f`. If the router is running, it starts
+    /// (subscribes) before this returns.
+    pub async fn handler<F, Fut>(self, f: F) -> Result<(), RouterError>
+    where
+        F: Fn(Vec<Message>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future + Send + 'static,
+        Fut::Output: IntoBatchResult,
+        L: Layer<BatchService>,
+        L::Service: Service<Message, Response = Vec<Message>> + Send + 'static,
+        <L::Service as Service<Message>>::Error: Into<BoxError>,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        let BatchHandler {
+            builder: mut b,
+            config,
+        } = self;
+        if config.max_messages == 0 {
+            return Err(RouterError::InvalidHandler {
+                handler: b.name,
+                reason: "a batch holds at least 1 message (max_messages 0)",
+            });
+        }
+        if config.max_bytes == Some(0) {
+            return Err(RouterError::InvalidHandler {
+                handler: b.name,
+                reason: "a batch's max_bytes must be at least 1",
+            });
+        }
+        b.concurrency = b.concurrency.max(config.max_messages.saturating_mul(2));
+        let output = batch::BatchOutput {
+            handler: b.name.clone(),
+            publisher: b.output.clone(),
+        };
+        let (b, _state) = b.take_state();
+        b.service(BatchService::start(f, config, output)).await
     }
 }
 

@@ -221,9 +221,11 @@ where
             }
         }
     }
-    // Stop intake; messages received but not started go back to the broker.
+    // Stop intake; messages received but not started go back to the broker. The service
+    // goes too: a batch handler's gathering task sees it and handles its partial batch now.
     drop(stream);
     drop(waiting);
+    drop(service);
     loop {
         tokio::select! {
             biased;
