@@ -1,4 +1,4 @@
-//! Backend-generic checks of the dead-letter and request-reply paths, for adapter crates to
+//! Backend-generic checks of the dead-letter, request-reply and batch-handler paths, for adapter crates to
 //! run against their real broker (feature `testing`), on top of tidemill-testkit's
 //! [`Backend`]. [`middleware_tests!`](crate::middleware_tests) expands to one `#[test]` per
 //! check; this crate runs them on the in-memory broker.
@@ -27,6 +27,12 @@ pub use tidemill_testkit;
 use tidemill_testkit::{unique_topic, Backend};
 use tokio::sync::mpsc;
 
+mod batch;
+pub use batch::{
+    batch_keeps_order_per_key, batch_panic_redelivers_the_batch, batch_settles_each_message,
+    batch_shutdown_hands_over_a_partial_batch,
+};
+
 use crate::request_reply::{Replier, ReplyErrorKind, RequestError, Requester, RequesterConfig};
 use crate::{headers, Counting, DeadLetter, PoisonQueue};
 
@@ -44,6 +50,10 @@ macro_rules! middleware_tests {
             permanent_error_backs_off,
             failure_destinations_keep_messages,
             dead_letter_watcher_does_not_loop,
+            batch_settles_each_message,
+            batch_panic_redelivers_the_batch,
+            batch_shutdown_hands_over_a_partial_batch,
+            batch_keeps_order_per_key,
         );
     };
     ($backend:expr $(,)?) => {

@@ -234,7 +234,9 @@ impl Future for BatchFuture {
             Poll::Ready(Ok(Reply::Done(result))) => Poll::Ready(result),
             // Each message of a panicked batch panics with the same message (without the
             // panic hook again), so the router and a `Recoverer` see a panic.
-            Poll::Ready(Ok(Reply::Panicked(message))) => std::panic::resume_unwind(Box::new(message)),
+            Poll::Ready(Ok(Reply::Panicked(message))) => {
+                std::panic::resume_unwind(Box::new(message))
+            }
             Poll::Ready(Err(_)) => Poll::Ready(Err(
                 "the batch handler's task ended before handling the message (the runtime is \
                  shutting down)"
@@ -372,7 +374,8 @@ async fn settle(
     n: usize,
     output: &BatchOutput,
 ) -> Vec<Result<Vec<Message>, BoxError>> {
-    let mut outcomes: Vec<Result<Vec<Message>, BoxError>> = (0..n).map(|_| Ok(Vec::new())).collect();
+    let mut outcomes: Vec<Result<Vec<Message>, BoxError>> =
+        (0..n).map(|_| Ok(Vec::new())).collect();
     for (index, error) in result.failed {
         match outcomes.get_mut(index) {
             Some(slot) => *slot = Err(error),

@@ -49,7 +49,10 @@ fn texts(msgs: &[Message]) -> Vec<String> {
 }
 
 async fn publish(broker: &MemoryBroker, topic: &str, payloads: &[&str]) {
-    let msgs = payloads.iter().map(|p| Message::new(p.to_string())).collect();
+    let msgs = payloads
+        .iter()
+        .map(|p| Message::new(p.to_string()))
+        .collect();
     broker.publisher().publish(topic, msgs).await.unwrap();
 }
 
@@ -217,7 +220,12 @@ struct FlakyPublisher {
 impl Publisher for FlakyPublisher {
     async fn publish(&self, topic: &str, messages: Vec<Message>) -> crate::Result<()> {
         if self.failing.swap(false, Ordering::SeqCst) {
-            return Err(Error::transient("flaky", topic, "publish", "injected failure"));
+            return Err(Error::transient(
+                "flaky",
+                topic,
+                "publish",
+                "injected failure",
+            ));
         }
         self.inner.publish(topic, messages).await
     }
@@ -355,7 +363,10 @@ async fn closing_handles_a_partial_batch_at_once() {
     publish(&broker, "in", &["a", "b", "c"]).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while reached.load(Ordering::SeqCst) < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "3 messages in flight");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "3 messages in flight"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // Neither the batch's hour nor the close timeout's: the partial batch goes now.
