@@ -1,5 +1,7 @@
 //! Command and event processors: typed handlers running on the router.
 
+mod batch;
+
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -642,6 +644,7 @@ pub struct EventProcessor<M = Json, S = ()> {
     group: GroupNaming,
     policy: UnknownTypePolicy,
     specs: Vec<EventHandlerSpec>,
+    batches: Vec<batch::BatchSpec>,
     unknown: Arc<AtomicU64>,
     layers: Vec<WrapHandler>,
     type_header: TypeHeader,
@@ -658,6 +661,7 @@ impl EventProcessor {
             group: Arc::new(str::to_owned),
             policy: UnknownTypePolicy::default(),
             specs: Vec::new(),
+            batches: Vec::new(),
             unknown: Arc::default(),
             layers: Vec::new(),
             type_header: TypeHeader::default(),
@@ -676,6 +680,7 @@ impl<M: Clone + Send + Sync + 'static, S: Clone + Send + Sync + 'static> EventPr
             group: self.group,
             policy: self.policy,
             specs: self.specs,
+            batches: self.batches,
             unknown: self.unknown,
             layers: self.layers,
             type_header: self.type_header,
@@ -694,6 +699,7 @@ impl<M: Clone + Send + Sync + 'static, S: Clone + Send + Sync + 'static> EventPr
             group: self.group,
             policy: self.policy,
             specs: self.specs,
+            batches: self.batches,
             unknown: self.unknown,
             layers: self.layers,
             type_header: self.type_header,
@@ -744,7 +750,8 @@ impl<M: Clone + Send + Sync + 'static, S: Clone + Send + Sync + 'static> EventPr
     }
 
     fn check_name(&self, name: &str) -> Result<(), CqrsError> {
-        if self.specs.iter().any(|s| s.name == name) {
+        if self.specs.iter().any(|s| s.name == name) || self.batches.iter().any(|b| b.name == name)
+        {
             return Err(CqrsError::DuplicateHandlerName(name.to_owned()));
         }
         Ok(())
@@ -789,8 +796,34 @@ impl<M: Clone + Send + Sync + 'static, S: Clone + Send + Sync + 'static> EventPr
         }
     }
 
-    /// Adds every handler and group to `router`.
+    /// Every event type some handler, group or batch handler of this processor handles.
+    fn handled_types(&self) -> HashSet<String> {
+        self.specs
+            .iter()
+            .flat_map(|s| s.handlers.iter().map(|h| h.type_name.clone()))
+            .chain(self.batches.iter().map(|b| b.type_name.clone()))
+            .collect()
+    }
+
+    /// Adds every handler, group and batch handler to `router`.
     pub async fn add_to(&self, router: &Router) -> Result<(), CqrsError> {
+        for spec in &self.batches {
+            let sorting = batch::Sorting {
+                siblings: Arc::new(self.handled_types()),
+                policy: self.policy,
+                unknown: self.unknown.clone(),
+                type_header: self.type_header.clone(),
+            };
+            spec.add_to(
+                router,
+                self.subscriber.clone(),
+                self.naming.topic(&spec.type_name),
+                (self.group)(&spec.name),
+                &self.layers,
+                sorting,
+            )
+            .await?;
+        }
         for spec in &self.specs {
             let mut topics = spec
                 .handlers
@@ -812,10 +845,7 @@ impl<M: Clone + Send + Sync + 'static, S: Clone + Send + Sync + 'static> EventPr
             // handlers ack them silently; groups apply the unknown-type policy.
             let lone = spec.handlers.len() == 1;
             let siblings: HashSet<String> = if lone {
-                self.specs
-                    .iter()
-                    .flat_map(|s| s.handlers.iter().map(|h| h.type_name.clone()))
-                    .collect()
+                self.handled_types()
             } else {
                 HashSet::new()
             };

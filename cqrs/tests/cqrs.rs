@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tidemill_core::router::{BoxHandler, Router};
+use tidemill_core::router::{BatchResult, BoxHandler, Router};
 use tidemill_core::{
     is_permanent, permanent, BoxError, DeliveryStream, MemoryBroker, Message, Publisher,
     SubscribeOptions, Subscriber,
@@ -1353,4 +1353,79 @@ async fn processors_retry_dead_letter_and_poison_as_documented() {
             "{kind}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_batch_projection_gets_decoded_events_and_each_bad_one_is_poisoned() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let mut poisoned = subscribe(&broker, "poison").await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut events = EventProcessor::new(broker.subscriber());
+    events.layer(PoisonQueue::new(broker.publisher(), "poison"));
+    events
+        .handle_batch(
+            "occupancy",
+            10,
+            Duration::from_millis(20),
+            move |batch: Vec<(RoomBooked, Context)>| {
+                let rooms: Vec<u32> = batch.iter().map(|(e, _)| e.room).collect();
+                let mut result = BatchResult::ok();
+                if let Some(i) = rooms.iter().position(|&r| r == 13) {
+                    result.fail(i, tidemill_core::permanent("room 13 does not exist"));
+                }
+                tx.send(rooms).unwrap();
+                async move { result }
+            },
+        )
+        .unwrap();
+    assert!(matches!(
+        events.handle("occupancy", |_: RoomBooked, _| async { Ok(()) }),
+        Err(CqrsError::DuplicateHandlerName(_))
+    ));
+    events.add_to(&router).await.unwrap();
+    start(&router).await;
+    let bus = EventBus::new(broker.publisher());
+    for room in [1, 2, 13, 3] {
+        bus.publish(&RoomBooked { room }).await.unwrap();
+    }
+    broker
+        .publisher()
+        .publish_one(
+            "events.RoomBooked",
+            Message::with_uuid("bad-evt", "not json").with_metadata(NAME_KEY, "RoomBooked"),
+        )
+        .await
+        .unwrap();
+    let mut rooms = Vec::new();
+    while rooms.len() < 4 {
+        rooms.extend(recv(&mut rx).await);
+    }
+    rooms.sort_unstable();
+    assert_eq!(
+        rooms,
+        [1, 2, 3, 13],
+        "the undecodable event never reaches the projection"
+    );
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let msg = next(&mut poisoned).await;
+        let reason = msg
+            .metadata()
+            .get(headers::POISON_REASON)
+            .unwrap()
+            .to_owned();
+        reasons.push((msg.uuid().to_owned(), reason));
+    }
+    reasons.sort_by_key(|(uuid, _)| uuid != "bad-evt");
+    assert_eq!(reasons[0].0, "bad-evt");
+    assert!(
+        reasons[0].1.contains("cannot decode event `RoomBooked`"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].1.contains("room 13 does not exist"),
+        "{reasons:?}"
+    );
+    router.close().await.unwrap();
 }

@@ -85,6 +85,33 @@ impl BatchResult {
         self
     }
 
+    /// Marks each message of `indices` as failed with the one `error` (each sees it as its
+    /// own: a permanent error stays permanent, a requested delay applies to each).
+    pub fn fail_each(
+        &mut self,
+        indices: impl IntoIterator<Item = usize>,
+        error: impl Into<BoxError>,
+    ) -> &mut Self {
+        let shared = SharedError(Arc::new(error.into()));
+        for index in indices {
+            self.failed.push((index, Box::new(shared.clone())));
+        }
+        self
+    }
+
+    /// Takes in the result of a part of the batch (e.g. the messages one store handled):
+    /// index `i` of `part` is message `positions[i]` of this batch. An index of `part`
+    /// without a position is logged as outside the batch (and ignored) when it settles.
+    pub fn extend_from_part(&mut self, part: BatchResult, positions: &[usize]) -> &mut Self {
+        let at = |i: usize| positions.get(i).copied().unwrap_or(usize::MAX);
+        self.failed
+            .extend(part.failed.into_iter().map(|(i, e)| (at(i), e)));
+        self.outputs.extend(part.outputs);
+        self.outputs_for
+            .extend(part.outputs_for.into_iter().map(|(i, m)| (at(i), m)));
+        self
+    }
+
     /// Adds messages to publish for the batch as a whole.
     pub fn publish(&mut self, messages: impl IntoMessages) -> &mut Self {
         self.outputs.extend(messages.into_messages());
