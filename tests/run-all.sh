@@ -54,7 +54,7 @@ run_example() {
 run_examples() {
   local status=0 label url examples=(order_flow)
   if [[ -f examples/cqrs.rs || -f examples/cqrs/main.rs ]]; then
-    examples+=(cqrs)
+    examples+=(cqrs batch)
   else
     echo "  (examples/cqrs.rs does not exist yet: not run)"
   fi
