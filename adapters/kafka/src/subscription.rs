@@ -642,6 +642,7 @@ pub(crate) fn resolve_positions<C: ConsumerContext>(
 }
 
 fn commit_sync(base: &BaseConsumer<SubContext>, topic: &str, commits: &[(i32, i64)]) {
+    tracing::debug!(%topic, ?commits, sync = true, "committing acked offsets");
     let mut tpl = TopicPartitionList::new();
     for (p, o) in commits {
         let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
@@ -853,6 +854,10 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
         if group && (now >= next_commit || commit_due) {
             let commits = shared.state.lock().commits();
             if !commits.is_empty() {
+                // One request for every partition whose acked prefix grew since the last
+                // commit, however many acks that took (a batch handler's 500 acks of one
+                // partition are one offset here).
+                tracing::debug!(%topic, ?commits, sync = false, "committing acked offsets");
                 let mut tpl = TopicPartitionList::new();
                 for (p, o) in &commits {
                     let _ = tpl.add_partition_offset(&topic, *p, Offset::Offset(*o));
