@@ -20,7 +20,7 @@ use tidemill_core::{
     AckFuture, Acknowledger, CancellationToken, ConnectionState, Delivery, DeliveryStream, Error,
     Message, Result, SubscribeOptions, Subscriber,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tokio_util::time::DelayQueue;
@@ -37,9 +37,11 @@ use crate::BROKER;
 ///   [`start_from`](RedisConfig::start_from).
 /// - Without one, the subscription gets a private group of its own (`tidemill-<uuid>`),
 ///   deleted when it ends: it sees what is published while it exists.
-/// - An ack is `XACK`. A nack hands the message out again at once (after its delay), with
-///   the server's delivery count raised; the attempt a delivery reports is that count, so
-///   it holds across restarts. Entries a consumer received and never settled (it crashed)
+/// - An ack is `XACK`; acks arriving while one `XACK` is out go together in the next (one
+///   `XACK` with many ids), each resolving once the `XACK` carrying it was answered. A nack
+///   hands the message out again at once (after its delay), with the server's delivery
+///   count raised; the attempt a delivery reports is that count, so it holds across
+///   restarts. Entries a consumer received and never settled (it crashed)
 ///   are taken over by the group's other subscriptions after
 ///   [`claim_idle`](RedisConfig::claim_idle); those a subscription gives back when it ends
 ///   are taken within [`claim_interval`](RedisConfig::claim_interval).
@@ -178,6 +180,7 @@ impl Subscriber for RedisSubscriber {
             group,
             private,
             state: inner.state.clone(),
+            acks: Acks::default(),
         });
         if !private {
             shared.expire_consumers().await;
@@ -469,6 +472,8 @@ struct Shared {
     consumer: String,
     private: bool,
     state: Arc<StateCell>,
+    /// Acks on their way to the server.
+    acks: Acks,
 }
 
 /// Deletes consumer ARGV[2] of group ARGV[1] of stream KEYS[1] if it holds no entry.
@@ -486,6 +491,16 @@ impl Shared {
     /// itself, and an ack should not fail because of one dropped connection.
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value, RedisError> {
         conn::query_retrying(&self.conn, cmd, &self.config, &self.state).await
+    }
+
+    /// `XACK` of `ids` (at most [`MAX_ACK_IDS`]).
+    async fn xack(&self, ids: &[Arc<str>]) -> Result<(), RedisError> {
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&self.stream).arg(&self.group);
+        for id in ids {
+            cmd.arg(&**id);
+        }
+        self.query(&cmd).await.map(drop)
     }
 
     fn error(&self, e: RedisError, context: &str) -> Error {
@@ -1145,6 +1160,143 @@ async fn give_back_event(shared: &Shared, event: Event) {
     }
 }
 
+/// Most ids one `XACK` carries.
+const MAX_ACK_IDS: usize = 1000;
+
+/// The acks of one subscription on their way to the server. One `XACK` is out at a time;
+/// acks arriving meanwhile wait and go together in the next one (a batch handler settles
+/// hundreds at once), so a burst of acks costs a few round trips, not one each.
+///
+/// - The ack that finds no `XACK` out sends its own at once, inline (a sequential handler's
+///   ack costs what it did before: one `XACK`, no task).
+/// - When that `XACK` is answered, or its future is dropped, the acks that queued meanwhile
+///   are handed to a task that sends them (up to [`MAX_ACK_IDS`] per `XACK`) until none is
+///   left; whoever holds the turn is a [`Sending`], whose drop passes it on.
+/// - Each ack resolves once the `XACK` carrying its id was answered, with that answer. Only
+///   ids whose deliveries were acked go in; nacks never pass through here.
+#[derive(Default)]
+struct Acks {
+    state: std::sync::Mutex<AckState>,
+}
+
+#[derive(Default)]
+struct AckState {
+    /// An `XACK` is out (then the one sending it, or the task, sends what waits next).
+    sending: bool,
+    /// Acked ids waiting for the next `XACK`, each with the ack waiting for its answer.
+    /// Not empty only while `sending`.
+    waiting: Vec<(Arc<str>, AckReply)>,
+}
+
+/// Where the answer to the `XACK` carrying a waiting ack goes.
+type AckReply = oneshot::Sender<Result<(), RedisError>>;
+
+/// The `XACK` that was to carry an ack was dropped unsent (its task was cancelled).
+struct Abandoned;
+
+impl Acks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AckState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Acknowledges `id`: the server's answer to the `XACK` that carried it.
+    async fn ack(shared: &Arc<Shared>, id: Arc<str>) -> Result<Result<(), RedisError>, Abandoned> {
+        let waiting = {
+            let mut state = shared.acks.lock();
+            if state.sending {
+                let (tx, rx) = oneshot::channel();
+                state.waiting.push((id.clone(), tx));
+                Some(rx)
+            } else {
+                state.sending = true;
+                None
+            }
+        };
+        match waiting {
+            Some(rx) => rx.await.map_err(|_| Abandoned),
+            None => {
+                let turn = Sending {
+                    shared: shared.clone(),
+                    done: false,
+                };
+                let result = shared.xack(std::slice::from_ref(&id)).await;
+                drop(turn);
+                Ok(result)
+            }
+        }
+    }
+
+    /// Sends the waiting acks, one `XACK` after the other, until none is left.
+    async fn send_waiting(mut turn: Sending) {
+        let shared = turn.shared.clone();
+        loop {
+            let batch: Vec<_> = {
+                let mut state = shared.acks.lock();
+                if state.waiting.is_empty() {
+                    state.sending = false;
+                    turn.done = true;
+                    return;
+                }
+                let n = state.waiting.len().min(MAX_ACK_IDS);
+                state.waiting.drain(..n).collect()
+            };
+            let (ids, replies): (Vec<Arc<str>>, Vec<_>) = batch.into_iter().unzip();
+            tracing::trace!(broker = BROKER, topic = %shared.topic, group = %shared.group, count = ids.len(), "acking entries in one XACK");
+            let result = shared.xack(&ids).await;
+            for reply in replies {
+                // An ack no longer waiting (its future was dropped) needs no answer.
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+}
+
+/// The turn to send `XACK`s. Dropped (its `XACK` answered, or its future given up), it
+/// passes the turn on: to a task sending what waits, or to nobody when nothing does.
+struct Sending {
+    shared: Arc<Shared>,
+    /// The turn was given up already (nothing waited).
+    done: bool,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut state = self.shared.acks.lock();
+        if state.waiting.is_empty() {
+            state.sending = false;
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                drop(state);
+                let turn = Sending {
+                    shared: self.shared.clone(),
+                    done: false,
+                };
+                runtime.spawn(Acks::send_waiting(turn));
+            }
+            Err(_) => {
+                // No runtime to send them from: the waiting acks fail (their entries stay
+                // pending; the group takes them over after claim_idle).
+                state.sending = false;
+                let abandoned = std::mem::take(&mut state.waiting);
+                drop(state);
+                tracing::warn!(
+                    broker = BROKER,
+                    topic = %self.shared.topic,
+                    "{} acks could not be sent outside a tokio runtime",
+                    abandoned.len()
+                );
+            }
+        }
+    }
+}
+
 /// Settles one delivery.
 struct RedisAcker {
     shared: Arc<Shared>,
@@ -1175,18 +1327,28 @@ impl Acknowledger for RedisAcker {
         let (shared, guard) = (*self).settling(false);
         AckFuture::boxed(async move {
             let mut guard = guard;
-            let mut cmd = redis::cmd("XACK");
-            cmd.arg(&shared.stream)
-                .arg(&shared.group)
-                .arg(&*guard.entry().id);
-            let result = shared.query(&cmd).await;
+            let result = Acks::ack(&shared, guard.entry().id.clone()).await;
             let entry = guard.done();
             // Settled here, not through the task: no wake-up of it per message.
             shared.handoff.settle(&entry.id, entry.key.as_ref());
+            let context = || {
+                format!(
+                    "ack entry {} (XACK on stream `{}`, group `{}`)",
+                    entry.id, shared.stream, shared.group
+                )
+            };
             match result {
-                Ok(_) => Ok(()),
-                Err(e) if shared.private && conn::is_nogroup(&e) => Ok(()),
-                Err(e) => Err(shared.error(e, &format!("ack entry {} (XACK)", entry.id))),
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) if shared.private && conn::is_nogroup(&e) => Ok(()),
+                Ok(Err(e)) => Err(shared.error(e, &context())),
+                Err(Abandoned) => Err(Error::transient(
+                    BROKER,
+                    shared.topic.clone(),
+                    context(),
+                    "the XACK that was to carry it was abandoned (the runtime is shutting \
+                     down); the entry stays pending and the group takes it over after \
+                     claim_idle",
+                )),
             }
         })
     }

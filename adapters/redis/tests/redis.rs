@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{have_server, ok, raw, redis_url, test_config};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use redis::AsyncCommands;
 use tidemill_core::headers::UUID_HEADER;
 use tidemill_core::{
@@ -642,6 +642,163 @@ fn an_abandoned_ack_or_nack_strands_nothing() {
         let third = next(&mut stream, "m2").await;
         assert_eq!(third.message().uuid(), sent[2].uuid());
         third.ack().await.expect("ack");
+        ok(s.close().await, "close");
+        delete(&[&topic]).await;
+    });
+}
+
+/// Polls every future once, all in one poll of the calling task (so nothing they start can
+/// finish in between), then awaits them all; their outputs in order.
+async fn all_started_together(
+    futures: Vec<futures::future::BoxFuture<'static, Result<(), Error>>>,
+) -> Vec<Result<(), Error>> {
+    let mut futures: Vec<_> = futures
+        .into_iter()
+        .map(futures::future::maybe_done)
+        .collect();
+    futures::future::poll_fn(|cx| {
+        for f in futures.iter_mut() {
+            let _ = f.poll_unpin(cx);
+        }
+        std::task::Poll::Ready(())
+    })
+    .await;
+    let mut out = Vec::with_capacity(futures.len());
+    for mut f in futures {
+        (&mut f).await;
+        out.push(std::pin::Pin::new(&mut f).take_output().expect("output"));
+    }
+    out
+}
+
+/// The `XACK`s of `stream` the server ran, as seen by `MONITOR`: the ids of each, until
+/// `ids` ids were seen.
+async fn xacks_seen(
+    lines: &mut (impl futures::Stream<Item = String> + Unpin),
+    stream: &str,
+    ids: usize,
+) -> Vec<usize> {
+    let quoted = format!("\"XACK\" \"{stream}\"");
+    let mut seen = Vec::new();
+    while seen.iter().sum::<usize>() < ids {
+        let line = tokio::time::timeout(LIMIT, lines.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("saw {seen:?} XACKs of {stream} within {LIMIT:?}, not {ids} ids")
+            })
+            .expect("monitor ended");
+        if let Some(at) = line.find(&quoted) {
+            // "XACK" "stream" "group" "id" ...: quoted words after the group.
+            let words = line[at..].matches("\" \"").count() + 1;
+            seen.push(words - 3);
+        }
+    }
+    seen
+}
+
+#[test]
+fn acks_arriving_together_go_in_few_xacks_each_answered() {
+    if !have_server("acks_arriving_together_go_in_few_xacks_each_answered") {
+        return;
+    }
+    runtime().block_on(async {
+        const N: usize = 500;
+        const NACKED: usize = 7;
+        let topic = unique_topic("redis_bulk_ack");
+        let mut config = test_config(&redis_url());
+        config.prefetch = 1000;
+        let p = ok(RedisPublisher::connect(config.clone()).await, "connect");
+        let s = ok(RedisSubscriber::connect(config.clone()).await, "connect");
+        let opts = SubscribeOptions::group("g");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let sent: Vec<Message> = (0..N).map(|i| Message::new(format!("m{i}"))).collect();
+        ok(p.publish(&topic, sent.clone()).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let mut deliveries = Vec::with_capacity(N);
+        for i in 0..N {
+            deliveries.push(next(&mut stream, &format!("m{i}")).await);
+        }
+        let client = redis::Client::open(redis_url().as_str()).expect("url");
+        let monitor = client.get_async_monitor().await.expect("MONITOR");
+        let mut lines = Box::pin(monitor.into_on_message::<String>());
+        // Everything acked at the same moment (one nacked among them), as a batch handler
+        // settles its batch.
+        let futures = deliveries
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                if i == NACKED {
+                    d.nack().boxed()
+                } else {
+                    d.ack().boxed()
+                }
+            })
+            .collect();
+        for (i, result) in all_started_together(futures).await.into_iter().enumerate() {
+            assert!(result.is_ok(), "settling m{i}: {result:?}");
+        }
+        let xacks = xacks_seen(&mut lines, &topic, N - 1).await;
+        // The first ack sends at once; the others, queued meanwhile, go in one more.
+        assert_eq!(xacks, vec![1, N - 2], "ids per XACK");
+        // The nack was no ack: the message comes back, and nothing else does.
+        let again = next(&mut stream, "the nacked message again").await;
+        assert_eq!(again.message().uuid(), sent[NACKED].uuid());
+        assert_eq!(again.attempt(), Some(2));
+        again.ack().await.expect("ack");
+        assert_eq!(xacks_seen(&mut lines, &topic, 1).await, vec![1]);
+        let mut conn = raw().await;
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg(&topic)
+            .arg("g")
+            .query_async(&mut conn)
+            .await
+            .expect("XPENDING");
+        let redis::Value::Array(summary) = pending else {
+            panic!("XPENDING shape {pending:?}")
+        };
+        assert_eq!(
+            summary.first(),
+            Some(&redis::Value::Int(0)),
+            "nothing pending"
+        );
+        ok(s.close().await, "close");
+        delete(&[&topic]).await;
+    });
+}
+
+#[test]
+fn a_failed_xack_fails_every_ack_it_carried_naming_stream_and_group() {
+    if !have_server("a_failed_xack_fails_every_ack_it_carried_naming_stream_and_group") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("redis_bulk_ack_err");
+        let config = test_config(&redis_url());
+        let p = ok(RedisPublisher::connect(config.clone()).await, "connect");
+        let s = ok(RedisSubscriber::connect(config.clone()).await, "connect");
+        let opts = SubscribeOptions::group("billing");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let sent: Vec<Message> = (0..5).map(|i| Message::new(format!("m{i}"))).collect();
+        ok(p.publish(&topic, sent).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let mut deliveries = Vec::new();
+        for i in 0..5 {
+            deliveries.push(next(&mut stream, &format!("m{i}")).await);
+        }
+        // The stream's key now holds a string: every XACK fails (WRONGTYPE).
+        let mut conn = raw().await;
+        let _: () = conn.del(&topic).await.expect("DEL");
+        let _: () = conn.set(&topic, "not a stream").await.expect("SET");
+        let futures = deliveries.into_iter().map(|d| d.ack().boxed()).collect();
+        for (i, result) in all_started_together(futures).await.into_iter().enumerate() {
+            let err = result.expect_err("an XACK on a string fails");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("stream `{topic}`")) && text.contains("group `billing`"),
+                "m{i}: {text}"
+            );
+            assert!(text.contains("XACK"), "m{i}: {text}");
+        }
         ok(s.close().await, "close");
         delete(&[&topic]).await;
     });
