@@ -9,6 +9,7 @@ mod connection;
 mod convert;
 mod native;
 mod publisher;
+mod settle;
 mod subscriber;
 mod topology;
 

@@ -35,6 +35,7 @@ use crate::convert::{
     decode, delay_queue_name, parked_properties, Encoded, Incoming, QueueContext,
 };
 use crate::native::AmqpEnvelope;
+use crate::settle::{Settler, Ticket};
 use crate::topology::{self, short, QueueKind};
 use crate::BROKER;
 
@@ -269,6 +270,8 @@ async fn within<T>(
 /// until the last of them is settled, even after their stream ended.
 struct Lease {
     channel: Channel,
+    /// Coalesces the acks of the channel's deliveries (see [`crate::settle`]).
+    settler: Arc<Settler>,
     queue: Arc<str>,
     kind: QueueKind,
     spec: Arc<Spec>,
@@ -371,6 +374,7 @@ async fn open(
     .await?;
     tracing::debug!(broker = BROKER, topic, queue = %queue, "consuming");
     let lease = Arc::new(Lease {
+        settler: Arc::new(Settler::new(channel.clone())),
         channel,
         queue: Arc::from(queue),
         kind,
@@ -611,6 +615,7 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
         acker,
         ..
     } = d;
+    lease.settler.deliver(delivery_tag);
     let config = &lease.inner.config;
     let ctx = QueueContext {
         queue: &lease.queue,
@@ -649,6 +654,7 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
     let payload = decoded.message.payload().clone();
     let acker = AmqpAcker {
         acker,
+        tag: delivery_tag,
         lease: lease.clone(),
         uuid: decoded.uuid,
         tracking: decoded.tracking,
@@ -669,6 +675,8 @@ fn deliver(d: lapin::message::Delivery, lease: &Arc<Lease>) -> Delivery {
 /// Settles one delivery on the channel it arrived on.
 struct AmqpAcker {
     acker: lapin::Acker,
+    /// The delivery tag (per channel).
+    tag: u64,
     lease: Arc<Lease>,
     uuid: Arc<str>,
     /// Identifies the message in `Inner::attempts`.
@@ -689,9 +697,39 @@ impl AmqpAcker {
     }
 
     // The methods take the box, so settling moves a pointer, not the acknowledger.
+    /// `basic.ack`, coalesced with the acks of other deliveries of the channel that arrive
+    /// at the same time (see [`crate::settle`]); resolves once the frame carrying it was
+    /// written.
     async fn ack(self: Box<Self>) -> Result<()> {
-        match self.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => {
+        if self.acker.poisoned() {
+            return Err(self.channel_closed());
+        }
+        let outcome = match self.lease.settler.ack(self.tag) {
+            Ticket::Booked { done, inline } => {
+                if let Some(settler) = inline {
+                    settler.flush().await;
+                }
+                match done.await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        return Err(Error::transient(
+                            BROKER,
+                            self.topic(),
+                            self.context("ack"),
+                            "the acknowledgement was abandoned before it was sent (runtime \
+                             shutting down?); the broker will redeliver the message",
+                        ))
+                    }
+                }
+            }
+            Ticket::Alone => match self.acker.ack(BasicAckOptions::default()).await {
+                Ok(true) => Ok(()),
+                Ok(false) => return Err(self.channel_closed()),
+                Err(e) => Err(e),
+            },
+        };
+        match outcome {
+            Ok(()) => {
                 if self.tracked {
                     self.lease
                         .inner
@@ -701,19 +739,27 @@ impl AmqpAcker {
                 }
                 Ok(())
             }
-            Ok(false) => Err(Error::transient(
-                BROKER,
-                self.topic(),
-                format!("ack message {}", self.uuid),
-                "its channel was closed (connection lost or subscriber closed); the broker \
-                 will redeliver it",
-            )),
-            Err(e) => Err(broker_error(
-                self.topic(),
-                format!("ack message {}", self.uuid),
-                e,
-            )),
+            Err(_) if self.acker.poisoned() => Err(self.channel_closed()),
+            Err(e) => Err(broker_error(self.topic(), self.context("ack"), e)),
         }
+    }
+
+    /// "`what` message <uuid> (queue `<queue>`)".
+    fn context(&self, what: &str) -> String {
+        format!(
+            "{what} message {} (queue `{}`)",
+            self.uuid, self.lease.queue
+        )
+    }
+
+    fn channel_closed(&self) -> Error {
+        Error::transient(
+            BROKER,
+            self.topic(),
+            self.context("ack"),
+            "its channel was closed (connection lost or subscriber closed); the broker \
+             will redeliver it",
+        )
     }
 
     /// `basic.nack` with requeue. On a channel that is gone the broker has requeued the
@@ -724,18 +770,17 @@ impl AmqpAcker {
             requeue: true,
             multiple: false,
         };
-        match self.acker.nack(options).await {
+        let result = self.acker.nack(options).await;
+        // Written (or failed): acks of higher tags may now be coalesced past it.
+        self.lease.settler.settled(self.tag);
+        match result {
             Ok(_) => Ok(()),
             Err(e) if is_transient(&e) => {
                 tracing::debug!(broker = BROKER, uuid = %self.uuid, error = %e,
                     "nack on a lost channel; the broker requeues the message itself");
                 Ok(())
             }
-            Err(e) => Err(broker_error(
-                self.topic(),
-                format!("nack message {}", self.uuid),
-                e,
-            )),
+            Err(e) => Err(broker_error(self.topic(), self.context("nack"), e)),
         }
     }
 

@@ -934,3 +934,74 @@ async fn passwords_stay_out_of_errors_and_debug_output() {
     assert!(!text.contains("hunter2"), "{text}");
     eprintln!("a wrong password: {err}");
 }
+
+/// Acks that arrive together are coalesced into `multiple` acks per channel
+/// (src/settle.rs); this checks what must hold whatever was coalesced: every acked message
+/// is gone, a held (unsettled) or nacked message below acked ones is not acknowledged with
+/// them (it comes back when nacked; acking it by mistake would make its nack an unknown
+/// delivery tag and close the channel), and every ack future reports success.
+#[tokio::test]
+async fn acks_arriving_together_settle_exactly_the_acked_messages() {
+    let Some(url) = common::broker_url("coalesced_acks") else {
+        return;
+    };
+    let topic = common::topic("coalesced");
+    let config = AmqpConfig {
+        prefetch: 1_000,
+        ..common::config(&url)
+    };
+    let (p, s) = connect(&config).await;
+    let group = SubscribeOptions::group("g");
+    s.initialize(&topic, &group).await.unwrap();
+    let msgs: Vec<Message> = (0..600).map(|i| Message::new(format!("m{i}"))).collect();
+    p.publish(&topic, msgs.clone()).await.unwrap();
+    let mut stream = s.subscribe(&topic, group.clone()).await.unwrap();
+    let mut first = Vec::new();
+    for _ in 0..500 {
+        first.push(next(&mut stream, "the first 500").await);
+    }
+    let uuid = |d: &Delivery| d.message().uuid().to_owned();
+    // Held across the acks: index 10 (low in the run) and 300; nacked among them: 100.
+    let held_a = first.remove(300);
+    let nacked = first.remove(100);
+    let held_b = first.remove(10);
+    let back: Vec<String> = [&held_b, &nacked, &held_a]
+        .iter()
+        .map(|d| uuid(d))
+        .collect();
+    let acks = first.into_iter().map(|d| d.ack());
+    let (results, nack) = futures::join!(futures::future::join_all(acks), nacked.nack());
+    for r in results {
+        r.unwrap();
+    }
+    nack.unwrap();
+    held_a.nack().await.unwrap();
+    held_b.nack().await.unwrap();
+    // What comes next: the 100 not yet read and the three nacked ones, each once.
+    let mut got = Vec::new();
+    let mut pending = Vec::new();
+    for _ in 0..103 {
+        let d = next(&mut stream, "the rest and the nacked ones").await;
+        got.push(uuid(&d));
+        pending.push(d.ack());
+    }
+    for r in futures::future::join_all(pending).await {
+        r.unwrap();
+    }
+    let mut want: Vec<String> = msgs[500..].iter().map(|m| m.uuid().to_owned()).collect();
+    want.extend(back);
+    got.sort();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "exactly the unread and the nacked messages come back"
+    );
+    assert!(nothing_within(&mut stream, QUIET).await, "nothing else");
+    // Every ack reached the broker: a new subscriber of the group gets nothing back once
+    // this one's connection (and whatever it held) is gone.
+    drop(stream);
+    s.close().await.unwrap();
+    let s2 = AmqpSubscriber::connect(config.clone()).await.unwrap();
+    let mut again = s2.subscribe(&topic, group).await.unwrap();
+    assert!(nothing_within(&mut again, QUIET).await, "no ack was lost");
+}
