@@ -7,6 +7,7 @@
 //! - layers: plain with three layers (tower's timeout and two pass-through layers);
 //! - state:  plain written with extractors: the counter as the handler's `State`, cloned
 //!   per message, and the `Message`.
+//! - batch:  plain as a batch handler (`.batch(500, 50 ms)`): counts each batch's messages.
 //!
 //! Rounds: after a warm-up, each round runs every scenario once, in rotating order, so load
 //! from other processes hits all scenarios alike. Each run is timed from the first publish
@@ -91,6 +92,7 @@ enum Scenario {
     Hop,
     Layers,
     State,
+    Batch,
 }
 
 impl Scenario {
@@ -100,6 +102,7 @@ impl Scenario {
             Scenario::Hop => "hop",
             Scenario::Layers => "layers",
             Scenario::State => "state",
+            Scenario::Batch => "batch",
         }
     }
 }
@@ -139,6 +142,20 @@ async fn run(scenario: Scenario, n: usize) -> Duration {
                 .layer(PassThrough)
                 .layer(PassThrough)
                 .handler(count)
+                .await
+        }
+        Scenario::Batch => {
+            let counter = counter.clone();
+            router
+                .add_handler("count")
+                .subscribe(broker.subscriber(), "in")
+                .batch(500, Duration::from_millis(50))
+                .handler(move |msgs: Vec<Message>| {
+                    for _ in &msgs {
+                        counter.hit();
+                    }
+                    async {}
+                })
                 .await
         }
         Scenario::Hop => {
@@ -220,6 +237,7 @@ fn main() {
         Scenario::Hop,
         Scenario::Layers,
         Scenario::State,
+        Scenario::Batch,
     ]
     .into_iter()
     .filter(|s| filter.is_empty() || filter.iter().any(|f| s.name().contains(f.as_str())))
@@ -230,7 +248,7 @@ fn main() {
     );
     println!(
         "each round runs every scenario once, in rotating order; figures are medians over rounds, \
-         the layers and state ratios the median of each round's scenario/plain"
+         the layers, state and batch ratios the median of each round's scenario/plain"
     );
     // Warm-up runs (allocator, page faults), then the measured rounds.
     for &scenario in &scenarios {
@@ -275,7 +293,7 @@ fn main() {
         let cpu = median(&cpus[i]);
         let rss = peaks[i].map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0));
         let ratios = match (scenario, plain) {
-            (Scenario::Layers | Scenario::State, Some(p)) => {
+            (Scenario::Layers | Scenario::State | Scenario::Batch, Some(p)) => {
                 Some((per_round(&rates, i, p, false), per_round(&cpus, i, p, true)))
             }
             _ => None,

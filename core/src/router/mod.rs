@@ -213,6 +213,7 @@ struct Pending {
     options: SubscribeOptions,
     output: Option<Arc<dyn Publisher>>,
     concurrency: usize,
+    inline: bool,
     runner: Runner,
 }
 
@@ -295,6 +296,7 @@ impl Router {
             options: SubscribeOptions::new(),
             output: None,
             concurrency: 1,
+            inline: false,
             layers: ServiceBuilder::new(),
             state: (),
         }
@@ -556,6 +558,7 @@ impl Router {
                 info: info.clone(),
                 output: pending.output,
                 concurrency: pending.concurrency,
+                inline: pending.inline,
                 failures,
                 metrics: observe::HandlerMetrics::register(&info),
                 tracer: self.inner.config.tracer.clone(),
@@ -678,6 +681,9 @@ pub struct HandlerBuilder<'r, L, S = ()> {
     options: SubscribeOptions,
     output: Option<(Arc<dyn Publisher>, String)>,
     concurrency: usize,
+    /// Poll the messages in flight in the handler's own task rather than one task each
+    /// (batch handlers: their work is the batch, not the message).
+    inline: bool,
     layers: ServiceBuilder<L>,
     state: S,
 }
@@ -726,6 +732,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
             options: self.options,
             output: self.output,
             concurrency: self.concurrency,
+            inline: self.inline,
             layers: self.layers.layer(layer),
             state: self.state,
         }
@@ -776,6 +783,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
             options: self.options,
             output: self.output,
             concurrency: self.concurrency,
+            inline: self.inline,
             layers: self.layers,
             state,
         }
@@ -850,6 +858,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
             options,
             output,
             concurrency,
+            inline,
             layers,
             state,
         } = self;
@@ -861,6 +870,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
                 options,
                 output,
                 concurrency,
+                inline,
                 layers,
                 state: (),
             },
@@ -924,6 +934,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
                 options: self.options,
                 output,
                 concurrency: self.concurrency,
+                inline: self.inline,
                 runner,
             },
         )?;
@@ -1029,6 +1040,7 @@ impl<'r, L, S> BatchHandler<'r, L, S> {
             });
         }
         b.concurrency = b.concurrency.max(config.max_messages.saturating_mul(2));
+        b.inline = true;
         let output = batch::BatchOutput {
             handler: b.name.clone(),
             publisher: b.output.clone(),

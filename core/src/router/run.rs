@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,8 @@ pub(crate) struct HandlerCtx {
     pub(crate) info: Arc<HandlerInfo>,
     pub(crate) output: Option<Arc<dyn Publisher>>,
     pub(crate) concurrency: usize,
+    /// Messages in flight are polled by the handler's task instead of one task each.
+    pub(crate) inline: bool,
     pub(crate) failures: Arc<Failures>,
     /// Metric handles, when a recorder was installed as the handler started.
     pub(crate) metrics: Option<Arc<HandlerMetrics>>,
@@ -174,7 +177,7 @@ where
     } = run;
     let mut stopped = StopWatch::new(stop);
     let limit = ctx.concurrency;
-    let mut tasks: JoinSet<Option<Bytes>> = JoinSet::new();
+    let mut tasks = Pool::new(ctx.inline);
     // Keys with a message in flight, and the messages waiting for them.
     let mut busy: HashSet<Bytes> = HashSet::new();
     let mut waiting: HashMap<Bytes, VecDeque<Delivery>> = HashMap::new();
@@ -186,12 +189,15 @@ where
         tokio::select! {
             biased;
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                let Ok(Some(key)) = done else { continue };
+                let Some(key) = done else { continue };
                 match waiting.get_mut(&key).and_then(VecDeque::pop_front) {
                     Some(next) => {
                         waiting_count -= 1;
-                        if !spawn_one(&mut service, &ctx, next, &force, &mut tasks).await {
-                            break;
+                        // Dropping the delivery (forced stop) nacks it.
+                        let Some(ready) = tasks.ready(&mut service, &force).await else { break };
+                        match start_one(&mut service, &ctx, next, ready) {
+                            Some(work) => tasks.push(work),
+                            None => break,
                         }
                     }
                     None => {
@@ -215,8 +221,11 @@ where
                     }
                     busy.insert(key.clone());
                 }
-                if !spawn_one(&mut service, &ctx, delivery, &force, &mut tasks).await {
-                    break;
+                // Dropping the delivery (forced stop) nacks it.
+                let Some(ready) = tasks.ready(&mut service, &force).await else { break };
+                match start_one(&mut service, &ctx, delivery, ready) {
+                    Some(work) => tasks.push(work),
+                    None => break,
                 }
             }
         }
@@ -231,9 +240,8 @@ where
             biased;
             done = tasks.join_next() => if done.is_none() { break },
             _ = force.cancelled() => {
-                // Aborted tasks drop their ack handles, which nacks their messages.
-                tasks.abort_all();
-                while tasks.join_next().await.is_some() {}
+                // Abandoned work drops its ack handles, which nacks its messages.
+                tasks.abandon().await;
                 break;
             }
         }
@@ -265,37 +273,32 @@ fn next_delivery(ctx: &HandlerCtx, item: Option<crate::Result<Delivery>>) -> Nex
     }
 }
 
-async fn spawn_one<S>(
+/// Calls the service (`ready`: what its readiness came to) with one delivery and returns
+/// the work that awaits its outcome and settles it (resolving to the message's key); `None`
+/// when the service failed and the handler must stop.
+fn start_one<S>(
     service: &mut S,
     ctx: &Arc<HandlerCtx>,
     delivery: Delivery,
-    force: &CancellationToken,
-    tasks: &mut JoinSet<Option<Bytes>>,
-) -> bool
+    ready: Result<(), BoxError>,
+) -> Option<impl Future<Output = Option<Bytes>> + Send + 'static>
 where
     S: Service<Message, Response = Vec<Message>> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
     let key = delivery.message().key().cloned();
-    let ready = tokio::select! {
-        biased;
-        r = poll_fn(|cx| service.poll_ready(cx)) => r,
-        // Dropping the delivery nacks it.
-        _ = force.cancelled() => return false,
-    };
-    let ready: Result<(), BoxError> = ready.map_err(Into::into);
     let (span, settlement, msg, uuid) = prepare(ctx, delivery);
     let settlement = DropNacks(settlement);
     if let Err(e) = ready {
         span.in_scope(|| tracing::error!(error = %e, "handler service failed; stopping handler"));
-        return false;
+        return None;
     }
     let tracked = Tracked::start(&ctx.metrics, &ctx.tracer, &msg);
     let called = std::panic::catch_unwind(AssertUnwindSafe(|| span.in_scope(|| service.call(msg))))
         .map_err(|panic| panic_message(&*panic));
     let ctx = ctx.clone();
-    tasks.spawn(
+    Some(
         async move {
             let outcome = match called {
                 Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
@@ -309,8 +312,110 @@ where
             key
         }
         .instrument(span),
-    );
-    true
+    )
+}
+
+/// The messages in flight of a concurrent handler: a task each (handlers run in parallel
+/// on the runtime's threads), or, for batch handlers, futures the handler's own task polls
+/// (their messages wait for a batch; a task each would cost more than their work).
+enum Pool<F> {
+    Spawned(JoinSet<Option<Bytes>>),
+    Inline {
+        set: FuturesUnordered<F>,
+        /// Keys of work that finished while the loop waited for the service's readiness.
+        finished: VecDeque<Option<Bytes>>,
+    },
+}
+
+impl<F: Future<Output = Option<Bytes>> + Send + 'static> Pool<F> {
+    fn new(inline: bool) -> Self {
+        if inline {
+            Pool::Inline {
+                set: FuturesUnordered::new(),
+                finished: VecDeque::new(),
+            }
+        } else {
+            Pool::Spawned(JoinSet::new())
+        }
+    }
+
+    fn push(&mut self, work: F) {
+        match self {
+            Pool::Spawned(set) => {
+                set.spawn(work);
+            }
+            Pool::Inline { set, .. } => set.push(work),
+        }
+    }
+
+    /// How many are in flight.
+    fn len(&self) -> usize {
+        match self {
+            Pool::Spawned(set) => set.len(),
+            Pool::Inline { set, .. } => set.len(),
+        }
+    }
+
+    /// Whether nothing is in flight or finished unseen.
+    fn is_empty(&self) -> bool {
+        match self {
+            Pool::Spawned(set) => set.is_empty(),
+            Pool::Inline { set, finished } => set.is_empty() && finished.is_empty(),
+        }
+    }
+
+    /// Waits until `service` is ready (`None`: forced to stop first). Inline work keeps
+    /// being polled meanwhile: a layer that waits for capacity (a concurrency limit) gets
+    /// it back only when work in flight finishes.
+    async fn ready<S>(
+        &mut self,
+        service: &mut S,
+        force: &CancellationToken,
+    ) -> Option<Result<(), BoxError>>
+    where
+        S: Service<Message>,
+        S::Error: Into<BoxError>,
+    {
+        let mut forced = pin!(force.cancelled());
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = service.poll_ready(cx) {
+                return Poll::Ready(Some(r.map_err(Into::into)));
+            }
+            if forced.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            if let Pool::Inline { set, finished } = self {
+                while let Poll::Ready(Some(key)) = set.poll_next_unpin(cx) {
+                    finished.push_back(key);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The next finished work's key (`Some(None)`: no key, or its task failed); `None`
+    /// when nothing is in flight.
+    async fn join_next(&mut self) -> Option<Option<Bytes>> {
+        match self {
+            Pool::Spawned(set) => set.join_next().await.map(Result::ok).map(Option::flatten),
+            Pool::Inline { set, finished } => match finished.pop_front() {
+                Some(key) => Some(key),
+                None => set.next().await,
+            },
+        }
+    }
+
+    /// Drops every work in flight (their ack handles nack their messages).
+    async fn abandon(&mut self) {
+        match self {
+            Pool::Spawned(set) => {
+                set.abort_all();
+                while set.join_next().await.is_some() {}
+            }
+            Pool::Inline { set, .. } => set.clear(),
+        }
+    }
 }
 
 /// Splits a delivery into the message handed to the service (with its context) and the

@@ -447,3 +447,35 @@ async fn a_permanent_failure_stays_permanent_through_the_batch() {
     assert_eq!(recv(&mut rx).await, ("not a reading".to_owned(), true));
     router.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_layer_that_waits_for_capacity_gets_it_back() {
+    // Messages in flight of a batch handler are polled by the handler's own task: a
+    // concurrency limit's permits come back while it waits for one.
+    let broker = MemoryBroker::new();
+    let router = Router::with_config(config());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("store")
+        .subscribe(broker.subscriber(), "in")
+        .layer(tower::limit::ConcurrencyLimitLayer::new(3))
+        .batch(5, Duration::from_millis(10))
+        .handler(recording(tx))
+        .await
+        .unwrap();
+    start(&router).await;
+    let payloads: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    publish(&broker, "in", &refs).await;
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let batch = recv(&mut rx).await;
+        assert!(batch.len() <= 3, "at most 3 in flight: {batch:?}");
+        seen.extend(batch);
+    }
+    seen.sort();
+    let mut want = payloads.clone();
+    want.sort();
+    assert_eq!(seen, want);
+    router.close().await.unwrap();
+}
