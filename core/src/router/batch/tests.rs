@@ -401,7 +401,7 @@ async fn invalid_batch_settings_are_refused() {
         .handler(|_: Vec<Message>| async {})
         .await;
     assert!(
-        matches!(zero, Err(RouterError::InvalidHandler { ref reason, .. }) if reason.contains("at least 1 message")),
+        matches!(zero, Err(RouterError::InvalidHandler { reason, .. }) if reason.contains("at least 1 message")),
         "{zero:?}"
     );
     let bytes = router
