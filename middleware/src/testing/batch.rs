@@ -293,6 +293,9 @@ pub async fn batch_shutdown_hands_over_a_partial_batch(b: Arc<dyn Backend>) {
     }
 }
 
+/// One batch's (key, payload as a number) pairs.
+type KeyedBatch = Vec<(String, u32)>;
+
 /// Keyed messages: a batch holds at most one message per key, and each key's messages are
 /// handled in publish order across batches.
 pub async fn batch_keeps_order_per_key(b: Arc<dyn Backend>) {
@@ -312,7 +315,7 @@ pub async fn batch_keeps_order_per_key(b: Arc<dyn Backend>) {
     s.initialize(&topic, &opts)
         .await
         .unwrap_or_else(|e| panic!("initialize failed: {e}"));
-    let batches: Arc<Mutex<Vec<Vec<(String, u32)>>>> = Arc::default();
+    let batches: Arc<Mutex<Vec<KeyedBatch>>> = Arc::default();
     let router = router();
     let got = batches.clone();
     let mut handler = router.add_handler("keys").subscribe(s.clone(), &topic);
