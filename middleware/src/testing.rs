@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 mod batch;
 pub use batch::{
     batch_keeps_order_per_key, batch_panic_redelivers_the_batch, batch_settles_each_message,
-    batch_shutdown_hands_over_a_partial_batch,
+    batch_shutdown_hands_over_a_partial_batch, batch_sizes_are_honoured,
 };
 
 use crate::request_reply::{Replier, ReplyErrorKind, RequestError, Requester, RequesterConfig};
@@ -50,6 +50,7 @@ macro_rules! middleware_tests {
             permanent_error_backs_off,
             failure_destinations_keep_messages,
             dead_letter_watcher_does_not_loop,
+            batch_sizes_are_honoured,
             batch_settles_each_message,
             batch_panic_redelivers_the_batch,
             batch_shutdown_hands_over_a_partial_batch,

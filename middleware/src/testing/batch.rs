@@ -63,6 +63,112 @@ async fn nothing_left(
     );
 }
 
+/// Batch sizes: with `max_wait` too long to matter only full batches are handled, and the
+/// rest is handed over when the handler stops; with a short `max_wait` a partial batch goes
+/// when it is over.
+pub async fn batch_sizes_are_honoured(b: Arc<dyn Backend>) {
+    let f = b.features();
+    let t = b.timeout();
+    let (p, s) = clients(&b).await;
+    let topic = unique_topic("batch-sizes");
+    let opts = if f.consumer_groups {
+        SubscribeOptions::group("sizes")
+    } else {
+        SubscribeOptions::new()
+    };
+    s.initialize(&topic, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("initialize failed: {e}"));
+    let batches: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let router = router();
+    let got = batches.clone();
+    let mut handler = router.add_handler("sizes").subscribe(s.clone(), &topic);
+    if let Some(g) = opts.consumer_group() {
+        handler = handler.group(g);
+    }
+    handler
+        .batch(4, FOREVER)
+        .handler(move |msgs: Vec<Message>| {
+            got.lock().push(msgs.iter().map(text).collect());
+            async {}
+        })
+        .await
+        .unwrap_or_else(|e| panic!("adding the batch handler failed: {e}"));
+    start(&router, t).await;
+    let msgs: Vec<Message> = (0..10).map(|i| Message::new(format!("s{i}"))).collect();
+    p.publish(&topic, msgs)
+        .await
+        .unwrap_or_else(|e| panic!("publish failed: {e}"));
+    wait_until("two full batches", t, || batches.lock().len() >= 2).await;
+    router
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    let got = batches.lock().clone();
+    let sizes: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert_eq!(
+        sizes,
+        [4, 4, 2],
+        "two full batches, then the rest at close: {got:?}"
+    );
+    let mut all: Vec<String> = got.concat();
+    all.sort();
+    let mut want: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    want.sort();
+    assert_eq!(all, want);
+
+    // A short max_wait: three messages go in partial batches.
+    let topic = unique_topic("batch-wait");
+    s.initialize(&topic, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("initialize failed: {e}"));
+    let batches: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let router = router_with_close(t);
+    let got = batches.clone();
+    let mut handler = router.add_handler("wait").subscribe(s.clone(), &topic);
+    if let Some(g) = opts.consumer_group() {
+        handler = handler.group(g);
+    }
+    handler
+        .batch(100, Duration::from_millis(50))
+        .handler(move |msgs: Vec<Message>| {
+            got.lock().push(msgs.iter().map(text).collect());
+            async {}
+        })
+        .await
+        .unwrap_or_else(|e| panic!("adding the batch handler failed: {e}"));
+    start(&router, t).await;
+    let msgs: Vec<Message> = (0..3).map(|i| Message::new(format!("w{i}"))).collect();
+    p.publish(&topic, msgs)
+        .await
+        .unwrap_or_else(|e| panic!("publish failed: {e}"));
+    // Handled while the router runs: max_wait, not the close, ended the batches.
+    wait_until("three messages handled", t, || {
+        batches.lock().iter().map(Vec::len).sum::<usize>() >= 3
+    })
+    .await;
+    router
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    let mut all: Vec<String> = batches.lock().concat();
+    all.sort();
+    assert_eq!(all, ["w0", "w1", "w2"]);
+    for c in [p.close().await, s.close().await] {
+        c.unwrap_or_else(|e| panic!("close failed: {e}"));
+    }
+}
+
+/// A router whose close waits up to `t` for messages in flight.
+fn router_with_close(t: Duration) -> Router {
+    Router::with_config(RouterConfig {
+        close_clients: false,
+        close_timeout: t,
+        redelivery: Backoff::new(Duration::from_millis(20)),
+        ..RouterConfig::default()
+    })
+}
+
 /// Mixed outcomes in one batch: the message failed with a permanent error goes to the
 /// poison topic (and is acked), the one failed with a transient error comes back alone,
 /// every other message is handled once and acked; no batch exceeds its size.
