@@ -80,13 +80,18 @@ pub async fn batch_sizes_are_honoured(b: Arc<dyn Backend>) {
         .await
         .unwrap_or_else(|e| panic!("initialize failed: {e}"));
     let batches: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let reached = Arc::new(AtomicUsize::new(0));
     let router = router();
-    let got = batches.clone();
+    let (got, r) = (batches.clone(), reached.clone());
     let mut handler = router.add_handler("sizes").subscribe(s.clone(), &topic);
     if let Some(g) = opts.consumer_group() {
         handler = handler.group(g);
     }
     handler
+        .layer(tower::util::MapRequestLayer::new(move |m: Message| {
+            r.fetch_add(1, Ordering::SeqCst);
+            m
+        }))
         .batch(4, FOREVER)
         .handler(move |msgs: Vec<Message>| {
             got.lock().push(msgs.iter().map(text).collect());
@@ -99,7 +104,10 @@ pub async fn batch_sizes_are_honoured(b: Arc<dyn Backend>) {
     p.publish(&topic, msgs)
         .await
         .unwrap_or_else(|e| panic!("publish failed: {e}"));
-    wait_until("two full batches", t, || batches.lock().len() >= 2).await;
+    wait_until("two full batches and the rest gathering", t, || {
+        batches.lock().len() >= 2 && reached.load(Ordering::SeqCst) >= 10
+    })
+    .await;
     router
         .close()
         .await
