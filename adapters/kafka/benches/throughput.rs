@@ -14,6 +14,15 @@
 //!   ack); Tidemill: `KafkaSubscriber::subscribe(group)`, `ack()` each delivery. Timed
 //!   from the first record to the N-th (the group join is not part of it).
 //!
+//! - **batch consume** (issue 22): N records of 100 bytes written by the raw producer (no
+//!   headers), consumed in fresh groups from the start of one topic by (a) raw rdkafka in
+//!   its natural batch mode: a `StreamConsumer::recv` loop gathering 500 records, then one
+//!   async commit of the last one's offset, and so on; (b) the router with a
+//!   single-message handler (default: sequential); (c) the router with
+//!   `.batch(500, 50 ms)`. The handlers only read the payloads. Timed from the first record
+//!   received to the N-th handled; CPU is the process's (every thread), per message.
+//!   `TIDEMILL_BENCH_BATCH_ONLY=1` runs only this section.
+//!
 //! Each round measures raw and Tidemill on fresh topics (deleted at the end of the round),
 //! alternating which goes first;
 //! `TIDEMILL_BENCH_RUNS` rounds (default 3); the median rates and the median of the
@@ -24,18 +33,23 @@
 //! default 100,000), `TIDEMILL_BENCH_PARTITIONS` (default 1).
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tidemill_testkit::bench::{mib, record, PeakRss, Row};
+use tidemill_testkit::bench::{mib, process_cpu, record, PeakRss, Row};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
+use tidemill_core::router::BatchResult;
+use tidemill_core::{
+    DeliveryStream, HandlerResult, Message, Publisher, Result, Router, SubscribeOptions, Subscriber,
+};
 use tidemill_kafka::{KafkaConfig, KafkaPublisher, KafkaSubscriber, StartFrom};
 
 const BATCH: usize = 1_000;
@@ -276,6 +290,304 @@ fn report(what: &str, n: usize, raw: &Runs, tidemill: &Runs) {
     );
 }
 
+/// Records per raw batch and per batch handler call.
+const CONSUME_BATCH: usize = 500;
+/// The batch handler's `max_wait`.
+const CONSUME_WAIT: Duration = Duration::from_millis(50);
+
+/// One timed consume run of the batch section.
+#[derive(Clone, Copy)]
+struct Consumed {
+    elapsed: Duration,
+    /// CPU time of the process over `elapsed`, where known.
+    cpu: Option<Duration>,
+    peak_rss: Option<u64>,
+}
+
+/// Where a timed consume run is: started at its first record, done at the N-th handled.
+struct Progress {
+    n: usize,
+    handled: AtomicUsize,
+    started: OnceLock<(Instant, Option<Duration>)>,
+    done: tokio::sync::Notify,
+}
+
+impl Progress {
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Progress {
+            n,
+            handled: AtomicUsize::new(0),
+            started: OnceLock::new(),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn start(&self) {
+        self.started.get_or_init(|| {
+            PeakRss::reset();
+            (Instant::now(), process_cpu())
+        });
+    }
+
+    fn handled(&self, k: usize) {
+        if self.handled.fetch_add(k, AtomicOrdering::AcqRel) + k == self.n {
+            self.done.notify_one();
+        }
+    }
+
+    fn finish(&self) -> Consumed {
+        let (t0, cpu0) = *self.started.get().expect("started");
+        let elapsed = t0.elapsed();
+        let cpu = match (cpu0, process_cpu()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        Consumed {
+            elapsed,
+            cpu,
+            peak_rss: PeakRss::read(),
+        }
+    }
+}
+
+/// A `KafkaSubscriber` that starts the clock of a [`Progress`] at the first delivery its
+/// stream hands out (as the raw side starts at its first record: the group join is not
+/// part of a run).
+struct Clocked {
+    inner: KafkaSubscriber,
+    progress: Arc<Progress>,
+}
+
+#[async_trait::async_trait]
+impl Subscriber for Clocked {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
+        let progress = self.progress.clone();
+        let stream = self.inner.subscribe(topic, options).await?;
+        Ok(DeliveryStream::new(
+            stream.inspect(move |_| progress.start()),
+        ))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// (a) raw rdkafka, batches of [`CONSUME_BATCH`] records, one async commit per batch.
+async fn consume_raw_batches(brokers: &str, topic: &str, n: usize) -> Consumed {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("raw-batch"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("raw consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let progress = Progress::new(n);
+    let mut batch = Vec::with_capacity(CONSUME_BATCH);
+    let mut received = 0;
+    while received < n {
+        let m = tokio::time::timeout(STALL, consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("raw consumer: record {received} of {n} not received within {STALL:?}")
+            })
+            .expect("record");
+        progress.start();
+        received += 1;
+        batch.push(m);
+        if batch.len() == CONSUME_BATCH || received == n {
+            for m in &batch {
+                black_box(m.payload());
+            }
+            let last = batch.last().expect("a record");
+            consumer
+                .commit_message(last, CommitMode::Async)
+                .expect("commit");
+            progress.handled(batch.len());
+            batch.clear();
+        }
+    }
+    progress.finish()
+}
+
+/// (b) and (c): the router, with a single-message handler or with a batch handler.
+async fn consume_router(config: &KafkaConfig, topic: &str, n: usize, batch: bool) -> Consumed {
+    let progress = Progress::new(n);
+    let subscriber = KafkaSubscriber::connect(config.clone())
+        .await
+        .expect("subscriber");
+    let clocked = Clocked {
+        inner: subscriber.clone(),
+        progress: progress.clone(),
+    };
+    let router = Router::new();
+    let handler = router
+        .add_handler("bench")
+        .subscribe(clocked, topic)
+        .group(unique(if batch { "batch" } else { "single" }));
+    let p = progress.clone();
+    if batch {
+        handler
+            .batch(CONSUME_BATCH, CONSUME_WAIT)
+            .handler(move |msgs: Vec<Message>| {
+                let p = p.clone();
+                async move {
+                    for m in &msgs {
+                        black_box(m.payload());
+                    }
+                    p.handled(msgs.len());
+                    HandlerResult::Ok(BatchResult::ok())
+                }
+            })
+            .await
+            .expect("batch handler");
+    } else {
+        handler
+            .handler(move |m: Message| {
+                let p = p.clone();
+                async move {
+                    black_box(m.payload());
+                    p.handled(1);
+                    HandlerResult::Ok(())
+                }
+            })
+            .await
+            .expect("handler");
+    }
+    let run = {
+        let r = router.clone();
+        tokio::spawn(async move { r.run().await })
+    };
+    let done = progress.done.notified();
+    if progress.handled.load(AtomicOrdering::Acquire) < n {
+        tokio::time::timeout(STALL * 10, done)
+            .await
+            .unwrap_or_else(|_| panic!("router: {n} messages not handled within {:?}", STALL * 10));
+    }
+    let result = progress.finish();
+    router.close().await.expect("close the router");
+    run.await.expect("router task").expect("router");
+    subscriber.close().await.expect("close");
+    result
+}
+
+/// The batch section's runs of one variant.
+#[derive(Default)]
+struct BatchRuns(Vec<Consumed>);
+
+impl BatchRuns {
+    fn rate(&self, n: usize) -> f64 {
+        let rates: Vec<f64> = self.0.iter().map(|c| rate(n, c.elapsed)).collect();
+        tidemill_testkit::bench::median(&rates)
+    }
+
+    fn cpu_us(&self, n: usize) -> f64 {
+        let us: Vec<f64> = self
+            .0
+            .iter()
+            .filter_map(|c| c.cpu)
+            .map(|c| c.as_secs_f64() * 1e6 / n as f64)
+            .collect();
+        tidemill_testkit::bench::median(&us)
+    }
+
+    fn peak_rss(&self) -> Option<u64> {
+        self.0.iter().filter_map(|c| c.peak_rss).max()
+    }
+
+    /// The median of the per-round ratios of this variant's rate to `other`'s.
+    fn ratio_to(&self, other: &BatchRuns) -> (f64, Vec<f64>) {
+        let ratios: Vec<f64> = self
+            .0
+            .iter()
+            .zip(&other.0)
+            .map(|(a, b)| b.elapsed.as_secs_f64() / a.elapsed.as_secs_f64())
+            .collect();
+        (tidemill_testkit::bench::median(&ratios), ratios)
+    }
+}
+
+/// The batch section: `runs` rounds, each on a fresh topic of `n` records, the three
+/// variants in turn (the order reversed every other round).
+async fn batch_section(
+    brokers: &str,
+    config: &KafkaConfig,
+    producer: &FutureProducer,
+    n: usize,
+    runs: usize,
+    partitions: i32,
+) {
+    let (mut raw, mut single, mut batch) = (
+        BatchRuns::default(),
+        BatchRuns::default(),
+        BatchRuns::default(),
+    );
+    for round in 0..runs {
+        let topic = unique("batch");
+        create_topic(brokers, &topic, partitions).await;
+        publish_raw(producer, &topic, n, false).await;
+        let mut order = [0, 1, 2];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for variant in order {
+            match variant {
+                0 => raw.0.push(consume_raw_batches(brokers, &topic, n).await),
+                1 => single
+                    .0
+                    .push(consume_router(config, &topic, n, false).await),
+                _ => batch.0.push(consume_router(config, &topic, n, true).await),
+            }
+        }
+        delete_topics(brokers, &[topic]).await;
+    }
+    let (vs_raw, vs_raw_rounds) = batch.ratio_to(&raw);
+    let (vs_single, vs_single_rounds) = batch.ratio_to(&single);
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("batch consume ({CONSUME_BATCH} per batch, max_wait {CONSUME_WAIT:?}):");
+    println!(
+        "         {:<44} {:>10} {:>12} {:>14}",
+        "variant", "msg/s", "CPU µs/msg", "peak RSS MiB"
+    );
+    let rows = [
+        ("raw rdkafka (recv, async commit per 500)", &raw),
+        ("router, single-message handler", &single),
+        ("router, .batch(500, 50ms)", &batch),
+    ];
+    for (name, runs) in rows {
+        println!(
+            "         {name:<44} {:>10.0} {:>12.2} {:>14}",
+            runs.rate(n),
+            runs.cpu_us(n),
+            mib(runs.peak_rss())
+        );
+    }
+    println!(
+        "         batch / raw batch {vs_raw:.2} (per round: {}); batch / single-message {vs_single:.2} (per round: {})",
+        fmt(&vs_raw_rounds),
+        fmt(&vs_single_rounds)
+    );
+    let group = "kafka batch consume";
+    for (i, (name, runs)) in rows.into_iter().enumerate() {
+        let mut row = Row::new(group, name, runs.rate(n)).with_peak_rss(runs.peak_rss());
+        let cpu = format!("CPU {:.2} µs/msg", runs.cpu_us(n));
+        row = row.with_note(match i {
+            2 => format!(
+                "{cpu}; median of {} rounds; per-round ratio to raw batch {vs_raw:.2}, to single-message {vs_single:.2}",
+                runs.0.len()
+            ),
+            _ => cpu,
+        });
+        record(&row);
+    }
+}
+
 fn main() {
     let brokers =
         std::env::var("TIDEMILL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".into());
@@ -304,6 +616,12 @@ fn main() {
         publish_raw(&producer, &warm, BATCH, true).await;
         publish_tidemill(&publisher, &warm, BATCH).await;
 
+        if std::env::var("TIDEMILL_BENCH_BATCH_ONLY").is_ok_and(|v| v == "1") {
+            batch_section(&brokers, &config, &producer, n, runs, partitions).await;
+            publisher.close().await.expect("close");
+            delete_topics(&brokers, &[warm]).await;
+            return;
+        }
         let (mut bare, mut raw_pub, mut tm_pub) =
             (Runs::default(), Runs::default(), Runs::default());
         let (mut raw_con, mut tm_con) = (Runs::default(), Runs::default());
@@ -345,6 +663,7 @@ fn main() {
             rate(n, tm_pub_time) / rate(n, bare_time)
         );
         report("consume", n, &raw_con, &tm_con);
+        batch_section(&brokers, &config, &producer, n, runs, partitions).await;
         publisher.close().await.expect("close");
         delete_topics(&brokers, &[warm]).await;
     });
