@@ -199,3 +199,43 @@ async fn publish_errors_are_counted() {
     );
     assert_eq!(counter(&v, &format!("{}{{topic=t}}", names::PUBLISHED)), 0);
 }
+
+/// A batch handler records each call's size; every message is counted as usual.
+#[tokio::test]
+async fn batch_sizes_are_recorded() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    router
+        .add_handler("rows")
+        .subscribe(broker.subscriber(), "rows")
+        .batch(3, Duration::from_secs(3600))
+        .handler(move |msgs: Vec<Message>| {
+            let _ = tx.send(msgs.len());
+            async {}
+        })
+        .await
+        .unwrap();
+    let running = router.clone();
+    tokio::spawn(async move { running.run().await });
+    router.running().await;
+    let msgs = (0..6).map(|i| Message::new(i.to_string())).collect();
+    broker.publisher().publish("rows", msgs).await.unwrap();
+    assert_eq!((rx.recv().await, rx.recv().await), (Some(3), Some(3)));
+    router.close().await.unwrap();
+
+    let v = values(&snapshotter);
+    let h = "handler=rows,topic=rows";
+    match v.get(&format!("{}{{{h}}}", names::BATCH_SIZE)) {
+        Some(DebugValue::Histogram(samples)) => {
+            let sizes: Vec<f64> = samples.iter().map(|s| s.into_inner()).collect();
+            assert_eq!(sizes, [3.0, 3.0]);
+        }
+        other => panic!("batch size histogram: {other:?}"),
+    }
+    assert_eq!(counter(&v, &format!("{}{{{h}}}", names::ACKED)), 6);
+}

@@ -173,6 +173,7 @@ impl<T: IntoBatchResult, E: Into<BoxError>> IntoBatchResult for Result<T, E> {
 /// The output side of a batch handler: where batch-level outputs go.
 pub(crate) struct BatchOutput {
     pub(crate) handler: String,
+    pub(crate) topic: String,
     pub(crate) publisher: Option<(Arc<dyn Publisher>, String)>,
 }
 
@@ -307,6 +308,8 @@ async fn gather<F, Fut>(
     let max = config.max_messages.max(1);
     let max_bytes = config.max_bytes.unwrap_or(usize::MAX);
     let mut carry: Option<Queued> = None;
+    // Taken with the first batch, if a metrics recorder is installed by then.
+    let mut sizes: Option<Option<metrics::Histogram>> = None;
     loop {
         let first = match carry.take() {
             Some(q) => q,
@@ -338,6 +341,18 @@ async fn gather<F, Fut>(
             }
             bytes += len;
             batch.push(q);
+        }
+        let sizes = sizes.get_or_insert_with(|| {
+            super::observe::metrics_enabled().then(|| {
+                metrics::histogram!(
+                    super::observe::names::BATCH_SIZE,
+                    "handler" => output.handler.clone(),
+                    "topic" => output.topic.clone(),
+                )
+            })
+        });
+        if let Some(h) = sizes {
+            h.record(batch.len() as f64);
         }
         handle(&f, batch, &output, bytes).await;
     }

@@ -1043,6 +1043,11 @@ impl<'r, L, S> BatchHandler<'r, L, S> {
         b.inline = true;
         let output = batch::BatchOutput {
             handler: b.name.clone(),
+            topic: b
+                .subscription
+                .as_ref()
+                .map(|(_, t)| t.clone())
+                .unwrap_or_default(),
             publisher: b.output.clone(),
         };
         let (b, _state) = b.take_state();

@@ -28,6 +28,8 @@ pub mod names {
     pub const DURATION: &str = "tidemill_handler_duration_seconds";
     /// Gauge `{handler, topic}`: messages being handled right now.
     pub const IN_FLIGHT: &str = "tidemill_messages_in_flight";
+    /// Histogram `{handler, topic}`: messages per batch a batch handler was called with.
+    pub const BATCH_SIZE: &str = "tidemill_batch_messages";
     /// Counter `{handler, topic}`: in-process retries (tidemill-middleware's `Retry`).
     pub const RETRIED: &str = "tidemill_messages_retried_total";
     /// Counter `{handler, topic}`: messages moved to a dead-letter topic.
