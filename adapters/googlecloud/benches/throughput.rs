@@ -33,7 +33,30 @@
 //!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 20,000), `TIDEMILL_BENCH_ROUNDS`
 //! (default 9), `TIDEMILL_BENCH_ONLY=raw|raw-uuid|tidemill` (one side only, for profiling).
+//!
+//! **Batch section** (after the above; `TIDEMILL_BENCH_BATCH=off` skips it, `only` runs it
+//! alone; `TIDEMILL_BENCH_BATCH_MESSAGES`, default 20,000, `TIDEMILL_BENCH_BATCH_ROUNDS`,
+//! default 5): N messages of 100 bytes are published (by `GoogleCloudPublisher`, untimed)
+//! to a fresh topic whose group subscription exists, then consumed by one of three
+//! variants, in rotating order within each round, each with flow control of 1,000
+//! outstanding messages:
+//!
+//! - `raw batch`: the raw client's streaming pull read in chunks of what has arrived (up to
+//!   500, `ready_chunks(500)` of the `MessageStream` as a `futures::Stream`), each message of a chunk acked with
+//!   `Handler::ack` after the chunk was taken (the client gathers acks into Acknowledge
+//!   RPCs of up to 1,000 ids every 100 ms);
+//! - `tidemill single`: a `Router` handler of one message (default: sequential);
+//! - `tidemill batch`: the same router with `.batch(500, 50 ms)`.
+//!
+//! Timed from opening the pull (raw) or starting the router (which subscribes) until the
+//! N-th message was acked (raw) or handed to the handler (router: its ack follows at once;
+//! neither side waits for the client's batched Acknowledge RPC). Reported per variant: the
+//! median msg/s, the median CPU time of the whole process per message
+//! (`/proc/self/task/*/schedstat`), the largest peak RSS, and the medians of the per-round
+//! ratios batch / raw batch and batch / single.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -43,9 +66,9 @@ use google_cloud_pubsub::client::{
 };
 use google_cloud_pubsub::model::Message as RawMessage;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
-use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
+use tidemill_core::{HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber};
 use tidemill_googlecloud::{GoogleCloudConfig, GoogleCloudPublisher, GoogleCloudSubscriber};
-use tidemill_testkit::bench::{median, mib, record, PeakRss, Row};
+use tidemill_testkit::bench::{median, mib, process_cpu, record, PeakRss, Row};
 
 const PROJECT: &str = "tidemill-bench";
 const PAYLOAD: usize = 100;
@@ -75,7 +98,18 @@ fn main() -> Result<(), BoxError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(host, n, rounds))
+    let batch = std::env::var("TIDEMILL_BENCH_BATCH").unwrap_or_default();
+    let batch_n = env_usize("TIDEMILL_BENCH_BATCH_MESSAGES", 20_000);
+    let batch_rounds = env_usize("TIDEMILL_BENCH_BATCH_ROUNDS", 5);
+    runtime.block_on(async {
+        if batch != "only" {
+            run(host.clone(), n, rounds).await?;
+        }
+        if batch != "off" {
+            run_batch(host, batch_n, batch_rounds).await?;
+        }
+        Ok(())
+    })
 }
 
 #[derive(Default, Clone, Copy)]
@@ -424,5 +458,287 @@ impl Tidemill {
             publish_rss,
             consume_rss,
         })
+    }
+}
+
+/// Largest batch of the batch section (raw chunks, router batches).
+const BATCH_MAX: usize = 500;
+/// The router batch's `max_wait`.
+const BATCH_WAIT: Duration = Duration::from_millis(50);
+/// Flow control of every variant of the batch section: unsettled messages per stream.
+const OUTSTANDING: u64 = 1_000;
+
+/// One variant's figures in one round of the batch section.
+#[derive(Default, Clone, Copy)]
+struct Consumed {
+    rate: f64,
+    /// CPU time of the whole process per message (µs), where known.
+    cpu_us: Option<f64>,
+    rss: Option<u64>,
+}
+
+/// Times one consume: wall clock, process CPU, peak RSS.
+struct Clock {
+    started: Instant,
+    cpu: Option<Duration>,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        PeakRss::reset();
+        Clock {
+            cpu: process_cpu(),
+            started: Instant::now(),
+        }
+    }
+
+    fn stop(self, n: usize) -> Consumed {
+        let elapsed = self.started.elapsed();
+        let cpu = process_cpu()
+            .zip(self.cpu)
+            .map(|(after, before)| (after - before).as_secs_f64() * 1e6 / n as f64);
+        Consumed {
+            rate: rate(n, elapsed),
+            cpu_us: cpu,
+            rss: PeakRss::read(),
+        }
+    }
+}
+
+/// Counts the messages a router handler received; wakes the bench at the N-th.
+#[derive(Clone)]
+struct Counter {
+    seen: Arc<AtomicUsize>,
+    target: usize,
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Counter {
+    fn new(target: usize) -> Counter {
+        Counter {
+            seen: Arc::default(),
+            target,
+            done: Arc::default(),
+        }
+    }
+
+    fn add(&self, k: usize) {
+        if self.seen.fetch_add(k, Ordering::AcqRel) + k >= self.target {
+            self.done.notify_one();
+        }
+    }
+}
+
+const VARIANTS: [&str; 3] = [
+    "raw google-cloud-pubsub, chunks of up to 500 (ready_chunks)",
+    "tidemill router, single-message handler",
+    "tidemill router, .batch(500, 50ms)",
+];
+
+async fn run_batch(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
+    println!();
+    println!(
+        "Batch section: {n} pre-published messages of {PAYLOAD} bytes, {OUTSTANDING} outstanding, {rounds} rounds"
+    );
+    let raw = Raw::connect(&host).await?;
+    let mut config = GoogleCloudConfig::emulator(PROJECT, &host);
+    config.max_outstanding_messages = OUTSTANDING;
+    let bench = BatchBench {
+        publisher: GoogleCloudPublisher::connect(config.clone()).await?,
+        admin: GoogleCloudSubscriber::connect(config.clone()).await?,
+        config,
+        raw,
+    };
+    let mut rows: Vec<[Consumed; 3]> = Vec::new();
+    for round in 0..rounds {
+        let mut figures = [Consumed::default(); 3];
+        for k in 0..3 {
+            let variant = (round + k) % 3;
+            figures[variant] = bench.round(variant, n).await?;
+        }
+        println!(
+            "round {}: consume {:>7.0} / {:>7.0} / {:>7.0} msg/s   (raw batch / tidemill single / tidemill batch)",
+            round + 1,
+            figures[0].rate,
+            figures[1].rate,
+            figures[2].rate,
+        );
+        rows.push(figures);
+    }
+    let rate_of = |v: usize| median(&rows.iter().map(|r| r[v].rate).collect::<Vec<_>>());
+    let cpu_of = |v: usize| {
+        let cpu: Vec<f64> = rows.iter().filter_map(|r| r[v].cpu_us).collect();
+        (!cpu.is_empty()).then(|| median(&cpu))
+    };
+    let rss_of = |v: usize| rows.iter().filter_map(|r| r[v].rss).max();
+    let ratio = |a: usize, b: usize| {
+        median(
+            &rows
+                .iter()
+                .map(|r| r[a].rate / r[b].rate)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let fmt_cpu = |c: Option<f64>| c.map_or("n/a".to_owned(), |c| format!("{c:.1}"));
+    println!();
+    println!("| batch consume, {n} x {PAYLOAD} B | msg/s | CPU µs/msg | peak RSS MiB |");
+    println!("|---|---|---|---|");
+    for (v, name) in VARIANTS.iter().enumerate() {
+        println!(
+            "| {name} | {:.0} | {} | {} |",
+            rate_of(v),
+            fmt_cpu(cpu_of(v)),
+            mib(rss_of(v))
+        );
+    }
+    let (vs_raw, vs_single) = (ratio(2, 0), ratio(2, 1));
+    println!(
+        "batch / raw batch {vs_raw:.2}x, batch / single {vs_single:.2}x (medians of the per-round ratios; \
+         msg/s and CPU: medians of {rounds} rounds; peak RSS: the largest)"
+    );
+    let group = format!("pubsub emulator batch consume ({n} × {PAYLOAD} B)");
+    for (v, name) in VARIANTS.iter().enumerate() {
+        let mut note = cpu_of(v).map_or(String::new(), |c| format!("{c:.1} µs CPU/msg; "));
+        note.push_str(&format!("median of {rounds} rounds"));
+        if v == 2 {
+            note.push_str(&format!(
+                "; per round batch/raw batch {vs_raw:.2}x, batch/single {vs_single:.2}x"
+            ));
+        }
+        record(
+            &Row::new(&group, *name, rate_of(v))
+                .with_peak_rss(rss_of(v))
+                .with_note(note),
+        );
+    }
+    bench.publisher.close().await?;
+    bench.admin.close().await?;
+    Ok(())
+}
+
+struct BatchBench {
+    config: GoogleCloudConfig,
+    publisher: GoogleCloudPublisher,
+    /// Creates topics and subscriptions (the routers get subscribers of their own: closing
+    /// a router closes its subscribers).
+    admin: GoogleCloudSubscriber,
+    raw: Raw,
+}
+
+impl BatchBench {
+    /// A fresh topic with its `bench` subscription, holding `n` messages.
+    async fn prepare(&self, n: usize) -> Result<String, BoxError> {
+        let topic = unique("batch");
+        self.admin
+            .initialize(&topic, &SubscribeOptions::group("bench"))
+            .await?;
+        let messages: Vec<Message> = (0..n).map(|i| Message::new(payload(i))).collect();
+        for chunk in messages.chunks(BATCH) {
+            self.publisher.publish(&topic, chunk.to_vec()).await?;
+        }
+        Ok(topic)
+    }
+
+    async fn round(&self, variant: usize, n: usize) -> Result<Consumed, BoxError> {
+        let topic = self.prepare(n).await?;
+        let figures = match variant {
+            0 => self.raw_batch(&topic, n).await?,
+            v => self.router(&topic, n, v == 2).await?,
+        };
+        let sub = self.admin.subscription_name(&topic, "bench")?;
+        self.raw
+            .subscriptions
+            .delete_subscription()
+            .set_subscription(sub)
+            .send()
+            .await?;
+        self.raw
+            .topics
+            .delete_topic()
+            .set_topic(format!("projects/{PROJECT}/topics/{topic}"))
+            .send()
+            .await?;
+        Ok(figures)
+    }
+
+    async fn raw_batch(&self, topic: &str, n: usize) -> Result<Consumed, BoxError> {
+        let sub = self.admin.subscription_name(topic, "bench")?;
+        let clock = Clock::start();
+        let stream = self
+            .raw
+            .subscriber
+            .subscribe(&sub)
+            .set_max_outstanding_messages(OUTSTANDING as i64)
+            .set_max_outstanding_bytes(100 * 1024 * 1024)
+            .set_max_lease_extension(Duration::from_secs(60))
+            .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
+            .build();
+        // `MessageStream::into_stream` (behind the client's `unstable-stream` feature),
+        // written out.
+        let mut chunks = Box::pin(futures::stream::unfold(stream, |mut s| async move {
+            s.next().await.map(|item| (item, s))
+        }))
+        .ready_chunks(BATCH_MAX);
+        let mut received = 0;
+        while received < n {
+            let chunk = tokio::time::timeout(LIMIT, chunks.next())
+                .await
+                .map_err(|_| format!("raw batch: stalled after {received} of {n}"))?
+                .ok_or("raw batch: stream ended")?;
+            let mut handlers = Vec::with_capacity(chunk.len());
+            for item in chunk {
+                let (_m, h) = item?;
+                handlers.push(h);
+            }
+            received += handlers.len();
+            for h in handlers {
+                h.ack();
+            }
+        }
+        let figures = clock.stop(n);
+        drop(chunks);
+        Ok(figures)
+    }
+
+    async fn router(&self, topic: &str, n: usize, batch: bool) -> Result<Consumed, BoxError> {
+        let subscriber = GoogleCloudSubscriber::connect(self.config.clone()).await?;
+        let router = Router::new();
+        let counter = Counter::new(n);
+        let handler = router
+            .add_handler("bench")
+            .subscribe(subscriber, topic)
+            .group("bench");
+        let c = counter.clone();
+        if batch {
+            handler
+                .batch(BATCH_MAX, BATCH_WAIT)
+                .handler(move |messages: Vec<Message>| {
+                    c.add(messages.len());
+                    async {}
+                })
+                .await?;
+        } else {
+            handler
+                .handler(move |_m: Message| {
+                    c.add(1);
+                    async { HandlerResult::Ok(()) }
+                })
+                .await?;
+        }
+        let clock = Clock::start();
+        let running = router.clone();
+        let task = tokio::spawn(async move { running.run().await });
+        tokio::time::timeout(LIMIT, counter.done.notified())
+            .await
+            .map_err(|_| {
+                format!(
+                    "tidemill (batch: {batch}): stalled after {} of {n}",
+                    counter.seen.load(Ordering::Acquire)
+                )
+            })?;
+        let figures = clock.stop(n);
+        router.close().await?;
+        task.await??;
+        Ok(figures)
     }
 }

@@ -34,7 +34,29 @@
 //!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 50,000), `TIDEMILL_BENCH_ROUNDS`
 //! (default 5), `TIDEMILL_BENCH_MODES` (`jetstream`, `core` or both, the default).
+//!
+//! **Batch section** (JetStream, after the above; `TIDEMILL_BENCH_BATCH=off` skips it,
+//! `only` runs it alone; `TIDEMILL_BENCH_BATCH_MESSAGES`, default 50,000,
+//! `TIDEMILL_BENCH_BATCH_ROUNDS`, default 5): N messages of 100 bytes are published (by
+//! `NatsPublisher`, untimed) to a fresh stream whose group consumer exists (Tidemill's
+//! durable consumer: explicit acks, `max_ack_pending` 1,000), then consumed by one of three
+//! variants, in rotating order within each round:
+//!
+//! - `raw batch`: async-nats `PullConsumer::batch()` requests of 500 messages (on that
+//!   consumer), each batch received whole, then each message acked with `Message::ack`
+//!   (a buffered publish, no flush awaited);
+//! - `tidemill single`: a `Router` handler of one message (default: sequential);
+//! - `tidemill batch`: the same router with `.batch(500, 50 ms)`.
+//!
+//! Timed from the first pull request (raw) or starting the router (which subscribes) until
+//! the N-th message was acked (raw) or handed to the handler (router: its ack, a buffered
+//! publish too, follows at once). Reported per variant: the median msg/s, the median CPU
+//! time of the whole process per message (`/proc/self/task/*/schedstat`, which includes the
+//! bench's own NATS connections but not the server), the largest peak RSS, and the medians
+//! of the per-round ratios batch / raw batch and batch / single.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
@@ -45,9 +67,9 @@ use async_nats::jetstream::{self, stream, ContextBuilder};
 use async_nats::{Client, HeaderMap, RequestErrorKind, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
-use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
+use tidemill_core::{HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber};
 use tidemill_nats::{NatsConfig, NatsMode, NatsPublisher, NatsSubscriber};
-use tidemill_testkit::bench::{median, mib, record, PeakRss, Row};
+use tidemill_testkit::bench::{median, mib, process_cpu, record, PeakRss, Row};
 
 const PAYLOAD: usize = 100;
 const BATCH: usize = 1_000;
@@ -84,7 +106,18 @@ fn main() -> Result<(), BoxError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(url, n, rounds))
+    let batch = std::env::var("TIDEMILL_BENCH_BATCH").unwrap_or_default();
+    let batch_n = env_usize("TIDEMILL_BENCH_BATCH_MESSAGES", 50_000);
+    let batch_rounds = env_usize("TIDEMILL_BENCH_BATCH_ROUNDS", 5);
+    runtime.block_on(async {
+        if batch != "only" {
+            run(url.clone(), n, rounds).await?;
+        }
+        if batch != "off" {
+            run_batch(url, batch_n, batch_rounds).await?;
+        }
+        Ok(())
+    })
 }
 
 #[derive(Default, Clone, Copy)]
@@ -544,5 +577,270 @@ impl Tidemill {
             publish_rss,
             consume_rss,
         })
+    }
+}
+
+/// Largest batch of the batch section (raw pull requests, router batches).
+const BATCH_MAX: usize = 500;
+/// The router batch's `max_wait`.
+const BATCH_WAIT: Duration = Duration::from_millis(50);
+/// `max_ack_pending` of the batch section's consumers.
+const MAX_ACK_PENDING: i64 = 1_000;
+
+/// One variant's figures in one round of the batch section.
+#[derive(Default, Clone, Copy)]
+struct Consumed {
+    rate: f64,
+    /// CPU time of the whole process per message (µs), where known.
+    cpu_us: Option<f64>,
+    rss: Option<u64>,
+}
+
+/// Times one consume: wall clock, process CPU, peak RSS.
+struct Clock {
+    started: Instant,
+    cpu: Option<Duration>,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        PeakRss::reset();
+        Clock {
+            cpu: process_cpu(),
+            started: Instant::now(),
+        }
+    }
+
+    fn stop(self, n: usize) -> Consumed {
+        let elapsed = self.started.elapsed();
+        let cpu = process_cpu()
+            .zip(self.cpu)
+            .map(|(after, before)| (after - before).as_secs_f64() * 1e6 / n as f64);
+        Consumed {
+            rate: rate(n, elapsed),
+            cpu_us: cpu,
+            rss: PeakRss::read(),
+        }
+    }
+}
+
+/// Counts the messages a router handler received; wakes the bench at the N-th.
+#[derive(Clone)]
+struct Counter {
+    seen: Arc<AtomicUsize>,
+    target: usize,
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Counter {
+    fn new(target: usize) -> Counter {
+        Counter {
+            seen: Arc::default(),
+            target,
+            done: Arc::default(),
+        }
+    }
+
+    fn add(&self, k: usize) {
+        if self.seen.fetch_add(k, Ordering::AcqRel) + k >= self.target {
+            self.done.notify_one();
+        }
+    }
+}
+
+const VARIANTS: [&str; 3] = [
+    "raw async-nats, batch() of 500, ack each",
+    "tidemill router, single-message handler",
+    "tidemill router, .batch(500, 50ms)",
+];
+
+async fn run_batch(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
+    println!();
+    println!(
+        "JetStream batch section: {n} pre-published messages of {PAYLOAD} bytes, max_ack_pending {MAX_ACK_PENDING}, {rounds} rounds"
+    );
+    let mut config = NatsConfig::new(url.as_str());
+    config.jetstream.max_ack_pending = MAX_ACK_PENDING;
+    let bench = BatchBench {
+        raw: Raw::connect(&url).await?,
+        publisher: NatsPublisher::connect(config.clone()).await?,
+        admin: NatsSubscriber::connect(config.clone()).await?,
+        config,
+    };
+    let mut rows: Vec<[Consumed; 3]> = Vec::new();
+    for round in 0..rounds {
+        let mut figures = [Consumed::default(); 3];
+        for k in 0..3 {
+            let variant = (round + k) % 3;
+            figures[variant] = bench.round(variant, n).await?;
+        }
+        println!(
+            "  round {}: consume {:>7.0} / {:>7.0} / {:>7.0} msg/s   (raw batch / tidemill single / tidemill batch)",
+            round + 1,
+            figures[0].rate,
+            figures[1].rate,
+            figures[2].rate,
+        );
+        rows.push(figures);
+    }
+    let rate_of = |v: usize| median(&rows.iter().map(|r| r[v].rate).collect::<Vec<_>>());
+    let cpu_of = |v: usize| {
+        let cpu: Vec<f64> = rows.iter().filter_map(|r| r[v].cpu_us).collect();
+        (!cpu.is_empty()).then(|| median(&cpu))
+    };
+    let rss_of = |v: usize| rows.iter().filter_map(|r| r[v].rss).max();
+    let ratio = |a: usize, b: usize| {
+        median(
+            &rows
+                .iter()
+                .map(|r| r[a].rate / r[b].rate)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let fmt_cpu = |c: Option<f64>| c.map_or("n/a".to_owned(), |c| format!("{c:.1}"));
+    println!();
+    println!("| JetStream batch consume, {n} x {PAYLOAD} B | msg/s | CPU µs/msg | peak RSS MiB |");
+    println!("|---|---|---|---|");
+    for (v, name) in VARIANTS.iter().enumerate() {
+        println!(
+            "| {name} | {:.0} | {} | {} |",
+            rate_of(v),
+            fmt_cpu(cpu_of(v)),
+            mib(rss_of(v))
+        );
+    }
+    let (vs_raw, vs_single) = (ratio(2, 0), ratio(2, 1));
+    println!(
+        "batch / raw batch {vs_raw:.2}x, batch / single {vs_single:.2}x (medians of the per-round ratios; \
+         msg/s and CPU: medians of {rounds} rounds; peak RSS: the largest)"
+    );
+    let group = format!("nats JetStream batch consume ({n} × {PAYLOAD} B)");
+    for (v, name) in VARIANTS.iter().enumerate() {
+        let mut note = cpu_of(v).map_or(String::new(), |c| format!("{c:.1} µs CPU/msg; "));
+        note.push_str(&format!("median of {rounds} rounds"));
+        if v == 2 {
+            note.push_str(&format!(
+                "; per round batch/raw batch {vs_raw:.2}x, batch/single {vs_single:.2}x"
+            ));
+        }
+        record(
+            &Row::new(group.as_str(), *name, rate_of(v))
+                .with_peak_rss(rss_of(v))
+                .with_note(note),
+        );
+    }
+    bench.publisher.close().await?;
+    bench.admin.close().await?;
+    Ok(())
+}
+
+struct BatchBench {
+    config: NatsConfig,
+    publisher: NatsPublisher,
+    /// Creates streams and consumers (the routers get subscribers of their own: closing a
+    /// router closes its subscribers).
+    admin: NatsSubscriber,
+    raw: Raw,
+}
+
+impl BatchBench {
+    /// A fresh stream with the `bench` group's consumer, holding `n` messages.
+    async fn prepare(&self, n: usize) -> Result<String, BoxError> {
+        let topic = unique("bench-batch");
+        self.admin
+            .initialize(&topic, &SubscribeOptions::group("bench"))
+            .await?;
+        let messages: Vec<Message> = (0..n).map(|i| Message::new(payload(i))).collect();
+        for chunk in messages.chunks(BATCH) {
+            self.publisher.publish(&topic, chunk.to_vec()).await?;
+        }
+        Ok(topic)
+    }
+
+    async fn round(&self, variant: usize, n: usize) -> Result<Consumed, BoxError> {
+        let topic = self.prepare(n).await?;
+        let figures = match variant {
+            0 => self.raw_batch(&topic, n).await?,
+            v => self.router(&topic, n, v == 2).await?,
+        };
+        self.raw.js_pub.delete_stream(&topic).await?;
+        Ok(figures)
+    }
+
+    async fn raw_batch(&self, topic: &str, n: usize) -> Result<Consumed, BoxError> {
+        let name = self.admin.consumer_name(topic, "bench").await?;
+        let consumer: async_nats::jetstream::consumer::PullConsumer = self
+            .raw
+            .js_sub
+            .get_consumer_from_stream(name.as_str(), topic)
+            .await?;
+        let clock = Clock::start();
+        let mut received = 0;
+        while received < n {
+            let want = BATCH_MAX.min(n - received);
+            let mut batch = consumer
+                .batch()
+                .max_messages(want)
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await?;
+            let mut messages = Vec::with_capacity(want);
+            while let Some(m) = tokio::time::timeout(LIMIT, batch.next())
+                .await
+                .map_err(|_| format!("raw batch: stalled after {received} of {n}"))?
+            {
+                messages.push(m?);
+            }
+            if messages.is_empty() {
+                return Err(format!("raw batch: empty batch after {received} of {n}").into());
+            }
+            received += messages.len();
+            for m in &messages {
+                m.ack().await?;
+            }
+        }
+        Ok(clock.stop(n))
+    }
+
+    async fn router(&self, topic: &str, n: usize, batch: bool) -> Result<Consumed, BoxError> {
+        let subscriber = NatsSubscriber::connect(self.config.clone()).await?;
+        let router = Router::new();
+        let counter = Counter::new(n);
+        let handler = router
+            .add_handler("bench")
+            .subscribe(subscriber, topic)
+            .group("bench");
+        let c = counter.clone();
+        if batch {
+            handler
+                .batch(BATCH_MAX, BATCH_WAIT)
+                .handler(move |messages: Vec<Message>| {
+                    c.add(messages.len());
+                    async {}
+                })
+                .await?;
+        } else {
+            handler
+                .handler(move |_m: Message| {
+                    c.add(1);
+                    async { HandlerResult::Ok(()) }
+                })
+                .await?;
+        }
+        let clock = Clock::start();
+        let running = router.clone();
+        let task = tokio::spawn(async move { running.run().await });
+        tokio::time::timeout(LIMIT, counter.done.notified())
+            .await
+            .map_err(|_| {
+                format!(
+                    "tidemill (batch: {batch}): stalled after {} of {n}",
+                    counter.seen.load(Ordering::Acquire)
+                )
+            })?;
+        let figures = clock.stop(n);
+        router.close().await?;
+        task.await??;
+        Ok(figures)
     }
 }
