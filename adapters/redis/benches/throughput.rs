@@ -18,16 +18,35 @@
 //! median of the per-round ratios Tidemill / raw, the process CPU per message and the peak
 //! RSS (the process's `VmHWM`, reset before each timed section).
 //!
+//! Then the batch section: N entries published beforehand (through Tidemill, untimed), then
+//! consumed by a consumer group of their own (from the stream's beginning) by
+//!
+//! - (a) raw redis-rs in its natural batch mode: `XREADGROUP COUNT 500 BLOCK`, then one
+//!   `XACK` with the 500 ids, awaited before the next read;
+//! - (b) the Tidemill router with a single-message handler (default: sequential);
+//! - (c) the router with `.batch(500, 50 ms)`;
+//!
+//! both router variants on a subscriber with `prefetch` 1,000 (so the batch handler's 1,000
+//! messages can be in flight). Each run is timed from its first message received to the
+//! N-th acked (the raw side's last `XACK` answered; for the router, after the handler saw
+//! the N-th message, until `XPENDING` of its group shows nothing pending, polled every
+//! 1 ms). Variants rotate which goes first each round; the same figures are printed.
+//!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 50,000), `TIDEMILL_BENCH_ROUNDS`
-//! (default 5).
+//! (default 5), `TIDEMILL_BENCH_SECTION` (`batch` runs only the batch section).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
-use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
+use tidemill_core::router::BatchResult;
+use tidemill_core::{
+    DeliveryStream, HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber,
+};
 use tidemill_redis::{RedisConfig, RedisPublisher, RedisSubscriber, StartFrom};
 use tidemill_testkit::bench::{median, mib, process_cpu, record, PeakRss, Row};
 
@@ -107,6 +126,9 @@ where
 async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     println!("Redis at {url}: {n} messages of {PAYLOAD} bytes, {rounds} rounds (median reported)");
     let client = redis::Client::open(url.as_str())?;
+    if std::env::var("TIDEMILL_BENCH_SECTION").as_deref() == Ok("batch") {
+        return batch_section(&client, &url, n, rounds).await;
+    }
     let mut config = RedisConfig::new(url.as_str());
     config.prefetch = PREFETCH;
     config.start_from = StartFrom::Beginning;
@@ -182,7 +204,7 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     }
     publisher.close().await?;
     subscriber.close().await?;
-    Ok(())
+    batch_section(&client, &url, n, rounds).await
 }
 
 async fn del(client: &redis::Client, stream: &str) -> Result<(), BoxError> {
@@ -345,4 +367,302 @@ async fn tidemill_round(
         publish_rss,
         consume_rss,
     })
+}
+
+/// Entries per raw read and ack, and the batch handler's `max_messages`.
+const CONSUME_BATCH: usize = 500;
+/// The batch handler's `max_wait`.
+const CONSUME_WAIT: Duration = Duration::from_millis(50);
+/// The router subscriber's prefetch in the batch section: two batches in flight.
+const BATCH_PREFETCH: usize = 1_000;
+
+/// The batch section's variants, in the order their columns are printed.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    Raw,
+    Single,
+    Batch,
+}
+
+impl Variant {
+    const ALL: [Variant; 3] = [Variant::Raw, Variant::Single, Variant::Batch];
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Raw => "raw redis-rs (XREADGROUP COUNT 500 + one XACK)",
+            Variant::Single => "tidemill router, single-message handler",
+            Variant::Batch => "tidemill router, batch(500, 50 ms)",
+        }
+    }
+}
+
+/// One timed consume run of the batch section: (msg/s, CPU µs per message, peak RSS).
+type Run = (f64, f64, Option<u64>);
+
+/// Where a timed consume run is: started at its first message, done at the N-th acked.
+struct Progress {
+    n: usize,
+    handled: AtomicUsize,
+    started: OnceLock<(Instant, Option<Duration>)>,
+    done: tokio::sync::Notify,
+}
+
+impl Progress {
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Progress {
+            n,
+            handled: AtomicUsize::new(0),
+            started: OnceLock::new(),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn start(&self) {
+        self.started.get_or_init(|| (Instant::now(), process_cpu()));
+    }
+
+    fn handled(&self, k: usize) {
+        if self.handled.fetch_add(k, Ordering::AcqRel) + k >= self.n {
+            self.done.notify_one();
+        }
+    }
+
+    fn finish(&self) -> Run {
+        let (t0, cpu0) = *self.started.get().expect("started");
+        let took = t0.elapsed();
+        let cpu = match (cpu0, process_cpu()) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64() * 1e6 / self.n as f64,
+            _ => f64::NAN,
+        };
+        (self.n as f64 / took.as_secs_f64(), cpu, PeakRss::read())
+    }
+}
+
+/// A `RedisSubscriber` that starts a [`Progress`]'s clock at the first delivery its stream
+/// hands out (as the raw side starts at its first reply: subscribing is not timed).
+struct Clocked {
+    inner: RedisSubscriber,
+    progress: Arc<Progress>,
+}
+
+#[async_trait::async_trait]
+impl Subscriber for Clocked {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> tidemill_core::Result<DeliveryStream> {
+        let progress = self.progress.clone();
+        let stream = self.inner.subscribe(topic, options).await?;
+        Ok(DeliveryStream::new(
+            stream.inspect(move |_| progress.start()),
+        ))
+    }
+
+    async fn close(&self) -> tidemill_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+async fn batch_section(
+    client: &redis::Client,
+    url: &str,
+    n: usize,
+    rounds: usize,
+) -> Result<(), BoxError> {
+    println!();
+    println!(
+        "batch section: {n} pre-published entries of {PAYLOAD} bytes per variant, {rounds} rounds"
+    );
+    let mut config = RedisConfig::new(url);
+    config.prefetch = BATCH_PREFETCH;
+    config.start_from = StartFrom::Beginning;
+    let publisher = RedisPublisher::connect(config.clone()).await?;
+    let mut runs: Vec<[Run; 3]> = Vec::new();
+    for round in 0..rounds {
+        let topic = unique("bench-batch");
+        let messages: Vec<Message> = (0..n).map(|i| Message::new(payload(i))).collect();
+        for chunk in messages.chunks(BATCH) {
+            publisher.publish(&topic, chunk.to_vec()).await?;
+        }
+        let mut results = [(0.0, 0.0, None); 3];
+        let mut order = Variant::ALL;
+        order.rotate_left(round % 3);
+        for variant in order {
+            PeakRss::reset();
+            let run = tokio::time::timeout(LIMIT, async {
+                match variant {
+                    Variant::Raw => raw_batches(client, &topic, n).await,
+                    Variant::Single => router_consume(client, &config, &topic, n, false).await,
+                    Variant::Batch => router_consume(client, &config, &topic, n, true).await,
+                }
+            })
+            .await??;
+            let at = Variant::ALL
+                .iter()
+                .position(|v| *v == variant)
+                .expect("listed");
+            results[at] = run;
+        }
+        println!(
+            "  round {}: raw batch {:>7.0} | single {:>7.0} | batch {:>7.0} msg/s | CPU µs/msg {:.1} / {:.1} / {:.1}",
+            round + 1,
+            results[0].0,
+            results[1].0,
+            results[2].0,
+            results[0].1,
+            results[1].1,
+            results[2].1
+        );
+        runs.push(results);
+        del(client, &topic).await?;
+    }
+    publisher.close().await?;
+    println!();
+    println!(
+        "median of {rounds} rounds, {n} x {PAYLOAD} B              msg/s   ÷ raw batch (median per round)   CPU µs/msg   peak RSS MiB"
+    );
+    for (at, variant) in Variant::ALL.into_iter().enumerate() {
+        let rate = median(&runs.iter().map(|r| r[at].0).collect::<Vec<_>>());
+        let ratio = median(&runs.iter().map(|r| r[at].0 / r[0].0).collect::<Vec<_>>());
+        let cpu = median(&runs.iter().map(|r| r[at].1).collect::<Vec<_>>());
+        let rss = runs.iter().filter_map(|r| r[at].2).max();
+        println!(
+            "{:<48} {rate:>9.0}   {ratio:>5.2}   {cpu:>6.1}   {}",
+            variant.name(),
+            mib(rss)
+        );
+        let mut note = format!("{cpu:.1} µs CPU/msg; median of {rounds} rounds");
+        if variant != Variant::Raw {
+            note.push_str(&format!("; median per-round ratio to raw batch {ratio:.2}"));
+        }
+        record(
+            &Row::new("redis batch consume", variant.name(), rate)
+                .with_peak_rss(rss)
+                .with_note(note),
+        );
+    }
+    Ok(())
+}
+
+/// (a) raw redis-rs: `XREADGROUP COUNT 500`, then one `XACK` of the 500 ids.
+async fn raw_batches(client: &redis::Client, stream: &str, n: usize) -> Result<Run, BoxError> {
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: Value = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("raw")
+        .arg("0")
+        .query_async(&mut conn)
+        .await?;
+    let mut reader: MultiplexedConnection = client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await?;
+    let progress = Progress::new(n);
+    let mut done = 0;
+    while done < n {
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("raw")
+            .arg("c")
+            .arg("COUNT")
+            .arg(CONSUME_BATCH)
+            .arg("BLOCK")
+            .arg(2000)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(&mut reader)
+            .await?;
+        progress.start();
+        let ids = ids(reply);
+        if ids.is_empty() {
+            continue;
+        }
+        let mut ack = redis::cmd("XACK");
+        ack.arg(stream).arg("raw");
+        for id in &ids {
+            ack.arg(id);
+        }
+        let _: Value = ack.query_async(&mut conn).await?;
+        done += ids.len();
+    }
+    Ok(progress.finish())
+}
+
+/// (b) and (c): the router, with a single-message handler or a batch handler.
+async fn router_consume(
+    client: &redis::Client,
+    config: &RedisConfig,
+    topic: &str,
+    n: usize,
+    batch: bool,
+) -> Result<Run, BoxError> {
+    let group = if batch { "batch" } else { "single" };
+    let progress = Progress::new(n);
+    let subscriber = RedisSubscriber::connect(config.clone()).await?;
+    let clocked = Clocked {
+        inner: subscriber.clone(),
+        progress: progress.clone(),
+    };
+    let router = Router::new();
+    let handler = router
+        .add_handler("bench")
+        .subscribe(clocked, topic)
+        .group(group);
+    let p = progress.clone();
+    if batch {
+        handler
+            .batch(CONSUME_BATCH, CONSUME_WAIT)
+            .handler(move |msgs: Vec<Message>| {
+                let p = p.clone();
+                async move {
+                    for m in &msgs {
+                        std::hint::black_box(m.payload());
+                    }
+                    p.handled(msgs.len());
+                    HandlerResult::Ok(BatchResult::ok())
+                }
+            })
+            .await?;
+    } else {
+        handler
+            .handler(move |m: Message| {
+                let p = p.clone();
+                async move {
+                    std::hint::black_box(m.payload());
+                    p.handled(1);
+                    HandlerResult::Ok(())
+                }
+            })
+            .await?;
+    }
+    let run = {
+        let r = router.clone();
+        tokio::spawn(async move { r.run().await })
+    };
+    let done = progress.done.notified();
+    if progress.handled.load(Ordering::Acquire) < n {
+        done.await;
+    }
+    // Handled is not acked yet: wait for the group's last acks.
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    loop {
+        let summary: Value = redis::cmd("XPENDING")
+            .arg(topic)
+            .arg(group)
+            .query_async(&mut conn)
+            .await?;
+        if matches!(&summary, Value::Array(parts) if parts.first() == Some(&Value::Int(0))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let result = progress.finish();
+    router.close().await?;
+    run.await??;
+    subscriber.close().await?;
+    Ok(result)
 }
