@@ -21,7 +21,9 @@
 //!   single-message handler (default: sequential); (c) the router with
 //!   `.batch(500, 50 ms)`. The handlers only read the payloads. Timed from the first record
 //!   received to the N-th handled; CPU is the process's (every thread), per message.
-//!   `TIDEMILL_BENCH_BATCH_ONLY=1` runs only this section.
+//!   `TIDEMILL_BENCH_BATCH_ONLY=1` runs only this section; `TIDEMILL_BENCH_BATCH_VARIANTS`
+//!   (e.g. `batch` or `raw,single`) only some of its variants (to profile one), the
+//!   others then report no figures.
 //!
 //! Each round measures raw and Tidemill on fresh topics (deleted at the end of the round),
 //! alternating which goes first;
@@ -523,6 +525,9 @@ async fn batch_section(
         BatchRuns::default(),
         BatchRuns::default(),
     );
+    // For profiling one variant at a time: e.g. `TIDEMILL_BENCH_BATCH_VARIANTS=batch`.
+    let only = std::env::var("TIDEMILL_BENCH_BATCH_VARIANTS").unwrap_or_default();
+    let only: Vec<&str> = only.split(',').filter(|v| !v.is_empty()).collect();
     for round in 0..runs {
         let topic = unique("batch");
         create_topic(brokers, &topic, partitions).await;
@@ -532,6 +537,9 @@ async fn batch_section(
             order.reverse();
         }
         for variant in order {
+            if !only.is_empty() && !only.contains(&["raw", "single", "batch"][variant]) {
+                continue;
+            }
             match variant {
                 0 => raw.0.push(consume_raw_batches(brokers, &topic, n).await),
                 1 => single
