@@ -29,9 +29,23 @@
 //! read right after it, the largest over the rounds (process-wide, so it includes what the
 //! bench itself holds).
 //!
+//! - batch consume (issue 22): each round publishes N messages of 100 bytes once (Tidemill
+//!   publisher, persistent, confirmed) to a fresh exchange with three group queues bound, so
+//!   the three variants read like-filled queues, each with prefetch 1,000: (a) raw lapin in
+//!   its natural batch mode: `basic_consume` + `Consumer::next`, one `basic.ack` with
+//!   `multiple = true` per 500 deliveries (and one for the remainder); (b) the router with
+//!   a single-message handler (default: sequential); (c) the router with
+//!   `.batch(500, 50 ms)`. The handlers only read the payloads. Timed from the first
+//!   delivery received to the N-th handled (raw: its ack written); the variants' order is
+//!   reversed every other round. CPU is the process's (every thread), per message.
+//!   `TIDEMILL_BENCH_BATCH_ONLY=1` runs only this section.
+//!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 50,000), `TIDEMILL_BENCH_ROUNDS`
 //! (default 5).
 
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -42,7 +56,10 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber};
-use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
+use tidemill_core::router::BatchResult;
+use tidemill_core::{
+    DeliveryStream, HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber,
+};
 use tidemill_testkit::bench::{median, mib, process_cpu, record, PeakRss, Row};
 
 const PAYLOAD: usize = 100;
@@ -71,10 +88,16 @@ fn main() -> Result<(), BoxError> {
     };
     let n = env_usize("TIDEMILL_BENCH_MESSAGES", 50_000);
     let rounds = env_usize("TIDEMILL_BENCH_ROUNDS", 5);
+    let batch_only = std::env::var("TIDEMILL_BENCH_BATCH_ONLY").is_ok_and(|v| v == "1");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(url, n, rounds))
+    runtime.block_on(async {
+        if !batch_only {
+            run(url.clone(), n, rounds).await?;
+        }
+        batch_section(url, n, rounds).await
+    })
 }
 
 /// The three ways of publishing measured.
@@ -413,4 +436,373 @@ impl Bench {
         subscriber.close().await?;
         Ok(measure)
     }
+}
+
+/// Deliveries per raw `multiple` ack and per batch handler call.
+const CONSUME_BATCH: usize = 500;
+/// The batch handler's `max_wait`.
+const CONSUME_WAIT: Duration = Duration::from_millis(50);
+/// Prefetch of every variant of the batch section: room for the router's 2 × 500 in flight.
+const BATCH_PREFETCH: u16 = 1_000;
+/// A consumer that receives nothing for this long has stalled: the bench fails.
+const STALL: Duration = Duration::from_secs(60);
+
+/// The untimed pause between filling the batch section's queues and reading them.
+const SETTLE_PAUSE: Duration = Duration::from_secs(3);
+
+/// The batch section's variants, in the order of their group queues.
+const VARIANTS: [&str; 3] = ["raw", "single", "batch"];
+
+/// One timed consume run of the batch section.
+#[derive(Clone, Copy)]
+struct Consumed {
+    elapsed: Duration,
+    /// CPU time of the process over `elapsed`, where known.
+    cpu: Option<Duration>,
+    peak_rss: Option<u64>,
+}
+
+/// Where a timed consume run is: started at its first delivery, done at the N-th handled.
+struct Progress {
+    n: usize,
+    handled: AtomicUsize,
+    started: OnceLock<(Instant, Option<Duration>)>,
+    done: tokio::sync::Notify,
+}
+
+impl Progress {
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Progress {
+            n,
+            handled: AtomicUsize::new(0),
+            started: OnceLock::new(),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn start(&self) {
+        self.started.get_or_init(|| {
+            PeakRss::reset();
+            (Instant::now(), process_cpu())
+        });
+    }
+
+    fn handled(&self, k: usize) {
+        if self.handled.fetch_add(k, AtomicOrdering::AcqRel) + k == self.n {
+            self.done.notify_one();
+        }
+    }
+
+    fn finish(&self) -> Consumed {
+        let (t0, cpu0) = *self.started.get().expect("started");
+        let elapsed = t0.elapsed();
+        let cpu = match (cpu0, process_cpu()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        Consumed {
+            elapsed,
+            cpu,
+            peak_rss: PeakRss::read(),
+        }
+    }
+}
+
+/// An `AmqpSubscriber` that starts the clock of a [`Progress`] at the first delivery its
+/// stream hands out (as the raw side starts at its first delivery).
+struct Clocked {
+    inner: AmqpSubscriber,
+    progress: Arc<Progress>,
+}
+
+#[async_trait::async_trait]
+impl Subscriber for Clocked {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> tidemill_core::Result<DeliveryStream> {
+        let progress = self.progress.clone();
+        let stream = self.inner.subscribe(topic, options).await?;
+        Ok(DeliveryStream::new(
+            stream.inspect(move |_| progress.start()),
+        ))
+    }
+
+    async fn close(&self) -> tidemill_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// (a) raw lapin: prefetch [`BATCH_PREFETCH`], one `basic.ack` with `multiple = true` per
+/// [`CONSUME_BATCH`] deliveries.
+async fn consume_raw_batches(url: &str, topic: &str, n: usize) -> Result<Consumed, BoxError> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(BATCH_PREFETCH, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            format!("{topic}.raw").as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let progress = Progress::new(n);
+    let consume = async {
+        let mut pending = 0;
+        for received in 1..=n {
+            let delivery = tokio::time::timeout(STALL, consumer.next())
+                .await
+                .map_err(|_| format!("raw: delivery {received} of {n} not within {STALL:?}"))?
+                .ok_or("consumer ended")??;
+            progress.start();
+            black_box(&delivery.data);
+            pending += 1;
+            if pending == CONSUME_BATCH || received == n {
+                delivery.ack(BasicAckOptions { multiple: true }).await?;
+                progress.handled(pending);
+                pending = 0;
+            }
+        }
+        Ok::<(), BoxError>(())
+    };
+    consume.await?;
+    let result = progress.finish();
+    drop(consumer);
+    conn.close(200, "OK".into()).await?;
+    Ok(result)
+}
+
+/// (b) and (c): the router, with a single-message handler or with a batch handler.
+async fn consume_router(
+    config: &AmqpConfig,
+    topic: &str,
+    n: usize,
+    batch: bool,
+) -> Result<Consumed, BoxError> {
+    let progress = Progress::new(n);
+    let subscriber = AmqpSubscriber::connect(config.clone()).await?;
+    let clocked = Clocked {
+        inner: subscriber.clone(),
+        progress: progress.clone(),
+    };
+    let router = Router::new();
+    let handler = router
+        .add_handler("bench")
+        .subscribe(clocked, topic)
+        .group(if batch { "batch" } else { "single" });
+    let p = progress.clone();
+    if batch {
+        handler
+            .batch(CONSUME_BATCH, CONSUME_WAIT)
+            .handler(move |msgs: Vec<Message>| {
+                let p = p.clone();
+                async move {
+                    for m in &msgs {
+                        black_box(m.payload());
+                    }
+                    p.handled(msgs.len());
+                    HandlerResult::Ok(BatchResult::ok())
+                }
+            })
+            .await?;
+    } else {
+        handler
+            .handler(move |m: Message| {
+                let p = p.clone();
+                async move {
+                    black_box(m.payload());
+                    p.handled(1);
+                    HandlerResult::Ok(())
+                }
+            })
+            .await?;
+    }
+    let run = {
+        let r = router.clone();
+        tokio::spawn(async move { r.run().await })
+    };
+    let done = progress.done.notified();
+    if progress.handled.load(AtomicOrdering::Acquire) < n {
+        tokio::time::timeout(STALL * 10, done)
+            .await
+            .map_err(|_| format!("router: {n} messages not handled within {:?}", STALL * 10))?;
+    }
+    let result = progress.finish();
+    router.close().await?;
+    run.await??;
+    subscriber.close().await?;
+    Ok(result)
+}
+
+/// The batch section's runs of one variant.
+#[derive(Default)]
+struct BatchRuns(Vec<Consumed>);
+
+impl BatchRuns {
+    fn rate(&self, n: usize) -> f64 {
+        let rates: Vec<f64> = self
+            .0
+            .iter()
+            .map(|c| n as f64 / c.elapsed.as_secs_f64())
+            .collect();
+        median(&rates)
+    }
+
+    fn cpu_us(&self, n: usize) -> f64 {
+        let us: Vec<f64> = self
+            .0
+            .iter()
+            .filter_map(|c| c.cpu)
+            .map(|c| c.as_secs_f64() * 1e6 / n as f64)
+            .collect();
+        median(&us)
+    }
+
+    fn peak_rss(&self) -> Option<u64> {
+        self.0.iter().filter_map(|c| c.peak_rss).max()
+    }
+
+    /// The median of the per-round ratios of this variant's rate to `other`'s.
+    fn ratio_to(&self, other: &BatchRuns) -> (f64, Vec<f64>) {
+        let ratios: Vec<f64> = self
+            .0
+            .iter()
+            .zip(&other.0)
+            .map(|(a, b)| b.elapsed.as_secs_f64() / a.elapsed.as_secs_f64())
+            .collect();
+        (median(&ratios), ratios)
+    }
+}
+
+/// The batch section: `rounds` rounds, each publishing `n` messages once into three group
+/// queues of a fresh exchange, then the three variants in turn (the order reversed every
+/// other round).
+async fn batch_section(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
+    let config = AmqpConfig {
+        prefetch: BATCH_PREFETCH,
+        persistent: true,
+        ..AmqpConfig::new(url.clone())
+    };
+    println!();
+    println!(
+        "RabbitMQ batch consume: {n} messages of {PAYLOAD} bytes (persistent), prefetch \
+         {BATCH_PREFETCH}, {CONSUME_BATCH} per batch, max_wait {CONSUME_WAIT:?}; {rounds} rounds, median"
+    );
+    let publisher = AmqpPublisher::connect(config.clone()).await?;
+    let setup = AmqpSubscriber::connect(config.clone()).await?;
+    let payload = bytes::Bytes::from((0..PAYLOAD).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let (mut raw, mut single, mut batch) = (
+        BatchRuns::default(),
+        BatchRuns::default(),
+        BatchRuns::default(),
+    );
+    for round in 0..rounds {
+        let topic = format!(
+            "bench-batch-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        for group in VARIANTS {
+            setup
+                .initialize(&topic, &SubscribeOptions::group(group))
+                .await?;
+        }
+        let mut sent = 0;
+        while sent < n {
+            let count = BATCH.min(n - sent);
+            let msgs = (0..count).map(|_| Message::new(payload.clone())).collect();
+            publisher.publish(&topic, msgs).await?;
+            sent += count;
+        }
+        // Untimed: the broker finishes writing what it just accepted (the first reader of
+        // a just-filled queue ran 2-4x slower than the next one without this pause).
+        tokio::time::sleep(SETTLE_PAUSE).await;
+        let mut order = [0, 1, 2];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for variant in order {
+            match variant {
+                0 => raw.0.push(consume_raw_batches(&url, &topic, n).await?),
+                1 => single
+                    .0
+                    .push(consume_router(&config, &topic, n, false).await?),
+                _ => batch
+                    .0
+                    .push(consume_router(&config, &topic, n, true).await?),
+            }
+        }
+        println!(
+            "  round {}: raw batch {:>6.0}, router single {:>6.0}, router batch {:>6.0} msg/s",
+            round + 1,
+            n as f64 / raw.0[round].elapsed.as_secs_f64(),
+            n as f64 / single.0[round].elapsed.as_secs_f64(),
+            n as f64 / batch.0[round].elapsed.as_secs_f64(),
+        );
+        let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        for group in VARIANTS {
+            channel
+                .queue_delete(
+                    format!("{topic}.{group}").as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await?;
+        }
+        channel
+            .exchange_delete(topic.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+        conn.close(200, "OK".into()).await?;
+    }
+    publisher.close().await?;
+    setup.close().await?;
+    let (vs_raw, vs_raw_rounds) = batch.ratio_to(&raw);
+    let (vs_single, vs_single_rounds) = batch.ratio_to(&single);
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!();
+    println!("| variant | msg/s | CPU µs/msg | peak RSS MiB |");
+    println!("|---|---|---|---|");
+    let rows = [
+        ("raw lapin (prefetch 1000, multiple ack per 500)", &raw),
+        ("router, single-message handler", &single),
+        ("router, .batch(500, 50ms)", &batch),
+    ];
+    for (name, runs) in rows {
+        println!(
+            "| {name} | {:.0} | {:.1} | {} |",
+            runs.rate(n),
+            runs.cpu_us(n),
+            mib(runs.peak_rss())
+        );
+    }
+    println!(
+        "batch / raw batch {vs_raw:.2} (per round: {}); batch / single-message {vs_single:.2} (per round: {})",
+        fmt(&vs_raw_rounds),
+        fmt(&vs_single_rounds)
+    );
+    let group = format!("rabbitmq batch consume ({n} × {PAYLOAD} B, prefetch {BATCH_PREFETCH})");
+    for (i, (name, runs)) in rows.into_iter().enumerate() {
+        let cpu = format!("CPU {:.1} µs/msg", runs.cpu_us(n));
+        let note = match i {
+            2 => format!(
+                "{cpu}; median of {} rounds; per-round ratio to raw batch {vs_raw:.2}, to single-message {vs_single:.2}",
+                runs.0.len()
+            ),
+            _ => cpu,
+        };
+        record(
+            &Row::new(group.clone(), name, runs.rate(n))
+                .with_peak_rss(runs.peak_rss())
+                .with_note(note),
+        );
+    }
+    Ok(())
 }

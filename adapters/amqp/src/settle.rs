@@ -36,8 +36,9 @@ pub(crate) type Outcome = std::result::Result<(), lapin::Error>;
 enum Slot<W> {
     /// Handed out and not settled (or being nacked): breaks a run.
     Held,
-    /// Acked by the application; waits for a flush.
-    Acked(W),
+    /// Acked by the application; waits for a flush. `true` once a flush passed it over
+    /// (see [`AckBook::take`]).
+    Acked(W, bool),
     /// Settled out of order (acked singly, or nacked): to be dropped from the front.
     Done,
 }
@@ -109,7 +110,7 @@ impl<W> AckBook<W> {
         if !matches!(slot, Slot::Held) {
             return Err(waiter);
         }
-        *slot = Slot::Acked(waiter);
+        *slot = Slot::Acked(waiter, false);
         self.acked += 1;
         let start = !self.flushing;
         self.flushing = true;
@@ -143,24 +144,33 @@ impl<W> AckBook<W> {
             return None;
         }
         let mut run = Vec::new();
-        while matches!(self.slots.front(), Some(Slot::Acked(_))) {
-            if let Some(Slot::Acked(w)) = self.slots.pop_front() {
+        while matches!(self.slots.front(), Some(Slot::Acked(..))) {
+            if let Some(Slot::Acked(w, _)) = self.slots.pop_front() {
                 run.push(w);
             }
             self.base += 1;
         }
         self.acked -= run.len();
         let run = (!run.is_empty()).then(|| (self.base - 1, run));
+        // Acks above a held tag: when this round writes a run, each waits for one more
+        // round, in which the held tags below it may have been acked too (acks of a batch
+        // arrive over a few rounds, not in tag order), so that it joins a run; otherwise
+        // (or after waiting once) it is acked singly.
         let mut singles = Vec::new();
         if self.acked > 0 {
+            let defer = run.is_some();
             for (i, slot) in self.slots.iter_mut().enumerate() {
-                if matches!(slot, Slot::Acked(_)) {
-                    if let Slot::Acked(w) = std::mem::replace(slot, Slot::Done) {
-                        singles.push((self.base + i as u64, w));
+                match slot {
+                    Slot::Acked(_, waited) if defer && !*waited => *waited = true,
+                    Slot::Acked(..) => {
+                        if let Slot::Acked(w, _) = std::mem::replace(slot, Slot::Done) {
+                            singles.push((self.base + i as u64, w));
+                        }
                     }
+                    _ => {}
                 }
             }
-            self.acked = 0;
+            self.acked -= singles.len();
         }
         self.trim();
         Some(Plan { run, singles })
@@ -309,7 +319,13 @@ mod tests {
             b.ack(t, t).unwrap();
         }
         let plan = b.take().unwrap();
-        assert_eq!(waiters(&plan), (Some((2, vec![1, 2])), vec![4, 5]));
+        assert_eq!(
+            waiters(&plan),
+            (Some((2, vec![1, 2])), vec![]),
+            "4, 5 wait a round"
+        );
+        let plan = b.take().unwrap();
+        assert_eq!(waiters(&plan), (None, vec![4, 5]), "3 still held");
         assert!(b.take().is_none());
         // 3 is nacked (its frame written): 6 alone is at the low end now.
         b.settled(3);
@@ -327,7 +343,9 @@ mod tests {
             b.ack(t, t).unwrap();
         }
         let plan = b.take().unwrap();
-        assert_eq!(waiters(&plan), (Some((1, vec![1])), vec![3, 4]));
+        assert_eq!(waiters(&plan), (Some((1, vec![1])), vec![]));
+        let plan = b.take().unwrap();
+        assert_eq!(waiters(&plan), (None, vec![3, 4]));
         b.settled(2);
         assert!(b.take().is_none());
         assert!(b.slots.is_empty());
@@ -341,7 +359,40 @@ mod tests {
         b.ack(1, 1).unwrap();
         b.ack(4, 4).unwrap();
         let plan = b.take().unwrap();
-        assert_eq!(waiters(&plan), (Some((1, vec![1])), vec![4]));
+        assert_eq!(waiters(&plan), (Some((1, vec![1])), vec![]));
+        let plan = b.take().unwrap();
+        assert_eq!(waiters(&plan), (None, vec![4]));
+    }
+
+    #[test]
+    fn an_ack_above_a_gap_joins_the_run_when_the_gap_is_acked_within_a_round() {
+        let mut b = book(1..=5);
+        for t in [1, 4, 5] {
+            b.ack(t, t).unwrap();
+        }
+        let plan = b.take().unwrap();
+        assert_eq!(waiters(&plan), (Some((1, vec![1])), vec![]));
+        b.ack(2, 2).unwrap();
+        b.ack(3, 3).unwrap();
+        let plan = b.take().unwrap();
+        assert_eq!(waiters(&plan), (Some((5, vec![2, 3, 4, 5])), vec![]));
+        assert!(b.take().is_none());
+    }
+
+    #[test]
+    fn an_ack_waits_at_most_one_round() {
+        let mut b = book(1..=6);
+        for t in [1, 3, 6] {
+            b.ack(t, t).unwrap();
+        }
+        assert_eq!(waiters(&b.take().unwrap()), (Some((1, vec![1])), vec![]));
+        // 2 acked: a run again; 6 waited once already and goes now, 4-5 still held.
+        b.ack(2, 2).unwrap();
+        assert_eq!(
+            waiters(&b.take().unwrap()),
+            (Some((3, vec![2, 3])), vec![6])
+        );
+        assert!(b.take().is_none());
     }
 
     #[test]
