@@ -60,7 +60,8 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// `subscribe` returns once the queue is declared, bound and consumed, so every message
 /// published afterwards is delivered. Each subscription has its own channel with the
 /// configured prefetch; deliveries are acknowledged (`basic.ack`) only when the
-/// application acks them, and nacked with requeue (`basic.nack`) otherwise;
+/// application acks them (acks that arrive together coalesced into `multiple` acks over
+/// contiguous runs of acked delivery tags), and nacked with requeue (`basic.nack`) otherwise;
 /// `nack_with_delay` parks the message in a delay queue (see the crate docs).
 ///
 /// Every delivered message carries an [`AmqpEnvelope`] (exchange, routing key, typed
