@@ -21,6 +21,8 @@
 //!   single-message handler (default: sequential); (c) the router with
 //!   `.batch(500, 50 ms)`. The handlers only read the payloads. Timed from the first record
 //!   received to the N-th handled; CPU is the process's (every thread), per message.
+//!   `TIDEMILL_BENCH_CALL_US` makes each handler call (per message, or per batch) wait
+//!   that long, like a database round trip (default 0).
 //!   `TIDEMILL_BENCH_BATCH_ONLY=1` runs only this section; `TIDEMILL_BENCH_BATCH_VARIANTS`
 //!   (e.g. `batch` or `raw,single`) only some of its variants (to profile one), the
 //!   others then report no figures.
@@ -297,6 +299,17 @@ const CONSUME_BATCH: usize = 500;
 /// The batch handler's `max_wait`.
 const CONSUME_WAIT: Duration = Duration::from_millis(50);
 
+/// What one handler call (a message, or a batch) waits for, like a database round trip:
+/// `TIDEMILL_BENCH_CALL_US` microseconds (default 0: nothing; tokio's timer rounds up
+/// to whole milliseconds).
+async fn call() {
+    static CALL: OnceLock<Duration> = OnceLock::new();
+    let wait = *CALL.get_or_init(|| Duration::from_micros(env_or("TIDEMILL_BENCH_CALL_US", 0)));
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// One timed consume run of the batch section.
 #[derive(Clone, Copy)]
 struct Consumed {
@@ -402,6 +415,7 @@ async fn consume_raw_batches(brokers: &str, topic: &str, n: usize) -> Consumed {
             for m in &batch {
                 black_box(m.payload());
             }
+            call().await;
             let last = batch.last().expect("a record");
             consumer
                 .commit_message(last, CommitMode::Async)
@@ -438,6 +452,7 @@ async fn consume_router(config: &KafkaConfig, topic: &str, n: usize, batch: bool
                     for m in &msgs {
                         black_box(m.payload());
                     }
+                    call().await;
                     p.handled(msgs.len());
                     HandlerResult::Ok(BatchResult::ok())
                 }
@@ -450,6 +465,7 @@ async fn consume_router(config: &KafkaConfig, topic: &str, n: usize, batch: bool
                 let p = p.clone();
                 async move {
                     black_box(m.payload());
+                    call().await;
                     p.handled(1);
                     HandlerResult::Ok(())
                 }
@@ -558,7 +574,10 @@ async fn batch_section(
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!("batch consume ({CONSUME_BATCH} per batch, max_wait {CONSUME_WAIT:?}):");
+    let call_us: u64 = env_or("TIDEMILL_BENCH_CALL_US", 0);
+    println!(
+        "batch consume ({CONSUME_BATCH} per batch, max_wait {CONSUME_WAIT:?}, {call_us} µs per handler call):"
+    );
     println!(
         "         {:<44} {:>10} {:>12} {:>14}",
         "variant", "msg/s", "CPU µs/msg", "peak RSS MiB"
@@ -581,9 +600,12 @@ async fn batch_section(
         fmt(&vs_raw_rounds),
         fmt(&vs_single_rounds)
     );
-    let group = "kafka batch consume";
+    let group = match call_us {
+        0 => "kafka batch consume".to_owned(),
+        us => format!("kafka batch consume, {us} µs per handler call"),
+    };
     for (i, (name, runs)) in rows.into_iter().enumerate() {
-        let mut row = Row::new(group, name, runs.rate(n)).with_peak_rss(runs.peak_rss());
+        let mut row = Row::new(group.as_str(), name, runs.rate(n)).with_peak_rss(runs.peak_rss());
         let cpu = format!("CPU {:.2} µs/msg", runs.cpu_us(n));
         row = row.with_note(match i {
             2 => format!(
