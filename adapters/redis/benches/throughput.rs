@@ -33,7 +33,9 @@
 //! 1 ms). Variants rotate which goes first each round; the same figures are printed.
 //!
 //! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 50,000), `TIDEMILL_BENCH_ROUNDS`
-//! (default 5), `TIDEMILL_BENCH_SECTION` (`batch` runs only the batch section).
+//! (default 5), `TIDEMILL_BENCH_SECTION` (`batch` runs only the batch section),
+//! `TIDEMILL_BENCH_PREFETCH` (the router subscriber's prefetch in the batch section, default
+//! 1,000).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -470,12 +472,13 @@ async fn batch_section(
     n: usize,
     rounds: usize,
 ) -> Result<(), BoxError> {
+    let mut config = RedisConfig::new(url);
+    config.prefetch = env_usize("TIDEMILL_BENCH_PREFETCH", BATCH_PREFETCH);
     println!();
     println!(
-        "batch section: {n} pre-published entries of {PAYLOAD} bytes per variant, {rounds} rounds"
+        "batch section: {n} pre-published entries of {PAYLOAD} bytes per variant, {rounds} rounds, router prefetch {}",
+        config.prefetch
     );
-    let mut config = RedisConfig::new(url);
-    config.prefetch = BATCH_PREFETCH;
     config.start_from = StartFrom::Beginning;
     let publisher = RedisPublisher::connect(config.clone()).await?;
     let mut runs: Vec<[Run; 3]> = Vec::new();

@@ -1167,8 +1167,10 @@ const MAX_ACK_IDS: usize = 1000;
 /// acks arriving meanwhile wait and go together in the next one (a batch handler settles
 /// hundreds at once), so a burst of acks costs a few round trips, not one each.
 ///
-/// - The ack that finds no `XACK` out sends its own at once, inline (a sequential handler's
-///   ack costs what it did before: one `XACK`, no task).
+/// - The ack that finds no `XACK` out sends it, inline, after letting the tasks ready to
+///   run go first (so the acks of a batch, settled together, join it): its own id and those
+///   that queued meanwhile. A sequential handler's ack costs what it did before: one
+///   `XACK`, no task.
 /// - When that `XACK` is answered, or its future is dropped, the acks that queued meanwhile
 ///   are handed to a task that sends them (up to [`MAX_ACK_IDS`] per `XACK`) until none is
 ///   left; whoever holds the turn is a [`Sending`], whose drop passes it on.
@@ -1221,7 +1223,27 @@ impl Acks {
                     shared: shared.clone(),
                     done: false,
                 };
-                let result = shared.xack(std::slice::from_ref(&id)).await;
+                // Let the tasks ready to run go first: acks settled together (a batch's)
+                // then join this one.
+                tokio::task::yield_now().await;
+                let joined: Vec<_> = {
+                    let mut state = shared.acks.lock();
+                    let n = state.waiting.len().min(MAX_ACK_IDS - 1);
+                    state.waiting.drain(..n).collect()
+                };
+                let mut ids = Vec::with_capacity(joined.len() + 1);
+                ids.push(id);
+                let replies: Vec<AckReply> = joined
+                    .into_iter()
+                    .map(|(id, reply)| {
+                        ids.push(id);
+                        reply
+                    })
+                    .collect();
+                let result = shared.xack(&ids).await;
+                for reply in replies {
+                    let _ = reply.send(result.clone());
+                }
                 drop(turn);
                 Ok(result)
             }
