@@ -54,6 +54,10 @@
 //! median msg/s, the median CPU time of the whole process per message
 //! (`/proc/self/task/*/schedstat`), the largest peak RSS, and the medians of the per-round
 //! ratios batch / raw batch and batch / single.
+//!
+//! `TIDEMILL_BENCH_CALL_US` (default 0) makes each handler call wait that long, like a
+//! database round trip: once per message for `tidemill single`, once per batch for
+//! `tidemill batch` and once per chunk for `raw batch` (before its acks).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -529,6 +533,23 @@ impl Counter {
     }
 }
 
+/// What one handler call (a message, or a batch) waits for, like a database round trip:
+/// `TIDEMILL_BENCH_CALL_US` microseconds (default 0: nothing).
+async fn call() {
+    static CALL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    let wait = *CALL.get_or_init(|| {
+        Duration::from_micros(
+            std::env::var("TIDEMILL_BENCH_CALL_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    });
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+}
+
 const VARIANTS: [&str; 3] = [
     "raw google-cloud-pubsub, chunks of up to 500 (ready_chunks)",
     "tidemill router, single-message handler",
@@ -596,7 +617,9 @@ async fn run_batch(host: String, n: usize, rounds: usize) -> Result<(), BoxError
         "batch / raw batch {vs_raw:.2}x, batch / single {vs_single:.2}x (medians of the per-round ratios; \
          msg/s and CPU: medians of {rounds} rounds; peak RSS: the largest)"
     );
-    let group = format!("pubsub emulator batch consume ({n} × {PAYLOAD} B)");
+    let call_us = std::env::var("TIDEMILL_BENCH_CALL_US").unwrap_or_else(|_| "0".into());
+    let group =
+        format!("pubsub emulator batch consume ({n} × {PAYLOAD} B, {call_us} µs per handler call)");
     for (v, name) in VARIANTS.iter().enumerate() {
         let mut note = cpu_of(v).map_or(String::new(), |c| format!("{c:.1} µs CPU/msg; "));
         note.push_str(&format!("median of {rounds} rounds"));
@@ -690,6 +713,7 @@ impl BatchBench {
                 let (_m, h) = item?;
                 handlers.push(h);
             }
+            call().await;
             received += handlers.len();
             for h in handlers {
                 h.ack();
@@ -713,15 +737,22 @@ impl BatchBench {
             handler
                 .batch(BATCH_MAX, BATCH_WAIT)
                 .handler(move |messages: Vec<Message>| {
-                    c.add(messages.len());
-                    async {}
+                    let (c, k) = (c.clone(), messages.len());
+                    async move {
+                        call().await;
+                        c.add(k);
+                    }
                 })
                 .await?;
         } else {
             handler
                 .handler(move |_m: Message| {
-                    c.add(1);
-                    async { HandlerResult::Ok(()) }
+                    let c = c.clone();
+                    async move {
+                        call().await;
+                        c.add(1);
+                        HandlerResult::Ok(())
+                    }
                 })
                 .await?;
         }
