@@ -770,10 +770,12 @@ async fn batch_section(url: String, n: usize, rounds: usize) -> Result<(), BoxEr
     println!();
     println!("| variant | msg/s | CPU µs/msg | peak RSS MiB |");
     println!("|---|---|---|---|");
+    let raw_name = format!("raw lapin (multiple ack per {CONSUME_BATCH})");
+    let batch_name = format!("router, .batch({CONSUME_BATCH}, {CONSUME_WAIT:?})");
     let rows = [
-        ("raw lapin (prefetch 1000, multiple ack per 500)", &raw),
+        (raw_name.as_str(), &raw),
         ("router, single-message handler", &single),
-        ("router, .batch(500, 50ms)", &batch),
+        (batch_name.as_str(), &batch),
     ];
     for (name, runs) in rows {
         println!(
