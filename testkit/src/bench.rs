@@ -81,6 +81,104 @@ impl Row {
     }
 }
 
+/// One consume run's figures: msg/s, CPU of the whole process per message, peak RSS.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Consumed {
+    /// Messages per second.
+    pub rate: f64,
+    /// CPU time of the whole process per message (µs), where known.
+    pub cpu_us: Option<f64>,
+    /// Peak RSS during the run, in bytes, where known.
+    pub rss: Option<u64>,
+}
+
+/// Times one run: wall clock, process CPU ([`process_cpu`]) and peak RSS ([`PeakRss`],
+/// reset when the clock starts).
+#[derive(Debug)]
+pub struct Clock {
+    started: std::time::Instant,
+    cpu: Option<std::time::Duration>,
+}
+
+impl Clock {
+    /// Starts timing.
+    pub fn start() -> Clock {
+        PeakRss::reset();
+        Clock {
+            cpu: process_cpu(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// The figures of a run of `n` messages that ends now.
+    pub fn stop(self, n: usize) -> Consumed {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let cpu = process_cpu()
+            .zip(self.cpu)
+            .map(|(after, before)| after.saturating_sub(before).as_secs_f64() * 1e6 / n as f64);
+        Consumed {
+            rate: if elapsed > 0.0 {
+                n as f64 / elapsed
+            } else {
+                0.0
+            },
+            cpu_us: cpu,
+            rss: PeakRss::read(),
+        }
+    }
+}
+
+/// Counts the messages handlers received; wakes whoever waits on [`done`](Self::done) once
+/// the target is reached. Cheap to clone (clones share the count).
+#[derive(Clone, Debug)]
+pub struct HandledCounter {
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    target: usize,
+    /// Notified once the count reaches the target.
+    pub done: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl HandledCounter {
+    /// A counter that fires at `target` messages.
+    pub fn new(target: usize) -> HandledCounter {
+        HandledCounter {
+            seen: std::sync::Arc::default(),
+            target,
+            done: std::sync::Arc::default(),
+        }
+    }
+
+    /// How many were counted so far.
+    pub fn seen(&self) -> usize {
+        self.seen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Counts `k` more messages.
+    pub fn add(&self, k: usize) {
+        use std::sync::atomic::Ordering;
+        if self.seen.fetch_add(k, Ordering::AcqRel) + k >= self.target {
+            self.done.notify_one();
+        }
+    }
+}
+
+/// What one handler call (a message, or a batch) of a bench waits for, like a database
+/// round trip: `TIDEMILL_BENCH_CALL_US` microseconds (default 0: nothing).
+pub async fn handler_call() {
+    static CALL: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    let wait = *CALL.get_or_init(|| {
+        std::time::Duration::from_micros(
+            std::env::var("TIDEMILL_BENCH_CALL_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    });
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// CPU time used so far by every thread of this process, from
 /// `/proc/self/task/*/schedstat` (Linux; `None` where unavailable). Less sensitive than
 /// wall-clock time to other processes on a shared machine, and it counts what a scenario

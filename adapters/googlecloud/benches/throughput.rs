@@ -59,8 +59,6 @@
 //! database round trip: once per message for `tidemill single`, once per batch for
 //! `tidemill batch` and once per chunk for `raw batch` (before its acks).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -72,7 +70,9 @@ use google_cloud_pubsub::model::Message as RawMessage;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use tidemill_core::{HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber};
 use tidemill_googlecloud::{GoogleCloudConfig, GoogleCloudPublisher, GoogleCloudSubscriber};
-use tidemill_testkit::bench::{median, mib, process_cpu, record, PeakRss, Row};
+use tidemill_testkit::bench::{
+    handler_call, median, mib, record, Clock, Consumed, HandledCounter, PeakRss, Row,
+};
 
 const PROJECT: &str = "tidemill-bench";
 const PAYLOAD: usize = 100;
@@ -472,84 +472,6 @@ const BATCH_WAIT: Duration = Duration::from_millis(50);
 /// Flow control of every variant of the batch section: unsettled messages per stream.
 const OUTSTANDING: u64 = 1_000;
 
-/// One variant's figures in one round of the batch section.
-#[derive(Default, Clone, Copy)]
-struct Consumed {
-    rate: f64,
-    /// CPU time of the whole process per message (µs), where known.
-    cpu_us: Option<f64>,
-    rss: Option<u64>,
-}
-
-/// Times one consume: wall clock, process CPU, peak RSS.
-struct Clock {
-    started: Instant,
-    cpu: Option<Duration>,
-}
-
-impl Clock {
-    fn start() -> Clock {
-        PeakRss::reset();
-        Clock {
-            cpu: process_cpu(),
-            started: Instant::now(),
-        }
-    }
-
-    fn stop(self, n: usize) -> Consumed {
-        let elapsed = self.started.elapsed();
-        let cpu = process_cpu()
-            .zip(self.cpu)
-            .map(|(after, before)| (after - before).as_secs_f64() * 1e6 / n as f64);
-        Consumed {
-            rate: rate(n, elapsed),
-            cpu_us: cpu,
-            rss: PeakRss::read(),
-        }
-    }
-}
-
-/// Counts the messages a router handler received; wakes the bench at the N-th.
-#[derive(Clone)]
-struct Counter {
-    seen: Arc<AtomicUsize>,
-    target: usize,
-    done: Arc<tokio::sync::Notify>,
-}
-
-impl Counter {
-    fn new(target: usize) -> Counter {
-        Counter {
-            seen: Arc::default(),
-            target,
-            done: Arc::default(),
-        }
-    }
-
-    fn add(&self, k: usize) {
-        if self.seen.fetch_add(k, Ordering::AcqRel) + k >= self.target {
-            self.done.notify_one();
-        }
-    }
-}
-
-/// What one handler call (a message, or a batch) waits for, like a database round trip:
-/// `TIDEMILL_BENCH_CALL_US` microseconds (default 0: nothing).
-async fn call() {
-    static CALL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    let wait = *CALL.get_or_init(|| {
-        Duration::from_micros(
-            std::env::var("TIDEMILL_BENCH_CALL_US")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        )
-    });
-    if !wait.is_zero() {
-        tokio::time::sleep(wait).await;
-    }
-}
-
 const VARIANTS: [&str; 3] = [
     "raw google-cloud-pubsub, chunks of up to 500 (ready_chunks)",
     "tidemill router, single-message handler",
@@ -713,7 +635,7 @@ impl BatchBench {
                 let (_m, h) = item?;
                 handlers.push(h);
             }
-            call().await;
+            handler_call().await;
             received += handlers.len();
             for h in handlers {
                 h.ack();
@@ -727,7 +649,7 @@ impl BatchBench {
     async fn router(&self, topic: &str, n: usize, batch: bool) -> Result<Consumed, BoxError> {
         let subscriber = GoogleCloudSubscriber::connect(self.config.clone()).await?;
         let router = Router::new();
-        let counter = Counter::new(n);
+        let counter = HandledCounter::new(n);
         let handler = router
             .add_handler("bench")
             .subscribe(subscriber, topic)
@@ -739,7 +661,7 @@ impl BatchBench {
                 .handler(move |messages: Vec<Message>| {
                     let (c, k) = (c.clone(), messages.len());
                     async move {
-                        call().await;
+                        handler_call().await;
                         c.add(k);
                     }
                 })
@@ -749,7 +671,7 @@ impl BatchBench {
                 .handler(move |_m: Message| {
                     let c = c.clone();
                     async move {
-                        call().await;
+                        handler_call().await;
                         c.add(1);
                         HandlerResult::Ok(())
                     }
@@ -764,7 +686,7 @@ impl BatchBench {
             .map_err(|_| {
                 format!(
                     "tidemill (batch: {batch}): stalled after {} of {n}",
-                    counter.seen.load(Ordering::Acquire)
+                    counter.seen()
                 )
             })?;
         let figures = clock.stop(n);

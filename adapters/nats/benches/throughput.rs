@@ -59,8 +59,6 @@
 //! database round trip: once per message for `tidemill single`, once per batch for
 //! `tidemill batch` and once per chunk for `raw batch` (before its acks).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
@@ -73,7 +71,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tidemill_core::{HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber};
 use tidemill_nats::{NatsConfig, NatsMode, NatsPublisher, NatsSubscriber};
-use tidemill_testkit::bench::{median, mib, process_cpu, record, PeakRss, Row};
+use tidemill_testkit::bench::{
+    handler_call, median, mib, record, Clock, Consumed, HandledCounter, PeakRss, Row,
+};
 
 const PAYLOAD: usize = 100;
 const BATCH: usize = 1_000;
@@ -591,84 +591,6 @@ const BATCH_WAIT: Duration = Duration::from_millis(50);
 /// `max_ack_pending` of the batch section's consumers.
 const MAX_ACK_PENDING: i64 = 1_000;
 
-/// One variant's figures in one round of the batch section.
-#[derive(Default, Clone, Copy)]
-struct Consumed {
-    rate: f64,
-    /// CPU time of the whole process per message (µs), where known.
-    cpu_us: Option<f64>,
-    rss: Option<u64>,
-}
-
-/// Times one consume: wall clock, process CPU, peak RSS.
-struct Clock {
-    started: Instant,
-    cpu: Option<Duration>,
-}
-
-impl Clock {
-    fn start() -> Clock {
-        PeakRss::reset();
-        Clock {
-            cpu: process_cpu(),
-            started: Instant::now(),
-        }
-    }
-
-    fn stop(self, n: usize) -> Consumed {
-        let elapsed = self.started.elapsed();
-        let cpu = process_cpu()
-            .zip(self.cpu)
-            .map(|(after, before)| (after - before).as_secs_f64() * 1e6 / n as f64);
-        Consumed {
-            rate: rate(n, elapsed),
-            cpu_us: cpu,
-            rss: PeakRss::read(),
-        }
-    }
-}
-
-/// Counts the messages a router handler received; wakes the bench at the N-th.
-#[derive(Clone)]
-struct Counter {
-    seen: Arc<AtomicUsize>,
-    target: usize,
-    done: Arc<tokio::sync::Notify>,
-}
-
-impl Counter {
-    fn new(target: usize) -> Counter {
-        Counter {
-            seen: Arc::default(),
-            target,
-            done: Arc::default(),
-        }
-    }
-
-    fn add(&self, k: usize) {
-        if self.seen.fetch_add(k, Ordering::AcqRel) + k >= self.target {
-            self.done.notify_one();
-        }
-    }
-}
-
-/// What one handler call (a message, or a batch) waits for, like a database round trip:
-/// `TIDEMILL_BENCH_CALL_US` microseconds (default 0: nothing).
-async fn call() {
-    static CALL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    let wait = *CALL.get_or_init(|| {
-        Duration::from_micros(
-            std::env::var("TIDEMILL_BENCH_CALL_US")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        )
-    });
-    if !wait.is_zero() {
-        tokio::time::sleep(wait).await;
-    }
-}
-
 const VARIANTS: [&str; 3] = [
     "raw async-nats, batch() of 500, ack each",
     "tidemill router, single-message handler",
@@ -817,7 +739,7 @@ impl BatchBench {
             if messages.is_empty() {
                 return Err(format!("raw batch: empty batch after {received} of {n}").into());
             }
-            call().await;
+            handler_call().await;
             received += messages.len();
             for m in &messages {
                 m.ack().await?;
@@ -829,7 +751,7 @@ impl BatchBench {
     async fn router(&self, topic: &str, n: usize, batch: bool) -> Result<Consumed, BoxError> {
         let subscriber = NatsSubscriber::connect(self.config.clone()).await?;
         let router = Router::new();
-        let counter = Counter::new(n);
+        let counter = HandledCounter::new(n);
         let handler = router
             .add_handler("bench")
             .subscribe(subscriber, topic)
@@ -841,7 +763,7 @@ impl BatchBench {
                 .handler(move |messages: Vec<Message>| {
                     let (c, k) = (c.clone(), messages.len());
                     async move {
-                        call().await;
+                        handler_call().await;
                         c.add(k);
                     }
                 })
@@ -851,7 +773,7 @@ impl BatchBench {
                 .handler(move |_m: Message| {
                     let c = c.clone();
                     async move {
-                        call().await;
+                        handler_call().await;
                         c.add(1);
                         HandlerResult::Ok(())
                     }
@@ -866,7 +788,7 @@ impl BatchBench {
             .map_err(|_| {
                 format!(
                     "tidemill (batch: {batch}): stalled after {} of {n}",
-                    counter.seen.load(Ordering::Acquire)
+                    counter.seen()
                 )
             })?;
         let figures = clock.stop(n);
