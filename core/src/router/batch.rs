@@ -23,23 +23,24 @@ use super::handler::IntoMessages;
 use super::run::panic_message;
 use crate::{BoxError, Message, Publisher};
 
-/// How a batch handler gathers its batches. Built by
-/// [`HandlerBuilder::batch`](super::HandlerBuilder::batch).
+/// How a batch handler gathers its batches (set by
+/// [`HandlerBuilder::batch`](super::HandlerBuilder::batch) and
+/// [`BatchHandler::max_bytes`](super::BatchHandler::max_bytes)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BatchConfig {
+pub(crate) struct BatchConfig {
     /// The most messages in one batch (at least 1).
-    pub max_messages: usize,
+    pub(crate) max_messages: usize,
     /// How long a batch waits, from its first message, for more before it is handled
     /// partly full. Zero: it takes what has arrived and goes.
-    pub max_wait: Duration,
+    pub(crate) max_wait: Duration,
     /// The most payload bytes in one batch (a message that would cross it starts the
     /// next batch; a single larger message makes a batch of its own). `None`: no limit.
-    pub max_bytes: Option<usize>,
+    pub(crate) max_bytes: Option<usize>,
 }
 
 impl BatchConfig {
     /// Up to `max_messages` per batch, waiting at most `max_wait` for a batch to fill.
-    pub fn new(max_messages: usize, max_wait: Duration) -> Self {
+    pub(crate) fn new(max_messages: usize, max_wait: Duration) -> Self {
         BatchConfig {
             max_messages,
             max_wait,
@@ -181,16 +182,9 @@ pub(crate) struct BatchOutput {
 /// batch and resolves with that message's outcome once the batch was handled. Clones
 /// share the batches. A task of its own gathers and handles the batches, one at a time;
 /// it ends, handling what it holds at once, when every clone is gone.
+#[derive(Clone)]
 pub struct BatchService {
     tx: mpsc::UnboundedSender<Queued>,
-}
-
-impl Clone for BatchService {
-    fn clone(&self) -> Self {
-        BatchService {
-            tx: self.tx.clone(),
-        }
-    }
 }
 
 impl std::fmt::Debug for BatchService {

@@ -73,7 +73,8 @@ use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 pub use crate::context::Settlement;
-pub use batch::{BatchConfig, BatchFuture, BatchResult, BatchService, IntoBatchResult};
+use batch::BatchConfig;
+pub use batch::{BatchFuture, BatchResult, BatchService, IntoBatchResult};
 pub use failure::HandlerStats;
 pub use handler::{
     handler_fn, BoxHandler, BoxHandlerFuture, Handler, HandlerFn, HandlerFuture, HandlerResult,
