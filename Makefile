@@ -7,7 +7,7 @@ CARGO ?= cargo
 ## run: the order-flow example on the in-memory broker, or on BROKER=<url> (a real broker)
 # examples/order_flow/ checks its own outcome (exit 1 if wrong). No services needed for
 # memory; `make run BROKER=kafka://127.0.0.1:9093` (or amqp://, amqps://, nats://,
-# pubsub://project?emulator=host:port, redis://, rediss://) builds it with the cargo feature
+# pubsub://project?emulator=host:port, redis://, rediss://, postgres://, postgresql://) builds it with the cargo feature
 # the URL's scheme names. The first router demo: cargo run --example demo
 run:
 	@broker='$(BROKER)'; \
@@ -18,7 +18,8 @@ run:
 	  nats://*) features=otel,nats ;; \
 	  pubsub://*|googlecloud://*|gcp://*) features=otel,googlecloud ;; \
 	  redis://*|rediss://*) features=otel,redis ;; \
-	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://, redis://, rediss://)" >&2; exit 2 ;; \
+	  postgres://*|postgresql://*) features=otel,postgres ;; \
+	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://, redis://, rediss://, postgres://, postgresql://)" >&2; exit 2 ;; \
 	esac; \
 	set -x; $(CARGO) run --quiet --example order_flow $${features:+--features $$features} -- "$${broker:-memory://}"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Test brokers for Tidemill's adapter suites: RabbitMQ, NATS (JetStream), a
-# Kafka-protocol broker (Tansu), a Google Cloud Pub/Sub emulator and Redis, all on
-# 127.0.0.1. See brokers/README.md.
+# Kafka-protocol broker (Nisshi), a Google Cloud Pub/Sub emulator, Redis and
+# PostgreSQL, all on 127.0.0.1. See brokers/README.md.
 #
 #   brokers.sh up [NAME...]       install if missing, start, wait until ready
 #   brokers.sh down [NAME...]     stop (by recorded PID); no process, no port left
@@ -16,7 +16,7 @@
 #   brokers.sh start-node CLUSTER I  start node I again (its data kept); waits
 #                                 until the whole cluster is ready
 #
-# NAME is one of: rabbitmq nats kafka pubsub redis (default: all five), or a
+# NAME is one of: rabbitmq nats kafka pubsub redis postgres (default: all six), or a
 # three-node cluster, only when named: nats-cluster rabbitmq-cluster (`down`
 # with no names stops the clusters too).
 # Exit status 3 from restart: the broker is external (not ours to restart).
@@ -83,17 +83,28 @@ cmd_up() {
     local more=()
     case $n in
       rabbitmq) rabbitmq_installed || read -r -a more <<<"$(rabbitmq_apt_packages)" || true ;;
-      pubsub | redis | *-cluster) read -r -a more <<<"$("${n}_apt_packages")" || true ;;
+      pubsub | redis | postgres | *-cluster) read -r -a more <<<"$("${n}_apt_packages")" || true ;;
     esac
     pkgs+=("${more[@]}")
   done
-  if ((${#pkgs[@]})); then apt_install "${pkgs[@]}"; fi
+  if ((${#pkgs[@]})); then
+    # A broker may prepare for its packages and tidy up after them (postgres: the
+    # package's own cluster must not start on boot).
+    for n in "${list[@]}"; do
+      if declare -F "${n}_before_install" >/dev/null; then "${n}_before_install"; fi
+    done
+    apt_install "${pkgs[@]}"
+    for n in "${list[@]}"; do
+      if declare -F "${n}_after_install" >/dev/null; then "${n}_after_install"; fi
+    done
+  fi
   for n in "${list[@]}"; do
     tidemill_external "$n" && continue
     case $n in
       nats) nats_installed || { log "nats: installing"; nats_install; } ;;
       pubsub) pubsub_installed || { log "pubsub: building the emulator"; pubsub_install; } ;;
       redis) redis_installed || die "redis-server is not installed" ;;
+      postgres) postgres_installed || die "PostgreSQL (Debian postgresql) is not installed" ;;
       rabbitmq) rabbitmq_installed || die "rabbitmq-server is not installed" ;;
       *-cluster) "${n}_installed" || { log "$n: installing"; "${n}_install"; } ;;
     esac
@@ -198,6 +209,10 @@ cmd_status() {
         nats) hp=${addr#*://}; hp=${hp#*@}; hp=${hp%%/*}; hp=${hp%%,*} ;;
         kafka) hp=${addr%%,*} ;;
         redis) hp=${addr#*://}; hp=${hp#*@}; hp=${hp%%/*} ;;
+        postgres)
+          hp=${TIDEMILL_POSTGRES_URL#*://}; hp=${hp##*@}; hp=${hp%%[/?]*}; hp=${hp%%,*}
+          [[ $hp == *:* ]] || hp="$hp:5432"
+          ;;
         *-cluster) hp=${addr%%,*}; hp=${hp#*://}; hp=${hp#*@}; hp=${hp%%/*} ;;
       esac
       if tcp_open_addr "$hp"; then

@@ -47,15 +47,22 @@ record_pid() { # PIDFILE PID MARKER
   printf '%s\n%s\n' "$2" "$3" >"$1"
 }
 
-# stop_pidfile PIDFILE [GRACE_SECONDS]: SIGTERM the recorded process, wait,
-# then SIGKILL if it is still there. Removes the PID file.
+# stop_pidfile PIDFILE [GRACE_SECONDS] [SIGNAL] [THEN_SIGNAL]: send SIGNAL (default
+# TERM) to the recorded process and wait; if it is still there, send THEN_SIGNAL (if
+# given) and wait up to 10 s more; then SIGKILL. Removes the PID file.
 stop_pidfile() {
-  local f=$1 grace=${2:-20} pid deadline
+  local f=$1 grace=${2:-20} sig=${3:-TERM} then=${4:-} pid deadline
   if pidfile_alive "$f"; then
     pid=$(pidfile_pid "$f")
-    kill -TERM "$pid" 2>/dev/null || true
+    kill -"$sig" "$pid" 2>/dev/null || true
     deadline=$((SECONDS + grace))
     while pidfile_alive "$f" && ((SECONDS < deadline)); do sleep 0.2; done
+    if [[ -n $then ]] && pidfile_alive "$f"; then
+      log "  pid $pid did not stop within ${grace}s: SIG$then"
+      kill -"$then" "$pid" 2>/dev/null || true
+      deadline=$((SECONDS + 10))
+      while pidfile_alive "$f" && ((SECONDS < deadline)); do sleep 0.2; done
+    fi
     if pidfile_alive "$f"; then
       log "  pid $pid did not stop within ${grace}s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
