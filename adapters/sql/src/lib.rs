@@ -1,0 +1,20 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod config;
+mod listen;
+mod publisher;
+mod record;
+mod schema;
+mod subscriber;
+
+pub use config::{SqlConfig, StartFrom};
+pub use publisher::{DeliverAt, SqlPublisher};
+pub use record::SqlRecord;
+pub use schema::schema_sql;
+pub use subscriber::SqlSubscriber;
+
+/// The broker name in every error of this crate.
+pub const BROKER: &str = "postgres";

@@ -1,0 +1,346 @@
+//! The adapter's tables, connection pools and error mapping.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Executor;
+use tidemill_core::{ConnectionState, Error, Result};
+
+use crate::config::SqlConfig;
+use crate::BROKER;
+
+/// The names of the adapter's tables for one [`SqlConfig::table_prefix`].
+#[derive(Clone, Debug)]
+pub(crate) struct Tables {
+    pub(crate) messages: String,
+    pub(crate) groups: String,
+    pub(crate) pending: String,
+    pub(crate) inbox: String,
+    /// Prefix of index names (the table prefix without its schema).
+    index: String,
+    /// The `NOTIFY` channel publishers wake subscriptions on (payload: the topic).
+    pub(crate) channel: String,
+}
+
+impl Tables {
+    pub(crate) fn new(prefix: &str) -> Self {
+        let index = prefix.rsplit('.').next().unwrap_or(prefix).to_owned();
+        Tables {
+            messages: format!("{prefix}messages"),
+            groups: format!("{prefix}groups"),
+            pending: format!("{prefix}pending"),
+            inbox: format!("{prefix}inbox"),
+            index,
+            channel: format!("{prefix}messages"),
+        }
+    }
+
+    /// Every table with what it is for, in creation order.
+    fn all(&self) -> [&str; 4] {
+        [&self.messages, &self.groups, &self.pending, &self.inbox]
+    }
+
+    /// The DDL creating every table and index (idempotent).
+    pub(crate) fn ddl(&self) -> String {
+        let Tables {
+            messages,
+            groups,
+            pending,
+            inbox,
+            index,
+            ..
+        } = self;
+        format!(
+            r#"CREATE TABLE IF NOT EXISTS {messages} (
+    "offset" BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic TEXT NOT NULL,
+    uuid TEXT,
+    key BYTEA,
+    metadata JSONB NOT NULL DEFAULT '{{}}'::jsonb,
+    payload BYTEA NOT NULL DEFAULT ''::bytea,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    deliver_at TIMESTAMPTZ,
+    transaction_id XID8 NOT NULL DEFAULT pg_current_xact_id()
+);
+CREATE INDEX IF NOT EXISTS {index}messages_position ON {messages} (topic, transaction_id, "offset");
+CREATE TABLE IF NOT EXISTS {groups} (
+    topic TEXT NOT NULL,
+    consumer_group TEXT NOT NULL,
+    transaction_id XID8 NOT NULL,
+    "offset" BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, consumer_group)
+);
+CREATE TABLE IF NOT EXISTS {pending} (
+    topic TEXT NOT NULL,
+    consumer_group TEXT NOT NULL,
+    transaction_id XID8 NOT NULL,
+    "offset" BIGINT NOT NULL,
+    key BYTEA,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    visible_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    locked_by TEXT,
+    lease_until TIMESTAMPTZ,
+    PRIMARY KEY (topic, consumer_group, "offset")
+);
+CREATE INDEX IF NOT EXISTS {index}pending_position ON {pending} (topic, consumer_group, transaction_id, "offset");
+CREATE INDEX IF NOT EXISTS {index}pending_key ON {pending} (topic, consumer_group, key, transaction_id, "offset") WHERE key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {inbox} (
+    consumer TEXT NOT NULL,
+    message_uuid TEXT NOT NULL,
+    handled_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, message_uuid)
+);
+CREATE INDEX IF NOT EXISTS {index}inbox_handled_at ON {inbox} (handled_at);
+"#
+        )
+    }
+}
+
+/// The SQL that creates the adapter's tables and indexes for `table_prefix` (what the
+/// adapter runs on first use unless [`SqlConfig::create_schema`] is off), for migrations of
+/// your own:
+///
+/// - `<prefix>messages`: every published message, one row each, in publish order per
+///   topic (`offset`, and the publishing transaction's id so consumers never skip a row
+///   committed late);
+/// - `<prefix>groups`: each consumer group's read position per topic;
+/// - `<prefix>pending`: each group's messages not yet acked (attempts, when visible
+///   again, which consumer holds them until when);
+/// - `<prefix>inbox`: message ids an [`Inbox`](crate::Inbox) recorded as handled.
+///
+/// ```
+/// let sql = tidemill_sql::schema_sql("tidemill_");
+/// assert!(sql.contains("CREATE TABLE IF NOT EXISTS tidemill_messages"));
+/// ```
+pub fn schema_sql(table_prefix: &str) -> String {
+    Tables::new(table_prefix).ddl()
+}
+
+/// A pool of connections to the configured database, checked by connecting once within
+/// `connect_timeout`, with the schema created (or checked) once.
+pub(crate) async fn connect(config: &SqlConfig, role: &str) -> Result<PgPool> {
+    config.validate()?;
+    let options = PgConnectOptions::from_str(&config.url)
+        .map_err(|e| {
+            Error::config(
+                BROKER,
+                format!(
+                    "url `{}` cannot be parsed: {}",
+                    config.address(),
+                    scrub(&e.to_string(), config)
+                ),
+            )
+        })?
+        .application_name(&format!("{}-{role}", config.consumer_name));
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.connect_timeout)
+        .connect_lazy_with(options);
+    let tables = Tables::new(&config.table_prefix);
+    let setup = async {
+        let mut conn = pool.acquire().await?;
+        if config.create_schema {
+            // One creator at a time: concurrent `CREATE … IF NOT EXISTS` of one table can
+            // fail on the catalog's unique index.
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(format!("tidemill-schema {}", config.table_prefix))
+                .execute(&mut *tx)
+                .await?;
+            tx.execute(sqlx::raw_sql(&tables.ddl())).await?;
+            tx.commit().await?;
+            Ok(None)
+        } else {
+            for table in tables.all() {
+                let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+                    .bind(table)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if found.is_none() {
+                    return Ok(Some(table.to_owned()));
+                }
+            }
+            Ok(None)
+        }
+    };
+    let setup: std::result::Result<Option<String>, sqlx::Error> =
+        match tokio::time::timeout(config.connect_timeout + Duration::from_secs(1), setup).await {
+            Ok(r) => r,
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        };
+    match setup {
+        Ok(None) => Ok(pool),
+        Ok(Some(table)) => Err(Error::permanent(
+            BROKER,
+            "",
+            "check the schema",
+            format!(
+                "table `{table}` does not exist in {} and create_schema is off (create it \
+                 with tidemill_sql::schema_sql)",
+                config.address()
+            ),
+        )),
+        Err(e) if is_connect_error(&e) => Err(Error::Connect {
+            broker: BROKER,
+            address: config.host_port(),
+            source: scrub(&describe(&e, config), config).into(),
+        }),
+        Err(e) => Err(error(e, config, "", "create the schema")),
+    }
+}
+
+/// Whether `e` says the database could not be reached or refused the login.
+fn is_connect_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Configuration(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("28") || c == "3D000"),
+        _ => false,
+    }
+}
+
+/// Whether retrying what failed with `e` may succeed.
+pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            // connection exceptions, serialization failures and deadlocks, insufficient
+            // resources, operator intervention (server shutting down or starting).
+            c.starts_with("08")
+                || c.starts_with("40")
+                || c.starts_with("53")
+                || c.starts_with("57P")
+        }),
+        _ => false,
+    }
+}
+
+/// A readable cause: for a pool timeout, what it means here.
+fn describe(e: &sqlx::Error, config: &SqlConfig) -> String {
+    match e {
+        sqlx::Error::PoolTimedOut => format!(
+            "no connection within connect_timeout ({:?}): the server does not answer or \
+             every pooled connection is busy",
+            config.connect_timeout
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// `text` with the configured password (if any) replaced by `***`.
+pub(crate) fn scrub(text: &str, config: &SqlConfig) -> String {
+    match password(&config.url) {
+        Some(p) if !p.is_empty() => text.replace(p, "***"),
+        _ => text.to_owned(),
+    }
+}
+
+fn password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    if let Some((auth, _)) = rest.rsplit_once('@') {
+        if let Some((_, p)) = auth.split_once(':') {
+            return Some(p);
+        }
+    }
+    let at = url.find("password=")? + "password=".len();
+    let end = url[at..].find('&').map_or(url.len(), |e| at + e);
+    Some(&url[at..end])
+}
+
+/// A tidemill error for `e`, naming the topic, what was being done and the server; a
+/// missing table is named with a hint.
+pub(crate) fn error(e: sqlx::Error, config: &SqlConfig, topic: &str, context: &str) -> Error {
+    if let sqlx::Error::Database(db) = &e {
+        if db.code().as_deref() == Some("42P01") {
+            return Error::permanent(
+                BROKER,
+                topic,
+                context,
+                format!(
+                    "{} in {} (create_schema is {}; tidemill_sql::schema_sql has the DDL)",
+                    db.message(),
+                    config.address(),
+                    if config.create_schema { "on" } else { "off" }
+                ),
+            );
+        }
+    }
+    let cause = format!("{} (database {})", describe(&e, config), config.address());
+    let cause = scrub(&cause, config);
+    if is_transient(&e) {
+        Error::transient(BROKER, topic, context, cause)
+    } else {
+        Error::permanent(BROKER, topic, context, cause)
+    }
+}
+
+/// A connection's state as queries found it, for health checks.
+#[derive(Debug, Default)]
+pub(crate) struct StateCell(AtomicU8);
+
+impl StateCell {
+    pub(crate) fn get(&self) -> ConnectionState {
+        match self.0.load(Ordering::Relaxed) {
+            0 => ConnectionState::Connected,
+            1 => ConnectionState::Disconnected,
+            _ => ConnectionState::Closed,
+        }
+    }
+
+    pub(crate) fn set(&self, state: ConnectionState) {
+        let v = match state {
+            ConnectionState::Connected => 0,
+            ConnectionState::Disconnected => 1,
+            _ => 2,
+        };
+        // Closed stays closed.
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old != 2).then_some(v)
+            });
+    }
+
+    /// Records what a query's outcome says about the connection.
+    pub(crate) fn saw<T>(&self, result: &std::result::Result<T, sqlx::Error>) {
+        match result {
+            Ok(_) => self.set(ConnectionState::Connected),
+            Err(e) if is_connect_error(e) || is_transient(e) => {
+                self.set(ConnectionState::Disconnected)
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrubs_the_password_from_text() {
+        let config = SqlConfig::new("postgres://u:s3cret@h/db");
+        assert_eq!(scrub("auth s3cret failed", &config), "auth *** failed");
+        let config = SqlConfig::new("postgres://h/db?password=s3cret&user=u");
+        assert_eq!(scrub("s3cret", &config), "***");
+    }
+
+    #[test]
+    fn index_names_have_no_schema() {
+        let ddl = schema_sql("app.events_");
+        assert!(ddl.contains("CREATE TABLE IF NOT EXISTS app.events_pending"));
+        assert!(ddl.contains("INDEX IF NOT EXISTS events_pending_key ON app.events_pending"));
+    }
+}

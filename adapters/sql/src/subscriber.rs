@@ -1,0 +1,912 @@
+//! [`SqlSubscriber`]: consumer groups over the messages table, with reservations (leases)
+//! per message in the pending table.
+//!
+//! A group's position in a topic is a `(transaction_id, offset)` pair in the groups table.
+//! A fetch (one statement, the group's row locked) copies the rows after that position into
+//! the pending table, only rows of transactions older than every transaction still running
+//! (`pg_snapshot_xmin`), so a row committed late by a long transaction is never skipped.
+//! A second statement reserves pending rows that are visible (`visible_at` has come), not
+//! reserved by a live consumer, and (with order per key) have no earlier pending row of
+//! their key, with `FOR UPDATE SKIP LOCKED` so consumers of a group never take the same row.
+//! Ack deletes the pending row; nack gives it back with a `visible_at` in the future.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::Row;
+use tidemill_core::{
+    AckFuture, Acknowledger, ConnectionState, Delivery, DeliveryStream, Error, Message, Metadata,
+    Native, Result, SubscribeOptions, Subscriber,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{SqlConfig, StartFrom};
+use crate::listen::Hub;
+use crate::record::SqlRecord;
+use crate::schema::{self, StateCell, Tables};
+use crate::BROKER;
+
+/// Consumes topics from the messages table as consumer groups.
+///
+/// - **Groups**: subscriptions with the same group compete for the topic's messages; each
+///   group sees every message once (at least once). A subscription without a group gets a
+///   private group, removed when the subscription ends, that sees what is published while
+///   it exists.
+/// - **Leases**: a fetched message is reserved for its subscription for
+///   [`lease`](SqlConfig::lease), renewed while the subscription holds it; a consumer that
+///   died leaves its messages to the rest of the group when the lease runs out.
+/// - **Order per key** (default): the next message with a key waits until the previous one
+///   was acked; a nacked one comes back first.
+/// - **Redelivery**: a nack makes the message visible again (after the delay of
+///   `nack_with_delay`); [`Delivery::attempt`] counts deliveries in the database, across
+///   restarts.
+/// - **Wake-ups**: publishers `NOTIFY` the topic; each subscriber keeps one `LISTEN`
+///   connection and polls every [`poll_interval`](SqlConfig::poll_interval) as a fallback.
+#[derive(Clone)]
+pub struct SqlSubscriber {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: SqlConfig,
+    pool: PgPool,
+    tables: Arc<Tables>,
+    sql: Arc<Statements>,
+    hub: Arc<Hub>,
+    closed: CancellationToken,
+    state: Arc<StateCell>,
+    is_closed: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+impl std::fmt::Debug for SqlSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlSubscriber")
+            .field("database", &self.inner.config.address())
+            .field("table_prefix", &self.inner.config.table_prefix)
+            .field("closed", &self.inner.is_closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl SqlSubscriber {
+    /// Connects to the database and creates the tables unless they exist (or checks them
+    /// when `create_schema` is off); fails within `connect_timeout` naming host and port
+    /// (never the password) when it cannot.
+    pub async fn connect(config: SqlConfig) -> Result<Self> {
+        let pool = schema::connect(&config, "subscriber").await?;
+        let tables = Arc::new(Tables::new(&config.table_prefix));
+        Ok(SqlSubscriber {
+            inner: Arc::new(Inner {
+                sql: Arc::new(Statements::new(&tables)),
+                tables,
+                config,
+                pool,
+                hub: Arc::default(),
+                closed: CancellationToken::new(),
+                state: Arc::default(),
+                is_closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The configuration this subscriber runs with.
+    pub fn config(&self) -> &SqlConfig {
+        &self.inner.config
+    }
+}
+
+#[async_trait]
+impl Subscriber for SqlSubscriber {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<DeliveryStream> {
+        let inner = &self.inner;
+        if inner.is_closed.load(Ordering::Acquire) {
+            return Err(Error::SubscriberClosed {
+                broker: BROKER,
+                topic: topic.to_owned(),
+            });
+        }
+        let config = &inner.config;
+        let consumer = format!("{}-{}", config.consumer_name, uuid::Uuid::new_v4().simple());
+        let (group, private) = match options.consumer_group() {
+            Some(group) => (group.to_owned(), false),
+            None => (format!("{consumer}-private"), true),
+        };
+        let err = |e, what: &str| schema::error(e, config, topic, what);
+        if private {
+            // Private groups of subscriptions that died without removing theirs.
+            sqlx::query(&inner.sql.remove_expired)
+                .bind(topic)
+                .execute(&inner.pool)
+                .await
+                .map_err(|e| err(e, "remove expired private groups"))?;
+        }
+        let expiry = private.then_some(config.private_group_expiry);
+        ensure_group(
+            &inner.pool,
+            &inner.tables,
+            topic,
+            &group,
+            config.start_from,
+            expiry,
+        )
+        .await
+        .map_err(|e| err(e, "create consumer group"))?;
+
+        let wake = Arc::new(Notify::new());
+        inner.hub.register(
+            topic,
+            &wake,
+            &inner.pool,
+            &inner.tables.channel,
+            &inner.closed,
+        );
+        let shared = Arc::new(Shared {
+            topic: topic.to_owned(),
+            group,
+            consumer,
+            private,
+            config: config.clone(),
+            pool: inner.pool.clone(),
+            sql: Arc::clone(&inner.sql),
+            held: Mutex::default(),
+            wake,
+            state: Arc::clone(&inner.state),
+        });
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        tokio::spawn(settle_loop(Arc::clone(&shared), settle_rx));
+        let (tx, rx) = mpsc::channel(config.prefetch);
+        let stop = options.cancellation().map_or_else(
+            || inner.closed.child_token(),
+            |c| {
+                let stop = inner.closed.child_token();
+                let both = stop.clone();
+                let c = c.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = c.cancelled() => both.cancel(),
+                        () = both.cancelled() => {}
+                    }
+                });
+                stop
+            },
+        );
+        let shared_for_stream = Arc::clone(&shared);
+        tokio::spawn(fetch_loop(shared, tx, settle_tx, stop));
+        let stream = hand_out(rx, shared_for_stream);
+        Ok(DeliveryStream::new(stream).with_options(&options))
+    }
+
+    /// Creates consumer group `group` on the topic (where `start_from` says), so messages
+    /// published from now on wait for it. Nothing for a subscription without a group.
+    async fn initialize(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        let Some(group) = options.consumer_group() else {
+            return Ok(());
+        };
+        let inner = &self.inner;
+        ensure_group(
+            &inner.pool,
+            &inner.tables,
+            topic,
+            group,
+            inner.config.start_from,
+            None,
+        )
+        .await
+        .map_err(|e| schema::error(e, &inner.config, topic, "create consumer group"))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.is_closed.store(true, Ordering::Release);
+        self.inner.closed.cancel();
+        self.inner.state.set(ConnectionState::Closed);
+        Ok(())
+    }
+
+    fn connection_state(&self) -> ConnectionState {
+        self.inner.state.get()
+    }
+}
+
+/// The subscription's stream: hands buffered deliveries out, skipping those the fetch loop
+/// released when the subscription was closed (they went back to the group).
+fn hand_out(
+    mut rx: mpsc::Receiver<(i64, Delivery)>,
+    shared: Arc<Shared>,
+) -> impl futures::Stream<Item = Result<Delivery>> + Send + 'static {
+    futures::stream::poll_fn(move |cx| loop {
+        match rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some((offset, delivery))) => {
+                if let Some(state) = shared.held.lock().get_mut(&offset) {
+                    if *state == Held::Buffered {
+                        *state = Held::HandedOut;
+                        return std::task::Poll::Ready(Some(Ok(delivery)));
+                    }
+                }
+                // Released: dropping it settles nothing (see `settle`).
+            }
+            std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+        }
+    })
+}
+
+/// Where a reserved message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// Fetched, waiting in the subscription's buffer.
+    Buffered,
+    /// Handed to the application.
+    HandedOut,
+}
+
+/// Creates `group` on `topic` unless it exists, positioned at the end of the topic
+/// ([`StartFrom::New`]) or before its first row. `expiry`: a private group's lifetime
+/// without renewal.
+pub(crate) async fn ensure_group(
+    pool: &PgPool,
+    tables: &Tables,
+    topic: &str,
+    group: &str,
+    start: StartFrom,
+    expiry: Option<Duration>,
+) -> std::result::Result<(), sqlx::Error> {
+    // New: every transaction older than the oldest one running has committed (or
+    // aborted); rows of those are "before" the group. Rows of transactions still running
+    // or later are the group's.
+    sqlx::query(&format!(
+        "INSERT INTO {groups} (topic, consumer_group, transaction_id, \"offset\", expires_at) \
+         VALUES ($1, $2, CASE WHEN $3 THEN '0'::xid8 ELSE pg_snapshot_xmin(pg_current_snapshot()) END, -1, \
+                 now() + make_interval(secs => $4::float8)) \
+         ON CONFLICT (topic, consumer_group) DO NOTHING",
+        groups = tables.groups
+    ))
+    .bind(topic)
+    .bind(group)
+    .bind(start == StartFrom::Beginning)
+    .bind(expiry.map(|d| d.as_secs_f64()))
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// The statements of a subscription, made once per subscriber.
+struct Statements {
+    advance: String,
+    take: String,
+    next_visible: String,
+    ack: String,
+    nack: String,
+    still_pending: String,
+    renew: String,
+    renew_group: String,
+    remove_group: String,
+    remove_expired: String,
+    drop_missing: String,
+}
+
+impl Statements {
+    fn new(t: &Tables) -> Self {
+        let (messages, groups, pending) = (&t.messages, &t.groups, &t.pending);
+        Statements {
+            // $1 topic, $2 group, $3 how many rows may wait in pending (visible, not
+            // reserved) at most. Returns whether the group exists.
+            advance: format!(
+                r#"WITH g AS (
+    SELECT transaction_id AS tx, "offset" AS off FROM {groups}
+    WHERE topic = $1 AND consumer_group = $2 FOR UPDATE
+), room AS (
+    SELECT GREATEST(0, $3 - (SELECT count(*) FROM {pending}
+        WHERE topic = $1 AND consumer_group = $2 AND locked_by IS NULL AND visible_at <= now())) AS n
+), new AS (
+    SELECT m.transaction_id, m."offset", m.key, m.deliver_at FROM {messages} m, g
+    WHERE m.topic = $1 AND (m.transaction_id, m."offset") > (g.tx, g.off)
+      AND m.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY m.transaction_id, m."offset"
+    LIMIT (SELECT n FROM room)
+), ins AS (
+    INSERT INTO {pending} (topic, consumer_group, transaction_id, "offset", key, visible_at)
+    SELECT $1, $2, transaction_id, "offset", key, GREATEST(COALESCE(deliver_at, now()), now()) FROM new
+    ON CONFLICT DO NOTHING
+), last AS (
+    SELECT transaction_id, "offset" FROM new ORDER BY transaction_id DESC, "offset" DESC LIMIT 1
+), moved AS (
+    UPDATE {groups} gr SET transaction_id = last.transaction_id, "offset" = last."offset"
+    FROM last WHERE gr.topic = $1 AND gr.consumer_group = $2
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM g) AS found"#
+            ),
+            // $1 topic, $2 group, $3 consumer, $4 how many, $5 order per key,
+            // $6 lease in seconds.
+            take: format!(
+                r#"WITH c AS (
+    SELECT p."offset" FROM {pending} p
+    WHERE p.topic = $1 AND p.consumer_group = $2 AND p.visible_at <= now()
+      AND (p.locked_by IS NULL OR p.lease_until < now())
+      AND (NOT $5 OR p.key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM {pending} q
+          WHERE q.topic = p.topic AND q.consumer_group = p.consumer_group AND q.key = p.key
+            AND (q.transaction_id, q."offset") < (p.transaction_id, p."offset")
+            AND (q.attempts > 0 OR q.visible_at <= now())))
+    ORDER BY p.transaction_id, p."offset"
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), t AS (
+    UPDATE {pending} p SET locked_by = $3, attempts = p.attempts + 1,
+        lease_until = now() + make_interval(secs => $6::float8)
+    FROM c WHERE p.topic = $1 AND p.consumer_group = $2 AND p."offset" = c."offset"
+    RETURNING p.transaction_id, p."offset", p.attempts
+)
+SELECT t."offset", t.attempts, m."offset" IS NOT NULL AS found, m.uuid, m.key,
+    m.metadata::text AS metadata, m.payload,
+    EXTRACT(EPOCH FROM m.created_at)::float8 AS created_at
+FROM t LEFT JOIN {messages} m ON m."offset" = t."offset"
+ORDER BY t.transaction_id, t."offset""#
+            ),
+            // Seconds until the group's next message becomes visible, if any.
+            next_visible: format!(
+                r#"SELECT EXTRACT(EPOCH FROM min(visible_at) - now())::float8 FROM {pending}
+WHERE topic = $1 AND consumer_group = $2 AND visible_at > now()"#
+            ),
+            ack: format!(
+                r#"DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2
+AND "offset" = ANY($3) AND locked_by = $4 RETURNING "offset""#
+            ),
+            // $5 delay in seconds.
+            nack: format!(
+                r#"UPDATE {pending} SET locked_by = NULL, lease_until = NULL,
+    visible_at = now() + make_interval(secs => $5::float8)
+WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3) AND locked_by = $4
+RETURNING "offset""#
+            ),
+            still_pending: format!(
+                r#"SELECT "offset" FROM {pending} WHERE topic = $1 AND consumer_group = $2
+AND "offset" = ANY($3)"#
+            ),
+            renew: format!(
+                r#"UPDATE {pending} SET lease_until = now() + make_interval(secs => $5::float8)
+WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3) AND locked_by = $4"#
+            ),
+            renew_group: format!(
+                r#"UPDATE {groups} SET expires_at = now() + make_interval(secs => $3::float8)
+WHERE topic = $1 AND consumer_group = $2"#
+            ),
+            remove_group: format!(
+                r#"WITH g AS (DELETE FROM {groups} WHERE topic = $1 AND consumer_group = $2)
+DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2"#
+            ),
+            remove_expired: format!(
+                r#"WITH g AS (
+    DELETE FROM {groups} WHERE topic = $1 AND expires_at < now() RETURNING consumer_group
+)
+DELETE FROM {pending} WHERE topic = $1 AND consumer_group IN (SELECT consumer_group FROM g)"#
+            ),
+            drop_missing: format!(
+                r#"DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3)"#
+            ),
+        }
+    }
+}
+
+/// What a subscription's fetch loop, settle loop and acknowledgers share.
+struct Shared {
+    topic: String,
+    group: String,
+    consumer: String,
+    private: bool,
+    config: SqlConfig,
+    pool: PgPool,
+    sql: Arc<Statements>,
+    /// Offsets reserved by this subscription and not settled yet. A buffered message
+    /// released at close is removed from here, so its acknowledger settles nothing.
+    held: Mutex<HashMap<i64, Held>>,
+    /// Wakes the fetch loop: a notification for the topic, or a settled message.
+    wake: Arc<Notify>,
+    state: Arc<StateCell>,
+}
+
+/// Fetches while there is room, hands deliveries out, and waits for a wake-up, the next
+/// visible message or the poll interval.
+async fn fetch_loop(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<(i64, Delivery)>,
+    settle: mpsc::UnboundedSender<Settle>,
+    stop: CancellationToken,
+) {
+    let config = &shared.config;
+    let window = (config.prefetch as i64).saturating_mul(4).max(256);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if stop.is_cancelled() || tx.is_closed() {
+            break;
+        }
+        let room = config.prefetch.saturating_sub(shared.held.lock().len());
+        let mut wait = config.poll_interval;
+        if room > 0 {
+            match fetch(&shared, room, window).await {
+                Ok((rows, next)) => {
+                    pause = Duration::from_millis(100);
+                    let full = rows.len() == room;
+                    for delivery in rows {
+                        let offset = delivery.offset;
+                        let delivery = delivery.into_delivery(&shared, &settle);
+                        if tx.send((offset, delivery)).await.is_err() {
+                            break;
+                        }
+                    }
+                    if full {
+                        continue;
+                    }
+                    if let Some(next) = next {
+                        wait = wait.min(next);
+                    }
+                }
+                Err(e) => {
+                    if schema::is_transient(&e) {
+                        shared.state.set(ConnectionState::Disconnected);
+                    }
+                    tracing::warn!(
+                        topic = %shared.topic,
+                        group = %shared.group,
+                        error = %schema::error(e, config, &shared.topic, "fetch"),
+                        "fetching messages failed; retrying"
+                    );
+                    wait = pause;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tokio::select! {
+            () = shared.wake.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => break,
+            () = tx.closed() => break,
+        }
+    }
+    if stop.is_cancelled() {
+        release_buffered(&shared).await;
+    }
+    // Otherwise the stream was dropped, and the deliveries buffered in it with it (each
+    // nacked on drop).
+}
+
+/// At close: gives the messages still waiting in the buffer back to the group at once, so
+/// other members get them without waiting for the stream to be polled or dropped.
+async fn release_buffered(shared: &Shared) {
+    let offsets: Vec<i64> = {
+        let mut held = shared.held.lock();
+        let offsets: Vec<i64> = held
+            .iter()
+            .filter(|(_, s)| **s == Held::Buffered)
+            .map(|(o, _)| *o)
+            .collect();
+        for o in &offsets {
+            held.remove(o);
+        }
+        offsets
+    };
+    if offsets.is_empty() {
+        return;
+    }
+    match run_settle(shared, Some(Duration::ZERO), &offsets).await {
+        Ok(_) => {
+            tracing::debug!(topic = %shared.topic, count = offsets.len(), "released buffered messages at close")
+        }
+        Err(e) => {
+            tracing::warn!(topic = %shared.topic, error = %e, "releasing buffered messages at close failed; they return to the group when their lease runs out")
+        }
+    }
+}
+
+/// A reserved row, before it becomes a delivery.
+struct Fetched {
+    offset: i64,
+    attempts: i32,
+    message: Message,
+}
+
+impl Fetched {
+    /// The delivery, counted as held until it is settled.
+    fn into_delivery(self, shared: &Shared, settle: &mpsc::UnboundedSender<Settle>) -> Delivery {
+        shared.held.lock().insert(self.offset, Held::Buffered);
+        Delivery::new(
+            self.message,
+            SqlAcker {
+                offset: self.offset,
+                settle: settle.clone(),
+            },
+        )
+        .with_attempt(self.attempts.max(1) as u32)
+    }
+}
+
+/// One fetch: advance the group into pending, reserve up to `room` rows; with the time
+/// until the next invisible row becomes visible when fewer than `room` were found.
+async fn fetch(
+    shared: &Shared,
+    room: usize,
+    window: i64,
+) -> std::result::Result<(Vec<Fetched>, Option<Duration>), sqlx::Error> {
+    let sql = &shared.sql;
+    let found: i64 = sqlx::query_scalar(&sql.advance)
+        .bind(&shared.topic)
+        .bind(&shared.group)
+        .bind(window)
+        .fetch_one(&shared.pool)
+        .await?;
+    if found == 0 {
+        // Removed behind our back (an expired private group, an operator): recreate it.
+        tracing::warn!(topic = %shared.topic, group = %shared.group, "consumer group was missing; recreating it at the end of the topic");
+        let tables = Tables::new(&shared.config.table_prefix);
+        let expiry = shared.private.then_some(shared.config.private_group_expiry);
+        ensure_group(
+            &shared.pool,
+            &tables,
+            &shared.topic,
+            &shared.group,
+            StartFrom::New,
+            expiry,
+        )
+        .await?;
+    }
+    let rows: Vec<PgRow> = sqlx::query(&sql.take)
+        .bind(&shared.topic)
+        .bind(&shared.group)
+        .bind(&shared.consumer)
+        .bind(room as i64)
+        .bind(shared.config.order_per_key)
+        .bind(shared.config.lease.as_secs_f64())
+        .fetch_all(&shared.pool)
+        .await?;
+    shared.state.set(ConnectionState::Connected);
+    let mut out = Vec::with_capacity(rows.len());
+    let mut missing = Vec::new();
+    for row in rows {
+        let offset: i64 = row.try_get("offset")?;
+        if !row.try_get::<bool, _>("found")? {
+            missing.push(offset);
+            continue;
+        }
+        out.push(decode(shared, offset, &row)?);
+    }
+    if !missing.is_empty() {
+        tracing::warn!(topic = %shared.topic, group = %shared.group, ?missing, "pending messages whose rows were deleted from the messages table; dropping them");
+        sqlx::query(&sql.drop_missing)
+            .bind(&shared.topic)
+            .bind(&shared.group)
+            .bind(&missing)
+            .execute(&shared.pool)
+            .await?;
+    }
+    let next = if out.len() < room {
+        let secs: Option<f64> = sqlx::query_scalar(&sql.next_visible)
+            .bind(&shared.topic)
+            .bind(&shared.group)
+            .fetch_one(&shared.pool)
+            .await?;
+        secs.map(|s| Duration::from_secs_f64(s.max(0.0)) + Duration::from_millis(5))
+    } else {
+        None
+    };
+    Ok((out, next))
+}
+
+/// The message of a reserved row. Metadata that is not a JSON object of strings (a row
+/// another program wrote) is kept: other values as their JSON text, anything but an object
+/// whole under `metadata`.
+fn decode(shared: &Shared, offset: i64, row: &PgRow) -> std::result::Result<Fetched, sqlx::Error> {
+    let attempts: i32 = row.try_get("attempts")?;
+    let uuid: Option<String> = row.try_get("uuid")?;
+    let key: Option<Vec<u8>> = row.try_get("key")?;
+    let metadata_text: String = row.try_get("metadata")?;
+    let payload: Vec<u8> = row.try_get("payload")?;
+    let created_at: f64 = row.try_get("created_at")?;
+    let mut metadata = Metadata::new();
+    match serde_json::from_str::<serde_json::Value>(&metadata_text) {
+        Ok(serde_json::Value::Object(map)) => {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::String(s) => metadata.set(k, s),
+                    other => metadata.set(k, other.to_string()),
+                }
+            }
+        }
+        _ => metadata.set("metadata", metadata_text),
+    }
+    let uuid_stored = uuid.is_some();
+    let uuid: Arc<str> = match uuid {
+        Some(u) => Arc::from(u),
+        None => tidemill_core::headers::stable_uuid(&[
+            BROKER.as_bytes(),
+            shared.topic.as_bytes(),
+            &offset.to_be_bytes(),
+        ]),
+    };
+    let record = SqlRecord {
+        topic: shared.topic.clone(),
+        offset,
+        created_at: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(created_at.max(0.0)),
+        group: shared.group.clone(),
+        uuid_stored,
+    };
+    let native = Native::new(BROKER, record, &metadata);
+    let mut message = Message::with_uuid(uuid, Bytes::from(payload)).with_metadata_map(metadata);
+    if let Some(key) = key {
+        message = message.with_key_bytes(Bytes::from(key));
+    }
+    Ok(Fetched {
+        offset,
+        attempts,
+        message: message.with_native(native),
+    })
+}
+
+/// A settlement request from an acknowledger.
+struct Settle {
+    offset: i64,
+    /// `None`: ack; `Some(delay)`: nack.
+    nack: Option<Duration>,
+    reply: Option<oneshot::Sender<Result<()>>>,
+}
+
+/// Settles one delivery through the subscription's settle loop.
+struct SqlAcker {
+    offset: i64,
+    settle: mpsc::UnboundedSender<Settle>,
+}
+
+impl SqlAcker {
+    fn send(self, nack: Option<Duration>) -> AckFuture {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.settle.send(Settle {
+            offset: self.offset,
+            nack,
+            reply: Some(reply),
+        });
+        if sent.is_err() {
+            return AckFuture::ready(Err(Error::transient(
+                BROKER,
+                "",
+                "settle",
+                "the subscription's settle task has ended",
+            )));
+        }
+        AckFuture::boxed(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(Error::transient(
+                    BROKER,
+                    "",
+                    "settle",
+                    "the subscription's settle task has ended",
+                ))
+            })
+        })
+    }
+}
+
+impl Acknowledger for SqlAcker {
+    fn ack(self: Box<Self>) -> AckFuture {
+        self.send(None)
+    }
+
+    fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
+        self.send(Some(delay.unwrap_or_default()))
+    }
+
+    fn nack_on_drop(self: Box<Self>) {
+        let _ = self.settle.send(Settle {
+            offset: self.offset,
+            nack: Some(Duration::ZERO),
+            reply: None,
+        });
+    }
+}
+
+/// Settles what acknowledgers send, coalescing what arrives together into one statement
+/// per kind; renews the leases of what the subscription holds every third of the lease.
+/// Ends when the fetch loop and every acknowledger are gone; then a private group is
+/// removed.
+async fn settle_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Settle>) {
+    let lease = shared.config.lease;
+    let mut renew = tokio::time::interval(lease / 3);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            first = rx.recv() => {
+                let Some(first) = first else { break };
+                // Let a burst of acks (a batch handler's) queue up behind the first.
+                tokio::task::yield_now().await;
+                let mut batch = vec![first];
+                while batch.len() < 1000 {
+                    match rx.try_recv() {
+                        Ok(s) => batch.push(s),
+                        Err(_) => break,
+                    }
+                }
+                settle(&shared, batch).await;
+                shared.wake.notify_one();
+            }
+            _ = renew.tick() => renew_leases(&shared).await,
+        }
+    }
+    if shared.private {
+        let result = sqlx::query(&shared.sql.remove_group)
+            .bind(&shared.topic)
+            .bind(&shared.group)
+            .execute(&shared.pool)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(topic = %shared.topic, group = %shared.group, error = %e,
+                "removing the private group failed; a later subscription to the topic removes it once expired");
+        }
+    }
+}
+
+async fn renew_leases(shared: &Shared) {
+    let held: Vec<i64> = shared.held.lock().keys().copied().collect();
+    let lease = shared.config.lease.as_secs_f64();
+    if !held.is_empty() {
+        let result = sqlx::query(&shared.sql.renew)
+            .bind(&shared.topic)
+            .bind(&shared.group)
+            .bind(&held)
+            .bind(&shared.consumer)
+            .bind(lease)
+            .execute(&shared.pool)
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(topic = %shared.topic, error = %e, "renewing leases failed");
+        }
+    }
+    if shared.private {
+        let _ = sqlx::query(&shared.sql.renew_group)
+            .bind(&shared.topic)
+            .bind(&shared.group)
+            .bind(shared.config.private_group_expiry.as_secs_f64())
+            .execute(&shared.pool)
+            .await;
+    }
+}
+
+/// Runs the acks and nacks of `batch` (one statement for the acks, one per nack delay),
+/// retrying a lost connection within `command_timeout`, and replies to each.
+async fn settle(shared: &Shared, batch: Vec<Settle>) {
+    let mut groups: Vec<(Option<Duration>, Vec<Settle>)> = Vec::new();
+    for s in batch {
+        if !shared.held.lock().contains_key(&s.offset) {
+            // Released at close (or settled already): nothing to do.
+            if let Some(reply) = s.reply {
+                let _ = reply.send(Ok(()));
+            }
+            continue;
+        }
+        match groups.iter_mut().find(|(k, _)| *k == s.nack) {
+            Some((_, list)) => list.push(s),
+            None => groups.push((s.nack, vec![s])),
+        }
+    }
+    for (nack, list) in groups {
+        let offsets: Vec<i64> = list.iter().map(|s| s.offset).collect();
+        let result = run_settle(shared, nack, &offsets).await;
+        {
+            let mut held = shared.held.lock();
+            for o in &offsets {
+                held.remove(o);
+            }
+        }
+        let what = if nack.is_some() { "nack" } else { "ack" };
+        match result {
+            Ok(lost) => {
+                for s in list {
+                    let r = if lost.contains(&s.offset) {
+                        Err(Error::transient(
+                            BROKER,
+                            shared.topic.clone(),
+                            what,
+                            format!(
+                                "message #{} of group `{}` was no longer reserved for this \
+                                 subscription (its lease of {:?} ran out and another consumer \
+                                 may have taken it): it will be delivered again",
+                                s.offset, shared.group, shared.config.lease
+                            ),
+                        ))
+                    } else {
+                        Ok(())
+                    };
+                    if let Err(e) = &r {
+                        if s.reply.is_none() {
+                            tracing::warn!(error = %e, "nack of a dropped delivery failed");
+                        }
+                    }
+                    if let Some(reply) = s.reply {
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            Err(e) => {
+                let transient = schema::is_transient(&e);
+                let e = schema::error(e, &shared.config, &shared.topic, what);
+                tracing::warn!(error = %e, count = list.len(), "settling failed; the messages are delivered again once their lease runs out");
+                let cause = e.to_string();
+                for s in list {
+                    if let Some(reply) = s.reply {
+                        let e = if transient {
+                            Error::transient(BROKER, shared.topic.clone(), what, cause.clone())
+                        } else {
+                            Error::permanent(BROKER, shared.topic.clone(), what, cause.clone())
+                        };
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One ack or nack statement for `offsets`; returns the offsets still pending but not
+/// reserved by this subscription any more (lease lost). Offsets gone from pending were
+/// settled already (e.g. a retried statement that had succeeded) and count as done.
+async fn run_settle(
+    shared: &Shared,
+    nack: Option<Duration>,
+    offsets: &[i64],
+) -> std::result::Result<Vec<i64>, sqlx::Error> {
+    let deadline = tokio::time::Instant::now() + shared.config.command_timeout;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let result = async {
+            let query = match nack {
+                None => sqlx::query_scalar(&shared.sql.ack),
+                Some(_) => sqlx::query_scalar(&shared.sql.nack),
+            }
+            .bind(&shared.topic)
+            .bind(&shared.group)
+            .bind(offsets)
+            .bind(&shared.consumer);
+            let query = match nack {
+                None => query,
+                Some(delay) => query.bind(delay.as_secs_f64()),
+            };
+            let done: Vec<i64> = query.fetch_all(&shared.pool).await?;
+            if done.len() == offsets.len() {
+                return Ok(Vec::new());
+            }
+            let rest: Vec<i64> = offsets
+                .iter()
+                .copied()
+                .filter(|o| !done.contains(o))
+                .collect();
+            let still: Vec<i64> = sqlx::query_scalar(&shared.sql.still_pending)
+                .bind(&shared.topic)
+                .bind(&shared.group)
+                .bind(&rest)
+                .fetch_all(&shared.pool)
+                .await?;
+            Ok(still)
+        }
+        .await;
+        shared.state.saw(&result);
+        match result {
+            Err(e)
+                if schema::is_transient(&e) && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
