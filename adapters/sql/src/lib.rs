@@ -4,7 +4,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
+pub mod inbox;
 mod listen;
+pub mod outbox;
 mod publisher;
 mod record;
 mod schema;
