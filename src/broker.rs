@@ -10,14 +10,24 @@
 //! | `nats://host:4222?jetstream=false` | NATS (JetStream unless `jetstream=false`) | `nats` |
 //! | `pubsub://my-project?emulator=127.0.0.1:8085` | Google Cloud Pub/Sub | `googlecloud` |
 //! | `redis://user:pass@host:6379/0?claim_idle=45s` (`rediss://` for TLS) | Redis Streams | `redis` |
+//! | `postgres://user:pass@host:5432/db?sslmode=require&lease=30s` (`postgresql://` too) | PostgreSQL | `postgres` |
 //!
 //! Query parameters set any field of the adapter's config type (`KafkaConfig`,
-//! `AmqpConfig`, `NatsConfig`, `GoogleCloudConfig`, `RedisConfig`, [`MemoryConfig`]), named
-//! as in its
-//! docs; one level of nesting goes with a dot (`jetstream.ack_wait=30s`,
-//! `properties.linger.ms=5`). Durations are humantime strings (`250ms`, `30s`). Unknown
-//! schemes, brokers this build lacks, unknown options and bad values are errors naming the
-//! offending part.
+//! `AmqpConfig`, `NatsConfig`, `GoogleCloudConfig`, `RedisConfig`, `SqlConfig`,
+//! [`MemoryConfig`]), named as in its docs; one level of nesting goes with a dot
+//! (`jetstream.ack_wait=30s`, `properties.linger.ms=5`). Durations are humantime strings
+//! (`250ms`, `30s`). Unknown schemes, brokers this build lacks, unknown options and bad
+//! values are errors naming the offending part.
+//!
+//! PostgreSQL URLs also carry the connection parameters the database client (sqlx) reads:
+//! [`POSTGRES_URL_PARAMETERS`] (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`,
+//! `application_name`, `options`, `host`, `port`, `user`, `password`, `dbname`, …) stay in
+//! the URL the adapter connects with, as written; every other parameter is a `SqlConfig`
+//! option (`table_prefix`, `prefetch`, `lease`, `poll_interval`, `start_from`,
+//! `order_per_key`, `create_schema`, `max_connections`, `connect_timeout`, …). In a file
+//! section or a `TIDEMILL_BROKER__*` variable, a connection parameter (`sslmode = "require"`)
+//! is added to the URL's query the same way. Note that `connect_timeout` is Tidemill's, a
+//! duration (`10s`), not libpq's number of seconds.
 //!
 //! Values are taken as written, never silently fixed, whether they come from a URL, a file or
 //! the environment:
@@ -83,6 +93,8 @@ pub enum BrokerKind {
     GoogleCloud,
     /// Redis Streams (feature `redis`).
     Redis,
+    /// PostgreSQL (feature `postgres`).
+    Postgres,
 }
 
 impl BrokerKind {
@@ -95,6 +107,7 @@ impl BrokerKind {
             "nats" => BrokerKind::Nats,
             "pubsub" | "googlecloud" | "gcp" => BrokerKind::GoogleCloud,
             "redis" | "rediss" => BrokerKind::Redis,
+            "postgres" | "postgresql" => BrokerKind::Postgres,
             _ => return None,
         })
     }
@@ -108,6 +121,7 @@ impl BrokerKind {
             BrokerKind::Nats => "nats",
             BrokerKind::GoogleCloud => "googlecloud",
             BrokerKind::Redis => "redis",
+            BrokerKind::Postgres => "postgres",
         }
     }
 
@@ -120,6 +134,7 @@ impl BrokerKind {
             BrokerKind::Nats => cfg!(feature = "nats"),
             BrokerKind::GoogleCloud => cfg!(feature = "googlecloud"),
             BrokerKind::Redis => cfg!(feature = "redis"),
+            BrokerKind::Postgres => cfg!(feature = "postgres"),
         }
     }
 }
@@ -133,6 +148,7 @@ impl fmt::Display for BrokerKind {
             BrokerKind::Nats => "nats",
             BrokerKind::GoogleCloud => "googlecloud",
             BrokerKind::Redis => "redis",
+            BrokerKind::Postgres => "postgres",
         })
     }
 }
@@ -145,12 +161,12 @@ impl fmt::Display for BrokerKind {
 pub enum ConfigError {
     /// The URL has no `scheme://` (the URL as shown, credentials hidden).
     #[error(
-        "broker URL `{0}` has no scheme: expected memory://, kafka://, amqp://, nats://, pubsub:// or redis://"
+        "broker URL `{0}` has no scheme: expected memory://, kafka://, amqp://, nats://, pubsub://, redis:// or postgres://"
     )]
     NoScheme(String),
     /// The scheme names no broker Tidemill knows.
     #[error(
-        "unknown broker scheme `{0}`: expected memory, kafka, amqp, amqps, nats, pubsub, redis or rediss"
+        "unknown broker scheme `{0}`: expected memory, kafka, amqp, amqps, nats, pubsub, redis, rediss, postgres or postgresql"
     )]
     UnknownScheme(String),
     /// The broker exists but this build leaves it out.
@@ -234,6 +250,9 @@ pub enum BrokerConfig {
     /// Redis Streams.
     #[cfg(feature = "redis")]
     Redis(tidemill_redis::RedisConfig),
+    /// PostgreSQL.
+    #[cfg(feature = "postgres")]
+    Postgres(tidemill_sql::SqlConfig),
 }
 
 impl fmt::Debug for BrokerConfig {
@@ -259,6 +278,8 @@ impl fmt::Debug for BrokerConfig {
             BrokerConfig::GoogleCloud(c) => ("GoogleCloud", render(c, pretty)),
             #[cfg(feature = "redis")]
             BrokerConfig::Redis(c) => ("Redis", render(c, pretty)),
+            #[cfg(feature = "postgres")]
+            BrokerConfig::Postgres(c) => ("Postgres", render(c, pretty)),
         };
         f.debug_tuple(variant).field(&Verbatim(&inner)).finish()
     }
@@ -430,6 +451,8 @@ impl BrokerConfig {
             BrokerConfig::GoogleCloud(_) => BrokerKind::GoogleCloud,
             #[cfg(feature = "redis")]
             BrokerConfig::Redis(_) => BrokerKind::Redis,
+            #[cfg(feature = "postgres")]
+            BrokerConfig::Postgres(_) => BrokerKind::Postgres,
         }
     }
 
@@ -468,6 +491,8 @@ impl BrokerConfig {
             ),
             #[cfg(feature = "redis")]
             BrokerConfig::Redis(c) => format!("url: {:?}", c.url),
+            #[cfg(feature = "postgres")]
+            BrokerConfig::Postgres(c) => format!("url: {:?}", c.url),
         };
         crate::redact::secrets_in_debug(&raw)
     }
@@ -508,6 +533,11 @@ impl BrokerConfig {
                 Arc::new(tidemill_redis::RedisPublisher::connect(config.clone()).await?),
                 Arc::new(tidemill_redis::RedisSubscriber::connect(config.clone()).await?),
             ),
+            #[cfg(feature = "postgres")]
+            BrokerConfig::Postgres(config) => (
+                Arc::new(tidemill_sql::SqlPublisher::connect(config.clone()).await?),
+                Arc::new(tidemill_sql::SqlSubscriber::connect(config.clone()).await?),
+            ),
         };
         Ok(Broker {
             kind,
@@ -520,6 +550,7 @@ impl BrokerConfig {
         if kind == BrokerKind::Nats {
             jetstream_switch(&mut options)?;
         }
+
         if !kind.is_available() {
             return Err(ConfigError::MissingFeature {
                 kind,
@@ -551,6 +582,20 @@ impl BrokerConfig {
                     message: discreet_message(&e.to_string()),
                 })?;
                 Ok(BrokerConfig::Redis(config))
+            }
+            #[cfg(feature = "postgres")]
+            BrokerKind::Postgres => {
+                postgres_parameters_into_url(&mut options)?;
+                let config: tidemill_sql::SqlConfig = deserialize(kind, options)?;
+                config.validate().map_err(|e| ConfigError::Rejected {
+                    kind,
+                    message: discreet_message(&match e {
+                        // The kind is named already: only the adapter's explanation.
+                        tidemill_core::Error::Config { message, .. } => message,
+                        other => other.to_string(),
+                    }),
+                })?;
+                Ok(BrokerConfig::Postgres(config))
             }
             #[allow(unreachable_patterns)]
             _ => Err(ConfigError::MissingFeature {
@@ -737,6 +782,8 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
         None => (rest, None),
     };
     let mut options = Options::new();
+    // PostgreSQL's connection parameters, as written: they stay in the URL.
+    let mut connection_parameters = Vec::new();
     for pair in query
         .into_iter()
         .flat_map(|q| q.split('&'))
@@ -751,6 +798,10 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
             };
             ConfigError::BadParameter(redact_url(shown).into_owned())
         })?;
+        if kind == BrokerKind::Postgres && is_postgres_parameter(&percent_decode(key)) {
+            connection_parameters.push(pair);
+            continue;
+        }
         set_option(&mut options, key, text(percent_decode(value)));
     }
     let shown = || redact_url(url).into_owned();
@@ -838,8 +889,119 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
             // client parses it, the query sets RedisConfig fields.
             options.insert("url".to_owned(), Value::from(format!("{scheme}://{base}")));
         }
+        BrokerKind::Postgres => {
+            // The server part and the connection parameters as written
+            // (`postgres://[user:pass@]host:port/db?sslmode=…`): sqlx parses them, the
+            // other query parameters set SqlConfig fields.
+            let mut url = format!("{scheme}://{base}");
+            if !connection_parameters.is_empty() {
+                url.push('?');
+                url.push_str(&connection_parameters.join("&"));
+            }
+            options.insert("url".to_owned(), Value::from(url));
+        }
     }
     Ok((kind, options))
+}
+
+/// The query parameters of a PostgreSQL URL that sqlx's `PgConnectOptions` reads (as of
+/// sqlx 0.8), plus `options[<setting>]`: they stay in `SqlConfig::url`.
+const POSTGRES_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Whether `key` is a PostgreSQL connection parameter (see [`POSTGRES_URL_PARAMETERS`]).
+fn is_postgres_parameter(key: &str) -> bool {
+    POSTGRES_URL_PARAMETERS.contains(&key) || (key.starts_with("options[") && key.ends_with(']'))
+}
+
+/// What a value put into a URL query has to escape.
+#[cfg(feature = "postgres")]
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'&')
+    .add(b'+')
+    .add(b'=')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`');
+
+/// PostgreSQL: connection parameters given as options (a file section's `sslmode =
+/// "require"`, `TIDEMILL_BROKER__APPLICATION_NAME=orders`) join the query of the `url`
+/// option (the adapter's default URL when there is none), after the ones it has: sqlx reads
+/// them in order, so these win.
+#[cfg(feature = "postgres")]
+fn postgres_parameters_into_url(options: &mut Options) -> Result<(), ConfigError> {
+    let mut keys: Vec<String> = options
+        .keys()
+        .filter(|k| is_postgres_parameter(k))
+        .cloned()
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    keys.sort();
+    let mut url = match options.remove("url") {
+        None => tidemill_sql::SqlConfig::default().url,
+        Some(value) => match &value.kind {
+            ValueKind::String(s) => s.clone(),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    kind: BrokerKind::Postgres,
+                    source: OptionError::invalid("url", "a postgres:// URL", &value),
+                })
+            }
+        },
+    };
+    for key in keys {
+        let Some(value) = options.remove(&key) else {
+            continue;
+        };
+        let written = match &value.kind {
+            ValueKind::String(s) => s.clone(),
+            ValueKind::I64(n) => n.to_string(),
+            ValueKind::U64(n) => n.to_string(),
+            ValueKind::I128(n) => n.to_string(),
+            ValueKind::U128(n) => n.to_string(),
+            ValueKind::Boolean(b) => b.to_string(),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    kind: BrokerKind::Postgres,
+                    source: OptionError::invalid(
+                        &key,
+                        "a string (a PostgreSQL connection parameter)",
+                        &value,
+                    ),
+                })
+            }
+        };
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.extend(percent_encoding::utf8_percent_encode(&key, QUERY_VALUE));
+        url.push('=');
+        url.extend(percent_encoding::utf8_percent_encode(&written, QUERY_VALUE));
+    }
+    options.insert("url".to_owned(), Value::from(url));
+    Ok(())
 }
 
 /// NATS: `jetstream = true|false` (URL, file or environment) picks the mode;
@@ -932,8 +1094,8 @@ mod tests {
         );
         assert_eq!(
             err("sqs://localhost"),
-            "unknown broker scheme `sqs`: expected memory, kafka, amqp, amqps, nats, pubsub, redis \
-             or rediss"
+            "unknown broker scheme `sqs`: expected memory, kafka, amqp, amqps, nats, pubsub, redis, \
+             rediss, postgres or postgresql"
         );
         assert!(err("localhost:9092").contains("has no scheme"));
         assert!(err("memory://?capacity").contains("`capacity` is malformed"));
@@ -1161,6 +1323,276 @@ mod tests {
         assert!(e.contains("no_such_option"), "{e}");
     }
 
+    #[cfg(not(feature = "postgres"))]
+    #[test]
+    fn postgres_without_its_feature() {
+        for url in [
+            "postgres://app:hunter2@127.0.0.1:5432/app",
+            "postgresql://h/db?sslmode=require",
+        ] {
+            assert_eq!(
+                err(url),
+                "built without postgres: enable feature `postgres` of the tidemill crate"
+            );
+        }
+        let e = from_file("app.toml", "[broker]\ntype = \"postgres\"\n", "broker").unwrap_err();
+        assert!(e.to_string().contains("enable feature `postgres`"), "{e}");
+    }
+
+    #[cfg(feature = "postgres")]
+    fn postgres(config: BrokerConfig) -> tidemill_sql::SqlConfig {
+        match config {
+            BrokerConfig::Postgres(c) => c,
+            #[allow(unreachable_patterns)]
+            other => panic!("expected postgres, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn postgres_urls() {
+        use std::time::Duration;
+        use tidemill_sql::{SqlConfig, StartFrom};
+
+        // Tidemill's options set SqlConfig fields; PostgreSQL's stay in the URL, as written
+        // and in their order.
+        let c = postgres(
+            BrokerConfig::from_url(
+                "postgres://app:s3cret@db:5433/orders?sslmode=verify-full&table_prefix=app.events_\
+                 &sslrootcert=/etc/ssl/ca.pem&prefetch=16&lease=45s&poll_interval=250ms\
+                 &application_name=order%20service&start_from=beginning&order_per_key=false\
+                 &create_schema=false&max_connections=4&connect_timeout=2s\
+                 &options=-c%20search_path%3Dapp&options[statement_timeout]=5s\
+                 &command_timeout=3s&max_message_bytes=1024&consumer_name=orders\
+                 &private_group_expiry=10m",
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            c.url,
+            "postgres://app:s3cret@db:5433/orders?sslmode=verify-full&sslrootcert=/etc/ssl/ca.pem\
+             &application_name=order%20service&options=-c%20search_path%3Dapp\
+             &options[statement_timeout]=5s"
+        );
+        assert_eq!(c.table_prefix, "app.events_");
+        assert_eq!(c.prefetch, 16);
+        assert_eq!(c.lease, Duration::from_secs(45));
+        assert_eq!(c.poll_interval, Duration::from_millis(250));
+        assert_eq!(c.start_from, StartFrom::Beginning);
+        assert!(!c.order_per_key);
+        assert!(!c.create_schema);
+        assert_eq!(c.max_connections, 4);
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.command_timeout, Duration::from_secs(3));
+        assert_eq!(c.max_message_bytes, 1024);
+        assert_eq!(c.consumer_name, "orders");
+        assert_eq!(c.private_group_expiry, Duration::from_secs(600));
+
+        // Only the URL: every option at its default, the URL as written.
+        let c = postgres(
+            BrokerConfig::from_url("postgres://tidemill:tidemill@127.0.0.1:5433/tidemill").unwrap(),
+        );
+        assert_eq!(
+            c,
+            SqlConfig::new("postgres://tidemill:tidemill@127.0.0.1:5433/tidemill")
+        );
+        // Only connection parameters: all of them stay, every sqlx spelling.
+        let all = "postgresql:///app?host=/run/postgresql&hostaddr=10.0.0.1&port=5434\
+                   &dbname=app2&user=u&password=p%26w&ssl-mode=require&ssl-root-cert=a\
+                   &ssl-ca=b&sslcert=c&ssl-cert=d&sslkey=e&ssl-key=f\
+                   &statement-cache-capacity=50";
+        let c = postgres(BrokerConfig::from_url(all).unwrap());
+        assert_eq!(c.url, all);
+        assert_eq!(c.prefetch, SqlConfig::default().prefetch);
+        assert_eq!(
+            BrokerConfig::from_url("postgresql://h/db").unwrap().kind(),
+            BrokerKind::Postgres
+        );
+        for name in ["postgres", "postgresql"] {
+            assert_eq!(BrokerKind::from_name(name), Some(BrokerKind::Postgres));
+        }
+        assert_eq!(BrokerKind::Postgres.to_string(), "postgres");
+        assert_eq!(BrokerKind::Postgres.feature(), "postgres");
+        assert!(BrokerKind::Postgres.is_available());
+
+        // Mistakes name the option.
+        let e = err("postgres://h/db?leas=30s");
+        assert!(e.starts_with("invalid postgres configuration"), "{e}");
+        assert!(e.contains("unknown option `leas`"), "{e}");
+        // libpq parameters sqlx does not read are not silently dropped.
+        let e = err("postgres://h/db?target_session_attrs=read-write");
+        assert!(e.contains("unknown option `target_session_attrs`"), "{e}");
+        let e = err("postgres://h/db?prefetch=-1");
+        assert!(e.contains("option `prefetch`") && e.contains("`-1`"), "{e}");
+        let e = err("postgres://h/db?lease=soon");
+        assert!(e.contains("lease"), "{e}");
+        let e = err("postgres://h/db?start_from=yesterday");
+        assert!(
+            e.contains("option `start_from`") && e.contains("`beginning`"),
+            "{e}"
+        );
+        let e = err("postgres://h/db?order_per_key=2");
+        assert!(
+            e.contains("option `order_per_key`: expected true or false"),
+            "{e}"
+        );
+        // Values without a meaning are refused when the URL is read, not at connect.
+        let e = err("postgres://u:hunter2@h/db?prefetch=0");
+        assert_eq!(
+            e,
+            "invalid postgres configuration: prefetch must be at least 1"
+        );
+        let e = err("postgres://u:hunter2@h/db?table_prefix=bad-prefix");
+        assert!(e.contains("table_prefix `bad-prefix`"), "{e}");
+        let e = err("postgres://h/db?lease=100ms");
+        assert!(e.contains("lease must be at least"), "{e}");
+        assert!(err("postgres://h/db?sslmode").contains("`sslmode` is malformed"));
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn postgres_urls_from_files() {
+        use std::time::Duration;
+
+        let c = postgres(
+            from_file(
+                "app.toml",
+                "[broker]\nurl = \"postgres://app:s3cret@db:5432/app?sslmode=require\"\n\
+                 lease = \"1m\"\nprefetch = 8\napplication_name = \"orders & co\"\n",
+                "broker",
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            c.url,
+            "postgres://app:s3cret@db:5432/app?sslmode=require&application_name=orders%20%26%20co"
+        );
+        assert_eq!(c.lease, Duration::from_secs(60));
+        assert_eq!(c.prefetch, 8);
+        // `type` alone: the adapter's default URL, with the section's connection parameters.
+        let c = postgres(
+            from_file(
+                "app.yaml",
+                "b:\n  type: postgresql\n  host: db.local\n  port: 5433\n  user: app\n  \
+                 password: hunter2\n  dbname: orders\n  table_prefix: app_\n",
+                "b",
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            c.url,
+            format!(
+                "{}?dbname=orders&host=db.local&password=hunter2&port=5433&user=app",
+                tidemill_sql::SqlConfig::default().url
+            )
+        );
+        assert_eq!(c.table_prefix, "app_");
+        for debug in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+        }
+        let e = from_file(
+            "app.toml",
+            "[broker]\ntype = \"postgres\"\nsslmode = [\"require\"]\n",
+            "broker",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("option `sslmode`"), "{e}");
+        let e = from_file(
+            "app.toml",
+            "[broker]\ntype = \"postgres\"\nleese = \"1m\"\n",
+            "broker",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown option `leese`"), "{e}");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn postgres_hides_the_password() {
+        let c =
+            BrokerConfig::from_url("postgres://app:hunter2@db:5432/app?lease=45s&sslmode=require")
+                .unwrap();
+        for debug in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("db:5432/app?sslmode=require"), "{debug}");
+            assert!(debug.starts_with("Postgres("), "{debug}");
+        }
+        let secrets = c.secrets();
+        assert!(secrets.iter().any(|s| s == "hunter2"), "{secrets:?}");
+        assert!(!secrets.iter().any(|s| s.contains("db")), "{secrets:?}");
+        // A password in the query is a credential too.
+        let c = BrokerConfig::from_url("postgres://db/app?user=app&password=hunter2").unwrap();
+        for debug in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+        }
+        assert!(c.secrets().iter().any(|s| s == "hunter2"));
+        for url in [
+            "postgres://app:hunter2@db:5432/app?no_such_option=1",
+            "postgresql://:hunter2@db:5432/app?prefetch=many",
+            "postgres://app:hunter2@db/app?prefetch=0",
+            "postgres://db/app?password=hunter2&lease=never",
+        ] {
+            let e = BrokerConfig::from_url(url).unwrap_err();
+            let text = assert_discreet(&e);
+            assert!(text.contains("postgres configuration"), "{text}");
+        }
+    }
+
+    /// A database that is not there: the error names the address, never the password.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_connect_errors_hide_the_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("postgres://app:hunter2@127.0.0.1:{port}/app?connect_timeout=2s");
+        let e = BrokerConfig::from_url(&url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_err();
+        let text = assert_discreet(&e);
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    }
+
+    /// Through the facade to the test PostgreSQL (`TIDEMILL_POSTGRES_URL`; skipped when
+    /// unset).
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_round_trip() {
+        use futures::StreamExt;
+        let Ok(url) = std::env::var("TIDEMILL_POSTGRES_URL") else {
+            eprintln!("SKIP postgres_round_trip: TIDEMILL_POSTGRES_URL is not set");
+            return;
+        };
+        // Tables of its own: the adapter's tests share the database.
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{sep}table_prefix=tidemill_facade_");
+        let broker = connect(&url).await.unwrap();
+        assert_eq!(broker.kind, BrokerKind::Postgres);
+        let topic = format!("facade-{}", std::process::id());
+        let mut s = broker
+            .subscriber
+            .subscribe(&topic, tidemill_core::SubscribeOptions::new())
+            .await
+            .unwrap();
+        broker
+            .publisher
+            .publish_one(&topic, tidemill_core::Message::new("x").with_key("k"))
+            .await
+            .unwrap();
+        let d = tokio::time::timeout(std::time::Duration::from_secs(30), s.next())
+            .await
+            .expect("delivered within 30 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.message().payload().as_ref(), b"x");
+        assert_eq!(d.message().key_str(), Some("k"));
+        d.ack().await.unwrap();
+    }
+
     /// A server that is not there: the error names the address, never the password.
     #[cfg(feature = "redis")]
     #[tokio::test]
@@ -1279,6 +1711,25 @@ mod tests {
         assert!(e.contains("`retention`") && e.contains("got `1.5`"), "{e}");
         let e = from_env("memory://u:hunter2@h", "1").unwrap_err();
         assert_discreet(&e);
+        // PostgreSQL: connection parameters from the environment join the URL's query.
+        #[cfg(feature = "postgres")]
+        {
+            std::env::set_var(BROKER_ENV, "postgres://app:hunter2@db/app?sslmode=require");
+            std::env::set_var("TIDEMILL_BROKER__APPLICATION_NAME", "orders");
+            std::env::set_var("TIDEMILL_BROKER__LEASE", "1m");
+            let config = BrokerConfig::from_env();
+            std::env::remove_var(BROKER_ENV);
+            std::env::remove_var("TIDEMILL_BROKER__APPLICATION_NAME");
+            std::env::remove_var("TIDEMILL_BROKER__LEASE");
+            let BrokerConfig::Postgres(c) = config.unwrap() else {
+                panic!("expected postgres")
+            };
+            assert_eq!(
+                c.url,
+                "postgres://app:hunter2@db/app?sslmode=require&application_name=orders"
+            );
+            assert_eq!(c.lease, std::time::Duration::from_secs(60));
+        }
     }
 
     /// The message, and every source's, without the password `hunter2`.

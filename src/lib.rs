@@ -2,7 +2,8 @@
 //!
 //! Broker-agnostic messaging for Rust, in the spirit of Go's Watermill: write handlers once
 //! against one small API and run them on the embedded in-memory broker, Kafka, RabbitMQ,
-//! NATS JetStream, Google Cloud Pub/Sub or Redis Streams by changing configuration.
+//! NATS JetStream, Google Cloud Pub/Sub, Redis Streams or PostgreSQL by changing
+//! configuration.
 //!
 //! This facade is the one dependency users need. It re-exports [`tidemill_core`] (the
 //! [`Message`] model, the [`Publisher`] and [`Subscriber`] traits, [`Delivery`]
@@ -19,6 +20,7 @@
 //! | `nats` | `nats` | NATS adapter (JetStream and core) |
 //! | `googlecloud` | `googlecloud` | Google Cloud Pub/Sub adapter |
 //! | `redis` | `redis` | Redis Streams adapter |
+//! | `postgres` | `sql` | PostgreSQL adapter: pub/sub over tables, transactional outbox, inbox |
 //! | `otel` | `otel` | OpenTelemetry trace context in message metadata, publisher metrics |
 //!
 //! Every feature, as `Cargo.toml` declares it:
@@ -88,6 +90,11 @@ pub use tidemill_googlecloud as googlecloud;
 #[cfg(feature = "redis")]
 pub use tidemill_redis as redis;
 
+/// The PostgreSQL adapter ([`tidemill_sql`]): pub/sub over tables, the transactional
+/// outbox with its forwarder, the inbox.
+#[cfg(feature = "postgres")]
+pub use tidemill_sql as sql;
+
 /// OpenTelemetry trace context and publisher metrics ([`tidemill_otel`]).
 #[cfg(feature = "otel")]
 pub use tidemill_otel as otel;
@@ -107,6 +114,7 @@ impl Broker {
             BrokerKind::Nats => "nats",
             BrokerKind::GoogleCloud => "gcp_pubsub",
             BrokerKind::Redis => "redis",
+            BrokerKind::Postgres => "postgres",
         };
         Broker {
             publisher: std::sync::Arc::new(

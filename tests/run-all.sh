@@ -7,9 +7,10 @@
 # 2. Run unit, in-memory conformance and adapter conformance tests, then the tests that
 #    restart a shared broker (marked #[ignore], run one at a time), the doctests, then
 #    the examples end to end: the demo and the reliability example (in-memory), and the
-#    order flow (examples/order_flow/) and the CQRS example on all six backends (memory +
-#    the five real brokers), each of which checks its own outcome and exits non-zero when
-#    it is wrong. The brokers started here are always taken down, also on failure.
+#    order flow (examples/order_flow/), the CQRS and the batch examples on all seven
+#    backends (memory + the six real brokers), each of which checks its own outcome and
+#    exits non-zero when it is wrong. The brokers started here are always taken down,
+#    also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,13 +39,13 @@ run_example() {
     timeout -k 10 "$EXAMPLE_TIMEOUT" "$bin" "$@" >"$log" 2>&1 </dev/null || rc=$?
   local took=$((SECONDS - start))
   if ((rc == 0)); then
-    printf '  %-11s %-7s ok (%ss)\n' "$name" "$label" "$took"
+    printf '  %-11s %-8s ok (%ss)\n' "$name" "$label" "$took"
     return 0
   fi
   if ((rc == 124 || rc == 137)); then
-    printf '  %-11s %-7s FAILED: timed out after %ss (%s)\n' "$name" "$label" "$EXAMPLE_TIMEOUT" "$url"
+    printf '  %-11s %-8s FAILED: timed out after %ss (%s)\n' "$name" "$label" "$EXAMPLE_TIMEOUT" "$url"
   else
-    printf '  %-11s %-7s FAILED: exit %s after %ss (%s); last lines:\n' "$name" "$label" "$rc" "$took" "$url"
+    printf '  %-11s %-8s FAILED: exit %s after %ss (%s); last lines:\n' "$name" "$label" "$rc" "$took" "$url"
   fi
   tail -n 25 "$log" | sed 's/^/      | /'
   return 1
@@ -77,9 +78,7 @@ run_examples() {
   add_broker nats TIDEMILL_NATS_URL "${TIDEMILL_NATS_URL:-}"
   add_broker pubsub PUBSUB_EMULATOR_HOST "pubsub://tidemill-test?emulator=${PUBSUB_EMULATOR_HOST:-}"
   add_broker redis TIDEMILL_REDIS_URL "${TIDEMILL_REDIS_URL:-}"
-  # TODO(lead): run the examples on PostgreSQL too, once the facade's `postgres` feature is
-  # in `all-brokers` and the examples take postgres:// URLs (until then they would fail):
-  # add_broker postgres TIDEMILL_POSTGRES_URL "${TIDEMILL_POSTGRES_URL:-}"
+  add_broker postgres TIDEMILL_POSTGRES_URL "${TIDEMILL_POSTGRES_URL:-}"
   for example in "${examples[@]}"; do
     for b in "${brokers[@]}"; do
       label=${b%% *}
