@@ -20,10 +20,11 @@
 //! values are errors naming the offending part.
 //!
 //! PostgreSQL URLs also carry the connection parameters the database client (sqlx) reads:
-//! [`POSTGRES_URL_PARAMETERS`] (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`,
-//! `application_name`, `options`, `host`, `port`, `user`, `password`, `dbname`, …) stay in
-//! the URL the adapter connects with, as written; every other parameter is a `SqlConfig`
-//! option (`table_prefix`, `prefetch`, `lease`, `poll_interval`, `start_from`,
+//! `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `application_name`, `options`,
+//! `options[<setting>]`, `host`, `hostaddr`, `port`, `user`, `password`, `dbname`,
+//! `statement-cache-capacity` (and sqlx's spellings `ssl-mode`, `ssl-root-cert`, `ssl-ca`,
+//! `ssl-cert`, `ssl-key`). They stay in the URL the adapter connects with, as written;
+//! every other parameter is a `SqlConfig` option (`table_prefix`, `prefetch`, `lease`, `poll_interval`, `start_from`,
 //! `order_per_key`, `create_schema`, `max_connections`, `connect_timeout`, …). In a file
 //! section or a `TIDEMILL_BROKER__*` variable, a connection parameter (`sslmode = "require"`)
 //! is added to the URL's query the same way. Note that `connect_timeout` is Tidemill's, a
