@@ -457,6 +457,9 @@ impl Forwarder {
             );
         }
         config.max_connections = 1;
+        // The subscriber created (or checked) the schema when it connected; running its DDL
+        // again would wait behind every open transaction that wrote to the messages table.
+        config.create_schema = false;
         let pool = schema::connect(&config, "forwarder").await?;
         let tables = Tables::new(&config.table_prefix);
         let result = crate::subscriber::ensure_group(
@@ -596,13 +599,13 @@ async fn forward(
         destination.publish(&topic, vec![out]).await
     };
     published.map_err(|source| {
-            Box::new(ForwardError::Publish {
-                uuid: uuid.clone(),
-                outbox_topic: outbox_topic.to_owned(),
-                destination: topic.clone(),
-                source,
-            }) as BoxError
-        })?;
+        Box::new(ForwardError::Publish {
+            uuid: uuid.clone(),
+            outbox_topic: outbox_topic.to_owned(),
+            destination: topic.clone(),
+            source,
+        }) as BoxError
+    })?;
     tracing::trace!(%uuid, outbox_topic, destination = %topic, "forwarded");
     Ok(())
 }
@@ -687,7 +690,10 @@ mod tests {
         forward(&broker.publisher(), "outbox", msg, false)
             .await
             .unwrap();
-        let got = futures::StreamExt::next(&mut stream).await.unwrap().unwrap();
+        let got = futures::StreamExt::next(&mut stream)
+            .await
+            .unwrap()
+            .unwrap();
         let m = got.message();
         assert_eq!(m.uuid(), "u-1");
         assert_eq!(m.payload().as_ref(), b"payload");
@@ -699,12 +705,20 @@ mod tests {
     #[tokio::test]
     async fn missing_destination_is_permanent_and_says_why() {
         let broker = MemoryBroker::new();
-        let err = forward(&broker.publisher(), "outbox", Message::with_uuid("u-2", "x"), false)
-            .await
-            .unwrap_err();
+        let err = forward(
+            &broker.publisher(),
+            "outbox",
+            Message::with_uuid("u-2", "x"),
+            false,
+        )
+        .await
+        .unwrap_err();
         assert!(is_permanent(err.as_ref()));
         let text = err.to_string();
-        assert!(text.contains(DESTINATION_TOPIC) && text.contains("u-2"), "{text}");
+        assert!(
+            text.contains(DESTINATION_TOPIC) && text.contains("u-2"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
