@@ -37,9 +37,23 @@ impl Tables {
         }
     }
 
-    /// Every table with what it is for, in creation order.
-    fn all(&self) -> [&str; 4] {
-        [&self.messages, &self.groups, &self.pending, &self.inbox]
+    /// Every table and index, schema-qualified as the prefix is.
+    fn objects(&self) -> Vec<String> {
+        let schema = self
+            .messages
+            .rsplit_once('.')
+            .map_or(String::new(), |(s, _)| format!("{s}."));
+        let index = &self.index;
+        vec![
+            self.messages.clone(),
+            self.groups.clone(),
+            self.pending.clone(),
+            self.inbox.clone(),
+            format!("{schema}{index}messages_position"),
+            format!("{schema}{index}pending_position"),
+            format!("{schema}{index}pending_key"),
+            format!("{schema}{index}inbox_handled_at"),
+        ]
     }
 
     /// The DDL creating every table and index (idempotent).
@@ -143,29 +157,36 @@ pub(crate) async fn connect(config: &SqlConfig, role: &str) -> Result<PgPool> {
     let tables = Tables::new(&config.table_prefix);
     let setup = async {
         let mut conn = pool.acquire().await?;
-        if config.create_schema {
-            // One creator at a time: concurrent `CREATE … IF NOT EXISTS` of one table can
-            // fail on the catalog's unique index.
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                .bind(format!("tidemill-schema {}", config.table_prefix))
-                .execute(&mut *tx)
-                .await?;
-            tx.execute(sqlx::raw_sql(&tables.ddl())).await?;
-            tx.commit().await?;
-            Ok(None)
-        } else {
-            for table in tables.all() {
-                let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-                    .bind(table)
-                    .fetch_one(&mut *conn)
-                    .await?;
-                if found.is_none() {
-                    return Ok(Some(table.to_owned()));
-                }
-            }
-            Ok(None)
+        // Look before creating: `CREATE … IF NOT EXISTS` of an existing table or index still
+        // queues for a lock on it, behind every open transaction that wrote to it (and
+        // every insert queues behind that request).
+        let missing: Vec<String> = sqlx::query_scalar(
+            "SELECT n FROM unnest($1::text[]) AS n WHERE to_regclass(n) IS NULL",
+        )
+        .bind(tables.objects())
+        .fetch_all(&mut *conn)
+        .await?;
+        if missing.is_empty() {
+            return Ok(None);
         }
+        if !config.create_schema {
+            return Ok(Some(missing[0].clone()));
+        }
+        // One creator at a time (concurrent `CREATE … IF NOT EXISTS` of one table can fail
+        // on the catalog's unique index), and never waiting long for a lock.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        tx.execute(sqlx::raw_sql(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            config.connect_timeout.as_millis().max(1)
+        )))
+        .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("tidemill-schema {}", config.table_prefix))
+            .execute(&mut *tx)
+            .await?;
+        tx.execute(sqlx::raw_sql(&tables.ddl())).await?;
+        tx.commit().await?;
+        Ok(None)
     };
     let setup: std::result::Result<Option<String>, sqlx::Error> =
         match tokio::time::timeout(config.connect_timeout + Duration::from_secs(1), setup).await {
@@ -179,7 +200,7 @@ pub(crate) async fn connect(config: &SqlConfig, role: &str) -> Result<PgPool> {
             "",
             "check the schema",
             format!(
-                "table `{table}` does not exist in {} and create_schema is off (create it \
+                "table or index `{table}` does not exist in {} and create_schema is off (create it \
                  with tidemill_sql::schema_sql)",
                 config.address()
             ),
@@ -217,8 +238,10 @@ pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
             // connection exceptions, serialization failures and deadlocks, insufficient
-            // resources, operator intervention (server shutting down or starting).
-            c.starts_with("08")
+            // resources, operator intervention (server shutting down or starting), a lock
+            // not granted within lock_timeout.
+            c == "55P03"
+                || c.starts_with("08")
                 || c.starts_with("40")
                 || c.starts_with("53")
                 || c.starts_with("57P")

@@ -289,6 +289,7 @@ struct Statements {
     next_visible: String,
     ack: String,
     nack: String,
+    release: String,
     still_pending: String,
     renew: String,
     renew_group: String,
@@ -369,6 +370,12 @@ AND "offset" = ANY($3) AND locked_by = $4 RETURNING "offset""#
             nack: format!(
                 r#"UPDATE {pending} SET locked_by = NULL, lease_until = NULL,
     visible_at = now() + make_interval(secs => $5::float8)
+WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3) AND locked_by = $4
+RETURNING "offset""#
+            ),
+            release: format!(
+                r#"UPDATE {pending} SET locked_by = NULL, lease_until = NULL, visible_at = now(),
+    attempts = GREATEST(attempts - 1, 0)
 WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3) AND locked_by = $4
 RETURNING "offset""#
             ),
@@ -501,7 +508,7 @@ async fn release_buffered(shared: &Shared) {
     if offsets.is_empty() {
         return;
     }
-    match run_settle(shared, Some(Duration::ZERO), &offsets).await {
+    match run_settle(shared, Outcome::Release, &offsets).await {
         Ok(_) => {
             tracing::debug!(topic = %shared.topic, count = offsets.len(), "released buffered messages at close")
         }
@@ -657,9 +664,30 @@ fn decode(shared: &Shared, offset: i64, row: &PgRow) -> std::result::Result<Fetc
 /// A settlement request from an acknowledger.
 struct Settle {
     offset: i64,
-    /// `None`: ack; `Some(delay)`: nack.
-    nack: Option<Duration>,
+    outcome: Outcome,
     reply: Option<oneshot::Sender<Result<()>>>,
+}
+
+/// What becomes of a reserved message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Done: the pending row goes.
+    Ack,
+    /// Delivered again after the delay.
+    Nack(Duration),
+    /// Never handed out (buffered when the subscription ended): back to the group at once,
+    /// the attempt it was fetched with not counted.
+    Release,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Ack => "ack",
+            Outcome::Nack(_) => "nack",
+            Outcome::Release => "release",
+        }
+    }
 }
 
 /// Settles one delivery through the subscription's settle loop.
@@ -669,11 +697,11 @@ struct SqlAcker {
 }
 
 impl SqlAcker {
-    fn send(self, nack: Option<Duration>) -> AckFuture {
+    fn send(self, outcome: Outcome) -> AckFuture {
         let (reply, rx) = oneshot::channel();
         let sent = self.settle.send(Settle {
             offset: self.offset,
-            nack,
+            outcome,
             reply: Some(reply),
         });
         if sent.is_err() {
@@ -699,17 +727,19 @@ impl SqlAcker {
 
 impl Acknowledger for SqlAcker {
     fn ack(self: Box<Self>) -> AckFuture {
-        self.send(None)
+        self.send(Outcome::Ack)
     }
 
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
-        self.send(Some(delay.unwrap_or_default()))
+        self.send(Outcome::Nack(delay.unwrap_or_default()))
     }
 
+    /// Nacks at once; a delivery still in the subscription's buffer (the stream was dropped
+    /// with it) is released instead, its attempt not counted.
     fn nack_on_drop(self: Box<Self>) {
         let _ = self.settle.send(Settle {
             offset: self.offset,
-            nack: Some(Duration::ZERO),
+            outcome: Outcome::Nack(Duration::ZERO),
             reply: None,
         });
     }
@@ -781,33 +811,37 @@ async fn renew_leases(shared: &Shared) {
     }
 }
 
-/// Runs the acks and nacks of `batch` (one statement for the acks, one per nack delay),
-/// retrying a lost connection within `command_timeout`, and replies to each.
+/// Runs the settlements of `batch` (one statement per outcome), retrying a lost connection
+/// within `command_timeout`, and replies to each.
 async fn settle(shared: &Shared, batch: Vec<Settle>) {
-    let mut groups: Vec<(Option<Duration>, Vec<Settle>)> = Vec::new();
-    for s in batch {
-        if !shared.held.lock().contains_key(&s.offset) {
+    let mut groups: Vec<(Outcome, Vec<Settle>)> = Vec::new();
+    for mut s in batch {
+        match shared.held.lock().get(&s.offset) {
             // Released at close (or settled already): nothing to do.
-            if let Some(reply) = s.reply {
-                let _ = reply.send(Ok(()));
+            None => {
+                if let Some(reply) = s.reply {
+                    let _ = reply.send(Ok(()));
+                }
+                continue;
             }
-            continue;
+            Some(Held::Buffered) => s.outcome = Outcome::Release,
+            Some(Held::HandedOut) => {}
         }
-        match groups.iter_mut().find(|(k, _)| *k == s.nack) {
+        match groups.iter_mut().find(|(k, _)| *k == s.outcome) {
             Some((_, list)) => list.push(s),
-            None => groups.push((s.nack, vec![s])),
+            None => groups.push((s.outcome, vec![s])),
         }
     }
-    for (nack, list) in groups {
+    for (outcome, list) in groups {
         let offsets: Vec<i64> = list.iter().map(|s| s.offset).collect();
-        let result = run_settle(shared, nack, &offsets).await;
+        let result = run_settle(shared, outcome, &offsets).await;
         {
             let mut held = shared.held.lock();
             for o in &offsets {
                 held.remove(o);
             }
         }
-        let what = if nack.is_some() { "nack" } else { "ack" };
+        let what = outcome.name();
         match result {
             Ok(lost) => {
                 for s in list {
@@ -828,7 +862,7 @@ async fn settle(shared: &Shared, batch: Vec<Settle>) {
                     };
                     if let Err(e) = &r {
                         if s.reply.is_none() {
-                            tracing::warn!(error = %e, "nack of a dropped delivery failed");
+                            tracing::warn!(error = %e, "settling a dropped delivery failed");
                         }
                     }
                     if let Some(reply) = s.reply {
@@ -861,24 +895,25 @@ async fn settle(shared: &Shared, batch: Vec<Settle>) {
 /// settled already (e.g. a retried statement that had succeeded) and count as done.
 async fn run_settle(
     shared: &Shared,
-    nack: Option<Duration>,
+    outcome: Outcome,
     offsets: &[i64],
 ) -> std::result::Result<Vec<i64>, sqlx::Error> {
     let deadline = tokio::time::Instant::now() + shared.config.command_timeout;
     let mut pause = Duration::from_millis(50);
     loop {
         let result = async {
-            let query = match nack {
-                None => sqlx::query_scalar(&shared.sql.ack),
-                Some(_) => sqlx::query_scalar(&shared.sql.nack),
+            let query = match outcome {
+                Outcome::Ack => sqlx::query_scalar(&shared.sql.ack),
+                Outcome::Nack(_) => sqlx::query_scalar(&shared.sql.nack),
+                Outcome::Release => sqlx::query_scalar(&shared.sql.release),
             }
             .bind(&shared.topic)
             .bind(&shared.group)
             .bind(offsets)
             .bind(&shared.consumer);
-            let query = match nack {
-                None => query,
-                Some(delay) => query.bind(delay.as_secs_f64()),
+            let query = match outcome {
+                Outcome::Nack(delay) => query.bind(delay.as_secs_f64()),
+                Outcome::Ack | Outcome::Release => query,
             };
             let done: Vec<i64> = query.fetch_all(&shared.pool).await?;
             if done.len() == offsets.len() {

@@ -1,0 +1,463 @@
+//! What the PostgreSQL adapter promises beyond the conformance suite, against the server of
+//! brokers (`TIDEMILL_POSTGRES_URL`): rows other programs inserted delivered as they are; a
+//! row committed late by a long transaction never skipped; scheduled messages neither early
+//! nor late; attempts counted in the database across subscribers; a dead consumer's
+//! reservations taken over; private groups removed; and the errors (unreachable server,
+//! wrong password, missing tables with schema creation off, oversized message).
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{have_server, ok, postgres_url, raw, test_config};
+use futures::StreamExt;
+use tidemill_core::{
+    Delivery, DeliveryStream, Error, Message, Publisher, SubscribeOptions, Subscriber,
+};
+use tidemill_sql::{DeliverAt, SqlConfig, SqlPublisher, SqlRecord, SqlSubscriber, StartFrom};
+use tidemill_testkit::unique_topic;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn next(stream: &mut DeliveryStream, what: &str) -> Delivery {
+    tokio::time::timeout(LIMIT, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {LIMIT:?}"))
+        .unwrap_or_else(|| panic!("the stream ended before the {what}"))
+        .unwrap_or_else(|e| panic!("stream error before the {what}: {e}"))
+}
+
+async fn connect() -> (SqlPublisher, SqlSubscriber) {
+    let config = test_config(&postgres_url());
+    (
+        ok(
+            SqlPublisher::connect(config.clone()).await,
+            "connect publisher",
+        ),
+        ok(SqlSubscriber::connect(config).await, "connect subscriber"),
+    )
+}
+
+#[test]
+fn rows_other_programs_inserted_are_delivered_as_they_are() {
+    if !have_server("rows_other_programs_inserted_are_delivered_as_they_are") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_foreign");
+        let (_p, s) = connect().await;
+        let opts = SubscribeOptions::group("foreign");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let pool = raw().await.expect("raw pool");
+        // What a plain `psql` user might write: no uuid, metadata with numbers, objects
+        // and nulls, a binary payload; then metadata that is not an object at all.
+        sqlx::query(
+            "INSERT INTO tidemill_messages (topic, metadata, payload) VALUES \
+             ($1, '{\"n\": 1, \"s\": \"x\", \"o\": {\"a\": true}, \"z\": null}', '\\xff00fe'::bytea), \
+             ($1, '[1, 2]', 'plain')",
+        )
+        .bind(&topic)
+        .execute(&pool)
+        .await
+        .expect("insert");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+
+        // Both rows come in one fetch: the second is delivered before the first comes back.
+        let first = next(&mut stream, "first foreign row").await;
+        let msg = first.message();
+        assert_eq!(msg.payload().as_ref(), &[0xff, 0x00, 0xfe]);
+        assert_eq!(msg.metadata().get("n"), Some("1"));
+        assert_eq!(msg.metadata().get("s"), Some("x"));
+        assert_eq!(msg.metadata().get("o"), Some(r#"{"a":true}"#));
+        assert_eq!(msg.metadata().get("z"), Some("null"));
+        let record = SqlRecord::of(msg).expect("a record");
+        assert!(!record.uuid_stored());
+        assert_eq!(record.topic(), topic);
+        let uuid = msg.uuid().to_owned();
+        assert!(!uuid.is_empty());
+        ok(first.nack().await, "nack");
+
+        let second = next(&mut stream, "second foreign row").await;
+        assert_eq!(second.message().payload().as_ref(), b"plain");
+        assert_eq!(second.message().metadata().get("metadata"), Some("[1, 2]"));
+        ok(second.ack().await, "ack");
+
+        // The uuid derived for a row without one is the same on every delivery.
+        let again = next(&mut stream, "redelivered foreign row").await;
+        assert_eq!(again.message().uuid(), uuid);
+        assert_eq!(again.attempt(), Some(2));
+        ok(again.ack().await, "ack");
+        sqlx::query("DELETE FROM tidemill_messages WHERE topic = $1")
+            .bind(&topic)
+            .execute(&pool)
+            .await
+            .expect("cleanup");
+    });
+}
+
+#[test]
+fn a_row_committed_late_by_a_long_transaction_is_not_skipped() {
+    if !have_server("a_row_committed_late_by_a_long_transaction_is_not_skipped") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_late_commit");
+        let (p, s) = connect().await;
+        let opts = SubscribeOptions::group("late");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        // A transaction writes first (lower offset) and commits last.
+        let mut tx = p.pool().begin().await.expect("begin");
+        ok(
+            p.publish_in(&mut tx, &topic, vec![Message::new("written first")])
+                .await,
+            "publish in transaction",
+        );
+        ok(
+            p.publish(&topic, vec![Message::new("committed first")])
+                .await,
+            "publish",
+        );
+        tx.commit().await.expect("commit");
+        let a = next(&mut stream, "first message").await;
+        let b = next(&mut stream, "second message").await;
+        // Both arrive, in the order their transactions began writing.
+        assert_eq!(a.message().payload().as_ref(), b"written first");
+        assert_eq!(b.message().payload().as_ref(), b"committed first");
+        ok(a.ack().await, "ack");
+        ok(b.ack().await, "ack");
+    });
+}
+
+#[test]
+fn a_rolled_back_write_is_never_delivered() {
+    if !have_server("a_rolled_back_write_is_never_delivered") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_rollback");
+        let (p, s) = connect().await;
+        let opts = SubscribeOptions::group("rollback");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let mut tx = p.pool().begin().await.expect("begin");
+        ok(
+            p.publish_in(&mut tx, &topic, vec![Message::new("rolled back")])
+                .await,
+            "publish in transaction",
+        );
+        tx.rollback().await.expect("rollback");
+        ok(
+            p.publish(&topic, vec![Message::new("sentinel")]).await,
+            "publish",
+        );
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let first = next(&mut stream, "first message").await;
+        assert_eq!(first.message().payload().as_ref(), b"sentinel");
+        ok(first.ack().await, "ack");
+    });
+}
+
+#[test]
+fn scheduled_messages_are_delivered_when_due_and_not_before() {
+    if !have_server("scheduled_messages_are_delivered_when_due_and_not_before") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_scheduled");
+        let (p, s) = connect().await;
+        let opts = SubscribeOptions::group("scheduled");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let delay = Duration::from_secs(2);
+        let start = Instant::now();
+        // Same key as the immediate message after it: a scheduled message does not hold
+        // back the messages of its key while it waits for its time.
+        ok(
+            p.publish_at(
+                &topic,
+                vec![Message::new("after").with_key("k")],
+                DeliverAt::After(delay),
+            )
+            .await,
+            "publish after",
+        );
+        ok(
+            p.publish_at(
+                &topic,
+                vec![Message::new("at").with_key("k2")],
+                DeliverAt::At(SystemTime::now() + delay),
+            )
+            .await,
+            "publish at",
+        );
+        ok(
+            p.publish(&topic, vec![Message::new("now").with_key("k")])
+                .await,
+            "publish",
+        );
+        let published = Instant::now();
+        let now = next(&mut stream, "immediate message").await;
+        assert_eq!(now.message().payload().as_ref(), b"now");
+        ok(now.ack().await, "ack");
+        let mut due = Vec::new();
+        for _ in 0..2 {
+            let d = next(&mut stream, "scheduled message").await;
+            let elapsed = start.elapsed();
+            // The database computed the due time after `start` (same machine clock).
+            assert!(
+                elapsed >= delay - Duration::from_millis(20),
+                "a scheduled message arrived {elapsed:?} after the publish, before its {delay:?}"
+            );
+            due.push(String::from_utf8_lossy(d.message().payload()).into_owned());
+            ok(d.ack().await, "ack");
+        }
+        // Within a second of their time (the subscription sleeps until the next due row).
+        let late = published.elapsed();
+        assert!(
+            late <= delay + Duration::from_secs(1),
+            "scheduled messages took {late:?}, over a second after their {delay:?}"
+        );
+        due.sort();
+        assert_eq!(due, ["after", "at"]);
+    });
+}
+
+#[test]
+fn attempts_are_counted_in_the_database_across_subscribers() {
+    if !have_server("attempts_are_counted_in_the_database_across_subscribers") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_attempts");
+        let (p, s) = connect().await;
+        let opts = SubscribeOptions::group("attempts");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        ok(p.publish(&topic, vec![Message::new("x")]).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts.clone()).await, "subscribe");
+        for attempt in 1..=2 {
+            let d = next(&mut stream, "delivery").await;
+            assert_eq!(d.attempt(), Some(attempt));
+            ok(d.nack().await, "nack");
+        }
+        // The subscription fetched it again (attempt 3) into its buffer; a buffered
+        // message released at close does not count as an attempt.
+        ok(s.close().await, "close");
+        drop(stream);
+        let (_, other) = connect().await;
+        let mut stream = ok(other.subscribe(&topic, opts).await, "subscribe again");
+        let d = next(&mut stream, "delivery to the new subscriber").await;
+        assert_eq!(d.attempt(), Some(3));
+        ok(d.ack().await, "ack");
+    });
+}
+
+#[test]
+fn a_dead_consumers_reservation_is_taken_over_when_its_lease_ran_out() {
+    if !have_server("a_dead_consumers_reservation_is_taken_over_when_its_lease_ran_out") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_takeover");
+        let (p, s) = connect().await;
+        let opts = SubscribeOptions::group("takeover");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        ok(p.publish(&topic, vec![Message::new("held")]).await, "publish");
+        let pool = raw().await.expect("raw pool");
+        // What a consumer that died holding the message leaves: a reservation of a consumer
+        // that will never renew it. First, while its lease runs: nobody else gets it.
+        sqlx::query(
+                "WITH g AS (UPDATE tidemill_groups g SET transaction_id = m.transaction_id, \
+                 \"offset\" = m.\"offset\" FROM tidemill_messages m \
+                 WHERE g.topic = $1 AND g.consumer_group = 'takeover' AND m.topic = $1 \
+                 RETURNING m.transaction_id, m.\"offset\") \
+                 INSERT INTO tidemill_pending (topic, consumer_group, transaction_id, \"offset\", \
+                 attempts, locked_by, lease_until) SELECT $1, 'takeover', transaction_id, \"offset\", \
+                 1, 'dead-consumer', now() + interval '1 hour' FROM g",
+        )
+        .bind(&topic)
+            .execute(&pool)
+            .await
+            .expect("reserve");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        ok(
+            p.publish(&topic, vec![Message::new("sentinel")]).await,
+            "publish",
+        );
+        let first = next(&mut stream, "sentinel").await;
+        assert_eq!(first.message().payload().as_ref(), b"sentinel");
+        ok(first.ack().await, "ack");
+        // The lease runs out: the group gets it, as its second attempt.
+        sqlx::query(
+            "UPDATE tidemill_pending SET lease_until = now() - interval '1 second' \
+             WHERE topic = $1 AND locked_by = 'dead-consumer'",
+        )
+        .bind(&topic)
+        .execute(&pool)
+        .await
+        .expect("expire");
+        let taken = next(&mut stream, "taken over message").await;
+        assert_eq!(taken.message().payload().as_ref(), b"held");
+        assert_eq!(taken.attempt(), Some(2));
+        ok(taken.ack().await, "ack");
+    });
+}
+
+#[test]
+fn private_groups_are_removed_when_their_subscription_ends() {
+    if !have_server("private_groups_are_removed_when_their_subscription_ends") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_private");
+        let (p, s) = connect().await;
+        let pool = raw().await.expect("raw pool");
+        let groups = || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tidemill_groups WHERE topic = $1")
+                .bind(&topic)
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+        };
+        let mut stream = ok(
+            s.subscribe(&topic, SubscribeOptions::new()).await,
+            "subscribe",
+        );
+        assert_eq!(groups().await, 1);
+        ok(p.publish(&topic, vec![Message::new("x")]).await, "publish");
+        let d = next(&mut stream, "message").await;
+        ok(d.ack().await, "ack");
+        drop(stream);
+        let deadline = Instant::now() + LIMIT;
+        while groups().await != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the private group is still there"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tidemill_pending WHERE topic = $1")
+                .bind(&topic)
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+        assert_eq!(pending, 0);
+    });
+}
+
+#[test]
+fn errors_name_what_went_wrong_without_the_password() {
+    if !have_server("errors_name_what_went_wrong_without_the_password") {
+        return;
+    }
+    runtime().block_on(async {
+        // Unreachable: a port nothing listens on.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let mut config = SqlConfig::new(format!("postgres://app:s3cr3t-pw@127.0.0.1:{port}/db"));
+        config.connect_timeout = Duration::from_secs(2);
+        let started = Instant::now();
+        let err = SqlPublisher::connect(config.clone()).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(matches!(err, Error::Connect { .. }), "{text}");
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+        assert!(
+            !text.contains("s3cr3t-pw") && !format!("{err:?}").contains("s3cr3t-pw"),
+            "{text}"
+        );
+        assert!(!format!("{config:?}").contains("s3cr3t-pw"));
+
+        // Wrong password.
+        let url = postgres_url();
+        let wrong = url.replacen("tidemill:tidemill@", "tidemill:not-the-pw@", 1);
+        assert_ne!(
+            wrong, url,
+            "the test URL has the expected user and password"
+        );
+        let err = SqlSubscriber::connect(SqlConfig::new(wrong))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("127.0.0.1"), "{text}");
+        assert!(text.contains("password authentication failed"), "{text}");
+        assert!(
+            !text.contains("not-the-pw") && !format!("{err:?}").contains("not-the-pw"),
+            "{text}"
+        );
+
+        // Missing tables, creation off.
+        let mut config = test_config(&url);
+        config.table_prefix = "tidemill_never_created_".into();
+        config.create_schema = false;
+        let err = SqlPublisher::connect(config).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("tidemill_never_created_messages"), "{text}");
+        assert!(text.contains("create_schema is off"), "{text}");
+
+        // Over the size limit.
+        let mut config = test_config(&url);
+        config.max_message_bytes = 1024;
+        let p = ok(SqlPublisher::connect(config).await, "connect");
+        let topic = unique_topic("sql_too_large");
+        let big = Message::new(vec![b'x'; 2000]);
+        let uuid = big.uuid().to_owned();
+        let err = p.publish(&topic, vec![big]).await.unwrap_err();
+        match &err {
+            Error::MessageTooLarge {
+                topic: t,
+                uuid: u,
+                limit,
+                ..
+            } => {
+                assert_eq!((t, u, *limit), (&topic, &uuid, 1024));
+            }
+            other => panic!("expected MessageTooLarge, got {other}"),
+        }
+
+        // Bad table prefix: named.
+        let mut config = test_config(&url);
+        config.table_prefix = "drop table x;".into();
+        let err = SqlPublisher::connect(config).await.unwrap_err();
+        assert!(err.to_string().contains("table_prefix"), "{err}");
+    });
+}
+
+#[test]
+fn start_from_beginning_gives_a_new_group_every_row() {
+    if !have_server("start_from_beginning_gives_a_new_group_every_row") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_beginning");
+        let mut config = test_config(&postgres_url());
+        config.start_from = StartFrom::Beginning;
+        let p = ok(SqlPublisher::connect(config.clone()).await, "connect");
+        let s = ok(SqlSubscriber::connect(config).await, "connect");
+        let sent: Vec<Message> = (0..5).map(|i| Message::new(format!("m{i}"))).collect();
+        ok(p.publish(&topic, sent).await, "publish");
+        let mut stream = ok(
+            s.subscribe(&topic, SubscribeOptions::group("late")).await,
+            "subscribe",
+        );
+        for i in 0..5 {
+            let d = next(&mut stream, "old message").await;
+            assert_eq!(d.message().payload().as_ref(), format!("m{i}").as_bytes());
+            ok(d.ack().await, "ack");
+        }
+    });
+}
