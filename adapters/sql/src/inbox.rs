@@ -111,7 +111,10 @@
 //! NOTHING` on the inbox's primary key, a pooled connection held for the handler's
 //! duration, and a boxed future. The table grows by one small row per message and
 //! consumer until the cleanup deletes it. Duplicates cost a `BEGIN`, the `INSERT` and a
-//! `ROLLBACK`.
+//! `ROLLBACK`. Size the pool for the messages in flight: every one holds a connection
+//! until it commits (a handler's [`concurrency`](tidemill_core::router::HandlerBuilder::concurrency)
+//! above the pool's `max_connections` makes messages wait for one, and fail transiently
+//! past the pool's acquire timeout).
 //!
 //! # Schema
 //!
