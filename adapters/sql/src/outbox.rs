@@ -87,14 +87,19 @@
 //!
 //! # Costs
 //!
-//! Per message: one extra row written in your transaction (plus a `NOTIFY` at commit),
-//! and on the forwarder's side one fetch (shared by up to
-//! [`prefetch`](crate::SqlConfig::prefetch) messages), one publish to the destination and
-//! one ack statement (acks that finish together share one). Latency from commit to
-//! destination is the `NOTIFY` wake-up (milliseconds) plus the destination's publish; if a
-//! notification is lost, the forwarder's poll interval. Outbox rows stay in the messages
-//! table after they were forwarded (only the group's pending entry is deleted), like every
-//! other topic's.
+//! - Per message: one extra row written in your transaction (plus a `NOTIFY` at commit),
+//!   and on the forwarder's side one fetch (shared by up to
+//!   [`prefetch`](crate::SqlConfig::prefetch) messages), one publish to the destination
+//!   and one ack statement (acks that finish together share one).
+//! - Latency from commit to destination: the `NOTIFY` wake-up (milliseconds) plus the
+//!   destination's publish; the forwarder's poll interval if a notification is lost.
+//! - **Long transactions hold it back**: a subscription reads only rows of transactions
+//!   older than every transaction still running that has written something (so a row
+//!   committed late is never skipped). A writing transaction left open anywhere in the
+//!   database delays every outbox message written after it started, until it ends: keep
+//!   transactions short.
+//! - Outbox rows stay in the messages table after they were forwarded (only the group's
+//!   pending entry is deleted), like every other topic's.
 
 use std::fmt;
 use std::future::Future;

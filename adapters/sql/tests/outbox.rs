@@ -597,6 +597,74 @@ async fn a_killed_forwarder_loses_nothing_and_keeps_order_per_key() {
     env.cleanup().await;
 }
 
+/// A forwarder whose router closes mid-way (graceful shutdown) finishes the forwards it
+/// started (published, then acked) and gives the rest back: the next forwarder forwards
+/// everything else, and nothing twice.
+#[tokio::test]
+async fn a_closed_forwarder_hands_over_without_duplicates() {
+    if !have_server("a_closed_forwarder_hands_over_without_duplicates") {
+        return;
+    }
+    let mut env = Env::new("closed").await;
+    // Messages the closing router dropped unsettled come back after the lease at most.
+    env.config.lease = Duration::from_secs(2);
+    let broker = MemoryBroker::new();
+    let mut dest = ok(
+        broker
+            .subscriber()
+            .subscribe("dest", SubscribeOptions::new())
+            .await,
+        "subscribe at the destination",
+    );
+    let written = numbered(0, 200, 10);
+    commit_all(&env.outbox, "dest", &written, 50).await;
+    // Publishes past the 50th wait until the router is closing, so the close meets
+    // forwards under way.
+    let (open_tx, open) = watch::channel(false);
+    let gate = Gate {
+        inner: Arc::new(broker.publisher()),
+        limit: 50,
+        passed: AtomicUsize::new(0),
+        mode: GateMode::HoldUntilOpen,
+        open,
+    };
+    let (router, _forwarder) = env.forwarder(Arc::new(gate), |f| f).await;
+    let mut received = Vec::new();
+    while received.len() < 50 {
+        received.push(next(&mut dest, "before the close").await);
+    }
+    let closing = {
+        let router = router.clone();
+        tokio::spawn(async move { router.close().await })
+    };
+    // Once the router is shutting down (no new deliveries), let the held forwards go.
+    while router.is_running() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    open_tx.send_replace(true);
+    ok_router(closing.await.expect("close task"));
+
+    let (router, forwarder) = env.forwarder(Arc::new(broker.publisher()), |f| f).await;
+    let mut distinct: HashSet<String> = received.iter().map(|m| m.uuid().to_owned()).collect();
+    while distinct.len() < written.len() {
+        let m = next(&mut dest, "after the close").await;
+        distinct.insert(m.uuid().to_owned());
+        received.push(m);
+    }
+    wait_all_acked(&env.config, &forwarder).await;
+    while let Some(Some(Ok(d))) = dest.next().now_or_never() {
+        received.push(d.message().clone());
+        ok(d.ack().await, "ack");
+    }
+    let repeats = check_order(&written, &received);
+    assert_eq!(
+        repeats, 0,
+        "a graceful close forwarded {repeats} messages twice"
+    );
+    ok_router(router.close().await);
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn scheduled_messages_reach_the_destination_once_due_and_not_before() {
     if !have_server("scheduled_messages_reach_the_destination_once_due_and_not_before") {
