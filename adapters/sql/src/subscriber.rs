@@ -286,7 +286,6 @@ pub(crate) async fn ensure_group(
 struct Statements {
     advance: String,
     take: String,
-    next_visible: String,
     ack: String,
     nack: String,
     release: String,
@@ -303,7 +302,8 @@ impl Statements {
         let (messages, groups, pending) = (&t.messages, &t.groups, &t.pending);
         Statements {
             // $1 topic, $2 group, $3 how many rows may wait in pending (visible, not
-            // reserved) at most. Returns whether the group exists.
+            // reserved) at most. Returns whether the group exists, and the seconds until
+            // its next invisible row becomes visible (none: null).
             advance: format!(
                 r#"WITH g AS (
     SELECT transaction_id AS tx, "offset" AS off FROM {groups}
@@ -328,7 +328,9 @@ impl Statements {
     FROM last WHERE gr.topic = $1 AND gr.consumer_group = $2
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM g) AS found"#
+SELECT (SELECT count(*) FROM g) AS found,
+    (SELECT EXTRACT(EPOCH FROM min(visible_at) - now())::float8 FROM {pending}
+     WHERE topic = $1 AND consumer_group = $2 AND visible_at > now()) AS next_visible"#
             ),
             // $1 topic, $2 group, $3 consumer, $4 how many, $5 order per key,
             // $6 lease in seconds.
@@ -356,11 +358,6 @@ SELECT t."offset", t.attempts, m."offset" IS NOT NULL AS found, m.uuid, m.key,
     EXTRACT(EPOCH FROM m.created_at)::float8 AS created_at
 FROM t LEFT JOIN {messages} m ON m."offset" = t."offset"
 ORDER BY t.transaction_id, t."offset""#
-            ),
-            // Seconds until the group's next message becomes visible, if any.
-            next_visible: format!(
-                r#"SELECT EXTRACT(EPOCH FROM min(visible_at) - now())::float8 FROM {pending}
-WHERE topic = $1 AND consumer_group = $2 AND visible_at > now()"#
             ),
             ack: format!(
                 r#"DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2
@@ -440,9 +437,15 @@ async fn fetch_loop(
         if stop.is_cancelled() || tx.is_closed() {
             break;
         }
-        let room = config.prefetch.saturating_sub(shared.held.lock().len());
+        let (room, buffered) = {
+            let held = shared.held.lock();
+            let buffered = held.values().filter(|s| **s == Held::Buffered).count();
+            (config.prefetch.saturating_sub(held.len()), buffered)
+        };
         let mut wait = config.poll_interval;
-        if room > 0 {
+        // Fetch when the buffer ran dry or half the room is free: not after every ack
+        // (two statements for one message).
+        if room > 0 && (buffered == 0 || room * 2 >= config.prefetch) {
             match fetch(&shared, room, window).await {
                 Ok((rows, next)) => {
                     pause = Duration::from_millis(100);
@@ -541,14 +544,14 @@ impl Fetched {
 }
 
 /// One fetch: advance the group into pending, reserve up to `room` rows; with the time
-/// until the next invisible row becomes visible when fewer than `room` were found.
+/// until the group's next invisible row becomes visible, if it has one.
 async fn fetch(
     shared: &Shared,
     room: usize,
     window: i64,
 ) -> std::result::Result<(Vec<Fetched>, Option<Duration>), sqlx::Error> {
     let sql = &shared.sql;
-    let found: i64 = sqlx::query_scalar(&sql.advance)
+    let (found, next_visible): (i64, Option<f64>) = sqlx::query_as(&sql.advance)
         .bind(&shared.topic)
         .bind(&shared.group)
         .bind(window)
@@ -598,16 +601,7 @@ async fn fetch(
             .execute(&shared.pool)
             .await?;
     }
-    let next = if out.len() < room {
-        let secs: Option<f64> = sqlx::query_scalar(&sql.next_visible)
-            .bind(&shared.topic)
-            .bind(&shared.group)
-            .fetch_one(&shared.pool)
-            .await?;
-        secs.map(|s| Duration::from_secs_f64(s.max(0.0)) + Duration::from_millis(5))
-    } else {
-        None
-    };
+    let next = next_visible.map(|s| Duration::from_secs_f64(s.max(0.0)) + Duration::from_millis(5));
     Ok((out, next))
 }
 
