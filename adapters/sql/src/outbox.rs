@@ -84,6 +84,9 @@
 //!   on any broker, also those without native delayed delivery.
 //! - **Messages written before any forwarder ran** are relayed: the forwarder's consumer
 //!   group ([`DEFAULT_GROUP`]) starts at the beginning of the outbox topic.
+//! - **Trace context** travels in metadata like everything else: inject it before
+//!   `publish_in` (`tidemill_otel::inject_current(&mut msg)`) and the destination's
+//!   consumers continue the writer's trace (the forwarder's router span joins it too).
 //!
 //! # Costs
 //!

@@ -665,6 +665,75 @@ async fn a_closed_forwarder_hands_over_without_duplicates() {
     env.cleanup().await;
 }
 
+/// Two forwarders in the default group (two instances of a service, for availability)
+/// share the outbox: every message forwarded once, keys in order across both.
+#[tokio::test]
+async fn two_forwarders_share_the_outbox_and_keep_order_per_key() {
+    if !have_server("two_forwarders_share_the_outbox_and_keep_order_per_key") {
+        return;
+    }
+    let env = Env::new("shared").await;
+    let broker = MemoryBroker::new();
+    let mut dest = ok(
+        broker
+            .subscriber()
+            .subscribe("dest", SubscribeOptions::new())
+            .await,
+        "subscribe at the destination",
+    );
+    let counted = |n: &Arc<AtomicUsize>| {
+        Arc::new(Counting {
+            inner: broker.publisher(),
+            count: Arc::clone(n),
+        })
+    };
+    let (a_count, b_count) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, _) = env.forwarder(counted(&a_count), |f| f).await;
+    let (b, forwarder) = env.forwarder(counted(&b_count), |f| f).await;
+    let written = numbered(0, 400, 20);
+    commit_all(&env.outbox, "dest", &written[..200], 10).await;
+    commit_all(&env.outbox, "dest", &written[200..], 100).await;
+    let mut received = Vec::new();
+    while received.len() < written.len() {
+        received.push(next(&mut dest, "from either forwarder").await);
+    }
+    wait_all_acked(&env.config, &forwarder).await;
+    while let Some(Some(Ok(d))) = dest.next().now_or_never() {
+        received.push(d.message().clone());
+        ok(d.ack().await, "ack");
+    }
+    assert_eq!(check_order(&written, &received), 0, "duplicates");
+    let (from_a, from_b) = (
+        a_count.load(Ordering::Acquire),
+        b_count.load(Ordering::Acquire),
+    );
+    eprintln!("forwarder a: {from_a}, forwarder b: {from_b}");
+    assert_eq!(from_a + from_b, written.len());
+    ok_router(a.close().await);
+    ok_router(b.close().await);
+    env.cleanup().await;
+}
+
+/// Counts what it publishes.
+struct Counting {
+    inner: tidemill_core::MemoryPublisher,
+    count: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Publisher for Counting {
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        let n = messages.len();
+        self.inner.publish(topic, messages).await?;
+        self.count.fetch_add(n, Ordering::AcqRel);
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
 #[tokio::test]
 async fn scheduled_messages_reach_the_destination_once_due_and_not_before() {
     if !have_server("scheduled_messages_reach_the_destination_once_due_and_not_before") {
