@@ -7,8 +7,8 @@
 # 2. Run unit, in-memory conformance and adapter conformance tests, then the tests that
 #    restart a shared broker (marked #[ignore], run one at a time), the doctests, then
 #    the examples end to end: the demo and the reliability example (in-memory), and the
-#    order flow (examples/order_flow/), the CQRS and the batch examples on all seven
-#    backends (memory + the six real brokers), each of which checks its own outcome and
+#    order flow (examples/order_flow/), the CQRS, the batch and the outbox examples on all
+#    seven backends (memory + the six real brokers), each of which checks its own outcome and
 #    exits non-zero when it is wrong. The brokers started here are always taken down,
 #    also on failure.
 set -euo pipefail
@@ -79,6 +79,13 @@ run_examples() {
   add_broker pubsub PUBSUB_EMULATOR_HOST "pubsub://tidemill-test?emulator=${PUBSUB_EMULATOR_HOST:-}"
   add_broker redis TIDEMILL_REDIS_URL "${TIDEMILL_REDIS_URL:-}"
   add_broker postgres TIDEMILL_POSTGRES_URL "${TIDEMILL_POSTGRES_URL:-}"
+  # The outbox example needs the order service's database (PostgreSQL); its events go
+  # through each broker in turn.
+  if [[ -f examples/outbox.rs && -n ${TIDEMILL_POSTGRES_URL:-} ]]; then
+    examples+=(outbox)
+  else
+    echo "  outbox: skipped (TIDEMILL_POSTGRES_URL not set)"
+  fi
   for example in "${examples[@]}"; do
     for b in "${brokers[@]}"; do
       label=${b%% *}

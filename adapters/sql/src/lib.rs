@@ -18,5 +18,9 @@ pub use record::SqlRecord;
 pub use schema::schema_sql;
 pub use subscriber::SqlSubscriber;
 
+/// The sqlx this crate is built with, for the transactions and queries you pass to it
+/// (`publish_in`, the inbox's handler) without a version mismatch.
+pub use sqlx;
+
 /// The broker name in every error of this crate.
 pub const BROKER: &str = "postgres";
