@@ -5,9 +5,11 @@
 //! a message your handler already handled comes again. An [`Inbox`] turns that into
 //! **exactly-once effects** for handlers whose effects are writes to PostgreSQL: per
 //! message it begins a transaction, records the message's id for its consumer in the
-//! `<prefix>inbox` table, and runs your handler *in that transaction*. The record and your
-//! writes commit together, or neither does. A message whose id is already recorded is
-//! acked without calling your handler.
+//! `<prefix>inbox` table, and runs your handler *in that transaction*. The record, your
+//! writes and the messages your handler returns (its outputs) commit together, or none
+//! does. A message whose id is already recorded is not handled again: the inbox returns
+//! the outputs it stored the first time, for the router to publish (again), and the
+//! message is acked.
 //!
 //! It works with any subscriber (Kafka, NATS, RabbitMQ, Pub/Sub, Redis, the SQL
 //! subscriber, ...): all it needs is a [`PgPool`] on the database your effects go to, and a
@@ -41,7 +43,8 @@
 //!             .execute(&mut *tx)
 //!             .await?;
 //!         let out = Message::new(msg.payload().clone());
-//!         // Give the transaction back: the inbox commits it, then the router publishes `out`.
+//!         // Give the transaction back: the inbox stores `out` with the id and commits, then
+//!         // the router publishes `out` (and publishes it again if the message comes again).
 //!         HandlerResult::Ok((tx, out))
 //!     }))
 //!     .await?;
@@ -53,38 +56,41 @@
 //!
 //! - **One effect per message id and consumer** (while the id is retained, see below):
 //!   your handler's writes in the [`InboxTx`] commit together with the id's record. A
-//!   redelivery of a committed message is acked without calling the handler, counted
-//!   ([`Inbox::duplicates`]) and logged (`tracing` debug).
+//!   redelivery of a committed message does not call the handler: it is counted
+//!   ([`Inbox::duplicates`]), logged (`tracing` debug), and gets the stored outputs
+//!   (below).
 //! - **Failures retry as before.** A handler error (or panic, or a future dropped at
 //!   shutdown) rolls the transaction back, record included, and the error goes to the
 //!   router unchanged: its nack, backoff, retry, dead-letter and poison rules apply as
 //!   without an inbox (a [`permanent`](tidemill_core::permanent) error stays permanent).
 //!   The redelivery runs the handler again. A failed commit is an error too (transient when
 //!   the connection broke): if it did commit after all, the redelivery finds the id and
-//!   skips.
+//!   returns the stored outputs.
 //! - **Concurrent deliveries of one id** (two consumers of a group, after the first one's
 //!   lease ran out): the second `INSERT` of the id waits on the first one's uncommitted
-//!   row. If the first commits, the second finds the id and skips; if it rolls back, the
-//!   second runs the handler. With the database's default isolation level (`READ
-//!   COMMITTED`); under `REPEATABLE READ` or `SERIALIZABLE` as the default, the second one
-//!   fails with a serialization error instead (transient: nacked, and its redelivery
-//!   skips).
-//! - **Outputs** (the messages your handler returns) are where effects and publishing
-//!   meet; pick how they leave:
-//!   - returned to the router (the handler's `.publish(publisher, topic)`): published
-//!     *after* the commit. If that publish fails, or the process dies between the commit
-//!     and the broker's confirmation, the redelivery finds the id and is skipped: those
-//!     outputs are **never published (at most once)**;
-//!   - published by the inbox before the commit
-//!     ([`InboxHandler::publish_before_commit`], no `.publish` on the router handler): a
-//!     failed publish rolls back (and the redelivery runs again); if the commit fails or the
-//!     process dies between the publish and the commit, the redelivery runs the handler
-//!     and publishes again: outputs **at least once** (the same uuids each time when your
-//!     handler derives them from the input, so a downstream inbox skips the copies);
-//!   - written in the transaction through the transactional outbox ([`crate::outbox`], or
-//!     [`SqlPublisher::publish_in`](crate::SqlPublisher::publish_in) with `&mut tx`):
-//!     they commit or roll back with the effects and the id, and a forwarder relays them
-//!     at least once: **exactly once end to end** with an inbox downstream.
+//!   row. If the first commits, the second finds the id and returns the first one's
+//!   outputs; if it rolls back, the second runs the handler. With the database's default
+//!   isolation level (`READ COMMITTED`); under `REPEATABLE READ` or `SERIALIZABLE` as the
+//!   default, the second one fails with a serialization error instead (transient: nacked,
+//!   and its redelivery finds the id).
+//! - **Outputs are at least once, never lost.** The messages your handler returns go to
+//!   the router, which publishes them (the router handler's `.publish(publisher, topic)`)
+//!   *after* the commit, then acks the input. So that a failed publish, or a crash between
+//!   the commit and the broker's confirmation, cannot lose them, the inbox stores them
+//!   (uuid, metadata, key and payload of each; see [Schema](#schema)) in the id's row, in
+//!   the same transaction. The input is then redelivered (the router nacks it when the
+//!   publish fails), the inbox finds the id, does not run the handler, and returns the
+//!   stored outputs: the router publishes them again. When the first publish had
+//!   succeeded and only the ack was lost, that makes a **duplicate output with the same
+//!   uuid** (the uuid is stored, not generated again): deduplicate downstream by uuid, for
+//!   instance with an inbox there, which skips the copy. A router handler without
+//!   `.publish` fails every message whose handler returns outputs (and every redelivery,
+//!   which returns them again) until your poison settings take it out: give it one.
+//!   Alternatively, write the outputs in the transaction through the transactional outbox
+//!   ([`crate::outbox`], or [`SqlPublisher::publish_in`](crate::SqlPublisher::publish_in)
+//!   with `&mut tx`) and return nothing: a forwarder relays them at least once, without
+//!   waiting for the input to come again (worth it when the input may not come again
+//!   soon, e.g. a poison queue you replay rarely).
 //! - **The message id** is the message's uuid by default ([`Message::uuid`]): the same on
 //!   every delivery for messages published by Tidemill (it travels in a header) and for
 //!   SQL subscriber rows without a uuid (derived from the row). For foreign messages that
@@ -109,21 +115,46 @@
 //!
 //! Per message: one transaction (`BEGIN`, `COMMIT`) and one `INSERT … ON CONFLICT DO
 //! NOTHING` on the inbox's primary key, a pooled connection held for the handler's
-//! duration, and a boxed future. The table grows by one small row per message and
-//! consumer until the cleanup deletes it. Duplicates cost a `BEGIN`, the `INSERT` and a
-//! `ROLLBACK`. Size the pool for the messages in flight: every one holds a connection
-//! until it commits (a handler's [`concurrency`](tidemill_core::router::HandlerBuilder::concurrency)
+//! duration, and a boxed future; when the handler returned outputs, one `UPDATE` of the
+//! row storing them too. The table grows by one row per message and consumer until the
+//! cleanup deletes it: small without outputs, about the outputs' size (payloads, keys,
+//! metadata, uuids) plus a few bytes each with them (large outputs kept for the whole
+//! retention add up: size the retention and the disk for them). Duplicates cost a
+//! `BEGIN`, the `INSERT`, a `SELECT` of the stored outputs and a `ROLLBACK`. Size the
+//! pool for the messages in flight: every one holds a connection until it commits (a
+//! handler's [`concurrency`](tidemill_core::router::HandlerBuilder::concurrency)
 //! above the pool's `max_connections` makes messages wait for one, and fail transiently
 //! past the pool's acquire timeout).
 //!
 //! # Schema
 //!
-//! The table (`<prefix>inbox`: `consumer`, `message_uuid`, `handled_at`, primary key
-//! `(consumer, message_uuid)`) is part of [`schema_sql`](crate::schema_sql). With
-//! [`InboxConfig::create_schema`] (default) the adapter's tables are created on first use
-//! unless they exist; otherwise a missing table is an error naming it (permanent: the
+//! The table (`<prefix>inbox`: `consumer`, `message_uuid`, `handled_at`, `outputs`,
+//! primary key `(consumer, message_uuid)`, and an index on `handled_at` for the cleanup)
+//! is part of [`schema_sql`](crate::schema_sql). With [`InboxConfig::create_schema`]
+//! (default) the inbox creates that table and its index on first use unless the table
+//! exists, and nothing else (an inbox handling Kafka deliveries gets no pub/sub tables).
+//! An inbox table of an earlier version, without the `outputs` column, gets it (`ALTER
+//! TABLE … ADD COLUMN IF NOT EXISTS outputs BYTEA`, waiting at most 5 s for the table's
+//! lock: on a busy table that can fail transiently, and the next message tries again);
+//! processes of that earlier version keep working with the altered table. With
+//! `create_schema` off, a missing table or column is an error naming it (permanent: the
 //! message is not retried into a database without the table forever, see your poison
 //! settings).
+//!
+//! `outputs` is NULL when the handler returned no message, else this encoding (integers
+//! big-endian, lengths in bytes):
+//!
+//! ```text
+//! outputs  = version:u8 (1)  count:u32  message{count}
+//! message  = uuid:text  metadata  key  payload:bytes
+//! metadata = entries:u32  (name:text  value:text){entries}     in name order
+//! key      = 0:u8 (no key)  |  1:u8  key:bytes
+//! text     = len:u32  UTF-8 bytes{len}
+//! bytes    = len:u32  bytes{len}
+//! ```
+//!
+//! Only those four parts of a message are kept: not its receive context nor native broker
+//! data (the router and its middleware add their own metadata again when they publish).
 
 use std::fmt;
 use std::future::Future;
@@ -133,13 +164,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPool;
 use sqlx::{Executor, PgConnection, Postgres, Transaction};
 use tidemill_core::router::IntoOutput;
-use tidemill_core::{BoxError, Error, Message, Publisher, Result};
+use tidemill_core::{BoxError, Error, Message, Metadata, Result};
 use tokio::sync::OnceCell;
 use tower::Service;
 
@@ -169,8 +201,10 @@ pub struct InboxConfig {
     /// Prefix of the adapter's tables; the inbox is `<prefix>inbox`. Same rules as
     /// [`SqlConfig::table_prefix`]. Default `tidemill_`.
     pub table_prefix: String,
-    /// Create the adapter's tables ([`schema_sql`](crate::schema_sql)) on first use unless
-    /// they exist. Default true; with false, a missing inbox table is an error naming it.
+    /// Create the inbox table and its index on first use unless the table exists, and add
+    /// the `outputs` column to an inbox table of an earlier version (see the [module
+    /// docs](self#schema)). Default true; with false, a missing table or column is an
+    /// error naming it.
     pub create_schema: bool,
     /// How long a handled id is kept: a redelivery later than this is handled again.
     /// Default 7 days.
@@ -229,6 +263,9 @@ enum SchemaError {
     Sql(sqlx::Error),
     /// The inbox table is missing and `create_schema` is off.
     Missing,
+    /// The inbox table has no `outputs` column (an earlier version's) and `create_schema`
+    /// is off.
+    MissingColumn,
 }
 
 impl From<sqlx::Error> for SchemaError {
@@ -254,6 +291,10 @@ struct Shared {
     /// For error messages: the database's address (never a password) and the prefix.
     errors: SqlConfig,
     insert: String,
+    /// Stores a handled message's encoded outputs in its row.
+    store: String,
+    /// Reads the outputs stored for a message handled before.
+    stored: String,
     cleanup: String,
     schema: OnceCell<()>,
     handled: AtomicU64,
@@ -317,6 +358,10 @@ impl Inbox {
         let insert = format!(
             "INSERT INTO {table} (consumer, message_uuid) VALUES ($1, $2) ON CONFLICT DO NOTHING"
         );
+        let store =
+            format!("UPDATE {table} SET outputs = $3 WHERE consumer = $1 AND message_uuid = $2");
+        let stored =
+            format!("SELECT outputs FROM {table} WHERE consumer = $1 AND message_uuid = $2");
         let cleanup = format!(
             "DELETE FROM {table} AS i USING (SELECT message_uuid FROM {table} \
              WHERE consumer = $1 AND handled_at < now() - $2::float8 * interval '1 second' \
@@ -331,6 +376,8 @@ impl Inbox {
                 tables,
                 errors,
                 insert,
+                store,
+                stored,
                 cleanup,
                 schema: OnceCell::new(),
                 handled: AtomicU64::new(0),
@@ -390,8 +437,10 @@ impl Inbox {
     /// or any `tower::Service<Message>` user) that runs `f` at most once per message id:
     /// `f` gets the message and the transaction the id was recorded in, does its writes
     /// in it, and returns it with what to publish (`()`, `Message`, `Vec<Message>`, ...,
-    /// as router handlers do). The inbox commits the transaction; an `Err` rolls it
-    /// back.
+    /// as router handlers do). The inbox stores those outputs in the id's row and commits
+    /// the transaction; an `Err` rolls it back. The service returns the outputs, and a
+    /// redelivery of a handled id returns the stored ones again without calling `f` (see
+    /// the [module docs](self) on outputs).
     ///
     /// ```no_run
     /// # fn demo(inbox: tidemill_sql::inbox::Inbox) {
@@ -418,43 +467,60 @@ impl Inbox {
         InboxHandler {
             inbox: self.clone(),
             f: Arc::new(f),
-            output: None,
         }
     }
 
-    /// Checks that the inbox table exists and, if not, creates the adapter's tables
-    /// ([`schema_sql`](crate::schema_sql)) with `create_schema` on, or fails naming it
-    /// with `create_schema` off. Once per inbox (and its clones) once it succeeded; the
-    /// first message does it otherwise. Call it at startup to fail early.
+    /// Checks that the inbox table exists with its `outputs` column. With `create_schema`
+    /// on, creates the table and its index when the table is missing (nothing else: no
+    /// pub/sub tables), or adds the column to an earlier version's table; with it off,
+    /// fails naming what is missing. Once per inbox (and its clones) once it succeeded;
+    /// the first message does it otherwise. Call it at startup to fail early.
     pub async fn ensure_schema(&self) -> Result<()> {
         let shared = &self.shared;
         let init = || async {
-            let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-                .bind(&shared.tables.inbox)
-                .fetch_one(&shared.pool)
-                .await?;
-            if found.is_some() {
+            let (found, has_outputs): (Option<String>, bool) = sqlx::query_as(
+                "SELECT to_regclass($1)::text, EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
+                 WHERE attrelid = to_regclass($1) AND attname = 'outputs' AND NOT attisdropped)",
+            )
+            .bind(&shared.tables.inbox)
+            .fetch_one(&shared.pool)
+            .await?;
+            let ddl = match (found.is_some(), has_outputs) {
                 // No DDL when the table is there: even `CREATE INDEX IF NOT EXISTS` waits
                 // for every open transaction that wrote to the table (handlers of other
                 // processes), and holds up their next inserts meanwhile.
-                Ok(())
-            } else if shared.config.create_schema {
-                let mut tx = shared.pool.begin().await?;
-                // Never wait long for a lock (the table may be created at this moment by
-                // a process whose transaction is slow).
-                tx.execute("SET LOCAL lock_timeout = '5s'").await?;
-                // The same lock the publisher and subscriber take: one creator at a time.
-                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                    .bind(format!("tidemill-schema {}", shared.config.table_prefix))
-                    .execute(&mut *tx)
-                    .await?;
-                tx.execute(sqlx::raw_sql(&shared.tables.ddl())).await?;
-                tx.commit().await?;
-                Ok(())
-            } else {
+                (true, true) => return Ok(()),
+                (false, _) if shared.config.create_schema => shared.tables.inbox_ddl(),
+                // An earlier version's table: `ADD COLUMN` of a nullable column without a
+                // default rewrites nothing, but needs the table's exclusive lock (bounded by
+                // the lock timeout below).
+                (true, false) if shared.config.create_schema => format!(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS outputs BYTEA",
+                    shared.tables.inbox
+                ),
                 // Not cached: the next message checks again.
-                Err(SchemaError::Missing)
-            }
+                (false, _) => return Err(SchemaError::Missing),
+                (true, false) => return Err(SchemaError::MissingColumn),
+            };
+            let mut tx = shared.pool.begin().await?;
+            // Never wait long for a lock (the table may be created at this moment by a
+            // process whose transaction is slow, or be in use by handlers).
+            tx.execute("SET LOCAL lock_timeout = '5s'").await?;
+            // The same lock the publisher and subscriber take: one creator at a time.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(format!("tidemill-schema {}", shared.config.table_prefix))
+                .execute(&mut *tx)
+                .await?;
+            tx.execute(sqlx::raw_sql(&ddl)).await?;
+            tx.commit().await?;
+            tracing::info!(
+                consumer = %shared.consumer,
+                table = %shared.tables.inbox,
+                created = found.is_none(),
+                "inbox table {}",
+                if found.is_none() { "created" } else { "given its outputs column" }
+            );
+            Ok(())
         };
         shared
             .schema
@@ -472,6 +538,18 @@ impl Inbox {
                          (create it with tidemill_sql::schema_sql)",
                         shared.tables.inbox,
                         shared.errors.address()
+                    ),
+                ),
+                SchemaError::MissingColumn => Error::permanent(
+                    BROKER,
+                    "",
+                    format!("inbox `{}`: check the inbox table", shared.consumer),
+                    format!(
+                        "table `{table}` in {} has no `outputs` column (an earlier version's \
+                         table) and create_schema is off (add it with `ALTER TABLE {table} \
+                         ADD COLUMN IF NOT EXISTS outputs BYTEA`)",
+                        shared.errors.address(),
+                        table = shared.tables.inbox,
                     ),
                 ),
             })
@@ -558,11 +636,11 @@ impl Inbox {
         )
     }
 
-    /// Handles one message: records its id and runs `f` in one transaction.
+    /// Handles one message: records its id, runs `f` and stores its outputs in one
+    /// transaction; or, for an id recorded before, returns the stored outputs.
     async fn handle<F, Fut, R, E>(
         self,
         f: Arc<F>,
-        output: Option<Arc<Output>>,
         msg: Message,
     ) -> std::result::Result<Vec<Message>, BoxError>
     where
@@ -591,36 +669,216 @@ impl Inbox {
             .map_err(|e| self.error(e, &topic, &format!("record message `{key}`")))?
             .rows_affected();
         if inserted == 0 {
+            // A statement of its own (a new snapshot under READ COMMITTED): it sees the row
+            // the INSERT found, even when it waited for that row's transaction to commit.
+            // None when the cleanup deleted the row in between (past the retention).
+            let stored: Option<Option<Vec<u8>>> = sqlx::query_scalar(&shared.stored)
+                .bind(&shared.consumer)
+                .bind(&key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| {
+                    self.error(e, &topic, &format!("read the outputs of message `{key}`"))
+                })?;
             // Nothing to keep; a failed rollback only costs the connection.
             let _ = tx.rollback().await;
+            let out = match stored.flatten() {
+                Some(bytes) => decode(bytes.into()).map_err(|cause| {
+                    Error::permanent(
+                        BROKER,
+                        &topic,
+                        format!(
+                            "inbox `{}`: read the outputs of message `{key}`",
+                            shared.consumer
+                        ),
+                        format!(
+                            "column `outputs` of `{}` in {} is not readable: {cause}",
+                            shared.tables.inbox,
+                            shared.errors.address()
+                        ),
+                    )
+                })?,
+                None => Vec::new(),
+            };
             shared.duplicates.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 consumer = %shared.consumer,
                 uuid = msg.uuid(),
                 key = %key,
-                "message handled before (inbox); acking it without calling the handler"
+                outputs = out.len(),
+                "message handled before (inbox); returning its stored outputs without \
+                 calling the handler"
             );
             self.maybe_cleanup();
-            return Ok(Vec::new());
+            return Ok(out);
         }
         let (tx, out) = f(msg, InboxTx { tx }).await.map_err(Into::into)?;
-        // Encoded before the commit: an output that cannot be encoded rolls back.
-        let mut out = out.into_output()?;
-        if let Some(output) = output {
-            if !out.is_empty() {
-                // On failure `tx` is dropped: rolled back.
-                output.publisher.publish(&output.topic, out).await?;
-            }
-            out = Vec::new();
+        let mut tx = tx.tx;
+        // Encoded and stored before the commit: outputs that cannot be stored roll back
+        // (`tx` dropped), so a committed id always has its outputs.
+        let out = out.into_output()?;
+        if !out.is_empty() {
+            let encoded = encode(&out).map_err(|cause| {
+                Error::permanent(
+                    BROKER,
+                    &topic,
+                    format!(
+                        "inbox `{}`: store the outputs of message `{key}`",
+                        shared.consumer
+                    ),
+                    cause,
+                )
+            })?;
+            sqlx::query(&shared.store)
+                .bind(&shared.consumer)
+                .bind(&key)
+                .bind(encoded)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| {
+                    self.error(e, &topic, &format!("store the outputs of message `{key}`"))
+                })?;
         }
-        tx.tx
-            .commit()
+        tx.commit()
             .await
             .map_err(|e| self.error(e, &topic, &format!("commit message `{key}`")))?;
         shared.handled.fetch_add(1, Ordering::Relaxed);
         self.maybe_cleanup();
         Ok(out)
     }
+}
+
+/// Version byte of the outputs encoding (see the module docs).
+const OUTPUTS_V1: u8 = 1;
+
+/// Appends `len` as a big-endian u32, or fails naming `what`.
+fn put_len(buf: &mut Vec<u8>, len: usize, what: &str) -> std::result::Result<(), String> {
+    let len = u32::try_from(len)
+        .map_err(|_| format!("{what} of {len} bytes is over the 4 GiB an inbox stores"))?;
+    buf.extend_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// Appends a length-prefixed field.
+fn put(buf: &mut Vec<u8>, bytes: &[u8], what: &str) -> std::result::Result<(), String> {
+    put_len(buf, bytes.len(), what)?;
+    buf.extend_from_slice(bytes);
+    Ok(())
+}
+
+/// Encodes the uuid, metadata, key and payload of `messages` (the module docs' format).
+fn encode(messages: &[Message]) -> std::result::Result<Vec<u8>, String> {
+    let size: usize = messages
+        .iter()
+        .map(|m| {
+            let metadata: usize = m
+                .metadata()
+                .iter()
+                .map(|(k, v)| 8 + k.len() + v.len())
+                .sum();
+            13 + m.uuid().len() + metadata + m.key().map_or(0, |k| 4 + k.len()) + m.payload().len()
+        })
+        .sum();
+    let mut buf = Vec::with_capacity(5 + size);
+    buf.push(OUTPUTS_V1);
+    put_len(&mut buf, messages.len(), "a list of outputs")?;
+    for m in messages {
+        put(&mut buf, m.uuid().as_bytes(), "an output's uuid")?;
+        put_len(&mut buf, m.metadata().len(), "an output's metadata")?;
+        for (name, value) in m.metadata().iter() {
+            put(&mut buf, name.as_bytes(), "a metadata name")?;
+            put(&mut buf, value.as_bytes(), "a metadata value")?;
+        }
+        match m.key() {
+            None => buf.push(0),
+            Some(key) => {
+                buf.push(1);
+                put(&mut buf, key, "an output's key")?;
+            }
+        }
+        put(&mut buf, m.payload(), "an output's payload")?;
+    }
+    Ok(buf)
+}
+
+/// Reads what [`encode`] wrote; payloads and keys share `bytes` (no copies).
+struct Reader {
+    bytes: Bytes,
+    at: usize,
+}
+
+impl Reader {
+    fn take(&mut self, n: usize, what: &str) -> std::result::Result<Bytes, String> {
+        if self.bytes.len() - self.at < n {
+            return Err(format!(
+                "{what} ({n} bytes) runs past the end ({} bytes) at byte {}",
+                self.bytes.len(),
+                self.at
+            ));
+        }
+        let part = self.bytes.slice(self.at..self.at + n);
+        self.at += n;
+        Ok(part)
+    }
+
+    fn byte(&mut self, what: &str) -> std::result::Result<u8, String> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn length(&mut self, what: &str) -> std::result::Result<usize, String> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+
+    fn bytes(&mut self, what: &str) -> std::result::Result<Bytes, String> {
+        let n = self.length(what)?;
+        self.take(n, what)
+    }
+
+    fn text(&mut self, what: &str) -> std::result::Result<String, String> {
+        let b = self.bytes(what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+    }
+}
+
+/// Decodes stored outputs (the module docs' format).
+fn decode(bytes: Bytes) -> std::result::Result<Vec<Message>, String> {
+    let mut r = Reader { bytes, at: 0 };
+    let version = r.byte("the version")?;
+    if version != OUTPUTS_V1 {
+        return Err(format!(
+            "encoding version {version} is unknown (this version reads {OUTPUTS_V1})"
+        ));
+    }
+    let count = r.length("the number of outputs")?;
+    // Not trusting `count` for the allocation: every message takes 13 bytes at least.
+    let mut out = Vec::with_capacity(count.min(r.bytes.len() / 13));
+    for _ in 0..count {
+        let uuid = r.text("an output's uuid")?;
+        let entries = r.length("an output's metadata")?;
+        let mut metadata = Metadata::new();
+        for _ in 0..entries {
+            let name = r.text("a metadata name")?;
+            let value = r.text("a metadata value")?;
+            metadata.set(name, value);
+        }
+        let key = match r.byte("an output's key flag")? {
+            0 => None,
+            1 => Some(r.bytes("an output's key")?),
+            other => return Err(format!("key flag {other} is neither 0 nor 1")),
+        };
+        let payload = r.bytes("an output's payload")?;
+        let mut msg = Message::with_uuid(uuid, payload).with_metadata_map(metadata);
+        msg.set_key(key);
+        out.push(msg);
+    }
+    if r.at != r.bytes.len() {
+        return Err(format!(
+            "{} bytes left after {count} outputs",
+            r.bytes.len() - r.at
+        ));
+    }
+    Ok(out)
 }
 
 /// The transaction an [`Inbox`] recorded a message's id in, handed to the handler: do your
@@ -664,13 +922,6 @@ impl fmt::Debug for InboxTx {
 pub struct InboxHandler<F> {
     inbox: Inbox,
     f: Arc<F>,
-    output: Option<Arc<Output>>,
-}
-
-/// Where an [`InboxHandler`] publishes before committing.
-struct Output {
-    publisher: Arc<dyn Publisher>,
-    topic: String,
 }
 
 impl<F> Clone for InboxHandler<F> {
@@ -678,7 +929,6 @@ impl<F> Clone for InboxHandler<F> {
         InboxHandler {
             inbox: self.inbox.clone(),
             f: self.f.clone(),
-            output: self.output.clone(),
         }
     }
 }
@@ -695,26 +945,6 @@ impl<F> InboxHandler<F> {
     /// The inbox it records ids in.
     pub fn inbox(&self) -> &Inbox {
         &self.inbox
-    }
-
-    /// Publishes the handler's outputs to `topic` through `publisher` itself, *before*
-    /// committing, and returns nothing to the router (so give the router handler no
-    /// `.publish`); builder style. Outputs become at least once instead of at most once
-    /// (see the [module docs](self)): a failed publish rolls the transaction back and fails
-    /// the message (the publisher's error, transient or permanent, goes to the router), and
-    /// a commit that fails after a publish means the redelivery publishes again. The
-    /// message's transaction stays open (a pooled connection held) until the broker
-    /// confirmed.
-    pub fn publish_before_commit(
-        mut self,
-        publisher: impl Publisher + 'static,
-        topic: impl Into<String>,
-    ) -> Self {
-        self.output = Some(Arc::new(Output {
-            publisher: Arc::new(publisher),
-            topic: topic.into(),
-        }));
-        self
     }
 }
 
@@ -734,11 +964,7 @@ where
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        Box::pin(
-            self.inbox
-                .clone()
-                .handle(self.f.clone(), self.output.clone(), msg),
-        )
+        Box::pin(self.inbox.clone().handle(self.f.clone(), msg))
     }
 }
 
@@ -777,5 +1003,44 @@ mod tests {
         assert_eq!(config.retention, Duration::from_secs(30 * 24 * 3600));
         assert!(config.cleanup_interval.is_zero());
         assert_eq!(config.table_prefix, "tidemill_");
+    }
+
+    #[test]
+    fn outputs_round_trip_with_uuid_metadata_key_and_payload() {
+        let messages = vec![
+            Message::with_uuid("out-1", &b"\x00\xffbinary"[..])
+                .with_metadata("content-type", "application/octet-stream")
+                .with_metadata("é", "ü ")
+                .with_key(b"\x01key"),
+            Message::with_uuid("out-2", ""),
+            Message::new("fresh uuid").with_key(""),
+        ];
+        let encoded = encode(&messages).expect("encodes");
+        let decoded = decode(encoded.into()).expect("decodes");
+        // Equality is uuid, payload, key and metadata.
+        assert_eq!(decoded, messages);
+        assert_eq!(decoded[1].key(), None);
+        assert_eq!(decoded[2].key().map(|k| k.len()), Some(0));
+        assert!(decode(encode(&[]).expect("encodes").into())
+            .expect("decodes")
+            .is_empty());
+    }
+
+    #[test]
+    fn unreadable_outputs_are_named() {
+        let good = encode(&[Message::with_uuid("u", "p").with_key("k")]).expect("encodes");
+        for cut in 0..good.len() {
+            let err = decode(Bytes::copy_from_slice(&good[..cut])).expect_err("truncated");
+            assert!(err.contains("past the end"), "{cut}: {err}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(decode(longer.into()).unwrap_err().contains("left after"));
+        let mut version = good.clone();
+        version[0] = 9;
+        assert!(decode(version.into()).unwrap_err().contains("version 9"));
+        // A count far above what the bytes hold fails without allocating for it.
+        let huge = [OUTPUTS_V1, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode(Bytes::copy_from_slice(&huge)).is_err());
     }
 }

@@ -62,10 +62,10 @@ impl Tables {
             messages,
             groups,
             pending,
-            inbox,
             index,
             ..
         } = self;
+        let inbox = self.inbox_ddl();
         format!(
             r#"CREATE TABLE IF NOT EXISTS {messages} (
     "offset" BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -102,10 +102,21 @@ CREATE TABLE IF NOT EXISTS {pending} (
 );
 CREATE INDEX IF NOT EXISTS {index}pending_position ON {pending} (topic, consumer_group, transaction_id, "offset");
 CREATE INDEX IF NOT EXISTS {index}pending_key ON {pending} (topic, consumer_group, key, transaction_id, "offset") WHERE key IS NOT NULL;
-CREATE TABLE IF NOT EXISTS {inbox} (
+{inbox}"#
+        )
+    }
+
+    /// The DDL creating the inbox table and its index only (idempotent): what an
+    /// [`Inbox`](crate::inbox::Inbox) runs when its table is missing. `outputs` holds the
+    /// messages the handler returned, encoded (see the inbox module), NULL when none.
+    pub(crate) fn inbox_ddl(&self) -> String {
+        let Tables { inbox, index, .. } = self;
+        format!(
+            r#"CREATE TABLE IF NOT EXISTS {inbox} (
     consumer TEXT NOT NULL,
     message_uuid TEXT NOT NULL,
     handled_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    outputs BYTEA,
     PRIMARY KEY (consumer, message_uuid)
 );
 CREATE INDEX IF NOT EXISTS {index}inbox_handled_at ON {inbox} (handled_at);

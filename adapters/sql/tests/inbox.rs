@@ -1,7 +1,9 @@
 //! The transactional inbox against the PostgreSQL server of brokers
 //! (`TIDEMILL_POSTGRES_URL`): one effect per message id and consumer, rollback of effect
-//! and record on handler errors, concurrent deliveries of one id, retention cleanup, and
-//! runs through a real router (SQL pub/sub and the in-memory broker).
+//! and record on handler errors, concurrent deliveries of one id, retention cleanup,
+//! outputs stored with the id and returned again for a redelivery (a failed publish loses
+//! nothing), the inbox's own DDL and the upgrade of an earlier table, and runs through a
+//! real router (SQL pub/sub and the in-memory broker).
 
 mod common;
 
@@ -302,7 +304,9 @@ async fn a_failed_handler_leaves_no_effect_and_no_record_and_errors_keep_their_k
         .call(Message::with_uuid("order-9", "x"))
         .await
         .expect("skipped");
-    assert!(again.is_empty(), "a skipped message publishes nothing");
+    // The handler did not run again (one effect, below), yet the output comes back: the
+    // one stored the first time, with the uuid `Message::new` generated then.
+    assert_eq!(again, out, "a redelivery returns the stored output");
     assert_eq!(fx.effects(None).await, 1);
     assert_eq!(fx.recorded(&fx.consumer).await, vec!["order-9".to_owned()]);
     assert_eq!((inbox.handled(), inbox.duplicates()), (1, 1));
@@ -541,71 +545,388 @@ async fn the_handler_path_starts_the_cleanup() {
     fx.finish().await;
 }
 
+/// A publisher that fails its first publish (before the broker sees anything), then
+/// publishes through `inner`: a publish that fails after the inbox committed.
+struct FailFirst<P> {
+    inner: P,
+    attempts: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl<P: Publisher> Publisher for FailFirst<P> {
+    async fn publish(&self, topic: &str, messages: Vec<Message>) -> tidemill_core::Result<()> {
+        if self.attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(tidemill_core::Error::transient(
+                "fault-injection",
+                topic,
+                "publish",
+                "the first publish fails on purpose",
+            ));
+        }
+        self.inner.publish(topic, messages).await
+    }
+
+    async fn close(&self) -> tidemill_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// The parts an output keeps: uuid, payload, key and its metadata entries.
+type Parts = (String, Vec<u8>, Option<Vec<u8>>, Vec<(String, String)>);
+
+/// The [`Parts`] of `msg`.
+fn parts(msg: &Message) -> Parts {
+    (
+        msg.uuid().to_owned(),
+        msg.payload().to_vec(),
+        msg.key().map(|k| k.to_vec()),
+        msg.metadata()
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_before_commit_through_the_router_publishes_and_commits_once() {
-    if !have_server("publish_before_commit_through_the_router_publishes_and_commits_once") {
+async fn outputs_whose_publish_failed_after_the_commit_are_published_by_the_redelivery() {
+    if !have_server("outputs_whose_publish_failed_after_the_commit_are_published_by_the_redelivery")
+    {
         return;
     }
     let fx = Fixture::new("outputs").await;
     let inbox = fx.inbox(&fx.consumer, InboxConfig::default()).await;
     let broker = MemoryBroker::new();
     let router = quick_router();
-    let table = fx.table.clone();
-    let projected = Arc::new(AtomicU32::new(0));
-    let seen = projected.clone();
+    let received = Arc::new(parking_lot::Mutex::new(Vec::<Message>::new()));
+    let seen = received.clone();
     ok(
         router
             .add_handler("downstream")
             .subscribe(broker.subscriber(), "projected")
-            .handler(move |_msg: Message| {
+            .handler(move |msg: Message| {
                 let seen = seen.clone();
                 async move {
-                    seen.fetch_add(1, Ordering::SeqCst);
+                    seen.lock().push(msg);
                     HandlerResult::Ok(())
                 }
             })
             .await,
         "add downstream",
     );
+    // What the handler returned, each time it ran.
+    let returned = Arc::new(parking_lot::Mutex::new(Vec::<Message>::new()));
+    let calls = Arc::new(AtomicU32::new(0));
+    let publishes = Arc::new(AtomicU32::new(0));
+    let (table, kept, counted) = (fx.table.clone(), returned.clone(), calls.clone());
     ok(
         router
             .add_handler("projection")
             .subscribe(broker.subscriber(), "orders")
-            .service(
-                inbox
-                    .handler(move |msg: Message, mut tx: InboxTx| {
-                        let table = table.clone();
-                        async move {
-                            write_effect(&mut tx, &table, &msg).await?;
-                            let out = Message::with_uuid(format!("{}-projected", msg.uuid()), "p");
-                            HandlerResult::Ok((tx, out))
-                        }
-                    })
-                    .publish_before_commit(broker.publisher(), "projected"),
+            .publish(
+                FailFirst {
+                    inner: broker.publisher(),
+                    attempts: publishes.clone(),
+                },
+                "projected",
             )
+            .service(inbox.handler(move |msg: Message, mut tx: InboxTx| {
+                let (table, kept, calls) = (table.clone(), kept.clone(), counted.clone());
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    write_effect(&mut tx, &table, &msg).await?;
+                    let out = vec![
+                        // A fresh uuid: generated once, stored, the same on every publish.
+                        Message::new(&b"\x00binary\xff payload"[..])
+                            .with_metadata("kind", "OrderProjected")
+                            .with_metadata("order", msg.uuid())
+                            .with_key(b"customer-\x017"),
+                        Message::with_uuid(format!("{}-audit", msg.uuid()), ""),
+                    ];
+                    kept.lock().extend(out.iter().cloned());
+                    HandlerResult::Ok((tx, out))
+                }
+            }))
             .await,
         "add projection",
     );
     let running = router.clone();
     let run = tokio::spawn(async move { running.run().await });
     router.running().await;
-    for _ in 0..2 {
-        ok(
-            broker
-                .publisher()
-                .publish_one("orders", Message::with_uuid("order-3", "x"))
-                .await,
-            "publish",
-        );
-    }
-    wait_for("both copies settled and the output consumed", || {
-        inbox.handled() + inbox.duplicates() == 2 && projected.load(Ordering::SeqCst) == 1
+    ok(
+        broker
+            .publisher()
+            .publish_one("orders", Message::with_uuid("order-3", "x"))
+            .await,
+        "publish",
+    );
+    // The first publish fails after the commit; the redelivery finds the id and returns
+    // the stored outputs, which the second publish delivers.
+    wait_for("the stored outputs published by the redelivery", || {
+        received.lock().len() == 2
     })
     .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(
+        publishes.load(Ordering::SeqCst),
+        2,
+        "a failed publish, then one"
+    );
+    assert_eq!((inbox.handled(), inbox.duplicates()), (1, 1));
+    let expected: Vec<_> = returned.lock().iter().map(parts).collect();
+    assert_eq!(expected.len(), 2);
+    let got: Vec<_> = received.lock().iter().map(parts).collect();
+    for (want, got) in expected.iter().zip(&got) {
+        assert_eq!(got.0, want.0, "same uuid");
+        assert_eq!(got.1, want.1, "same payload");
+        assert_eq!(got.2, want.2, "same key");
+        for entry in &want.3 {
+            assert!(
+                got.3.contains(entry),
+                "metadata {entry:?} kept: {:?}",
+                got.3
+            );
+        }
+    }
+    // A later copy of the input (a lost ack, a republish): the outputs again, with the
+    // same uuids, which downstream deduplication by uuid drops. Still one effect.
+    ok(
+        broker
+            .publisher()
+            .publish_one("orders", Message::with_uuid("order-3", "copy"))
+            .await,
+        "publish the copy",
+    );
+    wait_for("the copy's outputs", || received.lock().len() == 4).await;
     ok(router.close().await, "close");
     let _ = run.await;
-    assert_eq!(projected.load(Ordering::SeqCst), 1, "one output published");
+    let uuids: Vec<String> = received
+        .lock()
+        .iter()
+        .map(|m| m.uuid().to_owned())
+        .collect();
+    assert_eq!(uuids[2..], uuids[..2], "the copies have the same uuids");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the handler still ran once"
+    );
+    assert_eq!(fx.effects(None).await, 1, "one effect");
+    assert_eq!(fx.recorded(&fx.consumer).await, vec!["order-3".to_owned()]);
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_of_a_message_without_outputs_returns_none() {
+    if !have_server("a_duplicate_of_a_message_without_outputs_returns_none") {
+        return;
+    }
+    let fx = Fixture::new("no-outputs").await;
+    let inbox = fx.inbox(&fx.consumer, InboxConfig::default()).await;
+    let table = fx.table.clone();
+    let mut service = inbox.handler(move |msg: Message, mut tx: InboxTx| {
+        let table = table.clone();
+        async move {
+            write_effect(&mut tx, &table, &msg).await?;
+            // Outputs that come to nothing: an empty list.
+            HandlerResult::Ok((tx, Vec::<Message>::new()))
+        }
+    });
+    for copy in 0..3 {
+        let out = service
+            .ready()
+            .await
+            .expect("ready")
+            .call(Message::with_uuid("quiet-1", "x"))
+            .await
+            .unwrap_or_else(|e| panic!("copy {copy}: {e}"));
+        assert!(out.is_empty(), "copy {copy} returned {out:?}");
+    }
+    assert_eq!((inbox.handled(), inbox.duplicates()), (1, 2));
     assert_eq!(fx.effects(None).await, 1);
+    let stored: Option<Vec<u8>> = ok(
+        sqlx::query_scalar(
+            "SELECT outputs FROM tidemill_inbox WHERE consumer = $1 AND message_uuid = $2",
+        )
+        .bind(&fx.consumer)
+        .bind("quiet-1")
+        .fetch_one(&fx.pool)
+        .await,
+        "read the row",
+    );
+    assert_eq!(stored, None, "no outputs, NULL");
+    fx.finish().await;
+}
+
+/// A table prefix of one test, and its tables dropped at the end.
+struct Prefix(String);
+
+impl Prefix {
+    fn new(what: &str) -> Prefix {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Prefix(format!("tidemill_{what}{}_", &id[..10]))
+    }
+
+    /// Whether `<prefix><name>` (table or index) exists.
+    async fn exists(&self, pool: &PgPool, name: &str) -> bool {
+        let found: Option<String> = ok(
+            sqlx::query_scalar("SELECT to_regclass($1)::text")
+                .bind(format!("{}{name}", self.0))
+                .fetch_one(pool)
+                .await,
+            "look the table up",
+        );
+        found.is_some()
+    }
+
+    /// An inbox table as the first version of the inbox created it (no `outputs`).
+    async fn create_old_inbox(&self, pool: &PgPool) {
+        ok(
+            sqlx::raw_sql(&format!(
+                "CREATE TABLE {p}inbox (consumer TEXT NOT NULL, message_uuid TEXT NOT NULL, \
+                 handled_at TIMESTAMPTZ NOT NULL DEFAULT now(), \
+                 PRIMARY KEY (consumer, message_uuid)); \
+                 CREATE INDEX {p}inbox_handled_at ON {p}inbox (handled_at)",
+                p = self.0
+            ))
+            .execute(pool)
+            .await,
+            "create an old inbox table",
+        );
+    }
+
+    async fn drop(&self, pool: &PgPool) {
+        let p = &self.0;
+        let _ = sqlx::raw_sql(&format!(
+            "DROP TABLE IF EXISTS {p}inbox, {p}messages, {p}groups, {p}pending"
+        ))
+        .execute(pool)
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn the_inbox_creates_its_own_table_and_index_only() {
+    if !have_server("the_inbox_creates_its_own_table_and_index_only") {
+        return;
+    }
+    let fx = Fixture::new("own-ddl").await;
+    let prefix = Prefix::new("own");
+    let config = InboxConfig {
+        table_prefix: prefix.0.clone(),
+        ..InboxConfig::default()
+    };
+    let inbox = fx.inbox(&fx.consumer, config).await;
+    assert!(prefix.exists(&fx.pool, "inbox").await, "the inbox table");
+    assert!(
+        prefix.exists(&fx.pool, "inbox_handled_at").await,
+        "its index"
+    );
+    for other in ["messages", "groups", "pending"] {
+        assert!(
+            !prefix.exists(&fx.pool, other).await,
+            "no {other} table for an inbox"
+        );
+    }
+    // And it works: outputs stored and returned again.
+    let mut service = inbox.handler(|msg: Message, tx: InboxTx| async move {
+        HandlerResult::Ok((tx, Message::with_uuid(format!("{}-out", msg.uuid()), "o")))
+    });
+    let first = ok(service.call(Message::with_uuid("m-1", "x")).await, "handle");
+    let second = ok(service.call(Message::with_uuid("m-1", "x")).await, "again");
+    assert_eq!(first, second);
+    assert_eq!(second[0].uuid(), "m-1-out");
+    prefix.drop(&fx.pool).await;
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn an_inbox_table_without_the_outputs_column_gets_it() {
+    if !have_server("an_inbox_table_without_the_outputs_column_gets_it") {
+        return;
+    }
+    let fx = Fixture::new("upgrade").await;
+    let prefix = Prefix::new("old");
+    prefix.create_old_inbox(&fx.pool).await;
+    // An id the earlier version recorded.
+    ok(
+        sqlx::query(&format!(
+            "INSERT INTO {}inbox (consumer, message_uuid) VALUES ($1, 'before')",
+            prefix.0
+        ))
+        .bind(&fx.consumer)
+        .execute(&fx.pool)
+        .await,
+        "record an old id",
+    );
+    // With create_schema off, the missing column is named, with the statement adding it.
+    let strict = ok(
+        Inbox::with_config(
+            fx.pool.clone(),
+            &fx.consumer,
+            InboxConfig {
+                table_prefix: prefix.0.clone(),
+                create_schema: false,
+                ..InboxConfig::default()
+            },
+        ),
+        "strict inbox",
+    );
+    let err = strict.ensure_schema().await.expect_err("no outputs column");
+    let text = err.to_string();
+    assert!(
+        text.contains("outputs") && text.contains(&format!("{}inbox", prefix.0)),
+        "{text}"
+    );
+    assert!(
+        text.contains("ADD COLUMN IF NOT EXISTS outputs BYTEA"),
+        "{text}"
+    );
+    // With it on (the default), the column is added and messages are handled.
+    let config = InboxConfig {
+        table_prefix: prefix.0.clone(),
+        ..InboxConfig::default()
+    };
+    let inbox = fx.inbox(&fx.consumer, config).await;
+    let column: Option<String> = ok(
+        sqlx::query_scalar(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attname = 'outputs' AND NOT attisdropped",
+        )
+        .bind(format!("{}inbox", prefix.0))
+        .fetch_optional(&fx.pool)
+        .await,
+        "look the column up",
+    );
+    assert_eq!(column.as_deref(), Some("bytea"));
+    ok(
+        strict.ensure_schema().await,
+        "the strict inbox is satisfied now",
+    );
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let mut service = inbox.handler(move |_msg: Message, tx: InboxTx| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move { HandlerResult::Ok((tx, Message::with_uuid("out", "o"))) }
+    });
+    // Handled by the earlier version: nothing stored, nothing returned.
+    let before = ok(
+        service.call(Message::with_uuid("before", "x")).await,
+        "old id",
+    );
+    assert!(before.is_empty());
+    let after = ok(
+        service.call(Message::with_uuid("after", "x")).await,
+        "new id",
+    );
+    let again = ok(service.call(Message::with_uuid("after", "x")).await, "copy");
+    assert_eq!(after.len(), 1);
+    assert_eq!(again, after, "the stored output");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the handler ran for `after` only"
+    );
+    prefix.drop(&fx.pool).await;
     fx.finish().await;
 }
 
