@@ -92,6 +92,13 @@ pub struct SqlConfig {
     /// Default 1 h.
     #[serde(with = "humantime_serde")]
     pub private_group_expiry: Duration,
+    /// Delete messages of a subscribed topic once they are older than this **and** every
+    /// consumer group of the topic has acked them (each subscription does so for its topic
+    /// about every tenth of this, at least every second and at most every five minutes).
+    /// Default none: rows are kept, so a new group starting at the beginning reads them
+    /// all. Set it for outbox topics and other work queues (e.g. `"1h"`).
+    #[serde(with = "humantime_serde")]
+    pub retention: Option<Duration>,
 }
 
 impl Default for SqlConfig {
@@ -111,6 +118,7 @@ impl Default for SqlConfig {
             max_message_bytes: 16 * 1024 * 1024,
             consumer_name: "tidemill".to_owned(),
             private_group_expiry: Duration::from_secs(3600),
+            retention: None,
         }
     }
 }
@@ -211,6 +219,7 @@ impl fmt::Debug for SqlConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("consumer_name", &self.consumer_name)
             .field("private_group_expiry", &self.private_group_expiry)
+            .field("retention", &self.retention)
             .finish()
     }
 }

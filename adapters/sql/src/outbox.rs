@@ -96,6 +96,9 @@
 //!   and one ack statement (acks that finish together share one).
 //! - Latency from commit to destination: the `NOTIFY` wake-up (milliseconds) plus the
 //!   destination's publish; the forwarder's poll interval if a notification is lost.
+//! - **Storage**: a forwarded row stays in the messages table (only its pending row goes)
+//!   unless the forwarder's subscriber has a [`retention`](crate::SqlConfig::retention):
+//!   set one (e.g. an hour) so relayed messages are deleted once every group acked them.
 //! - **Long transactions hold it back**: a subscription reads only rows of transactions
 //!   older than every transaction still running that has written something (so a row
 //!   committed late is never skipped). A writing transaction left open anywhere in the

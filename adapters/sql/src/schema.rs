@@ -135,7 +135,8 @@ CREATE INDEX IF NOT EXISTS {index}inbox_handled_at ON {inbox} (handled_at);
 /// - `<prefix>groups`: each consumer group's read position per topic;
 /// - `<prefix>pending`: each group's messages not yet acked (attempts, when visible
 ///   again, which consumer holds them until when);
-/// - `<prefix>inbox`: message ids an [`Inbox`](crate::inbox::Inbox) recorded as handled.
+/// - `<prefix>inbox`: message ids an [`Inbox`](crate::inbox::Inbox) recorded as handled,
+///   with the outputs their handler returned.
 ///
 /// ```
 /// let sql = tidemill_sql::schema_sql("tidemill_");

@@ -295,6 +295,7 @@ struct Statements {
     remove_group: String,
     remove_expired: String,
     drop_missing: String,
+    cleanup: String,
 }
 
 impl Statements {
@@ -398,6 +399,17 @@ DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2"#
 )
 DELETE FROM {pending} WHERE topic = $1 AND consumer_group IN (SELECT consumer_group FROM g)"#
             ),
+            // $1 topic, $2 retention in seconds: rows older than that which every group
+            // of the topic has passed and acked, at most 10,000 per statement.
+            cleanup: format!(
+                r#"DELETE FROM {messages} WHERE "offset" IN (
+    SELECT m."offset" FROM {messages} m
+    WHERE m.topic = $1 AND m.created_at < now() - make_interval(secs => $2::float8)
+      AND NOT EXISTS (SELECT 1 FROM {groups} g WHERE g.topic = $1
+          AND (m.transaction_id, m."offset") > (g.transaction_id, g."offset"))
+      AND NOT EXISTS (SELECT 1 FROM {pending} p WHERE p.topic = $1 AND p."offset" = m."offset")
+    ORDER BY m."offset" LIMIT 10000)"#
+            ),
             drop_missing: format!(
                 r#"DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3)"#
             ),
@@ -433,9 +445,17 @@ async fn fetch_loop(
     let config = &shared.config;
     let window = (config.prefetch as i64).saturating_mul(4).max(256);
     let mut pause = Duration::from_millis(100);
+    let mut cleaned = tokio::time::Instant::now();
     loop {
         if stop.is_cancelled() || tx.is_closed() {
             break;
+        }
+        if let Some(retention) = config.retention {
+            let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(300));
+            if cleaned.elapsed() >= every {
+                cleaned = tokio::time::Instant::now();
+                cleanup(&shared, retention).await;
+            }
         }
         let (room, buffered) = {
             let held = shared.held.lock();
@@ -491,6 +511,24 @@ async fn fetch_loop(
     }
     // Otherwise the stream was dropped, and the deliveries buffered in it with it (each
     // nacked on drop).
+}
+
+/// Deletes the topic's rows older than `retention` that every group has acked.
+async fn cleanup(shared: &Shared, retention: Duration) {
+    let result = sqlx::query(&shared.sql.cleanup)
+        .bind(&shared.topic)
+        .bind(retention.as_secs_f64())
+        .execute(&shared.pool)
+        .await;
+    match result {
+        Ok(done) if done.rows_affected() > 0 => {
+            tracing::debug!(topic = %shared.topic, deleted = done.rows_affected(), "deleted messages past retention")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(topic = %shared.topic, error = %e, "deleting messages past retention failed; trying again later")
+        }
+    }
 }
 
 /// At close: gives the messages still waiting in the buffer back to the group at once, so

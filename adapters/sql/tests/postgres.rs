@@ -461,3 +461,48 @@ fn start_from_beginning_gives_a_new_group_every_row() {
         }
     });
 }
+
+#[test]
+fn retention_deletes_only_what_every_group_acked() {
+    if !have_server("retention_deletes_only_what_every_group_acked") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_retention");
+        let mut config = test_config(&postgres_url());
+        config.retention = Some(Duration::from_millis(500));
+        let p = ok(SqlPublisher::connect(config.clone()).await, "connect");
+        let s = ok(SqlSubscriber::connect(config).await, "connect");
+        let (all, some) = (SubscribeOptions::group("acks-all"), SubscribeOptions::group("acks-one"));
+        ok(s.initialize(&topic, &all).await, "initialize");
+        ok(s.initialize(&topic, &some).await, "initialize");
+        let sent: Vec<Message> = (0..3).map(|i| Message::new(format!("m{i}"))).collect();
+        ok(p.publish(&topic, sent).await, "publish");
+        let mut a = ok(s.subscribe(&topic, all).await, "subscribe");
+        let mut b = ok(s.subscribe(&topic, some).await, "subscribe");
+        for _ in 0..3 {
+            ok(next(&mut a, "message").await.ack().await, "ack");
+        }
+        let first = next(&mut b, "message").await;
+        assert_eq!(first.message().payload().as_ref(), b"m0");
+        ok(first.ack().await, "ack");
+        let _held = (next(&mut b, "message").await, next(&mut b, "message").await);
+        let pool = raw().await.expect("raw pool");
+        let left = || async {
+            sqlx::query_scalar::<_, String>(
+                "SELECT convert_from(payload, 'UTF8') FROM tidemill_messages WHERE topic = $1 ORDER BY \"offset\"",
+            )
+            .bind(&topic)
+            .fetch_all(&pool)
+            .await
+            .expect("select")
+        };
+        let deadline = Instant::now() + LIMIT;
+        while left().await.len() == 3 {
+            assert!(Instant::now() < deadline, "nothing was deleted past the retention");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Only the message both groups acked; the ones the second group still holds stay.
+        assert_eq!(left().await, ["m1", "m2"]);
+    });
+}
