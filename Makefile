@@ -59,7 +59,7 @@ WITH_BROKERS := bash brokers/with-brokers.sh
 bench-scaling:
 	TIDEMILL_BROKERS_ONLY="kafka nats-cluster rabbitmq-cluster" $(WITH_BROKERS) $(CARGO) bench -p tidemill-failover --bench scaling -- --write-benchmarks
 
-.PHONY: bench-kafka bench-amqp bench-nats bench-googlecloud bench-redis
+.PHONY: bench-kafka bench-amqp bench-nats bench-googlecloud bench-redis bench-sql bench-postgres
 ## bench-kafka: raw rdkafka vs tidemill-kafka on the test Kafka broker
 bench-kafka:
 	TIDEMILL_BROKERS_ONLY=kafka $(WITH_BROKERS) $(CARGO) bench -p tidemill-kafka --bench throughput
@@ -75,3 +75,8 @@ bench-googlecloud:
 ## bench-redis: raw redis-rs vs tidemill-redis on the test Redis
 bench-redis:
 	TIDEMILL_BROKERS_ONLY=redis $(WITH_BROKERS) $(CARGO) bench -p tidemill-redis --bench throughput
+## bench-sql: raw sqlx vs tidemill-sql on the test PostgreSQL (publish, consume, batch consume), and the outbox forwarder to NATS JetStream and Kafka
+bench-sql:
+	TIDEMILL_BROKERS_ONLY="postgres nats kafka" $(WITH_BROKERS) $(CARGO) bench -p tidemill-sql --bench throughput
+## bench-postgres: same as bench-sql
+bench-postgres: bench-sql

@@ -21,6 +21,7 @@ BROKER_BENCHES=(
   "-p tidemill-nats --bench request_reply"
   "-p tidemill-googlecloud --bench throughput"
   "-p tidemill-redis --bench throughput"
+  "-p tidemill-sql --bench throughput"
 )
 
 # Runs the benches given as arguments (each one string of cargo arguments).
