@@ -99,13 +99,8 @@
 //! - **Storage**: a forwarded row stays in the messages table (only its pending row goes)
 //!   unless the forwarder's subscriber has a [`retention`](crate::SqlConfig::retention):
 //!   set one (e.g. an hour) so relayed messages are deleted once every group acked them.
-//! - **Long transactions hold it back**: a subscription reads only rows of transactions
-//!   older than every transaction still running that has written something (so a row
-//!   committed late is never skipped). A writing transaction left open anywhere in the
-//!   database delays every outbox message written after it started, until it ends: keep
-//!   transactions short.
-//! - Outbox rows stay in the messages table after they were forwarded (only the group's
-//!   pending entry is deleted), like every other topic's.
+//! - **Order is commit order**: messages reach the destination in the order their
+//!   transactions committed; a transaction left open holds back only its own messages.
 
 use std::fmt;
 use std::future::Future;

@@ -50,8 +50,9 @@ impl Tables {
             self.pending.clone(),
             self.inbox.clone(),
             format!("{schema}{index}messages_position"),
-            format!("{schema}{index}pending_position"),
+            format!("{schema}{index}pending_order"),
             format!("{schema}{index}pending_key"),
+            format!("{schema}{index}pending_done"),
             format!("{schema}{index}inbox_handled_at"),
         ]
     }
@@ -84,6 +85,10 @@ CREATE TABLE IF NOT EXISTS {groups} (
     consumer_group TEXT NOT NULL,
     transaction_id XID8 NOT NULL,
     "offset" BIGINT NOT NULL,
+    ahead_transaction_id XID8 NOT NULL,
+    ahead_offset BIGINT NOT NULL,
+    late XID8[] NOT NULL DEFAULT '{{}}',
+    snapshot_xmax XID8 NOT NULL DEFAULT '0',
     expires_at TIMESTAMPTZ,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (topic, consumer_group)
@@ -93,15 +98,18 @@ CREATE TABLE IF NOT EXISTS {pending} (
     consumer_group TEXT NOT NULL,
     transaction_id XID8 NOT NULL,
     "offset" BIGINT NOT NULL,
+    seq BIGINT GENERATED ALWAYS AS IDENTITY,
     key BYTEA,
     attempts INTEGER NOT NULL DEFAULT 0,
     visible_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     locked_by TEXT,
     lease_until TIMESTAMPTZ,
+    done BOOLEAN NOT NULL DEFAULT false,
     PRIMARY KEY (topic, consumer_group, "offset")
 );
-CREATE INDEX IF NOT EXISTS {index}pending_position ON {pending} (topic, consumer_group, transaction_id, "offset");
-CREATE INDEX IF NOT EXISTS {index}pending_key ON {pending} (topic, consumer_group, key, transaction_id, "offset") WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {index}pending_order ON {pending} (topic, consumer_group, seq);
+CREATE INDEX IF NOT EXISTS {index}pending_key ON {pending} (topic, consumer_group, key, seq) WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {index}pending_done ON {pending} (topic, consumer_group, transaction_id, "offset") WHERE done;
 {inbox}"#
         )
     }
@@ -179,10 +187,12 @@ pub(crate) async fn connect(config: &SqlConfig, role: &str) -> Result<PgPool> {
         .fetch_all(&mut *conn)
         .await?;
         if missing.is_empty() {
-            return Ok(None);
+            return outdated(&mut conn, &tables)
+                .await
+                .map(|o| o.map(Setup::Outdated));
         }
         if !config.create_schema {
-            return Ok(Some(missing[0].clone()));
+            return Ok(Some(Setup::Missing(missing[0].clone())));
         }
         // One creator at a time (concurrent `CREATE … IF NOT EXISTS` of one table can fail
         // on the catalog's unique index), and never waiting long for a lock.
@@ -198,16 +208,28 @@ pub(crate) async fn connect(config: &SqlConfig, role: &str) -> Result<PgPool> {
             .await?;
         tx.execute(sqlx::raw_sql(&tables.ddl())).await?;
         tx.commit().await?;
-        Ok(None)
+        outdated(&mut conn, &tables)
+            .await
+            .map(|o| o.map(Setup::Outdated))
     };
-    let setup: std::result::Result<Option<String>, sqlx::Error> =
+    let setup: std::result::Result<Option<Setup>, sqlx::Error> =
         match tokio::time::timeout(config.connect_timeout + Duration::from_secs(1), setup).await {
             Ok(r) => r,
             Err(_) => Err(sqlx::Error::PoolTimedOut),
         };
     match setup {
         Ok(None) => Ok(pool),
-        Ok(Some(table)) => Err(Error::permanent(
+        Ok(Some(Setup::Outdated(column))) => Err(Error::permanent(
+            BROKER,
+            "",
+            "check the schema",
+            format!(
+                "`{column}` is missing in {}: the table was created by an earlier version of \
+                 tidemill-sql; drop its tables (or migrate them to tidemill_sql::schema_sql)",
+                config.address()
+            ),
+        )),
+        Ok(Some(Setup::Missing(table))) => Err(Error::permanent(
             BROKER,
             "",
             "check the schema",
@@ -224,6 +246,41 @@ pub(crate) async fn connect(config: &SqlConfig, role: &str) -> Result<PgPool> {
         }),
         Err(e) => Err(error(e, config, "", "create the schema")),
     }
+}
+
+/// What `connect` found wrong with the schema.
+enum Setup {
+    /// A table or index that does not exist (schema creation off).
+    Missing(String),
+    /// A column of this version missing from an existing table (`table.column`).
+    Outdated(String),
+}
+
+/// The first column this version needs that an existing table lacks (tables of an earlier
+/// version: `CREATE TABLE IF NOT EXISTS` leaves them as they are).
+async fn outdated(
+    conn: &mut sqlx::PgConnection,
+    tables: &Tables,
+) -> std::result::Result<Option<String>, sqlx::Error> {
+    let needed = [
+        (&tables.groups, "ahead_transaction_id"),
+        (&tables.groups, "late"),
+        (&tables.groups, "snapshot_xmax"),
+        (&tables.pending, "seq"),
+        (&tables.pending, "done"),
+    ];
+    let names: Vec<&str> = needed.iter().map(|(t, _)| t.as_str()).collect();
+    let columns: Vec<&str> = needed.iter().map(|(_, c)| *c).collect();
+    sqlx::query_scalar(
+        "SELECT x.t || '.' || x.c FROM unnest($1::text[], $2::text[]) AS x(t, c)
+         WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = to_regclass(x.t) AND a.attname = x.c AND NOT a.attisdropped)
+         LIMIT 1",
+    )
+    .bind(&names)
+    .bind(&columns)
+    .fetch_optional(&mut *conn)
+    .await
 }
 
 /// Whether `e` says the database could not be reached or refused the login.

@@ -1,14 +1,23 @@
 //! [`SqlSubscriber`]: consumer groups over the messages table, with reservations (leases)
 //! per message in the pending table.
 //!
-//! A group's position in a topic is a `(transaction_id, offset)` pair in the groups table.
-//! A fetch (one statement, the group's row locked) copies the rows after that position into
-//! the pending table, only rows of transactions older than every transaction still running
-//! (`pg_snapshot_xmin`), so a row committed late by a long transaction is never skipped.
-//! A second statement reserves pending rows that are visible (`visible_at` has come), not
-//! reserved by a live consumer, and (with order per key) have no earlier pending row of
-//! their key, with `FOR UPDATE SKIP LOCKED` so consumers of a group never take the same row.
-//! Ack deletes the pending row; nack gives it back with a `visible_at` in the future.
+//! Rows are found in the order `(transaction_id, offset)`. A group keeps, in the groups
+//! table, an *ahead* position (the last row it found), the ids of the transactions that
+//! were still running below it when it looked (*late*: they may still commit rows there),
+//! and a *watermark* below which every row has been found for good. A fetch (one statement,
+//! the group's row locked) copies into the pending table the rows after the ahead position
+//! and the rows of late transactions that have committed since, and moves the three on. A
+//! transaction left open therefore holds back neither later messages nor anything else:
+//! its own rows are found when it commits. A statement whose snapshot is older than the one
+//! the group last moved with (two members racing) leaves the group as it is.
+//!
+//! Pending rows carry a sequence number in the order they were found. A second statement
+//! reserves visible rows (`visible_at` has come), not reserved by a live consumer, and (with
+//! order per key) with no earlier unfinished row of their key, with `FOR UPDATE SKIP
+//! LOCKED`, so consumers of a group never take the same row. Ack deletes the pending row at
+//! or below the watermark and marks it done above it (so it is never found again; done
+//! rows go when the watermark passes them); nack gives it back with a `visible_at` in the
+//! future.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -267,9 +276,11 @@ pub(crate) async fn ensure_group(
     // aborted); rows of those are "before" the group. Rows of transactions still running
     // or later are the group's.
     sqlx::query(&format!(
-        "INSERT INTO {groups} (topic, consumer_group, transaction_id, \"offset\", expires_at) \
-         VALUES ($1, $2, CASE WHEN $3 THEN '0'::xid8 ELSE pg_snapshot_xmin(pg_current_snapshot()) END, -1, \
-                 now() + make_interval(secs => $4::float8)) \
+        "WITH start AS (SELECT CASE WHEN $3 THEN '0'::xid8 \
+                                    ELSE pg_snapshot_xmin(pg_current_snapshot()) END AS tx) \
+         INSERT INTO {groups} (topic, consumer_group, transaction_id, \"offset\", \
+             ahead_transaction_id, ahead_offset, expires_at) \
+         SELECT $1, $2, tx, -1, tx, -1, now() + make_interval(secs => $4::float8) FROM start \
          ON CONFLICT (topic, consumer_group) DO NOTHING",
         groups = tables.groups
     ))
@@ -307,62 +318,111 @@ impl Statements {
             // its next invisible row becomes visible (none: null).
             advance: format!(
                 r#"WITH g AS (
-    SELECT transaction_id AS tx, "offset" AS off FROM {groups}
-    WHERE topic = $1 AND consumer_group = $2 FOR UPDATE
+    SELECT transaction_id AS wtx, "offset" AS woff, ahead_transaction_id AS atx,
+        ahead_offset AS aoff, late, snapshot_xmax
+    FROM {groups} WHERE topic = $1 AND consumer_group = $2 FOR UPDATE
+), s AS (
+    SELECT pg_current_snapshot() AS snap
+), ok AS (
+    SELECT g.* FROM g, s WHERE pg_snapshot_xmax(s.snap) >= g.snapshot_xmax
 ), room AS (
     SELECT GREATEST(0, $3 - (SELECT count(*) FROM {pending}
-        WHERE topic = $1 AND consumer_group = $2 AND locked_by IS NULL AND visible_at <= now())) AS n
-), new AS (
-    SELECT m.transaction_id, m."offset", m.key, m.deliver_at FROM {messages} m, g
-    WHERE m.topic = $1 AND (m.transaction_id, m."offset") > (g.tx, g.off)
-      AND m.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+        WHERE topic = $1 AND consumer_group = $2 AND NOT done AND locked_by IS NULL
+          AND visible_at <= now())) AS n
+), ahead AS (
+    SELECT m.transaction_id, m."offset", m.key, m.deliver_at FROM {messages} m, ok
+    WHERE m.topic = $1 AND (m.transaction_id, m."offset") > (ok.atx, ok.aoff)
     ORDER BY m.transaction_id, m."offset"
     LIMIT (SELECT n FROM room)
+), behind AS (
+    SELECT m.transaction_id, m."offset", m.key, m.deliver_at FROM {messages} m, ok
+    WHERE m.topic = $1 AND m.transaction_id = ANY(ok.late)
+      AND (m.transaction_id, m."offset") > (ok.wtx, ok.woff)
+      AND (m.transaction_id, m."offset") <= (ok.atx, ok.aoff)
 ), ins AS (
     INSERT INTO {pending} (topic, consumer_group, transaction_id, "offset", key, visible_at)
-    SELECT $1, $2, transaction_id, "offset", key, GREATEST(COALESCE(deliver_at, now()), now()) FROM new
+    SELECT $1, $2, transaction_id, "offset", key, GREATEST(COALESCE(deliver_at, now()), now())
+    FROM (SELECT * FROM behind UNION ALL SELECT * FROM ahead) found
+    ORDER BY transaction_id, "offset"
     ON CONFLICT DO NOTHING
-), last AS (
-    SELECT transaction_id, "offset" FROM new ORDER BY transaction_id DESC, "offset" DESC LIMIT 1
-), moved AS (
-    UPDATE {groups} gr SET transaction_id = last.transaction_id, "offset" = last."offset"
-    FROM last WHERE gr.topic = $1 AND gr.consumer_group = $2
-    RETURNING 1
+), na AS (
+    SELECT COALESCE(a.transaction_id, ok.atx) AS atx, COALESCE(a."offset", ok.aoff) AS aoff
+    FROM ok LEFT JOIN (
+        SELECT transaction_id, "offset" FROM ahead
+        ORDER BY transaction_id DESC, "offset" DESC LIMIT 1
+    ) a ON true
+), nl AS (
+    SELECT na.atx, na.aoff, ARRAY(
+        SELECT x FROM pg_snapshot_xip((SELECT snap FROM s)) AS x WHERE x < na.atx ORDER BY x
+    ) AS late FROM na
+), mark AS (
+    SELECT CASE WHEN cardinality(nl.late) = 0 THEN nl.atx ELSE nl.late[1] END AS tx,
+        CASE WHEN cardinality(nl.late) = 0 THEN nl.aoff ELSE -1 END AS off
+    FROM nl
+), upd AS (
+    UPDATE {groups} gr SET ahead_transaction_id = nl.atx, ahead_offset = nl.aoff,
+        late = nl.late, snapshot_xmax = pg_snapshot_xmax((SELECT snap FROM s)),
+        transaction_id = CASE WHEN (mark.tx, mark.off) > (ok.wtx, ok.woff) THEN mark.tx ELSE ok.wtx END,
+        "offset" = CASE WHEN (mark.tx, mark.off) > (ok.wtx, ok.woff) THEN mark.off ELSE ok.woff END
+    FROM ok, nl, mark
+    WHERE gr.topic = $1 AND gr.consumer_group = $2
+    RETURNING gr.transaction_id, gr."offset"
+), compact AS (
+    DELETE FROM {pending} p USING upd
+    WHERE p.topic = $1 AND p.consumer_group = $2 AND p.done
+      AND (p.transaction_id, p."offset") <= (upd.transaction_id, upd."offset")
 )
 SELECT (SELECT count(*) FROM g) AS found,
     (SELECT EXTRACT(EPOCH FROM min(visible_at) - now())::float8 FROM {pending}
-     WHERE topic = $1 AND consumer_group = $2 AND visible_at > now()) AS next_visible"#
+     WHERE topic = $1 AND consumer_group = $2 AND NOT done AND visible_at > now()) AS next_visible"#
             ),
             // $1 topic, $2 group, $3 consumer, $4 how many, $5 order per key,
             // $6 lease in seconds.
             take: format!(
                 r#"WITH c AS (
     SELECT p."offset" FROM {pending} p
-    WHERE p.topic = $1 AND p.consumer_group = $2 AND p.visible_at <= now()
+    WHERE p.topic = $1 AND p.consumer_group = $2 AND NOT p.done AND p.visible_at <= now()
       AND (p.locked_by IS NULL OR p.lease_until < now())
       AND (NOT $5 OR p.key IS NULL OR NOT EXISTS (
           SELECT 1 FROM {pending} q
           WHERE q.topic = p.topic AND q.consumer_group = p.consumer_group AND q.key = p.key
-            AND (q.transaction_id, q."offset") < (p.transaction_id, p."offset")
+            AND q.seq < p.seq AND NOT q.done
             AND (q.attempts > 0 OR q.visible_at <= now())))
-    ORDER BY p.transaction_id, p."offset"
+    ORDER BY p.seq
     LIMIT $4
     FOR UPDATE SKIP LOCKED
 ), t AS (
     UPDATE {pending} p SET locked_by = $3, attempts = p.attempts + 1,
         lease_until = now() + make_interval(secs => $6::float8)
     FROM c WHERE p.topic = $1 AND p.consumer_group = $2 AND p."offset" = c."offset"
-    RETURNING p.transaction_id, p."offset", p.attempts
+    RETURNING p.seq, p."offset", p.attempts
 )
 SELECT t."offset", t.attempts, m."offset" IS NOT NULL AS found, m.uuid, m.key,
     m.metadata::text AS metadata, m.payload,
     EXTRACT(EPOCH FROM m.created_at)::float8 AS created_at
 FROM t LEFT JOIN {messages} m ON m."offset" = t."offset"
-ORDER BY t.transaction_id, t."offset""#
+ORDER BY t.seq"#
             ),
+            // Deleted at or below the group's watermark; above it (where the group may still
+            // come across the row again) kept as done.
             ack: format!(
-                r#"DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2
-AND "offset" = ANY($3) AND locked_by = $4 RETURNING "offset""#
+                r#"WITH g AS (
+    SELECT transaction_id AS tx, "offset" AS off FROM {groups}
+    WHERE topic = $1 AND consumer_group = $2
+), gone AS (
+    DELETE FROM {pending} p USING g
+    WHERE p.topic = $1 AND p.consumer_group = $2 AND p."offset" = ANY($3)
+      AND p.locked_by = $4 AND NOT p.done
+      AND (p.transaction_id, p."offset") <= (g.tx, g.off)
+    RETURNING p."offset"
+), kept AS (
+    UPDATE {pending} p SET done = true, locked_by = NULL, lease_until = NULL FROM g
+    WHERE p.topic = $1 AND p.consumer_group = $2 AND p."offset" = ANY($3)
+      AND p.locked_by = $4 AND NOT p.done
+      AND (p.transaction_id, p."offset") > (g.tx, g.off)
+    RETURNING p."offset"
+)
+SELECT "offset" FROM gone UNION ALL SELECT "offset" FROM kept"#
             ),
             // $5 delay in seconds.
             nack: format!(
@@ -379,7 +439,7 @@ RETURNING "offset""#
             ),
             still_pending: format!(
                 r#"SELECT "offset" FROM {pending} WHERE topic = $1 AND consumer_group = $2
-AND "offset" = ANY($3)"#
+AND "offset" = ANY($3) AND NOT done"#
             ),
             renew: format!(
                 r#"UPDATE {pending} SET lease_until = now() + make_interval(secs => $5::float8)
@@ -407,7 +467,8 @@ DELETE FROM {pending} WHERE topic = $1 AND consumer_group IN (SELECT consumer_gr
     WHERE m.topic = $1 AND m.created_at < now() - make_interval(secs => $2::float8)
       AND NOT EXISTS (SELECT 1 FROM {groups} g WHERE g.topic = $1
           AND (m.transaction_id, m."offset") > (g.transaction_id, g."offset"))
-      AND NOT EXISTS (SELECT 1 FROM {pending} p WHERE p.topic = $1 AND p."offset" = m."offset")
+      AND NOT EXISTS (SELECT 1 FROM {pending} p
+          WHERE p.topic = $1 AND p."offset" = m."offset" AND NOT p.done)
     ORDER BY m."offset" LIMIT 10000)"#
             ),
             drop_missing: format!(

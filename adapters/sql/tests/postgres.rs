@@ -104,8 +104,8 @@ fn rows_other_programs_inserted_are_delivered_as_they_are() {
 }
 
 #[test]
-fn a_row_committed_late_by_a_long_transaction_is_not_skipped() {
-    if !have_server("a_row_committed_late_by_a_long_transaction_is_not_skipped") {
+fn an_open_transaction_neither_holds_back_later_messages_nor_loses_its_own() {
+    if !have_server("an_open_transaction_neither_holds_back_later_messages_nor_loses_its_own") {
         return;
     }
     runtime().block_on(async {
@@ -114,26 +114,118 @@ fn a_row_committed_late_by_a_long_transaction_is_not_skipped() {
         let opts = SubscribeOptions::group("late");
         ok(s.initialize(&topic, &opts).await, "initialize");
         let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
-        // A transaction writes first (lower offset) and commits last.
+        // A transaction writes first (lower offset, older transaction id) and stays open.
         let mut tx = p.pool().begin().await.expect("begin");
         ok(
             p.publish_in(&mut tx, &topic, vec![Message::new("written first")])
                 .await,
             "publish in transaction",
         );
+        // Another session that wrote something elsewhere and idles in its transaction.
+        let pool = raw().await.expect("raw pool");
+        let mut idle = pool.begin().await.expect("begin");
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut *idle)
+            .await
+            .expect("take a transaction id");
+        // Later messages are delivered while both stay open.
         ok(
             p.publish(&topic, vec![Message::new("committed first")])
                 .await,
             "publish",
         );
-        tx.commit().await.expect("commit");
-        let a = next(&mut stream, "first message").await;
-        let b = next(&mut stream, "second message").await;
-        // Both arrive, in the order their transactions began writing.
-        assert_eq!(a.message().payload().as_ref(), b"written first");
+        let b = next(
+            &mut stream,
+            "the message committed while transactions are open",
+        )
+        .await;
         assert_eq!(b.message().payload().as_ref(), b"committed first");
-        ok(a.ack().await, "ack");
         ok(b.ack().await, "ack");
+        // Connecting while a transaction holds rows of the tables neither waits for it nor
+        // makes inserts wait (the schema is only created when missing).
+        let (p2, _s2) = connect().await;
+        ok(
+            p2.publish(&unique_topic("sql_late_other"), vec![Message::new("other")])
+                .await,
+            "publish on a new connection",
+        );
+        // The row written first arrives once its transaction commits.
+        tx.commit().await.expect("commit");
+        let a = next(&mut stream, "the message committed last").await;
+        assert_eq!(a.message().payload().as_ref(), b"written first");
+        ok(a.ack().await, "ack");
+        idle.rollback().await.expect("rollback");
+        // Nothing came twice: the next message is one published now.
+        ok(
+            p.publish(&topic, vec![Message::new("sentinel")]).await,
+            "publish",
+        );
+        let c = next(&mut stream, "sentinel").await;
+        assert_eq!(c.message().payload().as_ref(), b"sentinel");
+        ok(c.ack().await, "ack");
+    });
+}
+
+#[test]
+fn concurrent_transactions_deliver_exactly_what_committed() {
+    if !have_server("concurrent_transactions_deliver_exactly_what_committed") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_concurrent");
+        let (p, s) = connect().await;
+        let opts = SubscribeOptions::group("concurrent");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        // 8 writers, 25 transactions each, 2 messages per transaction, every fifth rolled
+        // back; commits interleave in every order while the subscription reads.
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let (p, topic) = (p.clone(), topic.clone());
+                tokio::spawn(async move {
+                    let mut committed = Vec::new();
+                    for t in 0..25 {
+                        let mut tx = p.pool().begin().await.expect("begin");
+                        let batch: Vec<Message> = (0..2)
+                            .map(|i| Message::new(format!("w{w}-t{t}-{i}")))
+                            .collect();
+                        p.publish_in(&mut tx, &topic, batch.clone())
+                            .await
+                            .expect("publish in");
+                        tokio::task::yield_now().await;
+                        if (w + t) % 5 == 0 {
+                            tx.rollback().await.expect("rollback");
+                        } else {
+                            tx.commit().await.expect("commit");
+                            committed.extend(batch.iter().map(|m| m.uuid().to_owned()));
+                        }
+                    }
+                    committed
+                })
+            })
+            .collect();
+        let mut expected = std::collections::HashSet::new();
+        for w in writers {
+            expected.extend(w.await.expect("writer"));
+        }
+        let mut got = std::collections::HashSet::new();
+        while got.len() < expected.len() {
+            let d = next(&mut stream, "committed message").await;
+            let uuid = d.message().uuid().to_owned();
+            assert!(
+                expected.contains(&uuid),
+                "a rolled-back message arrived: {uuid}"
+            );
+            assert!(got.insert(uuid.clone()), "{uuid} arrived twice");
+            ok(d.ack().await, "ack");
+        }
+        ok(
+            p.publish(&topic, vec![Message::new("sentinel")]).await,
+            "publish",
+        );
+        let last = next(&mut stream, "sentinel").await;
+        assert_eq!(last.message().payload().as_ref(), b"sentinel");
+        ok(last.ack().await, "ack");
     });
 }
 
@@ -408,6 +500,29 @@ fn errors_name_what_went_wrong_without_the_password() {
         let text = err.to_string();
         assert!(text.contains("tidemill_never_created_messages"), "{text}");
         assert!(text.contains("create_schema is off"), "{text}");
+
+        // Tables of an earlier version (a column missing): named, not half-used.
+        let pool = raw().await.expect("raw pool");
+        let old = format!("tidemill_v0_{}_", std::process::id());
+        sqlx::query(&format!("CREATE TABLE {old}groups (topic TEXT)"))
+            .execute(&pool)
+            .await
+            .expect("create an old table");
+        let mut config = test_config(&url);
+        config.table_prefix = old.clone();
+        let err = SqlSubscriber::connect(config).await.unwrap_err();
+        for table in ["groups", "pending", "messages", "inbox"] {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {old}{table}"))
+                .execute(&pool)
+                .await
+                .expect("drop");
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("{old}groups.ahead_transaction_id")),
+            "{text}"
+        );
+        assert!(text.contains("earlier version"), "{text}");
 
         // Over the size limit.
         let mut config = test_config(&url);
