@@ -71,7 +71,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .then(|| std::env::var("TIDEMILL_BROKER").ok())
                 .flatten()
         })
-        .ok_or("set TIDEMILL_POSTGRES_URL (or DATABASE_URL) to the database of the order service")?;
+        .ok_or(
+            "set TIDEMILL_POSTGRES_URL (or DATABASE_URL) to the database of the order service",
+        )?;
     println!("broker: {:?}", broker_config.kind());
     let broker = broker_config.connect().await?;
     let run_id = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
@@ -151,13 +153,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             total: 10 + i as i64,
         };
         let mut tx = db.begin().await?;
-        sqlx::query("INSERT INTO example_orders (run, id, customer, total) VALUES ($1, $2, $3, $4)")
-            .bind(&run)
-            .bind(&event.order)
-            .bind(&event.customer)
-            .bind(event.total)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO example_orders (run, id, customer, total) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&run)
+        .bind(&event.order)
+        .bind(&event.customer)
+        .bind(event.total)
+        .execute(&mut *tx)
+        .await?;
         let message = Message::new(serde_json::to_vec(&event)?).with_key(&event.customer);
         outbox
             .publish_in(&mut tx, &events, vec![message.clone()])
@@ -239,7 +243,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         inbox.duplicates()
     );
     if projected != expected {
-        return Err(format!("projection {projected:?} differs from the orders {expected:?}").into());
+        return Err(
+            format!("projection {projected:?} differs from the orders {expected:?}").into(),
+        );
     }
     if expected.iter().map(|(_, n, _)| n).sum::<i64>() != (ORDERS - declined) as i64 {
         return Err("a declined order reached the orders table".into());
