@@ -66,7 +66,7 @@
 //! Both sides count confirmations in the same wrapper around the destination publisher, and
 //! each destination topic gets one untimed message first (creating the stream or topic).
 //!
-//! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 20,000), `TIDEMILL_BENCH_ROUNDS`
+//! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 10,000), `TIDEMILL_BENCH_ROUNDS`
 //! (default 3), `TIDEMILL_BENCH_SECTION` (`pubsub`, `batch`, `forwarder`, or a comma-separated
 //! list; default all), `TIDEMILL_BENCH_CALL_US` (a wait per handler call in the batch
 //! section: per message, per batch, per raw chunk; default none), `TIDEMILL_BENCH_RAW_VIA_POOL=1`
@@ -131,7 +131,7 @@ fn main() -> Result<(), BoxError> {
         eprintln!("SKIP: TIDEMILL_POSTGRES_URL is not set (run `make bench-sql`)");
         return Ok(());
     };
-    let n = env_usize("TIDEMILL_BENCH_MESSAGES", 20_000);
+    let n = env_usize("TIDEMILL_BENCH_MESSAGES", 10_000);
     let rounds = env_usize("TIDEMILL_BENCH_ROUNDS", 3);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
