@@ -72,7 +72,10 @@
 //! section: per message, per batch, per raw chunk; default none), `TIDEMILL_BENCH_RAW_VIA_POOL=1`
 //! (the raw sequential consumer runs each statement on the pool, as the adapter does, instead
 //! of a connection of its own: sqlx's pool pings a connection before handing it out, so
-//! this shows what that costs).
+//! this shows what that costs), `TIDEMILL_BENCH_BACKLOG` (M, default 0: in the pub/sub section,
+//! M messages are written to each topic before its consumer group is created at the end
+//! of the topic, untimed, so the consumers read N messages behind M others, as a
+//! long-lived topic's consumers do).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -189,6 +192,10 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         publisher,
         n,
         rounds,
+        backlog: std::env::var("TIDEMILL_BENCH_BACKLOG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     };
     if section("pubsub") {
         bench.pubsub().await?;
@@ -240,6 +247,8 @@ struct Bench {
     publisher: SqlPublisher,
     n: usize,
     rounds: usize,
+    /// Rows already in each pub/sub topic, behind the consumer group's start.
+    backlog: usize,
 }
 
 /// The rows of one raw publish, made before the clock starts.
@@ -406,14 +415,26 @@ impl Bench {
         let n = self.n;
         println!();
         println!("pub/sub section: publish in batches of {BATCH}; consume with prefetch {PREFETCH}, each message committed before the next");
+        if self.backlog > 0 {
+            println!(
+                "  each topic holds {} messages before the group's start",
+                self.backlog
+            );
+        }
         let subscriber = SqlSubscriber::connect(config(&self.url, PREFETCH)).await?;
+        // Creates groups at the end of a topic (behind the backlog).
+        let at_end = SqlSubscriber::connect(SqlConfig {
+            start_from: StartFrom::New,
+            ..config(&self.url, PREFETCH)
+        })
+        .await?;
         let (mut publish, mut consume) = (Vec::new(), Vec::new());
         for round in 1..=self.rounds {
             let (r, t) = if round % 2 == 1 {
                 let r = self.raw_round().await?;
-                (r, self.tidemill_round(&subscriber).await?)
+                (r, self.tidemill_round(&subscriber, &at_end).await?)
             } else {
-                let t = self.tidemill_round(&subscriber).await?;
+                let t = self.tidemill_round(&subscriber, &at_end).await?;
                 (self.raw_round().await?, t)
             };
             println!(
@@ -424,6 +445,7 @@ impl Bench {
             consume.push(vec![r[1], t[1]]);
         }
         subscriber.close().await?;
+        at_end.close().await?;
         println!();
         report(
             "postgres publish",
@@ -447,6 +469,17 @@ impl Bench {
     async fn raw_round(&self) -> Result<[Consumed; 2], BoxError> {
         let (n, pool) = (self.n, &self.pool);
         let topic = unique("raw");
+        if self.backlog > 0 {
+            raw_publish(pool, &topic, &RawRows::new(self.backlog)).await?;
+            sqlx::query(&format!(
+                "INSERT INTO {RAW_GROUPS} (topic, consumer_group, \"offset\") \
+                 SELECT $1, $2, max(\"offset\") FROM {RAW} WHERE topic = $1"
+            ))
+            .bind(&topic)
+            .bind("g")
+            .execute(pool)
+            .await?;
+        }
         let rows = RawRows::new(n);
         let publish = timed(n, raw_publish(pool, &topic, &rows)).await?;
         drop(rows);
@@ -511,9 +544,22 @@ impl Bench {
     }
 
     /// Tidemill's publish and consume figures.
-    async fn tidemill_round(&self, subscriber: &SqlSubscriber) -> Result<[Consumed; 2], BoxError> {
+    async fn tidemill_round(
+        &self,
+        subscriber: &SqlSubscriber,
+        at_end: &SqlSubscriber,
+    ) -> Result<[Consumed; 2], BoxError> {
         let n = self.n;
         let topic = unique("tidemill");
+        if self.backlog > 0 {
+            let backlog = (0..self.backlog)
+                .map(|i| Message::new(payload(i)))
+                .collect();
+            tidemill_publish(&self.publisher, &topic, backlog).await?;
+            at_end
+                .initialize(&topic, &SubscribeOptions::group("g"))
+                .await?;
+        }
         let messages: Vec<Message> = (0..n).map(|i| Message::new(payload(i))).collect();
         let publish = timed(n, tidemill_publish(&self.publisher, &topic, messages)).await?;
         let consume = timed(n, async {
