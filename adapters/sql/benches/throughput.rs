@@ -6,7 +6,10 @@
 //! uses the tables of prefix `tmbench_` (dropped and created again at the start); the raw
 //! side has tables of its own of the same shape: `tmbench_raw` (the columns of
 //! `tmbench_messages`, with an index on `(topic, offset)`) and `tmbench_raw_groups` (one
-//! position per topic and consumer group). Each round uses fresh topics.
+//! position per topic and consumer group). Each round uses fresh topics. The tables are new
+//! at the start of a run: the planner has no statistics on them until autovacuum analyzes
+//! them (within a minute or so), which changes the plans of some of the adapter's
+//! statements (see the round-by-round figures).
 //!
 //! # Pub/sub section
 //!
@@ -20,13 +23,13 @@
 //!   progress committed, each message committed before the next is handled, as a
 //!   sequential handler does. Raw, the hand-written log consumer on a connection of its
 //!   own (`pool.acquire()` once): create the group's position row, then loop `SELECT
-//!   offset, uuid, metadata, payload … WHERE topic = $1 AND
-//!   offset > $last ORDER BY offset LIMIT 64`, decode each row (metadata JSON into a map),
-//!   and per message `UPDATE tmbench_raw_groups SET offset = $o` (awaited): 1 statement per
-//!   message plus 1 per 64. Tidemill: `SqlSubscriber::subscribe(topic, group)` (prefetch
-//!   64, groups start at the beginning) and `Delivery::ack` awaited per message: the
-//!   adapter's fetch ("advance" the group into the pending table, then "take" with `FOR
-//!   UPDATE SKIP LOCKED`), and its acks coalesced into one `DELETE` per burst.
+//!   offset, uuid, metadata, payload … WHERE topic = $1 AND offset > $last ORDER BY offset
+//!   LIMIT 64`, decode each row (metadata JSON into a map), and per message `UPDATE
+//!   tmbench_raw_groups SET offset = $o` (awaited): 1 statement per message plus 1 per 64.
+//!   Tidemill: `SqlSubscriber::subscribe(topic, group)` (prefetch 64, groups start at the
+//!   beginning) and `Delivery::ack` awaited per message: the adapter's fetches ("advance"
+//!   the group into the pending table, then "take" with `FOR UPDATE SKIP LOCKED`), and its
+//!   acks (acks that arrive together share one statement), each statement on its pool.
 //!
 //! Sides alternate which goes first; each round is printed, then the median msg/s, the
 //! median of the per-round ratios Tidemill / raw, the median process CPU per message
@@ -37,9 +40,8 @@
 //! N messages written beforehand to both sides' tables (untimed), then consumed by
 //!
 //! - (a) raw sqlx in batch mode, the queue-table consumer on a connection of its own:
-//!   `SELECT … WHERE topic = $1 AND
-//!   offset > $last ORDER BY offset LIMIT 500`, then one `DELETE … WHERE offset =
-//!   ANY($500 offsets)` awaited before the next select;
+//!   `SELECT … WHERE topic = $1 AND offset > $last ORDER BY offset LIMIT 500`, then one
+//!   `DELETE … WHERE offset = ANY($500 offsets)` awaited before the next select;
 //! - (b) the Tidemill router with a single-message handler (default: sequential);
 //! - (c) the router with `.batch(500, 50 ms)`;
 //!
@@ -66,16 +68,20 @@
 //! Both sides count confirmations in the same wrapper around the destination publisher, and
 //! each destination topic gets one untimed message first (creating the stream or topic).
 //!
-//! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 10,000), `TIDEMILL_BENCH_ROUNDS`
-//! (default 3), `TIDEMILL_BENCH_SECTION` (`pubsub`, `batch`, `forwarder`, or a comma-separated
-//! list; default all), `TIDEMILL_BENCH_CALL_US` (a wait per handler call in the batch
-//! section: per message, per batch, per raw chunk; default none), `TIDEMILL_BENCH_RAW_VIA_POOL=1`
-//! (the raw sequential consumer runs each statement on the pool, as the adapter does, instead
-//! of a connection of its own: sqlx's pool pings a connection before handing it out, so
-//! this shows what that costs), `TIDEMILL_BENCH_BACKLOG` (M, default 0: in the pub/sub section,
-//! M messages are written to each topic before its consumer group is created at the end
-//! of the topic, untimed, so the consumers read N messages behind M others, as a
-//! long-lived topic's consumers do).
+//! Environment:
+//!
+//! - `TIDEMILL_BENCH_MESSAGES`: N (default 10,000);
+//! - `TIDEMILL_BENCH_ROUNDS`: rounds (default 3);
+//! - `TIDEMILL_BENCH_SECTION`: `pubsub`, `batch`, `forwarder`, or a comma-separated list
+//!   (default all);
+//! - `TIDEMILL_BENCH_CALL_US`: a wait per handler call in the batch section (per message,
+//!   per batch, per raw chunk; default none);
+//! - `TIDEMILL_BENCH_RAW_VIA_POOL=1`: the raw sequential consumer runs each statement on the
+//!   pool, as the adapter does, instead of a connection of its own (sqlx's pool pings a
+//!   connection before handing it out, `test_before_acquire`): what that costs;
+//! - `TIDEMILL_BENCH_BACKLOG`: M (default 0): in the pub/sub section, M messages are written
+//!   to each topic (untimed) before its consumer group is created at the end of the topic,
+//!   so the consumers read N messages behind M others, as a long-lived topic's do.
 
 use std::collections::HashMap;
 use std::sync::Arc;
