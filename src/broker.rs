@@ -233,6 +233,9 @@ pub enum ConfigError {
 /// Its `Debug` shows every option except credentials (URL userinfo, passwords, tokens).
 #[derive(Clone)]
 #[non_exhaustive]
+// Built once per connection, never in bulk: variant sizes (which vary with the enabled
+// features) do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum BrokerConfig {
     /// The embedded in-memory broker.
     Memory(MemoryConfig),
