@@ -213,15 +213,22 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         bench.forwarder().await?;
     }
     bench.publisher.close().await?;
-    reset_tables(&bench.pool).await?;
+    sqlx::raw_sql(&drop_tables()).execute(&bench.pool).await?;
     Ok(())
+}
+
+fn drop_tables() -> String {
+    format!(
+        "DROP TABLE IF EXISTS {PREFIX}messages, {PREFIX}groups, {PREFIX}pending, {PREFIX}inbox, \
+         {RAW}, {RAW_GROUPS};"
+    )
 }
 
 /// Drops the tables of earlier runs and creates the raw side's (Tidemill's are created by
 /// its first `connect`).
 async fn reset_tables(pool: &PgPool) -> Result<(), BoxError> {
     sqlx::raw_sql(&format!(
-        r#"DROP TABLE IF EXISTS {PREFIX}messages, {PREFIX}groups, {PREFIX}pending, {PREFIX}inbox, {RAW}, {RAW_GROUPS};
+        r#"{drop}
 CREATE TABLE {RAW} (
     "offset" BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -239,7 +246,8 @@ CREATE TABLE {RAW_GROUPS} (
     consumer_group TEXT NOT NULL,
     "offset" BIGINT NOT NULL,
     PRIMARY KEY (topic, consumer_group)
-);"#
+);"#,
+        drop = drop_tables()
     ))
     .execute(pool)
     .await?;
