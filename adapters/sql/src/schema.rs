@@ -170,9 +170,12 @@ pub(crate) async fn connect(config: &SqlConfig, role: &str) -> Result<PgPool> {
             )
         })?
         .application_name(&format!("{}-{role}", config.consumer_name));
+    // No ping before each use (a round trip per statement): a connection that broke fails
+    // its statement, which the callers retry on a fresh one.
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.connect_timeout)
+        .test_before_acquire(false)
         .connect_lazy_with(options);
     let tables = Tables::new(&config.table_prefix);
     let setup = async {

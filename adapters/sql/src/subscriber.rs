@@ -237,8 +237,8 @@ fn hand_out(
 ) -> impl futures::Stream<Item = Result<Delivery>> + Send + 'static {
     futures::stream::poll_fn(move |cx| loop {
         match rx.poll_recv(cx) {
-            std::task::Poll::Ready(Some((offset, delivery))) => {
-                if let Some(state) = shared.held.lock().get_mut(&offset) {
+            std::task::Poll::Ready(Some((row, delivery))) => {
+                if let Some(state) = shared.held.lock().get_mut(&row) {
                     if *state == Held::Buffered {
                         *state = Held::HandedOut;
                         return std::task::Poll::Ready(Some(Ok(delivery)));
@@ -330,15 +330,16 @@ impl Statements {
         WHERE topic = $1 AND consumer_group = $2 AND NOT done AND locked_by IS NULL
           AND visible_at <= now())) AS n
 ), ahead AS (
-    SELECT m.transaction_id, m."offset", m.key, m.deliver_at FROM {messages} m, ok
-    WHERE m.topic = $1 AND (m.transaction_id, m."offset") > (ok.atx, ok.aoff)
+    SELECT m.transaction_id, m."offset", m.key, m.deliver_at FROM {messages} m
+    WHERE m.topic = $1
+      AND (m.transaction_id, m."offset") > ((SELECT atx FROM ok), (SELECT aoff FROM ok))
     ORDER BY m.transaction_id, m."offset"
     LIMIT (SELECT n FROM room)
 ), behind AS (
-    SELECT m.transaction_id, m."offset", m.key, m.deliver_at FROM {messages} m, ok
-    WHERE m.topic = $1 AND m.transaction_id = ANY(ok.late)
-      AND (m.transaction_id, m."offset") > (ok.wtx, ok.woff)
-      AND (m.transaction_id, m."offset") <= (ok.atx, ok.aoff)
+    SELECT m.transaction_id, m."offset", m.key, m.deliver_at FROM {messages} m
+    WHERE m.topic = $1 AND m.transaction_id = ANY((SELECT late FROM ok)::xid8[])
+      AND (m.transaction_id, m."offset") > ((SELECT wtx FROM ok), (SELECT woff FROM ok))
+      AND (m.transaction_id, m."offset") <= ((SELECT atx FROM ok), (SELECT aoff FROM ok))
 ), ins AS (
     INSERT INTO {pending} (topic, consumer_group, transaction_id, "offset", key, visible_at)
     SELECT $1, $2, transaction_id, "offset", key, GREATEST(COALESCE(deliver_at, now()), now())
@@ -380,7 +381,7 @@ SELECT (SELECT count(*) FROM g) AS found,
             // $6 lease in seconds.
             take: format!(
                 r#"WITH c AS (
-    SELECT p."offset" FROM {pending} p
+    SELECT p.ctid AS row_id FROM {pending} p
     WHERE p.topic = $1 AND p.consumer_group = $2 AND NOT p.done AND p.visible_at <= now()
       AND (p.locked_by IS NULL OR p.lease_until < now())
       AND (NOT $5 OR p.key IS NULL OR NOT EXISTS (
@@ -394,13 +395,16 @@ SELECT (SELECT count(*) FROM g) AS found,
 ), t AS (
     UPDATE {pending} p SET locked_by = $3, attempts = p.attempts + 1,
         lease_until = now() + make_interval(secs => $6::float8)
-    FROM c WHERE p.topic = $1 AND p.consumer_group = $2 AND p."offset" = c."offset"
+    WHERE p.ctid = ANY(ARRAY(SELECT row_id FROM c))
     RETURNING p.seq, p."offset", p.attempts
 )
-SELECT t."offset", t.attempts, m."offset" IS NOT NULL AS found, m.uuid, m.key,
+SELECT t.seq, t."offset", t.attempts, m."offset" IS NOT NULL AS found, m.uuid, m.key,
     m.metadata::text AS metadata, m.payload,
     EXTRACT(EPOCH FROM m.created_at)::float8 AS created_at
-FROM t LEFT JOIN {messages} m ON m."offset" = t."offset"
+FROM t LEFT JOIN LATERAL (
+    SELECT mm."offset", mm.uuid, mm.key, mm.metadata, mm.payload, mm.created_at
+    FROM {messages} mm WHERE mm."offset" = t."offset" OFFSET 0
+) m ON true
 ORDER BY t.seq"#
             ),
             // Deleted at or below the group's watermark; above it (where the group may still
@@ -411,39 +415,39 @@ ORDER BY t.seq"#
     WHERE topic = $1 AND consumer_group = $2
 ), gone AS (
     DELETE FROM {pending} p USING g
-    WHERE p.topic = $1 AND p.consumer_group = $2 AND p."offset" = ANY($3)
+    WHERE p.topic = $1 AND p.consumer_group = $2 AND p.seq = ANY($3)
       AND p.locked_by = $4 AND NOT p.done
       AND (p.transaction_id, p."offset") <= (g.tx, g.off)
-    RETURNING p."offset"
+    RETURNING p.seq
 ), kept AS (
     UPDATE {pending} p SET done = true, locked_by = NULL, lease_until = NULL FROM g
-    WHERE p.topic = $1 AND p.consumer_group = $2 AND p."offset" = ANY($3)
+    WHERE p.topic = $1 AND p.consumer_group = $2 AND p.seq = ANY($3)
       AND p.locked_by = $4 AND NOT p.done
       AND (p.transaction_id, p."offset") > (g.tx, g.off)
-    RETURNING p."offset"
+    RETURNING p.seq
 )
-SELECT "offset" FROM gone UNION ALL SELECT "offset" FROM kept"#
+SELECT seq FROM gone UNION ALL SELECT seq FROM kept"#
             ),
             // $5 delay in seconds.
             nack: format!(
                 r#"UPDATE {pending} SET locked_by = NULL, lease_until = NULL,
     visible_at = now() + make_interval(secs => $5::float8)
-WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3) AND locked_by = $4
-RETURNING "offset""#
+WHERE topic = $1 AND consumer_group = $2 AND seq = ANY($3) AND locked_by = $4
+RETURNING seq"#
             ),
             release: format!(
                 r#"UPDATE {pending} SET locked_by = NULL, lease_until = NULL, visible_at = now(),
     attempts = GREATEST(attempts - 1, 0)
-WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3) AND locked_by = $4
-RETURNING "offset""#
+WHERE topic = $1 AND consumer_group = $2 AND seq = ANY($3) AND locked_by = $4
+RETURNING seq"#
             ),
             still_pending: format!(
-                r#"SELECT "offset" FROM {pending} WHERE topic = $1 AND consumer_group = $2
-AND "offset" = ANY($3) AND NOT done"#
+                r#"SELECT seq FROM {pending} WHERE topic = $1 AND consumer_group = $2
+AND seq = ANY($3) AND NOT done"#
             ),
             renew: format!(
                 r#"UPDATE {pending} SET lease_until = now() + make_interval(secs => $5::float8)
-WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3) AND locked_by = $4"#
+WHERE topic = $1 AND consumer_group = $2 AND seq = ANY($3) AND locked_by = $4"#
             ),
             renew_group: format!(
                 r#"UPDATE {groups} SET expires_at = now() + make_interval(secs => $3::float8)
@@ -472,7 +476,7 @@ DELETE FROM {pending} WHERE topic = $1 AND consumer_group IN (SELECT consumer_gr
     ORDER BY m."offset" LIMIT 10000)"#
             ),
             drop_missing: format!(
-                r#"DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2 AND "offset" = ANY($3)"#
+                r#"DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2 AND seq = ANY($3)"#
             ),
         }
     }
@@ -532,9 +536,9 @@ async fn fetch_loop(
                     pause = Duration::from_millis(100);
                     let full = rows.len() == room;
                     for delivery in rows {
-                        let offset = delivery.offset;
+                        let row = delivery.row;
                         let delivery = delivery.into_delivery(&shared, &settle);
-                        if tx.send((offset, delivery)).await.is_err() {
+                        if tx.send((row, delivery)).await.is_err() {
                             break;
                         }
                     }
@@ -595,24 +599,24 @@ async fn cleanup(shared: &Shared, retention: Duration) {
 /// At close: gives the messages still waiting in the buffer back to the group at once, so
 /// other members get them without waiting for the stream to be polled or dropped.
 async fn release_buffered(shared: &Shared) {
-    let offsets: Vec<i64> = {
+    let rows: Vec<i64> = {
         let mut held = shared.held.lock();
-        let offsets: Vec<i64> = held
+        let rows: Vec<i64> = held
             .iter()
             .filter(|(_, s)| **s == Held::Buffered)
             .map(|(o, _)| *o)
             .collect();
-        for o in &offsets {
+        for o in &rows {
             held.remove(o);
         }
-        offsets
+        rows
     };
-    if offsets.is_empty() {
+    if rows.is_empty() {
         return;
     }
-    match run_settle(shared, Outcome::Release, &offsets).await {
+    match run_settle(shared, Outcome::Release, &rows).await {
         Ok(_) => {
-            tracing::debug!(topic = %shared.topic, count = offsets.len(), "released buffered messages at close")
+            tracing::debug!(topic = %shared.topic, count = rows.len(), "released buffered messages at close")
         }
         Err(e) => {
             tracing::warn!(topic = %shared.topic, error = %e, "releasing buffered messages at close failed; they return to the group when their lease runs out")
@@ -622,7 +626,8 @@ async fn release_buffered(shared: &Shared) {
 
 /// A reserved row, before it becomes a delivery.
 struct Fetched {
-    offset: i64,
+    /// The pending row (its `seq`).
+    row: i64,
     attempts: i32,
     message: Message,
 }
@@ -630,11 +635,11 @@ struct Fetched {
 impl Fetched {
     /// The delivery, counted as held until it is settled.
     fn into_delivery(self, shared: &Shared, settle: &mpsc::UnboundedSender<Settle>) -> Delivery {
-        shared.held.lock().insert(self.offset, Held::Buffered);
+        shared.held.lock().insert(self.row, Held::Buffered);
         Delivery::new(
             self.message,
             SqlAcker {
-                offset: self.offset,
+                row: self.row,
                 settle: settle.clone(),
             },
         )
@@ -684,12 +689,13 @@ async fn fetch(
     let mut out = Vec::with_capacity(rows.len());
     let mut missing = Vec::new();
     for row in rows {
+        let seq: i64 = row.try_get("seq")?;
         let offset: i64 = row.try_get("offset")?;
         if !row.try_get::<bool, _>("found")? {
-            missing.push(offset);
+            missing.push(seq);
             continue;
         }
-        out.push(decode(shared, offset, &row)?);
+        out.push(decode(shared, seq, offset, &row)?);
     }
     if !missing.is_empty() {
         tracing::warn!(topic = %shared.topic, group = %shared.group, ?missing, "pending messages whose rows were deleted from the messages table; dropping them");
@@ -707,7 +713,12 @@ async fn fetch(
 /// The message of a reserved row. Metadata that is not a JSON object of strings (a row
 /// another program wrote) is kept: other values as their JSON text, anything but an object
 /// whole under `metadata`.
-fn decode(shared: &Shared, offset: i64, row: &PgRow) -> std::result::Result<Fetched, sqlx::Error> {
+fn decode(
+    shared: &Shared,
+    seq: i64,
+    offset: i64,
+    row: &PgRow,
+) -> std::result::Result<Fetched, sqlx::Error> {
     let attempts: i32 = row.try_get("attempts")?;
     let uuid: Option<String> = row.try_get("uuid")?;
     let key: Option<Vec<u8>> = row.try_get("key")?;
@@ -748,7 +759,7 @@ fn decode(shared: &Shared, offset: i64, row: &PgRow) -> std::result::Result<Fetc
         message = message.with_key_bytes(Bytes::from(key));
     }
     Ok(Fetched {
-        offset,
+        row: seq,
         attempts,
         message: message.with_native(native),
     })
@@ -756,7 +767,8 @@ fn decode(shared: &Shared, offset: i64, row: &PgRow) -> std::result::Result<Fetc
 
 /// A settlement request from an acknowledger.
 struct Settle {
-    offset: i64,
+    /// The pending row (its `seq`).
+    row: i64,
     outcome: Outcome,
     reply: Option<oneshot::Sender<Result<()>>>,
 }
@@ -785,7 +797,8 @@ impl Outcome {
 
 /// Settles one delivery through the subscription's settle loop.
 struct SqlAcker {
-    offset: i64,
+    /// The pending row (its `seq`).
+    row: i64,
     settle: mpsc::UnboundedSender<Settle>,
 }
 
@@ -793,7 +806,7 @@ impl SqlAcker {
     fn send(self, outcome: Outcome) -> AckFuture {
         let (reply, rx) = oneshot::channel();
         let sent = self.settle.send(Settle {
-            offset: self.offset,
+            row: self.row,
             outcome,
             reply: Some(reply),
         });
@@ -831,7 +844,7 @@ impl Acknowledger for SqlAcker {
     /// with it) is released instead, its attempt not counted.
     fn nack_on_drop(self: Box<Self>) {
         let _ = self.settle.send(Settle {
-            offset: self.offset,
+            row: self.row,
             outcome: Outcome::Nack(Duration::ZERO),
             reply: None,
         });
@@ -909,7 +922,7 @@ async fn renew_leases(shared: &Shared) {
 async fn settle(shared: &Shared, batch: Vec<Settle>) {
     let mut groups: Vec<(Outcome, Vec<Settle>)> = Vec::new();
     for mut s in batch {
-        match shared.held.lock().get(&s.offset) {
+        match shared.held.lock().get(&s.row) {
             // Released at close (or settled already): nothing to do.
             None => {
                 if let Some(reply) = s.reply {
@@ -926,28 +939,28 @@ async fn settle(shared: &Shared, batch: Vec<Settle>) {
         }
     }
     for (outcome, list) in groups {
-        let offsets: Vec<i64> = list.iter().map(|s| s.offset).collect();
-        let result = run_settle(shared, outcome, &offsets).await;
+        let rows: Vec<i64> = list.iter().map(|s| s.row).collect();
+        let result = run_settle(shared, outcome, &rows).await;
         {
             let mut held = shared.held.lock();
-            for o in &offsets {
-                held.remove(o);
+            for r in &rows {
+                held.remove(r);
             }
         }
         let what = outcome.name();
         match result {
             Ok(lost) => {
                 for s in list {
-                    let r = if lost.contains(&s.offset) {
+                    let r = if lost.contains(&s.row) {
                         Err(Error::transient(
                             BROKER,
                             shared.topic.clone(),
                             what,
                             format!(
-                                "message #{} of group `{}` was no longer reserved for this \
-                                 subscription (its lease of {:?} ran out and another consumer \
-                                 may have taken it): it will be delivered again",
-                                s.offset, shared.group, shared.config.lease
+                                "a message of group `{}` (pending row {}) was no longer reserved \
+                                 for this subscription (its lease of {:?} ran out and another \
+                                 consumer may have taken it): it will be delivered again",
+                                shared.group, s.row, shared.config.lease
                             ),
                         ))
                     } else {
@@ -983,13 +996,13 @@ async fn settle(shared: &Shared, batch: Vec<Settle>) {
     }
 }
 
-/// One ack or nack statement for `offsets`; returns the offsets still pending but not
-/// reserved by this subscription any more (lease lost). Offsets gone from pending were
+/// One settle statement for the pending `rows`; returns those still pending but not
+/// reserved by this subscription any more (lease lost). Rows gone from pending were
 /// settled already (e.g. a retried statement that had succeeded) and count as done.
 async fn run_settle(
     shared: &Shared,
     outcome: Outcome,
-    offsets: &[i64],
+    rows: &[i64],
 ) -> std::result::Result<Vec<i64>, sqlx::Error> {
     let deadline = tokio::time::Instant::now() + shared.config.command_timeout;
     let mut pause = Duration::from_millis(50);
@@ -1002,21 +1015,17 @@ async fn run_settle(
             }
             .bind(&shared.topic)
             .bind(&shared.group)
-            .bind(offsets)
+            .bind(rows)
             .bind(&shared.consumer);
             let query = match outcome {
                 Outcome::Nack(delay) => query.bind(delay.as_secs_f64()),
                 Outcome::Ack | Outcome::Release => query,
             };
             let done: Vec<i64> = query.fetch_all(&shared.pool).await?;
-            if done.len() == offsets.len() {
+            if done.len() == rows.len() {
                 return Ok(Vec::new());
             }
-            let rest: Vec<i64> = offsets
-                .iter()
-                .copied()
-                .filter(|o| !done.contains(o))
-                .collect();
+            let rest: Vec<i64> = rows.iter().copied().filter(|o| !done.contains(o)).collect();
             let still: Vec<i64> = sqlx::query_scalar(&shared.sql.still_pending)
                 .bind(&shared.topic)
                 .bind(&shared.group)
