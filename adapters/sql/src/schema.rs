@@ -50,6 +50,7 @@ impl Tables {
             self.pending.clone(),
             self.inbox.clone(),
             format!("{schema}{index}messages_position"),
+            format!("{schema}{index}pending_seq"),
             format!("{schema}{index}pending_order"),
             format!("{schema}{index}pending_key"),
             format!("{schema}{index}pending_done"),
@@ -107,6 +108,7 @@ CREATE TABLE IF NOT EXISTS {pending} (
     done BOOLEAN NOT NULL DEFAULT false,
     PRIMARY KEY (topic, consumer_group, "offset")
 );
+CREATE UNIQUE INDEX IF NOT EXISTS {index}pending_seq ON {pending} (seq);
 CREATE INDEX IF NOT EXISTS {index}pending_order ON {pending} (topic, consumer_group, seq);
 CREATE INDEX IF NOT EXISTS {index}pending_key ON {pending} (topic, consumer_group, key, seq) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS {index}pending_done ON {pending} (topic, consumer_group, transaction_id, "offset") WHERE done;

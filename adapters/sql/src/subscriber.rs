@@ -415,39 +415,36 @@ ORDER BY t.seq"#
     WHERE topic = $1 AND consumer_group = $2
 ), gone AS (
     DELETE FROM {pending} p USING g
-    WHERE p.topic = $1 AND p.consumer_group = $2 AND p.seq = ANY($3)
-      AND p.locked_by = $4 AND NOT p.done
+    WHERE p.seq = ANY($3) AND p.locked_by = $4 AND NOT p.done
       AND (p.transaction_id, p."offset") <= (g.tx, g.off)
     RETURNING p.seq
 ), kept AS (
     UPDATE {pending} p SET done = true, locked_by = NULL, lease_until = NULL FROM g
-    WHERE p.topic = $1 AND p.consumer_group = $2 AND p.seq = ANY($3)
-      AND p.locked_by = $4 AND NOT p.done
+    WHERE p.seq = ANY($3) AND p.locked_by = $4 AND NOT p.done
       AND (p.transaction_id, p."offset") > (g.tx, g.off)
     RETURNING p.seq
 )
 SELECT seq FROM gone UNION ALL SELECT seq FROM kept"#
             ),
-            // $5 delay in seconds.
+            // Rows are found by their unique seq alone (the pending_seq index), whatever
+            // the planner's statistics say about the group: $1 rows, $2 consumer, $3
+            // delay in seconds.
             nack: format!(
                 r#"UPDATE {pending} SET locked_by = NULL, lease_until = NULL,
-    visible_at = now() + make_interval(secs => $5::float8)
-WHERE topic = $1 AND consumer_group = $2 AND seq = ANY($3) AND locked_by = $4
+    visible_at = now() + make_interval(secs => $3::float8)
+WHERE seq = ANY($1) AND locked_by = $2
 RETURNING seq"#
             ),
             release: format!(
                 r#"UPDATE {pending} SET locked_by = NULL, lease_until = NULL, visible_at = now(),
     attempts = GREATEST(attempts - 1, 0)
-WHERE topic = $1 AND consumer_group = $2 AND seq = ANY($3) AND locked_by = $4
+WHERE seq = ANY($1) AND locked_by = $2
 RETURNING seq"#
             ),
-            still_pending: format!(
-                r#"SELECT seq FROM {pending} WHERE topic = $1 AND consumer_group = $2
-AND seq = ANY($3) AND NOT done"#
-            ),
+            still_pending: format!(r#"SELECT seq FROM {pending} WHERE seq = ANY($1) AND NOT done"#),
             renew: format!(
-                r#"UPDATE {pending} SET lease_until = now() + make_interval(secs => $5::float8)
-WHERE topic = $1 AND consumer_group = $2 AND seq = ANY($3) AND locked_by = $4"#
+                r#"UPDATE {pending} SET lease_until = now() + make_interval(secs => $3::float8)
+WHERE seq = ANY($1) AND locked_by = $2"#
             ),
             renew_group: format!(
                 r#"UPDATE {groups} SET expires_at = now() + make_interval(secs => $3::float8)
@@ -475,9 +472,7 @@ DELETE FROM {pending} WHERE topic = $1 AND consumer_group IN (SELECT consumer_gr
           WHERE p.topic = $1 AND p."offset" = m."offset" AND NOT p.done)
     ORDER BY m."offset" LIMIT 10000)"#
             ),
-            drop_missing: format!(
-                r#"DELETE FROM {pending} WHERE topic = $1 AND consumer_group = $2 AND seq = ANY($3)"#
-            ),
+            drop_missing: format!(r#"DELETE FROM {pending} WHERE seq = ANY($1)"#),
         }
     }
 }
@@ -700,8 +695,6 @@ async fn fetch(
     if !missing.is_empty() {
         tracing::warn!(topic = %shared.topic, group = %shared.group, ?missing, "pending messages whose rows were deleted from the messages table; dropping them");
         sqlx::query(&sql.drop_missing)
-            .bind(&shared.topic)
-            .bind(&shared.group)
             .bind(&missing)
             .execute(&shared.pool)
             .await?;
@@ -896,8 +889,6 @@ async fn renew_leases(shared: &Shared) {
     let lease = shared.config.lease.as_secs_f64();
     if !held.is_empty() {
         let result = sqlx::query(&shared.sql.renew)
-            .bind(&shared.topic)
-            .bind(&shared.group)
             .bind(&held)
             .bind(&shared.consumer)
             .bind(lease)
@@ -1009,17 +1000,18 @@ async fn run_settle(
     loop {
         let result = async {
             let query = match outcome {
-                Outcome::Ack => sqlx::query_scalar(&shared.sql.ack),
-                Outcome::Nack(_) => sqlx::query_scalar(&shared.sql.nack),
-                Outcome::Release => sqlx::query_scalar(&shared.sql.release),
-            }
-            .bind(&shared.topic)
-            .bind(&shared.group)
-            .bind(rows)
-            .bind(&shared.consumer);
-            let query = match outcome {
-                Outcome::Nack(delay) => query.bind(delay.as_secs_f64()),
-                Outcome::Ack | Outcome::Release => query,
+                Outcome::Ack => sqlx::query_scalar(&shared.sql.ack)
+                    .bind(&shared.topic)
+                    .bind(&shared.group)
+                    .bind(rows)
+                    .bind(&shared.consumer),
+                Outcome::Nack(delay) => sqlx::query_scalar(&shared.sql.nack)
+                    .bind(rows)
+                    .bind(&shared.consumer)
+                    .bind(delay.as_secs_f64()),
+                Outcome::Release => sqlx::query_scalar(&shared.sql.release)
+                    .bind(rows)
+                    .bind(&shared.consumer),
             };
             let done: Vec<i64> = query.fetch_all(&shared.pool).await?;
             if done.len() == rows.len() {
@@ -1027,8 +1019,6 @@ async fn run_settle(
             }
             let rest: Vec<i64> = rows.iter().copied().filter(|o| !done.contains(o)).collect();
             let still: Vec<i64> = sqlx::query_scalar(&shared.sql.still_pending)
-                .bind(&shared.topic)
-                .bind(&shared.group)
                 .bind(&rest)
                 .fetch_all(&shared.pool)
                 .await?;
