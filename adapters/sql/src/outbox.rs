@@ -617,12 +617,18 @@ async fn forward(
 }
 
 /// Why the forwarder could not forward a message.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ForwardError {
     /// The message has no (or an empty) [`DESTINATION_TOPIC`] entry: it was written to the
     /// outbox topic directly, not through [`Outbox`]. Permanent (marked with
     /// [`tidemill_core::permanent`]).
+    #[error(
+        "{BROKER} outbox `{outbox_topic}`: message {uuid} has no `{DESTINATION_TOPIC}` \
+         metadata entry naming its destination topic (written to the outbox topic \
+         directly instead of through tidemill_sql::outbox::Outbox?): it cannot be \
+         forwarded"
+    )]
     MissingDestination {
         /// The message's uuid.
         uuid: String,
@@ -631,6 +637,10 @@ pub enum ForwardError {
     },
     /// The destination publisher failed; permanent if its error is
     /// ([`Error::is_transient`]).
+    #[error(
+        "{BROKER} outbox `{outbox_topic}`: forwarding message {uuid} to topic \
+         `{destination}` failed: {source}"
+    )]
     Publish {
         /// The message's uuid.
         uuid: String,
@@ -639,41 +649,9 @@ pub enum ForwardError {
         /// The topic it was for.
         destination: String,
         /// The destination publisher's error (names its broker).
+        #[source]
         source: Error,
     },
-}
-
-impl fmt::Display for ForwardError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ForwardError::MissingDestination { uuid, outbox_topic } => write!(
-                f,
-                "{BROKER} outbox `{outbox_topic}`: message {uuid} has no `{DESTINATION_TOPIC}` \
-                 metadata entry naming its destination topic (written to the outbox topic \
-                 directly instead of through tidemill_sql::outbox::Outbox?): it cannot be \
-                 forwarded"
-            ),
-            ForwardError::Publish {
-                uuid,
-                outbox_topic,
-                destination,
-                source,
-            } => write!(
-                f,
-                "{BROKER} outbox `{outbox_topic}`: forwarding message {uuid} to topic \
-                 `{destination}` failed: {source}"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ForwardError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ForwardError::MissingDestination { .. } => None,
-            ForwardError::Publish { source, .. } => Some(source),
-        }
-    }
 }
 
 #[cfg(test)]

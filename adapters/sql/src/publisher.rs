@@ -40,6 +40,7 @@ pub struct SqlPublisher {
 struct Inner {
     config: SqlConfig,
     pool: PgPool,
+    tables: Tables,
     insert: String,
     closed: AtomicBool,
     state: StateCell,
@@ -65,6 +66,7 @@ impl SqlPublisher {
         Ok(SqlPublisher {
             inner: Arc::new(Inner {
                 insert: insert_sql(&tables),
+                tables,
                 config,
                 pool,
                 closed: AtomicBool::new(false),
@@ -131,12 +133,7 @@ impl SqlPublisher {
         }
         let batch = Batch::encode(&self.inner.config, topic, &messages)?;
         batch
-            .query(
-                &self.inner.insert,
-                topic,
-                when,
-                &Tables::new(&self.inner.config.table_prefix),
-            )
+            .query(&self.inner.insert, topic, when, &self.inner.tables)
             .execute(conn)
             .await
             .map(|_| ())
@@ -166,7 +163,7 @@ impl SqlPublisher {
         }
         let config = &inner.config;
         let batch = Batch::encode(config, topic, &messages)?;
-        let tables = Tables::new(&config.table_prefix);
+        let tables = &inner.tables;
         // After a connection failure the batch is sent again once the connection is back
         // (within command_timeout): rows a lost attempt committed come twice, which
         // at-least-once delivery allows; none is lost.
@@ -174,7 +171,7 @@ impl SqlPublisher {
         let mut pause = Duration::from_millis(50);
         loop {
             let result = batch
-                .query(&inner.insert, topic, when, &tables)
+                .query(&inner.insert, topic, when, tables)
                 .execute(&inner.pool)
                 .await;
             inner.state.saw(&result);
@@ -225,15 +222,16 @@ SELECT (SELECT count(*) FROM rows) FROM (SELECT pg_notify($8, $1)) AS woken"#,
 }
 
 /// A batch's columns, checked and encoded.
-struct Batch {
-    uuids: Vec<String>,
-    keys: Vec<Option<Vec<u8>>>,
+/// Keys and payloads are borrowed from the messages (no copy of the bytes).
+struct Batch<'m> {
+    uuids: Vec<&'m str>,
+    keys: Vec<Option<&'m [u8]>>,
     metadata: Vec<String>,
-    payloads: Vec<Vec<u8>>,
+    payloads: Vec<&'m [u8]>,
 }
 
-impl Batch {
-    fn encode(config: &SqlConfig, topic: &str, messages: &[Message]) -> Result<Batch> {
+impl<'m> Batch<'m> {
+    fn encode(config: &SqlConfig, topic: &str, messages: &'m [Message]) -> Result<Batch<'m>> {
         if topic.contains('\0') {
             return Err(Error::config(
                 BROKER,
@@ -289,10 +287,10 @@ impl Batch {
                     limit: config.max_message_bytes,
                 });
             }
-            batch.uuids.push(uuid.to_owned());
-            batch.keys.push(message.key().map(|k| k.to_vec()));
+            batch.uuids.push(uuid);
+            batch.keys.push(message.key().map(|k| k.as_ref()));
             batch.metadata.push(metadata);
-            batch.payloads.push(message.payload().to_vec());
+            batch.payloads.push(message.payload().as_ref());
         }
         Ok(batch)
     }
@@ -337,10 +335,9 @@ impl Publisher for SqlPublisher {
     /// default at the end), so everything published from now on waits for the group.
     async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
         let config = &self.inner.config;
-        let tables = Tables::new(&config.table_prefix);
         crate::subscriber::ensure_group(
             &self.inner.pool,
-            &tables,
+            &self.inner.tables,
             topic,
             group,
             config.start_from,

@@ -169,6 +169,7 @@ impl Subscriber for SqlSubscriber {
             private,
             config: config.clone(),
             pool: inner.pool.clone(),
+            tables: Arc::clone(&inner.tables),
             sql: Arc::clone(&inner.sql),
             held: Mutex::default(),
             wake,
@@ -485,8 +486,9 @@ struct Shared {
     private: bool,
     config: SqlConfig,
     pool: PgPool,
+    tables: Arc<Tables>,
     sql: Arc<Statements>,
-    /// Offsets reserved by this subscription and not settled yet. A buffered message
+    /// Pending rows (by `seq`) reserved by this subscription and not settled yet. A buffered message
     /// released at close is removed from here, so its acknowledger settles nothing.
     held: Mutex<HashMap<i64, Held>>,
     /// Wakes the fetch loop: a notification for the topic, or a settled message.
@@ -659,11 +661,10 @@ async fn fetch(
     if found == 0 {
         // Removed behind our back (an expired private group, an operator): recreate it.
         tracing::warn!(topic = %shared.topic, group = %shared.group, "consumer group was missing; recreating it at the end of the topic");
-        let tables = Tables::new(&shared.config.table_prefix);
         let expiry = shared.private.then_some(shared.config.private_group_expiry);
         ensure_group(
             &shared.pool,
-            &tables,
+            &shared.tables,
             &shared.topic,
             &shared.group,
             StartFrom::New,
