@@ -11,10 +11,11 @@
 //! | `pubsub://my-project?emulator=127.0.0.1:8085` | Google Cloud Pub/Sub | `googlecloud` |
 //! | `redis://user:pass@host:6379/0?claim_idle=45s` (`rediss://` for TLS) | Redis Streams | `redis` |
 //! | `postgres://user:pass@host:5432/db?sslmode=require&lease=30s` (`postgresql://` too) | PostgreSQL | `postgres` |
+//! | `sqs://eu-west-1?fifo=true&visibility_timeout=1m` (`sqs+fifo://` for `fifo=true`) | AWS SQS and SNS | `aws` |
 //!
 //! Query parameters set any field of the adapter's config type (`KafkaConfig`,
 //! `AmqpConfig`, `NatsConfig`, `GoogleCloudConfig`, `RedisConfig`, `SqlConfig`,
-//! [`MemoryConfig`]), named as in its docs; one level of nesting goes with a dot
+//! `AwsConfig`, [`MemoryConfig`]), named as in its docs; one level of nesting goes with a dot
 //! (`jetstream.ack_wait=30s`, `properties.linger.ms=5`). Durations are humantime strings
 //! (`250ms`, `30s`). Unknown schemes, brokers this build lacks, unknown options and bad
 //! values are errors naming the offending part.
@@ -29,6 +30,13 @@
 //! section or a `TIDEMILL_BROKER__*` variable, a connection parameter (`sslmode = "require"`)
 //! is added to the URL's query the same way. Note that `connect_timeout` is Tidemill's, a
 //! duration (`10s`), not libpq's number of seconds.
+//!
+//! An `sqs://` URL's host is the AWS region (`sqs://eu-west-1`); without one (`sqs://`,
+//! `sqs:///?…`) the region comes from the environment (`AWS_REGION`, the profile's).
+//! Credentials never go in the URL: the AWS SDK reads them from its standard chain
+//! (environment, shared files, SSO, container and instance roles). `endpoint` points both
+//! services elsewhere, such as a local emulator:
+//! `sqs://us-east-1?endpoint=http://127.0.0.1:4566`.
 //!
 //! Values are taken as written, never silently fixed, whether they come from a URL, a file or
 //! the environment:
@@ -96,6 +104,8 @@ pub enum BrokerKind {
     Redis,
     /// PostgreSQL (feature `postgres`).
     Postgres,
+    /// AWS SQS and SNS (feature `aws`).
+    Aws,
 }
 
 impl BrokerKind {
@@ -109,6 +119,7 @@ impl BrokerKind {
             "pubsub" | "googlecloud" | "gcp" => BrokerKind::GoogleCloud,
             "redis" | "rediss" => BrokerKind::Redis,
             "postgres" | "postgresql" => BrokerKind::Postgres,
+            "sqs" | "aws" => BrokerKind::Aws,
             _ => return None,
         })
     }
@@ -123,6 +134,7 @@ impl BrokerKind {
             BrokerKind::GoogleCloud => "googlecloud",
             BrokerKind::Redis => "redis",
             BrokerKind::Postgres => "postgres",
+            BrokerKind::Aws => "aws",
         }
     }
 
@@ -136,6 +148,7 @@ impl BrokerKind {
             BrokerKind::GoogleCloud => cfg!(feature = "googlecloud"),
             BrokerKind::Redis => cfg!(feature = "redis"),
             BrokerKind::Postgres => cfg!(feature = "postgres"),
+            BrokerKind::Aws => cfg!(feature = "aws"),
         }
     }
 }
@@ -150,6 +163,7 @@ impl fmt::Display for BrokerKind {
             BrokerKind::GoogleCloud => "googlecloud",
             BrokerKind::Redis => "redis",
             BrokerKind::Postgres => "postgres",
+            BrokerKind::Aws => "aws",
         })
     }
 }
@@ -162,12 +176,12 @@ impl fmt::Display for BrokerKind {
 pub enum ConfigError {
     /// The URL has no `scheme://` (the URL as shown, credentials hidden).
     #[error(
-        "broker URL `{0}` has no scheme: expected memory://, kafka://, amqp://, nats://, pubsub://, redis:// or postgres://"
+        "broker URL `{0}` has no scheme: expected memory://, kafka://, amqp://, nats://, pubsub://, redis://, postgres:// or sqs://"
     )]
     NoScheme(String),
     /// The scheme names no broker Tidemill knows.
     #[error(
-        "unknown broker scheme `{0}`: expected memory, kafka, amqp, amqps, nats, pubsub, redis, rediss, postgres or postgresql"
+        "unknown broker scheme `{0}`: expected memory, kafka, amqp, amqps, nats, pubsub, redis, rediss, postgres, postgresql, sqs or sqs+fifo"
     )]
     UnknownScheme(String),
     /// The broker exists but this build leaves it out.
@@ -257,6 +271,9 @@ pub enum BrokerConfig {
     /// PostgreSQL.
     #[cfg(feature = "postgres")]
     Postgres(tidemill_sql::SqlConfig),
+    /// AWS SQS and SNS.
+    #[cfg(feature = "aws")]
+    Aws(tidemill_aws::AwsConfig),
 }
 
 impl fmt::Debug for BrokerConfig {
@@ -284,6 +301,8 @@ impl fmt::Debug for BrokerConfig {
             BrokerConfig::Redis(c) => ("Redis", render(c, pretty)),
             #[cfg(feature = "postgres")]
             BrokerConfig::Postgres(c) => ("Postgres", render(c, pretty)),
+            #[cfg(feature = "aws")]
+            BrokerConfig::Aws(c) => ("Aws", render(c, pretty)),
         };
         f.debug_tuple(variant).field(&Verbatim(&inner)).finish()
     }
@@ -410,7 +429,8 @@ impl BrokerConfig {
             (Some(url), named) => {
                 let by_scheme = url
                     .split_once("://")
-                    .and_then(|(scheme, _)| BrokerKind::from_name(scheme));
+                    .and_then(|(scheme, _)| scheme_kind(scheme))
+                    .map(|(kind, _)| kind);
                 if let (Some(kind), Some(named)) = (by_scheme, named) {
                     if kind != named {
                         return Err(section_err(format!(
@@ -457,6 +477,8 @@ impl BrokerConfig {
             BrokerConfig::Redis(_) => BrokerKind::Redis,
             #[cfg(feature = "postgres")]
             BrokerConfig::Postgres(_) => BrokerKind::Postgres,
+            #[cfg(feature = "aws")]
+            BrokerConfig::Aws(_) => BrokerKind::Aws,
         }
     }
 
@@ -497,6 +519,10 @@ impl BrokerConfig {
             BrokerConfig::Redis(c) => format!("url: {:?}", c.url),
             #[cfg(feature = "postgres")]
             BrokerConfig::Postgres(c) => format!("url: {:?}", c.url),
+            // Credentials come from the SDK's chain, never the config: only an endpoint
+            // with a userinfo could hold one.
+            #[cfg(feature = "aws")]
+            BrokerConfig::Aws(c) => format!("endpoint: {:?}", c.endpoint),
         };
         crate::redact::secrets_in_debug(&raw)
     }
@@ -542,6 +568,17 @@ impl BrokerConfig {
                 Arc::new(tidemill_sql::SqlPublisher::connect(config.clone()).await?),
                 Arc::new(tidemill_sql::SqlSubscriber::connect(config.clone()).await?),
             ),
+            #[cfg(feature = "aws")]
+            // Interim, until tidemill-aws has its publisher and subscriber.
+            BrokerConfig::Aws(config) => {
+                return Err(tidemill_core::Error::config(
+                    "aws",
+                    format!(
+                        "connecting to {} is not wired into the facade yet",
+                        config.address()
+                    ),
+                ))
+            }
         };
         Ok(Broker {
             kind,
@@ -600,6 +637,19 @@ impl BrokerConfig {
                     }),
                 })?;
                 Ok(BrokerConfig::Postgres(config))
+            }
+            #[cfg(feature = "aws")]
+            BrokerKind::Aws => {
+                let config: tidemill_aws::AwsConfig = deserialize(kind, options)?;
+                config.validate().map_err(|e| ConfigError::Rejected {
+                    kind,
+                    message: discreet_message(&match e {
+                        // The kind is named already: only the adapter's explanation.
+                        tidemill_core::Error::Config { message, .. } => message,
+                        other => other.to_string(),
+                    }),
+                })?;
+                Ok(BrokerConfig::Aws(config))
             }
             #[allow(unreachable_patterns)]
             _ => Err(ConfigError::MissingFeature {
@@ -773,8 +823,8 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
         // `user:pass@host/x://…`: whatever this is, it starts with no scheme.
         return Err(no_scheme());
     }
-    let kind = BrokerKind::from_name(scheme)
-        .ok_or_else(|| ConfigError::UnknownScheme(scheme.to_owned()))?;
+    let (kind, fifo_scheme) =
+        scheme_kind(scheme).ok_or_else(|| ConfigError::UnknownScheme(scheme.to_owned()))?;
     if !kind.is_available() {
         return Err(ConfigError::MissingFeature {
             kind,
@@ -904,8 +954,76 @@ fn url_options(url: &str) -> Result<(BrokerKind, Options), ConfigError> {
             }
             options.insert("url".to_owned(), Value::from(url));
         }
+        BrokerKind::Aws => aws_url(&mut options, scheme, base, fifo_scheme)?,
     }
     Ok((kind, options))
+}
+
+/// The kind a URL scheme names, and whether it is `sqs+fifo` (AWS with `fifo = true`).
+fn scheme_kind(scheme: &str) -> Option<(BrokerKind, bool)> {
+    if scheme.eq_ignore_ascii_case("sqs+fifo") {
+        return Some((BrokerKind::Aws, true));
+    }
+    BrokerKind::from_name(scheme).map(|kind| (kind, false))
+}
+
+/// AWS: the host of `sqs://REGION` (`base`, the part before the query) is the region, none
+/// for `sqs://` and `sqs:///`; `sqs+fifo://` sets `fifo`. Credentials, ports and paths have
+/// no place in it.
+fn aws_url(
+    options: &mut Options,
+    scheme: &str,
+    base: &str,
+    fifo_scheme: bool,
+) -> Result<(), ConfigError> {
+    let kind = BrokerKind::Aws;
+    // Without the query: an `endpoint=` URL in it may carry a userinfo `redact_url` would
+    // not see.
+    let shown = || redact_url(&format!("{scheme}://{base}")).into_owned();
+    let missing = |message: String| ConfigError::Missing { kind, message };
+    let region = base.trim_end_matches('/');
+    if region.contains('@') {
+        return Err(missing(format!(
+            "sqs:// takes no user or password (got `{}`): the AWS SDK reads credentials from \
+             the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, shared files, roles)",
+            shown()
+        )));
+    }
+    if !region
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(missing(format!(
+            "sqs:// takes a region only (sqs://eu-west-1, or sqs:// for the environment's), \
+             got `{}`: an emulator's address goes in `endpoint=http://host:port`",
+            shown()
+        )));
+    }
+    if !region.is_empty() {
+        if options.contains_key("region") {
+            return Err(missing(format!(
+                "the region is given twice, as the host and as `region=` (got `{}`): keep one",
+                shown()
+            )));
+        }
+        options.insert("region".to_owned(), Value::from(region));
+    }
+    if fifo_scheme {
+        match options.get("fifo") {
+            None => {
+                options.insert("fifo".to_owned(), text("true"));
+            }
+            Some(value) if strict::parse_bool(value) == Some(true) => {}
+            Some(_) => {
+                return Err(missing(format!(
+                    "sqs+fifo:// means `fifo=true` (got `{}`): drop the `fifo` parameter or \
+                     use sqs://",
+                    shown()
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The query parameters of a PostgreSQL URL that sqlx's `PgConnectOptions` reads (as of
@@ -1097,9 +1215,9 @@ mod tests {
             "{bad_value}"
         );
         assert_eq!(
-            err("sqs://localhost"),
-            "unknown broker scheme `sqs`: expected memory, kafka, amqp, amqps, nats, pubsub, redis, \
-             rediss, postgres or postgresql"
+            err("mqtt://localhost"),
+            "unknown broker scheme `mqtt`: expected memory, kafka, amqp, amqps, nats, pubsub, redis, \
+             rediss, postgres, postgresql, sqs or sqs+fifo"
         );
         assert!(err("localhost:9092").contains("has no scheme"));
         assert!(err("memory://?capacity").contains("`capacity` is malformed"));
@@ -1325,6 +1443,253 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no_such_option"), "{e}");
+    }
+
+    #[cfg(not(feature = "aws"))]
+    #[test]
+    fn aws_without_its_feature() {
+        for url in [
+            "sqs://eu-west-1",
+            "sqs:///?endpoint=http://127.0.0.1:4566",
+            "sqs+fifo://eu-west-1",
+            "aws://eu-west-1",
+        ] {
+            assert_eq!(
+                err(url),
+                "built without aws: enable feature `aws` of the tidemill crate"
+            );
+        }
+        let e = from_file("app.toml", "[broker]\ntype = \"aws\"\n", "broker").unwrap_err();
+        assert!(e.to_string().contains("enable feature `aws`"), "{e}");
+        assert_eq!(BrokerKind::from_name("sqs"), Some(BrokerKind::Aws));
+        assert!(!BrokerKind::Aws.is_available());
+    }
+
+    #[cfg(feature = "aws")]
+    fn aws(config: BrokerConfig) -> tidemill_aws::AwsConfig {
+        match config {
+            BrokerConfig::Aws(c) => c,
+            #[allow(unreachable_patterns)]
+            other => panic!("expected aws, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "aws")]
+    #[test]
+    fn aws_urls() {
+        use std::time::Duration;
+        use tidemill_aws::{AwsConfig, Mode};
+
+        let c = aws(BrokerConfig::from_url(
+            "sqs://eu-west-1?endpoint=http://127.0.0.1:4567&fifo=true&wait_time=5s\
+             &visibility_timeout=1m&message_retention=2h&mode=queues&name_prefix=app-\
+             &prefetch=16&concurrent_receives=3&create_resources=false&profile=dev\
+             &order_per_key=false&max_message_bytes=65536&unwrap_sns_envelopes=off\
+             &connect_timeout=750ms&command_timeout=20s",
+        )
+        .unwrap());
+        assert_eq!(c.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:4567"));
+        assert!(c.fifo);
+        assert_eq!(c.wait_time, Duration::from_secs(5));
+        assert_eq!(c.visibility_timeout, Duration::from_secs(60));
+        assert_eq!(c.message_retention, Some(Duration::from_secs(7200)));
+        assert_eq!(c.mode, Mode::Queues);
+        assert_eq!(c.name_prefix, "app-");
+        assert_eq!(c.prefetch, 16);
+        assert_eq!(c.concurrent_receives, 3);
+        assert!(!c.create_resources);
+        assert_eq!(c.profile.as_deref(), Some("dev"));
+        assert!(!c.order_per_key);
+        assert_eq!(c.max_message_bytes, 65536);
+        assert!(!c.unwrap_sns_envelopes);
+        assert_eq!(c.connect_timeout, Duration::from_millis(750));
+        assert_eq!(c.command_timeout, Duration::from_secs(20));
+        assert_eq!(BrokerConfig::Aws(c).kind(), BrokerKind::Aws);
+
+        // Only the region: every option at its default.
+        let c = aws(BrokerConfig::from_url("sqs://us-east-1").unwrap());
+        assert_eq!(c, AwsConfig::new("us-east-1"));
+        assert_eq!(aws(BrokerConfig::from_url("sqs://us-east-1/").unwrap()), c);
+        // No host: the region comes from the environment (the SDK's chain).
+        assert_eq!(
+            aws(BrokerConfig::from_url("sqs://").unwrap()),
+            AwsConfig::default()
+        );
+        let c = aws(BrokerConfig::from_url("sqs:///?endpoint=http://127.0.0.1:4566").unwrap());
+        assert_eq!(c.region, None);
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:4566"));
+        let c = aws(BrokerConfig::from_url("sqs://?region=ap-south-1").unwrap());
+        assert_eq!(c.region.as_deref(), Some("ap-south-1"));
+        // A percent-encoded endpoint is decoded.
+        let c = aws(BrokerConfig::from_url(
+            "sqs://eu-west-1?endpoint=http%3A%2F%2Flocalhost%3A4566",
+        )
+        .unwrap());
+        assert_eq!(c.endpoint.as_deref(), Some("http://localhost:4566"));
+        // `sqs+fifo://` is `fifo=true`; `aws` names the broker too.
+        let c = aws(BrokerConfig::from_url("sqs+fifo://eu-west-1?prefetch=8").unwrap());
+        assert!(c.fifo);
+        assert_eq!(c.prefetch, 8);
+        assert!(aws(BrokerConfig::from_url("SQS+FIFO://eu-west-1?fifo=yes").unwrap()).fifo);
+        assert!(!aws(BrokerConfig::from_url("aws://eu-west-1").unwrap()).fifo);
+        assert_eq!(BrokerKind::from_name("sqs"), Some(BrokerKind::Aws));
+        assert_eq!(BrokerKind::from_name("aws"), Some(BrokerKind::Aws));
+        assert_eq!(BrokerKind::Aws.to_string(), "aws");
+        assert_eq!(BrokerKind::Aws.feature(), "aws");
+        assert!(BrokerKind::Aws.is_available());
+    }
+
+    #[cfg(feature = "aws")]
+    #[test]
+    fn aws_url_mistakes_name_the_offending_part() {
+        // Unknown options, bad values and their ranges name the option.
+        let e = err("sqs://eu-west-1?visiblity_timeout=30s");
+        assert!(e.starts_with("invalid aws configuration"), "{e}");
+        assert!(e.contains("visiblity_timeout"), "{e}");
+        let e = err("sqs://eu-west-1?wait_time=soon");
+        assert!(e.contains("wait_time"), "{e}");
+        let e = err("sqs://eu-west-1?fifo=2");
+        assert!(
+            e.contains("option `fifo`: expected true or false, got `2`"),
+            "{e}"
+        );
+        let e = err("sqs://eu-west-1?mode=fanout");
+        assert!(e.contains("mode") && e.contains("fanout"), "{e}");
+        let e = err("sqs://eu-west-1?prefetch=-1");
+        assert!(e.contains("option `prefetch`") && e.contains("`-1`"), "{e}");
+        // Values the services would refuse are refused when the URL is read.
+        for (url, option) in [
+            ("sqs://eu-west-1?wait_time=30s", "wait_time"),
+            (
+                "sqs://eu-west-1?visibility_timeout=500ms",
+                "visibility_timeout",
+            ),
+            ("sqs://eu-west-1?prefetch=0", "prefetch"),
+            ("sqs://eu-west-1?message_retention=30s", "message_retention"),
+            ("sqs://eu-west-1?endpoint=127.0.0.1:4566", "endpoint"),
+        ] {
+            let e = BrokerConfig::from_url(url).unwrap_err();
+            assert!(matches!(e, ConfigError::Rejected { .. }), "{url}: {e:?}");
+            let e = e.to_string();
+            assert!(e.starts_with("invalid aws configuration: "), "{e}");
+            assert!(e.contains(option), "{url}: {e}");
+        }
+        // The host is a region, nothing else.
+        let e = BrokerConfig::from_url("sqs://AKIA:hunter2@eu-west-1").unwrap_err();
+        let text = assert_discreet(&e);
+        assert!(text.contains("takes no user or password"), "{text}");
+        for url in [
+            "sqs://127.0.0.1:4566",
+            "sqs://eu-west-1/orders",
+            "sqs://eu_west_1",
+        ] {
+            let e = err(url);
+            assert!(e.contains("sqs:// takes a region only"), "{e}");
+            assert!(e.contains("endpoint=http://host:port"), "{e}");
+        }
+        let e = err("sqs://eu-west-1?region=us-east-1");
+        assert!(e.contains("region is given twice"), "{e}");
+        let e = err("sqs+fifo://eu-west-1?fifo=false");
+        assert!(e.contains("sqs+fifo:// means `fifo=true`"), "{e}");
+        // An endpoint's userinfo never shows, in errors or Debug.
+        let e = BrokerConfig::from_url(
+            "sqs://eu-west-1?region=x&endpoint=http://u:hunter2@h:1&fifo=perhaps",
+        )
+        .unwrap_err();
+        assert_discreet(&e);
+    }
+
+    #[cfg(feature = "aws")]
+    #[test]
+    fn aws_debug_shows_region_and_endpoint() {
+        let c = BrokerConfig::from_url("sqs://eu-west-1?endpoint=http://127.0.0.1:4567&fifo=true")
+            .unwrap();
+        for debug in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(debug.starts_with("Aws("), "{debug}");
+            assert!(debug.contains("eu-west-1"), "{debug}");
+            assert!(debug.contains("http://127.0.0.1:4567"), "{debug}");
+        }
+        assert!(c.secrets().is_empty(), "{:?}", c.secrets());
+        let c =
+            BrokerConfig::from_url("sqs://eu-west-1?endpoint=http://u:hunter2@proxy:8443").unwrap();
+        for debug in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("proxy:8443"), "{debug}");
+        }
+        assert!(c.secrets().iter().any(|s| s == "hunter2"));
+    }
+
+    #[cfg(feature = "aws")]
+    #[test]
+    fn aws_from_files() {
+        use std::time::Duration;
+        let c = aws(from_file(
+            "app.toml",
+            "[broker]\ntype = \"aws\"\nregion = \"eu-west-1\"\nendpoint = \"http://127.0.0.1:4566\"\nwait_time = \"1s\"\nfifo = true\n",
+            "broker",
+        )
+        .unwrap());
+        assert_eq!(c.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(c.wait_time, Duration::from_secs(1));
+        assert!(c.fifo);
+        let c = aws(from_file(
+            "app.yaml",
+            "b:\n  url: sqs+fifo://us-east-1\n  type: sqs\n  visibility_timeout: 2m\n",
+            "b",
+        )
+        .unwrap());
+        assert_eq!(c.region.as_deref(), Some("us-east-1"));
+        assert!(c.fifo);
+        assert_eq!(c.visibility_timeout, Duration::from_secs(120));
+        let e = from_file(
+            "app.toml",
+            "[broker]\nurl = \"sqs://eu-west-1\"\ntype = \"redis\"\n",
+            "broker",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("which disagree"), "{e}");
+        let e = from_file(
+            "app.toml",
+            "[broker]\ntype = \"aws\"\nwait_tim = \"1s\"\n",
+            "broker",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown option `wait_tim`"), "{e}");
+    }
+
+    /// Through the facade to the test SQS/SNS (`TIDEMILL_AWS_URL`, moto; skipped when
+    /// unset): a message and its key, through SNS to a private queue.
+    #[cfg(feature = "aws")]
+    #[tokio::test]
+    async fn aws_round_trip() {
+        use futures::StreamExt;
+        let Ok(url) = std::env::var("TIDEMILL_AWS_URL") else {
+            eprintln!("SKIP aws_round_trip: TIDEMILL_AWS_URL is not set");
+            return;
+        };
+        let broker = connect(&url).await.unwrap();
+        assert_eq!(broker.kind, BrokerKind::Aws);
+        let topic = format!("facade-{}", std::process::id());
+        let mut s = broker
+            .subscriber
+            .subscribe(&topic, tidemill_core::SubscribeOptions::new())
+            .await
+            .unwrap();
+        broker
+            .publisher
+            .publish_one(&topic, tidemill_core::Message::new("x").with_key("k"))
+            .await
+            .unwrap();
+        let d = tokio::time::timeout(std::time::Duration::from_secs(60), s.next())
+            .await
+            .expect("delivered within 60 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.message().payload().as_ref(), b"x");
+        assert_eq!(d.message().key_str(), Some("k"));
+        d.ack().await.unwrap();
     }
 
     #[cfg(not(feature = "postgres"))]
@@ -1733,6 +2098,23 @@ mod tests {
                 "postgres://app:hunter2@db/app?sslmode=require&application_name=orders"
             );
             assert_eq!(c.lease, std::time::Duration::from_secs(60));
+        }
+        // AWS: the region from the URL, options (an endpoint among them) from variables.
+        #[cfg(feature = "aws")]
+        {
+            std::env::set_var(BROKER_ENV, "sqs://eu-west-1");
+            std::env::set_var("TIDEMILL_BROKER__ENDPOINT", "http://127.0.0.1:4567");
+            std::env::set_var("TIDEMILL_BROKER__VISIBILITY_TIMEOUT", "45s");
+            let config = BrokerConfig::from_env();
+            std::env::remove_var(BROKER_ENV);
+            std::env::remove_var("TIDEMILL_BROKER__ENDPOINT");
+            std::env::remove_var("TIDEMILL_BROKER__VISIBILITY_TIMEOUT");
+            let BrokerConfig::Aws(c) = config.unwrap() else {
+                panic!("expected aws")
+            };
+            assert_eq!(c.region.as_deref(), Some("eu-west-1"));
+            assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:4567"));
+            assert_eq!(c.visibility_timeout, std::time::Duration::from_secs(45));
         }
     }
 

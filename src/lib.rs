@@ -2,8 +2,8 @@
 //!
 //! Broker-agnostic messaging for Rust, in the spirit of Go's Watermill: write handlers once
 //! against one small API and run them on the embedded in-memory broker, Kafka, RabbitMQ,
-//! NATS JetStream, Google Cloud Pub/Sub, Redis Streams or PostgreSQL by changing
-//! configuration.
+//! NATS JetStream, Google Cloud Pub/Sub, Redis Streams, PostgreSQL or AWS SQS/SNS by
+//! changing configuration.
 //!
 //! This facade is the one dependency users need. It re-exports [`tidemill_core`] (the
 //! [`Message`] model, the [`Publisher`] and [`Subscriber`] traits, [`Delivery`]
@@ -21,6 +21,7 @@
 //! | `googlecloud` | `googlecloud` | Google Cloud Pub/Sub adapter |
 //! | `redis` | `redis` | Redis Streams adapter |
 //! | `postgres` | `sql` | PostgreSQL adapter: pub/sub over tables, transactional outbox, inbox |
+//! | `aws` | `aws` | AWS adapter: SNS topics fanning out to SQS queues, or plain SQS queues |
 //! | `otel` | `otel` | OpenTelemetry trace context in message metadata, publisher metrics |
 //!
 //! Every feature, as `Cargo.toml` declares it:
@@ -95,6 +96,10 @@ pub use tidemill_redis as redis;
 #[cfg(feature = "postgres")]
 pub use tidemill_sql as sql;
 
+/// The AWS SQS and SNS adapter ([`tidemill_aws`]).
+#[cfg(feature = "aws")]
+pub use tidemill_aws as aws;
+
 /// OpenTelemetry trace context and publisher metrics ([`tidemill_otel`]).
 #[cfg(feature = "otel")]
 pub use tidemill_otel as otel;
@@ -115,6 +120,8 @@ impl Broker {
             BrokerKind::GoogleCloud => "gcp_pubsub",
             BrokerKind::Redis => "redis",
             BrokerKind::Postgres => "postgres",
+            // OpenTelemetry's name for SQS (publishes may go through SNS first).
+            BrokerKind::Aws => "aws_sqs",
         };
         Broker {
             publisher: std::sync::Arc::new(

@@ -100,6 +100,20 @@ fn redact_query(rest: &str) -> Cow<'_, str> {
                 changed = true;
                 Cow::Owned(format!("{key}={HIDDEN}"))
             }
+            // A URL as a value (`endpoint=http://user:pass@host`, perhaps percent-encoded):
+            // its own userinfo is hidden too (shown decoded when it had to change).
+            Some((key, value))
+                if value.contains("://") || value.to_ascii_uppercase().contains("%3A%2F%2F") =>
+            {
+                let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+                match redact_url(&decoded) {
+                    Cow::Owned(hidden) => {
+                        changed = true;
+                        Cow::Owned(format!("{key}={hidden}"))
+                    }
+                    Cow::Borrowed(_) => Cow::Borrowed(pair),
+                }
+            }
             _ => Cow::Borrowed(pair),
         })
         .collect();
@@ -372,6 +386,19 @@ mod tests {
                 "nats://h:1?password=***&x=1&sasl.password=***",
             ),
             ("kafka://h:1?client_id=a@b", "kafka://h:1?client_id=a@b"),
+            // URLs in values lose their userinfo too.
+            (
+                "sqs://r?endpoint=http://u:hunter2@h:1&fifo=true",
+                "sqs://r?endpoint=http://***@h:1&fifo=true",
+            ),
+            (
+                "sqs://r?endpoint=http%3A%2F%2Fu%3Ahunter2%40h%3A1",
+                "sqs://r?endpoint=http://***@h:1",
+            ),
+            (
+                "sqs://r?endpoint=http://127.0.0.1:4566",
+                "sqs://r?endpoint=http://127.0.0.1:4566",
+            ),
         ];
         for (url, want) in cases {
             assert_eq!(redact_url(url), want, "{url}");
