@@ -7,8 +7,11 @@ CARGO ?= cargo
 ## run: the order-flow example on the in-memory broker, or on BROKER=<url> (a real broker)
 # examples/order_flow/ checks its own outcome (exit 1 if wrong). No services needed for
 # memory; `make run BROKER=kafka://127.0.0.1:9093` (or amqp://, amqps://, nats://,
-# pubsub://project?emulator=host:port, redis://, rediss://, postgres://, postgresql://) builds it with the cargo feature
-# the URL's scheme names. The first router demo: cargo run --example demo
+# pubsub://project?emulator=host:port, redis://, rediss://, postgres://, postgresql://,
+# 'sqs://region?endpoint=http://host:port') builds it with the cargo feature the URL's scheme
+# names. For sqs:// with an endpoint on this machine (moto: `make brokers-up aws`) and no
+# AWS_ACCESS_KEY_ID set, the test credentials of `brokers/brokers.sh env aws` are used.
+# The first router demo: cargo run --example demo
 run:
 	@broker='$(BROKER)'; \
 	case "$$broker" in \
@@ -19,7 +22,14 @@ run:
 	  pubsub://*|googlecloud://*|gcp://*) features=otel,googlecloud ;; \
 	  redis://*|rediss://*) features=otel,redis ;; \
 	  postgres://*|postgresql://*) features=otel,postgres ;; \
-	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://, redis://, rediss://, postgres://, postgresql://)" >&2; exit 2 ;; \
+	  sqs://*) features=otel,aws; \
+	    case "$$broker" in \
+	      *endpoint=http://127.0.0.1*|*endpoint=http://localhost*) \
+	        if [ -z "$${AWS_ACCESS_KEY_ID:-}" ]; then \
+	          export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION="$${AWS_REGION:-us-east-1}"; \
+	        fi ;; \
+	    esac ;; \
+	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://, redis://, rediss://, postgres://, postgresql://, sqs://)" >&2; exit 2 ;; \
 	esac; \
 	set -x; $(CARGO) run --quiet --example order_flow $${features:+--features $$features} -- "$${broker:-memory://}"
 
@@ -59,7 +69,7 @@ WITH_BROKERS := bash brokers/with-brokers.sh
 bench-scaling:
 	TIDEMILL_BROKERS_ONLY="kafka nats-cluster rabbitmq-cluster" $(WITH_BROKERS) $(CARGO) bench -p tidemill-failover --bench scaling -- --write-benchmarks
 
-.PHONY: bench-kafka bench-amqp bench-nats bench-googlecloud bench-redis bench-sql bench-postgres
+.PHONY: bench-kafka bench-amqp bench-nats bench-googlecloud bench-redis bench-sql bench-postgres bench-aws
 ## bench-kafka: raw rdkafka vs tidemill-kafka on the test Kafka broker
 bench-kafka:
 	TIDEMILL_BROKERS_ONLY=kafka $(WITH_BROKERS) $(CARGO) bench -p tidemill-kafka --bench throughput
@@ -80,3 +90,6 @@ bench-sql:
 	TIDEMILL_BROKERS_ONLY="postgres nats kafka" $(WITH_BROKERS) $(CARGO) bench -p tidemill-sql --bench throughput
 ## bench-postgres: same as bench-sql
 bench-postgres: bench-sql
+## bench-aws: raw AWS SDK (aws-sdk-sqs, aws-sdk-sns) vs tidemill-aws on the local AWS API (moto)
+bench-aws:
+	TIDEMILL_BROKERS_ONLY=aws $(WITH_BROKERS) $(CARGO) bench -p tidemill-aws --bench throughput

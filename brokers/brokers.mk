@@ -1,6 +1,6 @@
 # Test brokers (brokers/). Included by the root Makefile.
 #
-#   make brokers-up                  install if missing and start all six single-node brokers
+#   make brokers-up                  install if missing and start all seven single-node brokers
 #   make brokers-status              report each one (exit 1 unless all healthy)
 #   make brokers-restart NAME=kafka  restart one, keeping its data
 #   make brokers-restart kafka       (same; so is NAME="nats kafka")
@@ -9,11 +9,11 @@
 #   make brokers-down-cluster        stop them
 #
 # Every target takes NAME=... (or trailing broker names) to act on some only:
-# rabbitmq, nats, kafka, pubsub, redis, postgres (and nats-cluster, rabbitmq-cluster).
+# rabbitmq, nats, kafka, pubsub, redis, postgres, aws (and nats-cluster, rabbitmq-cluster).
 
 BROKERS_MK_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 BROKERS_SH := bash $(BROKERS_MK_DIR)/brokers.sh
-BROKER_NAMES := rabbitmq nats kafka pubsub redis postgres nats-cluster rabbitmq-cluster
+BROKER_NAMES := rabbitmq nats kafka pubsub redis postgres aws nats-cluster rabbitmq-cluster
 CLUSTER_NAMES := nats-cluster rabbitmq-cluster
 BROKER_ARGS = $(NAME) $(filter $(BROKER_NAMES),$(MAKECMDGOALS))
 
@@ -27,7 +27,7 @@ brokers-up-cluster:
 brokers-down-cluster:
 	@$(BROKERS_SH) down $(or $(strip $(BROKER_ARGS)),$(CLUSTER_NAMES))
 
-## brokers-up: install (first time) and start RabbitMQ, NATS, Kafka (Nisshi), Pub/Sub emulator, Redis, PostgreSQL
+## brokers-up: install (first time) and start RabbitMQ, NATS, Kafka (Nisshi), Pub/Sub emulator, Redis, PostgreSQL, the local AWS API (moto)
 brokers-up:
 	@$(BROKERS_SH) up $(BROKER_ARGS)
 

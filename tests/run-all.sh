@@ -7,10 +7,11 @@
 # 2. Run unit, in-memory conformance and adapter conformance tests, then the tests that
 #    restart a shared broker (marked #[ignore], run one at a time), the doctests, then
 #    the examples end to end: the demo and the reliability example (in-memory), and the
-#    order flow (examples/order_flow/), the CQRS, the batch and the outbox examples on all
-#    seven backends (memory + the six real brokers), each of which checks its own outcome and
-#    exits non-zero when it is wrong. The brokers started here are always taken down,
-#    also on failure.
+#    order flow (examples/order_flow/), the CQRS, the batch and the outbox examples on every
+#    backend (memory + the real brokers: Kafka, RabbitMQ, NATS, Pub/Sub, Redis, PostgreSQL and
+#    SQS/SNS on the local AWS API once the facade has its `aws` feature), each of which checks
+#    its own outcome and exits non-zero when it is wrong. The brokers started here are always
+#    taken down, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,15 @@ cd "$(dirname "$0")/.."
 # between them, the facade's tests cover every broker URL, and one example binary runs on
 # any broker).
 FEATURES="--features tidemill/all-brokers,tidemill/otel"
+# The AWS adapter (tidemill-aws) as well, once the facade has its feature: its examples run
+# only then (its own tests run with the workspace either way, and skip without
+# TIDEMILL_AWS_URL).
+if grep -qE '^aws *=' Cargo.toml; then
+  HAVE_AWS=1
+  FEATURES+=",tidemill/aws"
+else
+  HAVE_AWS=
+fi
 build_examples() {
   cargo build --quiet --examples $FEATURES
 }
@@ -79,6 +89,12 @@ run_examples() {
   add_broker pubsub PUBSUB_EMULATOR_HOST "pubsub://tidemill-test?emulator=${PUBSUB_EMULATOR_HOST:-}"
   add_broker redis TIDEMILL_REDIS_URL "${TIDEMILL_REDIS_URL:-}"
   add_broker postgres TIDEMILL_POSTGRES_URL "${TIDEMILL_POSTGRES_URL:-}"
+  if [[ -n $HAVE_AWS ]]; then
+    # Credentials come from the standard AWS chain: `brokers.sh env aws` exports test ones.
+    add_broker aws TIDEMILL_AWS_URL "${TIDEMILL_AWS_URL:-}"
+  else
+    echo "  aws: skipped (the facade has no \`aws\` feature yet)"
+  fi
   # The outbox example needs the order service's database (PostgreSQL); its events go
   # through each broker in turn.
   if [[ -f examples/outbox.rs && -n ${TIDEMILL_POSTGRES_URL:-} ]]; then
@@ -129,7 +145,7 @@ fi
 
 # The single-node brokers and the three-node NATS and RabbitMQ clusters (the failover tests
 # of the serial phase use the clusters); TIDEMILL_BROKERS_ONLY="nats kafka" runs fewer.
-export TIDEMILL_BROKERS_ONLY="${TIDEMILL_BROKERS_ONLY:-rabbitmq nats kafka pubsub redis postgres nats-cluster rabbitmq-cluster}"
+export TIDEMILL_BROKERS_ONLY="${TIDEMILL_BROKERS_ONLY:-rabbitmq nats kafka pubsub redis postgres aws nats-cluster rabbitmq-cluster}"
 
 # The brokers install and start in the background while the tests build (a fresh machine
 # spends minutes on each); the ones started here are stopped on the way out, whatever happens.

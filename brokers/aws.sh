@@ -1,0 +1,105 @@
+# shellcheck shell=bash
+# A local AWS API for the SQS and SNS tests: moto's server mode (`moto_server`, PyPI
+# `moto[server]`, pinned by TIDEMILL_MOTO_VERSION), installed into a venv under the cache
+# dir and run on 127.0.0.1. It accepts any credentials and serves every region.
+#
+# In memory only: a restart (`brokers.sh restart aws`) loses every queue, topic,
+# subscription and message. The adapter recreates the queues and topics it needs; a test
+# that restarts this broker must not expect the messages sent before the restart.
+
+AWS_DIR="$TIDEMILL_BROKERS_DIR/aws"
+AWS_VENV="$TIDEMILL_CACHE_DIR/moto-$TIDEMILL_MOTO_VERSION"
+
+aws_addr() { echo "$TIDEMILL_AWS_URL"; }
+aws_ports() { echo "$TIDEMILL_AWS_PORT"; }
+aws_var() { echo TIDEMILL_AWS_URL; }
+aws_log() { echo "$AWS_DIR/log/moto.log"; }
+aws_pid() { pidfile_pid "$AWS_DIR/run/moto.pid"; }
+
+# A Python 3 that can make a venv with pip in it (Debian splits venv and ensurepip into
+# python3-venv): the one on PATH, else Debian's.
+aws_python() {
+  local py
+  for py in "$(command -v python3 2>/dev/null)" /usr/bin/python3; do
+    [[ -n $py && -x $py ]] || continue
+    if "$py" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+      echo "$py"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# Installed = the venv's pip install went through (the `installed` file is written last).
+aws_installed() { [[ -x $AWS_VENV/bin/moto_server && -f $AWS_VENV/installed ]]; }
+aws_apt_packages() { aws_installed || aws_python >/dev/null || echo python3 python3-venv; }
+
+aws_install() {
+  local py
+  py=$(aws_python) || die "aws: no python3 with the venv module (Debian: apt-get install python3-venv)"
+  log "  pip install moto[server]==$TIDEMILL_MOTO_VERSION (venv $AWS_VENV)"
+  rm -rf "$AWS_VENV"
+  if ! { "$py" -m venv "$AWS_VENV" >&2 &&
+    "$AWS_VENV/bin/pip" install -q --disable-pip-version-check \
+      "moto[server]==$TIDEMILL_MOTO_VERSION" >&2 &&
+    [[ -x $AWS_VENV/bin/moto_server ]]; }; then
+    rm -rf "$AWS_VENV"
+    die "aws: installing moto[server]==$TIDEMILL_MOTO_VERSION from PyPI failed"
+  fi
+  "$AWS_VENV/bin/pip" freeze --disable-pip-version-check >"$AWS_VENV/installed"
+}
+
+aws_running() { pidfile_alive "$AWS_DIR/run/moto.pid"; }
+
+# Ready when SQS answers a ListQueues (the query protocol; moto takes the service from the
+# credential scope and checks no signature).
+aws_ready() {
+  curl -fsS -m 3 "http://127.0.0.1:$TIDEMILL_AWS_PORT/" \
+    -H 'Authorization: AWS4-HMAC-SHA256 Credential=testing/20200101/us-east-1/sqs/aws4_request, SignedHeaders=host, Signature=0' \
+    --data 'Action=ListQueues&Version=2012-11-05' 2>/dev/null | grep -q ListQueuesResponse
+}
+
+aws_start() {
+  aws_installed || die "aws: moto is not installed ($AWS_VENV)"
+  mkdir -p "$AWS_DIR"/{log,run}
+  # moto_server is a Python script: the process is the venv's python with
+  # `…/moto_server -H 127.0.0.1 -p PORT` as its arguments (the marker).
+  start_bg "$AWS_DIR/log/moto.log" "$AWS_DIR/run/moto.pid" "moto_server -H 127.0.0.1 -p $TIDEMILL_AWS_PORT" \
+    "$AWS_VENV/bin/moto_server" -H 127.0.0.1 -p "$TIDEMILL_AWS_PORT"
+}
+
+# The endpoint's HOST:PORT (for `status` of an external one): the URL's `endpoint=`, else
+# the region's public SQS endpoint.
+aws_endpoint_hostport() {
+  local url=$1 ep region
+  if [[ $url == *[?\&]endpoint=* ]]; then
+    ep=${url#*[?&]endpoint=}
+    ep=${ep%%&*}
+    ep=${ep//%3A/:} ep=${ep//%3a/:} ep=${ep//%2F//} ep=${ep//%2f//}
+    case $ep in
+      https://*) ep=${ep#https://}; ep=${ep%%/*}; [[ $ep == *:* ]] || ep="$ep:443" ;;
+      *) ep=${ep#http://}; ep=${ep%%/*}; [[ $ep == *:* ]] || ep="$ep:80" ;;
+    esac
+    echo "$ep"
+  else
+    region=${url#*://}
+    region=${region%%[/?]*}
+    echo "sqs.${region:-us-east-1}.amazonaws.com:443"
+  fi
+}
+
+# `brokers.sh env aws`: the AWS SDK reads its credentials from the standard chain (the
+# environment first), and moto accepts any. Printed unless AWS_ACCESS_KEY_ID is set, and
+# not for an external address without `endpoint=` (real AWS: the caller's own chain,
+# profile or instance role, must not be shadowed by test keys). AWS_REGION only if unset.
+aws_env_credentials() {
+  [[ -z ${AWS_ACCESS_KEY_ID:-} ]] || return 0
+  if tidemill_external aws && [[ $TIDEMILL_AWS_URL != *[?\&]endpoint=* ]]; then return 0; fi
+  printf 'export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing'
+  [[ -n ${AWS_REGION:-} ]] || printf ' AWS_REGION=us-east-1'
+  printf '\n'
+}
+
+aws_after_ready() { :; }
+aws_stop() { stop_pidfile "$AWS_DIR/run/moto.pid" 10; }
+aws_start_timeout() { echo 30; }
