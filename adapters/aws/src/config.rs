@@ -103,6 +103,13 @@ pub struct AwsConfig {
     /// `MessageRetentionPeriod`, 60 s to 14 days). Default none: SQS's own, 4 days.
     #[serde(with = "humantime_serde")]
     pub message_retention: Option<Duration>,
+    /// A subscription without a consumer group reads a private queue, deleted when the
+    /// subscription ends. A process that crashed cannot delete its private queues: each live
+    /// one is tagged with a heartbeat every quarter of this, and a new private subscription
+    /// to the same topic deletes (and unsubscribes) those whose heartbeat is older than
+    /// this. Default 1 h.
+    #[serde(with = "humantime_serde")]
+    pub private_queue_expiry: Duration,
     /// How long connecting may take before it fails. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -130,6 +137,7 @@ impl Default for AwsConfig {
             max_message_bytes: 256 * 1024,
             unwrap_sns_envelopes: true,
             message_retention: None,
+            private_queue_expiry: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(10),
         }
@@ -154,6 +162,7 @@ impl fmt::Debug for AwsConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("unwrap_sns_envelopes", &self.unwrap_sns_envelopes)
             .field("message_retention", &self.message_retention)
+            .field("private_queue_expiry", &self.private_queue_expiry)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .finish()
@@ -207,6 +216,13 @@ impl AwsConfig {
                 ));
             }
         }
+        if self.private_queue_expiry < Duration::from_secs(60) {
+            return bad(format!(
+                "private_queue_expiry is {:?}; at least 60 s (live queues refresh their \
+                 heartbeat every quarter of it)",
+                self.private_queue_expiry
+            ));
+        }
         if self.max_message_bytes == 0 {
             return bad("max_message_bytes is 0".into());
         }
@@ -245,6 +261,21 @@ impl AwsConfig {
             ),
             Mode::Queues => self.topic_name(topic),
         }
+    }
+
+    /// The name of a private queue of `topic` (`id`: unique per subscription), and the
+    /// prefix every private queue of the topic shares.
+    pub fn private_queue_name(&self, topic: &str, id: &str) -> (String, String) {
+        let suffix = if self.fifo { ".fifo" } else { "" };
+        // "-tp-" + 12 characters of id + suffix must fit after the topic's part.
+        let base = names::resource(
+            &self.name_prefix,
+            &[topic],
+            false,
+            names::QUEUE_MAX - 4 - 12 - suffix.len(),
+        );
+        let prefix = format!("{base}-tp-");
+        (format!("{prefix}{id}{suffix}"), prefix)
     }
 
     /// The visibility timeout in whole seconds, as SQS takes it.

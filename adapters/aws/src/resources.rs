@@ -127,13 +127,27 @@ impl Resources {
 
     /// Queue `name` (for `topic`), created when missing (unless creation is off).
     pub(crate) async fn queue(&self, topic: &str, name: &str) -> Result<Queue> {
+        self.make_queue(topic, name, false).await
+    }
+
+    /// A private queue `name` of `topic`: created (whatever `create_resources` says, as it
+    /// is the subscription's own) with the tags that mark it private and its heartbeat.
+    pub(crate) async fn private_queue(&self, topic: &str, name: &str) -> Result<Queue> {
+        self.make_queue(topic, name, true).await
+    }
+
+    async fn make_queue(&self, topic: &str, name: &str, private: bool) -> Result<Queue> {
         if let Some(q) = self.queues.lock().get(name) {
             return Ok(q.clone());
         }
         let sqs = &self.clients.sqs;
-        let url: String = if self.config.create_resources {
+        let url: String = if self.config.create_resources || private {
+            let beat = now_secs().to_string();
             let out = client::call(&self.state, self.deadline(), || {
                 let mut req = sqs.create_queue().queue_name(name);
+                if private {
+                    req = req.tags(PRIVATE_TAG, "true").tags(HEARTBEAT_TAG, &beat);
+                }
                 if self.config.fifo {
                     req = req.attributes(QueueAttributeName::FifoQueue, "true");
                 }
@@ -371,6 +385,114 @@ impl Resources {
             }
         }
         self.forget_queue(&queue.name);
+    }
+}
+
+/// The tag marking a private queue.
+const PRIVATE_TAG: &str = "tidemill-private";
+/// The tag holding a private queue's last heartbeat (Unix seconds).
+const HEARTBEAT_TAG: &str = "tidemill-heartbeat";
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+impl Resources {
+    /// Refreshes a private queue's heartbeat tag (best effort).
+    pub(crate) async fn heartbeat(&self, topic: &str, queue: &Queue) {
+        let sqs = &self.clients.sqs;
+        let beat = now_secs().to_string();
+        if let Err(e) = client::call(&self.state, self.deadline(), || {
+            sqs.tag_queue()
+                .queue_url(queue.url.as_ref())
+                .tags(HEARTBEAT_TAG, &beat)
+                .send()
+        })
+        .await
+        {
+            tracing::warn!(topic, queue = %queue.name, error = %e, "could not refresh a private queue's heartbeat");
+        }
+    }
+
+    /// Deletes the private queues of `topic` (names starting with `prefix`) whose
+    /// heartbeat is older than `private_queue_expiry`: left behind by processes that ended
+    /// without deleting them. Best effort: failures are logged.
+    pub(crate) async fn remove_expired_private(&self, topic: &str, prefix: &str) {
+        if let Err(e) = self.try_remove_expired(topic, prefix).await {
+            tracing::warn!(topic, error = %e, "could not look for expired private queues");
+        }
+    }
+
+    async fn try_remove_expired(&self, topic: &str, prefix: &str) -> Result<()> {
+        let sqs = &self.clients.sqs;
+        let out = client::call(&self.state, self.deadline(), || {
+            sqs.list_queues()
+                .queue_name_prefix(prefix)
+                .max_results(1000)
+                .send()
+        })
+        .await
+        .map_err(|e| e.into_error(topic, "list private queues"))?;
+        let oldest = now_secs().saturating_sub(self.config.private_queue_expiry.as_secs());
+        let mut expired = Vec::new();
+        for url in out.queue_urls() {
+            let tags = client::call(&self.state, self.deadline(), || {
+                sqs.list_queue_tags().queue_url(url).send()
+            })
+            .await
+            .map_err(|e| e.into_error(topic, "read a private queue's tags"))?;
+            let tags = tags.tags();
+            let private = tags
+                .and_then(|t| t.get(PRIVATE_TAG))
+                .is_some_and(|v| v == "true");
+            let beat = tags
+                .and_then(|t| t.get(HEARTBEAT_TAG))
+                .and_then(|v| v.parse::<u64>().ok());
+            if private && beat.is_some_and(|b| b < oldest) {
+                expired.push(url.clone());
+            }
+        }
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let subscriptions = match self.config.mode {
+            Mode::Topics => {
+                let arn = self.topic_arn(topic).await?;
+                self.subscriptions(topic, &arn).await?
+            }
+            Mode::Queues => Vec::new(),
+        };
+        for url in expired {
+            let attrs = client::call(&self.state, self.deadline(), || {
+                sqs.get_queue_attributes()
+                    .queue_url(&url)
+                    .attribute_names(QueueAttributeName::QueueArn)
+                    .send()
+            })
+            .await
+            .map_err(|e| e.into_error(topic, "read a private queue's attributes"))?;
+            let arn = attrs
+                .attributes()
+                .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+                .cloned()
+                .unwrap_or_default();
+            let name = url.rsplit('/').next().unwrap_or(&url).to_owned();
+            let sub = subscriptions
+                .iter()
+                .find(|(endpoint, _)| *endpoint == arn)
+                .map(|(_, s)| s.as_str());
+            tracing::info!(topic, queue = %name, "deleting an expired private queue (its subscriber ended without deleting it)");
+            let queue = Queue {
+                name: name.into(),
+                url: url.into(),
+                arn: arn.into(),
+            };
+            self.delete_private(topic, &queue, sub).await;
+        }
+        Ok(())
     }
 }
 

@@ -113,8 +113,9 @@ impl Subscriber for SqsSubscriber {
             (None, Mode::Queues) => Target::Group(String::new()),
             (None, Mode::Topics) => {
                 let id = uuid::Uuid::now_v7().simple().to_string();
-                let id = &id[id.len() - 12..];
-                Target::Private(res.config.queue_name(topic, &format!("tidemill-{id}")))
+                let (name, prefix) = res.config.private_queue_name(topic, &id[id.len() - 12..]);
+                res.remove_expired_private(topic, &prefix).await;
+                Target::Private(name)
             }
         };
         let (queue, private_sub) = open(&res, topic, &target).await?;
@@ -214,7 +215,7 @@ async fn open(res: &Resources, topic: &str, target: &Target) -> Result<(Queue, O
         Target::Group(group) => Ok((res.group_queue(topic, group).await?, None)),
         Target::Private(name) => {
             let arn = res.topic_arn(topic).await?;
-            let queue = res.queue(topic, name).await?;
+            let queue = res.private_queue(topic, name).await?;
             match res.subscribe_queue(topic, &arn, &queue).await {
                 Ok(sub) => Ok((queue, Some(sub))),
                 Err(e) => {
@@ -776,11 +777,19 @@ async fn renew_loop(sub: Weak<Sub>) {
         ),
         None => return,
     };
+    let mut last_beat = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(every).await;
         let Some(sub) = sub.upgrade() else {
             return;
         };
+        if matches!(sub.target, Target::Private(_))
+            && last_beat.elapsed() >= sub.config().private_queue_expiry / 4
+        {
+            last_beat = tokio::time::Instant::now();
+            let queue = sub.queue.lock().clone();
+            sub.res.heartbeat(&sub.topic, &queue).await;
+        }
         let receipts: Vec<Arc<str>> = sub
             .state
             .lock()
