@@ -1,6 +1,4 @@
-//! # tidemill-aws
-//!
-//! Tidemill on AWS: SNS topics fanning out to SQS queues, on the official AWS SDK.
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -19,5 +17,5 @@ pub use publisher::SqsPublisher;
 pub use record::{Attribute, AttributeValue, SqsRecord};
 pub use subscriber::SqsSubscriber;
 
-/// The broker name in errors and logs.
+/// The broker name in every error of this crate.
 pub const BROKER: &str = "aws";
