@@ -569,16 +569,10 @@ impl BrokerConfig {
                 Arc::new(tidemill_sql::SqlSubscriber::connect(config.clone()).await?),
             ),
             #[cfg(feature = "aws")]
-            // Interim, until tidemill-aws has its publisher and subscriber.
-            BrokerConfig::Aws(config) => {
-                return Err(tidemill_core::Error::config(
-                    "aws",
-                    format!(
-                        "connecting to {} is not wired into the facade yet",
-                        config.address()
-                    ),
-                ))
-            }
+            BrokerConfig::Aws(config) => (
+                Arc::new(tidemill_aws::SqsPublisher::connect(config.clone()).await?),
+                Arc::new(tidemill_aws::SqsSubscriber::connect(config.clone()).await?),
+            ),
         };
         Ok(Broker {
             kind,
