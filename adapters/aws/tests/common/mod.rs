@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use tidemill_aws::{AwsConfig, SqsPublisher, SqsSubscriber};
-use tidemill_core::{Error, Publisher, Result, Subscriber};
+use tidemill_core::{Delivery, DeliveryStream, Error, Publisher, Result, Subscriber};
 use tidemill_testkit::fault_proxy::FaultProxy;
 use tidemill_testkit::{Backend, Features};
 
@@ -118,4 +119,243 @@ impl Backend for AwsBackend {
 /// Fails with the error's text, for `?`-free tests.
 pub fn ok<T>(r: std::result::Result<T, Error>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// The settings of a test that talks to the emulator directly (no fault proxy).
+pub fn direct_config() -> AwsConfig {
+    let (_, endpoint) = region_endpoint(&aws_url());
+    test_config(&endpoint)
+}
+
+/// A multi-threaded runtime for one test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// How long a test waits for anything the emulator should do (generous: the emulator is
+/// shared with other tests and may be busy).
+pub const LIMIT: Duration = Duration::from_secs(60);
+
+/// The next delivery of `stream`, failing the test after [`LIMIT`].
+pub async fn next(stream: &mut DeliveryStream, what: &str) -> Delivery {
+    tokio::time::timeout(LIMIT, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {LIMIT:?}"))
+        .unwrap_or_else(|| panic!("the stream ended before the {what}"))
+        .unwrap_or_else(|e| panic!("stream error before the {what}: {e}"))
+}
+
+/// Waits until `check` returns true, polling every 200 ms, failing the test after [`LIMIT`].
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{what}: not within {LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Plain SDK clients on the emulator (what another program would use), with the credentials
+/// of the standard chain (`brokers.sh env aws` exports test ones).
+pub async fn sdk() -> (aws_sdk_sqs::Client, aws_sdk_sns::Client) {
+    let (region, endpoint) = region_endpoint(&aws_url());
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region))
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    (
+        aws_sdk_sqs::Client::new(&config),
+        aws_sdk_sns::Client::new(&config),
+    )
+}
+
+/// The URL of queue `name`, or `None` when it does not exist.
+pub async fn queue_url(sqs: &aws_sdk_sqs::Client, name: &str) -> Option<String> {
+    match sqs.get_queue_url().queue_name(name).send().await {
+        Ok(out) => Some(out.queue_url().expect("a queue url").to_owned()),
+        Err(e) => {
+            let code = aws_sdk_sqs::error::ProvideErrorMetadata::code(&e).map(str::to_owned);
+            assert!(
+                matches!(
+                    code.as_deref(),
+                    Some("AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist")
+                ),
+                "GetQueueUrl {name}: {}",
+                aws_sdk_sqs::error::DisplayErrorContext(e)
+            );
+            None
+        }
+    }
+}
+
+/// The messages in a queue: visible, in flight and delayed.
+pub async fn queue_depth(sqs: &aws_sdk_sqs::Client, url: &str) -> u64 {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let out = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(A::ApproximateNumberOfMessages)
+        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+        .attribute_names(A::ApproximateNumberOfMessagesDelayed)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "GetQueueAttributes {url}: {}",
+                aws_sdk_sqs::error::DisplayErrorContext(e)
+            )
+        });
+    let attrs = out.attributes().expect("queue attributes");
+    [
+        A::ApproximateNumberOfMessages,
+        A::ApproximateNumberOfMessagesNotVisible,
+        A::ApproximateNumberOfMessagesDelayed,
+    ]
+    .iter()
+    .map(|a| {
+        attrs
+            .get(a)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    })
+    .sum()
+}
+
+/// The ARN of SNS topic `name` (created when missing: `CreateTopic` is idempotent).
+pub async fn topic_arn(sns: &aws_sdk_sns::Client, name: &str, fifo: bool) -> String {
+    let mut req = sns.create_topic().name(name);
+    if fifo {
+        req = req.attributes("FifoTopic", "true");
+    }
+    req.send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "CreateTopic {name}: {}",
+                aws_sdk_sns::error::DisplayErrorContext(e)
+            )
+        })
+        .topic_arn()
+        .expect("a topic arn")
+        .to_owned()
+}
+
+/// Restarts the shared emulator (it loses every queue, topic and message); `false` when it
+/// is external (the script refuses, status 3).
+pub async fn restart_aws() -> bool {
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg(script)
+            .arg("restart")
+            .arg("aws")
+            .output()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("restart task failed: {e}"))
+    .unwrap_or_else(|e| panic!("cannot run brokers.sh: {e}"));
+    eprint!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.code() == Some(3) {
+        eprintln!("SKIP restart: the AWS endpoint is external, not restarted");
+        return false;
+    }
+    assert!(
+        out.status.success(),
+        "brokers.sh restart aws failed: {}",
+        out.status
+    );
+    true
+}
+
+/// A subscriber and a publisher that keep working after the emulator lost every topic, queue
+/// and subscription (`lose` makes that happen; it returns false to skip the test): the
+/// subscriber, still subscribed, makes its topic, queue and subscription again, and every
+/// message published once that is done is delivered, intact and once.
+pub async fn keeps_working_after_losing_state<F, Fut>(label: &str, lose: F)
+where
+    F: FnOnce(AwsConfig, String) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    use tidemill_core::{Message, SubscribeOptions};
+    let topic = tidemill_testkit::unique_topic(label);
+    let config = direct_config();
+    let opts = SubscribeOptions::group("survivor");
+    let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
+    let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
+    ok(s.initialize(&topic, &opts).await, "initialize");
+    let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+    let before = Message::new("before");
+    ok(p.publish(&topic, vec![before.clone()]).await, "publish");
+    let d = next(&mut stream, "message from before").await;
+    assert_eq!(d.message().uuid(), before.uuid());
+    ok(d.ack().await, "ack");
+
+    if !lose(config.clone(), topic.clone()).await {
+        return;
+    }
+
+    // Until the subscriber has made its queue and subscription again, a message published
+    // to the topic reaches no queue (as on AWS); publish_mandatory says when one does.
+    let until = tokio::time::Instant::now() + LIMIT;
+    let probe = loop {
+        let probe = Message::new("probe");
+        match p.publish_mandatory(&topic, vec![probe.clone()]).await {
+            Ok(()) => break probe,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "no queue subscribed to {topic} again within {LIMIT:?}; last error: {e}"
+                );
+                eprintln!("waiting for the subscription to come back: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let after: Vec<Message> = (0..5)
+        .map(|i| Message::new(format!("after {i}")).with_metadata("i", i))
+        .collect();
+    ok(p.publish(&topic, after.clone()).await, "publish after");
+    let mut want: std::collections::HashMap<String, Message> = after
+        .iter()
+        .chain(std::iter::once(&probe))
+        .map(|m| (m.uuid().to_owned(), m.clone()))
+        .collect();
+    while !want.is_empty() {
+        let d = next(&mut stream, "message published after").await;
+        let got = d.message().clone();
+        assert_ne!(got.uuid(), before.uuid(), "the acked message came back");
+        let sent = want
+            .remove(got.uuid())
+            .unwrap_or_else(|| panic!("unexpected or repeated message {got:?}"));
+        assert_eq!(got.payload(), sent.payload());
+        assert_eq!(got.metadata(), sent.metadata());
+        ok(d.ack().await, "ack");
+    }
+    // Acks went to the queue as it is now: nothing left in it.
+    let (sqs, _) = sdk().await;
+    let url = queue_url(&sqs, &config.queue_name(&topic, "survivor"))
+        .await
+        .expect("the group's queue exists again");
+    assert_eq!(queue_depth(&sqs, &url).await, 0, "every message deleted");
+    ok(s.close().await, "close");
+    ok(p.close().await, "close");
 }
