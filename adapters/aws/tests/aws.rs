@@ -920,3 +920,40 @@ fn topic_queue_and_subscription_are_made_again_after_they_vanish() {
         },
     ));
 }
+
+#[test]
+#[ignore = "adapter bug: the FIFO deduplication id is the uuid alone, so a changed copy published \
+            within five minutes is dropped as a duplicate (see the test's comment)"]
+fn fifo_a_received_message_republished_with_changes_is_delivered_again() {
+    if !have_server("fifo_a_received_message_republished_with_changes_is_delivered_again") {
+        return;
+    }
+    // What DeadLetter's durable counting (Counting::Republish) and any "retry later by
+    // publishing again" handler do: publish the received message (same uuid) with changed
+    // metadata to the topic it came from, then ack the original. The copy must arrive; with
+    // MessageDeduplicationId = uuid, SNS/SQS FIFO treat it as a duplicate of the original
+    // (moto while the original is still in the queue, AWS for five minutes) and the
+    // message is lost once the original is acked.
+    runtime().block_on(async {
+        let topic = unique_topic("aws_fifo_republish");
+        let mut config = direct_config();
+        config.fifo = true;
+        let opts = SubscribeOptions::group("again");
+        let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
+        let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let original = Message::new("retry me").with_key("k");
+        ok(p.publish(&topic, vec![original.clone()]).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let d = next(&mut stream, "original").await;
+        let mut copy = d.message().clone();
+        copy.metadata_mut().set("failures", "1");
+        ok(p.publish(&topic, vec![copy]).await, "publish the copy");
+        ok(d.ack().await, "ack the original");
+        let d = next(&mut stream, "copy").await;
+        assert_eq!(d.message().uuid(), original.uuid());
+        assert_eq!(d.message().metadata().get("failures"), Some("1"));
+        ok(d.ack().await, "ack");
+        ok(s.close().await, "close");
+    });
+}

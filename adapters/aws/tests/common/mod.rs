@@ -316,6 +316,7 @@ where
     // Until the subscriber has made its queue and subscription again, a message published
     // to the topic reaches no queue (as on AWS); publish_mandatory says when one does.
     let until = tokio::time::Instant::now() + LIMIT;
+    let mut refused = 0;
     let probe = loop {
         let probe = Message::new("probe");
         match p.publish_mandatory(&topic, vec![probe.clone()]).await {
@@ -325,11 +326,15 @@ where
                     tokio::time::Instant::now() < until,
                     "no queue subscribed to {topic} again within {LIMIT:?}; last error: {e}"
                 );
-                eprintln!("waiting for the subscription to come back: {e}");
+                if refused == 0 {
+                    eprintln!("publish_mandatory before the subscription is back: {e}");
+                }
+                refused += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     };
+    eprintln!("publish_mandatory refused {refused} times before the subscription was back");
     let after: Vec<Message> = (0..5)
         .map(|i| Message::new(format!("after {i}")).with_metadata("i", i))
         .collect();
