@@ -452,6 +452,30 @@ fn an_unreachable_endpoint_fails_in_time_naming_it_without_secrets() {
         };
         assert!(started.elapsed() < config.connect_timeout + Duration::from_secs(2));
         assert!(sub_err.to_string().contains(&format!("127.0.0.1:{port}")));
+        // An endpoint that takes the connection and never answers: the same, within
+        // connect_timeout.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let silent_port = silent.local_addr().expect("addr").port();
+        let mut stalled = config.clone();
+        stalled.endpoint = Some(format!("http://127.0.0.1:{silent_port}"));
+        let started = Instant::now();
+        let stalled_err = match SqsPublisher::connect(stalled.clone()).await {
+            Ok(_) => panic!("connected to an endpoint that never answers"),
+            Err(e) => e,
+        };
+        let took = started.elapsed();
+        assert!(
+            took < stalled.connect_timeout + Duration::from_secs(2),
+            "took {took:?} with connect_timeout {:?}",
+            stalled.connect_timeout
+        );
+        assert!(
+            stalled_err
+                .to_string()
+                .contains(&format!("127.0.0.1:{silent_port}")),
+            "{stalled_err}"
+        );
+        drop(silent);
         // A password in the endpoint's userinfo is not shown either.
         let mut with_userinfo = config.clone();
         with_userinfo.endpoint = Some(format!("http://user:{secret}@127.0.0.1:{port}"));
@@ -459,6 +483,7 @@ fn an_unreachable_endpoint_fails_in_time_naming_it_without_secrets() {
             text,
             format!("{err:?}"),
             sub_err.to_string(),
+            stalled_err.to_string(),
             format!("{config:?}"),
             format!("{with_userinfo:?}"),
             with_userinfo.address(),
@@ -842,6 +867,13 @@ fn fifo_a_nacked_message_comes_back_before_the_rest_of_its_key() {
         );
         assert_eq!(attempts[0], Some(1));
         assert_eq!(attempts[1], Some(2), "the redelivered one's attempt");
+        // 2..5 came in the first receive with 1, were held back behind it and went back
+        // with it (hence their second receive): the case this test is about.
+        assert_eq!(
+            &attempts[2..],
+            [Some(2); 4],
+            "2..5 held back and given back"
+        );
         ok(s.close().await, "close");
     });
 }
