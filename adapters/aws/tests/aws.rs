@@ -1,11 +1,13 @@
 //! What the AWS adapter promises beyond the conformance suite, against the local AWS API of
 //! brokers (`TIDEMILL_AWS_URL`, moto): messages other programs sent with the plain SDK
-//! (straight to SQS, through SNS with and without raw delivery) delivered with their bytes,
-//! attributes and a stable uuid, and passed on with their attribute types; binary payloads,
+//! (straight to SQS, through SNS with and without raw delivery, to a FIFO queue) delivered
+//! with their bytes, attributes, a stable uuid and their message group as key, and passed on
+//! with their attribute types; binary payloads,
 //! keys and metadata SQS cannot carry as attributes round-tripping exactly; the errors
 //! (oversized message, unreachable endpoint, missing resources with creation off); point to
 //! point queues; private queues removed; publish_mandatory and retain_for; visibility kept
-//! while a handler holds a message; FIFO order across a nack; attempts counted by SQS; and
+//! while a handler holds a message; FIFO order across a nack; attempts counted by SQS; nacks
+//! with a delay; and
 //! topic, queue and subscription made again after they vanished.
 
 mod common;
@@ -986,6 +988,115 @@ fn fifo_a_received_message_republished_with_changes_is_delivered_again() {
         assert_eq!(d.message().uuid(), original.uuid());
         assert_eq!(d.message().metadata().get("failures"), Some("1"));
         ok(d.ack().await, "ack");
+        ok(s.close().await, "close");
+    });
+}
+
+#[test]
+fn a_nack_with_a_delay_holds_the_message_back_at_least_that_long() {
+    if !have_server("a_nack_with_a_delay_holds_the_message_back_at_least_that_long") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("aws_nack_delay");
+        let config = direct_config();
+        let opts = SubscribeOptions::group("later");
+        let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
+        let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let m = Message::new("not now");
+        ok(p.publish(&topic, vec![m.clone()]).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let d = next(&mut stream, "message").await;
+        // SQS takes whole seconds: 1.5 s becomes 2 s, never less than asked.
+        let delay = Duration::from_millis(1500);
+        let nacked_at = Instant::now();
+        ok(d.nack_with_delay(delay).await, "nack with a delay");
+        let d = next(&mut stream, "redelivery").await;
+        let waited = nacked_at.elapsed();
+        assert_eq!(d.message().uuid(), m.uuid());
+        assert_eq!(d.attempt(), Some(2));
+        assert!(
+            waited >= delay,
+            "redelivered after {waited:?}, asked {delay:?}"
+        );
+        ok(d.ack().await, "ack");
+        ok(s.close().await, "close");
+    });
+}
+
+#[test]
+fn a_foreign_fifo_message_takes_its_group_as_key() {
+    if !have_server("a_foreign_fifo_message_takes_its_group_as_key") {
+        return;
+    }
+    runtime().block_on(async {
+        // A FIFO queue another program fills with SendMessage, consumed in queue mode.
+        let mut config = direct_config();
+        config.mode = Mode::Queues;
+        config.fifo = true;
+        let topic = unique_topic("aws_foreign_fifo");
+        let name = config.topic_name(&topic);
+        assert!(name.ends_with(".fifo"), "{name}");
+        let (sqs, _) = sdk().await;
+        let url = sqs
+            .create_queue()
+            .queue_name(&name)
+            .attributes(QueueAttributeName::FifoQueue, "true")
+            .send()
+            .await
+            .expect("CreateQueue")
+            .queue_url()
+            .expect("a queue url")
+            .to_owned();
+        let mut ids = Vec::new();
+        for (i, group) in ["customer-7", "customer-7", "customer-9"]
+            .iter()
+            .enumerate()
+        {
+            let out = sqs
+                .send_message()
+                .queue_url(&url)
+                .message_body(format!("event {i}"))
+                .message_group_id(*group)
+                .message_deduplication_id(format!("dedup-{i}"))
+                .send()
+                .await
+                .expect("SendMessage");
+            ids.push(out.message_id().expect("an id").to_owned());
+        }
+        let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
+        let mut stream = ok(
+            s.subscribe(&topic, SubscribeOptions::new()).await,
+            "subscribe",
+        );
+        let mut got: Vec<Message> = Vec::new();
+        while got.len() < 3 {
+            let d = next(&mut stream, "foreign FIFO message").await;
+            got.push(d.message().clone());
+            ok(d.ack().await, "ack");
+        }
+        let by_key = |k: &str| -> Vec<String> {
+            got.iter()
+                .filter(|m| m.key_str() == Some(k))
+                .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+                .collect()
+        };
+        assert_eq!(
+            by_key("customer-7"),
+            ["event 0", "event 1"],
+            "the group's order"
+        );
+        assert_eq!(by_key("customer-9"), ["event 2"]);
+        for m in &got {
+            let record = SqsRecord::of(m).expect("a record");
+            assert_eq!(m.uuid(), record.message_id());
+            assert!(ids.iter().any(|id| id == m.uuid()));
+            assert_eq!(record.message_group_id(), m.key_str());
+            assert!(record.sent_at().is_some());
+            assert!(m.metadata().is_empty(), "{:?}", m.metadata());
+        }
+        assert_eq!(queue_depth(&sqs, &url).await, 0);
         ok(s.close().await, "close");
     });
 }
