@@ -2,13 +2,12 @@
 //! brokers (`TIDEMILL_AWS_URL`, moto): messages other programs sent with the plain SDK
 //! (straight to SQS, through SNS with and without raw delivery, to a FIFO queue) delivered
 //! with their bytes, attributes, a stable uuid and their message group as key, and passed on
-//! with their attribute types; binary payloads,
-//! keys and metadata SQS cannot carry as attributes round-tripping exactly; the errors
-//! (oversized message, unreachable endpoint, missing resources with creation off); point to
-//! point queues; private queues removed; publish_mandatory and retain_for; visibility kept
-//! while a handler holds a message; FIFO order across a nack; attempts counted by SQS; nacks
-//! with a delay; and
-//! topic, queue and subscription made again after they vanished.
+//! with their attribute types; binary payloads, keys and metadata SQS cannot carry as
+//! attributes round-tripping exactly; the errors (oversized message, unreachable endpoint,
+//! missing resources with creation off); point to point queues; private queues removed;
+//! publish_mandatory and retain_for; visibility kept while a handler holds a message; FIFO
+//! order across a nack; attempts counted by SQS; nacks with a delay; and topic, queue and
+//! subscription made again after they vanished.
 
 mod common;
 
