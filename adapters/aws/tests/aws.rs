@@ -1221,3 +1221,94 @@ fn retain_for_and_publish_mandatory_work_after_the_topic_vanished() {
         ok(s.close().await, "close");
     });
 }
+
+#[test]
+fn closing_gives_back_what_was_never_handed_out_and_handed_out_deliveries_still_ack() {
+    if !have_server(
+        "closing_gives_back_what_was_never_handed_out_and_handed_out_deliveries_still_ack",
+    ) {
+        return;
+    }
+    runtime().block_on(give_back_on_close(false));
+}
+
+#[test]
+fn fifo_closing_gives_back_the_messages_held_behind_their_key_in_order() {
+    if !have_server("fifo_closing_gives_back_the_messages_held_behind_their_key_in_order") {
+        return;
+    }
+    runtime().block_on(give_back_on_close(true));
+}
+
+/// Five messages (FIFO: of one key) all received by one subscription, one handed out: after
+/// close the handed-out one can still be acked and the other four are visible again at
+/// once (FIFO: in their order).
+async fn give_back_on_close(fifo: bool) {
+    let topic = unique_topic("aws_give_back");
+    let mut config = direct_config();
+    config.fifo = fifo;
+    // Long enough that a message not given back could not arrive within the test.
+    config.visibility_timeout = Duration::from_secs(600);
+    let opts = SubscribeOptions::group("close");
+    let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
+    let a = ok(SqsSubscriber::connect(config.clone()).await, "connect");
+    ok(a.initialize(&topic, &opts).await, "initialize");
+    let sent: Vec<Message> = (0..5)
+        .map(|i| Message::new(format!("m{i}")).with_key("k"))
+        .collect();
+    ok(p.publish(&topic, sent.clone()).await, "publish");
+    let mut stream = ok(a.subscribe(&topic, opts.clone()).await, "subscribe");
+    let d = next(&mut stream, "first message").await;
+    // All five received by `a` (one handed out, four buffered or held back behind it).
+    let (sqs, _) = sdk().await;
+    let url = queue_url(&sqs, &config.queue_name(&topic, "close"))
+        .await
+        .expect("queue");
+    wait_until("all five in flight", || async {
+        let out = sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .expect("GetQueueAttributes");
+        out.attributes()
+            .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible))
+            .map(String::as_str)
+            == Some("5")
+    })
+    .await;
+    ok(a.close().await, "close");
+    drop(stream);
+    // The delivery handed out before the close is still settled.
+    let first = d.message().uuid().to_owned();
+    if fifo {
+        assert_eq!(first, sent[0].uuid());
+    }
+    ok(d.ack().await, "ack after close");
+    // The other four are visible again at once: another subscriber of the group gets them
+    // long before the visibility timeout.
+    let b = ok(SqsSubscriber::connect(config.clone()).await, "connect");
+    let mut stream = ok(b.subscribe(&topic, opts).await, "subscribe");
+    let want: Vec<String> = sent
+        .iter()
+        .map(|m| m.uuid().to_owned())
+        .filter(|u| *u != first)
+        .collect();
+    let mut got: Vec<String> = Vec::new();
+    while got.len() < want.len() {
+        let d = next(&mut stream, "message given back").await;
+        got.push(d.message().uuid().to_owned());
+        ok(d.ack().await, "ack");
+    }
+    if !fifo {
+        got.sort();
+        let mut want = want.clone();
+        want.sort();
+        assert_eq!(got, want, "the four given back, once each");
+    } else {
+        assert_eq!(got, want, "the four given back, in order");
+    }
+    assert_eq!(queue_depth(&sqs, &url).await, 0);
+    ok(b.close().await, "close");
+}
