@@ -21,7 +21,9 @@ use common::{
 };
 use futures::StreamExt;
 use tidemill_aws::{AttributeValue, Mode, SqsPublisher, SqsRecord, SqsSubscriber};
-use tidemill_core::{Delivery, Error, Message, Metadata, Publisher, SubscribeOptions, Subscriber};
+use tidemill_core::{
+    ConnectionState, Delivery, Error, Message, Metadata, Publisher, SubscribeOptions, Subscriber,
+};
 use tidemill_testkit::unique_topic;
 
 fn sqs_attr(data_type: &str, value: &str) -> aws_sdk_sqs::types::MessageAttributeValue {
@@ -1311,4 +1313,76 @@ async fn give_back_on_close(fifo: bool) {
     }
     assert_eq!(queue_depth(&sqs, &url).await, 0);
     ok(b.close().await, "close");
+}
+
+#[test]
+fn an_unanswered_publish_fails_in_time_as_transient_and_health_follows() {
+    if !have_server("an_unanswered_publish_fails_in_time_as_transient_and_health_follows") {
+        return;
+    }
+    runtime().block_on(async {
+        let backend = common::AwsBackend::through_proxy(common::features(), |c| {
+            c.command_timeout = Duration::from_secs(3);
+        })
+        .await;
+        let topic = unique_topic("aws_stall");
+        let p = ok(
+            SqsPublisher::connect(backend.config.clone()).await,
+            "connect",
+        );
+        ok(p.retain_for(&topic, "g").await, "retain_for");
+        ok(
+            p.publish(&topic, vec![Message::new("before")]).await,
+            "publish",
+        );
+        assert_eq!(p.connection_state(), ConnectionState::Connected);
+        // The endpoint stops answering.
+        backend.proxy.stall();
+        let m = Message::new("during");
+        let started = Instant::now();
+        let err = p
+            .publish(&topic, vec![m.clone()])
+            .await
+            .expect_err("a publish nobody answers");
+        let took = started.elapsed();
+        assert!(
+            took < backend.config.command_timeout + Duration::from_secs(3),
+            "took {took:?} with command_timeout {:?}",
+            backend.config.command_timeout
+        );
+        assert!(err.is_transient(), "retrying may help: {err}");
+        let text = err.to_string();
+        assert!(text.contains(&topic) && text.contains(m.uuid()), "{text}");
+        assert_eq!(p.connection_state(), ConnectionState::Disconnected);
+        // It answers again: the same publisher carries on.
+        backend.proxy.resume();
+        backend.proxy.cut();
+        let after = Message::new("after");
+        let until = Instant::now() + LIMIT;
+        loop {
+            match p.publish(&topic, vec![after.clone()]).await {
+                Ok(()) => break,
+                Err(e) => assert!(Instant::now() < until, "no publish after resume: {e}"),
+            }
+        }
+        assert_eq!(p.connection_state(), ConnectionState::Connected);
+        let s = ok(SqsSubscriber::connect(direct_config()).await, "connect");
+        let mut stream = ok(
+            s.subscribe(&topic, SubscribeOptions::group("g")).await,
+            "subscribe",
+        );
+        // "before" and "after" arrive; "during" may or may not have reached SNS.
+        let mut seen = HashSet::new();
+        while !seen.contains(after.uuid()) {
+            let d = next(&mut stream, "message").await;
+            seen.insert(d.message().uuid().to_owned());
+            ok(d.ack().await, "ack");
+        }
+        assert_eq!(
+            seen.len() - usize::from(seen.contains(m.uuid())),
+            2,
+            "{seen:?}"
+        );
+        ok(s.close().await, "close");
+    });
 }
