@@ -31,7 +31,7 @@ aws_python() {
 }
 
 # Bumped when aws_patch changes: a venv patched by an older version is patched again.
-AWS_PATCH_LEVEL="tidemill-patch 1"
+AWS_PATCH_LEVEL="tidemill-patch 4"
 
 # Installed = the venv's pip install and our patch went through (the `installed` file,
 # written last, lists the packages and ends with the patch level).
@@ -69,7 +69,25 @@ aws_install() {
 # the queue (a few datetime calls per message): every send and every received message cost
 # O(backlog), so with 2,000 messages queued a consumer got about 10-20 messages a second.
 # The patch reads those two settings from the queue object instead (the same values the
-# map gives). Only the venv's copy of moto/sqs/models.py is changed.
+# map gives).
+#
+# One behaviour fix, to match SQS: a FIFO receive decides which message groups are in
+# flight once, when it starts. A long poll that waits then takes messages of a group that
+# another receive got in the meantime (two receives hold one group's messages and the
+# group's order is lost: the conformance suite's order_per_key failed with two concurrent
+# receives), and leaves alone a group whose message was deleted meanwhile until it
+# returns (up to 20 s for each message of a key). The patch checks the groups in flight
+# on each pass over the queue (a group skipped once stays skipped for that pass, so a
+# delete finishing mid-pass cannot let a later message of the group go first), still
+# letting one receive take several messages of a group it took first (as SQS does); it
+# reads the set of in-flight messages through a copy, as moto
+# serves requests on threads and another one may change the set meanwhile ("Set changed
+# size during iteration", an HTTP 500 after the messages were taken). And one race fix:
+# a delete rebuilds the queue's message list without the lock sends take, so a message
+# sent (or deleted) meanwhile vanished from the list until another delete that had read
+# the old list put it back (FIFO groups out of order, deleted messages back); deletes now
+# take that lock.
+# Only the venv's copy of moto/sqs/models.py is changed.
 aws_patch() {
   "$AWS_VENV/bin/python" - <<'PATCH'
 import pathlib, sys, sysconfig
@@ -84,6 +102,51 @@ edits = [
      "(queue.fifo_queue and queue.content_based_deduplication)", 1),
     ('self.get_queue_attributes(\n            queue_name, ["MessageRetentionPeriod"]\n        )["MessageRetentionPeriod"]',
      "self.get_queue(queue_name).message_retention_period", 1),
+    ('                if message.group_id and queue.fifo_queue:\n'
+     '                    if message.group_id in currently_pending_groups:\n',
+     '                if message.group_id and queue.fifo_queue:\n'
+     '                    if message.group_id in skipped_groups or (\n'
+     '                        message.group_id not in taken_groups\n'
+     '                        and message.group_id in queue.pending_message_groups\n'
+     '                    ):\n'
+     '                        skipped_groups.add(message.group_id)\n', 1),
+    ('            messages_to_dlq: list[Message] = []\n',
+     '            messages_to_dlq: list[Message] = []\n'
+     '            skipped_groups: set[str] = set()\n', 1),
+    ('                queue.pending_messages.add(message)\n'
+     '                message.mark_received(visibility_timeout=visibility_timeout)\n',
+     '                queue.pending_messages.add(message)\n'
+     '                if message.group_id:\n'
+     '                    taken_groups.add(message.group_id)\n'
+     '                message.mark_received(visibility_timeout=visibility_timeout)\n', 1),
+    ('        currently_pending_groups = deepcopy(queue.pending_message_groups)\n\n'
+     '        # queue.messages only contains visible messages\n',
+     '        currently_pending_groups = deepcopy(queue.pending_message_groups)\n'
+     '        taken_groups: set[str] = set()\n\n'
+     '        # queue.messages only contains visible messages\n', 1),
+    ('            message.group_id\n'
+     '            for message in self._pending_messages\n',
+     '            message.group_id\n'
+     '            for message in self._pending_messages.copy()\n', 1),
+    ('        # Delete message from queue regardless of pending state\n'
+     '        new_messages = []\n'
+     '        for message in self._messages:\n'
+     '            if message.had_receipt_handle(receipt_handle):\n'
+     '                self.pending_messages.discard(message)\n'
+     '                self.deleted_messages.update(message.all_receipt_handles)  # type: ignore\n'
+     '                continue\n'
+     '            new_messages.append(message)\n'
+     '        self._messages = new_messages\n',
+     '        # Delete message from queue regardless of pending state\n'
+     '        with self._messages_lock:\n'
+     '            new_messages = []\n'
+     '            for message in self._messages:\n'
+     '                if message.had_receipt_handle(receipt_handle):\n'
+     '                    self.pending_messages.discard(message)\n'
+     '                    self.deleted_messages.update(message.all_receipt_handles)  # type: ignore\n'
+     '                    continue\n'
+     '                new_messages.append(message)\n'
+     '            self._messages = new_messages\n', 1),
 ]
 for old, new, count in edits:
     if src.count(old) == 0 and new in src:
