@@ -59,7 +59,16 @@ aws_install() {
     fi
   fi
   rm -f "$AWS_VENV/installed"
-  aws_patch || die "aws: patching moto in $AWS_VENV failed (not moto $TIDEMILL_MOTO_VERSION?)"
+  local rc=0
+  aws_patch || rc=$?
+  if ((rc == 3)); then
+    # Patched by an older version of this script that kept no pristine copy: start over.
+    log "  $AWS_VENV was patched without a pristine copy: installing it again"
+    rm -rf "$AWS_VENV"
+    aws_install
+    return
+  fi
+  ((rc == 0)) || die "aws: patching moto in $AWS_VENV failed (not moto $TIDEMILL_MOTO_VERSION?)"
   { "$AWS_VENV/bin/pip" freeze --disable-pip-version-check && echo "$AWS_PATCH_LEVEL"; } >"$AWS_VENV/installed"
 }
 
@@ -92,7 +101,14 @@ aws_patch() {
   "$AWS_VENV/bin/python" - <<'PATCH'
 import pathlib, sys, sysconfig
 models = pathlib.Path(sysconfig.get_paths()["purelib"]) / "moto" / "sqs" / "models.py"
-src = models.read_text()
+# Every patch level starts from moto's own file, kept beside it as models.py.orig.
+orig = models.with_name("models.py.orig")
+if not orig.exists():
+    current = models.read_text()
+    if "self.content_based_deduplication\n" in current or "taken_groups" in current:
+        sys.exit(3)  # patched before pristine copies were kept
+    orig.write_text(current)
+src = orig.read_text()
 edits = [
     ('self.attributes.get("ContentBasedDeduplication") == "true"',
      "self.content_based_deduplication", 1),
@@ -149,8 +165,6 @@ edits = [
      '            self._messages = new_messages\n', 1),
 ]
 for old, new, count in edits:
-    if src.count(old) == 0 and new in src:
-        continue  # patched already
     if src.count(old) != count:
         sys.exit(f"{models}: expected {count} x {old!r}, found {src.count(old)}")
     src = src.replace(old, new)
