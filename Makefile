@@ -22,14 +22,14 @@ run:
 	  pubsub://*|googlecloud://*|gcp://*) features=otel,googlecloud ;; \
 	  redis://*|rediss://*) features=otel,redis ;; \
 	  postgres://*|postgresql://*) features=otel,postgres ;; \
-	  sqs://*) features=otel,aws; \
+	  sqs://*|sqs+fifo://*|aws://*) features=otel,aws; \
 	    case "$$broker" in \
 	      *endpoint=http://127.0.0.1*|*endpoint=http://localhost*) \
 	        if [ -z "$${AWS_ACCESS_KEY_ID:-}" ]; then \
 	          export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION="$${AWS_REGION:-us-east-1}"; \
 	        fi ;; \
 	    esac ;; \
-	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://, redis://, rediss://, postgres://, postgresql://, sqs://)" >&2; exit 2 ;; \
+	  *) echo "make run: BROKER='$$broker' is not a broker URL (memory://, kafka://, amqp://, amqps://, nats://, pubsub://, redis://, rediss://, postgres://, postgresql://, sqs://, sqs+fifo://)" >&2; exit 2 ;; \
 	esac; \
 	set -x; $(CARGO) run --quiet --example order_flow $${features:+--features $$features} -- "$${broker:-memory://}"
 

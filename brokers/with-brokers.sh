@@ -3,7 +3,8 @@
 #
 # Brings the test brokers up (installing them if needed), exports their
 # addresses (TIDEMILL_AMQP_URL, TIDEMILL_NATS_URL, TIDEMILL_KAFKA_BROKERS,
-# PUBSUB_EMULATOR_HOST, TIDEMILL_REDIS_URL, TIDEMILL_POSTGRES_URL), runs CMD, and then always takes down the brokers it
+# PUBSUB_EMULATOR_HOST, TIDEMILL_REDIS_URL, TIDEMILL_POSTGRES_URL, TIDEMILL_AWS_URL and
+# moto's test credentials), runs CMD, and then always takes down the brokers it
 # started itself (also when CMD fails or the run is interrupted); brokers
 # that were already running, or that are external (address variable set),
 # are left as they were. Exits with CMD's status.

@@ -22,6 +22,7 @@ BROKER_BENCHES=(
   "-p tidemill-googlecloud --bench throughput"
   "-p tidemill-redis --bench throughput"
   "-p tidemill-sql --bench throughput"
+  "-p tidemill-aws --bench throughput"
 )
 
 # Runs the benches given as arguments (each one string of cargo arguments).
