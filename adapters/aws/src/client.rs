@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use tidemill_core::{ConnectionState, Error, Result};
 
 use crate::config::AwsConfig;
@@ -51,15 +51,36 @@ impl Clients {
             sqs: aws_sdk_sqs::Client::new(&sdk),
             sns: aws_sdk_sns::Client::new(&sdk),
         };
-        // One cheap call, so a wrong endpoint or missing credentials fail here and now.
+        // One cheap call, so a wrong endpoint or missing or invalid credentials fail here
+        // and now. An identity that may not list queues (`AccessDenied`) still connects:
+        // it needs only the calls it makes.
         let probe = clients.sqs.list_queues().max_results(1).send();
         match tokio::time::timeout(config.connect_timeout, probe).await {
             Ok(Ok(_)) => Ok(clients),
-            Ok(Err(e)) => Err(Error::Connect {
-                broker: BROKER,
-                address: config.address(),
-                source: DisplayErrorContext(e).to_string().into(),
-            }),
+            Ok(Err(e))
+                if matches!(e, SdkError::ServiceError(_))
+                    && matches!(e.code(), Some("AccessDenied" | "AccessDeniedException")) =>
+            {
+                tracing::debug!(address = %config.address(), "connected; the identity may not list queues");
+                Ok(clients)
+            }
+            Ok(Err(e)) => {
+                let text = chain(&e);
+                let source = if text.contains("loading credentials") {
+                    format!(
+                        "no usable AWS credentials (the SDK's chain looks at AWS_ACCESS_KEY_ID / \
+                         AWS_SECRET_ACCESS_KEY, the shared config and credentials files, SSO, web \
+                         identity, container and instance roles): {text}"
+                    )
+                } else {
+                    text
+                };
+                Err(Error::Connect {
+                    broker: BROKER,
+                    address: config.address(),
+                    source: source.into(),
+                })
+            }
             Err(_) => Err(Error::Connect {
                 broker: BROKER,
                 address: config.address(),
@@ -111,7 +132,7 @@ impl CallError {
         };
         CallError {
             failure,
-            text: DisplayErrorContext(e).to_string(),
+            text: chain(&e),
         }
     }
 
@@ -136,6 +157,33 @@ impl CallError {
             Error::permanent(BROKER, topic, context, self)
         }
     }
+}
+
+/// An error and its sources, each by its `Display`, joined with `: ` (the SDK's own
+/// `DisplayErrorContext` appends a `Debug` dump of the response, headers included).
+/// Service errors also name their code.
+fn chain<E, R>(e: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+    R: fmt::Debug + Send + Sync + 'static,
+{
+    let mut text = match (e, e.code()) {
+        (SdkError::ServiceError(_), Some(code)) => match e.message() {
+            Some(message) => format!("service error {code}: {message}"),
+            None => format!("service error {code}"),
+        },
+        _ => e.to_string(),
+    };
+    let mut source = StdError::source(e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn classify(code: Option<&str>) -> Failure {
