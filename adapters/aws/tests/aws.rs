@@ -1386,3 +1386,43 @@ fn an_unanswered_publish_fails_in_time_as_transient_and_health_follows() {
         ok(s.close().await, "close");
     });
 }
+
+#[test]
+fn a_message_of_exactly_the_limit_is_delivered() {
+    if !have_server("a_message_of_exactly_the_limit_is_delivered") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("aws_at_limit");
+        let config = direct_config();
+        let opts = SubscribeOptions::group("limit");
+        let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
+        let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        // The error of a payload of the whole limit tells how much the attributes take.
+        let limit = config.max_message_bytes;
+        let over = match p
+            .publish(&topic, vec![Message::new(vec![b'a'; limit])])
+            .await
+        {
+            Err(Error::MessageTooLarge { size, .. }) => size - limit,
+            other => panic!("expected MessageTooLarge, got {other:?}"),
+        };
+        let fits = Message::new(vec![b'b'; limit - over]);
+        let one_more = Message::new(vec![b'c'; limit - over + 1]);
+        match p.publish(&topic, vec![one_more]).await {
+            Err(Error::MessageTooLarge { size, .. }) => assert_eq!(size, limit + 1),
+            other => panic!("expected MessageTooLarge, got {other:?}"),
+        }
+        ok(
+            p.publish(&topic, vec![fits.clone()]).await,
+            "publish a message of exactly the limit",
+        );
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let d = next(&mut stream, "message at the limit").await;
+        assert_eq!(d.message().uuid(), fits.uuid());
+        assert_eq!(d.message().payload(), fits.payload());
+        ok(d.ack().await, "ack");
+        ok(s.close().await, "close");
+    });
+}
