@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use common::{
-    direct_config, have_server, keeps_working_after_losing_state, next, ok, queue_depth, queue_url,
-    runtime, sdk, topic_arn, wait_until, LIMIT,
+    direct_config, have_server, keeps_working_after_losing_state, next, ok, queue_depth,
+    queue_mode_keeps_working_after_losing_state, queue_url, runtime, sdk, topic_arn, wait_until,
+    LIMIT,
 };
 use futures::StreamExt;
 use tidemill_aws::{AttributeValue, Mode, SqsPublisher, SqsRecord, SqsSubscriber};
@@ -954,15 +955,15 @@ fn the_attempt_grows_with_each_nack() {
 }
 
 #[test]
-fn topic_queue_and_subscription_are_made_again_after_they_vanish() {
-    if !have_server("topic_queue_and_subscription_are_made_again_after_they_vanish") {
+fn topic_queues_and_subscriptions_are_made_again_after_they_vanish() {
+    if !have_server("topic_queues_and_subscriptions_are_made_again_after_they_vanish") {
         return;
     }
     runtime().block_on(keeps_working_after_losing_state(
         "aws_vanish",
-        |config, topic| async move {
+        |config, topic, queues| async move {
             // What a restart of the emulator does, without restarting it: the topic (and
-            // its subscriptions) first, then the queue, so the subscriber notices only
+            // its subscriptions) first, then the queues, so the subscriber notices only
             // when everything is gone.
             let (sqs, sns) = sdk().await;
             let arn = topic_arn(&sns, &config.topic_name(&topic), false).await;
@@ -984,9 +985,29 @@ fn topic_queue_and_subscription_are_made_again_after_they_vanish() {
                 .send()
                 .await
                 .expect("DeleteTopic");
-            let url = queue_url(&sqs, &config.queue_name(&topic, "survivor"))
-                .await
-                .expect("the group's queue");
+            for name in queues {
+                let url = queue_url(&sqs, &name).await.expect("the queue");
+                sqs.delete_queue()
+                    .queue_url(&url)
+                    .send()
+                    .await
+                    .expect("DeleteQueue");
+            }
+            true
+        },
+    ));
+}
+
+#[test]
+fn queue_mode_the_queue_is_made_again_after_it_vanished() {
+    if !have_server("queue_mode_the_queue_is_made_again_after_it_vanished") {
+        return;
+    }
+    runtime().block_on(queue_mode_keeps_working_after_losing_state(
+        "aws_vanish_queue",
+        |_, name| async move {
+            let (sqs, _) = sdk().await;
+            let url = queue_url(&sqs, &name).await.expect("the queue");
             sqs.delete_queue()
                 .queue_url(&url)
                 .send()

@@ -287,14 +287,16 @@ pub async fn restart_aws() -> bool {
 }
 
 /// A subscriber and a publisher that keep working after the emulator lost every topic, queue
-/// and subscription (`lose` makes that happen; it returns false to skip the test): the
-/// subscriber, still subscribed, makes its topic, queue and subscription again, and every
-/// message published once that is done is delivered, intact and once.
+/// and subscription (`lose` makes that happen, given the config, the topic and the queues in
+/// use; it returns false to skip the test): the subscriber, still subscribed with a group
+/// and without one (a private queue), makes its topic, queues and subscriptions again, and
+/// every message published once that is done is delivered to both, intact and once.
 pub async fn keeps_working_after_losing_state<F, Fut>(label: &str, lose: F)
 where
-    F: FnOnce(AwsConfig, String) -> Fut,
+    F: FnOnce(AwsConfig, String, Vec<String>) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    use tidemill_aws::SqsRecord;
     use tidemill_core::{Message, SubscribeOptions};
     let topic = tidemill_testkit::unique_topic(label);
     let config = direct_config();
@@ -302,19 +304,33 @@ where
     let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
     let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
     ok(s.initialize(&topic, &opts).await, "initialize");
-    let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+    let mut group = ok(s.subscribe(&topic, opts).await, "subscribe");
+    let mut private = ok(
+        s.subscribe(&topic, SubscribeOptions::new()).await,
+        "subscribe",
+    );
     let before = Message::new("before");
     ok(p.publish(&topic, vec![before.clone()]).await, "publish");
-    let d = next(&mut stream, "message from before").await;
-    assert_eq!(d.message().uuid(), before.uuid());
-    ok(d.ack().await, "ack");
+    let mut queues = Vec::new();
+    for stream in [&mut group, &mut private] {
+        let d = next(stream, "message from before").await;
+        assert_eq!(d.message().uuid(), before.uuid());
+        queues.push(
+            SqsRecord::of(d.message())
+                .expect("a record")
+                .queue()
+                .to_owned(),
+        );
+        ok(d.ack().await, "ack");
+    }
 
-    if !lose(config.clone(), topic.clone()).await {
+    if !lose(config.clone(), topic.clone(), queues.clone()).await {
         return;
     }
 
-    // Until the subscriber has made its queue and subscription again, a message published
-    // to the topic reaches no queue (as on AWS); publish_mandatory says when one does.
+    // Until the subscriber has made its queues and subscriptions again, a message published
+    // to the topic reaches no queue (as on AWS); publish_mandatory says when one does, the
+    // topic's subscriptions when both do.
     let until = tokio::time::Instant::now() + LIMIT;
     let mut refused = 0;
     let probe = loop {
@@ -335,13 +351,109 @@ where
         }
     };
     eprintln!("publish_mandatory refused {refused} times before the subscription was back");
+    let (sqs, sns) = sdk().await;
+    let arn = topic_arn(&sns, &config.topic_name(&topic), false).await;
+    wait_until("both queues subscribed again", || async {
+        let subs = sns
+            .list_subscriptions_by_topic()
+            .topic_arn(&arn)
+            .send()
+            .await
+            .expect("ListSubscriptionsByTopic");
+        subs.subscriptions().len() >= 2
+    })
+    .await;
     let after: Vec<Message> = (0..5)
         .map(|i| Message::new(format!("after {i}")).with_metadata("i", i))
         .collect();
     ok(p.publish(&topic, after.clone()).await, "publish after");
+    for (stream, with_probe) in [(&mut group, true), (&mut private, false)] {
+        let mut want: std::collections::HashMap<String, Message> = after
+            .iter()
+            .map(|m| (m.uuid().to_owned(), m.clone()))
+            .collect();
+        if with_probe {
+            want.insert(probe.uuid().to_owned(), probe.clone());
+        }
+        while !want.is_empty() {
+            let d = next(stream, "message published after").await;
+            let got = d.message().clone();
+            assert_ne!(got.uuid(), before.uuid(), "the acked message came back");
+            ok(d.ack().await, "ack");
+            if !with_probe && got.uuid() == probe.uuid() {
+                // The private queue may or may not have been subscribed for the probe.
+                continue;
+            }
+            let sent = want
+                .remove(got.uuid())
+                .unwrap_or_else(|| panic!("unexpected or repeated message {got:?}"));
+            assert_eq!(got.payload(), sent.payload());
+            assert_eq!(got.metadata(), sent.metadata());
+        }
+    }
+    // Acks went to the queues as they are now: nothing left in them.
+    for name in &queues {
+        let url = queue_url(&sqs, name)
+            .await
+            .unwrap_or_else(|| panic!("queue {name} exists again"));
+        wait_until("every message deleted", || async {
+            queue_depth(&sqs, &url).await == 0
+        })
+        .await;
+    }
+    ok(s.close().await, "close");
+    ok(p.close().await, "close");
+}
+
+/// Point to point: a publisher and a subscriber in queue mode keep working after the
+/// emulator lost the queue (`lose`, given the config and the queue's name): the publisher
+/// makes the queue again, so every message published after the loss is delivered, once.
+pub async fn queue_mode_keeps_working_after_losing_state<F, Fut>(label: &str, lose: F)
+where
+    F: FnOnce(AwsConfig, String) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    use tidemill_core::{Message, SubscribeOptions};
+    let topic = tidemill_testkit::unique_topic(label);
+    let mut config = direct_config();
+    config.mode = tidemill_aws::Mode::Queues;
+    let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
+    let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
+    let mut stream = ok(
+        s.subscribe(&topic, SubscribeOptions::new()).await,
+        "subscribe",
+    );
+    let before = Message::new("before");
+    ok(p.publish(&topic, vec![before.clone()]).await, "publish");
+    let d = next(&mut stream, "message from before").await;
+    assert_eq!(d.message().uuid(), before.uuid());
+    ok(d.ack().await, "ack");
+
+    if !lose(config.clone(), config.topic_name(&topic)).await {
+        return;
+    }
+
+    let after: Vec<Message> = (0..5)
+        .map(|i| Message::new(format!("after {i}")).with_metadata("i", i))
+        .collect();
+    // The first publish may meet the emulator still starting: retried until it is taken.
+    let until = tokio::time::Instant::now() + LIMIT;
+    for m in &after {
+        loop {
+            match p.publish(&topic, vec![m.clone()]).await {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < until,
+                        "no publish within {LIMIT:?}: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
     let mut want: std::collections::HashMap<String, Message> = after
         .iter()
-        .chain(std::iter::once(&probe))
         .map(|m| (m.uuid().to_owned(), m.clone()))
         .collect();
     while !want.is_empty() {
@@ -355,11 +467,10 @@ where
         assert_eq!(got.metadata(), sent.metadata());
         ok(d.ack().await, "ack");
     }
-    // Acks went to the queue as it is now: nothing left in it.
     let (sqs, _) = sdk().await;
-    let url = queue_url(&sqs, &config.queue_name(&topic, "survivor"))
+    let url = queue_url(&sqs, &config.topic_name(&topic))
         .await
-        .expect("the group's queue exists again");
+        .expect("the queue exists again");
     assert_eq!(queue_depth(&sqs, &url).await, 0, "every message deleted");
     ok(s.close().await, "close");
     ok(p.close().await, "close");
