@@ -147,23 +147,49 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CallCounter {
     }
 }
 
-/// One timed run: its figures and the SDK calls it made, by kind.
+/// Context switches of every thread of this process so far (voluntary: a thread waited,
+/// e.g. parked for want of work and was woken for the next hand-off; involuntary:
+/// preempted), from `/proc/self/task/*/status`; 0 where unavailable.
+fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut total = 0;
+    for task in tasks.flatten() {
+        // A thread may have ended since the directory was read.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    total
+}
+
+/// One timed run: its figures, the SDK calls it made (by kind) and the context switches of
+/// the process's threads.
 #[derive(Default, Clone, Copy)]
 struct Run {
     figures: Consumed,
     calls: [usize; 4],
+    switches: u64,
 }
 
-/// A [`Clock`] that also counts SDK calls.
+/// A [`Clock`] that also counts SDK calls and context switches.
 struct Meter {
     clock: Clock,
     calls: [usize; 4],
+    switches: u64,
 }
 
 impl Meter {
     fn start() -> Meter {
         Meter {
             calls: calls_now(),
+            switches: context_switches(),
             clock: Clock::start(),
         }
     }
@@ -174,6 +200,7 @@ impl Meter {
         Run {
             figures,
             calls: std::array::from_fn(|k| now[k] - self.calls[k]),
+            switches: context_switches().saturating_sub(self.switches),
         }
     }
 }
@@ -274,9 +301,9 @@ fn report(group: &str, names: &[&str], runs: &[Vec<Run>], n: usize) {
     let rounds = runs.len();
     println!();
     println!(
-        "| {group} | msg/s | ÷ raw | CPU µs/msg | CPU ÷ raw | SDK calls per 100 msgs | peak RSS MiB |"
+        "| {group} | msg/s | ÷ raw | CPU µs/msg | CPU ÷ raw | SDK calls per 100 msgs | context switches per msg | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (at, name) in names.iter().enumerate() {
         let column = |f: &dyn Fn(&Vec<Run>) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
         let rate = column(&|r| r[at].figures.rate);
@@ -288,17 +315,25 @@ fn report(group: &str, names: &[&str], runs: &[Vec<Run>], n: usize) {
             .enumerate()
             .filter_map(|(k, what)| {
                 let per_100 = column(&|r| r[at].calls[k] as f64 * 100.0 / n as f64);
-                (per_100 > 0.0).then(|| format!("{per_100:.0} {what}"))
+                if per_100 == 0.0 {
+                    None
+                } else if per_100 < 10.0 {
+                    Some(format!("{per_100:.1} {what}"))
+                } else {
+                    Some(format!("{per_100:.0} {what}"))
+                }
             })
             .collect::<Vec<_>>()
             .join(" + ");
+        let switches = column(&|r| r[at].switches as f64 / n as f64);
         let rss = runs.iter().filter_map(|r| r[at].figures.rss).max();
         println!(
-            "| {name} | {rate:.0} | {ratio:.2}x | {cpu_us:.1} | {cpu_ratio:.2}x | {calls} | {} |",
+            "| {name} | {rate:.0} | {ratio:.2}x | {cpu_us:.1} | {cpu_ratio:.2}x | {calls} | {switches:.2} | {} |",
             mib(rss)
         );
         let mut note = format!(
-            "{cpu_us:.1} µs CPU/msg; SDK calls per 100 messages: {calls}; median of {rounds} \
+            "{cpu_us:.1} µs CPU/msg; SDK calls per 100 messages: {calls}; {switches:.2} context \
+             switches per message; median of {rounds} \
              rounds on moto (the emulator bounds the rate)"
         );
         if at > 0 {
