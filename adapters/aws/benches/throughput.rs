@@ -51,13 +51,19 @@
 //!   (`GetQueueAttributes`, polled every 2 ms);
 //! - `tidemill router, concurrency 10`: the same with `.concurrency(10)`.
 //!
-//! Variants rotate which goes first each round; each round is printed, then the median
-//! msg/s, the median of the per-round ratios to raw, the median CPU µs per message and the
-//! largest peak RSS (`VmHWM`, reset before each timed run; process-wide, so it includes
-//! what the bench holds, e.g. the prepared messages).
+//! Variants rotate which goes first each round; each round is printed, then, per variant,
+//! the medians of: msg/s, the per-round ratio to raw, CPU µs per message, the per-round CPU
+//! ratio to raw, the SDK calls per 100 messages by kind (counted from the SDK's own
+//! operation spans, `SNS.PublishBatch`, `SQS.ReceiveMessage`, …, by a tracing layer that
+//! enables nothing else), the context switches of the process's threads per message
+//! (`/proc/self/task/*/status`: hand-offs that wake a parked thread); and the largest peak
+//! RSS (`VmHWM`, reset before each timed run; process-wide, so it includes what the bench
+//! holds, e.g. the prepared messages). Each SDK call costs this process a few hundred µs of
+//! CPU (signing, HTTP, XML/JSON), so calls per message largely decide CPU per message.
 //!
-//! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 2,000), `TIDEMILL_BENCH_ROUNDS`
-//! (default 5), `TIDEMILL_BENCH_SECTION` (`publish` or `consume`; default both).
+//! Environment: `TIDEMILL_BENCH_MESSAGES` (N, default 1,000: a full run takes about two
+//! minutes on moto), `TIDEMILL_BENCH_ROUNDS` (default 5), `TIDEMILL_BENCH_SECTION`
+//! (`publish` or `consume`; default both).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
