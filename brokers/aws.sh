@@ -31,7 +31,7 @@ aws_python() {
 }
 
 # Bumped when aws_patch changes: a venv patched by an older version is patched again.
-AWS_PATCH_LEVEL="tidemill-patch 4"
+AWS_PATCH_LEVEL="tidemill-patch 6"
 
 # Installed = the venv's pip install and our patch went through (the `installed` file,
 # written last, lists the packages and ends with the patch level).
@@ -95,7 +95,10 @@ aws_install() {
 # a delete rebuilds the queue's message list without the lock sends take, so a message
 # sent (or deleted) meanwhile vanished from the list until another delete that had read
 # the old list put it back (FIFO groups out of order, deleted messages back); deletes now
-# take that lock.
+# take that lock, and so do a receive's passes over the queue (two receives on threads
+# could both take one message: a FIFO group's message delivered twice) and visibility
+# changes. A long poll that finds only messages of groups in flight no longer spins
+# (wait_for returns at once while any message is visible): it pauses 20 ms per pass.
 # Only the venv's copy of moto/sqs/models.py is changed.
 aws_patch() {
   "$AWS_VENV/bin/python" - <<'PATCH'
@@ -129,6 +132,19 @@ edits = [
     ('            messages_to_dlq: list[Message] = []\n',
      '            messages_to_dlq: list[Message] = []\n'
      '            skipped_groups: set[str] = set()\n', 1),
+    # One pass over the queue at a time (the lock sends and deletes take): two receives
+    # on threads could both take one message. Legal Python: the block's body is indented
+    # deeper than its header.
+    ('            for message in queue.messages:\n',
+     '            with queue._messages_lock:\n'
+     '              for message in queue.messages:\n', 1),
+    # A pass that found visible messages but could take none (their groups in flight)
+    # waited for nothing (wait_for returns at once while any message is visible) and
+    # went round again at once, holding a CPU for the whole long poll: pause briefly.
+    ('                queue.wait_for_messages(1)\n                continue\n',
+     '                queue.wait_for_messages(1)\n'
+     '                __import__("time").sleep(0.02)\n'
+     '                continue\n', 1),
     ('                queue.pending_messages.add(message)\n'
      '                message.mark_received(visibility_timeout=visibility_timeout)\n',
      '                queue.pending_messages.add(message)\n'
@@ -163,6 +179,17 @@ edits = [
      '                    continue\n'
      '                new_messages.append(message)\n'
      '            self._messages = new_messages\n', 1),
+    ('\nsqs_backends = BackendDict(SQSBackend, "sqs")\n',
+     '\n\ndef _tidemill_locked(method):\n'
+     '    # One request at a time per queue while it changes a message.\n'
+     '    def locked(self, queue_name, *args, **kwargs):\n'
+     '        with self.get_queue(queue_name)._messages_lock:\n'
+     '            return method(self, queue_name, *args, **kwargs)\n'
+     '    return locked\n\n\n'
+     'SQSBackend.change_message_visibility = _tidemill_locked(\n'
+     '    SQSBackend.change_message_visibility\n'
+     ')\n\n'
+     'sqs_backends = BackendDict(SQSBackend, "sqs")\n', 1),
 ]
 for old, new, count in edits:
     if src.count(old) != count:

@@ -126,13 +126,44 @@ pub(crate) fn encode(message: &Message, topic: &str, max_bytes: usize) -> Result
         Some(key) => fifo_id(key),
         None => fifo_id(message.uuid().as_bytes()),
     };
+    let dedup_id = dedup_id(message.uuid(), &body, &attributes);
     Ok(Encoded {
         body,
         attributes,
         group_id,
-        dedup_id: fifo_id(message.uuid().as_bytes()),
+        dedup_id,
         size,
     })
+}
+
+/// The FIFO deduplication id: the uuid and a hash of the body and attributes, so a
+/// publish retried with the same message is dropped as a duplicate (for five minutes),
+/// while a changed copy with the same uuid (republished with new metadata, as durable
+/// dead-letter counting does) is delivered.
+fn dedup_id(uuid: &str, body: &str, attributes: &[(String, Attribute)]) -> String {
+    let mut content = Vec::with_capacity(body.len() + 64);
+    let mut part = |bytes: &[u8]| {
+        content.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        content.extend_from_slice(bytes);
+    };
+    part(body.as_bytes());
+    let mut sorted: Vec<&(String, Attribute)> = attributes.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, attr) in sorted {
+        part(name.as_bytes());
+        part(attr.data_type.as_bytes());
+        match &attr.value {
+            AttributeValue::Text(t) => part(t.as_bytes()),
+            AttributeValue::Binary(b) => part(b),
+        }
+    }
+    let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &content).simple();
+    let id = fifo_id(uuid.as_bytes());
+    if id.len() + 33 <= 128 {
+        format!("{id}.{hash}")
+    } else {
+        format!("{}.{hash}", &id[..128 - 33])
+    }
 }
 
 fn candidate(k: &str, v: &str) -> Candidate {
@@ -449,6 +480,20 @@ mod tests {
         assert!(enc.attributes.iter().any(|(n, _)| n == METADATA_ATTR));
         let back = roundtrip(&msg);
         assert_eq!(back.metadata(), msg.metadata());
+    }
+
+    #[test]
+    fn the_deduplication_id_changes_with_the_content_not_only_the_uuid() {
+        let msg = Message::new("x").with_key("k");
+        let same = encode(&msg, "t", 1024).unwrap().dedup_id;
+        assert_eq!(
+            same,
+            encode(&msg, "t", 1024).unwrap().dedup_id,
+            "a retry is a duplicate"
+        );
+        assert!(same.starts_with(msg.uuid()) && same.len() <= 128);
+        let changed = msg.clone().with_metadata("failures", "1");
+        assert_ne!(same, encode(&changed, "t", 1024).unwrap().dedup_id);
     }
 
     #[test]

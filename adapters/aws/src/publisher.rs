@@ -114,12 +114,25 @@ impl SqsPublisher {
         let mut retried = false;
         loop {
             let arn = res.topic_arn(topic).await?;
-            if mandatory && res.subscriptions(topic, &arn).await?.is_empty() {
-                return Err(Error::Unroutable {
-                    broker: BROKER,
-                    topic: topic.to_owned(),
-                    uuid: uuids[0].to_owned(),
-                });
+            if mandatory {
+                match res.try_subscriptions(&arn).await {
+                    Ok(subs) if subs.is_empty() => {
+                        return Err(Error::Unroutable {
+                            broker: BROKER,
+                            topic: topic.to_owned(),
+                            uuid: uuids[0].to_owned(),
+                        })
+                    }
+                    Ok(_) => {}
+                    Err(e) if resources::missing(&e) && !retried => {
+                        // The topic went away: whatever subscribed to it went with it.
+                        tracing::warn!(topic, error = %e, "SNS topic missing; looking it up again");
+                        res.forget(topic);
+                        retried = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into_error(topic, "list the SNS topic's subscriptions")),
+                }
             }
             let entries = batch
                 .iter()
@@ -313,9 +326,14 @@ impl Publisher for SqsPublisher {
     }
 
     /// Creates the group's queue, subscribed to the topic (queue mode: the topic's
-    /// queue), so messages published from now on wait for the group.
+    /// queue), so messages published from now on wait for the group. Asks the services
+    /// each time (every call it makes is idempotent) rather than trusting what this
+    /// publisher saw before: the topic or queue may have been deleted since.
     async fn retain_for(&self, topic: &str, group: &str) -> Result<()> {
-        self.inner.res.group_queue(topic, group).await.map(|_| ())
+        let res = &self.inner.res;
+        res.forget(topic);
+        res.forget_queue(&res.config.queue_name(topic, group));
+        res.group_queue(topic, group).await.map(|_| ())
     }
 
     async fn close(&self) -> Result<()> {

@@ -335,6 +335,17 @@ impl Resources {
         topic: &str,
         topic_arn: &str,
     ) -> Result<Vec<(String, String)>> {
+        self.try_subscriptions(topic_arn)
+            .await
+            .map_err(|e| e.into_error(topic, "list the SNS topic's subscriptions"))
+    }
+
+    /// [`subscriptions`](Self::subscriptions), with the SDK's error (to tell a topic that
+    /// no longer exists).
+    pub(crate) async fn try_subscriptions(
+        &self,
+        topic_arn: &str,
+    ) -> std::result::Result<Vec<(String, String)>, CallError> {
         let mut all = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -345,8 +356,7 @@ impl Resources {
                     .set_next_token(token.clone())
                     .send()
             })
-            .await
-            .map_err(|e| e.into_error(topic, "list the SNS topic's subscriptions"))?;
+            .await?;
             all.extend(out.subscriptions().iter().map(|s| {
                 (
                     s.endpoint().unwrap_or_default().to_owned(),

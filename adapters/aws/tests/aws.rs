@@ -1019,8 +1019,6 @@ fn queue_mode_the_queue_is_made_again_after_it_vanished() {
 }
 
 #[test]
-#[ignore = "adapter bug: the FIFO deduplication id is the uuid alone, so a changed copy published \
-            within five minutes is dropped as a duplicate (see the test's comment)"]
 fn fifo_a_received_message_republished_with_changes_is_delivered_again() {
     if !have_server("fifo_a_received_message_republished_with_changes_is_delivered_again") {
         return;
@@ -1164,14 +1162,10 @@ fn a_foreign_fifo_message_takes_its_group_as_key() {
     });
 }
 
-/// Fails today: the publisher caches the topic's ARN, the queue and the subscription, and
-/// only `publish` forgets them when SNS says the topic is gone. `publish_mandatory` fails
-/// with a permanent "list the SNS topic's subscriptions: NotFound" error (not `Unroutable`),
-/// and keeps failing; `retain_for` returns Ok from its cache without making anything again,
-/// so the group's messages are lost.
+/// A long-lived publisher whose topic, queue and subscription were deleted (or an emulator
+/// restarted): `publish_mandatory` says nothing receives the topic (not a stale error), and
+/// `retain_for` makes them again rather than trusting what it saw before.
 #[test]
-#[ignore = "adapter bug: publish_mandatory and retain_for trust the publisher's cached topic, \
-            queue and subscription after they vanished (see the test's doc)"]
 fn retain_for_and_publish_mandatory_work_after_the_topic_vanished() {
     if !have_server("retain_for_and_publish_mandatory_work_after_the_topic_vanished") {
         return;
