@@ -10,6 +10,7 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageSystemAttributeName,
 };
+use futures::FutureExt;
 use parking_lot::Mutex;
 use tidemill_core::{
     AckFuture, Acknowledger, CancellationToken, ConnectionState, Delivery, DeliveryStream, Error,
@@ -52,6 +53,7 @@ pub struct SqsSubscriber {
 struct Inner {
     res: Arc<Resources>,
     closed: CancellationToken,
+    inflight: Arc<Inflight>,
 }
 
 impl std::fmt::Debug for SqsSubscriber {
@@ -74,6 +76,7 @@ impl SqsSubscriber {
             inner: Arc::new(Inner {
                 res: Arc::new(Resources::new(clients, config)),
                 closed: CancellationToken::new(),
+                inflight: Arc::default(),
             }),
         })
     }
@@ -131,11 +134,18 @@ impl Subscriber for SqsSubscriber {
             permits: Semaphore::new(res.config.prefetch),
             ready_signal: Notify::new(),
             settle_tx,
+            inflight: self.inner.inflight.clone(),
             end: end.clone(),
             gate: res.config.fifo && res.config.order_per_key,
             runtime: tokio::runtime::Handle::current(),
         });
-        tokio::spawn(settle_loop(res.clone(), topic.to_owned(), queue, settle_rx));
+        tokio::spawn(settle_loop(
+            res.clone(),
+            topic.to_owned(),
+            queue,
+            self.inner.inflight.clone(),
+            settle_rx,
+        ));
         for _ in 0..res.config.concurrent_receives {
             tokio::spawn(receive_loop(sub.clone()));
         }
@@ -145,6 +155,8 @@ impl Subscriber for SqsSubscriber {
             // what it holds but never handed out.
             let sub = sub.clone();
             let cancel = options.cancellation().cloned();
+            // Closing waits for this too (the give-back calls it queues).
+            sub.inflight.add();
             tokio::spawn(async move {
                 match cancel {
                     Some(c) => tokio::select! {
@@ -153,7 +165,8 @@ impl Subscriber for SqsSubscriber {
                     },
                     None => sub.end.cancelled().await,
                 }
-                sub.release_unhanded().await;
+                sub.release_unhanded();
+                sub.inflight.done();
             });
         }
         let guard = end.drop_guard();
@@ -198,8 +211,20 @@ impl Subscriber for SqsSubscriber {
         }
     }
 
+    /// Ends every stream, gives back what was received but never handed out, and waits
+    /// (up to `command_timeout`) until the acks and nacks queued so far were sent.
     async fn close(&self) -> Result<()> {
         self.inner.closed.cancel();
+        let deadline = self.inner.res.config.command_timeout;
+        if tokio::time::timeout(deadline, self.inner.inflight.drained())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?deadline,
+                "closing: acks still unsent after the command timeout; their messages come back after their visibility timeout"
+            );
+        }
         self.inner.res.state.set(ConnectionState::Closed);
         Ok(())
     }
@@ -260,6 +285,7 @@ struct Sub {
     permits: Semaphore,
     ready_signal: Notify,
     settle_tx: mpsc::UnboundedSender<Settle>,
+    inflight: Arc<Inflight>,
     end: CancellationToken,
     gate: bool,
     runtime: tokio::runtime::Handle,
@@ -365,9 +391,9 @@ impl Sub {
         self.state.lock().held.remove(&id).and_then(|(_, g)| g)
     }
 
-    /// After message `id` of `group` was settled: hands out the next one of its group, or
+    /// After a message of `group` was settled: hands out the next one of its group, or
     /// sends the ones held behind it back.
-    async fn finish(&self, group: Option<Arc<str>>, outcome: Outcome) {
+    fn finish(&self, group: Option<Arc<str>>, outcome: Outcome) {
         self.permits.add_permits(1);
         let Some(group) = group else {
             return;
@@ -401,37 +427,31 @@ impl Sub {
         }
         if !back.is_empty() {
             self.permits.add_permits(back.len());
-            self.give_back(back).await;
+            self.give_back(back);
         }
     }
 
-    /// Makes messages visible again after the given seconds, without handing them out.
-    async fn give_back(&self, receipts: Vec<(Arc<str>, i32)>) {
-        let mut replies = Vec::with_capacity(receipts.len());
-        for (receipt, secs) in receipts {
-            let (reply, rx) = oneshot::channel();
-            if self
-                .settle_tx
-                .send(Settle {
-                    receipt,
-                    op: Op::Visibility(secs),
-                    reply,
-                })
-                .is_ok()
-            {
-                replies.push(rx);
-            }
+    /// Queues a settle call; it goes out with the next batch.
+    fn send(&self, receipt: Arc<str>, op: Op, reply: Reply) -> bool {
+        self.inflight.add();
+        let sent = self.settle_tx.send(Settle { receipt, op, reply }).is_ok();
+        if !sent {
+            self.inflight.done();
         }
-        for rx in replies {
-            if let Ok(Err(e)) = rx.await {
-                tracing::debug!(topic = %self.topic, error = %e, "could not give a message back; it returns after its visibility timeout");
-            }
+        sent
+    }
+
+    /// Makes messages visible again after the given seconds, without handing them out (a
+    /// failure is logged: they come back after their visibility timeout).
+    fn give_back(&self, receipts: Vec<(Arc<str>, i32)>) {
+        for (receipt, secs) in receipts {
+            self.send(receipt, Op::Visibility(secs), Reply::Quiet);
         }
     }
 
     /// At the end of the subscription: everything received but never handed out goes back
     /// at once (ready ones, and those held back behind their key).
-    async fn release_unhanded(&self) {
+    fn release_unhanded(&self) {
         let back: Vec<(Arc<str>, i32)> = {
             let mut state = self.state.lock();
             let mut pending: Vec<Pending> = state.ready.drain(..).collect();
@@ -445,17 +465,8 @@ impl Sub {
         };
         if !back.is_empty() {
             tracing::debug!(topic = %self.topic, messages = back.len(), "giving back messages never handed out");
-            self.give_back(back).await;
+            self.give_back(back);
         }
-    }
-
-    async fn settle(&self, receipt: Arc<str>, op: Op) -> std::result::Result<(), String> {
-        let (reply, rx) = oneshot::channel();
-        if self.settle_tx.send(Settle { receipt, op, reply }).is_err() {
-            return Err("the subscription's settle task ended".to_owned());
-        }
-        rx.await
-            .unwrap_or_else(|_| Err("the subscription's settle task ended".to_owned()))
     }
 
     /// Makes the queue (and its subscription) exist again after the service said it does
@@ -481,26 +492,31 @@ struct SqsAcker {
 }
 
 impl Acknowledger for SqsAcker {
+    /// Queues the delete and returns: it goes out in the subscription's next
+    /// `DeleteMessageBatch`, with the acks that arrive meanwhile. A delete that fails is
+    /// logged and the message comes back after its visibility timeout (at least once);
+    /// closing the subscriber waits for the queued deletes. On FIFO the key's next message
+    /// is handed out only once the delete succeeded.
     fn ack(self: Box<Self>) -> AckFuture {
-        AckFuture::boxed(async move {
-            let group = self.sub.unhold(self.id);
-            let result = self.sub.settle(self.receipt.clone(), Op::Delete).await;
-            let outcome = match result {
-                Ok(()) => Outcome::Acked,
-                Err(_) => Outcome::Returned(0),
-            };
-            self.sub.finish(group, outcome).await;
-            result.map_err(|cause| {
-                Error::transient(
-                    BROKER,
-                    &self.sub.topic,
-                    format!("ack message {} (delete from the queue)", self.uuid),
-                    cause,
-                )
-            })
-        })
+        let group = self.sub.unhold(self.id);
+        let reply = Reply::Acked {
+            sub: self.sub.clone(),
+            group,
+            uuid: self.uuid.clone(),
+        };
+        if self.sub.send(self.receipt.clone(), Op::Delete, reply) {
+            AckFuture::ready(Ok(()))
+        } else {
+            AckFuture::ready(Err(Error::transient(
+                BROKER,
+                &self.sub.topic,
+                format!("ack message {} (delete from the queue)", self.uuid),
+                "the subscription's settle task ended",
+            )))
+        }
     }
 
+    /// Returns once the message's visibility was changed.
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
         AckFuture::boxed(async move {
             let secs = delay.map_or(0, |d| {
@@ -508,11 +524,18 @@ impl Acknowledger for SqsAcker {
                 s.min(43_200) as i32
             });
             let group = self.sub.unhold(self.id);
-            let result = self
-                .sub
-                .settle(self.receipt.clone(), Op::Visibility(secs))
-                .await;
-            self.sub.finish(group, Outcome::Returned(secs)).await;
+            let (reply, rx) = oneshot::channel();
+            let result = if self.sub.send(
+                self.receipt.clone(),
+                Op::Visibility(secs),
+                Reply::Wait(reply),
+            ) {
+                rx.await
+                    .unwrap_or_else(|_| Err("the subscription's settle task ended".to_owned()))
+            } else {
+                Err("the subscription's settle task ended".to_owned())
+            };
+            self.sub.finish(group, Outcome::Returned(secs));
             result.map_err(|cause| {
                 Error::transient(
                     BROKER,
@@ -530,38 +553,83 @@ enum Op {
     Visibility(i32),
 }
 
+/// What to do with a settle call's result.
+enum Reply {
+    /// Someone waits for it (a nack).
+    Wait(oneshot::Sender<std::result::Result<(), String>>),
+    /// An ack that returned already: let the key's next message out (or, when the delete
+    /// failed, give back the ones behind it); log a failure.
+    Acked {
+        sub: Arc<Sub>,
+        group: Option<Arc<str>>,
+        uuid: Arc<str>,
+    },
+    /// A message given back: log a failure.
+    Quiet,
+}
+
 struct Settle {
     receipt: Arc<str>,
     op: Op,
-    reply: oneshot::Sender<std::result::Result<(), String>>,
+    reply: Reply,
 }
 
-/// Sends acks and nacks in batches of up to 10: whatever is waiting when a batch starts.
+/// Settle calls queued and not answered yet, over all subscriptions of a subscriber
+/// (closing waits for them).
+#[derive(Default)]
+struct Inflight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+impl Inflight {
+    fn add(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn done(&self) {
+        if self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn drained(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// Sends acks and nacks in batches of up to 10: one round of calls at a time, each round
+/// taking everything queued while the previous one was out.
 async fn settle_loop(
     res: Arc<Resources>,
     topic: String,
     queue: Queue,
+    inflight: Arc<Inflight>,
     mut rx: mpsc::UnboundedReceiver<Settle>,
 ) {
-    let mut buf = Vec::with_capacity(20);
-    while rx.recv_many(&mut buf, 20).await > 0 {
+    let mut buf = Vec::with_capacity(100);
+    while rx.recv_many(&mut buf, 100).await > 0 {
         let (deletes, changes): (Vec<Settle>, Vec<Settle>) =
             buf.drain(..).partition(|s| matches!(s.op, Op::Delete));
-        for chunk in chunks(deletes) {
-            tokio::spawn(delete_batch(
-                res.clone(),
-                topic.clone(),
-                queue.clone(),
-                chunk,
-            ));
-        }
-        for chunk in chunks(changes) {
-            tokio::spawn(visibility_batch(
-                res.clone(),
-                topic.clone(),
-                queue.clone(),
-                chunk,
-            ));
+        let calls = chunks(deletes)
+            .into_iter()
+            .map(|c| settle_batch(&res, &topic, &queue, c, true).boxed())
+            .chain(
+                chunks(changes)
+                    .into_iter()
+                    .map(|c| settle_batch(&res, &topic, &queue, c, false).boxed()),
+            );
+        for answered in futures::future::join_all(calls).await {
+            for (settle, result) in answered {
+                answer(&topic, settle, result);
+                inflight.done();
+            }
         }
     }
 }
@@ -575,102 +643,123 @@ fn chunks(mut all: Vec<Settle>) -> Vec<Vec<Settle>> {
     out
 }
 
-fn answer(batch: Vec<Settle>, failed: &HashMap<String, String>, call_error: Option<String>) {
-    for (i, s) in batch.into_iter().enumerate() {
-        let result = match (&call_error, failed.get(&i.to_string())) {
-            (Some(e), _) => Err(e.clone()),
-            (None, Some(e)) => Err(e.clone()),
-            (None, None) => Ok(()),
-        };
-        let _ = s.reply.send(result);
-    }
-}
-
-async fn delete_batch(res: Arc<Resources>, topic: String, queue: Queue, batch: Vec<Settle>) {
-    let entries: Vec<_> = batch
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| {
-            DeleteMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .receipt_handle(s.receipt.as_ref())
-                .build()
-                .ok()
-        })
-        .collect();
-    let sqs = &res.clients.sqs;
-    let result = client::call(&res.state, res.config.command_timeout, || {
-        sqs.delete_message_batch()
-            .queue_url(queue.url.as_ref())
-            .set_entries(Some(entries.clone()))
-            .send()
-    })
-    .await;
-    match result {
-        Ok(out) => {
-            let failed = out
-                .failed()
-                .iter()
-                .map(|f| {
-                    (
-                        f.id().to_owned(),
-                        format!("{}: {}", f.code(), f.message().unwrap_or("no detail")),
-                    )
-                })
-                .collect();
-            answer(batch, &failed, None);
+fn answer(topic: &str, settle: Settle, result: std::result::Result<(), String>) {
+    match settle.reply {
+        Reply::Wait(reply) => {
+            let _ = reply.send(result);
         }
-        Err(e) => {
-            tracing::warn!(topic, queue = %queue.name, error = %e, "DeleteMessageBatch failed");
-            answer(batch, &HashMap::new(), Some(e.to_string()));
-        }
-    }
-}
-
-async fn visibility_batch(res: Arc<Resources>, topic: String, queue: Queue, batch: Vec<Settle>) {
-    let entries: Vec<_> = batch
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| {
-            let secs = match s.op {
-                Op::Visibility(secs) => secs,
-                Op::Delete => 0,
+        Reply::Acked { sub, group, uuid } => {
+            let outcome = match result {
+                Ok(()) => Outcome::Acked,
+                Err(e) => {
+                    tracing::warn!(topic, uuid = %uuid, error = %e, "ack failed: the message could not be deleted and comes back after its visibility timeout");
+                    Outcome::Returned(0)
+                }
             };
-            ChangeMessageVisibilityBatchRequestEntry::builder()
-                .id(i.to_string())
-                .receipt_handle(s.receipt.as_ref())
-                .visibility_timeout(secs)
-                .build()
-                .ok()
-        })
-        .collect();
-    let sqs = &res.clients.sqs;
-    let result = client::call(&res.state, res.config.command_timeout, || {
-        sqs.change_message_visibility_batch()
-            .queue_url(queue.url.as_ref())
-            .set_entries(Some(entries.clone()))
-            .send()
-    })
-    .await;
-    match result {
-        Ok(out) => {
-            let failed = out
-                .failed()
-                .iter()
-                .map(|f| {
-                    (
-                        f.id().to_owned(),
-                        format!("{}: {}", f.code(), f.message().unwrap_or("no detail")),
-                    )
-                })
-                .collect();
-            answer(batch, &failed, None);
+            sub.finish(group, outcome);
         }
-        Err(e) => {
-            tracing::warn!(topic, queue = %queue.name, error = %e, "ChangeMessageVisibilityBatch failed");
-            answer(batch, &HashMap::new(), Some(e.to_string()));
+        Reply::Quiet => {
+            if let Err(e) = result {
+                tracing::debug!(topic, error = %e, "could not give a message back; it returns after its visibility timeout");
+            }
         }
     }
+}
+
+type Answered = Vec<(Settle, std::result::Result<(), String>)>;
+
+/// One `DeleteMessageBatch` (`delete`) or `ChangeMessageVisibilityBatch` of up to 10.
+async fn settle_batch(
+    res: &Resources,
+    topic: &str,
+    queue: &Queue,
+    batch: Vec<Settle>,
+    delete: bool,
+) -> Answered {
+    let sqs = &res.clients.sqs;
+    let deadline = res.config.command_timeout;
+    let result = if delete {
+        let entries: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(s.receipt.as_ref())
+                    .build()
+                    .ok()
+            })
+            .collect();
+        client::call(&res.state, deadline, || {
+            sqs.delete_message_batch()
+                .queue_url(queue.url.as_ref())
+                .set_entries(Some(entries.clone()))
+                .send()
+        })
+        .await
+        .map(|out| failures(out.failed()))
+    } else {
+        let entries: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let secs = match s.op {
+                    Op::Visibility(secs) => secs,
+                    Op::Delete => 0,
+                };
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(s.receipt.as_ref())
+                    .visibility_timeout(secs)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        client::call(&res.state, deadline, || {
+            sqs.change_message_visibility_batch()
+                .queue_url(queue.url.as_ref())
+                .set_entries(Some(entries.clone()))
+                .send()
+        })
+        .await
+        .map(|out| failures(out.failed()))
+    };
+    let (failed, call_error) = match result {
+        Ok(failed) => (failed, None),
+        Err(e) => {
+            let what = if delete {
+                "DeleteMessageBatch"
+            } else {
+                "ChangeMessageVisibilityBatch"
+            };
+            tracing::warn!(topic, queue = %queue.name, error = %e, "{what} failed");
+            (HashMap::new(), Some(e.to_string()))
+        }
+    };
+    batch
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let result = match (&call_error, failed.get(&i.to_string())) {
+                (Some(e), _) | (None, Some(e)) => Err(e.clone()),
+                (None, None) => Ok(()),
+            };
+            (s, result)
+        })
+        .collect()
+}
+
+/// The failed entries of a batch call, by id.
+fn failures(failed: &[aws_sdk_sqs::types::BatchResultErrorEntry]) -> HashMap<String, String> {
+    failed
+        .iter()
+        .map(|f| {
+            (
+                f.id().to_owned(),
+                format!("{}: {}", f.code(), f.message().unwrap_or("no detail")),
+            )
+        })
+        .collect()
 }
 
 /// Long-polls the queue while the subscription lasts and has room.
@@ -681,16 +770,19 @@ async fn receive_loop(sub: Arc<Sub>) {
     let mut pause = Duration::from_millis(100);
     let mut reported = false;
     loop {
-        let permit = tokio::select! {
+        // Ask for a full receive's worth when the subscription has room for it (a
+        // receive of 1–2 messages costs as much as one of 10), else for what fits.
+        let want = (config.prefetch / config.concurrent_receives).clamp(1, 10) as u32;
+        let permits = tokio::select! {
             biased;
             _ = sub.end.cancelled() => return,
-            p = sub.permits.acquire() => match p {
+            p = sub.permits.acquire_many(want) => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
         };
-        permit.forget();
-        let mut n = 1;
+        permits.forget();
+        let mut n = want as usize;
         while n < 10 {
             match sub.permits.try_acquire() {
                 Ok(p) => {
@@ -725,12 +817,15 @@ async fn receive_loop(sub: Arc<Sub>) {
                 sub.accept(messages, &queue.name);
                 if sub.end.is_cancelled() {
                     // Ended while this receive was in flight: give back what it got.
-                    sub.release_unhanded().await;
+                    sub.release_unhanded();
                     return;
                 }
             }
             Err(e) => {
                 sub.permits.add_permits(n);
+                if sub.end.is_cancelled() {
+                    return;
+                }
                 if resources::missing(&e) && config.create_resources {
                     tracing::warn!(topic = %sub.topic, queue = %queue.name, error = %e, "queue missing; creating it again");
                     if let Err(e) = sub.recreate().await {
