@@ -46,10 +46,9 @@ fn reserved(name: &str) -> bool {
 pub(crate) struct Encoded {
     pub(crate) body: String,
     pub(crate) attributes: Vec<(String, Attribute)>,
-    /// FIFO: the message group id (the key, or the uuid for a message without one).
-    pub(crate) group_id: String,
-    /// FIFO: the deduplication id (from the uuid).
-    pub(crate) dedup_id: String,
+    /// FIFO only: the message group id (the key, or the uuid for a message without one)
+    /// and the deduplication id (uuid and content).
+    pub(crate) fifo: Option<(String, String)>,
     /// Body plus attributes, as SQS counts them.
     pub(crate) size: usize,
 }
@@ -65,9 +64,14 @@ struct Candidate {
     meta_value: String,
 }
 
-/// Encodes `message` for `topic`, or fails naming what is wrong with it: a reserved
-/// metadata key, or a message over `max_bytes`.
-pub(crate) fn encode(message: &Message, topic: &str, max_bytes: usize) -> Result<Encoded> {
+/// Encodes `message` for `topic` (a FIFO one when `fifo`), or fails naming what is wrong
+/// with it: a reserved metadata key, or a message over `max_bytes`.
+pub(crate) fn encode(
+    message: &Message,
+    topic: &str,
+    max_bytes: usize,
+    fifo: bool,
+) -> Result<Encoded> {
     let payload = message.payload();
     let (body, encoding) = if payload.is_empty() {
         (".".to_owned(), Some("empty"))
@@ -122,16 +126,17 @@ pub(crate) fn encode(message: &Message, topic: &str, max_bytes: usize) -> Result
             limit: max_bytes,
         });
     }
-    let group_id = match message.key() {
-        Some(key) => fifo_id(key),
-        None => fifo_id(message.uuid().as_bytes()),
-    };
-    let dedup_id = dedup_id(message.uuid(), &body, &attributes);
+    let fifo = fifo.then(|| {
+        let group_id = match message.key() {
+            Some(key) => fifo_id(key),
+            None => fifo_id(message.uuid().as_bytes()),
+        };
+        (group_id, dedup_id(message.uuid(), &body, &attributes))
+    });
     Ok(Encoded {
         body,
         attributes,
-        group_id,
-        dedup_id,
+        fifo,
         size,
     })
 }
@@ -440,7 +445,7 @@ mod tests {
     use super::*;
 
     fn roundtrip(message: &Message) -> Message {
-        let enc = encode(message, "t", 256 * 1024).expect("encodes");
+        let enc = encode(message, "t", 256 * 1024, false).expect("encodes");
         let system = HashMap::new();
         let mut attributes = enc.attributes.clone();
         attributes.sort_by(|a, b| a.0.cmp(&b.0));
@@ -475,25 +480,25 @@ mod tests {
         }
         msg.metadata_mut().set("has space", "ok");
         msg.metadata_mut().set("empty", "");
-        let enc = encode(&msg, "t", 256 * 1024).unwrap();
+        let enc = encode(&msg, "t", 256 * 1024, false).unwrap();
         assert!(enc.attributes.len() <= MAX_ATTRIBUTES);
         assert!(enc.attributes.iter().any(|(n, _)| n == METADATA_ATTR));
         let back = roundtrip(&msg);
         assert_eq!(back.metadata(), msg.metadata());
     }
 
+    fn dedup(msg: &Message) -> String {
+        encode(msg, "t", 1024, true).unwrap().fifo.unwrap().1
+    }
+
     #[test]
     fn the_deduplication_id_changes_with_the_content_not_only_the_uuid() {
         let msg = Message::new("x").with_key("k");
-        let same = encode(&msg, "t", 1024).unwrap().dedup_id;
-        assert_eq!(
-            same,
-            encode(&msg, "t", 1024).unwrap().dedup_id,
-            "a retry is a duplicate"
-        );
+        let same = dedup(&msg);
+        assert_eq!(same, dedup(&msg), "a retry is a duplicate");
         assert!(same.starts_with(msg.uuid()) && same.len() <= 128);
         let changed = msg.clone().with_metadata("failures", "1");
-        assert_ne!(same, encode(&changed, "t", 1024).unwrap().dedup_id);
+        assert_ne!(same, dedup(&changed));
     }
 
     #[test]
@@ -508,14 +513,14 @@ mod tests {
     #[test]
     fn reserved_metadata_is_refused() {
         let msg = Message::new("x").with_metadata(METADATA_ATTR, "1");
-        let err = encode(&msg, "orders", 1024).unwrap_err().to_string();
+        let err = encode(&msg, "orders", 1024, false).unwrap_err().to_string();
         assert!(err.contains("reserved") && err.contains("orders"), "{err}");
     }
 
     #[test]
     fn oversized_messages_are_named() {
         let msg = Message::new(vec![b'a'; 300 * 1024]);
-        let err = encode(&msg, "orders", 256 * 1024).unwrap_err();
+        let err = encode(&msg, "orders", 256 * 1024, false).unwrap_err();
         assert!(matches!(err, Error::MessageTooLarge { .. }), "{err}");
         assert!(err.to_string().contains("orders"));
     }
@@ -562,7 +567,7 @@ mod tests {
         assert_eq!(attempt, Some(3));
         assert_eq!(msg.metadata().get("n"), Some("42"));
         // Passed on unchanged, the Number attribute keeps its type.
-        let enc = encode(&msg, "t", 1024).unwrap();
+        let enc = encode(&msg, "t", 1024, false).unwrap();
         let n = enc.attributes.iter().find(|(n, _)| n == "n").unwrap();
         assert_eq!(n.1.data_type, "Number");
     }

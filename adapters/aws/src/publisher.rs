@@ -79,7 +79,7 @@ impl SqsPublisher {
         let config = &self.inner.res.config;
         let encoded = messages
             .iter()
-            .map(|m| codec::encode(m, topic, config.max_message_bytes))
+            .map(|m| codec::encode(m, topic, config.max_message_bytes, config.fifo))
             .collect::<Result<Vec<_>>>()?;
         let mut start = 0;
         while start < encoded.len() {
@@ -137,7 +137,7 @@ impl SqsPublisher {
             let entries = batch
                 .iter()
                 .enumerate()
-                .map(|(i, e)| sns_entry(i, e, res.config.fifo))
+                .map(|(i, e)| sns_entry(i, e))
                 .collect::<Result<Vec<_>>>()?;
             let sns = &res.clients.sns;
             let result = client::call(&res.state, res.config.command_timeout, || {
@@ -181,7 +181,7 @@ impl SqsPublisher {
             let entries = batch
                 .iter()
                 .enumerate()
-                .map(|(i, e)| sqs_entry(i, e, res.config.fifo))
+                .map(|(i, e)| sqs_entry(i, e))
                 .collect::<Result<Vec<_>>>()?;
             let sqs = &res.clients.sqs;
             let result = client::call(&res.state, res.config.command_timeout, || {
@@ -252,11 +252,7 @@ fn build_error(topic_hint: &str, e: impl std::error::Error + Send + Sync + 'stat
     Error::permanent(BROKER, topic_hint, "build a request", e)
 }
 
-fn sns_entry(
-    i: usize,
-    e: &Encoded,
-    fifo: bool,
-) -> Result<aws_sdk_sns::types::PublishBatchRequestEntry> {
+fn sns_entry(i: usize, e: &Encoded) -> Result<aws_sdk_sns::types::PublishBatchRequestEntry> {
     use aws_sdk_sns::types::PublishBatchRequestEntry;
     let mut b = PublishBatchRequestEntry::builder()
         .id(i.to_string())
@@ -264,10 +260,10 @@ fn sns_entry(
     for (name, attr) in &e.attributes {
         b = b.message_attributes(name, sns_attribute(attr).map_err(|e| build_error("", e))?);
     }
-    if fifo {
+    if let Some((group_id, dedup_id)) = &e.fifo {
         b = b
-            .message_group_id(&e.group_id)
-            .message_deduplication_id(&e.dedup_id);
+            .message_group_id(group_id)
+            .message_deduplication_id(dedup_id);
     }
     b.build().map_err(|e| build_error("", e))
 }
@@ -284,11 +280,7 @@ fn sns_attribute(
     .build()
 }
 
-fn sqs_entry(
-    i: usize,
-    e: &Encoded,
-    fifo: bool,
-) -> Result<aws_sdk_sqs::types::SendMessageBatchRequestEntry> {
+fn sqs_entry(i: usize, e: &Encoded) -> Result<aws_sdk_sqs::types::SendMessageBatchRequestEntry> {
     use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
     let mut b = SendMessageBatchRequestEntry::builder()
         .id(i.to_string())
@@ -305,10 +297,10 @@ fn sqs_entry(
         .map_err(|e| build_error("", e))?;
         b = b.message_attributes(name, v);
     }
-    if fifo {
+    if let Some((group_id, dedup_id)) = &e.fifo {
         b = b
-            .message_group_id(&e.group_id)
-            .message_deduplication_id(&e.dedup_id);
+            .message_group_id(group_id)
+            .message_deduplication_id(dedup_id);
     }
     b.build().map_err(|e| build_error("", e))
 }
