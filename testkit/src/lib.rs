@@ -40,7 +40,7 @@ use futures::future::BoxFuture;
 use tidemill_core::{Publisher, Result, Subscriber};
 
 pub use memory::MemoryBackend;
-pub use util::{unique_topic, Received};
+pub use util::{restart_broker, unique_topic, Received};
 
 /// What a backend promises; the suite tests exactly these.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -232,3 +232,38 @@ pub(crate) fn bulk() -> usize {
 pub(crate) fn skip(test: &str, why: &str) {
     eprintln!("SKIP {test}: {why}");
 }
+
+/// Restarts test broker `name` of this repository's `brokers/brokers.sh` (e.g. `redis`,
+/// `postgres`, `aws`) and waits until it is ready again, echoing the script's output.
+/// Returns `false` when the broker is external (an address variable points elsewhere: the
+/// script refuses, status 3), so the caller skips its restart test; panics when the script
+/// fails.
+pub async fn restart_broker(name: &str) -> bool {
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../brokers/brokers.sh");
+    let broker = name.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg(script)
+            .arg("restart")
+            .arg(broker)
+            .output()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("restart task failed: {e}"))
+    .unwrap_or_else(|e| panic!("cannot run brokers.sh: {e}"));
+    eprint!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.code() == Some(3) {
+        eprintln!("SKIP restart: the {name} broker is external, not restarted");
+        return false;
+    }
+    assert!(
+        out.status.success(),
+        "brokers.sh restart {name} failed: {}",
+        out.status
+    );
+    true
+}

@@ -257,33 +257,7 @@ pub async fn topic_arn(sns: &aws_sdk_sns::Client, name: &str, fifo: bool) -> Str
 /// Restarts the shared emulator (it loses every queue, topic and message); `false` when it
 /// is external (the script refuses, status 3).
 pub async fn restart_aws() -> bool {
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("bash")
-            .arg(script)
-            .arg("restart")
-            .arg("aws")
-            .output()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("restart task failed: {e}"))
-    .unwrap_or_else(|e| panic!("cannot run brokers.sh: {e}"));
-    eprint!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.code() == Some(3) {
-        eprintln!("SKIP restart: the AWS endpoint is external, not restarted");
-        return false;
-    }
-    assert!(
-        out.status.success(),
-        "brokers.sh restart aws failed: {}",
-        out.status
-    );
-    true
+    tidemill_testkit::restart_broker("aws").await
 }
 
 /// A subscriber and a publisher that keep working after the emulator lost every topic, queue

@@ -114,33 +114,7 @@ impl NatsBackend {
 
 /// Restarts the shared server; `false` when it is external (the script refuses, status 3).
 pub async fn restart_nats() -> bool {
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("bash")
-            .arg(script)
-            .arg("restart")
-            .arg("nats")
-            .output()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("restart task failed: {e}"))
-    .unwrap_or_else(|e| panic!("cannot run brokers.sh: {e}"));
-    eprint!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.code() == Some(3) {
-        eprintln!("SKIP restart: the NATS server is external, not restarted");
-        return false;
-    }
-    assert!(
-        out.status.success(),
-        "brokers.sh restart nats failed: {}",
-        out.status
-    );
-    true
+    tidemill_testkit::restart_broker("nats").await
 }
 
 /// Waits until `client` reconnected after a disruption (its connect count grew past

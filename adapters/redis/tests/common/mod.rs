@@ -112,33 +112,7 @@ impl RedisBackend {
 
 /// Restarts the shared server; `false` when it is external (the script refuses, status 3).
 pub async fn restart_redis() -> bool {
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("bash")
-            .arg(script)
-            .arg("restart")
-            .arg("redis")
-            .output()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("restart task failed: {e}"))
-    .unwrap_or_else(|e| panic!("cannot run brokers.sh: {e}"));
-    eprint!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.code() == Some(3) {
-        eprintln!("SKIP restart: the Redis server is external, not restarted");
-        return false;
-    }
-    assert!(
-        out.status.success(),
-        "brokers.sh restart redis failed: {}",
-        out.status
-    );
-    true
+    tidemill_testkit::restart_broker("redis").await
 }
 
 #[async_trait]

@@ -118,33 +118,7 @@ impl SqlBackend {
 
 /// Restarts the shared server; `false` when it is external (the script refuses, status 3).
 pub async fn restart_postgres() -> bool {
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../brokers/brokers.sh");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("bash")
-            .arg(script)
-            .arg("restart")
-            .arg("postgres")
-            .output()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("restart task failed: {e}"))
-    .unwrap_or_else(|e| panic!("cannot run brokers.sh: {e}"));
-    eprint!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.code() == Some(3) {
-        eprintln!("SKIP restart: the PostgreSQL server is external, not restarted");
-        return false;
-    }
-    assert!(
-        out.status.success(),
-        "brokers.sh restart postgres failed: {}",
-        out.status
-    );
-    true
+    tidemill_testkit::restart_broker("postgres").await
 }
 
 #[async_trait]
