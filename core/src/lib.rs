@@ -33,7 +33,9 @@ pub use error::{is_permanent, permanent, BoxError, Error, PermanentError, Result
 pub use memory::{MemoryBroker, MemoryConfig, MemoryPublisher, MemorySubscriber};
 pub use message::{new_uuid, Message, Metadata, MetadataParseError};
 pub use native::{Native, NativeEntry};
-pub use pubsub::{ConnectionState, DeliveryStream, Publisher, SubscribeOptions, Subscriber};
+pub use pubsub::{
+    ConnectionState, ConnectionStateCell, DeliveryStream, Publisher, SubscribeOptions, Subscriber,
+};
 pub use router::{handler_fn, HandlerResult, Router, RouterConfig, RouterError};
 
 /// Re-exported so adapters and users name the same cancellation token type.

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -131,6 +132,47 @@ impl fmt::Display for ConnectionState {
             ConnectionState::Disconnected => "disconnected",
             ConnectionState::Closed => "closed",
         })
+    }
+}
+
+/// A client's [`ConnectionState`] as its calls found it, shared between its tasks without a
+/// lock, for [`Publisher::connection_state`] and [`Subscriber::connection_state`]. Once
+/// [`Closed`](ConnectionState::Closed) it stays closed.
+///
+/// ```
+/// use tidemill_core::{ConnectionState, ConnectionStateCell};
+/// let cell = ConnectionStateCell::default();
+/// assert_eq!(cell.get(), ConnectionState::Connected);
+/// cell.set(ConnectionState::Disconnected);
+/// cell.set(ConnectionState::Closed);
+/// cell.set(ConnectionState::Connected);
+/// assert_eq!(cell.get(), ConnectionState::Closed);
+/// ```
+#[derive(Debug, Default)]
+pub struct ConnectionStateCell(AtomicU8);
+
+impl ConnectionStateCell {
+    /// The state now.
+    pub fn get(&self) -> ConnectionState {
+        match self.0.load(Ordering::Relaxed) {
+            0 => ConnectionState::Connected,
+            1 => ConnectionState::Disconnected,
+            _ => ConnectionState::Closed,
+        }
+    }
+
+    /// Records `state`, unless the cell says closed already.
+    pub fn set(&self, state: ConnectionState) {
+        let v = match state {
+            ConnectionState::Connected => 0,
+            ConnectionState::Disconnected => 1,
+            ConnectionState::Closed => 2,
+        };
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old != 2).then_some(v)
+            });
     }
 }
 

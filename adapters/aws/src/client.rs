@@ -3,7 +3,6 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
@@ -242,30 +241,5 @@ where
     }
 }
 
-/// A client's state as its calls found it, for health checks.
-#[derive(Debug, Default)]
-pub(crate) struct StateCell(AtomicU8);
-
-impl StateCell {
-    pub(crate) fn get(&self) -> ConnectionState {
-        match self.0.load(Ordering::Relaxed) {
-            0 => ConnectionState::Connected,
-            1 => ConnectionState::Disconnected,
-            _ => ConnectionState::Closed,
-        }
-    }
-
-    pub(crate) fn set(&self, state: ConnectionState) {
-        let v = match state {
-            ConnectionState::Connected => 0,
-            ConnectionState::Disconnected => 1,
-            _ => 2,
-        };
-        // Closed stays closed.
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                (old != 2).then_some(v)
-            });
-    }
-}
+/// A connection's state as calls found it, for health checks.
+pub(crate) type StateCell = tidemill_core::ConnectionStateCell;

@@ -149,17 +149,12 @@ impl SqsPublisher {
             .await;
             match result {
                 Ok(out) => {
-                    return match out.failed().first() {
-                        None => Ok(()),
-                        Some(f) => Err(entry_error(
-                            topic,
-                            uuids,
-                            f.id(),
-                            f.code(),
-                            f.message(),
-                            f.sender_fault(),
-                        )),
-                    }
+                    let failed = out.failed().first();
+                    return entry_result(
+                        topic,
+                        uuids,
+                        failed.map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                    );
                 }
                 Err(e) if resources::missing(&e) && !retried && res.config.create_resources => {
                     // The topic went away (deleted, or an emulator restarted): create it again.
@@ -193,17 +188,12 @@ impl SqsPublisher {
             .await;
             match result {
                 Ok(out) => {
-                    return match out.failed().first() {
-                        None => Ok(()),
-                        Some(f) => Err(entry_error(
-                            topic,
-                            uuids,
-                            f.id(),
-                            f.code(),
-                            f.message(),
-                            f.sender_fault(),
-                        )),
-                    }
+                    let failed = out.failed().first();
+                    return entry_result(
+                        topic,
+                        uuids,
+                        failed.map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                    );
                 }
                 Err(e) if resources::missing(&e) && !retried && res.config.create_resources => {
                     tracing::warn!(topic, error = %e, "SQS queue missing; creating it again");
@@ -225,14 +215,16 @@ fn publish_error(e: CallError, topic: &str, uuids: &[&str]) -> Error {
     e.into_error(topic, context)
 }
 
-fn entry_error(
+/// The outcome of a batch call that was answered: its first failed entry (id, code,
+/// message, sender's fault) as an error naming the message, or `Ok`.
+fn entry_result(
     topic: &str,
     uuids: &[&str],
-    id: &str,
-    code: &str,
-    message: Option<&str>,
-    sender_fault: bool,
-) -> Error {
+    failed: Option<(&str, &str, Option<&str>, bool)>,
+) -> Result<()> {
+    let Some((id, code, message, sender_fault)) = failed else {
+        return Ok(());
+    };
     let uuid = id
         .parse::<usize>()
         .ok()
@@ -241,11 +233,11 @@ fn entry_error(
         .unwrap_or("?");
     let cause = format!("{code}: {}", message.unwrap_or("no detail"));
     let context = format!("publish message {uuid}");
-    if sender_fault {
+    Err(if sender_fault {
         Error::permanent(BROKER, topic, context, cause)
     } else {
         Error::transient(BROKER, topic, context, cause)
-    }
+    })
 }
 
 fn build_error(topic_hint: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {

@@ -1,6 +1,5 @@
 //! Connections, errors and the parsing of stream replies.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -156,7 +155,7 @@ pub(crate) async fn query_retrying(
     loop {
         let mut conn = conn.clone();
         let result = cmd.query_async(&mut conn).await;
-        state.saw(&result);
+        saw(state, &result);
         match result {
             Err(e) if is_transient(&e) && tokio::time::Instant::now() + pause < deadline => {
                 tokio::time::sleep(pause).await;
@@ -173,41 +172,16 @@ pub(crate) fn is_nogroup(e: &RedisError) -> bool {
 }
 
 /// A connection's state as commands found it, for health checks.
-#[derive(Debug, Default)]
-pub(crate) struct StateCell(AtomicU8);
+pub(crate) type StateCell = tidemill_core::ConnectionStateCell;
 
-impl StateCell {
-    pub(crate) fn get(&self) -> ConnectionState {
-        match self.0.load(Ordering::Relaxed) {
-            0 => ConnectionState::Connected,
-            1 => ConnectionState::Disconnected,
-            _ => ConnectionState::Closed,
+/// Notes what a command's result says about the connection.
+pub(crate) fn saw<T>(state: &StateCell, result: &Result<T, RedisError>) {
+    match result {
+        Ok(_) => state.set(ConnectionState::Connected),
+        Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
+            state.set(ConnectionState::Disconnected)
         }
-    }
-
-    pub(crate) fn set(&self, state: ConnectionState) {
-        let v = match state {
-            ConnectionState::Connected => 0,
-            ConnectionState::Disconnected => 1,
-            _ => 2,
-        };
-        // Closed stays closed.
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                (old != 2).then_some(v)
-            });
-    }
-
-    /// Notes what a command's result says about the connection.
-    pub(crate) fn saw<T>(&self, result: &Result<T, RedisError>) {
-        match result {
-            Ok(_) => self.set(ConnectionState::Connected),
-            Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
-                self.set(ConnectionState::Disconnected)
-            }
-            Err(_) => {}
-        }
+        Err(_) => {}
     }
 }
 

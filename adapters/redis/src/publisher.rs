@@ -122,7 +122,7 @@ impl Publisher for RedisPublisher {
         let ids = loop {
             let mut conn = inner.conn.clone();
             let result: Result<Vec<Value>, _> = pipe.query_async(&mut conn).await;
-            inner.state.saw(&result);
+            conn::saw(&inner.state, &result);
             match result {
                 Ok(ids) => break ids,
                 Err(e)

@@ -118,7 +118,7 @@ pub(crate) async fn create_group(
         cmd.arg("MKSTREAM");
     }
     let result: Result<Value, _> = cmd.query_async(conn).await;
-    state.saw(&result);
+    conn::saw(state, &result);
     match result {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),

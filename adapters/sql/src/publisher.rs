@@ -174,7 +174,7 @@ impl SqlPublisher {
                 .query(&inner.insert, topic, when, tables)
                 .execute(&inner.pool)
                 .await;
-            inner.state.saw(&result);
+            schema::saw(&inner.state, &result);
             match result {
                 Ok(_) => return Ok(()),
                 Err(e)

@@ -1,7 +1,6 @@
 //! The adapter's tables, connection pools and error mapping.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -384,41 +383,16 @@ pub(crate) fn error(e: sqlx::Error, config: &SqlConfig, topic: &str, context: &s
 }
 
 /// A connection's state as queries found it, for health checks.
-#[derive(Debug, Default)]
-pub(crate) struct StateCell(AtomicU8);
+pub(crate) type StateCell = tidemill_core::ConnectionStateCell;
 
-impl StateCell {
-    pub(crate) fn get(&self) -> ConnectionState {
-        match self.0.load(Ordering::Relaxed) {
-            0 => ConnectionState::Connected,
-            1 => ConnectionState::Disconnected,
-            _ => ConnectionState::Closed,
+/// Records what a query's outcome says about the connection.
+pub(crate) fn saw<T>(state: &StateCell, result: &std::result::Result<T, sqlx::Error>) {
+    match result {
+        Ok(_) => state.set(ConnectionState::Connected),
+        Err(e) if is_connect_error(e) || is_transient(e) => {
+            state.set(ConnectionState::Disconnected)
         }
-    }
-
-    pub(crate) fn set(&self, state: ConnectionState) {
-        let v = match state {
-            ConnectionState::Connected => 0,
-            ConnectionState::Disconnected => 1,
-            _ => 2,
-        };
-        // Closed stays closed.
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                (old != 2).then_some(v)
-            });
-    }
-
-    /// Records what a query's outcome says about the connection.
-    pub(crate) fn saw<T>(&self, result: &std::result::Result<T, sqlx::Error>) {
-        match result {
-            Ok(_) => self.set(ConnectionState::Connected),
-            Err(e) if is_connect_error(e) || is_transient(e) => {
-                self.set(ConnectionState::Disconnected)
-            }
-            Err(_) => {}
-        }
+        Err(_) => {}
     }
 }
 

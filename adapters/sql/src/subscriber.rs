@@ -1026,7 +1026,7 @@ async fn run_settle(
             Ok(still)
         }
         .await;
-        shared.state.saw(&result);
+        schema::saw(&shared.state, &result);
         match result {
             Err(e)
                 if schema::is_transient(&e) && tokio::time::Instant::now() + pause < deadline =>
