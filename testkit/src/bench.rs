@@ -94,7 +94,7 @@ pub struct Consumed {
 
 /// Times one run: wall clock, process CPU ([`process_cpu`]) and peak RSS ([`PeakRss`],
 /// reset when the clock starts).
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Clock {
     started: std::time::Instant,
     cpu: Option<std::time::Duration>,

@@ -1,10 +1,12 @@
 //! Acknowledgements coalesced per channel.
 //!
-//! A batch handler (or a concurrent single-message handler) settles many deliveries of one
-//! channel at nearly the same moment. Instead of one `basic.ack` per delivery, the acks that
-//! arrive together are written as one `basic.ack` with `multiple = true` for the run of
-//! delivery tags at the low end of what the channel still holds, provided the application
-//! acked every tag of that run, and as single acks for the rest.
+//! An ack is booked and returns: a flush task of the channel writes the book, one round at
+//! a time, each round taking every ack booked while the previous one was written (a
+//! sequential handler's next acks as well as a batch handler's). Instead of one `basic.ack`
+//! per delivery, the acks of a round are written as one `basic.ack` with `multiple = true`
+//! for the run of delivery tags at the low end of what the channel still holds, provided
+//! the application acked every tag of that run, and as single acks for the rest. Fewer
+//! frames mean fewer wake-ups of lapin's I/O thread and less work for the broker.
 //!
 //! Soundness rests on three facts:
 //! - RabbitMQ numbers a channel's deliveries 1, 2, 3, ... and lapin's consumer yields them in
@@ -28,7 +30,7 @@ use tokio::sync::oneshot;
 
 use crate::BROKER;
 
-/// What a flush reports to the ack it carried: `Ok` once the frame was written.
+/// What a flush reports to an ack that waits for it: `Ok` once the frame was written.
 pub(crate) type Outcome = std::result::Result<(), lapin::Error>;
 
 /// One delivery tag of the channel.
@@ -185,25 +187,41 @@ impl<W> AckBook<W> {
 /// The acks of one channel.
 pub(crate) struct Settler {
     channel: Channel,
-    book: parking_lot::Mutex<AckBook<oneshot::Sender<Outcome>>>,
+    /// The queue the channel consumes, for the log line of a failed write.
+    queue: Arc<str>,
+    book: parking_lot::Mutex<AckBook<Option<oneshot::Sender<Outcome>>>>,
 }
 
 /// Where the ack of one tag goes.
 pub(crate) enum Ticket {
-    /// Taken by the book: the receiver resolves once the frame carrying it was written.
-    /// With `inline`, the caller runs the flush itself (no tokio runtime to spawn it on).
-    Booked {
+    /// Taken by the book. With `Some(flush)`, nobody writes the book right now: the caller
+    /// must run `flush` (spawn it, or await it when there is no runtime to spawn it on).
+    Booked(Option<Flush>),
+    /// Taken by the book, with a receiver that resolves once the frame carrying it was
+    /// written: the caller asked to wait ([`Settler::ack_and_wait`]).
+    Waiting {
         done: oneshot::Receiver<Outcome>,
-        inline: Option<Arc<Settler>>,
+        flush: Option<Flush>,
     },
     /// Not a tag of the book: ack it on its own.
     Alone,
 }
 
+/// A flush the caller of [`Settler::ack`] must run.
+pub(crate) struct Flush(Arc<Settler>);
+
+impl Flush {
+    /// Writes what the book holds, round after round, until it holds no ack.
+    pub(crate) async fn run(self) {
+        self.0.flush().await
+    }
+}
+
 impl Settler {
-    pub(crate) fn new(channel: Channel) -> Self {
+    pub(crate) fn new(channel: Channel, queue: Arc<str>) -> Self {
         Settler {
             channel,
+            queue,
             book: parking_lot::Mutex::new(AckBook::default()),
         }
     }
@@ -218,28 +236,30 @@ impl Settler {
         self.book.lock().settled(tag);
     }
 
-    /// Books the application's ack of `tag`, starting a flush if none runs.
+    /// Books the application's ack of `tag`; whoever runs the flush writes it. A write
+    /// that fails is logged (the broker redelivers what it did not see acked).
     pub(crate) fn ack(self: &Arc<Self>, tag: u64) -> Ticket {
-        let (tx, done) = oneshot::channel();
-        let start = match self.book.lock().ack(tag, tx) {
-            Ok(start) => start,
-            Err(_) => return Ticket::Alone,
-        };
-        let mut inline = None;
-        if start {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn(self.clone().flush());
-                }
-                Err(_) => inline = Some(self.clone()),
-            }
+        match self.book.lock().ack(tag, None) {
+            Ok(start) => Ticket::Booked(start.then(|| Flush(self.clone()))),
+            Err(_) => Ticket::Alone,
         }
-        Ticket::Booked { done, inline }
+    }
+
+    /// Books the application's ack of `tag` with a receiver for the outcome of its write.
+    pub(crate) fn ack_and_wait(self: &Arc<Self>, tag: u64) -> Ticket {
+        let (tx, done) = oneshot::channel();
+        match self.book.lock().ack(tag, Some(tx)) {
+            Ok(start) => Ticket::Waiting {
+                done,
+                flush: start.then(|| Flush(self.clone())),
+            },
+            Err(_) => Ticket::Alone,
+        }
     }
 
     /// Writes what the book holds, round after round, until it holds no ack: each round's
     /// frames are written before the next round is taken.
-    pub(crate) async fn flush(self: Arc<Self>) {
+    async fn flush(self: Arc<Self>) {
         struct Abandon<'a>(Option<&'a Settler>);
         impl Drop for Abandon<'_> {
             fn drop(&mut self) {
@@ -261,21 +281,45 @@ impl Settler {
                         multiple: waiters.len() > 1,
                     };
                     let outcome = self.channel.basic_ack(last, options).await;
-                    for waiter in waiters {
-                        let _ = waiter.send(outcome.clone());
-                    }
+                    self.report(waiters, outcome);
                 }
             };
-            let channel = &self.channel;
+            let this = &*self;
             let singles = futures::future::join_all(plan.singles.into_iter().map(
                 |(tag, waiter)| async move {
-                    let outcome = channel
+                    let outcome = this
+                        .channel
                         .basic_ack(tag, BasicAckOptions { multiple: false })
                         .await;
-                    let _ = waiter.send(outcome);
+                    this.report([waiter], outcome);
                 },
             ));
             futures::future::join(run, singles).await;
+        }
+    }
+
+    /// Tells the waiters of one frame how its write went; a failure nobody waits for is
+    /// logged.
+    fn report(
+        &self,
+        waiters: impl IntoIterator<Item = Option<oneshot::Sender<Outcome>>>,
+        outcome: Outcome,
+    ) {
+        let mut unseen = 0usize;
+        for waiter in waiters {
+            match waiter {
+                Some(tx) => {
+                    let _ = tx.send(outcome.clone());
+                }
+                None => unseen += 1,
+            }
+        }
+        if let Err(e) = outcome {
+            if unseen > 0 {
+                tracing::warn!(broker = BROKER, queue = %self.queue, messages = unseen,
+                    error = %e, "acknowledgements could not be written; the broker will \
+                    redeliver those messages");
+            }
         }
     }
 }

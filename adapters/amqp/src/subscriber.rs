@@ -107,6 +107,8 @@ struct Inner {
     /// (queue, tracking id) → the attempt of its last delivery that was nacked, for classic
     /// queues (which only say "redelivered", not how often).
     attempts: parking_lot::Mutex<HashMap<AttemptKey, u32>>,
+    /// The flush tasks writing booked acks; [`Subscriber::close`] lets them finish.
+    acks: tokio_util::task::TaskTracker,
 }
 
 /// (queue, message uuid or content digest).
@@ -146,6 +148,7 @@ impl AmqpSubscriber {
                 connector,
                 control: ConfirmChannel::default(),
                 attempts: parking_lot::Mutex::new(HashMap::new()),
+                acks: tokio_util::task::TaskTracker::new(),
             }),
         })
     }
@@ -230,7 +233,21 @@ impl Subscriber for AmqpSubscriber {
         .await
     }
 
+    /// Writes the acks booked so far (bounded by `connect_timeout`; what is not written
+    /// is redelivered by the broker), then closes the connection.
     async fn close(&self) -> Result<()> {
+        let acks = &self.inner.acks;
+        acks.close();
+        if tokio::time::timeout(self.inner.config.connect_timeout, acks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                broker = BROKER,
+                "closing with acknowledgements not yet written; \
+                the broker will redeliver those messages"
+            );
+        }
         self.inner.connector.close().await;
         Ok(())
     }
@@ -375,7 +392,7 @@ async fn open(
     .await?;
     tracing::debug!(broker = BROKER, topic, queue = %queue, "consuming");
     let lease = Arc::new(Lease {
-        settler: Arc::new(Settler::new(channel.clone())),
+        settler: Arc::new(Settler::new(channel.clone(), Arc::from(queue.as_str()))),
         channel,
         queue: Arc::from(queue),
         kind,
@@ -698,35 +715,53 @@ impl AmqpAcker {
     }
 
     // The methods take the box, so settling moves a pointer, not the acknowledger.
-    /// `basic.ack`, coalesced with the acks of other deliveries of the channel that arrive
-    /// at the same time (see [`crate::settle`]); resolves once the frame carrying it was
-    /// written.
+    /// `basic.ack`, coalesced with the acks of other deliveries of the channel (see
+    /// [`crate::settle`]): booked for the channel's flush task, which writes it (and logs a
+    /// failed write, after which the broker redelivers the message). Without a tokio
+    /// runtime to run that task on, the ack writes the book itself and resolves once the
+    /// frame carrying it was written.
     async fn ack(self: Box<Self>) -> Result<()> {
         if self.acker.poisoned() {
             return Err(self.channel_closed());
         }
-        let outcome = match self.lease.settler.ack(self.tag) {
-            Ticket::Booked { done, inline } => {
-                if let Some(settler) = inline {
-                    settler.flush().await;
+        let outcome = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => match self.lease.settler.ack(self.tag) {
+                Ticket::Booked(flush) => {
+                    if let Some(flush) = flush {
+                        // The task holds the lease: the channel (and a quarantine's
+                        // connection) stays open until the frames are written.
+                        let lease = self.lease.clone();
+                        self.lease.inner.acks.spawn_on(
+                            async move {
+                                flush.run().await;
+                                drop(lease);
+                            },
+                            &runtime,
+                        );
+                    }
+                    Ok(())
                 }
-                match done.await {
-                    Ok(outcome) => outcome,
-                    Err(_) => {
-                        return Err(Error::transient(
-                            BROKER,
-                            self.topic(),
-                            self.context("ack"),
-                            "the acknowledgement was abandoned before it was sent (runtime \
-                             shutting down?); the broker will redeliver the message",
-                        ))
+                _ => self.ack_alone().await,
+            },
+            Err(_) => match self.lease.settler.ack_and_wait(self.tag) {
+                Ticket::Waiting { done, flush } => {
+                    if let Some(flush) = flush {
+                        flush.run().await;
+                    }
+                    match done.await {
+                        Ok(outcome) => outcome,
+                        Err(_) => {
+                            return Err(Error::transient(
+                                BROKER,
+                                self.topic(),
+                                self.context("ack"),
+                                "the acknowledgement was abandoned before it was sent; the \
+                                 broker will redeliver the message",
+                            ))
+                        }
                     }
                 }
-            }
-            Ticket::Alone => match self.acker.ack(BasicAckOptions::default()).await {
-                Ok(true) => Ok(()),
-                Ok(false) => return Err(self.channel_closed()),
-                Err(e) => Err(e),
+                _ => self.ack_alone().await,
             },
         };
         match outcome {
@@ -742,6 +777,19 @@ impl AmqpAcker {
             }
             Err(_) if self.acker.poisoned() => Err(self.channel_closed()),
             Err(e) => Err(broker_error(self.topic(), self.context("ack"), e)),
+        }
+    }
+
+    /// A tag the book does not hold, acked on its own.
+    async fn ack_alone(&self) -> std::result::Result<(), lapin::Error> {
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(lapin::ErrorKind::InvalidChannelState(
+                lapin::ChannelState::Closed,
+                "basic.ack",
+            )
+            .into()),
+            Err(e) => Err(e),
         }
     }
 

@@ -1005,3 +1005,44 @@ async fn acks_arriving_together_settle_exactly_the_acked_messages() {
     let mut again = s2.subscribe(&topic, group).await.unwrap();
     assert!(nothing_within(&mut again, QUIET).await, "no ack was lost");
 }
+
+/// `ack()` books the ack for the channel's writer and returns at once, so a sequential
+/// consumer's acks go out together; `close()` lets the writer finish first: every message
+/// acked before it stays acked (a sentinel published afterwards is the first thing the
+/// group gets again).
+#[tokio::test]
+async fn acks_booked_before_close_reach_the_broker() {
+    let Some(url) = common::broker_url("booked_acks") else {
+        return;
+    };
+    let topic = common::topic("booked");
+    let config = AmqpConfig {
+        prefetch: 50,
+        ..common::config(&url)
+    };
+    let (p, s) = connect(&config).await;
+    let group = SubscribeOptions::group("g");
+    s.initialize(&topic, &group).await.unwrap();
+    let msgs: Vec<Message> = (0..300).map(|i| Message::new(format!("m{i}"))).collect();
+    p.publish(&topic, msgs.clone()).await.unwrap();
+    let mut stream = s.subscribe(&topic, group.clone()).await.unwrap();
+    for m in &msgs {
+        let d = next(&mut stream, "the next message").await;
+        assert_eq!(d.message().uuid(), m.uuid(), "in order");
+        d.ack().await.unwrap();
+    }
+    drop(stream);
+    s.close().await.unwrap();
+    let s2 = AmqpSubscriber::connect(config).await.unwrap();
+    let mut again = s2.subscribe(&topic, group).await.unwrap();
+    let sentinel = Message::new("sentinel");
+    p.publish_one(&topic, sentinel.clone()).await.unwrap();
+    let d = next(&mut again, "the sentinel").await;
+    assert_eq!(
+        d.message().payload(),
+        sentinel.payload(),
+        "no acked message came back"
+    );
+    d.ack().await.unwrap();
+    s2.close().await.unwrap();
+}
