@@ -73,9 +73,9 @@ bench-scaling:
 ## bench-kafka: raw rdkafka vs tidemill-kafka on the test Kafka broker
 bench-kafka:
 	TIDEMILL_BROKERS_ONLY=kafka $(WITH_BROKERS) $(CARGO) bench -p tidemill-kafka --bench throughput
-## bench-amqp: raw lapin vs tidemill-amqp on the test RabbitMQ
+## bench-amqp: raw lapin vs tidemill-amqp on the test RabbitMQ (publish, consume, batch consume; then consuming through the router with one process per side: CPU and peak RSS per process)
 bench-amqp:
-	TIDEMILL_BROKERS_ONLY=rabbitmq $(WITH_BROKERS) $(CARGO) bench -p tidemill-amqp --bench throughput
+	TIDEMILL_BROKERS_ONLY=rabbitmq $(WITH_BROKERS) bash -c '$(CARGO) bench -p tidemill-amqp --bench throughput && $(CARGO) bench -p tidemill-amqp --bench consume'
 ## bench-nats: raw async-nats vs tidemill-nats (JetStream and core) on the test NATS server
 bench-nats:
 	TIDEMILL_BROKERS_ONLY=nats $(WITH_BROKERS) bash -c '$(CARGO) bench -p tidemill-nats --bench throughput && $(CARGO) bench -p tidemill-nats --bench request_reply'

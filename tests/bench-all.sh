@@ -17,6 +17,7 @@ MEMORY_BENCHES=(
 BROKER_BENCHES=(
   "-p tidemill-kafka --bench throughput"
   "-p tidemill-amqp --bench throughput"
+  "-p tidemill-amqp --bench consume"
   "-p tidemill-nats --bench throughput"
   "-p tidemill-nats --bench request_reply"
   "-p tidemill-googlecloud --bench throughput"

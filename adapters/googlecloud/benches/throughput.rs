@@ -71,7 +71,7 @@ use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use tidemill_core::{HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber};
 use tidemill_googlecloud::{GoogleCloudConfig, GoogleCloudPublisher, GoogleCloudSubscriber};
 use tidemill_testkit::bench::{
-    handler_call, median, mib, record, Clock, Consumed, HandledCounter, PeakRss, Row,
+    handler_call, median, mib, process_cpu, record, Clock, Consumed, HandledCounter, PeakRss, Row,
 };
 
 const PROJECT: &str = "tidemill-bench";
@@ -124,6 +124,15 @@ struct Figures {
     publish_rss: Option<u64>,
     /// Peak RSS (bytes) during the timed consume, where known.
     consume_rss: Option<u64>,
+    /// CPU time of the process (every thread) per message during the timed publish (µs).
+    publish_cpu: Option<f64>,
+    /// The same during the timed consume.
+    consume_cpu: Option<f64>,
+}
+
+/// CPU µs per message of the process since `since` (a [`process_cpu`] reading).
+fn cpu_per_msg(n: usize, since: Option<Duration>) -> Option<f64> {
+    Some(process_cpu()?.saturating_sub(since?).as_secs_f64() * 1e6 / n as f64)
 }
 
 async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
@@ -203,19 +212,34 @@ async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         ("publish", publish, publish_rss),
         ("consume", consume, consume_rss),
     ];
+    // Median CPU µs per message of a side, where measured.
+    let cpu = |side: usize, what: &str| {
+        let us: Vec<f64> = rows
+            .iter()
+            .filter_map(|r| match what {
+                "publish" => r[side].publish_cpu,
+                _ => r[side].consume_cpu,
+            })
+            .collect();
+        (!us.is_empty()).then(|| median(&us))
+    };
+    let us = |c: Option<f64>| c.map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2}"));
     println!();
     println!(
-        "| {n} x {PAYLOAD} B | raw (msg/s) | raw+uuid (msg/s) | tidemill (msg/s) | tidemill / raw+uuid | tidemill / raw | peak RSS MiB raw / raw+uuid / tidemill |"
+        "| {n} x {PAYLOAD} B | raw (msg/s) | raw+uuid (msg/s) | tidemill (msg/s) | tidemill / raw+uuid | tidemill / raw | CPU µs/msg raw / raw+uuid / tidemill | peak RSS MiB raw / raw+uuid / tidemill |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (what, get, rss) in groups {
         println!(
-            "| {what} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {} / {} / {} |",
+            "| {what} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {} / {} / {} | {} / {} / {} |",
             rate(0, get),
             rate(1, get),
             rate(2, get),
             ratio(1, get),
             ratio(0, get),
+            us(cpu(0, what)),
+            us(cpu(1, what)),
+            us(cpu(2, what)),
             mib(peak(0, rss)),
             mib(peak(1, rss)),
             mib(peak(2, rss))
@@ -229,16 +253,22 @@ async fn run(host: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     for (what, get, rss) in groups {
         let (b, s, t) = (rate(0, get), rate(1, get), rate(2, get));
         let group = format!("pubsub emulator {what} ({n} × {PAYLOAD} B)");
-        record(&Row::new(&group, "raw google-cloud-pubsub", b).with_peak_rss(peak(0, rss)));
+        record(
+            &Row::new(&group, "raw google-cloud-pubsub", b)
+                .with_peak_rss(peak(0, rss))
+                .with_note(format!("CPU {} µs/msg", us(cpu(0, what)))),
+        );
         record(
             &Row::new(&group, "raw google-cloud-pubsub + uuid attribute", s)
-                .with_peak_rss(peak(1, rss)),
+                .with_peak_rss(peak(1, rss))
+                .with_note(format!("CPU {} µs/msg", us(cpu(1, what)))),
         );
         record(
             &Row::new(&group, "tidemill-googlecloud", t)
                 .with_peak_rss(peak(2, rss))
                 .with_note(format!(
-                "median of {rounds} rounds; tidemill/raw per round {:.2}x, tidemill/raw+uuid (same bytes on the wire) {:.2}x",
+                "CPU {} µs/msg; median of {rounds} rounds; tidemill/raw per round {:.2}x, tidemill/raw+uuid (same bytes on the wire) {:.2}x",
+                us(cpu(2, what)),
                 ratio(0, get),
                 ratio(1, get)
             )),
@@ -339,6 +369,7 @@ impl Raw {
             })
             .collect();
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         for batch in batches {
             let futures: Vec<_> = batch
@@ -357,9 +388,11 @@ impl Raw {
             }
         }
         let publish = rate(n, started.elapsed());
+        let publish_cpu = cpu_per_msg(n, cpu0);
         let publish_rss = PeakRss::read();
 
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         let mut stream = self
             .subscriber
@@ -379,6 +412,7 @@ impl Raw {
             received += 1;
         }
         let consume = rate(n, started.elapsed());
+        let consume_cpu = cpu_per_msg(n, cpu0);
         let consume_rss = PeakRss::read();
         drop(stream);
         self.subscriptions
@@ -392,6 +426,8 @@ impl Raw {
             consume,
             publish_rss,
             consume_rss,
+            publish_cpu,
+            consume_cpu,
         })
     }
 }
@@ -419,11 +455,13 @@ impl Tidemill {
             .publish_one(&topic, Message::new(payload(n)))
             .await?;
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         for batch in batches {
             self.publisher.publish(&topic, batch).await?;
         }
         let publish = rate(n, started.elapsed());
+        let publish_cpu = cpu_per_msg(n, cpu0);
         let publish_rss = PeakRss::read();
 
         // Likewise `subscribe` makes sure topic and subscription exist before the clock
@@ -431,6 +469,7 @@ impl Tidemill {
         // opens on the first read, on both sides.
         let mut stream = self.subscriber.subscribe(&topic, group).await?;
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         let n = n + 1; // with the set-up message
         let mut received = 0;
@@ -443,6 +482,7 @@ impl Tidemill {
             received += 1;
         }
         let consume = rate(n, started.elapsed());
+        let consume_cpu = cpu_per_msg(n, cpu0);
         let consume_rss = PeakRss::read();
         drop(stream);
         let sub = self.subscriber.subscription_name(&topic, "bench")?;
@@ -461,6 +501,8 @@ impl Tidemill {
             consume,
             publish_rss,
             consume_rss,
+            publish_cpu,
+            consume_cpu,
         })
     }
 }

@@ -114,8 +114,9 @@ async fn delete_topics(brokers: &str, topics: &[String]) {
     }
 }
 
-/// One timed run: its duration and the peak RSS (bytes) during it, where known.
-type Run = (Duration, Option<u64>);
+/// One timed run: its duration, the peak RSS (bytes) during it and the CPU time of the
+/// process (every thread) over it, where known.
+type Run = (Duration, Option<u64>, Option<Duration>);
 
 /// The runs of one variant over the rounds.
 #[derive(Default)]
@@ -123,13 +124,25 @@ struct Runs {
     times: Vec<Duration>,
     /// The largest peak RSS of its runs.
     peak_rss: Option<u64>,
+    cpu: Vec<Duration>,
 }
 
 impl Runs {
-    fn add(&mut self, (elapsed, peak): Run) {
+    fn add(&mut self, (elapsed, peak, cpu): Run) {
         self.times.push(elapsed);
         self.peak_rss = self.peak_rss.max(peak);
+        self.cpu.extend(cpu);
     }
+
+    /// The median CPU time per message (µs) over the runs, where measured.
+    fn cpu_us(&self, n: usize) -> Option<f64> {
+        (!self.cpu.is_empty()).then(|| median(self.cpu.clone()).as_secs_f64() * 1e6 / n as f64)
+    }
+}
+
+/// CPU time of the process since `since`, where known.
+fn cpu_since(since: Option<Duration>) -> Option<Duration> {
+    Some(process_cpu()?.saturating_sub(since?))
 }
 
 /// Publishes `n` records; with `uuid_header`, each carries a fresh uuid in the header
@@ -137,7 +150,7 @@ impl Runs {
 async fn publish_raw(producer: &FutureProducer, topic: &str, n: usize, uuid_header: bool) -> Run {
     let payload = [b'x'; PAYLOAD];
     PeakRss::reset();
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), process_cpu());
     let mut sent = 0;
     while sent < n {
         let count = BATCH.min(n - sent);
@@ -173,13 +186,13 @@ async fn publish_raw(producer: &FutureProducer, topic: &str, n: usize, uuid_head
         sent += count;
     }
     let elapsed = started.elapsed();
-    (elapsed, PeakRss::read())
+    (elapsed, PeakRss::read(), cpu_since(cpu))
 }
 
 async fn publish_tidemill(publisher: &KafkaPublisher, topic: &str, n: usize) -> Run {
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
     PeakRss::reset();
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), process_cpu());
     let mut sent = 0;
     while sent < n {
         let count = BATCH.min(n - sent);
@@ -188,7 +201,7 @@ async fn publish_tidemill(publisher: &KafkaPublisher, topic: &str, n: usize) -> 
         sent += count;
     }
     let elapsed = started.elapsed();
-    (elapsed, PeakRss::read())
+    (elapsed, PeakRss::read(), cpu_since(cpu))
 }
 
 async fn consume_raw(brokers: &str, topic: &str, n: usize) -> Run {
@@ -210,14 +223,18 @@ async fn consume_raw(brokers: &str, topic: &str, n: usize) -> Run {
                 panic!("raw consumer: record {i} of {n} not received within {STALL:?}")
             })
             .expect("record");
-        started.get_or_insert_with(Instant::now);
+        started.get_or_insert_with(|| (Instant::now(), process_cpu()));
         black_box(m.payload());
         consumer
             .store_offset_from_message(&m)
             .expect("store offset");
     }
-    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
-    (elapsed, PeakRss::read())
+    let elapsed = started.map(|s| s.0.elapsed()).unwrap_or_default();
+    (
+        elapsed,
+        PeakRss::read(),
+        started.and_then(|s| cpu_since(s.1)),
+    )
 }
 
 async fn consume_tidemill(config: &KafkaConfig, topic: &str, n: usize) -> Run {
@@ -238,14 +255,15 @@ async fn consume_tidemill(config: &KafkaConfig, topic: &str, n: usize) -> Run {
             })
             .expect("stream open")
             .expect("delivery");
-        started.get_or_insert_with(Instant::now);
+        started.get_or_insert_with(|| (Instant::now(), process_cpu()));
         black_box(d.message().payload());
         d.ack().await.expect("ack");
     }
-    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+    let elapsed = started.map(|s| s.0.elapsed()).unwrap_or_default();
+    let cpu = started.and_then(|s| cpu_since(s.1));
     let peak = PeakRss::read();
     subscriber.close().await.expect("close");
-    (elapsed, peak)
+    (elapsed, peak, cpu)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -277,18 +295,27 @@ fn report(what: &str, n: usize, raw: &Runs, tidemill: &Runs) {
         "{what:<8} raw rdkafka {r:>10.0} msg/s   tidemill {t:>10.0} msg/s   ratio {ratio:.2} (per round: {})",
         rounds.join(" ")
     );
+    let us = |c: Option<f64>| c.map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2}"));
+    let (raw_cpu, tm_cpu) = (raw.cpu_us(n), tidemill.cpu_us(n));
     println!(
-        "         peak RSS MiB: raw rdkafka {}, tidemill {}",
+        "         CPU µs/msg: raw rdkafka {}, tidemill {}; peak RSS MiB: raw rdkafka {}, tidemill {}",
+        us(raw_cpu),
+        us(tm_cpu),
         mib(raw.peak_rss),
         mib(tidemill.peak_rss)
     );
     let group = format!("kafka {what}");
-    record(&Row::new(group.as_str(), "raw rdkafka", r).with_peak_rss(raw.peak_rss));
+    record(
+        &Row::new(group.as_str(), "raw rdkafka", r)
+            .with_peak_rss(raw.peak_rss)
+            .with_note(format!("CPU {} µs/msg", us(raw_cpu))),
+    );
     record(
         &Row::new(group.as_str(), "tidemill-kafka", t)
             .with_peak_rss(tidemill.peak_rss)
             .with_note(format!(
-                "median of {} rounds; median per-round ratio {ratio:.2}",
+                "CPU {} µs/msg; median of {} rounds; median per-round ratio {ratio:.2}",
+                us(tm_cpu),
                 ratios.len()
             )),
     );

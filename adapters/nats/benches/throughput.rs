@@ -72,7 +72,7 @@ use futures::StreamExt;
 use tidemill_core::{HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber};
 use tidemill_nats::{NatsConfig, NatsMode, NatsPublisher, NatsSubscriber};
 use tidemill_testkit::bench::{
-    handler_call, median, mib, record, Clock, Consumed, HandledCounter, PeakRss, Row,
+    handler_call, median, mib, process_cpu, record, Clock, Consumed, HandledCounter, PeakRss, Row,
 };
 
 const PAYLOAD: usize = 100;
@@ -132,6 +132,15 @@ struct Figures {
     publish_rss: Option<u64>,
     /// Peak RSS (bytes) during the timed consume, where known.
     consume_rss: Option<u64>,
+    /// CPU time of the process (every thread) per message during the timed publish (µs).
+    publish_cpu: Option<f64>,
+    /// The same during the timed consume (core NATS: the raw publisher feeding it included).
+    consume_cpu: Option<f64>,
+}
+
+/// CPU µs per message of the process since `since` (a [`process_cpu`] reading).
+fn cpu_per_msg(n: usize, since: Option<Duration>) -> Option<f64> {
+    Some(process_cpu()?.saturating_sub(since?).as_secs_f64() * 1e6 / n as f64)
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -200,17 +209,23 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
             |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
         // The largest peak RSS of a side over the rounds.
         let peak = |v: &[Figures], g: fn(&Figures) -> Option<u64>| v.iter().filter_map(g).max();
-        type Rss = fn(&Figures) -> Option<u64>;
-        for (what, f, g) in [
+        type Opt<T> = fn(&Figures) -> Option<T>;
+        let cpu = |v: &[Figures], c: Opt<f64>| {
+            let us: Vec<f64> = v.iter().filter_map(c).collect();
+            (!us.is_empty()).then(|| median(&us))
+        };
+        for (what, f, g, c) in [
             (
                 "publish",
                 (|x: &Figures| x.publish) as fn(&Figures) -> f64,
-                (|x: &Figures| x.publish_rss) as Rss,
+                (|x: &Figures| x.publish_rss) as Opt<u64>,
+                (|x: &Figures| x.publish_cpu) as Opt<f64>,
             ),
             (
                 "consume",
                 |x: &Figures| x.consume,
                 |x: &Figures| x.consume_rss,
+                |x: &Figures| x.consume_cpu,
             ),
         ] {
             let (r, t) = (pick(&raws, f), pick(&tms, f));
@@ -224,33 +239,63 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
                     .collect::<Vec<_>>(),
             );
             let (r_rss, t_rss) = (peak(&raws, g), peak(&tms, g));
-            summary.push((label, what, r, t, ratio, r_rss, t_rss));
+            summary.push(Summary {
+                label,
+                what,
+                rates: (r, t),
+                ratio,
+                rss: (r_rss, t_rss),
+                cpu: (cpu(&raws, c), cpu(&tms, c)),
+            });
         }
         tm.publisher.close().await?;
         tm.subscriber.close().await?;
     }
     println!();
     println!(
-        "median of {rounds} rounds, {n} x {PAYLOAD} B   raw msg/s   tidemill msg/s   ratio (median of per-round ratios)   peak RSS MiB raw / tidemill (max of rounds)"
+        "median of {rounds} rounds, {n} x {PAYLOAD} B   raw msg/s   tidemill msg/s   ratio (median of per-round ratios)   CPU µs/msg raw / tidemill   peak RSS MiB raw / tidemill (max of rounds)"
     );
-    for (label, what, r, t, ratio, r_rss, t_rss) in summary {
+    let us = |c: Option<f64>| c.map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2}"));
+    for s in summary {
+        let (label, what, (r, t), ratio) = (s.label, s.what, s.rates, s.ratio);
         println!(
-            "{label:<10} {what:<8}                {r:>11.0}   {t:>14.0}   {ratio:<34.2}   {} / {}",
-            mib(r_rss),
-            mib(t_rss)
+            "{label:<10} {what:<8}                {r:>11.0}   {t:>14.0}   {ratio:<34.2}   {} / {}   {} / {}",
+            us(s.cpu.0),
+            us(s.cpu.1),
+            mib(s.rss.0),
+            mib(s.rss.1)
         );
         // For `make bench` (BENCHMARKS.md); nothing when run by hand.
         let group = format!("nats {label} {what}");
-        record(&Row::new(group.as_str(), "raw async-nats", r).with_peak_rss(r_rss));
+        record(
+            &Row::new(group.as_str(), "raw async-nats", r)
+                .with_peak_rss(s.rss.0)
+                .with_note(format!("CPU {} µs/msg", us(s.cpu.0))),
+        );
         record(
             &Row::new(group.as_str(), "tidemill-nats", t)
-                .with_peak_rss(t_rss)
+                .with_peak_rss(s.rss.1)
                 .with_note(format!(
-                    "median of {rounds} rounds; median per-round ratio {ratio:.2}"
+                    "CPU {} µs/msg; median of {rounds} rounds; median per-round ratio {ratio:.2}",
+                    us(s.cpu.1)
                 )),
         );
     }
     Ok(())
+}
+
+/// One line of the summary: a mode's publish or consume, raw and Tidemill.
+struct Summary {
+    label: &'static str,
+    what: &'static str,
+    /// msg/s, raw and Tidemill (medians).
+    rates: (f64, f64),
+    /// Median of the per-round ratios Tidemill / raw.
+    ratio: f64,
+    /// Peak RSS, raw and Tidemill (max of the rounds).
+    rss: (Option<u64>, Option<u64>),
+    /// CPU µs per message, raw and Tidemill (medians).
+    cpu: (Option<f64>, Option<f64>),
 }
 
 /// The raw client, set up like the adapter: one connection to publish, one to consume.
@@ -320,6 +365,7 @@ impl Raw {
             })
             .await?;
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         for batch in batches {
             for window in batch.chunks(WINDOW) {
@@ -340,6 +386,7 @@ impl Raw {
             }
         }
         let publish = rate(n, started.elapsed());
+        let publish_cpu = cpu_per_msg(n, cpu0);
         let publish_rss = PeakRss::read();
 
         let consumer = self
@@ -360,6 +407,7 @@ impl Raw {
             )
             .await?;
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         let mut messages = consumer
             .stream()
@@ -378,6 +426,7 @@ impl Raw {
             received += 1;
         }
         let consume = rate(n, started.elapsed());
+        let consume_cpu = cpu_per_msg(n, cpu0);
         let consume_rss = PeakRss::read();
         drop(messages);
         self.js_pub.delete_stream(&topic).await?;
@@ -386,6 +435,8 @@ impl Raw {
             consume,
             publish_rss,
             consume_rss,
+            publish_cpu,
+            consume_cpu,
         })
     }
 
@@ -396,9 +447,11 @@ impl Raw {
     ) -> Result<Figures, BoxError> {
         let subject: Subject = unique("bench-raw-core").into();
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         self.core_publish(&subject, &batches).await?;
         let publish = rate(n, started.elapsed());
+        let publish_cpu = cpu_per_msg(n, cpu0);
         let publish_rss = PeakRss::read();
 
         let subject: Subject = unique("bench-raw-core").into();
@@ -420,6 +473,7 @@ impl Raw {
             (received, last)
         });
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         self.core_publish(&subject, &batches).await?;
         let (received, last) = counter.await?;
@@ -431,11 +485,14 @@ impl Raw {
             );
         }
         let consume = rate(received, last - started);
+        let consume_cpu = cpu_per_msg(received.max(1), cpu0);
         Ok(Figures {
             publish,
             consume,
             publish_rss,
             consume_rss,
+            publish_cpu,
+            consume_cpu,
         })
     }
 
@@ -490,14 +547,17 @@ impl Tidemill {
         // the raw side's `create_stream`.
         self.subscriber.initialize(&topic, &group).await?;
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         for batch in batches {
             self.publisher.publish(&topic, batch).await?;
         }
         let publish = rate(n, started.elapsed());
+        let publish_cpu = cpu_per_msg(n, cpu0);
         let publish_rss = PeakRss::read();
 
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         let mut stream = self.subscriber.subscribe(&topic, group).await?;
         let mut received = 0;
@@ -510,6 +570,7 @@ impl Tidemill {
             received += 1;
         }
         let consume = rate(n, started.elapsed());
+        let consume_cpu = cpu_per_msg(n, cpu0);
         let consume_rss = PeakRss::read();
         drop(stream);
         raw.js_pub.delete_stream(&topic).await?;
@@ -518,6 +579,8 @@ impl Tidemill {
             consume,
             publish_rss,
             consume_rss,
+            publish_cpu,
+            consume_cpu,
         })
     }
 
@@ -529,11 +592,13 @@ impl Tidemill {
     ) -> Result<Figures, BoxError> {
         let topic = unique("bench-tm-core");
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         for batch in batches {
             self.publisher.publish(&topic, batch).await?;
         }
         let publish = rate(n, started.elapsed());
+        let publish_cpu = cpu_per_msg(n, cpu0);
         let publish_rss = PeakRss::read();
 
         // The raw publisher feeds both sides' subscribers.
@@ -563,6 +628,7 @@ impl Tidemill {
             (received, last)
         });
         PeakRss::reset();
+        let cpu0 = process_cpu();
         let started = Instant::now();
         raw.core_publish(&topic.clone().into(), &raw_batches)
             .await?;
@@ -575,11 +641,14 @@ impl Tidemill {
             );
         }
         let consume = rate(received, last - started);
+        let consume_cpu = cpu_per_msg(received.max(1), cpu0);
         Ok(Figures {
             publish,
             consume,
             publish_rss,
             consume_rss,
+            publish_cpu,
+            consume_cpu,
         })
     }
 }
