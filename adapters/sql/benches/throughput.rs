@@ -29,7 +29,11 @@
 //!   Tidemill: `SqlSubscriber::subscribe(topic, group)` (prefetch 64, groups start at the
 //!   beginning) and `Delivery::ack` awaited per message: the adapter's fetches ("advance"
 //!   the group into the pending table, then "take" with `FOR UPDATE SKIP LOCKED`), and its
-//!   acks (acks that arrive together share one statement), each statement on its pool.
+//!   acks, each statement on its pool. `ack()` returns once the ack is booked (the
+//!   subscription's settle task writes the acks booked while its previous statement ran in
+//!   one statement), so the clock stops only when the handler saw the N-th message **and**
+//!   the group has no unacked row left in the pending table (polled every millisecond on
+//!   the bench's own pool, as in the batch section): every ack committed.
 //!
 //! Sides alternate which goes first; each round is printed, then the median msg/s, the
 //! median of the per-round ratios Tidemill / raw, the median process CPU per message
@@ -49,8 +53,8 @@
 //! a consumer group of its own starting at the beginning. Timed from the start of the
 //! consumer (the router's `run`) until the N-th message is settled: the raw side's last
 //! `DELETE` returned; for the router, after its handler saw the N-th message, until the
-//! group has nothing left in the pending table (polled every millisecond). Variants rotate
-//! which goes first each round.
+//! group has no unacked row left in the pending table (polled every millisecond). Variants
+//! rotate which goes first each round.
 //!
 //! # Forwarder section
 //!
@@ -423,6 +427,26 @@ impl Bench {
         Ok(())
     }
 
+    /// Returns once `group` has no unacked row of `topic` left in the pending table
+    /// (polled every millisecond).
+    async fn wait_acked(&self, topic: &str, group: &str) -> Result<(), BoxError> {
+        let pending = format!(
+            "SELECT count(*) FROM {PREFIX}pending WHERE topic = $1 AND consumer_group = $2 \
+             AND NOT done"
+        );
+        loop {
+            let left: i64 = sqlx::query_scalar(&pending)
+                .bind(topic)
+                .bind(group)
+                .fetch_one(&self.pool)
+                .await?;
+            if left == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     // ---- Pub/sub section ----
 
     async fn pubsub(&self) -> Result<(), BoxError> {
@@ -585,7 +609,8 @@ impl Bench {
                 std::hint::black_box(d.message().payload());
                 d.ack().await?;
             }
-            Ok(())
+            // Acks are booked: wait until the last ones are committed.
+            self.wait_acked(&topic, "g").await
         })
         .await?;
         self.clean(&[&topic]).await?;
@@ -731,20 +756,7 @@ impl Bench {
             })?;
         }
         // Handled is not acked yet: wait for the group's last acks.
-        let pending = format!(
-            "SELECT count(*) FROM {PREFIX}pending WHERE topic = $1 AND consumer_group = $2"
-        );
-        loop {
-            let left: i64 = sqlx::query_scalar(&pending)
-                .bind(topic)
-                .bind(group)
-                .fetch_one(&self.pool)
-                .await?;
-            if left == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        self.wait_acked(topic, group).await?;
         let figures = clock.stop(n);
         router.close().await?;
         task.await??;

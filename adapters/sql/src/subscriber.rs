@@ -18,6 +18,14 @@
 //! or below the watermark and marks it done above it (so it is never found again; done
 //! rows go when the watermark passes them); nack gives it back with a `visible_at` in the
 //! future.
+//!
+//! Settlements go through the subscription's settle task, one round at a time: a round
+//! takes everything that arrived while the previous one was written and runs one
+//! statement per kind. `ack()` only books its ack there and returns (a sequential handler's
+//! acks share a statement instead of paying a round trip each); a booked row stays held
+//! (counted against `prefetch`, its lease renewed, its key's next message not handed out)
+//! until its ack is written. `nack()` waits for its statement. [`SqlSubscriber::close`]
+//! waits for what was booked before it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +80,9 @@ struct Inner {
     closed: CancellationToken,
     state: Arc<StateCell>,
     is_closed: AtomicBool,
+    /// The settle tasks of the subscriptions, for [`Subscriber::close`] to wait for the
+    /// acks booked with them.
+    settlers: Mutex<Vec<mpsc::WeakUnboundedSender<Command>>>,
 }
 
 impl Drop for Inner {
@@ -107,6 +118,7 @@ impl SqlSubscriber {
                 closed: CancellationToken::new(),
                 state: Arc::default(),
                 is_closed: AtomicBool::new(false),
+                settlers: Mutex::default(),
             }),
         })
     }
@@ -176,6 +188,11 @@ impl Subscriber for SqlSubscriber {
             state: Arc::clone(&inner.state),
         });
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        {
+            let mut settlers = inner.settlers.lock();
+            settlers.retain(|s| s.strong_count() > 0);
+            settlers.push(settle_tx.downgrade());
+        }
         tokio::spawn(settle_loop(Arc::clone(&shared), settle_rx));
         let (tx, rx) = mpsc::channel(config.prefetch);
         let stop = options.cancellation().map_or_else(
@@ -218,10 +235,40 @@ impl Subscriber for SqlSubscriber {
         .map_err(|e| schema::error(e, &inner.config, topic, "create consumer group"))
     }
 
+    /// Stops the subscriptions (the messages they fetched but did not hand out go back to
+    /// their groups), then waits, up to `command_timeout`, until the acks booked so far are
+    /// written; what could not be written is logged, and those messages are delivered
+    /// again once their lease runs out. Deliveries still held can be settled afterwards.
     async fn close(&self) -> Result<()> {
-        self.inner.is_closed.store(true, Ordering::Release);
-        self.inner.closed.cancel();
-        self.inner.state.set(ConnectionState::Closed);
+        let inner = &self.inner;
+        inner.is_closed.store(true, Ordering::Release);
+        inner.closed.cancel();
+        let settlers: Vec<_> = inner
+            .settlers
+            .lock()
+            .drain(..)
+            .filter_map(|s| s.upgrade())
+            .collect();
+        let mut written = Vec::with_capacity(settlers.len());
+        for settler in settlers {
+            let (tx, rx) = oneshot::channel();
+            if settler.send(Command::Flush(tx)).is_ok() {
+                written.push(rx);
+            }
+        }
+        let all = futures::future::join_all(written);
+        if tokio::time::timeout(inner.config.command_timeout, all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                database = %inner.config.address(),
+                timeout = ?inner.config.command_timeout,
+                "closing with acknowledgements not yet written; those messages are delivered \
+                 again once their lease runs out"
+            );
+        }
+        inner.state.set(ConnectionState::Closed);
         Ok(())
     }
 
@@ -501,7 +548,7 @@ struct Shared {
 async fn fetch_loop(
     shared: Arc<Shared>,
     tx: mpsc::Sender<(i64, Delivery)>,
-    settle: mpsc::UnboundedSender<Settle>,
+    settle: mpsc::UnboundedSender<Command>,
     stop: CancellationToken,
 ) {
     let config = &shared.config;
@@ -631,7 +678,7 @@ struct Fetched {
 
 impl Fetched {
     /// The delivery, counted as held until it is settled.
-    fn into_delivery(self, shared: &Shared, settle: &mpsc::UnboundedSender<Settle>) -> Delivery {
+    fn into_delivery(self, shared: &Shared, settle: &mpsc::UnboundedSender<Command>) -> Delivery {
         shared.held.lock().insert(self.row, Held::Buffered);
         Delivery::new(
             self.message,
@@ -759,11 +806,20 @@ fn decode(
     })
 }
 
+/// What a subscription's settle task receives.
+enum Command {
+    Settle(Settle),
+    /// Answered once everything sent before it was settled ([`Subscriber::close`]).
+    Flush(oneshot::Sender<()>),
+}
+
 /// A settlement request from an acknowledger.
 struct Settle {
     /// The pending row (its `seq`).
     row: i64,
     outcome: Outcome,
+    /// The acknowledger waiting for the outcome; none for a booked ack or a dropped
+    /// delivery's nack (a failure is logged).
     reply: Option<oneshot::Sender<Result<()>>>,
 }
 
@@ -793,63 +849,74 @@ impl Outcome {
 struct SqlAcker {
     /// The pending row (its `seq`).
     row: i64,
-    settle: mpsc::UnboundedSender<Settle>,
+    settle: mpsc::UnboundedSender<Command>,
+}
+
+/// The error of a settlement whose settle task has ended (the runtime shutting down).
+fn settle_task_ended(what: &str) -> Error {
+    Error::transient(
+        BROKER,
+        "",
+        what,
+        "the subscription's settle task has ended; the message is delivered again once its \
+         lease runs out",
+    )
 }
 
 impl SqlAcker {
-    fn send(self, outcome: Outcome) -> AckFuture {
-        let (reply, rx) = oneshot::channel();
-        let sent = self.settle.send(Settle {
-            row: self.row,
-            outcome,
-            reply: Some(reply),
-        });
-        if sent.is_err() {
-            return AckFuture::ready(Err(Error::transient(
-                BROKER,
-                "",
-                "settle",
-                "the subscription's settle task has ended",
-            )));
-        }
-        AckFuture::boxed(async move {
-            rx.await.unwrap_or_else(|_| {
-                Err(Error::transient(
-                    BROKER,
-                    "",
-                    "settle",
-                    "the subscription's settle task has ended",
-                ))
-            })
-        })
+    /// Sends the settlement without waiting for it.
+    fn book(&self, outcome: Outcome) -> bool {
+        self.settle
+            .send(Command::Settle(Settle {
+                row: self.row,
+                outcome,
+                reply: None,
+            }))
+            .is_ok()
     }
 }
 
 impl Acknowledger for SqlAcker {
+    /// Books the ack with the subscription's settle task and returns: the task writes it
+    /// with the acks booked while its previous statement ran. A write that fails (the lease
+    /// was lost, the database stayed unreachable for `command_timeout`) is logged at `warn`
+    /// level and the message is delivered again; [`Subscriber::close`] waits for booked
+    /// acks. Fails at once only when the settle task has ended.
     fn ack(self: Box<Self>) -> AckFuture {
-        self.send(Outcome::Ack)
+        if self.book(Outcome::Ack) {
+            AckFuture::ready(Ok(()))
+        } else {
+            AckFuture::ready(Err(settle_task_ended("ack")))
+        }
     }
 
+    /// Resolves once the nack statement ran (with the acks booked before it).
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
-        self.send(Outcome::Nack(delay.unwrap_or_default()))
+        let (reply, rx) = oneshot::channel();
+        let sent = self.settle.send(Command::Settle(Settle {
+            row: self.row,
+            outcome: Outcome::Nack(delay.unwrap_or_default()),
+            reply: Some(reply),
+        }));
+        if sent.is_err() {
+            return AckFuture::ready(Err(settle_task_ended("nack")));
+        }
+        AckFuture::boxed(async move { rx.await.unwrap_or_else(|_| Err(settle_task_ended("nack"))) })
     }
 
     /// Nacks at once; a delivery still in the subscription's buffer (the stream was dropped
     /// with it) is released instead, its attempt not counted.
     fn nack_on_drop(self: Box<Self>) {
-        let _ = self.settle.send(Settle {
-            row: self.row,
-            outcome: Outcome::Nack(Duration::ZERO),
-            reply: None,
-        });
+        self.book(Outcome::Nack(Duration::ZERO));
     }
 }
 
-/// Settles what acknowledgers send, coalescing what arrives together into one statement
-/// per kind; renews the leases of what the subscription holds every third of the lease.
-/// Ends when the fetch loop and every acknowledger are gone; then a private group is
+/// Settles what acknowledgers send, one round at a time, each round taking what arrived
+/// while the previous one ran (one statement per kind); renews the leases of what the
+/// subscription holds every third of the lease. Ends when the fetch loop and every
+/// acknowledger are gone (after settling everything they sent); then a private group is
 /// removed.
-async fn settle_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Settle>) {
+async fn settle_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Command>) {
     let lease = shared.config.lease;
     let mut renew = tokio::time::interval(lease / 3);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -859,15 +926,22 @@ async fn settle_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Settle
                 let Some(first) = first else { break };
                 // Let a burst of acks (a batch handler's) queue up behind the first.
                 tokio::task::yield_now().await;
-                let mut batch = vec![first];
-                while batch.len() < 1000 {
-                    match rx.try_recv() {
-                        Ok(s) => batch.push(s),
-                        Err(_) => break,
+                let (mut batch, mut flushes) = (Vec::new(), Vec::new());
+                let mut next = Some(first);
+                while let Some(command) = next {
+                    match command {
+                        Command::Settle(s) => batch.push(s),
+                        Command::Flush(done) => flushes.push(done),
                     }
+                    next = if batch.len() < 1000 { rx.try_recv().ok() } else { None };
                 }
-                settle(&shared, batch).await;
-                shared.wake.notify_one();
+                if !batch.is_empty() {
+                    settle(&shared, batch).await;
+                    shared.wake.notify_one();
+                }
+                for done in flushes {
+                    let _ = done.send(());
+                }
             }
             _ = renew.tick() => renew_leases(&shared).await,
         }
@@ -960,7 +1034,10 @@ async fn settle(shared: &Shared, batch: Vec<Settle>) {
                     };
                     if let Err(e) = &r {
                         if s.reply.is_none() {
-                            tracing::warn!(error = %e, "settling a dropped delivery failed");
+                            tracing::warn!(topic = %shared.topic, group = %shared.group,
+                                row = s.row, outcome = what, error = %e,
+                                "a booked settlement (an ack, or a dropped delivery's nack) \
+                                 failed; the message is delivered again");
                         }
                     }
                     if let Some(reply) = s.reply {
@@ -971,7 +1048,10 @@ async fn settle(shared: &Shared, batch: Vec<Settle>) {
             Err(e) => {
                 let transient = schema::is_transient(&e);
                 let e = schema::error(e, &shared.config, &shared.topic, what);
-                tracing::warn!(error = %e, count = list.len(), "settling failed; the messages are delivered again once their lease runs out");
+                let booked = list.iter().filter(|s| s.reply.is_none()).count();
+                tracing::warn!(topic = %shared.topic, group = %shared.group, outcome = what,
+                    error = %e, count = list.len(), booked,
+                    "settling failed; the messages are delivered again once their lease runs out");
                 let cause = e.to_string();
                 for s in list {
                     if let Some(reply) = s.reply {

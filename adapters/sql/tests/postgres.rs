@@ -621,3 +621,115 @@ fn retention_deletes_only_what_every_group_acked() {
         assert_eq!(left().await, ["m1", "m2"]);
     });
 }
+
+/// The group's pending rows not acked yet (done rows are acked ones the watermark has not
+/// passed).
+async fn unacked(pool: &sqlx::PgPool, topic: &str, group: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM tidemill_pending WHERE topic = $1 AND consumer_group = $2 \
+         AND NOT done",
+    )
+    .bind(topic)
+    .bind(group)
+    .fetch_one(pool)
+    .await
+    .expect("count")
+}
+
+/// `ack()` books the ack with the subscription's settle task and returns, so a sequential
+/// consumer's acks share statements; `close()` waits until they are written: straight after
+/// it the group has no unacked row, and a new subscriber of the group gets a sentinel
+/// published afterwards as its first message.
+#[test]
+fn acks_booked_before_close_are_written_when_close_returns() {
+    if !have_server("acks_booked_before_close_are_written_when_close_returns") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_booked");
+        let (p, s) = connect().await;
+        let opts = SubscribeOptions::group("booked");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let sent: Vec<Message> = (0..300).map(|i| Message::new(format!("m{i}"))).collect();
+        ok(p.publish(&topic, sent.clone()).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts.clone()).await, "subscribe");
+        for m in &sent {
+            let d = next(&mut stream, "next message").await;
+            assert_eq!(d.message().uuid(), m.uuid(), "in order");
+            ok(d.ack().await, "ack");
+        }
+        ok(s.close().await, "close");
+        let pool = raw().await.expect("raw pool");
+        assert_eq!(
+            unacked(&pool, &topic, "booked").await,
+            0,
+            "every ack booked before close() was written when it returned"
+        );
+        drop(stream);
+        let (_, again) = connect().await;
+        let mut stream = ok(again.subscribe(&topic, opts).await, "subscribe again");
+        let sentinel = Message::new("sentinel");
+        ok(p.publish(&topic, vec![sentinel.clone()]).await, "publish");
+        let d = next(&mut stream, "sentinel").await;
+        assert_eq!(
+            d.message().uuid(),
+            sentinel.uuid(),
+            "no acked message came back"
+        );
+        ok(d.ack().await, "ack");
+        ok(again.close().await, "close");
+    });
+}
+
+/// A booked ack that cannot be written because the message's reservation went to another
+/// consumer (its lease ran out) is not returned to the caller (`ack()` returned when it was
+/// booked): it is logged, and the row stays with the consumer that holds it now. A nack is
+/// awaited and says so.
+#[test]
+fn an_ack_after_the_lease_was_lost_leaves_the_message_to_its_new_holder() {
+    if !have_server("an_ack_after_the_lease_was_lost_leaves_the_message_to_its_new_holder") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("sql_lost_lease");
+        let (p, s) = connect().await;
+        let opts = SubscribeOptions::group("lost");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let sent = vec![Message::new("acked late"), Message::new("nacked late")];
+        ok(p.publish(&topic, sent).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let (first, second) = (
+            next(&mut stream, "first").await,
+            next(&mut stream, "second").await,
+        );
+        let pool = raw().await.expect("raw pool");
+        // What another member does once the lease ran out: it reserves the rows.
+        sqlx::query(
+            "UPDATE tidemill_pending SET locked_by = 'other-member', \
+             lease_until = now() + interval '1 hour' WHERE topic = $1 AND consumer_group = 'lost'",
+        )
+        .bind(&topic)
+        .execute(&pool)
+        .await
+        .expect("take over");
+        ok(first.ack().await, "a booked ack returns Ok");
+        assert!(
+            second.nack().await.is_err(),
+            "a nack waits for its statement and reports the lost reservation"
+        );
+        ok(s.close().await, "close");
+        let holders: Vec<String> = sqlx::query_scalar(
+            "SELECT locked_by FROM tidemill_pending WHERE topic = $1 AND consumer_group = 'lost' \
+             AND NOT done ORDER BY seq",
+        )
+        .bind(&topic)
+        .fetch_all(&pool)
+        .await
+        .expect("select");
+        assert_eq!(
+            holders,
+            ["other-member", "other-member"],
+            "both messages stay with their new holder"
+        );
+    });
+}
