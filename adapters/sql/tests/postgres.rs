@@ -637,8 +637,10 @@ async fn unacked(pool: &sqlx::PgPool, topic: &str, group: &str) -> i64 {
 }
 
 /// `ack()` books the ack with the subscription's settle task and returns, so a sequential
-/// consumer's acks share statements; `close()` waits until they are written: straight after
-/// it the group has no unacked row, and a new subscriber of the group gets a sentinel
+/// consumer's acks share statements; `close()` waits until they are written. The last ack's
+/// statement is held up by a lock another transaction holds on its pending row: `ack()`
+/// returns anyway, `close()` does not return before the lock is released, and once it
+/// returns the group has no unacked row; a new subscriber of the group gets a sentinel
 /// published afterwards as its first message.
 #[test]
 fn acks_booked_before_close_are_written_when_close_returns() {
@@ -648,18 +650,46 @@ fn acks_booked_before_close_are_written_when_close_returns() {
     runtime().block_on(async {
         let topic = unique_topic("sql_booked");
         let (p, s) = connect().await;
+        let pool = raw().await.expect("raw pool");
         let opts = SubscribeOptions::group("booked");
         ok(s.initialize(&topic, &opts).await, "initialize");
         let sent: Vec<Message> = (0..300).map(|i| Message::new(format!("m{i}"))).collect();
         ok(p.publish(&topic, sent.clone()).await, "publish");
         let mut stream = ok(s.subscribe(&topic, opts.clone()).await, "subscribe");
-        for m in &sent {
+        let (last, rest) = sent.split_last().expect("messages");
+        for m in rest {
             let d = next(&mut stream, "next message").await;
             assert_eq!(d.message().uuid(), m.uuid(), "in order");
             ok(d.ack().await, "ack");
         }
-        ok(s.close().await, "close");
-        let pool = raw().await.expect("raw pool");
+        let d = next(&mut stream, "last message").await;
+        assert_eq!(d.message().uuid(), last.uuid(), "in order");
+        let mut lock = pool.begin().await.expect("begin");
+        let locked: Vec<i64> = sqlx::query_scalar(
+            "SELECT seq FROM tidemill_pending WHERE topic = $1 AND consumer_group = 'booked' \
+             AND NOT done FOR UPDATE",
+        )
+        .bind(&topic)
+        .fetch_all(&mut *lock)
+        .await
+        .expect("lock the unacked rows");
+        assert!(!locked.is_empty(), "the last message's row is unacked");
+        let acked = tokio::time::timeout(LIMIT, d.ack()).await;
+        ok(
+            acked.expect("ack() returns while its row is locked: it only books"),
+            "ack",
+        );
+        let closing = tokio::spawn({
+            let s = s.clone();
+            async move { s.close().await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !closing.is_finished(),
+            "close() returned while a booked ack could not be written yet"
+        );
+        lock.rollback().await.expect("release the lock");
+        ok(closing.await.expect("close task"), "close");
         assert_eq!(
             unacked(&pool, &topic, "booked").await,
             0,
