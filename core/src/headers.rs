@@ -38,13 +38,19 @@ const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5f1d_2c8e_9a47_4d0b_b3e6_7
 /// assert_ne!(a, stable_uuid(&[b"kafka", b"orders", b"0", b"43"]));
 /// ```
 pub fn stable_uuid(parts: &[&[u8]]) -> Arc<str> {
-    let mut name = Vec::new();
+    use sha1::Digest;
+    // UUIDv5 (SHA-1 of the namespace and the name), hashed without building the name.
+    let mut hash = sha1::Sha1::new();
+    hash.update(NAMESPACE.as_bytes());
     for part in parts {
         // Length-prefixed, so ("ab","c") and ("a","bc") differ.
-        name.extend_from_slice(&(part.len() as u64).to_be_bytes());
-        name.extend_from_slice(part);
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
     }
-    let id = uuid::Uuid::new_v5(&NAMESPACE, &name);
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    let id = uuid::Builder::from_sha1_bytes(bytes).into_uuid();
     Arc::from(
         &*id.hyphenated()
             .encode_lower(&mut uuid::Uuid::encode_buffer()),
@@ -69,5 +75,30 @@ pub fn insert_header_bytes(metadata: &mut Metadata, key: &str, value: &[u8]) {
             format!("{key}{BINARY_SUFFIX}"),
             base64::engine::general_purpose::STANDARD.encode(value),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_uuids_are_uuid_v5_of_the_length_prefixed_parts() {
+        let parts: [&[u8]; 4] = [
+            b"kafka",
+            b"orders",
+            &7i32.to_be_bytes(),
+            &42i64.to_be_bytes(),
+        ];
+        let mut name = Vec::new();
+        for part in parts {
+            name.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            name.extend_from_slice(part);
+        }
+        let want = uuid::Uuid::new_v5(&NAMESPACE, &name)
+            .hyphenated()
+            .to_string();
+        assert_eq!(&*stable_uuid(&parts), want.as_str());
+        assert_eq!(stable_uuid(&[]).len(), 36);
     }
 }

@@ -91,6 +91,15 @@ pub(crate) struct Wake {
     pub(crate) poller: bool,
 }
 
+/// Whether the poll thread should be woken because a partition that held `before` entries
+/// now holds `after`: it refills a partition once a quarter of its capacity is free again
+/// (waking it for every freed slot would cost a thread wake-up per message while the
+/// handler is slower than the broker).
+fn refill(capacity: usize, before: usize, after: usize) -> bool {
+    let mark = capacity - (capacity / 4).max(1);
+    before > mark && after <= mark
+}
+
 /// Everything a subscription keeps in memory; guarded by one mutex.
 pub(crate) struct State {
     ordering: Ordering,
@@ -350,7 +359,7 @@ impl State {
         if p.generation != r.generation {
             return Wake::default();
         }
-        let was_full = p.entries.len() >= capacity;
+        let before = p.entries.len();
         let Some(e) = p.entry_mut(r.offset) else {
             return Wake::default();
         };
@@ -393,7 +402,7 @@ impl State {
                 p.commit_point = Some(done.offset + 1);
             }
         }
-        wake.poller |= was_full && p.entries.len() < capacity;
+        wake.poller |= refill(capacity, before, p.entries.len());
         if self.draining && self.in_flight == 0 {
             wake.poller = true;
         }
@@ -725,6 +734,23 @@ mod tests {
         assert!(!s.ack(out[1].0).poller, "b acked but a holds the room");
         assert!(s.ack(out[0].0).poller, "room again");
         assert_eq!(s.room(0), 2);
+    }
+
+    #[test]
+    fn a_full_partition_wakes_the_poller_once_a_quarter_is_free() {
+        let mut s = State::new(Ordering::Key, 8, 1000);
+        s.assign(0, Some(0));
+        s.push(0, (0..8).map(|i| (i, msg("m", None))).collect());
+        let out = take_all(&mut s);
+        let wakes: Vec<bool> = out.iter().map(|(r, _, _)| s.ack(*r).poller).collect();
+        // Capacity 8: the poller is woken when 2 slots are free (6 held), not for each.
+        assert_eq!(
+            wakes,
+            [false, true, false, false, false, false, false, false],
+            "one wake-up per quarter of the capacity"
+        );
+        assert_eq!(s.room(0), 8);
+        assert!(refill(1, 1, 0), "capacity 1: every freed slot");
     }
 
     #[test]

@@ -832,6 +832,8 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
             for (p, room) in rooms {
                 let Some(q) = queues.get(&p) else { continue };
                 let n = room.min(BATCH);
+                // One allocation for what this round takes (it moves on to the state).
+                batch.reserve(n);
                 for _ in 0..n {
                     match q.poll(Duration::ZERO) {
                         None => break,
