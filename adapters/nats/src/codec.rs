@@ -715,14 +715,16 @@ pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> M
         }
         uuid.into()
     } else if let Some(own) = msg_id.as_ref().and_then(|(m, id)| {
-        let mut without = metadata.clone();
-        if let Role::View(k) = &roles[*m] {
-            without.remove(k);
-        }
-        own_message_id(id, &without, key.as_ref(), &msg.payload).map(|u| (*m, u.to_owned()))
+        // Hashed without the id's own entry (no copy of the metadata).
+        let skip = match &roles[*m] {
+            Role::View(k) => Some(k.as_str()),
+            _ => None,
+        };
+        own_message_id(id, &metadata, skip, key.as_ref(), &msg.payload)
+            .map(|u| (*m, Arc::<str>::from(u)))
     }) {
         take(&mut roles, &mut metadata, own.0, Role::OwnMsgId);
-        own.1.into()
+        own.1
     } else if let Some((idx, uuid)) = wm_uuid {
         take(&mut roles, &mut metadata, idx, Role::Uuid);
         if let Some((m, id)) = &msg_id {
@@ -743,34 +745,24 @@ pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> M
     };
     let canonical = match &msg.headers {
         None => true,
-        Some(raw) => {
-            let mut b = BytesMut::with_capacity(raw.len());
-            b.put_slice(b"NATS/1.0");
-            if let Some(st) = &status {
-                b.put_u8(b' ');
-                b.put_slice(st);
-            }
-            b.put_slice(b"\r\n");
-            for h in &headers {
-                b.put_slice(h.name());
-                b.put_slice(b": ");
-                b.put_slice(h.value());
-                b.put_slice(b"\r\n");
-            }
-            b.put_slice(b"\r\n");
-            b[..] == raw[..]
-        }
+        Some(raw) => is_canonical(raw, status.as_deref(), &headers),
     };
     let record = NatsRecord {
         canonical,
-        subject: String::from_utf8_lossy(&msg.subject).into_owned(),
-        reply: msg.reply_str().map(str::to_owned),
+        subject: match String::from_utf8_lossy(&msg.subject) {
+            Cow::Borrowed(_) => msg.subject.clone(),
+            Cow::Owned(lossy) => Bytes::from(lossy),
+        },
+        reply: msg.reply_str().and(msg.reply.clone()),
         stream: match &origin {
-            Origin::Stream { stream, .. } => Some((*stream).to_owned()),
+            Origin::Stream { stream, .. } => Some(match ack {
+                Some(a) if a.stream == *stream => part_of(msg.reply.as_ref(), a.stream),
+                _ => Bytes::copy_from_slice(stream.as_bytes()),
+            }),
             Origin::Subject => None,
         },
-        consumer: ack.map(|a| a.consumer.to_owned()),
-        domain: ack.and_then(|a| a.domain.map(str::to_owned)),
+        consumer: ack.map(|a| part_of(msg.reply.as_ref(), a.consumer)),
+        domain: ack.and_then(|a| a.domain.map(|d| part_of(msg.reply.as_ref(), d))),
         stream_sequence: ack.map(|a| a.stream_sequence),
         consumer_sequence: ack.map(|a| a.consumer_sequence),
         num_delivered: ack.map(|a| a.delivered),
@@ -807,6 +799,49 @@ pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> M
     message
 }
 
+/// `part` as bytes: a slice of `whole` (no copy) when it lies within it, else a copy.
+fn part_of(whole: Option<&Bytes>, part: &str) -> Bytes {
+    match whole {
+        Some(whole)
+            if whole.as_ptr_range().start <= part.as_ptr()
+                && part.as_bytes().as_ptr_range().end <= whole.as_ptr_range().end =>
+        {
+            whole.slice_ref(part.as_bytes())
+        }
+        _ => Bytes::copy_from_slice(part.as_bytes()),
+    }
+}
+
+/// Whether `raw` is exactly the block the parsed status and lines give back (`NATS/1.0`,
+/// ` {status}`, `\r\n`, each `name: value\r\n`, `\r\n`), compared piece by piece.
+fn is_canonical(raw: &[u8], status: Option<&[u8]>, headers: &[RawHeader]) -> bool {
+    let mut rest = raw;
+    let mut eat = |piece: &[u8]| match rest.strip_prefix(piece) {
+        Some(r) => {
+            rest = r;
+            true
+        }
+        None => false,
+    };
+    if !eat(b"NATS/1.0") {
+        return false;
+    }
+    if let Some(st) = status {
+        if !(eat(b" ") && eat(st)) {
+            return false;
+        }
+    }
+    if !eat(b"\r\n") {
+        return false;
+    }
+    for h in headers {
+        if !(eat(h.name()) && eat(b": ") && eat(h.value()) && eat(b"\r\n")) {
+            return false;
+        }
+    }
+    eat(b"\r\n") && rest.is_empty()
+}
+
 /// Makes header `idx` play `role`, taking it out of the string view when it was the
 /// view's value (the last line of its name).
 fn take(roles: &mut [Role], metadata: &mut Metadata, idx: usize, role: Role) {
@@ -835,6 +870,17 @@ fn is_own_form(id: &str, uuid: &str) -> bool {
 /// processes and versions (metadata iterates in key order). Not meant to resist deliberate
 /// collisions: it tells apart messages that share a uuid.
 fn content_hash(uuid: &str, metadata: &Metadata, key: Option<&Bytes>, payload: &[u8]) -> u64 {
+    content_hash_skipping(uuid, metadata, None, key, payload)
+}
+
+/// [`content_hash`] of `metadata` without its entry `skip`.
+fn content_hash_skipping(
+    uuid: &str,
+    metadata: &Metadata,
+    skip: Option<&str>,
+    key: Option<&Bytes>,
+    payload: &[u8],
+) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut word = |w: u64| {
@@ -857,6 +903,9 @@ fn content_hash(uuid: &str, metadata: &Metadata, key: Option<&Bytes>, payload: &
     };
     feed(uuid.as_bytes());
     for (k, v) in metadata.iter() {
+        if Some(k) == skip {
+            continue;
+        }
         feed(k.as_bytes());
         feed(v.as_bytes());
     }
@@ -881,6 +930,7 @@ fn content_hash(uuid: &str, metadata: &Metadata, key: Option<&Bytes>, payload: &
 fn own_message_id<'a>(
     id: &'a str,
     metadata: &Metadata,
+    skip: Option<&str>,
     key: Option<&Bytes>,
     payload: &[u8],
 ) -> Option<&'a str> {
@@ -889,7 +939,7 @@ fn own_message_id<'a>(
         return None;
     }
     let hash = u64::from_str_radix(hex, 16).ok()?;
-    (hash == content_hash(uuid, metadata, key, payload)).then_some(uuid)
+    (hash == content_hash_skipping(uuid, metadata, skip, key, payload)).then_some(uuid)
 }
 
 /// The uuid of a message that carries none: JetStream, from its stream and sequence
@@ -932,8 +982,16 @@ pub(crate) struct AckInfo<'a> {
 /// the end).
 pub(crate) fn parse_ack_subject(reply: &str) -> Option<AckInfo<'_>> {
     let rest = reply.strip_prefix("$JS.ACK.")?;
-    let tokens: Vec<&str> = rest.split('.').collect();
-    let base = match tokens.len() {
+    // The first nine tokens and how many there are (no allocation per delivery).
+    let mut tokens = [""; 9];
+    let mut count = 0;
+    for token in rest.split('.') {
+        if let Some(t) = tokens.get_mut(count) {
+            *t = token;
+        }
+        count += 1;
+    }
+    let base = match count {
         7 => 0,
         n if n >= 9 => 2,
         _ => return None,

@@ -65,11 +65,14 @@ impl RawHeader {
 /// ```
 #[derive(Clone, Debug)]
 pub struct NatsRecord {
-    pub(crate) subject: String,
-    pub(crate) reply: Option<String>,
-    pub(crate) stream: Option<String>,
-    pub(crate) consumer: Option<String>,
-    pub(crate) domain: Option<String>,
+    /// UTF-8 (made so on receipt when it was not), shared with the received bytes.
+    pub(crate) subject: Bytes,
+    /// Only a UTF-8 reply subject is kept.
+    pub(crate) reply: Option<Bytes>,
+    /// These three are UTF-8 (slices of the reply subject where they come from it).
+    pub(crate) stream: Option<Bytes>,
+    pub(crate) consumer: Option<Bytes>,
+    pub(crate) domain: Option<Bytes>,
     pub(crate) stream_sequence: Option<u64>,
     pub(crate) consumer_sequence: Option<u64>,
     pub(crate) num_delivered: Option<u64>,
@@ -92,6 +95,11 @@ pub struct NatsRecord {
     pub(crate) canonical: bool,
 }
 
+/// A field kept as bytes that are UTF-8 (checked on receipt) as text.
+fn utf8(bytes: Option<&Bytes>) -> Option<&str> {
+    bytes.and_then(|b| std::str::from_utf8(b).ok())
+}
+
 impl NatsRecord {
     /// The record of `msg`, if a `NatsSubscriber` received it.
     pub fn of(msg: &Message) -> Option<&NatsRecord> {
@@ -100,27 +108,27 @@ impl NatsRecord {
 
     /// The subject the message was published to (with the `subject_prefix`, if any).
     pub fn subject(&self) -> &str {
-        &self.subject
+        std::str::from_utf8(&self.subject).unwrap_or_default()
     }
 
     /// The reply subject of the delivery (JetStream: the ack subject).
     pub fn reply(&self) -> Option<&str> {
-        self.reply.as_deref()
+        utf8(self.reply.as_ref())
     }
 
     /// JetStream: the stream holding the message; `None` in core NATS mode.
     pub fn stream(&self) -> Option<&str> {
-        self.stream.as_deref()
+        utf8(self.stream.as_ref())
     }
 
     /// JetStream: the consumer that delivered it.
     pub fn consumer(&self) -> Option<&str> {
-        self.consumer.as_deref()
+        utf8(self.consumer.as_ref())
     }
 
     /// JetStream: the domain in the ack subject, when the server names one.
     pub fn domain(&self) -> Option<&str> {
-        self.domain.as_deref()
+        utf8(self.domain.as_ref())
     }
 
     /// JetStream: the message's sequence number in its stream.

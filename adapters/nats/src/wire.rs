@@ -795,17 +795,32 @@ fn parse_op(buf: &mut BytesMut) -> io::Result<Option<Op>> {
         buf.advance(end + 2);
         return Ok(Some(op));
     };
-    let args: Vec<&[u8]> = line[args_at..]
-        .split(|b| *b == b' ' || *b == b'\t')
-        .filter(|a| !a.is_empty())
-        .collect();
-    let num = |a: &[u8]| -> io::Result<usize> {
-        std::str::from_utf8(a)
+    // The arguments as ranges of the line (at most five; no allocation per message).
+    let mut args = [(0usize, 0usize); 5];
+    let mut count = 0;
+    let mut at = args_at;
+    while at < end {
+        if line[at] == b' ' || line[at] == b'\t' {
+            at += 1;
+            continue;
+        }
+        let start = at;
+        while at < end && line[at] != b' ' && line[at] != b'\t' {
+            at += 1;
+        }
+        if count == args.len() {
+            return Err(bad("bad MSG arguments"));
+        }
+        args[count] = (start, at);
+        count += 1;
+    }
+    let num = |(from, to): (usize, usize)| -> io::Result<usize> {
+        std::str::from_utf8(&line[from..to])
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("bad number in MSG"))
     };
-    let (subject, sid, reply, header_len, total_len) = match (headers, args.len()) {
+    let (subject, sid, reply, header_len, total_len) = match (headers, count) {
         (false, 3) => (args[0], args[1], None, 0, num(args[2])?),
         (false, 4) => (args[0], args[1], Some(args[2]), 0, num(args[3])?),
         (true, 4) => (args[0], args[1], None, num(args[2])?, num(args[3])?),
@@ -826,9 +841,11 @@ fn parse_op(buf: &mut BytesMut) -> io::Result<Option<Op>> {
         buf.reserve(end + 2 + total_len + 2 - buf.len());
         return Ok(None);
     }
-    let subject = Bytes::copy_from_slice(subject);
-    let reply = reply.map(Bytes::copy_from_slice);
-    buf.advance(end + 2);
+    // Subject and reply are slices of the control line (shared with the read buffer, like
+    // the body), not copies.
+    let control = buf.split_to(end + 2).freeze();
+    let subject = control.slice(subject.0..subject.1);
+    let reply = reply.map(|(from, to)| control.slice(from..to));
     let mut body = buf.split_to(total_len).freeze();
     buf.advance(2);
     let headers = headers.then(|| body.split_to(header_len));

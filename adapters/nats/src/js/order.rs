@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_nats::Subject;
 use bytes::Bytes;
 use tidemill_core::{AckFuture, Acknowledger, Delivery, Message};
 use tokio::sync::mpsc;
@@ -24,7 +23,7 @@ use super::subscriber::SubCtx;
 /// A keyed message waiting for its turn, or handed out.
 pub(crate) struct Parked {
     pub message: Message,
-    pub reply: Option<Subject>,
+    pub reply: Option<Bytes>,
     /// Its entry in the in-progress registry.
     pub slot: Option<usize>,
     /// Delivery attempt: the server's count plus local redeliveries.

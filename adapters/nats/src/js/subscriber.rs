@@ -42,7 +42,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// A delivery the application holds: kept alive with in-progress acks.
 struct Held {
-    reply: Subject,
+    /// The delivery's reply subject (its ack subject), as received.
+    reply: Bytes,
     /// The keeper's tick when it was handed out.
     since: u32,
 }
@@ -65,7 +66,7 @@ pub(crate) struct JsShared {
 }
 
 impl JsShared {
-    fn hold(&self, reply: Subject) -> usize {
+    fn hold(&self, reply: Bytes) -> usize {
         let since = self.tick.load(Ordering::Relaxed);
         self.held.lock().insert(Held { reply, since })
     }
@@ -100,7 +101,7 @@ async fn keep_alive(shared: Weak<JsShared>, every: Duration, ticks_max: u32) {
             return;
         };
         let now = shared.tick.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        let replies: Vec<Subject> = shared
+        let replies: Vec<Bytes> = shared
             .held
             .lock()
             .iter()
@@ -108,12 +109,7 @@ async fn keep_alive(shared: Weak<JsShared>, every: Duration, ticks_max: u32) {
             .map(|(_, h)| h.reply.clone())
             .collect();
         for reply in replies {
-            if let Err(e) = shared.wire.publish(
-                Bytes::copy_from_slice(reply.as_bytes()),
-                None,
-                None,
-                IN_PROGRESS,
-            ) {
+            if let Err(e) = shared.wire.publish(reply, None, None, IN_PROGRESS) {
                 tracing::debug!(broker = BROKER, error = %e, "in-progress ack failed");
                 break;
             }
@@ -461,7 +457,7 @@ impl SubCtx {
     /// out of the in-progress registry.
     pub(crate) fn settle(
         self: &Arc<Self>,
-        reply: Option<Subject>,
+        reply: Option<Bytes>,
         slot: Option<usize>,
         payload: Bytes,
         what: &'static str,
@@ -472,15 +468,10 @@ impl SubCtx {
         let Some(reply) = reply else {
             return AckFuture::ready(Ok(()));
         };
-        let send = move |ctx: &SubCtx, reply: Subject, payload: Bytes| {
+        let send = move |ctx: &SubCtx, reply: Bytes, payload: Bytes| {
             ctx.shared
                 .wire
-                .publish(
-                    Bytes::copy_from_slice(reply.as_bytes()),
-                    None,
-                    None,
-                    payload,
-                )
+                .publish(reply, None, None, payload)
                 .map_err(|e| Error::transient(BROKER, &*ctx.topic, what, e))
         };
         if payload == ACK || *self.phase.borrow() != Phase::Ending {
@@ -498,7 +489,8 @@ impl SubCtx {
 /// subject.
 struct JsAcker {
     ctx: Arc<SubCtx>,
-    reply: Option<Subject>,
+    /// The delivery's reply subject, as received.
+    reply: Option<Bytes>,
     slot: Option<usize>,
 }
 
@@ -555,10 +547,7 @@ fn release(shared: &Arc<JsShared>, slot: &Arc<Slot>, waiting: Vec<Parked>) {
                 shared.release(slot);
             }
             if let (Some(reply), false) = (parked.reply, ephemeral) {
-                let _ =
-                    shared
-                        .wire
-                        .publish(Bytes::copy_from_slice(reply.as_bytes()), None, None, NAK);
+                let _ = shared.wire.publish(reply, None, None, NAK);
             }
         }
     };
@@ -702,8 +691,12 @@ impl PullStream {
 
     /// A received message: its delivery, or `None` when it waits for its key's turn.
     fn accept(&mut self, msg: WireMsg) -> Option<Delivery> {
-        let reply: Option<Subject> = msg.reply_str().map(Subject::from);
-        let ack = reply.as_deref().and_then(codec::parse_ack_subject);
+        // The reply subject as received (no copy); only a UTF-8 one counts, as before.
+        let reply: Option<Bytes> = msg.reply_str().and(msg.reply.clone());
+        let ack = reply
+            .as_deref()
+            .and_then(|r| std::str::from_utf8(r).ok())
+            .and_then(codec::parse_ack_subject);
         // The server's own count of deliveries; nothing in the message is trusted for it.
         let delivered = ack.as_ref().map_or(1, |a| a.delivered);
         if let Some(a) = &ack {
