@@ -346,6 +346,22 @@ impl Buffer {
         }
     }
 
+    /// Adds `items` in order with one lock and one wake-up.
+    fn push_all(buffer: &Mutex<Buffer>, items: Vec<Result<Delivery>>) {
+        let waker = {
+            let mut b = buffer.lock();
+            if b.ended {
+                // Stopped meanwhile: dropping the deliveries nacks them.
+                return;
+            }
+            b.items.extend(items);
+            b.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Ends the buffer: the deliveries the application had not taken yet are returned, to
     /// be released; errors stay, for the application to see before the stream ends.
     fn end(buffer: &Mutex<Buffer>) -> Vec<Delivery> {
@@ -379,6 +395,10 @@ struct PullContext {
     /// Deliveries made and not yet settled (buffered, handed out, held for a delayed nack).
     outstanding: Arc<AtomicUsize>,
 }
+
+/// Most messages the pull task moves into the buffer at once (those the client already
+/// holds when one arrives).
+const PUSH_BATCH: usize = 256;
 
 /// How long a stopping subscription waits for deliveries being settled at that moment
 /// before it flushes the client's acks; deliveries held longer are not waited for.
@@ -475,7 +495,32 @@ impl PullContext {
                     _ = &mut stopped => break Ended::Stopped,
                     item = stream.next() => match item {
                         Some(Ok((message, handler))) => {
-                            Buffer::push(&buffer, Ok(self.delivery(message, handler)));
+                            // What the client holds already goes in with it: one lock and
+                            // at most one wake-up of the application for the lot.
+                            let mut batch = vec![Ok(self.delivery(message, handler))];
+                            let mut end = None;
+                            while batch.len() < PUSH_BATCH {
+                                match stream.next().now_or_never() {
+                                    Some(Some(Ok((message, handler)))) => {
+                                        batch.push(Ok(self.delivery(message, handler)));
+                                    }
+                                    Some(Some(Err(e))) => {
+                                        let (ended, err) = self.failed(e);
+                                        batch.push(Err(err));
+                                        end = Some(ended);
+                                        break;
+                                    }
+                                    Some(None) => {
+                                        end = Some(Ended::Failed);
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                            Buffer::push_all(&buffer, batch);
+                            if let Some(ended) = end {
+                                break ended;
+                            }
                         }
                         Some(Err(e)) => {
                             let (ended, err) = self.failed(e);
