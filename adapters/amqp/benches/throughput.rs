@@ -172,7 +172,7 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
         ("consume", 3, 4),
     ] {
         println!(
-            "| {what} | {:.0} | {:.0} | {:.2}x | {:.0} µs / {:.0} µs | {} / {} |",
+            "| {what} | {:.0} | {:.0} | {:.2}x | {:.1} µs / {:.1} µs | {} / {} |",
             rate(raw),
             rate(tm),
             ratio(raw, tm),
@@ -190,7 +190,7 @@ async fn run(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     // Rows for `make bench` (BENCHMARKS.md); the first of a group is its baseline.
     let note = |raw: usize, tm: usize| {
         format!(
-            "median of {rounds} rounds; tidemill/raw per round {:.2}x; CPU/msg {:.0} µs raw, {:.0} µs tidemill",
+            "median of {rounds} rounds; tidemill/raw per round {:.2}x; CPU/msg {:.1} µs raw, {:.1} µs tidemill",
             ratio(raw, tm),
             cpu(raw),
             cpu(tm)
