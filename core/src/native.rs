@@ -55,13 +55,14 @@ use crate::{Message, Metadata};
 /// assert_eq!(native.added(msg.metadata()).collect::<Vec<_>>(), vec![("new", "1")]);
 /// ```
 #[derive(Clone)]
-pub struct Native(Arc<Inner>);
+pub struct Native(Arc<Inner<dyn Any + Send + Sync>>);
 
-struct Inner {
+/// One allocation per received message: the record lives in the `Arc` with the rest.
+struct Inner<R: ?Sized> {
     broker: &'static str,
     /// The string view as the adapter made it on receipt.
     metadata: Metadata,
-    record: Box<dyn Any + Send + Sync>,
+    record: R,
 }
 
 /// What became of one received metadata entry (see [`Native::entry`]).
@@ -79,11 +80,12 @@ impl Native {
     /// The record `broker`'s adapter received, with the string view `metadata` it made of
     /// it (the message's metadata at receipt).
     pub fn new<T: Any + Send + Sync>(broker: &'static str, record: T, metadata: &Metadata) -> Self {
-        Native(Arc::new(Inner {
+        let inner: Arc<Inner<dyn Any + Send + Sync>> = Arc::new(Inner {
             broker,
             metadata: metadata.clone(),
-            record: Box::new(record),
-        }))
+            record,
+        });
+        Native(inner)
     }
 
     /// The record of `msg` if `broker`'s adapter received it as a `T`.
