@@ -395,9 +395,11 @@ fn message_id(message: &Message, encoded: &mut bool) -> Cow<'static, str> {
     let mut id = String::with_capacity(uuid.len() + 17);
     id.push_str(uuid);
     id.push('.');
-    for shift in (0..16).rev() {
-        id.push(char::from(HEX[((hash >> (shift * 4)) & 0xf) as usize]));
+    let mut hex = [0u8; 16];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = HEX[((hash >> ((15 - i) * 4)) & 0xf) as usize];
     }
+    id.push_str(std::str::from_utf8(&hex).unwrap_or_default());
     // A uuid of printable ASCII without spaces (any standard one) is plain as it is.
     let plain = uuid.bytes().all(|b| b.is_ascii_graphic()) && !is_word(&id);
     if plain || value_is_plain(&id) {
@@ -678,15 +680,17 @@ pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> M
             }
             _ => {}
         }
+        // Read once; a uuid candidate keeps a copy.
+        let value = text(h.value());
         if Some(raw_name) == configured {
-            cfg_uuid = text(h.value()).map(|v| (i, v));
+            cfg_uuid = value.clone().map(|v| (i, v));
         } else if raw_name == WATERMILL_UUID_HEADER {
-            wm_uuid = text(h.value()).map(|v| (i, v));
+            wm_uuid = value.clone().map(|v| (i, v));
         } else if raw_name == MSG_ID_HEADER {
-            msg_id = text(h.value()).map(|v| (i, v));
+            msg_id = value.clone().map(|v| (i, v));
         }
         let name = text(h.name()).unwrap_or_else(|| raw_name.to_owned());
-        let view_key = match text(h.value()) {
+        let view_key = match value {
             Some(v) => {
                 metadata.set(name.clone(), v);
                 name
