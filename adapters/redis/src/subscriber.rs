@@ -5,6 +5,12 @@
 //! the read blocks), hands them out one per key at a time, keeps the entries it holds from
 //! going idle, takes over entries other consumers left (`XAUTOCLAIM`), and when it ends
 //! gives back what it did not hand out so another consumer takes it at once.
+//!
+//! Acks go through the subscription's ack writer, one `XACK` at a time: `ack()` books the
+//! id with it and returns, and each `XACK` carries every id booked while the previous one
+//! was out (a sequential handler's acks share one instead of paying a round trip each). A
+//! booked entry stays held (counted against `prefetch`, kept fresh, not taken over again)
+//! until its `XACK` is answered; its key's next entry goes out as soon as it is booked.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -37,9 +43,13 @@ use crate::BROKER;
 ///   [`start_from`](RedisConfig::start_from).
 /// - Without one, the subscription gets a private group of its own (`tidemill-<uuid>`),
 ///   deleted when it ends: it sees what is published while it exists.
-/// - An ack is `XACK`; acks arriving while one `XACK` is out go together in the next (one
-///   `XACK` with many ids), each resolving once the `XACK` carrying it was answered. A nack
-///   hands the message out again at once (after its delay), with the server's delivery
+/// - An ack is `XACK`, written by the subscription's ack writer: `ack()` books it and
+///   returns, and acks booked while one `XACK` is out go together in the next (one `XACK`
+///   with many ids). A failed `XACK` is logged at `warn` level (topic, group, how many
+///   ids); those entries stay pending and are taken over like any unacked entry.
+///   [`Subscriber::close`] waits, up to `command_timeout`, for the acks booked before it
+///   (a subscription whose stream is dropped writes them before giving entries back). A
+///   nack hands the message out again at once (after its delay), with the server's delivery
 ///   count raised; the attempt a delivery reports is that count, so it holds across
 ///   restarts. Entries a consumer received and never settled (it crashed)
 ///   are taken over by the group's other subscriptions after
@@ -63,6 +73,9 @@ struct Inner {
     closed: CancellationToken,
     tasks: TaskTracker,
     state: Arc<StateCell>,
+    /// The ack writers of the subscriptions, for [`Subscriber::close`] to wait for the acks
+    /// booked with them.
+    writers: std::sync::Mutex<Vec<mpsc::WeakUnboundedSender<AckCommand>>>,
 }
 
 impl std::fmt::Debug for RedisSubscriber {
@@ -88,6 +101,7 @@ impl RedisSubscriber {
                 closed: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 state: Arc::default(),
+                writers: std::sync::Mutex::default(),
             }),
         })
     }
@@ -180,11 +194,20 @@ impl Subscriber for RedisSubscriber {
             group,
             private,
             state: inner.state.clone(),
-            acks: Acks::default(),
         });
         if !private {
             shared.expire_consumers().await;
         }
+        let (acks, acks_rx) = mpsc::unbounded_channel();
+        {
+            let mut writers = inner
+                .writers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            writers.retain(|w| w.strong_count() > 0);
+            writers.push(acks.downgrade());
+        }
+        tokio::spawn(write_acks(shared.clone(), acks_rx));
         let shared_for_stream = shared.clone();
         let (events_tx, events) = mpsc::unbounded_channel();
         let events_for_stream = events_tx.clone();
@@ -194,6 +217,7 @@ impl Subscriber for RedisSubscriber {
             reader: Some(reader),
             reader_id,
             events_tx,
+            acks: acks.clone(),
             handoff: handoff.clone(),
             delayed_due: HashMap::new(),
             scanning: false,
@@ -206,6 +230,7 @@ impl Subscriber for RedisSubscriber {
             handoff,
             shared: shared_for_stream,
             events: events_for_stream,
+            acks,
         };
         Ok(DeliveryStream::new(stream).with_options(&options))
     }
@@ -235,16 +260,19 @@ impl Subscriber for RedisSubscriber {
         .await
     }
 
-    /// Ends every subscription: each gives back the entries it read but did not hand out
-    /// (another consumer of the group takes them at once), private groups are deleted.
-    /// Deliveries already handed out can still be settled.
+    /// Ends every subscription: each writes the acks booked so far, then gives back the
+    /// entries it read but did not hand out (another consumer of the group takes them at
+    /// once); private groups are deleted. Then waits, up to `command_timeout`, for the acks
+    /// booked since; what could not be written is logged, and those entries stay pending
+    /// (the group takes them over after `claim_idle`). Deliveries already handed out can
+    /// still be settled.
     async fn close(&self) -> Result<()> {
         let inner = &self.inner;
         inner.closed.cancel();
         inner.tasks.close();
-        // What a subscription's end may take: waking its read, the read, the sweep and
-        // the give-back.
-        let bound = inner.config.block + inner.config.command_timeout * 4;
+        // What a subscription's end may take: waking its read, the read, writing its
+        // booked acks, the sweep and the give-back.
+        let bound = inner.config.block + inner.config.command_timeout * 5;
         if tokio::time::timeout(bound, inner.tasks.wait())
             .await
             .is_err()
@@ -253,6 +281,33 @@ impl Subscriber for RedisSubscriber {
                 broker = BROKER,
                 "subscriptions did not finish giving back their entries within {bound:?}; \
                  the group takes them over after claim_idle"
+            );
+        }
+        let writers: Vec<_> = inner
+            .writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .drain(..)
+            .filter_map(|w| w.upgrade())
+            .collect();
+        let mut written = Vec::with_capacity(writers.len());
+        for writer in writers {
+            let (tx, rx) = oneshot::channel();
+            if writer.send(AckCommand::Flush(tx)).is_ok() {
+                written.push(rx);
+            }
+        }
+        let all = futures::future::join_all(written);
+        if tokio::time::timeout(inner.config.command_timeout, all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                broker = BROKER,
+                server = %inner.config.address(),
+                timeout = ?inner.config.command_timeout,
+                "closing with acknowledgements not yet written; those entries stay pending \
+                 and the group takes them over after claim_idle"
             );
         }
         inner.state.set(ConnectionState::Closed);
@@ -278,9 +333,10 @@ struct Handoff {
 #[derive(Default)]
 struct Queue {
     ready: VecDeque<Entry>,
-    /// Handed out and not settled yet.
+    /// Handed out and not settled yet (an acked one until its `XACK` is answered).
     handed: HashSet<Arc<str>>,
-    /// Every entry held: ready, waiting, handed out, delayed.
+    /// Every entry held: ready, waiting, handed out (acked ones until their `XACK` is
+    /// answered), delayed.
     held: HashSet<Arc<str>>,
     /// A key is present while one of its entries is out (ready, handed out or delayed);
     /// the queue holds its successors.
@@ -333,29 +389,34 @@ impl Handoff {
         true
     }
 
-    /// The entry is done with (acked, or gone): the next of its key may go. Wakes the task
-    /// when it may read more.
+    /// The entry is done with (gone): the next of its key may go. Wakes the task when it
+    /// may read more.
     fn settle(&self, id: &Arc<str>, key: Option<&Bytes>) {
         let mut queue = self.lock();
-        queue.handed.remove(id);
-        if let Some(settled) = &mut queue.settled_in_scan {
-            settled.insert(id.clone());
+        if let Some(key) = key.filter(|_| queue.held.contains(id)) {
+            queue.release(key);
         }
-        if !queue.held.remove(id) {
-            return;
-        }
-        if let Some(key) = key {
-            if let Some(successors) = queue.waiting.get_mut(key) {
-                match successors.pop_front() {
-                    Some(next) => queue.push(next),
-                    None => {
-                        queue.waiting.remove(key);
-                    }
-                }
-            }
-        }
-        let wake = queue.held.len() == queue.low_water;
+        let wake = queue.forget(std::slice::from_ref(id));
         drop(queue);
+        if wake {
+            self.notify.notify_one();
+        }
+    }
+
+    /// The ack of `id` was booked: the next entry of its key may go. The entry stays held
+    /// (and out) until its `XACK` is answered ([`Handoff::written`]).
+    fn booked(&self, id: &Arc<str>, key: Option<&Bytes>) {
+        let Some(key) = key else { return };
+        let mut queue = self.lock();
+        if queue.held.contains(id) {
+            queue.release(key);
+        }
+    }
+
+    /// The `XACK` carrying `ids` was answered (or given up): they are no longer held.
+    /// Wakes the task when it may read more.
+    fn written(&self, ids: &[Arc<str>]) {
+        let wake = self.lock().forget(ids);
         if wake {
             self.notify.notify_one();
         }
@@ -407,6 +468,32 @@ impl Handoff {
 }
 
 impl Queue {
+    /// The entry of `key` that was out is done with: its next one goes out.
+    fn release(&mut self, key: &Bytes) {
+        if let Some(successors) = self.waiting.get_mut(key) {
+            match successors.pop_front() {
+                Some(next) => self.push(next),
+                None => {
+                    self.waiting.remove(key);
+                }
+            }
+        }
+    }
+
+    /// `ids` are no longer held (noted for a running take-over scan); true when few enough
+    /// are held now for the task to read more.
+    fn forget(&mut self, ids: &[Arc<str>]) -> bool {
+        let before = self.held.len();
+        for id in ids {
+            self.handed.remove(id);
+            if let Some(settled) = &mut self.settled_in_scan {
+                settled.insert(id.clone());
+            }
+            self.held.remove(id);
+        }
+        before > self.low_water && self.held.len() <= self.low_water
+    }
+
     fn push(&mut self, entry: Entry) {
         self.ready.push_back(entry);
         if let Some(waker) = self.waker.take() {
@@ -420,6 +507,8 @@ struct Deliveries {
     handoff: Arc<Handoff>,
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<Event>,
+    /// The subscription's ack writer.
+    acks: mpsc::UnboundedSender<AckCommand>,
 }
 
 impl futures::Stream for Deliveries {
@@ -445,6 +534,7 @@ impl futures::Stream for Deliveries {
             RedisAcker {
                 shared: self.shared.clone(),
                 events: self.events.clone(),
+                acks: self.acks.clone(),
                 entry,
             },
         )
@@ -472,8 +562,6 @@ struct Shared {
     consumer: String,
     private: bool,
     state: Arc<StateCell>,
-    /// Acks on their way to the server.
-    acks: Acks,
 }
 
 /// Deletes consumer ARGV[2] of group ARGV[1] of stream KEYS[1] if it holds no entry.
@@ -785,6 +873,8 @@ struct Pump {
     /// The reading connection's `CLIENT ID`, to unblock its read when the task ends.
     reader_id: Option<i64>,
     events_tx: mpsc::UnboundedSender<Event>,
+    /// The subscription's ack writer, to write what is booked before the task ends.
+    acks: mpsc::UnboundedSender<AckCommand>,
     /// Entries whose turn it is, and those handed out, shared with the stream.
     handoff: Arc<Handoff>,
     /// When each delayed entry is due (the entries wait in the task's `DelayQueue`).
@@ -1075,6 +1165,18 @@ impl Pump {
         // From here on a delivery still out gives its entry back itself when settled.
         let (ready, handed) = self.handoff.end();
         let shared = self.shared.clone();
+        if !shared.private {
+            // The acks booked so far first (an entry booked and not written yet is still
+            // pending, and counted as out, so it is not given back).
+            let (tx, rx) = oneshot::channel();
+            if self.acks.send(AckCommand::Flush(tx)).is_ok()
+                && tokio::time::timeout(shared.config.command_timeout, rx)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(broker = BROKER, topic = %shared.topic, group = %shared.group, "acknowledgements not written within command_timeout as the subscription ends; they are still being written");
+            }
+        }
         if shared.private {
             let mut cmd = redis::cmd("XGROUP");
             cmd.arg("DESTROY").arg(&shared.stream).arg(&shared.group);
@@ -1163,158 +1265,61 @@ async fn give_back_event(shared: &Shared, event: Event) {
 /// Most ids one `XACK` carries.
 const MAX_ACK_IDS: usize = 1000;
 
-/// The acks of one subscription on their way to the server. One `XACK` is out at a time;
-/// acks arriving meanwhile wait and go together in the next one (a batch handler settles
-/// hundreds at once), so a burst of acks costs a few round trips, not one each.
-///
-/// - The ack that finds no `XACK` out sends it, inline, after letting the tasks ready to
-///   run go first (so the acks of a batch, settled together, join it): its own id and those
-///   that queued meanwhile. A sequential handler's ack costs what it did before: one
-///   `XACK`, no task.
-/// - When that `XACK` is answered, or its future is dropped, the acks that queued meanwhile
-///   are handed to a task that sends them (up to [`MAX_ACK_IDS`] per `XACK`) until none is
-///   left; whoever holds the turn is a [`Sending`], whose drop passes it on.
-/// - Each ack resolves once the `XACK` carrying its id was answered, with that answer. Only
-///   ids whose deliveries were acked go in; nacks never pass through here.
-#[derive(Default)]
-struct Acks {
-    state: std::sync::Mutex<AckState>,
+/// What a subscription's ack writer receives.
+enum AckCommand {
+    /// A booked ack of the entry with this id.
+    Ack(Arc<str>),
+    /// Answered once everything sent before it was written (or failed and was logged).
+    Flush(oneshot::Sender<()>),
 }
 
-#[derive(Default)]
-struct AckState {
-    /// An `XACK` is out (then the one sending it, or the task, sends what waits next).
-    sending: bool,
-    /// Acked ids waiting for the next `XACK`, each with the ack waiting for its answer.
-    /// Not empty only while `sending`.
-    waiting: Vec<(Arc<str>, AckReply)>,
-}
-
-/// Where the answer to the `XACK` carrying a waiting ack goes.
-type AckReply = oneshot::Sender<Result<(), RedisError>>;
-
-/// The `XACK` that was to carry an ack was dropped unsent (its task was cancelled).
-struct Abandoned;
-
-impl Acks {
-    fn lock(&self) -> std::sync::MutexGuard<'_, AckState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Acknowledges `id`: the server's answer to the `XACK` that carried it.
-    async fn ack(shared: &Arc<Shared>, id: Arc<str>) -> Result<Result<(), RedisError>, Abandoned> {
-        let waiting = {
-            let mut state = shared.acks.lock();
-            if state.sending {
-                let (tx, rx) = oneshot::channel();
-                state.waiting.push((id.clone(), tx));
-                Some(rx)
+/// The ack writer of one subscription: writes booked acks one `XACK` at a time, each taking
+/// every ack booked while the previous one was out (up to [`MAX_ACK_IDS`]), so a burst of
+/// acks (a batch handler's) or a sequential handler's stream of them costs a few round
+/// trips, not one each. After each `XACK` its entries are no longer held. A failed `XACK`
+/// (after the retries of `command_timeout`) is logged; its entries stay pending in the
+/// group and are taken over after `claim_idle`, as any unacked entry. Ends once the
+/// subscription's task and every delivery are gone and everything sent was written.
+async fn write_acks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckCommand>) {
+    let mut ids: Vec<Arc<str>> = Vec::new();
+    let mut flushes = Vec::new();
+    while let Some(first) = rx.recv().await {
+        // Let the tasks ready to run go first: acks settled together (a batch's) join.
+        tokio::task::yield_now().await;
+        let mut next = Some(first);
+        while let Some(command) = next {
+            match command {
+                AckCommand::Ack(id) => ids.push(id),
+                AckCommand::Flush(done) => flushes.push(done),
+            }
+            next = if ids.len() < MAX_ACK_IDS {
+                rx.try_recv().ok()
             } else {
-                state.sending = true;
                 None
-            }
-        };
-        match waiting {
-            Some(rx) => rx.await.map_err(|_| Abandoned),
-            None => {
-                let turn = Sending {
-                    shared: shared.clone(),
-                    done: false,
-                };
-                // Let the tasks ready to run go first: acks settled together (a batch's)
-                // then join this one.
-                tokio::task::yield_now().await;
-                let joined: Vec<_> = {
-                    let mut state = shared.acks.lock();
-                    let n = state.waiting.len().min(MAX_ACK_IDS - 1);
-                    state.waiting.drain(..n).collect()
-                };
-                let mut ids = Vec::with_capacity(joined.len() + 1);
-                ids.push(id);
-                let replies: Vec<AckReply> = joined
-                    .into_iter()
-                    .map(|(id, reply)| {
-                        ids.push(id);
-                        reply
-                    })
-                    .collect();
-                let result = shared.xack(&ids).await;
-                for reply in replies {
-                    let _ = reply.send(result.clone());
-                }
-                drop(turn);
-                Ok(result)
-            }
-        }
-    }
-
-    /// Sends the waiting acks, one `XACK` after the other, until none is left.
-    async fn send_waiting(mut turn: Sending) {
-        let shared = turn.shared.clone();
-        loop {
-            let batch: Vec<_> = {
-                let mut state = shared.acks.lock();
-                if state.waiting.is_empty() {
-                    state.sending = false;
-                    turn.done = true;
-                    return;
-                }
-                let n = state.waiting.len().min(MAX_ACK_IDS);
-                state.waiting.drain(..n).collect()
             };
-            let (ids, replies): (Vec<Arc<str>>, Vec<_>) = batch.into_iter().unzip();
+        }
+        if !ids.is_empty() {
             tracing::trace!(broker = BROKER, topic = %shared.topic, group = %shared.group, count = ids.len(), "acking entries in one XACK");
-            let result = shared.xack(&ids).await;
-            for reply in replies {
-                // An ack no longer waiting (its future was dropped) needs no answer.
-                let _ = reply.send(result.clone());
-            }
-        }
-    }
-}
-
-/// The turn to send `XACK`s. Dropped (its `XACK` answered, or its future given up), it
-/// passes the turn on: to a task sending what waits, or to nobody when nothing does.
-struct Sending {
-    shared: Arc<Shared>,
-    /// The turn was given up already (nothing waited).
-    done: bool,
-}
-
-impl Drop for Sending {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut state = self.shared.acks.lock();
-        if state.waiting.is_empty() {
-            state.sending = false;
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                drop(state);
-                let turn = Sending {
-                    shared: self.shared.clone(),
-                    done: false,
-                };
-                runtime.spawn(Acks::send_waiting(turn));
-            }
-            Err(_) => {
-                // No runtime to send them from: the waiting acks fail (their entries stay
-                // pending; the group takes them over after claim_idle).
-                state.sending = false;
-                let abandoned = std::mem::take(&mut state.waiting);
-                drop(state);
-                tracing::warn!(
+            match shared.xack(&ids).await {
+                Ok(()) => {}
+                // The private group was deleted as its subscription ended: nothing to ack.
+                Err(e) if shared.private && conn::is_nogroup(&e) => {}
+                Err(e) => tracing::warn!(
                     broker = BROKER,
-                    topic = %self.shared.topic,
-                    "{} acks could not be sent outside a tokio runtime",
-                    abandoned.len()
-                );
+                    topic = %shared.topic,
+                    group = %shared.group,
+                    stream = %shared.stream,
+                    count = ids.len(),
+                    error = %conn::strip(&e, &shared.config),
+                    "XACK failed: those acks are lost and the entries stay pending; the \
+                     group takes them over after claim_idle and delivers them again"
+                ),
             }
+            shared.handoff.written(&ids);
+            ids.clear();
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
         }
     }
 }
@@ -1323,60 +1328,60 @@ impl Drop for Sending {
 struct RedisAcker {
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<Event>,
+    /// The subscription's ack writer.
+    acks: mpsc::UnboundedSender<AckCommand>,
     entry: Entry,
 }
 
-impl RedisAcker {
-    /// The subscription's state, and a guard holding the entry until it is settled.
-    fn settling(self, nack: bool) -> (Arc<Shared>, Settling) {
+impl Acknowledger for RedisAcker {
+    /// Books the ack with the subscription's ack writer and returns: the writer sends it in
+    /// the next `XACK` (with the acks booked meanwhile). The entry's key's next entry may
+    /// go out at once; the entry itself stays held until the `XACK` is answered. A failed
+    /// `XACK` is logged at `warn` level and the entry is delivered again (taken over after
+    /// `claim_idle`); [`Subscriber::close`] waits for booked acks. Fails at once only when
+    /// the writer has ended (its runtime shut down).
+    fn ack(self: Box<Self>) -> AckFuture {
+        let RedisAcker {
+            shared,
+            acks,
+            entry,
+            ..
+        } = *self;
+        shared.handoff.booked(&entry.id, entry.key.as_ref());
+        match acks.send(AckCommand::Ack(entry.id)) {
+            Ok(()) => AckFuture::ready(Ok(())),
+            Err(mpsc::error::SendError(command)) => {
+                let id = match command {
+                    AckCommand::Ack(id) => id,
+                    AckCommand::Flush(_) => unreachable!("an ack was sent"),
+                };
+                shared.handoff.written(std::slice::from_ref(&id));
+                AckFuture::ready(Err(Error::transient(
+                    BROKER,
+                    shared.topic.clone(),
+                    format!(
+                        "ack entry {id} (XACK on stream `{}`, group `{}`)",
+                        shared.stream, shared.group
+                    ),
+                    "the subscription's ack writer has ended (its runtime shut down); the \
+                     entry stays pending and the group takes it over after claim_idle",
+                )))
+            }
+        }
+    }
+
+    fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
         let RedisAcker {
             shared,
             events,
             entry,
-        } = self;
+            ..
+        } = *self;
         let guard = Settling {
             shared: shared.clone(),
             events,
             entry: Some(entry),
-            nack,
         };
-        (shared, guard)
-    }
-}
-
-impl Acknowledger for RedisAcker {
-    fn ack(self: Box<Self>) -> AckFuture {
-        let (shared, guard) = (*self).settling(false);
-        AckFuture::boxed(async move {
-            let mut guard = guard;
-            let result = Acks::ack(&shared, guard.entry().id.clone()).await;
-            let entry = guard.done();
-            // Settled here, not through the task: no wake-up of it per message.
-            shared.handoff.settle(&entry.id, entry.key.as_ref());
-            let context = || {
-                format!(
-                    "ack entry {} (XACK on stream `{}`, group `{}`)",
-                    entry.id, shared.stream, shared.group
-                )
-            };
-            match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) if shared.private && conn::is_nogroup(&e) => Ok(()),
-                Ok(Err(e)) => Err(shared.error(e, &context())),
-                Err(Abandoned) => Err(Error::transient(
-                    BROKER,
-                    shared.topic.clone(),
-                    context(),
-                    "the XACK that was to carry it was abandoned (the runtime is shutting \
-                     down); the entry stays pending and the group takes it over after \
-                     claim_idle",
-                )),
-            }
-        })
-    }
-
-    fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
-        let (shared, guard) = (*self).settling(true);
         AckFuture::boxed(async move {
             let mut guard = guard;
             if let Some(delay) = delay.filter(|d| !d.is_zero()) {
@@ -1410,15 +1415,12 @@ impl Acknowledger for RedisAcker {
     }
 }
 
-/// An entry whose ack or nack is under way. When the future doing it is dropped before it
-/// finished, the entry is not stranded: after an ack the subscription lets go of it (it is
-/// still pending in Redis unless the `XACK` got through, so the group takes it over after
-/// `claim_idle`), after a nack it is handed out again after `claim_interval`.
+/// An entry whose nack is under way. When the future doing it is dropped before it
+/// finished, the entry is not stranded: it is handed out again after `claim_interval`.
 struct Settling {
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<Event>,
     entry: Option<Entry>,
-    nack: bool,
 }
 
 impl Settling {
@@ -1436,13 +1438,9 @@ impl Drop for Settling {
         let Some(entry) = self.entry.take() else {
             return;
         };
-        if self.nack {
-            let event = Event::Later(entry, self.shared.config.claim_interval);
-            if let Err(mpsc::error::SendError(event)) = self.events.send(event) {
-                spawn_give_back(self.shared.clone(), event);
-            }
-        } else {
-            self.shared.handoff.settle(&entry.id, entry.key.as_ref());
+        let event = Event::Later(entry, self.shared.config.claim_interval);
+        if let Err(mpsc::error::SendError(event)) = self.events.send(event) {
+            spawn_give_back(self.shared.clone(), event);
         }
     }
 }
