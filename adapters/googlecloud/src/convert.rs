@@ -251,7 +251,8 @@ pub(crate) fn decode(pm: PubsubMessage, from: &Source<'_>) -> Message {
     let mut uuid_attribute = None;
     for (k, v) in &attributes {
         if k == from.uuid_attribute && !v.is_empty() {
-            uuid = Some(v.clone());
+            // Straight into the message's shared id (no String copy first).
+            uuid = Some(Arc::<str>::from(v.as_str()));
             uuid_attribute = Some(k.clone());
             continue;
         }
@@ -267,7 +268,7 @@ pub(crate) fn decode(pm: PubsubMessage, from: &Source<'_>) -> Message {
     let mut msg = match uuid {
         Some(u) => Message::with_uuid(u, data),
         // The message id: unique within the topic, the same on every redelivery.
-        None if !message_id.is_empty() => Message::with_uuid(message_id.clone(), data),
+        None if !message_id.is_empty() => Message::with_uuid(message_id.as_str(), data),
         None => Message::new(data),
     }
     .with_metadata_map(metadata);
