@@ -9,10 +9,13 @@
 //!   `redis::pipe()` on a multiplexed connection; Tidemill: `Publisher::publish(topic,
 //!   batch)`), from the first batch sent to the last reply;
 //! - consume: a consumer group created at the stream's beginning, from subscribing until
-//!   the N-th message is received and acked, each message acked (`XACK`) and the ack awaited
-//!   before the next message, as a sequential handler does (raw: `XREADGROUP COUNT 64
-//!   BLOCK` on a connection of its own, acks on a second one; Tidemill:
-//!   `Subscriber::subscribe(topic, group)` + `Delivery::ack`, prefetch 64).
+//!   every message is received and acked, each message acked and the ack awaited before
+//!   the next message, as a sequential handler does (raw: `XREADGROUP COUNT 64 BLOCK` on a
+//!   connection of its own, one `XACK` per message on a second one, the clock stopping at
+//!   the N-th `XACK`'s answer; Tidemill: `Subscriber::subscribe(topic, group)` +
+//!   `Delivery::ack`, prefetch 64: `ack()` returns once the ack is booked, so the clock
+//!   stops after the N-th ack returned, once `XPENDING` of the group shows nothing pending,
+//!   polled every 1 ms on a connection opened before the clock starts).
 //!
 //! Sides alternate which goes first; each round is printed, then the median msg/s, the
 //! median of the per-round ratios Tidemill / raw, the process CPU per message and the peak
@@ -346,8 +349,10 @@ async fn tidemill_round(
         }
     })
     .await?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
     let (consume, consume_cpu_us, consume_rss) = timed(n, || {
         let topic = &topic;
+        let conn = &mut conn;
         async move {
             let mut stream = subscriber
                 .subscribe(topic, SubscribeOptions::group("g"))
@@ -356,7 +361,8 @@ async fn tidemill_round(
                 let d = stream.next().await.ok_or("stream ended")??;
                 d.ack().await?;
             }
-            Ok(())
+            // An ack returns once booked: done when the group has nothing pending.
+            wait_none_pending(conn, topic, "g").await
         }
     })
     .await?;
@@ -595,6 +601,26 @@ async fn raw_batches(client: &redis::Client, stream: &str, n: usize) -> Result<R
     Ok(progress.finish())
 }
 
+/// Returns once `XPENDING` of `group` on stream `topic` shows nothing pending (polled every
+/// 1 ms).
+async fn wait_none_pending(
+    conn: &mut MultiplexedConnection,
+    topic: &str,
+    group: &str,
+) -> Result<(), BoxError> {
+    loop {
+        let summary: Value = redis::cmd("XPENDING")
+            .arg(topic)
+            .arg(group)
+            .query_async(conn)
+            .await?;
+        if matches!(&summary, Value::Array(parts) if parts.first() == Some(&Value::Int(0))) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// (b) and (c): the router, with a single-message handler or a batch handler.
 async fn router_consume(
     client: &redis::Client,
@@ -604,6 +630,7 @@ async fn router_consume(
     batch: bool,
 ) -> Result<Run, BoxError> {
     let group = if batch { "batch" } else { "single" };
+    let mut conn = client.get_multiplexed_async_connection().await?;
     let progress = Progress::new(n);
     let subscriber = RedisSubscriber::connect(config.clone()).await?;
     let clocked = Clocked {
@@ -651,18 +678,7 @@ async fn router_consume(
         done.await;
     }
     // Handled is not acked yet: wait for the group's last acks.
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    loop {
-        let summary: Value = redis::cmd("XPENDING")
-            .arg(topic)
-            .arg(group)
-            .query_async(&mut conn)
-            .await?;
-        if matches!(&summary, Value::Array(parts) if parts.first() == Some(&Value::Int(0))) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    wait_none_pending(&mut conn, topic, group).await?;
     let result = progress.finish();
     router.close().await?;
     run.await??;
