@@ -687,7 +687,18 @@ pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> M
         } else if raw_name == WATERMILL_UUID_HEADER {
             wm_uuid = value.clone().map(|v| (i, v));
         } else if raw_name == MSG_ID_HEADER {
-            msg_id = value.clone().map(|v| (i, v));
+            // An earlier id line enters the view now: this one is the candidate.
+            if let Some((m, v)) = msg_id.take() {
+                set_view(&roles, &mut metadata, m, v);
+            }
+            if let Some(v) = value {
+                // Its view entry is set once the uuid is known, unless it is taken for the
+                // uuid (most messages: no entry put into the view and taken out again).
+                let name = text(h.name()).unwrap_or_else(|| raw_name.to_owned());
+                msg_id = Some((i, v));
+                roles.push(Role::View(name));
+                continue;
+            }
         }
         let name = text(h.name()).unwrap_or_else(|| raw_name.to_owned());
         let view_key = match value {
@@ -737,12 +748,16 @@ pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> M
             }
         }
         uuid.into()
-    } else if let Some((idx, id)) = msg_id {
+    } else if let Some((idx, id)) = msg_id.take() {
         take(&mut roles, &mut metadata, idx, Role::Uuid);
         id.into()
     } else {
         derive_uuid(&msg, &origin)
     };
+    // The id line, when it stays in the view.
+    if let Some((m, v)) = msg_id {
+        set_view(&roles, &mut metadata, m, v);
+    }
     let ack = match &origin {
         Origin::Stream { ack, .. } => ack.as_ref(),
         Origin::Subject => None,
@@ -844,6 +859,19 @@ fn is_canonical(raw: &[u8], status: Option<&[u8]>, headers: &[RawHeader]) -> boo
         }
     }
     eat(b"\r\n") && rest.is_empty()
+}
+
+/// Sets the view entry of header `idx` (still a view entry) to `value`, unless a later line
+/// has the same view key (the last line of a name is the view's value).
+fn set_view(roles: &[Role], metadata: &mut Metadata, idx: usize, value: String) {
+    if let Role::View(k) = &roles[idx] {
+        if !roles[idx + 1..]
+            .iter()
+            .any(|r| matches!(r, Role::View(o) if o == k))
+        {
+            metadata.set(k.clone(), value);
+        }
+    }
 }
 
 /// Makes header `idx` play `role`, taking it out of the string view when it was the
@@ -1257,6 +1285,44 @@ mod tests {
         );
         assert_eq!(got.uuid(), "wm-1");
         assert_eq!(got.metadata().len(), 1);
+    }
+
+    #[test]
+    fn message_id_lines_enter_the_view_unless_they_are_the_uuid() {
+        let view = |raw: &'static [u8]| {
+            let m = decode(
+                wire(Some(Bytes::from_static(raw)), b"p"),
+                Origin::Subject,
+                &tidemill(),
+            );
+            let entries: Vec<(String, String)> = m
+                .metadata()
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            (m.uuid().to_owned(), entries)
+        };
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        // The last id line is the uuid; none stays in the view.
+        assert_eq!(
+            view(b"NATS/1.0\r\nNats-Msg-Id: a\r\nNats-Msg-Id: b\r\n\r\n"),
+            ("b".to_owned(), vec![])
+        );
+        // Watermill's uuid wins; a foreign id stays in the view.
+        assert_eq!(
+            view(b"NATS/1.0\r\n_watermill_message_uuid: w\r\nNats-Msg-Id: x\r\nk: v\r\n\r\n"),
+            (
+                "w".to_owned(),
+                vec![pair("Nats-Msg-Id", "x"), pair("k", "v")]
+            )
+        );
+        // A later id line that is not UTF-8: no id candidate, both lines in the view.
+        let (uuid, entries) = view(b"NATS/1.0\r\nNats-Msg-Id: a\r\nNats-Msg-Id: \xff\r\n\r\n");
+        assert_ne!(uuid, "a");
+        assert_eq!(
+            entries,
+            vec![pair("Nats-Msg-Id", "a"), pair("Nats-Msg-Id.b64", "/w==")]
+        );
     }
 
     #[test]
