@@ -179,6 +179,26 @@ pub async fn handler_call() {
     }
 }
 
+/// A positive count from the environment variable `name` (e.g. `TIDEMILL_BENCH_MESSAGES`),
+/// `default` when it is unset, empty, zero or not a number.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// The broker address a bench reads from the environment variable `name`; `None` (after
+/// printing why the bench skips, naming `make_target`) when it is unset or empty.
+pub fn broker_address(name: &str, make_target: &str) -> Option<String> {
+    let address = std::env::var(name).ok().filter(|u| !u.is_empty());
+    if address.is_none() {
+        eprintln!("SKIP: {name} is not set (run `make {make_target}`)");
+    }
+    address
+}
+
 /// CPU time used so far by every thread of this process, from
 /// `/proc/self/task/*/schedstat` (Linux; `None` where unavailable). Less sensitive than
 /// wall-clock time to other processes on a shared machine, and it counts what a scenario

@@ -34,7 +34,9 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber};
 use tidemill_core::{HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber};
-use tidemill_testkit::bench::{median, mib, record, Clock, Consumed, PeakRss, Row};
+use tidemill_testkit::bench::{
+    broker_address, env_count, median, mib, record, Clock, Consumed, PeakRss, Row,
+};
 
 const PAYLOAD: usize = 100;
 const PREFETCH: u16 = 128;
@@ -51,23 +53,11 @@ const CHILD_TOPIC: &str = "TIDEMILL_BENCH_CHILD_TOPIC";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
-}
-
 fn main() -> Result<(), BoxError> {
-    let Some(url) = std::env::var("TIDEMILL_AMQP_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        eprintln!("SKIP: TIDEMILL_AMQP_URL is not set (run `make bench-amqp`)");
+    let Some(url) = broker_address("TIDEMILL_AMQP_URL", "bench-amqp") else {
         return Ok(());
     };
-    let n = env_usize("TIDEMILL_BENCH_MESSAGES", 50_000);
+    let n = env_count("TIDEMILL_BENCH_MESSAGES", 50_000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -90,7 +80,7 @@ fn main() -> Result<(), BoxError> {
         );
         return Ok(());
     }
-    let rounds = env_usize("TIDEMILL_BENCH_ROUNDS", 5);
+    let rounds = env_count("TIDEMILL_BENCH_ROUNDS", 5);
     runtime.block_on(parent(url, n, rounds))
 }
 

@@ -60,7 +60,9 @@ use tidemill_core::router::BatchResult;
 use tidemill_core::{
     DeliveryStream, HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber,
 };
-use tidemill_testkit::bench::{median, mib, process_cpu, record, PeakRss, Row};
+use tidemill_testkit::bench::{
+    broker_address, env_count, median, mib, process_cpu, record, PeakRss, Row,
+};
 
 const PAYLOAD: usize = 100;
 const BATCH: usize = 1_000;
@@ -70,24 +72,12 @@ const LIMIT: Duration = Duration::from_secs(600);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
-}
-
 fn main() -> Result<(), BoxError> {
-    let Some(url) = std::env::var("TIDEMILL_AMQP_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        eprintln!("SKIP: TIDEMILL_AMQP_URL is not set (run `make bench-amqp`)");
+    let Some(url) = broker_address("TIDEMILL_AMQP_URL", "bench-amqp") else {
         return Ok(());
     };
-    let n = env_usize("TIDEMILL_BENCH_MESSAGES", 50_000);
-    let rounds = env_usize("TIDEMILL_BENCH_ROUNDS", 5);
+    let n = env_count("TIDEMILL_BENCH_MESSAGES", 50_000);
+    let rounds = env_count("TIDEMILL_BENCH_ROUNDS", 5);
     let batch_only = std::env::var("TIDEMILL_BENCH_BATCH_ONLY").is_ok_and(|v| v == "1");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
