@@ -75,7 +75,32 @@ struct Inner {
     state: Arc<StateCell>,
     /// The ack writers of the subscriptions, for [`Subscriber::close`] to wait for the acks
     /// booked with them.
-    writers: std::sync::Mutex<Vec<mpsc::WeakUnboundedSender<AckCommand>>>,
+    writers: std::sync::Mutex<Vec<Writer>>,
+}
+
+/// A subscription's ack writer, as [`Subscriber::close`] reaches it.
+struct Writer {
+    /// Its channel, while deliveries (or the subscription) can still book acks.
+    tx: mpsc::WeakUnboundedSender<AckCommand>,
+    /// Cancelled when the writer has ended (everything sent to it written).
+    ended: CancellationToken,
+}
+
+impl Writer {
+    /// Resolves once what was booked with the writer so far is written (or failed and was
+    /// logged).
+    async fn written(self) {
+        if let Some(tx) = self.tx.upgrade() {
+            let (done, rx) = oneshot::channel();
+            if tx.send(AckCommand::Flush(done)).is_ok() {
+                drop(tx);
+                let _ = rx.await;
+                return;
+            }
+        }
+        // Nobody can book more: the writer ends once it wrote what it holds.
+        self.ended.cancelled().await;
+    }
 }
 
 impl std::fmt::Debug for RedisSubscriber {
@@ -199,15 +224,23 @@ impl Subscriber for RedisSubscriber {
             shared.expire_consumers().await;
         }
         let (acks, acks_rx) = mpsc::unbounded_channel();
+        let ended = CancellationToken::new();
         {
             let mut writers = inner
                 .writers
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            writers.retain(|w| w.strong_count() > 0);
-            writers.push(acks.downgrade());
+            writers.retain(|w| !w.ended.is_cancelled());
+            writers.push(Writer {
+                tx: acks.downgrade(),
+                ended: ended.clone(),
+            });
         }
-        tokio::spawn(write_acks(shared.clone(), acks_rx));
+        let writer = write_acks(shared.clone(), acks_rx);
+        tokio::spawn(async move {
+            let _ended = ended.drop_guard();
+            writer.await;
+        });
         let shared_for_stream = shared.clone();
         let (events_tx, events) = mpsc::unbounded_channel();
         let events_for_stream = events_tx.clone();
@@ -283,21 +316,13 @@ impl Subscriber for RedisSubscriber {
                  the group takes them over after claim_idle"
             );
         }
-        let writers: Vec<_> = inner
+        let writers: Vec<Writer> = inner
             .writers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .drain(..)
-            .filter_map(|w| w.upgrade())
             .collect();
-        let mut written = Vec::with_capacity(writers.len());
-        for writer in writers {
-            let (tx, rx) = oneshot::channel();
-            if writer.send(AckCommand::Flush(tx)).is_ok() {
-                written.push(rx);
-            }
-        }
-        let all = futures::future::join_all(written);
+        let all = futures::future::join_all(writers.into_iter().map(Writer::written));
         if tokio::time::timeout(inner.config.command_timeout, all)
             .await
             .is_err()

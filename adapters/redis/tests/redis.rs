@@ -19,6 +19,7 @@ use tidemill_core::{
     Delivery, DeliveryStream, Error, Message, Publisher, SubscribeOptions, Subscriber,
 };
 use tidemill_redis::{RedisConfig, RedisPublisher, RedisRecord, RedisSubscriber};
+use tidemill_testkit::fault_proxy::FaultProxy;
 use tidemill_testkit::unique_topic;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -853,6 +854,65 @@ fn a_dropped_streams_booked_acks_are_written() {
         d.ack().await.expect("ack");
         ok(s.close().await, "close");
         assert_eq!(pending(&topic, "g").await, 0, "pending after close");
+        ok(p.close().await, "close");
+        delete(&[&topic]).await;
+    });
+}
+
+#[test]
+fn close_waits_for_acks_booked_after_the_subscription_ended() {
+    if !have_server("close_waits_for_acks_booked_after_the_subscription_ended") {
+        return;
+    }
+    runtime().block_on(async {
+        const N: usize = 50;
+        let topic = unique_topic("redis_booked_late");
+        let upstream = common::host_port(&redis_url());
+        let proxy = FaultProxy::start(upstream.as_str())
+            .await
+            .expect("fault proxy");
+        let proxied = test_config(&format!("redis://{}/0", proxy.addr()));
+        let p = ok(
+            RedisPublisher::connect(test_config(&redis_url())).await,
+            "connect",
+        );
+        let s = ok(RedisSubscriber::connect(proxied).await, "connect");
+        let opts = SubscribeOptions::group("g");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let sent: Vec<Message> = (0..N).map(|i| Message::new(format!("m{i}"))).collect();
+        ok(p.publish(&topic, sent).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let mut held = Vec::with_capacity(N);
+        for i in 0..N {
+            held.push(next(&mut stream, &format!("m{i}")).await);
+        }
+        // The subscription ends (its reading connection closes); its deliveries stay out.
+        drop(stream);
+        let started = Instant::now();
+        while proxy.active_connections() > 1 {
+            assert!(
+                started.elapsed() < LIMIT,
+                "the reading connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Acked while the connection hangs: booked, the XACK waits in the proxy.
+        proxy.stall();
+        for d in held {
+            d.ack().await.expect("ack");
+        }
+        let proxy = std::sync::Arc::new(proxy);
+        let resume = {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                proxy.resume();
+            })
+        };
+        // close() returns only once the XACK got through.
+        ok(s.close().await, "close");
+        assert_eq!(pending(&topic, "g").await, 0, "pending after close");
+        resume.await.expect("resume");
         ok(p.close().await, "close");
         delete(&[&topic]).await;
     });
