@@ -26,32 +26,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber};
-use tidemill_core::{HandlerResult, Message, Publisher, Router, SubscribeOptions, Subscriber};
+use tidemill_core::{HandlerResult, Message, Publisher, Router, Subscriber};
 use tidemill_testkit::bench::{
     broker_address, env_count, median, mib, record, Clock, Consumed, PeakRss, Row,
 };
 
 const PAYLOAD: usize = 100;
 const PREFETCH: u16 = 128;
-const PUBLISH_BATCH: usize = 1_000;
 const SIDES: [&str; 2] = ["raw", "router"];
 /// A child that has not finished after this long has stalled: the bench fails.
 const LIMIT: Duration = Duration::from_secs(600);
-/// Untimed: the broker finishes writing what it just accepted before anyone reads.
-const SETTLE_PAUSE: Duration = Duration::from_secs(3);
 
 /// Environment of a child: the side it runs, the queue it drains.
 const CHILD_SIDE: &str = "TIDEMILL_BENCH_CHILD_SIDE";
 const CHILD_TOPIC: &str = "TIDEMILL_BENCH_CHILD_TOPIC";
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+mod common;
+use common::BoxError;
 
 fn main() -> Result<(), BoxError> {
     let Some(url) = broker_address("TIDEMILL_AMQP_URL", "bench-amqp") else {
@@ -189,28 +184,12 @@ async fn parent(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
     };
     let publisher = AmqpPublisher::connect(config.clone()).await?;
     let setup = AmqpSubscriber::connect(config).await?;
-    let payload = bytes::Bytes::from((0..PAYLOAD).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     let exe = std::env::current_exe()?;
     let mut runs: [Vec<(f64, f64, u64)>; 2] = [Vec::new(), Vec::new()];
     PeakRss::reset();
     for round in 0..rounds {
-        let topic = format!(
-            "bench-consume-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        for side in SIDES {
-            setup
-                .initialize(&topic, &SubscribeOptions::group(side))
-                .await?;
-        }
-        let mut sent = 0;
-        while sent < n {
-            let count = PUBLISH_BATCH.min(n - sent);
-            let msgs = (0..count).map(|_| Message::new(payload.clone())).collect();
-            publisher.publish(&topic, msgs).await?;
-            sent += count;
-        }
-        tokio::time::sleep(SETTLE_PAUSE).await;
+        let topic =
+            common::filled_topic(&publisher, &setup, "bench-consume", &SIDES, n, PAYLOAD).await?;
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let output = Command::new(&exe)
@@ -248,20 +227,7 @@ async fn parent(url: String, n: usize, rounds: usize) -> Result<(), BoxError> {
             runs[1][round].1,
             mib(Some(runs[1][round].2)),
         );
-        let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
-        let channel = conn.create_channel().await?;
-        for side in SIDES {
-            channel
-                .queue_delete(
-                    format!("{topic}.{side}").as_str().into(),
-                    QueueDeleteOptions::default(),
-                )
-                .await?;
-        }
-        channel
-            .exchange_delete(topic.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
-        conn.close(200, "OK".into()).await?;
+        common::delete_topic(&url, &topic, &SIDES).await?;
     }
     publisher.close().await?;
     setup.close().await?;

@@ -70,7 +70,8 @@ const PREFETCH: u16 = 128;
 const GROUP: &str = "bench";
 const LIMIT: Duration = Duration::from_secs(600);
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+mod common;
+use common::BoxError;
 
 fn main() -> Result<(), BoxError> {
     let Some(url) = broker_address("TIDEMILL_AMQP_URL", "bench-amqp") else {
@@ -437,9 +438,6 @@ const BATCH_PREFETCH: u16 = 1_000;
 /// A consumer that receives nothing for this long has stalled: the bench fails.
 const STALL: Duration = Duration::from_secs(60);
 
-/// The untimed pause between filling the batch section's queues and reading them.
-const SETTLE_PAUSE: Duration = Duration::from_secs(3);
-
 /// The batch section's variants, in the order of their group queues.
 const VARIANTS: [&str; 3] = ["raw", "single", "batch"];
 
@@ -684,32 +682,14 @@ async fn batch_section(url: String, n: usize, rounds: usize) -> Result<(), BoxEr
     );
     let publisher = AmqpPublisher::connect(config.clone()).await?;
     let setup = AmqpSubscriber::connect(config.clone()).await?;
-    let payload = bytes::Bytes::from((0..PAYLOAD).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     let (mut raw, mut single, mut batch) = (
         BatchRuns::default(),
         BatchRuns::default(),
         BatchRuns::default(),
     );
     for round in 0..rounds {
-        let topic = format!(
-            "bench-batch-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        for group in VARIANTS {
-            setup
-                .initialize(&topic, &SubscribeOptions::group(group))
-                .await?;
-        }
-        let mut sent = 0;
-        while sent < n {
-            let count = BATCH.min(n - sent);
-            let msgs = (0..count).map(|_| Message::new(payload.clone())).collect();
-            publisher.publish(&topic, msgs).await?;
-            sent += count;
-        }
-        // Untimed: the broker finishes writing what it just accepted (the first reader of
-        // a just-filled queue ran 2-4x slower than the next one without this pause).
-        tokio::time::sleep(SETTLE_PAUSE).await;
+        let topic =
+            common::filled_topic(&publisher, &setup, "bench-batch", &VARIANTS, n, PAYLOAD).await?;
         let mut order = [0, 1, 2];
         if round % 2 == 1 {
             order.reverse();
@@ -732,20 +712,7 @@ async fn batch_section(url: String, n: usize, rounds: usize) -> Result<(), BoxEr
             n as f64 / single.0[round].elapsed.as_secs_f64(),
             n as f64 / batch.0[round].elapsed.as_secs_f64(),
         );
-        let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
-        let channel = conn.create_channel().await?;
-        for group in VARIANTS {
-            channel
-                .queue_delete(
-                    format!("{topic}.{group}").as_str().into(),
-                    QueueDeleteOptions::default(),
-                )
-                .await?;
-        }
-        channel
-            .exchange_delete(topic.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
-        conn.close(200, "OK".into()).await?;
+        common::delete_topic(&url, &topic, &VARIANTS).await?;
     }
     publisher.close().await?;
     setup.close().await?;
