@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tidemill_amqp::{AmqpConfig, AmqpPublisher, AmqpSubscriber};
@@ -89,19 +89,7 @@ async fn child(url: &str, side: &str, topic: &str, n: usize) -> Result<Consumed,
 }
 
 async fn raw(url: &str, topic: &str, n: usize) -> Result<Consumed, BoxError> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            format!("{topic}.raw").as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (conn, mut consumer) = common::raw_consumer(url, &format!("{topic}.raw"), PREFETCH).await?;
     let mut clock = None;
     for _ in 0..n {
         let delivery = tokio::time::timeout(LIMIT, consumer.next())

@@ -525,19 +525,8 @@ impl Subscriber for Clocked {
 /// (a) raw lapin: prefetch [`BATCH_PREFETCH`], one `basic.ack` with `multiple = true` per
 /// [`CONSUME_BATCH`] deliveries.
 async fn consume_raw_batches(url: &str, topic: &str, n: usize) -> Result<Consumed, BoxError> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    channel
-        .basic_qos(BATCH_PREFETCH, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            format!("{topic}.raw").as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (conn, mut consumer) =
+        common::raw_consumer(url, &format!("{topic}.raw"), BATCH_PREFETCH).await?;
     let progress = Progress::new(n);
     let consume = async {
         let mut pending = 0;

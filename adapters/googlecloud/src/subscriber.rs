@@ -332,22 +332,11 @@ struct Buffer {
 
 impl Buffer {
     fn push(buffer: &Mutex<Buffer>, item: Result<Delivery>) {
-        let waker = {
-            let mut b = buffer.lock();
-            if b.ended {
-                // Stopped meanwhile: dropping the delivery nacks it.
-                return;
-            }
-            b.items.push_back(item);
-            b.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        Self::push_all(buffer, std::iter::once(item));
     }
 
     /// Adds `items` in order with one lock and one wake-up.
-    fn push_all(buffer: &Mutex<Buffer>, items: Vec<Result<Delivery>>) {
+    fn push_all(buffer: &Mutex<Buffer>, items: impl IntoIterator<Item = Result<Delivery>>) {
         let waker = {
             let mut b = buffer.lock();
             if b.ended {

@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, Consumer};
 use tidemill_amqp::{AmqpPublisher, AmqpSubscriber};
 use tidemill_core::{Message, Publisher, SubscribeOptions, Subscriber};
 
@@ -70,4 +73,27 @@ pub async fn delete_topic(url: &str, topic: &str, groups: &[&str]) -> Result<(),
         .await?;
     conn.close(200, "OK".into()).await?;
     Ok(())
+}
+
+/// Raw lapin consuming `queue` on a connection of its own with manual acks and `prefetch`
+/// (the connection is returned to be closed when done).
+pub async fn raw_consumer(
+    url: &str,
+    queue: &str,
+    prefetch: u16,
+) -> Result<(Connection, Consumer), BoxError> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((conn, consumer))
 }
