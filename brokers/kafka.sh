@@ -20,32 +20,39 @@ kafka_ports() { echo "$TIDEMILL_KAFKA_PORT"; }
 kafka_installed() { [[ -x $NISSHI_BIN ]]; }
 kafka_apt_packages() { :; }
 
-# The cargo that builds nisshi: its lock file wants rustc 1.96 or later. The
-# default toolchain if it is recent enough, else an installed nightly.
+# The Rust that builds nisshi: its lock file wants rustc 1.96 or later (rama
+# 0.4 declares it). The default toolchain if it is recent enough, else the
+# pinned $TIDEMILL_NISSHI_RUST through rustup, installed when missing (minimal
+# profile, a few seconds): a fresh machine's one toolchain may be older.
+: "${TIDEMILL_NISSHI_RUST:=1.96}"
 nisshi_cargo() {
   local v
   v=$(rustc --version 2>/dev/null | awk '{print $2}')
   if [[ $v =~ ^1\.([0-9]+)\. ]] && ((BASH_REMATCH[1] >= 96)); then
     echo cargo
-  elif command -v rustup >/dev/null 2>&1 && rustup run nightly rustc --version >/dev/null 2>&1; then
-    echo "rustup run nightly cargo"
-  else
-    return 1
+    return 0
   fi
+  command -v rustup >/dev/null 2>&1 || return 1
+  if ! rustup run "$TIDEMILL_NISSHI_RUST" rustc --version >/dev/null 2>&1; then
+    log "  installing Rust $TIDEMILL_NISSHI_RUST for nisshi (rustup, minimal profile)"
+    rustup toolchain install "$TIDEMILL_NISSHI_RUST" --profile minimal --no-self-update >&2 ||
+      return 1
+  fi
+  echo "rustup run $TIDEMILL_NISSHI_RUST cargo"
 }
 
 kafka_install() {
   command -v cargo >/dev/null 2>&1 || die "cargo is needed to build nisshi"
   local cargo
   cargo=$(nisshi_cargo) ||
-    die "building nisshi $TIDEMILL_NISSHI_VERSION needs rustc 1.96 or later (or a nightly toolchain): rustup toolchain install stable"
+    die "building nisshi $TIDEMILL_NISSHI_VERSION needs rustc 1.96 or later: the default toolchain is older and rustup could not install $TIDEMILL_NISSHI_RUST"
   log "  $cargo install nisshi --version $TIDEMILL_NISSHI_VERSION --locked --features libsql"
   log "  (a one-time build of about half an hour on 2 cores; the binary is kept in $NISSHI_ROOT)"
   mkdir -p "$NISSHI_ROOT"
   # Its own target dir: do not hold the workspace's build lock meanwhile.
   # opt-level 1 instead of 3 cuts the build time a lot on 2 cores; a test
   # broker does not need the last bit of speed.
-  # shellcheck disable=SC2086 # $cargo may be "rustup run nightly cargo"
+  # shellcheck disable=SC2086 # $cargo may be "rustup run 1.96 cargo"
   CARGO_TARGET_DIR="$TIDEMILL_CACHE_DIR/nisshi-build" \
     CARGO_PROFILE_RELEASE_OPT_LEVEL="${TIDEMILL_NISSHI_OPT_LEVEL:-1}" \
     CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_INCREMENTAL=0 \
