@@ -19,7 +19,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tidemill_core::headers::{stable_uuid, BINARY_SUFFIX};
 use tidemill_core::{Message, Metadata, Native, NativeEntry};
 
-use crate::record::{KafkaRecord, RecordBuilder, View};
+use crate::record::{Arena, KafkaRecord, RecordBuilder, View};
 use crate::{KafkaConfig, BROKER};
 
 /// Which headers carry a message's uuid.
@@ -55,10 +55,11 @@ pub(crate) fn message<M: rdkafka::Message>(
     m: &M,
     topic: &Arc<str>,
     identity: &Identity,
+    arena: &mut Arena,
 ) -> Message {
     let (partition, offset) = (m.partition(), m.offset());
-    let value = m.payload().map(Bytes::copy_from_slice);
-    let key = m.key().map(Bytes::copy_from_slice);
+    let value = m.payload().map(|v| arena.copy(v));
+    let key = m.key().map(|k| arena.copy(k));
     let mut builder = RecordBuilder::new(
         topic.clone(),
         partition,
@@ -66,6 +67,7 @@ pub(crate) fn message<M: rdkafka::Message>(
         m.timestamp().into(),
         key.clone(),
         value.clone(),
+        arena,
     );
     if let Some(headers) = m.headers() {
         let count = headers.count();
@@ -80,7 +82,7 @@ pub(crate) fn message<M: rdkafka::Message>(
             }
         }
     }
-    let mut record = builder.finish();
+    let mut record = builder.finish(arena);
     if record.unreadable_headers() > 0 {
         tracing::warn!(
             topic = &**topic,
@@ -358,7 +360,7 @@ mod tests {
             offset,
             Some(headers),
         );
-        message(&m, &Arc::from("orders"), identity)
+        message(&m, &Arc::from("orders"), identity, &mut Arena::new())
     }
 
     /// Name and value of every header of `e`, in order.

@@ -5,7 +5,7 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tidemill_core::{Message, Native};
 
 use crate::BROKER;
@@ -240,6 +240,8 @@ impl fmt::Debug for KafkaRecord {
 /// Builds a [`KafkaRecord`] from what librdkafka delivered.
 pub(crate) struct RecordBuilder {
     record: KafkaRecord,
+    /// Header names and values, back to back (the arena's scratch buffer, handed back by
+    /// [`finish`](Self::finish)).
     bytes: Vec<u8>,
 }
 
@@ -251,6 +253,7 @@ impl RecordBuilder {
         timestamp: KafkaTimestamp,
         key: Option<Bytes>,
         value: Option<Bytes>,
+        arena: &mut Arena,
     ) -> Self {
         RecordBuilder {
             record: KafkaRecord {
@@ -266,7 +269,7 @@ impl RecordBuilder {
                 uuid_from: None,
                 view: Vec::new(),
             },
-            bytes: Vec::new(),
+            bytes: arena.take_scratch(),
         }
     }
 
@@ -292,9 +295,64 @@ impl RecordBuilder {
         self.record.unreadable_headers += 1;
     }
 
-    pub(crate) fn finish(mut self) -> KafkaRecord {
-        self.record.header_bytes = Bytes::from(self.bytes);
+    pub(crate) fn finish(mut self, arena: &mut Arena) -> KafkaRecord {
+        self.record.header_bytes = arena.copy(&self.bytes);
+        arena.return_scratch(self.bytes);
         self.record
+    }
+}
+
+/// Size of the chunks an [`Arena`] copies received bytes into.
+const CHUNK: usize = 16 * 1024;
+/// Larger pieces get an allocation of their own (a small piece a handler keeps holds at
+/// most one chunk in memory).
+const MAX_PIECE: usize = 1024;
+
+/// Where a subscription's poll thread copies received keys, values and header bytes:
+/// small pieces go back to back into shared chunks of [`CHUNK`] bytes, so a record's bytes
+/// cost no allocation of their own and their clones (the message's payload and key, the
+/// [`KafkaRecord`]'s value and key) only count a reference. A chunk is freed once nothing
+/// refers to any of its pieces.
+pub(crate) struct Arena {
+    chunk: BytesMut,
+    /// A buffer to collect a record's header bytes in, reused from record to record.
+    scratch: Vec<u8>,
+}
+
+impl Arena {
+    pub(crate) fn new() -> Self {
+        Arena {
+            chunk: BytesMut::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// A copy of `bytes`.
+    pub(crate) fn copy(&mut self, bytes: &[u8]) -> Bytes {
+        if bytes.is_empty() {
+            return Bytes::new();
+        }
+        if bytes.len() > MAX_PIECE {
+            return Bytes::copy_from_slice(bytes);
+        }
+        if self.chunk.capacity() - self.chunk.len() < bytes.len() {
+            self.chunk = BytesMut::with_capacity(CHUNK);
+        }
+        self.chunk.extend_from_slice(bytes);
+        self.chunk.split().freeze()
+    }
+
+    fn take_scratch(&mut self) -> Vec<u8> {
+        let mut v = std::mem::take(&mut self.scratch);
+        v.clear();
+        v
+    }
+
+    fn return_scratch(&mut self, v: Vec<u8>) {
+        // A huge record's buffer is not kept.
+        if v.capacity() <= CHUNK {
+            self.scratch = v;
+        }
     }
 }
 
@@ -303,7 +361,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn arena_copies_are_independent_of_each_other_and_of_the_source() {
+        let mut arena = Arena::new();
+        let mut source = vec![1u8, 2, 3];
+        let a = arena.copy(&source);
+        source[0] = 9;
+        let b = arena.copy(&source);
+        let empty = arena.copy(&[]);
+        let big = arena.copy(&vec![7u8; MAX_PIECE + 1]);
+        // Enough small pieces to fill several chunks.
+        let many: Vec<Bytes> = (0..3 * CHUNK / 100)
+            .map(|i| arena.copy(&[(i % 251) as u8; 100]))
+            .collect();
+        assert_eq!(&a[..], &[1, 2, 3]);
+        assert_eq!(&b[..], &[9, 2, 3]);
+        assert!(empty.is_empty());
+        assert_eq!(big.len(), MAX_PIECE + 1);
+        assert!(big.iter().all(|&x| x == 7));
+        for (i, piece) in many.iter().enumerate() {
+            assert_eq!(&piece[..], &[(i % 251) as u8; 100][..]);
+        }
+        let a2 = a.clone();
+        drop(a);
+        assert_eq!(&a2[..], &[1, 2, 3]);
+    }
+
+    #[test]
     fn headers_keep_order_duplicates_and_null() {
+        let mut arena = Arena::new();
         let mut b = RecordBuilder::new(
             Arc::from("t"),
             1,
@@ -311,12 +396,13 @@ mod tests {
             KafkaTimestamp::CreateTime(5),
             None,
             Some(Bytes::from_static(b"v")),
+            &mut arena,
         );
         b.header("a", Some(b"1"));
         b.header("", None);
         b.header("a", Some(&[0xff]));
         b.header("e", Some(b""));
-        let r = b.finish();
+        let r = b.finish(&mut arena);
         let all: Vec<(&str, Option<&[u8]>)> = r.headers().map(|h| (h.name(), h.value())).collect();
         assert_eq!(
             all,

@@ -40,6 +40,7 @@ use crate::client::{
 };
 use crate::config::Secrets;
 use crate::convert::{self, Identity};
+use crate::record::Arena;
 use crate::state::{Ref, State, Wake};
 use crate::{KafkaConfig, StartFrom, BROKER};
 
@@ -783,6 +784,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
     let mut drain_deadline: Option<Instant> = None;
     let mut last_received: Option<Instant> = None;
     let mut batch: Vec<(i64, tidemill_core::Message)> = Vec::new();
+    let mut arena = Arena::new();
     loop {
         // Events: rebalances (run their callbacks here), errors, commit results, log
         // lines, and messages that reached the main queue before their partition was
@@ -795,7 +797,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                 None => break,
                 Some(Ok(m)) => {
                     let p = m.partition();
-                    let msg = convert::message(&m, &shared.topic_arc, &shared.identity);
+                    let msg = convert::message(&m, &shared.topic_arc, &shared.identity, &mut arena);
                     let offset = m.offset();
                     drop(m);
                     push(&shared, p, vec![(offset, msg)]);
@@ -838,7 +840,12 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                     match q.poll(Duration::ZERO) {
                         None => break,
                         Some(Ok(m)) => {
-                            let msg = convert::message(&m, &shared.topic_arc, &shared.identity);
+                            let msg = convert::message(
+                                &m,
+                                &shared.topic_arc,
+                                &shared.identity,
+                                &mut arena,
+                            );
                             batch.push((m.offset(), msg));
                         }
                         Some(Err(e)) => report_consumer_error(&shared, e),
