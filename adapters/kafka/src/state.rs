@@ -72,14 +72,54 @@ struct Partition {
 }
 
 impl Partition {
-    fn entry_mut(&mut self, offset: i64) -> Option<&mut Entry> {
-        let idx = self
-            .entries
+    /// Where the entry of `offset` is in `entries`. Offsets are ascending and usually
+    /// consecutive, so the distance from the front is tried first; gaps (compacted topics,
+    /// transaction markers) fall back to a binary search.
+    fn index(&self, offset: i64) -> Option<usize> {
+        let front = self.entries.front()?.offset;
+        let guess = usize::try_from(offset.checked_sub(front)?).ok()?;
+        if self.entries.get(guess).is_some_and(|e| e.offset == offset) {
+            return Some(guess);
+        }
+        self.entries
             .binary_search_by_key(&offset, |e| e.offset)
-            .ok()?;
+            .ok()
+    }
+
+    fn entry(&self, offset: i64) -> Option<&Entry> {
+        self.entries.get(self.index(offset)?)
+    }
+
+    fn entry_mut(&mut self, offset: i64) -> Option<&mut Entry> {
+        let idx = self.index(offset)?;
         self.entries.get_mut(idx)
     }
 }
+
+/// Hashes a partition id as itself (spread by a multiplication): the partitions map is
+/// looked up for every hand-out and settlement, and SipHash costs more than the rest of
+/// such a lookup.
+#[derive(Default)]
+struct PartitionHasher(u64);
+
+impl std::hash::Hasher for PartitionHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_i32(&mut self, n: i32) {
+        // The high bits pick hashbrown's control bytes, the low bits the bucket.
+        self.0 = u64::from(n as u32).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Partitions = HashMap<i32, Partition, std::hash::BuildHasherDefault<PartitionHasher>>;
 
 /// What a settlement asks the caller to wake.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,7 +144,7 @@ fn refill(capacity: usize, before: usize, after: usize) -> bool {
 pub(crate) struct State {
     ordering: Ordering,
     capacity: usize,
-    partitions: HashMap<i32, Partition>,
+    partitions: Partitions,
     ready: VecDeque<Ref>,
     delayed: BinaryHeap<Reverse<(Instant, u64, Ref)>>,
     delay_seq: u64,
@@ -133,7 +173,7 @@ impl State {
             commit_every: commit_every.max(1),
             ordering,
             capacity: capacity.max(1),
-            partitions: HashMap::new(),
+            partitions: Partitions::default(),
             ready: VecDeque::new(),
             delayed: BinaryHeap::new(),
             delay_seq: 0,
@@ -331,13 +371,7 @@ impl State {
         self.partitions
             .get(&r.partition)
             .filter(|p| p.generation == r.generation)
-            .and_then(|p| {
-                let idx = p
-                    .entries
-                    .binary_search_by_key(&r.offset, |e| e.offset)
-                    .ok()?;
-                p.entries.get(idx)
-            })
+            .and_then(|p| p.entry(r.offset))
             .is_some_and(|e| e.status == Status::InFlight)
     }
 
@@ -654,6 +688,46 @@ mod tests {
         let again = take_all(&mut s);
         assert_eq!(names(&again), ["b"]);
         assert_eq!(again[0].2, 1);
+    }
+
+    #[test]
+    fn offsets_with_gaps_are_found() {
+        // Compacted topics and transaction markers leave gaps between offsets.
+        let mut s = State::new(Ordering::Key, 100, 1000);
+        s.assign(0, Some(0));
+        s.assign(7, Some(3));
+        let offsets = [0, 2, 5, 6, 9];
+        s.push(
+            0,
+            offsets
+                .iter()
+                .map(|&o| (o, msg(&format!("m{o}"), None)))
+                .collect(),
+        );
+        s.push(7, vec![(3, msg("p7", None))]);
+        let out = take_all(&mut s);
+        assert_eq!(names(&out), ["m0", "m2", "m5", "m6", "m9", "p7"]);
+        for (r, _, _) in out.iter().rev() {
+            assert!(s.is_out(*r));
+        }
+        // Settle out of order: the commit point follows the acked prefix across the gaps.
+        s.ack(out[3].0);
+        s.ack(out[1].0);
+        assert!(
+            s.commits().is_empty(),
+            "0 is not acked: {:?}",
+            s.commit_points()
+        );
+        s.ack(out[0].0);
+        assert_eq!(s.commits(), vec![(0, 3)]);
+        s.nack(out[2].0, None, Instant::now());
+        let again = take_all(&mut s);
+        assert_eq!(names(&again), ["m5"]);
+        s.ack(again[0].0);
+        s.ack(out[4].0);
+        s.ack(out[5].0);
+        assert_eq!(s.commits(), vec![(0, 10), (7, 4)]);
+        assert_eq!(s.in_flight(), 0);
     }
 
     #[test]
