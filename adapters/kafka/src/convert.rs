@@ -51,12 +51,23 @@ impl Identity {
 }
 
 /// A received record of `topic` as a Tidemill message carrying its [`KafkaRecord`].
+#[cfg(test)]
 pub(crate) fn message<M: rdkafka::Message>(
     m: &M,
     topic: &Arc<str>,
     identity: &Identity,
     arena: &mut Arena,
 ) -> Message {
+    message_of(record(m, topic, arena), identity)
+}
+
+/// A received record of `topic` as the [`KafkaRecord`] its message will carry (what the
+/// poll thread does with it: copy it out of librdkafka's buffers).
+pub(crate) fn record<M: rdkafka::Message>(
+    m: &M,
+    topic: &Arc<str>,
+    arena: &mut Arena,
+) -> KafkaRecord {
     let (partition, offset) = (m.partition(), m.offset());
     let value = m.payload().map(|v| arena.copy(v));
     let key = m.key().map(|k| arena.copy(k));
@@ -65,8 +76,8 @@ pub(crate) fn message<M: rdkafka::Message>(
         partition,
         offset,
         m.timestamp().into(),
-        key.clone(),
-        value.clone(),
+        key,
+        value,
         arena,
     );
     if let Some(headers) = m.headers() {
@@ -82,7 +93,7 @@ pub(crate) fn message<M: rdkafka::Message>(
             }
         }
     }
-    let mut record = builder.finish(arena);
+    let record = builder.finish(arena);
     if record.unreadable_headers() > 0 {
         tracing::warn!(
             topic = &**topic,
@@ -92,13 +103,24 @@ pub(crate) fn message<M: rdkafka::Message>(
             "a record has header names that are not UTF-8; they are left out"
         );
     }
+    record
+}
+
+/// The Tidemill message of a received record (payload = value, key = key, uuid from the
+/// identity header or derived from topic/partition/offset, metadata = the string view of
+/// the other headers), carrying the record as its [`Native`]. The subscription makes it
+/// when the message is first handed out, on the thread that takes it (which is also where
+/// it is usually dropped).
+pub(crate) fn message_of(mut record: KafkaRecord, identity: &Identity) -> Message {
     let (uuid_from, view, metadata) = string_view(&record, identity);
     let uuid = match uuid_from.and_then(|i| record.header(i).value_str()) {
         Some(text) => Arc::from(text),
-        None => derived_uuid(topic, partition, offset),
+        None => derived_uuid(record.topic(), record.partition(), record.offset()),
     };
     record.uuid_from = uuid_from;
     record.view = view;
+    let value = record.value_bytes().cloned();
+    let key = record.key_bytes().cloned();
     let native = Native::new(BROKER, record, &metadata);
     let msg = Message::with_uuid(uuid, value.unwrap_or_default()).with_metadata_map(metadata);
     let msg = match key {

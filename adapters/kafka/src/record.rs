@@ -213,6 +213,16 @@ impl KafkaRecord {
         self.unreadable_headers
     }
 
+    /// The key, shared.
+    pub(crate) fn key_bytes(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+
+    /// The value, shared.
+    pub(crate) fn value_bytes(&self) -> Option<&Bytes> {
+        self.value.as_ref()
+    }
+
     pub(crate) fn header(&self, i: usize) -> KafkaHeader<'_> {
         let at = &self.headers[i];
         KafkaHeader {

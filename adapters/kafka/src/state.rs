@@ -15,12 +15,15 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tidemill_core::{Error, Message};
 
+use crate::convert::{self, Identity};
+use crate::record::KafkaRecord;
 use crate::Ordering;
 
 /// Identifies one received message for its acknowledgement.
@@ -45,9 +48,42 @@ enum Status {
     Acked,
 }
 
+/// A received message in the state: the record as the poll thread copied it out of
+/// librdkafka, until it is first handed out and made into its message (on the thread that
+/// takes it, so the message's allocations are made where they are usually freed); the
+/// message is kept for redeliveries.
+pub(crate) enum Item {
+    Record(KafkaRecord),
+    Message(Message),
+    /// Only while its record is made into its message.
+    Converting,
+}
+
+impl From<KafkaRecord> for Item {
+    fn from(record: KafkaRecord) -> Self {
+        Item::Record(record)
+    }
+}
+
+impl From<Message> for Item {
+    fn from(message: Message) -> Self {
+        Item::Message(message)
+    }
+}
+
+impl Item {
+    fn key(&self) -> Option<&Bytes> {
+        match self {
+            Item::Record(r) => r.key_bytes(),
+            Item::Message(m) => m.key(),
+            Item::Converting => None,
+        }
+    }
+}
+
 struct Entry {
     offset: i64,
-    message: Message,
+    item: Item,
     lane: Option<Bytes>,
     /// Times handed out.
     deliveries: u32,
@@ -143,6 +179,8 @@ fn refill(capacity: usize, before: usize, after: usize) -> bool {
 /// Everything a subscription keeps in memory; guarded by one mutex.
 pub(crate) struct State {
     ordering: Ordering,
+    /// Which headers carry the uuid (to make records into messages).
+    identity: Arc<Identity>,
     capacity: usize,
     partitions: Partitions,
     ready: VecDeque<Ref>,
@@ -167,8 +205,14 @@ pub(crate) struct State {
 const MAX_ERRORS: usize = 16;
 
 impl State {
-    pub(crate) fn new(ordering: Ordering, capacity: usize, commit_every: usize) -> Self {
+    pub(crate) fn new(
+        ordering: Ordering,
+        capacity: usize,
+        commit_every: usize,
+        identity: Arc<Identity>,
+    ) -> Self {
         State {
+            identity,
             acked_since_commit: 0,
             commit_every: commit_every.max(1),
             ordering,
@@ -270,13 +314,14 @@ impl State {
 
     /// Adds messages received for `partition`, in offset order. Returns whether one became
     /// ready.
-    pub(crate) fn push(&mut self, partition: i32, messages: Vec<(i64, Message)>) -> bool {
+    pub(crate) fn push<T: Into<Item>>(&mut self, partition: i32, messages: Vec<(i64, T)>) -> bool {
         let ordering = self.ordering;
         let Some(p) = self.partitions.get_mut(&partition) else {
             return false; // revoked meanwhile; Kafka redelivers to the new owner
         };
         let mut any_ready = false;
-        for (offset, message) in messages {
+        for (offset, item) in messages {
+            let item: Item = item.into();
             if p.next_fetch.is_some_and(|next| offset < next) {
                 tracing::debug!(partition, offset, "skipping a message received twice");
                 continue;
@@ -286,7 +331,7 @@ impl State {
                 p.commit_point = Some(offset);
             }
             let lane = match ordering {
-                Ordering::Key => message.key().cloned(),
+                Ordering::Key => item.key().cloned(),
                 Ordering::Partition => Some(Bytes::new()),
             };
             let status = match &lane {
@@ -311,7 +356,7 @@ impl State {
             }
             p.entries.push_back(Entry {
                 offset,
-                message,
+                item,
                 lane,
                 deliveries: 0,
                 status,
@@ -342,6 +387,7 @@ impl State {
                 self.ready.push_back(r);
             }
         }
+        let identity = self.identity.clone();
         while out.len() < max {
             let Some(r) = self.ready.pop_front() else {
                 break;
@@ -352,9 +398,17 @@ impl State {
             if e.status != Status::Ready {
                 continue;
             }
+            if matches!(e.item, Item::Record(_)) {
+                if let Item::Record(record) = std::mem::replace(&mut e.item, Item::Converting) {
+                    e.item = Item::Message(convert::message_of(record, &identity));
+                }
+            }
+            let Item::Message(message) = &e.item else {
+                continue;
+            };
             e.status = Status::InFlight;
             e.deliveries += 1;
-            let item = (r, e.message.clone(), e.deliveries);
+            let item = (r, message.clone(), e.deliveries);
             self.in_flight += 1;
             out.push(item);
         }
@@ -529,6 +583,11 @@ fn advanced(p: &Partition) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::KafkaConfig;
+
+    fn identity() -> Arc<Identity> {
+        Identity::new(&KafkaConfig::default())
+    }
 
     fn msg(name: &str, key: Option<&str>) -> Message {
         let m = Message::with_uuid(name, name.to_owned());
@@ -550,7 +609,7 @@ mod tests {
 
     #[test]
     fn same_key_waits_for_the_ack_of_the_previous() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, Some(10));
         s.push(
             0,
@@ -574,7 +633,7 @@ mod tests {
 
     #[test]
     fn a_nacked_message_comes_back_before_its_successors_and_counts_attempts() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, Some(0));
         s.push(
             0,
@@ -592,7 +651,7 @@ mod tests {
 
     #[test]
     fn partition_ordering_puts_every_message_in_one_lane() {
-        let mut s = State::new(Ordering::Partition, 100, 1000);
+        let mut s = State::new(Ordering::Partition, 100, 1000, identity());
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("x", None)), (1, msg("y", Some("k")))]);
         let out = take_all(&mut s);
@@ -603,7 +662,7 @@ mod tests {
 
     #[test]
     fn commits_are_contiguous() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(3, Some(5));
         assert!(s.commits().is_empty(), "nothing new at the start position");
         s.push(
@@ -624,7 +683,7 @@ mod tests {
 
     #[test]
     fn commit_points_follow_the_acked_prefix() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, Some(5));
         s.assign(1, None);
         assert_eq!(
@@ -642,7 +701,7 @@ mod tests {
 
     #[test]
     fn a_failed_commit_is_sent_again() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("m", None))]);
         let out = take_all(&mut s);
@@ -656,7 +715,7 @@ mod tests {
 
     #[test]
     fn unknown_start_is_taken_from_the_first_message() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, None);
         s.push(0, vec![(42, msg("m", None))]);
         let out = take_all(&mut s);
@@ -668,7 +727,7 @@ mod tests {
 
     #[test]
     fn revoked_partitions_ignore_late_settlements() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("a", None)), (1, msg("b", None))]);
         let out = take_all(&mut s);
@@ -690,10 +749,64 @@ mod tests {
         assert_eq!(again[0].2, 1);
     }
 
+    fn record(offset: i64, key: Option<&'static [u8]>, uuid: Option<&str>) -> KafkaRecord {
+        use crate::record::{Arena, KafkaTimestamp, RecordBuilder};
+        let mut arena = Arena::new();
+        let mut b = RecordBuilder::new(
+            Arc::from("orders"),
+            0,
+            offset,
+            KafkaTimestamp::CreateTime(1),
+            key.map(Bytes::from_static),
+            Some(Bytes::from(format!("value {offset}"))),
+            &mut arena,
+        );
+        b.header("trace", Some(b"t1"));
+        if let Some(u) = uuid {
+            b.header(&KafkaConfig::default().uuid_header, Some(u.as_bytes()));
+        }
+        b.finish(&mut arena)
+    }
+
+    #[test]
+    fn records_become_messages_when_first_handed_out_and_stay_the_same() {
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
+        s.assign(0, Some(0));
+        s.push(
+            0,
+            vec![
+                (0, record(0, Some(b"k"), None)),
+                (1, record(1, Some(b"k"), Some("given-uuid"))),
+            ],
+        );
+        let first = take_all(&mut s);
+        assert_eq!(first.len(), 1, "1 waits behind 0 (same key)");
+        let m = &first[0].1;
+        assert_eq!(m.uuid(), &*convert::derived_uuid("orders", 0, 0));
+        assert_eq!(m.payload().as_ref(), b"value 0");
+        assert_eq!(m.key_str(), Some("k"));
+        assert_eq!(m.metadata().get("trace"), Some("t1"));
+        assert_eq!(KafkaRecord::of(m).map(KafkaRecord::offset), Some(0));
+        s.nack(first[0].0, None, Instant::now());
+        let again = take_all(&mut s);
+        assert_eq!(again[0].1, first[0].1, "the redelivery is the same message");
+        assert_eq!(again[0].2, 2);
+        s.ack(again[0].0);
+        let second = take_all(&mut s);
+        assert_eq!(second[0].1.uuid(), "given-uuid");
+        assert_eq!(
+            second[0].1.metadata().len(),
+            1,
+            "the uuid header is not metadata"
+        );
+        s.ack(second[0].0);
+        assert_eq!(s.commits(), vec![(0, 2)]);
+    }
+
     #[test]
     fn offsets_with_gaps_are_found() {
         // Compacted topics and transaction markers leave gaps between offsets.
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, Some(0));
         s.assign(7, Some(3));
         let offsets = [0, 2, 5, 6, 9];
@@ -732,7 +845,7 @@ mod tests {
 
     #[test]
     fn duplicates_from_kafka_are_skipped() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("a", None)), (1, msg("b", None))]);
         s.push(0, vec![(1, msg("b", None)), (2, msg("c", None))]);
@@ -741,7 +854,7 @@ mod tests {
 
     #[test]
     fn delayed_nacks_wait_until_due() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("a", Some("k"))), (1, msg("b", Some("k")))]);
         let out = take_all(&mut s);
@@ -761,7 +874,7 @@ mod tests {
 
     #[test]
     fn a_delayed_message_holds_its_key_and_the_commit_point_only() {
-        let mut s = State::new(Ordering::Key, 100, 1000);
+        let mut s = State::new(Ordering::Key, 100, 1000, identity());
         s.assign(0, Some(0));
         s.push(
             0,
@@ -798,7 +911,7 @@ mod tests {
 
     #[test]
     fn room_and_wakeups_follow_the_capacity() {
-        let mut s = State::new(Ordering::Key, 2, 1000);
+        let mut s = State::new(Ordering::Key, 2, 1000, identity());
         s.assign(0, Some(0));
         assert_eq!(s.room(0), 2);
         assert_eq!(s.room(9), 0, "not assigned");
@@ -812,7 +925,7 @@ mod tests {
 
     #[test]
     fn a_full_partition_wakes_the_poller_once_a_quarter_is_free() {
-        let mut s = State::new(Ordering::Key, 8, 1000);
+        let mut s = State::new(Ordering::Key, 8, 1000, identity());
         s.assign(0, Some(0));
         s.push(0, (0..8).map(|i| (i, msg("m", None))).collect());
         let out = take_all(&mut s);
@@ -829,7 +942,7 @@ mod tests {
 
     #[test]
     fn draining_wakes_the_poller_when_the_last_delivery_settles() {
-        let mut s = State::new(Ordering::Key, 10, 1000);
+        let mut s = State::new(Ordering::Key, 10, 1000, identity());
         s.assign(0, Some(0));
         s.push(0, vec![(0, msg("a", None)), (1, msg("b", None))]);
         let out = take_all(&mut s);

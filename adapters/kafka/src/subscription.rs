@@ -40,7 +40,7 @@ use crate::client::{
 };
 use crate::config::Secrets;
 use crate::convert::{self, Identity};
-use crate::record::Arena;
+use crate::record::{Arena, KafkaRecord};
 use crate::state::{Ref, State, Wake};
 use crate::{KafkaConfig, StartFrom, BROKER};
 
@@ -98,8 +98,6 @@ pub(crate) struct Shared {
     pub(crate) group: Option<String>,
     /// The topic, shared by the records received.
     topic_arc: Arc<str>,
-    /// Which headers carry the uuid.
-    identity: Arc<Identity>,
     /// Secret values of the configuration, hidden from logs.
     secrets: Arc<Secrets>,
     state: Mutex<State>,
@@ -162,12 +160,12 @@ impl Shared {
             topic: topic.to_owned(),
             group: group.map(str::to_owned),
             topic_arc: Arc::from(topic),
-            identity: Identity::new(config),
             secrets: config.secrets(),
             state: Mutex::new(State::new(
                 config.ordering,
                 config.max_buffered_per_partition,
                 config.commit_every,
+                Identity::new(config),
             )),
             revocations: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -783,7 +781,7 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
     let mut next_discovery = Instant::now() + DISCOVERY_INTERVAL;
     let mut drain_deadline: Option<Instant> = None;
     let mut last_received: Option<Instant> = None;
-    let mut batch: Vec<(i64, tidemill_core::Message)> = Vec::new();
+    let mut batch: Vec<(i64, KafkaRecord)> = Vec::new();
     let mut arena = Arena::new();
     loop {
         // Events: rebalances (run their callbacks here), errors, commit results, log
@@ -797,10 +795,10 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                 None => break,
                 Some(Ok(m)) => {
                     let p = m.partition();
-                    let msg = convert::message(&m, &shared.topic_arc, &shared.identity, &mut arena);
+                    let record = convert::record(&m, &shared.topic_arc, &mut arena);
                     let offset = m.offset();
                     drop(m);
-                    push(&shared, p, vec![(offset, msg)]);
+                    push(&shared, p, vec![(offset, record)]);
                     last_received = Some(Instant::now());
                 }
                 Some(Err(e)) => report_consumer_error(&shared, e),
@@ -840,13 +838,8 @@ fn run(consumer: Arc<BaseConsumer<SubContext>>, direct: Option<Vec<i32>>, settin
                     match q.poll(Duration::ZERO) {
                         None => break,
                         Some(Ok(m)) => {
-                            let msg = convert::message(
-                                &m,
-                                &shared.topic_arc,
-                                &shared.identity,
-                                &mut arena,
-                            );
-                            batch.push((m.offset(), msg));
+                            let record = convert::record(&m, &shared.topic_arc, &mut arena);
+                            batch.push((m.offset(), record));
                         }
                         Some(Err(e)) => report_consumer_error(&shared, e),
                     }
@@ -952,7 +945,7 @@ fn discover(
     known.extend(added);
 }
 
-fn push(shared: &Shared, partition: i32, messages: Vec<(i64, tidemill_core::Message)>) {
+fn push(shared: &Shared, partition: i32, messages: Vec<(i64, KafkaRecord)>) {
     let waker = {
         let mut s = shared.state.lock();
         if s.push(partition, messages) {
