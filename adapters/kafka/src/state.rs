@@ -53,7 +53,8 @@ enum Status {
 /// takes it, so the message's allocations are made where they are usually freed); the
 /// message is kept for redeliveries.
 pub(crate) enum Item {
-    Record(KafkaRecord),
+    /// Boxed: entries stay small (a full partition holds thousands of them).
+    Record(Box<KafkaRecord>),
     Message(Message),
     /// Only while its record is made into its message.
     Converting,
@@ -61,7 +62,7 @@ pub(crate) enum Item {
 
 impl From<KafkaRecord> for Item {
     fn from(record: KafkaRecord) -> Self {
-        Item::Record(record)
+        Item::Record(Box::new(record))
     }
 }
 
@@ -400,7 +401,7 @@ impl State {
             }
             if matches!(e.item, Item::Record(_)) {
                 if let Item::Record(record) = std::mem::replace(&mut e.item, Item::Converting) {
-                    e.item = Item::Message(convert::message_of(record, &identity));
+                    e.item = Item::Message(convert::message_of(*record, &identity));
                 }
             }
             let Item::Message(message) = &e.item else {
