@@ -73,7 +73,7 @@ cmd_up() {
   mkdir -p "$TIDEMILL_BROKERS_DIR"
   local t0=$SECONDS
 
-  # 1. Install what is missing. The Tansu build (minutes, only the first
+  # 1. Install what is missing. The Nisshi build (minutes, only the first
   #    time) runs in the background while the rest installs and starts.
   for n in "${list[@]}"; do
     tidemill_external "$n" && continue
@@ -120,7 +120,7 @@ cmd_up() {
     up_one "$n" || failed=1
   done
   if [[ -n $kafka_build_pid ]]; then
-    log "kafka: waiting for the Tansu build"
+    log "kafka: waiting for the Nisshi build"
     if wait "$kafka_build_pid"; then
       up_one kafka || failed=1
     else
