@@ -5,7 +5,8 @@
 # 1. Start the real brokers in the background (brokers/brokers.sh installs what is
 #    missing) while every test binary and example builds.
 # 2. Run unit, in-memory conformance and adapter conformance tests, then the tests that
-#    restart a shared broker (marked #[ignore], run one at a time), the doctests, then
+#    restart or kill a shared broker (marked #[ignore]; one at a time per broker, the
+#    failover scenarios alone: .config/nextest.toml's `restarts` profile), the doctests, then
 #    the examples end to end: the demo and the reliability example (in-memory), and the
 #    order flow (examples/order_flow/), the CQRS, the batch and the outbox examples on every
 #    backend (memory + the real brokers: Kafka, RabbitMQ, NATS, Pub/Sub, Redis, PostgreSQL and
@@ -31,6 +32,13 @@ fi
 build_examples() {
   cargo build --quiet --examples $FEATURES
 }
+
+# Tests run at once. Most of a test's time is spent waiting on a broker (a redelivery
+# coming due, a consumer group forming, a restart), so more of them than cores keeps the
+# 2-core machine busy; nextest's default is one per core. The restart tests use the
+# `restarts` profile of .config/nextest.toml, whose groups keep tests that disturb the
+# same broker apart.
+TEST_THREADS=${TIDEMILL_TEST_THREADS:-6}
 
 # Seconds one example run may take (Kafka consumer groups take a while to form).
 EXAMPLE_TIMEOUT=${TIDEMILL_EXAMPLE_TIMEOUT:-240}
@@ -127,10 +135,10 @@ fi
 if [[ ${1:-} == --inner ]]; then
   status=0
   if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace $FEATURES --no-fail-fast || status=1
-    echo "==> tests that restart a shared broker (one at a time)"
-    cargo nextest run --workspace $FEATURES --no-fail-fast --run-ignored only --test-threads 1 \
-      --no-tests pass || status=1
+    cargo nextest run --workspace $FEATURES --no-fail-fast --test-threads "$TEST_THREADS" || status=1
+    echo "==> tests that restart or kill a shared broker (one at a time per broker, failover scenarios alone)"
+    cargo nextest run --workspace $FEATURES --no-fail-fast --profile restarts --run-ignored only \
+      --test-threads "$TEST_THREADS" --no-tests pass || status=1
   else
     cargo test --workspace $FEATURES --no-fail-fast || status=1
     echo "==> tests that restart a shared broker (one at a time)"
