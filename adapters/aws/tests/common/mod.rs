@@ -460,7 +460,12 @@ where
     let url = queue_url(&sqs, &config.topic_name(&topic))
         .await
         .expect("the queue exists again");
-    assert_eq!(queue_depth(&sqs, &url).await, 0, "every message deleted");
+    // An ack returns once its delete is queued: it reaches the queue with the
+    // subscription's next DeleteMessageBatch.
+    wait_until("every message deleted", || async {
+        queue_depth(&sqs, &url).await == 0
+    })
+    .await;
     ok(s.close().await, "close");
     ok(p.close().await, "close");
 }
