@@ -31,6 +31,7 @@ mod batch;
 pub use batch::{
     batch_keeps_order_per_key, batch_panic_redelivers_the_batch, batch_settles_each_message,
     batch_shutdown_hands_over_a_partial_batch, batch_sizes_are_honoured,
+    batch_without_layers_settles_each_message,
 };
 
 use crate::request_reply::{Replier, ReplyErrorKind, RequestError, Requester, RequesterConfig};
@@ -52,6 +53,7 @@ macro_rules! middleware_tests {
             dead_letter_watcher_does_not_loop,
             batch_sizes_are_honoured,
             batch_settles_each_message,
+            batch_without_layers_settles_each_message,
             batch_panic_redelivers_the_batch,
             batch_shutdown_hands_over_a_partial_batch,
             batch_keeps_order_per_key,

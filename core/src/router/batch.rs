@@ -19,6 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use tower::Service;
 use tracing::Instrument;
 
+mod direct;
+
+pub(crate) use direct::run_direct;
+
 use super::handler::IntoMessages;
 use super::run::panic_message;
 use crate::{BoxError, Message, Publisher};

@@ -298,6 +298,7 @@ impl Router {
             output: None,
             concurrency: 1,
             inline: false,
+            layered: false,
             layers: ServiceBuilder::new(),
             state: (),
         }
@@ -685,6 +686,9 @@ pub struct HandlerBuilder<'r, L, S = ()> {
     /// Poll the messages in flight in the handler's own task rather than one task each
     /// (batch handlers: their work is the batch, not the message).
     inline: bool,
+    /// Whether a handler-level layer was added (a batch handler without any takes its
+    /// batches straight from the subscription).
+    layered: bool,
     layers: ServiceBuilder<L>,
     state: S,
 }
@@ -734,6 +738,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
             output: self.output,
             concurrency: self.concurrency,
             inline: self.inline,
+            layered: true,
             layers: self.layers.layer(layer),
             state: self.state,
         }
@@ -785,6 +790,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
             output: self.output,
             concurrency: self.concurrency,
             inline: self.inline,
+            layered: self.layered,
             layers: self.layers,
             state,
         }
@@ -860,6 +866,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
             output,
             concurrency,
             inline,
+            layered,
             layers,
             state,
         } = self;
@@ -872,6 +879,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
                 output,
                 concurrency,
                 inline,
+                layered,
                 layers,
                 state: (),
             },
@@ -889,6 +897,49 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
         <L::Service as Service<Message>>::Error: Into<BoxError>,
         <L::Service as Service<Message>>::Future: Send + 'static,
     {
+        let service = self.layers.service(service);
+        let (builder, _) = self.take_layers();
+        builder
+            .add(Box::new(move |run: HandlerRun| {
+                layered_runner(service, run)
+            }))
+            .await
+    }
+
+    /// The builder without its layers (for `add`, once they wrap the service), and them.
+    fn take_layers(self) -> (HandlerBuilder<'r, Identity, S>, ServiceBuilder<L>) {
+        let HandlerBuilder {
+            router,
+            name,
+            subscription,
+            options,
+            output,
+            concurrency,
+            inline,
+            layered,
+            layers,
+            state,
+        } = self;
+        (
+            HandlerBuilder {
+                router,
+                name,
+                subscription,
+                options,
+                output,
+                concurrency,
+                inline,
+                layered,
+                layers: ServiceBuilder::new(),
+                state,
+            },
+            layers,
+        )
+    }
+
+    /// Checks the builder and registers the handler with the loop `runner` starts; if the
+    /// router is running, the handler starts (subscribes) before this returns.
+    async fn add(self, runner: Runner) -> Result<(), RouterError> {
         if self.name.trim().is_empty() {
             return Err(RouterError::InvalidHandler {
                 handler: self.name,
@@ -904,18 +955,6 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
         let (subscriber, topic) = self
             .subscription
             .ok_or_else(|| RouterError::MissingSubscriber(self.name.clone()))?;
-        let service = self.layers.service(service);
-        let runner: Runner = Box::new(move |run: HandlerRun| {
-            if run.layers.is_empty() {
-                Box::pin(run_handler(service, run))
-            } else {
-                let mut boxed = BoxHandler::new(service.map_err(Into::into));
-                for wrap in run.layers.iter().rev() {
-                    boxed = wrap(boxed);
-                }
-                Box::pin(run_handler(boxed, run))
-            }
-        });
         let info = HandlerInfo {
             name: self.name.clone(),
             topic,
@@ -943,6 +982,25 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
             router.start(&self.name).await?;
         }
         Ok(())
+    }
+}
+
+/// The loop of a handler whose every message takes the service (wrapped in the router's
+/// layers, if it has any).
+fn layered_runner<Svc>(service: Svc, run: HandlerRun) -> BoxFuture<'static, ()>
+where
+    Svc: Service<Message, Response = Vec<Message>> + Send + 'static,
+    Svc::Error: Into<BoxError>,
+    Svc::Future: Send + 'static,
+{
+    if run.layers.is_empty() {
+        Box::pin(run_handler(service, run))
+    } else {
+        let mut boxed = BoxHandler::new(service.map_err(Into::into));
+        for wrap in run.layers.iter().rev() {
+            boxed = wrap(boxed);
+        }
+        Box::pin(run_handler(boxed, run))
     }
 }
 
@@ -1052,7 +1110,20 @@ impl<'r, L, S> BatchHandler<'r, L, S> {
             publisher: b.output.clone(),
         };
         let (b, _state) = b.take_state();
-        b.service(BatchService::start(f, config, output)).await
+        if b.layered {
+            return b.service(BatchService::start(f, config, output)).await;
+        }
+        // No handler-level layers: without router-level ones either, batches come straight
+        // from the subscription (no per-message service call); otherwise each message takes
+        // the router's layers on its way into the batch.
+        let runner: Runner = Box::new(move |run: HandlerRun| {
+            if run.layers.is_empty() {
+                Box::pin(batch::run_direct(f, config, output, run))
+            } else {
+                layered_runner(BatchService::start(f, config, output), run)
+            }
+        });
+        b.add(runner).await
     }
 }
 

@@ -150,7 +150,7 @@ where
         let mut settling =
             pin!(settle(&ctx, &settlement.0, outcome, &uuid, &tracked).instrument(span));
         let settled = poll_fn(|cx| match settling.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(true),
+            Poll::Ready(_) => Poll::Ready(true),
             Poll::Pending if forced.as_mut().poll(cx).is_ready() => Poll::Ready(false),
             Poll::Pending => Poll::Pending,
         })
@@ -249,7 +249,7 @@ where
 }
 
 /// What the subscription stream yielded.
-enum Next {
+pub(super) enum Next {
     Delivery(Delivery),
     /// An error item, logged; the stream goes on.
     Skip,
@@ -257,7 +257,7 @@ enum Next {
     Ended,
 }
 
-fn next_delivery(ctx: &HandlerCtx, item: Option<crate::Result<Delivery>>) -> Next {
+pub(super) fn next_delivery(ctx: &HandlerCtx, item: Option<crate::Result<Delivery>>) -> Next {
     match item {
         Some(Ok(d)) => Next::Delivery(d),
         Some(Err(e)) => {
@@ -308,7 +308,7 @@ where
                 Err(panic) => Err(panic),
             };
             tracked.handled();
-            settle(&ctx, &settlement.0, outcome, &uuid, &tracked).await;
+            let _nacked = settle(&ctx, &settlement.0, outcome, &uuid, &tracked).await;
             key
         }
         .instrument(span),
@@ -421,7 +421,10 @@ impl<F: Future<Output = Option<Bytes>> + Send + 'static> Pool<F> {
 /// Splits a delivery into the message handed to the service (with its context) and the
 /// settlement the router keeps, opens the message's span and keeps the uuid (for the
 /// failure path).
-fn prepare(ctx: &HandlerCtx, delivery: Delivery) -> (tracing::Span, Settlement, Message, Uuid) {
+pub(super) fn prepare(
+    ctx: &HandlerCtx,
+    delivery: Delivery,
+) -> (tracing::Span, Settlement, Message, Uuid) {
     let (mut msg, handle) = delivery.into_parts();
     let attempt = handle.attempt();
     let span = match &ctx.tracer {
@@ -441,22 +444,22 @@ fn prepare(ctx: &HandlerCtx, delivery: Delivery) -> (tracing::Span, Settlement, 
 }
 
 /// What a handler call came to: its result, or the message of its panic.
-type Outcome = Result<Result<Vec<Message>, BoxError>, String>;
+pub(super) type Outcome = Result<Result<Vec<Message>, BoxError>, String>;
 
 /// Applies the outcome rules: output published (confirmed) then input acked; handler error,
 /// publish error or panic nack the input after a delay: the one a [`redeliver_after`] error
 /// asks for, else the router's backoff for the delivery attempt (never at once, so a
 /// message that always fails cannot spin). An input settled early through its context is
-/// no longer settled here.
+/// no longer settled here. Returns the delay of the nack, if the input was nacked.
 ///
 /// [`redeliver_after`]: super::redeliver_after
-async fn settle(
+pub(super) async fn settle(
     ctx: &HandlerCtx,
     settlement: &Settlement,
     outcome: Outcome,
     uuid: &Uuid,
     tracked: &Tracked,
-) {
+) -> Option<std::time::Duration> {
     let (kind, asked, error) = match outcome {
         Ok(Ok(mut out)) => {
             if !out.is_empty() {
@@ -503,7 +506,7 @@ async fn settle(
             if let Some(tracer) = &ctx.tracer {
                 tracer.settled(&tracing::Span::current(), Settled::Acked);
             }
-            return;
+            return None;
         }
         Ok(Err(e)) => (
             Kind::Handler,
@@ -515,7 +518,7 @@ async fn settle(
     fail(ctx, settlement, uuid, tracked, kind, asked, error).await
 }
 
-/// Counts and logs a failure, then nacks the input with its redelivery delay.
+/// Counts and logs a failure, then nacks the input with its redelivery delay (returned).
 #[allow(clippy::too_many_arguments)]
 async fn fail(
     ctx: &HandlerCtx,
@@ -525,7 +528,7 @@ async fn fail(
     kind: Kind,
     asked: Option<std::time::Duration>,
     error: String,
-) {
+) -> Option<std::time::Duration> {
     if let Some(tracer) = &ctx.tracer {
         let outcome = Settled::Failed {
             kind: kind.what(),
@@ -540,7 +543,7 @@ async fn fail(
             "the input was settled early (e.g. instant ack), so this failure does not lead to \
              a redelivery"
         );
-        return;
+        return None;
     };
     let delay = ctx
         .failures
@@ -550,11 +553,12 @@ async fn fail(
     if let Err(e) = handle.nack_with_delay(delay).await {
         tracing::warn!(error = %e, "nack failed; the broker will redeliver after its timeout");
     }
+    Some(delay)
 }
 
 /// Takes (and so drops, which nacks) a handle nobody settled when the work on a message is
 /// abandoned midway.
-struct DropNacks(Settlement);
+pub(super) struct DropNacks(pub(super) Settlement);
 
 impl Drop for DropNacks {
     fn drop(&mut self) {

@@ -275,6 +275,98 @@ pub async fn batch_settles_each_message(b: Arc<dyn Backend>) {
     }
 }
 
+/// A batch handler without layers (batches straight from the subscription): a message
+/// failed alone comes back alone, a panic brings back its whole batch, every other message
+/// is handled once and acked; no batch exceeds its size.
+pub async fn batch_without_layers_settles_each_message(b: Arc<dyn Backend>) {
+    let f = b.features();
+    if !f.redelivers_on_nack || !f.consumer_groups || !f.persistent {
+        eprintln!(
+            "SKIP batch settlement without layers: needs redelivery and persistent consumer groups"
+        );
+        return;
+    }
+    let t = b.timeout();
+    let (p, s) = clients(&b).await;
+    let topic = unique_topic("batch-direct");
+    let group = "direct";
+    s.initialize(&topic, &SubscribeOptions::group(group))
+        .await
+        .unwrap_or_else(|e| panic!("initialize failed: {e}"));
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let panicked: Arc<Mutex<Option<usize>>> = Arc::default();
+    let failed_once = Arc::new(AtomicUsize::new(0));
+    let router = router();
+    let (c, z, x) = (calls.clone(), sizes.clone(), panicked.clone());
+    router
+        .add_handler("direct")
+        .subscribe(s.clone(), &topic)
+        .group(group)
+        .batch(8, Duration::from_millis(100))
+        .handler(move |msgs: Vec<Message>| {
+            z.lock().push(msgs.len());
+            let payloads: Vec<String> = msgs.iter().map(text).collect();
+            {
+                let mut x = x.lock();
+                if x.is_none() && payloads.iter().any(|m| m == "m12") {
+                    *x = Some(payloads.len());
+                    drop(x);
+                    panic!("the bulk insert hit a bug");
+                }
+            }
+            let mut result = BatchResult::ok();
+            for (i, payload) in payloads.iter().enumerate() {
+                if payload == "m7" && failed_once.fetch_add(1, Ordering::SeqCst) == 0 {
+                    result.fail(i, "ledger locked");
+                }
+            }
+            c.lock().extend(payloads);
+            async move { result }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("adding the batch handler failed: {e}"));
+    start(&router, t).await;
+    let msgs: Vec<Message> = (0..20).map(|i| Message::new(format!("m{i}"))).collect();
+    p.publish(&topic, msgs)
+        .await
+        .unwrap_or_else(|e| panic!("publish failed: {e}"));
+    // Every message handled (after the panic), m7 twice.
+    wait_until("batch outcome", t, || calls.lock().len() >= 21).await;
+    let stats = router.handler_stats("direct").expect("the handler's stats");
+    router
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for c in calls.lock().iter() {
+        *counts.entry(c.clone()).or_default() += 1;
+    }
+    for i in 0..20 {
+        let want = if i == 7 { 2 } else { 1 };
+        assert_eq!(
+            counts.get(&format!("m{i}")).copied().unwrap_or(0),
+            want,
+            "m{i} handled {want} time(s) (after the panic)"
+        );
+    }
+    assert!(
+        sizes.lock().iter().all(|&n| (1..=8).contains(&n)),
+        "batch sizes {:?}",
+        sizes.lock()
+    );
+    let panicked = panicked.lock().expect("a batch panicked") as u64;
+    assert_eq!(
+        (stats.failed, stats.panicked, stats.nacked),
+        (1, panicked, 1 + panicked),
+        "m7 and the panicked batch's messages nacked"
+    );
+    nothing_left(&p, &s, &topic, group, t).await;
+    for c in [p.close().await, s.close().await] {
+        c.unwrap_or_else(|e| panic!("close failed: {e}"));
+    }
+}
+
 /// A panicking batch handler fails every message of its batch; the recoverer sees each as a
 /// failure and they all come back, to be handled once it stops panicking.
 pub async fn batch_panic_redelivers_the_batch(b: Arc<dyn Backend>) {
@@ -410,11 +502,13 @@ pub async fn batch_shutdown_hands_over_a_partial_batch(b: Arc<dyn Backend>) {
 /// One batch's (key, payload as a number) pairs.
 type KeyedBatch = Vec<(String, u32)>;
 
-/// Keyed messages: a batch holds at most one message per key, and each key's messages are
-/// handled in publish order across batches.
+/// Keyed messages (a batch handler without layers, so batches come straight from the
+/// subscription): each key's messages come in publish order within each batch and, the
+/// first time each is handled, across batches; when one fails, the later ones of its key in
+/// that batch are not acked ahead of it (they come back too).
 pub async fn batch_keeps_order_per_key(b: Arc<dyn Backend>) {
     let f = b.features();
-    if !f.order_per_key {
+    if !f.order_per_key || !f.redelivers_on_nack {
         eprintln!("SKIP batch order per key: the backend does not keep order per key");
         return;
     }
@@ -430,6 +524,7 @@ pub async fn batch_keeps_order_per_key(b: Arc<dyn Backend>) {
         .await
         .unwrap_or_else(|e| panic!("initialize failed: {e}"));
     let batches: Arc<Mutex<Vec<KeyedBatch>>> = Arc::default();
+    let failed_once = Arc::new(AtomicUsize::new(0));
     let router = router();
     let got = batches.clone();
     let mut handler = router.add_handler("keys").subscribe(s.clone(), &topic);
@@ -439,15 +534,22 @@ pub async fn batch_keeps_order_per_key(b: Arc<dyn Backend>) {
     handler
         .batch(10, Duration::from_millis(50))
         .handler(move |msgs: Vec<Message>| {
-            let batch = msgs
+            let batch: KeyedBatch = msgs
                 .iter()
                 .map(|m| {
                     let key = String::from_utf8_lossy(m.key().map_or(&[][..], |k| k)).into_owned();
                     (key, text(m).parse().unwrap_or(u32::MAX))
                 })
                 .collect();
+            let mut result = BatchResult::ok();
+            // Message 4 (key k1) fails the first time it is handled.
+            if let Some(i) = batch.iter().position(|(_, v)| *v == 4) {
+                if failed_once.fetch_add(1, Ordering::SeqCst) == 0 {
+                    result.fail(i, "store busy");
+                }
+            }
             got.lock().push(batch);
-            async {}
+            async move { result }
         })
         .await
         .unwrap_or_else(|e| panic!("adding the batch handler failed: {e}"));
@@ -458,27 +560,52 @@ pub async fn batch_keeps_order_per_key(b: Arc<dyn Backend>) {
     p.publish(&topic, msgs)
         .await
         .unwrap_or_else(|e| panic!("publish failed: {e}"));
-    wait_until("30 messages handled", t, || {
-        batches.lock().iter().map(Vec::len).sum::<usize>() >= 30
+    // The later messages of k1 in the batch where 4 failed must come back as well.
+    let must_return = |batches: &[KeyedBatch]| -> Vec<u32> {
+        let Some(failed) = batches.iter().find(|b| b.iter().any(|(_, v)| *v == 4)) else {
+            return Vec::new();
+        };
+        failed
+            .iter()
+            .skip_while(|(_, v)| *v != 4)
+            .filter(|(k, _)| k == "k1")
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    wait_until("30 messages handled, the failed ones again", t, || {
+        let batches = batches.lock();
+        let count = |x: u32| batches.iter().flatten().filter(|(_, v)| *v == x).count();
+        (0..30).all(|x| count(x) >= 1) && must_return(&batches).iter().all(|&x| count(x) >= 2)
     })
     .await;
     router
         .close()
         .await
         .unwrap_or_else(|e| panic!("close failed: {e}"));
-    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
-    for batch in batches.lock().iter() {
-        let mut keys: Vec<&str> = batch.iter().map(|(k, _)| k.as_str()).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        assert_eq!(keys.len(), batch.len(), "one message per key in {batch:?}");
+    let batches = batches.lock().clone();
+    let mut first: HashMap<String, Vec<u32>> = HashMap::new();
+    for batch in &batches {
+        for key in ["k0", "k1", "k2"] {
+            let values: Vec<u32> = batch
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, v)| *v)
+                .collect();
+            assert!(
+                values.windows(2).all(|w| w[0] < w[1]),
+                "key {key} out of order in the batch {batch:?}"
+            );
+        }
         for (k, v) in batch {
-            per_key.entry(k.clone()).or_default().push(*v);
+            let seen = first.entry(k.clone()).or_default();
+            if !seen.contains(v) {
+                seen.push(*v);
+            }
         }
     }
-    for (key, seen) in per_key {
+    for (key, seen) in first {
         let want: Vec<u32> = (0..30).filter(|i| format!("k{}", i % 3) == key).collect();
-        assert_eq!(seen, want, "key {key} handled once each, in publish order");
+        assert_eq!(seen, want, "key {key}: first handled in publish order");
     }
     for c in [p.close().await, s.close().await] {
         c.unwrap_or_else(|e| panic!("close failed: {e}"));

@@ -479,3 +479,164 @@ async fn a_layer_that_waits_for_capacity_gets_it_back() {
     assert_eq!(seen, want);
     router.close().await.unwrap();
 }
+
+/// How the scripted subscription's deliveries were settled: (payload, acked, nack delay).
+type SettleLog = Arc<Mutex<Vec<(String, bool, Option<Duration>)>>>;
+
+/// Records how its delivery was settled.
+struct Logged(String, SettleLog);
+
+impl crate::Acknowledger for Logged {
+    fn ack(self: Box<Self>) -> crate::AckFuture {
+        self.1.lock().push((self.0.clone(), true, None));
+        crate::AckFuture::ready(Ok(()))
+    }
+    fn nack(self: Box<Self>, delay: Option<Duration>) -> crate::AckFuture {
+        self.1.lock().push((self.0.clone(), false, delay));
+        crate::AckFuture::ready(Ok(()))
+    }
+}
+
+/// A subscription that hands out a fixed list of deliveries at once, all of them before any
+/// is settled (as a log broker does within a partition), then waits.
+struct Scripted {
+    deliveries: Mutex<Vec<crate::Delivery>>,
+}
+
+#[async_trait]
+impl Subscriber for Scripted {
+    async fn subscribe(
+        &self,
+        _topic: &str,
+        _options: SubscribeOptions,
+    ) -> crate::Result<crate::DeliveryStream> {
+        let deliveries = std::mem::take(&mut *self.deliveries.lock());
+        Ok(crate::DeliveryStream::new(
+            futures::stream::iter(deliveries.into_iter().map(Ok)).chain(futures::stream::pending()),
+        ))
+    }
+    async fn close(&self) -> crate::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_batch_keeps_a_keys_messages_in_order_and_none_is_acked_ahead_of_a_failed_one() {
+    let log: SettleLog = Arc::default();
+    let script = [
+        ("a1", "a"),
+        ("b1", "b"),
+        ("a2", "a"),
+        ("a3", "a"),
+        ("b2", "b"),
+    ];
+    let deliveries = script
+        .iter()
+        .enumerate()
+        .map(|(i, (payload, key))| {
+            let msg = Message::new(*payload).with_key(*key);
+            // a3 has been delivered more often than a2, so its own backoff would be longer:
+            // it still goes back no sooner than a2.
+            let attempt = if *payload == "a3" { 1 } else { 3 + i as u32 };
+            crate::Delivery::new(msg, Logged(payload.to_string(), log.clone()))
+                .with_attempt(attempt)
+        })
+        .collect();
+    let router = Router::with_config(config());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    router
+        .add_handler("store")
+        .subscribe(
+            Scripted {
+                deliveries: Mutex::new(deliveries),
+            },
+            "in",
+        )
+        .batch(5, FOREVER)
+        .handler(move |msgs: Vec<Message>| {
+            let _ = tx.send(texts(&msgs));
+            let mut result = BatchResult::ok();
+            result.fail(2, "store busy");
+            async move { result }
+        })
+        .await
+        .unwrap();
+    start(&router).await;
+    assert_eq!(recv(&mut rx).await, ["a1", "b1", "a2", "a3", "b2"]);
+    let stats = tokio::time::timeout(WAIT, async {
+        loop {
+            let stats = router.handler_stats("store").unwrap();
+            if stats.nacked == 2 {
+                break stats;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("both settled within 10s");
+    assert_eq!(stats.failed, 2);
+    router.close().await.unwrap();
+    let log = log.lock().clone();
+    let settled: Vec<(&str, bool)> = log.iter().map(|(p, a, _)| (p.as_str(), *a)).collect();
+    assert_eq!(
+        settled,
+        [
+            ("a1", true),
+            ("b1", true),
+            ("a2", false),
+            ("a3", false),
+            ("b2", true)
+        ],
+        "a3 nacked with a2, the others acked"
+    );
+    let (a2, a3) = (log[2].2.unwrap(), log[3].2.unwrap());
+    assert!(
+        a3 >= a2,
+        "a3 redelivered no sooner than a2: {a3:?} < {a2:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_a_router_layer_each_message_takes_it_on_its_way_into_a_batch() {
+    let broker = MemoryBroker::new();
+    let router = Router::with_config(config());
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    router.layer(tower::util::MapRequestLayer::new(move |m: Message| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        m
+    }));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    router
+        .add_handler("store")
+        .subscribe(broker.subscriber(), "in")
+        .group("store")
+        .batch(4, FOREVER)
+        .handler(move |msgs: Vec<Message>| {
+            let _ = tx.send(texts(&msgs));
+            let mut result = BatchResult::ok();
+            for (i, m) in msgs.iter().enumerate() {
+                if text(m) == "flaky" && !failed_once.swap(true, Ordering::SeqCst) {
+                    result.fail(i, "database busy");
+                }
+            }
+            async move { result }
+        })
+        .await
+        .unwrap();
+    start(&router).await;
+    publish(&broker, "in", &["a", "flaky", "b", "c"]).await;
+    let mut first = recv(&mut rx).await;
+    first.sort();
+    assert_eq!(first, ["a", "b", "c", "flaky"]);
+    publish(&broker, "in", &["d", "e", "f"]).await;
+    let mut second = recv(&mut rx).await;
+    second.sort();
+    assert_eq!(second, ["d", "e", "f", "flaky"]);
+    // Eight calls through the layer: seven messages, one of them twice.
+    assert_eq!(seen.load(Ordering::SeqCst), 8);
+    let stats = router.handler_stats("store").unwrap();
+    assert_eq!((stats.failed, stats.nacked), (1, 1));
+    router.close().await.unwrap();
+}
