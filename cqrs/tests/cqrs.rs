@@ -1429,3 +1429,37 @@ async fn a_batch_projection_gets_decoded_events_and_each_bad_one_is_poisoned() {
     );
     router.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_projection_without_layers_gets_its_events_in_order() {
+    let broker = MemoryBroker::new();
+    let router = Router::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut events = EventProcessor::new(broker.subscriber());
+    events
+        .handle_batch(
+            "occupancy",
+            3,
+            Duration::from_millis(20),
+            move |batch: Vec<(RoomBooked, Context)>| {
+                tx.send(batch.iter().map(|(e, _)| e.room).collect::<Vec<u32>>())
+                    .unwrap();
+                async { BatchResult::ok() }
+            },
+        )
+        .unwrap();
+    events.add_to(&router).await.unwrap();
+    start(&router).await;
+    let bus = EventBus::new(broker.publisher());
+    for room in 1..=7 {
+        bus.publish(&RoomBooked { room }).await.unwrap();
+    }
+    let mut rooms = Vec::new();
+    while rooms.len() < 7 {
+        let batch = recv(&mut rx).await;
+        assert!((1..=3).contains(&batch.len()), "batch of {}", batch.len());
+        rooms.extend(batch);
+    }
+    assert_eq!(rooms, [1, 2, 3, 4, 5, 6, 7], "in publish order");
+    router.close().await.unwrap();
+}

@@ -1,11 +1,13 @@
 //! Batch handlers: one call with many messages, each message settled on its own.
 //!
 //! [`HandlerBuilder::batch`](super::HandlerBuilder::batch) makes a handler whose function
-//! takes a `Vec<Message>`. Underneath, every message still takes the single-message path:
-//! the router hands it to the handler's layers (retry, poison queue, dead letter, recoverer,
-//! correlation id work per message, unchanged), and the innermost service, a
-//! [`BatchService`], gathers the messages that reach it into batches for the function. The
-//! function's [`BatchResult`] then settles each message by the usual outcome rules.
+//! takes a `Vec<Message>`. Without layers, the handler's loop ([`run_direct`]) takes its
+//! batches straight from the subscription. With layers, every message takes the
+//! single-message path: the router hands it to the layers (retry, poison queue, dead letter,
+//! recoverer, correlation id work per message, unchanged), and the innermost service, a
+//! [`BatchService`], gathers the messages that reach it into batches for the function.
+//! Either way the function's [`BatchResult`] settles each message by the usual outcome
+//! rules.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

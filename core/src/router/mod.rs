@@ -1015,15 +1015,22 @@ where
 /// dead letter, retry, recoverer) exactly as a single message would be. A panic fails
 /// every message of the batch as a panic.
 ///
-/// - **How batches form**: every message goes through the handler's layers first; those
-///   that reach the handler are gathered into batches, handled one batch at a time, in
-///   arrival order. Up to twice `max_messages` messages are in flight (or the handler's
-///   [`concurrency`](HandlerBuilder::concurrency), if higher), so the next batch gathers
-///   while one is handled: make the subscription's prefetch (RabbitMQ `prefetch`, NATS
-///   `max_ack_pending`, Pub/Sub flow control) at least that, or batches stay smaller.
-/// - **Order per key**: a batch holds at most one message per key; the next message with
-///   that key goes into a later batch, once the earlier one is settled (as the
-///   single-message path keeps keys sequential). Messages without a key are not limited.
+/// - **How batches form**: without layers (neither the handler's nor the router's), the
+///   router takes deliveries straight from the subscription until the batch is full,
+///   `max_wait` has passed since its first message, or the handler stops; it calls the
+///   function and settles each message in order, so the subscription must let
+///   `max_messages` messages go unacked (RabbitMQ `prefetch`, NATS `max_ack_pending`,
+///   Pub/Sub flow control). With layers, every message goes through them first; those that
+///   reach the handler are gathered into batches, handled one batch at a time, in arrival
+///   order, with up to twice `max_messages` messages in flight (or the handler's
+///   [`concurrency`](HandlerBuilder::concurrency), if higher) so the next batch gathers
+///   while one is handled.
+/// - **Order per key**: without layers, a batch holds messages in delivery order, several
+///   of one key included; when one fails, the later messages of its key in that batch are
+///   nacked with it (redelivered no sooner), never acked ahead of it. With layers, a batch
+///   holds at most one message per key; the next message with that key goes into a later
+///   batch, once the earlier one is settled (as the single-message path keeps keys
+///   sequential). Messages without a key are not limited.
 /// - **Retries**: a message a retry layer retries joins a later batch.
 /// - **Shutdown**: a partial batch is handled at once when the handler stops taking
 ///   messages (or, while a layer still holds on to the handler to retry something, within

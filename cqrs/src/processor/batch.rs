@@ -204,7 +204,8 @@ fn sort(sorting: &Sorting, ty: &str, message: &Message) -> Sorted {
 }
 
 impl BatchSpec {
-    /// Adds the batch handler to `router`, its layers around each message.
+    /// Adds the batch handler to `router`, its layers around each message (without layers,
+    /// batches come straight from the subscription).
     pub(super) async fn add_to(
         &self,
         router: &Router,
@@ -215,6 +216,18 @@ impl BatchSpec {
         sorting: Sorting,
     ) -> Result<(), CqrsError> {
         let call = (self.make)(sorting);
+        let handler = router
+            .add_handler(self.name.clone())
+            .subscribe(subscriber, topic)
+            .group(group);
+        if layers.is_empty() {
+            // No layers: batches come straight from the subscription.
+            handler
+                .batch(self.max_messages, self.max_wait)
+                .handler(move |msgs: Vec<Message>| call(msgs))
+                .await?;
+            return Ok(());
+        }
         let layers: Vec<WrapHandler> = layers.to_vec();
         let wrap = tower::layer::layer_fn(move |inner: tidemill_core::router::BatchService| {
             let mut service = BoxHandler::new(inner);
@@ -223,10 +236,7 @@ impl BatchSpec {
             }
             service
         });
-        router
-            .add_handler(self.name.clone())
-            .subscribe(subscriber, topic)
-            .group(group)
+        handler
             .layer(wrap)
             .batch(self.max_messages, self.max_wait)
             .handler(move |msgs: Vec<Message>| call(msgs))
