@@ -730,18 +730,9 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
 
     /// Adds a handler-level layer (inside router-level layers; first added is outermost).
     pub fn layer<T>(self, layer: T) -> HandlerBuilder<'r, Stack<T, L>, S> {
-        HandlerBuilder {
-            router: self.router,
-            name: self.name,
-            subscription: self.subscription,
-            options: self.options,
-            output: self.output,
-            concurrency: self.concurrency,
-            inline: self.inline,
-            layered: true,
-            layers: self.layers.layer(layer),
-            state: self.state,
-        }
+        let (mut builder, ()) = self.rebuild(|layers, state| (layers.layer(layer), state, ()));
+        builder.layered = true;
+        builder
     }
 
     /// Makes this a batch handler: its function takes up to `max_messages` messages at once,
@@ -782,18 +773,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
     /// # Ok(()) }
     /// ```
     pub fn state<T>(self, state: T) -> HandlerBuilder<'r, L, T> {
-        HandlerBuilder {
-            router: self.router,
-            name: self.name,
-            subscription: self.subscription,
-            options: self.options,
-            output: self.output,
-            concurrency: self.concurrency,
-            inline: self.inline,
-            layered: self.layered,
-            layers: self.layers,
-            state,
-        }
+        self.rebuild(|layers, _| (layers, state, ())).0
     }
 
     /// Adds the handler with an async function (or closure) as its service. Its arguments
@@ -858,6 +838,14 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
 
     /// The builder without its state, and the state.
     fn take_state(self) -> (HandlerBuilder<'r, L, ()>, S) {
+        self.rebuild(|layers, state| (layers, (), state))
+    }
+
+    /// The builder with the layers and state `f` makes of its own, and what else `f` returns.
+    fn rebuild<L2, S2, X>(
+        self,
+        f: impl FnOnce(ServiceBuilder<L>, S) -> (ServiceBuilder<L2>, S2, X),
+    ) -> (HandlerBuilder<'r, L2, S2>, X) {
         let HandlerBuilder {
             router,
             name,
@@ -870,6 +858,7 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
             layers,
             state,
         } = self;
+        let (layers, state, extra) = f(layers, state);
         (
             HandlerBuilder {
                 router,
@@ -881,9 +870,9 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
                 inline,
                 layered,
                 layers,
-                state: (),
+                state,
             },
-            state,
+            extra,
         )
     }
 
@@ -897,44 +886,14 @@ impl<'r, L, S> HandlerBuilder<'r, L, S> {
         <L::Service as Service<Message>>::Error: Into<BoxError>,
         <L::Service as Service<Message>>::Future: Send + 'static,
     {
-        let service = self.layers.service(service);
-        let (builder, _) = self.take_layers();
+        let (builder, layers) =
+            self.rebuild(|layers, state| (ServiceBuilder::new(), state, layers));
+        let service = layers.service(service);
         builder
             .add(Box::new(move |run: HandlerRun| {
                 layered_runner(service, run)
             }))
             .await
-    }
-
-    /// The builder without its layers (for `add`, once they wrap the service), and them.
-    fn take_layers(self) -> (HandlerBuilder<'r, Identity, S>, ServiceBuilder<L>) {
-        let HandlerBuilder {
-            router,
-            name,
-            subscription,
-            options,
-            output,
-            concurrency,
-            inline,
-            layered,
-            layers,
-            state,
-        } = self;
-        (
-            HandlerBuilder {
-                router,
-                name,
-                subscription,
-                options,
-                output,
-                concurrency,
-                inline,
-                layered,
-                layers: ServiceBuilder::new(),
-                state,
-            },
-            layers,
-        )
     }
 
     /// Checks the builder and registers the handler with the loop `runner` starts; if the

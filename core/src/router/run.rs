@@ -22,7 +22,7 @@ use super::HandlerRun;
 use crate::context::Settlement;
 use crate::message::Uuid;
 use crate::stop::StopWatch;
-use crate::{BoxError, Delivery, HandlerInfo, Message, MessageContext, Publisher};
+use crate::{BoxError, Delivery, DeliveryStream, HandlerInfo, Message, MessageContext, Publisher};
 
 /// What every message of one handler shares.
 pub(crate) struct HandlerCtx {
@@ -75,17 +75,7 @@ where
     let mut stopped = StopWatch::new(stop);
     let mut forced = pin!(force.cancelled());
     loop {
-        // Stop first, so a stop between messages is seen even when the stream is always
-        // ready (one atomic load per message, see `StopWatch`).
-        let item = poll_fn(|cx| {
-            if stopped.poll_stopped(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            stream.poll_next_unpin(cx).map(Some)
-        })
-        .await;
-        let Some(item) = item else { break };
-        let delivery = match next_delivery(&ctx, item) {
+        let delivery = match next_unless_stopped(&ctx, &mut stream, &mut stopped).await {
             Next::Delivery(d) => d,
             Next::Skip => continue,
             Next::Ended => break,
@@ -255,6 +245,27 @@ pub(super) enum Next {
     Skip,
     /// The stream ended (subscriber closed or subscription cancelled).
     Ended,
+}
+
+/// The subscription's next delivery; [`Next::Ended`] also once the handler is stopped. The
+/// stop is checked first, so it is seen between messages even when the stream is always
+/// ready (one atomic load per message, see `StopWatch`).
+pub(super) async fn next_unless_stopped(
+    ctx: &HandlerCtx,
+    stream: &mut DeliveryStream,
+    stopped: &mut StopWatch,
+) -> Next {
+    let item = poll_fn(|cx| {
+        if stopped.poll_stopped(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        stream.poll_next_unpin(cx).map(Some)
+    })
+    .await;
+    match item {
+        Some(item) => next_delivery(ctx, item),
+        None => Next::Ended,
+    }
 }
 
 pub(super) fn next_delivery(ctx: &HandlerCtx, item: Option<crate::Result<Delivery>>) -> Next {

@@ -19,7 +19,9 @@ use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
 
 use super::super::observe::Tracked;
-use super::super::run::{next_delivery, prepare, settle, DropNacks, HandlerCtx, Next, Outcome};
+use super::super::run::{
+    next_delivery, next_unless_stopped, prepare, settle, DropNacks, HandlerCtx, Next, Outcome,
+};
 use super::super::HandlerRun;
 use super::{BatchConfig, BatchOutput, IntoBatchResult, SharedError};
 use crate::message::Uuid;
@@ -77,21 +79,11 @@ pub(crate) async fn run_direct<F, Fut>(
         }
         let first = match carry.take() {
             Some(d) => d,
-            None => {
-                let item = poll_fn(|cx| {
-                    if stopped.poll_stopped(cx).is_ready() {
-                        return Poll::Ready(None);
-                    }
-                    stream.poll_next_unpin(cx).map(Some)
-                })
-                .await;
-                let Some(item) = item else { break };
-                match next_delivery(&ctx, item) {
-                    Next::Delivery(d) => d,
-                    Next::Skip => continue,
-                    Next::Ended => break,
-                }
-            }
+            None => match next_unless_stopped(&ctx, &mut stream, &mut stopped).await {
+                Next::Delivery(d) => d,
+                Next::Skip => continue,
+                Next::Ended => break,
+            },
         };
         // Yield now and then even when every step completes at once.
         tokio::task::consume_budget().await;
