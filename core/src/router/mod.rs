@@ -984,12 +984,13 @@ where
 ///   order, with up to twice `max_messages` messages in flight (or the handler's
 ///   [`concurrency`](HandlerBuilder::concurrency), if higher) so the next batch gathers
 ///   while one is handled.
-/// - **Order per key**: without layers, a batch holds messages in delivery order, several
-///   of one key included; when one fails, the later messages of its key in that batch are
-///   nacked with it (redelivered no sooner), never acked ahead of it. With layers, a batch
-///   holds at most one message per key; the next message with that key goes into a later
-///   batch, once the earlier one is settled (as the single-message path keeps keys
-///   sequential). Messages without a key are not limited.
+/// - **Order per key**: a batch holds messages in the order the subscription hands them
+///   out. Subscriptions that keep order per key hand out a key's next message only once the
+///   one before is settled, so a batch holds one message per key; with layers, the router
+///   keeps keys sequential the same way on every backend. Should a subscription hand out
+///   several messages of one key, a batch without layers keeps their order, and when one
+///   fails, the later ones of its key in that batch are nacked with it (redelivered no
+///   sooner), never acked ahead of it. Messages without a key are not limited.
 /// - **Retries**: a message a retry layer retries joins a later batch.
 /// - **Shutdown**: a partial batch is handled at once when the handler stops taking
 ///   messages (or, while a layer still holds on to the handler to retry something, within
