@@ -184,6 +184,29 @@ pub(crate) struct BatchOutput {
     pub(crate) publisher: Option<(Arc<dyn Publisher>, String)>,
 }
 
+/// The `tidemill_batch_messages` histogram of one batch handler, taken with its first batch
+/// if a metrics recorder is installed by then.
+#[derive(Default)]
+pub(crate) struct BatchSizes(Option<Option<metrics::Histogram>>);
+
+impl BatchSizes {
+    /// Records a batch of `n` messages.
+    pub(crate) fn record(&mut self, output: &BatchOutput, n: usize) {
+        let histogram = self.0.get_or_insert_with(|| {
+            super::observe::metrics_enabled().then(|| {
+                metrics::histogram!(
+                    super::observe::names::BATCH_SIZE,
+                    "handler" => output.handler.clone(),
+                    "topic" => output.topic.clone(),
+                )
+            })
+        });
+        if let Some(h) = histogram {
+            h.record(n as f64);
+        }
+    }
+}
+
 /// The innermost service of a batch handler: each call queues its message for the next
 /// batch and resolves with that message's outcome once the batch was handled. Clones
 /// share the batches. A task of its own gathers and handles the batches, one at a time;
@@ -308,8 +331,7 @@ async fn gather<F, Fut>(
     let max = config.max_messages.max(1);
     let max_bytes = config.max_bytes.unwrap_or(usize::MAX);
     let mut carry: Option<Queued> = None;
-    // Taken with the first batch, if a metrics recorder is installed by then.
-    let mut sizes: Option<Option<metrics::Histogram>> = None;
+    let mut sizes = BatchSizes::default();
     loop {
         let first = match carry.take() {
             Some(q) => q,
@@ -342,18 +364,7 @@ async fn gather<F, Fut>(
             bytes += len;
             batch.push(q);
         }
-        let sizes = sizes.get_or_insert_with(|| {
-            super::observe::metrics_enabled().then(|| {
-                metrics::histogram!(
-                    super::observe::names::BATCH_SIZE,
-                    "handler" => output.handler.clone(),
-                    "topic" => output.topic.clone(),
-                )
-            })
-        });
-        if let Some(h) = sizes {
-            h.record(batch.len() as f64);
-        }
+        sizes.record(&output, batch.len());
         handle(&f, batch, &output, bytes).await;
     }
 }

@@ -70,8 +70,7 @@ pub(crate) async fn run_direct<F, Fut>(
     let max = config.max_messages.max(1);
     let max_bytes = config.max_bytes.unwrap_or(usize::MAX);
     let mut carry: Option<Delivery> = None;
-    // Taken with the first batch, if a metrics recorder is installed by then.
-    let mut sizes: Option<Option<metrics::Histogram>> = None;
+    let mut sizes = super::BatchSizes::default();
     loop {
         if stopped.is_stopped() {
             // A message carried over (max_bytes) is dropped, which nacks it.
@@ -132,18 +131,7 @@ pub(crate) async fn run_direct<F, Fut>(
             bytes += len;
             batch.push(delivery);
         }
-        let sizes = sizes.get_or_insert_with(|| {
-            super::super::observe::metrics_enabled().then(|| {
-                metrics::histogram!(
-                    super::super::observe::names::BATCH_SIZE,
-                    "handler" => output.handler.clone(),
-                    "topic" => output.topic.clone(),
-                )
-            })
-        });
-        if let Some(h) = sizes {
-            h.record(batch.len() as f64);
-        }
+        sizes.record(&output, batch.len());
         if !handle(&f, batch, bytes, &ctx, &output, forced.as_mut()).await {
             break;
         }
