@@ -31,7 +31,7 @@ aws_python() {
 }
 
 # Bumped when aws_patch changes: a venv patched by an older version is patched again.
-AWS_PATCH_LEVEL="tidemill-patch 6"
+AWS_PATCH_LEVEL="tidemill-patch 7"
 
 # Installed = the venv's pip install and our patch went through (the `installed` file,
 # written last, lists the packages and ends with the patch level).
@@ -103,16 +103,27 @@ aws_install() {
 aws_patch() {
   "$AWS_VENV/bin/python" - <<'PATCH'
 import pathlib, sys, sysconfig
-models = pathlib.Path(sysconfig.get_paths()["purelib"]) / "moto" / "sqs" / "models.py"
-# Every patch level starts from moto's own file, kept beside it as models.py.orig.
-orig = models.with_name("models.py.orig")
-if not orig.exists():
-    current = models.read_text()
-    if "self.content_based_deduplication\n" in current or "taken_groups" in current:
-        sys.exit(3)  # patched before pristine copies were kept
-    orig.write_text(current)
-src = orig.read_text()
-edits = [
+moto = pathlib.Path(sysconfig.get_paths()["purelib"]) / "moto"
+
+
+def patch(models, edits):
+    # Every patch level starts from moto's own file, kept beside it as models.py.orig.
+    orig = models.with_name("models.py.orig")
+    if not orig.exists():
+        current = models.read_text()
+        if "self.content_based_deduplication\n" in current or "taken_groups" in current:
+            sys.exit(3)  # patched before pristine copies were kept
+        orig.write_text(current)
+    src = orig.read_text()
+    for old, new, count in edits:
+        if src.count(old) != count:
+            sys.exit(f"{models}: expected {count} x {old!r}, found {src.count(old)}")
+        src = src.replace(old, new)
+    models.write_text(src)
+    print(f"  patched {models}", file=sys.stderr)
+
+
+sqs_edits = [
     ('self.attributes.get("ContentBasedDeduplication") == "true"',
      "self.content_based_deduplication", 1),
     ('queue.attributes.get("ContentBasedDeduplication") == "false"',
@@ -191,12 +202,37 @@ edits = [
      ')\n\n'
      'sqs_backends = BackendDict(SQSBackend, "sqs")\n', 1),
 ]
-for old, new, count in edits:
-    if src.count(old) != count:
-        sys.exit(f"{models}: expected {count} x {old!r}, found {src.count(old)}")
-    src = src.replace(old, new)
-models.write_text(src)
-print(f"  patched {models}", file=sys.stderr)
+sns_edits = [
+    # A publish reads the topic's subscriptions by walking every subscription of the
+    # region; a subscribe or unsubscribe on another thread meanwhile raised "OrderedDict
+    # mutated during iteration". Walk a copy.
+    ("        return [sub for sub in self.subscriptions.values() if sub.topic == topic]\n",
+     "        return [sub for sub in list(self.subscriptions.values()) if sub.topic == topic]\n", 1),
+    # PublishBatch answered an entry whose publish raised anything but
+    # InvalidParameterValue in neither its successful nor its failed list: the message was
+    # lost with no error. Answer it as failed on the service's side (SNS's InternalError),
+    # and print the error to the log.
+    ("                            \"SenderFault\": True,\n"
+     "                        }\n"
+     "                    )\n"
+     "        return successful, failed\n",
+     "                            \"SenderFault\": True,\n"
+     "                        }\n"
+     "                    )\n"
+     "                else:\n"
+     "                    __import__(\"traceback\").print_exc()\n"
+     "                    failed.append(\n"
+     "                        {\n"
+     "                            \"Id\": entry[\"Id\"],\n"
+     "                            \"Code\": \"InternalError\",\n"
+     "                            \"Message\": f\"{type(e).__name__}: {e}\",\n"
+     "                            \"SenderFault\": False,\n"
+     "                        }\n"
+     "                    )\n"
+     "        return successful, failed\n", 1),
+]
+patch(moto / "sqs" / "models.py", sqs_edits)
+patch(moto / "sns" / "models.py", sns_edits)
 PATCH
 }
 

@@ -1,8 +1,10 @@
 //! [`SqsPublisher`]: `PublishBatch` to the topic's SNS topic (or `SendMessageBatch` to its
 //! queue in [`Mode::Queues`]).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tidemill_core::{ConnectionState, Error, Message, Publisher, Result};
@@ -18,12 +20,21 @@ use crate::BROKER;
 const BATCH_ENTRIES: usize = 10;
 const BATCH_BYTES: usize = 256 * 1024;
 
+/// How often the entries of a batch that the service failed for its own reasons (or left
+/// out of its answer) are sent again before `publish` fails; the first resend waits
+/// [`RESEND_PAUSE`], each further one twice as long.
+const ENTRY_RESENDS: u32 = 3;
+const RESEND_PAUSE: Duration = Duration::from_millis(50);
+
 /// Publishes messages to SNS topics (fanned out to every consumer group's queue), or
 /// straight to SQS queues in [`Mode::Queues`].
 ///
 /// `publish` returns once the service accepted every message, in order: messages are sent
 /// in batches of up to 10 (and 256 KiB), one batch after the other; on a FIFO topic each
-/// key's messages keep their order. Topics (and in queue mode, queues) are created on first
+/// key's messages keep their order. The service answers for each entry of a batch: entries
+/// it failed for its own reasons, or left out of its answer, are sent again (up to 3 times,
+/// 50 ms apart and doubling; on FIFO the deduplication id, the uuid, keeps a resend from
+/// being delivered twice), entries it rejected as the sender's fault fail the call at once. Topics (and in queue mode, queues) are created on first
 /// use unless [`AwsConfig::create_resources`] is off. A message over
 /// [`AwsConfig::max_message_bytes`] fails before anything is sent. Cloning is cheap; clones
 /// share the SDK clients.
@@ -112,6 +123,7 @@ impl SqsPublisher {
     ) -> Result<()> {
         let res = &self.inner.res;
         let mut retried = false;
+        let mut resend = Resend::new(batch.len());
         loop {
             let arn = res.topic_arn(topic).await?;
             if mandatory {
@@ -134,10 +146,10 @@ impl SqsPublisher {
                     Err(e) => return Err(e.into_error(topic, "list the SNS topic's subscriptions")),
                 }
             }
-            let entries = batch
+            let entries = resend
+                .pending
                 .iter()
-                .enumerate()
-                .map(|(i, e)| sns_entry(i, e))
+                .map(|&i| sns_entry(i, &batch[i]))
                 .collect::<Result<Vec<_>>>()?;
             let sns = &res.clients.sns;
             let result = client::call(&res.state, res.config.command_timeout, || {
@@ -149,12 +161,16 @@ impl SqsPublisher {
             .await;
             match result {
                 Ok(out) => {
-                    let failed = out.failed().first();
-                    return entry_result(
+                    let answered = resend.answered(
                         topic,
                         uuids,
-                        failed.map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
-                    );
+                        out.successful().iter().filter_map(|s| s.id()),
+                        out.failed().iter().map(sns_failure),
+                    )?;
+                    if answered {
+                        return Ok(());
+                    }
+                    resend.pause().await;
                 }
                 Err(e) if resources::missing(&e) && !retried && res.config.create_resources => {
                     // The topic went away (deleted, or an emulator restarted): create it again.
@@ -171,12 +187,13 @@ impl SqsPublisher {
         let res = &self.inner.res;
         let name = res.config.topic_name(topic);
         let mut retried = false;
+        let mut resend = Resend::new(batch.len());
         loop {
             let queue = res.queue(topic, &name).await?;
-            let entries = batch
+            let entries = resend
+                .pending
                 .iter()
-                .enumerate()
-                .map(|(i, e)| sqs_entry(i, e))
+                .map(|&i| sqs_entry(i, &batch[i]))
                 .collect::<Result<Vec<_>>>()?;
             let sqs = &res.clients.sqs;
             let result = client::call(&res.state, res.config.command_timeout, || {
@@ -188,12 +205,16 @@ impl SqsPublisher {
             .await;
             match result {
                 Ok(out) => {
-                    let failed = out.failed().first();
-                    return entry_result(
+                    let answered = resend.answered(
                         topic,
                         uuids,
-                        failed.map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
-                    );
+                        out.successful().iter().map(|s| s.id()),
+                        out.failed().iter().map(sqs_failure),
+                    )?;
+                    if answered {
+                        return Ok(());
+                    }
+                    resend.pause().await;
                 }
                 Err(e) if resources::missing(&e) && !retried && res.config.create_resources => {
                     tracing::warn!(topic, error = %e, "SQS queue missing; creating it again");
@@ -215,29 +236,97 @@ fn publish_error(e: CallError, topic: &str, uuids: &[&str]) -> Error {
     e.into_error(topic, context)
 }
 
-/// The outcome of a batch call that was answered: its first failed entry (id, code,
-/// message, sender's fault) as an error naming the message, or `Ok`.
-fn entry_result(
-    topic: &str,
-    uuids: &[&str],
-    failed: Option<(&str, &str, Option<&str>, bool)>,
-) -> Result<()> {
-    let Some((id, code, message, sender_fault)) = failed else {
-        return Ok(());
+/// A failed entry of a batch answer: id, code, message, whether it is the sender's fault.
+type Failure<'a> = (&'a str, &'a str, Option<&'a str>, bool);
+
+/// Both SDKs' `BatchResultErrorEntry` have the same shape.
+macro_rules! failure_of {
+    ($name:ident, $ty:ty) => {
+        fn $name(f: &$ty) -> Failure<'_> {
+            (f.id(), f.code(), f.message(), f.sender_fault())
+        }
     };
-    let uuid = id
-        .parse::<usize>()
-        .ok()
-        .and_then(|i| uuids.get(i))
-        .copied()
-        .unwrap_or("?");
-    let cause = format!("{code}: {}", message.unwrap_or("no detail"));
-    let context = format!("publish message {uuid}");
-    Err(if sender_fault {
-        Error::permanent(BROKER, topic, context, cause)
-    } else {
-        Error::transient(BROKER, topic, context, cause)
-    })
+}
+failure_of!(sns_failure, aws_sdk_sns::types::BatchResultErrorEntry);
+failure_of!(sqs_failure, aws_sdk_sqs::types::BatchResultErrorEntry);
+
+/// Which entries of one batch are still to be sent (their indexes, which are also their
+/// entry ids), and how often they were sent again.
+struct Resend {
+    pending: Vec<usize>,
+    resends: u32,
+}
+
+impl Resend {
+    fn new(entries: usize) -> Self {
+        Resend {
+            pending: (0..entries).collect(),
+            resends: 0,
+        }
+    }
+
+    /// Reads a batch call's answer. `Ok(true)`: every entry was accepted. `Ok(false)`: the
+    /// entries the service failed for its own reasons or did not answer for are pending
+    /// again, to be sent after [`pause`](Self::pause). Fails naming the message when an
+    /// entry was rejected as the sender's fault, or when entries are still unaccepted
+    /// after [`ENTRY_RESENDS`] resends.
+    fn answered<'a>(
+        &mut self,
+        topic: &str,
+        uuids: &[&str],
+        successful: impl Iterator<Item = &'a str>,
+        failed: impl Iterator<Item = Failure<'a>>,
+    ) -> Result<bool> {
+        let uuid = |id: &str| {
+            id.parse::<usize>()
+                .ok()
+                .and_then(|i| uuids.get(i))
+                .copied()
+                .unwrap_or("?")
+        };
+        let accepted: HashSet<&str> = successful.collect();
+        let mut causes: HashMap<usize, String> = HashMap::new();
+        for (id, code, message, sender_fault) in failed {
+            let cause = format!("{code}: {}", message.unwrap_or("no detail"));
+            if sender_fault {
+                let context = format!("publish message {}", uuid(id));
+                return Err(Error::permanent(BROKER, topic, context, cause));
+            }
+            if let Ok(i) = id.parse::<usize>() {
+                causes.insert(i, cause);
+            }
+        }
+        self.pending
+            .retain(|i| !accepted.contains(i.to_string().as_str()) || causes.contains_key(i));
+        let Some(&first) = self.pending.first() else {
+            return Ok(true);
+        };
+        let cause = causes.remove(&first).unwrap_or_else(|| {
+            "the service's answer named the entry neither accepted nor failed".to_owned()
+        });
+        if self.resends >= ENTRY_RESENDS {
+            let context = format!(
+                "publish message {} (after {ENTRY_RESENDS} resends)",
+                uuid(&first.to_string())
+            );
+            return Err(Error::transient(BROKER, topic, context, cause));
+        }
+        self.resends += 1;
+        tracing::warn!(
+            topic,
+            uuid = uuid(&first.to_string()),
+            entries = self.pending.len(),
+            resend = self.resends,
+            cause,
+            "the service did not accept every entry of a batch; sending those again"
+        );
+        Ok(false)
+    }
+
+    /// Waits before a resend: 50 ms, then twice as long each time.
+    async fn pause(&self) {
+        tokio::time::sleep(RESEND_PAUSE * 2u32.pow(self.resends.saturating_sub(1))).await;
+    }
 }
 
 fn build_error(topic_hint: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -328,5 +417,66 @@ impl Publisher for SqsPublisher {
 
     fn connection_state(&self) -> ConnectionState {
         self.inner.res.state.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UUIDS: [&str; 3] = ["u0", "u1", "u2"];
+
+    #[test]
+    fn entries_left_out_of_the_answer_are_sent_again() {
+        let mut resend = Resend::new(3);
+        // Entry 1 is in neither list (an emulator that dropped it), entry 2 failed on the
+        // service's side.
+        let failed = [("2", "InternalError", Some("busy"), false)];
+        let done = resend
+            .answered("t", &UUIDS, ["0"].into_iter(), failed.into_iter())
+            .unwrap();
+        assert!(!done);
+        assert_eq!(resend.pending, vec![1, 2]);
+        let done = resend
+            .answered("t", &UUIDS, ["1", "2"].into_iter(), std::iter::empty())
+            .unwrap();
+        assert!(done);
+        assert!(resend.pending.is_empty());
+    }
+
+    #[test]
+    fn a_sender_fault_fails_at_once_naming_the_message() {
+        let mut resend = Resend::new(3);
+        let failed = [("1", "InvalidParameter", Some("too long"), true)];
+        let err = resend
+            .answered("t", &UUIDS, ["0", "2"].into_iter(), failed.into_iter())
+            .unwrap_err();
+        assert!(!err.is_transient(), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("u1") && text.contains("InvalidParameter"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn entries_never_accepted_fail_after_the_resends() {
+        let mut resend = Resend::new(2);
+        for _ in 0..ENTRY_RESENDS {
+            let done = resend
+                .answered("t", &UUIDS, ["0"].into_iter(), std::iter::empty())
+                .unwrap();
+            assert!(!done);
+            assert_eq!(resend.pending, vec![1]);
+        }
+        let err = resend
+            .answered("t", &UUIDS, std::iter::empty(), std::iter::empty())
+            .unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("u1") && text.contains("neither accepted nor failed"),
+            "{text}"
+        );
     }
 }

@@ -184,6 +184,7 @@ impl Subscriber for SqsSubscriber {
                 };
                 match next {
                     Some(Ok(p)) => {
+                        tracing::trace!(topic = %sub.topic, uuid = p.message.uuid(), id = p.id, "handed out");
                         let delivery = sub.delivery(p);
                         return Some((Ok(delivery), (sub, guard)));
                     }
@@ -356,6 +357,7 @@ impl Sub {
                 .map(Arc::from);
             let id = state.next_id;
             state.next_id += 1;
+            tracing::trace!(topic = %self.topic, uuid = message.uuid(), id, attempt, group = ?group, "received");
             let receipt: Arc<str> = receipt.into();
             state.held.insert(id, (receipt.clone(), group.clone()));
             let pending = Pending {
@@ -419,6 +421,7 @@ impl Sub {
                 Outcome::Returned(secs) => {
                     let behind = state.groups.remove(&group).unwrap_or_default();
                     for p in behind {
+                        tracing::trace!(topic = %self.topic, uuid = p.message.uuid(), id = p.id, secs, "given back behind its key");
                         state.held.remove(&p.id);
                         back.push((p.receipt, secs));
                     }
@@ -431,21 +434,24 @@ impl Sub {
         }
     }
 
-    /// Queues a settle call; it goes out with the next batch.
-    fn send(&self, receipt: Arc<str>, op: Op, reply: Reply) -> bool {
+    /// Queues a settle call; it goes out with the next batch. Gives the reply back when
+    /// the settle task has ended.
+    fn send(&self, receipt: Arc<str>, op: Op, reply: Reply) -> std::result::Result<(), Reply> {
         self.inflight.add();
-        let sent = self.settle_tx.send(Settle { receipt, op, reply }).is_ok();
-        if !sent {
-            self.inflight.done();
-        }
-        sent
+        self.settle_tx
+            .send(Settle { receipt, op, reply })
+            .map_err(|e| {
+                self.inflight.done();
+                e.0.reply
+            })
     }
 
     /// Makes messages visible again after the given seconds, without handing them out (a
     /// failure is logged: they come back after their visibility timeout).
     fn give_back(&self, receipts: Vec<(Arc<str>, i32)>) {
         for (receipt, secs) in receipts {
-            self.send(receipt, Op::Visibility(secs), Reply::Quiet);
+            // A failure leaves the message to its visibility timeout, as a failed call does.
+            let _ = self.send(receipt, Op::Visibility(secs), Reply::Quiet);
         }
     }
 
@@ -459,6 +465,7 @@ impl Sub {
                 pending.extend(behind.drain(..));
             }
             for p in &pending {
+                tracing::trace!(topic = %self.topic, uuid = p.message.uuid(), id = p.id, "given back: never handed out");
                 state.held.remove(&p.id);
             }
             pending.into_iter().map(|p| (p.receipt, 0)).collect()
@@ -498,55 +505,69 @@ impl Acknowledger for SqsAcker {
     /// closing the subscriber waits for the queued deletes. On FIFO the key's next message
     /// is handed out only once the delete succeeded.
     fn ack(self: Box<Self>) -> AckFuture {
+        tracing::trace!(topic = %self.sub.topic, uuid = %self.uuid, id = self.id, "ack");
         let group = self.sub.unhold(self.id);
         let reply = Reply::Acked {
             sub: self.sub.clone(),
             group,
             uuid: self.uuid.clone(),
         };
-        if self.sub.send(self.receipt.clone(), Op::Delete, reply) {
-            AckFuture::ready(Ok(()))
-        } else {
-            AckFuture::ready(Err(Error::transient(
-                BROKER,
-                &self.sub.topic,
-                format!("ack message {} (delete from the queue)", self.uuid),
-                "the subscription's settle task ended",
-            )))
+        match self.sub.send(self.receipt.clone(), Op::Delete, reply) {
+            Ok(()) => AckFuture::ready(Ok(())),
+            Err(reply) => {
+                answer_reply(&self.sub.topic, reply, Err(SETTLE_ENDED.to_owned()));
+                AckFuture::ready(Err(Error::transient(
+                    BROKER,
+                    &self.sub.topic,
+                    format!("ack message {} (delete from the queue)", self.uuid),
+                    SETTLE_ENDED,
+                )))
+            }
         }
     }
 
-    /// Returns once the message's visibility was changed.
+    /// Queues the visibility change at once; the future returns once it was made. The
+    /// subscription's bookkeeping (the key's held-back messages, the prefetch slot) follows
+    /// the answer whether or not the future is awaited.
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
+        let secs = delay.map_or(0, |d| {
+            let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            s.min(43_200) as i32
+        });
+        tracing::trace!(topic = %self.sub.topic, uuid = %self.uuid, id = self.id, secs, "nack");
+        let group = self.sub.unhold(self.id);
+        let (waiter, rx) = oneshot::channel();
+        let reply = Reply::Nacked {
+            sub: self.sub.clone(),
+            group,
+            secs,
+            waiter,
+        };
+        let failed = |sub: &Sub, uuid: &str, cause: String| {
+            Error::transient(
+                BROKER,
+                &sub.topic,
+                format!("nack message {uuid} (change its visibility)"),
+                cause,
+            )
+        };
+        if let Err(reply) = self
+            .sub
+            .send(self.receipt.clone(), Op::Visibility(secs), reply)
+        {
+            answer_reply(&self.sub.topic, reply, Err(SETTLE_ENDED.to_owned()));
+            return AckFuture::ready(Err(failed(&self.sub, &self.uuid, SETTLE_ENDED.to_owned())));
+        }
         AckFuture::boxed(async move {
-            let secs = delay.map_or(0, |d| {
-                let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-                s.min(43_200) as i32
-            });
-            let group = self.sub.unhold(self.id);
-            let (reply, rx) = oneshot::channel();
-            let result = if self.sub.send(
-                self.receipt.clone(),
-                Op::Visibility(secs),
-                Reply::Wait(reply),
-            ) {
-                rx.await
-                    .unwrap_or_else(|_| Err("the subscription's settle task ended".to_owned()))
-            } else {
-                Err("the subscription's settle task ended".to_owned())
-            };
-            self.sub.finish(group, Outcome::Returned(secs));
-            result.map_err(|cause| {
-                Error::transient(
-                    BROKER,
-                    &self.sub.topic,
-                    format!("nack message {} (change its visibility)", self.uuid),
-                    cause,
-                )
-            })
+            rx.await
+                .unwrap_or_else(|_| Err(SETTLE_ENDED.to_owned()))
+                .map_err(|cause| failed(&self.sub, &self.uuid, cause))
         })
     }
 }
+
+/// Why a settle call got no answer.
+const SETTLE_ENDED: &str = "the subscription's settle task ended";
 
 enum Op {
     Delete,
@@ -555,8 +576,13 @@ enum Op {
 
 /// What to do with a settle call's result.
 enum Reply {
-    /// Someone waits for it (a nack).
-    Wait(oneshot::Sender<std::result::Result<(), String>>),
+    /// A nack: let the key's held-back messages go back, then tell whoever waits.
+    Nacked {
+        sub: Arc<Sub>,
+        group: Option<Arc<str>>,
+        secs: i32,
+        waiter: oneshot::Sender<std::result::Result<(), String>>,
+    },
     /// An ack that returned already: let the key's next message out (or, when the delete
     /// failed, give back the ones behind it); log a failure.
     Acked {
@@ -644,9 +670,19 @@ fn chunks(mut all: Vec<Settle>) -> Vec<Vec<Settle>> {
 }
 
 fn answer(topic: &str, settle: Settle, result: std::result::Result<(), String>) {
-    match settle.reply {
-        Reply::Wait(reply) => {
-            let _ = reply.send(result);
+    answer_reply(topic, settle.reply, result);
+}
+
+fn answer_reply(topic: &str, reply: Reply, result: std::result::Result<(), String>) {
+    match reply {
+        Reply::Nacked {
+            sub,
+            group,
+            secs,
+            waiter,
+        } => {
+            sub.finish(group, Outcome::Returned(secs));
+            let _ = waiter.send(result);
         }
         Reply::Acked { sub, group, uuid } => {
             let outcome = match result {

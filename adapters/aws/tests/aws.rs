@@ -924,6 +924,42 @@ fn fifo_a_nacked_message_comes_back_before_the_rest_of_its_key() {
 }
 
 #[test]
+fn fifo_a_nack_not_awaited_still_returns_the_message_and_its_key() {
+    if !have_server("fifo_a_nack_not_awaited_still_returns_the_message_and_its_key") {
+        return;
+    }
+    runtime().block_on(async {
+        let topic = unique_topic("aws_fifo_nack_dropped");
+        let mut config = direct_config();
+        config.fifo = true;
+        let opts = SubscribeOptions::group("ordered");
+        let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
+        let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
+        ok(s.initialize(&topic, &opts).await, "initialize");
+        let sent: Vec<Message> = (1..=3)
+            .map(|i| Message::new(i.to_string()).with_key("k1"))
+            .collect();
+        ok(p.publish(&topic, sent.clone()).await, "publish");
+        let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
+        let first = next(&mut stream, "k1's first message").await;
+        assert_eq!(first.message().uuid(), sent[0].uuid());
+        // A caller that gives up on the nack (a timeout, a cancelled task) drops its
+        // future before it completes: the nack still goes out, and the key's messages are
+        // not held (and kept invisible) for as long as the subscription lives.
+        let (_, handle) = first.into_parts();
+        drop(handle.nack());
+        let mut order = Vec::new();
+        while order.len() < sent.len() {
+            let d = next(&mut stream, "k1 message").await;
+            order.push(String::from_utf8_lossy(d.message().payload()).into_owned());
+            ok(d.ack().await, "ack");
+        }
+        assert_eq!(order, ["1", "2", "3"], "k1 after the dropped nack");
+        ok(s.close().await, "close");
+    });
+}
+
+#[test]
 fn the_attempt_grows_with_each_nack() {
     if !have_server("the_attempt_grows_with_each_nack") {
         return;
