@@ -717,53 +717,68 @@ impl AmqpAcker {
     // The methods take the box, so settling moves a pointer, not the acknowledger.
     /// `basic.ack`, coalesced with the acks of other deliveries of the channel (see
     /// [`crate::settle`]): booked for the channel's flush task, which writes it (and logs a
-    /// failed write, after which the broker redelivers the message). Without a tokio
-    /// runtime to run that task on, the ack writes the book itself and resolves once the
-    /// frame carrying it was written.
-    async fn ack(self: Box<Self>) -> Result<()> {
+    /// failed write, after which the broker redelivers the message), and ready at once.
+    /// A tag the book does not hold is acked on its own, in a task of the subscriber.
+    /// Without a tokio runtime to run tasks on, the ack writes the book itself and resolves
+    /// once the frame carrying it was written.
+    fn ack_now(self: Box<Self>) -> AckFuture {
         if self.acker.poisoned() {
-            return Err(self.channel_closed());
+            return AckFuture::ready(Err(self.channel_closed()));
         }
-        let outcome = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => match self.lease.settler.ack(self.tag) {
-                Ticket::Booked(flush) => {
-                    if let Some(flush) = flush {
-                        // The task holds the lease: the channel (and a quarantine's
-                        // connection) stays open until the frames are written.
-                        let lease = self.lease.clone();
-                        self.lease.inner.acks.spawn_on(
-                            async move {
-                                flush.run().await;
-                                drop(lease);
-                            },
-                            &runtime,
-                        );
-                    }
-                    Ok(())
-                }
-                _ => self.ack_alone().await,
-            },
-            Err(_) => match self.lease.settler.ack_and_wait(self.tag) {
-                Ticket::Waiting { done, flush } => {
-                    if let Some(flush) = flush {
-                        flush.run().await;
-                    }
-                    match done.await {
-                        Ok(outcome) => outcome,
-                        Err(_) => {
-                            return Err(Error::transient(
-                                BROKER,
-                                self.topic(),
-                                self.context("ack"),
-                                "the acknowledgement was abandoned before it was sent; the \
-                                 broker will redeliver the message",
-                            ))
-                        }
-                    }
-                }
-                _ => self.ack_alone().await,
-            },
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return AckFuture::boxed(self.ack_waiting());
         };
+        match self.lease.settler.ack(self.tag) {
+            Ticket::Booked(flush) => {
+                if let Some(flush) = flush {
+                    // The task holds the lease: the channel (and a quarantine's
+                    // connection) stays open until the frames are written.
+                    let lease = self.lease.clone();
+                    self.lease.inner.acks.spawn_on(
+                        async move {
+                            flush.run().await;
+                            drop(lease);
+                        },
+                        &runtime,
+                    );
+                }
+                AckFuture::ready(self.acked(Ok(())))
+            }
+            _ => self.settle_in_task(&runtime, |acker| async move {
+                let outcome = acker.ack_alone().await;
+                acker.acked(outcome)
+            }),
+        }
+    }
+
+    /// The ack without a runtime: the caller's future writes the book.
+    async fn ack_waiting(self: Box<Self>) -> Result<()> {
+        let outcome = match self.lease.settler.ack_and_wait(self.tag) {
+            Ticket::Waiting { done, flush } => {
+                if let Some(flush) = flush {
+                    flush.run().await;
+                }
+                match done.await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        return Err(Error::transient(
+                            BROKER,
+                            self.topic(),
+                            self.context("ack"),
+                            "the acknowledgement was abandoned before it was sent; the \
+                             broker will redeliver the message",
+                        ))
+                    }
+                }
+            }
+            _ => self.ack_alone().await,
+        };
+        self.acked(outcome)
+    }
+
+    /// After an ack's frame was booked or written: forgets the attempt count kept for the
+    /// message, or names the failure.
+    fn acked(&self, outcome: std::result::Result<(), lapin::Error>) -> Result<()> {
         match outcome {
             Ok(()) => {
                 if self.tracked {
@@ -778,6 +793,37 @@ impl AmqpAcker {
             Err(_) if self.acker.poisoned() => Err(self.channel_closed()),
             Err(e) => Err(broker_error(self.topic(), self.context("ack"), e)),
         }
+    }
+
+    /// Runs a settlement that takes round trips as a task of the subscriber (closing
+    /// waits for it), so it completes even when the caller drops the returned future:
+    /// an acknowledger dropped unsettled would leave the message unacked on a channel
+    /// that stays open, never redelivered, holding a prefetch slot (with `ordered`, the
+    /// only one) and keeping later acks from being coalesced past its tag.
+    fn settle_in_task<F, Fut>(
+        self: Box<Self>,
+        runtime: &tokio::runtime::Handle,
+        work: F,
+    ) -> AckFuture
+    where
+        F: FnOnce(Box<Self>) -> Fut,
+        Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+    {
+        let topic = self.lease.spec.topic.clone();
+        let context = self.context("settle");
+        let task = self.lease.inner.acks.clone().spawn_on(work(self), runtime);
+        AckFuture::boxed(async move {
+            task.await.unwrap_or_else(|e| {
+                Err(Error::transient(
+                    BROKER,
+                    &topic,
+                    context,
+                    format!(
+                        "the settling task ended early ({e}); the broker redelivers the message"
+                    ),
+                ))
+            })
+        })
     }
 
     /// A tag the book does not hold, acked on its own.
@@ -895,7 +941,7 @@ impl AmqpAcker {
         match scheduled {
             Ok(()) => {
                 let uuid = self.uuid.clone();
-                if let Err(e) = self.ack().await {
+                if let Err(e) = self.ack_now().await {
                     tracing::warn!(broker = BROKER, uuid = %uuid, error = %e,
                         "the delayed copy is scheduled but the original could not be acked; \
                          it will be delivered twice");
@@ -912,19 +958,29 @@ impl AmqpAcker {
 
 impl Acknowledger for AmqpAcker {
     fn ack(self: Box<Self>) -> AckFuture {
-        AckFuture::boxed(AmqpAcker::ack(self))
+        self.ack_now()
     }
 
+    /// Nacks run as tasks of the subscriber (see `settle_in_task`): the returned future
+    /// only waits for the outcome, and dropping it does not stop the nack.
     fn nack(self: Box<Self>, delay: Option<Duration>) -> AckFuture {
         let ordered = self.lease.inner.config.ordered;
-        match delay.filter(|d| !d.is_zero()) {
+        let park = match delay.filter(|d| !d.is_zero()) {
             // Order per key: nothing of the queue may overtake the message.
-            Some(delay) if ordered && !self.keyless => self.hold(delay),
-            Some(delay) => AckFuture::boxed(AmqpAcker::park(self, delay)),
-            None if ordered && self.keyless => {
-                AckFuture::boxed(AmqpAcker::park(self, Duration::ZERO))
-            }
-            None => AckFuture::boxed(AmqpAcker::requeue(self)),
+            Some(delay) if ordered && !self.keyless => return self.hold(delay),
+            Some(delay) => Some(delay),
+            None if ordered && self.keyless => Some(Duration::ZERO),
+            None => None,
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return match park {
+                Some(delay) => AckFuture::boxed(self.park(delay)),
+                None => AckFuture::boxed(self.requeue()),
+            };
+        };
+        match park {
+            Some(delay) => self.settle_in_task(&runtime, move |acker| acker.park(delay)),
+            None => self.settle_in_task(&runtime, |acker| acker.requeue()),
         }
     }
 }

@@ -637,6 +637,63 @@ async fn ordered_mode_sends_nacked_messages_without_a_key_to_the_back() {
     d.ack().await.unwrap();
 }
 
+/// A caller that gives up on a settlement (a timeout, a cancelled task) drops its future
+/// before it ran: the ack or nack still happens. In ordered mode (one message at a time)
+/// a lost one would stall the queue for as long as the channel stays open.
+#[tokio::test]
+async fn settlements_whose_futures_are_dropped_still_happen() {
+    let Some(url) = common::broker_url("dropped_settlements") else {
+        return;
+    };
+    let topic = common::topic("dropped_settle");
+    let config = AmqpConfig {
+        ordered: true,
+        ..common::config(&url)
+    };
+    let (p, s) = connect(&config).await;
+    let mut stream = s
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let k1 = Message::new("k1").with_key("k");
+    let k2 = Message::new("k2").with_key("k");
+    let a = Message::new("a");
+    let b = Message::new("b");
+    p.publish(&topic, vec![k1.clone(), k2.clone(), a.clone(), b.clone()])
+        .await
+        .unwrap();
+    // Each settlement below goes through the handle, whose futures run nothing until
+    // polled (a dropped `Delivery::nack()` future would nack through the handle's drop).
+    let drop_settlement = |d: Delivery, ack: bool| {
+        let (_, handle) = d.into_parts();
+        drop(if ack { handle.ack() } else { handle.nack() });
+    };
+    let d = next(&mut stream, "k1").await;
+    assert_eq!(d.message().uuid(), k1.uuid());
+    drop_settlement(d, false);
+    let d = next(&mut stream, "k1 again, after its dropped nack").await;
+    assert_eq!(d.message().uuid(), k1.uuid());
+    drop_settlement(d, true);
+    let d = next(&mut stream, "k2, after k1's dropped ack").await;
+    assert_eq!(d.message().uuid(), k2.uuid());
+    drop_settlement(d, true);
+    let d = next(&mut stream, "a").await;
+    assert_eq!(d.message().uuid(), a.uuid());
+    // No key: a nack re-publishes it to the back of the queue (behind b), then acks it.
+    drop_settlement(d, false);
+    let d = next(&mut stream, "b, after a's dropped nack").await;
+    assert_eq!(d.message().uuid(), b.uuid());
+    d.ack().await.unwrap();
+    let d = next(&mut stream, "a, from the back").await;
+    assert_eq!(d.message().uuid(), a.uuid());
+    d.ack().await.unwrap();
+    assert!(
+        nothing_within(&mut stream, QUIET).await,
+        "each message once more at most"
+    );
+    s.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn topic_exchanges_route_by_message_key() {
     let Some(url) = common::broker_url("topic_exchange_routing") else {
