@@ -179,6 +179,12 @@ impl fmt::Debug for AckHandle {
 /// The broker side of a delivery's acknowledgement; adapters implement it.
 ///
 /// Each method consumes the acknowledger, so a delivery is settled at most once.
+///
+/// `ack` and `nack` settle when called: the [`AckFuture`] they return only reports the
+/// outcome. A caller may drop it before it completes, or without polling it (a timeout, a
+/// cancelled task), and the ack or nack still happens; work that takes round trips runs as
+/// a task the subscriber's `close` waits for. The conformance suite checks this
+/// (`settles_without_awaiting`).
 pub trait Acknowledger: Send + Sync + 'static {
     /// Acknowledges the delivery.
     fn ack(self: Box<Self>) -> AckFuture;

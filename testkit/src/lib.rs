@@ -159,6 +159,7 @@ macro_rules! conformance_tests {
             concurrent_subscribe,
             many_topics,
             resend_on_nack,
+            settles_without_awaiting,
             nack_with_delay,
             no_ack_blocks_next,
             continue_after_subscriber_close,

@@ -296,6 +296,55 @@ pub async fn resend_on_nack(b: Arc<dyn Backend>) {
     );
 }
 
+/// `ack()` and `nack()` settle when called, not when their future is polled: a caller that
+/// drops the future (a timeout, a cancelled task) does not leave the delivery unsettled. A
+/// nack dropped unpolled still redelivers the message; acks dropped unpolled still let
+/// the key's next messages out (where the backend keeps order per key, it hands out a
+/// key's next message only after the ack), in order.
+pub async fn settles_without_awaiting(b: Arc<dyn Backend>) {
+    let (f, t) = (b.features(), b.timeout());
+    if !f.redelivers_on_nack {
+        return skip(
+            "settles_without_awaiting",
+            "backend does not redeliver (at most once)",
+        );
+    }
+    let topic = unique_topic("settles_without_awaiting");
+    let (p, s) = (publisher(&b).await, subscriber(&b).await);
+    let mut stream = subscribe(&s, &topic, group_or_broadcast(&f, "dropped")).await;
+    let expected: Vec<Message> = (1..=3)
+        .map(|i| Message::new(format!("k{i}")).with_key("k"))
+        .collect();
+    publish(&p, &topic, expected.clone()).await;
+    let mut handled: Vec<String> = Vec::new();
+    let mut acked = Received::default();
+    while acked.unique() < expected.len() {
+        let d = next(&mut stream, t, "a (re)delivery").await;
+        handled.push(d.message().uuid().to_owned());
+        let (message, handle) = d.into_parts();
+        if handled.len() == 1 {
+            drop(handle.nack());
+        } else {
+            acked.messages.push(message);
+            drop(handle.ack());
+        }
+    }
+    acked.assert_all_of(&expected, "settles_without_awaiting (acked)");
+    if f.order_per_key {
+        let first = expected[0].uuid().to_owned();
+        let want: Vec<String> = std::iter::once(first)
+            .chain(expected.iter().map(|m| m.uuid().to_owned()))
+            .collect();
+        assert_eq!(
+            handled, want,
+            "deliveries: k1 (nack dropped), k1 again, k2, k3 (acks dropped)"
+        );
+    }
+    s.close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+}
+
 /// `nack_with_delay` redelivers the message, not before the delay.
 pub async fn nack_with_delay(b: Arc<dyn Backend>) {
     let (f, t) = (b.features(), b.timeout());

@@ -702,7 +702,10 @@ struct Acker {
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 impl Acker {
-    /// Acks or nacks; `outstanding` is dropped once the client has the action.
+    /// Acks or nacks; `outstanding` is dropped once the client has the action. With
+    /// exactly-once delivery the confirmed ack or nack runs as a task, so it happens even
+    /// when the caller drops the returned future (dropping the client's handler unsettled
+    /// would nack the message, turning an ack into a redelivery).
     fn settle(
         handler: Handler,
         topic: Arc<TopicName>,
@@ -710,15 +713,33 @@ impl Acker {
         outstanding: Outstanding,
     ) -> AckFuture {
         match handler {
-            Handler::ExactlyOnce(h) => AckFuture::boxed(async move {
-                let (result, what) = if ack {
-                    (h.confirmed_ack().await, "acknowledge")
-                } else {
-                    (h.confirmed_nack().await, "nack")
+            Handler::ExactlyOnce(h) => {
+                let what = if ack { "acknowledge" } else { "nack" };
+                let path = topic.clone();
+                let work = async move {
+                    let result = if ack {
+                        h.confirmed_ack().await
+                    } else {
+                        h.confirmed_nack().await
+                    };
+                    drop(outstanding);
+                    result.map_err(|e| ack_error(&topic.path, what, e))
                 };
-                drop(outstanding);
-                result.map_err(|e| ack_error(&topic.path, what, e))
-            }),
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return AckFuture::boxed(work);
+                };
+                let task = runtime.spawn(work);
+                AckFuture::boxed(async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(Error::transient(
+                            BROKER,
+                            &path.path,
+                            what,
+                            format!("the task settling the message ended early: {e}"),
+                        ))
+                    })
+                })
+            }
             other => {
                 if ack {
                     other.ack();
