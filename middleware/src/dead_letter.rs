@@ -1,5 +1,6 @@
 //! Dead letter after N deliveries, on every backend.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use moka::sync::Cache;
+use parking_lot::Mutex;
 use tidemill_core::router::{metric_names, redeliver_after, redelivery_delay};
 use tidemill_core::{AttemptOrigin, BoxError, Message, Publisher};
 use tokio::sync::OnceCell;
@@ -132,6 +134,8 @@ struct Config {
     max_deliveries: u32,
     counting: Counting,
     retry_topic: Option<Arc<str>>,
+    /// The consumer groups `retry_topic` was made to keep messages for (see `retain_for`).
+    retry_retained: Arc<Mutex<HashSet<Arc<str>>>>,
     history: Cache<String, Arc<Vec<(u32, String)>>>,
     /// Durable counting: the latest count this process republished (or dead-lettered) per
     /// handler and uuid, so a stale delivery of an earlier copy (its ack was lost, or the
@@ -191,6 +195,7 @@ impl DeadLetter {
                 max_deliveries: 5,
                 counting: Counting::Auto,
                 retry_topic: None,
+                retry_retained: Arc::default(),
                 history: Cache::builder()
                     .max_capacity(HISTORY_CAPACITY)
                     .time_to_live(HISTORY_TTL)
@@ -246,10 +251,22 @@ impl DeadLetter {
 
     /// With durable counting, republish failed messages to `topic` instead of the topic
     /// they came from. The same consumer group must consume `topic` too (e.g. a second
-    /// handler with the same service and group).
+    /// handler with the same service and group). Unless [`without_retention`] was called,
+    /// the layer first makes `topic` keep messages for the failed handler's group
+    /// (`retain_for`, once per group), so a copy published before that handler subscribed
+    /// waits for it; a copy that nothing receives fails the publish, and the original is
+    /// nacked. Kafka cannot do that for a group that is consuming other topics (its offsets
+    /// cannot be set from outside while it has members; the layer logs a warning): there,
+    /// subscribe the retry handler before failures can happen, or have the group start a
+    /// topic it never consumed from the earliest offset.
+    ///
+    /// [`without_retention`]: DeadLetter::without_retention
     pub fn retry_topic(self, topic: impl AsRef<str>) -> Self {
         let topic: Arc<str> = Arc::from(topic.as_ref());
-        self.with(|c| c.retry_topic = Some(topic))
+        self.with(|c| {
+            c.retry_topic = Some(topic);
+            c.retry_retained = Arc::default();
+        })
     }
 
     /// How many messages went to the dead-letter topic.
@@ -529,6 +546,34 @@ fn last_history_entry(md: &tidemill_core::Metadata) -> u32 {
 }
 
 impl DeadLetter {
+    /// Makes sure a separate retry topic keeps the copies for the failed handler's group
+    /// (once per group; the source topic keeps them already: the group consumes it). When
+    /// the broker cannot (Kafka cannot pin an active group's offsets from outside), says so
+    /// and carries on: the mandatory publish still fails where nothing would receive the
+    /// copy.
+    async fn retain_retry(&self, target: &str, group: Option<&str>) {
+        let (Some(_), Some(group), Some(_)) = (&self.inner.retry_topic, group, &self.inner.retain)
+        else {
+            return;
+        };
+        if self.inner.retry_retained.lock().contains(group) {
+            return;
+        }
+        match self.inner.publisher.retain_for(target, group).await {
+            Ok(()) => {
+                tracing::debug!(topic = %target, group, "retry topic retains messages for the group");
+                self.inner.retry_retained.lock().insert(Arc::from(group));
+            }
+            Err(e) => tracing::warn!(
+                topic = %target,
+                group,
+                error = %e,
+                "cannot make the retry topic keep messages for the group; copies published \
+                 before the group first subscribes to it may not reach it"
+            ),
+        }
+    }
+
     /// Makes sure the dead-letter topic keeps what is published to it (once per layer).
     async fn retain(&self) -> Result<(), tidemill_core::Error> {
         let Some(group) = self.inner.retain.clone() else {
@@ -614,7 +659,14 @@ impl DeadLetter {
                 md.remove(headers::NOT_BEFORE);
             }
         }
-        match self.inner.publisher.publish(&target, vec![copy]).await {
+        self.retain_retry(&target, d.group.as_deref()).await;
+        // Mandatory: a copy nothing receives would be lost with the original acked.
+        match self
+            .inner
+            .publisher
+            .publish_mandatory(&target, vec![copy])
+            .await
+        {
             Ok(()) => {
                 self.inner.copied(&d.handler, input.uuid(), d.number);
                 self.inner.stats.republished.fetch_add(1, Ordering::Relaxed);

@@ -46,6 +46,7 @@ macro_rules! middleware_tests {
         $crate::middleware_tests!(@each $var, $backend;
             dead_letter_after_max_deliveries,
             dead_letter_durable_counting,
+            dead_letter_retry_topic_waits_for_its_handler,
             request_reply_round_trip,
             failing_message_backs_off,
             permanent_error_backs_off,
@@ -167,6 +168,103 @@ pub async fn dead_letter_after_max_deliveries(b: Arc<dyn Backend>) {
 pub async fn dead_letter_durable_counting(b: Arc<dyn Backend>) {
     let f = b.features();
     dead_letter_run(b, Counting::Republish, f.persistent && f.consumer_groups).await;
+}
+
+/// Durable counting with a [`retry_topic`](DeadLetter::retry_topic) whose handler has not
+/// subscribed yet: the copy of the failed message waits on the retry topic for the group
+/// (nothing is lost while the original is acked), and once the retry handler runs, the
+/// count carries on there up to the dead letter.
+pub async fn dead_letter_retry_topic_waits_for_its_handler(b: Arc<dyn Backend>) {
+    let f = b.features();
+    if !f.redelivers_on_nack || !f.consumer_groups {
+        eprintln!("SKIP retry topic: the backend does not redeliver or has no consumer groups");
+        return;
+    }
+    let t = b.timeout();
+    let (p, s) = clients(&b).await;
+    let topic = unique_topic("retry_topic");
+    let retry_topic = format!("{topic}.retry");
+    let dead_topic = format!("{topic}.dead");
+    let mut dead = watch(&s, &dead_topic).await;
+    s.initialize(&topic, &SubscribeOptions::group("payments"))
+        .await
+        .unwrap_or_else(|e| panic!("initialize failed: {e}"));
+    let max = 3;
+    let dl = DeadLetter::new(p.clone(), &dead_topic)
+        .max_deliveries(max)
+        .counting(Counting::Republish)
+        .retry_topic(&retry_topic);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let first = failing_router(&s, dl.clone(), &topic, tx.clone()).await;
+    start(&first, t).await;
+    if let Err(e) = p.retain_for(&format!("{topic}.probe"), "payments").await {
+        eprintln!(
+            "SKIP retry topic: the broker cannot make a topic keep messages for a group that \
+             is consuming another one ({e})"
+        );
+        first
+            .close()
+            .await
+            .unwrap_or_else(|e| panic!("close failed: {e}"));
+        return;
+    }
+    let input = Message::new("payment 42")
+        .with_metadata("amount", "12.50")
+        .with_key("acct-7");
+    p.publish_one(&topic, input.clone())
+        .await
+        .unwrap_or_else(|e| panic!("publish failed: {e}"));
+    let call = tokio::time::timeout(t, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no delivery within {t:?}"))
+        .unwrap_or_else(|| panic!("channel closed"));
+    assert_eq!(call.uuid(), input.uuid());
+    // The copy is confirmed on the retry topic (and the original acked) before the retry
+    // handler exists.
+    tokio::time::timeout(t, async {
+        while dl.republished() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the failed message was not republished within {t:?}"));
+    first
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    let retry = failing_router(&s, dl.clone(), &retry_topic, tx.clone()).await;
+    start(&retry, t).await;
+    let d = next(&mut dead, t, "dead letter").await;
+    assert_eq!(d.uuid(), input.uuid());
+    assert_eq!(d.payload(), input.payload());
+    let md = d.metadata();
+    assert_eq!(md.get("amount"), Some("12.50"));
+    assert_eq!(
+        md.get(headers::DEAD_LETTER_DELIVERIES),
+        Some(max.to_string().as_str())
+    );
+    assert_eq!(md.get(headers::DEAD_LETTER_COUNTING), Some("republish"));
+    assert_eq!(
+        md.get(headers::DEAD_LETTER_TOPIC),
+        Some(retry_topic.as_str())
+    );
+    retry
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close failed: {e}"));
+    let mut calls = vec![call];
+    while let Ok(m) = rx.try_recv() {
+        calls.push(m);
+    }
+    assert_eq!(
+        calls.len(),
+        max as usize,
+        "handler calls before the dead letter"
+    );
+    assert!(calls.iter().all(|m| m.uuid() == input.uuid()));
+    for c in [p.close().await, s.close().await] {
+        c.unwrap_or_else(|e| panic!("close failed: {e}"));
+    }
 }
 
 async fn dead_letter_run(b: Arc<dyn Backend>, counting: Counting, restart: bool) {

@@ -590,21 +590,27 @@ async fn quorum_queues_count_deliveries_and_dead_letter_past_the_limit() {
     );
 }
 
+/// A publisher, and a subscriber in ordered mode with its stream of group `g` on `topic`.
+async fn ordered_group(url: &str, topic: &str) -> (AmqpPublisher, AmqpSubscriber, DeliveryStream) {
+    let config = AmqpConfig {
+        ordered: true,
+        ..common::config(url)
+    };
+    let (p, s) = connect(&config).await;
+    let stream = s
+        .subscribe(topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    (p, s, stream)
+}
+
 #[tokio::test]
 async fn ordered_mode_sends_nacked_messages_without_a_key_to_the_back() {
     let Some(url) = common::broker_url("ordered_keyless") else {
         return;
     };
     let topic = common::topic("ordered");
-    let config = AmqpConfig {
-        ordered: true,
-        ..common::config(&url)
-    };
-    let (p, s) = connect(&config).await;
-    let mut stream = s
-        .subscribe(&topic, SubscribeOptions::group("g"))
-        .await
-        .unwrap();
+    let (p, _s, mut stream) = ordered_group(&url, &topic).await;
     let a = Message::new("a");
     let b = Message::new("b");
     let k1 = Message::new("k1").with_key("k");
@@ -646,15 +652,7 @@ async fn settlements_whose_futures_are_dropped_still_happen() {
         return;
     };
     let topic = common::topic("dropped_settle");
-    let config = AmqpConfig {
-        ordered: true,
-        ..common::config(&url)
-    };
-    let (p, s) = connect(&config).await;
-    let mut stream = s
-        .subscribe(&topic, SubscribeOptions::group("g"))
-        .await
-        .unwrap();
+    let (p, s, mut stream) = ordered_group(&url, &topic).await;
     let k1 = Message::new("k1").with_key("k");
     let k2 = Message::new("k2").with_key("k");
     let a = Message::new("a");
@@ -900,15 +898,7 @@ async fn ordered_mode_holds_a_keyed_message_in_place_for_its_delay() {
         return;
     };
     let topic = common::topic("ordered-delay");
-    let config = AmqpConfig {
-        ordered: true,
-        ..common::config(&url)
-    };
-    let (p, s) = connect(&config).await;
-    let mut stream = s
-        .subscribe(&topic, SubscribeOptions::group("g"))
-        .await
-        .unwrap();
+    let (p, _s, mut stream) = ordered_group(&url, &topic).await;
     let k1 = Message::new("k1").with_key("k");
     let k2 = Message::new("k2").with_key("k");
     p.publish(&topic, vec![k1.clone(), k2.clone()])

@@ -869,6 +869,18 @@ fn a_held_message_stays_invisible_to_the_group_and_is_not_redelivered_after_ack(
     });
 }
 
+/// A FIFO publisher and subscriber on the emulator, with `group`'s queue on `topic`
+/// created.
+async fn fifo_group(topic: &str, group: &str) -> (SqsPublisher, SqsSubscriber, SubscribeOptions) {
+    let mut config = direct_config();
+    config.fifo = true;
+    let opts = SubscribeOptions::group(group);
+    let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
+    let s = ok(SqsSubscriber::connect(config).await, "connect");
+    ok(s.initialize(topic, &opts).await, "initialize");
+    (p, s, opts)
+}
+
 #[test]
 fn fifo_a_nacked_message_comes_back_before_the_rest_of_its_key() {
     if !have_server("fifo_a_nacked_message_comes_back_before_the_rest_of_its_key") {
@@ -876,12 +888,7 @@ fn fifo_a_nacked_message_comes_back_before_the_rest_of_its_key() {
     }
     runtime().block_on(async {
         let topic = unique_topic("aws_fifo_nack");
-        let mut config = direct_config();
-        config.fifo = true;
-        let opts = SubscribeOptions::group("ordered");
-        let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
-        let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
-        ok(s.initialize(&topic, &opts).await, "initialize");
+        let (p, s, opts) = fifo_group(&topic, "ordered").await;
         let sent: Vec<Message> = (1..=5)
             .map(|i| Message::new(i.to_string()).with_key("k1"))
             .collect();
@@ -930,12 +937,7 @@ fn fifo_a_nack_not_awaited_still_returns_the_message_and_its_key() {
     }
     runtime().block_on(async {
         let topic = unique_topic("aws_fifo_nack_dropped");
-        let mut config = direct_config();
-        config.fifo = true;
-        let opts = SubscribeOptions::group("ordered");
-        let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
-        let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
-        ok(s.initialize(&topic, &opts).await, "initialize");
+        let (p, s, opts) = fifo_group(&topic, "ordered").await;
         let sent: Vec<Message> = (1..=3)
             .map(|i| Message::new(i.to_string()).with_key("k1"))
             .collect();
@@ -1067,12 +1069,7 @@ fn fifo_a_received_message_republished_with_changes_is_delivered_again() {
     // message is lost once the original is acked.
     runtime().block_on(async {
         let topic = unique_topic("aws_fifo_republish");
-        let mut config = direct_config();
-        config.fifo = true;
-        let opts = SubscribeOptions::group("again");
-        let p = ok(SqsPublisher::connect(config.clone()).await, "connect");
-        let s = ok(SqsSubscriber::connect(config.clone()).await, "connect");
-        ok(s.initialize(&topic, &opts).await, "initialize");
+        let (p, s, opts) = fifo_group(&topic, "again").await;
         let original = Message::new("retry me").with_key("k");
         ok(p.publish(&topic, vec![original.clone()]).await, "publish");
         let mut stream = ok(s.subscribe(&topic, opts).await, "subscribe");
