@@ -375,8 +375,10 @@ impl Publisher for MemoryPublisher {
         Ok(())
     }
 
-    /// Fails with [`Error::Unroutable`] when no subscription or group receives the topic
-    /// and nothing retains it.
+    /// Fails with [`Error::Unroutable`] when no subscription or group receives the topic.
+    /// [`MemoryConfig::retention`] does not count: its ring keeps the last messages only
+    /// until later publishes push them out; [`retain_for`](Publisher::retain_for) makes a
+    /// group that keeps them all.
     async fn publish_mandatory(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         self.publish_to(topic, messages, true).await
     }
@@ -411,30 +413,36 @@ impl MemoryPublisher {
         self.check_open(topic)?;
         let topic_ref = self.shared.topic(topic);
         let retention = self.shared.config.retention;
+        // Retention is a ring of the last messages for subscriptions to come, which later
+        // publishes push out: it does not keep a mandatory publish, which then fails and
+        // retains nothing.
+        let unroutable =
+            |targets: &[Arc<Queue>]| targets.is_empty() && mandatory && !messages.is_empty();
         let targets = if retention > 0 {
             // Retain and snapshot under one lock, so a new subscription either replays a
             // message or receives it live, never both and never neither.
             let mut state = topic_ref.state.lock();
-            for m in messages.iter().rev().take(retention).rev() {
-                if state.retained.len() == retention {
-                    state.retained.pop_front();
+            let targets = topic_ref.targets.read().clone();
+            if !unroutable(&targets) {
+                for m in messages.iter().rev().take(retention).rev() {
+                    if state.retained.len() == retention {
+                        state.retained.pop_front();
+                    }
+                    state.retained.push_back(m.clone());
                 }
-                state.retained.push_back(m.clone());
             }
-            topic_ref.targets.read().clone()
+            targets
         } else {
             topic_ref.targets.read().clone()
         };
+        if unroutable(&targets) {
+            return Err(Error::Unroutable {
+                broker: BROKER,
+                topic: topic.to_owned(),
+                uuid: messages[0].uuid().to_owned(),
+            });
+        }
         if targets.is_empty() {
-            if mandatory && retention == 0 {
-                if let Some(first) = messages.first() {
-                    return Err(Error::Unroutable {
-                        broker: BROKER,
-                        topic: topic.to_owned(),
-                        uuid: first.uuid().to_owned(),
-                    });
-                }
-            }
             tracing::trace!(topic, count = messages.len(), "memory: no subscribers");
             return Ok(());
         }

@@ -171,6 +171,35 @@ async fn retention_replays_to_new_subscriptions() {
 }
 
 #[tokio::test]
+async fn retention_does_not_keep_a_mandatory_publish() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        capacity: 100,
+        retention: 3,
+    });
+    let p = broker.publisher();
+    let batch: Vec<Message> = (0..5).map(|i| Message::new(format!("{i}"))).collect();
+    // The ring would keep only the last 3 (and later publishes push those out too).
+    let err = p.publish_mandatory("t", batch.clone()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Unroutable { uuid, .. } if uuid == batch[0].uuid()),
+        "{err}"
+    );
+    // A group made to keep the topic's messages receives them all.
+    p.retain_for("t", "g").await.unwrap();
+    p.publish_mandatory("t", batch.clone()).await.unwrap();
+    let mut s = broker
+        .subscriber()
+        .subscribe("t", SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    for want in ["0", "1", "2", "3", "4"] {
+        let d = next(&mut s).await;
+        assert_eq!(payload(&d), want);
+        d.ack().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn group_members_compete_and_groups_are_independent() {
     let broker = MemoryBroker::new();
     let sub = broker.subscriber();
