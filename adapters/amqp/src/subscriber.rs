@@ -744,7 +744,7 @@ impl AmqpAcker {
                 }
                 AckFuture::ready(self.acked(Ok(())))
             }
-            _ => self.settle_in_task(&runtime, |acker| async move {
+            _ => self.settle_in_task(|acker| async move {
                 let outcome = acker.ack_alone().await;
                 acker.acked(outcome)
             }),
@@ -799,19 +799,19 @@ impl AmqpAcker {
     /// waits for it), so it completes even when the caller drops the returned future:
     /// an acknowledger dropped unsettled would leave the message unacked on a channel
     /// that stays open, never redelivered, holding a prefetch slot (with `ordered`, the
-    /// only one) and keeping later acks from being coalesced past its tag.
-    fn settle_in_task<F, Fut>(
-        self: Box<Self>,
-        runtime: &tokio::runtime::Handle,
-        work: F,
-    ) -> AckFuture
+    /// only one) and keeping later acks from being coalesced past its tag. Without a
+    /// tokio runtime the returned future does the work.
+    fn settle_in_task<F, Fut>(self: Box<Self>, work: F) -> AckFuture
     where
         F: FnOnce(Box<Self>) -> Fut,
         Fut: std::future::Future<Output = Result<()>> + Send + 'static,
     {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return AckFuture::boxed(work(self));
+        };
         let topic = self.lease.spec.topic.clone();
         let context = self.context("settle");
-        let task = self.lease.inner.acks.clone().spawn_on(work(self), runtime);
+        let task = self.lease.inner.acks.clone().spawn_on(work(self), &runtime);
         AckFuture::boxed(async move {
             task.await.unwrap_or_else(|e| {
                 Err(Error::transient(
@@ -972,15 +972,9 @@ impl Acknowledger for AmqpAcker {
             None if ordered && self.keyless => Some(Duration::ZERO),
             None => None,
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return match park {
-                Some(delay) => AckFuture::boxed(self.park(delay)),
-                None => AckFuture::boxed(self.requeue()),
-            };
-        };
         match park {
-            Some(delay) => self.settle_in_task(&runtime, move |acker| acker.park(delay)),
-            None => self.settle_in_task(&runtime, |acker| acker.requeue()),
+            Some(delay) => self.settle_in_task(move |acker| acker.park(delay)),
+            None => self.settle_in_task(|acker| acker.requeue()),
         }
     }
 }

@@ -413,17 +413,15 @@ impl MemoryPublisher {
         self.check_open(topic)?;
         let topic_ref = self.shared.topic(topic);
         let retention = self.shared.config.retention;
-        // Retention is a ring of the last messages for subscriptions to come, which later
-        // publishes push out: it does not keep a mandatory publish, which then fails and
-        // retains nothing.
-        let unroutable =
-            |targets: &[Arc<Queue>]| targets.is_empty() && mandatory && !messages.is_empty();
         let targets = if retention > 0 {
             // Retain and snapshot under one lock, so a new subscription either replays a
             // message or receives it live, never both and never neither.
             let mut state = topic_ref.state.lock();
             let targets = topic_ref.targets.read().clone();
-            if !unroutable(&targets) {
+            // The ring keeps the last messages for subscriptions to come until later
+            // publishes push them out: it does not keep a mandatory publish, which then
+            // fails and retains nothing.
+            if !(mandatory && targets.is_empty()) {
                 for m in messages.iter().rev().take(retention).rev() {
                     if state.retained.len() == retention {
                         state.retained.pop_front();
@@ -435,14 +433,14 @@ impl MemoryPublisher {
         } else {
             topic_ref.targets.read().clone()
         };
-        if unroutable(&targets) {
-            return Err(Error::Unroutable {
-                broker: BROKER,
-                topic: topic.to_owned(),
-                uuid: messages[0].uuid().to_owned(),
-            });
-        }
         if targets.is_empty() {
+            if let (true, Some(first)) = (mandatory, messages.first()) {
+                return Err(Error::Unroutable {
+                    broker: BROKER,
+                    topic: topic.to_owned(),
+                    uuid: first.uuid().to_owned(),
+                });
+            }
             tracing::trace!(topic, count = messages.len(), "memory: no subscribers");
             return Ok(());
         }
