@@ -241,20 +241,29 @@ impl Lines {
     }
 }
 
-/// Encodes `message` for `topic`; fails when it would exceed `max_payload` bytes (payload
-/// plus headers, the server's limit).
+/// Encodes `message` for `topic`, sent on `subject`; fails when it would exceed
+/// `max_payload` bytes (payload plus headers, the server's limit).
 pub(crate) fn encode(
     message: &Message,
     topic: &str,
+    subject: &str,
     max_payload: usize,
     identity: &Identity,
 ) -> Result<Encoded> {
     if let Some(native) = message.native().filter(|n| n.broker() == BROKER) {
         if let Some(record) = native.get::<NatsRecord>() {
-            return encode_native(message, topic, max_payload, identity, native, record);
+            return encode_native(
+                message,
+                topic,
+                subject,
+                max_payload,
+                identity,
+                native,
+                record,
+            );
         }
     }
-    encode_plain(message, topic, max_payload, identity)
+    encode_plain(message, topic, subject, max_payload, identity)
 }
 
 fn too_large(message: &Message, topic: &str, total: usize, limit: usize) -> Error {
@@ -271,6 +280,7 @@ fn too_large(message: &Message, topic: &str, total: usize, limit: usize) -> Erro
 fn encode_plain(
     message: &Message,
     topic: &str,
+    subject: &str,
     max_payload: usize,
     identity: &Identity,
 ) -> Result<Encoded> {
@@ -308,7 +318,7 @@ fn encode_plain(
         insert(&mut headers, name, value)?;
     }
     let key_value = key_header(message.key(), &mut encoded);
-    let ids = identity_headers(message, identity, &mut encoded);
+    let ids = identity_headers(message, subject, identity, &mut encoded);
     if encoded {
         insert(
             &mut headers,
@@ -355,6 +365,7 @@ fn key_header(
 /// Sets `encoded` when a value had to be sent as an encoded word.
 fn identity_headers(
     message: &Message,
+    subject: &str,
     identity: &Identity,
     encoded: &mut bool,
 ) -> [Option<(Cow<'static, str>, Cow<'static, str>)>; 2] {
@@ -374,24 +385,32 @@ fn identity_headers(
         }
         UuidHeader::NatsMsgId => [Some((MSG_ID_HEADER.into(), value(uuid))), None],
         UuidHeader::Tidemill => [
-            Some((MSG_ID_HEADER.into(), message_id(message, encoded))),
+            Some((MSG_ID_HEADER.into(), message_id(message, subject, encoded))),
             None,
         ],
         UuidHeader::Watermill | UuidHeader::Header(_) => {
             let name = identity.uuid_header().unwrap_or(UUID_HEADER).to_owned();
             let bare = Some((name.into(), value(uuid)));
-            let id = (!own_msg_id).then(|| (MSG_ID_HEADER.into(), message_id(message, encoded)));
+            let id = (!own_msg_id)
+                .then(|| (MSG_ID_HEADER.into(), message_id(message, subject, encoded)));
             [bare, id]
         }
     }
 }
 
-/// The `Nats-Msg-Id` Tidemill writes: `{uuid}.{hash}` (16 lowercase hex digits of
-/// [`content_hash`]), as a header value (an encoded word when the uuid is not plain).
-fn message_id(message: &Message, encoded: &mut bool) -> Cow<'static, str> {
+/// The `Nats-Msg-Id` Tidemill writes for `message` sent on `subject`: `{uuid}.{hash}` (16
+/// lowercase hex digits of [`content_hash`]), as a header value (an encoded word when the
+/// uuid is not plain).
+fn message_id(message: &Message, subject: &str, encoded: &mut bool) -> Cow<'static, str> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let uuid = message.uuid();
-    let hash = content_hash(uuid, message.metadata(), message.key(), message.payload());
+    let hash = content_hash(
+        uuid,
+        Some(subject.as_bytes()),
+        message.metadata(),
+        message.key(),
+        message.payload(),
+    );
     let mut id = String::with_capacity(uuid.len() + 17);
     id.push_str(uuid);
     id.push('.');
@@ -415,6 +434,7 @@ fn message_id(message: &Message, encoded: &mut bool) -> Cow<'static, str> {
 fn encode_native(
     message: &Message,
     topic: &str,
+    subject: &str,
     max_payload: usize,
     identity: &Identity,
     native: &Native,
@@ -468,7 +488,7 @@ fn encode_native(
             }
             Role::OwnMsgId => {
                 has_uuid = true;
-                let id = Bytes::from(message_id(message, &mut lines.encoded).into_owned());
+                let id = Bytes::from(message_id(message, subject, &mut lines.encoded).into_owned());
                 untouched &= id == h.value;
                 lines.push(h.name.clone(), id);
             }
@@ -486,7 +506,7 @@ fn encode_native(
     }
     let appended_from = lines.lines.len();
     if !has_uuid {
-        let ids = identity_headers(message, identity, &mut lines.encoded);
+        let ids = identity_headers(message, subject, identity, &mut lines.encoded);
         for (name, value) in ids.into_iter().flatten() {
             lines.push(
                 Bytes::from(name.into_owned()),
@@ -735,8 +755,15 @@ pub(crate) fn decode(msg: WireMsg, origin: Origin<'_>, identity: &Identity) -> M
             Role::View(k) => Some(k.as_str()),
             _ => None,
         };
-        own_message_id(id, &metadata, skip, key.as_ref(), &msg.payload)
-            .map(|u| (*m, Arc::<str>::from(u)))
+        own_message_id(
+            id,
+            &msg.subject,
+            &metadata,
+            skip,
+            key.as_ref(),
+            &msg.payload,
+        )
+        .map(|u| (*m, Arc::<str>::from(u)))
     }) {
         take(&mut roles, &mut metadata, own.0, Role::OwnMsgId);
         own.1
@@ -896,18 +923,28 @@ fn is_own_form(id: &str, uuid: &str) -> bool {
         .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// A 64-bit hash of the uuid, metadata, key and payload, each length-prefixed: what makes
-/// two publishes of one uuid the same message for JetStream's deduplication. Eight bytes at
-/// a time with a final mix (it runs on every publish and every delivery); stable across
-/// processes and versions (metadata iterates in key order). Not meant to resist deliberate
-/// collisions: it tells apart messages that share a uuid.
-fn content_hash(uuid: &str, metadata: &Metadata, key: Option<&Bytes>, payload: &[u8]) -> u64 {
-    content_hash_skipping(uuid, metadata, None, key, payload)
+/// A 64-bit hash of the uuid, subject, metadata, key and payload, each length-prefixed:
+/// what makes two publishes of one uuid the same message for JetStream's deduplication.
+/// The subject is in it because a stream's duplicate window spans all of its subjects: a
+/// message forwarded unchanged to another topic of the same stream is a new message, not a
+/// retry. Eight bytes at a time with a final mix (it runs on every publish and every
+/// delivery); stable across processes and versions (metadata iterates in key order). Not
+/// meant to resist deliberate collisions: it tells apart messages that share a uuid.
+/// `subject: None` is the hash of ids written before the subject was part of it.
+fn content_hash(
+    uuid: &str,
+    subject: Option<&[u8]>,
+    metadata: &Metadata,
+    key: Option<&Bytes>,
+    payload: &[u8],
+) -> u64 {
+    content_hash_skipping(uuid, subject, metadata, None, key, payload)
 }
 
 /// [`content_hash`] of `metadata` without its entry `skip`.
 fn content_hash_skipping(
     uuid: &str,
+    subject: Option<&[u8]>,
     metadata: &Metadata,
     skip: Option<&str>,
     key: Option<&Bytes>,
@@ -934,6 +971,9 @@ fn content_hash_skipping(
         }
     };
     feed(uuid.as_bytes());
+    if let Some(subject) = subject {
+        feed(subject);
+    }
     for (k, v) in metadata.iter() {
         if Some(k) == skip {
             continue;
@@ -958,9 +998,11 @@ fn content_hash_skipping(
 }
 
 /// The uuid inside a `Nats-Msg-Id` this codec wrote (`{uuid}.{hash}` with the hash of this
-/// very content); `None` for any other message id.
+/// very content on `subject`, or of this content alone, as earlier versions wrote it);
+/// `None` for any other message id.
 fn own_message_id<'a>(
     id: &'a str,
+    subject: &[u8],
     metadata: &Metadata,
     skip: Option<&str>,
     key: Option<&Bytes>,
@@ -971,7 +1013,10 @@ fn own_message_id<'a>(
         return None;
     }
     let hash = u64::from_str_radix(hex, 16).ok()?;
-    (hash == content_hash_skipping(uuid, metadata, skip, key, payload)).then_some(uuid)
+    [Some(subject), None]
+        .into_iter()
+        .any(|subject| hash == content_hash_skipping(uuid, subject, metadata, skip, key, payload))
+        .then_some(uuid)
 }
 
 /// The uuid of a message that carries none: JetStream, from its stream and sequence
@@ -1090,7 +1135,7 @@ mod tests {
     }
 
     fn round_trip_with(m: &Message, identity: &Identity) -> Message {
-        let e = encode(m, "t", 1 << 20, identity).unwrap();
+        let e = encode(m, "t", "t", 1 << 20, identity).unwrap();
         let msg = WireMsg {
             subject: Bytes::from_static(b"t"),
             reply: None,
@@ -1164,7 +1209,7 @@ mod tests {
         assert_eq!(record.stream_sequence(), Some(3));
         assert_eq!(record.raw_headers(), Some(&raw));
         // Republished unchanged: the same lines (and Tidemill's id added).
-        let e = encode(&m, "t", 1 << 20, &tidemill()).unwrap();
+        let e = encode(&m, "t", "t", 1 << 20, &tidemill()).unwrap();
         let (_, lines) = parse_header_block(&block(&e.headers));
         let mut want: Vec<RawHeader> = record.headers().to_vec();
         want.push(lines.last().unwrap().clone());
@@ -1179,7 +1224,7 @@ mod tests {
         assert_eq!(m.uuid(), "order-1-created");
         m.metadata_mut().set("b", "y");
         m.metadata_mut().set("c", "=?utf-8?b?aGk=?=");
-        let e = encode(&m, "t", 1 << 20, &tidemill()).unwrap();
+        let e = encode(&m, "t", "t", 1 << 20, &tidemill()).unwrap();
         let (_, lines) = parse_header_block(&block(&e.headers));
         let got: Vec<(&[u8], &[u8])> = lines.iter().map(|h| (h.name(), h.value())).collect();
         assert_eq!(
@@ -1199,11 +1244,38 @@ mod tests {
         assert_eq!(again.uuid(), "order-1-created");
     }
 
+    /// A stream's duplicate window spans its subjects: the id differs per subject, so a
+    /// message forwarded unchanged to another topic of the stream is not dropped. Ids
+    /// written before the subject was hashed are still read as Tidemill's own.
+    #[test]
+    fn the_message_id_depends_on_the_subject() {
+        let m = Message::new("x").with_metadata("a", "1").with_key("k");
+        let on = |subject: &str| {
+            let e = encode(&m, subject, subject, 1 << 20, &tidemill()).unwrap();
+            let (_, lines) = parse_header_block(&block(&e.headers));
+            let id = lines.iter().find(|h| h.name() == MSG_ID_HEADER.as_bytes());
+            id.map(|h| h.value_str().unwrap().to_owned()).unwrap()
+        };
+        assert_ne!(on("orders.created"), on("orders.audit"));
+        assert_eq!(on("orders.created"), on("orders.created"));
+        let legacy = content_hash(m.uuid(), None, m.metadata(), m.key(), m.payload());
+        let raw = format!(
+            "NATS/1.0\r\nNats-Msg-Id: {}.{legacy:016x}\r\ntidemill-key: k\r\na: 1\r\n\r\n",
+            m.uuid()
+        );
+        let got = decode(
+            wire(Some(Bytes::from(raw)), b"x"),
+            stream_origin(1),
+            &tidemill(),
+        );
+        assert_eq!(got, m);
+    }
+
     #[test]
     fn uuid_travels_as_the_jetstream_message_id() {
         let m = Message::new("x").with_metadata("a", "1").with_key("k");
         let id = |m: &Message| {
-            let e = encode(m, "t", 1 << 20, &tidemill()).unwrap();
+            let e = encode(m, "t", "t", 1 << 20, &tidemill()).unwrap();
             let (_, lines) = parse_header_block(&block(&e.headers));
             lines
                 .iter()
@@ -1245,7 +1317,7 @@ mod tests {
     fn identity_modes() {
         let m = Message::new("x");
         let lines = |identity: &Identity| {
-            let e = encode(&m, "t", 1 << 20, identity).unwrap();
+            let e = encode(&m, "t", "t", 1 << 20, identity).unwrap();
             let (_, lines) = parse_header_block(&block(&e.headers));
             lines
                 .iter()
@@ -1260,7 +1332,7 @@ mod tests {
         let wm = lines(&Identity::new(UuidHeader::Watermill));
         assert!(wm.contains(&(WATERMILL_UUID_HEADER.to_owned(), m.uuid().to_owned())));
         // Read by a subscriber configured for Tidemill's header: same message.
-        let e = encode(&m, "t", 1 << 20, &Identity::new(UuidHeader::Watermill)).unwrap();
+        let e = encode(&m, "t", "t", 1 << 20, &Identity::new(UuidHeader::Watermill)).unwrap();
         let got = decode(
             WireMsg {
                 subject: Bytes::from_static(b"t"),
@@ -1359,7 +1431,7 @@ mod tests {
         assert_eq!(r.description(), Some("No Responders"));
         assert_eq!(m.metadata().get("k"), Some("spaced value folded"));
         // Republished with its status line (a raw header block).
-        let e = encode(&m, "t", 1 << 20, &tidemill()).unwrap();
+        let e = encode(&m, "t", "t", 1 << 20, &tidemill()).unwrap();
         match e.headers {
             Outgoing::Raw(b) => assert!(b.starts_with(b"NATS/1.0 503 No Responders\r\n")),
             Outgoing::Map(_) => panic!("a status line needs the raw path"),
@@ -1369,7 +1441,7 @@ mod tests {
     #[test]
     fn oversized_messages_name_the_limit() {
         let m = Message::new(vec![0u8; 2000]);
-        let err = encode(&m, "big", 1000, &tidemill()).err().unwrap();
+        let err = encode(&m, "big", "big", 1000, &tidemill()).err().unwrap();
         match &err {
             Error::MessageTooLarge {
                 limit, size, topic, ..

@@ -75,8 +75,9 @@ pub enum Retention {
 #[serde(rename_all = "snake_case")]
 pub enum UuidHeader {
     /// Tidemill's own: the uuid travels in `Nats-Msg-Id` as `{uuid}.{hash}` (16 hex
-    /// digits of a hash of uuid, metadata, key and payload), so the stream drops a retried
-    /// publish but stores a deliberate republish of the uuid with other content; when the
+    /// digits of a hash of uuid, subject, metadata, key and payload), so the stream drops a
+    /// retried publish but stores a deliberate republish of the uuid with other content or
+    /// to another topic of the same stream; when the
     /// metadata sets its own `Nats-Msg-Id`, that one is sent and the uuid goes in
     /// `tidemill-uuid`.
     #[default]
@@ -87,7 +88,8 @@ pub enum UuidHeader {
     /// The bare uuid as `Nats-Msg-Id`, JetStream's message id: what plain NATS clients
     /// read. The stream then drops any message whose uuid it saw within
     /// `duplicate_window`, including a deliberate republish of the same uuid with other
-    /// content (a dead-letter copy to the same topic).
+    /// content (a dead-letter copy to the same topic) and the message forwarded to another
+    /// topic of the same stream.
     NatsMsgId,
     /// The bare uuid in a header of this name, plus Tidemill's `Nats-Msg-Id` for the
     /// stream's deduplication.
@@ -242,7 +244,7 @@ pub struct JetStreamConfig {
     pub max_bytes: Option<i64>,
 
     /// How long the streams the adapter creates remember message ids (`Nats-Msg-Id`: the
-    /// message uuid and a hash of its content) to drop duplicates, e.g. from a retried
+    /// message uuid and a hash of its subject and content) to drop duplicates, e.g. from a retried
     /// publish. Default: `2m`.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,

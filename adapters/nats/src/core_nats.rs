@@ -70,12 +70,13 @@ impl CorePublisher {
         if messages.is_empty() {
             return Ok(());
         }
-        let subject: Subject = naming::subject_for(&self.config.subject_prefix, topic)?.into();
+        let subject = naming::subject_for(&self.config.subject_prefix, topic)?;
         let max_payload = self.client.max_payload();
         let encoded = messages
             .iter()
-            .map(|m| codec::encode(m, topic, max_payload, &self.identity))
+            .map(|m| codec::encode(m, topic, &subject, max_payload, &self.identity))
             .collect::<Result<Vec<_>>>()?;
+        let subject: Subject = subject.into();
         let send = async {
             // Messages with raw header bytes go on the raw connection; switching
             // connections waits until the server processed what went before, so the

@@ -201,6 +201,13 @@ async fn messages_from_other_clients_get_stable_uuids() {
 #[tokio::test]
 async fn republishing_a_message_stores_it_once() {
     let Some(url) = url() else { return };
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     let config = test_config(&url);
     let topic = unique_topic("dedup");
     let (p, s) = pair(&config).await;
@@ -214,6 +221,12 @@ async fn republishing_a_message_stores_it_once() {
         "publish",
     );
     ok(p.publish_one(&topic, m.clone()).await, "publish again");
+    // Publishing succeeded, but stored nothing new: a warning says so.
+    let warned = String::from_utf8_lossy(&logs.0.lock()).into_owned();
+    assert!(
+        warned.contains("dropped the message as a duplicate") && warned.contains(m.uuid()),
+        "{warned}"
+    );
     let other = Message::new("other");
     ok(p.publish_one(&topic, other.clone()).await, "publish");
     let mut stream = ok(
@@ -546,7 +559,8 @@ async fn streams_are_found_by_subject_and_created_only_when_allowed() {
 }
 
 /// One shared stream for every topic (`jetstream.stream`): topics stay apart, each group
-/// consumer is named after group and topic.
+/// consumer is named after group and topic, and a message forwarded unchanged from one
+/// topic to another is not taken for a duplicate.
 #[tokio::test]
 async fn a_shared_stream_holds_every_topic() {
     let Some(url) = url() else { return };
@@ -571,8 +585,18 @@ async fn a_shared_stream_holds_every_topic() {
     let db = next(&mut sb, "b's message").await;
     assert_eq!(da.message().payload().as_ref(), b"to a");
     assert_eq!(db.message().payload().as_ref(), b"to b");
+    let forwarded = da.message().clone();
     ok(da.ack().await, "ack");
     ok(db.ack().await, "ack");
+    // Forwarded unchanged to another topic of the stream, a message is a new message there
+    // (the stream's duplicate window spans all its subjects), uuid and all; sent to that
+    // topic again, it is a retry, which the stream drops.
+    ok(p.publish_one(&b, forwarded.clone()).await, "forward");
+    let df = next(&mut sb, "the forwarded message").await;
+    assert_eq!(df.message().uuid(), forwarded.uuid());
+    assert_eq!(df.message().payload().as_ref(), b"to a");
+    ok(df.ack().await, "ack");
+    ok(p.publish_one(&b, forwarded).await, "retry");
     quiet(&mut sa, "topic a").await;
     quiet(&mut sb, "topic b").await;
     let raw = async_nats::connect(&url)
@@ -585,7 +609,7 @@ async fn a_shared_stream_holds_every_topic() {
         .unwrap_or_else(|e| panic!("{e}"));
     let info = stream.info().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(info.config.subjects, vec![format!("tmshared{id}.>")]);
-    assert_eq!(info.state.messages, 2);
+    assert_eq!(info.state.messages, 3);
     ok(s.close().await, "close");
     let _ = js.delete_stream(format!("TM_SHARED_{id}")).await;
 }

@@ -70,7 +70,10 @@ impl BatchConfig {
 ///   published and confirmed before that message is acked).
 ///
 /// A handler returning `Err` fails every message of the batch with that error; a panic
-/// fails every message as a panic (the [`Recoverer`] layer sees it per message).
+/// fails every message as a panic (the [`Recoverer`] layer sees it per message). A result
+/// that names a message index outside the batch (a bug in the handler) fails every
+/// message of the batch too, and nothing of it is published: nothing is acked on a result
+/// that does not match its messages.
 ///
 /// [`Recoverer`]: https://docs.rs/tidemill-middleware/latest/tidemill_middleware/struct.Recoverer.html
 #[derive(Debug, Default)]
@@ -108,7 +111,8 @@ impl BatchResult {
 
     /// Takes in the result of a part of the batch (e.g. the messages one store handled):
     /// index `i` of `part` is message `positions[i]` of this batch. An index of `part`
-    /// without a position is logged as outside the batch (and ignored) when it settles.
+    /// without a position counts as outside the batch: the whole batch fails when it
+    /// settles.
     pub fn extend_from_part(&mut self, part: BatchResult, positions: &[usize]) -> &mut Self {
         let at = |i: usize| positions.get(i).copied().unwrap_or(usize::MAX);
         self.failed
@@ -427,29 +431,40 @@ async fn settle(
     n: usize,
     output: &BatchOutput,
 ) -> Vec<Result<Vec<Message>, BoxError>> {
+    // A result naming a message the batch does not have was computed for other messages
+    // than these: acking any of them on it could ack one the handler meant to fail, and
+    // outputs for a message that is not there have nowhere to go.
+    let outside = (result.failed.iter().map(|(i, _)| *i))
+        .chain(result.outputs_for.iter().map(|(i, _)| *i))
+        .find(|&i| i >= n);
+    if let Some(index) = outside {
+        tracing::error!(
+            index,
+            size = n,
+            "batch handler's result names a message outside its batch; every message of \
+             the batch fails and nothing of the result is published"
+        );
+        let shared = SharedError(Arc::new(
+            format!(
+                "batch handler's result names message {} of a batch of {n} (indices run from \
+                 0 to {}): the batch fails as a whole and nothing of the result is published",
+                display_index(index),
+                n.saturating_sub(1)
+            )
+            .into(),
+        ));
+        return (0..n)
+            .map(|_| Err(Box::new(shared.clone()) as BoxError))
+            .collect();
+    }
     let mut outcomes: Vec<Result<Vec<Message>, BoxError>> =
         (0..n).map(|_| Ok(Vec::new())).collect();
     for (index, error) in result.failed {
-        match outcomes.get_mut(index) {
-            Some(slot) => *slot = Err(error),
-            None => tracing::error!(
-                index,
-                size = n,
-                error = %error,
-                "batch handler failed a message index outside its batch; ignored"
-            ),
-        }
+        outcomes[index] = Err(error);
     }
     for (index, messages) in result.outputs_for {
-        match outcomes.get_mut(index) {
-            Some(Ok(out)) => out.extend(messages),
-            Some(Err(_)) => {} // failed: nothing of it is published
-            None => tracing::error!(
-                index,
-                size = n,
-                "batch handler returned outputs for a message index outside its batch; \
-                 not published"
-            ),
+        if let Ok(out) = &mut outcomes[index] {
+            out.extend(messages); // a failed message's outputs are not published
         }
     }
     if result.outputs.is_empty() || outcomes.iter().all(Result::is_err) {
@@ -475,6 +490,16 @@ async fn settle(
         }
     }
     outcomes
+}
+
+/// An index as the handler gave it; `usize::MAX` stands for a part's index that
+/// [`BatchResult::extend_from_part`] found no position for.
+fn display_index(index: usize) -> String {
+    if index == usize::MAX {
+        "(a part's index without a position)".to_owned()
+    } else {
+        index.to_string()
+    }
 }
 
 #[cfg(test)]

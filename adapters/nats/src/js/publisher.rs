@@ -125,6 +125,7 @@ impl JsPublisher {
         message: &Message,
         headers: bytes::Bytes,
         payload: bytes::Bytes,
+        retry: bool,
     ) -> std::result::Result<(), Failure> {
         let wire = self
             .raw
@@ -156,12 +157,23 @@ impl JsPublisher {
             error: Option<ApiError>,
             #[serde(default)]
             stream: Option<String>,
+            #[serde(default)]
+            seq: u64,
+            #[serde(default)]
+            duplicate: bool,
         }
         match serde_json::from_slice::<Ack>(&reply.payload) {
             Ok(Ack {
                 error: None,
                 stream: Some(_),
-            }) => Ok(()),
+                seq,
+                duplicate,
+            }) => {
+                if duplicate {
+                    dropped_as_duplicate(target, message, seq, retry);
+                }
+                Ok(())
+            }
             Ok(Ack { error: Some(e), .. }) if e.code < 500 && !in_process(e.err_code) => {
                 Err(Failure::Permanent(Error::permanent(
                     BROKER,
@@ -194,8 +206,10 @@ impl JsPublisher {
         let mut pending: Vec<usize> = (0..messages.len()).collect();
         let mut pause = Duration::from_millis(50);
         let mut no_stream_since: Option<Instant> = None;
+        let mut retry = false;
         loop {
-            let (failed, failure) = self.attempt(&target, messages, &pending).await;
+            let (failed, failure) = self.attempt(&target, messages, &pending, retry).await;
+            retry = true;
             let Some(failure) = failure else {
                 return Ok(());
             };
@@ -256,6 +270,7 @@ impl JsPublisher {
         target: &Target,
         messages: &[Message],
         indices: &[usize],
+        retry: bool,
     ) -> (Vec<usize>, Option<Failure>) {
         let max_payload = self.client.max_payload();
         let ctx = self.streams.context();
@@ -289,7 +304,13 @@ impl JsPublisher {
             // before it was confirmed, so the order holds.
             let mut encoded: Vec<(usize, Outgoing, bytes::Bytes)> = Vec::with_capacity(chunk.len());
             for &i in chunk {
-                match codec::encode(&messages[i], &target.topic, max_payload, &self.identity) {
+                match codec::encode(
+                    &messages[i],
+                    &target.topic,
+                    &target.subject,
+                    max_payload,
+                    &self.identity,
+                ) {
                     Ok(e) => encoded.push((i, e.headers, e.payload)),
                     Err(e) => {
                         note(Failure::Permanent(e), &mut failure);
@@ -309,7 +330,7 @@ impl JsPublisher {
                         break;
                     };
                     if let Err(f) = self
-                        .publish_raw(target, &messages[i], headers, payload)
+                        .publish_raw(target, &messages[i], headers, payload, retry)
                         .await
                     {
                         broken = !matches!(f, Failure::Permanent(_));
@@ -351,9 +372,15 @@ impl JsPublisher {
                 tokio::select! {
                     results = all => {
                         for (i, result) in results {
-                            if let Err(e) = result {
-                                note(classify(target, &messages[i], max_payload, e), &mut failure);
-                                failed.push(i);
+                            match result {
+                                Ok(ack) if ack.duplicate => {
+                                    dropped_as_duplicate(target, &messages[i], ack.sequence, retry);
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    note(classify(target, &messages[i], max_payload, e), &mut failure);
+                                    failed.push(i);
+                                }
                             }
                         }
                     }
@@ -373,6 +400,35 @@ impl JsPublisher {
         }
         failed.sort_unstable();
         (failed, failure)
+    }
+}
+
+/// Reports a PubAck saying the stream did not store `message` because it stored one with
+/// the same `Nats-Msg-Id` within `duplicate_window` (its sequence `seq`). Expected for a
+/// retry whose first attempt was stored; otherwise the same message was published before
+/// (or another one with the same id: a `Nats-Msg-Id` set in the metadata, e.g. kept from a
+/// consumed message, or the bare uuid of `UuidHeader::NatsMsgId`), so it is a warning:
+/// the publish succeeded, but nothing new was stored.
+fn dropped_as_duplicate(target: &Target, message: &Message, seq: u64, retry: bool) {
+    if retry {
+        tracing::debug!(
+            broker = BROKER,
+            topic = %target.topic,
+            uuid = message.uuid(),
+            seq,
+            "a retried publish was already stored"
+        );
+    } else {
+        tracing::warn!(
+            broker = BROKER,
+            topic = %target.topic,
+            stream = %target.stream,
+            uuid = message.uuid(),
+            seq,
+            "the stream dropped the message as a duplicate: it stored one with the same \
+             Nats-Msg-Id within its duplicate window (message {seq}); publish it with another \
+             uuid, other content or without a Nats-Msg-Id in its metadata to store it again"
+        );
     }
 }
 

@@ -174,6 +174,65 @@ async fn a_failed_message_alone_comes_back() {
     router.close().await.unwrap();
 }
 
+/// A result naming a message the batch does not have fails the whole batch: every message
+/// comes back, none is acked on it, and its outputs are not published.
+#[tokio::test]
+async fn a_result_naming_a_message_outside_the_batch_fails_the_batch() {
+    let broker = MemoryBroker::new();
+    let router = Router::with_config(config());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut outputs = broker
+        .subscriber()
+        .subscribe("out", SubscribeOptions::group("check"))
+        .await
+        .unwrap();
+    router
+        .add_handler("store")
+        .subscribe(broker.subscriber(), "in")
+        .group("store")
+        .publish(broker.publisher(), "out")
+        .batch(2, FOREVER)
+        .handler(move |msgs: Vec<Message>| {
+            let _ = tx.send(texts(&msgs));
+            let mut result = BatchResult::ok();
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 => {
+                    result.fail(2, "off by one");
+                }
+                1 => {
+                    result.publish_for(7, Message::new("lost?"));
+                }
+                _ => {
+                    result.publish_for(1, Message::new("kept"));
+                }
+            }
+            async move { result }
+        })
+        .await
+        .unwrap();
+    start(&router).await;
+    publish(&broker, "in", &["a", "b"]).await;
+    for _ in 0..3 {
+        let mut batch = recv(&mut rx).await;
+        batch.sort();
+        assert_eq!(batch, ["a", "b"]);
+    }
+    let out = tokio::time::timeout(WAIT, outputs.next())
+        .await
+        .expect("an output within 10s")
+        .expect("stream open")
+        .unwrap();
+    assert_eq!(
+        text(out.message()),
+        "kept",
+        "the failed results published nothing"
+    );
+    let stats = router.handler_stats("store").unwrap();
+    assert_eq!((stats.failed, stats.nacked), (4, 4));
+    router.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_error_fails_the_whole_batch_and_a_panic_too() {
     let broker = MemoryBroker::new();
