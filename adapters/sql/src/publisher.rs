@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use sqlx::postgres::PgPool;
-use sqlx::PgConnection;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{PgConnection, Row};
 use tidemill_core::{ConnectionState, Error, Message, Publisher, Result};
 
 use crate::config::SqlConfig;
@@ -132,11 +132,10 @@ impl SqlPublisher {
             return Ok(());
         }
         let batch = Batch::encode(&self.inner.config, topic, &messages)?;
-        batch
+        let row = batch
             .query(&self.inner.insert, topic, when, &self.inner.tables)
-            .execute(conn)
+            .fetch_one(conn)
             .await
-            .map(|_| ())
             .map_err(|e| {
                 schema::error(
                     e,
@@ -144,7 +143,8 @@ impl SqlPublisher {
                     topic,
                     "publish (insert in the caller's transaction)",
                 )
-            })
+            })?;
+        stored_all(&row, messages.len(), topic, &self.inner.tables)
     }
 
     /// Publishes `messages`, deliverable only from `when`: not before `SystemTime` (or
@@ -172,11 +172,11 @@ impl SqlPublisher {
         loop {
             let result = batch
                 .query(&inner.insert, topic, when, tables)
-                .execute(&inner.pool)
+                .fetch_one(&inner.pool)
                 .await;
             schema::saw(&inner.state, &result);
             match result {
-                Ok(_) => return Ok(()),
+                Ok(row) => return stored_all(&row, messages.len(), topic, tables),
                 Err(e)
                     if schema::is_transient(&e)
                         && tokio::time::Instant::now() + pause < deadline
@@ -202,8 +202,29 @@ impl SqlPublisher {
     }
 }
 
+/// Checks the count of rows the `INSERT` of `n` messages stored: a trigger or rule on the
+/// messages table (installed by someone else) can drop rows without an error, and a
+/// message must not be taken as published when it was not stored. Permanent: the rows
+/// that were stored stay, so sending the batch again would only repeat them.
+fn stored_all(row: &PgRow, n: usize, topic: &str, tables: &Tables) -> Result<()> {
+    let stored: i64 = row.try_get(0).unwrap_or(-1);
+    if usize::try_from(stored) == Ok(n) {
+        return Ok(());
+    }
+    Err(Error::permanent(
+        BROKER,
+        topic,
+        "publish",
+        format!(
+            "the database stored {stored} of {n} messages in `{}`: a trigger or rule on the \
+             table dropped the others",
+            tables.messages
+        ),
+    ))
+}
+
 /// The `INSERT` of one batch: one row per message in order, then a `NOTIFY` of the topic
-/// (sent when the transaction commits).
+/// (sent when the transaction commits); returns how many rows it stored.
 fn insert_sql(tables: &Tables) -> String {
     format!(
         r#"WITH rows AS (

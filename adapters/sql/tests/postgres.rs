@@ -552,6 +552,64 @@ fn errors_name_what_went_wrong_without_the_password() {
     });
 }
 
+/// A trigger on the messages table that drops rows (someone else's, e.g. a filter) makes
+/// publishing fail naming the table, in the pool's transaction and in the caller's: a
+/// message is never taken as published when it was not stored.
+#[test]
+fn a_row_dropped_by_a_trigger_fails_the_publish() {
+    if !have_server("a_row_dropped_by_a_trigger_fails_the_publish") {
+        return;
+    }
+    runtime().block_on(async {
+        let prefix = format!("tidemill_trigger_{}_", std::process::id());
+        let mut config = test_config(&postgres_url());
+        config.table_prefix = prefix.clone();
+        let p = ok(SqlPublisher::connect(config).await, "connect");
+        let pool = raw().await.expect("raw pool");
+        for sql in [
+            format!(
+                "CREATE FUNCTION {prefix}skip() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN IF NEW.payload = 'skip me'::bytea THEN RETURN NULL; END IF; \
+                 RETURN NEW; END $$"
+            ),
+            format!(
+                "CREATE TRIGGER {prefix}skip BEFORE INSERT ON {prefix}messages \
+                 FOR EACH ROW EXECUTE FUNCTION {prefix}skip()"
+            ),
+        ] {
+            sqlx::query(&sql).execute(&pool).await.expect("trigger");
+        }
+        let topic = unique_topic("sql_trigger");
+        ok(
+            p.publish(&topic, vec![Message::new("kept"), Message::new("also kept")])
+                .await,
+            "publish of rows the trigger keeps",
+        );
+        let err = p
+            .publish(&topic, vec![Message::new("kept"), Message::new("skip me")])
+            .await
+            .expect_err("a dropped row fails the publish");
+        let text = err.to_string();
+        assert!(!err.is_transient(), "{text}");
+        assert!(text.contains("stored 1 of 2"), "{text}");
+        assert!(text.contains(&format!("{prefix}messages")), "{text}");
+        assert!(text.contains(&topic), "{text}");
+        let mut tx = pool.begin().await.expect("begin");
+        let err = p
+            .publish_in(&mut tx, &topic, vec![Message::new("skip me")])
+            .await
+            .expect_err("in the caller's transaction too");
+        assert!(err.to_string().contains("stored 0 of 1"), "{err}");
+        drop(tx);
+        for sql in [
+            format!("DROP TABLE IF EXISTS {prefix}messages, {prefix}groups, {prefix}pending, {prefix}inbox"),
+            format!("DROP FUNCTION IF EXISTS {prefix}skip()"),
+        ] {
+            sqlx::query(&sql).execute(&pool).await.expect("clean up");
+        }
+    });
+}
+
 #[test]
 fn start_from_beginning_gives_a_new_group_every_row() {
     if !have_server("start_from_beginning_gives_a_new_group_every_row") {
