@@ -444,12 +444,16 @@ async fn settle(
             "batch handler's result names a message outside its batch; every message of \
              the batch fails and nothing of the result is published"
         );
+        let named = if index == usize::MAX {
+            // What `extend_from_part` makes of a part's index without a position.
+            "a message of a part that `extend_from_part` had no position for".to_owned()
+        } else {
+            format!("message {index}")
+        };
         let shared = SharedError(Arc::new(
             format!(
-                "batch handler's result names message {} of a batch of {n} (indices run from \
-                 0 to {}): the batch fails as a whole and nothing of the result is published",
-                display_index(index),
-                n.saturating_sub(1)
+                "batch handler's result names {named}, outside its batch of {n}: the batch \
+                 fails as a whole and nothing of the result is published"
             )
             .into(),
         ));
@@ -490,16 +494,6 @@ async fn settle(
         }
     }
     outcomes
-}
-
-/// An index as the handler gave it; `usize::MAX` stands for a part's index that
-/// [`BatchResult::extend_from_part`] found no position for.
-fn display_index(index: usize) -> String {
-    if index == usize::MAX {
-        "(a part's index without a position)".to_owned()
-    } else {
-        index.to_string()
-    }
 }
 
 #[cfg(test)]
