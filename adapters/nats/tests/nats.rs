@@ -201,13 +201,7 @@ async fn messages_from_other_clients_get_stable_uuids() {
 #[tokio::test]
 async fn republishing_a_message_stores_it_once() {
     let Some(url) = url() else { return };
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
     let config = test_config(&url);
     let topic = unique_topic("dedup");
     let (p, s) = pair(&config).await;
@@ -222,7 +216,7 @@ async fn republishing_a_message_stores_it_once() {
     );
     ok(p.publish_one(&topic, m.clone()).await, "publish again");
     // Publishing succeeded, but stored nothing new: a warning says so.
-    let warned = String::from_utf8_lossy(&logs.0.lock()).into_owned();
+    let warned = logs.text();
     assert!(
         warned.contains("dropped the message as a duplicate") && warned.contains(m.uuid()),
         "{warned}"
@@ -852,6 +846,25 @@ async fn closed_handles_refuse_work() {
 #[derive(Clone, Default)]
 struct Logs(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
 
+impl Logs {
+    /// Collects what this thread logs up to `level` until the guard is dropped (the tests'
+    /// runtime runs on one thread).
+    fn capture(level: tracing::Level) -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Everything logged so far.
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
+    }
+}
+
 impl std::io::Write for Logs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().extend_from_slice(buf);
@@ -867,13 +880,7 @@ impl std::io::Write for Logs {
 #[tokio::test]
 async fn secrets_never_appear_in_errors_or_logs() {
     let Some(url) = url() else { return };
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::capture(tracing::Level::TRACE);
     let secrets = ["hunter2", "pw-s3cret", "tok-s3cret", "SUASEEDS3CRET"];
     let creds = std::env::temp_dir().join(format!("tidemill-{}.creds", std::process::id()));
     std::fs::write(
@@ -926,7 +933,7 @@ async fn secrets_never_appear_in_errors_or_logs() {
     ok(p.close().await, "close");
     ok(s.close().await, "close");
     let _ = std::fs::remove_file(&creds);
-    let logged = String::from_utf8_lossy(&logs.0.lock()).into_owned();
+    let logged = logs.text();
     for secret in secrets {
         for e in &errors {
             assert!(!e.contains(secret), "{secret} in {e}");

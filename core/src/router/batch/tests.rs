@@ -56,6 +56,15 @@ async fn publish(broker: &MemoryBroker, topic: &str, payloads: &[&str]) {
     broker.publisher().publish(topic, msgs).await.unwrap();
 }
 
+/// Receives the batch of "a" and "b" three times: the first two calls failed it whole.
+async fn the_whole_batch_three_times(rx: &mut mpsc::UnboundedReceiver<Vec<String>>) {
+    for _ in 0..3 {
+        let mut batch = recv(rx).await;
+        batch.sort();
+        assert_eq!(batch, ["a", "b"], "the whole batch comes back");
+    }
+}
+
 /// Sends each batch's payloads to `tx`.
 fn recording(
     tx: mpsc::UnboundedSender<Vec<String>>,
@@ -213,11 +222,7 @@ async fn a_result_naming_a_message_outside_the_batch_fails_the_batch() {
         .unwrap();
     start(&router).await;
     publish(&broker, "in", &["a", "b"]).await;
-    for _ in 0..3 {
-        let mut batch = recv(&mut rx).await;
-        batch.sort();
-        assert_eq!(batch, ["a", "b"]);
-    }
+    the_whole_batch_three_times(&mut rx).await;
     let out = tokio::time::timeout(WAIT, outputs.next())
         .await
         .expect("an output within 10s")
@@ -259,11 +264,7 @@ async fn an_error_fails_the_whole_batch_and_a_panic_too() {
         .unwrap();
     start(&router).await;
     publish(&broker, "in", &["a", "b"]).await;
-    for _ in 0..3 {
-        let mut batch = recv(&mut rx).await;
-        batch.sort();
-        assert_eq!(batch, ["a", "b"], "the whole batch comes back");
-    }
+    the_whole_batch_three_times(&mut rx).await;
     let stats = router.handler_stats("store").unwrap();
     assert_eq!((stats.failed, stats.panicked, stats.nacked), (2, 2, 4));
     router.close().await.unwrap();
